@@ -1,0 +1,46 @@
+//! Chukei's wire contracts and the few wire-level pieces every process shares.
+//!
+//! The generated modules mirror the proto packages (`chukei.relay.v1` is
+//! [`relay::v1`]). Besides them this crate owns: the injectable [`clock`] (and the
+//! conversion of its instants to `google.protobuf.Timestamp`), bearer-token
+//! metadata ([`auth`]), the scaffolding every gRPC server shares ([`server`]:
+//! health, reflection, shutdown signals) and [`telemetry`] set-up. It must never
+//! hold business logic: services convert these types to their own domain types
+//! at their gRPC edge.
+
+pub mod auth;
+pub mod clock;
+pub mod server;
+pub mod telemetry;
+
+#[allow(unreachable_pub, clippy::all, clippy::pedantic)]
+pub mod common {
+    pub mod v1 {
+        tonic::include_proto!("chukei.common.v1");
+    }
+}
+
+#[allow(unreachable_pub, clippy::all, clippy::pedantic)]
+pub mod relay {
+    pub mod v1 {
+        tonic::include_proto!("chukei.relay.v1");
+    }
+}
+
+#[allow(unreachable_pub, clippy::all, clippy::pedantic)]
+pub mod carrier {
+    pub mod v1 {
+        tonic::include_proto!("chukei.carrier.v1");
+    }
+}
+
+#[allow(unreachable_pub, clippy::all, clippy::pedantic)]
+pub mod terminal {
+    pub mod v1 {
+        tonic::include_proto!("chukei.terminal.v1");
+    }
+}
+
+/// The encoded descriptor set of every Chukei proto, served by gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/chukei_descriptor.bin"));

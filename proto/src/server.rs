@@ -1,0 +1,82 @@
+//! What every Chukei gRPC server has besides its own services: gRPC health,
+//! reflection over the Chukei descriptors, and the shutdown signal.
+
+use tonic_health::server::HealthReporter;
+
+use crate::FILE_DESCRIPTOR_SET;
+
+/// The standard `grpc.health.v1.Health` service and the reporter that sets its status.
+pub fn health() -> (
+    HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
+    tonic_health::server::health_reporter()
+}
+
+/// The `grpc.reflection.v1` service describing every Chukei package.
+pub fn reflection() -> anyhow::Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?)
+}
+
+/// Resolves on SIGTERM or Ctrl-C: the signal every binary shuts down on.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal received");
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves or `cancel` is
+/// cancelled; then cancels `cancel` (so long-lived streams end), lets in-flight
+/// calls finish, and gives up on them after `grace`.
+pub async fn serve(
+    router: tonic::transport::server::Router,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    cancel: tokio_util::sync::CancellationToken,
+    grace: std::time::Duration,
+) -> anyhow::Result<()> {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let signal = {
+        let cancel = cancel.clone();
+        async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = cancel.cancelled() => {}
+            }
+            cancel.cancel();
+        }
+    };
+    let serve = router.serve_with_incoming_shutdown(incoming, signal);
+    tokio::pin!(serve);
+    tokio::select! {
+        served = &mut serve => served?,
+        () = async {
+            cancel.cancelled().await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!("shutdown deadline passed, dropping remaining connections"),
+    }
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! The relay's configuration: every flag is also an environment variable
+//! (`CHUKEI_RELAY_*`), and everything is validated before a port is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chukei_proto::clock::ClockArgs;
+
+use crate::storage::Store;
+
+/// The Chukei relay: registries, recipient extraction, routing and transfer
+/// to carriers, and receipts.
+#[derive(clap::Parser, Clone, Debug)]
+#[command(name = "relay-svc", version, about)]
+pub struct Config {
+    /// Address the gRPC server (EnterpriseApi, CarrierIngress, Admin, health, reflection) listens on.
+    #[arg(long, env = "CHUKEI_RELAY_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Directory for the embedded SQLite database (used when no database URL is given).
+    #[arg(long, env = "CHUKEI_RELAY_DATA_DIR", default_value = "data/relay")]
+    pub data_dir: PathBuf,
+
+    /// `sqlite://path` or `postgres://user@host/db`. Default: `relay.db` in the data directory.
+    #[arg(long, env = "CHUKEI_RELAY_DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// The operator's credential for the Admin service (at least 16 characters).
+    #[arg(long, env = "CHUKEI_RELAY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: String,
+
+    /// The credential the relay presents to carriers when it opens their Deliver stream.
+    #[arg(long, env = "CHUKEI_RELAY_DELIVER_TOKEN", hide_env_values = true)]
+    pub deliver_token: String,
+
+    /// Deliveries per batch on a carrier stream.
+    #[arg(long, env = "CHUKEI_RELAY_BATCH_SIZE", default_value_t = 1000)]
+    pub batch_size: u32,
+
+    /// Unacknowledged batches allowed in flight per carrier.
+    #[arg(long, env = "CHUKEI_RELAY_BATCHES_IN_FLIGHT", default_value_t = 8)]
+    pub batches_in_flight: usize,
+
+    /// How often dispatchers look for due deliveries when nothing woke them (ms).
+    #[arg(long, env = "CHUKEI_RELAY_POLL_INTERVAL_MS", default_value_t = 500)]
+    pub poll_interval_ms: u64,
+
+    /// How long a message stays deliverable after acceptance (seconds of clock time).
+    #[arg(long, env = "CHUKEI_RELAY_MESSAGE_TTL_SECS", default_value_t = 7 * 24 * 3600)]
+    pub message_ttl_secs: u64,
+
+    /// How long shutdown waits for in-flight work before giving up (seconds).
+    #[arg(long, env = "CHUKEI_RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+
+    #[command(flatten)]
+    pub clock: ClockArgs,
+}
+
+impl Config {
+    /// Checks every setting; the error names the flag.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.admin_token.len() < 16 {
+            anyhow::bail!("--admin-token: must be at least 16 characters");
+        }
+        if self.deliver_token.len() < 16 {
+            anyhow::bail!("--deliver-token: must be at least 16 characters");
+        }
+        if !(1..=10_000).contains(&self.batch_size) {
+            anyhow::bail!("--batch-size: must be between 1 and 10000");
+        }
+        if !(1..=256).contains(&self.batches_in_flight) {
+            anyhow::bail!("--batches-in-flight: must be between 1 and 256");
+        }
+        if self.poll_interval_ms == 0 {
+            anyhow::bail!("--poll-interval-ms: must be positive");
+        }
+        if self.message_ttl_secs == 0 {
+            anyhow::bail!("--message-ttl-secs: must be positive");
+        }
+        if let Some(url) = &self.database_url {
+            if !(url.starts_with("sqlite:")
+                || url.starts_with("postgres://")
+                || url.starts_with("postgresql://"))
+            {
+                anyhow::bail!("--database-url: expected sqlite:… or postgres://…");
+            }
+        }
+        self.clock.validate()
+    }
+
+    /// The database URL in force: the flag, or the SQLite file in the data directory.
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| Store::sqlite_url_in(&self.data_dir))
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}

@@ -1,0 +1,329 @@
+//! Transfer: one dispatcher per registered carrier keeps a long-lived
+//! `Carrier.Deliver` stream open, streams due deliveries down in batches, and
+//! takes acks, receipts and count reports back up.
+//!
+//! A batch counts as handed over only when the carrier acks it; un-acked
+//! batches are simply read again after a reconnect (carriers drop duplicate
+//! delivery ids), so while a carrier is down its deliveries wait durably in the
+//! database. This module is the relay's client-side gRPC edge for carriers:
+//! it converts between prost types and the core's domain types, and it must
+//! never hold a database transaction across an RPC.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chukei_proto::auth::BearerInterceptor;
+use chukei_proto::carrier::v1 as pb;
+use chukei_proto::clock::{Clock, from_timestamp, to_timestamp};
+use chukei_proto::common::v1 as common;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::receipts::{CountReport, EventKind, MessageCount, Receipt};
+use crate::storage::{DueDelivery, Store};
+use crate::targeting::Channel;
+
+/// How the dispatchers batch and pace.
+#[derive(Clone, Debug)]
+pub struct DispatchConfig {
+    pub deliver_token: String,
+    pub batch_size: u32,
+    pub batches_in_flight: usize,
+    pub poll_interval: Duration,
+}
+
+/// A cheap-to-clone handle to the dispatch supervisor.
+#[derive(Clone, Debug)]
+pub struct DispatchHandle {
+    new_work: Arc<watch::Sender<u64>>,
+    commands: mpsc::Sender<String>,
+    connected: Arc<Mutex<HashSet<String>>>,
+}
+
+impl DispatchHandle {
+    /// New deliveries may be due: wake every dispatcher.
+    pub fn new_work(&self) {
+        self.new_work.send_modify(|generation| *generation += 1);
+    }
+
+    /// A carrier was registered or changed: (re)start its dispatcher.
+    pub async fn carrier_changed(&self, carrier_id: &str) {
+        let _ = self.commands.send(carrier_id.to_owned()).await;
+    }
+
+    /// Whether the relay currently holds an open stream to the carrier.
+    pub fn is_connected(&self, carrier_id: &str) -> bool {
+        self.connected
+            .lock()
+            .map(|set| set.contains(carrier_id))
+            .unwrap_or(false)
+    }
+
+    fn set_connected(&self, carrier_id: &str, connected: bool) {
+        if let Ok(mut set) = self.connected.lock() {
+            if connected {
+                set.insert(carrier_id.to_owned());
+            } else {
+                set.remove(carrier_id);
+            }
+        }
+    }
+}
+
+/// Starts the supervisor, which starts one dispatcher per known carrier and
+/// owns them until `cancel`. Await the returned task to know they all stopped.
+pub fn start(
+    store: Store,
+    clock: Clock,
+    config: DispatchConfig,
+    cancel: CancellationToken,
+) -> (DispatchHandle, tokio::task::JoinHandle<()>) {
+    let (commands_tx, commands_rx) = mpsc::channel(64);
+    let handle = DispatchHandle {
+        new_work: Arc::new(watch::channel(0).0),
+        commands: commands_tx,
+        connected: Arc::default(),
+    };
+    let supervisor = Supervisor {
+        store,
+        clock,
+        config: Arc::new(config),
+        handle: handle.clone(),
+    };
+    let task = tokio::spawn(supervisor.run(commands_rx, cancel));
+    (handle, task)
+}
+
+struct Supervisor {
+    store: Store,
+    clock: Clock,
+    config: Arc<DispatchConfig>,
+    handle: DispatchHandle,
+}
+
+impl Supervisor {
+    async fn run(self, mut commands: mpsc::Receiver<String>, cancel: CancellationToken) {
+        let mut tasks = JoinSet::new();
+        let mut running: HashMap<String, CancellationToken> = HashMap::new();
+        let mut initial = match self.store.carriers().await {
+            Ok(carriers) => carriers.into_iter().map(|c| c.carrier_id).collect(),
+            Err(error) => {
+                tracing::error!(%error, "could not list carriers; dispatchers start when carriers are registered");
+                Vec::new()
+            }
+        };
+        loop {
+            let next = if let Some(carrier_id) = initial.pop() {
+                Some(carrier_id)
+            } else {
+                tokio::select! {
+                    () = cancel.cancelled() => None,
+                    command = commands.recv() => command,
+                }
+            };
+            let Some(carrier_id) = next else { break };
+            if let Some(previous) = running.remove(&carrier_id) {
+                previous.cancel();
+            }
+            let token = cancel.child_token();
+            running.insert(carrier_id.clone(), token.clone());
+            let dispatcher = Dispatcher {
+                carrier_id,
+                store: self.store.clone(),
+                clock: self.clock.clone(),
+                config: self.config.clone(),
+                handle: self.handle.clone(),
+            };
+            tasks.spawn(dispatcher.run(token));
+            // Reap finished dispatchers so the set does not grow.
+            while tasks.try_join_next().is_some() {}
+        }
+        for token in running.values() {
+            token.cancel();
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+struct Dispatcher {
+    carrier_id: String,
+    store: Store,
+    clock: Clock,
+    config: Arc<DispatchConfig>,
+    handle: DispatchHandle,
+}
+
+impl Dispatcher {
+    async fn run(self, cancel: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        while !cancel.is_cancelled() {
+            let result = self.session(&cancel, &mut backoff).await;
+            self.handle.set_connected(&self.carrier_id, false);
+            match result {
+                Ok(()) => break,
+                Err(error) => {
+                    tracing::warn!(carrier_id = %self.carrier_id, %error, retry_in_ms = backoff.as_millis() as u64, "carrier stream ended");
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// One connected stream, until it fails (error) or `cancel` (Ok).
+    async fn session(&self, cancel: &CancellationToken, backoff: &mut Duration) -> anyhow::Result<()> {
+        let Some(endpoint) = self.store.carrier_endpoint(&self.carrier_id).await? else {
+            anyhow::bail!("carrier is not registered");
+        };
+        let channel = Endpoint::from_shared(endpoint)?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect()
+            .await?;
+        let mut client = pb::carrier_client::CarrierClient::with_interceptor(
+            channel,
+            BearerInterceptor::new(&self.config.deliver_token)?,
+        )
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024);
+        let (down, down_rx) = mpsc::channel::<pb::RelayToCarrier>(self.config.batches_in_flight + 4);
+        let mut up = client.deliver(ReceiverStream::new(down_rx)).await?.into_inner();
+        self.handle.set_connected(&self.carrier_id, true);
+        *backoff = Duration::from_millis(100);
+        tracing::info!(carrier_id = %self.carrier_id, "carrier stream open");
+
+        let mut new_work = self.handle.new_work.subscribe();
+        let mut poll = tokio::time::interval(self.config.poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut in_flight: HashMap<u64, Vec<i64>> = HashMap::new();
+        let mut cursor = 0_i64;
+        let mut next_batch_id = 1_u64;
+        loop {
+            // Fill the window with due deliveries.
+            while in_flight.len() < self.config.batches_in_flight {
+                let due = self
+                    .store
+                    .due_deliveries(&self.carrier_id, cursor, self.clock.now_ms(), self.config.batch_size)
+                    .await?;
+                let Some(last) = due.last() else {
+                    if in_flight.is_empty() {
+                        // Start over from the lowest id: rows committed out of id order are not skipped.
+                        cursor = 0;
+                    }
+                    break;
+                };
+                cursor = last.id;
+                let ids = due.iter().map(|d| d.id).collect();
+                let batch = pb::DeliveryBatch {
+                    batch_id: next_batch_id,
+                    deliveries: due.into_iter().map(to_wire).collect(),
+                };
+                down.send(pb::RelayToCarrier {
+                    kind: Some(pb::relay_to_carrier::Kind::Batch(batch)),
+                })
+                .await?;
+                in_flight.insert(next_batch_id, ids);
+                next_batch_id += 1;
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                message = up.message() => {
+                    let Some(message) = message? else {
+                        anyhow::bail!("carrier closed the stream");
+                    };
+                    self.handle_up(message, &mut in_flight, &down).await?;
+                }
+                changed = new_work.changed() => changed?,
+                _ = poll.tick() => {}
+            }
+        }
+    }
+
+    async fn handle_up(
+        &self,
+        message: pb::CarrierToRelay,
+        in_flight: &mut HashMap<u64, Vec<i64>>,
+        down: &mpsc::Sender<pb::RelayToCarrier>,
+    ) -> anyhow::Result<()> {
+        match message.kind {
+            Some(pb::carrier_to_relay::Kind::BatchAck(ack)) => {
+                if let Some(ids) = in_flight.remove(&ack.batch_id) {
+                    self.store
+                        .mark_handed_over(&self.carrier_id, &ids, self.clock.now_ms())
+                        .await?;
+                }
+            }
+            Some(pb::carrier_to_relay::Kind::Receipts(batch)) => {
+                let up_to_seq = batch.receipts.iter().map(|r| r.seq).max().unwrap_or(0);
+                let receipts: Vec<Receipt> = batch.receipts.into_iter().filter_map(receipt_from_wire).collect();
+                self.store.record_receipts(&self.carrier_id, &receipts).await?;
+                down.send(pb::RelayToCarrier {
+                    kind: Some(pb::relay_to_carrier::Kind::ReceiptAck(pb::ReceiptAck { up_to_seq })),
+                })
+                .await?;
+            }
+            Some(pb::carrier_to_relay::Kind::CountReport(report)) => {
+                let report = CountReport {
+                    at: report.at.as_ref().map_or_else(|| self.clock.now_ms(), from_timestamp),
+                    counts: report
+                        .counts
+                        .into_iter()
+                        .map(|c| MessageCount { message_id: c.message_id, sent: c.sent, opened: c.opened })
+                        .collect(),
+                };
+                self.store.store_count_report(&self.carrier_id, &report).await?;
+            }
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+fn to_wire(delivery: DueDelivery) -> pb::Delivery {
+    pb::Delivery {
+        delivery_id: delivery.id.to_string(),
+        message_id: delivery.message_id,
+        user_id: delivery.user_id,
+        content: Some(common::Content {
+            text: delivery.content.text,
+            media_url: delivery.content.media_url,
+        }),
+        channel: Channel::number(delivery.channel) as i32,
+        not_before: Some(to_timestamp(delivery.not_before)),
+        expires_at: Some(to_timestamp(delivery.expires_at)),
+    }
+}
+
+/// A receipt the relay can use, or `None` (logged) for one it cannot.
+fn receipt_from_wire(receipt: pb::Receipt) -> Option<Receipt> {
+    let kind = match common::ReceiptKind::try_from(receipt.kind) {
+        Ok(common::ReceiptKind::Delivered) => EventKind::Delivered,
+        Ok(common::ReceiptKind::Opened) => EventKind::Opened,
+        Ok(common::ReceiptKind::Failed) => EventKind::Failed,
+        _ => {
+            tracing::warn!(kind = receipt.kind, "receipt of unknown kind dropped");
+            return None;
+        }
+    };
+    if receipt.message_id.is_empty() || receipt.user_id.is_empty() {
+        tracing::warn!("receipt without message or user dropped");
+        return None;
+    }
+    Some(Receipt {
+        message_id: receipt.message_id,
+        user_id: receipt.user_id,
+        kind,
+        channel: Channel::from_number(i64::from(receipt.channel)),
+        at: receipt.at.as_ref().map_or(0, from_timestamp),
+        region: receipt.region,
+    })
+}

@@ -1,0 +1,88 @@
+//! The relay's one error type and its one mapping to `tonic::Status`.
+//!
+//! Validation errors name the field (`target.refs[2]: not registered with this
+//! enterprise`). Internal causes (database errors) are logged here and never
+//! returned to the caller.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    #[error("{field}: {reason}")]
+    NotFound { field: String, reason: String },
+    #[error("{field}: {reason}")]
+    AlreadyExists { field: String, reason: String },
+    #[error("storage unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn not_found(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::NotFound {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn already_exists(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::AlreadyExists {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::WorkerCrashed => Self::Unavailable(error),
+            sqlx::Error::Database(db) if is_transient(db.as_ref()) => Self::Unavailable(error),
+            _ => Self::Internal(error.into()),
+        }
+    }
+}
+
+/// Busy/locked (SQLite), full disk, or a serialization failure / lost connection (PostgreSQL).
+fn is_transient(error: &dyn sqlx::error::DatabaseError) -> bool {
+    matches!(
+        error.code().as_deref(),
+        Some("5" | "6" | "13" | "517" | "40001" | "40P01" | "53100" | "57P01" | "08006")
+    )
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        match &error {
+            Error::InvalidArgument { .. } => Status::new(Code::InvalidArgument, error.to_string()),
+            Error::Unauthenticated(_) => Status::new(Code::Unauthenticated, error.to_string()),
+            Error::NotFound { .. } => Status::new(Code::NotFound, error.to_string()),
+            Error::AlreadyExists { .. } => Status::new(Code::AlreadyExists, error.to_string()),
+            Error::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "storage unavailable");
+                Status::new(Code::Unavailable, "storage unavailable, retry later")
+            }
+            Error::Internal(cause) => {
+                tracing::error!(error = %cause, "internal error");
+                Status::new(Code::Internal, "internal error")
+            }
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! `chukei.relay.v1.Admin`: the hub operator's API (admin token).
+
+use chukei_proto::relay::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::{Relay, required};
+use crate::credentials;
+use crate::error::Error;
+
+#[derive(Clone, Debug)]
+pub struct AdminService(pub Relay);
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    #[tracing::instrument(skip_all, fields(enterprise_id))]
+    async fn create_enterprise(
+        &self,
+        request: Request<pb::CreateEnterpriseRequest>,
+    ) -> Result<Response<pb::CreateEnterpriseResponse>, Status> {
+        let relay = &self.0;
+        relay.admin(request.metadata())?;
+        let name = required("name", &request.get_ref().name, 200)?;
+        let enterprise_id = credentials::new_id("ent");
+        let api_key = credentials::new_api_key().map_err(|e| Error::Internal(e.into()))?;
+        relay
+            .store
+            .create_enterprise(&enterprise_id, name, &credentials::hash_secret(&api_key), relay.clock.now_ms())
+            .await?;
+        tracing::Span::current().record("enterprise_id", enterprise_id.as_str());
+        tracing::info!("enterprise created");
+        Ok(Response::new(pb::CreateEnterpriseResponse {
+            enterprise_id,
+            api_key,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn create_service(
+        &self,
+        request: Request<pb::CreateServiceRequest>,
+    ) -> Result<Response<pb::CreateServiceResponse>, Status> {
+        let relay = &self.0;
+        relay.admin(request.metadata())?;
+        let request = request.into_inner();
+        let enterprise_id = required("enterprise_id", &request.enterprise_id, 64)?;
+        let name = required("name", &request.name, 200)?;
+        let service_id = credentials::new_id("svc");
+        relay
+            .store
+            .create_service(&service_id, enterprise_id, name, relay.clock.now_ms())
+            .await?;
+        Ok(Response::new(pb::CreateServiceResponse { service_id }))
+    }
+
+    #[tracing::instrument(skip_all, fields(carrier_id))]
+    async fn register_carrier(
+        &self,
+        request: Request<pb::RegisterCarrierRequest>,
+    ) -> Result<Response<pb::RegisterCarrierResponse>, Status> {
+        let relay = &self.0;
+        relay.admin(request.metadata())?;
+        let request = request.into_inner();
+        let carrier_id = required("carrier_id", &request.carrier_id, 64)?;
+        if !carrier_id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        {
+            return Err(Error::invalid("carrier_id", "must be lowercase a-z, 0-9, '-' or '_'").into());
+        }
+        let endpoint = required("endpoint", &request.endpoint, 256)?;
+        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+            || endpoint.parse::<tonic::transport::Uri>().is_err()
+        {
+            return Err(Error::invalid("endpoint", "must be an http(s) URL").into());
+        }
+        if request.token.len() < 16 {
+            return Err(Error::invalid("token", "must be at least 16 characters").into());
+        }
+        relay
+            .store
+            .upsert_carrier(carrier_id, endpoint, &credentials::hash_secret(&request.token), relay.clock.now_ms())
+            .await?;
+        tracing::Span::current().record("carrier_id", carrier_id);
+        tracing::info!("carrier registered");
+        relay.dispatch.carrier_changed(carrier_id).await;
+        Ok(Response::new(pb::RegisterCarrierResponse {}))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_carrier_stats(
+        &self,
+        request: Request<pb::GetCarrierStatsRequest>,
+    ) -> Result<Response<pb::GetCarrierStatsResponse>, Status> {
+        let relay = &self.0;
+        relay.admin(request.metadata())?;
+        let message_id = &request.get_ref().message_id;
+        let message_id = (!message_id.is_empty()).then_some(message_id.as_str());
+        let carriers = relay.store.carrier_counts(message_id).await?;
+        Ok(Response::new(pb::GetCarrierStatsResponse {
+            carriers: carriers
+                .into_iter()
+                .map(|c| pb::CarrierStats {
+                    connected: relay.dispatch.is_connected(&c.carrier_id),
+                    carrier_id: c.carrier_id,
+                    pending: c.pending,
+                    handed_over: c.handed_over,
+                    delivered: c.delivered,
+                    opened: c.opened,
+                    reported_sent: c.reported_sent,
+                    reported_opened: c.reported_opened,
+                })
+                .collect(),
+        }))
+    }
+}

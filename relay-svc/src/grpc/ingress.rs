@@ -1,0 +1,156 @@
+//! `chukei.relay.v1.CarrierIngress`: carriers feed the registries. The
+//! calling carrier is the token's carrier; a carrier can only speak for users
+//! contracted with it.
+
+use chukei_proto::relay::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::{Relay, optional, profile_from_wire, required};
+use crate::error::{Error, Result};
+use crate::registry::{Contract, NewRegistration, Unregistration};
+
+/// The most rows one ingress call may carry.
+const MAX_ROWS: usize = 10_000;
+
+#[derive(Clone, Debug)]
+pub struct IngressService(pub Relay);
+
+fn bounded<T>(field: &str, rows: &[T]) -> Result<()> {
+    if rows.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if rows.len() > MAX_ROWS {
+        return Err(Error::invalid(field, format!("at most {MAX_ROWS} per call")));
+    }
+    Ok(())
+}
+
+impl TryFrom<(usize, pb::Contract)> for Contract {
+    type Error = Error;
+
+    fn try_from((index, contract): (usize, pb::Contract)) -> Result<Self> {
+        Ok(Self {
+            user_id: required(&format!("contracts[{index}].user_id"), &contract.user_id, 128)?.to_owned(),
+            primary: contract.primary,
+            active: contract.active,
+        })
+    }
+}
+
+impl TryFrom<(usize, pb::UserRegistration)> for NewRegistration {
+    type Error = Error;
+
+    fn try_from((index, registration): (usize, pb::UserRegistration)) -> Result<Self> {
+        let field = format!("registrations[{index}]");
+        Ok(Self {
+            user_id: required(&format!("{field}.user_id"), &registration.user_id, 128)?.to_owned(),
+            enterprise_id: required(&format!("{field}.enterprise_id"), &registration.enterprise_id, 64)?
+                .to_owned(),
+            service_id: optional(&format!("{field}.service_id"), &registration.service_id, 64)?,
+            profile: profile_from_wire(&format!("{field}.profile"), registration.profile)?,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::carrier_ingress_server::CarrierIngress for IngressService {
+    #[tracing::instrument(skip_all, fields(carrier_id))]
+    async fn upsert_contracts(
+        &self,
+        request: Request<pb::UpsertContractsRequest>,
+    ) -> Result<Response<pb::UpsertContractsResponse>, Status> {
+        let relay = &self.0;
+        let carrier_id = relay.carrier(request.metadata()).await?;
+        tracing::Span::current().record("carrier_id", carrier_id.as_str());
+        let request = request.into_inner();
+        bounded("contracts", &request.contracts)?;
+        let contracts = request
+            .contracts
+            .into_iter()
+            .enumerate()
+            .map(Contract::try_from)
+            .collect::<Result<Vec<_>>>()?;
+        let upserted = relay
+            .store
+            .upsert_contracts(&carrier_id, &contracts, relay.clock.now_ms())
+            .await?;
+        tracing::info!(upserted, "contracts upserted");
+        Ok(Response::new(pb::UpsertContractsResponse {
+            upserted: upserted as u32,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(carrier_id))]
+    async fn register_users(
+        &self,
+        request: Request<pb::RegisterUsersRequest>,
+    ) -> Result<Response<pb::RegisterUsersResponse>, Status> {
+        let relay = &self.0;
+        let carrier_id = relay.carrier(request.metadata()).await?;
+        tracing::Span::current().record("carrier_id", carrier_id.as_str());
+        let request = request.into_inner();
+        bounded("registrations", &request.registrations)?;
+        let registrations = request
+            .registrations
+            .into_iter()
+            .enumerate()
+            .map(NewRegistration::try_from)
+            .collect::<Result<Vec<_>>>()?;
+        let user_refs = relay
+            .store
+            .register_users(&carrier_id, &registrations, relay.clock.now_ms())
+            .await?;
+        tracing::info!(registered = user_refs.len(), "users registered");
+        Ok(Response::new(pb::RegisterUsersResponse { user_refs }))
+    }
+
+    #[tracing::instrument(skip_all, fields(carrier_id))]
+    async fn unregister_users(
+        &self,
+        request: Request<pb::UnregisterUsersRequest>,
+    ) -> Result<Response<pb::UnregisterUsersResponse>, Status> {
+        let relay = &self.0;
+        let carrier_id = relay.carrier(request.metadata()).await?;
+        let request = request.into_inner();
+        bounded("unregistrations", &request.unregistrations)?;
+        let leaving = request
+            .unregistrations
+            .into_iter()
+            .enumerate()
+            .map(|(index, leave)| {
+                let field = format!("unregistrations[{index}]");
+                Ok(Unregistration {
+                    user_id: required(&format!("{field}.user_id"), &leave.user_id, 128)?.to_owned(),
+                    enterprise_id: required(&format!("{field}.enterprise_id"), &leave.enterprise_id, 64)?
+                        .to_owned(),
+                    service_id: optional(&format!("{field}.service_id"), &leave.service_id, 64)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let removed = relay
+            .store
+            .unregister_users(&carrier_id, &leaving, relay.clock.now_ms())
+            .await?;
+        Ok(Response::new(pb::UnregisterUsersResponse {
+            removed: removed as u32,
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(carrier_id))]
+    async fn put_profile(
+        &self,
+        request: Request<pb::PutProfileRequest>,
+    ) -> Result<Response<pb::PutProfileResponse>, Status> {
+        let relay = &self.0;
+        let carrier_id = relay.carrier(request.metadata()).await?;
+        let request = request.into_inner();
+        let user_id = required("user_id", &request.user_id, 128)?;
+        let enterprise_id = required("enterprise_id", &request.enterprise_id, 64)?;
+        let profile = profile_from_wire("profile", request.profile)?;
+        relay
+            .store
+            .put_profile(&carrier_id, user_id, enterprise_id, &profile, relay.clock.now_ms())
+            .await?;
+        Ok(Response::new(pb::PutProfileResponse {}))
+    }
+}

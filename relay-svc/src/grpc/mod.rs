@@ -1,0 +1,155 @@
+//! The relay's gRPC edge: the three services it hosts, the credentials each
+//! accepts, and the conversion of every request into validated domain types
+//! (`TryFrom` on the way in, plain constructors on the way out). Nothing below
+//! this module sees a prost type or a `tonic::Request`.
+
+mod admin;
+mod enterprise;
+mod ingress;
+
+use std::sync::Arc;
+
+use chukei_proto::auth;
+use chukei_proto::clock::Clock;
+use chukei_proto::common::v1 as common;
+use tokio::sync::Notify;
+use tonic::metadata::MetadataMap;
+
+pub use admin::AdminService;
+pub use enterprise::EnterpriseService;
+pub use ingress::IngressService;
+
+use crate::credentials;
+use crate::dispatch::DispatchHandle;
+use crate::error::{Error, Result};
+use crate::registry::{Gender, Profile};
+use crate::storage::Store;
+
+/// What every relay RPC handler shares.
+#[derive(Clone, Debug)]
+pub struct Relay {
+    pub store: Store,
+    pub clock: Clock,
+    pub dispatch: DispatchHandle,
+    /// Wakes the campaign expander.
+    pub expand: Arc<Notify>,
+    pub admin_token: Arc<str>,
+    pub message_ttl_ms: i64,
+}
+
+impl Relay {
+    /// The enterprise whose API key the call presents.
+    async fn enterprise(&self, metadata: &MetadataMap) -> Result<String> {
+        let key = auth::bearer(metadata).ok_or(Error::Unauthenticated("authorization: missing API key"))?;
+        self.store
+            .enterprise_by_key(&credentials::hash_secret(key))
+            .await?
+            .ok_or(Error::Unauthenticated("authorization: unknown API key"))
+    }
+
+    /// The carrier whose token the call presents.
+    async fn carrier(&self, metadata: &MetadataMap) -> Result<String> {
+        let token = auth::bearer(metadata).ok_or(Error::Unauthenticated("authorization: missing carrier token"))?;
+        self.store
+            .carrier_by_token(&credentials::hash_secret(token))
+            .await?
+            .ok_or(Error::Unauthenticated("authorization: unknown carrier token"))
+    }
+
+    fn admin(&self, metadata: &MetadataMap) -> Result<()> {
+        let token = auth::bearer(metadata).ok_or(Error::Unauthenticated("authorization: missing admin token"))?;
+        if auth::constant_time_eq(token.as_bytes(), self.admin_token.as_bytes()) {
+            Ok(())
+        } else {
+            Err(Error::Unauthenticated("authorization: wrong admin token"))
+        }
+    }
+}
+
+/// A required, bounded identifier-like string.
+fn required<'a>(field: &str, value: &'a str, max_len: usize) -> Result<&'a str> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.len() > max_len {
+        return Err(Error::invalid(field, format!("must be at most {max_len} bytes")));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "must not contain control characters"));
+    }
+    Ok(value)
+}
+
+/// An optional id: empty means absent.
+fn optional(field: &str, value: &str, max_len: usize) -> Result<Option<String>> {
+    if value.trim().is_empty() {
+        Ok(None)
+    } else {
+        required(field, value, max_len).map(|v| Some(v.to_owned()))
+    }
+}
+
+/// A region path: lowercase segments of `a-z 0-9 - _` joined by `/`.
+fn region(field: &str, value: &str) -> Result<String> {
+    let value = required(field, value, 128)?;
+    let valid = value.split('/').all(|segment| {
+        !segment.is_empty()
+            && segment
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    });
+    if !valid {
+        return Err(Error::invalid(
+            field,
+            "must be lowercase segments of a-z, 0-9, '-' or '_' separated by '/'",
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+fn occupation(field: &str, value: &str) -> Result<String> {
+    required(field, value, 64).map(|v| v.to_lowercase())
+}
+
+fn gender(field: &str, value: i32) -> Result<Option<Gender>> {
+    match common::Gender::try_from(value) {
+        Ok(common::Gender::Unspecified) => Ok(None),
+        Ok(common::Gender::Female) => Ok(Some(Gender::Female)),
+        Ok(common::Gender::Male) => Ok(Some(Gender::Male)),
+        Ok(common::Gender::Other) => Ok(Some(Gender::Other)),
+        Err(_) => Err(Error::invalid(field, format!("unknown gender {value}"))),
+    }
+}
+
+fn age_range(field: &str, min: Option<u32>, max: Option<u32>) -> Result<Option<(u32, u32)>> {
+    match (min, max) {
+        (None, None) => Ok(None),
+        (Some(min), Some(max)) if min <= max && max <= 150 => Ok(Some((min, max))),
+        (Some(_), Some(_)) => Err(Error::invalid(
+            field,
+            "age_min must not exceed age_max, and ages must be at most 150",
+        )),
+        _ => Err(Error::invalid(field, "give both age_min and age_max, or neither")),
+    }
+}
+
+fn profile_from_wire(field: &str, profile: Option<common::ConsentedProfile>) -> Result<Profile> {
+    let Some(profile) = profile else {
+        return Ok(Profile::default());
+    };
+    Ok(Profile {
+        gender: gender(&format!("{field}.gender"), profile.gender)?,
+        age: age_range(&format!("{field}.age"), profile.age_min, profile.age_max)?,
+        region: if profile.region.is_empty() {
+            None
+        } else {
+            Some(region(&format!("{field}.region"), &profile.region)?)
+        },
+        occupation: if profile.occupation.is_empty() {
+            None
+        } else {
+            Some(occupation(&format!("{field}.occupation"), &profile.occupation)?)
+        },
+    })
+}

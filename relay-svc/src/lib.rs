@@ -1,0 +1,122 @@
+//! The Chukei relay as a library: `main` parses [`Config`], sets up telemetry,
+//! binds, and calls [`run`]; the integration tests call the same `run`.
+//!
+//! Code map: [`grpc`] is the edge (auth, validation, wire ⇄ domain);
+//! [`targeting`] and [`registry`] are the domain types; [`storage`] is the one
+//! seam over SQLite/PostgreSQL; [`expansion`] extracts recipients of large
+//! targets after the answer; [`dispatch`] transfers deliveries to carriers and
+//! takes receipts back ([`receipts`]).
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod credentials;
+pub mod dispatch;
+pub mod error;
+pub mod expansion;
+pub mod grpc;
+pub mod receipts;
+pub mod registry;
+pub mod storage;
+pub mod targeting;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chukei_proto::relay::v1::{admin_server, carrier_ingress_server, enterprise_api_server};
+use chukei_proto::server;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+use crate::dispatch::DispatchConfig;
+use crate::grpc::{AdminService, EnterpriseService, IngressService, Relay};
+use crate::storage::Store;
+
+/// Largest gRPC message the relay accepts or sends.
+const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Runs the relay on `listener` until `shutdown` resolves, then stops
+/// accepting, finishes in-flight work within the grace period and closes the
+/// database.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let clock = config.clock.clock();
+    if config.database_url.is_none() {
+        std::fs::create_dir_all(&config.data_dir)?;
+    }
+    let store = Store::connect(&config.database_url()).await?;
+    tracing::info!(backend = store.backend(), addr = %listener.local_addr()?, "relay starting");
+
+    let cancel = CancellationToken::new();
+    let workers = cancel.child_token();
+    let (dispatch, dispatch_task) = dispatch::start(
+        store.clone(),
+        clock.clone(),
+        DispatchConfig {
+            deliver_token: config.deliver_token.clone(),
+            batch_size: config.batch_size,
+            batches_in_flight: config.batches_in_flight,
+            poll_interval: Duration::from_millis(config.poll_interval_ms),
+        },
+        workers.clone(),
+    );
+    let expand = Arc::new(tokio::sync::Notify::new());
+    let expander_task = tokio::spawn(expansion::run(
+        store.clone(),
+        expand.clone(),
+        dispatch.clone(),
+        workers.clone(),
+    ));
+
+    let relay = Relay {
+        store: store.clone(),
+        clock,
+        dispatch,
+        expand,
+        admin_token: config.admin_token.as_str().into(),
+        message_ttl_ms: (config.message_ttl_secs * 1000) as i64,
+    };
+    let (health_reporter, health_service) = server::health();
+    health_reporter
+        .set_serving::<enterprise_api_server::EnterpriseApiServer<EnterpriseService>>()
+        .await;
+    health_reporter
+        .set_serving::<carrier_ingress_server::CarrierIngressServer<IngressService>>()
+        .await;
+    health_reporter
+        .set_serving::<admin_server::AdminServer<AdminService>>()
+        .await;
+
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(server::reflection()?)
+        .add_service(
+            enterprise_api_server::EnterpriseApiServer::new(EnterpriseService(relay.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            carrier_ingress_server::CarrierIngressServer::new(IngressService(relay.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(admin_server::AdminServer::new(AdminService(relay)));
+    let served = server::serve(router, listener, shutdown, cancel.clone(), config.shutdown_grace()).await;
+
+    cancel.cancel();
+    let stopped = tokio::time::timeout(config.shutdown_grace(), async {
+        let _ = dispatch_task.await;
+        let _ = expander_task.await;
+    })
+    .await;
+    if stopped.is_err() {
+        tracing::warn!("workers did not stop within the grace period");
+    }
+    store.close().await;
+    tracing::info!("relay stopped");
+    served
+}

@@ -1,0 +1,73 @@
+//! Acquisition's domain types: what carriers report (receipts per delivery and
+//! periodic per-message count reports) and the kinds of deduplicated event the
+//! relay derives every count from.
+
+use crate::targeting::Channel;
+
+/// The kinds of row in the `events` table; each is recorded at most once per
+/// message and user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    HandedOver,
+    Delivered,
+    Opened,
+    Failed,
+}
+
+impl EventKind {
+    pub fn number(self) -> i64 {
+        match self {
+            Self::HandedOver => 1,
+            Self::Delivered => 2,
+            Self::Opened => 3,
+            Self::Failed => 4,
+        }
+    }
+
+    pub fn from_number(number: i64) -> Option<Self> {
+        match number {
+            1 => Some(Self::HandedOver),
+            2 => Some(Self::Delivered),
+            3 => Some(Self::Opened),
+            4 => Some(Self::Failed),
+            _ => None,
+        }
+    }
+
+    /// The events a receipt of this kind establishes: an open proves delivery,
+    /// and delivery proves hand-over.
+    pub fn implied(self) -> &'static [Self] {
+        match self {
+            Self::HandedOver => &[Self::HandedOver],
+            Self::Delivered => &[Self::HandedOver, Self::Delivered],
+            Self::Opened => &[Self::HandedOver, Self::Delivered, Self::Opened],
+            Self::Failed => &[Self::HandedOver, Self::Failed],
+        }
+    }
+}
+
+/// One receipt from a carrier.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    pub message_id: String,
+    pub user_id: String,
+    pub kind: EventKind,
+    pub channel: Option<Channel>,
+    pub at: i64,
+    /// Where the terminal was, as a region path; empty when unknown.
+    pub region: String,
+}
+
+/// A carrier's own per-message counts at one time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CountReport {
+    pub at: i64,
+    pub counts: Vec<MessageCount>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageCount {
+    pub message_id: String,
+    pub sent: u64,
+    pub opened: u64,
+}

@@ -1,0 +1,115 @@
+//! The storage seam: one [`Store`] over SQLite (the embedded default) or
+//! PostgreSQL (scale-out), chosen from the database URL.
+//!
+//! Every query is written once in the SQL both engines accept (`$n`
+//! placeholders, `ON CONFLICT`, `RETURNING`, `CAST`) and runs on whichever pool
+//! the store holds; the few places where the engines differ say so. Migrations
+//! are embedded per backend and applied at start. This module owns durability
+//! settings (`synchronous=FULL` on SQLite, `synchronous_commit=on` on
+//! PostgreSQL) and must never call out to the network inside a transaction.
+
+mod messages;
+mod receipts;
+mod registry;
+mod tenants;
+mod transfer;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
+
+pub use messages::{MessageRow, StoredMessage};
+pub use receipts::{CarrierCounts, MessageCounts};
+pub use registry::RegistrationRow;
+pub use transfer::DueDelivery;
+
+use crate::error::Result;
+
+/// Rows per multi-row statement: well under SQLite's 32,766 and PostgreSQL's
+/// 65,535 bind parameters for every statement that uses it.
+const ROWS_PER_STATEMENT: usize = 1_000;
+
+/// The relay's database, SQLite or PostgreSQL.
+#[derive(Clone, Debug)]
+pub enum Store {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to whichever pool the store holds. The body
+/// is compiled once per backend, so it may only use what both drivers accept.
+macro_rules! on_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match $store {
+            $crate::storage::Store::Sqlite($pool) => $body,
+            $crate::storage::Store::Postgres($pool) => $body,
+        }
+    };
+}
+pub(crate) use on_pool;
+
+impl Store {
+    /// Opens the database at `url` (`sqlite://…` or `postgres://…`) and applies
+    /// the embedded migrations.
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let options = PgConnectOptions::from_str(url)?.options([("synchronous_commit", "on")]);
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options)
+                .await?;
+            sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+            Self::Postgres(pool)
+        } else if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                // Accepted means durable: every commit reaches the disk before we answer.
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options)
+                .await?;
+            sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+            Self::Sqlite(pool)
+        } else {
+            anyhow::bail!("database url: expected sqlite:… or postgres://…");
+        };
+        Ok(store)
+    }
+
+    /// The default embedded database: a SQLite file in `data_dir`.
+    pub fn sqlite_url_in(data_dir: &Path) -> String {
+        format!("sqlite://{}", data_dir.join("relay.db").display())
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+
+    pub async fn close(&self) {
+        on_pool!(self, pool => pool.close().await);
+    }
+
+    /// Checks that the database answers.
+    pub async fn ping(&self) -> Result<()> {
+        on_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+}
+
+/// Whether a database error is a unique-key violation (mapped by kind, not text).
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::UniqueViolation)
+}

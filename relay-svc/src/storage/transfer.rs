@@ -1,0 +1,117 @@
+//! What the dispatchers read and write: due deliveries for one carrier, in id
+//! order, and the batch acknowledgement that marks them handed over.
+
+use sqlx::QueryBuilder;
+
+use super::{Store, on_pool};
+use crate::error::Result;
+use crate::receipts::EventKind;
+use crate::targeting::{Channel, Content};
+
+/// One delivery ready to hand to its carrier, with its message's instructions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DueDelivery {
+    pub id: i64,
+    pub message_id: String,
+    pub user_id: String,
+    pub content: Content,
+    pub channel: Option<Channel>,
+    pub not_before: i64,
+    pub expires_at: i64,
+}
+
+impl Store {
+    /// Up to `limit` pending deliveries of `carrier_id` with ids above
+    /// `after_id` whose time has come, in id order.
+    pub async fn due_deliveries(
+        &self,
+        carrier_id: &str,
+        after_id: i64,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<DueDelivery>> {
+        type Row = (i64, String, String, String, String, i64, i64, i64);
+        let rows: Vec<Row> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT d.id, d.message_id, d.user_id, m.content_text, m.media_url, m.channel,
+                    m.not_before, m.expires_at
+             FROM deliveries d JOIN messages m ON m.id = d.message_id
+             WHERE d.carrier_id = $1 AND d.state = 0 AND d.id > $2 AND m.not_before <= $3
+             ORDER BY d.id
+             LIMIT $4",
+        )
+        .bind(carrier_id)
+        .bind(after_id)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await)?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, message_id, user_id, text, media_url, channel, not_before, expires_at)| {
+                    DueDelivery {
+                        id,
+                        message_id,
+                        user_id,
+                        content: Content { text, media_url },
+                        channel: Channel::from_number(channel),
+                        not_before,
+                        expires_at,
+                    }
+                },
+            )
+            .collect())
+    }
+
+    /// The carrier acknowledged a batch: its deliveries are handed over, and a
+    /// handed-over event is recorded once per message and user.
+    pub async fn mark_handed_over(&self, carrier_id: &str, ids: &[i64], now: i64) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            for chunk in ids.chunks(super::ROWS_PER_STATEMENT) {
+                let mut query = QueryBuilder::new(
+                    "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region)
+                     SELECT d.message_id, d.user_id, ",
+                );
+                query
+                    .push_bind(EventKind::HandedOver.number())
+                    .push(", ")
+                    .push_bind(now)
+                    .push(", d.carrier_id, m.channel, '' FROM deliveries d JOIN messages m ON m.id = d.message_id WHERE d.carrier_id = ")
+                    .push_bind(carrier_id)
+                    .push(" AND d.id IN (");
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                query.push(") ON CONFLICT DO NOTHING");
+                query.build().execute(&mut *tx).await?;
+
+                let mut query = QueryBuilder::new("UPDATE deliveries SET state = 1 WHERE state = 0 AND carrier_id = ");
+                query.push_bind(carrier_id).push(" AND id IN (");
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                query.push(")");
+                query.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Deliveries still waiting for `carrier_id`.
+    pub async fn pending_count(&self, carrier_id: &str) -> Result<u64> {
+        let count: i64 = on_pool!(self, pool => sqlx::query_scalar(
+            "SELECT COUNT(*) FROM deliveries WHERE carrier_id = $1 AND state = 0",
+        )
+        .bind(carrier_id)
+        .fetch_one(pool)
+        .await)?;
+        Ok(count as u64)
+    }
+}

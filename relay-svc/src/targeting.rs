@@ -1,0 +1,194 @@
+//! What an enterprise asks for when it sends: the message, its target, its
+//! instructions — validated domain types built at the gRPC edge.
+//!
+//! Extraction itself (turning a target into recipients) is one set-based
+//! statement in `storage::messages`; this module owns the rules about what a
+//! valid target is and the message's fingerprint for idempotency.
+
+use sha2::{Digest, Sha256};
+
+use crate::registry::Gender;
+
+/// The longest text a message may carry (bytes).
+pub const MAX_TEXT_BYTES: usize = 8_192;
+/// The most refs one `SendMessage` may name.
+pub const MAX_REFS: usize = 10_000;
+
+/// The channel a carrier should use. `None` on a message means the carrier's default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Channel {
+    Rcs,
+    Sms,
+    Sns,
+    Email,
+}
+
+impl Channel {
+    /// Stored and wire number (the proto enum's value).
+    pub fn number(channel: Option<Self>) -> i64 {
+        match channel {
+            None => 0,
+            Some(Self::Rcs) => 1,
+            Some(Self::Sms) => 2,
+            Some(Self::Sns) => 3,
+            Some(Self::Email) => 4,
+        }
+    }
+
+    pub fn from_number(number: i64) -> Option<Self> {
+        match number {
+            1 => Some(Self::Rcs),
+            2 => Some(Self::Sms),
+            3 => Some(Self::Sns),
+            4 => Some(Self::Email),
+            _ => None,
+        }
+    }
+}
+
+/// Who a message is for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Specific users, by this enterprise's refs (deduplicated, in order).
+    Refs(Vec<String>),
+    AllRegistered,
+    Service(String),
+    Segment(Segment),
+}
+
+impl Target {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Refs(_) => "refs",
+            Self::AllRegistered => "all",
+            Self::Service(_) => "service",
+            Self::Segment(_) => "segment",
+        }
+    }
+}
+
+/// An attribute segment over consented profiles; every given criterion must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Segment {
+    pub gender: Option<Gender>,
+    /// Inclusive; a profile matches when its whole age range lies inside.
+    pub age: Option<(u32, u32)>,
+    /// Any of these; a region matches itself and everything below it.
+    pub regions: Vec<String>,
+    /// Any of these.
+    pub occupations: Vec<String>,
+    pub service_id: Option<String>,
+}
+
+impl Segment {
+    pub fn has_criteria(&self) -> bool {
+        self.gender.is_some()
+            || self.age.is_some()
+            || !self.regions.is_empty()
+            || !self.occupations.is_empty()
+    }
+}
+
+/// What is shown on the terminal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Content {
+    pub text: String,
+    pub media_url: String,
+}
+
+/// A validated `SendMessage`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewMessage {
+    pub idempotency_key: String,
+    pub target: Target,
+    pub content: Content,
+    pub channel: Option<Channel>,
+    pub all_carriers: bool,
+}
+
+impl NewMessage {
+    /// A digest of everything but the idempotency key: a retry with the same key
+    /// must carry the same fingerprint. Built from an explicit canonical form so
+    /// it stays stable across releases.
+    pub fn fingerprint(&self) -> String {
+        let mut hasher = Sha256::new();
+        let mut field = |name: &str, value: &str| {
+            hasher.update(name.as_bytes());
+            hasher.update((value.len() as u64).to_le_bytes());
+            hasher.update(value.as_bytes());
+        };
+        field("target", self.target.kind());
+        match &self.target {
+            Target::Refs(refs) => refs.iter().for_each(|r| field("ref", r)),
+            Target::AllRegistered => {}
+            Target::Service(service) => field("service", service),
+            Target::Segment(segment) => {
+                field("gender", segment.gender.map_or("", Gender::as_str));
+                if let Some((min, max)) = segment.age {
+                    field("age", &format!("{min}-{max}"));
+                }
+                segment.regions.iter().for_each(|r| field("region", r));
+                segment.occupations.iter().for_each(|o| field("occupation", o));
+                field("service", segment.service_id.as_deref().unwrap_or(""));
+            }
+        }
+        field("text", &self.content.text);
+        field("media", &self.content.media_url);
+        field("channel", &Channel::number(self.channel).to_string());
+        field("all_carriers", if self.all_carriers { "1" } else { "0" });
+        hex::encode(hasher.finalize())
+    }
+}
+
+/// A message's lifecycle; it only moves forward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum MessageState {
+    Accepted = 1,
+    Expanded = 2,
+    HandedOver = 3,
+}
+
+impl MessageState {
+    pub fn from_number(number: i64) -> Self {
+        match number {
+            3 => Self::HandedOver,
+            2 => Self::Expanded,
+            _ => Self::Accepted,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(text: &str) -> NewMessage {
+        NewMessage {
+            idempotency_key: "k".into(),
+            target: Target::Refs(vec!["a".into(), "b".into()]),
+            content: Content {
+                text: text.into(),
+                media_url: String::new(),
+            },
+            channel: Some(Channel::Sms),
+            all_carriers: false,
+        }
+    }
+
+    #[test]
+    fn fingerprint_ignores_the_key_and_sees_the_body() {
+        let mut other_key = message("hi");
+        other_key.idempotency_key = "other".into();
+        assert_eq!(message("hi").fingerprint(), other_key.fingerprint());
+        assert_ne!(message("hi").fingerprint(), message("hi!").fingerprint());
+    }
+
+    #[test]
+    fn fingerprint_separates_field_boundaries() {
+        let mut a = message("x");
+        a.target = Target::Refs(vec!["ab".into()]);
+        let mut b = message("x");
+        b.target = Target::Refs(vec!["a".into(), "b".into()]);
+        assert_ne!(a.fingerprint(), b.fingerprint());
+    }
+}
