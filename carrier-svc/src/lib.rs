@@ -1,1 +1,154 @@
+//! A Chukei carrier as a library: `main` parses [`Config`], sets up telemetry,
+//! binds, and calls [`run`]; the integration tests call the same `run`.
+//!
+//! Code map: [`relay_link`] serves the relay's Deliver stream; [`terminals`]
+//! pushes to attached terminals and takes their events; [`subscribers`] hosts
+//! the operator's and the terminals' APIs; [`consent`] decides which attributes
+//! may leave; [`storage`] is the carrier's own SQLite.
+#![forbid(unsafe_code)]
 
+pub mod config;
+pub mod consent;
+pub mod error;
+pub mod model;
+pub mod relay_link;
+pub mod storage;
+pub mod subscribers;
+pub mod terminals;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chukei_proto::auth::BearerInterceptor;
+use chukei_proto::carrier::v1::{carrier_admin_server, carrier_server, subscriber_api_server};
+use chukei_proto::clock::Clock;
+use chukei_proto::relay::v1::carrier_ingress_client::CarrierIngressClient;
+use chukei_proto::server;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+pub use config::Config;
+
+use crate::storage::Store;
+use crate::terminals::TerminalsHandle;
+
+type RelayClient = CarrierIngressClient<InterceptedService<Channel, BearerInterceptor>>;
+
+/// What every carrier handler and worker shares.
+#[derive(Clone, Debug)]
+pub struct Shared {
+    carrier_id: Arc<str>,
+    store: Store,
+    clock: Clock,
+    relay: RelayClient,
+    relay_token: Arc<str>,
+    admin_token: Arc<str>,
+    default_channel: i64,
+    report_interval_secs: u64,
+    poll_interval: Duration,
+    terminals: TerminalsHandle,
+    /// Bumped when receipts are queued: wakes the relay stream.
+    outbox_changed: Arc<watch::Sender<u64>>,
+    /// Bumped when the relay opens a stream: older streams end.
+    relay_session: Arc<watch::Sender<u64>>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Runs the carrier on `listener` until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    if config.database_url.is_none() {
+        std::fs::create_dir_all(&config.data_dir)?;
+    }
+    let store = Store::connect(&config.database_url()).await?;
+    let clock = config.clock.clock();
+    let relay_channel = Endpoint::from_shared(config.relay_url.clone())?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    let relay = CarrierIngressClient::with_interceptor(relay_channel, BearerInterceptor::new(&config.token)?)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let cancel = CancellationToken::new();
+    let (terminals, endpoints) = TerminalsHandle::new();
+    let shared = Shared {
+        carrier_id: config.carrier_id.as_str().into(),
+        store: store.clone(),
+        clock,
+        relay,
+        relay_token: config.relay_token.as_str().into(),
+        admin_token: config.admin_token.as_str().into(),
+        default_channel: config.default_channel()?,
+        report_interval_secs: config.report_interval_secs,
+        poll_interval: Duration::from_millis(config.poll_interval_ms),
+        terminals,
+        outbox_changed: Arc::new(watch::channel(0).0),
+        relay_session: Arc::new(watch::channel(0).0),
+        cancel: cancel.clone(),
+        tasks: TaskTracker::new(),
+    };
+    tracing::info!(carrier_id = %config.carrier_id, addr = %listener.local_addr()?, "carrier starting");
+
+    shared.tasks.spawn(terminals::run(shared.clone(), endpoints, cancel.clone()));
+    shared.tasks.spawn(expiry(shared.clone()));
+
+    let (health_reporter, health_service) = server::health();
+    health_reporter
+        .set_serving::<carrier_server::CarrierServer<relay_link::DeliverService>>()
+        .await;
+    health_reporter
+        .set_serving::<subscriber_api_server::SubscriberApiServer<subscribers::SubscriberService>>()
+        .await;
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(server::reflection()?)
+        .add_service(
+            carrier_server::CarrierServer::new(relay_link::DeliverService(shared.clone()))
+                .max_decoding_message_size(64 * 1024 * 1024),
+        )
+        .add_service(
+            subscriber_api_server::SubscriberApiServer::new(subscribers::SubscriberService(shared.clone()))
+                .max_decoding_message_size(16 * 1024 * 1024),
+        )
+        .add_service(
+            carrier_admin_server::CarrierAdminServer::new(subscribers::AdminService(shared.clone()))
+                .max_decoding_message_size(16 * 1024 * 1024),
+        );
+    let served = server::serve(router, listener, shutdown, cancel.clone(), config.shutdown_grace()).await;
+
+    cancel.cancel();
+    shared.tasks.close();
+    if tokio::time::timeout(config.shutdown_grace(), shared.tasks.wait()).await.is_err() {
+        tracing::warn!("carrier tasks did not stop within the grace period");
+    }
+    store.close().await;
+    tracing::info!("carrier stopped");
+    served
+}
+
+/// Fails deliveries whose expiry passed before their terminal confirmed them.
+async fn expiry(shared: Shared) {
+    loop {
+        tokio::select! {
+            () = shared.cancel.cancelled() => return,
+            () = tokio::time::sleep(shared.poll_interval * 4) => {}
+        }
+        match shared.store.expire(shared.clock.now_ms()).await {
+            Ok(0) => {}
+            Ok(expired) => {
+                tracing::info!(expired, "deliveries expired");
+                shared.outbox_changed.send_modify(|g| *g += 1);
+            }
+            Err(error) => tracing::warn!(%error, "expiry sweep failed"),
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! The carrier's configuration: every flag is also an environment variable
+//! (`CHUKEI_CARRIER_*`), validated before a port is bound.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chukei_proto::clock::ClockArgs;
+
+use crate::storage::Store;
+
+/// A Chukei carrier: subscribers, the relay's Deliver stream, pushes to terminals.
+#[derive(clap::Parser, Clone, Debug)]
+#[command(name = "carrier-svc", version, about)]
+pub struct Config {
+    /// Address the gRPC server (Carrier, SubscriberApi, CarrierAdmin, health, reflection) listens on.
+    #[arg(long, env = "CHUKEI_CARRIER_LISTEN", default_value = "127.0.0.1:50061")]
+    pub listen: SocketAddr,
+
+    /// This carrier's id at the relay (its communication device id).
+    #[arg(long, env = "CHUKEI_CARRIER_ID")]
+    pub carrier_id: String,
+
+    /// The relay's gRPC URL, for CarrierIngress.
+    #[arg(long, env = "CHUKEI_CARRIER_RELAY_URL", default_value = "http://127.0.0.1:50051")]
+    pub relay_url: String,
+
+    /// The token this carrier presents to the relay's CarrierIngress.
+    #[arg(long, env = "CHUKEI_CARRIER_TOKEN", hide_env_values = true)]
+    pub token: String,
+
+    /// The token the relay must present on the Deliver stream.
+    #[arg(long, env = "CHUKEI_CARRIER_RELAY_TOKEN", hide_env_values = true)]
+    pub relay_token: String,
+
+    /// The carrier operator's credential for CarrierAdmin.
+    #[arg(long, env = "CHUKEI_CARRIER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: String,
+
+    /// Directory for the carrier's SQLite database.
+    #[arg(long, env = "CHUKEI_CARRIER_DATA_DIR", default_value = "data/carrier")]
+    pub data_dir: PathBuf,
+
+    /// `sqlite://path`. Default: `carrier.db` in the data directory.
+    #[arg(long, env = "CHUKEI_CARRIER_DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Channel used when the relay gives none: rcs, sms, sns or email.
+    #[arg(long, env = "CHUKEI_CARRIER_DEFAULT_CHANNEL", default_value = "sms")]
+    pub default_channel: String,
+
+    /// How often a per-message count report goes to the relay (seconds of clock time).
+    #[arg(long, env = "CHUKEI_CARRIER_REPORT_INTERVAL_SECS", default_value_t = 3600)]
+    pub report_interval_secs: u64,
+
+    /// How often held deliveries are re-checked for their time window and expiry (ms, real time).
+    #[arg(long, env = "CHUKEI_CARRIER_POLL_INTERVAL_MS", default_value_t = 500)]
+    pub poll_interval_ms: u64,
+
+    /// How long shutdown waits for in-flight work (seconds).
+    #[arg(long, env = "CHUKEI_CARRIER_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+
+    #[command(flatten)]
+    pub clock: ClockArgs,
+}
+
+impl Config {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.carrier_id.is_empty()
+            || !self
+                .carrier_id
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        {
+            anyhow::bail!("--carrier-id: must be lowercase a-z, 0-9, '-' or '_'");
+        }
+        for (flag, token) in [
+            ("--token", &self.token),
+            ("--relay-token", &self.relay_token),
+            ("--admin-token", &self.admin_token),
+        ] {
+            if token.len() < 16 {
+                anyhow::bail!("{flag}: must be at least 16 characters");
+            }
+        }
+        if self.relay_url.parse::<tonic::transport::Uri>().is_err() || !self.relay_url.starts_with("http") {
+            anyhow::bail!("--relay-url: must be an http(s) URL");
+        }
+        self.default_channel()?;
+        if self.report_interval_secs == 0 {
+            anyhow::bail!("--report-interval-secs: must be positive");
+        }
+        if self.poll_interval_ms == 0 {
+            anyhow::bail!("--poll-interval-ms: must be positive");
+        }
+        if let Some(url) = &self.database_url {
+            if !url.starts_with("sqlite:") {
+                anyhow::bail!("--database-url: the carrier stores in SQLite (sqlite:…)");
+            }
+        }
+        self.clock.validate()
+    }
+
+    /// The default channel as a `chukei.common.v1.Channel` value.
+    pub fn default_channel(&self) -> anyhow::Result<i64> {
+        match self.default_channel.as_str() {
+            "rcs" => Ok(1),
+            "sms" => Ok(2),
+            "sns" => Ok(3),
+            "email" => Ok(4),
+            _ => anyhow::bail!("--default-channel: must be one of rcs, sms, sns, email"),
+        }
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| Store::sqlite_url_in(&self.data_dir))
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}

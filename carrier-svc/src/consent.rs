@@ -1,0 +1,117 @@
+//! Turning a subscriber record and a person's consent choices into the
+//! profile the relay may store: only the chosen fields, at the chosen
+//! granularity. This is the only place subscriber attributes leave the carrier.
+
+use chukei_proto::carrier::v1::{AgeGranularity, ConsentChoices, RegionGranularity};
+use chukei_proto::common::v1::ConsentedProfile;
+
+use crate::model::Subscriber;
+
+/// Whole years between `birth_date` (`YYYY-MM-DD`) and the date of `now_ms`.
+pub fn age_on(birth_date: &str, now_ms: i64) -> Option<u32> {
+    let mut parts = birth_date.split('-').map(str::parse::<i64>);
+    let (Some(Ok(year)), Some(Ok(month)), Some(Ok(day))) = (parts.next(), parts.next(), parts.next()) else {
+        return None;
+    };
+    let (now_year, now_month, now_day) = civil_from_days(now_ms.div_euclid(86_400_000));
+    let mut age = now_year - year;
+    if (now_month, now_day) < (month, day) {
+        age -= 1;
+    }
+    u32::try_from(age).ok()
+}
+
+/// Gregorian (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// The profile to share: only what `choices` allows.
+pub fn consented_profile(subscriber: &Subscriber, choices: &ConsentChoices, now_ms: i64) -> ConsentedProfile {
+    let mut profile = ConsentedProfile::default();
+    if choices.gender {
+        profile.gender = subscriber.gender;
+    }
+    if let Some(age) = age_on(&subscriber.birth_date, now_ms) {
+        match AgeGranularity::try_from(choices.age) {
+            Ok(AgeGranularity::Exact) => {
+                profile.age_min = Some(age);
+                profile.age_max = Some(age);
+            }
+            Ok(AgeGranularity::Decade) => {
+                profile.age_min = Some(age / 10 * 10);
+                profile.age_max = Some(age / 10 * 10 + 9);
+            }
+            _ => {}
+        }
+    }
+    match RegionGranularity::try_from(choices.region) {
+        Ok(RegionGranularity::City) => profile.region = subscriber.region.clone(),
+        Ok(RegionGranularity::Prefecture) => {
+            profile.region = subscriber.region.split('/').next().unwrap_or_default().to_owned();
+        }
+        _ => {}
+    }
+    if choices.occupation {
+        profile.occupation = subscriber.occupation.clone();
+    }
+    profile
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400_000;
+
+    fn subscriber() -> Subscriber {
+        Subscriber {
+            user_id: "u1".into(),
+            phone_number: "+819000000000".into(),
+            name: "Test".into(),
+            gender: 1,
+            birth_date: "1993-06-15".into(),
+            region: "tokyo/shibuya".into(),
+            occupation: "engineer".into(),
+            primary: true,
+        }
+    }
+
+    #[test]
+    fn age_counts_whole_years_around_the_birthday() {
+        // 2026-06-14 and 2026-06-15.
+        let before = 20_618 * DAY;
+        assert_eq!(civil_from_days(20_618), (2026, 6, 14));
+        assert_eq!(age_on("1993-06-15", before), Some(32));
+        assert_eq!(age_on("1993-06-15", before + DAY), Some(33));
+        assert_eq!(age_on("not a date", before), None);
+    }
+
+    #[test]
+    fn only_chosen_fields_leave_at_the_chosen_granularity() {
+        let now = 20_619 * DAY;
+        let choices = ConsentChoices {
+            gender: false,
+            age: AgeGranularity::Decade as i32,
+            region: RegionGranularity::Prefecture as i32,
+            occupation: false,
+        };
+        let profile = consented_profile(&subscriber(), &choices, now);
+        assert_eq!(profile.gender, 0);
+        assert_eq!((profile.age_min, profile.age_max), (Some(30), Some(39)));
+        assert_eq!(profile.region, "tokyo");
+        assert_eq!(profile.occupation, "");
+
+        let nothing = consented_profile(&subscriber(), &ConsentChoices::default(), now);
+        assert_eq!(nothing, ConsentedProfile::default());
+    }
+}

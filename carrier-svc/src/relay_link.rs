@@ -1,0 +1,181 @@
+//! `chukei.carrier.v1.Carrier.Deliver`: the relay's stream. Batches come down
+//! and are acked once durable (duplicates dropped by delivery id); receipts go
+//! up from the outbox until the relay acks them; count reports go up on an
+//! interval. A newer stream from the relay supersedes an older one.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use chukei_proto::auth;
+use chukei_proto::carrier::v1 as pb;
+use chukei_proto::clock::{from_timestamp, to_timestamp};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::Shared;
+use crate::model::Delivery;
+
+/// Receipt batches sent but not yet acked: bounds what is in flight so neither
+/// side ever blocks the other's reads.
+const RECEIPT_WINDOW: usize = 4;
+const RECEIPTS_PER_BATCH: u32 = 1_000;
+
+#[derive(Clone, Debug)]
+pub struct DeliverService(pub Shared);
+
+#[tonic::async_trait]
+impl pb::carrier_server::Carrier for DeliverService {
+    type DeliverStream = ReceiverStream<Result<pb::CarrierToRelay, Status>>;
+
+    async fn deliver(
+        &self,
+        request: Request<Streaming<pb::RelayToCarrier>>,
+    ) -> Result<Response<Self::DeliverStream>, Status> {
+        let shared = self.0.clone();
+        let token = auth::bearer(request.metadata())
+            .ok_or_else(|| Status::unauthenticated("authorization: missing relay token"))?;
+        if !auth::constant_time_eq(token.as_bytes(), shared.relay_token.as_bytes()) {
+            return Err(Status::unauthenticated("authorization: wrong relay token"));
+        }
+        let mut generation = 0;
+        shared.relay_session.send_modify(|g| {
+            *g += 1;
+            generation = *g;
+        });
+        let (up, up_rx) = mpsc::channel(64);
+        let inbound = request.into_inner();
+        shared.tasks.spawn({
+            let shared = shared.clone();
+            async move {
+                tracing::info!("relay stream open");
+                if let Err(error) = session(&shared, generation, inbound, &up).await {
+                    tracing::warn!(%error, "relay stream ended");
+                    let _ = up.send(Err(Status::unavailable("carrier stream ended"))).await;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(up_rx)))
+    }
+}
+
+type Up = mpsc::Sender<Result<pb::CarrierToRelay, Status>>;
+
+async fn session(
+    shared: &Shared,
+    generation: u64,
+    mut inbound: Streaming<pb::RelayToCarrier>,
+    up: &Up,
+) -> anyhow::Result<()> {
+    let mut sessions = shared.relay_session.subscribe();
+    let mut outbox_changed = shared.outbox_changed.subscribe();
+    let interval = Duration::from_secs(shared.report_interval_secs);
+    let mut next_report = Box::pin(shared.clock.sleep(interval));
+    let mut unacked: VecDeque<i64> = VecDeque::new();
+    let mut sent_seq = 0_i64;
+    // A new relay session gets every count again with the next report.
+    shared.store.mark_counts_changed().await?;
+    loop {
+        while unacked.len() < RECEIPT_WINDOW {
+            let receipts = shared.store.outbox_after(sent_seq, RECEIPTS_PER_BATCH).await?;
+            let Some(last) = receipts.last() else { break };
+            sent_seq = last.seq;
+            unacked.push_back(sent_seq);
+            let batch = pb::ReceiptBatch {
+                receipts: receipts
+                    .into_iter()
+                    .map(|r| pb::Receipt {
+                        seq: r.seq as u64,
+                        message_id: r.message_id,
+                        user_id: r.user_id,
+                        kind: r.kind as i32,
+                        channel: r.channel as i32,
+                        at: Some(to_timestamp(r.at)),
+                        region: r.region,
+                    })
+                    .collect(),
+            };
+            send(up, pb::carrier_to_relay::Kind::Receipts(batch)).await?;
+        }
+        tokio::select! {
+            () = shared.cancel.cancelled() => return Ok(()),
+            changed = sessions.changed() => {
+                changed?;
+                if *sessions.borrow() != generation {
+                    tracing::info!("relay stream superseded by a newer one");
+                    return Ok(());
+                }
+            }
+            message = inbound.message() => {
+                let Some(message) = message? else { return Ok(()) };
+                match message.kind {
+                    Some(pb::relay_to_carrier::Kind::Batch(batch)) => {
+                        let deliveries: Vec<Delivery> = batch
+                            .deliveries
+                            .into_iter()
+                            .filter_map(|d| delivery_from_wire(d, shared.default_channel))
+                            .collect();
+                        let fresh = shared.store.accept_batch(&deliveries, shared.clock.now_ms()).await?;
+                        send(up, pb::carrier_to_relay::Kind::BatchAck(pb::BatchAck { batch_id: batch.batch_id })).await?;
+                        tracing::debug!(batch_id = batch.batch_id, received = deliveries.len(), fresh, "batch accepted");
+                        if fresh > 0 {
+                            shared.terminals.new_work();
+                        }
+                    }
+                    Some(pb::relay_to_carrier::Kind::ReceiptAck(ack)) => {
+                        let up_to = ack.up_to_seq as i64;
+                        shared.store.ack_outbox(up_to).await?;
+                        while unacked.front().is_some_and(|seq| *seq <= up_to) {
+                            unacked.pop_front();
+                        }
+                    }
+                    None => {}
+                }
+            }
+            changed = outbox_changed.changed() => changed?,
+            () = &mut next_report => {
+                next_report = Box::pin(shared.clock.sleep(interval));
+                let counts = shared.store.take_changed_counts().await?;
+                if !counts.is_empty() {
+                    let report = pb::CountReport {
+                        at: Some(to_timestamp(shared.clock.now_ms())),
+                        counts: counts
+                            .into_iter()
+                            .map(|c| pb::MessageCount { message_id: c.message_id, sent: c.sent, opened: c.opened })
+                            .collect(),
+                    };
+                    send(up, pb::carrier_to_relay::Kind::CountReport(report)).await?;
+                }
+            }
+        }
+    }
+}
+
+async fn send(up: &Up, kind: pb::carrier_to_relay::Kind) -> anyhow::Result<()> {
+    up.send(Ok(pb::CarrierToRelay { kind: Some(kind) }))
+        .await
+        .map_err(|_| anyhow::anyhow!("relay stream closed"))
+}
+
+/// A delivery the carrier can carry out, or `None` (logged) for a malformed one.
+fn delivery_from_wire(delivery: pb::Delivery, default_channel: i64) -> Option<Delivery> {
+    if delivery.delivery_id.is_empty() || delivery.message_id.is_empty() || delivery.user_id.is_empty() {
+        tracing::warn!("delivery without ids dropped");
+        return None;
+    }
+    let content = delivery.content.unwrap_or_default();
+    let channel = match delivery.channel {
+        1..=4 => i64::from(delivery.channel),
+        _ => default_channel,
+    };
+    Some(Delivery {
+        delivery_id: delivery.delivery_id,
+        message_id: delivery.message_id,
+        user_id: delivery.user_id,
+        channel,
+        text: content.text,
+        media_url: content.media_url,
+        not_before: delivery.not_before.as_ref().map_or(0, from_timestamp),
+        expires_at: delivery.expires_at.as_ref().map_or(i64::MAX, from_timestamp),
+    })
+}

@@ -1,0 +1,226 @@
+//! The carrier's subscriber side: `CarrierAdmin` (the operator provisions
+//! subscribers, whose contracts go to the relay) and `SubscriberApi`
+//! (terminals attach, and register with enterprises under their consent
+//! choices — only consented attributes are forwarded).
+
+use chukei_proto::auth;
+use chukei_proto::carrier::v1 as pb;
+use chukei_proto::relay::v1 as relay;
+use tonic::{Request, Response, Status};
+
+use crate::Shared;
+use crate::consent;
+use crate::error::{Error, Result};
+use crate::model::Subscriber;
+
+const MAX_ROWS: usize = 10_000;
+/// Rows per call to the relay's ingress.
+const INGRESS_CHUNK: usize = 5_000;
+
+#[derive(Clone, Debug)]
+pub struct SubscriberService(pub Shared);
+
+#[derive(Clone, Debug)]
+pub struct AdminService(pub Shared);
+
+fn required<'a>(field: &str, value: &'a str, max_len: usize) -> Result<&'a str> {
+    if value.trim().is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.len() > max_len || value.chars().any(char::is_control) {
+        return Err(Error::invalid(field, format!("must be at most {max_len} bytes of printable text")));
+    }
+    Ok(value.trim())
+}
+
+fn bounded<T>(field: &str, rows: &[T]) -> Result<()> {
+    if rows.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if rows.len() > MAX_ROWS {
+        return Err(Error::invalid(field, format!("at most {MAX_ROWS} per call")));
+    }
+    Ok(())
+}
+
+impl TryFrom<(usize, pb::Subscriber)> for Subscriber {
+    type Error = Error;
+
+    fn try_from((index, s): (usize, pb::Subscriber)) -> Result<Self> {
+        let field = |name: &str| format!("subscribers[{index}].{name}");
+        let birth_date = required(&field("birth_date"), &s.birth_date, 10)?;
+        let valid_date = birth_date.len() == 10
+            && birth_date.chars().enumerate().all(|(i, c)| if i == 4 || i == 7 { c == '-' } else { c.is_ascii_digit() });
+        if !valid_date {
+            return Err(Error::invalid(field("birth_date"), "must be YYYY-MM-DD"));
+        }
+        if !(0..=3).contains(&s.gender) {
+            return Err(Error::invalid(field("gender"), format!("unknown gender {}", s.gender)));
+        }
+        Ok(Self {
+            user_id: required(&field("user_id"), &s.user_id, 128)?.to_owned(),
+            phone_number: required(&field("phone_number"), &s.phone_number, 32)?.to_owned(),
+            name: required(&field("name"), &s.name, 200)?.to_owned(),
+            gender: s.gender,
+            birth_date: birth_date.to_owned(),
+            region: required(&field("region"), &s.region, 128)?.to_lowercase(),
+            occupation: required(&field("occupation"), &s.occupation, 64)?.to_lowercase(),
+            primary: s.primary,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::carrier_admin_server::CarrierAdmin for AdminService {
+    #[tracing::instrument(skip_all)]
+    async fn provision_subscribers(
+        &self,
+        request: Request<pb::ProvisionSubscribersRequest>,
+    ) -> Result<Response<pb::ProvisionSubscribersResponse>, Status> {
+        let shared = &self.0;
+        shared.admin(request.metadata())?;
+        let request = request.into_inner();
+        bounded("subscribers", &request.subscribers)?;
+        let subscribers = request
+            .subscribers
+            .into_iter()
+            .enumerate()
+            .map(Subscriber::try_from)
+            .collect::<Result<Vec<_>>>()?;
+        shared.store.upsert_subscribers(&subscribers, shared.clock.now_ms()).await.map_err(Error::from)?;
+        // Durable here first; a failed push to the relay is retried by calling again.
+        for chunk in subscribers.chunks(INGRESS_CHUNK) {
+            let contracts = chunk
+                .iter()
+                .map(|s| relay::Contract {
+                    user_id: s.user_id.clone(),
+                    primary: s.primary,
+                    active: true,
+                })
+                .collect();
+            shared
+                .relay
+                .clone()
+                .upsert_contracts(relay::UpsertContractsRequest { contracts })
+                .await
+                .map_err(Error::Relay)?;
+        }
+        tracing::info!(provisioned = subscribers.len(), "subscribers provisioned");
+        Ok(Response::new(pb::ProvisionSubscribersResponse {
+            provisioned: subscribers.len() as u32,
+        }))
+    }
+
+    async fn get_counts(
+        &self,
+        request: Request<pb::GetCountsRequest>,
+    ) -> Result<Response<pb::GetCountsResponse>, Status> {
+        let shared = &self.0;
+        shared.admin(request.metadata())?;
+        let message_id = &request.get_ref().message_id;
+        let (counts, held) = shared
+            .store
+            .counts((!message_id.is_empty()).then_some(message_id.as_str()))
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(pb::GetCountsResponse {
+            counts: counts
+                .into_iter()
+                .map(|c| pb::MessageCount {
+                    message_id: c.message_id,
+                    sent: c.sent,
+                    opened: c.opened,
+                })
+                .collect(),
+            held,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::subscriber_api_server::SubscriberApi for SubscriberService {
+    #[tracing::instrument(skip_all)]
+    async fn attach(
+        &self,
+        request: Request<pb::AttachRequest>,
+    ) -> Result<Response<pb::AttachResponse>, Status> {
+        let shared = &self.0;
+        let request = request.into_inner();
+        let endpoint = required("endpoint", &request.endpoint, 256)?;
+        if !endpoint.starts_with("http") || endpoint.parse::<tonic::transport::Uri>().is_err() {
+            return Err(Error::invalid("endpoint", "must be an http(s) URL").into());
+        }
+        bounded("user_ids", &request.user_ids)?;
+        let ids: Vec<&str> = request.user_ids.iter().map(String::as_str).collect();
+        let known = shared.store.subscribers(&ids).await.map_err(Error::from)?;
+        if let Some(index) = ids.iter().position(|id| !known.contains_key(*id)) {
+            return Err(Error::not_found(format!("user_ids[{index}]"), "not a subscriber of this carrier").into());
+        }
+        shared
+            .store
+            .attach(endpoint, &request.user_ids, shared.clock.now_ms())
+            .await
+            .map_err(Error::from)?;
+        shared.terminals.ensure(endpoint).await;
+        tracing::info!(attached = ids.len(), "terminals attached");
+        Ok(Response::new(pb::AttachResponse {
+            attached: ids.len() as u32,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let shared = &self.0;
+        let request = request.into_inner();
+        bounded("registrations", &request.registrations)?;
+        let ids: Vec<&str> = request.registrations.iter().map(|r| r.user_id.as_str()).collect();
+        let known = shared.store.subscribers(&ids).await.map_err(Error::from)?;
+        let now = shared.clock.now_ms();
+        let mut forwarded = Vec::with_capacity(request.registrations.len());
+        for (index, registration) in request.registrations.iter().enumerate() {
+            let Some(subscriber) = known.get(&registration.user_id) else {
+                return Err(Error::not_found(
+                    format!("registrations[{index}].user_id"),
+                    "not a subscriber of this carrier",
+                )
+                .into());
+            };
+            required(&format!("registrations[{index}].enterprise_id"), &registration.enterprise_id, 64)?;
+            let choices = registration.consent.unwrap_or_default();
+            forwarded.push(relay::UserRegistration {
+                user_id: registration.user_id.clone(),
+                enterprise_id: registration.enterprise_id.clone(),
+                service_id: registration.service_id.clone(),
+                profile: Some(consent::consented_profile(subscriber, &choices, now)),
+            });
+        }
+        let mut user_refs = Vec::with_capacity(forwarded.len());
+        for chunk in forwarded.chunks(INGRESS_CHUNK) {
+            let response = shared
+                .relay
+                .clone()
+                .register_users(relay::RegisterUsersRequest {
+                    registrations: chunk.to_vec(),
+                })
+                .await
+                .map_err(Error::Relay)?;
+            user_refs.extend(response.into_inner().user_refs);
+        }
+        tracing::info!(registered = user_refs.len(), "registrations forwarded");
+        Ok(Response::new(pb::RegisterResponse { user_refs }))
+    }
+}
+
+impl Shared {
+    fn admin(&self, metadata: &tonic::metadata::MetadataMap) -> Result<()> {
+        let token = auth::bearer(metadata).ok_or(Error::Unauthenticated("authorization: missing admin token"))?;
+        if auth::constant_time_eq(token.as_bytes(), self.admin_token.as_bytes()) {
+            Ok(())
+        } else {
+            Err(Error::Unauthenticated("authorization: wrong admin token"))
+        }
+    }
+}

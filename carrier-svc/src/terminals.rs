@@ -1,0 +1,190 @@
+//! Pushing to terminals: one link per attached terminal endpoint keeps a
+//! `Terminal.Push` stream open, pushes held deliveries whose time has come,
+//! and turns the terminal's delivered/read events into outbox receipts.
+//!
+//! Deliveries for users who are not attached simply stay held; attaching
+//! (or a link reconnecting) pushes them. Unconfirmed pushes are pushed again
+//! after a reconnect — terminals drop duplicate delivery ids.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chukei_proto::clock::from_timestamp;
+use chukei_proto::common::v1 as common;
+use chukei_proto::terminal::v1 as pb;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::Shared;
+use crate::model::TerminalEvent;
+
+const PUSH_BATCH: u32 = 1_000;
+
+/// A cheap-to-clone handle to the terminal links.
+#[derive(Clone, Debug)]
+pub struct TerminalsHandle {
+    new_work: Arc<watch::Sender<u64>>,
+    endpoints: mpsc::Sender<String>,
+}
+
+impl TerminalsHandle {
+    pub fn new() -> (Self, mpsc::Receiver<String>) {
+        let (endpoints, receiver) = mpsc::channel(256);
+        (
+            Self {
+                new_work: Arc::new(watch::channel(0).0),
+                endpoints,
+            },
+            receiver,
+        )
+    }
+
+    /// Deliveries may be pushable: wake every link.
+    pub fn new_work(&self) {
+        self.new_work.send_modify(|g| *g += 1);
+    }
+
+    /// Makes sure a link to `endpoint` runs (and wakes it).
+    pub async fn ensure(&self, endpoint: &str) {
+        let _ = self.endpoints.send(endpoint.to_owned()).await;
+        self.new_work();
+    }
+}
+
+/// Owns the links until `cancel`: starts one per known endpoint, and one for
+/// each endpoint a terminal attaches from.
+pub async fn run(shared: Shared, mut endpoints: mpsc::Receiver<String>, cancel: CancellationToken) {
+    let mut links: HashMap<String, ()> = HashMap::new();
+    let mut tasks = JoinSet::new();
+    let known = shared.store.endpoints().await.unwrap_or_else(|error| {
+        tracing::error!(%error, "could not list attached endpoints");
+        Vec::new()
+    });
+    let mut pending = known;
+    loop {
+        let next = if let Some(endpoint) = pending.pop() {
+            Some(endpoint)
+        } else {
+            tokio::select! {
+                () = cancel.cancelled() => None,
+                endpoint = endpoints.recv() => endpoint,
+            }
+        };
+        let Some(endpoint) = next else { break };
+        if links.insert(endpoint.clone(), ()).is_none() {
+            tasks.spawn(link(shared.clone(), endpoint, cancel.clone()));
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn link(shared: Shared, endpoint: String, cancel: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    while !cancel.is_cancelled() {
+        match session(&shared, &endpoint, &cancel, &mut backoff).await {
+            Ok(()) => break,
+            Err(error) => tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "terminal link down"),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn session(
+    shared: &Shared,
+    endpoint: &str,
+    cancel: &CancellationToken,
+    backoff: &mut Duration,
+) -> anyhow::Result<()> {
+    let channel = Endpoint::from_shared(endpoint.to_owned())?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let mut client = pb::terminal_client::TerminalClient::new(channel)
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let (down, down_rx) = mpsc::channel::<pb::PushRequest>(8);
+    // The first request names the carrier, so the terminal can route its events back.
+    down.send(pb::PushRequest {
+        messages: Vec::new(),
+        carrier_id: shared.carrier_id.to_string(),
+    })
+    .await?;
+    let mut up = client.push(ReceiverStream::new(down_rx)).await?.into_inner();
+    shared.store.requeue_unconfirmed(endpoint).await?;
+    *backoff = Duration::from_millis(100);
+    tracing::info!("terminal link open");
+
+    let mut new_work = shared.terminals.new_work.subscribe();
+    let mut poll = tokio::time::interval(shared.poll_interval);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        loop {
+            let due = shared
+                .store
+                .due_for_endpoint(endpoint, shared.clock.now_ms(), PUSH_BATCH)
+                .await?;
+            if due.is_empty() {
+                break;
+            }
+            let seqs: Vec<i64> = due.iter().map(|d| d.seq).collect();
+            let request = pb::PushRequest {
+                messages: due
+                    .into_iter()
+                    .map(|d| pb::PushedMessage {
+                        delivery_id: d.delivery_id,
+                        message_id: d.message_id,
+                        user_id: d.user_id,
+                        content: Some(common::Content {
+                            text: d.text,
+                            media_url: d.media_url,
+                        }),
+                        channel: d.channel as i32,
+                    })
+                    .collect(),
+                carrier_id: shared.carrier_id.to_string(),
+            };
+            down.send(request)
+                .await
+                .map_err(|_| anyhow::anyhow!("terminal stream closed"))?;
+            shared.store.mark_pushed(&seqs).await?;
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            events = up.message() => {
+                let Some(events) = events? else { anyhow::bail!("terminal closed the stream") };
+                let events: Vec<TerminalEvent> = events.events.into_iter().filter_map(event_from_wire).collect();
+                if shared.store.apply_terminal_events(&events).await? > 0 {
+                    shared.outbox_changed.send_modify(|g| *g += 1);
+                }
+            }
+            changed = new_work.changed() => changed?,
+            _ = poll.tick() => {}
+        }
+    }
+}
+
+fn event_from_wire(event: pb::TerminalEvent) -> Option<TerminalEvent> {
+    let read = match pb::EventKind::try_from(event.kind) {
+        Ok(pb::EventKind::Delivered | pb::EventKind::Displayed) => false,
+        Ok(pb::EventKind::Read) => true,
+        _ => return None,
+    };
+    if event.delivery_id.is_empty() {
+        return None;
+    }
+    Some(TerminalEvent {
+        delivery_id: event.delivery_id,
+        read,
+        at: event.at.as_ref().map_or(0, from_timestamp),
+        region: event.region,
+    })
+}

@@ -1,0 +1,148 @@
+use std::io::BufRead;
+use std::net::SocketAddr;
+
+use chukei_proto::carrier::v1 as pb;
+use clap::{Parser, Subcommand};
+use terminal_sim::fleet::Fleet;
+use terminal_sim::terminal::OpenMode;
+use terminal_sim::{CarrierUrl, FleetOptions};
+
+/// Simulated terminals for Chukei: a seeded fleet, or one interactive user.
+#[derive(Parser, Debug)]
+#[command(name = "terminal-sim", version, about)]
+struct Cli {
+    /// Address the Terminal service listens on.
+    #[arg(long, env = "CHUKEI_TERMINAL_LISTEN", default_value = "127.0.0.1:50071", global = true)]
+    listen: SocketAddr,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Host a whole fleet generated from a seed.
+    Fleet {
+        /// Seed of the fleet: the same seed gives the same users and behaviour.
+        #[arg(long, env = "CHUKEI_TERMINAL_SEED", default_value_t = 42)]
+        seed: u64,
+        /// Number of simulated users.
+        #[arg(long, env = "CHUKEI_TERMINAL_USERS", default_value_t = 10_000)]
+        users: usize,
+        #[command(flatten)]
+        options: FleetOptions,
+    },
+    /// One user at a keyboard: list the inbox, open messages (sending read receipts).
+    Interactive {
+        /// The user this terminal belongs to (already provisioned at the carrier).
+        #[arg(long, env = "CHUKEI_TERMINAL_USER_ID")]
+        user_id: String,
+        /// Register with this enterprise first, `ENTERPRISE_ID[:SERVICE_ID]`.
+        #[arg(long)]
+        register: Option<String>,
+        /// What to share when registering: any of gender, age, age-decade, region, region-prefecture, occupation.
+        #[arg(long, value_delimiter = ',')]
+        share: Vec<String>,
+        #[command(flatten)]
+        options: FleetOptions,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let _telemetry = chukei_proto::telemetry::init("terminal-sim")?;
+    let listener = tokio::net::TcpListener::bind(cli.listen).await?;
+    match cli.command {
+        Command::Fleet { seed, users, options } => {
+            if users == 0 {
+                anyhow::bail!("--users: must be positive");
+            }
+            let carriers: Vec<String> = options.carriers.iter().map(|c| c.carrier_id.clone()).collect();
+            let fleet = Fleet::generate(seed, users, &carriers);
+            terminal_sim::run_fleet(fleet, options, listener, chukei_proto::server::shutdown_signal(), |_| {}).await
+        }
+        Command::Interactive { user_id, register, share, mut options } => {
+            options.open_mode = OpenMode::Never;
+            options.enterprises.clear();
+            let carriers: Vec<String> = options.carriers.iter().map(|c| c.carrier_id.clone()).collect();
+            let mut fleet = Fleet::generate(0, 1, &carriers);
+            fleet.users[0].user_id = user_id.clone();
+            fleet.users[0].carriers = carriers;
+            if let Some(register) = register {
+                register_one(&options.carriers, &user_id, &register, &share).await?;
+            }
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            let fleet_task = tokio::spawn(terminal_sim::run_fleet(
+                fleet,
+                options,
+                listener,
+                chukei_proto::server::shutdown_signal(),
+                move |terminals| {
+                    let _ = ready_tx.send(terminals);
+                },
+            ));
+            let terminals = ready_rx.await?;
+            println!("attached as {user_id}. commands: inbox | open N | quit");
+            let user = user_id.clone();
+            tokio::task::spawn_blocking(move || {
+                for line in std::io::stdin().lock().lines() {
+                    let Ok(line) = line else { break };
+                    let words: Vec<&str> = line.split_whitespace().collect();
+                    match words.as_slice() {
+                        ["inbox"] => {
+                            for (n, item) in terminals.inbox(&user).iter().enumerate() {
+                                let state = if item.opened_at.is_some() { "read" } else { "new" };
+                                println!("{n:>3}  {state:<4}  {}  ch={}  {}", item.message_id, item.channel, item.text);
+                            }
+                        }
+                        ["open", n] => {
+                            let inbox = terminals.inbox(&user);
+                            match n.parse::<usize>().ok().and_then(|n| inbox.get(n)) {
+                                Some(item) if terminals.open(&item.delivery_id) => println!("opened {}", item.message_id),
+                                Some(_) => println!("already open"),
+                                None => println!("no message {n}"),
+                            }
+                        }
+                        ["quit"] | ["exit"] => break,
+                        [] => {}
+                        _ => println!("commands: inbox | open N | quit"),
+                    }
+                }
+            })
+            .await?;
+            fleet_task.abort();
+            Ok(())
+        }
+    }
+}
+
+async fn register_one(carriers: &[CarrierUrl], user_id: &str, register: &str, share: &[String]) -> anyhow::Result<()> {
+    let (enterprise_id, service_id) = register.split_once(':').unwrap_or((register, ""));
+    let mut consent = pb::ConsentChoices::default();
+    for field in share {
+        match field.as_str() {
+            "gender" => consent.gender = true,
+            "age" => consent.age = pb::AgeGranularity::Exact as i32,
+            "age-decade" => consent.age = pb::AgeGranularity::Decade as i32,
+            "region" => consent.region = pb::RegionGranularity::City as i32,
+            "region-prefecture" => consent.region = pb::RegionGranularity::Prefecture as i32,
+            "occupation" => consent.occupation = true,
+            other => anyhow::bail!("--share: unknown field {other:?}"),
+        }
+    }
+    let carrier = carriers.first().ok_or_else(|| anyhow::anyhow!("--carrier: give at least one"))?;
+    let mut client = pb::subscriber_api_client::SubscriberApiClient::connect(carrier.url.clone()).await?;
+    let response = client
+        .register(pb::RegisterRequest {
+            registrations: vec![pb::Registration {
+                user_id: user_id.to_owned(),
+                enterprise_id: enterprise_id.to_owned(),
+                service_id: service_id.to_owned(),
+                consent: Some(consent),
+            }],
+        })
+        .await?;
+    println!("registered; the enterprise knows you as {}", response.into_inner().user_refs.join(","));
+    Ok(())
+}

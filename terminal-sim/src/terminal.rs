@@ -1,0 +1,337 @@
+//! `chukei.terminal.v1.Terminal` for a whole fleet: receives pushed messages
+//! into each user's inbox (dropping duplicate delivery ids), answers with
+//! delivered events at once, and — per the behaviour model, or by hand in
+//! interactive mode — opens messages later, sending read events with the open
+//! time and place to the carrier that pushed them. Read events for a carrier
+//! whose stream is down wait and go out when it reconnects.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use chukei_proto::clock::{Clock, to_timestamp};
+use chukei_proto::terminal::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::fleet::{Fleet, LOCAL_OFFSET_HOURS, REGIONS, SimUser};
+use crate::rng::Rng;
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// How simulated people open messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OpenMode {
+    /// Each user's propensity per channel and active hours decide whether and when.
+    Model,
+    /// Everyone opens every message at once.
+    Always,
+    /// Nobody opens anything (interactive mode opens by hand).
+    Never,
+}
+
+/// One received message, as the user's inbox shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InboxItem {
+    pub delivery_id: String,
+    pub message_id: String,
+    pub carrier_id: String,
+    /// `chukei.common.v1.Channel` value.
+    pub channel: i32,
+    pub text: String,
+    pub received_at: i64,
+    pub opened_at: Option<i64>,
+}
+
+/// Fleet-wide counts, for the local run's report and the tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub received: u64,
+    pub duplicates: u64,
+    pub opened: u64,
+}
+
+/// The fleet's terminals: a cheap-to-clone handle.
+#[derive(Clone, Debug)]
+pub struct Terminals {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    seed: u64,
+    clock: Clock,
+    mode: OpenMode,
+    users: HashMap<String, SimUser>,
+    state: Mutex<State>,
+    schedule: mpsc::UnboundedSender<(i64, String)>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    items: HashMap<String, InboxItem>,
+    inbox: HashMap<String, Vec<String>>,
+    user_of: HashMap<String, String>,
+    sinks: HashMap<String, mpsc::UnboundedSender<pb::TerminalEvents>>,
+    pending: HashMap<String, Vec<pb::TerminalEvent>>,
+    snapshot: Snapshot,
+}
+
+impl Terminals {
+    /// Starts the open scheduler; it and every stream task stop on `cancel`.
+    pub fn new(fleet: &Fleet, clock: Clock, mode: OpenMode, cancel: CancellationToken) -> Self {
+        let (schedule, scheduled) = mpsc::unbounded_channel();
+        let terminals = Self {
+            inner: Arc::new(Inner {
+                seed: fleet.seed,
+                clock,
+                mode,
+                users: fleet.users.iter().map(|u| (u.user_id.clone(), u.clone())).collect(),
+                state: Mutex::default(),
+                schedule,
+                tasks: TaskTracker::new(),
+                cancel,
+            }),
+        };
+        terminals.inner.tasks.spawn(terminals.clone().run_scheduler(scheduled));
+        terminals
+    }
+
+    /// Waits for every task this handle started (after `cancel`).
+    pub async fn stopped(&self) {
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.state().snapshot
+    }
+
+    /// A user's inbox, oldest first.
+    pub fn inbox(&self, user_id: &str) -> Vec<InboxItem> {
+        let state = self.state();
+        state
+            .inbox
+            .get(user_id)
+            .map(|ids| ids.iter().filter_map(|id| state.items.get(id).cloned()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Every user who received `message_id`, with the item.
+    pub fn recipients(&self, message_id: &str) -> HashMap<String, InboxItem> {
+        let state = self.state();
+        state
+            .items
+            .values()
+            .filter(|item| item.message_id == message_id)
+            .filter_map(|item| Some((state.user_of.get(&item.delivery_id)?.clone(), item.clone())))
+            .collect()
+    }
+
+    /// Opens a message by hand (interactive mode). False when unknown or already open.
+    pub fn open(&self, delivery_id: &str) -> bool {
+        self.fire_open(delivery_id)
+    }
+
+    fn receive(&self, carrier_id: &str, messages: Vec<pb::PushedMessage>) -> Vec<pb::TerminalEvent> {
+        let now = self.inner.clock.now_ms();
+        let mut events = Vec::with_capacity(messages.len());
+        let mut opens = Vec::new();
+        {
+            let mut state = self.state();
+            for message in messages {
+                let Some(user) = self.inner.users.get(&message.user_id) else {
+                    tracing::warn!("push for a user this fleet does not host dropped");
+                    continue;
+                };
+                events.push(pb::TerminalEvent {
+                    delivery_id: message.delivery_id.clone(),
+                    message_id: message.message_id.clone(),
+                    user_id: message.user_id.clone(),
+                    kind: pb::EventKind::Delivered as i32,
+                    at: Some(to_timestamp(now)),
+                    region: user.home_region.clone(),
+                });
+                if let Some(item) = state.items.get(&message.delivery_id) {
+                    // A re-push after a lost confirmation: confirm again, and repeat the read if any.
+                    if let Some(opened_at) = item.opened_at {
+                        events.push(read_event(item, &message.user_id, opened_at, &user.home_region));
+                    }
+                    state.snapshot.duplicates += 1;
+                    continue;
+                }
+                state.snapshot.received += 1;
+                if let Some(at) = self.open_time(user, &message, now) {
+                    opens.push((at, message.delivery_id.clone()));
+                }
+                state.user_of.insert(message.delivery_id.clone(), message.user_id.clone());
+                state.inbox.entry(message.user_id.clone()).or_default().push(message.delivery_id.clone());
+                let content = message.content.unwrap_or_default();
+                state.items.insert(
+                    message.delivery_id.clone(),
+                    InboxItem {
+                        delivery_id: message.delivery_id,
+                        message_id: message.message_id,
+                        carrier_id: carrier_id.to_owned(),
+                        channel: message.channel,
+                        text: content.text,
+                        received_at: now,
+                        opened_at: None,
+                    },
+                );
+            }
+        }
+        for open in opens {
+            let _ = self.inner.schedule.send(open);
+        }
+        events
+    }
+
+    /// When (if at all) `user` opens `message`, decided from the seed alone.
+    fn open_time(&self, user: &SimUser, message: &pb::PushedMessage, now: i64) -> Option<i64> {
+        match self.inner.mode {
+            OpenMode::Never => None,
+            OpenMode::Always => Some(now),
+            OpenMode::Model => {
+                let mut rng = Rng::for_labels(self.inner.seed, &["open", &user.user_id, &message.message_id]);
+                let channel = usize::try_from(message.channel).unwrap_or(0).min(4);
+                if !rng.chance(user.behaviour.open_propensity[channel]) {
+                    return None;
+                }
+                let local_hour = ((now / HOUR_MS + LOCAL_OFFSET_HOURS).rem_euclid(24)) as u32;
+                let start = user.behaviour.active_start_hour;
+                let hours_into = (local_hour + 24 - start) % 24;
+                if hours_into < user.behaviour.active_hours {
+                    // Active now: open within the hour, most within minutes.
+                    let minutes = (-(1.0 - rng.unit()).ln() * 15.0).min(60.0);
+                    Some(now + (minutes * 60_000.0) as i64)
+                } else {
+                    let wait_hours = i64::from(24 - hours_into);
+                    let next_start = (now / HOUR_MS + wait_hours) * HOUR_MS;
+                    Some(next_start + rng.below(HOUR_MS as u64) as i64)
+                }
+            }
+        }
+    }
+
+    async fn run_scheduler(self, mut scheduled: mpsc::UnboundedReceiver<(i64, String)>) {
+        let mut queue: BinaryHeap<Reverse<(i64, String)>> = BinaryHeap::new();
+        loop {
+            let next_at = queue.peek().map(|Reverse((at, _))| *at);
+            tokio::select! {
+                () = self.inner.cancel.cancelled() => {
+                    // Ends every event stream, so the server can shut down.
+                    self.state().sinks.clear();
+                    return;
+                }
+                item = scheduled.recv() => match item {
+                    Some(item) => queue.push(Reverse(item)),
+                    None => return,
+                },
+                () = self.inner.clock.sleep_until(next_at.unwrap_or(i64::MAX)), if next_at.is_some() => {
+                    let now = self.inner.clock.now_ms();
+                    while queue.peek().is_some_and(|Reverse((at, _))| *at <= now) {
+                        if let Some(Reverse((_, delivery_id))) = queue.pop() {
+                            self.fire_open(&delivery_id);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Marks the delivery opened and sends (or keeps) its read event.
+    fn fire_open(&self, delivery_id: &str) -> bool {
+        let now = self.inner.clock.now_ms();
+        let mut state = self.state();
+        let Some(user_id) = state.user_of.get(delivery_id).cloned() else { return false };
+        let Some(item) = state.items.get_mut(delivery_id) else { return false };
+        if item.opened_at.is_some() {
+            return false;
+        }
+        item.opened_at = Some(now);
+        let item = item.clone();
+        state.snapshot.opened += 1;
+        let region = self.inner.users.get(&user_id).map_or_else(String::new, |user| {
+            let mut rng = Rng::for_labels(self.inner.seed, &["place", &user_id, &item.message_id]);
+            if rng.chance(user.behaviour.away_share) {
+                rng.pick(REGIONS).to_string()
+            } else {
+                user.home_region.clone()
+            }
+        });
+        let event = read_event(&item, &user_id, now, &region);
+        let sent = state
+            .sinks
+            .get(&item.carrier_id)
+            .is_some_and(|sink| sink.send(pb::TerminalEvents { events: vec![event.clone()] }).is_ok());
+        if !sent {
+            state.pending.entry(item.carrier_id.clone()).or_default().push(event);
+        }
+        true
+    }
+
+    /// A carrier's stream is (re)open: route its events there and flush what waited.
+    fn attach_sink(&self, carrier_id: &str, sink: mpsc::UnboundedSender<pb::TerminalEvents>) {
+        let mut state = self.state();
+        if let Some(events) = state.pending.remove(carrier_id) {
+            let _ = sink.send(pb::TerminalEvents { events });
+        }
+        state.sinks.insert(carrier_id.to_owned(), sink);
+    }
+}
+
+fn read_event(item: &InboxItem, user_id: &str, at: i64, region: &str) -> pb::TerminalEvent {
+    pb::TerminalEvent {
+        delivery_id: item.delivery_id.clone(),
+        message_id: item.message_id.clone(),
+        user_id: user_id.to_owned(),
+        kind: pb::EventKind::Read as i32,
+        at: Some(to_timestamp(at)),
+        region: region.to_owned(),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::TerminalEvents, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::terminal_server::Terminal for Terminals {
+    type PushStream = EventStream;
+
+    async fn push(&self, request: Request<Streaming<pb::PushRequest>>) -> Result<Response<EventStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (sink, events) = mpsc::unbounded_channel();
+        let terminals = self.clone();
+        self.inner.tasks.spawn(async move {
+            let mut carrier_id = String::new();
+            loop {
+                let request = tokio::select! {
+                    () = terminals.inner.cancel.cancelled() => break,
+                    request = inbound.message() => request,
+                };
+                let Ok(Some(request)) = request else { break };
+                if carrier_id.is_empty() && !request.carrier_id.is_empty() {
+                    carrier_id = request.carrier_id.clone();
+                    terminals.attach_sink(&carrier_id, sink.clone());
+                }
+                let delivered = terminals.receive(&carrier_id, request.messages);
+                if !delivered.is_empty() && sink.send(pb::TerminalEvents { events: delivered }).is_err() {
+                    break;
+                }
+            }
+        });
+        let stream = tokio_stream::StreamExt::map(UnboundedReceiverStream::new(events), Ok);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
