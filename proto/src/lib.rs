@@ -44,3 +44,10 @@ pub mod terminal {
 /// The encoded descriptor set of every Chukei proto, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/chukei_descriptor.bin"));
+
+/// The standard gRPC health protocol's client side, for readiness checks.
+pub mod health {
+    pub use tonic_health::pb::health_check_response::ServingStatus;
+    pub use tonic_health::pb::health_client::HealthClient;
+    pub use tonic_health::pb::HealthCheckRequest;
+}

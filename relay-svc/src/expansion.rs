@@ -39,7 +39,7 @@ pub async fn run(
                             dispatch.new_work();
                         }
                         Err(error) => {
-                            tracing::warn!(%message_id, %error, "campaign expansion failed, will retry");
+                            tracing::warn!(%message_id, error = ?error, "campaign expansion failed, will retry");
                         }
                     }
                 }

@@ -1,1 +1,494 @@
+//! The integration harness: starts the relay, carriers and a terminal fleet
+//! in-process on `127.0.0.1:0` listeners with temporary databases, and hands
+//! out clients. Every service runs through the same `run` its binary calls.
+//!
+//! PostgreSQL: when `CHUKEI_TEST_DATABASE_URL` is set, [`Backend::Postgres`]
+//! hubs get a fresh database each (created from that URL, dropped by
+//! [`Hub::shutdown`]); when it is set and the server is unreachable, the
+//! test fails. When it is unset, PostgreSQL variants return `None` and the
+//! test says it skipped.
+#![forbid(unsafe_code)]
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use chukei_proto::auth::BearerInterceptor;
+use chukei_proto::clock::ClockArgs;
+use chukei_proto::relay::v1 as pb;
+use chukei_proto::relay::v1::admin_client::AdminClient;
+use chukei_proto::relay::v1::enterprise_api_client::EnterpriseApiClient;
+use sqlx::Connection;
+use terminal_sim::fleet::Fleet;
+use terminal_sim::setup::EnterpriseChoice;
+use terminal_sim::terminal::{OpenMode, Terminals};
+use terminal_sim::{CarrierUrl, FleetOptions};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+pub const DELIVER_TOKEN: &str = "test-deliver-token-0123456789";
+pub const CARRIER_ADMIN_TOKEN: &str = "test-carrier-admin-0123456789";
+pub const POSTGRES_ENV: &str = "CHUKEI_TEST_DATABASE_URL";
+
+pub type Enterprise = EnterpriseApiClient<InterceptedService<Channel, BearerInterceptor>>;
+pub type Admin = AdminClient<InterceptedService<Channel, BearerInterceptor>>;
+
+/// Which database the relay runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Generates one `#[tokio::test]` per backend for an `async fn scenario(Backend)`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    super::$scenario($crate::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    super::$scenario($crate::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+/// A temporary PostgreSQL database, or `None` when PostgreSQL tests are off.
+pub async fn postgres_database() -> anyhow::Result<Option<(String, String)>> {
+    let Ok(base) = std::env::var(POSTGRES_ENV) else {
+        eprintln!("{POSTGRES_ENV} is not set: PostgreSQL variant skipped");
+        return Ok(None);
+    };
+    let name = format!("chukei_t_{}", uuid::Uuid::now_v7().simple());
+    let mut connection = sqlx::PgConnection::connect(&base)
+        .await
+        .map_err(|error| anyhow::anyhow!("{POSTGRES_ENV} is set but PostgreSQL is unreachable: {error}"))?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut connection)
+        .await?;
+    connection.close().await?;
+    let (prefix, _) = base
+        .rsplit_once('/')
+        .ok_or_else(|| anyhow::anyhow!("{POSTGRES_ENV}: expected postgres://…/database"))?;
+    Ok(Some((format!("{prefix}/{name}"), name)))
+}
+
+async fn drop_postgres_database(name: &str) -> anyhow::Result<()> {
+    let base = std::env::var(POSTGRES_ENV)?;
+    let mut connection = sqlx::PgConnection::connect(&base).await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+        .execute(&mut connection)
+        .await?;
+    Ok(())
+}
+
+/// Waits (bounded) until `check` returns `Some`; fails with `what` otherwise.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Logs of every in-process service, captured per test (`RUST_LOG`, default warn).
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// A service running in this process.
+struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    fn spawn<F>(start: impl FnOnce(oneshot::Receiver<()>) -> F) -> Self
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (stop, stopped) = oneshot::channel();
+        Self {
+            stop: Some(stop),
+            task: tokio::spawn(start(stopped)),
+        }
+    }
+
+    /// Graceful: the SIGTERM path.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await?
+    }
+
+    /// Abrupt: like SIGKILL for everything the task owns.
+    async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+fn shutdown_on(stopped: oneshot::Receiver<()>) -> impl Future<Output = ()> + Send + 'static {
+    async move {
+        let _ = stopped.await;
+    }
+}
+
+/// One carrier of a test hub.
+pub struct CarrierNode {
+    pub carrier_id: String,
+    pub addr: SocketAddr,
+    pub token: String,
+    data_dir: PathBuf,
+    running: Option<Running>,
+}
+
+impl CarrierNode {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// A whole hub: the relay, its carriers and (once started) a terminal fleet.
+pub struct Hub {
+    pub backend: Backend,
+    pub relay_addr: SocketAddr,
+    database_url: String,
+    postgres_name: Option<String>,
+    relay: Option<Running>,
+    pub carriers: Vec<CarrierNode>,
+    fleet: Option<(Running, Terminals)>,
+    dir: tempfile::TempDir,
+}
+
+impl Hub {
+    /// Starts the relay and `carrier_ids` (registered with the relay), or
+    /// returns `None` when the backend is switched off.
+    pub async fn start(backend: Backend, carrier_ids: &[&str]) -> anyhow::Result<Option<Self>> {
+        init_logs();
+        let dir = tempfile::tempdir()?;
+        let (database_url, postgres_name) = match backend {
+            Backend::Sqlite => (format!("sqlite://{}", dir.path().join("relay.db").display()), None),
+            Backend::Postgres => match postgres_database().await? {
+                Some((url, name)) => (url, Some(name)),
+                None => return Ok(None),
+            },
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let relay_addr = listener.local_addr()?;
+        let mut hub = Self {
+            backend,
+            relay_addr,
+            database_url,
+            postgres_name,
+            relay: None,
+            carriers: Vec::new(),
+            fleet: None,
+            dir,
+        };
+        hub.relay = Some(hub.spawn_relay(listener));
+        wait_healthy(&hub.relay_url()).await?;
+        for carrier_id in carrier_ids {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let mut node = CarrierNode {
+                carrier_id: (*carrier_id).to_owned(),
+                addr: listener.local_addr()?,
+                token: format!("carrier-token-{carrier_id}-0123456789"),
+                data_dir: hub.dir.path().join(carrier_id),
+                running: None,
+            };
+            node.running = Some(hub.spawn_carrier(&node, listener));
+            wait_healthy(&node.url()).await?;
+            hub.admin()
+                .await?
+                .register_carrier(pb::RegisterCarrierRequest {
+                    carrier_id: node.carrier_id.clone(),
+                    endpoint: node.url(),
+                    token: node.token.clone(),
+                })
+                .await?;
+            hub.carriers.push(node);
+        }
+        Ok(Some(hub))
+    }
+
+    pub fn relay_url(&self) -> String {
+        format!("http://{}", self.relay_addr)
+    }
+
+    pub fn relay_config(&self) -> relay_svc::Config {
+        relay_svc::Config {
+            listen: self.relay_addr,
+            data_dir: self.dir.path().join("relay"),
+            database_url: Some(self.database_url.clone()),
+            admin_token: ADMIN_TOKEN.into(),
+            deliver_token: DELIVER_TOKEN.into(),
+            batch_size: 100,
+            batches_in_flight: 4,
+            poll_interval_ms: 100,
+            message_ttl_secs: 3600,
+            shutdown_grace_secs: 5,
+            clock: ClockArgs::default(),
+        }
+    }
+
+    fn spawn_relay(&self, listener: TcpListener) -> Running {
+        let config = self.relay_config();
+        Running::spawn(|stopped| relay_svc::run(config, listener, shutdown_on(stopped)))
+    }
+
+    fn spawn_carrier(&self, node: &CarrierNode, listener: TcpListener) -> Running {
+        let config = carrier_svc::Config {
+            listen: node.addr,
+            carrier_id: node.carrier_id.clone(),
+            relay_url: self.relay_url(),
+            token: node.token.clone(),
+            relay_token: DELIVER_TOKEN.into(),
+            admin_token: CARRIER_ADMIN_TOKEN.into(),
+            data_dir: node.data_dir.clone(),
+            database_url: None,
+            default_channel: "sms".into(),
+            report_interval_secs: 1,
+            poll_interval_ms: 100,
+            shutdown_grace_secs: 5,
+            clock: ClockArgs::default(),
+        };
+        Running::spawn(|stopped| carrier_svc::run(config, listener, shutdown_on(stopped)))
+    }
+
+    pub async fn admin(&self) -> anyhow::Result<Admin> {
+        let channel = Channel::from_shared(self.relay_url())?.connect().await?;
+        Ok(AdminClient::with_interceptor(channel, BearerInterceptor::new(ADMIN_TOKEN)?))
+    }
+
+    /// An EnterpriseApi client presenting `api_key`.
+    pub async fn enterprise(&self, api_key: &str) -> anyhow::Result<Enterprise> {
+        let channel = Channel::from_shared(self.relay_url())?.connect().await?;
+        Ok(EnterpriseApiClient::with_interceptor(channel, BearerInterceptor::new(api_key)?))
+    }
+
+    /// Creates an enterprise; returns its id and API key.
+    pub async fn create_enterprise(&self, name: &str) -> anyhow::Result<(String, String)> {
+        let created = self
+            .admin()
+            .await?
+            .create_enterprise(pb::CreateEnterpriseRequest { name: name.into() })
+            .await?
+            .into_inner();
+        Ok((created.enterprise_id, created.api_key))
+    }
+
+    pub async fn create_service(&self, enterprise_id: &str, name: &str) -> anyhow::Result<String> {
+        Ok(self
+            .admin()
+            .await?
+            .create_service(pb::CreateServiceRequest {
+                enterprise_id: enterprise_id.into(),
+                name: name.into(),
+            })
+            .await?
+            .into_inner()
+            .service_id)
+    }
+
+    /// Starts `fleet` as terminals: provisions it into its carriers, attaches
+    /// it, registers it with `enterprises`; returns once set up.
+    pub async fn start_fleet(
+        &mut self,
+        fleet: Fleet,
+        enterprises: Vec<EnterpriseChoice>,
+        open_mode: OpenMode,
+    ) -> anyhow::Result<Terminals> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let options = FleetOptions {
+            advertise_url: None,
+            carriers: self
+                .carriers
+                .iter()
+                .map(|c| CarrierUrl {
+                    carrier_id: c.carrier_id.clone(),
+                    url: c.url(),
+                })
+                .collect(),
+            carrier_admin_token: Some(CARRIER_ADMIN_TOKEN.into()),
+            enterprises,
+            open_mode,
+            clock: ClockArgs::default(),
+        };
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let running = Running::spawn(|stopped| {
+            terminal_sim::run_fleet(fleet, options, listener, shutdown_on(stopped), move |terminals| {
+                let _ = ready_tx.send(terminals);
+            })
+        });
+        let terminals = match tokio::time::timeout(Duration::from_secs(60), ready_rx).await {
+            Ok(Ok(terminals)) => terminals,
+            _ => {
+                let outcome = running.stop().await;
+                anyhow::bail!("fleet did not come up: {outcome:?}");
+            }
+        };
+        self.fleet = Some((running, terminals.clone()));
+        Ok(terminals)
+    }
+
+    fn carrier_index(&self, carrier_id: &str) -> usize {
+        self.carriers
+            .iter()
+            .position(|c| c.carrier_id == carrier_id)
+            .unwrap_or_else(|| panic!("no carrier {carrier_id}"))
+    }
+
+    /// Kills a carrier abruptly (its database stays).
+    pub async fn kill_carrier(&mut self, carrier_id: &str) {
+        let index = self.carrier_index(carrier_id);
+        if let Some(running) = self.carriers[index].running.take() {
+            running.kill().await;
+        }
+    }
+
+    /// Starts a stopped carrier again on the same address and database.
+    pub async fn restart_carrier(&mut self, carrier_id: &str) -> anyhow::Result<()> {
+        let index = self.carrier_index(carrier_id);
+        let listener = bind_again(self.carriers[index].addr).await?;
+        let running = self.spawn_carrier(&self.carriers[index], listener);
+        self.carriers[index].running = Some(running);
+        wait_healthy(&self.carriers[index].url()).await
+    }
+
+    /// Kills the relay abruptly and starts it again on the same database.
+    pub async fn kill_and_restart_relay(&mut self) -> anyhow::Result<()> {
+        if let Some(running) = self.relay.take() {
+            running.kill().await;
+        }
+        let listener = bind_again(self.relay_addr).await?;
+        self.relay = Some(self.spawn_relay(listener));
+        wait_healthy(&self.relay_url()).await
+    }
+
+    /// Waits until the message's counts satisfy `done`; returns the last status.
+    pub async fn wait_for_message(
+        &self,
+        api_key: &str,
+        message_id: &str,
+        done: impl Fn(&pb::MessageStatus) -> bool,
+    ) -> pb::MessageStatus {
+        let mut client = self.enterprise(api_key).await.expect("enterprise client");
+        let mut last = None;
+        let outcome = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                if let Ok(status) = client
+                    .get_message(pb::GetMessageRequest { message_id: message_id.into() })
+                    .await
+                {
+                    let status = status.into_inner();
+                    if done(&status) {
+                        return status;
+                    }
+                    last = Some(status);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        outcome.unwrap_or_else(|_| panic!("message {message_id} never got there; last status {last:?}"))
+    }
+
+    /// Stops everything gracefully, checks each service stopped cleanly, and
+    /// drops a PostgreSQL database.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some((running, _)) = self.fleet.take() {
+            running.stop().await?;
+        }
+        for carrier in &mut self.carriers {
+            if let Some(running) = carrier.running.take() {
+                running.stop().await?;
+            }
+        }
+        if let Some(running) = self.relay.take() {
+            running.stop().await?;
+        }
+        if let Some(name) = &self.postgres_name {
+            drop_postgres_database(name).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Binds a listener to an address that was just released (retrying briefly).
+async fn bind_again(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return Ok(listener),
+            Err(error) if Instant::now() < deadline => {
+                tracing::debug!(%error, "address not free yet");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// Waits until the gRPC health service at `url` answers SERVING (overall).
+pub async fn wait_healthy(url: &str) -> anyhow::Result<()> {
+    use chukei_proto::health::{HealthCheckRequest, HealthClient, ServingStatus};
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(channel) = Channel::from_shared(url.to_owned())?.connect().await {
+            let mut client = HealthClient::new(channel);
+            if let Ok(response) = client
+                .check(HealthCheckRequest { service: String::new() })
+                .await
+            {
+                if response.into_inner().status == ServingStatus::Serving as i32 {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("{url} did not become healthy");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+
+/// Collects registrations the fleet model makes, for computing expectations.
+pub fn registered_users(fleet: &Fleet, enterprise_id: &str) -> HashMap<String, terminal_sim::fleet::SimUser> {
+    fleet
+        .users
+        .iter()
+        .filter(|u| u.consent_for(fleet.seed, enterprise_id).is_some())
+        .map(|u| (u.user_id.clone(), u.clone()))
+        .collect()
+}

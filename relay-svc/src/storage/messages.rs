@@ -60,7 +60,7 @@ impl Store {
             let mut tx = pool.begin().await?;
             if let Some(service_id) = service_id {
                 let owned: Option<i64> = sqlx::query_scalar(
-                    "SELECT 1 FROM services WHERE id = $1 AND enterprise_id = $2",
+                    "SELECT CAST(1 AS BIGINT) FROM services WHERE id = $1 AND enterprise_id = $2",
                 )
                 .bind(service_id)
                 .bind(enterprise_id)
@@ -304,7 +304,7 @@ impl Store {
                         let exact = next(&mut params, Param::Text(region.clone()));
                         let below = next(&mut params, Param::Text(format!("{region}/")));
                         let len = next(&mut params, Param::Int(region.len() as i64 + 1));
-                        format!("p.region = {exact} OR substr(p.region, 1, {len}) = {below}")
+                        format!("p.region = {exact} OR substr(p.region, 1, CAST({len} AS INTEGER)) = {below}")
                     })
                     .collect();
                 filters.push(format!("({})", any.join(" OR ")));

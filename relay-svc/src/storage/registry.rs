@@ -273,7 +273,7 @@ impl Store {
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             let registered: Option<i64> = sqlx::query_scalar(
-                "SELECT 1 FROM registrations r JOIN contracts c ON c.user_id = r.user_id
+                "SELECT CAST(1 AS BIGINT) FROM registrations r JOIN contracts c ON c.user_id = r.user_id
                  WHERE r.enterprise_id = $1 AND r.user_id = $2 AND c.carrier_id = $3",
             )
             .bind(enterprise_id)
@@ -307,7 +307,7 @@ impl Store {
             for leave in unregistrations {
                 // Only users contracted with the calling carrier can be unregistered by it.
                 let contracted: Option<i64> = sqlx::query_scalar(
-                    "SELECT 1 FROM contracts WHERE carrier_id = $1 AND user_id = $2",
+                    "SELECT CAST(1 AS BIGINT) FROM contracts WHERE carrier_id = $1 AND user_id = $2",
                 )
                 .bind(carrier_id)
                 .bind(&leave.user_id)
