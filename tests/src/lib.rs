@@ -124,22 +124,56 @@ pub fn init_logs() {
         .try_init();
 }
 
-/// A service running in this process.
+/// A service running in this process, on a runtime of its own so that
+/// killing it drops every task and connection it owns, like SIGKILL would.
 struct Running {
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<anyhow::Result<()>>,
+    kill: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Option<anyhow::Result<()>>>>,
 }
 
 impl Running {
-    fn spawn<F>(start: impl FnOnce(oneshot::Receiver<()>) -> F) -> Self
+    /// Runs `start(listener, stopped)` on a fresh runtime; `stopped` resolves on [`Running::stop`].
+    fn spawn<F>(
+        listener: std::net::TcpListener,
+        start: impl FnOnce(TcpListener, oneshot::Receiver<()>) -> F + Send + 'static,
+    ) -> Self
     where
-        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+        F: Future<Output = anyhow::Result<()>> + 'static,
     {
         let (stop, stopped) = oneshot::channel();
+        let (kill, killed) = oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let outcome = runtime.block_on(async move {
+                listener.set_nonblocking(true)?;
+                let listener = TcpListener::from_std(listener)?;
+                let run = start(listener, stopped);
+                tokio::select! {
+                    result = run => Ok(Some(result)),
+                    _ = killed => Ok(None),
+                }
+            });
+            runtime.shutdown_background();
+            outcome.unwrap_or_else(|error: std::io::Error| Some(Err(error.into())))
+        });
         Self {
             stop: Some(stop),
-            task: tokio::spawn(start(stopped)),
+            kill: Some(kill),
+            thread: Some(thread),
         }
+    }
+
+    async fn join(mut self) -> Option<anyhow::Result<()>> {
+        let thread = self.thread.take()?;
+        tokio::task::spawn_blocking(move || thread.join().ok().flatten())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Graceful: the SIGTERM path.
@@ -147,13 +181,15 @@ impl Running {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        self.task.await?
+        self.join().await.unwrap_or(Ok(()))
     }
 
-    /// Abrupt: like SIGKILL for everything the task owns.
-    async fn kill(self) {
-        self.task.abort();
-        let _ = self.task.await;
+    /// Abrupt: everything the service owns is dropped at once.
+    async fn kill(mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        let _ = self.join().await;
     }
 }
 
@@ -203,7 +239,7 @@ impl Hub {
                 None => return Ok(None),
             },
         };
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let relay_addr = listener.local_addr()?;
         let mut hub = Self {
             backend,
@@ -218,7 +254,7 @@ impl Hub {
         hub.relay = Some(hub.spawn_relay(listener));
         wait_healthy(&hub.relay_url()).await?;
         for carrier_id in carrier_ids {
-            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
             let mut node = CarrierNode {
                 carrier_id: (*carrier_id).to_owned(),
                 addr: listener.local_addr()?,
@@ -261,12 +297,12 @@ impl Hub {
         }
     }
 
-    fn spawn_relay(&self, listener: TcpListener) -> Running {
+    fn spawn_relay(&self, listener: std::net::TcpListener) -> Running {
         let config = self.relay_config();
-        Running::spawn(|stopped| relay_svc::run(config, listener, shutdown_on(stopped)))
+        Running::spawn(listener, |listener, stopped| relay_svc::run(config, listener, shutdown_on(stopped)))
     }
 
-    fn spawn_carrier(&self, node: &CarrierNode, listener: TcpListener) -> Running {
+    fn spawn_carrier(&self, node: &CarrierNode, listener: std::net::TcpListener) -> Running {
         let config = carrier_svc::Config {
             listen: node.addr,
             carrier_id: node.carrier_id.clone(),
@@ -282,7 +318,7 @@ impl Hub {
             shutdown_grace_secs: 5,
             clock: ClockArgs::default(),
         };
-        Running::spawn(|stopped| carrier_svc::run(config, listener, shutdown_on(stopped)))
+        Running::spawn(listener, |listener, stopped| carrier_svc::run(config, listener, shutdown_on(stopped)))
     }
 
     pub async fn admin(&self) -> anyhow::Result<Admin> {
@@ -328,7 +364,7 @@ impl Hub {
         enterprises: Vec<EnterpriseChoice>,
         open_mode: OpenMode,
     ) -> anyhow::Result<Terminals> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let options = FleetOptions {
             advertise_url: None,
             carriers: self
@@ -345,7 +381,7 @@ impl Hub {
             clock: ClockArgs::default(),
         };
         let (ready_tx, ready_rx) = oneshot::channel();
-        let running = Running::spawn(|stopped| {
+        let running = Running::spawn(listener, |listener, stopped| {
             terminal_sim::run_fleet(fleet, options, listener, shutdown_on(stopped), move |terminals| {
                 let _ = ready_tx.send(terminals);
             })
@@ -359,6 +395,25 @@ impl Hub {
         };
         self.fleet = Some((running, terminals.clone()));
         Ok(terminals)
+    }
+
+    /// Stops the terminal fleet: its users are no longer attached anywhere reachable.
+    pub async fn stop_fleet(&mut self) -> anyhow::Result<()> {
+        if let Some((running, _)) = self.fleet.take() {
+            running.stop().await?;
+        }
+        Ok(())
+    }
+
+    /// The operator's per-carrier view of one message.
+    pub async fn carrier_stats(&self, message_id: &str) -> anyhow::Result<Vec<pb::CarrierStats>> {
+        Ok(self
+            .admin()
+            .await?
+            .get_carrier_stats(pb::GetCarrierStatsRequest { message_id: message_id.into() })
+            .await?
+            .into_inner()
+            .carriers)
     }
 
     fn carrier_index(&self, carrier_id: &str) -> usize {
@@ -445,10 +500,10 @@ impl Hub {
 }
 
 /// Binds a listener to an address that was just released (retrying briefly).
-async fn bind_again(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+async fn bind_again(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match TcpListener::bind(addr).await {
+        match std::net::TcpListener::bind(addr) {
             Ok(listener) => return Ok(listener),
             Err(error) if Instant::now() < deadline => {
                 tracing::debug!(%error, "address not free yet");
