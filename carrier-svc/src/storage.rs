@@ -68,7 +68,7 @@ impl Store {
     }
 
     pub async fn upsert_subscribers(&self, subscribers: &[Subscriber], now: i64) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for chunk in subscribers.chunks(ROWS_PER_STATEMENT) {
             let mut query = QueryBuilder::new(
                 "INSERT INTO subscribers (user_id, phone_number, name, gender, birth_date, region, occupation, is_primary, updated_at) ",
@@ -125,7 +125,7 @@ impl Store {
 
     /// Points the users' messages at `endpoint`; held messages become pushable.
     pub async fn attach(&self, endpoint: &str, user_ids: &[String], now: i64) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for chunk in user_ids.chunks(ROWS_PER_STATEMENT) {
             let mut query = QueryBuilder::new("INSERT INTO attachments (user_id, endpoint, attached_at) ");
             query.push_values(chunk, |mut row, user_id| {
@@ -153,7 +153,7 @@ impl Store {
     /// Stores a batch from the relay; delivery ids seen before are dropped.
     /// Returns how many were new.
     pub async fn accept_batch(&self, deliveries: &[Delivery], now: i64) -> Result<u64> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut inserted = 0;
         for chunk in deliveries.chunks(ROWS_PER_STATEMENT) {
             let mut query = QueryBuilder::new(
@@ -233,7 +233,7 @@ impl Store {
         let by_id: HashMap<&str, &TerminalEvent> =
             events.iter().map(|e| (e.delivery_id.as_str(), e)).collect();
         let mut receipts = Vec::new();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for chunk in events.chunks(ROWS_PER_STATEMENT) {
             // Any event proves delivery.
             let mut query = QueryBuilder::new("UPDATE deliveries SET state = 2 WHERE state < 2 AND delivery_id");
@@ -261,7 +261,7 @@ impl Store {
 
     /// Fails deliveries whose expiry passed before the terminal confirmed them.
     pub async fn expire(&self, now: i64) -> Result<usize> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let expired: Vec<(String, String, i64)> = sqlx::query_as(
             "UPDATE deliveries SET state = 4 WHERE state < 2 AND expires_at <= $1
              RETURNING message_id, user_id, channel",

@@ -3,7 +3,7 @@
 //! delivered events at once, and — per the behaviour model, or by hand in
 //! interactive mode — opens messages later, sending read events with the open
 //! time and place to the carrier that pushed them. Read events for a carrier
-//! whose stream is down wait and go out when it reconnects.
+//! whose stream is down are sent again when it reconnects.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -46,6 +46,8 @@ pub struct InboxItem {
     pub text: String,
     pub received_at: i64,
     pub opened_at: Option<i64>,
+    /// Where the user was when opening (region path).
+    pub opened_place: String,
 }
 
 /// Fleet-wide counts, for the local run's report and the tests.
@@ -80,7 +82,6 @@ struct State {
     inbox: HashMap<String, Vec<String>>,
     user_of: HashMap<String, String>,
     sinks: HashMap<String, mpsc::UnboundedSender<pb::TerminalEvents>>,
-    pending: HashMap<String, Vec<pb::TerminalEvent>>,
     snapshot: Snapshot,
 }
 
@@ -166,7 +167,7 @@ impl Terminals {
                 if let Some(item) = state.items.get(&message.delivery_id) {
                     // A re-push after a lost confirmation: confirm again, and repeat the read if any.
                     if let Some(opened_at) = item.opened_at {
-                        events.push(read_event(item, &message.user_id, opened_at, &user.home_region));
+                        events.push(read_event(item, &message.user_id, opened_at));
                     }
                     state.snapshot.duplicates += 1;
                     continue;
@@ -188,6 +189,7 @@ impl Terminals {
                         text: content.text,
                         received_at: now,
                         opened_at: None,
+                        opened_place: String::new(),
                     },
                 );
             }
@@ -251,55 +253,65 @@ impl Terminals {
         }
     }
 
-    /// Marks the delivery opened and sends (or keeps) its read event.
+    /// Marks the delivery opened and sends its read event (re-sent when the
+    /// carrier's stream comes back, if it is down).
     fn fire_open(&self, delivery_id: &str) -> bool {
         let now = self.inner.clock.now_ms();
         let mut state = self.state();
         let Some(user_id) = state.user_of.get(delivery_id).cloned() else { return false };
-        let Some(item) = state.items.get_mut(delivery_id) else { return false };
-        if item.opened_at.is_some() {
-            return false;
-        }
-        item.opened_at = Some(now);
-        let item = item.clone();
-        state.snapshot.opened += 1;
-        let region = self.inner.users.get(&user_id).map_or_else(String::new, |user| {
-            let mut rng = Rng::for_labels(self.inner.seed, &["place", &user_id, &item.message_id]);
+        let place = self.inner.users.get(&user_id).map_or_else(String::new, |user| {
+            let mut rng = Rng::for_labels(self.inner.seed, &["place", &user_id, delivery_id]);
             if rng.chance(user.behaviour.away_share) {
                 rng.pick(REGIONS).to_string()
             } else {
                 user.home_region.clone()
             }
         });
-        let event = read_event(&item, &user_id, now, &region);
-        let sent = state
-            .sinks
-            .get(&item.carrier_id)
-            .is_some_and(|sink| sink.send(pb::TerminalEvents { events: vec![event.clone()] }).is_ok());
-        if !sent {
-            state.pending.entry(item.carrier_id.clone()).or_default().push(event);
+        let Some(item) = state.items.get_mut(delivery_id) else { return false };
+        if item.opened_at.is_some() {
+            return false;
+        }
+        item.opened_at = Some(now);
+        item.opened_place = place;
+        let event = read_event(item, &user_id, now);
+        let carrier_id = item.carrier_id.clone();
+        state.snapshot.opened += 1;
+        if let Some(sink) = state.sinks.get(&carrier_id) {
+            let _ = sink.send(pb::TerminalEvents { events: vec![event] });
         }
         true
     }
 
-    /// A carrier's stream is (re)open: route its events there and flush what waited.
+    /// A carrier's stream is (re)open: route its events there, and send again
+    /// every read of its messages — a read sent just before its previous stream
+    /// broke may never have been recorded, and the carrier drops repeats.
     fn attach_sink(&self, carrier_id: &str, sink: mpsc::UnboundedSender<pb::TerminalEvents>) {
         let mut state = self.state();
-        if let Some(events) = state.pending.remove(carrier_id) {
+        let events: Vec<pb::TerminalEvent> = state
+            .items
+            .values()
+            .filter(|item| item.carrier_id == carrier_id)
+            .filter_map(|item| {
+                let opened_at = item.opened_at?;
+                let user_id = state.user_of.get(&item.delivery_id)?;
+                Some(read_event(item, user_id, opened_at))
+            })
+            .collect();
+        if !events.is_empty() {
             let _ = sink.send(pb::TerminalEvents { events });
         }
         state.sinks.insert(carrier_id.to_owned(), sink);
     }
 }
 
-fn read_event(item: &InboxItem, user_id: &str, at: i64, region: &str) -> pb::TerminalEvent {
+fn read_event(item: &InboxItem, user_id: &str, at: i64) -> pb::TerminalEvent {
     pb::TerminalEvent {
         delivery_id: item.delivery_id.clone(),
         message_id: item.message_id.clone(),
         user_id: user_id.to_owned(),
         kind: pb::EventKind::Read as i32,
         at: Some(to_timestamp(at)),
-        region: region.to_owned(),
+        region: item.opened_place.clone(),
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
-use super::{ROWS_PER_STATEMENT, Store, is_unique_violation, on_pool};
+use super::{WritePool, ROWS_PER_STATEMENT, Store, is_unique_violation, on_pool};
 use crate::error::{Error, Result};
 use crate::registry::Gender;
 use crate::targeting::{Channel, MessageState, NewMessage, Target};
@@ -57,7 +57,7 @@ impl Store {
             _ => (None, None),
         };
         let result: Result<StoredMessage> = on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             if let Some(service_id) = service_id {
                 let owned: Option<i64> = sqlx::query_scalar(
                     "SELECT CAST(1 AS BIGINT) FROM services WHERE id = $1 AND enterprise_id = $2",
@@ -323,7 +323,7 @@ impl Store {
         sql.push_str(" ON CONFLICT DO NOTHING");
 
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for param in params {
                 query = match param {

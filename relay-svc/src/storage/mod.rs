@@ -109,6 +109,32 @@ impl Store {
     }
 }
 
+/// Opening a write transaction the way each engine needs: SQLite must take
+/// the write lock up front (`BEGIN IMMEDIATE`), or a transaction that reads
+/// before it writes fails with `SQLITE_BUSY_SNAPSHOT` when another writer
+/// commits in between; PostgreSQL's plain `BEGIN` is right as it is.
+trait WritePool {
+    type Db: sqlx::Database;
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error>;
+}
+
+impl WritePool for SqlitePool {
+    type Db = sqlx::Sqlite;
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error> {
+        self.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+impl WritePool for PgPool {
+    type Db = sqlx::Postgres;
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error> {
+        self.begin().await
+    }
+}
+
 /// Whether a database error is a unique-key violation (mapped by kind, not text).
 fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::UniqueViolation)

@@ -4,7 +4,7 @@
 
 use sqlx::QueryBuilder;
 
-use super::{ROWS_PER_STATEMENT, Store, on_pool};
+use super::{WritePool, ROWS_PER_STATEMENT, Store, on_pool};
 use crate::error::Result;
 use crate::receipts::{CountReport, EventKind, Receipt};
 use crate::targeting::Channel;
@@ -40,7 +40,7 @@ impl Store {
             .flat_map(|receipt| receipt.kind.implied().iter().map(move |kind| (receipt, *kind)))
             .collect();
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             for chunk in rows.chunks(ROWS_PER_STATEMENT) {
                 let mut query = QueryBuilder::new(
                     "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region)
@@ -68,7 +68,7 @@ impl Store {
     /// Keeps the latest count report of the carrier for each message.
     pub async fn store_count_report(&self, carrier_id: &str, report: &CountReport) -> Result<()> {
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             for chunk in report.counts.chunks(ROWS_PER_STATEMENT) {
                 let mut query = QueryBuilder::new(
                     "INSERT INTO count_reports (carrier_id, message_id, sent, opened, reported_at) ",

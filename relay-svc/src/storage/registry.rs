@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use sqlx::QueryBuilder;
 
-use super::{ROWS_PER_STATEMENT, Store, on_pool};
+use super::{WritePool, ROWS_PER_STATEMENT, Store, on_pool};
 use crate::credentials;
 use crate::error::{Error, Result};
 use crate::registry::{Contract, NewRegistration, Profile, Unregistration};
@@ -71,7 +71,7 @@ impl Store {
         now: i64,
     ) -> Result<u64> {
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             for chunk in contracts.chunks(ROWS_PER_STATEMENT) {
                 let ended: Vec<&Contract> = chunk.iter().filter(|c| !c.active).collect();
                 if !ended.is_empty() {
@@ -131,7 +131,7 @@ impl Store {
         now: i64,
     ) -> Result<Vec<String>> {
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
 
             // Validate every reference before writing anything.
             let enterprise_ids: HashSet<&str> =
@@ -271,7 +271,7 @@ impl Store {
         now: i64,
     ) -> Result<()> {
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             let registered: Option<i64> = sqlx::query_scalar(
                 "SELECT CAST(1 AS BIGINT) FROM registrations r JOIN contracts c ON c.user_id = r.user_id
                  WHERE r.enterprise_id = $1 AND r.user_id = $2 AND c.carrier_id = $3",
@@ -302,7 +302,7 @@ impl Store {
         now: i64,
     ) -> Result<u64> {
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             let mut removed = 0;
             for leave in unregistrations {
                 // Only users contracted with the calling carrier can be unregistered by it.

@@ -3,7 +3,7 @@
 
 use sqlx::QueryBuilder;
 
-use super::{Store, on_pool};
+use super::{WritePool, Store, on_pool};
 use crate::error::Result;
 use crate::receipts::EventKind;
 use crate::targeting::{Channel, Content};
@@ -70,7 +70,7 @@ impl Store {
             return Ok(());
         }
         on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+            let mut tx = pool.begin_write().await?;
             for chunk in ids.chunks(super::ROWS_PER_STATEMENT) {
                 let mut query = QueryBuilder::new(
                     "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region)
