@@ -93,6 +93,10 @@ pub async fn run_fleet(
     let cancel = CancellationToken::new();
     let terminals = Terminals::new(&fleet, options.clock.clock(), options.open_mode, cancel.clone());
     let (health_reporter, health_service) = server::health();
+    // Not ready (overall, and the Terminal service) until the fleet is set up.
+    health_reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     health_reporter
         .set_not_serving::<TerminalServer<Terminals>>()
         .await;
@@ -127,6 +131,9 @@ pub async fn run_fleet(
             let registered = set_up?;
             tracing::info!(users = fleet.users.len(), registered, "fleet set up");
             health_reporter.set_serving::<TerminalServer<Terminals>>().await;
+            health_reporter
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
             ready(terminals.clone());
         }
         () = cancel.cancelled() => {}

@@ -89,7 +89,7 @@ pub async fn postgres_database() -> anyhow::Result<Option<(String, String)>> {
     Ok(Some((format!("{prefix}/{name}"), name)))
 }
 
-async fn drop_postgres_database(name: &str) -> anyhow::Result<()> {
+pub async fn drop_postgres_database(name: &str) -> anyhow::Result<()> {
     let base = std::env::var(POSTGRES_ENV)?;
     let mut connection = sqlx::PgConnection::connect(&base).await?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))

@@ -1,0 +1,146 @@
+//! Smoke test of the real binaries: relay-svc, carrier-svc and terminal-sim as
+//! processes, driven by the enterprise-cli binary; each shuts down cleanly on
+//! SIGTERM.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chukei_proto::auth::BearerInterceptor;
+use chukei_proto::relay::v1 as pb;
+use integration_tests::wait_healthy;
+
+/// The workspace's binaries, built beside this test (`cargo test` builds them).
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let path = dir.join(name);
+    assert!(path.exists(), "{} missing: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process that is killed if the test fails before stopping it.
+struct Process(Option<Child>);
+
+impl Process {
+    fn spawn(command: &mut Command) -> Self {
+        Self(Some(command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()))
+    }
+
+    /// SIGTERM, then the exit status within a deadline.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let mut child = self.0.take().unwrap();
+        let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "process did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn cli(relay: &str, key: &str, args: &[&str]) -> serde_json::Value {
+    let output = Command::new(binary("enterprise-cli"))
+        .args(["--relay-url", relay, "--json"])
+        .args(args)
+        .env("CHUKEI_API_KEY", key)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "enterprise-cli {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_binaries_relay_a_broadcast() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin_token = "smoke-admin-token-0123456789";
+    let deliver_token = "smoke-deliver-token-0123456789";
+    let carrier_admin = "smoke-carrier-admin-0123456789";
+    let relay_port = free_port();
+    let relay_url = format!("http://127.0.0.1:{relay_port}");
+    let relay = Process::spawn(
+        Command::new(binary("relay-svc"))
+            .args(["--listen", &format!("127.0.0.1:{relay_port}")])
+            .arg("--data-dir")
+            .arg(dir.path().join("relay"))
+            .env("CHUKEI_RELAY_ADMIN_TOKEN", admin_token)
+            .env("CHUKEI_RELAY_DELIVER_TOKEN", deliver_token),
+    );
+    wait_healthy(&relay_url).await.unwrap();
+
+    let channel = tonic::transport::Channel::from_shared(relay_url.clone()).unwrap().connect().await.unwrap();
+    let mut admin = pb::admin_client::AdminClient::with_interceptor(channel, BearerInterceptor::new(admin_token).unwrap());
+    let enterprise = admin
+        .create_enterprise(pb::CreateEnterpriseRequest { name: "smoke".into() })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let mut carriers = Vec::new();
+    let mut carrier_flags = Vec::new();
+    for carrier_id in ["alpha", "beta"] {
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let token = format!("smoke-{carrier_id}-token-0123456789");
+        carriers.push(Process::spawn(
+            Command::new(binary("carrier-svc"))
+                .args(["--listen", &format!("127.0.0.1:{port}"), "--carrier-id", carrier_id, "--relay-url", &relay_url])
+                .arg("--data-dir")
+                .arg(dir.path().join(carrier_id))
+                .env("CHUKEI_CARRIER_TOKEN", &token)
+                .env("CHUKEI_CARRIER_RELAY_TOKEN", deliver_token)
+                .env("CHUKEI_CARRIER_ADMIN_TOKEN", carrier_admin),
+        ));
+        wait_healthy(&url).await.unwrap();
+        admin
+            .register_carrier(pb::RegisterCarrierRequest { carrier_id: carrier_id.into(), endpoint: url.clone(), token })
+            .await
+            .unwrap();
+        carrier_flags.push(format!("--carrier={carrier_id}={url}"));
+    }
+
+    let fleet_port = free_port();
+    let fleet = Process::spawn(
+        Command::new(binary("terminal-sim"))
+            .args(["--listen", &format!("127.0.0.1:{fleet_port}"), "fleet", "--users", "300", "--open-mode", "always"])
+            .args(&carrier_flags)
+            .args(["--enterprise", &enterprise.enterprise_id])
+            .env("CHUKEI_TERMINAL_CARRIER_ADMIN_TOKEN", carrier_admin),
+    );
+    wait_healthy(&format!("http://127.0.0.1:{fleet_port}")).await.unwrap();
+
+    let registrations = cli(&relay_url, &enterprise.api_key, &["registrations", "--all-pages", "--page-size", "50"]);
+    let registered = registrations["registrations"].as_array().unwrap().len();
+    assert!(registered > 100, "the fleet registered {registered} users");
+
+    let sent = cli(&relay_url, &enterprise.api_key, &["send", "--all", "--text", "smoke test"]);
+    let message_id = sent["message_id"].as_str().unwrap().to_owned();
+    let status = cli(&relay_url, &enterprise.api_key, &["status", &message_id, "--watch", "--interval-ms", "100"]);
+    assert_eq!(status["matched"].as_u64().unwrap() as usize, registered);
+    assert_eq!(status["delivered"], status["matched"]);
+    assert_eq!(status["state"], "handed-over");
+
+    assert!(fleet.terminate().success(), "terminal-sim exits cleanly on SIGTERM");
+    for carrier in carriers {
+        assert!(carrier.terminate().success(), "carrier-svc exits cleanly on SIGTERM");
+    }
+    assert!(relay.terminate().success(), "relay-svc exits cleanly on SIGTERM");
+}
