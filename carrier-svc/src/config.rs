@@ -22,7 +22,11 @@ pub struct Config {
     pub carrier_id: String,
 
     /// The relay's gRPC URL, for CarrierIngress.
-    #[arg(long, env = "CHUKEI_CARRIER_RELAY_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "CHUKEI_CARRIER_RELAY_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub relay_url: String,
 
     /// The token this carrier presents to the relay's CarrierIngress.
@@ -50,7 +54,11 @@ pub struct Config {
     pub default_channel: String,
 
     /// How often a per-message count report goes to the relay (seconds of clock time).
-    #[arg(long, env = "CHUKEI_CARRIER_REPORT_INTERVAL_SECS", default_value_t = 3600)]
+    #[arg(
+        long,
+        env = "CHUKEI_CARRIER_REPORT_INTERVAL_SECS",
+        default_value_t = 3600
+    )]
     pub report_interval_secs: u64,
 
     /// How often held deliveries are re-checked for their time window and expiry (ms, real time).
@@ -84,7 +92,9 @@ impl Config {
                 anyhow::bail!("{flag}: must be at least 16 characters");
             }
         }
-        if self.relay_url.parse::<tonic::transport::Uri>().is_err() || !self.relay_url.starts_with("http") {
+        if self.relay_url.parse::<tonic::transport::Uri>().is_err()
+            || !self.relay_url.starts_with("http")
+        {
             anyhow::bail!("--relay-url: must be an http(s) URL");
         }
         self.default_channel()?;

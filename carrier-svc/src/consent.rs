@@ -10,7 +10,9 @@ use crate::model::Subscriber;
 /// Whole years between `birth_date` (`YYYY-MM-DD`) and the date of `now_ms`.
 pub fn age_on(birth_date: &str, now_ms: i64) -> Option<u32> {
     let mut parts = birth_date.split('-').map(str::parse::<i64>);
-    let (Some(Ok(year)), Some(Ok(month)), Some(Ok(day))) = (parts.next(), parts.next(), parts.next()) else {
+    let (Some(Ok(year)), Some(Ok(month)), Some(Ok(day))) =
+        (parts.next(), parts.next(), parts.next())
+    else {
         return None;
     };
     let (now_year, now_month, now_day) = civil_from_days(now_ms.div_euclid(86_400_000));
@@ -36,7 +38,11 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 }
 
 /// The profile to share: only what `choices` allows.
-pub fn consented_profile(subscriber: &Subscriber, choices: &ConsentChoices, now_ms: i64) -> ConsentedProfile {
+pub fn consented_profile(
+    subscriber: &Subscriber,
+    choices: &ConsentChoices,
+    now_ms: i64,
+) -> ConsentedProfile {
     let mut profile = ConsentedProfile::default();
     if choices.gender {
         profile.gender = subscriber.gender;
@@ -57,7 +63,12 @@ pub fn consented_profile(subscriber: &Subscriber, choices: &ConsentChoices, now_
     match RegionGranularity::try_from(choices.region) {
         Ok(RegionGranularity::City) => profile.region = subscriber.region.clone(),
         Ok(RegionGranularity::Prefecture) => {
-            profile.region = subscriber.region.split('/').next().unwrap_or_default().to_owned();
+            profile.region = subscriber
+                .region
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
         }
         _ => {}
     }

@@ -76,8 +76,11 @@ pub async fn run(
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .connect_lazy();
-    let relay = CarrierIngressClient::with_interceptor(relay_channel, BearerInterceptor::new(&config.token)?)
-        .max_encoding_message_size(64 * 1024 * 1024);
+    let relay = CarrierIngressClient::with_interceptor(
+        relay_channel,
+        BearerInterceptor::new(&config.token)?,
+    )
+    .max_encoding_message_size(64 * 1024 * 1024);
     let cancel = CancellationToken::new();
     let (terminals, endpoints) = TerminalsHandle::new();
     let shared = Shared {
@@ -98,7 +101,9 @@ pub async fn run(
     };
     tracing::info!(carrier_id = %config.carrier_id, addr = %listener.local_addr()?, "carrier starting");
 
-    shared.tasks.spawn(terminals::run(shared.clone(), endpoints, cancel.clone()));
+    shared
+        .tasks
+        .spawn(terminals::run(shared.clone(), endpoints, cancel.clone()));
     shared.tasks.spawn(expiry(shared.clone()));
 
     let (health_reporter, health_service) = server::health();
@@ -116,18 +121,32 @@ pub async fn run(
                 .max_decoding_message_size(64 * 1024 * 1024),
         )
         .add_service(
-            subscriber_api_server::SubscriberApiServer::new(subscribers::SubscriberService(shared.clone()))
-                .max_decoding_message_size(16 * 1024 * 1024),
+            subscriber_api_server::SubscriberApiServer::new(subscribers::SubscriberService(
+                shared.clone(),
+            ))
+            .max_decoding_message_size(16 * 1024 * 1024),
         )
         .add_service(
-            carrier_admin_server::CarrierAdminServer::new(subscribers::AdminService(shared.clone()))
-                .max_decoding_message_size(16 * 1024 * 1024),
+            carrier_admin_server::CarrierAdminServer::new(subscribers::AdminService(
+                shared.clone(),
+            ))
+            .max_decoding_message_size(16 * 1024 * 1024),
         );
-    let served = server::serve(router, listener, shutdown, cancel.clone(), config.shutdown_grace()).await;
+    let served = server::serve(
+        router,
+        listener,
+        shutdown,
+        cancel.clone(),
+        config.shutdown_grace(),
+    )
+    .await;
 
     cancel.cancel();
     shared.tasks.close();
-    if tokio::time::timeout(config.shutdown_grace(), shared.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(config.shutdown_grace(), shared.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("carrier tasks did not stop within the grace period");
     }
     store.close().await;

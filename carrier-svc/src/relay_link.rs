@@ -51,7 +51,9 @@ impl pb::carrier_server::Carrier for DeliverService {
                 tracing::info!("relay stream open");
                 if let Err(error) = session(&shared, generation, inbound, &up).await {
                     tracing::warn!(%error, "relay stream ended");
-                    let _ = up.send(Err(Status::unavailable("carrier stream ended"))).await;
+                    let _ = up
+                        .send(Err(Status::unavailable("carrier stream ended")))
+                        .await;
                 }
             }
         });
@@ -77,7 +79,10 @@ async fn session(
     shared.store.mark_counts_changed().await?;
     loop {
         while unacked.len() < RECEIPT_WINDOW {
-            let receipts = shared.store.outbox_after(sent_seq, RECEIPTS_PER_BATCH).await?;
+            let receipts = shared
+                .store
+                .outbox_after(sent_seq, RECEIPTS_PER_BATCH)
+                .await?;
             let Some(last) = receipts.last() else { break };
             sent_seq = last.seq;
             unacked.push_back(sent_seq);
@@ -159,7 +164,10 @@ async fn send(up: &Up, kind: pb::carrier_to_relay::Kind) -> anyhow::Result<()> {
 
 /// A delivery the carrier can carry out, or `None` (logged) for a malformed one.
 fn delivery_from_wire(delivery: pb::Delivery, default_channel: i64) -> Option<Delivery> {
-    if delivery.delivery_id.is_empty() || delivery.message_id.is_empty() || delivery.user_id.is_empty() {
+    if delivery.delivery_id.is_empty()
+        || delivery.message_id.is_empty()
+        || delivery.user_id.is_empty()
+    {
         tracing::warn!("delivery without ids dropped");
         return None;
     }
@@ -176,6 +184,9 @@ fn delivery_from_wire(delivery: pb::Delivery, default_channel: i64) -> Option<De
         text: content.text,
         media_url: content.media_url,
         not_before: delivery.not_before.as_ref().map_or(0, from_timestamp),
-        expires_at: delivery.expires_at.as_ref().map_or(i64::MAX, from_timestamp),
+        expires_at: delivery
+            .expires_at
+            .as_ref()
+            .map_or(i64::MAX, from_timestamp),
     })
 }

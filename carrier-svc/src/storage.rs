@@ -102,9 +102,11 @@ impl Store {
                 "SELECT user_id, phone_number, name, gender, birth_date, region, occupation, is_primary FROM subscribers WHERE user_id",
             );
             in_list(&mut query, chunk.iter().copied());
-            let rows: Vec<(String, String, String, i64, String, String, String, bool)> =
-                query.build_query_as().fetch_all(&self.pool).await?;
-            for (user_id, phone_number, name, gender, birth_date, region, occupation, primary) in rows {
+            type Row = (String, String, String, i64, String, String, String, bool);
+            let rows: Vec<Row> = query.build_query_as().fetch_all(&self.pool).await?;
+            for (user_id, phone_number, name, gender, birth_date, region, occupation, primary) in
+                rows
+            {
                 found.insert(
                     user_id.clone(),
                     Subscriber {
@@ -127,7 +129,8 @@ impl Store {
     pub async fn attach(&self, endpoint: &str, user_ids: &[String], now: i64) -> Result<()> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for chunk in user_ids.chunks(ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::new("INSERT INTO attachments (user_id, endpoint, attached_at) ");
+            let mut query =
+                QueryBuilder::new("INSERT INTO attachments (user_id, endpoint, attached_at) ");
             query.push_values(chunk, |mut row, user_id| {
                 row.push_bind(user_id).push_bind(endpoint).push_bind(now);
             });
@@ -136,7 +139,8 @@ impl Store {
             );
             query.build().execute(&mut *tx).await?;
             // Whatever was pushed to a previous endpoint and never confirmed goes out again.
-            let mut query = QueryBuilder::new("UPDATE deliveries SET state = 0 WHERE state = 1 AND user_id");
+            let mut query =
+                QueryBuilder::new("UPDATE deliveries SET state = 0 WHERE state = 1 AND user_id");
             in_list(&mut query, chunk.iter());
             query.build().execute(&mut *tx).await?;
         }
@@ -179,7 +183,12 @@ impl Store {
     }
 
     /// Held deliveries due now for users attached at `endpoint`.
-    pub async fn due_for_endpoint(&self, endpoint: &str, now: i64, limit: u32) -> Result<Vec<Outgoing>> {
+    pub async fn due_for_endpoint(
+        &self,
+        endpoint: &str,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<Outgoing>> {
         let rows: Vec<(i64, String, String, String, i64, String, String)> = sqlx::query_as(
             "SELECT d.seq, d.delivery_id, d.message_id, d.user_id, d.channel, d.content_text, d.media_url
              FROM deliveries d JOIN attachments a ON a.user_id = d.user_id
@@ -193,21 +202,24 @@ impl Store {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(seq, delivery_id, message_id, user_id, channel, text, media_url)| Outgoing {
-                seq,
-                delivery_id,
-                message_id,
-                user_id,
-                channel,
-                text,
-                media_url,
-            })
+            .map(
+                |(seq, delivery_id, message_id, user_id, channel, text, media_url)| Outgoing {
+                    seq,
+                    delivery_id,
+                    message_id,
+                    user_id,
+                    channel,
+                    text,
+                    media_url,
+                },
+            )
             .collect())
     }
 
     pub async fn mark_pushed(&self, seqs: &[i64]) -> Result<()> {
         for chunk in seqs.chunks(ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::new("UPDATE deliveries SET state = 1 WHERE state = 0 AND seq");
+            let mut query =
+                QueryBuilder::new("UPDATE deliveries SET state = 1 WHERE state = 0 AND seq");
             in_list(&mut query, chunk.iter().copied());
             query.build().execute(&self.pool).await?;
         }
@@ -236,21 +248,45 @@ impl Store {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for chunk in events.chunks(ROWS_PER_STATEMENT) {
             // Any event proves delivery.
-            let mut query = QueryBuilder::new("UPDATE deliveries SET state = 2 WHERE state < 2 AND delivery_id");
+            let mut query = QueryBuilder::new(
+                "UPDATE deliveries SET state = 2 WHERE state < 2 AND delivery_id",
+            );
             in_list(&mut query, chunk.iter().map(|e| e.delivery_id.as_str()));
             query.push(" RETURNING delivery_id, message_id, user_id, channel");
-            let moved: Vec<(String, String, String, i64)> = query.build_query_as().fetch_all(&mut *tx).await?;
+            let moved: Vec<(String, String, String, i64)> =
+                query.build_query_as().fetch_all(&mut *tx).await?;
             receipts.extend(moved.into_iter().map(|(id, message_id, user_id, channel)| {
-                receipt(&by_id, &id, message_id, user_id, channel, ReceiptKind::Delivered)
+                receipt(
+                    &by_id,
+                    &id,
+                    message_id,
+                    user_id,
+                    channel,
+                    ReceiptKind::Delivered,
+                )
             }));
-            let reads: Vec<&str> = chunk.iter().filter(|e| e.read).map(|e| e.delivery_id.as_str()).collect();
+            let reads: Vec<&str> = chunk
+                .iter()
+                .filter(|e| e.read)
+                .map(|e| e.delivery_id.as_str())
+                .collect();
             if !reads.is_empty() {
-                let mut query = QueryBuilder::new("UPDATE deliveries SET state = 3 WHERE state = 2 AND delivery_id");
+                let mut query = QueryBuilder::new(
+                    "UPDATE deliveries SET state = 3 WHERE state = 2 AND delivery_id",
+                );
                 in_list(&mut query, reads.iter().copied());
                 query.push(" RETURNING delivery_id, message_id, user_id, channel");
-                let moved: Vec<(String, String, String, i64)> = query.build_query_as().fetch_all(&mut *tx).await?;
+                let moved: Vec<(String, String, String, i64)> =
+                    query.build_query_as().fetch_all(&mut *tx).await?;
                 receipts.extend(moved.into_iter().map(|(id, message_id, user_id, channel)| {
-                    receipt(&by_id, &id, message_id, user_id, channel, ReceiptKind::Opened)
+                    receipt(
+                        &by_id,
+                        &id,
+                        message_id,
+                        user_id,
+                        channel,
+                        ReceiptKind::Opened,
+                    )
                 }));
             }
         }
@@ -298,15 +334,17 @@ impl Store {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(seq, message_id, user_id, kind, channel, at, region)| Receipt {
-                seq,
-                message_id,
-                user_id,
-                kind: ReceiptKind::from_number(kind),
-                channel,
-                at,
-                region,
-            })
+            .map(
+                |(seq, message_id, user_id, kind, channel, at, region)| Receipt {
+                    seq,
+                    message_id,
+                    user_id,
+                    kind: ReceiptKind::from_number(kind),
+                    channel,
+                    at,
+                    region,
+                },
+            )
             .collect())
     }
 
@@ -389,9 +427,14 @@ fn receipt(
 }
 
 /// Appends receipts to the outbox and adds them to the per-message counts.
-async fn queue_receipts(tx: &mut sqlx::Transaction<'_, Sqlite>, receipts: &[Receipt]) -> Result<()> {
+async fn queue_receipts(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    receipts: &[Receipt],
+) -> Result<()> {
     for chunk in receipts.chunks(ROWS_PER_STATEMENT) {
-        let mut query = QueryBuilder::new("INSERT INTO outbox (message_id, user_id, kind, channel, at, region) ");
+        let mut query = QueryBuilder::new(
+            "INSERT INTO outbox (message_id, user_id, kind, channel, at, region) ",
+        );
         query.push_values(chunk, |mut row, r| {
             row.push_bind(&r.message_id)
                 .push_bind(&r.user_id)
@@ -411,11 +454,16 @@ async fn queue_receipts(tx: &mut sqlx::Transaction<'_, Sqlite>, receipts: &[Rece
             ReceiptKind::Failed => {}
         }
     }
-    let counts: Vec<(&str, (i64, i64))> = counts.into_iter().filter(|(_, c)| *c != (0, 0)).collect();
+    let counts: Vec<(&str, (i64, i64))> =
+        counts.into_iter().filter(|(_, c)| *c != (0, 0)).collect();
     for chunk in counts.chunks(ROWS_PER_STATEMENT) {
-        let mut query = QueryBuilder::new("INSERT INTO message_counts (message_id, sent, opened, dirty) ");
+        let mut query =
+            QueryBuilder::new("INSERT INTO message_counts (message_id, sent, opened, dirty) ");
         query.push_values(chunk, |mut row, (message_id, (sent, opened))| {
-            row.push_bind(*message_id).push_bind(*sent).push_bind(*opened).push_bind(true);
+            row.push_bind(*message_id)
+                .push_bind(*sent)
+                .push_bind(*opened)
+                .push_bind(true);
         });
         query.push(
             " ON CONFLICT (message_id) DO UPDATE SET sent = message_counts.sent + excluded.sent, \

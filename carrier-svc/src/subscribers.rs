@@ -28,7 +28,10 @@ fn required<'a>(field: &str, value: &'a str, max_len: usize) -> Result<&'a str> 
         return Err(Error::invalid(field, "must not be empty"));
     }
     if value.len() > max_len || value.chars().any(char::is_control) {
-        return Err(Error::invalid(field, format!("must be at most {max_len} bytes of printable text")));
+        return Err(Error::invalid(
+            field,
+            format!("must be at most {max_len} bytes of printable text"),
+        ));
     }
     Ok(value.trim())
 }
@@ -38,7 +41,10 @@ fn bounded<T>(field: &str, rows: &[T]) -> Result<()> {
         return Err(Error::invalid(field, "must not be empty"));
     }
     if rows.len() > MAX_ROWS {
-        return Err(Error::invalid(field, format!("at most {MAX_ROWS} per call")));
+        return Err(Error::invalid(
+            field,
+            format!("at most {MAX_ROWS} per call"),
+        ));
     }
     Ok(())
 }
@@ -50,12 +56,21 @@ impl TryFrom<(usize, pb::Subscriber)> for Subscriber {
         let field = |name: &str| format!("subscribers[{index}].{name}");
         let birth_date = required(&field("birth_date"), &s.birth_date, 10)?;
         let valid_date = birth_date.len() == 10
-            && birth_date.chars().enumerate().all(|(i, c)| if i == 4 || i == 7 { c == '-' } else { c.is_ascii_digit() });
+            && birth_date.chars().enumerate().all(|(i, c)| {
+                if i == 4 || i == 7 {
+                    c == '-'
+                } else {
+                    c.is_ascii_digit()
+                }
+            });
         if !valid_date {
             return Err(Error::invalid(field("birth_date"), "must be YYYY-MM-DD"));
         }
         if !(0..=3).contains(&s.gender) {
-            return Err(Error::invalid(field("gender"), format!("unknown gender {}", s.gender)));
+            return Err(Error::invalid(
+                field("gender"),
+                format!("unknown gender {}", s.gender),
+            ));
         }
         Ok(Self {
             user_id: required(&field("user_id"), &s.user_id, 128)?.to_owned(),
@@ -87,7 +102,11 @@ impl pb::carrier_admin_server::CarrierAdmin for AdminService {
             .enumerate()
             .map(Subscriber::try_from)
             .collect::<Result<Vec<_>>>()?;
-        shared.store.upsert_subscribers(&subscribers, shared.clock.now_ms()).await.map_err(Error::from)?;
+        shared
+            .store
+            .upsert_subscribers(&subscribers, shared.clock.now_ms())
+            .await
+            .map_err(Error::from)?;
         // Durable here first; a failed push to the relay is retried by calling again.
         for chunk in subscribers.chunks(INGRESS_CHUNK) {
             let contracts = chunk
@@ -154,7 +173,11 @@ impl pb::subscriber_api_server::SubscriberApi for SubscriberService {
         let ids: Vec<&str> = request.user_ids.iter().map(String::as_str).collect();
         let known = shared.store.subscribers(&ids).await.map_err(Error::from)?;
         if let Some(index) = ids.iter().position(|id| !known.contains_key(*id)) {
-            return Err(Error::not_found(format!("user_ids[{index}]"), "not a subscriber of this carrier").into());
+            return Err(Error::not_found(
+                format!("user_ids[{index}]"),
+                "not a subscriber of this carrier",
+            )
+            .into());
         }
         shared
             .store
@@ -176,7 +199,11 @@ impl pb::subscriber_api_server::SubscriberApi for SubscriberService {
         let shared = &self.0;
         let request = request.into_inner();
         bounded("registrations", &request.registrations)?;
-        let ids: Vec<&str> = request.registrations.iter().map(|r| r.user_id.as_str()).collect();
+        let ids: Vec<&str> = request
+            .registrations
+            .iter()
+            .map(|r| r.user_id.as_str())
+            .collect();
         let known = shared.store.subscribers(&ids).await.map_err(Error::from)?;
         let now = shared.clock.now_ms();
         let mut forwarded = Vec::with_capacity(request.registrations.len());
@@ -188,7 +215,11 @@ impl pb::subscriber_api_server::SubscriberApi for SubscriberService {
                 )
                 .into());
             };
-            required(&format!("registrations[{index}].enterprise_id"), &registration.enterprise_id, 64)?;
+            required(
+                &format!("registrations[{index}].enterprise_id"),
+                &registration.enterprise_id,
+                64,
+            )?;
             let choices = registration.consent.unwrap_or_default();
             forwarded.push(relay::UserRegistration {
                 user_id: registration.user_id.clone(),
@@ -216,7 +247,8 @@ impl pb::subscriber_api_server::SubscriberApi for SubscriberService {
 
 impl Shared {
     fn admin(&self, metadata: &tonic::metadata::MetadataMap) -> Result<()> {
-        let token = auth::bearer(metadata).ok_or(Error::Unauthenticated("authorization: missing admin token"))?;
+        let token = auth::bearer(metadata)
+            .ok_or(Error::Unauthenticated("authorization: missing admin token"))?;
         if auth::constant_time_eq(token.as_bytes(), self.admin_token.as_bytes()) {
             Ok(())
         } else {

@@ -87,7 +87,9 @@ async fn link(shared: Shared, endpoint: String, cancel: CancellationToken) {
     while !cancel.is_cancelled() {
         match session(&shared, &endpoint, &cancel, &mut backoff).await {
             Ok(()) => break,
-            Err(error) => tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "terminal link down"),
+            Err(error) => {
+                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "terminal link down")
+            }
         }
         tokio::select! {
             () = cancel.cancelled() => break,
@@ -118,7 +120,10 @@ async fn session(
         carrier_id: shared.carrier_id.to_string(),
     })
     .await?;
-    let mut up = client.push(ReceiverStream::new(down_rx)).await?.into_inner();
+    let mut up = client
+        .push(ReceiverStream::new(down_rx))
+        .await?
+        .into_inner();
     shared.store.requeue_unconfirmed(endpoint).await?;
     *backoff = Duration::from_millis(100);
     tracing::info!("terminal link open");

@@ -19,7 +19,12 @@ use serde_json::json;
 #[command(name = "enterprise-cli", version, about)]
 pub struct Cli {
     /// The relay's gRPC URL.
-    #[arg(long, env = "CHUKEI_RELAY_URL", default_value = "http://127.0.0.1:50051", global = true)]
+    #[arg(
+        long,
+        env = "CHUKEI_RELAY_URL",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
     pub relay_url: String,
 
     /// Your enterprise API key (shown once when the operator created the enterprise).
@@ -125,9 +130,15 @@ pub fn parse_segment(text: &str) -> Result<pb::Segment, String> {
                 segment.age_max = Some(max);
             }
             "region" => segment.regions.extend(value.split('|').map(str::to_owned)),
-            "occupation" => segment.occupations.extend(value.split('|').map(str::to_owned)),
+            "occupation" => segment
+                .occupations
+                .extend(value.split('|').map(str::to_owned)),
             "service" => segment.service_id = value.to_owned(),
-            other => return Err(format!("segment: unknown key {other:?} (gender, age, region, occupation, service)")),
+            other => {
+                return Err(format!(
+                    "segment: unknown key {other:?} (gender, age, region, occupation, service)"
+                ));
+            }
         }
     }
     Ok(segment)
@@ -152,7 +163,9 @@ fn state_name(state: i32) -> &'static str {
     }
 }
 
-type Client = EnterpriseApiClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerInterceptor>>;
+type Client = EnterpriseApiClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerInterceptor>,
+>;
 
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
     let key = cli
@@ -164,7 +177,10 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await?;
-    Ok(EnterpriseApiClient::with_interceptor(channel, BearerInterceptor::new(key)?))
+    Ok(EnterpriseApiClient::with_interceptor(
+        channel,
+        BearerInterceptor::new(key)?,
+    ))
 }
 
 /// A status error as the user should read it: code and the relay's message.
@@ -181,7 +197,9 @@ pub fn send_request(args: &SendArgs) -> anyhow::Result<pb::SendMessageRequest> {
     } else if let Some(segment) = &args.segment {
         pb::target::Kind::Segment(parse_segment(segment).map_err(anyhow::Error::msg)?)
     } else if !args.refs.is_empty() {
-        pb::target::Kind::Refs(pb::RefList { refs: args.refs.clone() })
+        pb::target::Kind::Refs(pb::RefList {
+            refs: args.refs.clone(),
+        })
     } else {
         anyhow::bail!("send: give refs, --all, --service or --segment");
     };
@@ -210,7 +228,11 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     match &cli.command {
         Command::Send(args) => {
             let request = send_request(args)?;
-            let response = client.send_message(request).await.map_err(explain)?.into_inner();
+            let response = client
+                .send_message(request)
+                .await
+                .map_err(explain)?
+                .into_inner();
             if cli.json {
                 writeln!(
                     out,
@@ -224,13 +246,21 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
             } else {
                 writeln!(out, "message_id  {}", response.message_id)?;
                 writeln!(out, "state       {}", state_name(response.state))?;
-                let matched = response.matched.map_or_else(|| "(being extracted)".to_owned(), |m| m.to_string());
+                let matched = response
+                    .matched
+                    .map_or_else(|| "(being extracted)".to_owned(), |m| m.to_string());
                 writeln!(out, "matched     {matched}")?;
             }
         }
-        Command::Status { message_id, watch, interval_ms } => loop {
+        Command::Status {
+            message_id,
+            watch,
+            interval_ms,
+        } => loop {
             let status = client
-                .get_message(pb::GetMessageRequest { message_id: message_id.clone() })
+                .get_message(pb::GetMessageRequest {
+                    message_id: message_id.clone(),
+                })
                 .await
                 .map_err(explain)?
                 .into_inner();
@@ -242,7 +272,11 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(*interval_ms)).await;
         },
-        Command::Registrations { service, page_size, all_pages } => {
+        Command::Registrations {
+            service,
+            page_size,
+            all_pages,
+        } => {
             let mut token = String::new();
             let mut rows = Vec::new();
             loop {
@@ -266,12 +300,30 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
                     .iter()
                     .map(|r| json!({"user_ref": r.user_ref, "service_id": r.service_id, "registered_at": r.registered_at.as_ref().map(|t| t.seconds)}))
                     .collect();
-                writeln!(out, "{}", json!({"registrations": rows, "next_page_token": token}))?;
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"registrations": rows, "next_page_token": token})
+                )?;
             } else {
-                writeln!(out, "{:<28}  {:<40}  registered_at", "user_ref", "service_id")?;
+                writeln!(
+                    out,
+                    "{:<28}  {:<40}  registered_at",
+                    "user_ref", "service_id"
+                )?;
                 for r in &rows {
-                    let service = if r.service_id.is_empty() { "-" } else { &r.service_id };
-                    writeln!(out, "{:<28}  {:<40}  {}", r.user_ref, service, r.registered_at.as_ref().map_or(0, |t| t.seconds))?;
+                    let service = if r.service_id.is_empty() {
+                        "-"
+                    } else {
+                        &r.service_id
+                    };
+                    writeln!(
+                        out,
+                        "{:<28}  {:<40}  {}",
+                        r.user_ref,
+                        service,
+                        r.registered_at.as_ref().map_or(0, |t| t.seconds)
+                    )?;
                 }
                 if !token.is_empty() {
                     writeln!(out, "(more: --all-pages)")?;
@@ -282,7 +334,11 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_status(status: &pb::MessageStatus, json: bool, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+fn print_status(
+    status: &pb::MessageStatus,
+    json: bool,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
     if json {
         writeln!(
             out,
@@ -299,7 +355,10 @@ fn print_status(status: &pb::MessageStatus, json: bool, out: &mut (dyn Write + S
         )?;
     } else {
         let rate = if status.delivered > 0 {
-            format!("{:.1}%", 100.0 * status.opened as f64 / status.delivered as f64)
+            format!(
+                "{:.1}%",
+                100.0 * status.opened as f64 / status.delivered as f64
+            )
         } else {
             "-".to_owned()
         };
@@ -329,7 +388,10 @@ mod tests {
 
     #[test]
     fn segments_parse_every_key() {
-        let segment = parse_segment("gender=f, age=30s, region=tokyo|osaka, occupation=engineer, service=svc_1").unwrap();
+        let segment = parse_segment(
+            "gender=f, age=30s, region=tokyo|osaka, occupation=engineer, service=svc_1",
+        )
+        .unwrap();
         assert_eq!(segment.gender, common::Gender::Female as i32);
         assert_eq!((segment.age_min, segment.age_max), (Some(30), Some(39)));
         assert_eq!(segment.regions, ["tokyo", "osaka"]);

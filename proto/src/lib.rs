@@ -47,7 +47,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 /// The standard gRPC health protocol's client side, for readiness checks.
 pub mod health {
+    pub use tonic_health::pb::HealthCheckRequest;
     pub use tonic_health::pb::health_check_response::ServingStatus;
     pub use tonic_health::pb::health_client::HealthClient;
-    pub use tonic_health::pb::HealthCheckRequest;
 }

@@ -47,13 +47,17 @@ pub fn init(service_name: &'static str) -> anyhow::Result<TelemetryGuard> {
         }
         _ => None,
     };
-    let otel = provider.as_ref().map(|provider| {
-        tracing_opentelemetry::layer().with_tracer(provider.tracer(service_name))
-    });
+    let otel = provider
+        .as_ref()
+        .map(|provider| tracing_opentelemetry::layer().with_tracer(provider.tracer(service_name)));
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     if json {
         registry
-            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
             .try_init()?;
     } else {
         registry

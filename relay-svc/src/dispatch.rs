@@ -178,7 +178,11 @@ impl Dispatcher {
     }
 
     /// One connected stream, until it fails (error) or `cancel` (Ok).
-    async fn session(&self, cancel: &CancellationToken, backoff: &mut Duration) -> anyhow::Result<()> {
+    async fn session(
+        &self,
+        cancel: &CancellationToken,
+        backoff: &mut Duration,
+    ) -> anyhow::Result<()> {
         let Some(endpoint) = self.store.carrier_endpoint(&self.carrier_id).await? else {
             anyhow::bail!("carrier is not registered");
         };
@@ -195,8 +199,12 @@ impl Dispatcher {
         )
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
-        let (down, down_rx) = mpsc::channel::<pb::RelayToCarrier>(self.config.batches_in_flight + 4);
-        let mut up = client.deliver(ReceiverStream::new(down_rx)).await?.into_inner();
+        let (down, down_rx) =
+            mpsc::channel::<pb::RelayToCarrier>(self.config.batches_in_flight + 4);
+        let mut up = client
+            .deliver(ReceiverStream::new(down_rx))
+            .await?
+            .into_inner();
         self.handle.set_connected(&self.carrier_id, true);
         *backoff = Duration::from_millis(100);
         tracing::info!(carrier_id = %self.carrier_id, "carrier stream open");
@@ -212,7 +220,12 @@ impl Dispatcher {
             while in_flight.len() < self.config.batches_in_flight {
                 let due = self
                     .store
-                    .due_deliveries(&self.carrier_id, cursor, self.clock.now_ms(), self.config.batch_size)
+                    .due_deliveries(
+                        &self.carrier_id,
+                        cursor,
+                        self.clock.now_ms(),
+                        self.config.batch_size,
+                    )
                     .await?;
                 let Some(last) = due.last() else {
                     if in_flight.is_empty() {
@@ -264,23 +277,40 @@ impl Dispatcher {
             }
             Some(pb::carrier_to_relay::Kind::Receipts(batch)) => {
                 let up_to_seq = batch.receipts.iter().map(|r| r.seq).max().unwrap_or(0);
-                let receipts: Vec<Receipt> = batch.receipts.into_iter().filter_map(receipt_from_wire).collect();
-                self.store.record_receipts(&self.carrier_id, &receipts).await?;
+                let receipts: Vec<Receipt> = batch
+                    .receipts
+                    .into_iter()
+                    .filter_map(receipt_from_wire)
+                    .collect();
+                self.store
+                    .record_receipts(&self.carrier_id, &receipts)
+                    .await?;
                 down.send(pb::RelayToCarrier {
-                    kind: Some(pb::relay_to_carrier::Kind::ReceiptAck(pb::ReceiptAck { up_to_seq })),
+                    kind: Some(pb::relay_to_carrier::Kind::ReceiptAck(pb::ReceiptAck {
+                        up_to_seq,
+                    })),
                 })
                 .await?;
             }
             Some(pb::carrier_to_relay::Kind::CountReport(report)) => {
                 let report = CountReport {
-                    at: report.at.as_ref().map_or_else(|| self.clock.now_ms(), from_timestamp),
+                    at: report
+                        .at
+                        .as_ref()
+                        .map_or_else(|| self.clock.now_ms(), from_timestamp),
                     counts: report
                         .counts
                         .into_iter()
-                        .map(|c| MessageCount { message_id: c.message_id, sent: c.sent, opened: c.opened })
+                        .map(|c| MessageCount {
+                            message_id: c.message_id,
+                            sent: c.sent,
+                            opened: c.opened,
+                        })
                         .collect(),
                 };
-                self.store.store_count_report(&self.carrier_id, &report).await?;
+                self.store
+                    .store_count_report(&self.carrier_id, &report)
+                    .await?;
             }
             None => {}
         }

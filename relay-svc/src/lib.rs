@@ -105,7 +105,14 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(admin_server::AdminServer::new(AdminService(relay)));
-    let served = server::serve(router, listener, shutdown, cancel.clone(), config.shutdown_grace()).await;
+    let served = server::serve(
+        router,
+        listener,
+        shutdown,
+        cancel.clone(),
+        config.shutdown_grace(),
+    )
+    .await;
 
     cancel.cancel();
     let stopped = tokio::time::timeout(config.shutdown_grace(), async {

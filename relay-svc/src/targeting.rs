@@ -128,7 +128,10 @@ impl NewMessage {
                     field("age", &format!("{min}-{max}"));
                 }
                 segment.regions.iter().for_each(|r| field("region", r));
-                segment.occupations.iter().for_each(|o| field("occupation", o));
+                segment
+                    .occupations
+                    .iter()
+                    .for_each(|o| field("occupation", o));
                 field("service", segment.service_id.as_deref().unwrap_or(""));
             }
         }

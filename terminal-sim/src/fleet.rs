@@ -120,7 +120,8 @@ impl Fleet {
                 let primary = rng.below(carriers.len() as u64) as usize;
                 let mut user_carriers = vec![carriers[primary].clone()];
                 if carriers.len() > 1 && rng.chance(1.0 / 6.0) {
-                    let second = (primary + 1 + rng.below(carriers.len() as u64 - 1) as usize) % carriers.len();
+                    let second = (primary + 1 + rng.below(carriers.len() as u64 - 1) as usize)
+                        % carriers.len();
                     user_carriers.push(carriers[second].clone());
                 }
                 let base = 0.1 + rng.unit() * 0.7;
@@ -169,11 +170,20 @@ mod tests {
         assert_eq!(fleet, Fleet::generate(42, 3_000, &carriers));
         assert_ne!(fleet.users[0], Fleet::generate(43, 1, &carriers).users[0]);
         for carrier in &carriers {
-            let primary = fleet.users.iter().filter(|u| &u.carriers[0] == carrier).count();
+            let primary = fleet
+                .users
+                .iter()
+                .filter(|u| &u.carriers[0] == carrier)
+                .count();
             assert!(primary > 800, "{carrier} has only {primary} primary users");
         }
         let two = fleet.users.iter().filter(|u| u.carriers.len() == 2).count();
         assert!((300..700).contains(&two), "{two} users with two carriers");
-        assert!(fleet.users.iter().all(|u| u.carriers.first() != u.carriers.get(1)));
+        assert!(
+            fleet
+                .users
+                .iter()
+                .all(|u| u.carriers.first() != u.carriers.get(1))
+        );
     }
 }

@@ -56,19 +56,37 @@ pub struct FleetOptions {
     pub advertise_url: Option<String>,
 
     /// The fleet's carriers, `ID=URL`; repeat the flag (or comma-separate in the env var).
-    #[arg(long = "carrier", env = "CHUKEI_TERMINAL_CARRIERS", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "carrier",
+        env = "CHUKEI_TERMINAL_CARRIERS",
+        value_delimiter = ',',
+        required = true
+    )]
     pub carriers: Vec<CarrierUrl>,
 
     /// The carriers' admin token: when given, the fleet provisions its own subscriber records first.
-    #[arg(long, env = "CHUKEI_TERMINAL_CARRIER_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "CHUKEI_TERMINAL_CARRIER_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
     pub carrier_admin_token: Option<String>,
 
     /// Enterprises to register users with, `ENTERPRISE_ID[:SERVICE_ID,…]`; repeat the flag.
-    #[arg(long = "enterprise", env = "CHUKEI_TERMINAL_ENTERPRISES", value_delimiter = ' ')]
+    #[arg(
+        long = "enterprise",
+        env = "CHUKEI_TERMINAL_ENTERPRISES",
+        value_delimiter = ' '
+    )]
     pub enterprises: Vec<EnterpriseChoice>,
 
     /// How users open messages.
-    #[arg(long, env = "CHUKEI_TERMINAL_OPEN_MODE", value_enum, default_value = "model")]
+    #[arg(
+        long,
+        env = "CHUKEI_TERMINAL_OPEN_MODE",
+        value_enum,
+        default_value = "model"
+    )]
     pub open_mode: OpenMode,
 
     #[command(flatten)]
@@ -86,12 +104,22 @@ pub async fn run_fleet(
     ready: impl FnOnce(Terminals) + Send,
 ) -> anyhow::Result<()> {
     options.clock.validate()?;
-    let advertise = options
-        .advertise_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default()));
+    let advertise = options.advertise_url.clone().unwrap_or_else(|| {
+        format!(
+            "http://{}",
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        )
+    });
     let cancel = CancellationToken::new();
-    let terminals = Terminals::new(&fleet, options.clock.clock(), options.open_mode, cancel.clone());
+    let terminals = Terminals::new(
+        &fleet,
+        options.clock.clock(),
+        options.open_mode,
+        cancel.clone(),
+    );
     let (health_reporter, health_service) = server::health();
     // Not ready (overall, and the Terminal service) until the fleet is set up.
     health_reporter
@@ -103,7 +131,9 @@ pub async fn run_fleet(
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(server::reflection()?)
-        .add_service(TerminalServer::new(terminals.clone()).max_decoding_message_size(64 * 1024 * 1024));
+        .add_service(
+            TerminalServer::new(terminals.clone()).max_decoding_message_size(64 * 1024 * 1024),
+        );
     let server = tokio::spawn(server::serve(
         router,
         listener,

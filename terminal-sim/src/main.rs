@@ -12,7 +12,12 @@ use terminal_sim::{CarrierUrl, FleetOptions};
 #[command(name = "terminal-sim", version, about)]
 struct Cli {
     /// Address the Terminal service listens on.
-    #[arg(long, env = "CHUKEI_TERMINAL_LISTEN", default_value = "127.0.0.1:50071", global = true)]
+    #[arg(
+        long,
+        env = "CHUKEI_TERMINAL_LISTEN",
+        default_value = "127.0.0.1:50071",
+        global = true
+    )]
     listen: SocketAddr,
 
     #[command(subcommand)]
@@ -54,18 +59,42 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = chukei_proto::telemetry::init("terminal-sim")?;
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     match cli.command {
-        Command::Fleet { seed, users, options } => {
+        Command::Fleet {
+            seed,
+            users,
+            options,
+        } => {
             if users == 0 {
                 anyhow::bail!("--users: must be positive");
             }
-            let carriers: Vec<String> = options.carriers.iter().map(|c| c.carrier_id.clone()).collect();
+            let carriers: Vec<String> = options
+                .carriers
+                .iter()
+                .map(|c| c.carrier_id.clone())
+                .collect();
             let fleet = Fleet::generate(seed, users, &carriers);
-            terminal_sim::run_fleet(fleet, options, listener, chukei_proto::server::shutdown_signal(), |_| {}).await
+            terminal_sim::run_fleet(
+                fleet,
+                options,
+                listener,
+                chukei_proto::server::shutdown_signal(),
+                |_| {},
+            )
+            .await
         }
-        Command::Interactive { user_id, register, share, mut options } => {
+        Command::Interactive {
+            user_id,
+            register,
+            share,
+            mut options,
+        } => {
             options.open_mode = OpenMode::Never;
             options.enterprises.clear();
-            let carriers: Vec<String> = options.carriers.iter().map(|c| c.carrier_id.clone()).collect();
+            let carriers: Vec<String> = options
+                .carriers
+                .iter()
+                .map(|c| c.carrier_id.clone())
+                .collect();
             let mut fleet = Fleet::generate(0, 1, &carriers);
             fleet.users[0].user_id = user_id.clone();
             fleet.users[0].carriers = carriers;
@@ -92,14 +121,23 @@ async fn main() -> anyhow::Result<()> {
                     match words.as_slice() {
                         ["inbox"] => {
                             for (n, item) in terminals.inbox(&user).iter().enumerate() {
-                                let state = if item.opened_at.is_some() { "read" } else { "new" };
-                                println!("{n:>3}  {state:<4}  {}  ch={}  {}", item.message_id, item.channel, item.text);
+                                let state = if item.opened_at.is_some() {
+                                    "read"
+                                } else {
+                                    "new"
+                                };
+                                println!(
+                                    "{n:>3}  {state:<4}  {}  ch={}  {}",
+                                    item.message_id, item.channel, item.text
+                                );
                             }
                         }
                         ["open", n] => {
                             let inbox = terminals.inbox(&user);
                             match n.parse::<usize>().ok().and_then(|n| inbox.get(n)) {
-                                Some(item) if terminals.open(&item.delivery_id) => println!("opened {}", item.message_id),
+                                Some(item) if terminals.open(&item.delivery_id) => {
+                                    println!("opened {}", item.message_id)
+                                }
                                 Some(_) => println!("already open"),
                                 None => println!("no message {n}"),
                             }
@@ -117,7 +155,12 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-async fn register_one(carriers: &[CarrierUrl], user_id: &str, register: &str, share: &[String]) -> anyhow::Result<()> {
+async fn register_one(
+    carriers: &[CarrierUrl],
+    user_id: &str,
+    register: &str,
+    share: &[String],
+) -> anyhow::Result<()> {
     let (enterprise_id, service_id) = register.split_once(':').unwrap_or((register, ""));
     let mut consent = pb::ConsentChoices::default();
     for field in share {
@@ -131,8 +174,11 @@ async fn register_one(carriers: &[CarrierUrl], user_id: &str, register: &str, sh
             other => anyhow::bail!("--share: unknown field {other:?}"),
         }
     }
-    let carrier = carriers.first().ok_or_else(|| anyhow::anyhow!("--carrier: give at least one"))?;
-    let mut client = pb::subscriber_api_client::SubscriberApiClient::connect(carrier.url.clone()).await?;
+    let carrier = carriers
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("--carrier: give at least one"))?;
+    let mut client =
+        pb::subscriber_api_client::SubscriberApiClient::connect(carrier.url.clone()).await?;
     let response = client
         .register(pb::RegisterRequest {
             registrations: vec![pb::Registration {
@@ -143,6 +189,9 @@ async fn register_one(carriers: &[CarrierUrl], user_id: &str, register: &str, sh
             }],
         })
         .await?;
-    println!("registered; the enterprise knows you as {}", response.into_inner().user_refs.join(","));
+    println!(
+        "registered; the enterprise knows you as {}",
+        response.into_inner().user_refs.join(",")
+    );
     Ok(())
 }

@@ -61,15 +61,26 @@ mod tests {
 
     #[test]
     fn same_seed_same_sequence() {
-        let a: Vec<u64> = (0..5).scan(Rng::new(7), |r, _| Some(r.next_u64())).collect();
-        let b: Vec<u64> = (0..5).scan(Rng::new(7), |r, _| Some(r.next_u64())).collect();
+        let a: Vec<u64> = (0..5)
+            .scan(Rng::new(7), |r, _| Some(r.next_u64()))
+            .collect();
+        let b: Vec<u64> = (0..5)
+            .scan(Rng::new(7), |r, _| Some(r.next_u64()))
+            .collect();
         assert_eq!(a, b);
-        assert_ne!(Rng::for_labels(1, &["a", "b"]).next_u64(), Rng::for_labels(1, &["ab"]).next_u64());
+        assert_ne!(
+            Rng::for_labels(1, &["a", "b"]).next_u64(),
+            Rng::for_labels(1, &["ab"]).next_u64()
+        );
     }
 
     #[test]
     fn unit_stays_in_range() {
         let mut rng = Rng::new(1);
-        assert!((0..10_000).map(|_| rng.unit()).all(|u| (0.0..1.0).contains(&u)));
+        assert!(
+            (0..10_000)
+                .map(|_| rng.unit())
+                .all(|u| (0.0..1.0).contains(&u))
+        );
     }
 }

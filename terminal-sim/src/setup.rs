@@ -34,23 +34,35 @@ impl std::str::FromStr for EnterpriseChoice {
         }
         Ok(Self {
             enterprise_id: enterprise.to_owned(),
-            service_ids: services.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+            service_ids: services
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
         })
     }
 }
 
 /// Connects to every carrier's gRPC endpoint (`id → url`).
-pub async fn connect(carriers: &HashMap<String, String>) -> anyhow::Result<HashMap<String, Channel>> {
+pub async fn connect(
+    carriers: &HashMap<String, String>,
+) -> anyhow::Result<HashMap<String, Channel>> {
     let mut channels = HashMap::new();
     for (id, url) in carriers {
-        let channel = tonic::transport::Endpoint::from_shared(url.clone())?.connect().await?;
+        let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+            .connect()
+            .await?;
         channels.insert(id.clone(), channel);
     }
     Ok(channels)
 }
 
 /// Provisions every user's subscriber record at each of their carriers.
-pub async fn provision(fleet: &Fleet, carriers: &HashMap<String, Channel>, admin_token: &str) -> anyhow::Result<()> {
+pub async fn provision(
+    fleet: &Fleet,
+    carriers: &HashMap<String, Channel>,
+    admin_token: &str,
+) -> anyhow::Result<()> {
     for (carrier_id, channel) in carriers {
         let subscribers: Vec<pb::Subscriber> = fleet
             .users
@@ -58,11 +70,16 @@ pub async fn provision(fleet: &Fleet, carriers: &HashMap<String, Channel>, admin
             .filter(|u| u.carriers.contains(carrier_id))
             .map(|u| u.subscriber(carrier_id))
             .collect();
-        let mut client = CarrierAdminClient::with_interceptor(channel.clone(), BearerInterceptor::new(admin_token)?)
-            .max_encoding_message_size(64 * 1024 * 1024);
+        let mut client = CarrierAdminClient::with_interceptor(
+            channel.clone(),
+            BearerInterceptor::new(admin_token)?,
+        )
+        .max_encoding_message_size(64 * 1024 * 1024);
         for chunk in subscribers.chunks(CHUNK) {
             client
-                .provision_subscribers(pb::ProvisionSubscribersRequest { subscribers: chunk.to_vec() })
+                .provision_subscribers(pb::ProvisionSubscribersRequest {
+                    subscribers: chunk.to_vec(),
+                })
                 .await?;
         }
     }
@@ -70,7 +87,11 @@ pub async fn provision(fleet: &Fleet, carriers: &HashMap<String, Channel>, admin
 }
 
 /// Attaches every user to each of their carriers at `endpoint`.
-pub async fn attach(fleet: &Fleet, carriers: &HashMap<String, Channel>, endpoint: &str) -> anyhow::Result<()> {
+pub async fn attach(
+    fleet: &Fleet,
+    carriers: &HashMap<String, Channel>,
+    endpoint: &str,
+) -> anyhow::Result<()> {
     for (carrier_id, channel) in carriers {
         let users: Vec<String> = fleet
             .users
@@ -78,7 +99,8 @@ pub async fn attach(fleet: &Fleet, carriers: &HashMap<String, Channel>, endpoint
             .filter(|u| u.carriers.contains(carrier_id))
             .map(|u| u.user_id.clone())
             .collect();
-        let mut client = SubscriberApiClient::new(channel.clone()).max_encoding_message_size(64 * 1024 * 1024);
+        let mut client =
+            SubscriberApiClient::new(channel.clone()).max_encoding_message_size(64 * 1024 * 1024);
         for chunk in users.chunks(CHUNK) {
             client
                 .attach(pb::AttachRequest {
@@ -100,7 +122,9 @@ pub async fn register(
 ) -> anyhow::Result<usize> {
     let mut by_carrier: HashMap<&str, Vec<pb::Registration>> = HashMap::new();
     for user in &fleet.users {
-        let Some(primary) = user.carriers.first() else { continue };
+        let Some(primary) = user.carriers.first() else {
+            continue;
+        };
         for enterprise in enterprises {
             let Some(consent) = user.consent_for(fleet.seed, &enterprise.enterprise_id) else {
                 continue;
@@ -134,10 +158,13 @@ pub async fn register(
         let Some(channel) = carriers.get(carrier_id) else {
             anyhow::bail!("--carrier: no URL for carrier {carrier_id} used by the fleet");
         };
-        let mut client = SubscriberApiClient::new(channel.clone()).max_encoding_message_size(64 * 1024 * 1024);
+        let mut client =
+            SubscriberApiClient::new(channel.clone()).max_encoding_message_size(64 * 1024 * 1024);
         for chunk in registrations.chunks(CHUNK) {
             total += client
-                .register(pb::RegisterRequest { registrations: chunk.to_vec() })
+                .register(pb::RegisterRequest {
+                    registrations: chunk.to_vec(),
+                })
                 .await?
                 .into_inner()
                 .user_refs

@@ -94,14 +94,21 @@ impl Terminals {
                 seed: fleet.seed,
                 clock,
                 mode,
-                users: fleet.users.iter().map(|u| (u.user_id.clone(), u.clone())).collect(),
+                users: fleet
+                    .users
+                    .iter()
+                    .map(|u| (u.user_id.clone(), u.clone()))
+                    .collect(),
                 state: Mutex::default(),
                 schedule,
                 tasks: TaskTracker::new(),
                 cancel,
             }),
         };
-        terminals.inner.tasks.spawn(terminals.clone().run_scheduler(scheduled));
+        terminals
+            .inner
+            .tasks
+            .spawn(terminals.clone().run_scheduler(scheduled));
         terminals
     }
 
@@ -112,7 +119,10 @@ impl Terminals {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.inner.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -125,7 +135,11 @@ impl Terminals {
         state
             .inbox
             .get(user_id)
-            .map(|ids| ids.iter().filter_map(|id| state.items.get(id).cloned()).collect())
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| state.items.get(id).cloned())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -145,7 +159,11 @@ impl Terminals {
         self.fire_open(delivery_id)
     }
 
-    fn receive(&self, carrier_id: &str, messages: Vec<pb::PushedMessage>) -> Vec<pb::TerminalEvent> {
+    fn receive(
+        &self,
+        carrier_id: &str,
+        messages: Vec<pb::PushedMessage>,
+    ) -> Vec<pb::TerminalEvent> {
         let now = self.inner.clock.now_ms();
         let mut events = Vec::with_capacity(messages.len());
         let mut opens = Vec::new();
@@ -176,8 +194,14 @@ impl Terminals {
                 if let Some(at) = self.open_time(user, &message, now) {
                     opens.push((at, message.delivery_id.clone()));
                 }
-                state.user_of.insert(message.delivery_id.clone(), message.user_id.clone());
-                state.inbox.entry(message.user_id.clone()).or_default().push(message.delivery_id.clone());
+                state
+                    .user_of
+                    .insert(message.delivery_id.clone(), message.user_id.clone());
+                state
+                    .inbox
+                    .entry(message.user_id.clone())
+                    .or_default()
+                    .push(message.delivery_id.clone());
                 let content = message.content.unwrap_or_default();
                 state.items.insert(
                     message.delivery_id.clone(),
@@ -206,7 +230,10 @@ impl Terminals {
             OpenMode::Never => None,
             OpenMode::Always => Some(now),
             OpenMode::Model => {
-                let mut rng = Rng::for_labels(self.inner.seed, &["open", &user.user_id, &message.message_id]);
+                let mut rng = Rng::for_labels(
+                    self.inner.seed,
+                    &["open", &user.user_id, &message.message_id],
+                );
                 let channel = usize::try_from(message.channel).unwrap_or(0).min(4);
                 if !rng.chance(user.behaviour.open_propensity[channel]) {
                     return None;
@@ -258,16 +285,24 @@ impl Terminals {
     fn fire_open(&self, delivery_id: &str) -> bool {
         let now = self.inner.clock.now_ms();
         let mut state = self.state();
-        let Some(user_id) = state.user_of.get(delivery_id).cloned() else { return false };
-        let place = self.inner.users.get(&user_id).map_or_else(String::new, |user| {
-            let mut rng = Rng::for_labels(self.inner.seed, &["place", &user_id, delivery_id]);
-            if rng.chance(user.behaviour.away_share) {
-                rng.pick(REGIONS).to_string()
-            } else {
-                user.home_region.clone()
-            }
-        });
-        let Some(item) = state.items.get_mut(delivery_id) else { return false };
+        let Some(user_id) = state.user_of.get(delivery_id).cloned() else {
+            return false;
+        };
+        let place = self
+            .inner
+            .users
+            .get(&user_id)
+            .map_or_else(String::new, |user| {
+                let mut rng = Rng::for_labels(self.inner.seed, &["place", &user_id, delivery_id]);
+                if rng.chance(user.behaviour.away_share) {
+                    rng.pick(REGIONS).to_string()
+                } else {
+                    user.home_region.clone()
+                }
+            });
+        let Some(item) = state.items.get_mut(delivery_id) else {
+            return false;
+        };
         if item.opened_at.is_some() {
             return false;
         }
@@ -277,7 +312,9 @@ impl Terminals {
         let carrier_id = item.carrier_id.clone();
         state.snapshot.opened += 1;
         if let Some(sink) = state.sinks.get(&carrier_id) {
-            let _ = sink.send(pb::TerminalEvents { events: vec![event] });
+            let _ = sink.send(pb::TerminalEvents {
+                events: vec![event],
+            });
         }
         true
     }
@@ -321,7 +358,10 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::TerminalEvents, Status>>
 impl pb::terminal_server::Terminal for Terminals {
     type PushStream = EventStream;
 
-    async fn push(&self, request: Request<Streaming<pb::PushRequest>>) -> Result<Response<EventStream>, Status> {
+    async fn push(
+        &self,
+        request: Request<Streaming<pb::PushRequest>>,
+    ) -> Result<Response<EventStream>, Status> {
         let mut inbound = request.into_inner();
         let (sink, events) = mpsc::unbounded_channel();
         let terminals = self.clone();
@@ -338,7 +378,9 @@ impl pb::terminal_server::Terminal for Terminals {
                     terminals.attach_sink(&carrier_id, sink.clone());
                 }
                 let delivered = terminals.receive(&carrier_id, request.messages);
-                if !delivered.is_empty() && sink.send(pb::TerminalEvents { events: delivered }).is_err() {
+                if !delivered.is_empty()
+                    && sink.send(pb::TerminalEvents { events: delivered }).is_err()
+                {
                     break;
                 }
             }

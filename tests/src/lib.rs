@@ -27,7 +27,6 @@ use terminal_sim::terminal::{OpenMode, Terminals};
 use terminal_sim::{CarrierUrl, FleetOptions};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -76,9 +75,9 @@ pub async fn postgres_database() -> anyhow::Result<Option<(String, String)>> {
         return Ok(None);
     };
     let name = format!("chukei_t_{}", uuid::Uuid::now_v7().simple());
-    let mut connection = sqlx::PgConnection::connect(&base)
-        .await
-        .map_err(|error| anyhow::anyhow!("{POSTGRES_ENV} is set but PostgreSQL is unreachable: {error}"))?;
+    let mut connection = sqlx::PgConnection::connect(&base).await.map_err(|error| {
+        anyhow::anyhow!("{POSTGRES_ENV} is set but PostgreSQL is unreachable: {error}")
+    })?;
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut connection)
         .await?;
@@ -92,9 +91,11 @@ pub async fn postgres_database() -> anyhow::Result<Option<(String, String)>> {
 pub async fn drop_postgres_database(name: &str) -> anyhow::Result<()> {
     let base = std::env::var(POSTGRES_ENV)?;
     let mut connection = sqlx::PgConnection::connect(&base).await?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-        .execute(&mut connection)
-        .await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut connection)
+    .await?;
     Ok(())
 }
 
@@ -193,10 +194,8 @@ impl Running {
     }
 }
 
-fn shutdown_on(stopped: oneshot::Receiver<()>) -> impl Future<Output = ()> + Send + 'static {
-    async move {
-        let _ = stopped.await;
-    }
+async fn shutdown_on(stopped: oneshot::Receiver<()>) {
+    let _ = stopped.await;
 }
 
 /// One carrier of a test hub.
@@ -233,7 +232,10 @@ impl Hub {
         init_logs();
         let dir = tempfile::tempdir()?;
         let (database_url, postgres_name) = match backend {
-            Backend::Sqlite => (format!("sqlite://{}", dir.path().join("relay.db").display()), None),
+            Backend::Sqlite => (
+                format!("sqlite://{}", dir.path().join("relay.db").display()),
+                None,
+            ),
             Backend::Postgres => match postgres_database().await? {
                 Some((url, name)) => (url, Some(name)),
                 None => return Ok(None),
@@ -299,7 +301,9 @@ impl Hub {
 
     fn spawn_relay(&self, listener: std::net::TcpListener) -> Running {
         let config = self.relay_config();
-        Running::spawn(listener, |listener, stopped| relay_svc::run(config, listener, shutdown_on(stopped)))
+        Running::spawn(listener, |listener, stopped| {
+            relay_svc::run(config, listener, shutdown_on(stopped))
+        })
     }
 
     fn spawn_carrier(&self, node: &CarrierNode, listener: std::net::TcpListener) -> Running {
@@ -318,18 +322,26 @@ impl Hub {
             shutdown_grace_secs: 5,
             clock: ClockArgs::default(),
         };
-        Running::spawn(listener, |listener, stopped| carrier_svc::run(config, listener, shutdown_on(stopped)))
+        Running::spawn(listener, |listener, stopped| {
+            carrier_svc::run(config, listener, shutdown_on(stopped))
+        })
     }
 
     pub async fn admin(&self) -> anyhow::Result<Admin> {
         let channel = Channel::from_shared(self.relay_url())?.connect().await?;
-        Ok(AdminClient::with_interceptor(channel, BearerInterceptor::new(ADMIN_TOKEN)?))
+        Ok(AdminClient::with_interceptor(
+            channel,
+            BearerInterceptor::new(ADMIN_TOKEN)?,
+        ))
     }
 
     /// An EnterpriseApi client presenting `api_key`.
     pub async fn enterprise(&self, api_key: &str) -> anyhow::Result<Enterprise> {
         let channel = Channel::from_shared(self.relay_url())?.connect().await?;
-        Ok(EnterpriseApiClient::with_interceptor(channel, BearerInterceptor::new(api_key)?))
+        Ok(EnterpriseApiClient::with_interceptor(
+            channel,
+            BearerInterceptor::new(api_key)?,
+        ))
     }
 
     /// Creates an enterprise; returns its id and API key.
@@ -382,9 +394,15 @@ impl Hub {
         };
         let (ready_tx, ready_rx) = oneshot::channel();
         let running = Running::spawn(listener, |listener, stopped| {
-            terminal_sim::run_fleet(fleet, options, listener, shutdown_on(stopped), move |terminals| {
-                let _ = ready_tx.send(terminals);
-            })
+            terminal_sim::run_fleet(
+                fleet,
+                options,
+                listener,
+                shutdown_on(stopped),
+                move |terminals| {
+                    let _ = ready_tx.send(terminals);
+                },
+            )
         });
         let terminals = match tokio::time::timeout(Duration::from_secs(60), ready_rx).await {
             Ok(Ok(terminals)) => terminals,
@@ -410,7 +428,9 @@ impl Hub {
         Ok(self
             .admin()
             .await?
-            .get_carrier_stats(pb::GetCarrierStatsRequest { message_id: message_id.into() })
+            .get_carrier_stats(pb::GetCarrierStatsRequest {
+                message_id: message_id.into(),
+            })
             .await?
             .into_inner()
             .carriers)
@@ -462,7 +482,9 @@ impl Hub {
         let outcome = tokio::time::timeout(Duration::from_secs(60), async {
             loop {
                 if let Ok(status) = client
-                    .get_message(pb::GetMessageRequest { message_id: message_id.into() })
+                    .get_message(pb::GetMessageRequest {
+                        message_id: message_id.into(),
+                    })
                     .await
                 {
                     let status = status.into_inner();
@@ -475,7 +497,9 @@ impl Hub {
             }
         })
         .await;
-        outcome.unwrap_or_else(|_| panic!("message {message_id} never got there; last status {last:?}"))
+        outcome.unwrap_or_else(|_| {
+            panic!("message {message_id} never got there; last status {last:?}")
+        })
     }
 
     /// Stops everything gracefully, checks each service stopped cleanly, and
@@ -522,7 +546,9 @@ pub async fn wait_healthy(url: &str) -> anyhow::Result<()> {
         if let Ok(channel) = Channel::from_shared(url.to_owned())?.connect().await {
             let mut client = HealthClient::new(channel);
             if let Ok(response) = client
-                .check(HealthCheckRequest { service: String::new() })
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
                 .await
             {
                 if response.into_inner().status == ServingStatus::Serving as i32 {
@@ -537,9 +563,11 @@ pub async fn wait_healthy(url: &str) -> anyhow::Result<()> {
     }
 }
 
-
 /// Collects registrations the fleet model makes, for computing expectations.
-pub fn registered_users(fleet: &Fleet, enterprise_id: &str) -> HashMap<String, terminal_sim::fleet::SimUser> {
+pub fn registered_users(
+    fleet: &Fleet,
+    enterprise_id: &str,
+) -> HashMap<String, terminal_sim::fleet::SimUser> {
     fleet
         .users
         .iter()

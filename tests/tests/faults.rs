@@ -14,120 +14,209 @@ use terminal_sim::terminal::{OpenMode, Terminals};
 fn broadcast(key: &str, text: &str) -> pb::SendMessageRequest {
     pb::SendMessageRequest {
         idempotency_key: key.into(),
-        target: Some(pb::Target { kind: Some(pb::target::Kind::AllRegistered(true)) }),
-        content: Some(common::Content { text: text.into(), media_url: String::new() }),
+        target: Some(pb::Target {
+            kind: Some(pb::target::Kind::AllRegistered(true)),
+        }),
+        content: Some(common::Content {
+            text: text.into(),
+            media_url: String::new(),
+        }),
         channel: common::Channel::Sms as i32,
         all_carriers: false,
     }
 }
 
 /// Every recipient has the message exactly once in their inbox.
-fn assert_exactly_once(terminals: &Terminals, message_id: &str, expected: &HashMap<String, terminal_sim::fleet::SimUser>) {
+fn assert_exactly_once(
+    terminals: &Terminals,
+    message_id: &str,
+    expected: &HashMap<String, terminal_sim::fleet::SimUser>,
+) {
     let reached = terminals.recipients(message_id);
     assert_eq!(reached.len(), expected.len());
     for user_id in expected.keys() {
-        let copies = terminals.inbox(user_id).iter().filter(|i| i.message_id == message_id).count();
+        let copies = terminals
+            .inbox(user_id)
+            .iter()
+            .filter(|i| i.message_id == message_id)
+            .count();
         assert_eq!(copies, 1, "{user_id} has {copies} copies of {message_id}");
     }
 }
 
 async fn a_carrier_killed_mid_campaign_loses_nothing(backend: Backend) {
-    let Some(mut hub) = Hub::start(backend, &["alpha", "beta"]).await.unwrap() else { return };
+    let Some(mut hub) = Hub::start(backend, &["alpha", "beta"]).await.unwrap() else {
+        return;
+    };
     let (shop, key) = hub.create_enterprise("shop").await.unwrap();
     let fleet = Fleet::generate(21, 400, &["alpha".into(), "beta".into()]);
     let terminals = hub
-        .start_fleet(fleet.clone(), vec![EnterpriseChoice { enterprise_id: shop.clone(), service_ids: vec![] }], OpenMode::Always)
+        .start_fleet(
+            fleet.clone(),
+            vec![EnterpriseChoice {
+                enterprise_id: shop.clone(),
+                service_ids: vec![],
+            }],
+            OpenMode::Always,
+        )
         .await
         .unwrap();
     let registered = registered_users(&fleet, &shop);
     let mut client = hub.enterprise(&key).await.unwrap();
 
     // Kill alpha while the first campaign is flowing.
-    let first = client.send_message(broadcast("first", "one")).await.unwrap().into_inner();
-    hub.wait_for_message(&key, &first.message_id, |s| s.handed_over > 0).await;
+    let first = client
+        .send_message(broadcast("first", "one"))
+        .await
+        .unwrap()
+        .into_inner();
+    hub.wait_for_message(&key, &first.message_id, |s| s.handed_over > 0)
+        .await;
     hub.kill_carrier("alpha").await;
     // A second campaign is accepted while alpha is down; alpha's share must wait.
-    let second = client.send_message(broadcast("second", "two")).await.unwrap().into_inner();
-    let alpha_users = registered.values().filter(|u| u.carriers[0] == "alpha").count() as u64;
-    let waiting = eventually("alpha's deliveries to wait at the relay", Duration::from_secs(30), || async {
-        let stats = hub.carrier_stats(&second.message_id).await.ok()?;
-        let alpha = stats.into_iter().find(|c| c.carrier_id == "alpha")?;
-        (alpha.pending == alpha_users && !alpha.connected).then_some(alpha.pending)
-    })
+    let second = client
+        .send_message(broadcast("second", "two"))
+        .await
+        .unwrap()
+        .into_inner();
+    let alpha_users = registered
+        .values()
+        .filter(|u| u.carriers[0] == "alpha")
+        .count() as u64;
+    let waiting = eventually(
+        "alpha's deliveries to wait at the relay",
+        Duration::from_secs(30),
+        || async {
+            let stats = hub.carrier_stats(&second.message_id).await.ok()?;
+            let alpha = stats.into_iter().find(|c| c.carrier_id == "alpha")?;
+            (alpha.pending == alpha_users && !alpha.connected).then_some(alpha.pending)
+        },
+    )
     .await;
     assert!(waiting > 0);
 
     hub.restart_carrier("alpha").await.unwrap();
     for message in [&first, &second] {
         let status = hub
-            .wait_for_message(&key, &message.message_id, |s| s.matched > 0 && s.opened == s.matched)
+            .wait_for_message(&key, &message.message_id, |s| {
+                s.matched > 0 && s.opened == s.matched
+            })
             .await;
         assert_eq!(status.matched as usize, registered.len());
         assert_eq!(status.delivered, status.matched);
         assert_exactly_once(&terminals, &message.message_id, &registered);
     }
     // The carriers' own reports agree with the relay's events once they come in.
-    eventually("count reports to match events", Duration::from_secs(30), || async {
-        let stats = hub.carrier_stats(&second.message_id).await.ok()?;
-        stats
-            .iter()
-            .all(|c| c.reported_sent == c.delivered && c.reported_opened == c.opened)
-            .then_some(())
-    })
+    eventually(
+        "count reports to match events",
+        Duration::from_secs(30),
+        || async {
+            let stats = hub.carrier_stats(&second.message_id).await.ok()?;
+            stats
+                .iter()
+                .all(|c| c.reported_sent == c.delivered && c.reported_opened == c.opened)
+                .then_some(())
+        },
+    )
     .await;
     hub.shutdown().await.unwrap();
 }
 
 async fn a_relay_killed_with_pending_deliveries_loses_nothing(backend: Backend) {
-    let Some(mut hub) = Hub::start(backend, &["alpha", "beta"]).await.unwrap() else { return };
+    let Some(mut hub) = Hub::start(backend, &["alpha", "beta"]).await.unwrap() else {
+        return;
+    };
     let (shop, key) = hub.create_enterprise("shop").await.unwrap();
     let fleet = Fleet::generate(22, 300, &["alpha".into(), "beta".into()]);
     let terminals = hub
-        .start_fleet(fleet.clone(), vec![EnterpriseChoice { enterprise_id: shop.clone(), service_ids: vec![] }], OpenMode::Always)
+        .start_fleet(
+            fleet.clone(),
+            vec![EnterpriseChoice {
+                enterprise_id: shop.clone(),
+                service_ids: vec![],
+            }],
+            OpenMode::Always,
+        )
         .await
         .unwrap();
     let registered = registered_users(&fleet, &shop);
     hub.kill_carrier("beta").await;
     let mut client = hub.enterprise(&key).await.unwrap();
-    let sent = client.send_message(broadcast("pending", "wait for it")).await.unwrap().into_inner();
-    let beta_users = registered.values().filter(|u| u.carriers[0] == "beta").count() as u64;
-    eventually("beta's share to be pending", Duration::from_secs(30), || async {
-        let stats = hub.carrier_stats(&sent.message_id).await.ok()?;
-        stats.iter().any(|c| c.carrier_id == "beta" && c.pending == beta_users).then_some(())
-    })
+    let sent = client
+        .send_message(broadcast("pending", "wait for it"))
+        .await
+        .unwrap()
+        .into_inner();
+    let beta_users = registered
+        .values()
+        .filter(|u| u.carriers[0] == "beta")
+        .count() as u64;
+    eventually(
+        "beta's share to be pending",
+        Duration::from_secs(30),
+        || async {
+            let stats = hub.carrier_stats(&sent.message_id).await.ok()?;
+            stats
+                .iter()
+                .any(|c| c.carrier_id == "beta" && c.pending == beta_users)
+                .then_some(())
+        },
+    )
     .await;
 
     hub.kill_and_restart_relay().await.unwrap();
     hub.restart_carrier("beta").await.unwrap();
     let status = hub
-        .wait_for_message(&key, &sent.message_id, |s| s.matched > 0 && s.opened == s.matched)
+        .wait_for_message(&key, &sent.message_id, |s| {
+            s.matched > 0 && s.opened == s.matched
+        })
         .await;
     assert_eq!(status.matched as usize, registered.len());
     assert_eq!(status.handed_over, status.matched);
     assert_exactly_once(&terminals, &sent.message_id, &registered);
     // The idempotency key still resolves to the same message after the crash.
-    let again = client.send_message(broadcast("pending", "wait for it")).await.unwrap().into_inner();
+    let again = client
+        .send_message(broadcast("pending", "wait for it"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(again.message_id, sent.message_id);
     hub.shutdown().await.unwrap();
 }
 
 async fn deliveries_wait_for_terminals_to_attach(backend: Backend) {
-    let Some(mut hub) = Hub::start(backend, &["alpha"]).await.unwrap() else { return };
+    let Some(mut hub) = Hub::start(backend, &["alpha"]).await.unwrap() else {
+        return;
+    };
     let (shop, key) = hub.create_enterprise("shop").await.unwrap();
     let fleet = Fleet::generate(23, 50, &["alpha".into()]);
-    let choice = vec![EnterpriseChoice { enterprise_id: shop.clone(), service_ids: vec![] }];
-    hub.start_fleet(fleet.clone(), choice.clone(), OpenMode::Always).await.unwrap();
+    let choice = vec![EnterpriseChoice {
+        enterprise_id: shop.clone(),
+        service_ids: vec![],
+    }];
+    hub.start_fleet(fleet.clone(), choice.clone(), OpenMode::Always)
+        .await
+        .unwrap();
     hub.stop_fleet().await.unwrap();
     let registered = registered_users(&fleet, &shop);
     let mut client = hub.enterprise(&key).await.unwrap();
-    let sent = client.send_message(broadcast("held", "later")).await.unwrap().into_inner();
+    let sent = client
+        .send_message(broadcast("held", "later"))
+        .await
+        .unwrap()
+        .into_inner();
     // Handed to the carrier, which holds it: nobody is attached.
     let status = hub
-        .wait_for_message(&key, &sent.message_id, |s| s.matched > 0 && s.handed_over == s.matched)
+        .wait_for_message(&key, &sent.message_id, |s| {
+            s.matched > 0 && s.handed_over == s.matched
+        })
         .await;
     assert_eq!(status.delivered, 0);
 
-    let terminals = hub.start_fleet(fleet.clone(), choice, OpenMode::Always).await.unwrap();
+    let terminals = hub
+        .start_fleet(fleet.clone(), choice, OpenMode::Always)
+        .await
+        .unwrap();
     let status = hub
         .wait_for_message(&key, &sent.message_id, |s| s.opened == s.matched)
         .await;

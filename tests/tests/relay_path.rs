@@ -31,7 +31,12 @@ fn ids<'a>(users: impl IntoIterator<Item = &'a SimUser>) -> HashSet<String> {
 }
 
 /// The enterprise's refs for each of its users, from ListRegistrations.
-async fn refs_by_user(hub: &Hub, api_key: &str, fleet: &Fleet, enterprise_id: &str) -> HashMap<String, String> {
+async fn refs_by_user(
+    hub: &Hub,
+    api_key: &str,
+    fleet: &Fleet,
+    enterprise_id: &str,
+) -> HashMap<String, String> {
     // Refs are pseudonymous: map them back through the relay's own table is
     // impossible for an enterprise, so the test reads the carrier-side answer:
     // registering again is idempotent and returns the same refs in order.
@@ -43,10 +48,16 @@ async fn refs_by_user(hub: &Hub, api_key: &str, fleet: &Fleet, enterprise_id: &s
         .collect();
     let mut refs = HashMap::new();
     for carrier in &hub.carriers {
-        let mut client = chukei_proto::carrier::v1::subscriber_api_client::SubscriberApiClient::connect(carrier.url())
+        let mut client =
+            chukei_proto::carrier::v1::subscriber_api_client::SubscriberApiClient::connect(
+                carrier.url(),
+            )
             .await
             .unwrap();
-        let mine: Vec<&&SimUser> = users.iter().filter(|u| u.carriers[0] == carrier.carrier_id).collect();
+        let mine: Vec<&&SimUser> = users
+            .iter()
+            .filter(|u| u.carriers[0] == carrier.carrier_id)
+            .collect();
         if mine.is_empty() {
             continue;
         }
@@ -73,7 +84,9 @@ async fn refs_by_user(hub: &Hub, api_key: &str, fleet: &Fleet, enterprise_id: &s
 }
 
 async fn every_target_kind_reaches_exactly_its_people(backend: Backend) {
-    let Some(mut hub) = Hub::start(backend, &["alpha", "beta"]).await.unwrap() else { return };
+    let Some(mut hub) = Hub::start(backend, &["alpha", "beta"]).await.unwrap() else {
+        return;
+    };
     let (shop, shop_key) = hub.create_enterprise("shop").await.unwrap();
     let (other, _) = hub.create_enterprise("other").await.unwrap();
     let service = hub.create_service(&shop, "loyalty").await.unwrap();
@@ -82,8 +95,14 @@ async fn every_target_kind_reaches_exactly_its_people(backend: Backend) {
         .start_fleet(
             fleet.clone(),
             vec![
-                EnterpriseChoice { enterprise_id: shop.clone(), service_ids: vec![service.clone()] },
-                EnterpriseChoice { enterprise_id: other.clone(), service_ids: vec![] },
+                EnterpriseChoice {
+                    enterprise_id: shop.clone(),
+                    service_ids: vec![service.clone()],
+                },
+                EnterpriseChoice {
+                    enterprise_id: other.clone(),
+                    service_ids: vec![],
+                },
             ],
             OpenMode::Always,
         )
@@ -95,24 +114,36 @@ async fn every_target_kind_reaches_exactly_its_people(backend: Backend) {
         .iter()
         .filter(|u| !shop_users.contains_key(&u.user_id) && u.consent_for(SEED, &other).is_some())
         .collect();
-    assert!(!only_other.is_empty(), "the fleet should have users registered only with the other enterprise");
+    assert!(
+        !only_other.is_empty(),
+        "the fleet should have users registered only with the other enterprise"
+    );
     let mut client = hub.enterprise(&shop_key).await.unwrap();
 
     // Everyone registered.
     let all = client
-        .send_message(send("all", pb::target::Kind::AllRegistered(true), "hello all"))
+        .send_message(send(
+            "all",
+            pb::target::Kind::AllRegistered(true),
+            "hello all",
+        ))
         .await
         .unwrap()
         .into_inner();
     let status = hub
-        .wait_for_message(&shop_key, &all.message_id, |s| s.matched > 0 && s.opened == s.matched)
+        .wait_for_message(&shop_key, &all.message_id, |s| {
+            s.matched > 0 && s.opened == s.matched
+        })
         .await;
     let expected = ids(shop_users.values());
     assert_eq!(status.matched as usize, expected.len());
     assert_eq!(status.handed_over, status.matched);
     assert_eq!(status.delivered, status.matched);
     let reached: HashSet<String> = terminals.recipients(&all.message_id).into_keys().collect();
-    assert_eq!(reached, expected, "broadcast must reach exactly the shop's registered users");
+    assert_eq!(
+        reached, expected,
+        "broadcast must reach exactly the shop's registered users"
+    );
     assert!(only_other.iter().all(|u| !reached.contains(&u.user_id)));
     // On the instructed channel, on the user's primary carrier.
     for (user_id, item) in terminals.recipients(&all.message_id) {
@@ -123,7 +154,11 @@ async fn every_target_kind_reaches_exactly_its_people(backend: Backend) {
 
     // One service's users.
     let by_service = client
-        .send_message(send("svc", pb::target::Kind::ServiceId(service.clone()), "members only"))
+        .send_message(send(
+            "svc",
+            pb::target::Kind::ServiceId(service.clone()),
+            "members only",
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -133,10 +168,15 @@ async fn every_target_kind_reaches_exactly_its_people(backend: Backend) {
         .map(|u| u.user_id.clone())
         .collect();
     let status = hub
-        .wait_for_message(&shop_key, &by_service.message_id, |s| s.state == pb::MessageState::HandedOver as i32 && s.delivered == s.matched)
+        .wait_for_message(&shop_key, &by_service.message_id, |s| {
+            s.state == pb::MessageState::HandedOver as i32 && s.delivered == s.matched
+        })
         .await;
     assert_eq!(status.matched as usize, expected.len());
-    let reached: HashSet<String> = terminals.recipients(&by_service.message_id).into_keys().collect();
+    let reached: HashSet<String> = terminals
+        .recipients(&by_service.message_id)
+        .into_keys()
+        .collect();
     assert_eq!(reached, expected);
 
     // An attribute segment: women whose consented age lies within 20-49 and who share a Tokyo region.
@@ -152,7 +192,9 @@ async fn every_target_kind_reaches_exactly_its_people(backend: Backend) {
         .values()
         .filter(|u| {
             let consent = u.consent_for(SEED, &shop).unwrap();
-            let Some(age) = carrier_svc::consent::age_on(&u.birth_date, now) else { return false };
+            let Some(age) = carrier_svc::consent::age_on(&u.birth_date, now) else {
+                return false;
+            };
             let (min, max) = match consent.age {
                 2 => (age, age),
                 3 => (age / 10 * 10, age / 10 * 10 + 9),
@@ -173,10 +215,19 @@ async fn every_target_kind_reaches_exactly_its_people(backend: Backend) {
         .unwrap()
         .into_inner();
     let status = hub
-        .wait_for_message(&shop_key, &by_segment.message_id, |s| s.state == pb::MessageState::HandedOver as i32 && s.delivered == s.matched)
+        .wait_for_message(&shop_key, &by_segment.message_id, |s| {
+            s.state == pb::MessageState::HandedOver as i32 && s.delivered == s.matched
+        })
         .await;
-    assert_eq!(status.matched as usize, expected.len(), "segment must match exactly the consenting users");
-    let reached: HashSet<String> = terminals.recipients(&by_segment.message_id).into_keys().collect();
+    assert_eq!(
+        status.matched as usize,
+        expected.len(),
+        "segment must match exactly the consenting users"
+    );
+    let reached: HashSet<String> = terminals
+        .recipients(&by_segment.message_id)
+        .into_keys()
+        .collect();
     assert_eq!(reached, expected);
 
     // Specific refs.
@@ -185,16 +236,32 @@ async fn every_target_kind_reaches_exactly_its_people(backend: Backend) {
     let targeted = client
         .send_message(send(
             "refs",
-            pb::target::Kind::Refs(pb::RefList { refs: chosen.iter().map(|(_, r)| (*r).clone()).collect() }),
+            pb::target::Kind::Refs(pb::RefList {
+                refs: chosen.iter().map(|(_, r)| (*r).clone()).collect(),
+            }),
             "just you",
         ))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(targeted.matched, Some(3), "refs targets are matched at once");
-    hub.wait_for_message(&shop_key, &targeted.message_id, |s| s.delivered == 3).await;
-    let reached: HashSet<String> = terminals.recipients(&targeted.message_id).into_keys().collect();
-    assert_eq!(reached, chosen.iter().map(|(u, _)| (*u).clone()).collect::<HashSet<_>>());
+    assert_eq!(
+        targeted.matched,
+        Some(3),
+        "refs targets are matched at once"
+    );
+    hub.wait_for_message(&shop_key, &targeted.message_id, |s| s.delivered == 3)
+        .await;
+    let reached: HashSet<String> = terminals
+        .recipients(&targeted.message_id)
+        .into_keys()
+        .collect();
+    assert_eq!(
+        reached,
+        chosen
+            .iter()
+            .map(|(u, _)| (*u).clone())
+            .collect::<HashSet<_>>()
+    );
 
     hub.shutdown().await.unwrap();
 }

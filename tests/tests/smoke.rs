@@ -15,12 +15,20 @@ fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
     let path = dir.join(name);
-    assert!(path.exists(), "{} missing: run `cargo build --workspace --bins` first", path.display());
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
     path
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A child process that is killed if the test fails before stopping it.
@@ -28,13 +36,23 @@ struct Process(Option<Child>);
 
 impl Process {
     fn spawn(command: &mut Command) -> Self {
-        Self(Some(command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()))
+        Self(Some(
+            command
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        ))
     }
 
     /// SIGTERM, then the exit status within a deadline.
     fn terminate(mut self) -> std::process::ExitStatus {
         let mut child = self.0.take().unwrap();
-        let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
         assert!(status.success());
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -63,7 +81,11 @@ fn cli(relay: &str, key: &str, args: &[&str]) -> serde_json::Value {
         .env("CHUKEI_API_KEY", key)
         .output()
         .unwrap();
-    assert!(output.status.success(), "enterprise-cli {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "enterprise-cli {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let stdout = String::from_utf8(output.stdout).unwrap();
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
@@ -86,10 +108,19 @@ async fn the_real_binaries_relay_a_broadcast() {
     );
     wait_healthy(&relay_url).await.unwrap();
 
-    let channel = tonic::transport::Channel::from_shared(relay_url.clone()).unwrap().connect().await.unwrap();
-    let mut admin = pb::admin_client::AdminClient::with_interceptor(channel, BearerInterceptor::new(admin_token).unwrap());
+    let channel = tonic::transport::Channel::from_shared(relay_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut admin = pb::admin_client::AdminClient::with_interceptor(
+        channel,
+        BearerInterceptor::new(admin_token).unwrap(),
+    );
     let enterprise = admin
-        .create_enterprise(pb::CreateEnterpriseRequest { name: "smoke".into() })
+        .create_enterprise(pb::CreateEnterpriseRequest {
+            name: "smoke".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -102,7 +133,14 @@ async fn the_real_binaries_relay_a_broadcast() {
         let token = format!("smoke-{carrier_id}-token-0123456789");
         carriers.push(Process::spawn(
             Command::new(binary("carrier-svc"))
-                .args(["--listen", &format!("127.0.0.1:{port}"), "--carrier-id", carrier_id, "--relay-url", &relay_url])
+                .args([
+                    "--listen",
+                    &format!("127.0.0.1:{port}"),
+                    "--carrier-id",
+                    carrier_id,
+                    "--relay-url",
+                    &relay_url,
+                ])
                 .arg("--data-dir")
                 .arg(dir.path().join(carrier_id))
                 .env("CHUKEI_CARRIER_TOKEN", &token)
@@ -111,7 +149,11 @@ async fn the_real_binaries_relay_a_broadcast() {
         ));
         wait_healthy(&url).await.unwrap();
         admin
-            .register_carrier(pb::RegisterCarrierRequest { carrier_id: carrier_id.into(), endpoint: url.clone(), token })
+            .register_carrier(pb::RegisterCarrierRequest {
+                carrier_id: carrier_id.into(),
+                endpoint: url.clone(),
+                token,
+            })
             .await
             .unwrap();
         carrier_flags.push(format!("--carrier={carrier_id}={url}"));
@@ -120,27 +162,58 @@ async fn the_real_binaries_relay_a_broadcast() {
     let fleet_port = free_port();
     let fleet = Process::spawn(
         Command::new(binary("terminal-sim"))
-            .args(["--listen", &format!("127.0.0.1:{fleet_port}"), "fleet", "--users", "300", "--open-mode", "always"])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{fleet_port}"),
+                "fleet",
+                "--users",
+                "300",
+                "--open-mode",
+                "always",
+            ])
             .args(&carrier_flags)
             .args(["--enterprise", &enterprise.enterprise_id])
             .env("CHUKEI_TERMINAL_CARRIER_ADMIN_TOKEN", carrier_admin),
     );
-    wait_healthy(&format!("http://127.0.0.1:{fleet_port}")).await.unwrap();
+    wait_healthy(&format!("http://127.0.0.1:{fleet_port}"))
+        .await
+        .unwrap();
 
-    let registrations = cli(&relay_url, &enterprise.api_key, &["registrations", "--all-pages", "--page-size", "50"]);
+    let registrations = cli(
+        &relay_url,
+        &enterprise.api_key,
+        &["registrations", "--all-pages", "--page-size", "50"],
+    );
     let registered = registrations["registrations"].as_array().unwrap().len();
     assert!(registered > 100, "the fleet registered {registered} users");
 
-    let sent = cli(&relay_url, &enterprise.api_key, &["send", "--all", "--text", "smoke test"]);
+    let sent = cli(
+        &relay_url,
+        &enterprise.api_key,
+        &["send", "--all", "--text", "smoke test"],
+    );
     let message_id = sent["message_id"].as_str().unwrap().to_owned();
-    let status = cli(&relay_url, &enterprise.api_key, &["status", &message_id, "--watch", "--interval-ms", "100"]);
+    let status = cli(
+        &relay_url,
+        &enterprise.api_key,
+        &["status", &message_id, "--watch", "--interval-ms", "100"],
+    );
     assert_eq!(status["matched"].as_u64().unwrap() as usize, registered);
     assert_eq!(status["delivered"], status["matched"]);
     assert_eq!(status["state"], "handed-over");
 
-    assert!(fleet.terminate().success(), "terminal-sim exits cleanly on SIGTERM");
+    assert!(
+        fleet.terminate().success(),
+        "terminal-sim exits cleanly on SIGTERM"
+    );
     for carrier in carriers {
-        assert!(carrier.terminate().success(), "carrier-svc exits cleanly on SIGTERM");
+        assert!(
+            carrier.terminate().success(),
+            "carrier-svc exits cleanly on SIGTERM"
+        );
     }
-    assert!(relay.terminate().success(), "relay-svc exits cleanly on SIGTERM");
+    assert!(
+        relay.terminate().success(),
+        "relay-svc exits cleanly on SIGTERM"
+    );
 }

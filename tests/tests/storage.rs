@@ -3,11 +3,11 @@
 //! they arrive, receipts only count for deliveries the relay made to that
 //! carrier, and the latest count report wins.
 
+use integration_tests::{Backend, backend_tests, postgres_database};
 use relay_svc::receipts::{CountReport, EventKind, MessageCount, Receipt};
 use relay_svc::registry::{Contract, NewRegistration, Profile};
 use relay_svc::storage::{MessageCounts, Store};
 use relay_svc::targeting::{Content, NewMessage, Target};
-use integration_tests::{Backend, backend_tests, postgres_database};
 
 struct Fixture {
     store: Store,
@@ -19,7 +19,9 @@ impl Fixture {
     async fn close(self) {
         self.store.close().await;
         if let Some(name) = self.postgres_name {
-            integration_tests::drop_postgres_database(&name).await.unwrap();
+            integration_tests::drop_postgres_database(&name)
+                .await
+                .unwrap();
         }
     }
 }
@@ -27,13 +29,20 @@ impl Fixture {
 async fn store(backend: Backend) -> Option<Fixture> {
     let dir = tempfile::tempdir().unwrap();
     let (url, postgres_name) = match backend {
-        Backend::Sqlite => (format!("sqlite://{}", dir.path().join("relay.db").display()), None),
+        Backend::Sqlite => (
+            format!("sqlite://{}", dir.path().join("relay.db").display()),
+            None,
+        ),
         Backend::Postgres => {
             let (url, name) = postgres_database().await.unwrap()?;
             (url, Some(name))
         }
     };
-    Some(Fixture { store: Store::connect(&url).await.unwrap(), postgres_name, _dir: dir })
+    Some(Fixture {
+        store: Store::connect(&url).await.unwrap(),
+        postgres_name,
+        _dir: dir,
+    })
 }
 
 fn receipt(message_id: &str, user_id: &str, kind: EventKind) -> Receipt {
@@ -48,15 +57,38 @@ fn receipt(message_id: &str, user_id: &str, kind: EventKind) -> Receipt {
 }
 
 async fn receipts_count_once_whatever_arrives(backend: Backend) {
-    let Some(fixture) = store(backend).await else { return };
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
     let store = &fixture.store;
-    store.create_enterprise("ent_1", "shop", "hash-1", 0).await.unwrap();
+    store
+        .create_enterprise("ent_1", "shop", "hash-1", 0)
+        .await
+        .unwrap();
     for carrier in ["c1", "c2", "c3"] {
-        store.upsert_carrier(carrier, "http://127.0.0.1:1", &format!("token-{carrier}"), 0).await.unwrap();
+        store
+            .upsert_carrier(
+                carrier,
+                "http://127.0.0.1:1",
+                &format!("token-{carrier}"),
+                0,
+            )
+            .await
+            .unwrap();
     }
-    let contract = |user: &str, primary| Contract { user_id: user.into(), primary, active: true };
-    store.upsert_contracts("c1", &[contract("u1", true), contract("u2", true)], 0).await.unwrap();
-    store.upsert_contracts("c2", &[contract("u1", false)], 0).await.unwrap();
+    let contract = |user: &str, primary| Contract {
+        user_id: user.into(),
+        primary,
+        active: true,
+    };
+    store
+        .upsert_contracts("c1", &[contract("u1", true), contract("u2", true)], 0)
+        .await
+        .unwrap();
+    store
+        .upsert_contracts("c2", &[contract("u1", false)], 0)
+        .await
+        .unwrap();
     let registrations: Vec<NewRegistration> = ["u1", "u2"]
         .iter()
         .map(|user| NewRegistration {
@@ -68,20 +100,33 @@ async fn receipts_count_once_whatever_arrives(backend: Backend) {
         .collect();
     let refs = store.register_users("c1", &registrations, 0).await.unwrap();
     // Registering again is idempotent: same refs.
-    assert_eq!(store.register_users("c1", &registrations, 0).await.unwrap(), refs);
+    assert_eq!(
+        store.register_users("c1", &registrations, 0).await.unwrap(),
+        refs
+    );
 
     let message = NewMessage {
         idempotency_key: "k".into(),
         target: Target::Refs(refs.clone()),
-        content: Content { text: "hi".into(), media_url: String::new() },
+        content: Content {
+            text: "hi".into(),
+            media_url: String::new(),
+        },
         channel: None,
         all_carriers: true,
     };
-    let stored = store.accept_message("ent_1", "msg_1", &message, 0, 10_000).await.unwrap();
+    let stored = store
+        .accept_message("ent_1", "msg_1", &message, 0, 10_000)
+        .await
+        .unwrap();
     assert_eq!(stored.row.matched, Some(2));
     let c1 = store.due_deliveries("c1", 0, 0, 100).await.unwrap();
     let c2 = store.due_deliveries("c2", 0, 0, 100).await.unwrap();
-    assert_eq!((c1.len(), c2.len()), (2, 1), "u1 fans out over both carriers");
+    assert_eq!(
+        (c1.len(), c2.len()),
+        (2, 1),
+        "u1 fans out over both carriers"
+    );
     // Acked twice (a resent batch): still one hand-over per person.
     let c1_ids: Vec<i64> = c1.iter().map(|d| d.id).collect();
     store.mark_handed_over("c1", &c1_ids, 5).await.unwrap();
@@ -91,31 +136,78 @@ async fn receipts_count_once_whatever_arrives(backend: Backend) {
 
     // Duplicates, both carriers reporting the same person, a read before its delivered.
     store
-        .record_receipts("c1", &[receipt("msg_1", "u1", EventKind::Opened), receipt("msg_1", "u1", EventKind::Delivered)])
+        .record_receipts(
+            "c1",
+            &[
+                receipt("msg_1", "u1", EventKind::Opened),
+                receipt("msg_1", "u1", EventKind::Delivered),
+            ],
+        )
         .await
         .unwrap();
     store
-        .record_receipts("c2", &[receipt("msg_1", "u1", EventKind::Delivered), receipt("msg_1", "u1", EventKind::Opened)])
+        .record_receipts(
+            "c2",
+            &[
+                receipt("msg_1", "u1", EventKind::Delivered),
+                receipt("msg_1", "u1", EventKind::Opened),
+            ],
+        )
         .await
         .unwrap();
-    store.record_receipts("c1", &[receipt("msg_1", "u1", EventKind::Opened)]).await.unwrap();
+    store
+        .record_receipts("c1", &[receipt("msg_1", "u1", EventKind::Opened)])
+        .await
+        .unwrap();
     // A carrier that never had the delivery, and a message that does not exist, count for nothing.
-    store.record_receipts("c3", &[receipt("msg_1", "u2", EventKind::Opened)]).await.unwrap();
-    store.record_receipts("c1", &[receipt("msg_nope", "u2", EventKind::Opened)]).await.unwrap();
+    store
+        .record_receipts("c3", &[receipt("msg_1", "u2", EventKind::Opened)])
+        .await
+        .unwrap();
+    store
+        .record_receipts("c1", &[receipt("msg_nope", "u2", EventKind::Opened)])
+        .await
+        .unwrap();
     assert_eq!(
         store.message_counts("msg_1").await.unwrap(),
-        MessageCounts { handed_over: 2, delivered: 1, opened: 1, failed: 0 }
+        MessageCounts {
+            handed_over: 2,
+            delivered: 1,
+            opened: 1,
+            failed: 0
+        }
     );
-    store.record_receipts("c1", &[receipt("msg_1", "u2", EventKind::Delivered)]).await.unwrap();
+    store
+        .record_receipts("c1", &[receipt("msg_1", "u2", EventKind::Delivered)])
+        .await
+        .unwrap();
     assert_eq!(
         store.message_counts("msg_1").await.unwrap(),
-        MessageCounts { handed_over: 2, delivered: 2, opened: 1, failed: 0 }
+        MessageCounts {
+            handed_over: 2,
+            delivered: 2,
+            opened: 1,
+            failed: 0
+        }
     );
 
     // The latest count report wins; an older one arriving late does not overwrite it.
-    let report = |at, sent| CountReport { at, counts: vec![MessageCount { message_id: "msg_1".into(), sent, opened: 1 }] };
-    store.store_count_report("c1", &report(20, 2)).await.unwrap();
-    store.store_count_report("c1", &report(10, 1)).await.unwrap();
+    let report = |at, sent| CountReport {
+        at,
+        counts: vec![MessageCount {
+            message_id: "msg_1".into(),
+            sent,
+            opened: 1,
+        }],
+    };
+    store
+        .store_count_report("c1", &report(20, 2))
+        .await
+        .unwrap();
+    store
+        .store_count_report("c1", &report(10, 1))
+        .await
+        .unwrap();
     let stats = store.carrier_counts(Some("msg_1")).await.unwrap();
     let c1 = stats.iter().find(|c| c.carrier_id == "c1").unwrap();
     assert_eq!((c1.reported_sent, c1.reported_opened), (2, 1));

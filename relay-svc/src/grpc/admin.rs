@@ -24,7 +24,12 @@ impl pb::admin_server::Admin for AdminService {
         let api_key = credentials::new_api_key().map_err(|e| Error::Internal(e.into()))?;
         relay
             .store
-            .create_enterprise(&enterprise_id, name, &credentials::hash_secret(&api_key), relay.clock.now_ms())
+            .create_enterprise(
+                &enterprise_id,
+                name,
+                &credentials::hash_secret(&api_key),
+                relay.clock.now_ms(),
+            )
             .await?;
         tracing::Span::current().record("enterprise_id", enterprise_id.as_str());
         tracing::info!("enterprise created");
@@ -65,7 +70,9 @@ impl pb::admin_server::Admin for AdminService {
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
         {
-            return Err(Error::invalid("carrier_id", "must be lowercase a-z, 0-9, '-' or '_'").into());
+            return Err(
+                Error::invalid("carrier_id", "must be lowercase a-z, 0-9, '-' or '_'").into(),
+            );
         }
         let endpoint = required("endpoint", &request.endpoint, 256)?;
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
@@ -78,7 +85,12 @@ impl pb::admin_server::Admin for AdminService {
         }
         relay
             .store
-            .upsert_carrier(carrier_id, endpoint, &credentials::hash_secret(&request.token), relay.clock.now_ms())
+            .upsert_carrier(
+                carrier_id,
+                endpoint,
+                &credentials::hash_secret(&request.token),
+                relay.clock.now_ms(),
+            )
             .await?;
         tracing::Span::current().record("carrier_id", carrier_id);
         tracing::info!("carrier registered");

@@ -20,7 +20,8 @@ impl TryFrom<pb::SendMessageRequest> for NewMessage {
     type Error = Error;
 
     fn try_from(request: pb::SendMessageRequest) -> Result<Self> {
-        let idempotency_key = required("idempotency_key", &request.idempotency_key, 128)?.to_owned();
+        let idempotency_key =
+            required("idempotency_key", &request.idempotency_key, 128)?.to_owned();
         let content = request
             .content
             .ok_or_else(|| Error::invalid("content", "is required"))?;
@@ -33,10 +34,14 @@ impl TryFrom<pb::SendMessageRequest> for NewMessage {
                 format!("must be at most {} bytes", targeting::MAX_TEXT_BYTES),
             ));
         }
-        if !content.media_url.is_empty()
-            && !(content.media_url.starts_with("https://") || content.media_url.starts_with("http://"))
-        {
-            return Err(Error::invalid("content.media_url", "must be an http(s) URL"));
+        let media_url_ok = content.media_url.is_empty()
+            || content.media_url.starts_with("https://")
+            || content.media_url.starts_with("http://");
+        if !media_url_ok {
+            return Err(Error::invalid(
+                "content.media_url",
+                "must be an http(s) URL",
+            ));
         }
         let channel = match common::Channel::try_from(request.channel) {
             Ok(common::Channel::Unspecified) => None,
@@ -44,7 +49,12 @@ impl TryFrom<pb::SendMessageRequest> for NewMessage {
             Ok(common::Channel::Sms) => Some(Channel::Sms),
             Ok(common::Channel::Sns) => Some(Channel::Sns),
             Ok(common::Channel::Email) => Some(Channel::Email),
-            Err(_) => return Err(Error::invalid("channel", format!("unknown channel {}", request.channel))),
+            Err(_) => {
+                return Err(Error::invalid(
+                    "channel",
+                    format!("unknown channel {}", request.channel),
+                ));
+            }
         };
         let target = match request.target.and_then(|t| t.kind) {
             None => return Err(Error::invalid("target", "is required")),
@@ -70,12 +80,17 @@ impl TryFrom<pb::SendMessageRequest> for NewMessage {
             }
             Some(pb::target::Kind::AllRegistered(true)) => Target::AllRegistered,
             Some(pb::target::Kind::AllRegistered(false)) => {
-                return Err(Error::invalid("target.all_registered", "must be true when given"));
+                return Err(Error::invalid(
+                    "target.all_registered",
+                    "must be true when given",
+                ));
             }
             Some(pb::target::Kind::ServiceId(service_id)) => {
                 Target::Service(required("target.service_id", &service_id, 64)?.to_owned())
             }
-            Some(pb::target::Kind::Segment(segment)) => Target::Segment(segment_from_wire(segment)?),
+            Some(pb::target::Kind::Segment(segment)) => {
+                Target::Segment(segment_from_wire(segment)?)
+            }
         };
         Ok(Self {
             idempotency_key,
@@ -115,7 +130,10 @@ fn segment_from_wire(segment: pb::Segment) -> Result<Segment> {
         ));
     }
     if parsed.regions.len() > 64 || parsed.occupations.len() > 64 {
-        return Err(Error::invalid("target.segment", "at most 64 regions and 64 occupations"));
+        return Err(Error::invalid(
+            "target.segment",
+            "at most 64 regions and 64 occupations",
+        ));
     }
     Ok(parsed)
 }
@@ -209,7 +227,11 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
         let page_size = match request.page_size {
             0 => 100,
             size if size > MAX_PAGE_SIZE => {
-                return Err(Error::invalid("page_size", format!("must be at most {MAX_PAGE_SIZE}")).into());
+                return Err(Error::invalid(
+                    "page_size",
+                    format!("must be at most {MAX_PAGE_SIZE}"),
+                )
+                .into());
             }
             size => size,
         };

@@ -20,7 +20,10 @@ fn bounded<T>(field: &str, rows: &[T]) -> Result<()> {
         return Err(Error::invalid(field, "must not be empty"));
     }
     if rows.len() > MAX_ROWS {
-        return Err(Error::invalid(field, format!("at most {MAX_ROWS} per call")));
+        return Err(Error::invalid(
+            field,
+            format!("at most {MAX_ROWS} per call"),
+        ));
     }
     Ok(())
 }
@@ -30,7 +33,12 @@ impl TryFrom<(usize, pb::Contract)> for Contract {
 
     fn try_from((index, contract): (usize, pb::Contract)) -> Result<Self> {
         Ok(Self {
-            user_id: required(&format!("contracts[{index}].user_id"), &contract.user_id, 128)?.to_owned(),
+            user_id: required(
+                &format!("contracts[{index}].user_id"),
+                &contract.user_id,
+                128,
+            )?
+            .to_owned(),
             primary: contract.primary,
             active: contract.active,
         })
@@ -44,8 +52,12 @@ impl TryFrom<(usize, pb::UserRegistration)> for NewRegistration {
         let field = format!("registrations[{index}]");
         Ok(Self {
             user_id: required(&format!("{field}.user_id"), &registration.user_id, 128)?.to_owned(),
-            enterprise_id: required(&format!("{field}.enterprise_id"), &registration.enterprise_id, 64)?
-                .to_owned(),
+            enterprise_id: required(
+                &format!("{field}.enterprise_id"),
+                &registration.enterprise_id,
+                64,
+            )?
+            .to_owned(),
             service_id: optional(&format!("{field}.service_id"), &registration.service_id, 64)?,
             profile: profile_from_wire(&format!("{field}.profile"), registration.profile)?,
         })
@@ -121,8 +133,12 @@ impl pb::carrier_ingress_server::CarrierIngress for IngressService {
                 let field = format!("unregistrations[{index}]");
                 Ok(Unregistration {
                     user_id: required(&format!("{field}.user_id"), &leave.user_id, 128)?.to_owned(),
-                    enterprise_id: required(&format!("{field}.enterprise_id"), &leave.enterprise_id, 64)?
-                        .to_owned(),
+                    enterprise_id: required(
+                        &format!("{field}.enterprise_id"),
+                        &leave.enterprise_id,
+                        64,
+                    )?
+                    .to_owned(),
                     service_id: optional(&format!("{field}.service_id"), &leave.service_id, 64)?,
                 })
             })
@@ -149,7 +165,13 @@ impl pb::carrier_ingress_server::CarrierIngress for IngressService {
         let profile = profile_from_wire("profile", request.profile)?;
         relay
             .store
-            .put_profile(&carrier_id, user_id, enterprise_id, &profile, relay.clock.now_ms())
+            .put_profile(
+                &carrier_id,
+                user_id,
+                enterprise_id,
+                &profile,
+                relay.clock.now_ms(),
+            )
             .await?;
         Ok(Response::new(pb::PutProfileResponse {}))
     }

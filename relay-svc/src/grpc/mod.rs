@@ -40,7 +40,8 @@ pub struct Relay {
 impl Relay {
     /// The enterprise whose API key the call presents.
     async fn enterprise(&self, metadata: &MetadataMap) -> Result<String> {
-        let key = auth::bearer(metadata).ok_or(Error::Unauthenticated("authorization: missing API key"))?;
+        let key = auth::bearer(metadata)
+            .ok_or(Error::Unauthenticated("authorization: missing API key"))?;
         self.store
             .enterprise_by_key(&credentials::hash_secret(key))
             .await?
@@ -49,15 +50,20 @@ impl Relay {
 
     /// The carrier whose token the call presents.
     async fn carrier(&self, metadata: &MetadataMap) -> Result<String> {
-        let token = auth::bearer(metadata).ok_or(Error::Unauthenticated("authorization: missing carrier token"))?;
+        let token = auth::bearer(metadata).ok_or(Error::Unauthenticated(
+            "authorization: missing carrier token",
+        ))?;
         self.store
             .carrier_by_token(&credentials::hash_secret(token))
             .await?
-            .ok_or(Error::Unauthenticated("authorization: unknown carrier token"))
+            .ok_or(Error::Unauthenticated(
+                "authorization: unknown carrier token",
+            ))
     }
 
     fn admin(&self, metadata: &MetadataMap) -> Result<()> {
-        let token = auth::bearer(metadata).ok_or(Error::Unauthenticated("authorization: missing admin token"))?;
+        let token = auth::bearer(metadata)
+            .ok_or(Error::Unauthenticated("authorization: missing admin token"))?;
         if auth::constant_time_eq(token.as_bytes(), self.admin_token.as_bytes()) {
             Ok(())
         } else {
@@ -73,7 +79,10 @@ fn required<'a>(field: &str, value: &'a str, max_len: usize) -> Result<&'a str> 
         return Err(Error::invalid(field, "must not be empty"));
     }
     if value.len() > max_len {
-        return Err(Error::invalid(field, format!("must be at most {max_len} bytes")));
+        return Err(Error::invalid(
+            field,
+            format!("must be at most {max_len} bytes"),
+        ));
     }
     if value.chars().any(char::is_control) {
         return Err(Error::invalid(field, "must not contain control characters"));
@@ -130,7 +139,10 @@ fn age_range(field: &str, min: Option<u32>, max: Option<u32>) -> Result<Option<(
             field,
             "age_min must not exceed age_max, and ages must be at most 150",
         )),
-        _ => Err(Error::invalid(field, "give both age_min and age_max, or neither")),
+        _ => Err(Error::invalid(
+            field,
+            "give both age_min and age_max, or neither",
+        )),
     }
 }
 
@@ -149,7 +161,10 @@ fn profile_from_wire(field: &str, profile: Option<common::ConsentedProfile>) -> 
         occupation: if profile.occupation.is_empty() {
             None
         } else {
-            Some(occupation(&format!("{field}.occupation"), &profile.occupation)?)
+            Some(occupation(
+                &format!("{field}.occupation"),
+                &profile.occupation,
+            )?)
         },
     })
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
-use super::{WritePool, ROWS_PER_STATEMENT, Store, is_unique_violation, on_pool};
+use super::{ROWS_PER_STATEMENT, Store, WritePool, is_unique_violation, on_pool};
 use crate::error::{Error, Result};
 use crate::registry::Gender;
 use crate::targeting::{Channel, MessageState, NewMessage, Target};
@@ -215,7 +215,11 @@ impl Store {
     }
 
     /// One of the enterprise's messages; another enterprise's is "not found".
-    pub async fn message(&self, enterprise_id: &str, message_id: &str) -> Result<Option<MessageRow>> {
+    pub async fn message(
+        &self,
+        enterprise_id: &str,
+        message_id: &str,
+    ) -> Result<Option<MessageRow>> {
         let found: Option<(i64, Option<i64>, i64)> = on_pool!(self, pool => sqlx::query_as(
             "SELECT state, matched, accepted_at FROM messages WHERE id = $1 AND enterprise_id = $2",
         )
@@ -247,7 +251,18 @@ impl Store {
     /// then the matched count. Running it twice is harmless. Returns the
     /// number of users matched.
     pub async fn expand_message(&self, message_id: &str) -> Result<u64> {
-        type Row = (String, String, Option<String>, Option<String>, Option<i64>, Option<i64>, Option<String>, Option<String>, bool, i64);
+        type Row = (
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+            bool,
+            i64,
+        );
         let found: Option<Row> = on_pool!(self, pool => sqlx::query_as(
             "SELECT enterprise_id, target_kind, target_service_id, seg_gender, seg_age_min, seg_age_max,
                     seg_regions, seg_occupations, all_carriers, state
@@ -256,7 +271,19 @@ impl Store {
         .bind(message_id)
         .fetch_optional(pool)
         .await)?;
-        let Some((enterprise_id, kind, service_id, gender, age_min, age_max, regions, occupations, all_carriers, state)) = found else {
+        let Some((
+            enterprise_id,
+            kind,
+            service_id,
+            gender,
+            age_min,
+            age_max,
+            regions,
+            occupations,
+            all_carriers,
+            state,
+        )) = found
+        else {
             return Err(Error::not_found("message_id", "no such message"));
         };
         if state != 1 {
@@ -286,7 +313,9 @@ impl Store {
             ));
         }
         if kind == "segment" {
-            sql.push_str(" JOIN profiles p ON p.enterprise_id = r.enterprise_id AND p.user_id = r.user_id");
+            sql.push_str(
+                " JOIN profiles p ON p.enterprise_id = r.enterprise_id AND p.user_id = r.user_id",
+            );
             if let Some(gender) = gender {
                 let p = next(&mut params, Param::Text(gender));
                 filters.push(format!("p.gender = {p}"));
@@ -296,7 +325,12 @@ impl Store {
                 let max = next(&mut params, Param::Int(max));
                 filters.push(format!("p.age_min >= {min} AND p.age_max <= {max}"));
             }
-            let regions: Vec<String> = regions.unwrap_or_default().split('\n').filter(|r| !r.is_empty()).map(str::to_owned).collect();
+            let regions: Vec<String> = regions
+                .unwrap_or_default()
+                .split('\n')
+                .filter(|r| !r.is_empty())
+                .map(str::to_owned)
+                .collect();
             if !regions.is_empty() {
                 let any: Vec<String> = regions
                     .into_iter()
@@ -309,7 +343,12 @@ impl Store {
                     .collect();
                 filters.push(format!("({})", any.join(" OR ")));
             }
-            let occupations: Vec<String> = occupations.unwrap_or_default().split('\n').filter(|o| !o.is_empty()).map(str::to_owned).collect();
+            let occupations: Vec<String> = occupations
+                .unwrap_or_default()
+                .split('\n')
+                .filter(|o| !o.is_empty())
+                .map(str::to_owned)
+                .collect();
             if !occupations.is_empty() {
                 let any: Vec<String> = occupations
                     .into_iter()

@@ -4,7 +4,7 @@
 
 use sqlx::QueryBuilder;
 
-use super::{WritePool, ROWS_PER_STATEMENT, Store, on_pool};
+use super::{ROWS_PER_STATEMENT, Store, WritePool, on_pool};
 use crate::error::Result;
 use crate::receipts::{CountReport, EventKind, Receipt};
 use crate::targeting::Channel;
@@ -37,7 +37,13 @@ impl Store {
     pub async fn record_receipts(&self, carrier_id: &str, receipts: &[Receipt]) -> Result<()> {
         let rows: Vec<(&Receipt, EventKind)> = receipts
             .iter()
-            .flat_map(|receipt| receipt.kind.implied().iter().map(move |kind| (receipt, *kind)))
+            .flat_map(|receipt| {
+                receipt
+                    .kind
+                    .implied()
+                    .iter()
+                    .map(move |kind| (receipt, *kind))
+            })
             .collect();
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
@@ -117,7 +123,8 @@ impl Store {
     /// it and its own reports — for one message or all.
     pub async fn carrier_counts(&self, message_id: Option<&str>) -> Result<Vec<CarrierCounts>> {
         let message = message_id.unwrap_or("");
-        let (deliveries, events, reports): (Vec<(String, i64, i64)>, Vec<(String, i64, i64)>, Vec<(String, i64, i64)>) = on_pool!(self, pool => {
+        type PerCarrier = Vec<(String, i64, i64)>;
+        let (deliveries, events, reports): (PerCarrier, PerCarrier, PerCarrier) = on_pool!(self, pool => {
             let deliveries = sqlx::query_as(
                 "SELECT carrier_id, COUNT(*) FILTER (WHERE state = 0), COUNT(*) FILTER (WHERE state <> 0)
                  FROM deliveries WHERE ($1 = '' OR message_id = $1) GROUP BY carrier_id",

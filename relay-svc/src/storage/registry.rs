@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use sqlx::QueryBuilder;
 
-use super::{WritePool, ROWS_PER_STATEMENT, Store, on_pool};
+use super::{ROWS_PER_STATEMENT, Store, WritePool, on_pool};
 use crate::credentials;
 use crate::error::{Error, Result};
 use crate::registry::{Contract, NewRegistration, Profile, Unregistration};
@@ -400,4 +400,3 @@ impl Store {
             .collect())
     }
 }
-

@@ -3,7 +3,7 @@
 
 use sqlx::QueryBuilder;
 
-use super::{WritePool, Store, on_pool};
+use super::{Store, WritePool, on_pool};
 use crate::error::Result;
 use crate::receipts::EventKind;
 use crate::targeting::{Channel, Content};

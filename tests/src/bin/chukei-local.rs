@@ -1,0 +1,488 @@
+//! The local run: starts the relay (SQLite), three carriers and a terminal
+//! fleet as real processes, provisions enterprises, registrations and
+//! consents, sends a targeted message, a broadcast, a segment message and a
+//! service message, lets a simulated day of opening behaviour pass in
+//! seconds, and prints what was matched, delivered and opened per message and
+//! per carrier. With `--keep-running` it leaves the hub up and prints how to
+//! point `enterprise-cli` at it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chukei_proto::auth::BearerInterceptor;
+use chukei_proto::common::v1 as common;
+use chukei_proto::relay::v1 as pb;
+use clap::Parser;
+use integration_tests::wait_healthy;
+use tonic::transport::Channel;
+
+/// Run the whole hub locally on SQLite and relay a few campaigns through it.
+#[derive(Parser, Debug)]
+#[command(name = "chukei-local")]
+struct Args {
+    /// Simulated users in the terminal fleet.
+    #[arg(long, default_value_t = 10_000)]
+    users: usize,
+    /// Seed of the fleet.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Simulated seconds per real second (3600: an hour passes every second).
+    #[arg(long, default_value_t = 3600.0)]
+    time_scale: f64,
+    /// Simulated hours of opening behaviour to wait for after delivery.
+    #[arg(long, default_value_t = 24)]
+    open_hours: u64,
+    /// Where the services keep their databases (default: a fresh temporary directory).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Leave the hub running after the report, until Ctrl-C.
+    #[arg(long)]
+    keep_running: bool,
+    /// Where relay-svc, carrier-svc and terminal-sim are (default: beside this program).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+const CARRIERS: [&str; 3] = ["aozora", "hikari", "tsubasa"];
+
+struct Children(Vec<(String, Child)>);
+
+impl Children {
+    fn spawn(&mut self, name: &str, command: &mut Command) -> anyhow::Result<()> {
+        let child = command
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("could not start {name}: {e}"))?;
+        self.0.push((name.to_owned(), child));
+        Ok(())
+    }
+
+    /// SIGTERM to every process in start order (the relay first, so no carrier
+    /// sees its caller vanish mid-stream), waiting for each.
+    fn stop(&mut self) {
+        for (name, mut child) in self.0.drain(..) {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    _ => {
+                        eprintln!("{name} did not stop on SIGTERM; killing it");
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn token(label: &str) -> anyhow::Result<String> {
+    Ok(format!(
+        "{label}-{}",
+        relay_svc::credentials::random_hex(16)?
+    ))
+}
+
+fn binary(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join(name);
+    if !path.exists() {
+        anyhow::bail!(
+            "{} not found: build the services first (cargo build --release --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let bin_dir = match &args.bin_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .ok_or_else(|| anyhow::anyhow!("no directory beside this program"))?
+            .to_path_buf(),
+    };
+    let temp = tempfile::tempdir()?;
+    let data_dir = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| temp.path().to_path_buf());
+    let origin_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)?
+        .as_millis()
+        .to_string();
+    let time_scale = args.time_scale.to_string();
+    let admin_token = token("admin")?;
+    let deliver_token = token("deliver")?;
+    let carrier_admin_token = token("carrier-admin")?;
+    let mut children = Children(Vec::new());
+    let started = Instant::now();
+
+    println!(
+        "chukei local run: relay on SQLite, {} carriers, {} simulated users, clock x{}",
+        CARRIERS.len(),
+        args.users,
+        args.time_scale
+    );
+    let relay_port = free_port()?;
+    let relay_url = format!("http://127.0.0.1:{relay_port}");
+    children.spawn(
+        "relay-svc",
+        Command::new(binary(&bin_dir, "relay-svc")?)
+            .args(["--listen", &format!("127.0.0.1:{relay_port}")])
+            .arg("--data-dir")
+            .arg(data_dir.join("relay"))
+            .args(["--time-scale", &time_scale, "--time-origin-ms", &origin_ms])
+            .env("CHUKEI_RELAY_ADMIN_TOKEN", &admin_token)
+            .env("CHUKEI_RELAY_DELIVER_TOKEN", &deliver_token)
+            .env("RUST_LOG", "warn"),
+    )?;
+    wait_healthy(&relay_url).await?;
+    let channel = Channel::from_shared(relay_url.clone())?.connect().await?;
+    let mut admin = pb::admin_client::AdminClient::with_interceptor(
+        channel.clone(),
+        BearerInterceptor::new(&admin_token)?,
+    );
+
+    // Enterprises and their services.
+    let mut enterprises = Vec::new();
+    for (name, services) in [
+        ("Sakura Mart", vec!["loyalty", "pharmacy"]),
+        ("Fuji Rail", vec![]),
+        ("Kaze Bank", vec!["cards"]),
+    ] {
+        let created = admin
+            .create_enterprise(pb::CreateEnterpriseRequest { name: name.into() })
+            .await?
+            .into_inner();
+        let mut service_ids = Vec::new();
+        for service in services {
+            service_ids.push(
+                admin
+                    .create_service(pb::CreateServiceRequest {
+                        enterprise_id: created.enterprise_id.clone(),
+                        name: service.into(),
+                    })
+                    .await?
+                    .into_inner()
+                    .service_id,
+            );
+        }
+        enterprises.push((name, created, service_ids));
+    }
+
+    // Carriers.
+    let mut carrier_flags = Vec::new();
+    for carrier_id in CARRIERS {
+        let port = free_port()?;
+        let url = format!("http://127.0.0.1:{port}");
+        let carrier_token = token(carrier_id)?;
+        children.spawn(
+            carrier_id,
+            Command::new(binary(&bin_dir, "carrier-svc")?)
+                .args([
+                    "--listen",
+                    &format!("127.0.0.1:{port}"),
+                    "--carrier-id",
+                    carrier_id,
+                    "--relay-url",
+                    &relay_url,
+                ])
+                .arg("--data-dir")
+                .arg(data_dir.join(carrier_id))
+                .args(["--time-scale", &time_scale, "--time-origin-ms", &origin_ms])
+                .env("CHUKEI_CARRIER_TOKEN", &carrier_token)
+                .env("CHUKEI_CARRIER_RELAY_TOKEN", &deliver_token)
+                .env("CHUKEI_CARRIER_ADMIN_TOKEN", &carrier_admin_token)
+                .env("RUST_LOG", "warn"),
+        )?;
+        wait_healthy(&url).await?;
+        admin
+            .register_carrier(pb::RegisterCarrierRequest {
+                carrier_id: carrier_id.into(),
+                endpoint: url.clone(),
+                token: carrier_token,
+            })
+            .await?;
+        carrier_flags.push(format!("--carrier={carrier_id}={url}"));
+    }
+
+    // The fleet provisions its subscribers, attaches, and registers with consent.
+    let fleet_port = free_port()?;
+    let mut fleet = Command::new(binary(&bin_dir, "terminal-sim")?);
+    fleet
+        .args(["--listen", &format!("127.0.0.1:{fleet_port}"), "fleet"])
+        .args([
+            "--users",
+            &args.users.to_string(),
+            "--seed",
+            &args.seed.to_string(),
+        ])
+        .args(&carrier_flags)
+        .args(["--time-scale", &time_scale, "--time-origin-ms", &origin_ms])
+        .env("CHUKEI_TERMINAL_CARRIER_ADMIN_TOKEN", &carrier_admin_token)
+        .env("RUST_LOG", "warn");
+    for (_, created, services) in &enterprises {
+        fleet.arg(format!(
+            "--enterprise={}:{}",
+            created.enterprise_id,
+            services.join(",")
+        ));
+    }
+    children.spawn("terminal-sim", &mut fleet)?;
+    let setup = Instant::now();
+    wait_healthy_for(
+        &format!("http://127.0.0.1:{fleet_port}"),
+        Duration::from_secs(600),
+    )
+    .await?;
+    println!(
+        "fleet provisioned, attached and registered in {:.1}s",
+        setup.elapsed().as_secs_f64()
+    );
+
+    // The campaigns.
+    let enterprise = |index: usize| -> anyhow::Result<_> {
+        let (name, created, services) = &enterprises[index];
+        let client = pb::enterprise_api_client::EnterpriseApiClient::with_interceptor(
+            channel.clone(),
+            BearerInterceptor::new(&created.api_key)?,
+        );
+        Ok((*name, client, services.clone()))
+    };
+    let (sakura, mut sakura_client, sakura_services) = enterprise(0)?;
+    let (fuji, mut fuji_client, _) = enterprise(1)?;
+    let refs: Vec<String> = sakura_client
+        .list_registrations(pb::ListRegistrationsRequest {
+            page_size: 3,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .registrations
+        .into_iter()
+        .map(|r| r.user_ref)
+        .collect();
+    let request = |key: &str, kind: pb::target::Kind, text: &str, channel: common::Channel| {
+        pb::SendMessageRequest {
+            idempotency_key: key.into(),
+            target: Some(pb::Target { kind: Some(kind) }),
+            content: Some(common::Content {
+                text: text.into(),
+                media_url: String::new(),
+            }),
+            channel: channel as i32,
+            all_carriers: false,
+        }
+    };
+    let mut campaigns = Vec::new();
+    let sends = [
+        (
+            sakura,
+            "targeted (3 refs)",
+            request(
+                "local-targeted",
+                pb::target::Kind::Refs(pb::RefList { refs }),
+                "Your order is ready for pickup",
+                common::Channel::Rcs,
+            ),
+        ),
+        (
+            fuji,
+            "broadcast (all registered)",
+            request(
+                "local-broadcast",
+                pb::target::Kind::AllRegistered(true),
+                "Timetable change this weekend",
+                common::Channel::Sms,
+            ),
+        ),
+        (
+            sakura,
+            "segment (women 20-39, tokyo)",
+            request(
+                "local-segment",
+                pb::target::Kind::Segment(pb::Segment {
+                    gender: common::Gender::Female as i32,
+                    age_min: Some(20),
+                    age_max: Some(39),
+                    regions: vec!["tokyo".into()],
+                    ..Default::default()
+                }),
+                "Spring collection preview",
+                common::Channel::Rcs,
+            ),
+        ),
+        (
+            sakura,
+            "service (loyalty members)",
+            request(
+                "local-service",
+                pb::target::Kind::ServiceId(sakura_services[0].clone()),
+                "Double points today",
+                common::Channel::Sns,
+            ),
+        ),
+    ];
+    for (name, label, send) in sends {
+        let client = if name == fuji {
+            &mut fuji_client
+        } else {
+            &mut sakura_client
+        };
+        let sent = client.send_message(send).await?.into_inner();
+        campaigns.push((name, label, sent.message_id, client.clone()));
+    }
+
+    // Wait for delivery, then for a simulated day of opening behaviour.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    for (_, label, message_id, client) in &mut campaigns {
+        loop {
+            let status = client
+                .get_message(pb::GetMessageRequest {
+                    message_id: message_id.clone(),
+                })
+                .await?
+                .into_inner();
+            if status.state == pb::MessageState::HandedOver as i32
+                && status.delivered + status.failed >= status.matched
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("{label} was not delivered in time: {status:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let open_wait = Duration::from_secs_f64(args.open_hours as f64 * 3600.0 / args.time_scale);
+    println!(
+        "all delivered; waiting {:.0}s for {} simulated hours of opens…",
+        open_wait.as_secs_f64(),
+        args.open_hours
+    );
+    tokio::time::sleep(open_wait + Duration::from_secs(2)).await;
+
+    println!();
+    println!(
+        "{:<12} {:<30} {:>8} {:>12} {:>10} {:>8} {:>9}",
+        "enterprise", "message", "matched", "handed_over", "delivered", "opened", "open_rate"
+    );
+    let mut per_carrier: HashMap<String, Vec<pb::CarrierStats>> = HashMap::new();
+    for (name, label, message_id, client) in &mut campaigns {
+        let status = client
+            .get_message(pb::GetMessageRequest {
+                message_id: message_id.clone(),
+            })
+            .await?
+            .into_inner();
+        println!(
+            "{:<12} {:<30} {:>8} {:>12} {:>10} {:>8} {:>9}",
+            name,
+            label,
+            status.matched,
+            status.handed_over,
+            status.delivered,
+            status.opened,
+            rate(status.opened, status.delivered)
+        );
+        let stats = admin
+            .get_carrier_stats(pb::GetCarrierStatsRequest {
+                message_id: message_id.clone(),
+            })
+            .await?
+            .into_inner();
+        per_carrier.insert(label.to_string(), stats.carriers);
+    }
+    println!();
+    println!(
+        "{:<30} {:<9} {:>12} {:>10} {:>8} {:>14} {:>16}",
+        "message",
+        "carrier",
+        "handed_over",
+        "delivered",
+        "opened",
+        "reported_sent",
+        "reported_opened"
+    );
+    for (_, label, _, _) in &campaigns {
+        for carrier in per_carrier.get(*label).into_iter().flatten() {
+            println!(
+                "{:<30} {:<9} {:>12} {:>10} {:>8} {:>14} {:>16}",
+                label,
+                carrier.carrier_id,
+                carrier.handed_over,
+                carrier.delivered,
+                carrier.opened,
+                carrier.reported_sent,
+                carrier.reported_opened
+            );
+        }
+    }
+    println!(
+        "\nlocal run finished in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+
+    if args.keep_running {
+        println!("\nthe hub keeps running (Ctrl-C stops it). Point enterprise-cli at it:");
+        println!("  export CHUKEI_RELAY_URL={relay_url}");
+        for (name, created, services) in &enterprises {
+            println!(
+                "  # {name} (services: {})",
+                if services.is_empty() {
+                    "-".to_owned()
+                } else {
+                    services.join(", ")
+                }
+            );
+            println!("  export CHUKEI_API_KEY={}", created.api_key);
+        }
+        println!("  cargo run --release -p enterprise-cli -- send --all --text 'hello'");
+        chukei_proto::server::shutdown_signal().await;
+    }
+    children.stop();
+    Ok(())
+}
+
+fn rate(opened: u64, delivered: u64) -> String {
+    if delivered == 0 {
+        "-".into()
+    } else {
+        format!("{:.1}%", 100.0 * opened as f64 / delivered as f64)
+    }
+}
+
+async fn wait_healthy_for(url: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match wait_healthy(url).await {
+            Ok(()) => return Ok(()),
+            Err(error) if Instant::now() > deadline => return Err(error),
+            Err(_) => {}
+        }
+    }
+}
