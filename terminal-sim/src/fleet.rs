@@ -40,6 +40,8 @@ pub struct Behaviour {
     pub active_hours: u32,
     /// Chance of being away from home when opening.
     pub away_share: f64,
+    /// Chance of registering with any one enterprise the fleet is offered.
+    pub registration_share: f64,
 }
 
 /// One simulated person.
@@ -76,7 +78,7 @@ impl SimUser {
     /// Whether this user registers with `enterprise_id`, and with what consent (seeded).
     pub fn consent_for(&self, seed: u64, enterprise_id: &str) -> Option<ConsentChoices> {
         let mut rng = Rng::for_labels(seed, &["consent", &self.user_id, enterprise_id]);
-        if !rng.chance(0.8) {
+        if !rng.chance(self.behaviour.registration_share) {
             return None;
         }
         Some(ConsentChoices {
@@ -136,6 +138,7 @@ impl Fleet {
                     active_start_hour: 7 + rng.below(14) as u32,
                     active_hours: 2 + rng.below(5) as u32,
                     away_share: 0.1,
+                    registration_share: 0.8,
                 };
                 SimUser {
                     phone_number: format!("+8190{:08}", rng.below(100_000_000)),

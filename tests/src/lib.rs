@@ -213,9 +213,33 @@ impl CarrierNode {
     }
 }
 
+/// How the relay batches on its carrier streams.
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    pub batch_size: u32,
+    pub batches_in_flight: usize,
+    pub poll_interval_ms: u64,
+}
+
+impl Tuning {
+    /// Small batches and quick polls: many batches even in small tests.
+    pub const TESTS: Self = Self {
+        batch_size: 100,
+        batches_in_flight: 4,
+        poll_interval_ms: 100,
+    };
+    /// The relay's own defaults.
+    pub const DEFAULTS: Self = Self {
+        batch_size: 1000,
+        batches_in_flight: 8,
+        poll_interval_ms: 500,
+    };
+}
+
 /// A whole hub: the relay, its carriers and (once started) a terminal fleet.
 pub struct Hub {
     pub backend: Backend,
+    tuning: Tuning,
     pub relay_addr: SocketAddr,
     database_url: String,
     postgres_name: Option<String>,
@@ -229,6 +253,15 @@ impl Hub {
     /// Starts the relay and `carrier_ids` (registered with the relay), or
     /// returns `None` when the backend is switched off.
     pub async fn start(backend: Backend, carrier_ids: &[&str]) -> anyhow::Result<Option<Self>> {
+        Self::start_with(backend, carrier_ids, Tuning::TESTS).await
+    }
+
+    /// [`Hub::start`] with the relay tuned as given.
+    pub async fn start_with(
+        backend: Backend,
+        carrier_ids: &[&str],
+        tuning: Tuning,
+    ) -> anyhow::Result<Option<Self>> {
         init_logs();
         let dir = tempfile::tempdir()?;
         let (database_url, postgres_name) = match backend {
@@ -245,6 +278,7 @@ impl Hub {
         let relay_addr = listener.local_addr()?;
         let mut hub = Self {
             backend,
+            tuning,
             relay_addr,
             database_url,
             postgres_name,
@@ -290,9 +324,9 @@ impl Hub {
             database_url: Some(self.database_url.clone()),
             admin_token: ADMIN_TOKEN.into(),
             deliver_token: DELIVER_TOKEN.into(),
-            batch_size: 100,
-            batches_in_flight: 4,
-            poll_interval_ms: 100,
+            batch_size: self.tuning.batch_size,
+            batches_in_flight: self.tuning.batches_in_flight,
+            poll_interval_ms: self.tuning.poll_interval_ms,
             message_ttl_secs: 3600,
             shutdown_grace_secs: 5,
             clock: ClockArgs::default(),
@@ -376,6 +410,7 @@ impl Hub {
         enterprises: Vec<EnterpriseChoice>,
         open_mode: OpenMode,
     ) -> anyhow::Result<Terminals> {
+        let fleet_size = fleet.users.len();
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let options = FleetOptions {
             advertise_url: None,
@@ -404,7 +439,8 @@ impl Hub {
                 },
             )
         });
-        let terminals = match tokio::time::timeout(Duration::from_secs(60), ready_rx).await {
+        let ready_within = Duration::from_secs(60 + fleet_size as u64 / 500);
+        let terminals = match tokio::time::timeout(ready_within, ready_rx).await {
             Ok(Ok(terminals)) => terminals,
             _ => {
                 let outcome = running.stop().await;

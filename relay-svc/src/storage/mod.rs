@@ -135,6 +135,61 @@ impl WritePool for PgPool {
     }
 }
 
+/// Row ids bound as one parameter — a JSON array read with `json_each` on
+/// SQLite, an `int8[]` on PostgreSQL — so a batch of any size is one short
+/// statement with one cached plan instead of a thousand placeholders.
+#[derive(Clone, Debug)]
+struct IdList<'a>(&'a [i64]);
+
+impl sqlx::Type<sqlx::Sqlite> for IdList<'_> {
+    fn type_info() -> sqlx::sqlite::SqliteTypeInfo {
+        <String as sqlx::Type<sqlx::Sqlite>>::type_info()
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Sqlite> for IdList<'_> {
+    fn encode_by_ref(
+        &self,
+        buf: &mut <sqlx::Sqlite as sqlx::Database>::ArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        let mut json = String::with_capacity(self.0.len() * 8 + 2);
+        json.push('[');
+        for (index, id) in self.0.iter().enumerate() {
+            if index > 0 {
+                json.push(',');
+            }
+            json.push_str(&id.to_string());
+        }
+        json.push(']');
+        <String as sqlx::Encode<sqlx::Sqlite>>::encode(json, buf)
+    }
+}
+
+impl sqlx::Type<sqlx::Postgres> for IdList<'_> {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <Vec<i64> as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Postgres> for IdList<'_> {
+    fn encode_by_ref(
+        &self,
+        buf: &mut <sqlx::Postgres as sqlx::Database>::ArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        <&[i64] as sqlx::Encode<sqlx::Postgres>>::encode(self.0, buf)
+    }
+}
+
+impl Store {
+    /// `column IN <the IdList bound as parameter n>`, in this backend's SQL.
+    fn in_id_list(&self, column: &str, param: usize) -> String {
+        match self {
+            Self::Sqlite(_) => format!("{column} IN (SELECT value FROM json_each(${param}))"),
+            Self::Postgres(_) => format!("{column} = ANY(${param})"),
+        }
+    }
+}
+
 /// Whether a database error is a unique-key violation (mapped by kind, not text).
 fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::UniqueViolation)

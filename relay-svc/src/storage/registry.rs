@@ -215,18 +215,16 @@ impl Store {
                 query.push(" ON CONFLICT (enterprise_id, user_id) DO NOTHING");
                 query.build().execute(&mut *tx).await?;
 
+                // A join against VALUES, not a row-value IN list: PostgreSQL plans the
+                // latter as a scan of the whole table.
                 let mut query = QueryBuilder::new(
-                    "SELECT enterprise_id, user_id, user_ref FROM registrations WHERE (enterprise_id, user_id) IN (",
+                    "SELECT r.enterprise_id, r.user_id, r.user_ref FROM registrations r JOIN (",
                 );
-                let mut list = query.separated(", ");
-                for registration in chunk {
-                    list.push("(")
-                        .push_bind_unseparated(&registration.enterprise_id)
-                        .push_unseparated(", ")
-                        .push_bind_unseparated(&registration.user_id)
-                        .push_unseparated(")");
-                }
-                query.push(")");
+                query.push_values(chunk, |mut row, registration| {
+                    row.push_bind(&registration.enterprise_id)
+                        .push_bind(&registration.user_id);
+                });
+                query.push(") AS v ON r.enterprise_id = v.column1 AND r.user_id = v.column2");
                 let rows: Vec<(String, String, String)> =
                     query.build_query_as().fetch_all(&mut *tx).await?;
                 refs.extend(rows.into_iter().map(|(e, u, r)| ((e, u), r)));

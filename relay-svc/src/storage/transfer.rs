@@ -1,9 +1,9 @@
 //! What the dispatchers read and write: due deliveries for one carrier, in id
 //! order, and the batch acknowledgement that marks them handed over.
 
-use sqlx::QueryBuilder;
+use sqlx::AssertSqlSafe;
 
-use super::{Store, WritePool, on_pool};
+use super::{IdList, Store, WritePool, on_pool};
 use crate::error::Result;
 use crate::receipts::EventKind;
 use crate::targeting::{Channel, Content};
@@ -69,36 +69,32 @@ impl Store {
         if ids.is_empty() {
             return Ok(());
         }
+        let record = format!(
+            "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region)
+             SELECT d.message_id, d.user_id, $1, $2, d.carrier_id, m.channel, ''
+             FROM deliveries d JOIN messages m ON m.id = d.message_id
+             WHERE d.carrier_id = $3 AND {}
+             ON CONFLICT DO NOTHING",
+            self.in_id_list("d.id", 4)
+        );
+        let advance = format!(
+            "UPDATE deliveries SET state = 1 WHERE state = 0 AND carrier_id = $1 AND {}",
+            self.in_id_list("id", 2)
+        );
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            for chunk in ids.chunks(super::ROWS_PER_STATEMENT) {
-                let mut query = QueryBuilder::new(
-                    "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region)
-                     SELECT d.message_id, d.user_id, ",
-                );
-                query
-                    .push_bind(EventKind::HandedOver.number())
-                    .push(", ")
-                    .push_bind(now)
-                    .push(", d.carrier_id, m.channel, '' FROM deliveries d JOIN messages m ON m.id = d.message_id WHERE d.carrier_id = ")
-                    .push_bind(carrier_id)
-                    .push(" AND d.id IN (");
-                let mut list = query.separated(", ");
-                for id in chunk {
-                    list.push_bind(*id);
-                }
-                query.push(") ON CONFLICT DO NOTHING");
-                query.build().execute(&mut *tx).await?;
-
-                let mut query = QueryBuilder::new("UPDATE deliveries SET state = 1 WHERE state = 0 AND carrier_id = ");
-                query.push_bind(carrier_id).push(" AND id IN (");
-                let mut list = query.separated(", ");
-                for id in chunk {
-                    list.push_bind(*id);
-                }
-                query.push(")");
-                query.build().execute(&mut *tx).await?;
-            }
+            sqlx::query(AssertSqlSafe(record))
+                .bind(EventKind::HandedOver.number())
+                .bind(now)
+                .bind(carrier_id)
+                .bind(IdList(ids))
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(AssertSqlSafe(advance))
+                .bind(carrier_id)
+                .bind(IdList(ids))
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
             Ok(())
         })
