@@ -228,7 +228,11 @@ impl Dispatcher {
                         self.config.batch_size,
                     )
                     .await?;
-                tracing::debug!(due = due.len(), elapsed_us = started.elapsed().as_micros() as u64, "due deliveries read");
+                tracing::debug!(
+                    due = due.len(),
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "due deliveries read"
+                );
                 let Some(last) = due.last() else {
                     if in_flight.is_empty() {
                         // Start over from the lowest id: rows committed out of id order are not skipped.
@@ -274,9 +278,14 @@ impl Dispatcher {
                 if let Some(ids) = in_flight.remove(&ack.batch_id) {
                     let started = std::time::Instant::now();
                     self.store
-                        .mark_handed_over(&self.carrier_id, &ids, self.clock.now_ms())
+                        .mark_handed_over(&ids, self.clock.now_ms())
                         .await?;
-                    tracing::debug!(batch_id = ack.batch_id, deliveries = ids.len(), elapsed_us = started.elapsed().as_micros() as u64, "batch handed over");
+                    tracing::debug!(
+                        batch_id = ack.batch_id,
+                        deliveries = ids.len(),
+                        elapsed_us = started.elapsed().as_micros() as u64,
+                        "batch handed over"
+                    );
                 }
             }
             Some(pb::carrier_to_relay::Kind::Receipts(batch)) => {

@@ -129,9 +129,9 @@ async fn receipts_count_once_whatever_arrives(backend: Backend) {
     );
     // Acked twice (a resent batch): still one hand-over per person.
     let c1_ids: Vec<i64> = c1.iter().map(|d| d.id).collect();
-    store.mark_handed_over("c1", &c1_ids, 5).await.unwrap();
-    store.mark_handed_over("c1", &c1_ids, 6).await.unwrap();
-    store.mark_handed_over("c2", &[c2[0].id], 7).await.unwrap();
+    store.mark_handed_over(&c1_ids, 5).await.unwrap();
+    store.mark_handed_over(&c1_ids, 6).await.unwrap();
+    store.mark_handed_over(&[c2[0].id], 7).await.unwrap();
     assert_eq!(store.pending_count("c1").await.unwrap(), 0);
 
     // Duplicates, both carriers reporting the same person, a read before its delivered.
@@ -189,6 +189,12 @@ async fn receipts_count_once_whatever_arrives(backend: Backend) {
             opened: 1,
             failed: 0
         }
+    );
+
+    // The maintained counts equal a recount from the events.
+    assert_eq!(
+        store.recount_message("msg_1").await.unwrap(),
+        store.message_counts("msg_1").await.unwrap()
     );
 
     // The latest count report wins; an older one arriving late does not overwrite it.

@@ -135,6 +135,30 @@ impl WritePool for PgPool {
     }
 }
 
+/// Adds newly inserted events (the `(message_id, kind)` rows an
+/// `INSERT … ON CONFLICT DO NOTHING RETURNING` gave back) to
+/// `message_counts`, inside the caller's transaction `$tx`.
+macro_rules! count_new_events {
+    ($tx:expr, $inserted:expr) => {{
+        let mut added: std::collections::HashMap<(String, i64), i64> = std::collections::HashMap::new();
+        for (message_id, kind) in $inserted {
+            *added.entry((message_id, kind)).or_default() += 1;
+        }
+        let added: Vec<((String, i64), i64)> = added.into_iter().collect();
+        for chunk in added.chunks($crate::storage::ROWS_PER_STATEMENT) {
+            let mut query = sqlx::QueryBuilder::new("INSERT INTO message_counts (message_id, kind, count) ");
+            query.push_values(chunk, |mut row, ((message_id, kind), count)| {
+                row.push_bind(message_id).push_bind(*kind).push_bind(*count);
+            });
+            query.push(
+                " ON CONFLICT (message_id, kind) DO UPDATE SET count = message_counts.count + excluded.count",
+            );
+            query.build().execute(&mut *$tx).await?;
+        }
+    }};
+}
+pub(crate) use count_new_events;
+
 /// Row ids bound as one parameter — a JSON array read with `json_each` on
 /// SQLite, an `int8[]` on PostgreSQL — so a batch of any size is one short
 /// statement with one cached plan instead of a thousand placeholders.

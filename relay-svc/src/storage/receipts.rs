@@ -4,7 +4,7 @@
 
 use sqlx::QueryBuilder;
 
-use super::{ROWS_PER_STATEMENT, Store, WritePool, on_pool};
+use super::{ROWS_PER_STATEMENT, Store, WritePool, count_new_events, on_pool};
 use crate::error::Result;
 use crate::receipts::{CountReport, EventKind, Receipt};
 use crate::targeting::Channel;
@@ -16,6 +16,23 @@ pub struct MessageCounts {
     pub delivered: u64,
     pub opened: u64,
     pub failed: u64,
+}
+
+impl MessageCounts {
+    fn from_rows(rows: Vec<(i64, i64)>) -> Self {
+        let mut counts = Self::default();
+        for (kind, count) in rows {
+            let count = count as u64;
+            match EventKind::from_number(kind) {
+                Some(EventKind::HandedOver) => counts.handed_over = count,
+                Some(EventKind::Delivered) => counts.delivered = count,
+                Some(EventKind::Opened) => counts.opened = count,
+                Some(EventKind::Failed) => counts.failed = count,
+                None => {}
+            }
+        }
+        counts
+    }
 }
 
 /// The operator's per-carrier view.
@@ -63,8 +80,9 @@ impl Store {
                 query
                     .push(") AS v JOIN deliveries d ON d.message_id = v.column1 AND d.user_id = v.column2 AND d.carrier_id = ")
                     .push_bind(carrier_id)
-                    .push(" WHERE TRUE ON CONFLICT DO NOTHING");
-                query.build().execute(&mut *tx).await?;
+                    .push(" WHERE TRUE ON CONFLICT DO NOTHING RETURNING message_id, kind");
+                let inserted: Vec<(String, i64)> = query.build_query_as().fetch_all(&mut *tx).await?;
+                count_new_events!(tx, inserted);
             }
             tx.commit().await?;
             Ok(())
@@ -98,25 +116,27 @@ impl Store {
         })
     }
 
+    /// A message's counts, as maintained beside its events.
     pub async fn message_counts(&self, message_id: &str) -> Result<MessageCounts> {
+        let rows: Vec<(i64, i64)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT kind, count FROM message_counts WHERE message_id = $1",
+        )
+        .bind(message_id)
+        .fetch_all(pool)
+        .await)?;
+        Ok(MessageCounts::from_rows(rows))
+    }
+
+    /// A message's counts recomputed from its events (slow: a check that the
+    /// maintained counts are right, never a hot path).
+    pub async fn recount_message(&self, message_id: &str) -> Result<MessageCounts> {
         let rows: Vec<(i64, i64)> = on_pool!(self, pool => sqlx::query_as(
             "SELECT kind, COUNT(*) FROM events WHERE message_id = $1 GROUP BY kind",
         )
         .bind(message_id)
         .fetch_all(pool)
         .await)?;
-        let mut counts = MessageCounts::default();
-        for (kind, count) in rows {
-            let count = count as u64;
-            match EventKind::from_number(kind) {
-                Some(EventKind::HandedOver) => counts.handed_over = count,
-                Some(EventKind::Delivered) => counts.delivered = count,
-                Some(EventKind::Opened) => counts.opened = count,
-                Some(EventKind::Failed) => counts.failed = count,
-                None => {}
-            }
-        }
-        Ok(counts)
+        Ok(MessageCounts::from_rows(rows))
     }
 
     /// Per carrier: deliveries waiting and handed over, events attributed to

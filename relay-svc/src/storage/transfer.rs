@@ -3,7 +3,7 @@
 
 use sqlx::AssertSqlSafe;
 
-use super::{IdList, Store, WritePool, on_pool};
+use super::{IdList, Store, WritePool, count_new_events, on_pool};
 use crate::error::Result;
 use crate::receipts::EventKind;
 use crate::targeting::{Channel, Content};
@@ -65,33 +65,37 @@ impl Store {
 
     /// The carrier acknowledged a batch: its deliveries are handed over, and a
     /// handed-over event is recorded once per message and user.
-    pub async fn mark_handed_over(&self, carrier_id: &str, ids: &[i64], now: i64) -> Result<()> {
+    pub async fn mark_handed_over(&self, ids: &[i64], now: i64) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
+        // The ids come from this carrier's own in-flight batch. Both statements are
+        // driven by the id list (primary-key lookups), never by a scan of the
+        // carrier's deliveries.
         let record = format!(
             "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region)
-             SELECT d.message_id, d.user_id, $1, $2, d.carrier_id, m.channel, ''
-             FROM deliveries d JOIN messages m ON m.id = d.message_id
-             WHERE d.carrier_id = $3 AND {}
-             ON CONFLICT DO NOTHING",
-            self.in_id_list("d.id", 4)
+             SELECT d.message_id, d.user_id, $1, $2, d.carrier_id,
+                    (SELECT m.channel FROM messages m WHERE m.id = d.message_id), ''
+             FROM deliveries d
+             WHERE {}
+             ON CONFLICT DO NOTHING
+             RETURNING message_id, kind",
+            self.in_id_list("d.id", 3)
         );
         let advance = format!(
-            "UPDATE deliveries SET state = 1 WHERE state = 0 AND carrier_id = $1 AND {}",
-            self.in_id_list("id", 2)
+            "UPDATE deliveries SET state = 1 WHERE state = 0 AND {}",
+            self.in_id_list("id", 1)
         );
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            sqlx::query(AssertSqlSafe(record))
+            let inserted: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(record))
                 .bind(EventKind::HandedOver.number())
                 .bind(now)
-                .bind(carrier_id)
                 .bind(IdList(ids))
-                .execute(&mut *tx)
+                .fetch_all(&mut *tx)
                 .await?;
+            count_new_events!(tx, inserted);
             sqlx::query(AssertSqlSafe(advance))
-                .bind(carrier_id)
                 .bind(IdList(ids))
                 .execute(&mut *tx)
                 .await?;

@@ -48,12 +48,26 @@ enum BackendArg {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|info| info.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown cpu".into());
     let memory = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|info| info.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0)))
-        .map_or_else(String::new, |kb| format!("{:.0} GiB", kb as f64 / 1024.0 / 1024.0));
+        .and_then(|info| {
+            info.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+        })
+        .map_or_else(String::new, |kb| {
+            format!("{:.0} GiB", kb as f64 / 1024.0 / 1024.0)
+        });
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!("{cores} cores, {cpu}, {memory}")
 }
@@ -61,14 +75,21 @@ fn machine() -> String {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let Scenario::Broadcast { users, backend, batch_size } = args.scenario;
+    let Scenario::Broadcast {
+        users,
+        backend,
+        batch_size,
+    } = args.scenario;
     let backend = match backend {
         BackendArg::Sqlite => Backend::Sqlite,
         BackendArg::Postgres => Backend::Postgres,
     };
     println!("machine: {}", machine());
     let carriers = ["alpha", "beta", "gamma"];
-    let tuning = Tuning { batch_size, ..Tuning::DEFAULTS };
+    let tuning = Tuning {
+        batch_size,
+        ..Tuning::DEFAULTS
+    };
     let Some(mut hub) = Hub::start_with(backend, &carriers, tuning).await? else {
         anyhow::bail!("--backend postgres needs CHUKEI_TEST_DATABASE_URL");
     };
@@ -80,18 +101,33 @@ async fn main() -> anyhow::Result<()> {
     }
     let setup = Instant::now();
     let terminals = hub
-        .start_fleet(fleet.clone(), vec![EnterpriseChoice { enterprise_id: shop.clone(), service_ids: vec![] }], OpenMode::Never)
+        .start_fleet(
+            fleet.clone(),
+            vec![EnterpriseChoice {
+                enterprise_id: shop.clone(),
+                service_ids: vec![],
+            }],
+            OpenMode::Never,
+        )
         .await?;
     let registered = integration_tests::registered_users(&fleet, &shop).len();
-    println!("setup: {users} users provisioned, attached, {registered} registered in {:.1}s", setup.elapsed().as_secs_f64());
+    println!(
+        "setup: {users} users provisioned, attached, {registered} registered in {:.1}s",
+        setup.elapsed().as_secs_f64()
+    );
 
     let mut client = hub.enterprise(&key).await?;
     let started = Instant::now();
     let sent = client
         .send_message(pb::SendMessageRequest {
             idempotency_key: "bench".into(),
-            target: Some(pb::Target { kind: Some(pb::target::Kind::AllRegistered(true)) }),
-            content: Some(common::Content { text: "benchmark".into(), media_url: String::new() }),
+            target: Some(pb::Target {
+                kind: Some(pb::target::Kind::AllRegistered(true)),
+            }),
+            content: Some(common::Content {
+                text: "benchmark".into(),
+                media_url: String::new(),
+            }),
             channel: common::Channel::Sms as i32,
             all_carriers: false,
         })
@@ -104,7 +140,12 @@ async fn main() -> anyhow::Result<()> {
     let mut delivered = None;
     let deadline = started + Duration::from_secs(1800);
     while delivered.is_none() {
-        let status = client.get_message(pb::GetMessageRequest { message_id: sent.message_id.clone() }).await?.into_inner();
+        let status = client
+            .get_message(pb::GetMessageRequest {
+                message_id: sent.message_id.clone(),
+            })
+            .await?
+            .into_inner();
         let now = started.elapsed();
         if expanded.is_none() && status.matched > 0 {
             expanded = Some(now);
@@ -112,23 +153,47 @@ async fn main() -> anyhow::Result<()> {
         if handed_over.is_none() && status.matched > 0 && status.handed_over == status.matched {
             handed_over = Some(now);
         }
-        if at_terminals.is_none() && status.matched > 0 && terminals.snapshot().received >= status.matched {
+        if at_terminals.is_none()
+            && status.matched > 0
+            && terminals.snapshot().received >= status.matched
+        {
             at_terminals = Some(now);
         }
         if status.matched > 0 && status.delivered == status.matched {
             delivered = Some(now);
         }
-        anyhow::ensure!(Instant::now() < deadline, "broadcast did not complete: {status:?}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "broadcast did not complete: {status:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let secs = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64());
     let rate = |d: Option<Duration>| registered as f64 / secs(d);
     println!("broadcast to {registered} recipients on {backend:?} (batch {batch_size}):");
-    println!("  accepted (SendMessage answered)        {:>8.3} s", accepted.as_secs_f64());
-    println!("  expanded (recipients extracted)        {:>8.3} s", secs(expanded));
-    println!("  handed over (all acked by carriers)    {:>8.3} s   {:>9.0} recipients/s", secs(handed_over), rate(handed_over));
-    println!("  at terminals (all received by fleet)   {:>8.3} s   {:>9.0} recipients/s", secs(at_terminals), rate(at_terminals));
-    println!("  delivered receipts counted at relay    {:>8.3} s   {:>9.0} recipients/s", secs(delivered), rate(delivered));
+    println!(
+        "  accepted (SendMessage answered)        {:>8.3} s",
+        accepted.as_secs_f64()
+    );
+    println!(
+        "  expanded (recipients extracted)        {:>8.3} s",
+        secs(expanded)
+    );
+    println!(
+        "  handed over (all acked by carriers)    {:>8.3} s   {:>9.0} recipients/s",
+        secs(handed_over),
+        rate(handed_over)
+    );
+    println!(
+        "  at terminals (all received by fleet)   {:>8.3} s   {:>9.0} recipients/s",
+        secs(at_terminals),
+        rate(at_terminals)
+    );
+    println!(
+        "  delivered receipts counted at relay    {:>8.3} s   {:>9.0} recipients/s",
+        secs(delivered),
+        rate(delivered)
+    );
     hub.shutdown().await?;
     Ok(())
 }
