@@ -36,6 +36,15 @@ impl Error {
     }
 }
 
+impl From<chukei_proto::validate::FieldError> for Error {
+    fn from(error: chukei_proto::validate::FieldError) -> Self {
+        Self::InvalidArgument {
+            field: error.field,
+            reason: error.reason,
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         match error {

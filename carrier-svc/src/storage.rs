@@ -247,46 +247,36 @@ impl Store {
         let mut receipts = Vec::new();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for chunk in events.chunks(ROWS_PER_STATEMENT) {
-            // Any event proves delivery.
-            let mut query = QueryBuilder::new(
-                "UPDATE deliveries SET state = 2 WHERE state < 2 AND delivery_id",
-            );
-            in_list(&mut query, chunk.iter().map(|e| e.delivery_id.as_str()));
-            query.push(" RETURNING delivery_id, message_id, user_id, channel");
-            let moved: Vec<(String, String, String, i64)> =
-                query.build_query_as().fetch_all(&mut *tx).await?;
-            receipts.extend(moved.into_iter().map(|(id, message_id, user_id, channel)| {
-                receipt(
-                    &by_id,
-                    &id,
-                    message_id,
-                    user_id,
-                    channel,
-                    ReceiptKind::Delivered,
-                )
-            }));
+            // Any event proves delivery; only reads prove an open.
+            let all: Vec<&str> = chunk.iter().map(|e| e.delivery_id.as_str()).collect();
             let reads: Vec<&str> = chunk
                 .iter()
                 .filter(|e| e.read)
                 .map(|e| e.delivery_id.as_str())
                 .collect();
-            if !reads.is_empty() {
-                let mut query = QueryBuilder::new(
+            let steps = [
+                (
+                    "UPDATE deliveries SET state = 2 WHERE state < 2 AND delivery_id",
+                    all,
+                    ReceiptKind::Delivered,
+                ),
+                (
                     "UPDATE deliveries SET state = 3 WHERE state = 2 AND delivery_id",
-                );
-                in_list(&mut query, reads.iter().copied());
+                    reads,
+                    ReceiptKind::Opened,
+                ),
+            ];
+            for (update, ids, kind) in steps {
+                if ids.is_empty() {
+                    continue;
+                }
+                let mut query = QueryBuilder::new(update);
+                in_list(&mut query, ids);
                 query.push(" RETURNING delivery_id, message_id, user_id, channel");
                 let moved: Vec<(String, String, String, i64)> =
                     query.build_query_as().fetch_all(&mut *tx).await?;
                 receipts.extend(moved.into_iter().map(|(id, message_id, user_id, channel)| {
-                    receipt(
-                        &by_id,
-                        &id,
-                        message_id,
-                        user_id,
-                        channel,
-                        ReceiptKind::Opened,
-                    )
+                    receipt(&by_id, &id, message_id, user_id, channel, kind)
                 }));
             }
         }

@@ -6,6 +6,7 @@
 use chukei_proto::auth;
 use chukei_proto::carrier::v1 as pb;
 use chukei_proto::relay::v1 as relay;
+use chukei_proto::validate;
 use tonic::{Request, Response, Status};
 
 use crate::Shared;
@@ -24,29 +25,11 @@ pub struct SubscriberService(pub Shared);
 pub struct AdminService(pub Shared);
 
 fn required<'a>(field: &str, value: &'a str, max_len: usize) -> Result<&'a str> {
-    if value.trim().is_empty() {
-        return Err(Error::invalid(field, "must not be empty"));
-    }
-    if value.len() > max_len || value.chars().any(char::is_control) {
-        return Err(Error::invalid(
-            field,
-            format!("must be at most {max_len} bytes of printable text"),
-        ));
-    }
-    Ok(value.trim())
+    Ok(validate::required(field, value, max_len)?)
 }
 
 fn bounded<T>(field: &str, rows: &[T]) -> Result<()> {
-    if rows.is_empty() {
-        return Err(Error::invalid(field, "must not be empty"));
-    }
-    if rows.len() > MAX_ROWS {
-        return Err(Error::invalid(
-            field,
-            format!("at most {MAX_ROWS} per call"),
-        ));
-    }
-    Ok(())
+    Ok(validate::bounded(field, rows, MAX_ROWS)?)
 }
 
 impl TryFrom<(usize, pb::Subscriber)> for Subscriber {

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod clock;
 pub mod server;
 pub mod telemetry;
+pub mod validate;
 
 #[allow(unreachable_pub, clippy::all, clippy::pedantic)]
 pub mod common {

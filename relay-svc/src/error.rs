@@ -47,6 +47,15 @@ impl Error {
     }
 }
 
+impl From<chukei_proto::validate::FieldError> for Error {
+    fn from(error: chukei_proto::validate::FieldError) -> Self {
+        Self::InvalidArgument {
+            field: error.field,
+            reason: error.reason,
+        }
+    }
+}
+
 impl From<sqlx::Error> for Error {
     fn from(error: sqlx::Error) -> Self {
         match &error {

@@ -599,6 +599,25 @@ pub async fn wait_healthy(url: &str) -> anyhow::Result<()> {
     }
 }
 
+/// A `SendMessage` request (primary carriers only).
+pub fn send_request(
+    idempotency_key: &str,
+    target: pb::target::Kind,
+    text: &str,
+    channel: chukei_proto::common::v1::Channel,
+) -> pb::SendMessageRequest {
+    pb::SendMessageRequest {
+        idempotency_key: idempotency_key.into(),
+        target: Some(pb::Target { kind: Some(target) }),
+        content: Some(chukei_proto::common::v1::Content {
+            text: text.into(),
+            media_url: String::new(),
+        }),
+        channel: channel as i32,
+        all_carriers: false,
+    }
+}
+
 /// Collects registrations the fleet model makes, for computing expectations.
 pub fn registered_users(
     fleet: &Fleet,

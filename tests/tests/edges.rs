@@ -6,25 +6,16 @@ use chukei_proto::auth::BearerInterceptor;
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
 use chukei_proto::relay::v1::carrier_ingress_client::CarrierIngressClient;
-use integration_tests::{Backend, Hub, backend_tests};
+use integration_tests::{Backend, Hub, backend_tests, send_request};
+
+fn message(key: &str, target: pb::target::Kind, text: &str) -> pb::SendMessageRequest {
+    send_request(key, target, text, common::Channel::Unspecified)
+}
 use terminal_sim::fleet::Fleet;
 use terminal_sim::setup::EnterpriseChoice;
 use terminal_sim::terminal::OpenMode;
 use tonic::Code;
 use tonic::transport::Channel;
-
-fn message(key: &str, target: pb::target::Kind, text: &str) -> pb::SendMessageRequest {
-    pb::SendMessageRequest {
-        idempotency_key: key.into(),
-        target: Some(pb::Target { kind: Some(target) }),
-        content: Some(common::Content {
-            text: text.into(),
-            media_url: String::new(),
-        }),
-        channel: 0,
-        all_carriers: false,
-    }
-}
 
 fn assert_refused(
     result: Result<tonic::Response<impl std::fmt::Debug>, tonic::Status>,

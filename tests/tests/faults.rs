@@ -6,25 +6,19 @@ use std::time::Duration;
 
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
-use integration_tests::{Backend, Hub, backend_tests, eventually, registered_users};
+use integration_tests::{Backend, Hub, backend_tests, eventually, registered_users, send_request};
+
+fn broadcast(key: &str, text: &str) -> pb::SendMessageRequest {
+    send_request(
+        key,
+        pb::target::Kind::AllRegistered(true),
+        text,
+        common::Channel::Sms,
+    )
+}
 use terminal_sim::fleet::Fleet;
 use terminal_sim::setup::EnterpriseChoice;
 use terminal_sim::terminal::{OpenMode, Terminals};
-
-fn broadcast(key: &str, text: &str) -> pb::SendMessageRequest {
-    pb::SendMessageRequest {
-        idempotency_key: key.into(),
-        target: Some(pb::Target {
-            kind: Some(pb::target::Kind::AllRegistered(true)),
-        }),
-        content: Some(common::Content {
-            text: text.into(),
-            media_url: String::new(),
-        }),
-        channel: common::Channel::Sms as i32,
-        all_carriers: false,
-    }
-}
 
 /// Every recipient has the message exactly once in their inbox.
 fn assert_exactly_once(

@@ -15,19 +15,38 @@ use terminal_sim::terminal::OpenMode;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_person_reads_a_message_in_interactive_mode() {
-    let mut hub = Hub::start(Backend::Sqlite, &["alpha"]).await.unwrap().unwrap();
+    let mut hub = Hub::start(Backend::Sqlite, &["alpha"])
+        .await
+        .unwrap()
+        .unwrap();
     let (shop, key) = hub.create_enterprise("shop").await.unwrap();
     // Provision the subscriber through a fleet of one, then hand the user to the interactive terminal.
     let fleet = Fleet::generate(9, 1, &["alpha".into()]);
     let user_id = fleet.users[0].user_id.clone();
-    hub.start_fleet(fleet, vec![], OpenMode::Never).await.unwrap();
+    hub.start_fleet(fleet, vec![], OpenMode::Never)
+        .await
+        .unwrap();
     hub.stop_fleet().await.unwrap();
 
     let exe = std::env::current_exe().unwrap();
-    let binary = exe.parent().and_then(|d| d.parent()).unwrap().join("terminal-sim");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let binary = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .unwrap()
+        .join("terminal-sim");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut child = Command::new(binary)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "interactive", "--user-id", &user_id])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "interactive",
+            "--user-id",
+            &user_id,
+        ])
         .arg(format!("--carrier=alpha={}", hub.carriers[0].url()))
         .args(["--register", &shop, "--share", "gender,age-decade"])
         .stdin(Stdio::piped())
@@ -45,7 +64,9 @@ async fn a_person_reads_a_message_in_interactive_mode() {
     });
     let wait_line = |what: &str| -> String {
         loop {
-            let line = lines.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("no line containing {what:?}"));
+            let line = lines
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no line containing {what:?}"));
             if line.contains(what) {
                 return line;
             }
@@ -54,32 +75,44 @@ async fn a_person_reads_a_message_in_interactive_mode() {
     let registered = wait_line("the enterprise knows you as");
     let user_ref = registered.rsplit(' ').next().unwrap().to_owned();
     wait_line("attached as");
-    wait_healthy(&format!("http://127.0.0.1:{port}")).await.unwrap();
+    wait_healthy(&format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap();
 
     let mut client = hub.enterprise(&key).await.unwrap();
     let sent = client
-        .send_message(pb::SendMessageRequest {
-            idempotency_key: "interactive".into(),
-            target: Some(pb::Target { kind: Some(pb::target::Kind::Refs(pb::RefList { refs: vec![user_ref] })) }),
-            content: Some(common::Content { text: "See you at the shop".into(), media_url: String::new() }),
-            channel: common::Channel::Rcs as i32,
-            all_carriers: false,
-        })
+        .send_message(integration_tests::send_request(
+            "interactive",
+            pb::target::Kind::Refs(pb::RefList {
+                refs: vec![user_ref],
+            }),
+            "See you at the shop",
+            common::Channel::Rcs,
+        ))
         .await
         .unwrap()
         .into_inner();
-    hub.wait_for_message(&key, &sent.message_id, |s| s.delivered == 1).await;
+    hub.wait_for_message(&key, &sent.message_id, |s| s.delivered == 1)
+        .await;
 
     writeln!(stdin, "inbox").unwrap();
     let listed = wait_line("See you at the shop");
-    assert!(listed.contains("new") && listed.contains(&sent.message_id), "{listed}");
+    assert!(
+        listed.contains("new") && listed.contains(&sent.message_id),
+        "{listed}"
+    );
     writeln!(stdin, "open 0").unwrap();
     wait_line("opened");
-    let status = hub.wait_for_message(&key, &sent.message_id, |s| s.opened == 1).await;
+    let status = hub
+        .wait_for_message(&key, &sent.message_id, |s| s.opened == 1)
+        .await;
     assert_eq!((status.matched, status.delivered, status.opened), (1, 1, 1));
     writeln!(stdin, "quit").unwrap();
     drop(stdin);
-    let exited = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let exited = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(exited.success());
     hub.shutdown().await.unwrap();
 }

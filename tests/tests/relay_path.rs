@@ -5,7 +5,11 @@ use std::collections::{HashMap, HashSet};
 
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
-use integration_tests::{Backend, Hub, backend_tests, registered_users};
+use integration_tests::{Backend, Hub, backend_tests, registered_users, send_request};
+
+fn send(key: &str, target: pb::target::Kind, text: &str) -> pb::SendMessageRequest {
+    send_request(key, target, text, common::Channel::Rcs)
+}
 use terminal_sim::fleet::{Fleet, SimUser};
 use terminal_sim::setup::EnterpriseChoice;
 use terminal_sim::terminal::OpenMode;
@@ -13,34 +17,14 @@ use terminal_sim::terminal::OpenMode;
 const SEED: u64 = 7;
 const USERS: usize = 120;
 
-fn send(key: &str, target: pb::target::Kind, text: &str) -> pb::SendMessageRequest {
-    pb::SendMessageRequest {
-        idempotency_key: key.into(),
-        target: Some(pb::Target { kind: Some(target) }),
-        content: Some(common::Content {
-            text: text.into(),
-            media_url: String::new(),
-        }),
-        channel: common::Channel::Rcs as i32,
-        all_carriers: false,
-    }
-}
-
 fn ids<'a>(users: impl IntoIterator<Item = &'a SimUser>) -> HashSet<String> {
     users.into_iter().map(|u| u.user_id.clone()).collect()
 }
 
-/// The enterprise's refs for each of its users, from ListRegistrations.
-async fn refs_by_user(
-    hub: &Hub,
-    api_key: &str,
-    fleet: &Fleet,
-    enterprise_id: &str,
-) -> HashMap<String, String> {
-    // Refs are pseudonymous: map them back through the relay's own table is
-    // impossible for an enterprise, so the test reads the carrier-side answer:
-    // registering again is idempotent and returns the same refs in order.
-    let _ = (hub, api_key);
+/// The enterprise's refs for the users the fleet registered with it. An
+/// enterprise cannot map refs back to people; the test asks the carriers,
+/// where registering again is idempotent and answers with the same refs.
+async fn refs_by_user(hub: &Hub, fleet: &Fleet, enterprise_id: &str) -> HashMap<String, String> {
     let users: Vec<&SimUser> = fleet
         .users
         .iter()
@@ -231,7 +215,7 @@ async fn every_target_kind_reaches_exactly_its_people(backend: Backend) {
     assert_eq!(reached, expected);
 
     // Specific refs.
-    let refs = refs_by_user(&hub, &shop_key, &fleet, &shop).await;
+    let refs = refs_by_user(&hub, &fleet, &shop).await;
     let chosen: Vec<(&String, &String)> = refs.iter().take(3).collect();
     let targeted = client
         .send_message(send(

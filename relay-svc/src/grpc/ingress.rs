@@ -16,16 +16,7 @@ const MAX_ROWS: usize = 10_000;
 pub struct IngressService(pub Relay);
 
 fn bounded<T>(field: &str, rows: &[T]) -> Result<()> {
-    if rows.is_empty() {
-        return Err(Error::invalid(field, "must not be empty"));
-    }
-    if rows.len() > MAX_ROWS {
-        return Err(Error::invalid(
-            field,
-            format!("at most {MAX_ROWS} per call"),
-        ));
-    }
-    Ok(())
+    Ok(chukei_proto::validate::bounded(field, rows, MAX_ROWS)?)
 }
 
 impl TryFrom<(usize, pb::Contract)> for Contract {

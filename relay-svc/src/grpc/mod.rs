@@ -12,6 +12,7 @@ use std::sync::Arc;
 use chukei_proto::auth;
 use chukei_proto::clock::Clock;
 use chukei_proto::common::v1 as common;
+use chukei_proto::validate;
 use tokio::sync::Notify;
 use tonic::metadata::MetadataMap;
 
@@ -72,31 +73,14 @@ impl Relay {
     }
 }
 
-/// A required, bounded identifier-like string.
+/// A required, bounded string (see `chukei_proto::validate`).
 fn required<'a>(field: &str, value: &'a str, max_len: usize) -> Result<&'a str> {
-    let value = value.trim();
-    if value.is_empty() {
-        return Err(Error::invalid(field, "must not be empty"));
-    }
-    if value.len() > max_len {
-        return Err(Error::invalid(
-            field,
-            format!("must be at most {max_len} bytes"),
-        ));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(Error::invalid(field, "must not contain control characters"));
-    }
-    Ok(value)
+    Ok(validate::required(field, value, max_len)?)
 }
 
 /// An optional id: empty means absent.
 fn optional(field: &str, value: &str, max_len: usize) -> Result<Option<String>> {
-    if value.trim().is_empty() {
-        Ok(None)
-    } else {
-        required(field, value, max_len).map(|v| Some(v.to_owned()))
-    }
+    Ok(validate::optional(field, value, max_len)?)
 }
 
 /// A region path: lowercase segments of `a-z 0-9 - _` joined by `/`.
