@@ -33,11 +33,8 @@ impl pb::carrier_server::Carrier for DeliverService {
         request: Request<Streaming<pb::RelayToCarrier>>,
     ) -> Result<Response<Self::DeliverStream>, Status> {
         let shared = self.0.clone();
-        let token = auth::bearer(request.metadata())
-            .ok_or_else(|| Status::unauthenticated("authorization: missing relay token"))?;
-        if !auth::constant_time_eq(token.as_bytes(), shared.relay_token.as_bytes()) {
-            return Err(Status::unauthenticated("authorization: wrong relay token"));
-        }
+        auth::require_secret(request.metadata(), &shared.relay_token)
+            .map_err(Status::unauthenticated)?;
         let mut generation = 0;
         shared.relay_session.send_modify(|g| {
             *g += 1;

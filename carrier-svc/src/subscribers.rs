@@ -230,12 +230,6 @@ impl pb::subscriber_api_server::SubscriberApi for SubscriberService {
 
 impl Shared {
     fn admin(&self, metadata: &tonic::metadata::MetadataMap) -> Result<()> {
-        let token = auth::bearer(metadata)
-            .ok_or(Error::Unauthenticated("authorization: missing admin token"))?;
-        if auth::constant_time_eq(token.as_bytes(), self.admin_token.as_bytes()) {
-            Ok(())
-        } else {
-            Err(Error::Unauthenticated("authorization: wrong admin token"))
-        }
+        auth::require_secret(metadata, &self.admin_token).map_err(Error::Unauthenticated)
     }
 }

@@ -49,6 +49,17 @@ impl Interceptor for BearerInterceptor {
     }
 }
 
+/// Checks that the call presents exactly `expected` (a shared secret such as an
+/// admin or relay token). The error says what is wrong, for `UNAUTHENTICATED`.
+pub fn require_secret(metadata: &MetadataMap, expected: &str) -> Result<(), &'static str> {
+    let presented = bearer(metadata).ok_or("authorization: missing token")?;
+    if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err("authorization: wrong token")
+    }
+}
+
 /// Compares two secrets in time that depends only on their lengths.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {

@@ -220,7 +220,7 @@ async fn bad_input_is_refused_naming_the_field(backend: Backend) {
             .create_enterprise(pb::CreateEnterpriseRequest { name: "x".into() })
             .await,
         Code::Unauthenticated,
-        "admin token",
+        "authorization",
     );
 
     // A carrier can only register its own subscribers.

@@ -16,7 +16,7 @@ fn broadcast(key: &str, text: &str) -> pb::SendMessageRequest {
         common::Channel::Sms,
     )
 }
-use terminal_sim::fleet::Fleet;
+use terminal_sim::fleet::{Fleet, SimUser};
 use terminal_sim::setup::EnterpriseChoice;
 use terminal_sim::terminal::{OpenMode, Terminals};
 
@@ -24,7 +24,7 @@ use terminal_sim::terminal::{OpenMode, Terminals};
 fn assert_exactly_once(
     terminals: &Terminals,
     message_id: &str,
-    expected: &HashMap<String, terminal_sim::fleet::SimUser>,
+    expected: &HashMap<String, SimUser>,
 ) {
     let reached = terminals.recipients(message_id);
     assert_eq!(reached.len(), expected.len());
@@ -38,24 +38,39 @@ fn assert_exactly_once(
     }
 }
 
-async fn a_carrier_killed_mid_campaign_loses_nothing(backend: Backend) {
-    let Some(mut hub) = Hub::start(backend, &["alpha", "beta"]).await.unwrap() else {
-        return;
-    };
+/// A hub with `carriers`, one enterprise, and a fleet of `users` all of whom may
+/// register with it; returns the hub, the API key, the terminals and who registered.
+async fn campaign_hub(
+    backend: Backend,
+    carriers: &[&str],
+    seed: u64,
+    users: usize,
+) -> Option<(Hub, String, Terminals, HashMap<String, SimUser>)> {
+    let mut hub = Hub::start(backend, carriers).await.unwrap()?;
     let (shop, key) = hub.create_enterprise("shop").await.unwrap();
-    let fleet = Fleet::generate(21, 400, &["alpha".into(), "beta".into()]);
+    let fleet = Fleet::generate(
+        seed,
+        users,
+        &carriers.iter().map(|c| (*c).to_owned()).collect::<Vec<_>>(),
+    );
+    let choice = vec![EnterpriseChoice {
+        enterprise_id: shop.clone(),
+        service_ids: vec![],
+    }];
     let terminals = hub
-        .start_fleet(
-            fleet.clone(),
-            vec![EnterpriseChoice {
-                enterprise_id: shop.clone(),
-                service_ids: vec![],
-            }],
-            OpenMode::Always,
-        )
+        .start_fleet(fleet.clone(), choice, OpenMode::Always)
         .await
         .unwrap();
     let registered = registered_users(&fleet, &shop);
+    Some((hub, key, terminals, registered))
+}
+
+async fn a_carrier_killed_mid_campaign_loses_nothing(backend: Backend) {
+    let Some((mut hub, key, terminals, registered)) =
+        campaign_hub(backend, &["alpha", "beta"], 21, 400).await
+    else {
+        return;
+    };
     let mut client = hub.enterprise(&key).await.unwrap();
 
     // Kill alpha while the first campaign is flowing.
@@ -117,23 +132,11 @@ async fn a_carrier_killed_mid_campaign_loses_nothing(backend: Backend) {
 }
 
 async fn a_relay_killed_with_pending_deliveries_loses_nothing(backend: Backend) {
-    let Some(mut hub) = Hub::start(backend, &["alpha", "beta"]).await.unwrap() else {
+    let Some((mut hub, key, terminals, registered)) =
+        campaign_hub(backend, &["alpha", "beta"], 22, 300).await
+    else {
         return;
     };
-    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
-    let fleet = Fleet::generate(22, 300, &["alpha".into(), "beta".into()]);
-    let terminals = hub
-        .start_fleet(
-            fleet.clone(),
-            vec![EnterpriseChoice {
-                enterprise_id: shop.clone(),
-                service_ids: vec![],
-            }],
-            OpenMode::Always,
-        )
-        .await
-        .unwrap();
-    let registered = registered_users(&fleet, &shop);
     hub.kill_carrier("beta").await;
     let mut client = hub.enterprise(&key).await.unwrap();
     let sent = client

@@ -63,13 +63,7 @@ impl Relay {
     }
 
     fn admin(&self, metadata: &MetadataMap) -> Result<()> {
-        let token = auth::bearer(metadata)
-            .ok_or(Error::Unauthenticated("authorization: missing admin token"))?;
-        if auth::constant_time_eq(token.as_bytes(), self.admin_token.as_bytes()) {
-            Ok(())
-        } else {
-            Err(Error::Unauthenticated("authorization: wrong admin token"))
-        }
+        auth::require_secret(metadata, &self.admin_token).map_err(Error::Unauthenticated)
     }
 }
 
