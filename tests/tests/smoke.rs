@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use chukei_proto::auth::BearerInterceptor;
 use chukei_proto::relay::v1 as pb;
-use integration_tests::wait_healthy;
+use integration_tests::{
+    Backend, backend_tests, drop_postgres_database, postgres_database, wait_healthy,
+};
 
 /// The workspace's binaries, built beside this test (`cargo test` builds them).
 fn binary(name: &str) -> PathBuf {
@@ -90,9 +92,15 @@ fn cli(relay: &str, key: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_real_binaries_relay_a_broadcast() {
+async fn the_real_binaries_relay_a_broadcast(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
+    let postgres = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => match postgres_database().await.unwrap() {
+            Some(database) => Some(database),
+            None => return,
+        },
+    };
     let admin_token = "smoke-admin-token-0123456789";
     let deliver_token = "smoke-deliver-token-0123456789";
     let carrier_admin = "smoke-carrier-admin-0123456789";
@@ -103,6 +111,11 @@ async fn the_real_binaries_relay_a_broadcast() {
             .args(["--listen", &format!("127.0.0.1:{relay_port}")])
             .arg("--data-dir")
             .arg(dir.path().join("relay"))
+            .args(
+                postgres
+                    .iter()
+                    .flat_map(|(url, _)| ["--database-url", url.as_str()]),
+            )
             .env("CHUKEI_RELAY_ADMIN_TOKEN", admin_token)
             .env("CHUKEI_RELAY_DELIVER_TOKEN", deliver_token),
     );
@@ -216,4 +229,9 @@ async fn the_real_binaries_relay_a_broadcast() {
         relay.terminate().success(),
         "relay-svc exits cleanly on SIGTERM"
     );
+    if let Some((_, name)) = postgres {
+        drop_postgres_database(&name).await.unwrap();
+    }
 }
+
+backend_tests!(the_real_binaries_relay_a_broadcast);
