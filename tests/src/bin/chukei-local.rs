@@ -275,17 +275,21 @@ async fn main() -> anyhow::Result<()> {
     };
     let (sakura, mut sakura_client, sakura_services) = enterprise(0)?;
     let (fuji, mut fuji_client, _) = enterprise(1)?;
-    let refs: Vec<String> = sakura_client
+    // Three distinct users (a user registered with two services is listed twice).
+    let mut refs: Vec<String> = Vec::new();
+    for registration in sakura_client
         .list_registrations(pb::ListRegistrationsRequest {
-            page_size: 3,
+            page_size: 50,
             ..Default::default()
         })
         .await?
         .into_inner()
         .registrations
-        .into_iter()
-        .map(|r| r.user_ref)
-        .collect();
+    {
+        if refs.len() < 3 && !refs.contains(&registration.user_ref) {
+            refs.push(registration.user_ref);
+        }
+    }
     let request = |key: &str, kind: pb::target::Kind, text: &str, channel: common::Channel| {
         pb::SendMessageRequest {
             idempotency_key: key.into(),
