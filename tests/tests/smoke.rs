@@ -19,7 +19,7 @@ fn binary(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} missing: run `cargo build --workspace --bins` first",
+        "{} missing: the test command builds the binaries first (cargo build --workspace --bins)",
         path.display()
     );
     path
