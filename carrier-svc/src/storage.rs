@@ -154,6 +154,17 @@ impl Store {
             .await
     }
 
+    /// Whether any user is attached at `endpoint`.
+    pub async fn endpoint_in_use(&self, endpoint: &str) -> Result<bool> {
+        let attached: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM attachments WHERE endpoint = $1 LIMIT 1) AS any_user",
+        )
+        .bind(endpoint)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(attached > 0)
+    }
+
     /// Stores a batch from the relay; delivery ids seen before are dropped.
     /// Returns how many were new.
     pub async fn accept_batch(&self, deliveries: &[Delivery], now: i64) -> Result<u64> {

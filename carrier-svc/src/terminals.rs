@@ -6,7 +6,7 @@
 //! (or a link reconnecting) pushes them. Unconfirmed pushes are pushed again
 //! after a reconnect — terminals drop duplicate delivery ids.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,15 +56,16 @@ impl TerminalsHandle {
 }
 
 /// Owns the links until `cancel`: starts one per known endpoint, and one for
-/// each endpoint a terminal attaches from.
+/// each endpoint a terminal attaches from. A link whose endpoint no longer has
+/// any attached user ends; should users have attached there meanwhile, it is
+/// started again.
 pub async fn run(shared: Shared, mut endpoints: mpsc::Receiver<String>, cancel: CancellationToken) {
-    let mut links: HashMap<String, ()> = HashMap::new();
-    let mut tasks = JoinSet::new();
-    let known = shared.store.endpoints().await.unwrap_or_else(|error| {
+    let mut links: HashSet<String> = HashSet::new();
+    let mut tasks: JoinSet<String> = JoinSet::new();
+    let mut pending = shared.store.endpoints().await.unwrap_or_else(|error| {
         tracing::error!(%error, "could not list attached endpoints");
         Vec::new()
     });
-    let mut pending = known;
     loop {
         let next = if let Some(endpoint) = pending.pop() {
             Some(endpoint)
@@ -72,17 +73,27 @@ pub async fn run(shared: Shared, mut endpoints: mpsc::Receiver<String>, cancel: 
             tokio::select! {
                 () = cancel.cancelled() => None,
                 endpoint = endpoints.recv() => endpoint,
+                Some(Ok(ended)) = tasks.join_next() => {
+                    links.remove(&ended);
+                    match shared.store.endpoint_in_use(&ended).await {
+                        Ok(true) if !cancel.is_cancelled() => pending.push(ended),
+                        Ok(_) => {}
+                        Err(error) => tracing::warn!(%error, "could not check a terminal endpoint"),
+                    }
+                    continue;
+                }
             }
         };
         let Some(endpoint) = next else { break };
-        if links.insert(endpoint.clone(), ()).is_none() {
+        if links.insert(endpoint.clone()) {
             tasks.spawn(link(shared.clone(), endpoint, cancel.clone()));
         }
     }
     while tasks.join_next().await.is_some() {}
 }
 
-async fn link(shared: Shared, endpoint: String, cancel: CancellationToken) {
+/// Keeps one endpoint's link up until `cancel`, or until no user is attached there.
+async fn link(shared: Shared, endpoint: String, cancel: CancellationToken) -> String {
     let mut backoff = Duration::from_millis(100);
     while !cancel.is_cancelled() {
         match session(&shared, &endpoint, &cancel, &mut backoff).await {
@@ -91,12 +102,17 @@ async fn link(shared: Shared, endpoint: String, cancel: CancellationToken) {
                 tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "terminal link down")
             }
         }
+        if let Ok(false) = shared.store.endpoint_in_use(&endpoint).await {
+            tracing::info!("terminal link closed: no user is attached there any more");
+            break;
+        }
         tokio::select! {
             () = cancel.cancelled() => break,
             () = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+    endpoint
 }
 
 async fn session(
