@@ -212,7 +212,7 @@ impl Dispatcher {
         let mut new_work = self.handle.new_work.subscribe();
         let mut poll = tokio::time::interval(self.config.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut in_flight: HashMap<u64, Vec<i64>> = HashMap::new();
+        let mut in_flight: HashMap<u64, Vec<(String, Vec<i64>)>> = HashMap::new();
         let mut cursor = 0_i64;
         let mut next_batch_id = 1_u64;
         loop {
@@ -241,7 +241,7 @@ impl Dispatcher {
                     break;
                 };
                 cursor = last.id;
-                let ids = due.iter().map(|d| d.id).collect();
+                let ids = ids_by_message(&due);
                 let batch = pb::DeliveryBatch {
                     batch_id: next_batch_id,
                     deliveries: due.into_iter().map(to_wire).collect(),
@@ -270,7 +270,7 @@ impl Dispatcher {
     async fn handle_up(
         &self,
         message: pb::CarrierToRelay,
-        in_flight: &mut HashMap<u64, Vec<i64>>,
+        in_flight: &mut HashMap<u64, Vec<(String, Vec<i64>)>>,
         down: &mpsc::Sender<pb::RelayToCarrier>,
     ) -> anyhow::Result<()> {
         match message.kind {
@@ -282,7 +282,7 @@ impl Dispatcher {
                         .await?;
                     tracing::debug!(
                         batch_id = ack.batch_id,
-                        deliveries = ids.len(),
+                        messages = ids.len(),
                         elapsed_us = started.elapsed().as_micros() as u64,
                         "batch handed over"
                     );
@@ -329,6 +329,22 @@ impl Dispatcher {
         }
         Ok(())
     }
+}
+
+/// A batch's delivery ids grouped by message (batches are in id order, so a
+/// message's deliveries mostly come in one run).
+fn ids_by_message(due: &[DueDelivery]) -> Vec<(String, Vec<i64>)> {
+    let mut groups: Vec<(String, Vec<i64>)> = Vec::new();
+    for delivery in due {
+        match groups
+            .iter_mut()
+            .find(|(message_id, _)| *message_id == delivery.message_id)
+        {
+            Some((_, ids)) => ids.push(delivery.id),
+            None => groups.push((delivery.message_id.clone(), vec![delivery.id])),
+        }
+    }
+    groups
 }
 
 fn to_wire(delivery: DueDelivery) -> pb::Delivery {

@@ -128,10 +128,16 @@ async fn receipts_count_once_whatever_arrives(backend: Backend) {
         "u1 fans out over both carriers"
     );
     // Acked twice (a resent batch): still one hand-over per person.
-    let c1_ids: Vec<i64> = c1.iter().map(|d| d.id).collect();
-    store.mark_handed_over(&c1_ids, 5).await.unwrap();
-    store.mark_handed_over(&c1_ids, 6).await.unwrap();
-    store.mark_handed_over(&[c2[0].id], 7).await.unwrap();
+    let c1_batch = vec![(
+        "msg_1".to_owned(),
+        c1.iter().map(|d| d.id).collect::<Vec<i64>>(),
+    )];
+    store.mark_handed_over(&c1_batch, 5).await.unwrap();
+    store.mark_handed_over(&c1_batch, 6).await.unwrap();
+    store
+        .mark_handed_over(&[("msg_1".to_owned(), vec![c2[0].id])], 7)
+        .await
+        .unwrap();
     assert_eq!(store.pending_count("c1").await.unwrap(), 0);
 
     // Duplicates, both carriers reporting the same person, a read before its delivered.

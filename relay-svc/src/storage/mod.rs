@@ -135,16 +135,12 @@ impl WritePool for PgPool {
     }
 }
 
-/// Adds newly inserted events (the `(message_id, kind)` rows an
-/// `INSERT … ON CONFLICT DO NOTHING RETURNING` gave back) to
-/// `message_counts`, inside the caller's transaction `$tx`.
-macro_rules! count_new_events {
-    ($tx:expr, $inserted:expr) => {{
-        let mut added: std::collections::HashMap<(String, i64), i64> = std::collections::HashMap::new();
-        for (message_id, kind) in $inserted {
-            *added.entry((message_id, kind)).or_default() += 1;
-        }
-        let added: Vec<((String, i64), i64)> = added.into_iter().collect();
+/// Adds `((message_id, kind), added)` entries — how many events an
+/// `INSERT … ON CONFLICT DO NOTHING` really added — to `message_counts`,
+/// inside the caller's transaction `$tx`.
+macro_rules! add_to_counts {
+    ($tx:expr, $added:expr) => {{
+        let added: Vec<((String, i64), i64)> = $added.into_iter().filter(|(_, n)| *n > 0).collect();
         for chunk in added.chunks($crate::storage::ROWS_PER_STATEMENT) {
             let mut query = sqlx::QueryBuilder::new("INSERT INTO message_counts (message_id, kind, count) ");
             query.push_values(chunk, |mut row, ((message_id, kind), count)| {
@@ -157,7 +153,7 @@ macro_rules! count_new_events {
         }
     }};
 }
-pub(crate) use count_new_events;
+pub(crate) use add_to_counts;
 
 /// Row ids bound as one parameter — a JSON array read with `json_each` on
 /// SQLite, an `int8[]` on PostgreSQL — so a batch of any size is one short

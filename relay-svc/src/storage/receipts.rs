@@ -2,9 +2,11 @@
 //! message, user and kind, however many carriers or retries report it), the
 //! carriers' count reports beside them, and the counts derived from events.
 
+use std::collections::HashMap;
+
 use sqlx::QueryBuilder;
 
-use super::{ROWS_PER_STATEMENT, Store, WritePool, count_new_events, on_pool};
+use super::{ROWS_PER_STATEMENT, Store, WritePool, add_to_counts, on_pool};
 use crate::error::Result;
 use crate::receipts::{CountReport, EventKind, Receipt};
 use crate::targeting::Channel;
@@ -64,7 +66,10 @@ impl Store {
             .collect();
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
+            let mut added: HashMap<(String, i64), i64> = HashMap::new();
             for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                // Driven by the VALUES rows (a unique-index lookup each); the rows the
+                // insert really added come back, to grow their messages' counts.
                 let mut query = QueryBuilder::new(
                     "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region)
                      SELECT v.column1, v.column2, v.column3, v.column4, d.carrier_id, v.column5, v.column6 FROM (",
@@ -82,8 +87,11 @@ impl Store {
                     .push_bind(carrier_id)
                     .push(" WHERE TRUE ON CONFLICT DO NOTHING RETURNING message_id, kind");
                 let inserted: Vec<(String, i64)> = query.build_query_as().fetch_all(&mut *tx).await?;
-                count_new_events!(tx, inserted);
+                for key in inserted {
+                    *added.entry(key).or_default() += 1;
+                }
             }
+            add_to_counts!(tx, added);
             tx.commit().await?;
             Ok(())
         })

@@ -3,7 +3,7 @@
 
 use sqlx::AssertSqlSafe;
 
-use super::{IdList, Store, WritePool, count_new_events, on_pool};
+use super::{IdList, Store, WritePool, add_to_counts, on_pool};
 use crate::error::Result;
 use crate::receipts::EventKind;
 use crate::targeting::{Channel, Content};
@@ -64,41 +64,50 @@ impl Store {
     }
 
     /// The carrier acknowledged a batch: its deliveries are handed over, and a
-    /// handed-over event is recorded once per message and user.
-    pub async fn mark_handed_over(&self, ids: &[i64], now: i64) -> Result<()> {
-        if ids.is_empty() {
+    /// handed-over event is recorded once per message and user. `batch` lists
+    /// the batch's delivery ids grouped by message, so each message's count
+    /// grows by exactly the events its insert added, without reading them back.
+    pub async fn mark_handed_over(&self, batch: &[(String, Vec<i64>)], now: i64) -> Result<()> {
+        if batch.is_empty() {
             return Ok(());
         }
-        // The ids come from this carrier's own in-flight batch. Both statements are
+        // The ids come from this carrier's own in-flight batch. Every statement is
         // driven by the id list (primary-key lookups), never by a scan of the
         // carrier's deliveries.
         let record = format!(
             "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region)
-             SELECT d.message_id, d.user_id, $1, $2, d.carrier_id,
-                    (SELECT m.channel FROM messages m WHERE m.id = d.message_id), ''
+             SELECT d.message_id, d.user_id, $1, $2, d.carrier_id, $3, ''
              FROM deliveries d
              WHERE {}
-             ON CONFLICT DO NOTHING
-             RETURNING message_id, kind",
-            self.in_id_list("d.id", 3)
+             ON CONFLICT DO NOTHING",
+            self.in_id_list("d.id", 4)
         );
         let advance = format!(
             "UPDATE deliveries SET state = 1 WHERE state = 0 AND {}",
             self.in_id_list("id", 1)
         );
+        let kind = EventKind::HandedOver.number();
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            let inserted: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(record))
-                .bind(EventKind::HandedOver.number())
-                .bind(now)
-                .bind(IdList(ids))
-                .fetch_all(&mut *tx)
-                .await?;
-            count_new_events!(tx, inserted);
-            sqlx::query(AssertSqlSafe(advance))
-                .bind(IdList(ids))
-                .execute(&mut *tx)
-                .await?;
+            for (message_id, ids) in batch {
+                let channel: i64 = sqlx::query_scalar("SELECT channel FROM messages WHERE id = $1")
+                    .bind(message_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let added = sqlx::query(AssertSqlSafe(record.clone()))
+                    .bind(kind)
+                    .bind(now)
+                    .bind(channel)
+                    .bind(IdList(ids))
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                add_to_counts!(tx, [((message_id.clone(), kind), added as i64)]);
+                sqlx::query(AssertSqlSafe(advance.clone()))
+                    .bind(IdList(ids))
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await?;
             Ok(())
         })
