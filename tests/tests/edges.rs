@@ -410,7 +410,140 @@ async fn a_user_with_two_carriers_counts_once(backend: Backend) {
     hub.shutdown().await.unwrap();
 }
 
+async fn unregistering_and_profile_changes_change_who_is_reached(backend: Backend) {
+    let Some(mut hub) = Hub::start(backend, &["alpha"]).await.unwrap() else {
+        return;
+    };
+    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
+    let fleet = Fleet::generate(13, 3, &["alpha".into()]);
+    let terminals = hub
+        .start_fleet(fleet.clone(), vec![], OpenMode::Never)
+        .await
+        .unwrap();
+    let mut refs = Vec::new();
+    for user in &fleet.users {
+        refs.push(register(&hub, user, &shop).await);
+    }
+    let mut alpha = CarrierIngressClient::with_interceptor(
+        Channel::from_shared(hub.relay_url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+        BearerInterceptor::new(&hub.carriers[0].token).unwrap(),
+    );
+    let mut client = hub.enterprise(&key).await.unwrap();
+    let engineers = || {
+        pb::target::Kind::Segment(pb::Segment {
+            occupations: vec!["engineer".into()],
+            ..Default::default()
+        })
+    };
+
+    // Nobody shared an occupation yet: the segment matches no one.
+    let none = client
+        .send_message(message("seg-0", engineers(), "hi"))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = hub
+        .wait_for_message(&key, &none.message_id, |s| {
+            s.state == pb::MessageState::HandedOver as i32
+        })
+        .await;
+    assert_eq!(status.matched, 0);
+
+    // User 0 now shares an occupation: only they match.
+    alpha
+        .put_profile(pb::PutProfileRequest {
+            user_id: fleet.users[0].user_id.clone(),
+            enterprise_id: shop.clone(),
+            profile: Some(common::ConsentedProfile {
+                occupation: "engineer".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let one = client
+        .send_message(message("seg-1", engineers(), "hi"))
+        .await
+        .unwrap()
+        .into_inner();
+    hub.wait_for_message(&key, &one.message_id, |s| {
+        s.matched == 1 && s.delivered == 1
+    })
+    .await;
+    let reached: Vec<String> = terminals.recipients(&one.message_id).into_keys().collect();
+    assert_eq!(reached, vec![fleet.users[0].user_id.clone()]);
+
+    // User 0 leaves: their ref is gone, broadcasts skip them, their profile is gone.
+    let removed = alpha
+        .unregister_users(pb::UnregisterUsersRequest {
+            unregistrations: vec![pb::UserUnregistration {
+                user_id: fleet.users[0].user_id.clone(),
+                enterprise_id: shop.clone(),
+                service_id: String::new(),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(removed.removed, 1);
+    let listed: Vec<String> = client
+        .list_registrations(pb::ListRegistrationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .registrations
+        .into_iter()
+        .map(|r| r.user_ref)
+        .collect();
+    assert!(!listed.contains(&refs[0]));
+    assert_eq!(listed.len(), 2);
+    assert_refused(
+        client
+            .send_message(message(
+                "gone",
+                pb::target::Kind::Refs(pb::RefList {
+                    refs: vec![refs[0].clone()],
+                }),
+                "hi",
+            ))
+            .await,
+        Code::NotFound,
+        "target.refs[0]",
+    );
+    let all = client
+        .send_message(message("all", pb::target::Kind::AllRegistered(true), "hi"))
+        .await
+        .unwrap()
+        .into_inner();
+    hub.wait_for_message(&key, &all.message_id, |s| {
+        s.matched == 2 && s.delivered == 2
+    })
+    .await;
+    assert!(
+        !terminals
+            .recipients(&all.message_id)
+            .contains_key(&fleet.users[0].user_id)
+    );
+    assert_refused(
+        alpha
+            .put_profile(pb::PutProfileRequest {
+                user_id: fleet.users[0].user_id.clone(),
+                enterprise_id: shop.clone(),
+                profile: None,
+            })
+            .await,
+        Code::NotFound,
+        "user_id",
+    );
+    hub.shutdown().await.unwrap();
+}
+
 backend_tests!(
+    unregistering_and_profile_changes_change_who_is_reached,
     bad_input_is_refused_naming_the_field,
     idempotency_keys_replay_or_refuse,
     a_user_with_two_carriers_counts_once,
