@@ -9,6 +9,8 @@
 //! test says it skipped.
 #![forbid(unsafe_code)]
 
+pub mod process;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
+use integration_tests::process::{free_port, test_binary};
 use integration_tests::{Backend, Hub, wait_healthy};
 use terminal_sim::fleet::Fleet;
 use terminal_sim::terminal::OpenMode;
@@ -28,17 +29,8 @@ async fn a_person_reads_a_message_in_interactive_mode() {
         .unwrap();
     hub.stop_fleet().await.unwrap();
 
-    let exe = std::env::current_exe().unwrap();
-    let binary = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .unwrap()
-        .join("terminal-sim");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let binary = test_binary("terminal-sim").unwrap();
+    let port = free_port().unwrap();
     let mut child = Command::new(binary)
         .args([
             "--listen",

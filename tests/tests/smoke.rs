@@ -2,78 +2,29 @@
 //! processes, driven by the enterprise-cli binary; each shuts down cleanly on
 //! SIGTERM.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use chukei_proto::auth::BearerInterceptor;
 use chukei_proto::relay::v1 as pb;
+use integration_tests::process::{self, Process, test_binary};
 use integration_tests::{
     Backend, backend_tests, drop_postgres_database, postgres_database, wait_healthy,
 };
 
-/// The workspace's binaries, built beside this test (`cargo test` builds them).
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} missing: the test command builds the binaries first (cargo build --workspace --bins)",
-        path.display()
-    );
-    path
+const GRACE: Duration = Duration::from_secs(20);
+
+fn binary(name: &str) -> std::path::PathBuf {
+    test_binary(name).unwrap()
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    process::free_port().unwrap()
 }
 
-/// A child process that is killed if the test fails before stopping it.
-struct Process(Option<Child>);
-
-impl Process {
-    fn spawn(command: &mut Command) -> Self {
-        Self(Some(
-            command
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        ))
-    }
-
-    /// SIGTERM, then the exit status within a deadline.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let mut child = self.0.take().unwrap();
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "process did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// Starts a service binary with its output discarded.
+fn spawn(name: &str, command: &mut Command) -> Process {
+    Process::spawn(name, command.stdout(Stdio::null()).stderr(Stdio::null())).unwrap()
 }
 
 fn cli(relay: &str, key: &str, args: &[&str]) -> serde_json::Value {
@@ -106,7 +57,8 @@ async fn the_real_binaries_relay_a_broadcast(backend: Backend) {
     let carrier_admin = "smoke-carrier-admin-0123456789";
     let relay_port = free_port();
     let relay_url = format!("http://127.0.0.1:{relay_port}");
-    let relay = Process::spawn(
+    let relay = spawn(
+        "relay-svc",
         Command::new(binary("relay-svc"))
             .args(["--listen", &format!("127.0.0.1:{relay_port}")])
             .arg("--data-dir")
@@ -144,7 +96,8 @@ async fn the_real_binaries_relay_a_broadcast(backend: Backend) {
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let token = format!("smoke-{carrier_id}-token-0123456789");
-        carriers.push(Process::spawn(
+        carriers.push(spawn(
+            carrier_id,
             Command::new(binary("carrier-svc"))
                 .args([
                     "--listen",
@@ -173,7 +126,8 @@ async fn the_real_binaries_relay_a_broadcast(backend: Backend) {
     }
 
     let fleet_port = free_port();
-    let fleet = Process::spawn(
+    let fleet = spawn(
+        "terminal-sim",
         Command::new(binary("terminal-sim"))
             .args([
                 "--listen",
@@ -216,17 +170,17 @@ async fn the_real_binaries_relay_a_broadcast(backend: Backend) {
     assert_eq!(status["state"], "handed-over");
 
     assert!(
-        fleet.terminate().success(),
+        fleet.terminate(GRACE).unwrap().success(),
         "terminal-sim exits cleanly on SIGTERM"
     );
     for carrier in carriers {
         assert!(
-            carrier.terminate().success(),
+            carrier.terminate(GRACE).unwrap().success(),
             "carrier-svc exits cleanly on SIGTERM"
         );
     }
     assert!(
-        relay.terminate().success(),
+        relay.terminate(GRACE).unwrap().success(),
         "relay-svc exits cleanly on SIGTERM"
     );
     if let Some((_, name)) = postgres {

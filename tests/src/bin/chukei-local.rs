@@ -7,14 +7,15 @@
 //! point `enterprise-cli` at it.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chukei_proto::auth::BearerInterceptor;
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
 use clap::Parser;
+use integration_tests::process::{Process, binary_in, free_port};
 use integration_tests::wait_healthy;
 use tonic::transport::Channel;
 
@@ -47,54 +48,23 @@ struct Args {
 
 const CARRIERS: [&str; 3] = ["aozora", "hikari", "tsubasa"];
 
-struct Children(Vec<(String, Child)>);
+/// The hub's processes, stopped in start order (the relay first, so no
+/// carrier sees its caller vanish mid-stream); any left are killed on drop.
+struct Children(Vec<Process>);
 
 impl Children {
     fn spawn(&mut self, name: &str, command: &mut Command) -> anyhow::Result<()> {
-        let child = command
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("could not start {name}: {e}"))?;
-        self.0.push((name.to_owned(), child));
+        self.0.push(Process::spawn(name, command)?);
         Ok(())
     }
 
-    /// SIGTERM to every process in start order (the relay first, so no carrier
-    /// sees its caller vanish mid-stream), waiting for each.
     fn stop(&mut self) {
-        for (name, mut child) in self.0.drain(..) {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(15);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(50))
-                    }
-                    _ => {
-                        eprintln!("{name} did not stop on SIGTERM; killing it");
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                }
+        for process in self.0.drain(..) {
+            if let Err(error) = process.terminate(Duration::from_secs(15)) {
+                eprintln!("{error}");
             }
         }
     }
-}
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn token(label: &str) -> anyhow::Result<String> {
@@ -102,17 +72,6 @@ fn token(label: &str) -> anyhow::Result<String> {
         "{label}-{}",
         relay_svc::credentials::random_hex(16)?
     ))
-}
-
-fn binary(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
-    let path = dir.join(name);
-    if !path.exists() {
-        anyhow::bail!(
-            "{} not found: build the services first (cargo build --release --bins)",
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 #[tokio::main]
@@ -151,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
     let relay_url = format!("http://127.0.0.1:{relay_port}");
     children.spawn(
         "relay-svc",
-        Command::new(binary(&bin_dir, "relay-svc")?)
+        Command::new(binary_in(&bin_dir, "relay-svc")?)
             .args(["--listen", &format!("127.0.0.1:{relay_port}")])
             .arg("--data-dir")
             .arg(data_dir.join("relay"))
@@ -202,7 +161,7 @@ async fn main() -> anyhow::Result<()> {
         let carrier_token = token(carrier_id)?;
         children.spawn(
             carrier_id,
-            Command::new(binary(&bin_dir, "carrier-svc")?)
+            Command::new(binary_in(&bin_dir, "carrier-svc")?)
                 .args([
                     "--listen",
                     &format!("127.0.0.1:{port}"),
@@ -232,7 +191,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The fleet provisions its subscribers, attaches, and registers with consent.
     let fleet_port = free_port()?;
-    let mut fleet = Command::new(binary(&bin_dir, "terminal-sim")?);
+    let mut fleet = Command::new(binary_in(&bin_dir, "terminal-sim")?);
     fleet
         .args(["--listen", &format!("127.0.0.1:{fleet_port}"), "fleet"])
         .args([

@@ -1,0 +1,90 @@
+//! The services as real processes: finding the built binaries, free loopback
+//! ports, and children that stop on SIGTERM within a deadline (and are killed
+//! if their owner goes away first). Used by the smoke tests and the local run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// The binary `name` in `dir`, or an error saying how to build it.
+pub fn binary_in(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join(name);
+    if !path.exists() {
+        anyhow::bail!(
+            "{} not found: build the binaries first (cargo build --workspace --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The workspace binary `name` beside the running test executable
+/// (`target/<profile>/deps/<test>` → `target/<profile>/<name>`).
+pub fn test_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow::anyhow!("no target directory above {}", exe.display()))?;
+    binary_in(dir, name)
+}
+
+/// A child process, killed if dropped before it was terminated.
+pub struct Process {
+    name: String,
+    child: Option<Child>,
+}
+
+impl Process {
+    pub fn spawn(name: &str, command: &mut Command) -> anyhow::Result<Self> {
+        let child = command
+            .spawn()
+            .map_err(|error| anyhow::anyhow!("could not start {name}: {error}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child: Some(child),
+        })
+    }
+
+    /// SIGTERM, then its exit status; killed and an error after `grace`.
+    pub fn terminate(mut self, grace: Duration) -> anyhow::Result<ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            anyhow::bail!("{} was already stopped", self.name);
+        };
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()?;
+        let deadline = Instant::now() + grace;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!(
+                    "{} did not stop within {grace:?} of SIGTERM; killed",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
