@@ -94,6 +94,8 @@ mod tests {
             region: "tokyo/shibuya".into(),
             occupation: "engineer".into(),
             primary: true,
+            email: String::new(),
+            sns_handle: String::new(),
         }
     }
 

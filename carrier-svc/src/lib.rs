@@ -7,6 +7,7 @@
 //! may leave; [`storage`] is the carrier's own SQLite.
 #![forbid(unsafe_code)]
 
+pub mod channels;
 pub mod config;
 pub mod consent;
 pub mod error;
@@ -154,12 +155,22 @@ pub async fn run(
     served
 }
 
-/// Fails deliveries whose expiry passed before their terminal confirmed them.
+/// Holds windowed deliveries for their window's next opening when one closed
+/// on them, and expires deliveries whose expiry passed before their terminal
+/// confirmed them.
 async fn expiry(shared: Shared) {
     loop {
         tokio::select! {
             () = shared.cancel.cancelled() => return,
             () = tokio::time::sleep(shared.poll_interval * 4) => {}
+        }
+        match shared.store.roll_windows(shared.clock.now_ms()).await {
+            Ok(0) => {}
+            Ok(moved) => tracing::info!(
+                moved,
+                "held deliveries moved to their window's next opening"
+            ),
+            Err(error) => tracing::warn!(%error, "window roll failed"),
         }
         match shared.store.expire(shared.clock.now_ms()).await {
             Ok(0) => {}

@@ -1,6 +1,12 @@
 //! The carrier's domain types. Subscriber records hold personal data: they are
 //! never logged, and only consented attributes ever leave the carrier.
 
+/// `chukei.common.v1.Channel` values.
+pub const CHANNEL_RCS: i64 = 1;
+pub const CHANNEL_SMS: i64 = 2;
+pub const CHANNEL_SNS: i64 = 3;
+pub const CHANNEL_EMAIL: i64 = 4;
+
 /// A subscriber as provisioned by the carrier's operator.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Subscriber {
@@ -14,6 +20,10 @@ pub struct Subscriber {
     pub region: String,
     pub occupation: String,
     pub primary: bool,
+    /// Empty: not reachable by e-mail.
+    pub email: String,
+    /// Empty: not reachable on SNS.
+    pub sns_handle: String,
 }
 
 /// A delivery received from the relay.
@@ -26,8 +36,12 @@ pub struct Delivery {
     pub channel: i64,
     pub text: String,
     pub media_url: String,
+    pub subject: String,
+    pub suggested_replies: Vec<String>,
     pub not_before: i64,
     pub expires_at: i64,
+    /// The window in its stored form, when the relay asked the carrier to hold for it.
+    pub window: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,7 +49,7 @@ pub enum DeliveryState {
     Held = 0,
 }
 
-/// A delivery on its way to a terminal.
+/// A delivery on its way to a terminal, with what its channel adapter needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outgoing {
     pub seq: i64,
@@ -45,14 +59,26 @@ pub struct Outgoing {
     pub channel: i64,
     pub text: String,
     pub media_url: String,
+    pub subject: String,
+    pub suggested_replies: Vec<String>,
+    pub contact: crate::channels::Contact,
+}
+
+/// What a terminal said happened to a delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TerminalEventKind {
+    /// Delivered or displayed.
+    Delivered,
+    Read,
+    /// The terminal cannot show this channel.
+    Unsupported,
 }
 
 /// What a terminal reported about one delivery.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TerminalEvent {
     pub delivery_id: String,
-    /// Read (opened); otherwise delivered/displayed.
-    pub read: bool,
+    pub kind: TerminalEventKind,
     pub at: i64,
     pub region: String,
 }
@@ -63,6 +89,8 @@ pub enum ReceiptKind {
     Delivered = 1,
     Opened = 2,
     Failed = 3,
+    Unsupported = 4,
+    Expired = 5,
 }
 
 impl ReceiptKind {
@@ -70,6 +98,8 @@ impl ReceiptKind {
         match number {
             2 => Self::Opened,
             3 => Self::Failed,
+            4 => Self::Unsupported,
+            5 => Self::Expired,
             _ => Self::Delivered,
         }
     }
@@ -79,6 +109,7 @@ impl ReceiptKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Receipt {
     pub seq: i64,
+    pub delivery_id: String,
     pub message_id: String,
     pub user_id: String,
     pub kind: ReceiptKind,

@@ -9,12 +9,14 @@ use std::time::Duration;
 use chukei_proto::auth;
 use chukei_proto::carrier::v1 as pb;
 use chukei_proto::clock::{from_timestamp, to_timestamp};
+use chukei_proto::window::Window;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Shared;
 use crate::model::Delivery;
+use crate::storage::MessageCount;
 
 /// Receipt batches sent but not yet acked: bounds what is in flight so neither
 /// side ever blocks the other's reads.
@@ -88,6 +90,7 @@ async fn session(
                     .into_iter()
                     .map(|r| pb::Receipt {
                         seq: r.seq as u64,
+                        delivery_id: r.delivery_id,
                         message_id: r.message_id,
                         user_id: r.user_id,
                         kind: r.kind as i32,
@@ -143,7 +146,7 @@ async fn session(
                         at: Some(to_timestamp(shared.clock.now_ms())),
                         counts: counts
                             .into_iter()
-                            .map(|c| pb::MessageCount { message_id: c.message_id, sent: c.sent, opened: c.opened })
+                            .map(count_to_wire)
                             .collect(),
                     };
                     send(up, pb::carrier_to_relay::Kind::CountReport(report)).await?;
@@ -180,10 +183,34 @@ fn delivery_from_wire(delivery: pb::Delivery, default_channel: i64) -> Option<De
         channel,
         text: content.text,
         media_url: content.media_url,
+        subject: content.subject,
+        suggested_replies: content.suggested_replies,
+        window: delivery
+            .window
+            .as_ref()
+            .and_then(|w| match Window::from_wire("window", Some(w)) {
+                Ok(window) => window.map(|w| w.encode()),
+                Err(error) => {
+                    tracing::warn!(%error, "delivery window refused; delivering without it");
+                    None
+                }
+            }),
         not_before: delivery.not_before.as_ref().map_or(0, from_timestamp),
         expires_at: delivery
             .expires_at
             .as_ref()
             .map_or(i64::MAX, from_timestamp),
     })
+}
+
+/// A message's counts on the wire (the periodic report and `GetCounts`).
+pub(crate) fn count_to_wire(count: MessageCount) -> pb::MessageCount {
+    pb::MessageCount {
+        message_id: count.message_id,
+        sent: count.sent,
+        opened: count.opened,
+        sms_segments: count.sms_segments,
+        unsupported: count.unsupported,
+        expired: count.expired,
+    }
 }

@@ -9,8 +9,12 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
+use chukei_proto::window::Window;
+
+use crate::channels::{self, Contact};
 use crate::model::{
-    Delivery, DeliveryState, Outgoing, Receipt, ReceiptKind, Subscriber, TerminalEvent,
+    CHANNEL_SMS, Delivery, DeliveryState, Outgoing, Receipt, ReceiptKind, Subscriber,
+    TerminalEvent, TerminalEventKind,
 };
 
 const ROWS_PER_STATEMENT: usize = 1_000;
@@ -26,8 +30,12 @@ pub struct Store {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MessageCount {
     pub message_id: String,
+    /// People the message reached (once each, however many channels).
     pub sent: u64,
     pub opened: u64,
+    pub sms_segments: u64,
+    pub unsupported: u64,
+    pub expired: u64,
 }
 
 fn in_list<'t, T: sqlx::Encode<'t, Sqlite> + sqlx::Type<Sqlite>>(
@@ -71,7 +79,7 @@ impl Store {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for chunk in subscribers.chunks(ROWS_PER_STATEMENT) {
             let mut query = QueryBuilder::new(
-                "INSERT INTO subscribers (user_id, phone_number, name, gender, birth_date, region, occupation, is_primary, updated_at) ",
+                "INSERT INTO subscribers (user_id, phone_number, name, gender, birth_date, region, occupation, is_primary, email, sns_handle, updated_at) ",
             );
             query.push_values(chunk, |mut row, s| {
                 row.push_bind(&s.user_id)
@@ -82,12 +90,15 @@ impl Store {
                     .push_bind(&s.region)
                     .push_bind(&s.occupation)
                     .push_bind(s.primary)
+                    .push_bind(&s.email)
+                    .push_bind(&s.sns_handle)
                     .push_bind(now);
             });
             query.push(
                 " ON CONFLICT (user_id) DO UPDATE SET phone_number = excluded.phone_number, name = excluded.name, \
                  gender = excluded.gender, birth_date = excluded.birth_date, region = excluded.region, \
-                 occupation = excluded.occupation, is_primary = excluded.is_primary, updated_at = excluded.updated_at",
+                 occupation = excluded.occupation, is_primary = excluded.is_primary, email = excluded.email, \
+                 sns_handle = excluded.sns_handle, updated_at = excluded.updated_at",
             );
             query.build().execute(&mut *tx).await?;
         }
@@ -99,13 +110,34 @@ impl Store {
         let mut found = HashMap::with_capacity(user_ids.len());
         for chunk in user_ids.chunks(ROWS_PER_STATEMENT) {
             let mut query = QueryBuilder::new(
-                "SELECT user_id, phone_number, name, gender, birth_date, region, occupation, is_primary FROM subscribers WHERE user_id",
+                "SELECT user_id, phone_number, name, gender, birth_date, region, occupation, is_primary, email, sns_handle FROM subscribers WHERE user_id",
             );
             in_list(&mut query, chunk.iter().copied());
-            type Row = (String, String, String, i64, String, String, String, bool);
+            type Row = (
+                String,
+                String,
+                String,
+                i64,
+                String,
+                String,
+                String,
+                bool,
+                String,
+                String,
+            );
             let rows: Vec<Row> = query.build_query_as().fetch_all(&self.pool).await?;
-            for (user_id, phone_number, name, gender, birth_date, region, occupation, primary) in
-                rows
+            for (
+                user_id,
+                phone_number,
+                name,
+                gender,
+                birth_date,
+                region,
+                occupation,
+                primary,
+                email,
+                sns_handle,
+            ) in rows
             {
                 found.insert(
                     user_id.clone(),
@@ -118,6 +150,8 @@ impl Store {
                         region,
                         occupation,
                         primary,
+                        email,
+                        sns_handle,
                     },
                 );
             }
@@ -166,26 +200,68 @@ impl Store {
     }
 
     /// Stores a batch from the relay; delivery ids seen before are dropped.
-    /// Returns how many were new.
+    /// A delivery with a window is held for the window's current or next
+    /// opening. Returns how many were new.
     pub async fn accept_batch(&self, deliveries: &[Delivery], now: i64) -> Result<u64> {
+        let mut windows = WindowCache::default();
+        let timed: Vec<(i64, i64, i64)> = deliveries
+            .iter()
+            .map(|d| {
+                let (not_before, window_close) = match &d.window {
+                    None => (d.not_before, i64::MAX),
+                    // A window that never opens again: due to expire at once.
+                    Some(window) => windows
+                        .opening(window, now.max(d.not_before))
+                        .map_or((d.not_before, i64::MIN), |(open, close)| {
+                            (d.not_before.max(open), close)
+                        }),
+                };
+                let segments = if d.channel == CHANNEL_SMS {
+                    channels::sms_segments(&d.text).len() as i64
+                } else {
+                    0
+                };
+                (not_before, window_close, segments)
+            })
+            .collect();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut inserted = 0;
-        for chunk in deliveries.chunks(ROWS_PER_STATEMENT) {
+        for (chunk, timing) in deliveries
+            .chunks(ROWS_PER_STATEMENT)
+            .zip(timed.chunks(ROWS_PER_STATEMENT))
+        {
             let mut query = QueryBuilder::new(
-                "INSERT INTO deliveries (delivery_id, message_id, user_id, channel, content_text, media_url, not_before, expires_at, state, received_at) ",
+                "INSERT INTO deliveries (delivery_id, message_id, user_id, channel, content_text, media_url, subject, \
+                 suggested_replies, not_before, expires_at, delivery_window, window_close, sms_segments, state, received_at) ",
             );
-            query.push_values(chunk, |mut row, d| {
-                row.push_bind(&d.delivery_id)
-                    .push_bind(&d.message_id)
-                    .push_bind(&d.user_id)
-                    .push_bind(d.channel)
-                    .push_bind(&d.text)
-                    .push_bind(&d.media_url)
-                    .push_bind(d.not_before)
-                    .push_bind(d.expires_at)
-                    .push_bind(DeliveryState::Held as i64)
-                    .push_bind(now);
-            });
+            query.push_values(
+                chunk.iter().zip(timing),
+                |mut row, (d, (not_before, window_close, segments))| {
+                    row.push_bind(&d.delivery_id)
+                        .push_bind(&d.message_id)
+                        .push_bind(&d.user_id)
+                        .push_bind(d.channel)
+                        .push_bind(&d.text)
+                        .push_bind(&d.media_url)
+                        .push_bind(&d.subject)
+                        .push_bind(d.suggested_replies.join("\n"))
+                        .push_bind(*not_before)
+                        .push_bind(if *window_close == i64::MIN {
+                            now
+                        } else {
+                            d.expires_at
+                        })
+                        .push_bind(&d.window)
+                        .push_bind(if *window_close == i64::MIN {
+                            now
+                        } else {
+                            *window_close
+                        })
+                        .push_bind(*segments)
+                        .push_bind(DeliveryState::Held as i64)
+                        .push_bind(now);
+                },
+            );
             query.push(" ON CONFLICT (delivery_id) DO NOTHING");
             inserted += query.build().execute(&mut *tx).await?.rows_affected();
         }
@@ -193,17 +269,34 @@ impl Store {
         Ok(inserted)
     }
 
-    /// Held deliveries due now for users attached at `endpoint`.
+    /// Held deliveries due now for users attached at `endpoint`, with the
+    /// subscriber contact details their channel adapters need.
     pub async fn due_for_endpoint(
         &self,
         endpoint: &str,
         now: i64,
         limit: u32,
     ) -> Result<Vec<Outgoing>> {
-        let rows: Vec<(i64, String, String, String, i64, String, String)> = sqlx::query_as(
-            "SELECT d.seq, d.delivery_id, d.message_id, d.user_id, d.channel, d.content_text, d.media_url
+        type Row = (
+            i64,
+            String,
+            String,
+            String,
+            i64,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT d.seq, d.delivery_id, d.message_id, d.user_id, d.channel, d.content_text, d.media_url,
+                    d.subject, d.suggested_replies, s.email, s.sns_handle
              FROM deliveries d JOIN attachments a ON a.user_id = d.user_id
+             JOIN subscribers s ON s.user_id = d.user_id
              WHERE a.endpoint = $1 AND d.state = 0 AND d.not_before <= $2 AND d.expires_at > $2
+               AND d.window_close > $2
              ORDER BY d.seq LIMIT $3",
         )
         .bind(endpoint)
@@ -214,7 +307,7 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(
-                |(seq, delivery_id, message_id, user_id, channel, text, media_url)| Outgoing {
+                |(
                     seq,
                     delivery_id,
                     message_id,
@@ -222,9 +315,65 @@ impl Store {
                     channel,
                     text,
                     media_url,
+                    subject,
+                    replies,
+                    email,
+                    sns_handle,
+                )| Outgoing {
+                    seq,
+                    delivery_id,
+                    message_id,
+                    user_id,
+                    channel,
+                    text,
+                    media_url,
+                    subject,
+                    suggested_replies: replies
+                        .split('\n')
+                        .filter(|r| !r.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
+                    contact: Contact { email, sns_handle },
                 },
             )
             .collect())
+    }
+
+    /// Deliveries the carrier itself cannot put on their channel (no e-mail
+    /// address, no SNS handle): unsupported, reported to the relay.
+    pub async fn mark_unsupported(&self, seqs: &[i64], now: i64) -> Result<usize> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut receipts = Vec::new();
+        for chunk in seqs.chunks(ROWS_PER_STATEMENT) {
+            let mut query =
+                QueryBuilder::new("UPDATE deliveries SET state = 5 WHERE state = 0 AND seq");
+            in_list(&mut query, chunk.iter().copied());
+            query.push(" RETURNING delivery_id, message_id, user_id, channel");
+            let moved: Vec<(String, String, String, i64)> =
+                query.build_query_as().fetch_all(&mut *tx).await?;
+            receipts.extend(moved.into_iter().map(
+                |(delivery_id, message_id, user_id, channel)| Receipt {
+                    seq: 0,
+                    delivery_id,
+                    message_id,
+                    user_id,
+                    kind: ReceiptKind::Unsupported,
+                    channel,
+                    at: now,
+                    region: String::new(),
+                },
+            ));
+        }
+        queue_receipts(&mut tx, &receipts).await?;
+        count(
+            &mut tx,
+            receipts
+                .iter()
+                .map(|r| (r.message_id.as_str(), Counted::Unsupported)),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(receipts.len())
     }
 
     pub async fn mark_pushed(&self, seqs: &[i64]) -> Result<()> {
@@ -250,31 +399,39 @@ impl Store {
     }
 
     /// Applies terminal events: each delivery moves forward at most once per
-    /// state, each move adds one receipt to the outbox and one to the counts.
+    /// state, each move adds one receipt to the outbox; sends and opens are
+    /// counted once per person and message, however many channels reached them.
     /// Returns how many receipts were queued.
     pub async fn apply_terminal_events(&self, events: &[TerminalEvent]) -> Result<usize> {
         let by_id: HashMap<&str, &TerminalEvent> =
             events.iter().map(|e| (e.delivery_id.as_str(), e)).collect();
         let mut receipts = Vec::new();
+        let mut counted: Vec<(String, Counted)> = Vec::new();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for chunk in events.chunks(ROWS_PER_STATEMENT) {
-            // Any event proves delivery; only reads prove an open.
-            let all: Vec<&str> = chunk.iter().map(|e| e.delivery_id.as_str()).collect();
-            let reads: Vec<&str> = chunk
-                .iter()
-                .filter(|e| e.read)
-                .map(|e| e.delivery_id.as_str())
-                .collect();
+            let ids = |wanted: &dyn Fn(TerminalEventKind) -> bool| -> Vec<&str> {
+                chunk
+                    .iter()
+                    .filter(|e| wanted(e.kind))
+                    .map(|e| e.delivery_id.as_str())
+                    .collect()
+            };
+            // Any event but "unsupported" proves delivery; only reads prove an open.
             let steps = [
                 (
                     "UPDATE deliveries SET state = 2 WHERE state < 2 AND delivery_id",
-                    all,
+                    ids(&|k| k != TerminalEventKind::Unsupported),
                     ReceiptKind::Delivered,
                 ),
                 (
                     "UPDATE deliveries SET state = 3 WHERE state = 2 AND delivery_id",
-                    reads,
+                    ids(&|k| k == TerminalEventKind::Read),
                     ReceiptKind::Opened,
+                ),
+                (
+                    "UPDATE deliveries SET state = 5 WHERE state < 2 AND delivery_id",
+                    ids(&|k| k == TerminalEventKind::Unsupported),
+                    ReceiptKind::Unsupported,
                 ),
             ];
             for (update, ids, kind) in steps {
@@ -283,50 +440,124 @@ impl Store {
                 }
                 let mut query = QueryBuilder::new(update);
                 in_list(&mut query, ids);
-                query.push(" RETURNING delivery_id, message_id, user_id, channel");
-                let moved: Vec<(String, String, String, i64)> =
+                query.push(" RETURNING delivery_id, message_id, user_id, channel, sms_segments");
+                let moved: Vec<(String, String, String, i64, i64)> =
                     query.build_query_as().fetch_all(&mut *tx).await?;
-                receipts.extend(moved.into_iter().map(|(id, message_id, user_id, channel)| {
-                    receipt(&by_id, &id, message_id, user_id, channel, kind)
-                }));
+                let people: Vec<(&str, &str)> = moved
+                    .iter()
+                    .map(|(_, m, u, ..)| (m.as_str(), u.as_str()))
+                    .collect();
+                match kind {
+                    ReceiptKind::Delivered => {
+                        for (_, message_id, .., segments) in &moved {
+                            counted.push((message_id.clone(), Counted::Segments(*segments)));
+                        }
+                        for message_id in reach(&mut tx, &people, false).await? {
+                            counted.push((message_id, Counted::Sent));
+                        }
+                    }
+                    ReceiptKind::Opened => {
+                        for message_id in reach(&mut tx, &people, true).await? {
+                            counted.push((message_id, Counted::Opened));
+                        }
+                    }
+                    _ => {
+                        for (_, message_id, ..) in &moved {
+                            counted.push((message_id.clone(), Counted::Unsupported));
+                        }
+                    }
+                }
+                receipts.extend(
+                    moved
+                        .into_iter()
+                        .map(|(id, message_id, user_id, channel, _)| {
+                            receipt(&by_id, id, message_id, user_id, channel, kind)
+                        }),
+                );
             }
         }
         queue_receipts(&mut tx, &receipts).await?;
+        count(&mut tx, counted.iter().map(|(m, c)| (m.as_str(), *c))).await?;
         tx.commit().await?;
         Ok(receipts.len())
     }
 
-    /// Fails deliveries whose expiry passed before the terminal confirmed them.
+    /// Expires deliveries whose expiry passed before the terminal confirmed
+    /// them: they are never delivered later.
     pub async fn expire(&self, now: i64) -> Result<usize> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let expired: Vec<(String, String, i64)> = sqlx::query_as(
+        let expired: Vec<(String, String, String, i64)> = sqlx::query_as(
             "UPDATE deliveries SET state = 4 WHERE state < 2 AND expires_at <= $1
-             RETURNING message_id, user_id, channel",
+             RETURNING delivery_id, message_id, user_id, channel",
         )
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
         let receipts: Vec<Receipt> = expired
             .into_iter()
-            .map(|(message_id, user_id, channel)| Receipt {
+            .map(|(delivery_id, message_id, user_id, channel)| Receipt {
                 seq: 0,
+                delivery_id,
                 message_id,
                 user_id,
-                kind: ReceiptKind::Failed,
+                kind: ReceiptKind::Expired,
                 channel,
                 at: now,
                 region: String::new(),
             })
             .collect();
         queue_receipts(&mut tx, &receipts).await?;
+        count(
+            &mut tx,
+            receipts
+                .iter()
+                .map(|r| (r.message_id.as_str(), Counted::Expired)),
+        )
+        .await?;
         tx.commit().await?;
         Ok(receipts.len())
     }
 
+    /// Held deliveries whose window closed before they could be pushed move
+    /// to the window's next opening (or expire, when it has none). Returns
+    /// how many moved.
+    pub async fn roll_windows(&self, now: i64) -> Result<u64> {
+        let windows: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT delivery_window FROM deliveries
+             WHERE state = 0 AND window_close <= $1 AND delivery_window IS NOT NULL",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut cache = WindowCache::default();
+        let mut moved = 0;
+        for window in windows {
+            let (not_before, window_close, expires) = match cache.opening(&window, now) {
+                Some((open, close)) => (open, close, None),
+                None => (now, now, Some(now)),
+            };
+            moved += sqlx::query(
+                "UPDATE deliveries SET not_before = CASE WHEN not_before > $1 THEN not_before ELSE $1 END,
+                        window_close = $2, expires_at = COALESCE($3, expires_at)
+                 WHERE state = 0 AND window_close <= $4 AND delivery_window = $5",
+            )
+            .bind(not_before)
+            .bind(window_close)
+            .bind(expires)
+            .bind(now)
+            .bind(&window)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        }
+        Ok(moved)
+    }
+
     /// Up to `limit` queued receipts after `after_seq`.
     pub async fn outbox_after(&self, after_seq: i64, limit: u32) -> Result<Vec<Receipt>> {
-        let rows: Vec<(i64, String, String, i64, i64, i64, String)> = sqlx::query_as(
-            "SELECT seq, message_id, user_id, kind, channel, at, region FROM outbox
+        type Row = (i64, String, String, String, i64, i64, i64, String);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT seq, delivery_id, message_id, user_id, kind, channel, at, region FROM outbox
              WHERE seq > $1 ORDER BY seq LIMIT $2",
         )
         .bind(after_seq)
@@ -336,8 +567,9 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(
-                |(seq, message_id, user_id, kind, channel, at, region)| Receipt {
+                |(seq, delivery_id, message_id, user_id, kind, channel, at, region)| Receipt {
                     seq,
+                    delivery_id,
                     message_id,
                     user_id,
                     kind: ReceiptKind::from_number(kind),
@@ -360,19 +592,13 @@ impl Store {
 
     /// Counts changed since the last report (and marks them reported).
     pub async fn take_changed_counts(&self) -> Result<Vec<MessageCount>> {
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "UPDATE message_counts SET dirty = FALSE WHERE dirty RETURNING message_id, sent, opened",
+        let rows: Vec<CountRow> = sqlx::query_as(
+            "UPDATE message_counts SET dirty = FALSE WHERE dirty
+             RETURNING message_id, sent, opened, sms_segments, unsupported, expired",
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(message_id, sent, opened)| MessageCount {
-                message_id,
-                sent: sent as u64,
-                opened: opened as u64,
-            })
-            .collect())
+        Ok(rows.into_iter().map(MessageCount::from_row).collect())
     }
 
     /// Marks every count as changed, so the next report repeats them all (after a reconnect).
@@ -384,8 +610,8 @@ impl Store {
     }
 
     pub async fn counts(&self, message_id: Option<&str>) -> Result<(Vec<MessageCount>, u64)> {
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT message_id, sent, opened FROM message_counts
+        let rows: Vec<CountRow> = sqlx::query_as(
+            "SELECT message_id, sent, opened, sms_segments, unsupported, expired FROM message_counts
              WHERE ($1 = '' OR message_id = $1) ORDER BY message_id",
         )
         .bind(message_id.unwrap_or(""))
@@ -395,49 +621,121 @@ impl Store {
             .fetch_one(&self.pool)
             .await?;
         Ok((
-            rows.into_iter()
-                .map(|(message_id, sent, opened)| MessageCount {
-                    message_id,
-                    sent: sent as u64,
-                    opened: opened as u64,
-                })
-                .collect(),
+            rows.into_iter().map(MessageCount::from_row).collect(),
             held as u64,
         ))
     }
 }
 
+type CountRow = (String, i64, i64, i64, i64, i64);
+
+impl MessageCount {
+    fn from_row((message_id, sent, opened, sms_segments, unsupported, expired): CountRow) -> Self {
+        Self {
+            message_id,
+            sent: sent as u64,
+            opened: opened as u64,
+            sms_segments: sms_segments as u64,
+            unsupported: unsupported as u64,
+            expired: expired as u64,
+        }
+    }
+}
+
+/// Windows decoded once per stored form (a zone lookup is not free).
+#[derive(Debug, Default)]
+struct WindowCache(HashMap<String, Option<Window>>);
+
+impl WindowCache {
+    fn opening(&mut self, stored: &str, at: i64) -> Option<(i64, i64)> {
+        self.0
+            .entry(stored.to_owned())
+            .or_insert_with(|| match Window::decode(stored) {
+                Ok(window) => Some(window),
+                Err(error) => {
+                    tracing::warn!(%error, "unreadable window: delivering without it");
+                    None
+                }
+            })
+            .as_ref()
+            .map_or(Some((at, i64::MAX)), |window| window.opening(at))
+    }
+}
+
 fn receipt(
     by_id: &HashMap<&str, &TerminalEvent>,
-    delivery_id: &str,
+    delivery_id: String,
     message_id: String,
     user_id: String,
     channel: i64,
     kind: ReceiptKind,
 ) -> Receipt {
-    let event = by_id.get(delivery_id);
+    let event = by_id.get(delivery_id.as_str());
     Receipt {
         seq: 0,
+        at: event.map_or(0, |e| e.at),
+        region: event.map(|e| e.region.clone()).unwrap_or_default(),
+        delivery_id,
         message_id,
         user_id,
         kind,
         channel,
-        at: event.map_or(0, |e| e.at),
-        region: event.map(|e| e.region.clone()).unwrap_or_default(),
     }
 }
 
-/// Appends receipts to the outbox and adds them to the per-message counts.
+/// Records that these people were reached (or, with `opened`, opened) and
+/// returns the message id of each first time — the per-person counts.
+async fn reach(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    people: &[(&str, &str)],
+    opened: bool,
+) -> Result<Vec<String>> {
+    if people.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut query = if opened {
+        let mut query = QueryBuilder::new("UPDATE reach SET opened = TRUE FROM (");
+        query.push_values(people, |mut row, (message_id, user_id)| {
+            row.push_bind(*message_id).push_bind(*user_id);
+        });
+        query.push(
+            ") AS v WHERE reach.message_id = v.column1 AND reach.user_id = v.column2 AND NOT reach.opened \
+             RETURNING reach.message_id",
+        );
+        query
+    } else {
+        let mut query = QueryBuilder::new("INSERT INTO reach (message_id, user_id) ");
+        query.push_values(people, |mut row, (message_id, user_id)| {
+            row.push_bind(*message_id).push_bind(*user_id);
+        });
+        query.push(" ON CONFLICT DO NOTHING RETURNING message_id");
+        query
+    };
+    query.build_query_scalar().fetch_all(&mut **tx).await
+}
+
+/// What a counted step adds to a message's counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Counted {
+    Sent,
+    Opened,
+    Segments(i64),
+    Unsupported,
+    Expired,
+}
+
+/// Appends receipts to the outbox.
 async fn queue_receipts(
     tx: &mut sqlx::Transaction<'_, Sqlite>,
     receipts: &[Receipt],
 ) -> Result<()> {
     for chunk in receipts.chunks(ROWS_PER_STATEMENT) {
         let mut query = QueryBuilder::new(
-            "INSERT INTO outbox (message_id, user_id, kind, channel, at, region) ",
+            "INSERT INTO outbox (delivery_id, message_id, user_id, kind, channel, at, region) ",
         );
         query.push_values(chunk, |mut row, r| {
-            row.push_bind(&r.message_id)
+            row.push_bind(&r.delivery_id)
+                .push_bind(&r.message_id)
                 .push_bind(&r.user_id)
                 .push_bind(r.kind as i64)
                 .push_bind(r.channel)
@@ -446,29 +744,44 @@ async fn queue_receipts(
         });
         query.build().execute(&mut **tx).await?;
     }
-    let mut counts: HashMap<&str, (i64, i64)> = HashMap::new();
-    for r in receipts {
-        let entry = counts.entry(r.message_id.as_str()).or_default();
-        match r.kind {
-            ReceiptKind::Delivered => entry.0 += 1,
-            ReceiptKind::Opened => entry.1 += 1,
-            ReceiptKind::Failed => {}
+    Ok(())
+}
+
+/// Adds counted steps to the per-message counts (marked for the next report).
+async fn count(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    steps: impl Iterator<Item = (&str, Counted)>,
+) -> Result<()> {
+    // sent, opened, sms segments, unsupported, expired
+    let mut counts: HashMap<&str, [i64; 5]> = HashMap::new();
+    for (message_id, step) in steps {
+        let entry = counts.entry(message_id).or_default();
+        match step {
+            Counted::Sent => entry[0] += 1,
+            Counted::Opened => entry[1] += 1,
+            Counted::Segments(n) => entry[2] += n,
+            Counted::Unsupported => entry[3] += 1,
+            Counted::Expired => entry[4] += 1,
         }
     }
-    let counts: Vec<(&str, (i64, i64))> =
-        counts.into_iter().filter(|(_, c)| *c != (0, 0)).collect();
+    let counts: Vec<(&str, [i64; 5])> = counts.into_iter().filter(|(_, c)| *c != [0; 5]).collect();
     for chunk in counts.chunks(ROWS_PER_STATEMENT) {
-        let mut query =
-            QueryBuilder::new("INSERT INTO message_counts (message_id, sent, opened, dirty) ");
-        query.push_values(chunk, |mut row, (message_id, (sent, opened))| {
-            row.push_bind(*message_id)
-                .push_bind(*sent)
-                .push_bind(*opened)
-                .push_bind(true);
+        let mut query = QueryBuilder::new(
+            "INSERT INTO message_counts (message_id, sent, opened, sms_segments, unsupported, expired, dirty) ",
+        );
+        query.push_values(chunk, |mut row, (message_id, c)| {
+            row.push_bind(*message_id);
+            for value in c {
+                row.push_bind(*value);
+            }
+            row.push_bind(true);
         });
         query.push(
             " ON CONFLICT (message_id) DO UPDATE SET sent = message_counts.sent + excluded.sent, \
-             opened = message_counts.opened + excluded.opened, dirty = TRUE",
+             opened = message_counts.opened + excluded.opened, \
+             sms_segments = message_counts.sms_segments + excluded.sms_segments, \
+             unsupported = message_counts.unsupported + excluded.unsupported, \
+             expired = message_counts.expired + excluded.expired, dirty = TRUE",
         );
         query.build().execute(&mut **tx).await?;
     }

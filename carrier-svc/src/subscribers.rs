@@ -64,8 +64,26 @@ impl TryFrom<(usize, pb::Subscriber)> for Subscriber {
             region: required(&field("region"), &s.region, 128)?.to_lowercase(),
             occupation: required(&field("occupation"), &s.occupation, 64)?.to_lowercase(),
             primary: s.primary,
+            email: optional_contact(&field("email"), &s.email, |e| {
+                e.split_once('@')
+                    .is_some_and(|(local, domain)| !local.is_empty() && domain.contains('.'))
+            })?,
+            sns_handle: optional_contact(&field("sns_handle"), &s.sns_handle, |h| {
+                !h.chars().any(char::is_whitespace)
+            })?,
         })
     }
+}
+
+/// An optional contact detail: empty, or bounded and shaped as `valid` says.
+fn optional_contact(field: &str, value: &str, valid: impl Fn(&str) -> bool) -> Result<String> {
+    if value.is_empty() {
+        return Ok(String::new());
+    }
+    if value.len() > 254 || !valid(value) {
+        return Err(Error::invalid(field, "is malformed"));
+    }
+    Ok(value.to_owned())
 }
 
 #[tonic::async_trait]
@@ -128,11 +146,7 @@ impl pb::carrier_admin_server::CarrierAdmin for AdminService {
         Ok(Response::new(pb::GetCountsResponse {
             counts: counts
                 .into_iter()
-                .map(|c| pb::MessageCount {
-                    message_id: c.message_id,
-                    sent: c.sent,
-                    opened: c.opened,
-                })
+                .map(crate::relay_link::count_to_wire)
                 .collect(),
             held,
         }))

@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
 use crate::Shared;
-use crate::model::TerminalEvent;
+use crate::channels;
+use crate::model::{TerminalEvent, TerminalEventKind};
 
 const PUSH_BATCH: u32 = 1_000;
 
@@ -156,21 +157,61 @@ async fn session(
             if due.is_empty() {
                 break;
             }
-            let seqs: Vec<i64> = due.iter().map(|d| d.seq).collect();
+            // Each delivery through its channel's adapter; what the carrier cannot
+            // carry (no address on file) is reported unsupported, not pushed.
+            let mut seqs = Vec::with_capacity(due.len());
+            let mut unsupported = Vec::new();
+            let mut messages = Vec::with_capacity(due.len());
+            for d in due {
+                match channels::render(
+                    d.channel,
+                    &d.text,
+                    &d.media_url,
+                    &d.subject,
+                    &d.suggested_replies,
+                    &d.contact,
+                ) {
+                    Ok(rendered) => {
+                        seqs.push(d.seq);
+                        messages.push(pb::PushedMessage {
+                            delivery_id: d.delivery_id,
+                            message_id: d.message_id,
+                            user_id: d.user_id,
+                            content: Some(common::Content {
+                                text: d.text,
+                                media_url: rendered.media_url,
+                                subject: rendered.subject,
+                                suggested_replies: rendered.suggested_replies,
+                            }),
+                            channel: d.channel as i32,
+                            sms_segments: rendered.sms_segments,
+                            address: rendered.address,
+                        });
+                    }
+                    Err(reason) => {
+                        tracing::debug!(
+                            ?reason,
+                            channel = d.channel,
+                            "channel unsupported for this subscriber"
+                        );
+                        unsupported.push(d.seq);
+                    }
+                }
+            }
+            if !unsupported.is_empty()
+                && shared
+                    .store
+                    .mark_unsupported(&unsupported, shared.clock.now_ms())
+                    .await?
+                    > 0
+            {
+                shared.outbox_changed.send_modify(|g| *g += 1);
+            }
+            if messages.is_empty() {
+                continue;
+            }
             let request = pb::PushRequest {
-                messages: due
-                    .into_iter()
-                    .map(|d| pb::PushedMessage {
-                        delivery_id: d.delivery_id,
-                        message_id: d.message_id,
-                        user_id: d.user_id,
-                        content: Some(common::Content {
-                            text: d.text,
-                            media_url: d.media_url,
-                        }),
-                        channel: d.channel as i32,
-                    })
-                    .collect(),
+                messages,
                 carrier_id: shared.carrier_id.to_string(),
             };
             down.send(request)
@@ -194,9 +235,10 @@ async fn session(
 }
 
 fn event_from_wire(event: pb::TerminalEvent) -> Option<TerminalEvent> {
-    let read = match pb::EventKind::try_from(event.kind) {
-        Ok(pb::EventKind::Delivered | pb::EventKind::Displayed) => false,
-        Ok(pb::EventKind::Read) => true,
+    let kind = match pb::EventKind::try_from(event.kind) {
+        Ok(pb::EventKind::Delivered | pb::EventKind::Displayed) => TerminalEventKind::Delivered,
+        Ok(pb::EventKind::Read) => TerminalEventKind::Read,
+        Ok(pb::EventKind::Unsupported) => TerminalEventKind::Unsupported,
         _ => return None,
     };
     if event.delivery_id.is_empty() {
@@ -204,7 +246,7 @@ fn event_from_wire(event: pb::TerminalEvent) -> Option<TerminalEvent> {
     }
     Some(TerminalEvent {
         delivery_id: event.delivery_id,
-        read,
+        kind,
         at: event.at.as_ref().map_or(0, from_timestamp),
         region: event.region,
     })

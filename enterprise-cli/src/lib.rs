@@ -42,7 +42,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Send a message to refs, everyone, a service's users or a segment.
-    Send(SendArgs),
+    Send(Box<SendArgs>),
     /// A message's state and counts.
     Status {
         message_id: String,
@@ -52,6 +52,11 @@ pub enum Command {
         /// Between refreshes with --watch (ms).
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
+    },
+    /// Why and how a message went (or did not go) to one of your refs.
+    Explain {
+        message_id: String,
+        user_ref: String,
     },
     /// Your registered users, by ref.
     Registrations {
@@ -73,9 +78,58 @@ pub struct SendArgs {
     pub text: String,
     #[arg(long)]
     pub media_url: Option<String>,
-    /// rcs, sms, sns or email (default: each carrier's default).
+    /// E-mail subject.
     #[arg(long)]
+    pub subject: Option<String>,
+    /// An RCS suggested reply (repeat for several).
+    #[arg(long = "reply")]
+    pub replies: Vec<String>,
+    /// rcs, sms, sns or email (default: each carrier's default).
+    #[arg(long, conflicts_with = "channels")]
     pub channel: Option<String>,
+    /// Channels in order for the policy, e.g. rcs,sms.
+    #[arg(long, value_delimiter = ',')]
+    pub channels: Vec<String>,
+    /// fixed, most-used, fallback, multi, resend or best (default: fixed).
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// fallback/resend: how long an attempt waits for an open, e.g. 30m, 2h.
+    #[arg(long)]
+    pub timeout: Option<String>,
+    /// resend: at most this many extra sends.
+    #[arg(long)]
+    pub max_resends: Option<u32>,
+    /// resend: keep sending until `opened` (default) or `delivered`.
+    #[arg(long)]
+    pub resend_until: Option<String>,
+    /// A daily local window "18:00-21:00" (with --zone), or an absolute one
+    /// "2026-11-27T09:00:00Z/2026-11-27T12:00:00Z".
+    #[arg(long)]
+    pub window: Option<String>,
+    /// IANA zone of a daily window, e.g. Asia/Tokyo.
+    #[arg(long, default_value = "UTC")]
+    pub zone: String,
+    /// Where the window is applied: relay (held before hand-over) or carrier.
+    #[arg(long, default_value = "relay")]
+    pub window_at: String,
+    /// Not delivered within this long after sending: expired, e.g. 2d.
+    #[arg(long, conflicts_with = "expires_at")]
+    pub expires_in: Option<String>,
+    /// Not delivered by this instant (RFC 3339): expired.
+    #[arg(long)]
+    pub expires_at: Option<String>,
+    /// A follow-up text sent to each person who opens the message.
+    #[arg(long)]
+    pub follow_up: Option<String>,
+    /// How long after the open the follow-up goes, e.g. 1h.
+    #[arg(long, default_value = "0s", requires = "follow_up")]
+    pub follow_up_delay: String,
+    /// The follow-up's channel (default: the channel opened).
+    #[arg(long, requires = "follow_up")]
+    pub follow_up_channel: Option<String>,
+    /// low, normal or high: low is the first a tired person stops getting.
+    #[arg(long)]
+    pub priority: Option<String>,
     /// Deliver over every carrier a person is contracted with, not only the primary.
     #[arg(long)]
     pub all_carriers: bool,
@@ -144,14 +198,128 @@ pub fn parse_segment(text: &str) -> Result<pb::Segment, String> {
     Ok(segment)
 }
 
-fn parse_channel(text: &str) -> Result<common::Channel, String> {
-    match text {
+fn parse_channel(flag: &str, text: &str) -> anyhow::Result<common::Channel> {
+    match text.trim() {
         "rcs" => Ok(common::Channel::Rcs),
         "sms" => Ok(common::Channel::Sms),
         "sns" => Ok(common::Channel::Sns),
         "email" => Ok(common::Channel::Email),
-        _ => Err(format!("--channel: {text:?} is not rcs, sms, sns or email")),
+        _ => anyhow::bail!("{flag}: {text:?} is not rcs, sms, sns or email"),
     }
+}
+
+fn channel_name(channel: i32) -> &'static str {
+    match common::Channel::try_from(channel) {
+        Ok(common::Channel::Rcs) => "rcs",
+        Ok(common::Channel::Sms) => "sms",
+        Ok(common::Channel::Sns) => "sns",
+        Ok(common::Channel::Email) => "email",
+        _ => "default",
+    }
+}
+
+/// "90s", "15m", "2h", "3d" as a protobuf duration; the error names `flag`.
+pub fn parse_duration(flag: &str, text: &str) -> anyhow::Result<prost_types::Duration> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: i64 = number.parse().map_err(|_| {
+        anyhow::anyhow!("{flag}: {text:?} is not a duration like 90s, 15m, 2h or 3d")
+    })?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => anyhow::bail!("{flag}: {text:?} needs a unit: s, m, h or d"),
+    };
+    Ok(prost_types::Duration {
+        seconds: number.saturating_mul(unit),
+        nanos: 0,
+    })
+}
+
+fn parse_instant(flag: &str, text: &str) -> anyhow::Result<prost_types::Timestamp> {
+    let at: jiff::Timestamp = text
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{flag}: {text:?} is not an RFC 3339 instant"))?;
+    Ok(prost_types::Timestamp {
+        seconds: at.as_second(),
+        nanos: at.subsec_nanosecond(),
+    })
+}
+
+/// `--window`: "HH:MM-HH:MM" daily in `zone`, or "start/end" instants.
+pub fn parse_window(text: &str, zone: &str) -> anyhow::Result<common::DeliveryWindow> {
+    let kind = if let Some((start, end)) = text.split_once('/') {
+        common::delivery_window::Kind::Absolute(common::AbsoluteWindow {
+            start: Some(parse_instant("--window", start)?),
+            end: Some(parse_instant("--window", end)?),
+        })
+    } else {
+        let minute = |part: &str| -> anyhow::Result<u32> {
+            let bad = || anyhow::anyhow!("--window: {part:?} is not HH:MM");
+            let (h, m) = part.trim().split_once(':').ok_or_else(bad)?;
+            let (h, m): (u32, u32) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+            if h > 23 || m > 59 {
+                return Err(bad());
+            }
+            Ok(h * 60 + m)
+        };
+        let (start, end) = text
+            .split_once('-')
+            .ok_or_else(|| anyhow::anyhow!("--window: {text:?} is not HH:MM-HH:MM or start/end"))?;
+        common::delivery_window::Kind::Daily(common::DailyWindow {
+            start_minute: minute(start)?,
+            end_minute: minute(end)?,
+            time_zone: zone.to_owned(),
+        })
+    };
+    Ok(common::DeliveryWindow { kind: Some(kind) })
+}
+
+fn parse_policy(args: &SendArgs) -> anyhow::Result<Option<pb::DeliveryPolicy>> {
+    let channels = args
+        .channels
+        .iter()
+        .map(|c| parse_channel("--channels", c).map(|c| c as i32))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let kind = match args.policy.as_deref() {
+        None if channels.is_empty() => return Ok(None),
+        None | Some("fixed") => pb::PolicyKind::Fixed,
+        Some("most-used") => pb::PolicyKind::MostUsed,
+        Some("fallback") => pb::PolicyKind::Fallback,
+        Some("multi") => pb::PolicyKind::Multi,
+        Some("resend") => pb::PolicyKind::Resend,
+        Some("best") => pb::PolicyKind::Best,
+        Some(other) => anyhow::bail!(
+            "--policy: {other:?} is not fixed, most-used, fallback, multi, resend or best"
+        ),
+    };
+    let channels = match &args.channel {
+        Some(channel) if channels.is_empty() => vec![parse_channel("--channel", channel)? as i32],
+        _ => channels,
+    };
+    let resend_until = match args.resend_until.as_deref() {
+        None => pb::ResendUntil::Unspecified,
+        Some("opened") => pb::ResendUntil::Opened,
+        Some("delivered") => pb::ResendUntil::Delivered,
+        Some(other) => anyhow::bail!("--resend-until: {other:?} is not opened or delivered"),
+    };
+    Ok(Some(pb::DeliveryPolicy {
+        kind: kind as i32,
+        channels,
+        timeout: args
+            .timeout
+            .as_deref()
+            .map(|t| parse_duration("--timeout", t))
+            .transpose()?,
+        max_resends: args.max_resends.unwrap_or(0),
+        resend_until: resend_until as i32,
+    }))
 }
 
 fn state_name(state: i32) -> &'static str {
@@ -203,9 +371,50 @@ pub fn send_request(args: &SendArgs) -> anyhow::Result<pb::SendMessageRequest> {
     } else {
         anyhow::bail!("send: give refs, --all, --service or --segment");
     };
-    let channel = match &args.channel {
-        Some(channel) => parse_channel(channel).map_err(anyhow::Error::msg)? as i32,
-        None => 0,
+    let policy = parse_policy(args)?;
+    let channel = match (&args.channel, &policy) {
+        (Some(channel), None) => parse_channel("--channel", channel)? as i32,
+        _ => 0,
+    };
+    let window_mode = match args.window_at.as_str() {
+        "relay" => pb::WindowMode::HeldAtRelay,
+        "carrier" => pb::WindowMode::AtCarrier,
+        other => anyhow::bail!("--window-at: {other:?} is not relay or carrier"),
+    };
+    let expires_at = match (&args.expires_in, &args.expires_at) {
+        (Some(within), _) => {
+            let within = parse_duration("--expires-in", within)?;
+            let now = jiff::Timestamp::now().as_second();
+            Some(prost_types::Timestamp {
+                seconds: now + within.seconds,
+                nanos: 0,
+            })
+        }
+        (None, Some(at)) => Some(parse_instant("--expires-at", at)?),
+        (None, None) => None,
+    };
+    let follow_up = match &args.follow_up {
+        None => None,
+        Some(text) => Some(pb::FollowUp {
+            content: Some(common::Content {
+                text: text.clone(),
+                ..Default::default()
+            }),
+            delay: Some(parse_duration("--follow-up-delay", &args.follow_up_delay)?),
+            channel: args
+                .follow_up_channel
+                .as_deref()
+                .map(|c| parse_channel("--follow-up-channel", c))
+                .transpose()?
+                .map_or(0, |c| c as i32),
+        }),
+    };
+    let priority = match args.priority.as_deref() {
+        None => pb::Priority::Unspecified,
+        Some("low") => pb::Priority::Low,
+        Some("normal") => pb::Priority::Normal,
+        Some("high") => pb::Priority::High,
+        Some(other) => anyhow::bail!("--priority: {other:?} is not low, normal or high"),
     };
     Ok(pb::SendMessageRequest {
         idempotency_key: args
@@ -216,9 +425,25 @@ pub fn send_request(args: &SendArgs) -> anyhow::Result<pb::SendMessageRequest> {
         content: Some(common::Content {
             text: args.text.clone(),
             media_url: args.media_url.clone().unwrap_or_default(),
+            subject: args.subject.clone().unwrap_or_default(),
+            suggested_replies: args.replies.clone(),
         }),
         channel,
         all_carriers: args.all_carriers,
+        policy,
+        window: args
+            .window
+            .as_deref()
+            .map(|w| parse_window(w, &args.zone))
+            .transpose()?,
+        window_mode: if args.window.is_some() {
+            window_mode as i32
+        } else {
+            0
+        },
+        expires_at,
+        follow_up,
+        priority: priority as i32,
     })
 }
 
@@ -266,12 +491,27 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
                 .into_inner();
             print_status(&status, cli.json, out)?;
             let done = status.state == pb::MessageState::HandedOver as i32
-                && status.delivered + status.failed >= status.matched;
+                && status.delivered + status.failed + status.expired + status.skipped
+                    >= status.matched;
             if !*watch || done {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(*interval_ms)).await;
         },
+        Command::Explain {
+            message_id,
+            user_ref,
+        } => {
+            let explanation = client
+                .explain_delivery(pb::ExplainDeliveryRequest {
+                    message_id: message_id.clone(),
+                    user_ref: user_ref.clone(),
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            print_explanation(&explanation, cli.json, out)?;
+        }
         Command::Registrations {
             service,
             page_size,
@@ -351,9 +591,19 @@ fn print_status(
                 "delivered": status.delivered,
                 "opened": status.opened,
                 "failed": status.failed,
+                "expired": status.expired,
+                "unsupported": status.unsupported,
+                "deferred": status.deferred,
+                "skipped": status.skipped,
+                "plan": status.plan,
+                "follow_up_message_id": status.follow_up_message_id,
             })
         )?;
     } else {
+        writeln!(out, "plan: {}", status.plan)?;
+        if !status.follow_up_message_id.is_empty() {
+            writeln!(out, "follow-up message: {}", status.follow_up_message_id)?;
+        }
         let rate = if status.delivered > 0 {
             format!(
                 "{:.1}%",
@@ -378,6 +628,77 @@ fn print_status(
             status.failed,
             rate
         )?;
+        if status.expired + status.unsupported + status.deferred + status.skipped > 0 {
+            writeln!(
+                out,
+                "expired {}  unsupported {}  deferred {}  skipped {}",
+                status.expired, status.unsupported, status.deferred, status.skipped
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn rfc3339(at: Option<&prost_types::Timestamp>) -> String {
+    at.and_then(|t| jiff::Timestamp::new(t.seconds, t.nanos).ok())
+        .map_or_else(|| "-".to_owned(), |t| t.to_string())
+}
+
+fn print_explanation(
+    explanation: &pb::DeliveryExplanation,
+    json: bool,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    if json {
+        let attempts: Vec<_> = explanation
+            .attempts
+            .iter()
+            .map(|a| {
+                json!({
+                    "attempt": a.attempt,
+                    "channel": channel_name(a.channel),
+                    "state": a.state,
+                    "not_before": rfc3339(a.not_before.as_ref()),
+                    "handed_over_at": a.handed_over_at.as_ref().map(|t| rfc3339(Some(t))),
+                    "reason": a.reason,
+                })
+            })
+            .collect();
+        let events: Vec<_> = explanation
+            .events
+            .iter()
+            .map(|e| json!({"kind": e.kind, "at": rfc3339(e.at.as_ref()), "channel": channel_name(e.channel)}))
+            .collect();
+        writeln!(
+            out,
+            "{}",
+            json!({"message_id": explanation.message_id, "plan": explanation.plan, "attempts": attempts, "events": events})
+        )?;
+        return Ok(());
+    }
+    writeln!(out, "plan: {}", explanation.plan)?;
+    writeln!(out, "attempts:")?;
+    for a in &explanation.attempts {
+        writeln!(
+            out,
+            "  #{} {:<7} {:<12} not before {}  handed over {}",
+            a.attempt,
+            channel_name(a.channel),
+            a.state,
+            rfc3339(a.not_before.as_ref()),
+            rfc3339(a.handed_over_at.as_ref()),
+        )?;
+        writeln!(out, "     {}", a.reason)?;
+    }
+    writeln!(out, "events:")?;
+    for e in &explanation.events {
+        writeln!(
+            out,
+            "  {:<12} {}  {}",
+            e.kind,
+            rfc3339(e.at.as_ref()),
+            channel_name(e.channel)
+        )?;
     }
     Ok(())
 }
@@ -398,6 +719,55 @@ mod tests {
         assert_eq!(segment.occupations, ["engineer"]);
         assert_eq!(segment.service_id, "svc_1");
         assert_eq!(parse_segment("age=30-34").unwrap().age_max, Some(34));
+    }
+
+    #[test]
+    fn windows_durations_and_policies_parse() {
+        let daily = parse_window("18:00-21:30", "Asia/Tokyo").unwrap();
+        let Some(common::delivery_window::Kind::Daily(daily)) = daily.kind else {
+            panic!("not daily")
+        };
+        assert_eq!((daily.start_minute, daily.end_minute), (1080, 1290));
+        assert_eq!(daily.time_zone, "Asia/Tokyo");
+        assert!(parse_window("2026-11-27T09:00:00Z/2026-11-27T12:00:00Z", "UTC").is_ok());
+        assert!(
+            parse_window("25:00-26:00", "UTC")
+                .unwrap_err()
+                .to_string()
+                .contains("--window")
+        );
+        assert_eq!(parse_duration("--timeout", "2h").unwrap().seconds, 7200);
+        assert!(
+            parse_duration("--timeout", "2")
+                .unwrap_err()
+                .to_string()
+                .contains("unit")
+        );
+        let args = Cli::parse_from([
+            "enterprise-cli",
+            "send",
+            "--text",
+            "t",
+            "--all",
+            "--policy",
+            "fallback",
+            "--channels",
+            "rcs,sms",
+            "--timeout",
+            "30m",
+        ]);
+        let Command::Send(args) = args.command else {
+            panic!()
+        };
+        let request = send_request(&args).unwrap();
+        let policy = request.policy.unwrap();
+        assert_eq!(policy.kind, pb::PolicyKind::Fallback as i32);
+        assert_eq!(
+            policy.channels,
+            [common::Channel::Rcs as i32, common::Channel::Sms as i32]
+        );
+        assert_eq!(policy.timeout.unwrap().seconds, 1800);
+        assert_eq!(request.channel, 0);
     }
 
     #[test]

@@ -138,6 +138,11 @@ pub fn from_timestamp(ts: &prost_types::Timestamp) -> i64 {
     ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000
 }
 
+/// A unix-millisecond instant as RFC 3339 in UTC, for people to read.
+pub fn rfc3339(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms).map_or_else(|_| ms.to_string(), |t| t.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +188,10 @@ pub struct ClockArgs {
     /// every process of one run the same value. 0 means the process start.
     #[arg(long, env = "CHUKEI_TIME_ORIGIN_MS", default_value_t = 0)]
     pub time_origin_ms: i64,
+    /// A clock handed in by an embedding program (the test harness shares one
+    /// manual clock between in-process services); never a flag.
+    #[arg(skip)]
+    pub injected: Option<Clock>,
 }
 
 impl Default for ClockArgs {
@@ -190,6 +199,17 @@ impl Default for ClockArgs {
         Self {
             time_scale: 1.0,
             time_origin_ms: 0,
+            injected: None,
+        }
+    }
+}
+
+impl ClockArgs {
+    /// Every service of an in-process run on the same `clock`.
+    pub fn shared(clock: Clock) -> Self {
+        Self {
+            injected: Some(clock),
+            ..Self::default()
         }
     }
 }
@@ -206,6 +226,8 @@ impl ClockArgs {
     }
 
     pub fn clock(&self) -> Clock {
-        Clock::from_flags(self.time_scale, self.time_origin_ms)
+        self.injected
+            .clone()
+            .unwrap_or_else(|| Clock::from_flags(self.time_scale, self.time_origin_ms))
     }
 }

@@ -13,6 +13,7 @@ pub mod clock;
 pub mod server;
 pub mod telemetry;
 pub mod validate;
+pub mod window;
 
 #[allow(unreachable_pub, clippy::all, clippy::pedantic)]
 pub mod common {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chukei_proto::clock::ClockArgs;
 
+use crate::policy::AttentionConfig;
 use crate::storage::Store;
 
 /// The Chukei relay: registries, recipient extraction, routing and transfer
@@ -50,6 +51,21 @@ pub struct Config {
     #[arg(long, env = "CHUKEI_RELAY_MESSAGE_TTL_SECS", default_value_t = 7 * 24 * 3600)]
     pub message_ttl_secs: u64,
 
+    /// Quiet period either side of a targeted message: the person's campaign
+    /// messages from any enterprise are deferred past it (seconds; 0 = off).
+    #[arg(long, env = "CHUKEI_RELAY_QUIET_PERIOD_SECS", default_value_t = 0)]
+    pub quiet_period_secs: u64,
+
+    /// Campaign messages per person per day while they keep opening; the cap
+    /// shrinks as their open rate falls (0 = no fatigue cap).
+    #[arg(long, env = "CHUKEI_RELAY_DAILY_CAP", default_value_t = 0)]
+    pub daily_cap: u32,
+
+    /// Hub-wide campaign messages per person per day, from all enterprises
+    /// together (0 = no budget).
+    #[arg(long, env = "CHUKEI_RELAY_DAILY_BUDGET", default_value_t = 0)]
+    pub daily_budget: u32,
+
     /// How long shutdown waits for in-flight work before giving up (seconds).
     #[arg(long, env = "CHUKEI_RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -79,6 +95,12 @@ impl Config {
         if self.message_ttl_secs == 0 {
             anyhow::bail!("--message-ttl-secs: must be positive");
         }
+        if self.quiet_period_secs > 7 * 24 * 3600 {
+            anyhow::bail!("--quiet-period-secs: must be at most a week");
+        }
+        if self.daily_cap > 1_000 || self.daily_budget > 1_000 {
+            anyhow::bail!("--daily-cap / --daily-budget: must be at most 1000");
+        }
         if let Some(url) = &self.database_url {
             if !(url.starts_with("sqlite:")
                 || url.starts_with("postgres://")
@@ -95,6 +117,15 @@ impl Config {
         self.database_url
             .clone()
             .unwrap_or_else(|| Store::sqlite_url_in(&self.data_dir))
+    }
+
+    /// The attention settings: quiet period, fatigue cap, hub budget.
+    pub fn attention(&self) -> AttentionConfig {
+        AttentionConfig {
+            daily_cap: i64::from(self.daily_cap),
+            daily_budget: i64::from(self.daily_budget),
+            quiet_period_ms: (self.quiet_period_secs * 1000) as i64,
+        }
     }
 
     pub fn shutdown_grace(&self) -> Duration {

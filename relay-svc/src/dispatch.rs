@@ -17,6 +17,7 @@ use chukei_proto::auth::BearerInterceptor;
 use chukei_proto::carrier::v1 as pb;
 use chukei_proto::clock::{Clock, from_timestamp, to_timestamp};
 use chukei_proto::common::v1 as common;
+use chukei_proto::window::Window;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
@@ -215,6 +216,7 @@ impl Dispatcher {
         let mut in_flight: HashMap<u64, Vec<(String, Vec<i64>)>> = HashMap::new();
         let mut cursor = 0_i64;
         let mut next_batch_id = 1_u64;
+        let mut windows = WindowCache::default();
         loop {
             // Fill the window with due deliveries.
             while in_flight.len() < self.config.batches_in_flight {
@@ -244,7 +246,7 @@ impl Dispatcher {
                 let ids = ids_by_message(&due);
                 let batch = pb::DeliveryBatch {
                     batch_id: next_batch_id,
-                    deliveries: due.into_iter().map(to_wire).collect(),
+                    deliveries: due.into_iter().map(|d| to_wire(d, &mut windows)).collect(),
                 };
                 down.send(pb::RelayToCarrier {
                     kind: Some(pb::relay_to_carrier::Kind::Batch(batch)),
@@ -296,7 +298,7 @@ impl Dispatcher {
                     .filter_map(receipt_from_wire)
                     .collect();
                 self.store
-                    .record_receipts(&self.carrier_id, &receipts)
+                    .record_receipts(&self.carrier_id, &receipts, self.clock.now_ms())
                     .await?;
                 down.send(pb::RelayToCarrier {
                     kind: Some(pb::relay_to_carrier::Kind::ReceiptAck(pb::ReceiptAck {
@@ -318,6 +320,9 @@ impl Dispatcher {
                             message_id: c.message_id,
                             sent: c.sent,
                             opened: c.opened,
+                            sms_segments: c.sms_segments,
+                            unsupported: c.unsupported,
+                            expired: c.expired,
                         })
                         .collect(),
                 };
@@ -347,7 +352,27 @@ fn ids_by_message(due: &[DueDelivery]) -> Vec<(String, Vec<i64>)> {
     groups
 }
 
-fn to_wire(delivery: DueDelivery) -> pb::Delivery {
+/// Windows passed to carriers, decoded once per stored form (a zone lookup is
+/// not free, and a campaign's deliveries all share one).
+#[derive(Debug, Default)]
+struct WindowCache(HashMap<String, Option<common::DeliveryWindow>>);
+
+impl WindowCache {
+    fn get(&mut self, stored: String) -> Option<common::DeliveryWindow> {
+        self.0
+            .entry(stored)
+            .or_insert_with_key(|stored| match Window::decode(stored) {
+                Ok(window) => Some(window.to_wire()),
+                Err(error) => {
+                    tracing::error!(%error, "stored window unreadable; delivering without it");
+                    None
+                }
+            })
+            .clone()
+    }
+}
+
+fn to_wire(delivery: DueDelivery, windows: &mut WindowCache) -> pb::Delivery {
     pb::Delivery {
         delivery_id: delivery.id.to_string(),
         message_id: delivery.message_id,
@@ -355,10 +380,13 @@ fn to_wire(delivery: DueDelivery) -> pb::Delivery {
         content: Some(common::Content {
             text: delivery.content.text,
             media_url: delivery.content.media_url,
+            subject: delivery.content.subject,
+            suggested_replies: delivery.content.suggested_replies,
         }),
         channel: Channel::number(delivery.channel) as i32,
         not_before: Some(to_timestamp(delivery.not_before)),
         expires_at: Some(to_timestamp(delivery.expires_at)),
+        window: delivery.carrier_window.and_then(|w| windows.get(w)),
     }
 }
 
@@ -368,6 +396,8 @@ fn receipt_from_wire(receipt: pb::Receipt) -> Option<Receipt> {
         Ok(common::ReceiptKind::Delivered) => EventKind::Delivered,
         Ok(common::ReceiptKind::Opened) => EventKind::Opened,
         Ok(common::ReceiptKind::Failed) => EventKind::Failed,
+        Ok(common::ReceiptKind::Unsupported) => EventKind::Unsupported,
+        Ok(common::ReceiptKind::Expired) => EventKind::Expired,
         _ => {
             tracing::warn!(kind = receipt.kind, "receipt of unknown kind dropped");
             return None;
@@ -378,6 +408,7 @@ fn receipt_from_wire(receipt: pb::Receipt) -> Option<Receipt> {
         return None;
     }
     Some(Receipt {
+        delivery_id: receipt.delivery_id.parse().ok(),
         message_id: receipt.message_id,
         user_id: receipt.user_id,
         kind,

@@ -7,10 +7,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use chukei_proto::clock::Clock;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::DispatchHandle;
+use crate::policy::AttentionConfig;
 use crate::storage::Store;
 
 /// How many accepted messages one pass claims.
@@ -20,6 +22,8 @@ const CLAIM: u32 = 16;
 /// (or a periodic re-check).
 pub async fn run(
     store: Store,
+    clock: Clock,
+    attention: AttentionConfig,
     wake: Arc<Notify>,
     dispatch: DispatchHandle,
     cancel: CancellationToken,
@@ -32,7 +36,10 @@ pub async fn run(
                     if cancel.is_cancelled() {
                         return;
                     }
-                    match store.expand_message(&message_id).await {
+                    match store
+                        .expand_message(&message_id, clock.now_ms(), &attention)
+                        .await
+                    {
                         Ok(matched) => {
                             expanded_any = true;
                             tracing::info!(%message_id, matched, "campaign expanded");

@@ -5,15 +5,19 @@
 //! [`targeting`] and [`registry`] are the domain types; [`storage`] is the one
 //! seam over SQLite/PostgreSQL; [`expansion`] extracts recipients of large
 //! targets after the answer; [`dispatch`] transfers deliveries to carriers and
-//! takes receipts back ([`receipts`]).
+//! takes receipts back ([`receipts`]); [`policy`] holds delivery control's
+//! rules and [`control`] the loop that carries them out over time (timers,
+//! windows, expiry).
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod control;
 pub mod credentials;
 pub mod dispatch;
 pub mod error;
 pub mod expansion;
 pub mod grpc;
+pub mod policy;
 pub mod receipts;
 pub mod registry;
 pub mod storage;
@@ -67,10 +71,20 @@ pub async fn run(
         workers.clone(),
     );
     let expand = Arc::new(tokio::sync::Notify::new());
+    let attention = config.attention();
     let expander_task = tokio::spawn(expansion::run(
         store.clone(),
+        clock.clone(),
+        attention,
         expand.clone(),
         dispatch.clone(),
+        workers.clone(),
+    ));
+    let control_task = tokio::spawn(control::run(
+        store.clone(),
+        clock.clone(),
+        dispatch.clone(),
+        Duration::from_millis(config.poll_interval_ms),
         workers.clone(),
     ));
 
@@ -81,6 +95,7 @@ pub async fn run(
         expand,
         admin_token: config.admin_token.as_str().into(),
         message_ttl_ms: (config.message_ttl_secs * 1000) as i64,
+        attention,
     };
     let (health_reporter, health_service) = server::health();
     health_reporter
@@ -118,6 +133,7 @@ pub async fn run(
     let stopped = tokio::time::timeout(config.shutdown_grace(), async {
         let _ = dispatch_task.await;
         let _ = expander_task.await;
+        let _ = control_task.await;
     })
     .await;
     if stopped.is_err() {

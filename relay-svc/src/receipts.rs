@@ -12,7 +12,16 @@ pub enum EventKind {
     Delivered,
     Opened,
     Failed,
+    /// Not delivered by the message's expiry (at the relay or the carrier).
+    Expired,
+    /// A channel tried was not supported by the person's terminal.
+    Unsupported,
+    /// Not sent at all: fatigue cap or attention budget.
+    Skipped,
 }
+
+/// A `message_counts` kind that is not an event: deliveries deferred by a quiet period.
+pub const DEFERRED_COUNT: i64 = 8;
 
 impl EventKind {
     pub fn number(self) -> i64 {
@@ -21,6 +30,22 @@ impl EventKind {
             Self::Delivered => 2,
             Self::Opened => 3,
             Self::Failed => 4,
+            Self::Expired => 5,
+            Self::Unsupported => 6,
+            Self::Skipped => 7,
+        }
+    }
+
+    /// How explanations name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HandedOver => "handed_over",
+            Self::Delivered => "delivered",
+            Self::Opened => "opened",
+            Self::Failed => "failed",
+            Self::Expired => "expired",
+            Self::Unsupported => "unsupported",
+            Self::Skipped => "skipped",
         }
     }
 
@@ -30,6 +55,9 @@ impl EventKind {
             2 => Some(Self::Delivered),
             3 => Some(Self::Opened),
             4 => Some(Self::Failed),
+            5 => Some(Self::Expired),
+            6 => Some(Self::Unsupported),
+            7 => Some(Self::Skipped),
             _ => None,
         }
     }
@@ -42,6 +70,9 @@ impl EventKind {
             Self::Delivered => &[Self::HandedOver, Self::Delivered],
             Self::Opened => &[Self::HandedOver, Self::Delivered, Self::Opened],
             Self::Failed => &[Self::HandedOver, Self::Failed],
+            Self::Expired => &[Self::HandedOver, Self::Expired],
+            Self::Unsupported => &[Self::HandedOver, Self::Unsupported],
+            Self::Skipped => &[Self::Skipped],
         }
     }
 }
@@ -49,6 +80,8 @@ impl EventKind {
 /// One receipt from a carrier.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Receipt {
+    /// The attempt it is about (the relay's delivery row id); absent from old carriers.
+    pub delivery_id: Option<i64>,
     pub message_id: String,
     pub user_id: String,
     pub kind: EventKind,
@@ -70,4 +103,7 @@ pub struct MessageCount {
     pub message_id: String,
     pub sent: u64,
     pub opened: u64,
+    pub sms_segments: u64,
+    pub unsupported: u64,
+    pub expired: u64,
 }

@@ -7,6 +7,7 @@
 
 use sha2::{Digest, Sha256};
 
+use crate::policy::{FollowUp, Policy, Priority, Timing, WindowMode};
 use crate::registry::Gender;
 
 /// The longest text a message may carry (bytes).
@@ -90,10 +91,14 @@ impl Segment {
 }
 
 /// What is shown on the terminal.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Content {
     pub text: String,
     pub media_url: String,
+    /// E-mail only.
+    pub subject: String,
+    /// RCS only.
+    pub suggested_replies: Vec<String>,
 }
 
 /// A validated `SendMessage`.
@@ -102,8 +107,11 @@ pub struct NewMessage {
     pub idempotency_key: String,
     pub target: Target,
     pub content: Content,
-    pub channel: Option<Channel>,
+    pub policy: Policy,
     pub all_carriers: bool,
+    pub timing: Timing,
+    pub follow_up: Option<FollowUp>,
+    pub priority: Priority,
 }
 
 impl NewMessage {
@@ -135,10 +143,53 @@ impl NewMessage {
                 field("service", segment.service_id.as_deref().unwrap_or(""));
             }
         }
-        field("text", &self.content.text);
-        field("media", &self.content.media_url);
-        field("channel", &Channel::number(self.channel).to_string());
+        fn content(field: &mut dyn FnMut(&str, &str), prefix: &str, content: &Content) {
+            field(&format!("{prefix}text"), &content.text);
+            field(&format!("{prefix}media"), &content.media_url);
+            field(&format!("{prefix}subject"), &content.subject);
+            content
+                .suggested_replies
+                .iter()
+                .for_each(|r| field(&format!("{prefix}reply"), r));
+        }
+        content(&mut field, "", &self.content);
+        field("policy", self.policy.kind.as_str());
+        for channel in &self.policy.channels {
+            field("channel", &Channel::number(Some(*channel)).to_string());
+        }
+        field("timeout", &self.policy.timeout_ms.to_string());
+        field("resends", &self.policy.max_resends.to_string());
+        field(
+            "until_delivered",
+            if self.policy.resend_until_delivered {
+                "1"
+            } else {
+                "0"
+            },
+        );
         field("all_carriers", if self.all_carriers { "1" } else { "0" });
+        if let Some(window) = &self.timing.window {
+            field("window", &window.encode());
+        }
+        field(
+            "window_mode",
+            match self.timing.mode {
+                WindowMode::HeldAtRelay => "relay",
+                WindowMode::AtCarrier => "carrier",
+            },
+        );
+        if let Some(expires_at) = self.timing.expires_at {
+            field("expires_at", &expires_at.to_string());
+        }
+        if let Some(follow_up) = &self.follow_up {
+            content(&mut field, "follow_up.", &follow_up.content);
+            field("follow_up.delay", &follow_up.delay_ms.to_string());
+            field(
+                "follow_up.channel",
+                &Channel::number(follow_up.channel).to_string(),
+            );
+        }
+        field("priority", &self.priority.number().to_string());
         hex::encode(hasher.finalize())
     }
 }
@@ -171,10 +222,13 @@ mod tests {
             target: Target::Refs(vec!["a".into(), "b".into()]),
             content: Content {
                 text: text.into(),
-                media_url: String::new(),
+                ..Content::default()
             },
-            channel: Some(Channel::Sms),
+            policy: Policy::fixed(Some(Channel::Sms)),
             all_carriers: false,
+            timing: Timing::default(),
+            follow_up: None,
+            priority: Priority::Normal,
         }
     }
 

@@ -42,6 +42,8 @@ pub struct Behaviour {
     pub away_share: f64,
     /// Chance of registering with any one enterprise the fleet is offered.
     pub registration_share: f64,
+    /// Which channels the person's terminal can show, by channel value (index 0 unused).
+    pub supports: [bool; 5],
 }
 
 /// One simulated person.
@@ -57,6 +59,9 @@ pub struct SimUser {
     pub occupation: String,
     /// Carrier ids; the first is primary.
     pub carriers: Vec<String>,
+    /// Empty when the person gave their carrier none.
+    pub email: String,
+    pub sns_handle: String,
     pub behaviour: Behaviour,
 }
 
@@ -72,6 +77,8 @@ impl SimUser {
             region: self.home_region.clone(),
             occupation: self.occupation.clone(),
             primary: self.carriers.first().is_some_and(|c| c == carrier_id),
+            email: self.email.clone(),
+            sns_handle: self.sns_handle.clone(),
         }
     }
 
@@ -127,6 +134,28 @@ impl Fleet {
                     user_carriers.push(carriers[second].clone());
                 }
                 let base = 0.1 + rng.unit() * 0.7;
+                // Drawn from their own stream, so adding them left the rest of a
+                // seed's population unchanged.
+                let mut device = Rng::for_labels(seed, &["device", &user_id]);
+                let email = if device.chance(0.7) {
+                    format!("{}@mail.example", user_id.replace('-', "."))
+                } else {
+                    String::new()
+                };
+                let sns_handle = if device.chance(0.5) {
+                    format!("@{}", user_id.replace('-', "_"))
+                } else {
+                    String::new()
+                };
+                // Every phone takes SMS; RCS needs a recent handset; e-mail and SNS
+                // need the app and an address on file.
+                let supports = [
+                    false,
+                    device.chance(0.7),
+                    true,
+                    !sns_handle.is_empty() && device.chance(0.9),
+                    !email.is_empty(),
+                ];
                 let behaviour = Behaviour {
                     open_propensity: [
                         0.0,
@@ -139,6 +168,7 @@ impl Fleet {
                     active_hours: 2 + rng.below(5) as u32,
                     away_share: 0.1,
                     registration_share: 0.8,
+                    supports,
                 };
                 SimUser {
                     phone_number: format!("+8190{:08}", rng.below(100_000_000)),
@@ -153,12 +183,29 @@ impl Fleet {
                     home_region: rng.pick(REGIONS).to_string(),
                     occupation: rng.pick(OCCUPATIONS).to_string(),
                     carriers: user_carriers,
+                    email,
+                    sns_handle,
                     behaviour,
                     user_id,
                 }
             })
             .collect();
         Self { seed, users }
+    }
+
+    /// The same people with terminals that take every channel (and an
+    /// address for each), for runs that are not about capabilities.
+    pub fn with_every_channel(mut self) -> Self {
+        for user in &mut self.users {
+            user.behaviour.supports = [false, true, true, true, true];
+            if user.email.is_empty() {
+                user.email = format!("{}@mail.example", user.user_id.replace('-', "."));
+            }
+            if user.sns_handle.is_empty() {
+                user.sns_handle = format!("@{}", user.user_id.replace('-', "_"));
+            }
+        }
+        self
     }
 }
 

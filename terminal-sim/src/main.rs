@@ -95,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
                 .iter()
                 .map(|c| c.carrier_id.clone())
                 .collect();
-            let mut fleet = Fleet::generate(0, 1, &carriers);
+            let mut fleet = Fleet::generate(0, 1, &carriers).with_every_channel();
             fleet.users[0].user_id = user_id.clone();
             fleet.users[0].carriers = carriers;
             if let Some(register) = register {

@@ -56,6 +56,8 @@ pub struct Snapshot {
     pub received: u64,
     pub duplicates: u64,
     pub opened: u64,
+    /// Pushes refused because the terminal cannot show their channel.
+    pub unsupported: u64,
 }
 
 /// The fleet's terminals: a cheap-to-clone handle.
@@ -174,6 +176,25 @@ impl Terminals {
                     tracing::warn!("push for a user this fleet does not host dropped");
                     continue;
                 };
+                let channel = usize::try_from(message.channel).unwrap_or(0);
+                if !user
+                    .behaviour
+                    .supports
+                    .get(channel)
+                    .copied()
+                    .unwrap_or(false)
+                {
+                    events.push(pb::TerminalEvent {
+                        delivery_id: message.delivery_id,
+                        message_id: message.message_id,
+                        user_id: message.user_id,
+                        kind: pb::EventKind::Unsupported as i32,
+                        at: Some(to_timestamp(now)),
+                        region: String::new(),
+                    });
+                    state.snapshot.unsupported += 1;
+                    continue;
+                }
                 events.push(pb::TerminalEvent {
                     delivery_id: message.delivery_id.clone(),
                     message_id: message.message_id.clone(),

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use chukei_proto::auth::BearerInterceptor;
-use chukei_proto::clock::ClockArgs;
+use chukei_proto::clock::{Clock, ClockArgs};
 use chukei_proto::relay::v1 as pb;
 use chukei_proto::relay::v1::admin_client::AdminClient;
 use chukei_proto::relay::v1::enterprise_api_client::EnterpriseApiClient;
@@ -238,10 +238,44 @@ impl Tuning {
     };
 }
 
+/// Everything a test may set about a hub beyond its carriers.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub tuning: Tuning,
+    /// One clock for every service (a manual clock lets tests advance time).
+    pub clock: Option<Clock>,
+    pub quiet_period_secs: u64,
+    pub daily_cap: u32,
+    pub daily_budget: u32,
+    pub message_ttl_secs: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            tuning: Tuning::TESTS,
+            clock: None,
+            quiet_period_secs: 0,
+            daily_cap: 0,
+            daily_budget: 0,
+            message_ttl_secs: 3600,
+        }
+    }
+}
+
+impl Settings {
+    fn clock_args(&self) -> ClockArgs {
+        self.clock
+            .clone()
+            .map(ClockArgs::shared)
+            .unwrap_or_default()
+    }
+}
+
 /// A whole hub: the relay, its carriers and (once started) a terminal fleet.
 pub struct Hub {
     pub backend: Backend,
-    tuning: Tuning,
+    settings: Settings,
     pub relay_addr: SocketAddr,
     database_url: String,
     postgres_name: Option<String>,
@@ -264,6 +298,19 @@ impl Hub {
         carrier_ids: &[&str],
         tuning: Tuning,
     ) -> anyhow::Result<Option<Self>> {
+        let settings = Settings {
+            tuning,
+            ..Settings::default()
+        };
+        Self::start_settings(backend, carrier_ids, settings).await
+    }
+
+    /// [`Hub::start`] with everything as `settings` say.
+    pub async fn start_settings(
+        backend: Backend,
+        carrier_ids: &[&str],
+        settings: Settings,
+    ) -> anyhow::Result<Option<Self>> {
         init_logs();
         let dir = tempfile::tempdir()?;
         let (database_url, postgres_name) = match backend {
@@ -280,7 +327,7 @@ impl Hub {
         let relay_addr = listener.local_addr()?;
         let mut hub = Self {
             backend,
-            tuning,
+            settings,
             relay_addr,
             database_url,
             postgres_name,
@@ -326,12 +373,15 @@ impl Hub {
             database_url: Some(self.database_url.clone()),
             admin_token: ADMIN_TOKEN.into(),
             deliver_token: DELIVER_TOKEN.into(),
-            batch_size: self.tuning.batch_size,
-            batches_in_flight: self.tuning.batches_in_flight,
-            poll_interval_ms: self.tuning.poll_interval_ms,
-            message_ttl_secs: 3600,
+            batch_size: self.settings.tuning.batch_size,
+            batches_in_flight: self.settings.tuning.batches_in_flight,
+            poll_interval_ms: self.settings.tuning.poll_interval_ms,
+            message_ttl_secs: self.settings.message_ttl_secs,
+            quiet_period_secs: self.settings.quiet_period_secs,
+            daily_cap: self.settings.daily_cap,
+            daily_budget: self.settings.daily_budget,
             shutdown_grace_secs: 5,
-            clock: ClockArgs::default(),
+            clock: self.settings.clock_args(),
         }
     }
 
@@ -356,7 +406,7 @@ impl Hub {
             report_interval_secs: 1,
             poll_interval_ms: 100,
             shutdown_grace_secs: 5,
-            clock: ClockArgs::default(),
+            clock: self.settings.clock_args(),
         };
         Running::spawn(listener, |listener, stopped| {
             carrier_svc::run(config, listener, shutdown_on(stopped))
@@ -427,7 +477,7 @@ impl Hub {
             carrier_admin_token: Some(CARRIER_ADMIN_TOKEN.into()),
             enterprises,
             open_mode,
-            clock: ClockArgs::default(),
+            clock: self.settings.clock_args(),
         };
         let (ready_tx, ready_rx) = oneshot::channel();
         let running = Running::spawn(listener, |listener, stopped| {
@@ -613,10 +663,10 @@ pub fn send_request(
         target: Some(pb::Target { kind: Some(target) }),
         content: Some(chukei_proto::common::v1::Content {
             text: text.into(),
-            media_url: String::new(),
+            ..Default::default()
         }),
         channel: channel as i32,
-        all_carriers: false,
+        ..Default::default()
     }
 }
 

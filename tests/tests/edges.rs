@@ -66,7 +66,7 @@ async fn bad_input_is_refused_naming_the_field(backend: Backend) {
     };
     let (shop, key) = hub.create_enterprise("shop").await.unwrap();
     let (rival, _) = hub.create_enterprise("rival").await.unwrap();
-    let fleet = Fleet::generate(3, 4, &["alpha".into()]);
+    let fleet = Fleet::generate(3, 4, &["alpha".into()]).with_every_channel();
     hub.start_fleet(fleet.clone(), vec![], OpenMode::Never)
         .await
         .unwrap();
@@ -263,7 +263,7 @@ async fn idempotency_keys_replay_or_refuse(backend: Backend) {
     };
     let (shop, key) = hub.create_enterprise("shop").await.unwrap();
     let (other, other_key) = hub.create_enterprise("other").await.unwrap();
-    let fleet = Fleet::generate(5, 3, &["alpha".into()]);
+    let fleet = Fleet::generate(5, 3, &["alpha".into()]).with_every_channel();
     let terminals = hub
         .start_fleet(fleet.clone(), vec![], OpenMode::Never)
         .await
@@ -332,7 +332,7 @@ async fn a_user_with_two_carriers_counts_once(backend: Backend) {
         return;
     };
     let (shop, key) = hub.create_enterprise("shop").await.unwrap();
-    let fleet = Fleet::generate(11, 60, &["alpha".into(), "beta".into()]);
+    let fleet = Fleet::generate(11, 60, &["alpha".into(), "beta".into()]).with_every_channel();
     let twice: Vec<_> = fleet
         .users
         .iter()
@@ -415,7 +415,7 @@ async fn unregistering_and_profile_changes_change_who_is_reached(backend: Backen
         return;
     };
     let (shop, key) = hub.create_enterprise("shop").await.unwrap();
-    let fleet = Fleet::generate(13, 3, &["alpha".into()]);
+    let fleet = Fleet::generate(13, 3, &["alpha".into()]).with_every_channel();
     let terminals = hub
         .start_fleet(fleet.clone(), vec![], OpenMode::Never)
         .await

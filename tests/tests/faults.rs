@@ -52,7 +52,8 @@ async fn campaign_hub(
         seed,
         users,
         &carriers.iter().map(|c| (*c).to_owned()).collect::<Vec<_>>(),
-    );
+    )
+    .with_every_channel();
     let choice = vec![EnterpriseChoice {
         enterprise_id: shop.clone(),
         service_ids: vec![],
@@ -186,7 +187,7 @@ async fn deliveries_wait_for_terminals_to_attach(backend: Backend) {
         return;
     };
     let (shop, key) = hub.create_enterprise("shop").await.unwrap();
-    let fleet = Fleet::generate(23, 50, &["alpha".into()]);
+    let fleet = Fleet::generate(23, 50, &["alpha".into()]).with_every_channel();
     let choice = vec![EnterpriseChoice {
         enterprise_id: shop.clone(),
         service_ids: vec![],

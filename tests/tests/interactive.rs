@@ -22,7 +22,7 @@ async fn a_person_reads_a_message_in_interactive_mode() {
         .unwrap();
     let (shop, key) = hub.create_enterprise("shop").await.unwrap();
     // Provision the subscriber through a fleet of one, then hand the user to the interactive terminal.
-    let fleet = Fleet::generate(9, 1, &["alpha".into()]);
+    let fleet = Fleet::generate(9, 1, &["alpha".into()]).with_every_channel();
     let user_id = fleet.users[0].user_id.clone();
     hub.start_fleet(fleet, vec![], OpenMode::Never)
         .await

@@ -74,7 +74,7 @@ async fn every_target_kind_reaches_exactly_its_people(backend: Backend) {
     let (shop, shop_key) = hub.create_enterprise("shop").await.unwrap();
     let (other, _) = hub.create_enterprise("other").await.unwrap();
     let service = hub.create_service(&shop, "loyalty").await.unwrap();
-    let fleet = Fleet::generate(SEED, USERS, &["alpha".into(), "beta".into()]);
+    let fleet = Fleet::generate(SEED, USERS, &["alpha".into(), "beta".into()]).with_every_channel();
     let terminals = hub
         .start_fleet(
             fleet.clone(),

@@ -4,6 +4,7 @@
 //! carrier, and the latest count report wins.
 
 use integration_tests::{Backend, backend_tests, postgres_database};
+use relay_svc::policy::{AttentionConfig, Policy, Priority, Timing};
 use relay_svc::receipts::{CountReport, EventKind, MessageCount, Receipt};
 use relay_svc::registry::{Contract, NewRegistration, Profile};
 use relay_svc::storage::{MessageCounts, Store};
@@ -47,6 +48,7 @@ async fn store(backend: Backend) -> Option<Fixture> {
 
 fn receipt(message_id: &str, user_id: &str, kind: EventKind) -> Receipt {
     Receipt {
+        delivery_id: None,
         message_id: message_id.into(),
         user_id: user_id.into(),
         kind,
@@ -110,13 +112,23 @@ async fn receipts_count_once_whatever_arrives(backend: Backend) {
         target: Target::Refs(refs.clone()),
         content: Content {
             text: "hi".into(),
-            media_url: String::new(),
+            ..Content::default()
         },
-        channel: None,
+        policy: Policy::fixed(None),
         all_carriers: true,
+        timing: Timing::default(),
+        follow_up: None,
+        priority: Priority::Normal,
     };
     let stored = store
-        .accept_message("ent_1", "msg_1", &message, 0, 10_000)
+        .accept_message(
+            "ent_1",
+            "msg_1",
+            &message,
+            0,
+            10_000,
+            &AttentionConfig::default(),
+        )
         .await
         .unwrap();
     assert_eq!(stored.row.matched, Some(2));
@@ -148,6 +160,7 @@ async fn receipts_count_once_whatever_arrives(backend: Backend) {
                 receipt("msg_1", "u1", EventKind::Opened),
                 receipt("msg_1", "u1", EventKind::Delivered),
             ],
+            0,
         )
         .await
         .unwrap();
@@ -158,20 +171,21 @@ async fn receipts_count_once_whatever_arrives(backend: Backend) {
                 receipt("msg_1", "u1", EventKind::Delivered),
                 receipt("msg_1", "u1", EventKind::Opened),
             ],
+            0,
         )
         .await
         .unwrap();
     store
-        .record_receipts("c1", &[receipt("msg_1", "u1", EventKind::Opened)])
+        .record_receipts("c1", &[receipt("msg_1", "u1", EventKind::Opened)], 0)
         .await
         .unwrap();
     // A carrier that never had the delivery, and a message that does not exist, count for nothing.
     store
-        .record_receipts("c3", &[receipt("msg_1", "u2", EventKind::Opened)])
+        .record_receipts("c3", &[receipt("msg_1", "u2", EventKind::Opened)], 0)
         .await
         .unwrap();
     store
-        .record_receipts("c1", &[receipt("msg_nope", "u2", EventKind::Opened)])
+        .record_receipts("c1", &[receipt("msg_nope", "u2", EventKind::Opened)], 0)
         .await
         .unwrap();
     assert_eq!(
@@ -180,11 +194,12 @@ async fn receipts_count_once_whatever_arrives(backend: Backend) {
             handed_over: 2,
             delivered: 1,
             opened: 1,
-            failed: 0
+            failed: 0,
+            ..MessageCounts::default()
         }
     );
     store
-        .record_receipts("c1", &[receipt("msg_1", "u2", EventKind::Delivered)])
+        .record_receipts("c1", &[receipt("msg_1", "u2", EventKind::Delivered)], 0)
         .await
         .unwrap();
     assert_eq!(
@@ -193,7 +208,8 @@ async fn receipts_count_once_whatever_arrives(backend: Backend) {
             handed_over: 2,
             delivered: 2,
             opened: 1,
-            failed: 0
+            failed: 0,
+            ..MessageCounts::default()
         }
     );
 
@@ -210,6 +226,9 @@ async fn receipts_count_once_whatever_arrives(backend: Backend) {
             message_id: "msg_1".into(),
             sent,
             opened: 1,
+            sms_segments: 0,
+            unsupported: 0,
+            expired: 0,
         }],
     };
     store

@@ -3,7 +3,7 @@
 use chukei_proto::relay::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use super::{Relay, required};
+use super::{Relay, explanation_to_wire, required};
 use crate::credentials;
 use crate::error::Error;
 
@@ -123,5 +123,23 @@ impl pb::admin_server::Admin for AdminService {
                 })
                 .collect(),
         }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn explain_delivery(
+        &self,
+        request: Request<pb::AdminExplainDeliveryRequest>,
+    ) -> Result<Response<pb::DeliveryExplanation>, Status> {
+        let relay = &self.0;
+        relay.admin(request.metadata())?;
+        let request = request.into_inner();
+        let message_id = required("message_id", &request.message_id, 64)?;
+        let user_id = required("user_id", &request.user_id, 128)?;
+        let explanation = relay.store.explain(message_id, user_id).await?;
+        Ok(Response::new(explanation_to_wire(
+            message_id,
+            explanation,
+            true,
+        )))
     }
 }

@@ -1,14 +1,18 @@
 //! `chukei.relay.v1.EnterpriseApi`: the enterprise's view. The tenant is the
 //! API key's enterprise; an enterprise only ever sees its own refs and counts.
 
-use chukei_proto::clock::to_timestamp;
+use chukei_proto::clock::{from_timestamp, to_timestamp};
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
+use chukei_proto::window::Window;
 use tonic::{Request, Response, Status};
 
-use super::{Relay, age_range, gender, occupation, optional, region, required};
+use super::{
+    Relay, age_range, explanation_to_wire, gender, occupation, optional, region, required,
+};
 use crate::credentials;
 use crate::error::{Error, Result};
+use crate::policy::{FollowUp, MAX_RESENDS, Policy, PolicyKind, Priority, Timing, WindowMode};
 use crate::targeting::{self, Channel, Content, MessageState, NewMessage, Segment, Target};
 
 const MAX_PAGE_SIZE: u32 = 1_000;
@@ -22,39 +26,17 @@ impl TryFrom<pb::SendMessageRequest> for NewMessage {
     fn try_from(request: pb::SendMessageRequest) -> Result<Self> {
         let idempotency_key =
             required("idempotency_key", &request.idempotency_key, 128)?.to_owned();
-        let content = request
-            .content
-            .ok_or_else(|| Error::invalid("content", "is required"))?;
-        if content.text.trim().is_empty() {
-            return Err(Error::invalid("content.text", "must not be empty"));
-        }
-        if content.text.len() > targeting::MAX_TEXT_BYTES {
-            return Err(Error::invalid(
-                "content.text",
-                format!("must be at most {} bytes", targeting::MAX_TEXT_BYTES),
-            ));
-        }
-        let media_url_ok = content.media_url.is_empty()
-            || content.media_url.starts_with("https://")
-            || content.media_url.starts_with("http://");
-        if !media_url_ok {
-            return Err(Error::invalid(
-                "content.media_url",
-                "must be an http(s) URL",
-            ));
-        }
-        let channel = match common::Channel::try_from(request.channel) {
-            Ok(common::Channel::Unspecified) => None,
-            Ok(common::Channel::Rcs) => Some(Channel::Rcs),
-            Ok(common::Channel::Sms) => Some(Channel::Sms),
-            Ok(common::Channel::Sns) => Some(Channel::Sns),
-            Ok(common::Channel::Email) => Some(Channel::Email),
-            Err(_) => {
+        let content = content_from_wire("content", request.content)?;
+        let channel = channel_from_wire("channel", request.channel)?;
+        let policy = match request.policy {
+            None => Policy::fixed(channel),
+            Some(_) if channel.is_some() => {
                 return Err(Error::invalid(
                     "channel",
-                    format!("unknown channel {}", request.channel),
+                    "give the channels in policy.channels when a policy is given",
                 ));
             }
+            Some(policy) => policy_from_wire(policy)?,
         };
         let target = match request.target.and_then(|t| t.kind) {
             None => return Err(Error::invalid("target", "is required")),
@@ -92,17 +74,237 @@ impl TryFrom<pb::SendMessageRequest> for NewMessage {
                 Target::Segment(segment_from_wire(segment)?)
             }
         };
+        let mode = match pb::WindowMode::try_from(request.window_mode) {
+            Ok(pb::WindowMode::Unspecified | pb::WindowMode::HeldAtRelay) => {
+                WindowMode::HeldAtRelay
+            }
+            Ok(pb::WindowMode::AtCarrier) => WindowMode::AtCarrier,
+            Err(_) => {
+                return Err(Error::invalid(
+                    "window_mode",
+                    format!("unknown window mode {}", request.window_mode),
+                ));
+            }
+        };
+        let expires_at = match &request.expires_at {
+            None => None,
+            Some(at) if at.seconds < 0 => {
+                return Err(Error::invalid("expires_at", "must not be before 1970"));
+            }
+            Some(at) => Some(from_timestamp(at)),
+        };
+        let timing = Timing {
+            window: Window::from_wire("window", request.window.as_ref())?,
+            mode,
+            expires_at,
+        };
+        let follow_up = request.follow_up.map(follow_up_from_wire).transpose()?;
+        let priority = match pb::Priority::try_from(request.priority) {
+            Ok(pb::Priority::Unspecified | pb::Priority::Normal) => Priority::Normal,
+            Ok(pb::Priority::Low) => Priority::Low,
+            Ok(pb::Priority::High) => Priority::High,
+            Err(_) => {
+                return Err(Error::invalid(
+                    "priority",
+                    format!("unknown priority {}", request.priority),
+                ));
+            }
+        };
         Ok(Self {
             idempotency_key,
             target,
-            content: Content {
-                text: content.text,
-                media_url: content.media_url,
-            },
-            channel,
+            content,
+            policy,
             all_carriers: request.all_carriers,
+            timing,
+            follow_up,
+            priority,
         })
     }
+}
+
+/// Message content named `field`: text required and bounded, media an http(s)
+/// URL, at most 11 suggested replies of 25 characters (RCS's limits).
+fn content_from_wire(field: &str, content: Option<common::Content>) -> Result<Content> {
+    let content = content.ok_or_else(|| Error::invalid(field, "is required"))?;
+    if content.text.trim().is_empty() {
+        return Err(Error::invalid(format!("{field}.text"), "must not be empty"));
+    }
+    if content.text.len() > targeting::MAX_TEXT_BYTES {
+        return Err(Error::invalid(
+            format!("{field}.text"),
+            format!("must be at most {} bytes", targeting::MAX_TEXT_BYTES),
+        ));
+    }
+    let media_url_ok = content.media_url.is_empty()
+        || content.media_url.starts_with("https://")
+        || content.media_url.starts_with("http://");
+    if !media_url_ok {
+        return Err(Error::invalid(
+            format!("{field}.media_url"),
+            "must be an http(s) URL",
+        ));
+    }
+    if content.subject.chars().count() > 200 || content.subject.contains(['\r', '\n']) {
+        return Err(Error::invalid(
+            format!("{field}.subject"),
+            "must be one line of at most 200 characters",
+        ));
+    }
+    if content.suggested_replies.len() > 11 {
+        return Err(Error::invalid(
+            format!("{field}.suggested_replies"),
+            "at most 11 suggested replies",
+        ));
+    }
+    for (index, reply) in content.suggested_replies.iter().enumerate() {
+        let count = reply.chars().count();
+        if count == 0 || count > 25 || reply.contains('\n') {
+            return Err(Error::invalid(
+                format!("{field}.suggested_replies[{index}]"),
+                "must be one line of 1 to 25 characters",
+            ));
+        }
+    }
+    Ok(Content {
+        text: content.text,
+        media_url: content.media_url,
+        subject: content.subject,
+        suggested_replies: content.suggested_replies,
+    })
+}
+
+/// A channel field: unspecified is `None`, an unknown number is refused.
+fn channel_from_wire(field: &str, number: i32) -> Result<Option<Channel>> {
+    match common::Channel::try_from(number) {
+        Ok(common::Channel::Unspecified) => Ok(None),
+        Ok(common::Channel::Rcs) => Ok(Some(Channel::Rcs)),
+        Ok(common::Channel::Sms) => Ok(Some(Channel::Sms)),
+        Ok(common::Channel::Sns) => Ok(Some(Channel::Sns)),
+        Ok(common::Channel::Email) => Ok(Some(Channel::Email)),
+        Err(_) => Err(Error::invalid(field, format!("unknown channel {number}"))),
+    }
+}
+
+/// Milliseconds of a wire duration; negative or absurd ones are refused.
+fn duration_ms(field: &str, duration: Option<&prost_types::Duration>) -> Result<i64> {
+    let Some(duration) = duration else {
+        return Ok(0);
+    };
+    if duration.seconds < 0 || duration.nanos < 0 {
+        return Err(Error::invalid(field, "must not be negative"));
+    }
+    if duration.seconds > MAX_DELAY_SECS {
+        return Err(Error::invalid(field, "must be at most 30 days"));
+    }
+    Ok(duration.seconds * 1000 + i64::from(duration.nanos) / 1_000_000)
+}
+
+/// The longest timeout or delay a message may ask for.
+const MAX_DELAY_SECS: i64 = 30 * 24 * 3600;
+
+fn policy_from_wire(policy: pb::DeliveryPolicy) -> Result<Policy> {
+    let kind = match pb::PolicyKind::try_from(policy.kind) {
+        Ok(pb::PolicyKind::Unspecified) => {
+            return Err(Error::invalid("policy.kind", "is required"));
+        }
+        Ok(pb::PolicyKind::Fixed) => PolicyKind::Fixed,
+        Ok(pb::PolicyKind::MostUsed) => PolicyKind::MostUsed,
+        Ok(pb::PolicyKind::Fallback) => PolicyKind::Fallback,
+        Ok(pb::PolicyKind::Multi) => PolicyKind::Multi,
+        Ok(pb::PolicyKind::Resend) => PolicyKind::Resend,
+        Ok(pb::PolicyKind::Best) => PolicyKind::Best,
+        Err(_) => {
+            return Err(Error::invalid(
+                "policy.kind",
+                format!("unknown policy {}", policy.kind),
+            ));
+        }
+    };
+    let mut channels = Vec::with_capacity(policy.channels.len());
+    for (index, number) in policy.channels.iter().enumerate() {
+        let field = format!("policy.channels[{index}]");
+        let channel = channel_from_wire(&field, *number)?
+            .ok_or_else(|| Error::invalid(&field, "must name a channel"))?;
+        if channels.contains(&channel) {
+            return Err(Error::invalid(field, "names a channel twice"));
+        }
+        channels.push(channel);
+    }
+    let least = match kind {
+        PolicyKind::Fixed | PolicyKind::Resend => 1,
+        PolicyKind::Fallback | PolicyKind::Multi => 2,
+        PolicyKind::MostUsed | PolicyKind::Best => 0,
+    };
+    if channels.len() < least {
+        let reason = if least == 1 {
+            "must name at least one channel".to_owned()
+        } else {
+            format!("must name at least {least} channels for {}", kind.as_str())
+        };
+        return Err(Error::invalid("policy.channels", reason));
+    }
+    if kind == PolicyKind::Resend && channels.len() > 1 {
+        return Err(Error::invalid(
+            "policy.channels",
+            "resend sends on exactly one channel",
+        ));
+    }
+    let timeout_ms = duration_ms("policy.timeout", policy.timeout.as_ref())?;
+    let timed = matches!(kind, PolicyKind::Fallback | PolicyKind::Resend);
+    if timed && timeout_ms <= 0 {
+        return Err(Error::invalid(
+            "policy.timeout",
+            format!("must be positive for {}", kind.as_str()),
+        ));
+    }
+    if !timed && policy.timeout.is_some() {
+        return Err(Error::invalid(
+            "policy.timeout",
+            "only fallback and resend use a timeout",
+        ));
+    }
+    match kind {
+        PolicyKind::Resend if !(1..=MAX_RESENDS).contains(&policy.max_resends) => {
+            return Err(Error::invalid(
+                "policy.max_resends",
+                format!("must be between 1 and {MAX_RESENDS}"),
+            ));
+        }
+        PolicyKind::Resend => {}
+        _ if policy.max_resends != 0 => {
+            return Err(Error::invalid(
+                "policy.max_resends",
+                "only resend sends again",
+            ));
+        }
+        _ => {}
+    }
+    let resend_until_delivered = match pb::ResendUntil::try_from(policy.resend_until) {
+        Ok(pb::ResendUntil::Unspecified | pb::ResendUntil::Opened) => false,
+        Ok(pb::ResendUntil::Delivered) => true,
+        Err(_) => {
+            return Err(Error::invalid(
+                "policy.resend_until",
+                format!("unknown value {}", policy.resend_until),
+            ));
+        }
+    };
+    Ok(Policy {
+        kind,
+        channels,
+        timeout_ms,
+        max_resends: policy.max_resends,
+        resend_until_delivered,
+    })
+}
+
+fn follow_up_from_wire(follow_up: pb::FollowUp) -> Result<FollowUp> {
+    Ok(FollowUp {
+        content: content_from_wire("follow_up.content", follow_up.content)?,
+        delay_ms: duration_ms("follow_up.delay", follow_up.delay.as_ref())?,
+        channel: channel_from_wire("follow_up.channel", follow_up.channel)?,
+    })
 }
 
 fn segment_from_wire(segment: pb::Segment) -> Result<Segment> {
@@ -158,6 +360,13 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
         tracing::Span::current().record("enterprise_id", enterprise_id.as_str());
         let message = NewMessage::try_from(request.into_inner())?;
         let now = relay.clock.now_ms();
+        let expires_at = match message.timing.expires_at {
+            Some(at) if at <= now => {
+                return Err(Error::invalid("expires_at", "must be in the future").into());
+            }
+            Some(at) => at,
+            None => now + relay.message_ttl_ms,
+        };
         let stored = relay
             .store
             .accept_message(
@@ -165,7 +374,8 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
                 &credentials::new_id("msg"),
                 &message,
                 now,
-                now + relay.message_ttl_ms,
+                expires_at,
+                &relay.attention,
             )
             .await?;
         tracing::Span::current().record("message_id", stored.row.message_id.as_str());
@@ -199,7 +409,8 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
             .ok_or_else(|| Error::not_found("message_id", "no such message"))?;
         let counts = relay.store.message_counts(message_id).await?;
         let matched = row.matched.unwrap_or(0);
-        let state = if row.state == MessageState::Expanded && counts.handed_over >= matched {
+        let settled = counts.handed_over + counts.skipped + counts.expired;
+        let state = if row.state == MessageState::Expanded && settled >= matched {
             MessageState::HandedOver
         } else {
             row.state
@@ -213,7 +424,41 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
             opened: counts.opened,
             failed: counts.failed,
             accepted_at: Some(to_timestamp(row.accepted_at)),
+            expired: counts.expired,
+            unsupported: counts.unsupported,
+            deferred: counts.deferred,
+            skipped: counts.skipped,
+            plan: row.plan,
+            follow_up_message_id: row.follow_up_id.unwrap_or_default(),
         }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn explain_delivery(
+        &self,
+        request: Request<pb::ExplainDeliveryRequest>,
+    ) -> Result<Response<pb::DeliveryExplanation>, Status> {
+        let relay = &self.0;
+        let enterprise_id = relay.enterprise(request.metadata()).await?;
+        let request = request.into_inner();
+        let message_id = required("message_id", &request.message_id, 64)?;
+        let user_ref = required("user_ref", &request.user_ref, 64)?;
+        relay
+            .store
+            .message(&enterprise_id, message_id)
+            .await?
+            .ok_or_else(|| Error::not_found("message_id", "no such message"))?;
+        let user_id = relay
+            .store
+            .user_for_ref(&enterprise_id, user_ref)
+            .await?
+            .ok_or_else(|| Error::not_found("user_ref", "not registered with this enterprise"))?;
+        let explanation = relay.store.explain(message_id, &user_id).await?;
+        Ok(Response::new(explanation_to_wire(
+            message_id,
+            explanation,
+            false,
+        )))
     }
 
     #[tracing::instrument(skip_all)]

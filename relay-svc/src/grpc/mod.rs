@@ -10,8 +10,9 @@ mod ingress;
 use std::sync::Arc;
 
 use chukei_proto::auth;
-use chukei_proto::clock::Clock;
+use chukei_proto::clock::{Clock, to_timestamp};
 use chukei_proto::common::v1 as common;
+use chukei_proto::relay::v1 as pb;
 use chukei_proto::validate;
 use tokio::sync::Notify;
 use tonic::metadata::MetadataMap;
@@ -23,8 +24,10 @@ pub use ingress::IngressService;
 use crate::credentials;
 use crate::dispatch::DispatchHandle;
 use crate::error::{Error, Result};
+use crate::policy::AttentionConfig;
 use crate::registry::{Gender, Profile};
-use crate::storage::Store;
+use crate::storage::{Explanation, Store};
+use crate::targeting::Channel;
 
 /// What every relay RPC handler shares.
 #[derive(Clone, Debug)]
@@ -36,6 +39,7 @@ pub struct Relay {
     pub expand: Arc<Notify>,
     pub admin_token: Arc<str>,
     pub message_ttl_ms: i64,
+    pub attention: AttentionConfig,
 }
 
 impl Relay {
@@ -145,4 +149,42 @@ fn profile_from_wire(field: &str, profile: Option<common::ConsentedProfile>) -> 
             )?)
         },
     })
+}
+
+/// The wire form of a decision trace; carriers are shown to the operator only.
+fn explanation_to_wire(
+    message_id: &str,
+    explanation: Explanation,
+    show_carriers: bool,
+) -> pb::DeliveryExplanation {
+    pb::DeliveryExplanation {
+        message_id: message_id.to_owned(),
+        plan: explanation.plan,
+        attempts: explanation
+            .attempts
+            .into_iter()
+            .map(|attempt| pb::DeliveryAttempt {
+                attempt: attempt.attempt,
+                channel: Channel::number(attempt.channel) as i32,
+                state: attempt.state.to_owned(),
+                not_before: Some(to_timestamp(attempt.not_before)),
+                handed_over_at: attempt.handed_over_at.map(to_timestamp),
+                reason: attempt.reason,
+                carrier_id: if show_carriers {
+                    attempt.carrier_id
+                } else {
+                    String::new()
+                },
+            })
+            .collect(),
+        events: explanation
+            .events
+            .into_iter()
+            .map(|event| pb::TraceEvent {
+                kind: event.kind.as_str().to_owned(),
+                at: Some(to_timestamp(event.at)),
+                channel: Channel::number(event.channel) as i32,
+            })
+            .collect(),
+    }
 }

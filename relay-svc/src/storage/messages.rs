@@ -4,10 +4,14 @@
 
 use std::collections::HashMap;
 
-use sqlx::{AssertSqlSafe, QueryBuilder};
+use chukei_proto::window::Window;
+use sqlx::{QueryBuilder, Row};
 
-use super::{ROWS_PER_STATEMENT, Store, WritePool, is_unique_violation, on_pool};
+use super::planning::{self, ChannelRate, MessagePlan, Sql, execute_all};
+use super::{Param, ROWS_PER_STATEMENT, Store, WritePool, is_unique_violation, on_pool};
 use crate::error::{Error, Result};
+use crate::policy::{AttentionConfig, Policy, PolicyKind, Priority, WindowMode};
+use crate::receipts::EventKind;
 use crate::registry::Gender;
 use crate::targeting::{Channel, MessageState, NewMessage, Target};
 
@@ -18,6 +22,9 @@ pub struct MessageRow {
     pub state: MessageState,
     pub matched: Option<u64>,
     pub accepted_at: i64,
+    /// The plan in words.
+    pub plan: String,
+    pub follow_up_id: Option<String>,
 }
 
 /// What `accept` stored, or found stored under the same key.
@@ -28,12 +35,18 @@ pub struct StoredMessage {
     pub created: bool,
 }
 
-/// A bind value for statements whose shape depends on the target.
-enum Param {
-    Text(String),
-    Int(i64),
-    Bool(bool),
+/// A stored message's target, as expansion reads it back.
+#[derive(Clone, Debug, Default)]
+struct StoredTarget {
+    service_id: Option<String>,
+    gender: Option<String>,
+    age: Option<(i64, i64)>,
+    regions: Vec<String>,
+    occupations: Vec<String>,
 }
+
+/// Every channel, in the order `best` considers them when none are named.
+const ALL_CHANNELS: [Channel; 4] = [Channel::Rcs, Channel::Sms, Channel::Email, Channel::Sns];
 
 impl Store {
     /// Stores a message durably (one transaction, committed before the
@@ -46,6 +59,7 @@ impl Store {
         message: &NewMessage,
         now: i64,
         expires_at: i64,
+        attention: &AttentionConfig,
     ) -> Result<StoredMessage> {
         let fingerprint = message.fingerprint();
         if let Some(found) = self.replay(enterprise_id, message, &fingerprint).await? {
@@ -56,6 +70,40 @@ impl Store {
             Target::Segment(segment) => (segment.service_id.as_deref(), Some(segment)),
             _ => (None, None),
         };
+        // `best` is decided now, from the open rates as they stand: the chosen
+        // channel goes first, the other candidates stay as the unsupported fallback.
+        let mut policy = message.policy.clone();
+        let mut estimate = None;
+        if policy.kind == PolicyKind::Best {
+            let candidates = if policy.channels.is_empty() {
+                ALL_CHANNELS.to_vec()
+            } else {
+                policy.channels.clone()
+            };
+            let rates = self.channel_rates().await?;
+            let (best, words) = planning::choose_best(&candidates, &rates);
+            policy.channels = std::iter::once(best)
+                .chain(candidates.into_iter().filter(|c| *c != best))
+                .collect();
+            estimate = Some(words);
+        }
+        let plan = MessagePlan {
+            enterprise_id: enterprise_id.to_owned(),
+            target_kind: message.target.kind().to_owned(),
+            policy,
+            all_carriers: message.all_carriers,
+            window: message.timing.window.clone(),
+            window_mode: message.timing.mode,
+            priority: message.priority,
+            accepted_at: now,
+            expires_at,
+            follow_up_id: message
+                .follow_up
+                .as_ref()
+                .map(|_| format!("{message_id}-followup")),
+            follow_up_delay_ms: message.follow_up.as_ref().map_or(0, |f| f.delay_ms),
+        };
+        let description = planning::describe(&plan, estimate.as_deref());
         let result: Result<StoredMessage> = on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             if let Some(service_id) = service_id {
@@ -97,34 +145,18 @@ impl Store {
                 }
                 _ => None,
             };
-            let inserted = sqlx::query(
-                "INSERT INTO messages (id, enterprise_id, idempotency_key, fingerprint, target_kind,
-                    target_service_id, seg_gender, seg_age_min, seg_age_max, seg_regions, seg_occupations,
-                    content_text, media_url, channel, all_carriers, state, matched, accepted_at,
-                    not_before, expires_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, 1, NULL, $16, $16, $17)",
-            )
-            .bind(message_id)
-            .bind(enterprise_id)
-            .bind(&message.idempotency_key)
-            .bind(&fingerprint)
-            .bind(message.target.kind())
-            .bind(service_id)
-            .bind(segment.and_then(|s| s.gender).map(Gender::as_str))
-            .bind(segment.and_then(|s| s.age).map(|(min, _)| i64::from(min)))
-            .bind(segment.and_then(|s| s.age).map(|(_, max)| i64::from(max)))
-            .bind(segment.map(|s| s.regions.join("\n")))
-            .bind(segment.map(|s| s.occupations.join("\n")))
-            .bind(&message.content.text)
-            .bind(&message.content.media_url)
-            .bind(Channel::number(message.channel))
-            .bind(message.all_carriers)
-            .bind(now)
-            .bind(expires_at)
-            .execute(&mut *tx)
-            .await;
+            let row = insert_message(message_id, &fingerprint, message, &plan, &description, service_id, segment.map(|s| {
+                StoredTarget {
+                    service_id: None,
+                    gender: s.gender.map(|g| Gender::as_str(g).to_owned()),
+                    age: s.age.map(|(min, max)| (i64::from(min), i64::from(max))),
+                    regions: s.regions.clone(),
+                    occupations: s.occupations.clone(),
+                }
+            }));
+            let inserted = execute_all!(tx, message_id, [row]);
             match inserted {
-                Ok(_) => {}
+                Ok(()) => {}
                 Err(error) if is_unique_violation(&error) => {
                     // A concurrent call with the same key won; answer as it did.
                     drop(tx);
@@ -135,36 +167,32 @@ impl Store {
                 }
                 Err(error) => return Err(error.into()),
             }
+            if let (Some(follow_up), Some(follow_up_id)) = (&message.follow_up, &plan.follow_up_id) {
+                let child = insert_follow_up(follow_up_id, message_id, follow_up, &plan, now);
+                execute_all!(tx, message_id, [child])?;
+            }
             let mut matched = None;
             if let Some(users) = recipients {
+                let timing = plan.timing(now).unwrap_or((now, now));
+                let choices = planning::first_channels(&plan.policy, None);
                 for chunk in users.chunks(ROWS_PER_STATEMENT) {
-                    let mut query = QueryBuilder::new(
-                        "INSERT INTO deliveries (message_id, user_id, carrier_id, state) SELECT ",
-                    );
-                    query
-                        .push_bind(message_id)
-                        .push(", c.user_id, c.carrier_id, 0 FROM contracts c WHERE (c.is_primary OR ")
-                        .push_bind(message.all_carriers)
-                        .push(") AND c.user_id IN (");
-                    let mut list = query.separated(", ");
-                    for user in chunk {
-                        list.push_bind(user);
-                    }
-                    query.push(") ON CONFLICT DO NOTHING");
-                    query.build().execute(&mut *tx).await?;
+                    let statements = planning::insert_attempts(message_id, &choices, timing, "", |sql| {
+                        let all = sql.bind(Param::Bool(plan.all_carriers));
+                        let mut list = Vec::with_capacity(chunk.len());
+                        for user in chunk {
+                            list.push(sql.bind(Param::Text(user.clone())));
+                        }
+                        sql.push(&format!(
+                            " FROM contracts c WHERE (c.is_primary OR {all}) AND c.user_id IN ({})",
+                            list.join(", ")
+                        ));
+                    });
+                    execute_all!(tx, message_id, statements)?;
                 }
-                let count: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(DISTINCT user_id) FROM deliveries WHERE message_id = $1",
-                )
-                .bind(message_id)
-                .fetch_one(&mut *tx)
-                .await?;
-                sqlx::query("UPDATE messages SET state = 2, matched = $2 WHERE id = $1")
-                    .bind(message_id)
-                    .bind(count)
-                    .execute(&mut *tx)
-                    .await?;
-                matched = Some(count as u64);
+                let quiet = planning::open_quiet_periods(message_id, timing.0, now, attention);
+                execute_all!(tx, message_id, quiet)?;
+                let count = finish_expansion!(tx, message_id);
+                matched = Some(count);
             }
             tx.commit().await?;
             Ok(StoredMessage {
@@ -173,6 +201,8 @@ impl Store {
                     state: if matched.is_some() { MessageState::Expanded } else { MessageState::Accepted },
                     matched,
                     accepted_at: now,
+                    plan: description,
+                    follow_up_id: plan.follow_up_id.clone(),
                 },
                 created: true,
             })
@@ -188,9 +218,8 @@ impl Store {
         message: &NewMessage,
         fingerprint: &str,
     ) -> Result<Option<StoredMessage>> {
-        let found: Option<(String, String, i64, Option<i64>, i64)> = on_pool!(self, pool => sqlx::query_as(
-            "SELECT id, fingerprint, state, matched, accepted_at FROM messages
-             WHERE enterprise_id = $1 AND idempotency_key = $2",
+        let found: Option<(String, String)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT id, fingerprint FROM messages WHERE enterprise_id = $1 AND idempotency_key = $2",
         )
         .bind(enterprise_id)
         .bind(&message.idempotency_key)
@@ -198,19 +227,19 @@ impl Store {
         .await)?;
         match found {
             None => Ok(None),
-            Some((_, stored, ..)) if stored != fingerprint => Err(Error::already_exists(
+            Some((_, stored)) if stored != fingerprint => Err(Error::already_exists(
                 "idempotency_key",
                 "already used for a different message",
             )),
-            Some((message_id, _, state, matched, accepted_at)) => Ok(Some(StoredMessage {
-                row: MessageRow {
-                    message_id,
-                    state: MessageState::from_number(state),
-                    matched: matched.map(|m| m as u64),
-                    accepted_at,
-                },
-                created: false,
-            })),
+            Some((message_id, _)) => {
+                Ok(self
+                    .message(enterprise_id, &message_id)
+                    .await?
+                    .map(|row| StoredMessage {
+                        row,
+                        created: false,
+                    }))
+            }
         }
     }
 
@@ -220,19 +249,24 @@ impl Store {
         enterprise_id: &str,
         message_id: &str,
     ) -> Result<Option<MessageRow>> {
-        let found: Option<(i64, Option<i64>, i64)> = on_pool!(self, pool => sqlx::query_as(
-            "SELECT state, matched, accepted_at FROM messages WHERE id = $1 AND enterprise_id = $2",
+        type Found = (i64, Option<i64>, i64, String, Option<String>);
+        let found: Option<Found> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT state, matched, accepted_at, plan, follow_up_id FROM messages WHERE id = $1 AND enterprise_id = $2",
         )
         .bind(message_id)
         .bind(enterprise_id)
         .fetch_optional(pool)
         .await)?;
-        Ok(found.map(|(state, matched, accepted_at)| MessageRow {
-            message_id: message_id.to_owned(),
-            state: MessageState::from_number(state),
-            matched: matched.map(|m| m as u64),
-            accepted_at,
-        }))
+        Ok(found.map(
+            |(state, matched, accepted_at, plan, follow_up_id)| MessageRow {
+                message_id: message_id.to_owned(),
+                state: MessageState::from_number(state),
+                matched: matched.map(|m| m as u64),
+                accepted_at,
+                plan,
+                follow_up_id,
+            },
+        ))
     }
 
     /// Messages accepted but not yet expanded, oldest first.
@@ -246,145 +280,368 @@ impl Store {
         Ok(ids)
     }
 
-    /// Extracts the recipients of an accepted message and identifies their
-    /// carriers, in one transaction: one `INSERT … SELECT` for the deliveries,
-    /// then the matched count. Running it twice is harmless. Returns the
-    /// number of users matched.
-    pub async fn expand_message(&self, message_id: &str) -> Result<u64> {
-        type Row = (
-            String,
-            String,
-            Option<String>,
-            Option<String>,
-            Option<i64>,
-            Option<i64>,
-            Option<String>,
-            Option<String>,
-            bool,
-            i64,
-        );
-        let found: Option<Row> = on_pool!(self, pool => sqlx::query_as(
-            "SELECT enterprise_id, target_kind, target_service_id, seg_gender, seg_age_min, seg_age_max,
-                    seg_regions, seg_occupations, all_carriers, state
-             FROM messages WHERE id = $1",
-        )
-        .bind(message_id)
-        .fetch_optional(pool)
-        .await)?;
-        let Some((
-            enterprise_id,
-            kind,
-            service_id,
-            gender,
-            age_min,
-            age_max,
-            regions,
-            occupations,
-            all_carriers,
-            state,
-        )) = found
-        else {
+    /// How a message is to be delivered, as stored; `None` for no such message.
+    pub async fn message_plan(&self, message_id: &str) -> Result<Option<MessagePlan>> {
+        Ok(self.load(message_id).await?.map(|(plan, ..)| plan))
+    }
+
+    async fn load(&self, message_id: &str) -> Result<Option<(MessagePlan, StoredTarget, i64)>> {
+        let loaded: Option<Result<(MessagePlan, StoredTarget, i64)>> = on_pool!(self, pool => {
+            let row = sqlx::query(
+                "SELECT enterprise_id, target_kind, target_service_id, seg_gender, seg_age_min, seg_age_max,
+                        seg_regions, seg_occupations, all_carriers, state, policy, channels, timeout_ms,
+                        max_resends, resend_until_delivered, delivery_window, window_at_carrier, priority,
+                        accepted_at, expires_at, follow_up_id, follow_up_delay_ms
+                 FROM messages WHERE id = $1",
+            )
+            .bind(message_id)
+            .fetch_optional(pool)
+            .await?;
+            row.map(|row| -> Result<(MessagePlan, StoredTarget, i64)> {
+                let lines = |text: Option<String>| -> Vec<String> {
+                    text.unwrap_or_default()
+                        .split('\n')
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                };
+                let age_min: Option<i64> = row.try_get(4)?;
+                let age_max: Option<i64> = row.try_get(5)?;
+                let target = StoredTarget {
+                    service_id: row.try_get(2)?,
+                    gender: row.try_get(3)?,
+                    age: age_min.zip(age_max),
+                    regions: lines(row.try_get(6)?),
+                    occupations: lines(row.try_get(7)?),
+                };
+                let policy_name: String = row.try_get(10)?;
+                let channels: String = row.try_get(11)?;
+                let window: Option<String> = row.try_get(15)?;
+                let plan = MessagePlan {
+                    enterprise_id: row.try_get(0)?,
+                    target_kind: row.try_get(1)?,
+                    policy: Policy {
+                        kind: PolicyKind::parse(&policy_name).unwrap_or(PolicyKind::Fixed),
+                        channels: channels
+                            .split(',')
+                            .filter_map(|n| n.parse().ok())
+                            .filter_map(Channel::from_number)
+                            .collect(),
+                        timeout_ms: row.try_get(12)?,
+                        max_resends: row.try_get::<i64, _>(13)? as u32,
+                        resend_until_delivered: row.try_get(14)?,
+                    },
+                    all_carriers: row.try_get(8)?,
+                    window: window
+                        .map(|w| Window::decode(&w))
+                        .transpose()
+                        .map_err(|e| Error::Internal(anyhow::anyhow!(e)))?,
+                    window_mode: if row.try_get(16)? { WindowMode::AtCarrier } else { WindowMode::HeldAtRelay },
+                    priority: Priority::from_number(row.try_get(17)?),
+                    accepted_at: row.try_get(18)?,
+                    expires_at: row.try_get(19)?,
+                    follow_up_id: row.try_get(20)?,
+                    follow_up_delay_ms: row.try_get(21)?,
+                };
+                Ok((plan, target, row.try_get(9)?))
+            })
+        });
+        loaded.transpose()
+    }
+
+    /// Extracts the recipients of an accepted campaign and plans their
+    /// deliveries, in one transaction: one `INSERT … SELECT` per first-attempt
+    /// channel, the quiet-period deferrals, the fatigue skips, then the matched
+    /// count. Running it twice is harmless. Returns the number of users matched.
+    pub async fn expand_message(
+        &self,
+        message_id: &str,
+        now: i64,
+        attention: &AttentionConfig,
+    ) -> Result<u64> {
+        let Some((plan, target, state)) = self.load(message_id).await? else {
             return Err(Error::not_found("message_id", "no such message"));
         };
         if state != 1 {
             return Ok(0);
         }
-
-        let mut params = vec![
-            Param::Text(message_id.to_owned()),
-            Param::Bool(all_carriers),
-            Param::Text(enterprise_id),
-        ];
-        let next = |params: &mut Vec<Param>, param: Param| {
-            params.push(param);
-            format!("${}", params.len())
-        };
-        let mut sql = String::from(
-            "INSERT INTO deliveries (message_id, user_id, carrier_id, state)
-             SELECT $1, r.user_id, c.carrier_id, 0
-             FROM registrations r
-             JOIN contracts c ON c.user_id = r.user_id AND (c.is_primary OR $2)",
-        );
-        let mut filters = vec!["r.enterprise_id = $3".to_owned()];
-        if let Some(service_id) = service_id {
-            let p = next(&mut params, Param::Text(service_id));
-            sql.push_str(&format!(
-                " JOIN service_registrations s ON s.user_id = r.user_id AND s.enterprise_id = r.enterprise_id AND s.service_id = {p}"
-            ));
+        let timing = plan.timing(now).unwrap_or((now, now));
+        let choices = planning::first_channels(&plan.policy, None);
+        let mut statements = planning::insert_attempts(message_id, &choices, timing, "", |sql| {
+            campaign_source(sql, &plan, &target);
+        });
+        if attention.quiet_period_ms > 0 {
+            statements.push(planning::defer_for_quiet_periods(message_id, timing.0));
         }
-        if kind == "segment" {
-            sql.push_str(
-                " JOIN profiles p ON p.enterprise_id = r.enterprise_id AND p.user_id = r.user_id",
-            );
-            if let Some(gender) = gender {
-                let p = next(&mut params, Param::Text(gender));
-                filters.push(format!("p.gender = {p}"));
-            }
-            if let (Some(min), Some(max)) = (age_min, age_max) {
-                let min = next(&mut params, Param::Int(min));
-                let max = next(&mut params, Param::Int(max));
-                filters.push(format!("p.age_min >= {min} AND p.age_max <= {max}"));
-            }
-            let regions: Vec<String> = regions
-                .unwrap_or_default()
-                .split('\n')
-                .filter(|r| !r.is_empty())
-                .map(str::to_owned)
-                .collect();
-            if !regions.is_empty() {
-                let any: Vec<String> = regions
-                    .into_iter()
-                    .map(|region| {
-                        let exact = next(&mut params, Param::Text(region.clone()));
-                        let below = next(&mut params, Param::Text(format!("{region}/")));
-                        let len = next(&mut params, Param::Int(region.len() as i64 + 1));
-                        format!("p.region = {exact} OR substr(p.region, 1, CAST({len} AS INTEGER)) = {below}")
-                    })
-                    .collect();
-                filters.push(format!("({})", any.join(" OR ")));
-            }
-            let occupations: Vec<String> = occupations
-                .unwrap_or_default()
-                .split('\n')
-                .filter(|o| !o.is_empty())
-                .map(str::to_owned)
-                .collect();
-            if !occupations.is_empty() {
-                let any: Vec<String> = occupations
-                    .into_iter()
-                    .map(|occupation| next(&mut params, Param::Text(occupation)))
-                    .collect();
-                filters.push(format!("p.occupation IN ({})", any.join(", ")));
-            }
-        }
-        sql.push_str(" WHERE ");
-        sql.push_str(&filters.join(" AND "));
-        sql.push_str(" ON CONFLICT DO NOTHING");
-
+        statements.extend(planning::apply_fatigue(
+            message_id,
+            plan.priority,
+            now,
+            attention,
+        ));
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for param in params {
-                query = match param {
-                    Param::Text(text) => query.bind(text),
-                    Param::Int(int) => query.bind(int),
-                    Param::Bool(flag) => query.bind(flag),
-                };
-            }
-            query.execute(&mut *tx).await?;
-            let matched: i64 = sqlx::query_scalar(
-                "SELECT COUNT(DISTINCT user_id) FROM deliveries WHERE message_id = $1",
-            )
-            .bind(message_id)
-            .fetch_one(&mut *tx)
-            .await?;
-            sqlx::query("UPDATE messages SET state = 2, matched = $2 WHERE id = $1 AND state = 1")
-                .bind(message_id)
-                .bind(matched)
-                .execute(&mut *tx)
-                .await?;
+            execute_all!(tx, message_id, statements)?;
+            let matched = finish_expansion!(tx, message_id);
             tx.commit().await?;
-            Ok(matched as u64)
+            Ok(matched)
         })
     }
+
+    /// Opened and delivered counts per channel over every event: the
+    /// aggregated open rates `best` chooses by.
+    pub async fn channel_rates(&self) -> Result<Vec<(Channel, ChannelRate)>> {
+        let rows: Vec<(i64, i64, i64)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT channel, COUNT(*) FILTER (WHERE kind = $1), COUNT(*) FILTER (WHERE kind = $2)
+             FROM events WHERE channel > 0 AND kind IN ($1, $2) GROUP BY channel",
+        )
+        .bind(EventKind::Delivered.number())
+        .bind(EventKind::Opened.number())
+        .fetch_all(pool)
+        .await)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(channel, delivered, opened)| {
+                Channel::from_number(channel).map(|c| {
+                    (
+                        c,
+                        ChannelRate {
+                            delivered: delivered as u64,
+                            opened: opened as u64,
+                        },
+                    )
+                })
+            })
+            .collect())
+    }
+}
+
+/// Counts a message's matched users and marks it expanded, in `$tx`.
+macro_rules! finish_expansion {
+    ($tx:expr, $message_id:expr) => {{
+        let matched: i64 = sqlx::query_scalar(
+            "SELECT COUNT(DISTINCT user_id) FROM deliveries WHERE message_id = $1",
+        )
+        .bind($message_id)
+        .fetch_one(&mut *$tx)
+        .await?;
+        sqlx::query("UPDATE messages SET state = 2, matched = $2 WHERE id = $1 AND state = 1")
+            .bind($message_id)
+            .bind(matched)
+            .execute(&mut *$tx)
+            .await?;
+        matched as u64
+    }};
+}
+use finish_expansion;
+
+/// `FROM … WHERE …` selecting a campaign's recipients (contracts aliased `c`):
+/// registered with the enterprise, in the service, matching the segment over
+/// consented profiles.
+fn campaign_source(sql: &mut Sql, plan: &MessagePlan, target: &StoredTarget) {
+    let all = sql.bind(Param::Bool(plan.all_carriers));
+    sql.push(&format!(
+        " FROM registrations r JOIN contracts c ON c.user_id = r.user_id AND (c.is_primary OR {all})"
+    ));
+    if let Some(service_id) = &target.service_id {
+        let p = sql.bind(Param::Text(service_id.clone()));
+        sql.push(&format!(
+            " JOIN service_registrations s ON s.user_id = r.user_id AND s.enterprise_id = r.enterprise_id AND s.service_id = {p}"
+        ));
+    }
+    let enterprise = sql.bind(Param::Text(plan.enterprise_id.clone()));
+    let mut filters = vec![format!("r.enterprise_id = {enterprise}")];
+    if plan.target_kind == "segment" {
+        sql.push(" JOIN profiles p ON p.enterprise_id = r.enterprise_id AND p.user_id = r.user_id");
+        if let Some(gender) = &target.gender {
+            let p = sql.bind(Param::Text(gender.clone()));
+            filters.push(format!("p.gender = {p}"));
+        }
+        if let Some((min, max)) = target.age {
+            let min = sql.bind(Param::Int(min));
+            let max = sql.bind(Param::Int(max));
+            filters.push(format!("p.age_min >= {min} AND p.age_max <= {max}"));
+        }
+        if !target.regions.is_empty() {
+            let any: Vec<String> = target
+                .regions
+                .iter()
+                .map(|region| {
+                    let exact = sql.bind(Param::Text(region.clone()));
+                    let below = sql.bind(Param::Text(format!("{region}/")));
+                    let len = sql.bind(Param::Int(region.len() as i64 + 1));
+                    format!("p.region = {exact} OR substr(p.region, 1, CAST({len} AS INTEGER)) = {below}")
+                })
+                .collect();
+            filters.push(format!("({})", any.join(" OR ")));
+        }
+        if !target.occupations.is_empty() {
+            let any: Vec<String> = target
+                .occupations
+                .iter()
+                .map(|occupation| sql.bind(Param::Text(occupation.clone())))
+                .collect();
+            filters.push(format!("p.occupation IN ({})", any.join(", ")));
+        }
+    }
+    sql.push(" WHERE ");
+    sql.push(&filters.join(" AND "));
+}
+
+/// The `INSERT` of a new message row with its plan.
+fn insert_message(
+    message_id: &str,
+    fingerprint: &str,
+    message: &NewMessage,
+    plan: &MessagePlan,
+    description: &str,
+    service_id: Option<&str>,
+    segment: Option<StoredTarget>,
+) -> Sql {
+    let segment = segment.unwrap_or_default();
+    let optional_text =
+        |value: Option<String>| value.map_or(Param::Text(String::new()), Param::Text);
+    let mut sql = Sql::new(
+        "INSERT INTO messages (id, enterprise_id, idempotency_key, fingerprint, target_kind,
+            target_service_id, seg_gender, seg_age_min, seg_age_max, seg_regions, seg_occupations,
+            content_text, media_url, subject, suggested_replies, channel, all_carriers, state, matched,
+            accepted_at, not_before, expires_at, policy, channels, timeout_ms, max_resends,
+            resend_until_delivered, delivery_window, window_at_carrier, priority, plan, follow_up_id,
+            follow_up_delay_ms)
+         VALUES (",
+    );
+    let values = [
+        Param::Text(message_id.to_owned()),
+        Param::Text(plan.enterprise_id.clone()),
+        Param::Text(message.idempotency_key.clone()),
+        Param::Text(fingerprint.to_owned()),
+        Param::Text(plan.target_kind.clone()),
+        optional_text(service_id.map(str::to_owned)),
+        optional_text(segment.gender),
+        Param::Int(segment.age.map_or(-1, |(min, _)| min)),
+        Param::Int(segment.age.map_or(-1, |(_, max)| max)),
+        Param::Text(segment.regions.join("\n")),
+        Param::Text(segment.occupations.join("\n")),
+        Param::Text(message.content.text.clone()),
+        Param::Text(message.content.media_url.clone()),
+        Param::Text(message.content.subject.clone()),
+        Param::Text(message.content.suggested_replies.join("\n")),
+        Param::Int(Channel::number(plan.policy.channels.first().copied())),
+        Param::Bool(plan.all_carriers),
+        Param::Int(plan.accepted_at),
+        Param::Int(plan.expires_at),
+        Param::Text(plan.policy.kind.as_str().to_owned()),
+        Param::Text(channel_list(&plan.policy.channels)),
+        Param::Int(plan.policy.timeout_ms),
+        Param::Int(i64::from(plan.policy.max_resends)),
+        Param::Bool(plan.policy.resend_until_delivered),
+        optional_text(plan.window.as_ref().map(Window::encode)),
+        Param::Bool(plan.window_mode == WindowMode::AtCarrier),
+        Param::Int(plan.priority.number()),
+        Param::Text(description.to_owned()),
+        optional_text(plan.follow_up_id.clone()),
+        Param::Int(plan.follow_up_delay_ms),
+    ];
+    let placeholders: Vec<String> = values.into_iter().map(|v| sql.bind(v)).collect();
+    // state 1 (accepted), matched NULL, not_before = accepted_at.
+    let [
+        id,
+        ent,
+        key,
+        fp,
+        kind,
+        svc,
+        gender,
+        amin,
+        amax,
+        regions,
+        occs,
+        text,
+        media,
+        subject,
+        replies,
+        channel,
+        all,
+        at,
+        expires,
+        rest @ ..,
+    ] = placeholders.as_slice()
+    else {
+        unreachable!("the value list above has a fixed length")
+    };
+    sql.push(&format!(
+        "{id}, {ent}, {key}, {fp}, {kind}, NULLIF({svc}, ''), NULLIF({gender}, ''), NULLIF({amin}, -1), NULLIF({amax}, -1), \
+         {regions}, {occs}, {text}, {media}, {subject}, {replies}, {channel}, {all}, 1, NULL, {at}, {at}, {expires}, \
+         {}, NULLIF({}, ''), {}, NULLIF({}, ''), {})",
+        rest[..5].join(", "),
+        rest[5],
+        rest[6..9].join(", "),
+        rest[9],
+        rest[10],
+    ));
+    sql
+}
+
+/// The `INSERT` of the message that carries a follow-up: same enterprise,
+/// expanded with no recipients until people open the original.
+fn insert_follow_up(
+    follow_up_id: &str,
+    parent_id: &str,
+    follow_up: &crate::policy::FollowUp,
+    plan: &MessagePlan,
+    now: i64,
+) -> Sql {
+    let channels: Vec<Channel> = follow_up.channel.into_iter().collect();
+    let description = format!(
+        "follow-up of {parent_id}: {} after each open, on {}",
+        crate::policy::duration(follow_up.delay_ms),
+        follow_up
+            .channel
+            .map_or("the channel opened", |c| crate::policy::channel_name(Some(
+                c
+            )))
+    );
+    let mut sql = Sql::new(
+        "INSERT INTO messages (id, enterprise_id, idempotency_key, fingerprint, target_kind,
+            content_text, media_url, subject, suggested_replies, channel, all_carriers, state, matched,
+            accepted_at, not_before, expires_at, policy, channels, priority, plan)
+         VALUES (",
+    );
+    let values = [
+        Param::Text(follow_up_id.to_owned()),
+        Param::Text(plan.enterprise_id.clone()),
+        Param::Text(format!("follow-up:{parent_id}")),
+        Param::Text(String::new()),
+        Param::Text("follow_up".to_owned()),
+        Param::Text(follow_up.content.text.clone()),
+        Param::Text(follow_up.content.media_url.clone()),
+        Param::Text(follow_up.content.subject.clone()),
+        Param::Text(follow_up.content.suggested_replies.join("\n")),
+        Param::Int(Channel::number(follow_up.channel)),
+        Param::Bool(plan.all_carriers),
+        Param::Int(now),
+        Param::Int(plan.expires_at.saturating_add(follow_up.delay_ms)),
+        Param::Text(PolicyKind::Fixed.as_str().to_owned()),
+        Param::Text(channel_list(&channels)),
+        Param::Int(plan.priority.number()),
+        Param::Text(description),
+    ];
+    let p: Vec<String> = values.into_iter().map(|v| sql.bind(v)).collect();
+    sql.push(&format!(
+        "{}, 2, 0, {}, {}, {}, {})",
+        p[..11].join(", "),
+        p[11],
+        p[11],
+        p[12],
+        p[13..].join(", ")
+    ));
+    sql
+}
+
+fn channel_list(channels: &[Channel]) -> String {
+    channels
+        .iter()
+        .map(|c| Channel::number(Some(*c)).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }

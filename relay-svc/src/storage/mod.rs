@@ -8,7 +8,9 @@
 //! settings (`synchronous=FULL` on SQLite, `synchronous_commit=on` on
 //! PostgreSQL) and must never call out to the network inside a transaction.
 
+mod control;
 mod messages;
+pub(crate) mod planning;
 mod receipts;
 mod registry;
 mod tenants;
@@ -22,7 +24,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
+pub use control::{Attempt, ExplainedEvent, Explanation, FollowThrough};
 pub use messages::{MessageRow, StoredMessage};
+pub use planning::{ChannelRate, MessagePlan};
 pub use receipts::{CarrierCounts, MessageCounts};
 pub use registry::RegistrationRow;
 pub use transfer::DueDelivery;
@@ -208,6 +212,14 @@ impl Store {
             Self::Postgres(_) => format!("{column} = ANY(${param})"),
         }
     }
+}
+
+/// A bind value for statements whose shape is built at run time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Param {
+    Text(String),
+    Int(i64),
+    Bool(bool),
 }
 
 /// Whether a database error is a unique-key violation (mapped by kind, not text).

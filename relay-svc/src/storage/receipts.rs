@@ -4,11 +4,12 @@
 
 use std::collections::HashMap;
 
-use sqlx::QueryBuilder;
+use sqlx::{AssertSqlSafe, QueryBuilder};
 
-use super::{ROWS_PER_STATEMENT, Store, WritePool, add_to_counts, on_pool};
+use super::{IdList, ROWS_PER_STATEMENT, Store, WritePool, add_to_counts, on_pool};
 use crate::error::Result;
-use crate::receipts::{CountReport, EventKind, Receipt};
+use crate::policy::SCORE_OPEN_SHIFT;
+use crate::receipts::{CountReport, DEFERRED_COUNT, EventKind, Receipt};
 use crate::targeting::Channel;
 
 /// Per-message counts, each derived from deduplicated events.
@@ -18,6 +19,11 @@ pub struct MessageCounts {
     pub delivered: u64,
     pub opened: u64,
     pub failed: u64,
+    pub expired: u64,
+    pub unsupported: u64,
+    pub skipped: u64,
+    /// Deliveries deferred by quiet periods (not an event kind).
+    pub deferred: u64,
 }
 
 impl MessageCounts {
@@ -30,6 +36,10 @@ impl MessageCounts {
                 Some(EventKind::Delivered) => counts.delivered = count,
                 Some(EventKind::Opened) => counts.opened = count,
                 Some(EventKind::Failed) => counts.failed = count,
+                Some(EventKind::Expired) => counts.expired = count,
+                Some(EventKind::Unsupported) => counts.unsupported = count,
+                Some(EventKind::Skipped) => counts.skipped = count,
+                None if kind == DEFERRED_COUNT => counts.deferred = count,
                 None => {}
             }
         }
@@ -53,7 +63,18 @@ impl Store {
     /// Records receipts from `carrier_id`. A receipt counts only for a delivery
     /// the relay made to that carrier; a read implies delivered, and delivered
     /// implies handed over, so the funnel stays consistent when a receipt is lost.
-    pub async fn record_receipts(&self, carrier_id: &str, receipts: &[Receipt]) -> Result<()> {
+    ///
+    /// In the same transaction, what the receipts mean for delivery control:
+    /// a first open cancels the person's pending attempts of that message,
+    /// lifts their engagement score and schedules the message's follow-up for
+    /// them; an unsupported channel wakes the policy at once; an expiry at the
+    /// carrier closes the attempt.
+    pub async fn record_receipts(
+        &self,
+        carrier_id: &str,
+        receipts: &[Receipt],
+        now: i64,
+    ) -> Result<()> {
         let rows: Vec<(&Receipt, EventKind)> = receipts
             .iter()
             .flat_map(|receipt| {
@@ -64,16 +85,37 @@ impl Store {
                     .map(move |kind| (receipt, *kind))
             })
             .collect();
+        let attempts_with = |kind: EventKind| -> Vec<i64> {
+            receipts
+                .iter()
+                .filter(|r| r.kind == kind)
+                .filter_map(|r| r.delivery_id)
+                .collect()
+        };
+        let unsupported = attempts_with(EventKind::Unsupported);
+        let expired = attempts_with(EventKind::Expired);
+        let close_unsupported = format!(
+            "UPDATE deliveries SET state = 2, check_at = $2, note = 'the terminal does not support this channel'
+             WHERE state IN (0, 1) AND carrier_id = $3 AND {}",
+            self.in_id_list("id", 1)
+        );
+        let close_expired = format!(
+            "UPDATE deliveries SET state = 3, check_at = NULL, note = 'expired at the carrier before it reached the terminal'
+             WHERE state IN (0, 1) AND carrier_id = $2 AND {}",
+            self.in_id_list("id", 1)
+        );
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let mut added: HashMap<(String, i64), i64> = HashMap::new();
+            let mut opened: Vec<(String, String, i64, i64)> = Vec::new();
             for chunk in rows.chunks(ROWS_PER_STATEMENT) {
                 // Driven by the VALUES rows (a unique-index lookup each); the rows the
                 // insert really added come back, to grow their messages' counts.
                 let mut query = QueryBuilder::new(
                     "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region)
-                     SELECT v.column1, v.column2, v.column3, v.column4, d.carrier_id, v.column5, v.column6 FROM (",
+                     SELECT v.column1, v.column2, v.column3, v.column4, ",
                 );
+                query.push_bind(carrier_id).push(", v.column5, v.column6 FROM (");
                 query.push_values(chunk, |mut row, (receipt, kind)| {
                     row.push_bind(&receipt.message_id)
                         .push_bind(&receipt.user_id)
@@ -83,15 +125,82 @@ impl Store {
                         .push_bind(&receipt.region);
                 });
                 query
-                    .push(") AS v JOIN deliveries d ON d.message_id = v.column1 AND d.user_id = v.column2 AND d.carrier_id = ")
+                    .push(") AS v WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = v.column1 AND d.user_id = v.column2 AND d.carrier_id = ")
                     .push_bind(carrier_id)
-                    .push(" WHERE TRUE ON CONFLICT DO NOTHING RETURNING message_id, kind");
-                let inserted: Vec<(String, i64)> = query.build_query_as().fetch_all(&mut *tx).await?;
-                for key in inserted {
-                    *added.entry(key).or_default() += 1;
+                    .push(") ON CONFLICT DO NOTHING RETURNING message_id, user_id, kind, channel, at");
+                let inserted: Vec<(String, String, i64, i64, i64)> = query.build_query_as().fetch_all(&mut *tx).await?;
+                for (message_id, user_id, kind, channel, at) in inserted {
+                    if kind == EventKind::Opened.number() {
+                        opened.push((message_id.clone(), user_id, channel, if at > 0 { at } else { now }));
+                    }
+                    *added.entry((message_id, kind)).or_default() += 1;
                 }
             }
             add_to_counts!(tx, added);
+            if !unsupported.is_empty() {
+                sqlx::query(AssertSqlSafe(close_unsupported))
+                    .bind(IdList(&unsupported))
+                    .bind(now)
+                    .bind(carrier_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if !expired.is_empty() {
+                sqlx::query(AssertSqlSafe(close_expired))
+                    .bind(IdList(&expired))
+                    .bind(carrier_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for chunk in opened.chunks(ROWS_PER_STATEMENT) {
+                let values = |query: &mut QueryBuilder<_>| {
+                    query.push_values(chunk, |mut row, (message_id, user_id, channel, at)| {
+                        row.push_bind(message_id).push_bind(user_id).push_bind(*channel).push_bind(*at);
+                    });
+                };
+                let mut cancel = QueryBuilder::new(
+                    "UPDATE deliveries SET state = 4, note = 'cancelled: the person opened another attempt'
+                     FROM (",
+                );
+                values(&mut cancel);
+                cancel.push(") AS v WHERE deliveries.message_id = v.column1 AND deliveries.user_id = v.column2 AND deliveries.state = 0");
+                cancel.build().execute(&mut *tx).await?;
+
+                let mut engage = QueryBuilder::new("UPDATE engagement SET score = score + (1000 - score) / ");
+                engage.push_bind(SCORE_OPEN_SHIFT).push(" WHERE user_id IN (");
+                let mut list = engage.separated(", ");
+                for (_, user_id, ..) in chunk {
+                    list.push_bind(user_id);
+                }
+                engage.push(")");
+                engage.build().execute(&mut *tx).await?;
+
+                let mut follow = QueryBuilder::new(
+                    "INSERT INTO deliveries (message_id, user_id, carrier_id, channel, attempt, state, not_before, reason)
+                     SELECT m.follow_up_id, c.user_id, c.carrier_id, COALESCE(NULLIF(f.channel, 0), v.column3), 0, 0,
+                            v.column4 + m.follow_up_delay_ms, 'follow-up: the person opened the original'
+                     FROM (",
+                );
+                values(&mut follow);
+                follow.push(
+                    ") AS v JOIN messages m ON m.id = v.column1 AND m.follow_up_id IS NOT NULL
+                     JOIN messages f ON f.id = m.follow_up_id
+                     JOIN contracts c ON c.user_id = v.column2 AND (c.is_primary OR f.all_carriers)
+                     WHERE TRUE ON CONFLICT DO NOTHING RETURNING message_id, user_id",
+                );
+                let planned: Vec<(String, String)> = follow.build_query_as().fetch_all(&mut *tx).await?;
+                let mut people: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+                for (message_id, user_id) in planned {
+                    people.entry(message_id).or_default().insert(user_id);
+                }
+                for (message_id, users) in people {
+                    sqlx::query("UPDATE messages SET matched = COALESCE(matched, 0) + $2 WHERE id = $1")
+                        .bind(&message_id)
+                        .bind(users.len() as i64)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
             tx.commit().await?;
             Ok(())
         })
@@ -103,18 +212,19 @@ impl Store {
             let mut tx = pool.begin_write().await?;
             for chunk in report.counts.chunks(ROWS_PER_STATEMENT) {
                 let mut query = QueryBuilder::new(
-                    "INSERT INTO count_reports (carrier_id, message_id, sent, opened, reported_at) ",
+                    "INSERT INTO count_reports (carrier_id, message_id, sent, opened, sms_segments, reported_at) ",
                 );
                 query.push_values(chunk, |mut row, count| {
                     row.push_bind(carrier_id)
                         .push_bind(&count.message_id)
                         .push_bind(count.sent as i64)
                         .push_bind(count.opened as i64)
+                        .push_bind(count.sms_segments as i64)
                         .push_bind(report.at);
                 });
                 query.push(
                     " ON CONFLICT (carrier_id, message_id) DO UPDATE SET sent = excluded.sent, \
-                     opened = excluded.opened, reported_at = excluded.reported_at \
+                     opened = excluded.opened, sms_segments = excluded.sms_segments, reported_at = excluded.reported_at \
                      WHERE excluded.reported_at >= count_reports.reported_at",
                 );
                 query.build().execute(&mut *tx).await?;
@@ -138,8 +248,10 @@ impl Store {
     /// A message's counts recomputed from its events (slow: a check that the
     /// maintained counts are right, never a hot path).
     pub async fn recount_message(&self, message_id: &str) -> Result<MessageCounts> {
+        // Deferrals are not events: they are carried over as maintained.
         let rows: Vec<(i64, i64)> = on_pool!(self, pool => sqlx::query_as(
-            "SELECT kind, COUNT(*) FROM events WHERE message_id = $1 GROUP BY kind",
+            "SELECT kind, COUNT(*) FROM events WHERE message_id = $1 GROUP BY kind
+             UNION ALL SELECT kind, count FROM message_counts WHERE message_id = $1 AND kind = 8",
         )
         .bind(message_id)
         .fetch_all(pool)

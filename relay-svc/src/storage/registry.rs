@@ -397,4 +397,19 @@ impl Store {
             })
             .collect())
     }
+
+    /// The hub user behind one of the enterprise's refs.
+    pub async fn user_for_ref(
+        &self,
+        enterprise_id: &str,
+        user_ref: &str,
+    ) -> Result<Option<String>> {
+        Ok(on_pool!(self, pool => sqlx::query_scalar(
+            "SELECT user_id FROM registrations WHERE enterprise_id = $1 AND user_ref = $2",
+        )
+        .bind(enterprise_id)
+        .bind(user_ref)
+        .fetch_optional(pool)
+        .await)?)
+    }
 }

@@ -18,11 +18,14 @@ pub struct DueDelivery {
     pub channel: Option<Channel>,
     pub not_before: i64,
     pub expires_at: i64,
+    /// The window in its stored form, when the carrier is to hold the delivery.
+    pub carrier_window: Option<String>,
 }
 
 impl Store {
     /// Up to `limit` pending deliveries of `carrier_id` with ids above
-    /// `after_id` whose time has come, in id order.
+    /// `after_id` that may go now (not before their time, inside a window held
+    /// at the relay, not expired), in id order.
     pub async fn due_deliveries(
         &self,
         carrier_id: &str,
@@ -30,12 +33,26 @@ impl Store {
         now: i64,
         limit: u32,
     ) -> Result<Vec<DueDelivery>> {
-        type Row = (i64, String, String, String, String, i64, i64, i64);
+        type Row = (
+            i64,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+            i64,
+            i64,
+            i64,
+            Option<String>,
+        );
         let rows: Vec<Row> = on_pool!(self, pool => sqlx::query_as(
-            "SELECT d.id, d.message_id, d.user_id, m.content_text, m.media_url, m.channel,
-                    m.not_before, m.expires_at
+            "SELECT d.id, d.message_id, d.user_id, m.content_text, m.media_url, m.subject,
+                    m.suggested_replies, d.channel, d.not_before, m.expires_at,
+                    CASE WHEN m.window_at_carrier THEN m.delivery_window END
              FROM deliveries d JOIN messages m ON m.id = d.message_id
-             WHERE d.carrier_id = $1 AND d.state = 0 AND d.id > $2 AND m.not_before <= $3
+             WHERE d.carrier_id = $1 AND d.state = 0 AND d.id > $2 AND d.not_before <= $3
+               AND d.window_close > $3 AND m.expires_at > $3
              ORDER BY d.id
              LIMIT $4",
         )
@@ -48,25 +65,46 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(
-                |(id, message_id, user_id, text, media_url, channel, not_before, expires_at)| {
-                    DueDelivery {
-                        id,
-                        message_id,
-                        user_id,
-                        content: Content { text, media_url },
-                        channel: Channel::from_number(channel),
-                        not_before,
-                        expires_at,
-                    }
+                |(
+                    id,
+                    message_id,
+                    user_id,
+                    text,
+                    media_url,
+                    subject,
+                    replies,
+                    channel,
+                    not_before,
+                    expires_at,
+                    carrier_window,
+                )| DueDelivery {
+                    id,
+                    message_id,
+                    user_id,
+                    content: Content {
+                        text,
+                        media_url,
+                        subject,
+                        suggested_replies: replies
+                            .split('\n')
+                            .filter(|r| !r.is_empty())
+                            .map(str::to_owned)
+                            .collect(),
+                    },
+                    channel: Channel::from_number(channel),
+                    not_before,
+                    expires_at,
+                    carrier_window,
                 },
             )
             .collect())
     }
 
-    /// The carrier acknowledged a batch: its deliveries are handed over, and a
-    /// handed-over event is recorded once per message and user. `batch` lists
-    /// the batch's delivery ids grouped by message, so each message's count
-    /// grows by exactly the events its insert added, without reading them back.
+    /// The carrier acknowledged a batch: its deliveries are handed over (and
+    /// start their policy's timer), and a handed-over event is recorded once
+    /// per message and user. `batch` lists the batch's delivery ids grouped by
+    /// message, so each message's count grows by exactly the events its insert
+    /// added, without reading them back.
     pub async fn mark_handed_over(&self, batch: &[(String, Vec<i64>)], now: i64) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
@@ -76,28 +114,30 @@ impl Store {
         // carrier's deliveries.
         let record = format!(
             "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region)
-             SELECT d.message_id, d.user_id, $1, $2, d.carrier_id, $3, ''
+             SELECT d.message_id, d.user_id, $1, $2, d.carrier_id, d.channel, ''
              FROM deliveries d
              WHERE {}
              ON CONFLICT DO NOTHING",
-            self.in_id_list("d.id", 4)
+            self.in_id_list("d.id", 3)
         );
         let advance = format!(
-            "UPDATE deliveries SET state = 1 WHERE state = 0 AND {}",
+            "UPDATE deliveries SET state = 1, handed_over_at = $2, check_at = $3 WHERE state = 0 AND {}",
             self.in_id_list("id", 1)
         );
         let kind = EventKind::HandedOver.number();
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             for (message_id, ids) in batch {
-                let channel: i64 = sqlx::query_scalar("SELECT channel FROM messages WHERE id = $1")
-                    .bind(message_id)
-                    .fetch_one(&mut *tx)
-                    .await?;
+                let timeout: i64 = sqlx::query_scalar(
+                    "SELECT CASE WHEN policy IN ('fallback', 'resend') THEN timeout_ms ELSE 0 END
+                     FROM messages WHERE id = $1",
+                )
+                .bind(message_id)
+                .fetch_one(&mut *tx)
+                .await?;
                 let added = sqlx::query(AssertSqlSafe(record.clone()))
                     .bind(kind)
                     .bind(now)
-                    .bind(channel)
                     .bind(IdList(ids))
                     .execute(&mut *tx)
                     .await?
@@ -105,6 +145,8 @@ impl Store {
                 add_to_counts!(tx, [((message_id.clone(), kind), added as i64)]);
                 sqlx::query(AssertSqlSafe(advance.clone()))
                     .bind(IdList(ids))
+                    .bind(now)
+                    .bind((timeout > 0).then(|| now + timeout))
                     .execute(&mut *tx)
                     .await?;
             }

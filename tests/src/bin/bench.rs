@@ -95,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let (shop, key) = hub.create_enterprise("bench").await?;
     // Everyone registers (consent choices still drawn by the model).
-    let mut fleet = Fleet::generate(1, users, &carriers.map(String::from));
+    let mut fleet = Fleet::generate(1, users, &carriers.map(String::from)).with_every_channel();
     for user in &mut fleet.users {
         user.behaviour.registration_share = 1.0;
     }
@@ -126,10 +126,10 @@ async fn main() -> anyhow::Result<()> {
             }),
             content: Some(common::Content {
                 text: "benchmark".into(),
-                media_url: String::new(),
+                ..Default::default()
             }),
             channel: common::Channel::Sms as i32,
-            all_carriers: false,
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -255,10 +255,10 @@ async fn main() -> anyhow::Result<()> {
             target: Some(pb::Target { kind: Some(kind) }),
             content: Some(common::Content {
                 text: text.into(),
-                media_url: String::new(),
+                ..Default::default()
             }),
             channel: channel as i32,
-            all_carriers: false,
+            ..Default::default()
         }
     };
     let mut campaigns = Vec::new();

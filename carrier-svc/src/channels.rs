@@ -1,0 +1,239 @@
+//! Channel adapters: how the carrier turns a delivery into what each channel
+//! really carries, with that channel's constraints.
+//!
+//! - SMS: the text split into segments — GSM 03.38 (7-bit) text takes 160
+//!   characters in a single message and 153 per part once concatenated (the
+//!   user data header takes 7); anything outside the GSM alphabet forces UCS-2:
+//!   70 alone, 67 per part, counted in UTF-16 units. A part never splits a
+//!   surrogate pair, nor a GSM escape pair (`€`, `[`, …, which take two septets).
+//!   Media and suggested replies are not carried.
+//! - RCS: a rich card — text, optional media, suggested replies.
+//! - E-mail: subject and body to the subscriber's address; none on file makes
+//!   the channel unsupported for that person.
+//! - SNS: the text to the subscriber's handle; none on file, unsupported.
+
+use crate::model::{CHANNEL_EMAIL, CHANNEL_RCS, CHANNEL_SMS, CHANNEL_SNS};
+
+/// What a delivery looks like on its channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rendered {
+    /// SMS only: the parts, in order.
+    pub sms_segments: Vec<String>,
+    /// E-mail address or SNS handle.
+    pub address: String,
+    /// Media and suggested replies survive only on RCS (and media on e-mail).
+    pub media_url: String,
+    pub subject: String,
+    pub suggested_replies: Vec<String>,
+}
+
+/// The subscriber details the adapters need (never logged).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Contact {
+    pub email: String,
+    pub sns_handle: String,
+}
+
+/// Why the carrier cannot use a channel for a person.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unsupported {
+    NoEmailAddress,
+    NoSnsHandle,
+    UnknownChannel,
+}
+
+/// Renders one delivery for `channel`.
+pub fn render(
+    channel: i64,
+    text: &str,
+    media_url: &str,
+    subject: &str,
+    suggested_replies: &[String],
+    contact: &Contact,
+) -> Result<Rendered, Unsupported> {
+    let plain = |address: &str| Rendered {
+        sms_segments: Vec::new(),
+        address: address.to_owned(),
+        media_url: String::new(),
+        subject: String::new(),
+        suggested_replies: Vec::new(),
+    };
+    match channel {
+        CHANNEL_SMS => Ok(Rendered {
+            sms_segments: sms_segments(text),
+            ..plain("")
+        }),
+        CHANNEL_RCS => Ok(Rendered {
+            media_url: media_url.to_owned(),
+            suggested_replies: suggested_replies.to_vec(),
+            ..plain("")
+        }),
+        CHANNEL_EMAIL if contact.email.is_empty() => Err(Unsupported::NoEmailAddress),
+        CHANNEL_EMAIL => Ok(Rendered {
+            media_url: media_url.to_owned(),
+            subject: if subject.is_empty() {
+                first_words(text)
+            } else {
+                subject.to_owned()
+            },
+            ..plain(&contact.email)
+        }),
+        CHANNEL_SNS if contact.sns_handle.is_empty() => Err(Unsupported::NoSnsHandle),
+        CHANNEL_SNS => Ok(plain(&contact.sns_handle)),
+        _ => Err(Unsupported::UnknownChannel),
+    }
+}
+
+/// An e-mail subject made from the text when none was given.
+fn first_words(text: &str) -> String {
+    let line = text.lines().next().unwrap_or_default();
+    if line.chars().count() <= 60 {
+        line.to_owned()
+    } else {
+        let cut: String = line.chars().take(57).collect();
+        format!("{cut}...")
+    }
+}
+
+/// Septets a character takes in the GSM 03.38 alphabet: 1 (basic set), 2
+/// (extension table, sent as escape + character), or `None` (not GSM: UCS-2).
+fn gsm_septets(c: char) -> Option<usize> {
+    const BASIC: &str = "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?\
+        ¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà";
+    const EXTENDED: &str = "^{}\\[~]|€\u{c}";
+    if BASIC.contains(c) {
+        Some(1)
+    } else if EXTENDED.contains(c) {
+        Some(2)
+    } else {
+        None
+    }
+}
+
+/// The SMS parts of `text`.
+pub fn sms_segments(text: &str) -> Vec<String> {
+    let gsm = text.chars().all(|c| gsm_septets(c).is_some());
+    // (units in a single message, units per concatenated part, units of a char)
+    let (single, part): (usize, usize) = if gsm { (160, 153) } else { (70, 67) };
+    let units = |c: char| {
+        if gsm {
+            gsm_septets(c).unwrap_or(1)
+        } else {
+            c.len_utf16()
+        }
+    };
+    let total: usize = text.chars().map(units).sum();
+    if total <= single {
+        return vec![text.to_owned()];
+    }
+    let mut parts = Vec::new();
+    let mut current = String::new();
+    let mut used = 0;
+    for c in text.chars() {
+        let size = units(c);
+        if used + size > part {
+            parts.push(std::mem::take(&mut current));
+            used = 0;
+        }
+        current.push(c);
+        used += size;
+    }
+    if !current.is_empty() {
+        parts.push(current);
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gsm_text_fits_160_then_splits_by_153() {
+        assert_eq!(sms_segments(&"a".repeat(160)).len(), 1);
+        let parts = sms_segments(&"a".repeat(161));
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].len(), 153);
+        assert_eq!(sms_segments(&"a".repeat(306)).len(), 2);
+        assert_eq!(sms_segments(&"a".repeat(307)).len(), 3);
+    }
+
+    #[test]
+    fn extension_characters_take_two_septets_and_never_split() {
+        // 80 euro signs are 160 septets: one message.
+        assert_eq!(sms_segments(&"€".repeat(80)).len(), 1);
+        // 81 are 162: two parts of at most 153 septets, each sign whole.
+        let parts = sms_segments(&"€".repeat(81));
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].chars().count(), 76);
+    }
+
+    #[test]
+    fn non_gsm_text_is_ucs2_70_then_67() {
+        assert_eq!(sms_segments(&"あ".repeat(70)).len(), 1);
+        let parts = sms_segments(&"あ".repeat(71));
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].chars().count(), 67);
+    }
+
+    #[test]
+    fn surrogate_pairs_and_zwj_sequences_stay_whole() {
+        // A family emoji: 4 people joined by ZWJ, 11 UTF-16 units; 7 of them are 77 units.
+        let family = "👨\u{200d}👩\u{200d}👧\u{200d}👦";
+        let text = family.repeat(7);
+        let parts = sms_segments(&text);
+        assert_eq!(parts.concat(), text);
+        for part in &parts {
+            assert!(part.encode_utf16().count() <= 67);
+            // No part starts or ends inside a surrogate pair (it is valid UTF-8 at all).
+            assert!(!part.is_empty());
+        }
+    }
+
+    #[test]
+    fn email_and_sns_need_an_address() {
+        let none = Contact::default();
+        assert_eq!(
+            render(CHANNEL_EMAIL, "hi", "", "", &[], &none),
+            Err(Unsupported::NoEmailAddress)
+        );
+        assert_eq!(
+            render(CHANNEL_SNS, "hi", "", "", &[], &none),
+            Err(Unsupported::NoSnsHandle)
+        );
+        let contact = Contact {
+            email: "a@example.com".into(),
+            sns_handle: String::new(),
+        };
+        let mail = render(CHANNEL_EMAIL, "Hello there", "", "", &[], &contact).unwrap();
+        assert_eq!(mail.subject, "Hello there");
+        assert_eq!(mail.address, "a@example.com");
+    }
+
+    #[test]
+    fn rich_parts_survive_only_on_rcs() {
+        let replies = vec!["Yes".to_owned(), "No".to_owned()];
+        let rcs = render(
+            CHANNEL_RCS,
+            "t",
+            "https://x/m.png",
+            "",
+            &replies,
+            &Contact::default(),
+        )
+        .unwrap();
+        assert_eq!(rcs.suggested_replies, replies);
+        assert_eq!(rcs.media_url, "https://x/m.png");
+        let sms = render(
+            CHANNEL_SMS,
+            "t",
+            "https://x/m.png",
+            "",
+            &replies,
+            &Contact::default(),
+        )
+        .unwrap();
+        assert!(sms.suggested_replies.is_empty() && sms.media_url.is_empty());
+        assert_eq!(sms.sms_segments, vec!["t".to_owned()]);
+    }
+}

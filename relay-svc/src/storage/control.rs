@@ -1,0 +1,367 @@
+//! Delivery control after planning, in SQL: the follow-through that fires
+//! fallback/resend timers and reacts to unsupported channels, rolls deliveries
+//! held at the relay to the window's next opening, expires what was not handed
+//! over in time — each a set-based statement per (message, attempt) group —
+//! and reads a delivery's decision trace back for `explain`.
+
+use std::collections::HashMap;
+
+use super::planning::{Effect, MessagePlan, Sql, execute_all, timestamp};
+use super::{Param, Store, WritePool, on_pool};
+use crate::error::{Error, Result};
+use crate::policy::{PolicyKind, Trigger};
+use crate::receipts::EventKind;
+use crate::targeting::Channel;
+
+/// Groups of attempts one pass looks at, at most.
+const GROUPS_PER_PASS: i64 = 256;
+
+/// What one pass of the follow-through did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FollowThrough {
+    /// Attempt groups whose timer or unsupported channel was acted on.
+    pub groups: u64,
+    /// Messages whose held deliveries rolled to the window's next opening.
+    pub rolled: u64,
+    /// Messages swept at their expiry.
+    pub expired: u64,
+}
+
+impl FollowThrough {
+    pub fn did_anything(&self) -> bool {
+        *self != Self::default()
+    }
+}
+
+/// One delivery attempt, as the decision trace shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attempt {
+    pub attempt: u32,
+    pub channel: Option<Channel>,
+    pub state: &'static str,
+    pub not_before: i64,
+    pub handed_over_at: Option<i64>,
+    /// Why it exists and what was decided about it since.
+    pub reason: String,
+    pub carrier_id: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExplainedEvent {
+    pub kind: EventKind,
+    pub at: i64,
+    pub channel: Option<Channel>,
+}
+
+/// Why and how one message went to one person.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Explanation {
+    pub plan: String,
+    pub attempts: Vec<Attempt>,
+    pub events: Vec<ExplainedEvent>,
+}
+
+fn state_name(state: i64) -> &'static str {
+    match state {
+        0 => "pending",
+        1 => "handed_over",
+        2 => "unsupported",
+        3 => "expired",
+        4 => "cancelled",
+        5 => "skipped",
+        _ => "unknown",
+    }
+}
+
+impl Store {
+    /// One pass: timers and unsupported channels, window rolls, expiry.
+    pub async fn follow_through(&self, now: i64) -> Result<FollowThrough> {
+        let mut done = FollowThrough::default();
+        let mut plans: HashMap<String, Option<MessagePlan>> = HashMap::new();
+
+        // Expiry first, so nothing expired gets another attempt below.
+        let expiring: Vec<String> = on_pool!(self, pool => sqlx::query_scalar(
+            "SELECT id FROM messages WHERE closed = FALSE AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
+        )
+        .bind(now)
+        .bind(GROUPS_PER_PASS)
+        .fetch_all(pool)
+        .await)?;
+        for message_id in expiring {
+            let mut statements = expire_pending(
+                &message_id,
+                false,
+                "expired at the relay: not handed over before the message's expiry",
+                now,
+            );
+            let mut close = Sql::new(
+                "UPDATE deliveries SET check_at = NULL WHERE check_at IS NOT NULL AND message_id = ",
+            );
+            let m = close.bind(Param::Text(message_id.clone()));
+            close.push(&m);
+            statements.push(close);
+            let mut closed = Sql::new("UPDATE messages SET closed = TRUE WHERE id = ");
+            let m = closed.bind(Param::Text(message_id.clone()));
+            closed.push(&m);
+            statements.push(closed);
+            self.run_statements(&message_id, statements).await?;
+            done.expired += 1;
+        }
+
+        // Held-at-relay windows that closed on pending deliveries.
+        let closed_windows: Vec<String> = on_pool!(self, pool => sqlx::query_scalar(
+            "SELECT DISTINCT message_id FROM deliveries WHERE state = 0 AND window_close <= $1 LIMIT $2",
+        )
+        .bind(now)
+        .bind(GROUPS_PER_PASS)
+        .fetch_all(pool)
+        .await)?;
+        for message_id in closed_windows {
+            let Some(plan) = self.cached_plan(&mut plans, &message_id).await? else {
+                continue;
+            };
+            let statements = match plan.timing(now) {
+                Some((open, close)) => {
+                    let mut roll =
+                        Sql::new("UPDATE deliveries SET not_before = CASE WHEN not_before > ");
+                    let open_a = roll.bind(Param::Int(open));
+                    let open_b = roll.bind(Param::Int(open));
+                    let close = roll.bind(Param::Int(close));
+                    let note = roll.bind(Param::Text(format!(
+                        "window closed before hand-over; held for the next opening at {}",
+                        timestamp(open)
+                    )));
+                    let m = roll.bind(Param::Text(message_id.clone()));
+                    let at = roll.bind(Param::Int(now));
+                    roll.push(&format!(
+                        "{open_a} THEN not_before ELSE {open_b} END, window_close = {close}, note = {note} \
+                         WHERE message_id = {m} AND state = 0 AND window_close <= {at}"
+                    ));
+                    vec![roll]
+                }
+                None => expire_pending(
+                    &message_id,
+                    true,
+                    "expired at the relay: the delivery window ended before hand-over",
+                    now,
+                ),
+            };
+            self.run_statements(&message_id, statements).await?;
+            done.rolled += 1;
+        }
+
+        // Timers that ran out, and attempts whose channel the terminal lacks.
+        let groups: Vec<(String, i64, i64, i64)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT message_id, channel, attempt, state FROM deliveries
+             WHERE check_at IS NOT NULL AND check_at <= $1
+             GROUP BY message_id, channel, attempt, state LIMIT $2",
+        )
+        .bind(now)
+        .bind(GROUPS_PER_PASS)
+        .fetch_all(pool)
+        .await)?;
+        for (message_id, channel, attempt, state) in groups {
+            let plan = self.cached_plan(&mut plans, &message_id).await?;
+            let mut statements = Vec::new();
+            let group_filter = |sql: &mut Sql| {
+                let m = sql.bind(Param::Text(message_id.clone()));
+                let c = sql.bind(Param::Int(channel));
+                let a = sql.bind(Param::Int(attempt));
+                let s = sql.bind(Param::Int(state));
+                let at = sql.bind(Param::Int(now));
+                format!(
+                    "message_id = {m} AND channel = {c} AND attempt = {a} AND state = {s} AND check_at IS NOT NULL AND check_at <= {at}"
+                )
+            };
+            if let Some(plan) = plan.filter(|p| p.expires_at > now) {
+                let trigger = if state == 2 {
+                    Trigger::Unsupported
+                } else {
+                    Trigger::Timeout
+                };
+                let next = plan
+                    .policy
+                    .next(Channel::from_number(channel), attempt as u32, trigger);
+                if let (Some((next_channel, reason)), Some((not_before, window_close))) =
+                    (next, plan.timing(now))
+                {
+                    let stop = if plan.policy.kind == PolicyKind::Resend
+                        && plan.policy.resend_until_delivered
+                        && trigger == Trigger::Timeout
+                    {
+                        EventKind::Delivered
+                    } else {
+                        EventKind::Opened
+                    };
+                    let mut insert = Sql::new(
+                        "INSERT INTO deliveries (message_id, user_id, carrier_id, channel, attempt, state, not_before, window_close, reason) \
+                         SELECT message_id, user_id, carrier_id, ",
+                    );
+                    let ch = insert.bind(Param::Int(Channel::number(next_channel)));
+                    let nb = insert.bind(Param::Int(not_before));
+                    let wc = insert.bind(Param::Int(window_close));
+                    let why = insert.bind(Param::Text(reason));
+                    let stop = insert.bind(Param::Int(stop.number()));
+                    let filter = group_filter(&mut insert);
+                    insert.push(&format!(
+                        "{ch}, attempt + 1, 0, {nb}, {wc}, {why} FROM deliveries d WHERE {filter} \
+                         AND NOT EXISTS (SELECT 1 FROM events e WHERE e.message_id = d.message_id AND e.user_id = d.user_id AND e.kind = {stop}) \
+                         ON CONFLICT DO NOTHING"
+                    ));
+                    statements.push(insert);
+                }
+            }
+            let mut clear = Sql::new("UPDATE deliveries SET check_at = NULL WHERE ");
+            let filter = group_filter(&mut clear);
+            clear.push(&filter);
+            statements.push(clear);
+            self.run_statements(&message_id, statements).await?;
+            done.groups += 1;
+        }
+        Ok(done)
+    }
+
+    async fn cached_plan(
+        &self,
+        plans: &mut HashMap<String, Option<MessagePlan>>,
+        message_id: &str,
+    ) -> Result<Option<MessagePlan>> {
+        if let Some(plan) = plans.get(message_id) {
+            return Ok(plan.clone());
+        }
+        let plan = self.message_plan(message_id).await?;
+        plans.insert(message_id.to_owned(), plan.clone());
+        Ok(plan)
+    }
+
+    async fn run_statements(&self, message_id: &str, statements: Vec<Sql>) -> Result<()> {
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            execute_all!(tx, message_id, statements)?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// The decision trace of `message_id` for `user_id`: the message's plan,
+    /// every attempt with why it exists, and the person's events.
+    pub async fn explain(&self, message_id: &str, user_id: &str) -> Result<Explanation> {
+        type AttemptRow = (i64, i64, i64, i64, Option<i64>, String, String, String);
+        type Found = (
+            Option<(String, String)>,
+            Vec<AttemptRow>,
+            Vec<(i64, i64, i64)>,
+        );
+        let (plan, attempts, events): Found = on_pool!(self, pool => {
+            let plan = sqlx::query_as("SELECT plan, policy FROM messages WHERE id = $1")
+                .bind(message_id)
+                .fetch_optional(pool)
+                .await?;
+            let attempts = sqlx::query_as(
+                "SELECT attempt, channel, state, not_before, handed_over_at, reason, note, carrier_id
+                 FROM deliveries WHERE message_id = $1 AND user_id = $2 ORDER BY attempt, id",
+            )
+            .bind(message_id)
+            .bind(user_id)
+            .fetch_all(pool)
+            .await?;
+            let events = sqlx::query_as(
+                "SELECT kind, at, channel FROM events WHERE message_id = $1 AND user_id = $2 ORDER BY at, kind",
+            )
+            .bind(message_id)
+            .bind(user_id)
+            .fetch_all(pool)
+            .await?;
+            (plan, attempts, events)
+        });
+        let Some((plan, policy)) = plan else {
+            return Err(Error::not_found("message_id", "no such message"));
+        };
+        Ok(Explanation {
+            attempts: attempts
+                .into_iter()
+                .map(
+                    |(
+                        attempt,
+                        channel,
+                        state,
+                        not_before,
+                        handed_over_at,
+                        reason,
+                        note,
+                        carrier_id,
+                    )| {
+                        let mut why = if reason.is_empty() {
+                            format!("first attempt under {}", policy.replace('_', " "))
+                        } else {
+                            reason
+                        };
+                        if !note.is_empty() {
+                            why.push_str("; ");
+                            why.push_str(&note);
+                        }
+                        Attempt {
+                            attempt: attempt as u32,
+                            channel: Channel::from_number(channel),
+                            state: state_name(state),
+                            not_before,
+                            handed_over_at,
+                            reason: why,
+                            carrier_id,
+                        }
+                    },
+                )
+                .collect(),
+            events: events
+                .into_iter()
+                .filter_map(|(kind, at, channel)| {
+                    EventKind::from_number(kind).map(|kind| ExplainedEvent {
+                        kind,
+                        at,
+                        channel: Channel::from_number(channel),
+                    })
+                })
+                .collect(),
+            plan,
+        })
+    }
+}
+
+/// Expire `message_id`'s pending deliveries (only those whose held window
+/// closed, when `closed_windows_only`): an expired event for each person not
+/// already delivered to, then the rows.
+fn expire_pending(message_id: &str, closed_windows_only: bool, note: &str, now: i64) -> Vec<Sql> {
+    let pending = |sql: &mut Sql| {
+        let m = sql.bind(Param::Text(message_id.to_owned()));
+        let mut filter = format!("d.message_id = {m} AND d.state = 0");
+        if closed_windows_only {
+            let at = sql.bind(Param::Int(now));
+            filter.push_str(&format!(" AND d.window_close <= {at}"));
+        }
+        filter
+    };
+    let mut record = Sql::new(
+        "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region) SELECT d.message_id, d.user_id, ",
+    );
+    let kind = record.bind(Param::Int(EventKind::Expired.number()));
+    let at = record.bind(Param::Int(now));
+    let delivered = record.bind(Param::Int(EventKind::Delivered.number()));
+    let filter = pending(&mut record);
+    record.push(&format!(
+        "{kind}, {at}, d.carrier_id, d.channel, '' FROM deliveries d WHERE {filter} \
+         AND NOT EXISTS (SELECT 1 FROM events e WHERE e.message_id = d.message_id AND e.user_id = d.user_id AND e.kind = {delivered}) \
+         ON CONFLICT DO NOTHING"
+    ));
+    let record = Sql {
+        effect: Effect::Count(EventKind::Expired.number()),
+        ..record
+    };
+    let mut close = Sql::new("UPDATE deliveries SET state = 3, check_at = NULL, note = ");
+    let note = close.bind(Param::Text(note.to_owned()));
+    close.push(&format!(
+        "{note} WHERE id IN (SELECT d.id FROM deliveries d WHERE "
+    ));
+    let filter = pending(&mut close);
+    close.push(&filter).push(")");
+    vec![record, close]
+}
