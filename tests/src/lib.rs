@@ -23,7 +23,7 @@ use chukei_proto::relay::v1 as pb;
 use chukei_proto::relay::v1::admin_client::AdminClient;
 use chukei_proto::relay::v1::enterprise_api_client::EnterpriseApiClient;
 use sqlx::Connection;
-use terminal_sim::fleet::Fleet;
+use terminal_sim::fleet::{Fleet, SimUser};
 use terminal_sim::setup::EnterpriseChoice;
 use terminal_sim::terminal::{OpenMode, Terminals};
 use terminal_sim::{CarrierUrl, FleetOptions};
@@ -524,6 +524,27 @@ impl Hub {
             .carriers)
     }
 
+    /// A carrier's own counts of one message (its `CarrierAdmin.GetCounts`).
+    pub async fn carrier_own_counts(
+        &self,
+        carrier_id: &str,
+        message_id: &str,
+    ) -> anyhow::Result<chukei_proto::carrier::v1::GetCountsResponse> {
+        use chukei_proto::carrier::v1 as carrier;
+        let node = &self.carriers[self.carrier_index(carrier_id)];
+        let channel = Channel::from_shared(node.url())?.connect().await?;
+        let mut client = carrier::carrier_admin_client::CarrierAdminClient::with_interceptor(
+            channel,
+            BearerInterceptor::new(CARRIER_ADMIN_TOKEN)?,
+        );
+        Ok(client
+            .get_counts(carrier::GetCountsRequest {
+                message_id: message_id.into(),
+            })
+            .await?
+            .into_inner())
+    }
+
     fn carrier_index(&self, carrier_id: &str) -> usize {
         self.carriers
             .iter()
@@ -681,4 +702,54 @@ pub fn registered_users(
         .filter(|u| u.consent_for(fleet.seed, enterprise_id).is_some())
         .map(|u| (u.user_id.clone(), u.clone()))
         .collect()
+}
+
+/// The enterprise's refs for the users the fleet registered with it. An
+/// enterprise cannot map refs back to people; the test asks the carriers,
+/// where registering again is idempotent and answers with the same refs.
+pub async fn refs_by_user(
+    hub: &Hub,
+    fleet: &Fleet,
+    enterprise_id: &str,
+) -> HashMap<String, String> {
+    let users: Vec<&SimUser> = fleet
+        .users
+        .iter()
+        .filter(|u| u.consent_for(fleet.seed, enterprise_id).is_some())
+        .collect();
+    let mut refs = HashMap::new();
+    for carrier in &hub.carriers {
+        let mut client =
+            chukei_proto::carrier::v1::subscriber_api_client::SubscriberApiClient::connect(
+                carrier.url(),
+            )
+            .await
+            .unwrap();
+        let mine: Vec<&&SimUser> = users
+            .iter()
+            .filter(|u| u.carriers[0] == carrier.carrier_id)
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let response = client
+            .register(chukei_proto::carrier::v1::RegisterRequest {
+                registrations: mine
+                    .iter()
+                    .map(|u| chukei_proto::carrier::v1::Registration {
+                        user_id: u.user_id.clone(),
+                        enterprise_id: enterprise_id.into(),
+                        service_id: String::new(),
+                        consent: u.consent_for(fleet.seed, enterprise_id),
+                    })
+                    .collect(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for (user, user_ref) in mine.iter().zip(response.user_refs) {
+            refs.insert(user.user_id.clone(), user_ref);
+        }
+    }
+    refs
 }

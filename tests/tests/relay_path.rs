@@ -1,11 +1,13 @@
 //! The relay path end to end, on every backend: the right people get the
 //! message on the right terminal, nobody else does, and every count is exact.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
-use integration_tests::{Backend, Hub, backend_tests, registered_users, send_request};
+use integration_tests::{
+    Backend, Hub, backend_tests, refs_by_user, registered_users, send_request,
+};
 
 fn send(key: &str, target: pb::target::Kind, text: &str) -> pb::SendMessageRequest {
     send_request(key, target, text, common::Channel::Rcs)
@@ -19,52 +21,6 @@ const USERS: usize = 120;
 
 fn ids<'a>(users: impl IntoIterator<Item = &'a SimUser>) -> HashSet<String> {
     users.into_iter().map(|u| u.user_id.clone()).collect()
-}
-
-/// The enterprise's refs for the users the fleet registered with it. An
-/// enterprise cannot map refs back to people; the test asks the carriers,
-/// where registering again is idempotent and answers with the same refs.
-async fn refs_by_user(hub: &Hub, fleet: &Fleet, enterprise_id: &str) -> HashMap<String, String> {
-    let users: Vec<&SimUser> = fleet
-        .users
-        .iter()
-        .filter(|u| u.consent_for(fleet.seed, enterprise_id).is_some())
-        .collect();
-    let mut refs = HashMap::new();
-    for carrier in &hub.carriers {
-        let mut client =
-            chukei_proto::carrier::v1::subscriber_api_client::SubscriberApiClient::connect(
-                carrier.url(),
-            )
-            .await
-            .unwrap();
-        let mine: Vec<&&SimUser> = users
-            .iter()
-            .filter(|u| u.carriers[0] == carrier.carrier_id)
-            .collect();
-        if mine.is_empty() {
-            continue;
-        }
-        let response = client
-            .register(chukei_proto::carrier::v1::RegisterRequest {
-                registrations: mine
-                    .iter()
-                    .map(|u| chukei_proto::carrier::v1::Registration {
-                        user_id: u.user_id.clone(),
-                        enterprise_id: enterprise_id.into(),
-                        service_id: String::new(),
-                        consent: u.consent_for(fleet.seed, enterprise_id),
-                    })
-                    .collect(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        for (user, user_ref) in mine.iter().zip(response.user_refs) {
-            refs.insert(user.user_id.clone(), user_ref);
-        }
-    }
-    refs
 }
 
 async fn every_target_kind_reaches_exactly_its_people(backend: Backend) {

@@ -1,0 +1,1065 @@
+//! Delivery control end to end, on every backend, on one manual clock shared
+//! by the relay, the carrier and the terminals: tests advance time instead of
+//! sleeping. What is checked is what people would see — which messages reach
+//! which terminals on which channel, and when — and the counts.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chukei_proto::clock::{Clock, to_timestamp};
+use chukei_proto::common::v1 as common;
+use chukei_proto::relay::v1 as pb;
+use integration_tests::{
+    Backend, Enterprise, Hub, Settings, backend_tests, eventually, refs_by_user,
+};
+use terminal_sim::fleet::Fleet;
+use terminal_sim::setup::EnterpriseChoice;
+use terminal_sim::terminal::{InboxItem, OpenMode, Terminals};
+use tonic::Code;
+
+/// 2026-11-26T00:00:00Z (09:00 in Tokyo).
+const START_MS: i64 = 1_795_651_200_000;
+const MINUTE_MS: i64 = 60_000;
+const HOUR_MS: i64 = 3_600_000;
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Scene {
+    hub: Hub,
+    clock: Clock,
+    fleet: Fleet,
+    terminals: Terminals,
+    /// (enterprise id, API key, client, refs by user id)
+    enterprises: Vec<(String, String, Enterprise, HashMap<String, String>)>,
+}
+
+/// How a scene is set up.
+struct Setup {
+    users: usize,
+    enterprises: usize,
+    /// Whether user `i` opens what reaches them (within the hour, any channel).
+    opener: fn(usize) -> bool,
+    settings: Settings,
+    open_mode: OpenMode,
+    /// Adjusts the fleet before it starts (capabilities, propensities).
+    tailor: fn(&mut Fleet),
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Self {
+            users: 8,
+            enterprises: 1,
+            opener: |_| true,
+            settings: Settings::default(),
+            open_mode: OpenMode::Model,
+            tailor: |_| {},
+        }
+    }
+}
+
+async fn scene(backend: Backend, setup: Setup) -> Option<Scene> {
+    let clock = Clock::manual(START_MS);
+    let settings = Settings {
+        clock: Some(clock.clone()),
+        message_ttl_secs: 7 * 24 * 3600,
+        ..setup.settings
+    };
+    let mut hub = Hub::start_settings(backend, &["alpha"], settings)
+        .await
+        .unwrap()?;
+    let mut enterprises = Vec::new();
+    for index in 0..setup.enterprises {
+        let (id, key) = hub
+            .create_enterprise(&format!("brand-{index}"))
+            .await
+            .unwrap();
+        enterprises.push((id, key));
+    }
+    let mut fleet = Fleet::generate(31, setup.users, &["alpha".into()]).with_every_channel();
+    for (index, user) in fleet.users.iter_mut().enumerate() {
+        let behaviour = &mut user.behaviour;
+        behaviour.registration_share = 1.0;
+        behaviour.active_start_hour = 0;
+        behaviour.active_hours = 24;
+        behaviour.away_share = 0.0;
+        behaviour.open_propensity = if (setup.opener)(index) {
+            [0.0, 1.0, 1.0, 1.0, 1.0]
+        } else {
+            [0.0; 5]
+        };
+    }
+    (setup.tailor)(&mut fleet);
+    let choices = enterprises
+        .iter()
+        .map(|(id, _)| EnterpriseChoice {
+            enterprise_id: id.clone(),
+            service_ids: vec![],
+        })
+        .collect();
+    let terminals = hub
+        .start_fleet(fleet.clone(), choices, setup.open_mode)
+        .await
+        .unwrap();
+    let mut with_clients = Vec::new();
+    for (id, key) in enterprises {
+        let client = hub.enterprise(&key).await.unwrap();
+        let refs = refs_by_user(&hub, &fleet, &id).await;
+        with_clients.push((id, key, client, refs));
+    }
+    Some(Scene {
+        hub,
+        clock,
+        fleet,
+        terminals,
+        enterprises: with_clients,
+    })
+}
+
+impl Scene {
+    fn user(&self, index: usize) -> String {
+        self.fleet.users[index].user_id.clone()
+    }
+
+    fn client(&self, enterprise: usize) -> Enterprise {
+        self.enterprises[enterprise].2.clone()
+    }
+
+    fn ref_of(&self, enterprise: usize, index: usize) -> String {
+        self.enterprises[enterprise].3[&self.user(index)].clone()
+    }
+
+    async fn send(&self, enterprise: usize, request: pb::SendMessageRequest) -> String {
+        self.client(enterprise)
+            .send_message(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .message_id
+    }
+
+    async fn status(&self, enterprise: usize, message_id: &str) -> pb::MessageStatus {
+        self.client(enterprise)
+            .get_message(pb::GetMessageRequest {
+                message_id: message_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn wait(
+        &self,
+        enterprise: usize,
+        message_id: &str,
+        done: impl Fn(&pb::MessageStatus) -> bool,
+    ) -> pb::MessageStatus {
+        self.hub
+            .wait_for_message(&self.enterprises[enterprise].1, message_id, done)
+            .await
+    }
+
+    /// What user `index` received of `message_id`, oldest first.
+    fn items(&self, index: usize, message_id: &str) -> Vec<InboxItem> {
+        self.terminals
+            .inbox(&self.user(index))
+            .into_iter()
+            .filter(|item| item.message_id == message_id)
+            .collect()
+    }
+
+    fn advance(&self, ms: i64) {
+        self.clock.advance(Duration::from_millis(ms as u64));
+    }
+
+    async fn explain(
+        &self,
+        enterprise: usize,
+        message_id: &str,
+        index: usize,
+    ) -> pb::DeliveryExplanation {
+        self.client(enterprise)
+            .explain_delivery(pb::ExplainDeliveryRequest {
+                message_id: message_id.into(),
+                user_ref: self.ref_of(enterprise, index),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+}
+
+fn channel(channel: common::Channel) -> i32 {
+    channel as i32
+}
+
+fn policy(
+    kind: pb::PolicyKind,
+    channels: &[common::Channel],
+    timeout_ms: i64,
+    max_resends: u32,
+) -> pb::DeliveryPolicy {
+    pb::DeliveryPolicy {
+        kind: kind as i32,
+        channels: channels.iter().map(|c| *c as i32).collect(),
+        timeout: (timeout_ms > 0).then(|| prost_types::Duration {
+            seconds: timeout_ms / 1000,
+            nanos: 0,
+        }),
+        max_resends,
+        resend_until: 0,
+    }
+}
+
+fn request(key: &str, target: pb::target::Kind, text: &str) -> pb::SendMessageRequest {
+    pb::SendMessageRequest {
+        idempotency_key: key.into(),
+        target: Some(pb::Target { kind: Some(target) }),
+        content: Some(common::Content {
+            text: text.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn everyone(key: &str, text: &str) -> pb::SendMessageRequest {
+    request(key, pb::target::Kind::AllRegistered(true), text)
+}
+
+/// Gives the system a moment of real time, for checks that nothing happens.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+}
+
+async fn fallback_sends_sms_only_to_those_who_did_not_open_rcs(backend: Backend) {
+    let Some(scene) = scene(
+        backend,
+        Setup {
+            opener: |i| i % 2 == 0,
+            ..Setup::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let n = scene.fleet.users.len() as u64;
+    let id = scene
+        .send(
+            0,
+            pb::SendMessageRequest {
+                policy: Some(policy(
+                    pb::PolicyKind::Fallback,
+                    &[common::Channel::Rcs, common::Channel::Sms],
+                    2 * HOUR_MS,
+                    0,
+                )),
+                ..everyone("fallback", "new season")
+            },
+        )
+        .await;
+    scene.wait(0, &id, |s| s.delivered == n).await;
+    scene.advance(61 * MINUTE_MS);
+    scene.wait(0, &id, |s| s.opened == n / 2).await;
+    scene.advance(2 * HOUR_MS);
+    eventually("SMS for everyone who did not open", WAIT, || async {
+        (1..n as usize)
+            .step_by(2)
+            .all(|i| scene.items(i, &id).len() == 2)
+            .then_some(())
+    })
+    .await;
+    settle().await;
+    for index in 0..n as usize {
+        let channels: Vec<i32> = scene.items(index, &id).iter().map(|i| i.channel).collect();
+        if index % 2 == 0 {
+            assert_eq!(channels, [channel(common::Channel::Rcs)], "opener {index}");
+        } else {
+            assert_eq!(
+                channels,
+                [channel(common::Channel::Rcs), channel(common::Channel::Sms)],
+                "non-opener {index}"
+            );
+        }
+    }
+    // One send per person, however many attempts.
+    let status = scene.status(0, &id).await;
+    assert_eq!(
+        (
+            status.matched,
+            status.handed_over,
+            status.delivered,
+            status.opened
+        ),
+        (n, n, n, n / 2)
+    );
+    assert!(
+        status.plan.starts_with("fallback RCS → SMS after 2h"),
+        "{}",
+        status.plan
+    );
+    let trace = scene.explain(0, &id, 1).await;
+    assert_eq!(trace.attempts.len(), 2);
+    assert_eq!(trace.attempts[1].channel, channel(common::Channel::Sms));
+    assert!(
+        trace.attempts[1]
+            .reason
+            .contains("fallback: RCS not opened within 2h"),
+        "{:?}",
+        trace.attempts[1]
+    );
+    assert!(
+        trace.attempts.iter().all(|a| a.carrier_id.is_empty()),
+        "no carrier for the enterprise"
+    );
+    scene.hub.shutdown().await.unwrap();
+}
+
+async fn multi_is_one_send_and_at_most_one_open(backend: Backend) {
+    let Some(scene) = scene(backend, Setup::default()).await else {
+        return;
+    };
+    let n = scene.fleet.users.len() as u64;
+    let id = scene
+        .send(
+            0,
+            pb::SendMessageRequest {
+                policy: Some(policy(
+                    pb::PolicyKind::Multi,
+                    &[common::Channel::Rcs, common::Channel::Sms],
+                    0,
+                    0,
+                )),
+                ..everyone("multi", "both at once")
+            },
+        )
+        .await;
+    scene.wait(0, &id, |s| s.delivered == n).await;
+    scene.advance(61 * MINUTE_MS);
+    eventually("every copy opened at the terminals", WAIT, || async {
+        (scene.terminals.snapshot().opened == 2 * n).then_some(())
+    })
+    .await;
+    settle().await;
+    for index in 0..n as usize {
+        assert_eq!(
+            scene.items(index, &id).len(),
+            2,
+            "user {index} gets both channels"
+        );
+    }
+    let status = scene.status(0, &id).await;
+    assert_eq!(
+        (status.handed_over, status.delivered, status.opened),
+        (n, n, n)
+    );
+    let carrier = scene.hub.carrier_own_counts("alpha", &id).await.unwrap();
+    assert_eq!(
+        (carrier.counts[0].sent, carrier.counts[0].opened),
+        (n, n),
+        "the carrier counts people too"
+    );
+    scene.hub.shutdown().await.unwrap();
+}
+
+async fn resend_stops_after_k_resends(backend: Backend) {
+    let Some(scene) = scene(
+        backend,
+        Setup {
+            users: 4,
+            opener: |_| false,
+            ..Setup::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let n = scene.fleet.users.len();
+    let id = scene
+        .send(
+            0,
+            pb::SendMessageRequest {
+                policy: Some(policy(
+                    pb::PolicyKind::Resend,
+                    &[common::Channel::Sms],
+                    HOUR_MS,
+                    2,
+                )),
+                ..everyone("resend", "reminder")
+            },
+        )
+        .await;
+    for sends in 1..=3 {
+        eventually(&format!("{sends} sends each"), WAIT, || async {
+            (0..n)
+                .all(|i| scene.items(i, &id).len() == sends)
+                .then_some(())
+        })
+        .await;
+        scene.advance(HOUR_MS + MINUTE_MS);
+    }
+    scene.advance(5 * HOUR_MS);
+    settle().await;
+    for index in 0..n {
+        let items = scene.items(index, &id);
+        assert_eq!(items.len(), 3, "one send and two resends, then no more");
+        assert!(
+            items
+                .iter()
+                .all(|i| i.channel == channel(common::Channel::Sms))
+        );
+    }
+    let trace = scene.explain(0, &id, 0).await;
+    assert!(
+        trace.attempts[2].reason.contains("resend 2/2"),
+        "{:?}",
+        trace.attempts
+    );
+    scene.hub.shutdown().await.unwrap();
+}
+
+/// A daily window 23:00–01:00 in Tokyo (14:00–16:00 UTC): across local midnight.
+fn late_night_tokyo() -> common::DeliveryWindow {
+    common::DeliveryWindow {
+        kind: Some(common::delivery_window::Kind::Daily(common::DailyWindow {
+            start_minute: 23 * 60,
+            end_minute: 60,
+            time_zone: "Asia/Tokyo".into(),
+        })),
+    }
+}
+
+fn windowed(key: &str, mode: pb::WindowMode) -> pb::SendMessageRequest {
+    pb::SendMessageRequest {
+        window: Some(late_night_tokyo()),
+        window_mode: mode as i32,
+        ..everyone(key, "late offer")
+    }
+}
+
+async fn windows_hold_at_relay_and_at_carrier_in_a_non_utc_zone(backend: Backend) {
+    let Some(scene) = scene(backend, Setup::default()).await else {
+        return;
+    };
+    let n = scene.fleet.users.len() as u64;
+    let received_in_window = |id: &str, open: i64| {
+        (0..n as usize).all(|i| {
+            let items = scene.items(i, id);
+            items.len() == 1
+                && items[0].received_at >= open
+                && items[0].received_at < open + 2 * HOUR_MS
+        })
+    };
+    // 09:00 in Tokyo: both wait for 23:00.
+    let relay = scene
+        .send(0, windowed("relay-1", pb::WindowMode::HeldAtRelay))
+        .await;
+    let carrier = scene
+        .send(0, windowed("carrier-1", pb::WindowMode::AtCarrier))
+        .await;
+    scene.wait(0, &carrier, |s| s.handed_over == n).await;
+    settle().await;
+    assert_eq!(
+        scene.status(0, &relay).await.handed_over,
+        0,
+        "held at the relay"
+    );
+    scene.advance(13 * HOUR_MS + 50 * MINUTE_MS);
+    settle().await;
+    assert_eq!(
+        scene.terminals.snapshot().received,
+        0,
+        "nothing before 23:00 Tokyo"
+    );
+    scene.advance(15 * MINUTE_MS);
+    let open = START_MS + 14 * HOUR_MS;
+    for id in [&relay, &carrier] {
+        scene.wait(0, id, |s| s.delivered == n).await;
+        assert!(received_in_window(id, open));
+    }
+    // 00:30 in Tokyo, the next local day: still inside the window, so at once.
+    scene.advance(HOUR_MS + 25 * MINUTE_MS);
+    let inside = scene
+        .send(0, windowed("relay-2", pb::WindowMode::HeldAtRelay))
+        .await;
+    scene.wait(0, &inside, |s| s.delivered == n).await;
+    // 01:30 in Tokyo: after the window, so the next day's opening.
+    scene.advance(HOUR_MS);
+    let relay = scene
+        .send(0, windowed("relay-3", pb::WindowMode::HeldAtRelay))
+        .await;
+    let carrier = scene
+        .send(0, windowed("carrier-3", pb::WindowMode::AtCarrier))
+        .await;
+    scene.wait(0, &carrier, |s| s.handed_over == n).await;
+    scene.advance(21 * HOUR_MS);
+    settle().await;
+    assert!(scene.items(0, &relay).is_empty() && scene.items(0, &carrier).is_empty());
+    scene.advance(35 * MINUTE_MS);
+    let next_open = START_MS + 38 * HOUR_MS;
+    for id in [&relay, &carrier] {
+        scene.wait(0, id, |s| s.delivered == n).await;
+        assert!(received_in_window(id, next_open));
+    }
+    let status = scene.status(0, &relay).await;
+    assert!(
+        status
+            .plan
+            .contains("daily 23:00-01:00 Asia/Tokyo (held at the relay)"),
+        "{}",
+        status.plan
+    );
+    scene.hub.shutdown().await.unwrap();
+}
+
+async fn expiry_prevents_late_delivery(backend: Backend) {
+    let Some(scene) = scene(backend, Setup::default()).await else {
+        return;
+    };
+    let n = scene.fleet.users.len() as u64;
+    let expiring = |key: &str, mode| pb::SendMessageRequest {
+        expires_at: Some(to_timestamp(START_MS + 2 * HOUR_MS)),
+        ..windowed(key, mode)
+    };
+    let relay = scene
+        .send(0, expiring("relay", pb::WindowMode::HeldAtRelay))
+        .await;
+    let carrier = scene
+        .send(0, expiring("carrier", pb::WindowMode::AtCarrier))
+        .await;
+    scene.wait(0, &carrier, |s| s.handed_over == n).await;
+    scene.advance(3 * HOUR_MS);
+    let relay_status = scene.wait(0, &relay, |s| s.expired == n).await;
+    assert_eq!(relay_status.handed_over, 0);
+    let carrier_status = scene.wait(0, &carrier, |s| s.expired == n).await;
+    assert_eq!(carrier_status.delivered, 0);
+    // The window opens: nothing expired is ever delivered.
+    scene.advance(12 * HOUR_MS);
+    settle().await;
+    assert_eq!(scene.terminals.snapshot().received, 0);
+    let carrier_counts = scene
+        .hub
+        .carrier_own_counts("alpha", &carrier)
+        .await
+        .unwrap();
+    assert_eq!(carrier_counts.counts[0].expired, n);
+    let trace = scene.explain(0, &relay, 0).await;
+    assert_eq!(trace.attempts[0].state, "expired");
+    assert!(trace.events.iter().any(|e| e.kind == "expired"));
+    scene.hub.shutdown().await.unwrap();
+}
+
+async fn quiet_period_defers_a_broadcast_around_another_enterprises_targeted_message(
+    backend: Backend,
+) {
+    let Some(scene) = scene(
+        backend,
+        Setup {
+            enterprises: 2,
+            settings: Settings {
+                quiet_period_secs: 1_800,
+                ..Settings::default()
+            },
+            ..Setup::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let n = scene.fleet.users.len() as u64;
+    let targeted = scene
+        .send(
+            0,
+            request(
+                "order",
+                pb::target::Kind::Refs(pb::RefList {
+                    refs: vec![scene.ref_of(0, 0)],
+                }),
+                "your order shipped",
+            ),
+        )
+        .await;
+    scene.wait(0, &targeted, |s| s.delivered == 1).await;
+    let broadcast = scene.send(1, everyone("sale", "weekend sale")).await;
+    let status = scene.wait(1, &broadcast, |s| s.delivered == n - 1).await;
+    assert_eq!(status.deferred, 1);
+    settle().await;
+    assert!(
+        scene.items(0, &broadcast).is_empty(),
+        "held off during the quiet period"
+    );
+    let trace = scene.explain(1, &broadcast, 0).await;
+    assert!(
+        trace.attempts[0].reason.contains("quiet period"),
+        "{:?}",
+        trace.attempts
+    );
+    scene.advance(31 * MINUTE_MS);
+    scene.wait(1, &broadcast, |s| s.delivered == n).await;
+    assert_eq!(
+        scene.items(0, &broadcast).len(),
+        1,
+        "deferred, never dropped"
+    );
+    scene.hub.shutdown().await.unwrap();
+}
+
+async fn follow_ups_go_only_to_openers(backend: Backend) {
+    let Some(scene) = scene(
+        backend,
+        Setup {
+            opener: |i| i % 2 == 0,
+            ..Setup::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let n = scene.fleet.users.len() as u64;
+    let id = scene
+        .send(
+            0,
+            pb::SendMessageRequest {
+                follow_up: Some(pb::FollowUp {
+                    content: Some(common::Content {
+                        text: "thanks for reading".into(),
+                        ..Default::default()
+                    }),
+                    delay: Some(prost_types::Duration {
+                        seconds: 600,
+                        nanos: 0,
+                    }),
+                    channel: channel(common::Channel::Sms),
+                }),
+                ..everyone("with-follow-up", "new menu")
+            },
+        )
+        .await;
+    scene.wait(0, &id, |s| s.delivered == n).await;
+    scene.advance(61 * MINUTE_MS);
+    let status = scene.wait(0, &id, |s| s.opened == n / 2).await;
+    let follow_up = status.follow_up_message_id;
+    assert!(!follow_up.is_empty());
+    scene.advance(11 * MINUTE_MS);
+    scene.wait(0, &follow_up, |s| s.delivered == n / 2).await;
+    settle().await;
+    let reached: HashSet<String> = scene.terminals.recipients(&follow_up).into_keys().collect();
+    let openers: HashSet<String> = (0..n as usize).step_by(2).map(|i| scene.user(i)).collect();
+    assert_eq!(reached, openers);
+    for index in (0..n as usize).step_by(2) {
+        let item = &scene.items(index, &follow_up)[0];
+        assert_eq!(item.channel, channel(common::Channel::Sms));
+        assert_eq!(item.text, "thanks for reading");
+    }
+    scene.hub.shutdown().await.unwrap();
+}
+
+async fn fatigue_sends_fewer_messages_to_people_who_stop_opening(backend: Backend) {
+    let Some(scene) = scene(
+        backend,
+        Setup {
+            users: 6,
+            opener: |i| i < 3,
+            settings: Settings {
+                daily_cap: 2,
+                ..Settings::default()
+            },
+            ..Setup::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let openers: Vec<usize> = (0..3).collect();
+    let others: Vec<usize> = (3..6).collect();
+    // A month: two campaigns a day, twelve hours apart.
+    let mut ids = Vec::new();
+    for campaign in 0..60 {
+        let id = scene
+            .send(0, everyone(&format!("daily-{campaign}"), "today's news"))
+            .await;
+        let status = scene
+            .wait(0, &id, |s| {
+                s.matched > 0 && s.delivered + s.skipped == s.matched
+            })
+            .await;
+        scene.advance(61 * MINUTE_MS);
+        let reached_openers = openers
+            .iter()
+            .filter(|i| !scene.items(**i, &id).is_empty())
+            .count();
+        scene
+            .wait(0, &id, |s| s.opened as usize == reached_openers)
+            .await;
+        assert_eq!(status.matched, 6);
+        scene.advance(11 * HOUR_MS - MINUTE_MS);
+        ids.push(id);
+    }
+    let received = |group: &[usize]| -> usize {
+        group
+            .iter()
+            .map(|i| {
+                ids.iter()
+                    .filter(|id| !scene.items(*i, id).is_empty())
+                    .count()
+            })
+            .sum()
+    };
+    let (opener_total, other_total) = (received(&openers), received(&others));
+    println!("{backend:?}: openers received {opener_total}, non-openers {other_total} of 3 x 60");
+    assert_eq!(
+        opener_total,
+        3 * 60,
+        "people who keep opening keep their full cap"
+    );
+    assert!(
+        other_total * 10 < opener_total * 7 && other_total >= 3 * 30,
+        "non-openers get measurably fewer, but at least one a day: {other_total}"
+    );
+    let trace = scene.explain(0, ids.last().unwrap(), 3).await;
+    if trace.attempts[0].state == "skipped" {
+        assert!(
+            trace.attempts[0].reason.contains("fatigue"),
+            "{:?}",
+            trace.attempts
+        );
+    }
+    scene.hub.shutdown().await.unwrap();
+}
+
+async fn the_attention_budget_spans_enterprises(backend: Backend) {
+    let Some(scene) = scene(
+        backend,
+        Setup {
+            enterprises: 2,
+            settings: Settings {
+                daily_budget: 1,
+                ..Settings::default()
+            },
+            ..Setup::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let n = scene.fleet.users.len() as u64;
+    let first = scene.send(0, everyone("first", "one")).await;
+    scene.wait(0, &first, |s| s.delivered == n).await;
+    let second = scene.send(1, everyone("second", "two")).await;
+    let status = scene.wait(1, &second, |s| s.skipped == n).await;
+    assert_eq!(status.handed_over, 0);
+    let trace = scene.explain(1, &second, 0).await;
+    assert!(
+        trace.attempts[0].reason.contains("attention budget of 1"),
+        "{:?}",
+        trace.attempts
+    );
+    // A new day, a new budget.
+    scene.advance(24 * HOUR_MS);
+    let third = scene.send(1, everyone("third", "three")).await;
+    scene.wait(1, &third, |s| s.delivered == n).await;
+    scene.hub.shutdown().await.unwrap();
+}
+
+async fn an_unsupported_channel_moves_the_policy_on(backend: Backend) {
+    let Some(scene) = scene(
+        backend,
+        Setup {
+            open_mode: OpenMode::Always,
+            tailor: |fleet| {
+                for user in fleet.users.iter_mut().step_by(2) {
+                    user.behaviour.supports[common::Channel::Rcs as usize] = false;
+                }
+            },
+            ..Setup::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let n = scene.fleet.users.len() as u64;
+    let id = scene
+        .send(
+            0,
+            pb::SendMessageRequest {
+                policy: Some(policy(
+                    pb::PolicyKind::Fixed,
+                    &[common::Channel::Rcs, common::Channel::Sms],
+                    0,
+                    0,
+                )),
+                ..everyone("rich", "rich card")
+            },
+        )
+        .await;
+    let status = scene.wait(0, &id, |s| s.opened == n).await;
+    assert_eq!(status.unsupported, n / 2);
+    for index in 0..n as usize {
+        let channels: Vec<i32> = scene.items(index, &id).iter().map(|i| i.channel).collect();
+        let expected = if index % 2 == 0 {
+            common::Channel::Sms
+        } else {
+            common::Channel::Rcs
+        };
+        assert_eq!(channels, [channel(expected)], "user {index}");
+    }
+    let trace = scene.explain(0, &id, 0).await;
+    assert_eq!(trace.attempts[0].state, "unsupported");
+    assert!(
+        trace.attempts[1].reason.contains("RCS not supported"),
+        "{:?}",
+        trace.attempts
+    );
+    scene.hub.shutdown().await.unwrap();
+}
+
+async fn most_used_and_best_learn_from_opens(backend: Backend) {
+    let Some(scene) = scene(
+        backend,
+        Setup {
+            users: 9,
+            tailor: |fleet| {
+                // People open RCS and SMS, never e-mail.
+                for user in &mut fleet.users {
+                    user.behaviour.open_propensity = [0.0, 1.0, 1.0, 1.0, 0.0];
+                }
+            },
+            ..Setup::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let group = |range: std::ops::Range<usize>| {
+        pb::target::Kind::Refs(pb::RefList {
+            refs: range.map(|i| scene.ref_of(0, i)).collect(),
+        })
+    };
+    let history = [
+        (0..3, common::Channel::Rcs, "history-rcs"),
+        (3..6, common::Channel::Sms, "history-sms"),
+        (6..9, common::Channel::Email, "history-email"),
+    ];
+    let mut sent = Vec::new();
+    for (range, via, key) in history {
+        let id = scene
+            .send(
+                0,
+                pb::SendMessageRequest {
+                    channel: channel(via),
+                    ..request(key, group(range), "earlier news")
+                },
+            )
+            .await;
+        scene.wait(0, &id, |s| s.delivered == 3).await;
+        sent.push(id);
+    }
+    scene.advance(61 * MINUTE_MS);
+    for id in &sent[..2] {
+        scene.wait(0, id, |s| s.opened == 3).await;
+    }
+    // Most used: each person's own history; no opens yet means the named channel.
+    let most_used = scene
+        .send(
+            0,
+            pb::SendMessageRequest {
+                policy: Some(policy(
+                    pb::PolicyKind::MostUsed,
+                    &[common::Channel::Sns],
+                    0,
+                    0,
+                )),
+                ..everyone("most-used", "for you")
+            },
+        )
+        .await;
+    scene.wait(0, &most_used, |s| s.delivered == 9).await;
+    for (range, expected) in [
+        (0..3, common::Channel::Rcs),
+        (3..6, common::Channel::Sms),
+        (6..9, common::Channel::Sns),
+    ] {
+        for index in range {
+            assert_eq!(
+                scene.items(index, &most_used)[0].channel,
+                channel(expected),
+                "user {index}"
+            );
+        }
+    }
+    // Best: RCS and SMS were opened every time, e-mail never.
+    let best = scene
+        .send(
+            0,
+            pb::SendMessageRequest {
+                policy: Some(policy(
+                    pb::PolicyKind::Best,
+                    &[common::Channel::Email, common::Channel::Rcs],
+                    0,
+                    0,
+                )),
+                ..everyone("best", "best channel")
+            },
+        )
+        .await;
+    let status = scene.wait(0, &best, |s| s.delivered == 9).await;
+    assert!(status.plan.contains("chose RCS"), "{}", status.plan);
+    assert!((0..9).all(|i| scene.items(i, &best)[0].channel == channel(common::Channel::Rcs)));
+    scene.hub.shutdown().await.unwrap();
+}
+
+async fn bad_delivery_instructions_name_the_field(backend: Backend) {
+    let Some(scene) = scene(
+        backend,
+        Setup {
+            users: 1,
+            ..Setup::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let daily = |start, end, zone: &str| common::DeliveryWindow {
+        kind: Some(common::delivery_window::Kind::Daily(common::DailyWindow {
+            start_minute: start,
+            end_minute: end,
+            time_zone: zone.into(),
+        })),
+    };
+    let base = || everyone("bad", "x");
+    let cases: Vec<(pb::SendMessageRequest, &str)> = vec![
+        (
+            pb::SendMessageRequest {
+                window: Some(common::DeliveryWindow {
+                    kind: Some(common::delivery_window::Kind::Absolute(
+                        common::AbsoluteWindow {
+                            start: Some(to_timestamp(START_MS + HOUR_MS)),
+                            end: Some(to_timestamp(START_MS)),
+                        },
+                    )),
+                }),
+                ..base()
+            },
+            "window.absolute: end must be after start",
+        ),
+        (
+            pb::SendMessageRequest {
+                window: Some(daily(60, 120, "Mars/Olympus_Mons")),
+                ..base()
+            },
+            "window.daily.time_zone",
+        ),
+        (
+            pb::SendMessageRequest {
+                window: Some(daily(60, 1_500, "UTC")),
+                ..base()
+            },
+            "window.daily",
+        ),
+        (
+            pb::SendMessageRequest {
+                policy: Some(policy(
+                    pb::PolicyKind::Fallback,
+                    &[common::Channel::Rcs, common::Channel::Sms],
+                    0,
+                    0,
+                )),
+                ..base()
+            },
+            "policy.timeout: must be positive",
+        ),
+        (
+            pb::SendMessageRequest {
+                policy: Some(policy(
+                    pb::PolicyKind::Resend,
+                    &[common::Channel::Sms],
+                    HOUR_MS,
+                    11,
+                )),
+                ..base()
+            },
+            "policy.max_resends",
+        ),
+        (
+            pb::SendMessageRequest {
+                policy: Some(policy(pb::PolicyKind::Fixed, &[], 0, 0)),
+                ..base()
+            },
+            "policy.channels: must name at least one channel",
+        ),
+        (
+            pb::SendMessageRequest {
+                policy: Some(pb::DeliveryPolicy {
+                    kind: 42,
+                    ..Default::default()
+                }),
+                ..base()
+            },
+            "policy.kind",
+        ),
+        (
+            pb::SendMessageRequest {
+                expires_at: Some(to_timestamp(START_MS - HOUR_MS)),
+                ..base()
+            },
+            "expires_at: must be in the future",
+        ),
+        (
+            pb::SendMessageRequest {
+                expires_at: Some(prost_types::Timestamp {
+                    seconds: -5,
+                    nanos: 0,
+                }),
+                ..base()
+            },
+            "expires_at: must not be before 1970",
+        ),
+        (
+            pb::SendMessageRequest {
+                follow_up: Some(pb::FollowUp {
+                    content: None,
+                    ..Default::default()
+                }),
+                ..base()
+            },
+            "follow_up.content",
+        ),
+    ];
+    let mut client = scene.client(0);
+    for (request, expected) in cases {
+        let status = client.send_message(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{expected}");
+        assert!(
+            status.message().starts_with(expected),
+            "expected {expected:?}, got {:?}",
+            status.message()
+        );
+    }
+    // Nothing bad was accepted, and a good message still is.
+    let good = scene.send(0, everyone("good", "fine")).await;
+    scene.wait(0, &good, |s| s.delivered == 1).await;
+    scene.hub.shutdown().await.unwrap();
+}
+
+backend_tests!(
+    fallback_sends_sms_only_to_those_who_did_not_open_rcs,
+    multi_is_one_send_and_at_most_one_open,
+    resend_stops_after_k_resends,
+    windows_hold_at_relay_and_at_carrier_in_a_non_utc_zone,
+    expiry_prevents_late_delivery,
+    quiet_period_defers_a_broadcast_around_another_enterprises_targeted_message,
+    follow_ups_go_only_to_openers,
+    fatigue_sends_fewer_messages_to_people_who_stop_opening,
+    the_attention_budget_spans_enterprises,
+    an_unsupported_channel_moves_the_policy_on,
+    most_used_and_best_learn_from_opens,
+    bad_delivery_instructions_name_the_field,
+);
