@@ -201,7 +201,7 @@ fn policy(
     pb::DeliveryPolicy {
         kind: kind as i32,
         channels: channels.iter().map(|c| *c as i32).collect(),
-        timeout: (timeout_ms > 0).then(|| prost_types::Duration {
+        timeout: (timeout_ms > 0).then_some(prost_types::Duration {
             seconds: timeout_ms / 1000,
             nanos: 0,
         }),
