@@ -3,6 +3,7 @@
 //! they arrive, receipts only count for deliveries the relay made to that
 //! carrier, and the latest count report wins.
 
+use chukei_proto::window::Window;
 use integration_tests::{Backend, backend_tests, postgres_database};
 use relay_svc::policy::{AttentionConfig, Policy, Priority, Timing};
 use relay_svc::receipts::{CountReport, EventKind, MessageCount, Receipt};
@@ -58,11 +59,9 @@ fn receipt(message_id: &str, user_id: &str, kind: EventKind) -> Receipt {
     }
 }
 
-async fn receipts_count_once_whatever_arrives(backend: Backend) {
-    let Some(fixture) = store(backend).await else {
-        return;
-    };
-    let store = &fixture.store;
+/// One enterprise, carriers c1–c3; u1 on c1 (primary) and c2, u2 on c1;
+/// both registered. Returns their refs (u1, u2).
+async fn seed_registry(store: &Store) -> Vec<String> {
     store
         .create_enterprise("ent_1", "shop", "hash-1", 0)
         .await
@@ -106,6 +105,16 @@ async fn receipts_count_once_whatever_arrives(backend: Backend) {
         store.register_users("c1", &registrations, 0).await.unwrap(),
         refs
     );
+
+    refs
+}
+
+async fn receipts_count_once_whatever_arrives(backend: Backend) {
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
+    let store = &fixture.store;
+    let refs = seed_registry(store).await;
 
     let message = NewMessage {
         idempotency_key: "k".into(),
@@ -246,4 +255,154 @@ async fn receipts_count_once_whatever_arrives(backend: Backend) {
     fixture.close().await;
 }
 
-backend_tests!(receipts_count_once_whatever_arrives);
+fn message(key: &str, target: Target, window: Option<Window>) -> NewMessage {
+    NewMessage {
+        idempotency_key: key.into(),
+        target,
+        content: Content {
+            text: "hi".into(),
+            ..Content::default()
+        },
+        policy: Policy::fixed(None),
+        all_carriers: false,
+        timing: Timing {
+            window,
+            ..Timing::default()
+        },
+        follow_up: None,
+        priority: Priority::Normal,
+    }
+}
+
+const MINUTE: i64 = 60_000;
+const HOUR: i64 = 60 * MINUTE;
+/// 2026-11-26T00:00:00Z.
+const DAY0: i64 = 1_795_651_200_000;
+
+async fn held_deliveries_roll_to_the_next_opening_or_expire(backend: Backend) {
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
+    let store = &fixture.store;
+    let refs = seed_registry(store).await;
+    let attention = AttentionConfig::default();
+    let daily = Window::daily(9 * 60, 10 * 60, "UTC").unwrap();
+    let now = DAY0 + 9 * HOUR + 30 * MINUTE;
+    store
+        .accept_message(
+            "ent_1",
+            "msg_daily",
+            &message("daily", Target::Refs(refs.clone()), Some(daily)),
+            now,
+            now + 72 * HOUR,
+            &attention,
+        )
+        .await
+        .unwrap();
+    let due = |at| async move { store.due_deliveries("c1", 0, at, 100).await.unwrap().len() };
+    assert_eq!(due(now + 15 * MINUTE).await, 2, "inside the window");
+    // Not handed over before 10:00: the pending deliveries wait for tomorrow's opening.
+    let done = store
+        .follow_through(DAY0 + 10 * HOUR + 5 * MINUTE)
+        .await
+        .unwrap();
+    assert_eq!(done.rolled, 1);
+    assert_eq!(due(DAY0 + 10 * HOUR + 5 * MINUTE).await, 0);
+    assert_eq!(due(DAY0 + 33 * HOUR - 1).await, 0);
+    assert_eq!(due(DAY0 + 33 * HOUR).await, 2, "tomorrow at 09:00");
+
+    // An absolute window that ends before hand-over: expired, counted, never due.
+    let once = Window::absolute(now, now + HOUR).unwrap();
+    store
+        .accept_message(
+            "ent_1",
+            "msg_once",
+            &message("once", Target::Refs(refs.clone()), Some(once)),
+            now,
+            now + 72 * HOUR,
+            &attention,
+        )
+        .await
+        .unwrap();
+    store.follow_through(now + 2 * HOUR).await.unwrap();
+    let counts = store.message_counts("msg_once").await.unwrap();
+    assert_eq!((counts.expired, counts.handed_over), (2, 0));
+    assert_eq!(counts, store.recount_message("msg_once").await.unwrap());
+    let pending = store
+        .due_deliveries("c1", 0, now + 3 * HOUR, 100)
+        .await
+        .unwrap();
+    assert!(pending.iter().all(|d| d.message_id != "msg_once"));
+    fixture.close().await;
+}
+
+async fn a_targeted_message_defers_pending_campaign_deliveries(backend: Backend) {
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
+    let store = &fixture.store;
+    let refs = seed_registry(store).await;
+    let attention = AttentionConfig {
+        quiet_period_ms: 30 * MINUTE,
+        ..AttentionConfig::default()
+    };
+    // A campaign that opens at 00:20 is planned at 00:00.
+    let t0 = DAY0;
+    let later = Window::absolute(t0 + 20 * MINUTE, t0 + 5 * HOUR).unwrap();
+    store
+        .accept_message(
+            "ent_1",
+            "msg_campaign",
+            &message("campaign", Target::AllRegistered, Some(later)),
+            t0,
+            t0 + 24 * HOUR,
+            &attention,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .expand_message("msg_campaign", t0, &attention)
+            .await
+            .unwrap(),
+        2
+    );
+    // At 00:10 a targeted message to u1: quiet until 00:40.
+    store
+        .accept_message(
+            "ent_1",
+            "msg_targeted",
+            &message("targeted", Target::Refs(vec![refs[0].clone()]), None),
+            t0 + 10 * MINUTE,
+            t0 + 24 * HOUR,
+            &attention,
+        )
+        .await
+        .unwrap();
+    let campaign_due = |at| async move {
+        store
+            .due_deliveries("c1", 0, at, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|d| d.message_id == "msg_campaign")
+            .count()
+    };
+    assert_eq!(campaign_due(t0 + 30 * MINUTE).await, 1, "u2 only");
+    assert_eq!(
+        campaign_due(t0 + 40 * MINUTE).await,
+        2,
+        "u1 after the quiet period"
+    );
+    assert_eq!(
+        store.message_counts("msg_campaign").await.unwrap().deferred,
+        1
+    );
+    fixture.close().await;
+}
+
+backend_tests!(
+    receipts_count_once_whatever_arrives,
+    held_deliveries_roll_to_the_next_opening_or_expire,
+    a_targeted_message_defers_pending_campaign_deliveries,
+);
