@@ -308,8 +308,23 @@ async fn held_deliveries_roll_to_the_next_opening_or_expire(backend: Backend) {
         .unwrap();
     assert_eq!(done.rolled, 1);
     assert_eq!(due(DAY0 + 10 * HOUR + 5 * MINUTE).await, 0);
-    assert_eq!(due(DAY0 + 33 * HOUR - 1).await, 0);
-    assert_eq!(due(DAY0 + 33 * HOUR).await, 2, "tomorrow at 09:00");
+    // Waiting rows are released when their time comes, not before.
+    let released = store
+        .follow_through(DAY0 + 33 * HOUR - 1)
+        .await
+        .unwrap()
+        .released;
+    assert_eq!((released, due(DAY0 + 33 * HOUR - 1).await), (0, 0));
+    let released = store
+        .follow_through(DAY0 + 33 * HOUR)
+        .await
+        .unwrap()
+        .released;
+    assert_eq!(
+        (released, due(DAY0 + 33 * HOUR).await),
+        (2, 2),
+        "tomorrow at 09:00"
+    );
 
     // An absolute window that ends before hand-over: expired, counted, never due.
     let once = Window::absolute(now, now + HOUR).unwrap();
@@ -388,7 +403,14 @@ async fn a_targeted_message_defers_pending_campaign_deliveries(backend: Backend)
             .filter(|d| d.message_id == "msg_campaign")
             .count()
     };
+    assert_eq!(
+        campaign_due(t0 + 20 * MINUTE).await,
+        0,
+        "waiting for the window"
+    );
+    store.follow_through(t0 + 30 * MINUTE).await.unwrap();
     assert_eq!(campaign_due(t0 + 30 * MINUTE).await, 1, "u2 only");
+    store.follow_through(t0 + 40 * MINUTE).await.unwrap();
     assert_eq!(
         campaign_due(t0 + 40 * MINUTE).await,
         2,

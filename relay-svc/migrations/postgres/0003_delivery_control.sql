@@ -35,10 +35,15 @@ ALTER TABLE deliveries ADD COLUMN check_at BIGINT;
 ALTER TABLE deliveries ADD COLUMN handed_over_at BIGINT;
 ALTER TABLE deliveries ADD COLUMN reason TEXT NOT NULL DEFAULT '';
 ALTER TABLE deliveries ADD COLUMN note TEXT NOT NULL DEFAULT '';
+-- state: 0 pending (may go now), 1 handed over, 2 unsupported, 3 expired,
+-- 4 cancelled, 5 skipped, 6 waiting (for not_before).
 ALTER TABLE deliveries DROP CONSTRAINT deliveries_message_id_user_id_carrier_id_key;
 ALTER TABLE deliveries ADD CONSTRAINT deliveries_attempt_key UNIQUE (message_id, user_id, carrier_id, channel, attempt);
 CREATE INDEX deliveries_timers ON deliveries (check_at) WHERE check_at IS NOT NULL;
-CREATE INDEX deliveries_held ON deliveries (window_close) WHERE state = 0;
+CREATE INDEX deliveries_held ON deliveries (window_close) WHERE state IN (0, 6);
+-- Waiting rows are released to pending (state 0) when their time comes, so
+-- dispatchers only ever read deliveries that may go now.
+CREATE INDEX deliveries_waiting ON deliveries (not_before) WHERE state = 6;
 CREATE INDEX deliveries_by_user ON deliveries (user_id, state);
 
 -- For "most used channel" and engagement: a person's own history.

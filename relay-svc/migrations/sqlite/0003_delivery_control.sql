@@ -37,7 +37,8 @@ CREATE TABLE deliveries_v3 (
     channel        BIGINT NOT NULL DEFAULT 0,
     -- 0 for the first send; fallback and resend attempts count up.
     attempt        BIGINT NOT NULL DEFAULT 0,
-    -- 0 pending, 1 handed over, 2 unsupported, 3 expired, 4 cancelled, 5 skipped.
+    -- 0 pending (may go now), 1 handed over, 2 unsupported, 3 expired, 4 cancelled,
+    -- 5 skipped, 6 waiting (for not_before).
     state          BIGINT NOT NULL,
     -- Held at the relay until then (window opening, quiet period, follow-up delay).
     not_before     BIGINT NOT NULL DEFAULT 0,
@@ -57,7 +58,10 @@ DROP TABLE deliveries;
 ALTER TABLE deliveries_v3 RENAME TO deliveries;
 CREATE INDEX deliveries_due ON deliveries (carrier_id, state, id);
 CREATE INDEX deliveries_timers ON deliveries (check_at) WHERE check_at IS NOT NULL;
-CREATE INDEX deliveries_held ON deliveries (window_close) WHERE state = 0;
+CREATE INDEX deliveries_held ON deliveries (window_close) WHERE state IN (0, 6);
+-- Waiting rows are released to pending (state 0) when their time comes, so
+-- dispatchers only ever read deliveries that may go now.
+CREATE INDEX deliveries_waiting ON deliveries (not_before) WHERE state = 6;
 CREATE INDEX deliveries_by_user ON deliveries (user_id, state);
 
 -- For "most used channel" and engagement: a person's own history.

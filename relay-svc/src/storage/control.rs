@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use super::planning::{Effect, MessagePlan, Sql, execute_all, timestamp};
+use super::planning::{Effect, MessagePlan, PENDING, Sql, WAITING, execute_all, timestamp};
 use super::{Param, Store, WritePool, on_pool};
 use crate::error::{Error, Result};
 use crate::policy::{PolicyKind, Trigger};
@@ -25,6 +25,8 @@ pub struct FollowThrough {
     pub rolled: u64,
     /// Messages swept at their expiry.
     pub expired: u64,
+    /// Waiting deliveries whose time came (now due for their dispatcher).
+    pub released: u64,
 }
 
 impl FollowThrough {
@@ -69,6 +71,7 @@ fn state_name(state: i64) -> &'static str {
         3 => "expired",
         4 => "cancelled",
         5 => "skipped",
+        6 => "waiting",
         _ => "unknown",
     }
 }
@@ -110,7 +113,7 @@ impl Store {
 
         // Held-at-relay windows that closed on pending deliveries.
         let closed_windows: Vec<String> = on_pool!(self, pool => sqlx::query_scalar(
-            "SELECT DISTINCT message_id FROM deliveries WHERE state = 0 AND window_close <= $1 LIMIT $2",
+            "SELECT DISTINCT message_id FROM deliveries WHERE state IN (0, 6) AND window_close <= $1 LIMIT $2",
         )
         .bind(now)
         .bind(GROUPS_PER_PASS)
@@ -122,8 +125,9 @@ impl Store {
             };
             let statements = match plan.timing(now) {
                 Some((open, close)) => {
-                    let mut roll =
-                        Sql::new("UPDATE deliveries SET not_before = CASE WHEN not_before > ");
+                    let mut roll = Sql::new(
+                        "UPDATE deliveries SET state = 6, not_before = CASE WHEN not_before > ",
+                    );
                     let open_a = roll.bind(Param::Int(open));
                     let open_b = roll.bind(Param::Int(open));
                     let close = roll.bind(Param::Int(close));
@@ -135,7 +139,7 @@ impl Store {
                     let at = roll.bind(Param::Int(now));
                     roll.push(&format!(
                         "{open_a} THEN not_before ELSE {open_b} END, window_close = {close}, note = {note} \
-                         WHERE message_id = {m} AND state = 0 AND window_close <= {at}"
+                         WHERE message_id = {m} AND state IN (0, 6) AND window_close <= {at}"
                     ));
                     vec![roll]
                 }
@@ -198,13 +202,15 @@ impl Store {
                          SELECT message_id, user_id, carrier_id, ",
                     );
                     let ch = insert.bind(Param::Int(Channel::number(next_channel)));
+                    let waits =
+                        insert.bind(Param::Int(if not_before > now { WAITING } else { PENDING }));
                     let nb = insert.bind(Param::Int(not_before));
                     let wc = insert.bind(Param::Int(window_close));
                     let why = insert.bind(Param::Text(reason));
                     let stop = insert.bind(Param::Int(stop.number()));
                     let filter = group_filter(&mut insert);
                     insert.push(&format!(
-                        "{ch}, attempt + 1, 0, {nb}, {wc}, {why} FROM deliveries d WHERE {filter} \
+                        "{ch}, attempt + 1, {waits}, {nb}, {wc}, {why} FROM deliveries d WHERE {filter} \
                          AND NOT EXISTS (SELECT 1 FROM events e WHERE e.message_id = d.message_id AND e.user_id = d.user_id AND e.kind = {stop}) \
                          ON CONFLICT DO NOTHING"
                     ));
@@ -218,6 +224,16 @@ impl Store {
             self.run_statements(&message_id, statements).await?;
             done.groups += 1;
         }
+
+        // Waiting deliveries whose time has come become due, so dispatchers
+        // never read past rows that may not go yet.
+        done.released = on_pool!(self, pool => sqlx::query(
+            "UPDATE deliveries SET state = 0 WHERE state = 6 AND not_before <= $1",
+        )
+        .bind(now)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected()))?;
         Ok(done)
     }
 
@@ -333,7 +349,7 @@ impl Store {
 fn expire_pending(message_id: &str, closed_windows_only: bool, note: &str, now: i64) -> Vec<Sql> {
     let pending = |sql: &mut Sql| {
         let m = sql.bind(Param::Text(message_id.to_owned()));
-        let mut filter = format!("d.message_id = {m} AND d.state = 0");
+        let mut filter = format!("d.message_id = {m} AND d.state IN (0, 6)");
         if closed_windows_only {
             let at = sql.bind(Param::Int(now));
             filter.push_str(&format!(" AND d.window_close <= {at}"));

@@ -176,7 +176,7 @@ impl Store {
                 let timing = plan.timing(now).unwrap_or((now, now));
                 let choices = planning::first_channels(&plan.policy, None);
                 for chunk in users.chunks(ROWS_PER_STATEMENT) {
-                    let statements = planning::insert_attempts(message_id, &choices, timing, "", |sql| {
+                    let statements = planning::insert_attempts(message_id, &choices, timing, now, "", |sql| {
                         let all = sql.bind(Param::Bool(plan.all_carriers));
                         let mut list = Vec::with_capacity(chunk.len());
                         for user in chunk {
@@ -367,9 +367,10 @@ impl Store {
         }
         let timing = plan.timing(now).unwrap_or((now, now));
         let choices = planning::first_channels(&plan.policy, None);
-        let mut statements = planning::insert_attempts(message_id, &choices, timing, "", |sql| {
-            campaign_source(sql, &plan, &target);
-        });
+        let mut statements =
+            planning::insert_attempts(message_id, &choices, timing, now, "", |sql| {
+                campaign_source(sql, &plan, &target);
+            });
         if attention.quiet_period_ms > 0 {
             statements.push(planning::defer_for_quiet_periods(message_id, timing.0));
         }

@@ -15,6 +15,11 @@ use crate::policy::{
 use crate::receipts::{DEFERRED_COUNT, EventKind};
 use crate::targeting::Channel;
 
+/// Delivery states planning writes: may go now, or waits for `not_before`
+/// (released by the follow-through).
+pub(super) const PENDING: i64 = 0;
+pub(super) const WAITING: i64 = 6;
+
 /// A statement with its binds, numbered `$1…` in order.
 #[derive(Debug, Default)]
 pub(super) struct Sql {
@@ -174,9 +179,11 @@ pub(super) fn insert_attempts(
     message_id: &str,
     choices: &[ChannelChoice],
     (not_before, window_close): (i64, i64),
+    now: i64,
     reason: &str,
     source: impl Fn(&mut Sql),
 ) -> Vec<Sql> {
+    let state = if not_before > now { WAITING } else { PENDING };
     choices
         .iter()
         .map(|choice| {
@@ -194,10 +201,13 @@ pub(super) fn insert_attempts(
                     )
                 }
             };
+            let state = sql.bind(Param::Int(state));
             let nb = sql.bind(Param::Int(not_before));
             let wc = sql.bind(Param::Int(window_close));
             let why = sql.bind(Param::Text(reason.to_owned()));
-            sql.push(&format!("{m}, c.user_id, c.carrier_id, {channel}, 0, 0, {nb}, {wc}, {why}"));
+            sql.push(&format!(
+                "{m}, c.user_id, c.carrier_id, {channel}, 0, {state}, {nb}, {wc}, {why}"
+            ));
             source(&mut sql);
             sql.push(" ON CONFLICT DO NOTHING");
             sql
@@ -232,7 +242,7 @@ pub(super) fn open_quiet_periods(
     // A pending delivery falls inside the period when it would go out at or
     // after its start: anything already due does, if the period has begun.
     let lower = if now >= at - q { i64::MIN } else { at - q };
-    let mut defer = Sql::new("UPDATE deliveries SET not_before = ");
+    let mut defer = Sql::new("UPDATE deliveries SET state = 6, not_before = ");
     let until = defer.bind(Param::Int(at + q));
     let note = defer.bind(Param::Text(format!(
         "deferred until {}: quiet period around a targeted message",
@@ -242,7 +252,7 @@ pub(super) fn open_quiet_periods(
     let lower = defer.bind(Param::Int(lower));
     let m = defer.bind(Param::Text(message_id.to_owned()));
     defer.push(&format!(
-        "{until}, note = {note} WHERE state = 0 AND not_before < {until2} AND not_before >= {lower} \
+        "{until}, note = {note} WHERE state IN (0, 6) AND not_before < {until2} AND not_before >= {lower} \
          AND user_id IN (SELECT user_id FROM quiet_periods WHERE message_id = {m}) \
          AND message_id IN (SELECT id FROM messages WHERE closed = FALSE AND target_kind NOT IN ('refs', 'follow_up')) \
          RETURNING message_id"
@@ -256,7 +266,7 @@ pub(super) fn open_quiet_periods(
 /// After a campaign's attempts are inserted: defer those whose recipient is
 /// inside someone's quiet period at send time `at`.
 pub(super) fn defer_for_quiet_periods(message_id: &str, at: i64) -> Sql {
-    let mut sql = Sql::new("UPDATE deliveries SET not_before = ");
+    let mut sql = Sql::new("UPDATE deliveries SET state = 6, not_before = ");
     let inside = |sql: &mut Sql| {
         let a = sql.bind(Param::Int(at));
         let b = sql.bind(Param::Int(at));
@@ -271,7 +281,7 @@ pub(super) fn defer_for_quiet_periods(message_id: &str, at: i64) -> Sql {
     let m = sql.bind(Param::Text(message_id.to_owned()));
     let second = inside(&mut sql);
     sql.push(&format!(
-        "(SELECT MAX(q.ends_at) {first}), note = {note} WHERE message_id = {m} AND state = 0 AND EXISTS (SELECT 1 {second})"
+        "(SELECT MAX(q.ends_at) {first}), note = {note} WHERE message_id = {m} AND state IN (0, 6) AND EXISTS (SELECT 1 {second})"
     ));
     sql.counting(Effect::Count(DEFERRED_COUNT))
 }
@@ -299,7 +309,7 @@ pub(super) fn apply_fatigue(
     let day = roll.bind(Param::Int(today));
     let m = roll.bind(Param::Text(message_id.to_owned()));
     roll.push(&format!(
-        "{start}, {day}, 0 FROM deliveries WHERE message_id = {m} AND state = 0 \
+        "{start}, {day}, 0 FROM deliveries WHERE message_id = {m} AND state IN (0, 6) \
          ON CONFLICT (user_id) DO UPDATE SET day = excluded.day, planned = 0 WHERE engagement.day <> excluded.day"
     ));
     statements.push(roll);
@@ -309,7 +319,7 @@ pub(super) fn apply_fatigue(
         let note = sql.bind(Param::Text(reason));
         let m = sql.bind(Param::Text(message_id.to_owned()));
         sql.push(&format!(
-            "{note} WHERE message_id = {m} AND state = 0 AND user_id IN \
+            "{note} WHERE message_id = {m} AND state IN (0, 6) AND user_id IN \
              (SELECT g.user_id FROM engagement g WHERE g.planned >= {limit})"
         ));
         statements.push(sql);
@@ -346,7 +356,7 @@ pub(super) fn apply_fatigue(
     let shift = spend.bind(Param::Int(SCORE_SEND_SHIFT));
     let m = spend.bind(Param::Text(message_id.to_owned()));
     spend.push(&format!(
-        "{shift} WHERE user_id IN (SELECT user_id FROM deliveries WHERE message_id = {m} AND state = 0)"
+        "{shift} WHERE user_id IN (SELECT user_id FROM deliveries WHERE message_id = {m} AND state IN (0, 6))"
     ));
     statements.push(spend);
     statements
@@ -459,8 +469,9 @@ mod tests {
             "m",
             &[ChannelChoice::Fixed(Some(Channel::Sms))],
             (5, 9),
+            1,
             "first",
-            |sql| {
+            |sql: &mut Sql| {
                 let user = sql.bind(Param::Text("u".into()));
                 sql.push(&format!(" FROM contracts c WHERE c.user_id = {user}"));
             },
@@ -469,8 +480,10 @@ mod tests {
         assert!(
             statements[0]
                 .text
-                .contains("$1, c.user_id, c.carrier_id, $2, 0, 0, $3, $4, $5")
+                .contains("$1, c.user_id, c.carrier_id, $2, 0, $3, $4, $5, $6")
         );
-        assert!(statements[0].text.contains("c.user_id = $6"));
+        assert!(statements[0].text.contains("c.user_id = $7"));
+        // Planned at 1 to go at 5: the rows wait.
+        assert_eq!(statements[0].params[2], Param::Int(WAITING));
     }
 }

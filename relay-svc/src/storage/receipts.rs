@@ -163,7 +163,7 @@ impl Store {
                      FROM (",
                 );
                 values(&mut cancel);
-                cancel.push(") AS v WHERE deliveries.message_id = v.column1 AND deliveries.user_id = v.column2 AND deliveries.state = 0");
+                cancel.push(") AS v WHERE deliveries.message_id = v.column1 AND deliveries.user_id = v.column2 AND deliveries.state IN (0, 6)");
                 cancel.build().execute(&mut *tx).await?;
 
                 let mut engage = QueryBuilder::new("UPDATE engagement SET score = score + (1000 - score) / ");
@@ -177,8 +177,11 @@ impl Store {
 
                 let mut follow = QueryBuilder::new(
                     "INSERT INTO deliveries (message_id, user_id, carrier_id, channel, attempt, state, not_before, reason)
-                     SELECT m.follow_up_id, c.user_id, c.carrier_id, COALESCE(NULLIF(f.channel, 0), v.column3), 0, 0,
-                            v.column4 + m.follow_up_delay_ms, 'follow-up: the person opened the original'
+                     SELECT m.follow_up_id, c.user_id, c.carrier_id, COALESCE(NULLIF(f.channel, 0), v.column3), 0,
+                            CASE WHEN v.column4 + m.follow_up_delay_ms > ",
+                );
+                follow.push_bind(now).push(
+                    " THEN 6 ELSE 0 END, v.column4 + m.follow_up_delay_ms, 'follow-up: the person opened the original'
                      FROM (",
                 );
                 values(&mut follow);
@@ -186,7 +189,7 @@ impl Store {
                     ") AS v JOIN messages m ON m.id = v.column1 AND m.follow_up_id IS NOT NULL
                      JOIN messages f ON f.id = m.follow_up_id
                      JOIN contracts c ON c.user_id = v.column2 AND (c.is_primary OR f.all_carriers)
-                     WHERE TRUE ON CONFLICT DO NOTHING RETURNING message_id, user_id",
+                     WHERE f.expires_at > v.column4 ON CONFLICT DO NOTHING RETURNING message_id, user_id",
                 );
                 let planned: Vec<(String, String)> = follow.build_query_as().fetch_all(&mut *tx).await?;
                 let mut people: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
@@ -266,7 +269,8 @@ impl Store {
         type PerCarrier = Vec<(String, i64, i64)>;
         let (deliveries, events, reports): (PerCarrier, PerCarrier, PerCarrier) = on_pool!(self, pool => {
             let deliveries = sqlx::query_as(
-                "SELECT carrier_id, COUNT(*) FILTER (WHERE state = 0), COUNT(*) FILTER (WHERE state <> 0)
+                "SELECT carrier_id, COUNT(*) FILTER (WHERE state IN (0, 6)),
+                        COUNT(*) FILTER (WHERE state = 1 OR handed_over_at IS NOT NULL)
                  FROM deliveries WHERE ($1 = '' OR message_id = $1) GROUP BY carrier_id",
             )
             .bind(message)

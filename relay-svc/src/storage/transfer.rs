@@ -158,7 +158,7 @@ impl Store {
     /// Deliveries still waiting for `carrier_id`.
     pub async fn pending_count(&self, carrier_id: &str) -> Result<u64> {
         let count: i64 = on_pool!(self, pool => sqlx::query_scalar(
-            "SELECT COUNT(*) FROM deliveries WHERE carrier_id = $1 AND state = 0",
+            "SELECT COUNT(*) FROM deliveries WHERE carrier_id = $1 AND state IN (0, 6)",
         )
         .bind(carrier_id)
         .fetch_one(pool)
