@@ -263,12 +263,15 @@ pub struct AttentionConfig {
 }
 
 /// The open-rate trend score, per mille: where a person starts, and the
-/// score at or above which they get the full cap.
+/// score at or above which they get the full cap. A newcomer keeps the full
+/// cap for their first five or so campaign messages, before any of them
+/// could have been opened.
 pub const SCORE_START: i64 = 500;
-pub const SCORE_ENGAGED: i64 = 400;
-/// Each campaign send moves the score 1/8 of the way towards 0, each open 1/4 of
-/// the way towards 1000: a person who opens about one message in three holds
-/// steady near the engaged level, one who stops opening falls away quickly.
+pub const SCORE_ENGAGED: i64 = 250;
+/// Each campaign send moves the score 1/8 of the way towards 0, each open 1/4
+/// of the way towards 1000 (steady state 2000p / (1 + 2p) for an open rate
+/// p): a person who opens about one message in six or more holds the full
+/// cap, one who stops opening falls to one message a day within days.
 pub const SCORE_SEND_SHIFT: i64 = 8;
 pub const SCORE_OPEN_SHIFT: i64 = 4;
 
@@ -394,7 +397,7 @@ mod tests {
         };
         assert!(config.cap_expression(Priority::High, "s").is_none());
         let expr = config.cap_expression(Priority::Normal, "s").unwrap();
-        assert!(expr.contains("((4 * s) / 400)"));
+        assert!(expr.contains("((4 * s) / 250)"));
         assert!(
             config
                 .cap_expression(Priority::Low, "s")

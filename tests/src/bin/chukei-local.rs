@@ -1,9 +1,10 @@
 //! The local run: starts the relay (SQLite), three carriers and a terminal
 //! fleet as real processes, provisions enterprises, registrations and
-//! consents, sends a targeted message, a broadcast, a segment message and a
-//! service message, lets a simulated day of opening behaviour pass in
-//! seconds, and prints what was matched, delivered and opened per message and
-//! per carrier. With `--keep-running` it leaves the hub up and prints how to
+//! consents, sends a targeted message with a follow-up, a multi-channel
+//! broadcast, a segment message with fallback, a service message on the best
+//! channel and an evening-window message held at the carriers, lets a
+//! simulated day of opening behaviour pass in seconds, and prints what was
+//! matched, delivered, opened, deferred and skipped per message and per carrier. With `--keep-running` it leaves the hub up and prints how to
 //! point `enterprise-cli` at it.
 
 use std::collections::HashMap;
@@ -115,6 +116,9 @@ async fn main() -> anyhow::Result<()> {
             .arg("--data-dir")
             .arg(data_dir.join("relay"))
             .args(["--time-scale", &time_scale, "--time-origin-ms", &origin_ms])
+            // Attention: 30 minutes of quiet around targeted messages, at most
+            // 3 campaign messages a day for people who stop opening, 6 for anyone.
+            .args(["--quiet-period-secs", "1800", "--daily-cap", "3", "--daily-budget", "6"])
             .env("CHUKEI_RELAY_ADMIN_TOKEN", &admin_token)
             .env("CHUKEI_RELAY_DELIVER_TOKEN", &deliver_token)
             .env("RUST_LOG", "warn"),
@@ -249,7 +253,7 @@ async fn main() -> anyhow::Result<()> {
             refs.push(registration.user_ref);
         }
     }
-    let request = |key: &str, kind: pb::target::Kind, text: &str, channel: common::Channel| {
+    let request = |key: &str, kind: pb::target::Kind, text: &str, policy: pb::DeliveryPolicy| {
         pb::SendMessageRequest {
             idempotency_key: key.into(),
             target: Some(pb::Target { kind: Some(kind) }),
@@ -257,21 +261,46 @@ async fn main() -> anyhow::Result<()> {
                 text: text.into(),
                 ..Default::default()
             }),
-            channel: channel as i32,
+            policy: Some(policy),
             ..Default::default()
         }
     };
+    let policy = |kind: pb::PolicyKind, channels: &[common::Channel], timeout_hours: i64| {
+        pb::DeliveryPolicy {
+            kind: kind as i32,
+            channels: channels.iter().map(|c| *c as i32).collect(),
+            timeout: (timeout_hours > 0).then_some(prost_types::Duration {
+                seconds: timeout_hours * 3600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }
+    };
+    use common::Channel::{Email, Rcs, Sms, Sns};
     let mut campaigns = Vec::new();
     let sends = [
         (
             sakura,
-            "targeted (3 refs)",
-            request(
-                "local-targeted",
-                pb::target::Kind::Refs(pb::RefList { refs }),
-                "Your order is ready for pickup",
-                common::Channel::Rcs,
-            ),
+            "targeted + follow-up",
+            pb::SendMessageRequest {
+                follow_up: Some(pb::FollowUp {
+                    content: Some(common::Content {
+                        text: "Thanks for picking up! Rate your visit?".into(),
+                        ..Default::default()
+                    }),
+                    delay: Some(prost_types::Duration {
+                        seconds: 3600,
+                        nanos: 0,
+                    }),
+                    channel: Sms as i32,
+                }),
+                ..request(
+                    "local-targeted",
+                    pb::target::Kind::Refs(pb::RefList { refs }),
+                    "Your order is ready for pickup",
+                    policy(pb::PolicyKind::Fixed, &[Rcs, Sms], 0),
+                )
+            },
         ),
         (
             fuji,
@@ -280,12 +309,12 @@ async fn main() -> anyhow::Result<()> {
                 "local-broadcast",
                 pb::target::Kind::AllRegistered(true),
                 "Timetable change this weekend",
-                common::Channel::Sms,
+                policy(pb::PolicyKind::Multi, &[Sms, Email], 0),
             ),
         ),
         (
             sakura,
-            "segment (women 20-39, tokyo)",
+            "segment, fallback RCS→SMS",
             request(
                 "local-segment",
                 pb::target::Kind::Segment(pb::Segment {
@@ -296,18 +325,38 @@ async fn main() -> anyhow::Result<()> {
                     ..Default::default()
                 }),
                 "Spring collection preview",
-                common::Channel::Rcs,
+                policy(pb::PolicyKind::Fallback, &[Rcs, Sms], 2),
             ),
         ),
         (
             sakura,
-            "service (loyalty members)",
+            "service, best channel",
             request(
                 "local-service",
                 pb::target::Kind::ServiceId(sakura_services[0].clone()),
                 "Double points today",
-                common::Channel::Sns,
+                policy(pb::PolicyKind::Best, &[Sns, Rcs, Sms], 0),
             ),
+        ),
+        (
+            fuji,
+            "18-21h Tokyo, at carrier",
+            pb::SendMessageRequest {
+                window: Some(common::DeliveryWindow {
+                    kind: Some(common::delivery_window::Kind::Daily(common::DailyWindow {
+                        start_minute: 18 * 60,
+                        end_minute: 21 * 60,
+                        time_zone: "Asia/Tokyo".into(),
+                    })),
+                }),
+                window_mode: pb::WindowMode::AtCarrier as i32,
+                ..request(
+                    "local-evening",
+                    pb::target::Kind::AllRegistered(true),
+                    "Tonight only: late trains",
+                    policy(pb::PolicyKind::MostUsed, &[Sms], 0),
+                )
+            },
         ),
     ];
     for (name, label, send) in sends {
@@ -330,9 +379,8 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
-            if status.state == pb::MessageState::HandedOver as i32
-                && status.delivered + status.failed >= status.matched
-            {
+            let settled = status.delivered + status.failed + status.expired + status.skipped;
+            if status.state == pb::MessageState::HandedOver as i32 && settled >= status.matched {
                 break;
             }
             if Instant::now() > deadline {
@@ -351,9 +399,19 @@ async fn main() -> anyhow::Result<()> {
 
     println!();
     println!(
-        "{:<12} {:<30} {:>8} {:>12} {:>10} {:>8} {:>9}",
-        "enterprise", "message", "matched", "handed_over", "delivered", "opened", "open_rate"
+        "{:<12} {:<30} {:>8} {:>12} {:>10} {:>8} {:>9} {:>9} {:>8} {:>12}",
+        "enterprise",
+        "message",
+        "matched",
+        "handed_over",
+        "delivered",
+        "opened",
+        "open_rate",
+        "deferred",
+        "skipped",
+        "unsupported"
     );
+    let mut plans = Vec::new();
     let mut per_carrier: HashMap<String, Vec<pb::CarrierStats>> = HashMap::new();
     for (name, label, message_id, client) in &mut campaigns {
         let status = client
@@ -363,15 +421,37 @@ async fn main() -> anyhow::Result<()> {
             .await?
             .into_inner();
         println!(
-            "{:<12} {:<30} {:>8} {:>12} {:>10} {:>8} {:>9}",
+            "{:<12} {:<30} {:>8} {:>12} {:>10} {:>8} {:>9} {:>9} {:>8} {:>12}",
             name,
             label,
             status.matched,
             status.handed_over,
             status.delivered,
             status.opened,
-            rate(status.opened, status.delivered)
+            rate(status.opened, status.delivered),
+            status.deferred,
+            status.skipped,
+            status.unsupported
         );
+        plans.push(format!("{label}: {}", status.plan));
+        if !status.follow_up_message_id.is_empty() {
+            let follow_up = client
+                .get_message(pb::GetMessageRequest {
+                    message_id: status.follow_up_message_id.clone(),
+                })
+                .await?
+                .into_inner();
+            println!(
+                "{:<12} {:<30} {:>8} {:>12} {:>10} {:>8} {:>9}",
+                name,
+                "  its follow-up (openers only)",
+                follow_up.matched,
+                follow_up.handed_over,
+                follow_up.delivered,
+                follow_up.opened,
+                rate(follow_up.opened, follow_up.delivered)
+            );
+        }
         let stats = admin
             .get_carrier_stats(pb::GetCarrierStatsRequest {
                 message_id: message_id.clone(),
@@ -379,6 +459,10 @@ async fn main() -> anyhow::Result<()> {
             .await?
             .into_inner();
         per_carrier.insert(label.to_string(), stats.carriers);
+    }
+    println!();
+    for plan in &plans {
+        println!("{plan}");
     }
     println!();
     println!(
