@@ -169,6 +169,81 @@ async fn the_real_binaries_relay_a_broadcast(backend: Backend) {
     assert_eq!(status["delivered"], status["matched"]);
     assert_eq!(status["state"], "handed-over");
 
+    // Delivery control through the command line: a fallback policy inside a
+    // daily window that is always open, then the decision trace for one ref.
+    let first_ref = registrations["registrations"][0]["user_ref"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let sent = cli(
+        &relay_url,
+        &enterprise.api_key,
+        &[
+            "send",
+            "--text",
+            "controlled",
+            "--policy",
+            "fallback",
+            "--channels",
+            "sms,rcs",
+            "--timeout",
+            "2h",
+            "--window",
+            "00:00-23:59",
+            "--zone",
+            "Asia/Tokyo",
+            "--priority",
+            "high",
+            &first_ref,
+        ],
+    );
+    let controlled = sent["message_id"].as_str().unwrap().to_owned();
+    let status = cli(
+        &relay_url,
+        &enterprise.api_key,
+        &["status", &controlled, "--watch", "--interval-ms", "100"],
+    );
+    assert_eq!(status["delivered"], 1);
+    assert!(
+        status["plan"]
+            .as_str()
+            .unwrap()
+            .starts_with("fallback SMS → RCS after 2h; window daily 00:00-23:59 Asia/Tokyo"),
+        "{status}"
+    );
+    let trace = cli(
+        &relay_url,
+        &enterprise.api_key,
+        &["explain", &controlled, &first_ref],
+    );
+    assert_eq!(trace["attempts"][0]["channel"], "sms");
+    assert_eq!(trace["attempts"][0]["state"], "handed_over");
+    assert!(
+        !trace.to_string().contains("carrier"),
+        "no carrier in the enterprise's view: {trace}"
+    );
+    // A bad window is refused by the relay with the field named.
+    let refused = Command::new(binary("enterprise-cli"))
+        .args([
+            "--relay-url",
+            &relay_url,
+            "send",
+            "--text",
+            "x",
+            "--window",
+            "09:00-10:00",
+        ])
+        .args(["--zone", "Mars/Base", &first_ref])
+        .env("CHUKEI_API_KEY", &enterprise.api_key)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("window.daily.time_zone"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
     assert!(
         fleet.terminate(GRACE).unwrap().success(),
         "terminal-sim exits cleanly on SIGTERM"

@@ -118,7 +118,14 @@ async fn main() -> anyhow::Result<()> {
             .args(["--time-scale", &time_scale, "--time-origin-ms", &origin_ms])
             // Attention: 30 minutes of quiet around targeted messages, at most
             // 3 campaign messages a day for people who stop opening, 6 for anyone.
-            .args(["--quiet-period-secs", "1800", "--daily-cap", "3", "--daily-budget", "6"])
+            .args([
+                "--quiet-period-secs",
+                "1800",
+                "--daily-cap",
+                "3",
+                "--daily-budget",
+                "6",
+            ])
             .env("CHUKEI_RELAY_ADMIN_TOKEN", &admin_token)
             .env("CHUKEI_RELAY_DELIVER_TOKEN", &deliver_token)
             .env("RUST_LOG", "warn"),
