@@ -30,7 +30,8 @@ ALTER TABLE count_reports ADD COLUMN sms_segments BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE deliveries ADD COLUMN channel BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE deliveries ADD COLUMN attempt BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE deliveries ADD COLUMN not_before BIGINT NOT NULL DEFAULT 0;
-ALTER TABLE deliveries ADD COLUMN window_close BIGINT NOT NULL DEFAULT 9223372036854775807;
+-- A window held at the relay closes then (NULL: none, or handed over).
+ALTER TABLE deliveries ADD COLUMN window_close BIGINT;
 ALTER TABLE deliveries ADD COLUMN check_at BIGINT;
 ALTER TABLE deliveries ADD COLUMN handed_over_at BIGINT;
 ALTER TABLE deliveries ADD COLUMN reason TEXT NOT NULL DEFAULT '';
@@ -40,14 +41,21 @@ ALTER TABLE deliveries ADD COLUMN note TEXT NOT NULL DEFAULT '';
 ALTER TABLE deliveries DROP CONSTRAINT deliveries_message_id_user_id_carrier_id_key;
 ALTER TABLE deliveries ADD CONSTRAINT deliveries_attempt_key UNIQUE (message_id, user_id, carrier_id, channel, attempt);
 CREATE INDEX deliveries_timers ON deliveries (check_at) WHERE check_at IS NOT NULL;
-CREATE INDEX deliveries_held ON deliveries (window_close) WHERE state IN (0, 6);
+CREATE INDEX deliveries_held ON deliveries (window_close) WHERE window_close IS NOT NULL;
 -- Waiting rows are released to pending (state 0) when their time comes, so
 -- dispatchers only ever read deliveries that may go now.
 CREATE INDEX deliveries_waiting ON deliveries (not_before) WHERE state = 6;
-CREATE INDEX deliveries_by_user ON deliveries (user_id, state);
+-- Quiet periods look up a person's deliveries that have not gone yet.
+CREATE INDEX deliveries_unsent_by_user ON deliveries (user_id) WHERE state IN (0, 6);
 
--- For "most used channel" and engagement: a person's own history.
-CREATE INDEX events_by_user ON events (user_id, kind);
+-- Opens per person and channel, kept beside the events they count: the
+-- history "most used channel" reads (a primary-key lookup per person).
+CREATE TABLE channel_opens (
+    user_id TEXT NOT NULL,
+    channel BIGINT NOT NULL,
+    opens   BIGINT NOT NULL,
+    PRIMARY KEY (user_id, channel)
+);
 
 -- A targeted message holds the person's other (campaign) messages off
 -- around its send time.

@@ -42,8 +42,9 @@ CREATE TABLE deliveries_v3 (
     state          BIGINT NOT NULL,
     -- Held at the relay until then (window opening, quiet period, follow-up delay).
     not_before     BIGINT NOT NULL DEFAULT 0,
-    -- The held-at-relay window closes then; pending rows roll to the next opening.
-    window_close   BIGINT NOT NULL DEFAULT 9223372036854775807,
+    -- A window held at the relay closes then (NULL: none, or handed over);
+    -- rows still pending then roll to the next opening.
+    window_close   BIGINT,
     -- When the policy looks at this attempt again (fallback/resend timer, unsupported).
     check_at       BIGINT,
     handed_over_at BIGINT,
@@ -58,14 +59,21 @@ DROP TABLE deliveries;
 ALTER TABLE deliveries_v3 RENAME TO deliveries;
 CREATE INDEX deliveries_due ON deliveries (carrier_id, state, id);
 CREATE INDEX deliveries_timers ON deliveries (check_at) WHERE check_at IS NOT NULL;
-CREATE INDEX deliveries_held ON deliveries (window_close) WHERE state IN (0, 6);
+CREATE INDEX deliveries_held ON deliveries (window_close) WHERE window_close IS NOT NULL;
 -- Waiting rows are released to pending (state 0) when their time comes, so
 -- dispatchers only ever read deliveries that may go now.
 CREATE INDEX deliveries_waiting ON deliveries (not_before) WHERE state = 6;
-CREATE INDEX deliveries_by_user ON deliveries (user_id, state);
+-- Quiet periods look up a person's deliveries that have not gone yet.
+CREATE INDEX deliveries_unsent_by_user ON deliveries (user_id) WHERE state IN (0, 6);
 
--- For "most used channel" and engagement: a person's own history.
-CREATE INDEX events_by_user ON events (user_id, kind);
+-- Opens per person and channel, kept beside the events they count: the
+-- history "most used channel" reads (a primary-key lookup per person).
+CREATE TABLE channel_opens (
+    user_id TEXT NOT NULL,
+    channel BIGINT NOT NULL,
+    opens   BIGINT NOT NULL,
+    PRIMARY KEY (user_id, channel)
+);
 
 -- A targeted message holds the person's other (campaign) messages off
 -- around its send time.

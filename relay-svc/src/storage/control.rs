@@ -205,7 +205,7 @@ impl Store {
                     let waits =
                         insert.bind(Param::Int(if not_before > now { WAITING } else { PENDING }));
                     let nb = insert.bind(Param::Int(not_before));
-                    let wc = insert.bind(Param::Int(window_close));
+                    let wc = insert.bind(Param::window_close(window_close));
                     let why = insert.bind(Param::Text(reason));
                     let stop = insert.bind(Param::Int(stop.number()));
                     let filter = group_filter(&mut insert);

@@ -220,6 +220,15 @@ pub(crate) enum Param {
     Text(String),
     Int(i64),
     Bool(bool),
+    /// An integer or SQL NULL.
+    OptInt(Option<i64>),
+}
+
+impl Param {
+    /// A held window's closing time: `i64::MAX` (no window) is stored as NULL.
+    pub(crate) fn window_close(close: i64) -> Self {
+        Self::OptInt((close != i64::MAX).then_some(close))
+    }
 }
 
 /// Whether a database error is a unique-key violation (mapped by kind, not text).

@@ -78,6 +78,7 @@ macro_rules! execute_all {
                         $crate::storage::Param::Text(value) => query.bind(value),
                         $crate::storage::Param::Int(value) => query.bind(value),
                         $crate::storage::Param::Bool(value) => query.bind(value),
+                        $crate::storage::Param::OptInt(value) => query.bind(value),
                     };
                 }
                 match statement.effect {
@@ -194,16 +195,15 @@ pub(super) fn insert_attempts(
             let channel = match choice {
                 ChannelChoice::Fixed(channel) => sql.bind(Param::Int(Channel::number(*channel))),
                 ChannelChoice::MostUsed(default) => {
-                    let opened = sql.bind(Param::Int(EventKind::Opened.number()));
                     let default = sql.bind(Param::Int(Channel::number(*default)));
                     format!(
-                        "COALESCE((SELECT e.channel FROM events e WHERE e.user_id = c.user_id AND e.kind = {opened} AND e.channel > 0 GROUP BY e.channel ORDER BY COUNT(*) DESC, e.channel LIMIT 1), {default})"
+                        "COALESCE((SELECT o.channel FROM channel_opens o WHERE o.user_id = c.user_id ORDER BY o.opens DESC, o.channel LIMIT 1), {default})"
                     )
                 }
             };
             let state = sql.bind(Param::Int(state));
             let nb = sql.bind(Param::Int(not_before));
-            let wc = sql.bind(Param::Int(window_close));
+            let wc = sql.bind(Param::window_close(window_close));
             let why = sql.bind(Param::Text(reason.to_owned()));
             sql.push(&format!(
                 "{m}, c.user_id, c.carrier_id, {channel}, 0, {state}, {nb}, {wc}, {why}"

@@ -166,6 +166,22 @@ impl Store {
                 cancel.push(") AS v WHERE deliveries.message_id = v.column1 AND deliveries.user_id = v.column2 AND deliveries.state IN (0, 6)");
                 cancel.build().execute(&mut *tx).await?;
 
+                // One row per person and channel: an upsert may not touch a row twice.
+                let mut opens: HashMap<(&str, i64), i64> = HashMap::new();
+                for (_, user_id, channel, _) in chunk.iter().filter(|(.., channel, _)| *channel > 0) {
+                    *opens.entry((user_id.as_str(), *channel)).or_default() += 1;
+                }
+                if !opens.is_empty() {
+                    let mut history = QueryBuilder::new("INSERT INTO channel_opens (user_id, channel, opens) ");
+                    history.push_values(opens, |mut row, ((user_id, channel), count)| {
+                        row.push_bind(user_id).push_bind(channel).push_bind(count);
+                    });
+                    history.push(
+                        " ON CONFLICT (user_id, channel) DO UPDATE SET opens = channel_opens.opens + excluded.opens",
+                    );
+                    history.build().execute(&mut *tx).await?;
+                }
+
                 let mut engage = QueryBuilder::new("UPDATE engagement SET score = score + (1000 - score) / ");
                 engage.push_bind(SCORE_OPEN_SHIFT).push(" WHERE user_id IN (");
                 let mut list = engage.separated(", ");

@@ -52,7 +52,7 @@ impl Store {
                     CASE WHEN m.window_at_carrier THEN m.delivery_window END
              FROM deliveries d JOIN messages m ON m.id = d.message_id
              WHERE d.carrier_id = $1 AND d.state = 0 AND d.id > $2 AND d.not_before <= $3
-               AND d.window_close > $3 AND m.expires_at > $3
+               AND (d.window_close IS NULL OR d.window_close > $3) AND m.expires_at > $3
              ORDER BY d.id
              LIMIT $4",
         )
@@ -121,7 +121,8 @@ impl Store {
             self.in_id_list("d.id", 3)
         );
         let advance = format!(
-            "UPDATE deliveries SET state = 1, handed_over_at = $2, check_at = $3 WHERE state = 0 AND {}",
+            "UPDATE deliveries SET state = 1, handed_over_at = $2, check_at = $3, window_close = NULL
+             WHERE state = 0 AND {}",
             self.in_id_list("id", 1)
         );
         let kind = EventKind::HandedOver.number();
