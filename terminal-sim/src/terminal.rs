@@ -44,6 +44,13 @@ pub struct InboxItem {
     /// `chukei.common.v1.Channel` value.
     pub channel: i32,
     pub text: String,
+    /// As the channel's adapter rendered it: RCS media and suggested
+    /// replies, the e-mail subject, SMS segments, the e-mail address or SNS handle.
+    pub media_url: String,
+    pub subject: String,
+    pub suggested_replies: Vec<String>,
+    pub sms_segments: Vec<String>,
+    pub address: String,
     pub received_at: i64,
     pub opened_at: Option<i64>,
     /// Where the user was when opening (region path).
@@ -232,6 +239,11 @@ impl Terminals {
                         carrier_id: carrier_id.to_owned(),
                         channel: message.channel,
                         text: content.text,
+                        media_url: content.media_url,
+                        subject: content.subject,
+                        suggested_replies: content.suggested_replies,
+                        sms_segments: message.sms_segments,
+                        address: message.address,
                         received_at: now,
                         opened_at: None,
                         opened_place: String::new(),

@@ -320,6 +320,8 @@ async fn multi_is_one_send_and_at_most_one_open(backend: Backend) {
         return;
     };
     let n = scene.fleet.users.len() as u64;
+    // 200 GSM characters: two SMS segments (153 + 47).
+    let text = "Spring sale. ".repeat(16)[..200].to_owned();
     let id = scene
         .send(
             0,
@@ -330,7 +332,13 @@ async fn multi_is_one_send_and_at_most_one_open(backend: Backend) {
                     0,
                     0,
                 )),
-                ..everyone("multi", "both at once")
+                content: Some(common::Content {
+                    text: text.clone(),
+                    media_url: "https://example.com/sale.png".into(),
+                    suggested_replies: vec!["Show me".into(), "Not now".into()],
+                    ..Default::default()
+                }),
+                ..everyone("multi", "unused")
             },
         )
         .await;
@@ -342,11 +350,17 @@ async fn multi_is_one_send_and_at_most_one_open(backend: Backend) {
     .await;
     settle().await;
     for index in 0..n as usize {
-        assert_eq!(
-            scene.items(index, &id).len(),
-            2,
-            "user {index} gets both channels"
-        );
+        let items = scene.items(index, &id);
+        assert_eq!(items.len(), 2, "user {index} gets both channels");
+        let (rcs, sms): (Vec<_>, Vec<_>) = items
+            .iter()
+            .partition(|item| item.channel == channel(common::Channel::Rcs));
+        // Each channel as its adapter renders it.
+        assert_eq!(rcs[0].suggested_replies, ["Show me", "Not now"]);
+        assert_eq!(rcs[0].media_url, "https://example.com/sale.png");
+        assert_eq!(sms[0].sms_segments.len(), 2);
+        assert_eq!(sms[0].sms_segments.concat(), text);
+        assert!(sms[0].suggested_replies.is_empty() && sms[0].media_url.is_empty());
     }
     let status = scene.status(0, &id).await;
     assert_eq!(
@@ -359,6 +373,7 @@ async fn multi_is_one_send_and_at_most_one_open(backend: Backend) {
         (n, n),
         "the carrier counts people too"
     );
+    assert_eq!(carrier.counts[0].sms_segments, 2 * n);
     scene.hub.shutdown().await.unwrap();
 }
 

@@ -120,6 +120,7 @@ impl pb::admin_server::Admin for AdminService {
                     opened: c.opened,
                     reported_sent: c.reported_sent,
                     reported_opened: c.reported_opened,
+                    reported_sms_segments: c.reported_sms_segments,
                 })
                 .collect(),
         }))

@@ -57,6 +57,7 @@ pub struct CarrierCounts {
     pub opened: u64,
     pub reported_sent: u64,
     pub reported_opened: u64,
+    pub reported_sms_segments: u64,
 }
 
 impl Store {
@@ -282,25 +283,27 @@ impl Store {
     /// it and its own reports — for one message or all.
     pub async fn carrier_counts(&self, message_id: Option<&str>) -> Result<Vec<CarrierCounts>> {
         let message = message_id.unwrap_or("");
-        type PerCarrier = Vec<(String, i64, i64)>;
+        // (carrier, a, b, c): three figures per carrier from each table.
+        type PerCarrier = Vec<(String, i64, i64, i64)>;
         let (deliveries, events, reports): (PerCarrier, PerCarrier, PerCarrier) = on_pool!(self, pool => {
             let deliveries = sqlx::query_as(
                 "SELECT carrier_id, COUNT(*) FILTER (WHERE state IN (0, 6)),
-                        COUNT(*) FILTER (WHERE state = 1 OR handed_over_at IS NOT NULL)
+                        COUNT(*) FILTER (WHERE state = 1 OR handed_over_at IS NOT NULL), CAST(0 AS BIGINT)
                  FROM deliveries WHERE ($1 = '' OR message_id = $1) GROUP BY carrier_id",
             )
             .bind(message)
             .fetch_all(pool)
             .await?;
             let events = sqlx::query_as(
-                "SELECT carrier_id, COUNT(*) FILTER (WHERE kind = 2), COUNT(*) FILTER (WHERE kind = 3)
+                "SELECT carrier_id, COUNT(*) FILTER (WHERE kind = 2), COUNT(*) FILTER (WHERE kind = 3), CAST(0 AS BIGINT)
                  FROM events WHERE ($1 = '' OR message_id = $1) GROUP BY carrier_id",
             )
             .bind(message)
             .fetch_all(pool)
             .await?;
             let reports = sqlx::query_as(
-                "SELECT carrier_id, CAST(COALESCE(SUM(sent), 0) AS BIGINT), CAST(COALESCE(SUM(opened), 0) AS BIGINT)
+                "SELECT carrier_id, CAST(COALESCE(SUM(sent), 0) AS BIGINT), CAST(COALESCE(SUM(opened), 0) AS BIGINT),
+                        CAST(COALESCE(SUM(sms_segments), 0) AS BIGINT)
                  FROM count_reports WHERE ($1 = '' OR message_id = $1) GROUP BY carrier_id",
             )
             .bind(message)
@@ -313,14 +316,14 @@ impl Store {
             .into_iter()
             .map(|carrier| {
                 let id = carrier.carrier_id;
-                let find = |rows: &[(String, i64, i64)]| {
+                let find = |rows: &[(String, i64, i64, i64)]| {
                     rows.iter()
                         .find(|(c, ..)| *c == id)
-                        .map_or((0, 0), |(_, a, b)| (*a as u64, *b as u64))
+                        .map_or((0, 0, 0), |(_, a, b, c)| (*a as u64, *b as u64, *c as u64))
                 };
-                let (pending, handed_over) = find(&deliveries);
-                let (delivered, opened) = find(&events);
-                let (reported_sent, reported_opened) = find(&reports);
+                let (pending, handed_over, _) = find(&deliveries);
+                let (delivered, opened, _) = find(&events);
+                let (reported_sent, reported_opened, reported_sms_segments) = find(&reports);
                 CarrierCounts {
                     carrier_id: id.clone(),
                     pending,
@@ -329,6 +332,7 @@ impl Store {
                     opened,
                     reported_sent,
                     reported_opened,
+                    reported_sms_segments,
                 }
             })
             .collect())
