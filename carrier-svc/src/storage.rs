@@ -13,8 +13,8 @@ use chukei_proto::window::Window;
 
 use crate::channels::{self, Contact};
 use crate::model::{
-    CHANNEL_SMS, Delivery, DeliveryState, Outgoing, Receipt, ReceiptKind, Subscriber,
-    TerminalEvent, TerminalEventKind,
+    CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_SNS, Delivery, DeliveryState, Outgoing, Receipt,
+    ReceiptKind, Subscriber, TerminalEvent, TerminalEventKind,
 };
 
 const ROWS_PER_STATEMENT: usize = 1_000;
@@ -291,10 +291,12 @@ impl Store {
             String,
         );
         let rows: Vec<Row> = sqlx::query_as(
+            // Contact details are looked up only for the channels that need them.
             "SELECT d.seq, d.delivery_id, d.message_id, d.user_id, d.channel, d.content_text, d.media_url,
-                    d.subject, d.suggested_replies, s.email, s.sns_handle
+                    d.subject, d.suggested_replies,
+                    CASE WHEN d.channel = $4 THEN (SELECT s.email FROM subscribers s WHERE s.user_id = d.user_id) ELSE '' END,
+                    CASE WHEN d.channel = $5 THEN (SELECT s.sns_handle FROM subscribers s WHERE s.user_id = d.user_id) ELSE '' END
              FROM deliveries d JOIN attachments a ON a.user_id = d.user_id
-             JOIN subscribers s ON s.user_id = d.user_id
              WHERE a.endpoint = $1 AND d.state = 0 AND d.not_before <= $2 AND d.expires_at > $2
                AND d.window_close > $2
              ORDER BY d.seq LIMIT $3",
@@ -302,6 +304,8 @@ impl Store {
         .bind(endpoint)
         .bind(now)
         .bind(i64::from(limit))
+        .bind(CHANNEL_EMAIL)
+        .bind(CHANNEL_SNS)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows

@@ -128,10 +128,14 @@ impl Store {
                 query
                     .push(") AS v WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = v.column1 AND d.user_id = v.column2 AND d.carrier_id = ")
                     .push_bind(carrier_id)
-                    .push(") ON CONFLICT DO NOTHING RETURNING message_id, user_id, kind, channel, at");
-                let inserted: Vec<(String, String, i64, i64, i64)> = query.build_query_as().fetch_all(&mut *tx).await?;
-                for (message_id, user_id, kind, channel, at) in inserted {
-                    if kind == EventKind::Opened.number() {
+                    // The person comes back only for opens: the rest just count.
+                    .push(") ON CONFLICT DO NOTHING RETURNING message_id, kind, CASE WHEN kind = ")
+                    .push_bind(EventKind::Opened.number())
+                    .push(" THEN user_id END, channel, at");
+                let inserted: Vec<(String, i64, Option<String>, i64, i64)> =
+                    query.build_query_as().fetch_all(&mut *tx).await?;
+                for (message_id, kind, opener, channel, at) in inserted {
+                    if let Some(user_id) = opener {
                         opened.push((message_id.clone(), user_id, channel, if at > 0 { at } else { now }));
                     }
                     *added.entry((message_id, kind)).or_default() += 1;
