@@ -126,9 +126,32 @@ async fn main() -> anyhow::Result<()> {
                                 } else {
                                     "new"
                                 };
+                                let channel = match item.channel {
+                                    1 => "rcs",
+                                    2 => "sms",
+                                    3 => "sns",
+                                    4 => "email",
+                                    _ => "?",
+                                };
+                                let mut extras = Vec::new();
+                                if item.sms_segments.len() > 1 {
+                                    extras.push(format!("{} parts", item.sms_segments.len()));
+                                }
+                                if !item.subject.is_empty() {
+                                    extras.push(format!("subject: {}", item.subject));
+                                }
+                                if !item.suggested_replies.is_empty() {
+                                    extras
+                                        .push(format!("[{}]", item.suggested_replies.join(" | ")));
+                                }
+                                if !item.media_url.is_empty() {
+                                    extras.push(format!("media: {}", item.media_url));
+                                }
                                 println!(
-                                    "{n:>3}  {state:<4}  {}  ch={}  {}",
-                                    item.message_id, item.channel, item.text
+                                    "{n:>3}  {state:<4}  {}  {channel:<5}  {}  {}",
+                                    item.message_id,
+                                    item.text,
+                                    extras.join("  ")
                                 );
                             }
                         }
