@@ -423,7 +423,55 @@ async fn a_targeted_message_defers_pending_campaign_deliveries(backend: Backend)
     fixture.close().await;
 }
 
+async fn low_priority_is_skipped_first_and_high_priority_never(backend: Backend) {
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
+    let store = &fixture.store;
+    seed_registry(store).await;
+    let attention = AttentionConfig {
+        daily_cap: 2,
+        ..AttentionConfig::default()
+    };
+    let mut outcomes = Vec::new();
+    for (index, priority) in [
+        Priority::Low,
+        Priority::Low,
+        Priority::Normal,
+        Priority::High,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = format!("msg_{index}");
+        let message = NewMessage {
+            priority,
+            ..message(&format!("k{index}"), Target::AllRegistered, None)
+        };
+        let now = DAY0 + index as i64 * MINUTE;
+        store
+            .accept_message("ent_1", &id, &message, now, now + HOUR, &attention)
+            .await
+            .unwrap();
+        store.expand_message(&id, now, &attention).await.unwrap();
+        let counts = store.message_counts(&id).await.unwrap();
+        outcomes.push(counts.skipped);
+        assert_eq!(counts, store.recount_message(&id).await.unwrap());
+    }
+    // Cap 2 a day; low priority gets half of it; high priority is exempt.
+    assert_eq!(outcomes, [0, 2, 0, 0]);
+    let trace = store.explain("msg_1", "u1").await.unwrap();
+    assert_eq!(trace.attempts[0].state, "skipped");
+    assert!(
+        trace.attempts[0].reason.contains("low priority"),
+        "{:?}",
+        trace.attempts
+    );
+    fixture.close().await;
+}
+
 backend_tests!(
+    low_priority_is_skipped_first_and_high_priority_never,
     receipts_count_once_whatever_arrives,
     held_deliveries_roll_to_the_next_opening_or_expire,
     a_targeted_message_defers_pending_campaign_deliveries,
