@@ -117,6 +117,7 @@ pub async fn run(
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(server::reflection()?)
+        .add_service(server::reflection_v1alpha()?)
         .add_service(
             carrier_server::CarrierServer::new(relay_link::DeliverService(shared.clone()))
                 .max_decoding_message_size(64 * 1024 * 1024),

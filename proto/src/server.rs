@@ -19,10 +19,23 @@ pub fn reflection() -> anyhow::Result<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
 > {
-    Ok(tonic_reflection::server::Builder::configure()
+    Ok(reflection_builder().build_v1()?)
+}
+
+/// The same descriptions over `grpc.reflection.v1alpha`, which older
+/// tools (grpcurl before 1.8.8, Python's grpcio-reflection) still speak.
+pub fn reflection_v1alpha() -> anyhow::Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+> {
+    Ok(reflection_builder().build_v1alpha()?)
+}
+
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?)
 }
 
 /// Resolves on SIGTERM or Ctrl-C: the signal every binary shuts down on.

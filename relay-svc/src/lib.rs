@@ -111,6 +111,7 @@ pub async fn run(
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(server::reflection()?)
+        .add_service(server::reflection_v1alpha()?)
         .add_service(
             enterprise_api_server::EnterpriseApiServer::new(EnterpriseService(relay.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),

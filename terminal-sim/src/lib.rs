@@ -131,6 +131,7 @@ pub async fn run_fleet(
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(server::reflection()?)
+        .add_service(server::reflection_v1alpha()?)
         .add_service(
             TerminalServer::new(terminals.clone()).max_decoding_message_size(64 * 1024 * 1024),
         );

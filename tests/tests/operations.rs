@@ -1,0 +1,97 @@
+//! Standard gRPC tooling against the running services: reflection answers
+//! over both `grpc.reflection.v1` and the older `v1alpha` (which many tools
+//! still speak) and lists every service a server hosts.
+
+use integration_tests::{Backend, Hub};
+use tonic_reflection::pb::{v1, v1alpha};
+
+/// The services `url` lists through reflection, over v1 and over v1alpha.
+async fn listed(url: &str) -> (Vec<String>, Vec<String>) {
+    let channel = tonic::transport::Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
+    else {
+        panic!("v1: not a service list: {response:?}");
+    };
+    let v1_names = list.service.into_iter().map(|s| s.name).collect();
+
+    let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
+    else {
+        panic!("v1alpha: not a service list: {response:?}");
+    };
+    (v1_names, list.service.into_iter().map(|s| s.name).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reflection_lists_every_service_over_v1_and_v1alpha() {
+    let hub = Hub::start(Backend::Sqlite, &["alpha"])
+        .await
+        .unwrap()
+        .unwrap();
+    let expectations = [
+        (
+            hub.relay_url(),
+            &[
+                "chukei.relay.v1.EnterpriseApi",
+                "chukei.relay.v1.CarrierIngress",
+                "chukei.relay.v1.Admin",
+                "grpc.health.v1.Health",
+            ][..],
+        ),
+        (
+            hub.carriers[0].url(),
+            &[
+                "chukei.carrier.v1.Carrier",
+                "chukei.carrier.v1.SubscriberApi",
+                "chukei.carrier.v1.CarrierAdmin",
+                "grpc.health.v1.Health",
+            ][..],
+        ),
+    ];
+    for (url, services) in expectations {
+        let (v1, v1alpha) = listed(&url).await;
+        for service in services {
+            assert!(
+                v1.iter().any(|s| s == service),
+                "{url} v1 lacks {service}: {v1:?}"
+            );
+            assert!(
+                v1alpha.iter().any(|s| s == service),
+                "{url} v1alpha lacks {service}: {v1alpha:?}"
+            );
+        }
+    }
+    hub.shutdown().await.unwrap();
+}
