@@ -489,7 +489,8 @@ fn campaign_source(sql: &mut Sql, plan: &MessagePlan, target: &StoredTarget) {
     sql.push(&filters.join(" AND "));
 }
 
-/// The `INSERT` of a new message row with its plan.
+/// The `INSERT` of a new message row with its plan: state 1 (accepted),
+/// recipients not yet matched.
 fn insert_message(
     message_id: &str,
     fingerprint: &str,
@@ -500,87 +501,75 @@ fn insert_message(
     segment: Option<StoredTarget>,
 ) -> Sql {
     let segment = segment.unwrap_or_default();
-    let optional_text =
-        |value: Option<String>| value.map_or(Param::Text(String::new()), Param::Text);
-    let mut sql = Sql::new(
-        "INSERT INTO messages (id, enterprise_id, idempotency_key, fingerprint, target_kind,
-            target_service_id, seg_gender, seg_age_min, seg_age_max, seg_regions, seg_occupations,
-            content_text, media_url, subject, suggested_replies, channel, all_carriers, state, matched,
-            accepted_at, not_before, expires_at, policy, channels, timeout_ms, max_resends,
-            resend_until_delivered, delivery_window, window_at_carrier, priority, plan, follow_up_id,
-            follow_up_delay_ms)
-         VALUES (",
-    );
-    let values = [
-        Param::Text(message_id.to_owned()),
-        Param::Text(plan.enterprise_id.clone()),
-        Param::Text(message.idempotency_key.clone()),
-        Param::Text(fingerprint.to_owned()),
-        Param::Text(plan.target_kind.clone()),
-        optional_text(service_id.map(str::to_owned)),
-        optional_text(segment.gender),
-        Param::Int(segment.age.map_or(-1, |(min, _)| min)),
-        Param::Int(segment.age.map_or(-1, |(_, max)| max)),
-        Param::Text(segment.regions.join("\n")),
-        Param::Text(segment.occupations.join("\n")),
-        Param::Text(message.content.text.clone()),
-        Param::Text(message.content.media_url.clone()),
-        Param::Text(message.content.subject.clone()),
-        Param::Text(message.content.suggested_replies.join("\n")),
-        Param::Int(Channel::number(plan.policy.channels.first().copied())),
-        Param::Bool(plan.all_carriers),
-        Param::Int(plan.accepted_at),
-        Param::Int(plan.expires_at),
-        Param::Text(plan.policy.kind.as_str().to_owned()),
-        Param::Text(channel_list(&plan.policy.channels)),
-        Param::Int(plan.policy.timeout_ms),
-        Param::Int(i64::from(plan.policy.max_resends)),
-        Param::Bool(plan.policy.resend_until_delivered),
-        optional_text(plan.window.as_ref().map(Window::encode)),
-        Param::Bool(plan.window_mode == WindowMode::AtCarrier),
-        Param::Int(plan.priority.number()),
-        Param::Text(description.to_owned()),
-        optional_text(plan.follow_up_id.clone()),
-        Param::Int(plan.follow_up_delay_ms),
-    ];
-    let placeholders: Vec<String> = values.into_iter().map(|v| sql.bind(v)).collect();
-    // state 1 (accepted), matched NULL, not_before = accepted_at.
-    let [
-        id,
-        ent,
-        key,
-        fp,
-        kind,
-        svc,
-        gender,
-        amin,
-        amax,
-        regions,
-        occs,
-        text,
-        media,
-        subject,
-        replies,
-        channel,
-        all,
-        at,
-        expires,
-        rest @ ..,
-    ] = placeholders.as_slice()
-    else {
-        unreachable!("the value list above has a fixed length")
-    };
-    sql.push(&format!(
-        "{id}, {ent}, {key}, {fp}, {kind}, NULLIF({svc}, ''), NULLIF({gender}, ''), NULLIF({amin}, -1), NULLIF({amax}, -1), \
-         {regions}, {occs}, {text}, {media}, {subject}, {replies}, {channel}, {all}, 1, NULL, {at}, {at}, {expires}, \
-         {}, NULLIF({}, ''), {}, NULLIF({}, ''), {})",
-        rest[..5].join(", "),
-        rest[5],
-        rest[6..9].join(", "),
-        rest[9],
-        rest[10],
-    ));
-    sql
+    let text = |value: &str| Param::Text(value.to_owned());
+    Sql::insert(
+        "messages",
+        vec![
+            ("id", text(message_id)),
+            ("enterprise_id", text(&plan.enterprise_id)),
+            ("idempotency_key", text(&message.idempotency_key)),
+            ("fingerprint", text(fingerprint)),
+            ("target_kind", text(&plan.target_kind)),
+            (
+                "target_service_id",
+                Param::OptText(service_id.map(str::to_owned)),
+            ),
+            ("seg_gender", Param::OptText(segment.gender)),
+            (
+                "seg_age_min",
+                Param::OptInt(segment.age.map(|(min, _)| min)),
+            ),
+            (
+                "seg_age_max",
+                Param::OptInt(segment.age.map(|(_, max)| max)),
+            ),
+            ("seg_regions", Param::Text(segment.regions.join("\n"))),
+            (
+                "seg_occupations",
+                Param::Text(segment.occupations.join("\n")),
+            ),
+            ("content_text", text(&message.content.text)),
+            ("media_url", text(&message.content.media_url)),
+            ("subject", text(&message.content.subject)),
+            (
+                "suggested_replies",
+                Param::Text(message.content.suggested_replies.join("\n")),
+            ),
+            (
+                "channel",
+                Param::Int(Channel::number(plan.policy.channels.first().copied())),
+            ),
+            ("all_carriers", Param::Bool(plan.all_carriers)),
+            ("state", Param::Int(MessageState::Accepted as i64)),
+            ("matched", Param::OptInt(None)),
+            ("accepted_at", Param::Int(plan.accepted_at)),
+            ("not_before", Param::Int(plan.accepted_at)),
+            ("expires_at", Param::Int(plan.expires_at)),
+            ("policy", text(plan.policy.kind.as_str())),
+            ("channels", Param::Text(channel_list(&plan.policy.channels))),
+            ("timeout_ms", Param::Int(plan.policy.timeout_ms)),
+            (
+                "max_resends",
+                Param::Int(i64::from(plan.policy.max_resends)),
+            ),
+            (
+                "resend_until_delivered",
+                Param::Bool(plan.policy.resend_until_delivered),
+            ),
+            (
+                "delivery_window",
+                Param::OptText(plan.window.as_ref().map(Window::encode)),
+            ),
+            (
+                "window_at_carrier",
+                Param::Bool(plan.window_mode == WindowMode::AtCarrier),
+            ),
+            ("priority", Param::Int(plan.priority.number())),
+            ("plan", text(description)),
+            ("follow_up_id", Param::OptText(plan.follow_up_id.clone())),
+            ("follow_up_delay_ms", Param::Int(plan.follow_up_delay_ms)),
+        ],
+    )
 }
 
 /// The `INSERT` of the message that carries a follow-up: same enterprise,
@@ -602,41 +591,41 @@ fn insert_follow_up(
                 c
             )))
     );
-    let mut sql = Sql::new(
-        "INSERT INTO messages (id, enterprise_id, idempotency_key, fingerprint, target_kind,
-            content_text, media_url, subject, suggested_replies, channel, all_carriers, state, matched,
-            accepted_at, not_before, expires_at, policy, channels, priority, plan)
-         VALUES (",
-    );
-    let values = [
-        Param::Text(follow_up_id.to_owned()),
-        Param::Text(plan.enterprise_id.clone()),
-        Param::Text(format!("follow-up:{parent_id}")),
-        Param::Text(String::new()),
-        Param::Text("follow_up".to_owned()),
-        Param::Text(follow_up.content.text.clone()),
-        Param::Text(follow_up.content.media_url.clone()),
-        Param::Text(follow_up.content.subject.clone()),
-        Param::Text(follow_up.content.suggested_replies.join("\n")),
-        Param::Int(Channel::number(follow_up.channel)),
-        Param::Bool(plan.all_carriers),
-        Param::Int(now),
-        Param::Int(plan.expires_at.saturating_add(follow_up.delay_ms)),
-        Param::Text(PolicyKind::Fixed.as_str().to_owned()),
-        Param::Text(channel_list(&channels)),
-        Param::Int(plan.priority.number()),
-        Param::Text(description),
-    ];
-    let p: Vec<String> = values.into_iter().map(|v| sql.bind(v)).collect();
-    sql.push(&format!(
-        "{}, 2, 0, {}, {}, {}, {})",
-        p[..11].join(", "),
-        p[11],
-        p[11],
-        p[12],
-        p[13..].join(", ")
-    ));
-    sql
+    let text = |value: &str| Param::Text(value.to_owned());
+    Sql::insert(
+        "messages",
+        vec![
+            ("id", text(follow_up_id)),
+            ("enterprise_id", text(&plan.enterprise_id)),
+            (
+                "idempotency_key",
+                Param::Text(format!("follow-up:{parent_id}")),
+            ),
+            ("fingerprint", text("")),
+            ("target_kind", text("follow_up")),
+            ("content_text", text(&follow_up.content.text)),
+            ("media_url", text(&follow_up.content.media_url)),
+            ("subject", text(&follow_up.content.subject)),
+            (
+                "suggested_replies",
+                Param::Text(follow_up.content.suggested_replies.join("\n")),
+            ),
+            ("channel", Param::Int(Channel::number(follow_up.channel))),
+            ("all_carriers", Param::Bool(plan.all_carriers)),
+            ("state", Param::Int(MessageState::Expanded as i64)),
+            ("matched", Param::Int(0)),
+            ("accepted_at", Param::Int(now)),
+            ("not_before", Param::Int(now)),
+            (
+                "expires_at",
+                Param::Int(plan.expires_at.saturating_add(follow_up.delay_ms)),
+            ),
+            ("policy", text(PolicyKind::Fixed.as_str())),
+            ("channels", Param::Text(channel_list(&channels))),
+            ("priority", Param::Int(plan.priority.number())),
+            ("plan", Param::Text(description)),
+        ],
+    )
 }
 
 fn channel_list(channels: &[Channel]) -> String {

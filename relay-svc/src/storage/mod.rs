@@ -222,6 +222,8 @@ pub(crate) enum Param {
     Bool(bool),
     /// An integer or SQL NULL.
     OptInt(Option<i64>),
+    /// A text or SQL NULL.
+    OptText(Option<String>),
 }
 
 impl Param {

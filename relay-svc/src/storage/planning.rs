@@ -60,6 +60,21 @@ impl Sql {
         self
     }
 
+    /// `INSERT INTO table (columns…) VALUES (binds…)`, a column and its value per pair.
+    pub(crate) fn insert(table: &str, row: Vec<(&str, Param)>) -> Self {
+        let mut sql = Self::default();
+        let (columns, values): (Vec<&str>, Vec<String>) = row
+            .into_iter()
+            .map(|(column, value)| (column, sql.bind(value)))
+            .unzip();
+        sql.push(&format!(
+            "INSERT INTO {table} ({}) VALUES ({})",
+            columns.join(", "),
+            values.join(", ")
+        ));
+        sql
+    }
+
     fn counting(mut self, effect: Effect) -> Self {
         self.effect = effect;
         self
@@ -79,6 +94,7 @@ macro_rules! execute_all {
                         $crate::storage::Param::Int(value) => query.bind(value),
                         $crate::storage::Param::Bool(value) => query.bind(value),
                         $crate::storage::Param::OptInt(value) => query.bind(value),
+                        $crate::storage::Param::OptText(value) => query.bind(value),
                     };
                 }
                 match statement.effect {
