@@ -1,6 +1,8 @@
 //! Standard gRPC tooling against the running services: reflection answers
 //! over both `grpc.reflection.v1` and the older `v1alpha` (which many tools
-//! still speak) and lists every service a server hosts.
+//! still speak) and lists every service a server hosts — to our own client
+//! and, when `CHUKEI_TEST_PYTHON` names a Python with grpcio-reflection (CI
+//! installs it), to the reference Python client.
 
 use integration_tests::{Backend, Hub};
 use tonic_reflection::pb::{v1, v1alpha};
@@ -92,6 +94,49 @@ async fn reflection_lists_every_service_over_v1_and_v1alpha() {
                 "{url} v1alpha lacks {service}: {v1alpha:?}"
             );
         }
+    }
+    hub.shutdown().await.unwrap();
+}
+
+/// The Python interpreter with grpcio-reflection, when the run asks for it.
+const PYTHON_ENV: &str = "CHUKEI_TEST_PYTHON";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_reference_python_client_lists_services_over_v1alpha() {
+    let Ok(python) = std::env::var(PYTHON_ENV) else {
+        eprintln!("{PYTHON_ENV} is not set: the Python reflection client check skipped");
+        return;
+    };
+    let hub = Hub::start(Backend::Sqlite, &["alpha"])
+        .await
+        .unwrap()
+        .unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/list_services.py");
+    for (address, service) in [
+        (hub.relay_addr.to_string(), "chukei.relay.v1.EnterpriseApi"),
+        (
+            hub.carriers[0].addr.to_string(),
+            "chukei.carrier.v1.Carrier",
+        ),
+    ] {
+        let output = tokio::process::Command::new(&python)
+            .arg(script)
+            .arg(&address)
+            .output()
+            .await
+            .unwrap_or_else(|error| panic!("{PYTHON_ENV}={python} does not run: {error}"));
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "the Python client failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let listed: Vec<&str> = stdout.lines().collect();
+        assert!(listed.contains(&service), "{address}: {listed:?}");
+        assert!(
+            listed.contains(&"grpc.health.v1.Health"),
+            "{address}: {listed:?}"
+        );
     }
     hub.shutdown().await.unwrap();
 }
