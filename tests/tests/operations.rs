@@ -4,6 +4,7 @@
 //! and, when `CHUKEI_TEST_PYTHON` names a Python with grpcio-reflection (CI
 //! installs it), to the reference Python client.
 
+use integration_tests::process::test_binary;
 use integration_tests::{Backend, Hub};
 use tonic_reflection::pb::{v1, v1alpha};
 
@@ -139,4 +140,60 @@ async fn the_reference_python_client_lists_services_over_v1alpha() {
         );
     }
     hub.shutdown().await.unwrap();
+}
+
+/// The commands whose `--help` makes up the operations guide's reference.
+const HELP: &[&[&str]] = &[
+    &["relay-svc"],
+    &["carrier-svc"],
+    &["terminal-sim"],
+    &["terminal-sim", "fleet"],
+    &["terminal-sim", "interactive"],
+    &["enterprise-cli"],
+    &["enterprise-cli", "send"],
+    &["enterprise-cli", "status"],
+    &["enterprise-cli", "explain"],
+    &["enterprise-cli", "registrations"],
+];
+
+/// The configuration reference as the binaries describe themselves (with an
+/// empty environment, so no local setting leaks into the text).
+fn reference() -> String {
+    let mut text = String::new();
+    for command in HELP {
+        let output = std::process::Command::new(test_binary(command[0]).unwrap())
+            .args(&command[1..])
+            .arg("--help")
+            .env_clear()
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{command:?} --help failed");
+        text.push_str(&format!(
+            "\n### `{}`\n\n```text\n{}```\n",
+            command.join(" "),
+            String::from_utf8(output.stdout).unwrap()
+        ));
+    }
+    text
+}
+
+#[test]
+fn the_operations_guide_lists_every_flag_the_binaries_take() {
+    const START: &str = "<!-- generated: start -->\n";
+    const END: &str = "<!-- generated: end -->";
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md");
+    let guide = std::fs::read_to_string(path).unwrap();
+    let (head, rest) = guide.split_once(START).expect("start marker");
+    let (current, tail) = rest.split_once(END).expect("end marker");
+    let expected = reference();
+    if current != expected {
+        if std::env::var_os("CHUKEI_UPDATE_DOCS").is_some() {
+            std::fs::write(path, format!("{head}{START}{expected}{END}{tail}")).unwrap();
+            return;
+        }
+        panic!(
+            "docs/operations.md's configuration reference is out of date; regenerate it with \
+             CHUKEI_UPDATE_DOCS=1 cargo test -p integration-tests --test operations"
+        );
+    }
 }
