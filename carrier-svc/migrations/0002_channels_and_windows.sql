@@ -14,6 +14,9 @@ ALTER TABLE deliveries ADD COLUMN delivery_window TEXT;
 ALTER TABLE deliveries ADD COLUMN window_close BIGINT NOT NULL DEFAULT 9223372036854775807;
 -- SMS parts this delivery takes (0 on other channels).
 ALTER TABLE deliveries ADD COLUMN sms_segments BIGINT NOT NULL DEFAULT 0;
+-- The relay says this is the person's only attempt for the message here:
+-- counted directly, without the per-person `reach` bookkeeping.
+ALTER TABLE deliveries ADD COLUMN single_attempt BOOLEAN NOT NULL DEFAULT FALSE;
 CREATE INDEX deliveries_held_windows ON deliveries (window_close) WHERE state = 0;
 
 ALTER TABLE outbox ADD COLUMN delivery_id TEXT NOT NULL DEFAULT '';

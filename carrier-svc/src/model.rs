@@ -42,6 +42,8 @@ pub struct Delivery {
     pub expires_at: i64,
     /// The window in its stored form, when the relay asked the carrier to hold for it.
     pub window: Option<String>,
+    /// The person's only attempt for the message here (counted directly).
+    pub single_attempt: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

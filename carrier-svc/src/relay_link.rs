@@ -185,6 +185,7 @@ fn delivery_from_wire(delivery: pb::Delivery, default_channel: i64) -> Option<De
         media_url: content.media_url,
         subject: content.subject,
         suggested_replies: content.suggested_replies,
+        single_attempt: delivery.single_attempt,
         window: delivery
             .window
             .as_ref()

@@ -232,7 +232,8 @@ impl Store {
         {
             let mut query = QueryBuilder::new(
                 "INSERT INTO deliveries (delivery_id, message_id, user_id, channel, content_text, media_url, subject, \
-                 suggested_replies, not_before, expires_at, delivery_window, window_close, sms_segments, state, received_at) ",
+                 suggested_replies, not_before, expires_at, delivery_window, window_close, sms_segments, single_attempt, \
+                 state, received_at) ",
             );
             query.push_values(
                 chunk.iter().zip(timing),
@@ -258,6 +259,7 @@ impl Store {
                             *window_close
                         })
                         .push_bind(*segments)
+                        .push_bind(d.single_attempt)
                         .push_bind(DeliveryState::Held as i64)
                         .push_bind(now);
                 },
@@ -444,27 +446,36 @@ impl Store {
                 }
                 let mut query = QueryBuilder::new(update);
                 in_list(&mut query, ids);
-                query.push(" RETURNING delivery_id, message_id, user_id, channel, sms_segments");
-                let moved: Vec<(String, String, String, i64, i64)> =
+                query.push(
+                    " RETURNING delivery_id, message_id, user_id, channel, sms_segments, single_attempt",
+                );
+                let moved: Vec<(String, String, String, i64, i64, bool)> =
                     query.build_query_as().fetch_all(&mut *tx).await?;
-                let people: Vec<(&str, &str)> = moved
+                // A person's only attempt counts as the person; where more attempts
+                // may reach them, `reach` counts each person once.
+                let (single, repeated): (Vec<_>, Vec<_>) =
+                    moved.iter().partition(|(.., single)| *single);
+                let people: Vec<(&str, &str)> = repeated
                     .iter()
                     .map(|(_, m, u, ..)| (m.as_str(), u.as_str()))
                     .collect();
+                let step = match kind {
+                    ReceiptKind::Delivered => Counted::Sent,
+                    ReceiptKind::Opened => Counted::Opened,
+                    _ => Counted::Unsupported,
+                };
+                if step != Counted::Unsupported {
+                    counted.extend(single.iter().map(|(_, m, ..)| (m.clone(), step)));
+                    let first = reach(&mut tx, &people, step == Counted::Opened).await?;
+                    counted.extend(first.into_iter().map(|m| (m, step)));
+                }
                 match kind {
                     ReceiptKind::Delivered => {
-                        for (_, message_id, .., segments) in &moved {
+                        for (_, message_id, .., segments, _) in &moved {
                             counted.push((message_id.clone(), Counted::Segments(*segments)));
                         }
-                        for message_id in reach(&mut tx, &people, false).await? {
-                            counted.push((message_id, Counted::Sent));
-                        }
                     }
-                    ReceiptKind::Opened => {
-                        for message_id in reach(&mut tx, &people, true).await? {
-                            counted.push((message_id, Counted::Opened));
-                        }
-                    }
+                    ReceiptKind::Opened => {}
                     _ => {
                         for (_, message_id, ..) in &moved {
                             counted.push((message_id.clone(), Counted::Unsupported));
@@ -474,7 +485,7 @@ impl Store {
                 receipts.extend(
                     moved
                         .into_iter()
-                        .map(|(id, message_id, user_id, channel, _)| {
+                        .map(|(id, message_id, user_id, channel, ..)| {
                             receipt(&by_id, id, message_id, user_id, channel, kind)
                         }),
                 );

@@ -387,6 +387,7 @@ fn to_wire(delivery: DueDelivery, windows: &mut WindowCache) -> pb::Delivery {
         not_before: Some(to_timestamp(delivery.not_before)),
         expires_at: Some(to_timestamp(delivery.expires_at)),
         window: delivery.carrier_window.and_then(|w| windows.get(w)),
+        single_attempt: delivery.single_attempt,
     }
 }
 

@@ -88,6 +88,17 @@ impl Policy {
         }
     }
 
+    /// Whether a person can get at most one attempt per carrier: no timer,
+    /// no second channel, and no list to fall back on when a channel is
+    /// unsupported.
+    pub fn at_most_one_attempt(&self) -> bool {
+        match self.kind {
+            PolicyKind::Fixed | PolicyKind::Best => self.channels.len() <= 1,
+            PolicyKind::MostUsed => self.channels.is_empty(),
+            PolicyKind::Fallback | PolicyKind::Multi | PolicyKind::Resend => false,
+        }
+    }
+
     /// Whether handed-over attempts start a timer.
     pub fn has_timer(&self) -> bool {
         matches!(self.kind, PolicyKind::Fallback | PolicyKind::Resend)
@@ -377,6 +388,17 @@ mod tests {
             multi.next(Some(Channel::Sms), 0, Trigger::Unsupported),
             None
         );
+    }
+
+    #[test]
+    fn only_policies_without_a_second_attempt_are_single() {
+        assert!(Policy::fixed(None).at_most_one_attempt());
+        assert!(Policy::fixed(Some(Channel::Sms)).at_most_one_attempt());
+        assert!(!policy(PolicyKind::Fixed, &[Channel::Rcs, Channel::Sms]).at_most_one_attempt());
+        assert!(!policy(PolicyKind::MostUsed, &[Channel::Sms]).at_most_one_attempt());
+        assert!(policy(PolicyKind::MostUsed, &[]).at_most_one_attempt());
+        assert!(!policy(PolicyKind::Resend, &[Channel::Sms]).at_most_one_attempt());
+        assert!(!policy(PolicyKind::Multi, &[Channel::Sms, Channel::Rcs]).at_most_one_attempt());
     }
 
     #[test]

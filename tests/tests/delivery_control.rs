@@ -765,6 +765,9 @@ async fn the_attention_budget_spans_enterprises(backend: Backend) {
     let n = scene.fleet.users.len() as u64;
     let first = scene.send(0, everyone("first", "one")).await;
     scene.wait(0, &first, |s| s.delivered == n).await;
+    // One attempt per person: the carrier counts deliveries as people directly.
+    let carrier = scene.hub.carrier_own_counts("alpha", &first).await.unwrap();
+    assert_eq!(carrier.counts[0].sent, n);
     let second = scene.send(1, everyone("second", "two")).await;
     let status = scene.wait(1, &second, |s| s.skipped == n).await;
     assert_eq!(status.handed_over, 0);

@@ -24,6 +24,9 @@ ALTER TABLE messages ADD COLUMN follow_up_id TEXT;
 ALTER TABLE messages ADD COLUMN follow_up_delay_ms BIGINT NOT NULL DEFAULT 0;
 -- Set once the expiry sweep has run after expires_at.
 ALTER TABLE messages ADD COLUMN closed BOOLEAN NOT NULL DEFAULT FALSE;
+-- The policy makes at most one attempt per person and carrier, so carriers
+-- may count each delivery as a person (no per-person bookkeeping).
+ALTER TABLE messages ADD COLUMN single_attempt BOOLEAN NOT NULL DEFAULT FALSE;
 CREATE INDEX messages_open_by_expiry ON messages (closed, expires_at);
 ALTER TABLE count_reports ADD COLUMN sms_segments BIGINT NOT NULL DEFAULT 0;
 

@@ -568,6 +568,10 @@ fn insert_message(
             ("plan", text(description)),
             ("follow_up_id", Param::OptText(plan.follow_up_id.clone())),
             ("follow_up_delay_ms", Param::Int(plan.follow_up_delay_ms)),
+            (
+                "single_attempt",
+                Param::Bool(plan.policy.at_most_one_attempt()),
+            ),
         ],
     )
 }
@@ -624,6 +628,7 @@ fn insert_follow_up(
             ("channels", Param::Text(channel_list(&channels))),
             ("priority", Param::Int(plan.priority.number())),
             ("plan", Param::Text(description)),
+            ("single_attempt", Param::Bool(true)),
         ],
     )
 }

@@ -20,6 +20,8 @@ pub struct DueDelivery {
     pub expires_at: i64,
     /// The window in its stored form, when the carrier is to hold the delivery.
     pub carrier_window: Option<String>,
+    /// The person's only attempt for this message on this carrier.
+    pub single_attempt: bool,
 }
 
 impl Store {
@@ -45,11 +47,12 @@ impl Store {
             i64,
             i64,
             Option<String>,
+            bool,
         );
         let rows: Vec<Row> = on_pool!(self, pool => sqlx::query_as(
             "SELECT d.id, d.message_id, d.user_id, m.content_text, m.media_url, m.subject,
                     m.suggested_replies, d.channel, d.not_before, m.expires_at,
-                    CASE WHEN m.window_at_carrier THEN m.delivery_window END
+                    CASE WHEN m.window_at_carrier THEN m.delivery_window END, m.single_attempt
              FROM deliveries d JOIN messages m ON m.id = d.message_id
              WHERE d.carrier_id = $1 AND d.state = 0 AND d.id > $2 AND d.not_before <= $3
                AND (d.window_close IS NULL OR d.window_close > $3) AND m.expires_at > $3
@@ -77,6 +80,7 @@ impl Store {
                     not_before,
                     expires_at,
                     carrier_window,
+                    single_attempt,
                 )| DueDelivery {
                     id,
                     message_id,
@@ -95,6 +99,7 @@ impl Store {
                     not_before,
                     expires_at,
                     carrier_window,
+                    single_attempt,
                 },
             )
             .collect())
