@@ -349,37 +349,17 @@ impl Store {
     /// address, no SNS handle): unsupported, reported to the relay.
     pub async fn mark_unsupported(&self, seqs: &[i64], now: i64) -> Result<usize> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut receipts = Vec::new();
+        let mut closed = Vec::new();
         for chunk in seqs.chunks(ROWS_PER_STATEMENT) {
             let mut query =
                 QueryBuilder::new("UPDATE deliveries SET state = 5 WHERE state = 0 AND seq");
             in_list(&mut query, chunk.iter().copied());
             query.push(" RETURNING delivery_id, message_id, user_id, channel");
-            let moved: Vec<(String, String, String, i64)> =
-                query.build_query_as().fetch_all(&mut *tx).await?;
-            receipts.extend(moved.into_iter().map(
-                |(delivery_id, message_id, user_id, channel)| Receipt {
-                    seq: 0,
-                    delivery_id,
-                    message_id,
-                    user_id,
-                    kind: ReceiptKind::Unsupported,
-                    channel,
-                    at: now,
-                    region: String::new(),
-                },
-            ));
+            closed.extend(query.build_query_as().fetch_all(&mut *tx).await?);
         }
-        queue_receipts(&mut tx, &receipts).await?;
-        count(
-            &mut tx,
-            receipts
-                .iter()
-                .map(|r| (r.message_id.as_str(), Counted::Unsupported)),
-        )
-        .await?;
+        let queued = report_closed(&mut tx, closed, ReceiptKind::Unsupported, now).await?;
         tx.commit().await?;
-        Ok(receipts.len())
+        Ok(queued)
     }
 
     pub async fn mark_pushed(&self, seqs: &[i64]) -> Result<()> {
@@ -501,36 +481,16 @@ impl Store {
     /// them: they are never delivered later.
     pub async fn expire(&self, now: i64) -> Result<usize> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let expired: Vec<(String, String, String, i64)> = sqlx::query_as(
+        let expired = sqlx::query_as(
             "UPDATE deliveries SET state = 4 WHERE state < 2 AND expires_at <= $1
              RETURNING delivery_id, message_id, user_id, channel",
         )
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
-        let receipts: Vec<Receipt> = expired
-            .into_iter()
-            .map(|(delivery_id, message_id, user_id, channel)| Receipt {
-                seq: 0,
-                delivery_id,
-                message_id,
-                user_id,
-                kind: ReceiptKind::Expired,
-                channel,
-                at: now,
-                region: String::new(),
-            })
-            .collect();
-        queue_receipts(&mut tx, &receipts).await?;
-        count(
-            &mut tx,
-            receipts
-                .iter()
-                .map(|r| (r.message_id.as_str(), Counted::Expired)),
-        )
-        .await?;
+        let queued = report_closed(&mut tx, expired, ReceiptKind::Expired, now).await?;
         tx.commit().await?;
-        Ok(receipts.len())
+        Ok(queued)
     }
 
     /// Held deliveries whose window closed before they could be pushed move
@@ -737,6 +697,41 @@ enum Counted {
     Segments(i64),
     Unsupported,
     Expired,
+}
+
+/// Deliveries the carrier closed itself — (delivery id, message, user,
+/// channel) — reported to the relay as `kind` at `now` and counted.
+/// Returns how many receipts were queued.
+async fn report_closed(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    closed: Vec<(String, String, String, i64)>,
+    kind: ReceiptKind,
+    now: i64,
+) -> Result<usize> {
+    let counted = match kind {
+        ReceiptKind::Expired => Counted::Expired,
+        _ => Counted::Unsupported,
+    };
+    let receipts: Vec<Receipt> = closed
+        .into_iter()
+        .map(|(delivery_id, message_id, user_id, channel)| Receipt {
+            seq: 0,
+            delivery_id,
+            message_id,
+            user_id,
+            kind,
+            channel,
+            at: now,
+            region: String::new(),
+        })
+        .collect();
+    queue_receipts(tx, &receipts).await?;
+    count(
+        tx,
+        receipts.iter().map(|r| (r.message_id.as_str(), counted)),
+    )
+    .await?;
+    Ok(receipts.len())
 }
 
 /// Appends receipts to the outbox.

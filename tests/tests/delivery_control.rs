@@ -44,6 +44,14 @@ struct Setup {
     tailor: fn(&mut Fleet),
 }
 
+/// Every second person (0, 2, 4, …) opens what reaches them; the rest never do.
+fn half_open() -> Setup {
+    Setup {
+        opener: |i| i % 2 == 0,
+        ..Setup::default()
+    }
+}
+
 impl Default for Setup {
     fn default() -> Self {
         Self {
@@ -232,15 +240,7 @@ async fn settle() {
 }
 
 async fn fallback_sends_sms_only_to_those_who_did_not_open_rcs(backend: Backend) {
-    let Some(scene) = scene(
-        backend,
-        Setup {
-            opener: |i| i % 2 == 0,
-            ..Setup::default()
-        },
-    )
-    .await
-    else {
+    let Some(scene) = scene(backend, half_open()).await else {
         return;
     };
     let n = scene.fleet.users.len() as u64;
@@ -622,15 +622,7 @@ async fn quiet_period_defers_a_broadcast_around_another_enterprises_targeted_mes
 }
 
 async fn follow_ups_go_only_to_openers(backend: Backend) {
-    let Some(scene) = scene(
-        backend,
-        Setup {
-            opener: |i| i % 2 == 0,
-            ..Setup::default()
-        },
-    )
-    .await
-    else {
+    let Some(scene) = scene(backend, half_open()).await else {
         return;
     };
     let n = scene.fleet.users.len() as u64;
