@@ -470,7 +470,66 @@ async fn low_priority_is_skipped_first_and_high_priority_never(backend: Backend)
     fixture.close().await;
 }
 
+async fn a_rising_open_rate_restores_the_cap(backend: Backend) {
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
+    let store = &fixture.store;
+    seed_registry(store).await;
+    let attention = AttentionConfig {
+        daily_cap: 2,
+        ..AttentionConfig::default()
+    };
+    let day = 24 * HOUR;
+    // Two campaigns a day; returns who was skipped from each.
+    let mut sent = 0;
+    let mut campaign_day = |at: i64| {
+        let ids = [format!("msg_{sent}"), format!("msg_{}", sent + 1)];
+        sent += 2;
+        async move {
+            let mut skipped = Vec::new();
+            for (index, id) in ids.iter().enumerate() {
+                let now = at + index as i64 * HOUR;
+                store
+                    .accept_message(
+                        "ent_1",
+                        id,
+                        &message(id, Target::AllRegistered, None),
+                        now,
+                        now + day,
+                        &attention,
+                    )
+                    .await
+                    .unwrap();
+                store.expand_message(id, now, &attention).await.unwrap();
+                let trace = store.explain(id, "u1").await.unwrap();
+                skipped.push(trace.attempts.iter().all(|a| a.state == "skipped"));
+            }
+            (ids, skipped)
+        }
+    };
+    // Nobody opens for five days: the second campaign of the day stops reaching u1.
+    let mut last = Vec::new();
+    for d in 0..5 {
+        last = campaign_day(DAY0 + d * day).await.1;
+    }
+    assert_eq!(last, [false, true], "u1's cap fell to one a day");
+    // u1 opens six of the campaigns that reached them.
+    let opens: Vec<Receipt> = (0..8)
+        .filter(|n| n % 2 == 0 || *n < 5)
+        .map(|n| receipt(&format!("msg_{n}"), "u1", EventKind::Opened))
+        .collect();
+    store
+        .record_receipts("c1", &opens, DAY0 + 5 * day)
+        .await
+        .unwrap();
+    let (_, next) = campaign_day(DAY0 + 5 * day + HOUR).await;
+    assert_eq!(next, [false, false], "opening again restores the full cap");
+    fixture.close().await;
+}
+
 backend_tests!(
+    a_rising_open_rate_restores_the_cap,
     low_priority_is_skipped_first_and_high_priority_never,
     receipts_count_once_whatever_arrives,
     held_deliveries_roll_to_the_next_opening_or_expire,
