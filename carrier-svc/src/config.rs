@@ -114,13 +114,11 @@ impl Config {
 
     /// The default channel as a `chukei.common.v1.Channel` value.
     pub fn default_channel(&self) -> anyhow::Result<i64> {
-        match self.default_channel.as_str() {
-            "rcs" => Ok(1),
-            "sms" => Ok(2),
-            "sns" => Ok(3),
-            "email" => Ok(4),
-            _ => anyhow::bail!("--default-channel: must be one of rcs, sms, sns, email"),
-        }
+        chukei_proto::common::v1::Channel::from_short_name(&self.default_channel)
+            .map(|channel| channel as i64)
+            .ok_or_else(|| {
+                anyhow::anyhow!("--default-channel: must be one of rcs, sms, sns, email")
+            })
     }
 
     pub fn database_url(&self) -> String {

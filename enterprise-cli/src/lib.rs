@@ -8,6 +8,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use chukei_proto::auth::BearerInterceptor;
+use chukei_proto::clock;
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
 use chukei_proto::relay::v1::enterprise_api_client::EnterpriseApiClient;
@@ -199,23 +200,12 @@ pub fn parse_segment(text: &str) -> Result<pb::Segment, String> {
 }
 
 fn parse_channel(flag: &str, text: &str) -> anyhow::Result<common::Channel> {
-    match text.trim() {
-        "rcs" => Ok(common::Channel::Rcs),
-        "sms" => Ok(common::Channel::Sms),
-        "sns" => Ok(common::Channel::Sns),
-        "email" => Ok(common::Channel::Email),
-        _ => anyhow::bail!("{flag}: {text:?} is not rcs, sms, sns or email"),
-    }
+    common::Channel::from_short_name(text.trim())
+        .ok_or_else(|| anyhow::anyhow!("{flag}: {text:?} is not rcs, sms, sns or email"))
 }
 
 fn channel_name(channel: i32) -> &'static str {
-    match common::Channel::try_from(channel) {
-        Ok(common::Channel::Rcs) => "rcs",
-        Ok(common::Channel::Sms) => "sms",
-        Ok(common::Channel::Sns) => "sns",
-        Ok(common::Channel::Email) => "email",
-        _ => "default",
-    }
+    common::Channel::short_name_of(channel)
 }
 
 /// "90s", "15m", "2h", "3d" as a protobuf duration; the error names `flag`.
@@ -640,8 +630,10 @@ fn print_status(
 }
 
 fn rfc3339(at: Option<&prost_types::Timestamp>) -> String {
-    at.and_then(|t| jiff::Timestamp::new(t.seconds, t.nanos).ok())
-        .map_or_else(|| "-".to_owned(), |t| t.to_string())
+    at.map_or_else(
+        || "-".to_owned(),
+        |t| clock::rfc3339(clock::from_timestamp(t)),
+    )
 }
 
 fn print_explanation(

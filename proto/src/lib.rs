@@ -22,6 +22,32 @@ pub mod common {
     }
 }
 
+impl common::v1::Channel {
+    /// The short name flags, tables and logs use: `rcs`, `sms`, `sns`,
+    /// `email` (`default` for unspecified: the carrier's default channel).
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Self::Unspecified => "default",
+            Self::Rcs => "rcs",
+            Self::Sms => "sms",
+            Self::Sns => "sns",
+            Self::Email => "email",
+        }
+    }
+
+    /// The channel a short name names; `None` for anything else.
+    pub fn from_short_name(name: &str) -> Option<Self> {
+        [Self::Rcs, Self::Sms, Self::Sns, Self::Email]
+            .into_iter()
+            .find(|channel| channel.short_name() == name)
+    }
+
+    /// The short name of a wire value (`?` for an unknown one).
+    pub fn short_name_of(number: i32) -> &'static str {
+        Self::try_from(number).map_or("?", Self::short_name)
+    }
+}
+
 #[allow(unreachable_pub, clippy::all, clippy::pedantic)]
 pub mod relay {
     pub mod v1 {

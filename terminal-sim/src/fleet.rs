@@ -30,6 +30,16 @@ const FAMILY_NAMES: &[&str] = &["Sato", "Suzuki", "Takahashi", "Tanaka", "Ito", 
 /// Hours the simulation's local time is ahead of UTC (Japan).
 pub const LOCAL_OFFSET_HOURS: i64 = 9;
 
+/// A simulated person's e-mail address (made up from their id).
+fn email_address(user_id: &str) -> String {
+    format!("{}@mail.example", user_id.replace('-', "."))
+}
+
+/// A simulated person's SNS handle (made up from their id).
+fn sns_handle(user_id: &str) -> String {
+    format!("@{}", user_id.replace('-', "_"))
+}
+
 /// How one person treats messages.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Behaviour {
@@ -138,12 +148,12 @@ impl Fleet {
                 // seed's population unchanged.
                 let mut device = Rng::for_labels(seed, &["device", &user_id]);
                 let email = if device.chance(0.7) {
-                    format!("{}@mail.example", user_id.replace('-', "."))
+                    email_address(&user_id)
                 } else {
                     String::new()
                 };
                 let sns_handle = if device.chance(0.5) {
-                    format!("@{}", user_id.replace('-', "_"))
+                    sns_handle(&user_id)
                 } else {
                     String::new()
                 };
@@ -199,10 +209,10 @@ impl Fleet {
         for user in &mut self.users {
             user.behaviour.supports = [false, true, true, true, true];
             if user.email.is_empty() {
-                user.email = format!("{}@mail.example", user.user_id.replace('-', "."));
+                user.email = email_address(&user.user_id);
             }
             if user.sns_handle.is_empty() {
-                user.sns_handle = format!("@{}", user.user_id.replace('-', "_"));
+                user.sns_handle = sns_handle(&user.user_id);
             }
         }
         self

@@ -2,6 +2,7 @@ use std::io::BufRead;
 use std::net::SocketAddr;
 
 use chukei_proto::carrier::v1 as pb;
+use chukei_proto::common::v1::Channel;
 use clap::{Parser, Subcommand};
 use terminal_sim::fleet::Fleet;
 use terminal_sim::terminal::OpenMode;
@@ -126,13 +127,7 @@ async fn main() -> anyhow::Result<()> {
                                 } else {
                                     "new"
                                 };
-                                let channel = match item.channel {
-                                    1 => "rcs",
-                                    2 => "sms",
-                                    3 => "sns",
-                                    4 => "email",
-                                    _ => "?",
-                                };
+                                let channel = Channel::short_name_of(item.channel);
                                 let mut extras = Vec::new();
                                 if item.sms_segments.len() > 1 {
                                     extras.push(format!("{} parts", item.sms_segments.len()));

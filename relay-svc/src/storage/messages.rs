@@ -8,7 +8,9 @@ use chukei_proto::window::Window;
 use sqlx::{QueryBuilder, Row};
 
 use super::planning::{self, ChannelRate, MessagePlan, Sql, execute_all};
-use super::{Param, ROWS_PER_STATEMENT, Store, WritePool, is_unique_violation, on_pool};
+use super::{
+    Param, ROWS_PER_STATEMENT, Store, WritePool, is_unique_violation, on_pool, stored_list,
+};
 use crate::error::{Error, Result};
 use crate::policy::{AttentionConfig, Policy, PolicyKind, Priority, WindowMode};
 use crate::receipts::EventKind;
@@ -298,21 +300,14 @@ impl Store {
             .fetch_optional(pool)
             .await?;
             row.map(|row| -> Result<(MessagePlan, StoredTarget, i64)> {
-                let lines = |text: Option<String>| -> Vec<String> {
-                    text.unwrap_or_default()
-                        .split('\n')
-                        .filter(|s| !s.is_empty())
-                        .map(str::to_owned)
-                        .collect()
-                };
                 let age_min: Option<i64> = row.try_get(4)?;
                 let age_max: Option<i64> = row.try_get(5)?;
                 let target = StoredTarget {
                     service_id: row.try_get(2)?,
                     gender: row.try_get(3)?,
                     age: age_min.zip(age_max),
-                    regions: lines(row.try_get(6)?),
-                    occupations: lines(row.try_get(7)?),
+                    regions: stored_list(row.try_get(6)?),
+                    occupations: stored_list(row.try_get(7)?),
                 };
                 let policy_name: String = row.try_get(10)?;
                 let channels: String = row.try_get(11)?;

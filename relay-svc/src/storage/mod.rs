@@ -233,6 +233,16 @@ impl Param {
     }
 }
 
+/// A list stored as one text column, one item per line (regions,
+/// occupations, suggested replies); empty or NULL is the empty list.
+fn stored_list(text: Option<&str>) -> Vec<String> {
+    text.unwrap_or_default()
+        .split('\n')
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Whether a database error is a unique-key violation (mapped by kind, not text).
 fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::UniqueViolation)

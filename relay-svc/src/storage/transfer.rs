@@ -3,7 +3,7 @@
 
 use sqlx::AssertSqlSafe;
 
-use super::{IdList, Store, WritePool, add_to_counts, on_pool};
+use super::{IdList, Store, WritePool, add_to_counts, on_pool, stored_list};
 use crate::error::Result;
 use crate::receipts::EventKind;
 use crate::targeting::{Channel, Content};
@@ -89,11 +89,7 @@ impl Store {
                         text,
                         media_url,
                         subject,
-                        suggested_replies: replies
-                            .split('\n')
-                            .filter(|r| !r.is_empty())
-                            .map(str::to_owned)
-                            .collect(),
+                        suggested_replies: stored_list(Some(&replies)),
                     },
                     channel: Channel::from_number(channel),
                     not_before,
