@@ -179,6 +179,17 @@ impl Scene {
         self.clock.advance(Duration::from_millis(ms as u64));
     }
 
+    /// How many of user `index`'s attempts of `message_id` the relay has
+    /// recorded as handed over (their policy timers are running).
+    async fn handed_over(&self, enterprise: usize, message_id: &str, index: usize) -> usize {
+        self.explain(enterprise, message_id, index)
+            .await
+            .attempts
+            .iter()
+            .filter(|a| a.handed_over_at.is_some())
+            .count()
+    }
+
     async fn explain(
         &self,
         enterprise: usize,
@@ -259,6 +270,12 @@ async fn fallback_sends_sms_only_to_those_who_did_not_open_rcs(backend: Backend)
         )
         .await;
     scene.wait(0, &id, |s| s.delivered == n).await;
+    for index in 0..n as usize {
+        eventually("the RCS timers running", WAIT, || async {
+            (scene.handed_over(0, &id, index).await == 1).then_some(())
+        })
+        .await;
+    }
     scene.advance(61 * MINUTE_MS);
     scene.wait(0, &id, |s| s.opened == n / 2).await;
     scene.advance(2 * HOUR_MS);
@@ -412,6 +429,14 @@ async fn resend_stops_after_k_resends(backend: Backend) {
                 .then_some(())
         })
         .await;
+        // The timer starts when the relay records the carrier's ack, which may
+        // come after the terminal already shows the message.
+        for index in 0..n {
+            eventually(&format!("{sends} hand-overs recorded"), WAIT, || async {
+                (scene.handed_over(0, &id, index).await == sends).then_some(())
+            })
+            .await;
+        }
         scene.advance(HOUR_MS + MINUTE_MS);
     }
     scene.advance(5 * HOUR_MS);
