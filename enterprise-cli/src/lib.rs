@@ -59,6 +59,27 @@ pub enum Command {
         message_id: String,
         user_ref: String,
     },
+    /// Sent, delivered, opened and open rate (with its 95% interval) of your
+    /// messages, grouped by any of: channel, hour, open_hour, weekday, day,
+    /// place, gender, age, region, occupation, user.
+    Stats {
+        /// Dimensions to group by, e.g. channel,hour (none: one total row).
+        #[arg(long, value_delimiter = ',')]
+        by: Vec<String>,
+        /// Sends within this long before --until (e.g. 7d, 12h), or since an
+        /// RFC 3339 instant.
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// Sends before this RFC 3339 instant (default: now).
+        #[arg(long)]
+        until: Option<String>,
+        /// IANA zone for hours, weekdays and days, e.g. Asia/Tokyo.
+        #[arg(long, default_value = "UTC")]
+        zone: String,
+        /// Print CSV instead of a table.
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
+    },
     /// Your registered users, by ref.
     Registrations {
         /// Only users of this service.
@@ -502,6 +523,21 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
                 .into_inner();
             print_explanation(&explanation, cli.json, out)?;
         }
+        Command::Stats {
+            by,
+            since,
+            until,
+            zone,
+            csv,
+        } => {
+            let request = stats_request(by, since, until.as_deref(), zone)?;
+            let stats = client
+                .get_stats(request)
+                .await
+                .map_err(explain)?
+                .into_inner();
+            print_stats(&stats, cli.json, *csv, out)?;
+        }
         Command::Registrations {
             service,
             page_size,
@@ -562,6 +598,197 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `stats` flags as a request; errors name the flag.
+pub fn stats_request(
+    by: &[String],
+    since: &str,
+    until: Option<&str>,
+    zone: &str,
+) -> anyhow::Result<pb::GetStatsRequest> {
+    let by = by
+        .iter()
+        .map(|name| {
+            let name = name.trim();
+            STATS_DIMENSIONS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, d)| *d as i32)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = STATS_DIMENSIONS.iter().map(|(n, _)| *n).collect();
+                    anyhow::anyhow!("--by: {name:?} is not one of {}", known.join(", "))
+                })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (since, lookback) = if since.contains('T') {
+        (Some(parse_instant("--since", since)?), None)
+    } else {
+        (None, Some(parse_duration("--since", since)?))
+    };
+    Ok(pb::GetStatsRequest {
+        by,
+        since,
+        until: until.map(|u| parse_instant("--until", u)).transpose()?,
+        zone: zone.to_owned(),
+        lookback,
+    })
+}
+
+/// `--by` names, as the relay names its columns.
+const STATS_DIMENSIONS: [(&str, pb::StatsDimension); 11] = [
+    ("channel", pb::StatsDimension::Channel),
+    ("hour", pb::StatsDimension::SendHour),
+    ("open_hour", pb::StatsDimension::OpenHour),
+    ("weekday", pb::StatsDimension::Weekday),
+    ("day", pb::StatsDimension::Day),
+    ("place", pb::StatsDimension::Place),
+    ("gender", pb::StatsDimension::Gender),
+    ("age", pb::StatsDimension::Age),
+    ("region", pb::StatsDimension::Region),
+    ("occupation", pb::StatsDimension::Occupation),
+    ("user", pb::StatsDimension::User),
+];
+
+fn print_stats(
+    stats: &pb::GetStatsResponse,
+    json: bool,
+    csv: bool,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    let rate = |row: &pb::StatsRow| row.open_rate.unwrap_or_default();
+    if json {
+        let rows: Vec<_> = stats
+            .rows
+            .iter()
+            .map(|row| {
+                let key: serde_json::Map<String, serde_json::Value> = stats
+                    .columns
+                    .iter()
+                    .cloned()
+                    .zip(row.key.iter().map(|k| json!(k)))
+                    .collect();
+                json!({
+                    "key": key,
+                    "sent": row.sent,
+                    "delivered": row.delivered,
+                    "opened": row.opened,
+                    "open_rate": row.open_rate.map(|r| json!({"rate": r.rate, "low": r.low, "high": r.high})),
+                    "low_sample": row.low_sample,
+                    "suppressed": row.suppressed,
+                })
+            })
+            .collect();
+        writeln!(
+            out,
+            "{}",
+            json!({"rows": rows, "min_cohort": stats.min_cohort, "min_sample": stats.min_sample})
+        )?;
+        return Ok(());
+    }
+    if csv {
+        let mut header = stats.columns.clone();
+        header.extend(
+            [
+                "sent",
+                "delivered",
+                "opened",
+                "open_rate",
+                "low",
+                "high",
+                "low_sample",
+                "suppressed",
+            ]
+            .map(String::from),
+        );
+        writeln!(out, "{}", header.join(","))?;
+        for row in &stats.rows {
+            let mut fields: Vec<String> = row.key.iter().map(|k| csv_field(k)).collect();
+            fields.extend([
+                row.sent.to_string(),
+                row.delivered.to_string(),
+                row.opened.to_string(),
+            ]);
+            match row.open_rate {
+                Some(r) => fields.extend([r.rate, r.low, r.high].map(|v| format!("{v:.4}"))),
+                None => fields.extend(["", "", ""].map(String::from)),
+            }
+            fields.extend([row.low_sample.to_string(), row.suppressed.to_string()]);
+            writeln!(out, "{}", fields.join(","))?;
+        }
+        return Ok(());
+    }
+    let widths: Vec<usize> = stats
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            stats
+                .rows
+                .iter()
+                .map(|r| r.key.get(i).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+                .max(c.len())
+        })
+        .collect();
+    let mut line = String::new();
+    for (column, width) in stats.columns.iter().zip(&widths) {
+        line.push_str(&format!("{column:<width$}  "));
+    }
+    writeln!(
+        out,
+        "{line}{:>9} {:>10} {:>8} {:>9}  95% interval",
+        "sent", "delivered", "opened", "open_rate"
+    )?;
+    for row in &stats.rows {
+        let mut line = String::new();
+        for (value, width) in row.key.iter().zip(&widths) {
+            line.push_str(&format!("{value:<width$}  "));
+        }
+        if row.suppressed {
+            writeln!(
+                out,
+                "{line}{:>9} {:>10} {:>8} {:>9}  (fewer than {} people-messages: withheld)",
+                "-", "-", "-", "-", stats.min_cohort
+            )?;
+            continue;
+        }
+        let (shown, interval) = match row.open_rate {
+            Some(_) => {
+                let r = rate(row);
+                (
+                    format!("{:.1}%", 100.0 * r.rate),
+                    format!(
+                        "{:.1}–{:.1}%{}",
+                        100.0 * r.low,
+                        100.0 * r.high,
+                        if row.low_sample {
+                            "  (small sample)"
+                        } else {
+                            ""
+                        }
+                    ),
+                )
+            }
+            None => ("-".to_owned(), "(nothing delivered)".to_owned()),
+        };
+        writeln!(
+            out,
+            "{line}{:>9} {:>10} {:>8} {:>9}  {interval}",
+            row.sent, row.delivered, row.opened, shown
+        )?;
+    }
+    Ok(())
+}
+
+/// A CSV field, quoted when it must be.
+fn csv_field(value: &str) -> String {
+    if value.contains([',', '"', '\n']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value.to_owned()
+    }
 }
 
 fn print_status(

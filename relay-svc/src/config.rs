@@ -8,6 +8,7 @@ use std::time::Duration;
 use chukei_proto::clock::ClockArgs;
 
 use crate::policy::AttentionConfig;
+use crate::stats::Thresholds;
 use crate::storage::Store;
 
 /// The Chukei relay: registries, recipient extraction, routing and transfer
@@ -66,6 +67,15 @@ pub struct Config {
     #[arg(long, env = "CHUKEI_RELAY_DAILY_BUDGET", default_value_t = 0)]
     pub daily_budget: u32,
 
+    /// Statistics cells about attributes or places with fewer events than
+    /// this are withheld, so no breakdown narrows down to a few people.
+    #[arg(long, env = "CHUKEI_RELAY_MIN_COHORT", default_value_t = 10)]
+    pub min_cohort: u32,
+
+    /// Open rates over fewer deliveries than this are marked low-sample.
+    #[arg(long, env = "CHUKEI_RELAY_MIN_SAMPLE", default_value_t = 30)]
+    pub min_sample: u32,
+
     /// How long shutdown waits for in-flight work before giving up (seconds).
     #[arg(long, env = "CHUKEI_RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -101,6 +111,9 @@ impl Config {
         if self.daily_cap > 1_000 || self.daily_budget > 1_000 {
             anyhow::bail!("--daily-cap / --daily-budget: must be at most 1000");
         }
+        if self.min_cohort == 0 {
+            anyhow::bail!("--min-cohort: must be at least 1");
+        }
         if let Some(url) = &self.database_url {
             if !(url.starts_with("sqlite:")
                 || url.starts_with("postgres://")
@@ -125,6 +138,14 @@ impl Config {
             daily_cap: i64::from(self.daily_cap),
             daily_budget: i64::from(self.daily_budget),
             quiet_period_ms: (self.quiet_period_secs * 1000) as i64,
+        }
+    }
+
+    /// The statistics thresholds: minimum cohort and sample.
+    pub fn thresholds(&self) -> Thresholds {
+        Thresholds {
+            min_cohort: u64::from(self.min_cohort),
+            min_sample: u64::from(self.min_sample),
         }
     }
 

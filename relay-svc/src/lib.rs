@@ -7,7 +7,7 @@
 //! targets after the answer; [`dispatch`] transfers deliveries to carriers and
 //! takes receipts back ([`receipts`]); [`policy`] holds delivery control's
 //! rules and [`control`] the loop that carries them out over time (timers,
-//! windows, expiry).
+//! windows, expiry); [`stats`] turns the rolled-up counts into estimates.
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -20,6 +20,7 @@ pub mod grpc;
 pub mod policy;
 pub mod receipts;
 pub mod registry;
+pub mod stats;
 pub mod storage;
 pub mod targeting;
 
@@ -96,6 +97,7 @@ pub async fn run(
         admin_token: config.admin_token.as_str().into(),
         message_ttl_ms: (config.message_ttl_secs * 1000) as i64,
         attention,
+        thresholds: config.thresholds(),
     };
     let (health_reporter, health_service) = server::health();
     health_reporter

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod process;
+pub mod scene;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -99,6 +100,43 @@ pub async fn drop_postgres_database(name: &str) -> anyhow::Result<()> {
     .execute(&mut connection)
     .await?;
     Ok(())
+}
+
+/// A relay store of its own (a fresh SQLite file or PostgreSQL database),
+/// for tests below the gRPC edge.
+pub struct Fixture {
+    pub store: relay_svc::storage::Store,
+    postgres_name: Option<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    pub async fn close(self) {
+        self.store.close().await;
+        if let Some(name) = self.postgres_name {
+            drop_postgres_database(&name).await.unwrap();
+        }
+    }
+}
+
+/// `None` when the backend is PostgreSQL and no test database is configured.
+pub async fn store(backend: Backend) -> Option<Fixture> {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, postgres_name) = match backend {
+        Backend::Sqlite => (
+            format!("sqlite://{}", dir.path().join("relay.db").display()),
+            None,
+        ),
+        Backend::Postgres => {
+            let (url, name) = postgres_database().await.unwrap()?;
+            (url, Some(name))
+        }
+    };
+    Some(Fixture {
+        store: relay_svc::storage::Store::connect(&url).await.unwrap(),
+        postgres_name,
+        _dir: dir,
+    })
 }
 
 /// Waits (bounded) until `check` returns `Some`; fails with `what` otherwise.
@@ -248,6 +286,8 @@ pub struct Settings {
     pub daily_cap: u32,
     pub daily_budget: u32,
     pub message_ttl_secs: u64,
+    /// Statistics cells about attributes or places below this are withheld.
+    pub min_cohort: u32,
 }
 
 impl Default for Settings {
@@ -259,6 +299,7 @@ impl Default for Settings {
             daily_cap: 0,
             daily_budget: 0,
             message_ttl_secs: 3600,
+            min_cohort: 10,
         }
     }
 }
@@ -380,6 +421,8 @@ impl Hub {
             quiet_period_secs: self.settings.quiet_period_secs,
             daily_cap: self.settings.daily_cap,
             daily_budget: self.settings.daily_budget,
+            min_cohort: self.settings.min_cohort,
+            min_sample: 30,
             shutdown_grace_secs: 5,
             clock: self.settings.clock_args(),
         }

@@ -4,48 +4,12 @@
 //! carrier, and the latest count report wins.
 
 use chukei_proto::window::Window;
-use integration_tests::{Backend, backend_tests, postgres_database};
+use integration_tests::{Backend, backend_tests, store};
 use relay_svc::policy::{AttentionConfig, Policy, Priority, Timing};
 use relay_svc::receipts::{CountReport, EventKind, MessageCount, Receipt};
 use relay_svc::registry::{Contract, NewRegistration, Profile};
 use relay_svc::storage::{MessageCounts, Store};
 use relay_svc::targeting::{Content, NewMessage, Target};
-
-struct Fixture {
-    store: Store,
-    postgres_name: Option<String>,
-    _dir: tempfile::TempDir,
-}
-
-impl Fixture {
-    async fn close(self) {
-        self.store.close().await;
-        if let Some(name) = self.postgres_name {
-            integration_tests::drop_postgres_database(&name)
-                .await
-                .unwrap();
-        }
-    }
-}
-
-async fn store(backend: Backend) -> Option<Fixture> {
-    let dir = tempfile::tempdir().unwrap();
-    let (url, postgres_name) = match backend {
-        Backend::Sqlite => (
-            format!("sqlite://{}", dir.path().join("relay.db").display()),
-            None,
-        ),
-        Backend::Postgres => {
-            let (url, name) = postgres_database().await.unwrap()?;
-            (url, Some(name))
-        }
-    };
-    Some(Fixture {
-        store: Store::connect(&url).await.unwrap(),
-        postgres_name,
-        _dir: dir,
-    })
-}
 
 fn receipt(message_id: &str, user_id: &str, kind: EventKind) -> Receipt {
     Receipt {

@@ -3,9 +3,12 @@
 use chukei_proto::relay::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use super::{Relay, explanation_to_wire, required};
+use chukei_proto::clock::to_timestamp;
+
+use super::{Relay, explanation_to_wire, optional, required, stats_query, stats_to_wire};
 use crate::credentials;
 use crate::error::Error;
+use crate::stats::{self, Viewer};
 
 #[derive(Clone, Debug)]
 pub struct AdminService(pub Relay);
@@ -142,5 +145,54 @@ impl pb::admin_server::Admin for AdminService {
             explanation,
             true,
         )))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_stats(
+        &self,
+        request: Request<pb::AdminGetStatsRequest>,
+    ) -> Result<Response<pb::GetStatsResponse>, Status> {
+        let relay = &self.0;
+        relay.admin(request.metadata())?;
+        let request = request.into_inner();
+        let viewer = Viewer::Operator(optional("enterprise_id", &request.enterprise_id, 64)?);
+        let query = stats_query(
+            &request.query.unwrap_or_default(),
+            &viewer,
+            relay.clock.now_ms(),
+            "query.",
+        )?;
+        let rows = stats::breakdown(&relay.store, &viewer, &query, relay.thresholds).await?;
+        Ok(Response::new(stats_to_wire(&query, rows, relay.thresholds)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn reconcile(
+        &self,
+        request: Request<pb::ReconcileRequest>,
+    ) -> Result<Response<pb::ReconcileResponse>, Status> {
+        let relay = &self.0;
+        relay.admin(request.metadata())?;
+        let request = request.into_inner();
+        let message_id = optional("message_id", &request.message_id, 64)?;
+        let rows = relay
+            .store
+            .reconcile(message_id.as_deref(), request.all)
+            .await?;
+        Ok(Response::new(pb::ReconcileResponse {
+            rows: rows
+                .into_iter()
+                .map(|row| pb::Reconciliation {
+                    finding: stats::finding(&row),
+                    carrier_id: row.carrier_id,
+                    message_id: row.message_id,
+                    counted_delivered: row.counted_delivered,
+                    counted_opened: row.counted_opened,
+                    reported_sent: row.reported_sent,
+                    reported_opened: row.reported_opened,
+                    reported_at: (row.reported_at > 0).then(|| to_timestamp(row.reported_at)),
+                })
+                .collect(),
+        }))
     }
 }

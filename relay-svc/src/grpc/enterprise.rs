@@ -9,10 +9,12 @@ use tonic::{Request, Response, Status};
 
 use super::{
     Relay, age_range, explanation_to_wire, gender, occupation, optional, region, required,
+    stats_query, stats_to_wire,
 };
 use crate::credentials;
 use crate::error::{Error, Result};
 use crate::policy::{FollowUp, MAX_RESENDS, Policy, PolicyKind, Priority, Timing, WindowMode};
+use crate::stats::{self, Viewer};
 use crate::targeting::{self, Channel, Content, MessageState, NewMessage, Segment, Target};
 
 const MAX_PAGE_SIZE: u32 = 1_000;
@@ -459,6 +461,18 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
             explanation,
             false,
         )))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_stats(
+        &self,
+        request: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::GetStatsResponse>, Status> {
+        let relay = &self.0;
+        let viewer = Viewer::Enterprise(relay.enterprise(request.metadata()).await?);
+        let query = stats_query(request.get_ref(), &viewer, relay.clock.now_ms(), "")?;
+        let rows = stats::breakdown(&relay.store, &viewer, &query, relay.thresholds).await?;
+        Ok(Response::new(stats_to_wire(&query, rows, relay.thresholds)))
     }
 
     #[tracing::instrument(skip_all)]

@@ -10,7 +10,7 @@ mod ingress;
 use std::sync::Arc;
 
 use chukei_proto::auth;
-use chukei_proto::clock::{Clock, to_timestamp};
+use chukei_proto::clock::{Clock, from_timestamp, to_timestamp};
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
 use chukei_proto::validate;
@@ -26,6 +26,7 @@ use crate::dispatch::DispatchHandle;
 use crate::error::{Error, Result};
 use crate::policy::AttentionConfig;
 use crate::registry::{Gender, Profile};
+use crate::stats::{self, Dimension, Thresholds, Viewer};
 use crate::storage::{Explanation, Store};
 use crate::targeting::Channel;
 
@@ -40,6 +41,7 @@ pub struct Relay {
     pub admin_token: Arc<str>,
     pub message_ttl_ms: i64,
     pub attention: AttentionConfig,
+    pub thresholds: Thresholds,
 }
 
 impl Relay {
@@ -187,4 +189,101 @@ fn explanation_to_wire(
             })
             .collect(),
     }
+}
+
+/// A `GetStats` request for `viewer`, validated; `field` prefixes error
+/// fields (`query.` for the operator's wrapper).
+fn stats_query(
+    request: &pb::GetStatsRequest,
+    viewer: &Viewer,
+    now: i64,
+    prefix: &str,
+) -> Result<stats::Query> {
+    let by = request
+        .by
+        .iter()
+        .enumerate()
+        .map(|(index, value)| {
+            pb::StatsDimension::try_from(*value)
+                .ok()
+                .and_then(dimension_from_wire)
+                .ok_or_else(|| Error::invalid(format!("{prefix}by[{index}]"), "unknown dimension"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    const WEEK_MS: i64 = 7 * 24 * 3_600_000;
+    let until = request.until.as_ref().map_or(now, from_timestamp);
+    let since = match (&request.since, &request.lookback) {
+        (Some(_), Some(_)) => {
+            return Err(Error::invalid(
+                format!("{prefix}lookback"),
+                "give since or lookback, not both",
+            ));
+        }
+        (Some(since), None) => from_timestamp(since),
+        (None, Some(lookback)) => {
+            if lookback.seconds <= 0 {
+                return Err(Error::invalid(
+                    format!("{prefix}lookback"),
+                    "must be positive",
+                ));
+            }
+            until.saturating_sub(lookback.seconds.saturating_mul(1000))
+        }
+        (None, None) => until - WEEK_MS,
+    };
+    stats::Query::new(by, since, until, &request.zone, viewer).map_err(|error| match error {
+        Error::InvalidArgument { field, reason } => Error::InvalidArgument {
+            field: format!("{prefix}{field}"),
+            reason,
+        },
+        other => other,
+    })
+}
+
+/// A breakdown on the wire.
+fn stats_to_wire(
+    query: &stats::Query,
+    rows: Vec<stats::Row>,
+    thresholds: Thresholds,
+) -> pb::GetStatsResponse {
+    pb::GetStatsResponse {
+        columns: query.by.iter().map(|d| d.name().to_owned()).collect(),
+        rows: rows
+            .into_iter()
+            .map(|row| pb::StatsRow {
+                key: row.key,
+                sent: row.sent,
+                delivered: row.delivered,
+                opened: row.opened,
+                open_rate: row.estimate.map(|e| pb::RateEstimate {
+                    rate: e.rate,
+                    low: e.low,
+                    high: e.high,
+                }),
+                low_sample: row.low_sample,
+                suppressed: row.suppressed,
+            })
+            .collect(),
+        min_cohort: thresholds.min_cohort as u32,
+        min_sample: thresholds.min_sample as u32,
+    }
+}
+
+fn dimension_from_wire(wire: pb::StatsDimension) -> Option<Dimension> {
+    use pb::StatsDimension as W;
+    Some(match wire {
+        W::Unspecified => return None,
+        W::Channel => Dimension::Channel,
+        W::SendHour => Dimension::SendHour,
+        W::OpenHour => Dimension::OpenHour,
+        W::Weekday => Dimension::Weekday,
+        W::Day => Dimension::Day,
+        W::Place => Dimension::Place,
+        W::Gender => Dimension::Gender,
+        W::Age => Dimension::Age,
+        W::Region => Dimension::Region,
+        W::Occupation => Dimension::Occupation,
+        W::User => Dimension::User,
+        W::Carrier => Dimension::Carrier,
+    })
 }

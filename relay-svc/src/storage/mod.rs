@@ -13,6 +13,7 @@ mod messages;
 pub(crate) mod planning;
 mod receipts;
 mod registry;
+pub(crate) mod stats;
 mod tenants;
 mod transfer;
 
@@ -29,6 +30,7 @@ pub use messages::{MessageRow, StoredMessage};
 pub use planning::{ChannelRate, MessagePlan};
 pub use receipts::{CarrierCounts, MessageCounts};
 pub use registry::RegistrationRow;
+pub use stats::{Reconciliation, SummedCells};
 pub use transfer::DueDelivery;
 
 use crate::error::Result;

@@ -213,7 +213,8 @@ pub(super) fn insert_attempts(
                 ChannelChoice::MostUsed(default) => {
                     let default = sql.bind(Param::Int(Channel::number(*default)));
                     format!(
-                        "COALESCE((SELECT o.channel FROM channel_opens o WHERE o.user_id = c.user_id ORDER BY o.opens DESC, o.channel LIMIT 1), {default})"
+                        "COALESCE((SELECT o.channel FROM person_channels o WHERE o.user_id = c.user_id AND o.channel > 0 \
+                         GROUP BY o.channel HAVING SUM(o.opened) > 0 ORDER BY SUM(o.opened) DESC, o.channel LIMIT 1), {default})"
                     )
                 }
             };

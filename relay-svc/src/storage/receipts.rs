@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
+use super::stats::roll_up;
 use super::{IdList, ROWS_PER_STATEMENT, Store, WritePool, add_to_counts, on_pool};
 use crate::error::Result;
 use crate::policy::SCORE_OPEN_SHIFT;
@@ -128,14 +129,17 @@ impl Store {
                 query
                     .push(") AS v WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = v.column1 AND d.user_id = v.column2 AND d.carrier_id = ")
                     .push_bind(carrier_id)
-                    // The person comes back only for opens: the rest just count.
-                    .push(") ON CONFLICT DO NOTHING RETURNING message_id, kind, CASE WHEN kind = ")
-                    .push_bind(EventKind::Opened.number())
-                    .push(" THEN user_id END, channel, at");
-                let inserted: Vec<(String, i64, Option<String>, i64, i64)> =
+                    // What was added comes back: to count, roll up, and act on opens.
+                    .push(") ON CONFLICT DO NOTHING RETURNING message_id, kind, user_id, channel, at");
+                let inserted: Vec<(String, i64, String, i64, i64)> =
                     query.build_query_as().fetch_all(&mut *tx).await?;
-                for (message_id, kind, opener, channel, at) in inserted {
-                    if let Some(user_id) = opener {
+                let keys: Vec<(&str, &str, i64)> = inserted
+                    .iter()
+                    .map(|(message_id, kind, user_id, ..)| (message_id.as_str(), user_id.as_str(), *kind))
+                    .collect();
+                roll_up!(tx, &keys);
+                for (message_id, kind, user_id, channel, at) in inserted {
+                    if kind == EventKind::Opened.number() {
                         opened.push((message_id.clone(), user_id, channel, if at > 0 { at } else { now }));
                     }
                     *added.entry((message_id, kind)).or_default() += 1;
@@ -170,22 +174,6 @@ impl Store {
                 values(&mut cancel);
                 cancel.push(") AS v WHERE deliveries.message_id = v.column1 AND deliveries.user_id = v.column2 AND deliveries.state IN (0, 6)");
                 cancel.build().execute(&mut *tx).await?;
-
-                // One row per person and channel: an upsert may not touch a row twice.
-                let mut opens: HashMap<(&str, i64), i64> = HashMap::new();
-                for (_, user_id, channel, _) in chunk.iter().filter(|(.., channel, _)| *channel > 0) {
-                    *opens.entry((user_id.as_str(), *channel)).or_default() += 1;
-                }
-                if !opens.is_empty() {
-                    let mut history = QueryBuilder::new("INSERT INTO channel_opens (user_id, channel, opens) ");
-                    history.push_values(opens, |mut row, ((user_id, channel), count)| {
-                        row.push_bind(user_id).push_bind(channel).push_bind(count);
-                    });
-                    history.push(
-                        " ON CONFLICT (user_id, channel) DO UPDATE SET opens = channel_opens.opens + excluded.opens",
-                    );
-                    history.build().execute(&mut *tx).await?;
-                }
 
                 let mut engage = QueryBuilder::new("UPDATE engagement SET score = score + (1000 - score) / ");
                 engage.push_bind(SCORE_OPEN_SHIFT).push(" WHERE user_id IN (");

@@ -3,6 +3,7 @@
 
 use sqlx::AssertSqlSafe;
 
+use super::stats::roll_up;
 use super::{IdList, Store, WritePool, add_to_counts, on_pool, stored_list};
 use crate::error::Result;
 use crate::receipts::EventKind;
@@ -118,7 +119,7 @@ impl Store {
              SELECT d.message_id, d.user_id, $1, $2, d.carrier_id, d.channel, ''
              FROM deliveries d
              WHERE {}
-             ON CONFLICT DO NOTHING",
+             ON CONFLICT DO NOTHING RETURNING user_id",
             self.in_id_list("d.id", 3)
         );
         let advance = format!(
@@ -137,14 +138,16 @@ impl Store {
                 .bind(message_id)
                 .fetch_one(&mut *tx)
                 .await?;
-                let added = sqlx::query(AssertSqlSafe(record.clone()))
+                let added: Vec<String> = sqlx::query_scalar(AssertSqlSafe(record.clone()))
                     .bind(kind)
                     .bind(now)
                     .bind(IdList(ids))
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                add_to_counts!(tx, [((message_id.clone(), kind), added as i64)]);
+                    .fetch_all(&mut *tx)
+                    .await?;
+                add_to_counts!(tx, [((message_id.clone(), kind), added.len() as i64)]);
+                let keys: Vec<(&str, &str, i64)> =
+                    added.iter().map(|user| (message_id.as_str(), user.as_str(), kind)).collect();
+                roll_up!(tx, &keys);
                 sqlx::query(AssertSqlSafe(advance.clone()))
                     .bind(IdList(ids))
                     .bind(now)
