@@ -3,13 +3,15 @@
 //! The generated modules mirror the proto packages (`chukei.relay.v1` is
 //! [`relay::v1`]). Besides them this crate owns: the injectable [`clock`] (and the
 //! conversion of its instants to `google.protobuf.Timestamp`), bearer-token
-//! metadata ([`auth`]), the scaffolding every gRPC server shares ([`server`]:
+//! metadata ([`auth`]), deterministic randomness ([`rng`]), the scaffolding
+//! every gRPC server shares ([`server`]:
 //! health, reflection, shutdown signals) and [`telemetry`] set-up. It must never
 //! hold business logic: services convert these types to their own domain types
 //! at their gRPC edge.
 
 pub mod auth;
 pub mod clock;
+pub mod rng;
 pub mod server;
 pub mod telemetry;
 pub mod validate;

@@ -7,7 +7,8 @@
 //! targets after the answer; [`dispatch`] transfers deliveries to carriers and
 //! takes receipts back ([`receipts`]); [`policy`] holds delivery control's
 //! rules and [`control`] the loop that carries them out over time (timers,
-//! windows, expiry); [`stats`] turns the rolled-up counts into estimates.
+//! windows, expiry); [`stats`] turns the rolled-up counts into estimates and
+//! [`learning`] chooses each person's channel for `best`.
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -17,6 +18,7 @@ pub mod dispatch;
 pub mod error;
 pub mod expansion;
 pub mod grpc;
+pub mod learning;
 pub mod policy;
 pub mod receipts;
 pub mod registry;

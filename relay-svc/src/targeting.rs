@@ -16,7 +16,7 @@ pub const MAX_TEXT_BYTES: usize = 8_192;
 pub const MAX_REFS: usize = 10_000;
 
 /// The channel a carrier should use. `None` on a message means the carrier's default.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Channel {
     Rcs,
     Sms,

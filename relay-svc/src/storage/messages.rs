@@ -9,11 +9,11 @@ use sqlx::{QueryBuilder, Row};
 
 use super::planning::{self, ChannelRate, MessagePlan, Sql, execute_all};
 use super::{
-    Param, ROWS_PER_STATEMENT, Store, WritePool, is_unique_violation, on_pool, stored_list,
+    IdList, Param, ROWS_PER_STATEMENT, Store, WritePool, is_unique_violation, on_pool, stored_list,
 };
 use crate::error::{Error, Result};
-use crate::policy::{AttentionConfig, Policy, PolicyKind, Priority, WindowMode};
-use crate::receipts::EventKind;
+use crate::learning::{ChannelBandit, Choice, EXPLORE_SHARE, Evidence};
+use crate::policy::{AttentionConfig, Policy, PolicyKind, Priority, WindowMode, channel_name};
 use crate::registry::Gender;
 use crate::targeting::{Channel, MessageState, NewMessage, Target};
 
@@ -72,8 +72,9 @@ impl Store {
             Target::Segment(segment) => (segment.service_id.as_deref(), Some(segment)),
             _ => (None, None),
         };
-        // `best` is decided now, from the open rates as they stand: the chosen
-        // channel goes first, the other candidates stay as the unsupported fallback.
+        // `best`: the hub's best channel goes first in the plan (and stays the
+        // unsupported fallback order); each person's own channel is drawn by
+        // the bandit when their attempts are planned.
         let mut policy = message.policy.clone();
         let mut estimate = None;
         if policy.kind == PolicyKind::Best {
@@ -82,13 +83,20 @@ impl Store {
             } else {
                 policy.channels.clone()
             };
-            let rates = self.channel_rates().await?;
+            let rates = self.channel_rates(now).await?;
             let (best, words) = planning::choose_best(&candidates, &rates);
             policy.channels = std::iter::once(best)
                 .chain(candidates.into_iter().filter(|c| *c != best))
                 .collect();
-            estimate = Some(words);
+            estimate = Some(format!(
+                "each person's channel by Thompson sampling on their own opens, at most {:.0}% explored; hub prior: {words}",
+                100.0 * EXPLORE_SHARE
+            ));
         }
+        let bandit = match policy.kind {
+            PolicyKind::Best => Some(self.bandit(&policy.channels, now).await?),
+            _ => None,
+        };
         let plan = MessagePlan {
             enterprise_id: enterprise_id.to_owned(),
             target_kind: message.target.kind().to_owned(),
@@ -190,6 +198,9 @@ impl Store {
                         ));
                     });
                     execute_all!(tx, message_id, statements)?;
+                }
+                if let Some(bandit) = &bandit {
+                    choose_channels_per_person!(tx, self, message_id, bandit);
                 }
                 let quiet = planning::open_quiet_periods(message_id, timing.0, now, attention);
                 execute_all!(tx, message_id, quiet)?;
@@ -375,24 +386,31 @@ impl Store {
             now,
             attention,
         ));
+        let bandit = match plan.policy.kind {
+            PolicyKind::Best => Some(self.bandit(&plan.policy.channels, now).await?),
+            _ => None,
+        };
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             execute_all!(tx, message_id, statements)?;
+            if let Some(bandit) = &bandit {
+                choose_channels_per_person!(tx, self, message_id, bandit);
+            }
             let matched = finish_expansion!(tx, message_id);
             tx.commit().await?;
             Ok(matched)
         })
     }
 
-    /// Opened and delivered counts per channel over every event: the
-    /// aggregated open rates `best` chooses by.
-    pub async fn channel_rates(&self) -> Result<Vec<(Channel, ChannelRate)>> {
+    /// Delivered and opened counts per channel over the hub's last
+    /// [`LEARNING_WINDOW_MS`] of sends (from the rollups): the open rates `best`
+    /// starts from.
+    pub async fn channel_rates(&self, now: i64) -> Result<Vec<(Channel, ChannelRate)>> {
         let rows: Vec<(i64, i64, i64)> = on_pool!(self, pool => sqlx::query_as(
-            "SELECT channel, COUNT(*) FILTER (WHERE kind = $1), COUNT(*) FILTER (WHERE kind = $2)
-             FROM events WHERE channel > 0 AND kind IN ($1, $2) GROUP BY channel",
+            "SELECT channel, CAST(SUM(delivered) AS BIGINT), CAST(SUM(opened) AS BIGINT)
+             FROM stats_cells WHERE channel > 0 AND send_hour >= $1 GROUP BY channel",
         )
-        .bind(EventKind::Delivered.number())
-        .bind(EventKind::Opened.number())
+        .bind((now - LEARNING_WINDOW_MS).div_euclid(3_600_000))
         .fetch_all(pool)
         .await)?;
         Ok(rows
@@ -402,13 +420,87 @@ impl Store {
                     (
                         c,
                         ChannelRate {
-                            delivered: delivered as u64,
-                            opened: opened as u64,
+                            delivered: delivered.max(0) as u64,
+                            opened: opened.max(0) as u64,
                         },
                     )
                 })
             })
             .collect())
+    }
+
+    /// The bandit for a `best` message over `candidates`, with priors from
+    /// the hub's current rates.
+    async fn bandit(&self, candidates: &[Channel], now: i64) -> Result<ChannelBandit> {
+        let rates = self.channel_rates(now).await?;
+        Ok(ChannelBandit::new(candidates, &rates, EXPLORE_SHARE))
+    }
+}
+
+/// How far back the hub's channel rates reach for `best`.
+const LEARNING_WINDOW_MS: i64 = 30 * 24 * 3_600_000;
+
+/// For `best`: draws each recipient's channel with `$bandit` from their own
+/// history, and rewrites the first attempts of `$message_id` in `$tx` (of
+/// store `$store`) with it and the reason.
+macro_rules! choose_channels_per_person {
+    ($tx:expr, $store:expr, $message_id:expr, $bandit:expr) => {{
+        let people: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT id, user_id FROM deliveries WHERE message_id = $1 AND attempt = 0 AND state IN (0, 6)",
+        )
+        .bind($message_id)
+        .fetch_all(&mut *$tx)
+        .await?;
+        let history: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT c.user_id, c.channel, CAST(SUM(c.delivered) AS BIGINT), CAST(SUM(c.opened) AS BIGINT)
+             FROM person_channels c
+             WHERE c.channel > 0 AND c.user_id IN (SELECT user_id FROM deliveries WHERE message_id = $1)
+             GROUP BY c.user_id, c.channel",
+        )
+        .bind($message_id)
+        .fetch_all(&mut *$tx)
+        .await?;
+        let history: Vec<(String, Channel, Evidence)> = history
+            .into_iter()
+            .filter_map(|(user_id, channel, delivered, opened)| {
+                Channel::from_number(channel).map(|c| {
+                    (user_id, c, Evidence { delivered: delivered.max(0) as u64, opened: opened.max(0) as u64 })
+                })
+            })
+            .collect();
+        let choices = $bandit.assign($message_id, people.iter().map(|(_, user)| user.as_str()), &history);
+        let mut groups: HashMap<Choice, Vec<i64>> = HashMap::new();
+        for (id, user) in &people {
+            groups.entry(choices[user.as_str()]).or_default().push(*id);
+        }
+        let update = format!(
+            "UPDATE deliveries SET channel = $1, reason = $2 WHERE {}",
+            $store.in_id_list("id", 3)
+        );
+        for (choice, ids) in groups {
+            sqlx::query(sqlx::AssertSqlSafe(update.clone()))
+                .bind(Channel::number(Some(choice.channel)))
+                .bind(choice_reason(choice, $bandit.explore_share()))
+                .bind(IdList(&ids))
+                .execute(&mut *$tx)
+                .await?;
+        }
+    }};
+}
+use choose_channels_per_person;
+
+/// Why a person got the channel `best` chose for them.
+fn choice_reason(choice: Choice, explore_share: f64) -> String {
+    let channel = channel_name(Some(choice.channel));
+    if choice.explored {
+        format!(
+            "best for this person: trying {channel} to learn (at most {:.0}% of recipients are explored)",
+            100.0 * explore_share
+        )
+    } else {
+        format!(
+            "best for this person: {channel} has their highest expected open rate (their history over the hub's rates)"
+        )
     }
 }
 
