@@ -152,6 +152,17 @@ pub struct SendArgs {
     /// low, normal or high: low is the first a tired person stops getting.
     #[arg(long)]
     pub priority: Option<String>,
+    /// Send each person at the hour of day they open most, within this
+    /// horizon (at most 24h), e.g. 24h.
+    #[arg(long, conflicts_with_all = ["window", "place_hour_min_rate"])]
+    pub best_hour_within: Option<String>,
+    /// Only people whose current place opens at least this share (0–1) at some
+    /// hour within --place-hour-within, each at the best such hour.
+    #[arg(long, conflicts_with = "window")]
+    pub place_hour_min_rate: Option<f64>,
+    /// The horizon of --place-hour-min-rate (at most 24h).
+    #[arg(long, default_value = "24h", requires = "place_hour_min_rate")]
+    pub place_hour_within: String,
     /// Deliver over every carrier a person is contracted with, not only the primary.
     #[arg(long)]
     pub all_carriers: bool,
@@ -427,6 +438,19 @@ pub fn send_request(args: &SendArgs) -> anyhow::Result<pb::SendMessageRequest> {
         Some("high") => pb::Priority::High,
         Some(other) => anyhow::bail!("--priority: {other:?} is not low, normal or high"),
     };
+    let send_time = match (&args.best_hour_within, args.place_hour_min_rate) {
+        (Some(within), _) => Some(pb::send_time::Kind::BestHour(pb::BestHour {
+            within: Some(parse_duration("--best-hour-within", within)?),
+        })),
+        (None, Some(rate)) => Some(pb::send_time::Kind::PlaceHour(pb::PlaceHour {
+            min_open_rate: rate,
+            within: Some(parse_duration(
+                "--place-hour-within",
+                &args.place_hour_within,
+            )?),
+        })),
+        (None, None) => None,
+    };
     Ok(pb::SendMessageRequest {
         idempotency_key: args
             .idempotency_key
@@ -455,6 +479,7 @@ pub fn send_request(args: &SendArgs) -> anyhow::Result<pb::SendMessageRequest> {
         expires_at,
         follow_up,
         priority: priority as i32,
+        send_time: send_time.map(|kind| pb::SendTime { kind: Some(kind) }),
     })
 }
 

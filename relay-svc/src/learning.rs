@@ -146,6 +146,93 @@ impl ChannelBandit {
     }
 }
 
+const HOUR_MS: i64 = 3_600_000;
+
+/// Opens a person needs before the hour they open most is trusted.
+pub const MIN_OPENS_FOR_HOUR: u64 = 2;
+
+/// Deliveries a place and hour need before their open rate counts.
+pub const MIN_DELIVERIES_FOR_PLACE_HOUR: u64 = 20;
+
+/// The hours that start within `[now, now + within_ms)` (the current one as
+/// `now`), each with its hour of day (UTC).
+fn upcoming_hours(now: i64, within_ms: i64) -> Vec<(i64, usize)> {
+    let hour_of = |at: i64| (at.div_euclid(HOUR_MS).rem_euclid(24)) as usize;
+    let mut hours = vec![(now, hour_of(now))];
+    let mut start = (now.div_euclid(HOUR_MS) + 1) * HOUR_MS;
+    while start < now.saturating_add(within_ms) {
+        hours.push((start, hour_of(start)));
+        start += HOUR_MS;
+    }
+    hours
+}
+
+/// When to send to a person who opened `opens[h]` messages in UTC hour `h`:
+/// the upcoming hour (within the horizon) they opened most in, the earliest
+/// on a tie; at once when they have too few opens to tell. Returns the
+/// instant and why.
+pub fn best_hour(opens: &[u64; 24], now: i64, within_ms: i64) -> (i64, String) {
+    if opens.iter().sum::<u64>() < MIN_OPENS_FOR_HOUR {
+        return (
+            now,
+            "send time: too few opens to choose an hour, sent at once".to_owned(),
+        );
+    }
+    let (at, hour) = upcoming_hours(now, within_ms)
+        .into_iter()
+        .rev()
+        .max_by_key(|(_, hour)| opens[*hour])
+        .expect("the current hour is always upcoming");
+    (
+        at,
+        format!("send time: {hour:02}:00 UTC, the hour this person opens most"),
+    )
+}
+
+/// Place and hour targeting for a person last seen at `place`: the upcoming
+/// hour (within the horizon) whose open rate at that place, in `rates`
+/// (delivered/opened by place and UTC hour of day), is highest and at least
+/// `min_rate_permille`. `Err` says why the person is skipped.
+pub fn place_hour(
+    place: Option<&str>,
+    rates: &HashMap<(String, usize), Evidence>,
+    min_rate_permille: i64,
+    now: i64,
+    within_ms: i64,
+) -> Result<(i64, String), String> {
+    let Some(place) = place else {
+        return Err("skipped: place and hour targeting — where this person is is not known".into());
+    };
+    let rate = |hour: usize| {
+        rates
+            .get(&(place.to_owned(), hour))
+            .filter(|e| e.delivered >= MIN_DELIVERIES_FOR_PLACE_HOUR)
+            .map(|e| e.opened * 1000 / e.delivered)
+    };
+    upcoming_hours(now, within_ms)
+        .into_iter()
+        .rev()
+        .filter_map(|(at, hour)| rate(hour).map(|r| (at, hour, r)))
+        .filter(|(.., r)| *r as i64 >= min_rate_permille)
+        .max_by_key(|(.., r)| *r)
+        .map(|(at, hour, r)| {
+            (
+                at,
+                format!(
+                    "send time: {hour:02}:00 UTC, when people at {place} open {:.1}% (at least {:.1}% asked)",
+                    r as f64 / 10.0,
+                    min_rate_permille as f64 / 10.0
+                ),
+            )
+        })
+        .ok_or_else(|| {
+            format!(
+                "skipped: place and hour targeting — no hour ahead reaches {:.1}% at {place}",
+                min_rate_permille as f64 / 10.0
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +289,41 @@ mod tests {
             late_best >= 45,
             "SMS chosen {late_best} of the last 50 times"
         );
+    }
+
+    #[test]
+    fn best_hour_picks_the_upcoming_hour_opened_most() {
+        let mut opens = [0; 24];
+        opens[20] = 5;
+        opens[8] = 3;
+        let now = 10 * HOUR_MS + 15 * 60_000; // 10:15 UTC
+        assert_eq!(best_hour(&opens, now, 24 * HOUR_MS).0, 20 * HOUR_MS);
+        // Within 6 hours, 20:00 is out of reach and nothing else was opened:
+        // the earliest of the equally good hours, now.
+        assert_eq!(best_hour(&opens, now, 6 * HOUR_MS).0, now);
+        // At 21:30 the next 08:00 is tomorrow's.
+        let late = 21 * HOUR_MS + 30 * 60_000;
+        assert_eq!(best_hour(&opens, late, 12 * HOUR_MS).0, 32 * HOUR_MS);
+        let (at, why) = best_hour(&[0; 24], now, 24 * HOUR_MS);
+        assert_eq!(at, now);
+        assert!(why.contains("too few opens"));
+    }
+
+    #[test]
+    fn place_hour_needs_the_rate_and_the_sample() {
+        let mut rates = HashMap::new();
+        let evidence = |delivered, opened| Evidence { delivered, opened };
+        rates.insert(("tokyo".to_owned(), 12), evidence(100, 60));
+        rates.insert(("tokyo".to_owned(), 18), evidence(100, 40));
+        rates.insert(("osaka".to_owned(), 12), evidence(10, 9));
+        let now = 9 * HOUR_MS;
+        let (at, why) = place_hour(Some("tokyo"), &rates, 500, now, 24 * HOUR_MS).unwrap();
+        assert_eq!(at, 12 * HOUR_MS);
+        assert!(why.contains("60.0%"), "{why}");
+        assert!(place_hour(Some("tokyo"), &rates, 700, now, 24 * HOUR_MS).is_err());
+        // Osaka's 90% rests on ten deliveries: not enough.
+        assert!(place_hour(Some("osaka"), &rates, 500, now, 24 * HOUR_MS).is_err());
+        assert!(place_hour(None, &rates, 100, now, 24 * HOUR_MS).is_err());
     }
 
     #[test]

@@ -250,6 +250,8 @@ pub struct Timing {
     pub mode: WindowMode,
     /// Absent: the relay's default time to live.
     pub expires_at: Option<i64>,
+    /// Each person's own send time, from what the hub has seen (never with a window).
+    pub send_time: Option<SendTime>,
 }
 
 impl Default for Timing {
@@ -258,6 +260,78 @@ impl Default for Timing {
             window: None,
             mode: WindowMode::HeldAtRelay,
             expires_at: None,
+            send_time: None,
+        }
+    }
+}
+
+/// The longest horizon a per-person send time may look ahead.
+pub const MAX_SEND_TIME_HORIZON_MS: i64 = 24 * 3_600_000;
+
+/// A per-person send time, chosen when the person's attempt is planned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendTime {
+    /// At the hour of day the person opens most, within `within_ms`.
+    BestHour { within_ms: i64 },
+    /// Only people whose current place has an open rate of at least
+    /// `min_rate_permille` at some hour within `within_ms` (in the
+    /// enterprise's own figures), at the best such hour; the others are skipped.
+    PlaceHour {
+        min_rate_permille: i64,
+        within_ms: i64,
+    },
+}
+
+impl SendTime {
+    pub fn within_ms(self) -> i64 {
+        match self {
+            Self::BestHour { within_ms } | Self::PlaceHour { within_ms, .. } => within_ms,
+        }
+    }
+
+    /// As stored in `messages.send_time`.
+    pub fn encode(self) -> String {
+        match self {
+            Self::BestHour { within_ms } => format!("best_hour:{within_ms}"),
+            Self::PlaceHour {
+                min_rate_permille,
+                within_ms,
+            } => format!("place_hour:{min_rate_permille}:{within_ms}"),
+        }
+    }
+
+    pub fn decode(stored: &str) -> Option<Self> {
+        let mut parts = stored.split(':');
+        match (parts.next()?, parts.next(), parts.next()) {
+            ("best_hour", Some(within), None) => Some(Self::BestHour {
+                within_ms: within.parse().ok()?,
+            }),
+            ("place_hour", Some(rate), Some(within)) => Some(Self::PlaceHour {
+                min_rate_permille: rate.parse().ok()?,
+                within_ms: within.parse().ok()?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for SendTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BestHour { within_ms } => write!(
+                f,
+                "each person at the hour they open most, within {}",
+                duration(*within_ms)
+            ),
+            Self::PlaceHour {
+                min_rate_permille,
+                within_ms,
+            } => write!(
+                f,
+                "only people whose place opens at least {:.1}% at some hour within {}, at the best such hour",
+                *min_rate_permille as f64 / 10.0,
+                duration(*within_ms)
+            ),
         }
     }
 }

@@ -181,6 +181,9 @@ impl NewMessage {
         if let Some(expires_at) = self.timing.expires_at {
             field("expires_at", &expires_at.to_string());
         }
+        if let Some(send_time) = self.timing.send_time {
+            field("send_time", &send_time.encode());
+        }
         if let Some(follow_up) = &self.follow_up {
             content(&mut field, "follow_up.", &follow_up.content);
             field("follow_up.delay", &follow_up.delay_ms.to_string());

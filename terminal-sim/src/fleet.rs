@@ -217,6 +217,45 @@ impl Fleet {
         }
         self
     }
+
+    /// Gives each person a favourite channel (RCS 30%, SMS 30%, e-mail 20%,
+    /// SNS 20%) they open often (45–80%) and others they rarely open (5–20%):
+    /// hidden preferences the hub has to learn, known here for the oracle
+    /// ([`SimUser::best_channel`]).
+    pub fn assign_channel_preferences(&mut self) {
+        for user in &mut self.users {
+            let mut rng = Rng::for_labels(self.seed, &["channel-preference", &user.user_id]);
+            let draw = rng.unit();
+            let favourite = match draw {
+                d if d < 0.3 => 1,
+                d if d < 0.6 => 2,
+                d if d < 0.8 => 4,
+                _ => 3,
+            };
+            let mut propensity = [0.0; 5];
+            for (channel, p) in propensity.iter_mut().enumerate().skip(1) {
+                *p = if channel == favourite {
+                    0.45 + 0.35 * rng.unit()
+                } else {
+                    0.05 + 0.15 * rng.unit()
+                };
+            }
+            user.behaviour.open_propensity = propensity;
+        }
+    }
+}
+
+impl SimUser {
+    /// The channel (by `chukei.common.v1.Channel` value) this person is most
+    /// likely to open among those their terminal takes: what an oracle sends.
+    pub fn best_channel(&self) -> i32 {
+        (1..5)
+            .filter(|c| self.behaviour.supports[*c])
+            .max_by(|a, b| {
+                self.behaviour.open_propensity[*a].total_cmp(&self.behaviour.open_propensity[*b])
+            })
+            .unwrap_or(1) as i32
+    }
 }
 
 #[cfg(test)]

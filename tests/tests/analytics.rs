@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use chukei_proto::relay::v1 as pb;
 use integration_tests::scene::*;
 use integration_tests::{Backend, Settings, backend_tests, store};
-use relay_svc::policy::{AttentionConfig, Policy, Priority, Timing};
+use relay_svc::policy::{AttentionConfig, Policy, Priority, SendTime, Timing};
 use relay_svc::receipts::{CountReport, EventKind, MessageCount, Receipt};
 use relay_svc::registry::{Contract, Gender, NewRegistration, Profile};
 use relay_svc::stats::{self, Dimension, Query, Thresholds, Viewer};
@@ -390,6 +390,124 @@ async fn reconciliation_flags_a_carrier_that_under_reports(backend: Backend) {
     fixture.close().await;
 }
 
+/// Place and hour targeting on the dataset plus a third campaign: at 00:xx UTC
+/// people in tokyo open 14 of 24 (58%), osaka has too few deliveries to say.
+async fn place_and_hour_targeting_picks_people_and_hours_above_the_threshold(backend: Backend) {
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
+    let store = &fixture.store;
+    let refs = dataset(store).await;
+    let ref_of = |i: usize| refs[&format!("u{i:02}")].clone();
+    let t3 = T0 + 2 * DAY + 10 * 60_000;
+    send(
+        store,
+        "m3",
+        Channel::Sms,
+        (1..=12).map(ref_of).collect(),
+        t3,
+    )
+    .await;
+    let mut receipts: Vec<Receipt> = (1..=12)
+        .map(|user| {
+            let place = if user <= 10 { "tokyo" } else { "osaka" };
+            receipt(
+                "m3",
+                user,
+                EventKind::Delivered,
+                Channel::Sms,
+                t3 + 60_000,
+                place,
+            )
+        })
+        .collect();
+    receipts.extend((1..=5).map(|user| {
+        receipt(
+            "m3",
+            user,
+            EventKind::Opened,
+            Channel::Sms,
+            t3 + HOUR,
+            "tokyo",
+        )
+    }));
+    store.record_receipts("c1", &receipts, t3).await.unwrap();
+
+    let now = T0 + 3 * DAY + 12 * HOUR;
+    let targeted = |key: &str, min_rate_permille| NewMessage {
+        idempotency_key: key.into(),
+        target: Target::Refs((1..=12).map(ref_of).collect()),
+        content: Content {
+            text: "tonight".into(),
+            ..Content::default()
+        },
+        policy: Policy::fixed(Some(Channel::Sms)),
+        all_carriers: false,
+        timing: Timing {
+            send_time: Some(SendTime::PlaceHour {
+                min_rate_permille,
+                within_ms: DAY,
+            }),
+            ..Timing::default()
+        },
+        follow_up: None,
+        priority: Priority::Normal,
+    };
+    store
+        .accept_message(
+            "ent_1",
+            "m4",
+            &targeted("m4", 500),
+            now,
+            now + DAY,
+            &AttentionConfig::default(),
+        )
+        .await
+        .unwrap();
+    for user in 1..=12 {
+        let trace = store.explain("m4", &format!("u{user:02}")).await.unwrap();
+        let attempt = &trace.attempts[0];
+        if user <= 10 {
+            assert_eq!(attempt.state, "waiting", "u{user:02}: {attempt:?}");
+            assert_eq!(
+                attempt.not_before,
+                T0 + 4 * DAY,
+                "u{user:02}: 00:00 UTC tomorrow"
+            );
+            assert!(
+                attempt.reason.contains("people at tokyo open 58.3%"),
+                "{}",
+                attempt.reason
+            );
+        } else {
+            assert_eq!(attempt.state, "skipped", "u{user:02}: {attempt:?}");
+            assert!(
+                attempt
+                    .reason
+                    .contains("no hour ahead reaches 50.0% at osaka"),
+                "{}",
+                attempt.reason
+            );
+        }
+    }
+    assert_eq!(store.message_counts("m4").await.unwrap().skipped, 2);
+
+    // Above tokyo's rate: nobody goes.
+    store
+        .accept_message(
+            "ent_1",
+            "m5",
+            &targeted("m5", 700),
+            now,
+            now + DAY,
+            &AttentionConfig::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.message_counts("m5").await.unwrap().skipped, 12);
+    fixture.close().await;
+}
+
 /// End to end: `GetStats` and the CLI over a campaign the terminals saw.
 async fn stats_show_what_the_terminals_saw(backend: Backend) {
     let Some(scene) = scene(
@@ -547,6 +665,7 @@ async fn stats_show_what_the_terminals_saw(backend: Backend) {
 }
 
 backend_tests!(
+    place_and_hour_targeting_picks_people_and_hours_above_the_threshold,
     every_breakdown_matches_a_hand_checked_dataset,
     reconciliation_flags_a_carrier_that_under_reports,
     stats_show_what_the_terminals_saw,

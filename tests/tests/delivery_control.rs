@@ -4,8 +4,9 @@
 //! which terminals on which channel, and when — and the counts.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
-use chukei_proto::clock::to_timestamp;
+use chukei_proto::clock::{from_timestamp, to_timestamp};
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
 use integration_tests::scene::*;
@@ -723,6 +724,113 @@ async fn most_used_and_best_learn_from_opens(backend: Backend) {
     scene.hub.shutdown().await.unwrap();
 }
 
+fn best_hour(within_secs: i64) -> pb::SendTime {
+    pb::SendTime {
+        kind: Some(pb::send_time::Kind::BestHour(pb::BestHour {
+            within: Some(prost_types::Duration {
+                seconds: within_secs,
+                nanos: 0,
+            }),
+        })),
+    }
+}
+
+/// Four people who each read at one local hour (08, 12, 18, 22 in Tokyo):
+/// after two campaigns, a best-hour message reaches each of them at the
+/// start of that hour, not at once.
+async fn best_hour_sends_each_person_at_the_hour_they_read(backend: Backend) {
+    const LOCAL_HOURS: [u32; 4] = [8, 12, 18, 22];
+    let Some(scene) = scene(
+        backend,
+        Setup {
+            users: 4,
+            tailor: |fleet| {
+                for (index, user) in fleet.users.iter_mut().enumerate() {
+                    user.behaviour.active_start_hour = LOCAL_HOURS[index];
+                    user.behaviour.active_hours = 1;
+                }
+            },
+            settings: Settings {
+                message_ttl_secs: 7 * 24 * 3600,
+                ..Settings::default()
+            },
+            ..Setup::default()
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    // A day in steps to the last minute of each hour and over it, so every
+    // open fires (and is dated) inside the hour it was due in.
+    let live_a_day = || async {
+        for _ in 0..24 {
+            // On the hour, let what is due go out before time moves on.
+            for (step, pause) in [(HOUR_MS - MINUTE_MS, 30), (MINUTE_MS, 150)] {
+                scene.advance(step);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+        }
+    };
+    for day in 0..2 {
+        let id = scene
+            .send(0, everyone(&format!("history-{day}"), "daily"))
+            .await;
+        scene.wait(0, &id, |s| s.delivered == 4).await;
+        live_a_day().await;
+        scene.wait(0, &id, |s| s.opened == 4).await;
+    }
+    let sent_at = scene.clock.now_ms();
+    let id = scene
+        .send(
+            0,
+            pb::SendMessageRequest {
+                send_time: Some(best_hour(24 * 3600)),
+                ..everyone("best-hour", "at your hour")
+            },
+        )
+        .await;
+    let status = scene.wait(0, &id, |s| s.matched == 4).await;
+    assert!(
+        status.plan.contains("hour they open most"),
+        "{}",
+        status.plan
+    );
+    settle().await;
+    for index in 0..4 {
+        let trace = scene.explain(0, &id, index).await;
+        assert!(
+            scene.items(index, &id).is_empty(),
+            "nobody reads at {sent_at}: nothing goes at once; {:?}",
+            trace.attempts
+        );
+    }
+    live_a_day().await;
+    scene.wait(0, &id, |s| s.delivered == 4).await;
+    for (index, local) in LOCAL_HOURS.iter().enumerate() {
+        let trace = scene.explain(0, &id, index).await;
+        let attempt = &trace.attempts[0];
+        assert!(
+            attempt.reason.contains("the hour this person opens most"),
+            "{:?}",
+            trace.attempts
+        );
+        let not_before = from_timestamp(attempt.not_before.as_ref().unwrap());
+        let utc_hour = (i64::from(*local) - 9).rem_euclid(24);
+        assert_eq!(
+            not_before.div_euclid(HOUR_MS).rem_euclid(24),
+            utc_hour,
+            "user {index} reads at {local}:00 in Tokyo"
+        );
+        let received = scene.items(index, &id)[0].received_at;
+        assert!(
+            (not_before..not_before + HOUR_MS).contains(&received),
+            "user {index} received at {received}, due at {not_before}"
+        );
+    }
+    scene.hub.shutdown().await.unwrap();
+}
+
 /// Half the people open only SMS, the other half only e-mail: after a few
 /// `best` campaigns each person gets the channel they open.
 async fn best_learns_each_persons_channel(backend: Backend) {
@@ -906,6 +1014,50 @@ async fn bad_delivery_instructions_name_the_field(backend: Backend) {
             },
             "follow_up.content",
         ),
+        (
+            pb::SendMessageRequest {
+                window: Some(daily(60, 120, "Asia/Tokyo")),
+                send_time: Some(best_hour(24 * 3600)),
+                ..base()
+            },
+            "send_time: cannot be combined with a window",
+        ),
+        (
+            pb::SendMessageRequest {
+                send_time: Some(best_hour(0)),
+                ..base()
+            },
+            "send_time.best_hour.within: must be more than 0",
+        ),
+        (
+            pb::SendMessageRequest {
+                send_time: Some(best_hour(25 * 3600)),
+                ..base()
+            },
+            "send_time.best_hour.within: must be more than 0 and at most 24h",
+        ),
+        (
+            pb::SendMessageRequest {
+                send_time: Some(pb::SendTime {
+                    kind: Some(pb::send_time::Kind::PlaceHour(pb::PlaceHour {
+                        min_open_rate: 1.5,
+                        within: Some(prost_types::Duration {
+                            seconds: 3600,
+                            nanos: 0,
+                        }),
+                    })),
+                }),
+                ..base()
+            },
+            "send_time.place_hour.min_open_rate: must be more than 0 and at most 1",
+        ),
+        (
+            pb::SendMessageRequest {
+                send_time: Some(pb::SendTime { kind: None }),
+                ..base()
+            },
+            "send_time: best_hour or place_hour is required",
+        ),
     ];
     let mut client = scene.client(0);
     for (request, expected) in cases {
@@ -924,6 +1076,7 @@ async fn bad_delivery_instructions_name_the_field(backend: Backend) {
 }
 
 backend_tests!(
+    best_hour_sends_each_person_at_the_hour_they_read,
     best_learns_each_persons_channel,
     fallback_sends_sms_only_to_those_who_did_not_open_rcs,
     multi_is_one_send_and_at_most_one_open,

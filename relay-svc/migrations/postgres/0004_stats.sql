@@ -41,6 +41,24 @@ CREATE TABLE person_channels (
 );
 CREATE INDEX person_channels_by_user ON person_channels (user_id, channel);
 
+-- Per person, hub-wide: opens by hour of day (UTC), for sending at the
+-- hour a person reads; and where their terminal was last seen, for place and
+-- hour targeting.
+CREATE TABLE person_hours (
+    user_id TEXT NOT NULL,
+    hour    BIGINT NOT NULL,
+    opened  BIGINT NOT NULL,
+    PRIMARY KEY (user_id, hour)
+);
+CREATE TABLE person_places (
+    user_id TEXT PRIMARY KEY,
+    place   TEXT NOT NULL,
+    seen_at BIGINT NOT NULL
+);
+
+-- A per-person send time (policy::SendTime, encoded); NULL: none.
+ALTER TABLE messages ADD COLUMN send_time TEXT;
+
 -- The events so far, rolled up the way storage/stats.rs rolls up new ones.
 INSERT INTO stats_cells
 SELECT m.enterprise_id,
@@ -72,6 +90,16 @@ FROM events e
 JOIN messages m ON m.id = e.message_id
 WHERE e.kind IN (1, 2, 3)
 GROUP BY 1, 2, 3;
+
+INSERT INTO person_hours
+SELECT user_id, (at / 3600000) % 24, COUNT(*) FROM events WHERE kind = 3 GROUP BY 1, 2;
+
+INSERT INTO person_places
+SELECT e.user_id, MIN(e.region), MAX(e.at)
+FROM events e
+WHERE e.kind IN (2, 3) AND e.region <> ''
+  AND e.at = (SELECT MAX(l.at) FROM events l WHERE l.user_id = e.user_id AND l.kind IN (2, 3) AND l.region <> '')
+GROUP BY e.user_id;
 
 -- Opens per person and channel now live in person_channels.
 DROP TABLE channel_opens;

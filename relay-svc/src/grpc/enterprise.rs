@@ -13,7 +13,10 @@ use super::{
 };
 use crate::credentials;
 use crate::error::{Error, Result};
-use crate::policy::{FollowUp, MAX_RESENDS, Policy, PolicyKind, Priority, Timing, WindowMode};
+use crate::policy::{
+    FollowUp, MAX_RESENDS, MAX_SEND_TIME_HORIZON_MS, Policy, PolicyKind, Priority, SendTime,
+    Timing, WindowMode,
+};
 use crate::stats::{self, Viewer};
 use crate::targeting::{self, Channel, Content, MessageState, NewMessage, Segment, Target};
 
@@ -99,7 +102,14 @@ impl TryFrom<pb::SendMessageRequest> for NewMessage {
             window: Window::from_wire("window", request.window.as_ref())?,
             mode,
             expires_at,
+            send_time: request.send_time.map(send_time_from_wire).transpose()?,
         };
+        if timing.window.is_some() && timing.send_time.is_some() {
+            return Err(Error::invalid(
+                "send_time",
+                "cannot be combined with a window: each person's time is chosen for them",
+            ));
+        }
         let follow_up = request.follow_up.map(follow_up_from_wire).transpose()?;
         let priority = match pb::Priority::try_from(request.priority) {
             Ok(pb::Priority::Unspecified | pb::Priority::Normal) => Priority::Normal,
@@ -122,6 +132,39 @@ impl TryFrom<pb::SendMessageRequest> for NewMessage {
             follow_up,
             priority,
         })
+    }
+}
+
+/// A per-person send time; the horizon is required and at most 24 h.
+fn send_time_from_wire(send_time: pb::SendTime) -> Result<SendTime> {
+    let within = |field: &str, within: Option<prost_types::Duration>| -> Result<i64> {
+        let within = within.ok_or_else(|| Error::invalid(field, "is required"))?;
+        let ms = within.seconds.saturating_mul(1000) + i64::from(within.nanos) / 1_000_000;
+        if ms <= 0 || ms > MAX_SEND_TIME_HORIZON_MS {
+            return Err(Error::invalid(field, "must be more than 0 and at most 24h"));
+        }
+        Ok(ms)
+    };
+    match send_time.kind {
+        Some(pb::send_time::Kind::BestHour(best)) => Ok(SendTime::BestHour {
+            within_ms: within("send_time.best_hour.within", best.within)?,
+        }),
+        Some(pb::send_time::Kind::PlaceHour(place)) => {
+            if !(place.min_open_rate > 0.0 && place.min_open_rate <= 1.0) {
+                return Err(Error::invalid(
+                    "send_time.place_hour.min_open_rate",
+                    "must be more than 0 and at most 1",
+                ));
+            }
+            Ok(SendTime::PlaceHour {
+                min_rate_permille: (place.min_open_rate * 1000.0).round() as i64,
+                within_ms: within("send_time.place_hour.within", place.within)?,
+            })
+        }
+        None => Err(Error::invalid(
+            "send_time",
+            "best_hour or place_hour is required",
+        )),
     }
 }
 

@@ -12,8 +12,10 @@ use super::{
     IdList, Param, ROWS_PER_STATEMENT, Store, WritePool, is_unique_violation, on_pool, stored_list,
 };
 use crate::error::{Error, Result};
-use crate::learning::{ChannelBandit, Choice, EXPLORE_SHARE, Evidence};
-use crate::policy::{AttentionConfig, Policy, PolicyKind, Priority, WindowMode, channel_name};
+use crate::learning::{self, ChannelBandit, Choice, EXPLORE_SHARE, Evidence};
+use crate::policy::{
+    AttentionConfig, Policy, PolicyKind, Priority, SendTime, WindowMode, channel_name,
+};
 use crate::registry::Gender;
 use crate::targeting::{Channel, MessageState, NewMessage, Target};
 
@@ -112,6 +114,7 @@ impl Store {
                 .as_ref()
                 .map(|_| format!("{message_id}-followup")),
             follow_up_delay_ms: message.follow_up.as_ref().map_or(0, |f| f.delay_ms),
+            send_time: message.timing.send_time,
         };
         let description = planning::describe(&plan, estimate.as_deref());
         let result: Result<StoredMessage> = on_pool!(self, pool => {
@@ -202,6 +205,7 @@ impl Store {
                 if let Some(bandit) = &bandit {
                     choose_channels_per_person!(tx, self, message_id, bandit);
                 }
+                time_per_person!(tx, self, message_id, plan, now);
                 let quiet = planning::open_quiet_periods(message_id, timing.0, now, attention);
                 execute_all!(tx, message_id, quiet)?;
                 let count = finish_expansion!(tx, message_id);
@@ -304,7 +308,7 @@ impl Store {
                 "SELECT enterprise_id, target_kind, target_service_id, seg_gender, seg_age_min, seg_age_max,
                         seg_regions, seg_occupations, all_carriers, state, policy, channels, timeout_ms,
                         max_resends, resend_until_delivered, delivery_window, window_at_carrier, priority,
-                        accepted_at, expires_at, follow_up_id, follow_up_delay_ms
+                        accepted_at, expires_at, follow_up_id, follow_up_delay_ms, send_time
                  FROM messages WHERE id = $1",
             )
             .bind(message_id)
@@ -348,6 +352,9 @@ impl Store {
                     expires_at: row.try_get(19)?,
                     follow_up_id: row.try_get(20)?,
                     follow_up_delay_ms: row.try_get(21)?,
+                    send_time: row
+                        .try_get::<Option<String>, _>(22)?
+                        .and_then(|stored| SendTime::decode(&stored)),
                 };
                 Ok((plan, target, row.try_get(9)?))
             })
@@ -396,6 +403,7 @@ impl Store {
             if let Some(bandit) = &bandit {
                 choose_channels_per_person!(tx, self, message_id, bandit);
             }
+            time_per_person!(tx, self, message_id, plan, now);
             let matched = finish_expansion!(tx, message_id);
             tx.commit().await?;
             Ok(matched)
@@ -488,6 +496,116 @@ macro_rules! choose_channels_per_person {
     }};
 }
 use choose_channels_per_person;
+
+/// For a per-person send time: each recipient's first attempts of
+/// `$message_id` (planned by `$plan` at `$now`) wait for the hour chosen for
+/// them, or are skipped with the reason, in `$tx` of store `$store`. Attempts
+/// already held (quiet period) or skipped (fatigue) keep that.
+macro_rules! time_per_person {
+    ($tx:expr, $store:expr, $message_id:expr, $plan:expr, $now:expr) => {{
+        if let Some(send_time) = $plan.send_time {
+            let now: i64 = $now;
+            let within = send_time.within_ms().min($plan.expires_at - now);
+            let people: Vec<(i64, String)> = sqlx::query_as(
+                "SELECT id, user_id FROM deliveries WHERE message_id = $1 AND attempt = 0 AND state = 0",
+            )
+            .bind($message_id)
+            .fetch_all(&mut *$tx)
+            .await?;
+            let mut decided: HashMap<String, Result<(i64, String), String>> = HashMap::new();
+            match send_time {
+                SendTime::BestHour { .. } => {
+                    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+                        "SELECT h.user_id, h.hour, h.opened FROM person_hours h
+                         WHERE h.user_id IN (SELECT user_id FROM deliveries WHERE message_id = $1)",
+                    )
+                    .bind($message_id)
+                    .fetch_all(&mut *$tx)
+                    .await?;
+                    let mut opens: HashMap<String, [u64; 24]> = HashMap::new();
+                    for (user_id, hour, opened) in rows {
+                        opens.entry(user_id).or_insert([0; 24])[hour.rem_euclid(24) as usize] += opened.max(0) as u64;
+                    }
+                    for (_, user_id) in &people {
+                        let seen = opens.get(user_id).copied().unwrap_or([0; 24]);
+                        decided.insert(user_id.clone(), Ok(learning::best_hour(&seen, now, within)));
+                    }
+                }
+                SendTime::PlaceHour { min_rate_permille, .. } => {
+                    let places: HashMap<String, String> = sqlx::query_as(
+                        "SELECT p.user_id, p.place FROM person_places p
+                         WHERE p.user_id IN (SELECT user_id FROM deliveries WHERE message_id = $1)",
+                    )
+                    .bind($message_id)
+                    .fetch_all(&mut *$tx)
+                    .await?
+                    .into_iter()
+                    .collect();
+                    let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+                        "SELECT place, send_hour % 24, CAST(SUM(delivered) AS BIGINT), CAST(SUM(opened) AS BIGINT)
+                         FROM stats_cells WHERE enterprise_id = $1 AND place <> '' AND send_hour >= $2
+                         GROUP BY place, send_hour % 24",
+                    )
+                    .bind(&$plan.enterprise_id)
+                    .bind((now - LEARNING_WINDOW_MS).div_euclid(3_600_000))
+                    .fetch_all(&mut *$tx)
+                    .await?;
+                    let rates: HashMap<(String, usize), Evidence> = rows
+                        .into_iter()
+                        .map(|(place, hour, delivered, opened)| {
+                            ((place, hour.rem_euclid(24) as usize), Evidence { delivered: delivered.max(0) as u64, opened: opened.max(0) as u64 })
+                        })
+                        .collect();
+                    for (_, user_id) in &people {
+                        let place = places.get(user_id).map(String::as_str);
+                        decided.insert(
+                            user_id.clone(),
+                            learning::place_hour(place, &rates, min_rate_permille, now, within),
+                        );
+                    }
+                }
+            }
+            let mut groups: HashMap<&Result<(i64, String), String>, Vec<i64>> = HashMap::new();
+            for (id, user_id) in &people {
+                groups.entry(&decided[user_id]).or_default().push(*id);
+            }
+            let schedule = format!(
+                "UPDATE deliveries SET state = $1, not_before = $2, reason = $3 WHERE {}",
+                $store.in_id_list("id", 4)
+            );
+            let skip = format!(
+                "UPDATE deliveries SET state = 5, note = $1 WHERE {}",
+                $store.in_id_list("id", 2)
+            );
+            let mut skipped = false;
+            for (decision, ids) in groups {
+                match decision {
+                    Ok((at, reason)) => {
+                        sqlx::query(sqlx::AssertSqlSafe(schedule.clone()))
+                            .bind(if *at > now { planning::WAITING } else { planning::PENDING })
+                            .bind(*at)
+                            .bind(reason)
+                            .bind(IdList(&ids))
+                            .execute(&mut *$tx)
+                            .await?;
+                    }
+                    Err(reason) => {
+                        skipped = true;
+                        sqlx::query(sqlx::AssertSqlSafe(skip.clone()))
+                            .bind(reason)
+                            .bind(IdList(&ids))
+                            .execute(&mut *$tx)
+                            .await?;
+                    }
+                }
+            }
+            if skipped {
+                execute_all!($tx, $message_id, [planning::record_skips($message_id, now)])?;
+            }
+        }
+    }};
+}
+use time_per_person;
 
 /// Why a person got the channel `best` chose for them.
 fn choice_reason(choice: Choice, explore_share: f64) -> String {
@@ -655,6 +773,10 @@ fn insert_message(
             ("plan", text(description)),
             ("follow_up_id", Param::OptText(plan.follow_up_id.clone())),
             ("follow_up_delay_ms", Param::Int(plan.follow_up_delay_ms)),
+            (
+                "send_time",
+                Param::OptText(plan.send_time.map(SendTime::encode)),
+            ),
             (
                 "single_attempt",
                 Param::Bool(plan.policy.at_most_one_attempt()),

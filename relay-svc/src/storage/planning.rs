@@ -9,16 +9,16 @@ use chukei_proto::window::Window;
 
 use super::Param;
 use crate::policy::{
-    AttentionConfig, Policy, PolicyKind, Priority, SCORE_SEND_SHIFT, SCORE_START, WindowMode,
-    channel_name,
+    AttentionConfig, Policy, PolicyKind, Priority, SCORE_SEND_SHIFT, SCORE_START, SendTime,
+    WindowMode, channel_name,
 };
 use crate::receipts::{DEFERRED_COUNT, EventKind};
 use crate::targeting::Channel;
 
 /// Delivery states planning writes: may go now, or waits for `not_before`
 /// (released by the follow-through).
-pub(super) const PENDING: i64 = 0;
-pub(super) const WAITING: i64 = 6;
+pub(crate) const PENDING: i64 = 0;
+pub(crate) const WAITING: i64 = 6;
 
 /// A statement with its binds, numbered `$1…` in order.
 #[derive(Debug, Default)]
@@ -142,6 +142,7 @@ pub struct MessagePlan {
     pub expires_at: i64,
     pub follow_up_id: Option<String>,
     pub follow_up_delay_ms: i64,
+    pub send_time: Option<SendTime>,
 }
 
 impl MessagePlan {
@@ -357,16 +358,7 @@ pub(super) fn apply_fatigue(
         );
     }
 
-    let mut record = Sql::new(
-        "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region) SELECT message_id, user_id, ",
-    );
-    let kind = record.bind(Param::Int(EventKind::Skipped.number()));
-    let at = record.bind(Param::Int(now));
-    let m = record.bind(Param::Text(message_id.to_owned()));
-    record.push(&format!(
-        "{kind}, {at}, carrier_id, channel, '' FROM deliveries WHERE message_id = {m} AND state = 5 ON CONFLICT DO NOTHING"
-    ));
-    statements.push(record.counting(Effect::Count(EventKind::Skipped.number())));
+    statements.push(record_skips(message_id, now));
 
     let mut spend =
         Sql::new("UPDATE engagement SET planned = planned + 1, score = score - score / ");
@@ -377,6 +369,21 @@ pub(super) fn apply_fatigue(
     ));
     statements.push(spend);
     statements
+}
+
+/// A `skipped` event (counted) for each person of `message_id` whose
+/// attempts were skipped (state 5), once.
+pub(super) fn record_skips(message_id: &str, now: i64) -> Sql {
+    let mut record = Sql::new(
+        "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region) SELECT message_id, user_id, ",
+    );
+    let kind = record.bind(Param::Int(EventKind::Skipped.number()));
+    let at = record.bind(Param::Int(now));
+    let m = record.bind(Param::Text(message_id.to_owned()));
+    record.push(&format!(
+        "{kind}, {at}, carrier_id, channel, '' FROM deliveries WHERE message_id = {m} AND state = 5 ON CONFLICT DO NOTHING"
+    ));
+    record.counting(Effect::Count(EventKind::Skipped.number()))
 }
 
 /// The plan in words, as `GetMessage` and `explain` show it.
@@ -391,6 +398,9 @@ pub(crate) fn describe(plan: &MessagePlan, estimate: Option<&str>) -> String {
             WindowMode::AtCarrier => "held at the carrier",
         };
         text.push_str(&format!("; window {window} ({place})"));
+    }
+    if let Some(send_time) = &plan.send_time {
+        text.push_str(&format!("; {send_time}"));
     }
     text.push_str(&format!("; expires {}", timestamp(plan.expires_at)));
     if plan.priority != Priority::Normal {

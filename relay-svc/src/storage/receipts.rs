@@ -138,6 +138,28 @@ impl Store {
                     .map(|(message_id, kind, user_id, ..)| (message_id.as_str(), user_id.as_str(), *kind))
                     .collect();
                 roll_up!(tx, &keys);
+                // Where each person's terminal was last seen.
+                let mut places: HashMap<&str, (&str, i64)> = HashMap::new();
+                for (receipt, kind) in chunk {
+                    if receipt.region.is_empty() || !matches!(*kind, EventKind::Delivered | EventKind::Opened) {
+                        continue;
+                    }
+                    let seen = places.entry(receipt.user_id.as_str()).or_insert((receipt.region.as_str(), receipt.at));
+                    if receipt.at >= seen.1 {
+                        *seen = (receipt.region.as_str(), receipt.at);
+                    }
+                }
+                if !places.is_empty() {
+                    let mut query = QueryBuilder::new("INSERT INTO person_places (user_id, place, seen_at) ");
+                    query.push_values(places, |mut row, (user_id, (place, at))| {
+                        row.push_bind(user_id).push_bind(place).push_bind(at);
+                    });
+                    query.push(
+                        " ON CONFLICT (user_id) DO UPDATE SET place = excluded.place, seen_at = excluded.seen_at
+                          WHERE excluded.seen_at >= person_places.seen_at",
+                    );
+                    query.build().execute(&mut *tx).await?;
+                }
                 for (message_id, kind, user_id, channel, at) in inserted {
                     if kind == EventKind::Opened.number() {
                         opened.push((message_id.clone(), user_id, channel, if at > 0 { at } else { now }));

@@ -22,7 +22,7 @@ pub(crate) const CELL_COLUMNS: [&str; 10] = [
     "occupation",
 ];
 
-/// Grows `stats_cells` and `person_channels` by the events `$keys` —
+/// Grows `stats_cells`, `person_channels` and `person_hours` by the events `$keys` —
 /// `(message_id, user_id, kind)` of events an insert really added — inside
 /// the caller's transaction `$tx`. The same projection as the backfill in
 /// migration 0004: the send hour is the person's hand-over, the attributes
@@ -80,6 +80,16 @@ macro_rules! roll_up {
                                 opened = person_channels.opened + excluded.opened",
             );
             people.build().execute(&mut *$tx).await?;
+
+            let mut hours = sqlx::QueryBuilder::new(
+                "INSERT INTO person_hours (user_id, hour, opened) SELECT e.user_id, (e.at / 3600000) % 24, COUNT(*)",
+            );
+            values(&mut hours);
+            hours.push(
+                " WHERE e.kind = 3 GROUP BY 1, 2
+                  ON CONFLICT (user_id, hour) DO UPDATE SET opened = person_hours.opened + excluded.opened",
+            );
+            hours.build().execute(&mut *$tx).await?;
         }
     }};
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
 use clap::{Parser, Subcommand, ValueEnum};
-use integration_tests::{Backend, Hub, Tuning};
+use integration_tests::{Backend, Hub, Tuning, machine};
 use terminal_sim::fleet::Fleet;
 use terminal_sim::setup::EnterpriseChoice;
 use terminal_sim::terminal::OpenMode;
@@ -43,33 +43,6 @@ enum Scenario {
 enum BackendArg {
     Sqlite,
     Postgres,
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown cpu".into());
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|info| {
-            info.lines().next().map(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .unwrap_or("0")
-                    .parse::<u64>()
-                    .unwrap_or(0)
-            })
-        })
-        .map_or_else(String::new, |kb| {
-            format!("{:.0} GiB", kb as f64 / 1024.0 / 1024.0)
-        });
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cores} cores, {cpu}, {memory}")
 }
 
 #[tokio::main]
