@@ -1,7 +1,9 @@
 //! Learning which channel gets each person to open: a Beta-Bernoulli bandit
 //! per person and channel. A person's own deliveries and opens sit on top of
-//! a prior made from the hub's open rate for the channel (so someone new
-//! starts from what works for everyone), and each message draws one channel
+//! a prior made from the open rate of people like them (their consented
+//! gender and age decade, in the enterprise's own figures) or, without
+//! enough of those, the hub's (so someone new starts from what works for
+//! people like them), and each message draws one channel
 //! per person by Thompson sampling — but only a bounded share of recipients
 //! may be sent something other than their current best guess.
 //!
@@ -38,37 +40,86 @@ pub struct Choice {
     pub explored: bool,
 }
 
-/// The bandit for one message: its candidate channels with their priors.
+/// People alike for the prior: their consented gender and age decade with
+/// the message's enterprise (`""` / `-1` where not shared).
+pub type Segment = (String, i64);
+
+/// Deliveries a segment needs on a channel before its own rate replaces
+/// the hub's in the prior.
+pub const MIN_SEGMENT_DELIVERIES: u64 = 20;
+
+/// (channel, alpha, beta) of each candidate's prior.
+type Priors = Vec<(Channel, f64, f64)>;
+
+/// The bandit for one message: its candidate channels with their priors,
+/// the hub's and each segment's.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ChannelBandit {
-    /// (channel, alpha, beta) of each candidate's prior.
-    priors: Vec<(Channel, f64, f64)>,
+    hub: Priors,
+    segments: HashMap<Segment, Priors>,
     /// At most this share of recipients is explored.
     explore_share: f64,
 }
 
 impl ChannelBandit {
-    /// Priors from the hub's rates: Beta(1 + s·p, 1 + s·(1 − p)) with p the
-    /// hub's smoothed rate and s = [`PRIOR_STRENGTH`].
-    pub fn new(candidates: &[Channel], hub: &[(Channel, ChannelRate)], explore_share: f64) -> Self {
-        let priors = candidates
+    /// Priors Beta(1 + s·p, 1 + s·(1 − p)) with s = [`PRIOR_STRENGTH`] and p
+    /// the smoothed open rate of the person's segment on the channel (the
+    /// enterprise's figures, when it has [`MIN_SEGMENT_DELIVERIES`]), else the
+    /// hub's.
+    pub fn new(
+        candidates: &[Channel],
+        hub: &[(Channel, ChannelRate)],
+        segments: &[(Segment, Channel, ChannelRate)],
+        explore_share: f64,
+    ) -> Self {
+        let prior = |channel: Channel, rate: ChannelRate| {
+            let p = (rate.opened as f64 + 1.0) / (rate.delivered as f64 + 2.0);
+            (
+                channel,
+                1.0 + PRIOR_STRENGTH * p,
+                1.0 + PRIOR_STRENGTH * (1.0 - p),
+            )
+        };
+        let hub_rate = |channel: Channel| {
+            hub.iter()
+                .find(|(c, _)| *c == channel)
+                .map(|(_, r)| *r)
+                .unwrap_or_default()
+        };
+        let hub_priors: Priors = candidates
             .iter()
-            .map(|channel| {
-                let rate = hub
+            .map(|channel| prior(*channel, hub_rate(*channel)))
+            .collect();
+        let mut by_segment: HashMap<&Segment, HashMap<Channel, ChannelRate>> = HashMap::new();
+        for (segment, channel, rate) in segments {
+            if rate.delivered >= MIN_SEGMENT_DELIVERIES {
+                by_segment
+                    .entry(segment)
+                    .or_default()
+                    .insert(*channel, *rate);
+            }
+        }
+        let segments = by_segment
+            .into_iter()
+            .map(|(segment, rates)| {
+                let priors = candidates
                     .iter()
-                    .find(|(c, _)| c == channel)
-                    .map(|(_, r)| *r)
-                    .unwrap_or_default();
-                let p = (rate.opened as f64 + 1.0) / (rate.delivered as f64 + 2.0);
-                (
-                    *channel,
-                    1.0 + PRIOR_STRENGTH * p,
-                    1.0 + PRIOR_STRENGTH * (1.0 - p),
-                )
+                    .map(|channel| {
+                        prior(
+                            *channel,
+                            rates
+                                .get(channel)
+                                .copied()
+                                .unwrap_or_else(|| hub_rate(*channel)),
+                        )
+                    })
+                    .collect();
+                (segment.clone(), priors)
             })
             .collect();
         Self {
-            priors,
+            hub: hub_priors,
+            segments,
             explore_share: explore_share.clamp(0.0, 1.0),
         }
     }
@@ -77,16 +128,25 @@ impl ChannelBandit {
         self.explore_share
     }
 
-    /// The channel for one person with `history` (per channel), drawing from `rng`.
-    pub fn choose(&self, history: &HashMap<Channel, Evidence>, rng: &mut Rng) -> Choice {
+    /// The channel for one person of `segment` with `history` (per
+    /// channel), drawing from `rng`.
+    pub fn choose(
+        &self,
+        segment: Option<&Segment>,
+        history: &HashMap<Channel, Evidence>,
+        rng: &mut Rng,
+    ) -> Choice {
+        let priors = segment
+            .and_then(|s| self.segments.get(s))
+            .unwrap_or(&self.hub);
         let posterior = |channel: Channel, alpha: f64, beta: f64| {
             let seen = history.get(&channel).copied().unwrap_or_default();
             let opened = seen.opened.min(seen.delivered) as f64;
             (alpha + opened, beta + (seen.delivered as f64 - opened))
         };
-        let mut greedy = self.priors[0].0;
+        let mut greedy = priors[0].0;
         let mut greedy_mean = f64::MIN;
-        for (channel, alpha, beta) in &self.priors {
+        for (channel, alpha, beta) in priors {
             let (a, b) = posterior(*channel, *alpha, *beta);
             let mean = a / (a + b);
             if mean > greedy_mean {
@@ -102,7 +162,7 @@ impl ChannelBandit {
         }
         let mut sampled = greedy;
         let mut best_draw = f64::MIN;
-        for (channel, alpha, beta) in &self.priors {
+        for (channel, alpha, beta) in priors {
             let (a, b) = posterior(*channel, *alpha, *beta);
             let draw = rng.beta(a, b);
             if draw > best_draw {
@@ -116,12 +176,12 @@ impl ChannelBandit {
         }
     }
 
-    /// Chooses for every person of `message_id`; `history` holds
-    /// `(user_id, channel, evidence)` rows.
+    /// Chooses for every person of `message_id`: `people` are user ids with
+    /// their segment, `history` holds `(user_id, channel, evidence)` rows.
     pub fn assign<'a>(
         &self,
         message_id: &str,
-        people: impl IntoIterator<Item = &'a str>,
+        people: impl IntoIterator<Item = (&'a str, Option<&'a Segment>)>,
         history: &[(String, Channel, Evidence)],
     ) -> HashMap<&'a str, Choice> {
         let mut by_person: HashMap<&str, HashMap<Channel, Evidence>> = HashMap::new();
@@ -137,10 +197,10 @@ impl ChannelBandit {
         let empty = HashMap::new();
         people
             .into_iter()
-            .map(|user_id| {
+            .map(|(user_id, segment)| {
                 let mut rng = Rng::for_labels(0, &[message_id, user_id]);
                 let history = by_person.get(user_id).unwrap_or(&empty);
-                (user_id, self.choose(history, &mut rng))
+                (user_id, self.choose(segment, history, &mut rng))
             })
             .collect()
     }
@@ -270,13 +330,13 @@ mod tests {
             ),
         ];
         let candidates: Vec<Channel> = truth.iter().map(|(c, _)| *c).collect();
-        let bandit = ChannelBandit::new(&candidates, &hub, 0.2);
+        let bandit = ChannelBandit::new(&candidates, &hub, &[], 0.2);
         let mut outcomes = Rng::new(42);
         let mut history: HashMap<Channel, Evidence> = HashMap::new();
         let mut late_best = 0;
         for round in 0..200 {
             let mut rng = Rng::for_labels(0, &[&format!("m{round}"), "u"]);
-            let choice = bandit.choose(&history, &mut rng);
+            let choice = bandit.choose(None, &history, &mut rng);
             let rate = truth.iter().find(|(c, _)| *c == choice.channel).unwrap().1;
             let seen = history.entry(choice.channel).or_default();
             seen.delivered += 1;
@@ -327,6 +387,59 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_with_enough_data_sets_its_peoples_prior() {
+        let hub = [
+            (
+                Channel::Rcs,
+                ChannelRate {
+                    delivered: 1000,
+                    opened: 500,
+                },
+            ),
+            (
+                Channel::Sms,
+                ChannelRate {
+                    delivered: 1000,
+                    opened: 200,
+                },
+            ),
+        ];
+        let older: Segment = ("female".into(), 60);
+        let young: Segment = ("male".into(), 20);
+        let segments = [
+            (
+                older.clone(),
+                Channel::Sms,
+                ChannelRate {
+                    delivered: 50,
+                    opened: 40,
+                },
+            ),
+            // Too little to go on: the hub's rate stands.
+            (
+                young.clone(),
+                Channel::Sms,
+                ChannelRate {
+                    delivered: 5,
+                    opened: 5,
+                },
+            ),
+        ];
+        let bandit = ChannelBandit::new(&[Channel::Rcs, Channel::Sms], &hub, &segments, 0.0);
+        let none = HashMap::new();
+        let mut rng = Rng::new(1);
+        assert_eq!(
+            bandit.choose(Some(&older), &none, &mut rng).channel,
+            Channel::Sms
+        );
+        assert_eq!(
+            bandit.choose(Some(&young), &none, &mut rng).channel,
+            Channel::Rcs
+        );
+        assert_eq!(bandit.choose(None, &none, &mut rng).channel, Channel::Rcs);
+    }
+
+    #[test]
     fn exploration_stays_within_its_share_and_is_repeatable() {
         let hub = [(
             Channel::Rcs,
@@ -335,9 +448,9 @@ mod tests {
                 opened: 50,
             },
         )];
-        let bandit = ChannelBandit::new(&[Channel::Rcs, Channel::Sms], &hub, 0.1);
+        let bandit = ChannelBandit::new(&[Channel::Rcs, Channel::Sms], &hub, &[], 0.1);
         let people: Vec<String> = (0..5_000).map(|i| format!("user-{i}")).collect();
-        let choices = bandit.assign("m1", people.iter().map(String::as_str), &[]);
+        let choices = bandit.assign("m1", people.iter().map(|p| (p.as_str(), None)), &[]);
         let explored = choices.values().filter(|c| c.explored).count();
         assert!(
             explored > 0 && explored <= 600,
@@ -349,7 +462,7 @@ mod tests {
                 .filter(|c| !c.explored)
                 .all(|c| c.channel == Channel::Rcs)
         );
-        let again = bandit.assign("m1", people.iter().map(String::as_str), &[]);
+        let again = bandit.assign("m1", people.iter().map(|p| (p.as_str(), None)), &[]);
         assert_eq!(choices, again);
     }
 }

@@ -7,7 +7,8 @@
 //! targets after the answer; [`dispatch`] transfers deliveries to carriers and
 //! takes receipts back ([`receipts`]); [`policy`] holds delivery control's
 //! rules and [`control`] the loop that carries them out over time (timers,
-//! windows, expiry); [`stats`] turns the rolled-up counts into estimates and
+//! windows, expiry); [`rollup`] folds events into the statistics tables,
+//! [`stats`] turns the rolled-up counts into estimates and
 //! [`learning`] chooses each person's channel for `best`.
 #![forbid(unsafe_code)]
 
@@ -22,6 +23,7 @@ pub mod learning;
 pub mod policy;
 pub mod receipts;
 pub mod registry;
+pub mod rollup;
 pub mod stats;
 pub mod storage;
 pub mod targeting;
@@ -91,6 +93,12 @@ pub async fn run(
         workers.clone(),
     ));
 
+    let rollup_task = tokio::spawn(rollup::run(
+        store.clone(),
+        Duration::from_millis(config.poll_interval_ms),
+        workers.clone(),
+    ));
+
     let relay = Relay {
         store: store.clone(),
         clock,
@@ -139,6 +147,7 @@ pub async fn run(
         let _ = dispatch_task.await;
         let _ = expander_task.await;
         let _ = control_task.await;
+        let _ = rollup_task.await;
     })
     .await;
     if stopped.is_err() {

@@ -3,8 +3,12 @@
 //! 95% Wilson interval, small samples marked, attribute and place cells below
 //! the minimum cohort withheld.
 //!
-//! The counts come from the rollups the storage keeps beside the events
-//! (`storage::stats`); time is stored as hours since the epoch, so hours,
+//! The counts come from the rollups the storage folds the events into
+//! (`storage::stats`): a time cube (by hour of the send, channel, carrier,
+//! place, open hour) and an audience cube (by day of the send, channel and
+//! consented attributes); a breakdown reads the one that holds all its
+//! dimensions, so attributes combine with channel, day and weekday (and each
+//! other) only. Time is stored as hours or days since the epoch, so hours,
 //! weekdays and days are read here in whatever zone the caller asks for.
 
 use std::collections::BTreeMap;
@@ -14,7 +18,7 @@ use jiff::Timestamp;
 use jiff::tz::TimeZone;
 
 use crate::error::{Error, Result};
-use crate::storage::{Reconciliation, Store, SummedCells};
+use crate::storage::{Cube, Reconciliation, Store, SummedCells};
 
 const HOUR_MS: i64 = 3_600_000;
 
@@ -69,20 +73,30 @@ impl Dimension {
         }
     }
 
-    /// The rollup column it is read from (`user` has its own table).
-    fn column(self) -> &'static str {
-        match self {
-            Self::Channel => "channel",
-            Self::SendHour | Self::Weekday | Self::Day => "send_hour",
-            Self::OpenHour => "open_hour",
-            Self::Place => "place",
-            Self::Gender => "gender",
-            Self::Age => "age_band",
-            Self::Region => "region",
-            Self::Occupation => "occupation",
-            Self::User => "user_id",
-            Self::Carrier => "carrier_id",
+    /// The column of `cube` it is read from (`user` has its own table).
+    fn column(self, cube: Cube) -> &'static str {
+        match (self, cube) {
+            (Self::Day | Self::Weekday, Cube::Audience) => "send_day",
+            (Self::SendHour | Self::Weekday | Self::Day, Cube::Time) => "send_hour",
+            (Self::Channel, _) => "channel",
+            (Self::OpenHour, _) => "open_hour",
+            (Self::Place, _) => "place",
+            (Self::Gender, _) => "gender",
+            (Self::Age, _) => "age_band",
+            (Self::Region, _) => "region",
+            (Self::Occupation, _) => "occupation",
+            (Self::User, _) => "user_id",
+            (Self::Carrier, _) => "carrier_id",
+            (Self::SendHour, Cube::Audience) => unreachable!("refused by Query::new"),
         }
+    }
+
+    /// A consented attribute (read from the audience cube).
+    fn is_attribute(self) -> bool {
+        matches!(
+            self,
+            Self::Gender | Self::Age | Self::Region | Self::Occupation
+        )
     }
 
     /// Whether a cell of this dimension can narrow down to a few people.
@@ -151,6 +165,21 @@ impl Query {
         {
             return Err(Error::invalid("by", "user combines only with channel"));
         }
+        if let Some(attribute) = by.iter().find(|d| d.is_attribute()) {
+            if let Some(other) = by.iter().find(|d| {
+                !d.is_attribute()
+                    && !matches!(d, Dimension::Channel | Dimension::Day | Dimension::Weekday)
+            }) {
+                return Err(Error::invalid(
+                    "by",
+                    format!(
+                        "{} combines only with channel, day, weekday and the other attributes, not {}",
+                        attribute.name(),
+                        other.name()
+                    ),
+                ));
+            }
+        }
         if since >= until {
             return Err(Error::invalid("since", "must be before until"));
         }
@@ -166,6 +195,18 @@ impl Query {
             until,
             zone,
         })
+    }
+}
+
+impl Query {
+    /// The cube that holds every dimension asked for: attributes live in the
+    /// audience cube (by day), everything else in the time cube (by hour).
+    fn cube(&self) -> Cube {
+        if self.by.iter().any(|d| d.is_attribute()) {
+            Cube::Audience
+        } else {
+            Cube::Time
+        }
     }
 }
 
@@ -254,16 +295,18 @@ pub async fn breakdown(
         };
         (columns, store.sum_people(enterprise, by_channel).await?)
     } else {
+        let cube = query.cube();
         let mut columns: Vec<&str> = Vec::new();
         for dimension in &query.by {
-            if !columns.contains(&dimension.column()) {
-                columns.push(dimension.column());
+            if !columns.contains(&dimension.column(cube)) {
+                columns.push(dimension.column(cube));
             }
         }
-        let since_hour = query.since.div_euclid(HOUR_MS);
-        let until_hour = (query.until + HOUR_MS - 1).div_euclid(HOUR_MS);
+        let unit = cube.time_unit_ms();
+        let since = query.since.div_euclid(unit);
+        let until = (query.until + unit - 1).div_euclid(unit);
         let summed = store
-            .sum_cells(enterprise, &columns, since_hour, until_hour)
+            .sum_cells(cube, enterprise, &columns, since, until)
             .await?;
         (columns, summed)
     };
@@ -325,11 +368,23 @@ fn fold(
             .by
             .iter()
             .map(|dimension| {
+                let column = if query.by.contains(&Dimension::User) {
+                    dimension.column(Cube::Time)
+                } else {
+                    dimension.column(query.cube())
+                };
                 let index = columns
                     .iter()
-                    .position(|c| *c == dimension.column())
+                    .position(|c| *c == column)
                     .expect("every dimension's column was selected");
-                label(*dimension, &cells.values[index], &query.zone)
+                let value = &cells.values[index];
+                if column == "send_day" {
+                    // Days read as the hour their UTC day starts.
+                    let hour = value.parse::<i64>().map_or(-1, |day| day * 24);
+                    label(*dimension, &hour.to_string(), &query.zone)
+                } else {
+                    label(*dimension, value, &query.zone)
+                }
             })
             .collect();
         match open_hour_at {
@@ -563,6 +618,10 @@ mod tests {
         };
         assert!(error(vec![Dimension::Carrier], "", 0).starts_with("by[0]: carrier"));
         assert!(error(vec![Dimension::User, Dimension::Place], "", 0).starts_with("by: user"));
+        assert!(
+            error(vec![Dimension::Gender, Dimension::SendHour], "", 0)
+                .starts_with("by: gender combines only with channel, day, weekday")
+        );
         assert!(error(vec![Dimension::Channel, Dimension::Channel], "", 0).starts_with("by[1]"));
         assert!(error(vec![], "Mars/Olympus", 0).starts_with("zone:"));
         assert!(error(vec![], "", 10).starts_with("since:"));

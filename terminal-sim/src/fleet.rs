@@ -218,19 +218,29 @@ impl Fleet {
         self
     }
 
-    /// Gives each person a favourite channel (RCS 30%, SMS 30%, e-mail 20%,
-    /// SNS 20%) they open often (45–80%) and others they rarely open (5–20%):
-    /// hidden preferences the hub has to learn, known here for the oracle
-    /// ([`SimUser::best_channel`]).
+    /// Gives each person a favourite channel they open often (45–80%) and
+    /// others they rarely open (5–20%): hidden preferences the hub has to
+    /// learn, known here for the oracle ([`SimUser::best_channel`]). Seven
+    /// in ten follow their generation (under 30: SNS; 30–44: RCS; 45–59:
+    /// SMS; 60 and over: e-mail), the rest any channel alike.
     pub fn assign_channel_preferences(&mut self) {
         for user in &mut self.users {
             let mut rng = Rng::for_labels(self.seed, &["channel-preference", &user.user_id]);
-            let draw = rng.unit();
-            let favourite = match draw {
-                d if d < 0.3 => 1,
-                d if d < 0.6 => 2,
-                d if d < 0.8 => 4,
-                _ => 3,
+            let born: i64 = user
+                .birth_date
+                .get(..4)
+                .and_then(|year| year.parse().ok())
+                .unwrap_or(1980);
+            let generation = match 2026 - born {
+                age if age < 30 => 3,
+                age if age < 45 => 1,
+                age if age < 60 => 2,
+                _ => 4,
+            };
+            let favourite = if rng.chance(0.7) {
+                generation
+            } else {
+                1 + rng.below(4) as usize
             };
             let mut propensity = [0.0; 5];
             for (channel, p) in propensity.iter_mut().enumerate().skip(1) {

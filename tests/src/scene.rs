@@ -163,6 +163,31 @@ impl Scene {
             .await
     }
 
+    /// Waits until the enterprise's statistics (the relay's rollups, which
+    /// trail the events) count `opened` opens over the last 30 days.
+    pub async fn wait_for_stats(&self, enterprise: usize, opened: u64) {
+        crate::eventually(
+            &format!("{opened} opens in the statistics"),
+            WAIT,
+            || async {
+                let stats = self
+                    .client(enterprise)
+                    .get_stats(pb::GetStatsRequest {
+                        lookback: Some(prost_types::Duration {
+                            seconds: 30 * 24 * 3600,
+                            nanos: 0,
+                        }),
+                        ..Default::default()
+                    })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (stats.rows.first().map(|row| row.opened) == Some(opened)).then_some(())
+            },
+        )
+        .await;
+    }
+
     /// What user `index` received of `message_id`, oldest first.
     pub fn items(&self, index: usize, message_id: &str) -> Vec<InboxItem> {
         self.terminals

@@ -204,7 +204,14 @@ async fn dataset(store: &Store) -> HashMap<String, String> {
     ));
     receipts.extend(receipts.clone());
     store.record_receipts("c1", &receipts, t2).await.unwrap();
+    fold_queued(store).await;
     refs
+}
+
+/// What the relay's rollup worker does: folds every queued event in.
+async fn fold_queued(store: &Store) {
+    while store.roll_up_queued(7).await.unwrap() > 0 {}
+    assert_eq!(store.roll_up_backlog().await.unwrap(), 0);
 }
 
 /// Rows of a breakdown as (key joined by " / ", sent, delivered, opened);
@@ -432,6 +439,7 @@ async fn place_and_hour_targeting_picks_people_and_hours_above_the_threshold(bac
         )
     }));
     store.record_receipts("c1", &receipts, t3).await.unwrap();
+    fold_queued(store).await;
 
     let now = T0 + 3 * DAY + 12 * HOUR;
     let targeted = |key: &str, min_rate_permille| NewMessage {
@@ -539,6 +547,7 @@ async fn stats_show_what_the_terminals_saw(backend: Backend) {
     scene.advance(61 * 60_000);
     scene.wait(0, &id, |s| s.opened == n / 2).await;
 
+    scene.wait_for_stats(0, n / 2).await;
     let stats = scene
         .client(0)
         .get_stats(pb::GetStatsRequest {

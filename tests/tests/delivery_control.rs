@@ -664,6 +664,7 @@ async fn most_used_and_best_learn_from_opens(backend: Backend) {
     for id in &sent[..2] {
         scene.wait(0, id, |s| s.opened == 3).await;
     }
+    scene.wait_for_stats(0, 6).await;
     // Most used: each person's own history; no opens yet means the named channel.
     let most_used = scene
         .send(
@@ -780,6 +781,7 @@ async fn best_hour_sends_each_person_at_the_hour_they_read(backend: Backend) {
         live_a_day().await;
         scene.wait(0, &id, |s| s.opened == 4).await;
     }
+    scene.wait_for_stats(0, 8).await;
     let sent_at = scene.clock.now_ms();
     let id = scene
         .send(
@@ -860,6 +862,7 @@ async fn best_learns_each_persons_channel(backend: Backend) {
     };
     let n = scene.fleet.users.len();
     let mut on_favourite = Vec::new();
+    let mut opened = 0;
     for campaign in 0..6 {
         let id = scene
             .send(
@@ -885,6 +888,9 @@ async fn best_learns_each_persons_channel(backend: Backend) {
             .collect();
         scene.advance(61 * MINUTE_MS);
         scene.wait(0, &id, |s| s.opened == hits.len() as u64).await;
+        // What the next campaign learns from is folded in.
+        opened += hits.len() as u64;
+        scene.wait_for_stats(0, opened).await;
         scene.advance(11 * HOUR_MS);
         on_favourite.push(hits.len());
     }

@@ -12,7 +12,7 @@ use super::{
     IdList, Param, ROWS_PER_STATEMENT, Store, WritePool, is_unique_violation, on_pool, stored_list,
 };
 use crate::error::{Error, Result};
-use crate::learning::{self, ChannelBandit, Choice, EXPLORE_SHARE, Evidence};
+use crate::learning::{self, ChannelBandit, Choice, EXPLORE_SHARE, Evidence, Segment};
 use crate::policy::{
     AttentionConfig, Policy, PolicyKind, Priority, SendTime, WindowMode, channel_name,
 };
@@ -96,7 +96,7 @@ impl Store {
             ));
         }
         let bandit = match policy.kind {
-            PolicyKind::Best => Some(self.bandit(&policy.channels, now).await?),
+            PolicyKind::Best => Some(self.bandit(enterprise_id, &policy.channels, now).await?),
             _ => None,
         };
         let plan = MessagePlan {
@@ -394,7 +394,10 @@ impl Store {
             attention,
         ));
         let bandit = match plan.policy.kind {
-            PolicyKind::Best => Some(self.bandit(&plan.policy.channels, now).await?),
+            PolicyKind::Best => Some(
+                self.bandit(&plan.enterprise_id, &plan.policy.channels, now)
+                    .await?,
+            ),
             _ => None,
         };
         on_pool!(self, pool => {
@@ -437,11 +440,42 @@ impl Store {
             .collect())
     }
 
-    /// The bandit for a `best` message over `candidates`, with priors from
-    /// the hub's current rates.
-    async fn bandit(&self, candidates: &[Channel], now: i64) -> Result<ChannelBandit> {
-        let rates = self.channel_rates(now).await?;
-        Ok(ChannelBandit::new(candidates, &rates, EXPLORE_SHARE))
+    /// The bandit for a `best` message of `enterprise_id` over `candidates`,
+    /// with priors from the hub's and the enterprise's segments' current rates.
+    async fn bandit(
+        &self,
+        enterprise_id: &str,
+        candidates: &[Channel],
+        now: i64,
+    ) -> Result<ChannelBandit> {
+        let hub = self.channel_rates(now).await?;
+        let rows: Vec<(String, i64, i64, i64, i64)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT gender, age_band, channel, CAST(SUM(delivered) AS BIGINT), CAST(SUM(opened) AS BIGINT)
+             FROM stats_audience WHERE enterprise_id = $1 AND channel > 0 AND send_day >= $2
+             GROUP BY gender, age_band, channel",
+        )
+        .bind(enterprise_id)
+        .bind((now - LEARNING_WINDOW_MS).div_euclid(86_400_000))
+        .fetch_all(pool)
+        .await)?;
+        let segments: Vec<(Segment, Channel, ChannelRate)> = rows
+            .into_iter()
+            .filter_map(|(gender, age, channel, delivered, opened)| {
+                Channel::from_number(channel).map(|c| {
+                    let rate = ChannelRate {
+                        delivered: delivered.max(0) as u64,
+                        opened: opened.max(0) as u64,
+                    };
+                    ((gender, age), c, rate)
+                })
+            })
+            .collect();
+        Ok(ChannelBandit::new(
+            candidates,
+            &hub,
+            &segments,
+            EXPLORE_SHARE,
+        ))
     }
 }
 
@@ -476,7 +510,23 @@ macro_rules! choose_channels_per_person {
                 })
             })
             .collect();
-        let choices = $bandit.assign($message_id, people.iter().map(|(_, user)| user.as_str()), &history);
+        let segments: HashMap<String, Segment> = sqlx::query_as::<_, (String, String, i64)>(sqlx::AssertSqlSafe(format!(
+            "SELECT p.user_id, COALESCE(p.gender, ''), {} FROM profiles p
+             WHERE p.enterprise_id = (SELECT enterprise_id FROM messages WHERE id = $1)
+               AND p.user_id IN (SELECT user_id FROM deliveries WHERE message_id = $1)",
+            super::stats::AGE_BAND
+        )))
+        .bind($message_id)
+        .fetch_all(&mut *$tx)
+        .await?
+        .into_iter()
+        .map(|(user_id, gender, age)| (user_id, (gender, age)))
+        .collect();
+        let choices = $bandit.assign(
+            $message_id,
+            people.iter().map(|(_, user)| (user.as_str(), segments.get(user))),
+            &history,
+        );
         let mut groups: HashMap<Choice, Vec<i64>> = HashMap::new();
         for (id, user) in &people {
             groups.entry(choices[user.as_str()]).or_default().push(*id);
@@ -617,7 +667,7 @@ fn choice_reason(choice: Choice, explore_share: f64) -> String {
         )
     } else {
         format!(
-            "best for this person: {channel} has their highest expected open rate (their history over the hub's rates)"
+            "best for this person: {channel} has their highest expected open rate (their history over the rates of people like them)"
         )
     }
 }

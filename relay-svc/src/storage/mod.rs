@@ -30,7 +30,7 @@ pub use messages::{MessageRow, StoredMessage};
 pub use planning::{ChannelRate, MessagePlan};
 pub use receipts::{CarrierCounts, MessageCounts};
 pub use registry::RegistrationRow;
-pub use stats::{Reconciliation, SummedCells};
+pub use stats::{Cube, Reconciliation, SummedCells};
 pub use transfer::DueDelivery;
 
 use crate::error::Result;

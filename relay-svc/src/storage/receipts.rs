@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
-use super::stats::roll_up;
+use super::stats::queue_roll_up;
 use super::{IdList, ROWS_PER_STATEMENT, Store, WritePool, add_to_counts, on_pool};
 use crate::error::Result;
 use crate::policy::SCORE_OPEN_SHIFT;
@@ -129,7 +129,7 @@ impl Store {
                 query
                     .push(") AS v WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = v.column1 AND d.user_id = v.column2 AND d.carrier_id = ")
                     .push_bind(carrier_id)
-                    // What was added comes back: to count, roll up, and act on opens.
+                    // What was added comes back: to count, queue for the rollups, and act on opens.
                     .push(") ON CONFLICT DO NOTHING RETURNING message_id, kind, user_id, channel, at");
                 let inserted: Vec<(String, i64, String, i64, i64)> =
                     query.build_query_as().fetch_all(&mut *tx).await?;
@@ -137,29 +137,7 @@ impl Store {
                     .iter()
                     .map(|(message_id, kind, user_id, ..)| (message_id.as_str(), user_id.as_str(), *kind))
                     .collect();
-                roll_up!(tx, &keys);
-                // Where each person's terminal was last seen.
-                let mut places: HashMap<&str, (&str, i64)> = HashMap::new();
-                for (receipt, kind) in chunk {
-                    if receipt.region.is_empty() || !matches!(*kind, EventKind::Delivered | EventKind::Opened) {
-                        continue;
-                    }
-                    let seen = places.entry(receipt.user_id.as_str()).or_insert((receipt.region.as_str(), receipt.at));
-                    if receipt.at >= seen.1 {
-                        *seen = (receipt.region.as_str(), receipt.at);
-                    }
-                }
-                if !places.is_empty() {
-                    let mut query = QueryBuilder::new("INSERT INTO person_places (user_id, place, seen_at) ");
-                    query.push_values(places, |mut row, (user_id, (place, at))| {
-                        row.push_bind(user_id).push_bind(place).push_bind(at);
-                    });
-                    query.push(
-                        " ON CONFLICT (user_id) DO UPDATE SET place = excluded.place, seen_at = excluded.seen_at
-                          WHERE excluded.seen_at >= person_places.seen_at",
-                    );
-                    query.build().execute(&mut *tx).await?;
-                }
+                queue_roll_up!(tx, &keys);
                 for (message_id, kind, user_id, channel, at) in inserted {
                     if kind == EventKind::Opened.number() {
                         opened.push((message_id.clone(), user_id, channel, if at > 0 { at } else { now }));

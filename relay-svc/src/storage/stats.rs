@@ -1,104 +1,238 @@
-//! Rollups of the events (`stats_cells`, `person_channels`), grown in the
-//! transaction that adds the events, and the reads behind `GetStats` and
-//! reconciliation. What the figures mean is `crate::stats`'s business; this
+//! Rollups of the events (`stats_cells`, `stats_audience`, `person_*`) and
+//! the reads behind `GetStats` and reconciliation. Hand-overs and receipts
+//! only queue the keys of the events they really added ([`queue_roll_up!`],
+//! one small insert in their transaction); [`Store::roll_up_queued`] folds
+//! queued events into the rollups in large batches, called by the relay's
+//! rollup worker. What the figures mean is `crate::stats`'s business; this
 //! module only sums.
 
-use sqlx::{AssertSqlSafe, Row};
+use std::collections::HashMap;
 
-use super::{Store, on_pool};
+use sqlx::{AssertSqlSafe, QueryBuilder, Row};
+
+use super::{IdList, ROWS_PER_STATEMENT, Store, WritePool, on_pool};
 use crate::error::Result;
 
-/// The `stats_cells` dimensions, as their columns.
-pub(crate) const CELL_COLUMNS: [&str; 10] = [
-    "enterprise_id",
-    "send_hour",
-    "channel",
-    "carrier_id",
-    "place",
-    "open_hour",
-    "gender",
-    "age_band",
-    "region",
-    "occupation",
-];
-
-/// Grows `stats_cells`, `person_channels` and `person_hours` by the events `$keys` —
-/// `(message_id, user_id, kind)` of events an insert really added — inside
-/// the caller's transaction `$tx`. The same projection as the backfill in
-/// migration 0004: the send hour is the person's hand-over, the attributes
-/// are their consented profile now, sends have no place.
-macro_rules! roll_up {
+/// Queues the events `$keys` — `(message_id, user_id, kind)` of events an
+/// insert really added — for the rollups, inside the caller's transaction `$tx`.
+macro_rules! queue_roll_up {
     ($tx:expr, $keys:expr) => {{
         let keys: &[(&str, &str, i64)] = $keys;
         for chunk in keys.chunks($crate::storage::ROWS_PER_STATEMENT) {
-            let values = |query: &mut sqlx::QueryBuilder<_>| {
-                query.push(" FROM (");
-                query.push_values(chunk, |mut row, (message_id, user_id, kind)| {
-                    row.push_bind(*message_id).push_bind(*user_id).push_bind(*kind);
-                });
-                query.push(
-                    ") AS v JOIN events e ON e.message_id = v.column1 AND e.user_id = v.column2 AND e.kind = v.column3
-                     JOIN messages m ON m.id = e.message_id",
-                );
-            };
-            let mut cells = sqlx::QueryBuilder::new(
-                "INSERT INTO stats_cells (enterprise_id, send_hour, channel, carrier_id, place, open_hour,
-                                          gender, age_band, region, occupation, sent, delivered, opened)
-                 SELECT m.enterprise_id, COALESCE(h.at, e.at) / 3600000, e.channel, e.carrier_id,
-                        CASE WHEN e.kind = 1 THEN '' ELSE e.region END,
-                        CASE WHEN e.kind = 3 THEN e.at / 3600000 ELSE -1 END,
-                        COALESCE(p.gender, ''),
-                        CASE WHEN p.age_min / 10 = p.age_max / 10 THEN p.age_min / 10 * 10 ELSE -1 END,
-                        COALESCE(p.region, ''), COALESCE(p.occupation, ''), ",
-            );
-            cells.push($crate::storage::stats::SUM_BY_KIND);
-            values(&mut cells);
-            cells.push(
-                " LEFT JOIN profiles p ON p.enterprise_id = m.enterprise_id AND p.user_id = e.user_id
-                  LEFT JOIN events h ON h.message_id = e.message_id AND h.user_id = e.user_id AND h.kind = 1
-                  WHERE e.kind IN (1, 2, 3)
-                  GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
-                  ON CONFLICT (enterprise_id, send_hour, channel, carrier_id, place, open_hour,
-                               gender, age_band, region, occupation)
-                  DO UPDATE SET sent = stats_cells.sent + excluded.sent,
-                                delivered = stats_cells.delivered + excluded.delivered,
-                                opened = stats_cells.opened + excluded.opened",
-            );
-            cells.build().execute(&mut *$tx).await?;
-
-            let mut people = sqlx::QueryBuilder::new(
-                "INSERT INTO person_channels (enterprise_id, user_id, channel, sent, delivered, opened)
-                 SELECT m.enterprise_id, e.user_id, e.channel, ",
-            );
-            people.push($crate::storage::stats::SUM_BY_KIND);
-            values(&mut people);
-            people.push(
-                " WHERE e.kind IN (1, 2, 3) GROUP BY 1, 2, 3
-                  ON CONFLICT (enterprise_id, user_id, channel)
-                  DO UPDATE SET sent = person_channels.sent + excluded.sent,
-                                delivered = person_channels.delivered + excluded.delivered,
-                                opened = person_channels.opened + excluded.opened",
-            );
-            people.build().execute(&mut *$tx).await?;
-
-            let mut hours = sqlx::QueryBuilder::new(
-                "INSERT INTO person_hours (user_id, hour, opened) SELECT e.user_id, (e.at / 3600000) % 24, COUNT(*)",
-            );
-            values(&mut hours);
-            hours.push(
-                " WHERE e.kind = 3 GROUP BY 1, 2
-                  ON CONFLICT (user_id, hour) DO UPDATE SET opened = person_hours.opened + excluded.opened",
-            );
-            hours.build().execute(&mut *$tx).await?;
+            let mut query =
+                sqlx::QueryBuilder::new("INSERT INTO rollup_queue (message_id, user_id, kind) ");
+            query.push_values(chunk, |mut row, (message_id, user_id, kind)| {
+                row.push_bind(*message_id)
+                    .push_bind(*user_id)
+                    .push_bind(*kind);
+            });
+            query.build().execute(&mut *$tx).await?;
         }
     }};
 }
-pub(crate) use roll_up;
+pub(crate) use queue_roll_up;
+
+/// The decade a profile `p`'s consented age range lies in (its start), or -1
+/// when it was not shared that precisely.
+pub(crate) const AGE_BAND: &str =
+    "CASE WHEN p.age_min / 10 = p.age_max / 10 THEN p.age_min / 10 * 10 ELSE -1 END";
 
 /// Sends, deliveries and opens among the grouped events `e`.
-pub(crate) const SUM_BY_KIND: &str = "CAST(SUM(CASE WHEN e.kind = 1 THEN 1 ELSE 0 END) AS BIGINT),
+const SUM_BY_KIND: &str = "CAST(SUM(CASE WHEN e.kind = 1 THEN 1 ELSE 0 END) AS BIGINT),
      CAST(SUM(CASE WHEN e.kind = 2 THEN 1 ELSE 0 END) AS BIGINT),
      CAST(SUM(CASE WHEN e.kind = 3 THEN 1 ELSE 0 END) AS BIGINT)";
+
+/// The upserts that fold a chunk of queued events into each rollup: the
+/// grouped columns (over the events `e`, their message `m`, the person's
+/// profile `p` and hand-over event `h`), the table, its key and what to sum.
+const ROLLUPS: [(&str, &str, &str, &str); 4] = [
+    (
+        "m.enterprise_id, COALESCE(h.at, e.at) / 3600000, e.channel, e.carrier_id,
+         CASE WHEN e.kind = 1 THEN '' ELSE e.region END,
+         CASE WHEN e.kind = 3 THEN e.at / 3600000 ELSE -1 END",
+        "stats_cells",
+        "enterprise_id, send_hour, channel, carrier_id, place, open_hour",
+        "sent, delivered, opened",
+    ),
+    (
+        "m.enterprise_id, COALESCE(h.at, e.at) / 86400000, e.channel, COALESCE(p.gender, ''), AGE_BAND,
+         COALESCE(p.region, ''), COALESCE(p.occupation, '')",
+        "stats_audience",
+        "enterprise_id, send_day, channel, gender, age_band, region, occupation",
+        "sent, delivered, opened",
+    ),
+    (
+        "m.enterprise_id, e.user_id, e.channel",
+        "person_channels",
+        "enterprise_id, user_id, channel",
+        "sent, delivered, opened",
+    ),
+    (
+        "e.user_id, (e.at / 3600000) % 24",
+        "person_hours",
+        "user_id, hour",
+        "opened",
+    ),
+];
+
+impl Store {
+    /// Folds up to `limit` queued events into the rollups, in one
+    /// transaction (oldest first); returns how many it folded.
+    pub async fn roll_up_queued(&self, limit: u32) -> Result<u64> {
+        let delete = format!(
+            "DELETE FROM rollup_queue WHERE {}",
+            self.in_id_list("seq", 1)
+        );
+        let statements: Vec<String> = ROLLUPS
+            .iter()
+            .map(|(select, table, key, sums)| {
+                let counts: Vec<&str> = sums.split(", ").collect();
+                let summed = if counts.len() == 3 {
+                    SUM_BY_KIND.to_owned()
+                } else {
+                    "CAST(SUM(CASE WHEN e.kind = 3 THEN 1 ELSE 0 END) AS BIGINT)".to_owned()
+                };
+                let group: Vec<String> = (1..=key.split(", ").count()).map(|i| i.to_string()).collect();
+                let updates: Vec<String> = counts
+                    .iter()
+                    .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
+                    .collect();
+                let only_opens = if counts.len() == 1 { "e.kind = 3" } else { "e.kind IN (1, 2, 3)" };
+                format!(
+                    "INSERT INTO {table} ({key}, {sums}) SELECT {}, {summed}
+                     FROM VALUES_PLACEHOLDER
+                     JOIN events e ON e.message_id = v.column1 AND e.user_id = v.column2 AND e.kind = v.column3
+                     JOIN messages m ON m.id = e.message_id
+                     LEFT JOIN profiles p ON p.enterprise_id = m.enterprise_id AND p.user_id = e.user_id
+                     LEFT JOIN events h ON h.message_id = e.message_id AND h.user_id = e.user_id AND h.kind = 1
+                     WHERE {only_opens}
+                     GROUP BY {}
+                     ON CONFLICT ({key}) DO UPDATE SET {}",
+                    select.replace(AGE_BAND_PLACEHOLDER, AGE_BAND),
+                    group.join(", "),
+                    updates.join(", ")
+                )
+            })
+            .collect();
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let queued: Vec<(i64, String, String, i64)> = sqlx::query_as(
+                "SELECT seq, message_id, user_id, kind FROM rollup_queue ORDER BY seq LIMIT $1",
+            )
+            .bind(i64::from(limit))
+            .fetch_all(&mut *tx)
+            .await?;
+            if queued.is_empty() {
+                return Ok(0);
+            }
+            for chunk in queued.chunks(ROWS_PER_STATEMENT) {
+                for statement in &statements {
+                    let (before, after) = statement.split_once("VALUES_PLACEHOLDER").expect("placeholder");
+                    let mut query = QueryBuilder::new(before);
+                    query.push("(");
+                    query.push_values(chunk, |mut row, (_, message_id, user_id, kind)| {
+                        row.push_bind(message_id).push_bind(user_id).push_bind(*kind);
+                    });
+                    query.push(") AS v").push(after);
+                    query.build().execute(&mut *tx).await?;
+                }
+                // Where each person's terminal was last seen.
+                let mut places = QueryBuilder::new(
+                    "SELECT e.user_id, e.region, e.at FROM (",
+                );
+                places.push_values(chunk, |mut row, (_, message_id, user_id, kind)| {
+                    row.push_bind(message_id).push_bind(user_id).push_bind(*kind);
+                });
+                places.push(
+                    ") AS v JOIN events e ON e.message_id = v.column1 AND e.user_id = v.column2 AND e.kind = v.column3
+                     WHERE e.kind IN (2, 3) AND e.region <> ''",
+                );
+                let seen: Vec<(String, String, i64)> = places.build_query_as().fetch_all(&mut *tx).await?;
+                let mut latest: HashMap<&str, (&str, i64)> = HashMap::new();
+                for (user_id, place, at) in &seen {
+                    let entry = latest.entry(user_id.as_str()).or_insert((place.as_str(), *at));
+                    if *at >= entry.1 {
+                        *entry = (place.as_str(), *at);
+                    }
+                }
+                if !latest.is_empty() {
+                    let mut upsert = QueryBuilder::new("INSERT INTO person_places (user_id, place, seen_at) ");
+                    upsert.push_values(latest, |mut row, (user_id, (place, at))| {
+                        row.push_bind(user_id).push_bind(place).push_bind(at);
+                    });
+                    upsert.push(
+                        " ON CONFLICT (user_id) DO UPDATE SET place = excluded.place, seen_at = excluded.seen_at
+                          WHERE excluded.seen_at >= person_places.seen_at",
+                    );
+                    upsert.build().execute(&mut *tx).await?;
+                }
+            }
+            let seqs: Vec<i64> = queued.iter().map(|(seq, ..)| *seq).collect();
+            sqlx::query(AssertSqlSafe(delete)).bind(IdList(&seqs)).execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(queued.len() as u64)
+        })
+    }
+
+    /// Events waiting to be folded into the rollups.
+    pub async fn roll_up_backlog(&self) -> Result<u64> {
+        let count: i64 = on_pool!(self, pool => sqlx::query_scalar("SELECT COUNT(*) FROM rollup_queue")
+            .fetch_one(pool)
+            .await)?;
+        Ok(count.max(0) as u64)
+    }
+}
+
+/// Where [`AGE_BAND`] goes in a rollup's grouped columns.
+const AGE_BAND_PLACEHOLDER: &str = "AGE_BAND";
+
+/// The two statistics cubes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cube {
+    /// `stats_cells`: by hour of the send, channel, carrier, place, open hour.
+    Time,
+    /// `stats_audience`: by day of the send, channel and consented attributes.
+    Audience,
+}
+
+impl Cube {
+    fn table(self) -> &'static str {
+        match self {
+            Self::Time => "stats_cells",
+            Self::Audience => "stats_audience",
+        }
+    }
+
+    /// The column sends are filtered on: hours or days since the epoch.
+    fn time_column(self) -> &'static str {
+        match self {
+            Self::Time => "send_hour",
+            Self::Audience => "send_day",
+        }
+    }
+
+    /// Milliseconds in one unit of the time column.
+    pub fn time_unit_ms(self) -> i64 {
+        match self {
+            Self::Time => 3_600_000,
+            Self::Audience => 86_400_000,
+        }
+    }
+
+    fn columns(self) -> &'static [&'static str] {
+        match self {
+            Self::Time => &["send_hour", "channel", "carrier_id", "place", "open_hour"],
+            Self::Audience => &[
+                "send_day",
+                "channel",
+                "gender",
+                "age_band",
+                "region",
+                "occupation",
+            ],
+        }
+    }
+}
 
 /// One group of summed cells: the grouped columns' values (as text) and the sums.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,16 +261,18 @@ pub struct Reconciliation {
 }
 
 impl Store {
-    /// `stats_cells` summed by `columns` (from [`CELL_COLUMNS`]) for sends in
-    /// hours `[since_hour, until_hour)`, for one enterprise or the whole hub.
+    /// A cube (`stats_cells` by hour or `stats_audience` by day) summed by
+    /// `columns` for sends in time buckets `[since, until)` of its
+    /// `time_column`, for one enterprise or the whole hub.
     pub async fn sum_cells(
         &self,
+        cube: Cube,
         enterprise_id: Option<&str>,
         columns: &[&str],
-        since_hour: i64,
-        until_hour: i64,
+        since: i64,
+        until: i64,
     ) -> Result<Vec<SummedCells>> {
-        debug_assert!(columns.iter().all(|c| CELL_COLUMNS.contains(c)));
+        debug_assert!(columns.iter().all(|c| cube.columns().contains(c)));
         let select: Vec<String> = columns
             .iter()
             .map(|c| format!("CAST({c} AS TEXT)"))
@@ -146,19 +282,20 @@ impl Store {
         } else {
             format!("GROUP BY {}", columns.join(", "))
         };
+        let (table, time) = (cube.table(), cube.time_column());
         let sql = format!(
             "SELECT {}CAST(COALESCE(SUM(sent), 0) AS BIGINT), CAST(COALESCE(SUM(delivered), 0) AS BIGINT),
                     CAST(COALESCE(SUM(opened), 0) AS BIGINT)
-             FROM stats_cells
-             WHERE ($1 = '' OR enterprise_id = $1) AND send_hour >= $2 AND send_hour < $3 {group}",
+             FROM {table}
+             WHERE ($1 = '' OR enterprise_id = $1) AND {time} >= $2 AND {time} < $3 {group}",
             select.iter().map(|s| format!("{s}, ")).collect::<String>(),
         );
         let width = columns.len();
         on_pool!(self, pool => {
             let rows = sqlx::query(AssertSqlSafe(sql))
                 .bind(enterprise_id.unwrap_or(""))
-                .bind(since_hour)
-                .bind(until_hour)
+                .bind(since)
+                .bind(until)
                 .fetch_all(pool)
                 .await?;
             rows.iter().map(|row| summed(row, width)).collect::<Result<Vec<_>, sqlx::Error>>()

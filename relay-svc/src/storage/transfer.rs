@@ -3,7 +3,7 @@
 
 use sqlx::AssertSqlSafe;
 
-use super::stats::roll_up;
+use super::stats::queue_roll_up;
 use super::{IdList, Store, WritePool, add_to_counts, on_pool, stored_list};
 use crate::error::Result;
 use crate::receipts::EventKind;
@@ -147,7 +147,7 @@ impl Store {
                 add_to_counts!(tx, [((message_id.clone(), kind), added.len() as i64)]);
                 let keys: Vec<(&str, &str, i64)> =
                     added.iter().map(|user| (message_id.as_str(), user.as_str(), kind)).collect();
-                roll_up!(tx, &keys);
+                queue_roll_up!(tx, &keys);
                 sqlx::query(AssertSqlSafe(advance.clone()))
                     .bind(IdList(ids))
                     .bind(now)

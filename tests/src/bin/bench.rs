@@ -6,6 +6,12 @@
 //! delivery is at a terminal (received by the fleet), with recipients per
 //! second. The relay, three carriers and the fleet run in this process, each
 //! on its own runtime, talking gRPC over loopback.
+//!
+//! `bench stats --events 10000000 --backend sqlite|postgres` — the history a
+//! hub would have after that many events (sends, deliveries, opens of 10
+//! enterprises' campaigns to people with the fleet's attribute mix), rolled
+//! up into both statistics cubes the way the relay folds events, then the time
+//! `GetStats` breakdowns take over it (median of 5), and the cell count.
 
 use std::time::{Duration, Instant};
 
@@ -37,6 +43,14 @@ enum Scenario {
         #[arg(long, default_value_t = 1000)]
         batch_size: u32,
     },
+    /// GetStats over the rollups of a large synthetic history.
+    Stats {
+        /// Events (sends, deliveries and opens) in the history.
+        #[arg(long, default_value_t = 10_000_000)]
+        events: u64,
+        #[arg(long, value_enum, default_value = "sqlite")]
+        backend: BackendArg,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -45,19 +59,29 @@ enum BackendArg {
     Postgres,
 }
 
+impl BackendArg {
+    fn backend(self) -> Backend {
+        match self {
+            Self::Sqlite => Backend::Sqlite,
+            Self::Postgres => Backend::Postgres,
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let Scenario::Broadcast {
-        users,
-        backend,
-        batch_size,
-    } = args.scenario;
-    let backend = match backend {
-        BackendArg::Sqlite => Backend::Sqlite,
-        BackendArg::Postgres => Backend::Postgres,
-    };
     println!("machine: {}", machine());
+    match Args::parse().scenario {
+        Scenario::Broadcast {
+            users,
+            backend,
+            batch_size,
+        } => broadcast(users, backend.backend(), batch_size).await,
+        Scenario::Stats { events, backend } => stats(events, backend.backend()).await,
+    }
+}
+
+async fn broadcast(users: usize, backend: Backend, batch_size: u32) -> anyhow::Result<()> {
     let carriers = ["alpha", "beta", "gamma"];
     let tuning = Tuning {
         batch_size,
@@ -168,5 +192,210 @@ async fn main() -> anyhow::Result<()> {
         rate(delivered)
     );
     hub.shutdown().await?;
+    Ok(())
+}
+
+/// A time-cube key (`stats_cells`): enterprise, send hour, channel,
+/// carrier, place, open hour.
+type TimeKey = (u8, i64, u8, u8, u8, i64);
+/// An audience-cube key (`stats_audience`): enterprise, send day, channel,
+/// gender, age band, region, occupation.
+type AudienceKey = (u8, i64, u8, u8, i64, u8, u8);
+
+async fn stats(events: u64, backend: Backend) -> anyhow::Result<()> {
+    use relay_svc::stats::{self, Dimension, Query, Thresholds, Viewer};
+    use std::collections::HashMap;
+
+    let Some(fixture) = integration_tests::store(backend).await else {
+        anyhow::bail!("--backend postgres needs CHUKEI_TEST_DATABASE_URL");
+    };
+    // The synthetic history: people with attributes, 10 campaigns a month
+    // each, delivered 97%, opened 30% within a day, mostly at home; folded
+    // into both cubes the way the relay's rollup worker folds events.
+    let generated = Instant::now();
+    let regions = 12_u8;
+    let mut time: HashMap<TimeKey, [i64; 3]> = HashMap::new();
+    let mut audience: HashMap<AudienceKey, [i64; 3]> = HashMap::new();
+    let mut rng = chukei_proto::rng::Rng::new(7);
+    let start_hour: i64 = 1_795_651_200_000 / 3_600_000 - 30 * 24;
+    let people = (events as f64 / 2.3 / 10.0).ceil() as u64;
+    let mut made = 0_u64;
+    'people: for person in 0..people {
+        let enterprise = (person % 10) as u8;
+        let gender = rng.below(3) as u8;
+        let age = if rng.chance(0.75) {
+            10 * (1 + rng.below(7) as i64)
+        } else {
+            -1
+        };
+        let region = rng.below(u64::from(regions)) as u8;
+        let occupation = rng.below(8) as u8;
+        let carrier = rng.below(3) as u8;
+        let channel = 1 + rng.below(4) as u8;
+        for campaign in 0..10 {
+            let send_hour = start_hour + campaign * 72 + rng.below(3) as i64;
+            let mut count = |place: u8, open_hour: i64, kind: usize| {
+                time.entry((enterprise, send_hour, channel, carrier, place, open_hour))
+                    .or_default()[kind] += 1;
+                audience
+                    .entry((
+                        enterprise,
+                        send_hour.div_euclid(24),
+                        channel,
+                        gender,
+                        age,
+                        region,
+                        occupation,
+                    ))
+                    .or_default()[kind] += 1;
+            };
+            count(0, -1, 0);
+            made += 1;
+            if rng.chance(0.97) {
+                let place = 1 + region;
+                count(place, -1, 1);
+                made += 1;
+                if rng.chance(0.3) {
+                    let delay = (-(1.0 - rng.unit()).ln() * 3.0).min(23.0) as i64;
+                    let place = if rng.chance(0.9) {
+                        place
+                    } else {
+                        1 + rng.below(u64::from(regions)) as u8
+                    };
+                    count(place, send_hour + delay, 2);
+                    made += 1;
+                }
+            }
+            if made >= events {
+                break 'people;
+            }
+        }
+    }
+    println!(
+        "history: {made} events folded into {} time cells and {} audience cells in {:.1}s",
+        time.len(),
+        audience.len(),
+        generated.elapsed().as_secs_f64(),
+    );
+
+    let loaded = Instant::now();
+    let text = |n: u8, prefix: &str| {
+        if n == 0 {
+            String::new()
+        } else {
+            format!("{prefix}{n}")
+        }
+    };
+    let time: Vec<(TimeKey, [i64; 3])> = time.into_iter().collect();
+    let audience: Vec<(AudienceKey, [i64; 3])> = audience.into_iter().collect();
+    macro_rules! load {
+        ($pool:expr) => {{
+            let mut tx = $pool.begin().await?;
+            for chunk in time.chunks(2_000) {
+                let mut query = sqlx::QueryBuilder::new(
+                    "INSERT INTO stats_cells (enterprise_id, send_hour, channel, carrier_id, place, open_hour, \
+                     sent, delivered, opened) ",
+                );
+                query.push_values(chunk, |mut row, (key, counts)| {
+                    let (enterprise, send_hour, channel, carrier, place, open_hour) = *key;
+                    row.push_bind(format!("ent_{enterprise}"))
+                        .push_bind(send_hour)
+                        .push_bind(i64::from(channel))
+                        .push_bind(format!("carrier-{carrier}"))
+                        .push_bind(text(place, "region-"))
+                        .push_bind(open_hour)
+                        .push_bind(counts[0])
+                        .push_bind(counts[1])
+                        .push_bind(counts[2]);
+                });
+                query.build().execute(&mut *tx).await?;
+            }
+            for chunk in audience.chunks(2_000) {
+                let mut query = sqlx::QueryBuilder::new(
+                    "INSERT INTO stats_audience (enterprise_id, send_day, channel, gender, age_band, region, \
+                     occupation, sent, delivered, opened) ",
+                );
+                query.push_values(chunk, |mut row, (key, counts)| {
+                    let (enterprise, send_day, channel, gender, age, region, occupation) = *key;
+                    row.push_bind(format!("ent_{enterprise}"))
+                        .push_bind(send_day)
+                        .push_bind(i64::from(channel))
+                        .push_bind(["female", "male", ""][usize::from(gender)])
+                        .push_bind(age)
+                        .push_bind(format!("region-{}", region + 1))
+                        .push_bind(text(occupation, "occupation-"))
+                        .push_bind(counts[0])
+                        .push_bind(counts[1])
+                        .push_bind(counts[2]);
+                });
+                query.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+        }};
+    }
+    match &fixture.store {
+        relay_svc::storage::Store::Sqlite(pool) => load!(pool),
+        relay_svc::storage::Store::Postgres(pool) => load!(pool),
+    }
+    if let relay_svc::storage::Store::Postgres(pool) = &fixture.store {
+        sqlx::query("ANALYZE").execute(pool).await?;
+    }
+    println!(
+        "loaded into {backend:?} in {:.1}s",
+        loaded.elapsed().as_secs_f64()
+    );
+
+    let month = (start_hour * 3_600_000, (start_hour + 31 * 24) * 3_600_000);
+    let enterprise = Viewer::Enterprise("ent_3".into());
+    let operator = Viewer::Operator(None);
+    let cases: [(&str, &Viewer, Vec<Dimension>); 7] = [
+        ("enterprise: total", &enterprise, vec![]),
+        (
+            "enterprise: channel x hour",
+            &enterprise,
+            vec![Dimension::Channel, Dimension::SendHour],
+        ),
+        (
+            "enterprise: age x gender",
+            &enterprise,
+            vec![Dimension::Age, Dimension::Gender],
+        ),
+        (
+            "enterprise: region x channel x day",
+            &enterprise,
+            vec![Dimension::Region, Dimension::Channel, Dimension::Day],
+        ),
+        (
+            "enterprise: place x open hour",
+            &enterprise,
+            vec![Dimension::Place, Dimension::OpenHour],
+        ),
+        (
+            "operator: carrier x channel",
+            &operator,
+            vec![Dimension::Carrier, Dimension::Channel],
+        ),
+        (
+            "operator: occupation",
+            &operator,
+            vec![Dimension::Occupation],
+        ),
+    ];
+    println!("GetStats over a month of sends (median of 5 runs):");
+    for (name, viewer, by) in cases {
+        let query = Query::new(by, month.0, month.1, "Asia/Tokyo", viewer)?;
+        let mut times = Vec::new();
+        let mut rows = 0;
+        for _ in 0..5 {
+            let started = Instant::now();
+            rows = stats::breakdown(&fixture.store, viewer, &query, Thresholds::default())
+                .await?
+                .len();
+            times.push(started.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        println!("  {name:<36} {:>8.1} ms   {rows} rows", 1000.0 * times[2]);
+    }
+    fixture.close().await;
     Ok(())
 }

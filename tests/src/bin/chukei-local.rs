@@ -496,6 +496,26 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
+    if let Some((name, created, _)) = enterprises.first() {
+        println!(
+            "\n{name}: opens by channel and hour of sending (enterprise-cli stats --by channel,hour --zone Asia/Tokyo)"
+        );
+        let cli = enterprise_cli::Cli {
+            relay_url: relay_url.clone(),
+            api_key: Some(created.api_key.clone()),
+            json: false,
+            command: enterprise_cli::Command::Stats {
+                by: vec!["channel".into(), "hour".into()],
+                since: "7d".into(),
+                until: None,
+                zone: "Asia/Tokyo".into(),
+                csv: false,
+            },
+        };
+        let mut table = Vec::new();
+        enterprise_cli::run(cli, &mut table).await?;
+        print!("{}", String::from_utf8_lossy(&table));
+    }
     println!(
         "\nlocal run finished in {:.1}s",
         started.elapsed().as_secs_f64()
