@@ -1,9 +1,13 @@
 //! The rollup worker: folds the events hand-overs and receipts queued into
 //! the statistics and learning tables (`Store::roll_up_queued`), in batches
-//! and off the delivery path. Figures therefore trail the events by about one
-//! interval; the queue is durable, so nothing is lost across a restart.
+//! and off the delivery path. While events keep arriving it stands aside —
+//! the delivery path has the database and the CPU — for at most
+//! [`MAX_DEFERRAL`], then folds everything queued. Figures therefore trail
+//! the events by about one interval when the hub is quiet and by up to the
+//! deferral under load; the queue is durable, so nothing is lost across a
+//! restart.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -12,24 +16,47 @@ use crate::storage::Store;
 /// Events folded per transaction.
 const BATCH: u32 = 10_000;
 
-/// Folds queued events every `interval` of real time until `cancel`; a full
-/// batch is followed at once by the next.
+/// The longest the worker yields to a busy delivery path.
+pub const MAX_DEFERRAL: Duration = Duration::from_secs(10);
+
+/// Looks at the queue every `interval` of real time until `cancel`.
 pub async fn run(store: Store, interval: Duration, cancel: CancellationToken) {
+    let mut last_seen = None;
+    let mut waiting_since: Option<Instant> = None;
     loop {
-        match store.roll_up_queued(BATCH).await {
-            Ok(folded) if folded == u64::from(BATCH) => {
-                if cancel.is_cancelled() {
-                    return;
-                }
-                tokio::task::yield_now().await;
-                continue;
-            }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "rolling up events failed, will retry"),
-        }
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
         }
+        let newest = match store.roll_up_newest().await {
+            Ok(Some(newest)) => newest,
+            Ok(None) => {
+                waiting_since = None;
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "reading the rollup queue failed, will retry");
+                continue;
+            }
+        };
+        let growing = last_seen.is_some_and(|seen| newest != seen);
+        last_seen = Some(newest);
+        let since = *waiting_since.get_or_insert_with(Instant::now);
+        if growing && since.elapsed() < MAX_DEFERRAL {
+            continue;
+        }
+        loop {
+            match store.roll_up_queued(BATCH).await {
+                Ok(folded) if folded == u64::from(BATCH) && !cancel.is_cancelled() => {
+                    tokio::task::yield_now().await;
+                }
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "rolling up events failed, will retry");
+                    break;
+                }
+            }
+        }
+        waiting_since = None;
     }
 }

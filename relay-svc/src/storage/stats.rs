@@ -174,6 +174,15 @@ impl Store {
         })
     }
 
+    /// The newest queued event's sequence number (`None`: the queue is
+    /// empty), which moves while events keep arriving.
+    pub async fn roll_up_newest(&self) -> Result<Option<i64>> {
+        let newest: Option<i64> = on_pool!(self, pool => sqlx::query_scalar("SELECT MAX(seq) FROM rollup_queue")
+            .fetch_one(pool)
+            .await)?;
+        Ok(newest)
+    }
+
     /// Events waiting to be folded into the rollups.
     pub async fn roll_up_backlog(&self) -> Result<u64> {
         let count: i64 = on_pool!(self, pool => sqlx::query_scalar("SELECT COUNT(*) FROM rollup_queue")
