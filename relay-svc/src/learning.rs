@@ -19,7 +19,7 @@ use crate::targeting::Channel;
 
 /// How many deliveries' worth of weight the hub's rate has for a person with
 /// no history of their own.
-pub const PRIOR_STRENGTH: f64 = 4.0;
+pub const PRIOR_STRENGTH: f64 = 2.0;
 
 /// The share of a message's recipients `best` may send something other than
 /// their current best guess, to keep learning.
@@ -46,7 +46,7 @@ pub type Segment = (String, i64);
 
 /// Deliveries a segment needs on a channel before its own rate replaces
 /// the hub's in the prior.
-pub const MIN_SEGMENT_DELIVERIES: u64 = 20;
+pub const MIN_SEGMENT_DELIVERIES: u64 = 50;
 
 /// (channel, alpha, beta) of each candidate's prior.
 type Priors = Vec<(Channel, f64, f64)>;
@@ -297,6 +297,10 @@ pub fn place_hour(
 mod tests {
     use super::*;
 
+    fn rate(delivered: u64, opened: u64) -> ChannelRate {
+        ChannelRate { delivered, opened }
+    }
+
     /// A simulated person whose true open rates are known: the bandit's
     /// choices converge on their best channel, though the hub prefers another.
     #[test]
@@ -307,27 +311,9 @@ mod tests {
             (Channel::Email, 0.1),
         ];
         let hub = [
-            (
-                Channel::Rcs,
-                ChannelRate {
-                    delivered: 1000,
-                    opened: 500,
-                },
-            ),
-            (
-                Channel::Sms,
-                ChannelRate {
-                    delivered: 1000,
-                    opened: 300,
-                },
-            ),
-            (
-                Channel::Email,
-                ChannelRate {
-                    delivered: 1000,
-                    opened: 100,
-                },
-            ),
+            (Channel::Rcs, rate(1000, 500)),
+            (Channel::Sms, rate(1000, 300)),
+            (Channel::Email, rate(1000, 100)),
         ];
         let candidates: Vec<Channel> = truth.iter().map(|(c, _)| *c).collect();
         let bandit = ChannelBandit::new(&candidates, &hub, &[], 0.2);
@@ -389,41 +375,15 @@ mod tests {
     #[test]
     fn a_segment_with_enough_data_sets_its_peoples_prior() {
         let hub = [
-            (
-                Channel::Rcs,
-                ChannelRate {
-                    delivered: 1000,
-                    opened: 500,
-                },
-            ),
-            (
-                Channel::Sms,
-                ChannelRate {
-                    delivered: 1000,
-                    opened: 200,
-                },
-            ),
+            (Channel::Rcs, rate(1000, 500)),
+            (Channel::Sms, rate(1000, 200)),
         ];
         let older: Segment = ("female".into(), 60);
         let young: Segment = ("male".into(), 20);
         let segments = [
-            (
-                older.clone(),
-                Channel::Sms,
-                ChannelRate {
-                    delivered: 50,
-                    opened: 40,
-                },
-            ),
+            (older.clone(), Channel::Sms, rate(50, 40)),
             // Too little to go on: the hub's rate stands.
-            (
-                young.clone(),
-                Channel::Sms,
-                ChannelRate {
-                    delivered: 5,
-                    opened: 5,
-                },
-            ),
+            (young.clone(), Channel::Sms, rate(5, 5)),
         ];
         let bandit = ChannelBandit::new(&[Channel::Rcs, Channel::Sms], &hub, &segments, 0.0);
         let none = HashMap::new();
@@ -441,13 +401,7 @@ mod tests {
 
     #[test]
     fn exploration_stays_within_its_share_and_is_repeatable() {
-        let hub = [(
-            Channel::Rcs,
-            ChannelRate {
-                delivered: 100,
-                opened: 50,
-            },
-        )];
+        let hub = [(Channel::Rcs, rate(100, 50))];
         let bandit = ChannelBandit::new(&[Channel::Rcs, Channel::Sms], &hub, &[], 0.1);
         let people: Vec<String> = (0..5_000).map(|i| format!("user-{i}")).collect();
         let choices = bandit.assign("m1", people.iter().map(|p| (p.as_str(), None)), &[]);

@@ -896,8 +896,9 @@ async fn best_learns_each_persons_channel(backend: Backend) {
     }
     println!("{backend:?}: people on their favourite channel per campaign {on_favourite:?}");
     assert!(on_favourite[0] < n, "nothing is known at first");
+    // Learned by the fifth campaign; one person a campaign may be explored.
     assert!(
-        on_favourite[4] + on_favourite[5] >= 2 * n - 1,
+        on_favourite[4..].iter().all(|hits| *hits >= n - 1),
         "learned by the fifth campaign: {on_favourite:?}"
     );
     scene.hub.shutdown().await.unwrap();

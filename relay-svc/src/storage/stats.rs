@@ -37,43 +37,113 @@ pub(crate) use queue_roll_up;
 pub(crate) const AGE_BAND: &str =
     "CASE WHEN p.age_min / 10 = p.age_max / 10 THEN p.age_min / 10 * 10 ELSE -1 END";
 
-/// Sends, deliveries and opens among the grouped events `e`.
-const SUM_BY_KIND: &str = "CAST(SUM(CASE WHEN e.kind = 1 THEN 1 ELSE 0 END) AS BIGINT),
-     CAST(SUM(CASE WHEN e.kind = 2 THEN 1 ELSE 0 END) AS BIGINT),
-     CAST(SUM(CASE WHEN e.kind = 3 THEN 1 ELSE 0 END) AS BIGINT)";
+/// One rollup table and how queued events fold into it.
+struct Rollup {
+    table: &'static str,
+    /// Its key columns, and the expressions that fill them over the event
+    /// `e`, its message `m`, the person's profile `p` and hand-over event `h`.
+    key: &'static [(&'static str, &'static str)],
+    /// Its counters, each with the event kind it counts.
+    counts: &'static [(&'static str, i64)],
+}
 
-/// The upserts that fold a chunk of queued events into each rollup: the
-/// grouped columns (over the events `e`, their message `m`, the person's
-/// profile `p` and hand-over event `h`), the table, its key and what to sum.
-const ROLLUPS: [(&str, &str, &str, &str); 4] = [
-    (
-        "m.enterprise_id, COALESCE(h.at, e.at) / 3600000, e.channel, e.carrier_id,
-         CASE WHEN e.kind = 1 THEN '' ELSE e.region END,
-         CASE WHEN e.kind = 3 THEN e.at / 3600000 ELSE -1 END",
-        "stats_cells",
-        "enterprise_id, send_hour, channel, carrier_id, place, open_hour",
-        "sent, delivered, opened",
-    ),
-    (
-        "m.enterprise_id, COALESCE(h.at, e.at) / 86400000, e.channel, COALESCE(p.gender, ''), AGE_BAND,
-         COALESCE(p.region, ''), COALESCE(p.occupation, '')",
-        "stats_audience",
-        "enterprise_id, send_day, channel, gender, age_band, region, occupation",
-        "sent, delivered, opened",
-    ),
-    (
-        "m.enterprise_id, e.user_id, e.channel",
-        "person_channels",
-        "enterprise_id, user_id, channel",
-        "sent, delivered, opened",
-    ),
-    (
-        "e.user_id, (e.at / 3600000) % 24",
-        "person_hours",
-        "user_id, hour",
-        "opened",
-    ),
+const SENT: (&str, i64) = ("sent", 1);
+const DELIVERED: (&str, i64) = ("delivered", 2);
+const OPENED: (&str, i64) = ("opened", 3);
+
+const ROLLUPS: [Rollup; 4] = [
+    Rollup {
+        table: "stats_cells",
+        key: &[
+            ("enterprise_id", "m.enterprise_id"),
+            ("send_hour", "COALESCE(h.at, e.at) / 3600000"),
+            ("channel", "e.channel"),
+            ("carrier_id", "e.carrier_id"),
+            ("place", "CASE WHEN e.kind = 1 THEN '' ELSE e.region END"),
+            (
+                "open_hour",
+                "CASE WHEN e.kind = 3 THEN e.at / 3600000 ELSE -1 END",
+            ),
+        ],
+        counts: &[SENT, DELIVERED, OPENED],
+    },
+    Rollup {
+        table: "stats_audience",
+        key: &[
+            ("enterprise_id", "m.enterprise_id"),
+            ("send_day", "COALESCE(h.at, e.at) / 86400000"),
+            ("channel", "e.channel"),
+            ("gender", "COALESCE(p.gender, '')"),
+            ("age_band", AGE_BAND),
+            ("region", "COALESCE(p.region, '')"),
+            ("occupation", "COALESCE(p.occupation, '')"),
+        ],
+        counts: &[SENT, DELIVERED, OPENED],
+    },
+    Rollup {
+        table: "person_channels",
+        key: &[
+            ("enterprise_id", "m.enterprise_id"),
+            ("user_id", "e.user_id"),
+            ("channel", "e.channel"),
+        ],
+        counts: &[SENT, DELIVERED, OPENED],
+    },
+    Rollup {
+        table: "person_hours",
+        key: &[("user_id", "e.user_id"), ("hour", "(e.at / 3600000) % 24")],
+        counts: &[OPENED],
+    },
 ];
+
+impl Rollup {
+    /// The upsert, split where the queued keys go as `(VALUES …) AS v`.
+    fn upsert(&self) -> (String, String) {
+        let table = self.table;
+        let columns: Vec<&str> = self.key.iter().map(|(column, _)| *column).collect();
+        let values: Vec<&str> = self.key.iter().map(|(_, value)| *value).collect();
+        let counters: Vec<&str> = self.counts.iter().map(|(column, _)| *column).collect();
+        let sums: Vec<String> = self
+            .counts
+            .iter()
+            .map(|(_, kind)| {
+                format!("CAST(SUM(CASE WHEN e.kind = {kind} THEN 1 ELSE 0 END) AS BIGINT)")
+            })
+            .collect();
+        let kinds: Vec<String> = self
+            .counts
+            .iter()
+            .map(|(_, kind)| kind.to_string())
+            .collect();
+        let positions: Vec<String> = (1..=columns.len()).map(|i| i.to_string()).collect();
+        let updates: Vec<String> = counters
+            .iter()
+            .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
+            .collect();
+        (
+            format!(
+                "INSERT INTO {table} ({}, {}) SELECT {}, {} FROM ",
+                columns.join(", "),
+                counters.join(", "),
+                values.join(", "),
+                sums.join(", ")
+            ),
+            format!(
+                " JOIN events e ON e.message_id = v.column1 AND e.user_id = v.column2 AND e.kind = v.column3
+                 JOIN messages m ON m.id = e.message_id
+                 LEFT JOIN profiles p ON p.enterprise_id = m.enterprise_id AND p.user_id = e.user_id
+                 LEFT JOIN events h ON h.message_id = e.message_id AND h.user_id = e.user_id AND h.kind = 1
+                 WHERE e.kind IN ({})
+                 GROUP BY {}
+                 ON CONFLICT ({}) DO UPDATE SET {}",
+                kinds.join(", "),
+                positions.join(", "),
+                columns.join(", "),
+                updates.join(", ")
+            ),
+        )
+    }
+}
 
 impl Store {
     /// Folds up to `limit` queued events into the rollups, in one
@@ -83,37 +153,7 @@ impl Store {
             "DELETE FROM rollup_queue WHERE {}",
             self.in_id_list("seq", 1)
         );
-        let statements: Vec<String> = ROLLUPS
-            .iter()
-            .map(|(select, table, key, sums)| {
-                let counts: Vec<&str> = sums.split(", ").collect();
-                let summed = if counts.len() == 3 {
-                    SUM_BY_KIND.to_owned()
-                } else {
-                    "CAST(SUM(CASE WHEN e.kind = 3 THEN 1 ELSE 0 END) AS BIGINT)".to_owned()
-                };
-                let group: Vec<String> = (1..=key.split(", ").count()).map(|i| i.to_string()).collect();
-                let updates: Vec<String> = counts
-                    .iter()
-                    .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
-                    .collect();
-                let only_opens = if counts.len() == 1 { "e.kind = 3" } else { "e.kind IN (1, 2, 3)" };
-                format!(
-                    "INSERT INTO {table} ({key}, {sums}) SELECT {}, {summed}
-                     FROM VALUES_PLACEHOLDER
-                     JOIN events e ON e.message_id = v.column1 AND e.user_id = v.column2 AND e.kind = v.column3
-                     JOIN messages m ON m.id = e.message_id
-                     LEFT JOIN profiles p ON p.enterprise_id = m.enterprise_id AND p.user_id = e.user_id
-                     LEFT JOIN events h ON h.message_id = e.message_id AND h.user_id = e.user_id AND h.kind = 1
-                     WHERE {only_opens}
-                     GROUP BY {}
-                     ON CONFLICT ({key}) DO UPDATE SET {}",
-                    select.replace(AGE_BAND_PLACEHOLDER, AGE_BAND),
-                    group.join(", "),
-                    updates.join(", ")
-                )
-            })
-            .collect();
+        let upserts: Vec<(String, String)> = ROLLUPS.iter().map(Rollup::upsert).collect();
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let queued: Vec<(i64, String, String, i64)> = sqlx::query_as(
@@ -126,8 +166,7 @@ impl Store {
                 return Ok(0);
             }
             for chunk in queued.chunks(ROWS_PER_STATEMENT) {
-                for statement in &statements {
-                    let (before, after) = statement.split_once("VALUES_PLACEHOLDER").expect("placeholder");
+                for (before, after) in &upserts {
                     let mut query = QueryBuilder::new(before);
                     query.push("(");
                     query.push_values(chunk, |mut row, (_, message_id, user_id, kind)| {
@@ -191,9 +230,6 @@ impl Store {
         Ok(count.max(0) as u64)
     }
 }
-
-/// Where [`AGE_BAND`] goes in a rollup's grouped columns.
-const AGE_BAND_PLACEHOLDER: &str = "AGE_BAND";
 
 /// The two statistics cubes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
