@@ -164,27 +164,26 @@ impl Scene {
     }
 
     /// Waits until the enterprise's statistics (the relay's rollups, which
-    /// trail the events) count `opened` opens over the last 30 days.
-    pub async fn wait_for_stats(&self, enterprise: usize, opened: u64) {
-        crate::eventually(
-            &format!("{opened} opens in the statistics"),
-            WAIT,
-            || async {
-                let stats = self
-                    .client(enterprise)
-                    .get_stats(pb::GetStatsRequest {
-                        lookback: Some(prost_types::Duration {
-                            seconds: 30 * 24 * 3600,
-                            nanos: 0,
-                        }),
-                        ..Default::default()
-                    })
-                    .await
-                    .ok()?
-                    .into_inner();
-                (stats.rows.first().map(|row| row.opened) == Some(opened)).then_some(())
-            },
-        )
+    /// trail the events) count `delivered` deliveries and `opened` opens
+    /// over the last 30 days.
+    pub async fn wait_for_stats(&self, enterprise: usize, delivered: u64, opened: u64) {
+        let what = format!("{delivered} deliveries and {opened} opens in the statistics");
+        crate::eventually(&what, WAIT, || async {
+            let stats = self
+                .client(enterprise)
+                .get_stats(pb::GetStatsRequest {
+                    lookback: Some(prost_types::Duration {
+                        seconds: 30 * 24 * 3600,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
+            let totals = stats.rows.first().map(|row| (row.delivered, row.opened));
+            (totals == Some((delivered, opened))).then_some(())
+        })
         .await;
     }
 

@@ -547,7 +547,7 @@ async fn stats_show_what_the_terminals_saw(backend: Backend) {
     scene.advance(61 * 60_000);
     scene.wait(0, &id, |s| s.opened == n / 2).await;
 
-    scene.wait_for_stats(0, n / 2).await;
+    scene.wait_for_stats(0, n, n / 2).await;
     let stats = scene
         .client(0)
         .get_stats(pb::GetStatsRequest {

@@ -664,7 +664,7 @@ async fn most_used_and_best_learn_from_opens(backend: Backend) {
     for id in &sent[..2] {
         scene.wait(0, id, |s| s.opened == 3).await;
     }
-    scene.wait_for_stats(0, 6).await;
+    scene.wait_for_stats(0, 9, 6).await;
     // Most used: each person's own history; no opens yet means the named channel.
     let most_used = scene
         .send(
@@ -781,7 +781,7 @@ async fn best_hour_sends_each_person_at_the_hour_they_read(backend: Backend) {
         live_a_day().await;
         scene.wait(0, &id, |s| s.opened == 4).await;
     }
-    scene.wait_for_stats(0, 8).await;
+    scene.wait_for_stats(0, 8, 8).await;
     let sent_at = scene.clock.now_ms();
     let id = scene
         .send(
@@ -890,7 +890,9 @@ async fn best_learns_each_persons_channel(backend: Backend) {
         scene.wait(0, &id, |s| s.opened == hits.len() as u64).await;
         // What the next campaign learns from is folded in.
         opened += hits.len() as u64;
-        scene.wait_for_stats(0, opened).await;
+        scene
+            .wait_for_stats(0, (n * (campaign + 1)) as u64, opened)
+            .await;
         scene.advance(11 * HOUR_MS);
         on_favourite.push(hits.len());
     }

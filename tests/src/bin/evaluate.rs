@@ -189,7 +189,7 @@ async fn run(
         anyhow::bail!("PostgreSQL needs CHUKEI_TEST_DATABASE_URL");
     };
     let mut curve = Vec::with_capacity(campaigns);
-    let mut opened_so_far = 0;
+    let (mut delivered_so_far, mut opened_so_far) = (0, 0);
     for campaign in 0..campaigns {
         let opened_before = scene.terminals.snapshot().opened;
         let ids = send(&scene, strategy, campaign).await;
@@ -205,8 +205,11 @@ async fn run(
         let opened = opens_settled(&scene, &ids, opened_before).await;
         curve.push(opened as f64 / delivered.max(1) as f64);
         // The next campaign decides on everything seen so far.
+        delivered_so_far += delivered;
         opened_so_far += opened;
-        scene.wait_for_stats(0, opened_so_far).await;
+        scene
+            .wait_for_stats(0, delivered_so_far, opened_so_far)
+            .await;
         eprintln!(
             "{}: campaign {} opened {opened} of {delivered}",
             strategy.name(),
