@@ -14,7 +14,6 @@ use std::collections::HashMap;
 
 use chukei_proto::rng::Rng;
 
-use crate::storage::ChannelRate;
 use crate::targeting::Channel;
 
 /// How many deliveries' worth of weight the hub's rate has for a person with
@@ -25,11 +24,22 @@ pub const PRIOR_STRENGTH: f64 = 2.0;
 /// their current best guess, to keep learning.
 pub const EXPLORE_SHARE: f64 = 0.1;
 
-/// A person's record on one channel.
+/// How many of the messages delivered were opened: a person's record on a
+/// channel, a segment's or the hub's rate, a place's at an hour.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Evidence {
+pub struct OpenCounts {
     pub delivered: u64,
     pub opened: u64,
+}
+
+impl OpenCounts {
+    /// From summed database counts (never negative).
+    pub fn counted(delivered: i64, opened: i64) -> Self {
+        Self {
+            delivered: delivered.max(0) as u64,
+            opened: opened.max(0) as u64,
+        }
+    }
 }
 
 /// What was chosen for one person, and whether it was exploration.
@@ -68,11 +78,11 @@ impl ChannelBandit {
     /// hub's.
     pub fn new(
         candidates: &[Channel],
-        hub: &[(Channel, ChannelRate)],
-        segments: &[(Segment, Channel, ChannelRate)],
+        hub: &[(Channel, OpenCounts)],
+        segments: &[(Segment, Channel, OpenCounts)],
         explore_share: f64,
     ) -> Self {
-        let prior = |channel: Channel, rate: ChannelRate| {
+        let prior = |channel: Channel, rate: OpenCounts| {
             let p = (rate.opened as f64 + 1.0) / (rate.delivered as f64 + 2.0);
             (
                 channel,
@@ -90,7 +100,7 @@ impl ChannelBandit {
             .iter()
             .map(|channel| prior(*channel, hub_rate(*channel)))
             .collect();
-        let mut by_segment: HashMap<&Segment, HashMap<Channel, ChannelRate>> = HashMap::new();
+        let mut by_segment: HashMap<&Segment, HashMap<Channel, OpenCounts>> = HashMap::new();
         for (segment, channel, rate) in segments {
             if rate.delivered >= MIN_SEGMENT_DELIVERIES {
                 by_segment
@@ -133,7 +143,7 @@ impl ChannelBandit {
     pub fn choose(
         &self,
         segment: Option<&Segment>,
-        history: &HashMap<Channel, Evidence>,
+        history: &HashMap<Channel, OpenCounts>,
         rng: &mut Rng,
     ) -> Choice {
         let priors = segment
@@ -182,9 +192,9 @@ impl ChannelBandit {
         &self,
         message_id: &str,
         people: impl IntoIterator<Item = (&'a str, Option<&'a Segment>)>,
-        history: &[(String, Channel, Evidence)],
+        history: &[(String, Channel, OpenCounts)],
     ) -> HashMap<&'a str, Choice> {
-        let mut by_person: HashMap<&str, HashMap<Channel, Evidence>> = HashMap::new();
+        let mut by_person: HashMap<&str, HashMap<Channel, OpenCounts>> = HashMap::new();
         for (user_id, channel, evidence) in history {
             let seen = by_person
                 .entry(user_id.as_str())
@@ -255,7 +265,7 @@ pub fn best_hour(opens: &[u64; 24], now: i64, within_ms: i64) -> (i64, String) {
 /// `min_rate_permille`. `Err` says why the person is skipped.
 pub fn place_hour(
     place: Option<&str>,
-    rates: &HashMap<(String, usize), Evidence>,
+    rates: &HashMap<(String, usize), OpenCounts>,
     min_rate_permille: i64,
     now: i64,
     within_ms: i64,
@@ -297,8 +307,8 @@ pub fn place_hour(
 mod tests {
     use super::*;
 
-    fn rate(delivered: u64, opened: u64) -> ChannelRate {
-        ChannelRate { delivered, opened }
+    fn rate(delivered: u64, opened: u64) -> OpenCounts {
+        OpenCounts { delivered, opened }
     }
 
     /// A simulated person whose true open rates are known: the bandit's
@@ -318,7 +328,7 @@ mod tests {
         let candidates: Vec<Channel> = truth.iter().map(|(c, _)| *c).collect();
         let bandit = ChannelBandit::new(&candidates, &hub, &[], 0.2);
         let mut outcomes = Rng::new(42);
-        let mut history: HashMap<Channel, Evidence> = HashMap::new();
+        let mut history: HashMap<Channel, OpenCounts> = HashMap::new();
         let mut late_best = 0;
         for round in 0..200 {
             let mut rng = Rng::for_labels(0, &[&format!("m{round}"), "u"]);
@@ -358,7 +368,7 @@ mod tests {
     #[test]
     fn place_hour_needs_the_rate_and_the_sample() {
         let mut rates = HashMap::new();
-        let evidence = |delivered, opened| Evidence { delivered, opened };
+        let evidence = |delivered, opened| OpenCounts { delivered, opened };
         rates.insert(("tokyo".to_owned(), 12), evidence(100, 60));
         rates.insert(("tokyo".to_owned(), 18), evidence(100, 40));
         rates.insert(("osaka".to_owned(), 12), evidence(10, 9));

@@ -7,12 +7,12 @@ use std::collections::HashMap;
 use chukei_proto::window::Window;
 use sqlx::{QueryBuilder, Row};
 
-use super::planning::{self, ChannelRate, MessagePlan, Sql, execute_all};
+use super::planning::{self, MessagePlan, Sql, execute_all};
 use super::{
     IdList, Param, ROWS_PER_STATEMENT, Store, WritePool, is_unique_violation, on_pool, stored_list,
 };
 use crate::error::{Error, Result};
-use crate::learning::{self, ChannelBandit, Choice, EXPLORE_SHARE, Evidence, Segment};
+use crate::learning::{self, ChannelBandit, Choice, EXPLORE_SHARE, OpenCounts, Segment};
 use crate::policy::{
     AttentionConfig, Policy, PolicyKind, Priority, SendTime, WindowMode, channel_name,
 };
@@ -79,6 +79,7 @@ impl Store {
         // the bandit when their attempts are planned.
         let mut policy = message.policy.clone();
         let mut estimate = None;
+        let mut bandit = None;
         if policy.kind == PolicyKind::Best {
             let candidates = if policy.channels.is_empty() {
                 ALL_CHANNELS.to_vec()
@@ -94,11 +95,11 @@ impl Store {
                 "each person's channel by Thompson sampling on their own opens, at most {:.0}% explored; hub prior: {words}",
                 100.0 * EXPLORE_SHARE
             ));
+            bandit = Some(
+                self.bandit(enterprise_id, &policy.channels, &rates, now)
+                    .await?,
+            );
         }
-        let bandit = match policy.kind {
-            PolicyKind::Best => Some(self.bandit(enterprise_id, &policy.channels, now).await?),
-            _ => None,
-        };
         let plan = MessagePlan {
             enterprise_id: enterprise_id.to_owned(),
             target_kind: message.target.kind().to_owned(),
@@ -394,10 +395,13 @@ impl Store {
             attention,
         ));
         let bandit = match plan.policy.kind {
-            PolicyKind::Best => Some(
-                self.bandit(&plan.enterprise_id, &plan.policy.channels, now)
-                    .await?,
-            ),
+            PolicyKind::Best => {
+                let rates = self.channel_rates(now).await?;
+                Some(
+                    self.bandit(&plan.enterprise_id, &plan.policy.channels, &rates, now)
+                        .await?,
+                )
+            }
             _ => None,
         };
         on_pool!(self, pool => {
@@ -416,7 +420,7 @@ impl Store {
     /// Delivered and opened counts per channel over the hub's last
     /// [`LEARNING_WINDOW_MS`] of sends (from the rollups): the open rates `best`
     /// starts from.
-    pub async fn channel_rates(&self, now: i64) -> Result<Vec<(Channel, ChannelRate)>> {
+    pub async fn channel_rates(&self, now: i64) -> Result<Vec<(Channel, OpenCounts)>> {
         let rows: Vec<(i64, i64, i64)> = on_pool!(self, pool => sqlx::query_as(
             "SELECT channel, CAST(SUM(delivered) AS BIGINT), CAST(SUM(opened) AS BIGINT)
              FROM stats_cells WHERE channel > 0 AND send_hour >= $1 GROUP BY channel",
@@ -427,28 +431,20 @@ impl Store {
         Ok(rows
             .into_iter()
             .filter_map(|(channel, delivered, opened)| {
-                Channel::from_number(channel).map(|c| {
-                    (
-                        c,
-                        ChannelRate {
-                            delivered: delivered.max(0) as u64,
-                            opened: opened.max(0) as u64,
-                        },
-                    )
-                })
+                Channel::from_number(channel).map(|c| (c, OpenCounts::counted(delivered, opened)))
             })
             .collect())
     }
 
     /// The bandit for a `best` message of `enterprise_id` over `candidates`,
-    /// with priors from the hub's and the enterprise's segments' current rates.
+    /// with priors from the `hub`'s rates and the enterprise's segments'.
     async fn bandit(
         &self,
         enterprise_id: &str,
         candidates: &[Channel],
+        hub: &[(Channel, OpenCounts)],
         now: i64,
     ) -> Result<ChannelBandit> {
-        let hub = self.channel_rates(now).await?;
         let rows: Vec<(String, i64, i64, i64, i64)> = on_pool!(self, pool => sqlx::query_as(
             "SELECT gender, age_band, channel, CAST(SUM(delivered) AS BIGINT), CAST(SUM(opened) AS BIGINT)
              FROM stats_audience WHERE enterprise_id = $1 AND channel > 0 AND send_day >= $2
@@ -458,16 +454,11 @@ impl Store {
         .bind((now - LEARNING_WINDOW_MS).div_euclid(86_400_000))
         .fetch_all(pool)
         .await)?;
-        let segments: Vec<(Segment, Channel, ChannelRate)> = rows
+        let segments: Vec<(Segment, Channel, OpenCounts)> = rows
             .into_iter()
             .filter_map(|(gender, age, channel, delivered, opened)| {
-                Channel::from_number(channel).map(|c| {
-                    let rate = ChannelRate {
-                        delivered: delivered.max(0) as u64,
-                        opened: opened.max(0) as u64,
-                    };
-                    ((gender, age), c, rate)
-                })
+                Channel::from_number(channel)
+                    .map(|c| ((gender, age), c, OpenCounts::counted(delivered, opened)))
             })
             .collect();
         Ok(ChannelBandit::new(
@@ -502,11 +493,11 @@ macro_rules! choose_channels_per_person {
         .bind($message_id)
         .fetch_all(&mut *$tx)
         .await?;
-        let history: Vec<(String, Channel, Evidence)> = history
+        let history: Vec<(String, Channel, OpenCounts)> = history
             .into_iter()
             .filter_map(|(user_id, channel, delivered, opened)| {
                 Channel::from_number(channel).map(|c| {
-                    (user_id, c, Evidence { delivered: delivered.max(0) as u64, opened: opened.max(0) as u64 })
+                    (user_id, c, OpenCounts::counted(delivered, opened))
                 })
             })
             .collect();
@@ -600,10 +591,10 @@ macro_rules! time_per_person {
                     .bind((now - LEARNING_WINDOW_MS).div_euclid(3_600_000))
                     .fetch_all(&mut *$tx)
                     .await?;
-                    let rates: HashMap<(String, usize), Evidence> = rows
+                    let rates: HashMap<(String, usize), OpenCounts> = rows
                         .into_iter()
                         .map(|(place, hour, delivered, opened)| {
-                            ((place, hour.rem_euclid(24) as usize), Evidence { delivered: delivered.max(0) as u64, opened: opened.max(0) as u64 })
+                            ((place, hour.rem_euclid(24) as usize), OpenCounts::counted(delivered, opened))
                         })
                         .collect();
                     for (_, user_id) in &people {

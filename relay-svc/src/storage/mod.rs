@@ -27,7 +27,7 @@ use sqlx::{PgPool, SqlitePool};
 
 pub use control::{Attempt, ExplainedEvent, Explanation, FollowThrough};
 pub use messages::{MessageRow, StoredMessage};
-pub use planning::{ChannelRate, MessagePlan};
+pub use planning::MessagePlan;
 pub use receipts::{CarrierCounts, MessageCounts};
 pub use registry::RegistrationRow;
 pub use stats::{Cube, Reconciliation, SummedCells};

@@ -8,6 +8,7 @@
 use chukei_proto::window::Window;
 
 use super::Param;
+use crate::learning::OpenCounts;
 use crate::policy::{
     AttentionConfig, Policy, PolicyKind, Priority, SCORE_SEND_SHIFT, SCORE_START, SendTime,
     WindowMode, channel_name,
@@ -409,19 +410,12 @@ pub(crate) fn describe(plan: &MessagePlan, estimate: Option<&str>) -> String {
     text
 }
 
-/// Open rates per channel (opened / delivered over all events), for `best`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ChannelRate {
-    pub delivered: u64,
-    pub opened: u64,
-}
-
 /// Picks the candidate with the highest posterior mean open rate (Beta(1, 1)
 /// prior, so a channel without data neither wins nor loses by default);
 /// ties go to the earlier candidate. Returns the channel and the estimate in words.
 pub(crate) fn choose_best(
     candidates: &[Channel],
-    rates: &[(Channel, ChannelRate)],
+    rates: &[(Channel, OpenCounts)],
 ) -> (Channel, String) {
     let rate_of = |channel: Channel| {
         rates
@@ -430,7 +424,7 @@ pub(crate) fn choose_best(
             .map(|(_, r)| *r)
             .unwrap_or_default()
     };
-    let mean = |r: ChannelRate| (r.opened as f64 + 1.0) / (r.delivered as f64 + 2.0);
+    let mean = |r: OpenCounts| (r.opened as f64 + 1.0) / (r.delivered as f64 + 2.0);
     let mut best = candidates[0];
     for channel in &candidates[1..] {
         if mean(rate_of(*channel)) > mean(rate_of(best)) {
@@ -470,14 +464,14 @@ mod tests {
         let rates = [
             (
                 Channel::Rcs,
-                ChannelRate {
+                OpenCounts {
                     delivered: 100,
                     opened: 40,
                 },
             ),
             (
                 Channel::Sms,
-                ChannelRate {
+                OpenCounts {
                     delivered: 100,
                     opened: 20,
                 },
