@@ -377,14 +377,7 @@ fn fold(
                     .iter()
                     .position(|c| *c == column)
                     .expect("every dimension's column was selected");
-                let value = &cells.values[index];
-                if column == "send_day" {
-                    // Days read as the hour their UTC day starts.
-                    let hour = value.parse::<i64>().map_or(-1, |day| day * 24);
-                    label(*dimension, &hour.to_string(), &query.zone)
-                } else {
-                    label(*dimension, value, &query.zone)
-                }
+                label(*dimension, &cells.values[index], &query.zone)
             })
             .collect();
         match open_hour_at {

@@ -272,6 +272,15 @@ async fn every_breakdown_matches_a_hand_checked_dataset(backend: Backend) {
         rows(store, &shop, &[Age], "").await,
         expect(&[("20s", 10, 10, 7), ("30s", 6, 6, 2)])
     );
+    // Attributes by day come from the audience cube, days read in the zone.
+    assert_eq!(
+        rows(store, &shop, &[Age, Day], "Asia/Tokyo").await,
+        expect(&[
+            ("20s / 2026-11-26", 6, 6, 6),
+            ("20s / 2026-11-27 (withheld)", 0, 0, 0),
+            ("30s / 2026-11-26", 6, 6, 2)
+        ])
+    );
     assert_eq!(
         rows(store, &shop, &[Region], "").await,
         expect(&[("osaka (withheld)", 0, 0, 0), ("tokyo/shibuya", 12, 12, 9)])

@@ -308,7 +308,8 @@ pub struct Reconciliation {
 impl Store {
     /// A cube (`stats_cells` by hour or `stats_audience` by day) summed by
     /// `columns` for sends in time buckets `[since, until)` of its
-    /// `time_column`, for one enterprise or the whole hub.
+    /// `time_column`, for one enterprise or the whole hub. A time column's
+    /// values come back as hours since the epoch.
     pub async fn sum_cells(
         &self,
         cube: Cube,
@@ -318,9 +319,14 @@ impl Store {
         until: i64,
     ) -> Result<Vec<SummedCells>> {
         debug_assert!(columns.iter().all(|c| cube.columns().contains(c)));
+        // Time comes back in hours since the epoch from either cube (a day
+        // as the hour it starts), so callers read one unit.
         let select: Vec<String> = columns
             .iter()
-            .map(|c| format!("CAST({c} AS TEXT)"))
+            .map(|c| match *c {
+                "send_day" => "CAST(send_day * 24 AS TEXT)".to_owned(),
+                c => format!("CAST({c} AS TEXT)"),
+            })
             .collect();
         let group = if columns.is_empty() {
             String::new()
