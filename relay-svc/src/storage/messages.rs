@@ -463,7 +463,7 @@ impl Store {
             .collect();
         Ok(ChannelBandit::new(
             candidates,
-            &hub,
+            hub,
             &segments,
             EXPLORE_SHARE,
         ))
