@@ -341,17 +341,8 @@ impl Store {
              WHERE ($1 = '' OR enterprise_id = $1) AND {time} >= $2 AND {time} < $3 {group}",
             select.iter().map(|s| format!("{s}, ")).collect::<String>(),
         );
-        let width = columns.len();
-        on_pool!(self, pool => {
-            let rows = sqlx::query(AssertSqlSafe(sql))
-                .bind(enterprise_id.unwrap_or(""))
-                .bind(since)
-                .bind(until)
-                .fetch_all(pool)
-                .await?;
-            rows.iter().map(|row| summed(row, width)).collect::<Result<Vec<_>, sqlx::Error>>()
-        })
-        .map_err(Into::into)
+        self.fetch_summed(sql, enterprise_id, &[since, until], columns.len())
+            .await
     }
 
     /// `person_channels` summed per person (the enterprise's ref, or the
@@ -382,11 +373,24 @@ impl Store {
              FROM person_channels c {join}
              WHERE ($1 = '' OR c.enterprise_id = $1) GROUP BY {group}"
         );
+        self.fetch_summed(sql, enterprise_id, &[], width).await
+    }
+
+    /// Runs a summing query whose `$1` is the enterprise (`''`: the whole
+    /// hub) and `$2…` are `bounds`; reads `width` text columns and the sums.
+    async fn fetch_summed(
+        &self,
+        sql: String,
+        enterprise_id: Option<&str>,
+        bounds: &[i64],
+        width: usize,
+    ) -> Result<Vec<SummedCells>> {
         on_pool!(self, pool => {
-            let rows = sqlx::query(AssertSqlSafe(sql))
-                .bind(enterprise_id.unwrap_or(""))
-                .fetch_all(pool)
-                .await?;
+            let mut query = sqlx::query(AssertSqlSafe(sql)).bind(enterprise_id.unwrap_or(""));
+            for bound in bounds {
+                query = query.bind(*bound);
+            }
+            let rows = query.fetch_all(pool).await?;
             rows.iter().map(|row| summed(row, width)).collect::<Result<Vec<_>, sqlx::Error>>()
         })
         .map_err(Into::into)
