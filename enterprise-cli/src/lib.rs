@@ -80,6 +80,18 @@ pub enum Command {
         #[arg(long, conflicts_with = "json")]
         csv: bool,
     },
+    /// The prices in force: yen per delivered and per opened message by
+    /// channel and local hour.
+    Prices,
+    /// Your charges for one month, from the billing ledger.
+    Billing {
+        /// The month, e.g. 2026-11.
+        #[arg(long)]
+        month: String,
+    },
+    /// The capacity auction: slots, bids, results.
+    #[command(subcommand)]
+    Auction(AuctionCommand),
     /// Your registered users, by ref.
     Registrations {
         /// Only users of this service.
@@ -91,6 +103,23 @@ pub enum Command {
         #[arg(long)]
         all_pages: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuctionCommand {
+    /// Slots open for bids, and recently closed ones with their clearing prices.
+    Slots,
+    /// Place a sealed bid: QUANTITY messages at PRICE yen each.
+    Bid {
+        slot_id: String,
+        #[arg(long)]
+        quantity: u64,
+        /// Yen per message.
+        #[arg(long)]
+        price: i64,
+    },
+    /// Where one of your bids stands (won: its capacity and what is left).
+    Status { bid_id: String },
 }
 
 #[derive(Args, Debug)]
@@ -169,6 +198,12 @@ pub struct SendArgs {
     /// Makes a retry safe: the same key and message give the same message id (default: fresh).
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// A winning bid id: the message goes in the bid's slot and draws on its capacity.
+    #[arg(long)]
+    pub bid: Option<String>,
+    /// Price the message for its current target instead of sending it.
+    #[arg(long)]
+    pub quote: bool,
     /// Everyone registered with you.
     #[arg(long, conflicts_with_all = ["service", "segment", "refs"])]
     pub all: bool,
@@ -480,6 +515,7 @@ pub fn send_request(args: &SendArgs) -> anyhow::Result<pb::SendMessageRequest> {
         follow_up,
         priority: priority as i32,
         send_time: send_time.map(|kind| pb::SendTime { kind: Some(kind) }),
+        bid_id: args.bid.clone().unwrap_or_default(),
     })
 }
 
@@ -487,6 +523,14 @@ pub fn send_request(args: &SendArgs) -> anyhow::Result<pb::SendMessageRequest> {
 pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     let mut client = connect(&cli).await?;
     match &cli.command {
+        Command::Send(args) if args.quote => {
+            let quote = client
+                .quote_message(send_request(args)?)
+                .await
+                .map_err(explain)?
+                .into_inner();
+            print_quote(&quote, cli.json, out)?;
+        }
         Command::Send(args) => {
             let request = send_request(args)?;
             let response = client
@@ -563,6 +607,58 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
                 .into_inner();
             print_stats(&stats, cli.json, *csv, out)?;
         }
+        Command::Prices => {
+            let table = client
+                .get_prices(pb::GetPricesRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner();
+            print_prices(&table, cli.json, out)?;
+        }
+        Command::Billing { month } => {
+            let statement = client
+                .get_statement(pb::GetStatementRequest {
+                    month: month.clone(),
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            print_statement(&statement, cli.json, out)?;
+        }
+        Command::Auction(AuctionCommand::Slots) => {
+            let slots = client
+                .list_auction_slots(pb::ListAuctionSlotsRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner();
+            print_slots(&slots.slots, cli.json, out)?;
+        }
+        Command::Auction(AuctionCommand::Bid {
+            slot_id,
+            quantity,
+            price,
+        }) => {
+            let bid = client
+                .place_bid(pb::PlaceBidRequest {
+                    slot_id: slot_id.clone(),
+                    quantity: *quantity,
+                    price: *price,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            print_bid(&bid, cli.json, out)?;
+        }
+        Command::Auction(AuctionCommand::Status { bid_id }) => {
+            let bid = client
+                .get_bid(pb::GetBidRequest {
+                    bid_id: bid_id.clone(),
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            print_bid(&bid, cli.json, out)?;
+        }
         Command::Registrations {
             service,
             page_size,
@@ -621,6 +717,268 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn print_quote(quote: &pb::Quote, json: bool, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+    if json {
+        let lines: Vec<_> = quote
+            .lines
+            .iter()
+            .map(|l| json!({"channel": channel_name(l.channel), "slot": l.slot, "delivered_price": l.delivered_price, "opened_price": l.opened_price}))
+            .collect();
+        writeln!(
+            out,
+            "{}",
+            json!({
+                "recipients": quote.recipients,
+                "price_table": quote.price_table,
+                "zone": quote.zone,
+                "lines": lines,
+                "delivered": [quote.delivered_low, quote.delivered_high],
+                "opened": [quote.opened_low, quote.opened_high],
+                "prepaid": quote.prepaid,
+            })
+        )?;
+        return Ok(());
+    }
+    if quote.price_table == 0 {
+        writeln!(out, "recipients  {}", quote.recipients)?;
+        writeln!(out, "no rate card is set: nothing is charged")?;
+        return Ok(());
+    }
+    let range = |low: i64, high: i64| {
+        if low == high {
+            format!("¥{high}")
+        } else {
+            format!("¥{low}–¥{high}")
+        }
+    };
+    writeln!(out, "recipients      {}", quote.recipients)?;
+    writeln!(
+        out,
+        "price table     v{} ({})",
+        quote.price_table, quote.zone
+    )?;
+    let prepaid = if quote.prepaid {
+        " (prepaid by the winning bid)"
+    } else {
+        ""
+    };
+    writeln!(
+        out,
+        "if delivered    {}{prepaid}",
+        range(quote.delivered_low, quote.delivered_high)
+    )?;
+    writeln!(
+        out,
+        "if all open     {} more",
+        range(quote.opened_low, quote.opened_high)
+    )?;
+    writeln!(
+        out,
+        "{:<8}  {:>5}  {:>9}  {:>6}",
+        "channel", "slot", "delivered", "opened"
+    )?;
+    for line in &quote.lines {
+        writeln!(
+            out,
+            "{:<8}  {:>02}:00  {:>9}  {:>6}",
+            channel_name(line.channel),
+            line.slot,
+            line.delivered_price,
+            line.opened_price
+        )?;
+    }
+    Ok(())
+}
+
+fn print_prices(
+    table: &pb::PriceTable,
+    json: bool,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    if json {
+        let cells: Vec<_> = table
+            .cells
+            .iter()
+            .map(|c| json!({"channel": channel_name(c.channel), "slot": c.slot, "delivered_price": c.delivered_price, "opened_price": c.opened_price, "base_delivered_price": c.base_delivered_price, "base_opened_price": c.base_opened_price, "open_rate": c.open_rate}))
+            .collect();
+        writeln!(
+            out,
+            "{}",
+            json!({"version": table.version, "zone": table.zone, "dynamic": table.dynamic, "cells": cells})
+        )?;
+        return Ok(());
+    }
+    if table.version == 0 {
+        writeln!(out, "no rate card is set: nothing is charged")?;
+        return Ok(());
+    }
+    let kind = if table.dynamic { "dynamic" } else { "fixed" };
+    writeln!(
+        out,
+        "price table v{} ({kind}), hours in {}; yen delivered/opened",
+        table.version, table.zone
+    )?;
+    write!(out, "{:<6}", "hour")?;
+    let channels = ["rcs", "sms", "sns", "email"];
+    for channel in channels {
+        write!(out, "  {channel:>11}")?;
+    }
+    writeln!(out)?;
+    for slot in 0..24 {
+        write!(out, "{slot:02}:00 ")?;
+        for channel in channels {
+            let cell = table
+                .cells
+                .iter()
+                .find(|c| c.slot == slot && channel_name(c.channel) == channel);
+            let text = cell.map_or_else(
+                || "-".to_owned(),
+                |c| format!("{}/{}", c.delivered_price, c.opened_price),
+            );
+            write!(out, "  {text:>11}")?;
+        }
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+fn print_statement(
+    statement: &pb::Statement,
+    json: bool,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    if json {
+        let lines: Vec<_> = statement
+            .lines
+            .iter()
+            .map(|l| json!({"kind": l.kind, "channel": channel_name(l.channel), "slot": l.slot, "quantity": l.quantity, "unit_price": l.unit_price, "amount": l.amount}))
+            .collect();
+        writeln!(
+            out,
+            "{}",
+            json!({"month": statement.month, "zone": statement.zone, "lines": lines, "total": statement.total})
+        )?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "statement {} ({}), yen",
+        statement.month, statement.zone
+    )?;
+    writeln!(
+        out,
+        "{:<10}  {:<7}  {:>5}  {:>9}  {:>6}  {:>10}",
+        "kind", "channel", "slot", "quantity", "price", "amount"
+    )?;
+    for line in &statement.lines {
+        let slot = line
+            .slot
+            .map_or_else(|| "-".to_owned(), |s| format!("{s:02}:00"));
+        writeln!(
+            out,
+            "{:<10}  {:<7}  {:>5}  {:>9}  {:>6}  {:>10}",
+            line.kind,
+            channel_name(line.channel),
+            slot,
+            line.quantity,
+            line.unit_price,
+            line.amount
+        )?;
+    }
+    writeln!(out, "{:<51}  {:>10}", "total", statement.total)?;
+    Ok(())
+}
+
+fn rule_name(rule: i32) -> &'static str {
+    match pb::PricingRule::try_from(rule) {
+        Ok(pb::PricingRule::PayAsBid) => "pay-as-bid",
+        Ok(pb::PricingRule::Uniform) => "uniform",
+        _ => "-",
+    }
+}
+
+fn print_slots(
+    slots: &[pb::AuctionSlot],
+    json: bool,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    if json {
+        let rows: Vec<_> = slots
+            .iter()
+            .map(|s| json!({"slot_id": s.slot_id, "channel": channel_name(s.channel), "starts_at": rfc3339(s.starts_at.as_ref()), "ends_at": rfc3339(s.ends_at.as_ref()), "capacity": s.capacity, "closes_at": rfc3339(s.closes_at.as_ref()), "reserve_price": s.reserve_price, "rule": rule_name(s.rule), "closed": s.closed, "awarded": s.awarded, "clearing_price": s.clearing_price}))
+            .collect();
+        writeln!(out, "{}", json!({"slots": rows}))?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<40}  {:<7}  {:<20}  {:<20}  {:>8}  {:<20}  {:>7}  {:<10}  result",
+        "slot_id", "channel", "starts_at", "ends_at", "capacity", "closes_at", "reserve", "rule"
+    )?;
+    for slot in slots {
+        let result = match (slot.closed, slot.clearing_price) {
+            (false, _) => "open for bids".to_owned(),
+            (true, Some(price)) => format!("{} awarded at ¥{price}", slot.awarded),
+            (true, None) => "closed, nothing awarded".to_owned(),
+        };
+        writeln!(
+            out,
+            "{:<40}  {:<7}  {:<20}  {:<20}  {:>8}  {:<20}  {:>7}  {:<10}  {result}",
+            slot.slot_id,
+            channel_name(slot.channel),
+            rfc3339(slot.starts_at.as_ref()),
+            rfc3339(slot.ends_at.as_ref()),
+            slot.capacity,
+            rfc3339(slot.closes_at.as_ref()),
+            slot.reserve_price,
+            rule_name(slot.rule),
+        )?;
+    }
+    Ok(())
+}
+
+fn print_bid(bid: &pb::Bid, json: bool, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+    let state = match pb::BidState::try_from(bid.state) {
+        Ok(pb::BidState::Sealed) => "sealed",
+        Ok(pb::BidState::Won) => "won",
+        Ok(pb::BidState::Lost) => "lost",
+        _ => "-",
+    };
+    if json {
+        writeln!(
+            out,
+            "{}",
+            json!({"bid_id": bid.bid_id, "slot_id": bid.slot_id, "quantity": bid.quantity, "price": bid.price, "state": state, "awarded": bid.awarded, "pays": bid.pays, "used": bid.used, "channel": channel_name(bid.channel), "starts_at": rfc3339(bid.starts_at.as_ref()), "ends_at": rfc3339(bid.ends_at.as_ref())})
+        )?;
+        return Ok(());
+    }
+    writeln!(out, "bid_id      {}", bid.bid_id)?;
+    writeln!(out, "slot_id     {}", bid.slot_id)?;
+    writeln!(
+        out,
+        "bid         {} messages at ¥{}",
+        bid.quantity, bid.price
+    )?;
+    writeln!(out, "state       {state}")?;
+    if state == "won" {
+        writeln!(
+            out,
+            "awarded     {} messages at ¥{} each",
+            bid.awarded, bid.pays
+        )?;
+        writeln!(out, "left        {}", bid.awarded.saturating_sub(bid.used))?;
+        writeln!(
+            out,
+            "send        {} from {} to {} with --bid {}",
+            channel_name(bid.channel),
+            rfc3339(bid.starts_at.as_ref()),
+            rfc3339(bid.ends_at.as_ref()),
+            bid.bid_id
+        )?;
     }
     Ok(())
 }
@@ -839,6 +1197,7 @@ fn print_status(
                 "skipped": status.skipped,
                 "plan": status.plan,
                 "follow_up_message_id": status.follow_up_message_id,
+                "charged": status.charged,
             })
         )?;
     } else {
@@ -877,6 +1236,7 @@ fn print_status(
                 status.expired, status.unsupported, status.deferred, status.skipped
             )?;
         }
+        writeln!(out, "charged so far: ¥{}", status.charged)?;
     }
     Ok(())
 }

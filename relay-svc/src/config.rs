@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chukei_proto::clock::ClockArgs;
 
+use crate::auction::Unbid;
 use crate::policy::AttentionConfig;
 use crate::stats::Thresholds;
 use crate::storage::Store;
@@ -76,6 +77,25 @@ pub struct Config {
     #[arg(long, env = "CHUKEI_RELAY_MIN_SAMPLE", default_value_t = 30)]
     pub min_sample: u32,
 
+    /// IANA zone whose local hours are the price slots and whose months are
+    /// the billing periods.
+    #[arg(long, env = "CHUKEI_RELAY_BILLING_ZONE", default_value = "Asia/Tokyo")]
+    pub billing_zone: String,
+
+    /// How often dynamic prices are recomputed from the slots' open rates
+    /// (seconds of clock time).
+    #[arg(
+        long,
+        env = "CHUKEI_RELAY_REPRICE_INTERVAL_SECS",
+        default_value_t = 3600
+    )]
+    pub reprice_interval_secs: u64,
+
+    /// A message without a bid whose first send falls in a slot sold by
+    /// auction is refused, or deferred until the slot ends.
+    #[arg(long, env = "CHUKEI_RELAY_UNBID_IN_AUCTIONED_SLOT", value_enum, default_value_t = Unbid::Refuse)]
+    pub unbid_in_auctioned_slot: Unbid,
+
     /// How long shutdown waits for in-flight work before giving up (seconds).
     #[arg(long, env = "CHUKEI_RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -113,6 +133,15 @@ impl Config {
         }
         if self.min_cohort == 0 {
             anyhow::bail!("--min-cohort: must be at least 1");
+        }
+        if jiff::tz::TimeZone::get(&self.billing_zone).is_err() {
+            anyhow::bail!(
+                "--billing-zone: {:?} is not an IANA time zone",
+                self.billing_zone
+            );
+        }
+        if self.reprice_interval_secs == 0 {
+            anyhow::bail!("--reprice-interval-secs: must be positive");
         }
         if let Some(url) = &self.database_url {
             if !(url.starts_with("sqlite:")

@@ -19,10 +19,31 @@ pub async fn run(
     clock: Clock,
     dispatch: DispatchHandle,
     interval: Duration,
+    reprice_interval_ms: i64,
     cancel: CancellationToken,
 ) {
     loop {
-        match store.follow_through(clock.now_ms()).await {
+        let now = clock.now_ms();
+        match store.close_due_slots(now).await {
+            Ok(closed) => {
+                for slot in closed {
+                    tracing::info!(
+                        slot_id = %slot.slot_id,
+                        bids = slot.bids,
+                        awarded = slot.awarded,
+                        clearing_price = ?slot.clearing_price,
+                        "auction closed"
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(%error, "closing auctions failed, will retry"),
+        }
+        match store.reprice_if_due(now, reprice_interval_ms).await {
+            Ok(Some(version)) => tracing::info!(version, "dynamic prices published"),
+            Ok(None) => {}
+            Err(error) => tracing::warn!(%error, "repricing failed, will retry"),
+        }
+        match store.follow_through(now).await {
             Ok(done) if done.did_anything() => {
                 tracing::info!(
                     timers = done.groups,

@@ -16,6 +16,13 @@ pub enum Error {
     NotFound { field: String, reason: String },
     #[error("{field}: {reason}")]
     AlreadyExists { field: String, reason: String },
+    /// The request is well formed but the state does not allow it (a closed
+    /// auction, a bid that did not win, a slot sold by auction).
+    #[error("{field}: {reason}")]
+    FailedPrecondition { field: String, reason: String },
+    /// A quota ran out (a winning bid's capacity).
+    #[error("{field}: {reason}")]
+    ResourceExhausted { field: String, reason: String },
     #[error("storage unavailable")]
     Unavailable(#[source] sqlx::Error),
     #[error("internal error")]
@@ -41,6 +48,22 @@ impl Error {
 
     pub fn already_exists(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::AlreadyExists {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl Error {
+    pub fn refused(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::FailedPrecondition {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn exhausted(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::ResourceExhausted {
             field: field.into(),
             reason: reason.into(),
         }
@@ -84,6 +107,12 @@ impl From<Error> for Status {
             Error::Unauthenticated(_) => Status::new(Code::Unauthenticated, error.to_string()),
             Error::NotFound { .. } => Status::new(Code::NotFound, error.to_string()),
             Error::AlreadyExists { .. } => Status::new(Code::AlreadyExists, error.to_string()),
+            Error::FailedPrecondition { .. } => {
+                Status::new(Code::FailedPrecondition, error.to_string())
+            }
+            Error::ResourceExhausted { .. } => {
+                Status::new(Code::ResourceExhausted, error.to_string())
+            }
             Error::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "storage unavailable");
                 Status::new(Code::Unavailable, "storage unavailable, retry later")

@@ -12,6 +12,7 @@
 //! [`learning`] chooses each person's channel for `best`.
 #![forbid(unsafe_code)]
 
+pub mod auction;
 pub mod config;
 pub mod control;
 pub mod credentials;
@@ -21,6 +22,7 @@ pub mod expansion;
 pub mod grpc;
 pub mod learning;
 pub mod policy;
+pub mod pricing;
 pub mod receipts;
 pub mod registry;
 pub mod rollup;
@@ -40,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 
 use crate::dispatch::DispatchConfig;
-use crate::grpc::{AdminService, EnterpriseService, IngressService, Relay};
+use crate::grpc::{AdminService, EnterpriseService, IngressService, Market, Relay};
 use crate::storage::Store;
 
 /// Largest gRPC message the relay accepts or sends.
@@ -90,11 +92,13 @@ pub async fn run(
         clock.clone(),
         dispatch.clone(),
         Duration::from_millis(config.poll_interval_ms),
+        (config.reprice_interval_secs * 1000) as i64,
         workers.clone(),
     ));
 
     let rollup_task = tokio::spawn(rollup::run(
         store.clone(),
+        clock.clone(),
         Duration::from_millis(config.poll_interval_ms),
         workers.clone(),
     ));
@@ -108,6 +112,11 @@ pub async fn run(
         message_ttl_ms: (config.message_ttl_secs * 1000) as i64,
         attention,
         thresholds: config.thresholds(),
+        market: Market {
+            zone_name: config.billing_zone.as_str().into(),
+            zone: jiff::tz::TimeZone::get(&config.billing_zone)?,
+            unbid: config.unbid_in_auctioned_slot,
+        },
     };
     let (health_reporter, health_service) = server::health();
     health_reporter

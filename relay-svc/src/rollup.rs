@@ -1,5 +1,6 @@
 //! The rollup worker: folds the events hand-overs and receipts queued into
-//! the statistics and learning tables (`Store::roll_up_queued`), in batches
+//! the statistics and learning tables and charges them to the billing
+//! ledger (`Store::roll_up_queued`), in batches
 //! and off the delivery path. While events keep arriving it stands aside —
 //! the delivery path has the database and the CPU — for at most
 //! [`MAX_DEFERRAL`], then folds everything queued. Figures therefore trail
@@ -9,6 +10,7 @@
 
 use std::time::{Duration, Instant};
 
+use chukei_proto::clock::Clock;
 use tokio_util::sync::CancellationToken;
 
 use crate::storage::Store;
@@ -20,7 +22,7 @@ const BATCH: u32 = 10_000;
 pub const MAX_DEFERRAL: Duration = Duration::from_secs(10);
 
 /// Looks at the queue every `interval` of real time until `cancel`.
-pub async fn run(store: Store, interval: Duration, cancel: CancellationToken) {
+pub async fn run(store: Store, clock: Clock, interval: Duration, cancel: CancellationToken) {
     let mut last_seen = None;
     let mut waiting_since: Option<Instant> = None;
     loop {
@@ -46,7 +48,7 @@ pub async fn run(store: Store, interval: Duration, cancel: CancellationToken) {
             continue;
         }
         loop {
-            match store.roll_up_queued(BATCH).await {
+            match store.roll_up_queued(BATCH, clock.now_ms()).await {
                 Ok(folded) if folded == u64::from(BATCH) && !cancel.is_cancelled() => {
                     tokio::task::yield_now().await;
                 }

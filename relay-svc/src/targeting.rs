@@ -112,6 +112,8 @@ pub struct NewMessage {
     pub timing: Timing,
     pub follow_up: Option<FollowUp>,
     pub priority: Priority,
+    /// A winning bid whose capacity the message draws on.
+    pub bid_id: Option<String>,
 }
 
 impl NewMessage {
@@ -193,6 +195,9 @@ impl NewMessage {
             );
         }
         field("priority", &self.priority.number().to_string());
+        if let Some(bid_id) = &self.bid_id {
+            field("bid", bid_id);
+        }
         hex::encode(hasher.finalize())
     }
 }
@@ -232,6 +237,7 @@ mod tests {
             timing: Timing::default(),
             follow_up: None,
             priority: Priority::Normal,
+            bid_id: None,
         }
     }
 

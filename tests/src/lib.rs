@@ -316,6 +316,8 @@ pub struct Settings {
     pub message_ttl_secs: u64,
     /// Statistics cells about attributes or places below this are withheld.
     pub min_cohort: u32,
+    /// What happens to a message without a bid in a slot sold by auction.
+    pub unbid: relay_svc::auction::Unbid,
 }
 
 impl Default for Settings {
@@ -328,6 +330,7 @@ impl Default for Settings {
             daily_budget: 0,
             message_ttl_secs: 3600,
             min_cohort: 10,
+            unbid: relay_svc::auction::Unbid::Refuse,
         }
     }
 }
@@ -451,6 +454,9 @@ impl Hub {
             daily_budget: self.settings.daily_budget,
             min_cohort: self.settings.min_cohort,
             min_sample: 30,
+            billing_zone: "Asia/Tokyo".into(),
+            reprice_interval_secs: 3600,
+            unbid_in_auctioned_slot: self.settings.unbid,
             shutdown_grace_secs: 5,
             clock: self.settings.clock_args(),
         }

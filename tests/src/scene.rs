@@ -39,6 +39,8 @@ pub struct Setup {
     pub open_mode: OpenMode,
     /// Adjusts the fleet before it starts (capabilities, propensities).
     pub tailor: fn(&mut Fleet),
+    /// The carriers people are contracted with (some with several).
+    pub carriers: &'static [&'static str],
 }
 
 /// Every second person (0, 2, 4, …) opens what reaches them; the rest never do.
@@ -58,6 +60,7 @@ impl Default for Setup {
             settings: Settings::default(),
             open_mode: OpenMode::Model,
             tailor: |_| {},
+            carriers: &["alpha"],
         }
     }
 }
@@ -69,7 +72,7 @@ pub async fn scene(backend: Backend, setup: Setup) -> Option<Scene> {
         message_ttl_secs: 7 * 24 * 3600,
         ..setup.settings
     };
-    let mut hub = Hub::start_settings(backend, &["alpha"], settings)
+    let mut hub = Hub::start_settings(backend, setup.carriers, settings)
         .await
         .unwrap()?;
     let mut enterprises = Vec::new();
@@ -80,7 +83,8 @@ pub async fn scene(backend: Backend, setup: Setup) -> Option<Scene> {
             .unwrap();
         enterprises.push((id, key));
     }
-    let mut fleet = Fleet::generate(31, setup.users, &["alpha".into()]).with_every_channel();
+    let carriers: Vec<String> = setup.carriers.iter().map(|c| (*c).to_owned()).collect();
+    let mut fleet = Fleet::generate(31, setup.users, &carriers).with_every_channel();
     for (index, user) in fleet.users.iter_mut().enumerate() {
         let behaviour = &mut user.behaviour;
         behaviour.registration_share = 1.0;

@@ -80,6 +80,7 @@ async fn send(store: &Store, message_id: &str, channel: Channel, refs: Vec<Strin
         timing: Timing::default(),
         follow_up: None,
         priority: Priority::Normal,
+        bid_id: None,
     };
     store
         .accept_message(
@@ -210,7 +211,7 @@ async fn dataset(store: &Store) -> HashMap<String, String> {
 
 /// What the relay's rollup worker does: folds every queued event in.
 async fn fold_queued(store: &Store) {
-    while store.roll_up_queued(7).await.unwrap() > 0 {}
+    while store.roll_up_queued(7, 0).await.unwrap() > 0 {}
     assert_eq!(store.roll_up_backlog().await.unwrap(), 0);
 }
 
@@ -469,6 +470,7 @@ async fn place_and_hour_targeting_picks_people_and_hours_above_the_threshold(bac
         },
         follow_up: None,
         priority: Priority::Normal,
+        bid_id: None,
     };
     store
         .accept_message(

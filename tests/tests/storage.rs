@@ -92,6 +92,7 @@ async fn receipts_count_once_whatever_arrives(backend: Backend) {
         timing: Timing::default(),
         follow_up: None,
         priority: Priority::Normal,
+        bid_id: None,
     };
     let stored = store
         .accept_message(
@@ -235,6 +236,7 @@ fn message(key: &str, target: Target, window: Option<Window>) -> NewMessage {
         },
         follow_up: None,
         priority: Priority::Normal,
+        bid_id: None,
     }
 }
 

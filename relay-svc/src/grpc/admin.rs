@@ -5,7 +5,7 @@ use tonic::{Request, Response, Status};
 
 use chukei_proto::clock::to_timestamp;
 
-use super::{Relay, explanation_to_wire, optional, required, stats_query, stats_to_wire};
+use super::{Relay, explanation_to_wire, market, optional, required, stats_query, stats_to_wire};
 use crate::credentials;
 use crate::error::Error;
 use crate::stats::{self, Viewer};
@@ -194,5 +194,94 @@ impl pb::admin_server::Admin for AdminService {
                 })
                 .collect(),
         }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn set_rate_card(
+        &self,
+        request: Request<pb::SetRateCardRequest>,
+    ) -> Result<Response<pb::PriceTable>, Status> {
+        let relay = &self.0;
+        relay.admin(request.metadata())?;
+        let card = market::rate_card_from_wire(request.get_ref())?;
+        let zone = match request.get_ref().zone.as_str() {
+            "" => relay.market.zone_name.to_string(),
+            zone => zone.to_owned(),
+        };
+        let table = relay
+            .store
+            .set_rate_card(&card, &zone, relay.clock.now_ms())
+            .await?;
+        tracing::info!(
+            version = table.id,
+            dynamic = card.dynamic.is_some(),
+            "rate card set"
+        );
+        Ok(Response::new(market::price_table_to_wire(Some(table))))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_prices(
+        &self,
+        request: Request<pb::GetPricesRequest>,
+    ) -> Result<Response<pb::PriceTable>, Status> {
+        let relay = &self.0;
+        relay.admin(request.metadata())?;
+        let table = relay.store.price_table(None).await?;
+        Ok(Response::new(market::price_table_to_wire(table)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_revenue(
+        &self,
+        request: Request<pb::GetRevenueRequest>,
+    ) -> Result<Response<pb::Revenue>, Status> {
+        let relay = &self.0;
+        relay.admin(request.metadata())?;
+        Ok(Response::new(relay.revenue(request.get_ref()).await?))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_statement(
+        &self,
+        request: Request<pb::AdminGetStatementRequest>,
+    ) -> Result<Response<pb::Statement>, Status> {
+        let relay = &self.0;
+        relay.admin(request.metadata())?;
+        let request = request.into_inner();
+        let enterprise_id = required("enterprise_id", &request.enterprise_id, 64)?;
+        Ok(Response::new(
+            relay.statement(enterprise_id, &request.month).await?,
+        ))
+    }
+
+    #[tracing::instrument(skip_all, fields(slot_id))]
+    async fn open_auction_slot(
+        &self,
+        request: Request<pb::OpenAuctionSlotRequest>,
+    ) -> Result<Response<pb::AuctionSlot>, Status> {
+        let relay = &self.0;
+        relay.admin(request.metadata())?;
+        let now = relay.clock.now_ms();
+        let slot = market::slot_from_wire(request.get_ref(), now)?;
+        let slot_id = credentials::new_id("slot");
+        tracing::Span::current().record("slot_id", slot_id.as_str());
+        let row = relay.store.open_slot(&slot_id, &slot, now).await?;
+        tracing::info!(
+            capacity = slot.capacity,
+            rule = slot.rule.as_str(),
+            "auction slot opened"
+        );
+        Ok(Response::new(market::slot_to_wire(row, true)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_auction_slots(
+        &self,
+        request: Request<pb::ListAuctionSlotsRequest>,
+    ) -> Result<Response<pb::ListAuctionSlotsResponse>, Status> {
+        let relay = &self.0;
+        relay.admin(request.metadata())?;
+        Ok(Response::new(relay.list_slots(true).await?))
     }
 }

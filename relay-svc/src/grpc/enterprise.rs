@@ -8,8 +8,8 @@ use chukei_proto::window::Window;
 use tonic::{Request, Response, Status};
 
 use super::{
-    Relay, age_range, explanation_to_wire, gender, occupation, optional, region, required,
-    stats_query, stats_to_wire,
+    Relay, age_range, channel_from_wire, explanation_to_wire, gender, market, occupation, optional,
+    region, required, stats_query, stats_to_wire,
 };
 use crate::credentials;
 use crate::error::{Error, Result};
@@ -18,7 +18,7 @@ use crate::policy::{
     Timing, WindowMode,
 };
 use crate::stats::{self, Viewer};
-use crate::targeting::{self, Channel, Content, MessageState, NewMessage, Segment, Target};
+use crate::targeting::{self, Content, MessageState, NewMessage, Segment, Target};
 
 const MAX_PAGE_SIZE: u32 = 1_000;
 
@@ -111,6 +111,7 @@ impl TryFrom<pb::SendMessageRequest> for NewMessage {
             ));
         }
         let follow_up = request.follow_up.map(follow_up_from_wire).transpose()?;
+        let bid_id = optional("bid_id", &request.bid_id, 64)?;
         let priority = match pb::Priority::try_from(request.priority) {
             Ok(pb::Priority::Unspecified | pb::Priority::Normal) => Priority::Normal,
             Ok(pb::Priority::Low) => Priority::Low,
@@ -131,6 +132,7 @@ impl TryFrom<pb::SendMessageRequest> for NewMessage {
             timing,
             follow_up,
             priority,
+            bid_id,
         })
     }
 }
@@ -220,17 +222,6 @@ fn content_from_wire(field: &str, content: Option<common::Content>) -> Result<Co
 }
 
 /// A channel field: unspecified is `None`, an unknown number is refused.
-fn channel_from_wire(field: &str, number: i32) -> Result<Option<Channel>> {
-    match common::Channel::try_from(number) {
-        Ok(common::Channel::Unspecified) => Ok(None),
-        Ok(common::Channel::Rcs) => Ok(Some(Channel::Rcs)),
-        Ok(common::Channel::Sms) => Ok(Some(Channel::Sms)),
-        Ok(common::Channel::Sns) => Ok(Some(Channel::Sns)),
-        Ok(common::Channel::Email) => Ok(Some(Channel::Email)),
-        Err(_) => Err(Error::invalid(field, format!("unknown channel {number}"))),
-    }
-}
-
 /// Milliseconds of a wire duration; negative or absurd ones are refused.
 fn duration_ms(field: &str, duration: Option<&prost_types::Duration>) -> Result<i64> {
     let Some(duration) = duration else {
@@ -412,15 +403,19 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
             Some(at) => at,
             None => now + relay.message_ttl_ms,
         };
+        let terms = relay
+            .terms(&enterprise_id, &message, now, expires_at)
+            .await?;
         let stored = relay
             .store
-            .accept_message(
+            .accept_on_terms(
                 &enterprise_id,
                 &credentials::new_id("msg"),
                 &message,
                 now,
                 expires_at,
                 &relay.attention,
+                &terms,
             )
             .await?;
         tracing::Span::current().record("message_id", stored.row.message_id.as_str());
@@ -453,6 +448,7 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
             .await?
             .ok_or_else(|| Error::not_found("message_id", "no such message"))?;
         let counts = relay.store.message_counts(message_id).await?;
+        let charged = relay.store.message_charges(message_id).await?;
         let matched = row.matched.unwrap_or(0);
         let settled = counts.handed_over + counts.skipped + counts.expired;
         let state = if row.state == MessageState::Expanded && settled >= matched {
@@ -475,6 +471,7 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
             skipped: counts.skipped,
             plan: row.plan,
             follow_up_message_id: row.follow_up_id.unwrap_or_default(),
+            charged,
         }))
     }
 
@@ -516,6 +513,94 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
         let query = stats_query(request.get_ref(), &viewer, relay.clock.now_ms(), "")?;
         let rows = stats::breakdown(&relay.store, &viewer, &query, relay.thresholds).await?;
         Ok(Response::new(stats_to_wire(&query, rows, relay.thresholds)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn quote_message(
+        &self,
+        request: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<pb::Quote>, Status> {
+        let relay = &self.0;
+        let enterprise_id = relay.enterprise(request.metadata()).await?;
+        let message = NewMessage::try_from(request.into_inner())?;
+        Ok(Response::new(relay.quote(&enterprise_id, &message).await?))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_prices(
+        &self,
+        request: Request<pb::GetPricesRequest>,
+    ) -> Result<Response<pb::PriceTable>, Status> {
+        let relay = &self.0;
+        relay.enterprise(request.metadata()).await?;
+        let table = relay.store.price_table(None).await?;
+        Ok(Response::new(market::price_table_to_wire(table)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_statement(
+        &self,
+        request: Request<pb::GetStatementRequest>,
+    ) -> Result<Response<pb::Statement>, Status> {
+        let relay = &self.0;
+        let enterprise_id = relay.enterprise(request.metadata()).await?;
+        let statement = relay
+            .statement(&enterprise_id, &request.get_ref().month)
+            .await?;
+        Ok(Response::new(statement))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_auction_slots(
+        &self,
+        request: Request<pb::ListAuctionSlotsRequest>,
+    ) -> Result<Response<pb::ListAuctionSlotsResponse>, Status> {
+        let relay = &self.0;
+        relay.enterprise(request.metadata()).await?;
+        Ok(Response::new(relay.list_slots(false).await?))
+    }
+
+    #[tracing::instrument(skip_all, fields(enterprise_id, bid_id))]
+    async fn place_bid(
+        &self,
+        request: Request<pb::PlaceBidRequest>,
+    ) -> Result<Response<pb::Bid>, Status> {
+        let relay = &self.0;
+        let enterprise_id = relay.enterprise(request.metadata()).await?;
+        let (slot_id, quantity, price) = market::bid_from_wire(request.get_ref())?;
+        let bid_id = credentials::new_id("bid");
+        tracing::Span::current()
+            .record("enterprise_id", enterprise_id.as_str())
+            .record("bid_id", bid_id.as_str());
+        let bid = relay
+            .store
+            .place_bid(
+                &enterprise_id,
+                &bid_id,
+                &slot_id,
+                quantity,
+                price,
+                relay.clock.now_ms(),
+            )
+            .await?;
+        tracing::info!(slot_id = %slot_id, "bid placed");
+        Ok(Response::new(market::bid_to_wire(bid)))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_bid(
+        &self,
+        request: Request<pb::GetBidRequest>,
+    ) -> Result<Response<pb::Bid>, Status> {
+        let relay = &self.0;
+        let enterprise_id = relay.enterprise(request.metadata()).await?;
+        let bid_id = required("bid_id", &request.get_ref().bid_id, 64)?;
+        let bid = relay
+            .store
+            .bid(&enterprise_id, bid_id)
+            .await?
+            .ok_or_else(|| Error::not_found("bid_id", "no such bid"))?;
+        Ok(Response::new(market::bid_to_wire(bid)))
     }
 
     #[tracing::instrument(skip_all)]

@@ -6,6 +6,7 @@
 mod admin;
 mod enterprise;
 mod ingress;
+mod market;
 
 use std::sync::Arc;
 
@@ -42,6 +43,16 @@ pub struct Relay {
     pub message_ttl_ms: i64,
     pub attention: AttentionConfig,
     pub thresholds: Thresholds,
+    pub market: Market,
+}
+
+/// The billing and auction settings the edge applies.
+#[derive(Clone, Debug)]
+pub struct Market {
+    /// Price slots and billing months are local to this zone.
+    pub zone_name: Arc<str>,
+    pub zone: jiff::tz::TimeZone,
+    pub unbid: crate::auction::Unbid,
 }
 
 impl Relay {
@@ -112,6 +123,18 @@ fn gender(field: &str, value: i32) -> Result<Option<Gender>> {
         Ok(common::Gender::Male) => Ok(Some(Gender::Male)),
         Ok(common::Gender::Other) => Ok(Some(Gender::Other)),
         Err(_) => Err(Error::invalid(field, format!("unknown gender {value}"))),
+    }
+}
+
+/// A wire channel named `field`; unspecified is `None`.
+fn channel_from_wire(field: &str, number: i32) -> Result<Option<Channel>> {
+    match common::Channel::try_from(number) {
+        Ok(common::Channel::Unspecified) => Ok(None),
+        Ok(common::Channel::Rcs) => Ok(Some(Channel::Rcs)),
+        Ok(common::Channel::Sms) => Ok(Some(Channel::Sms)),
+        Ok(common::Channel::Sns) => Ok(Some(Channel::Sns)),
+        Ok(common::Channel::Email) => Ok(Some(Channel::Email)),
+        Err(_) => Err(Error::invalid(field, format!("unknown channel {number}"))),
     }
 }
 

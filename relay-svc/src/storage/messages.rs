@@ -7,10 +7,12 @@ use std::collections::HashMap;
 use chukei_proto::window::Window;
 use sqlx::{QueryBuilder, Row};
 
+use super::auction::draw_on_bid;
 use super::planning::{self, MessagePlan, Sql, execute_all};
 use super::{
     IdList, Param, ROWS_PER_STATEMENT, Store, WritePool, is_unique_violation, on_pool, stored_list,
 };
+use crate::auction::Terms;
 use crate::error::{Error, Result};
 use crate::learning::{self, ChannelBandit, Choice, EXPLORE_SHARE, OpenCounts, Segment};
 use crate::policy::{
@@ -42,6 +44,7 @@ pub struct StoredMessage {
 /// A stored message's target, as expansion reads it back.
 #[derive(Clone, Debug, Default)]
 struct StoredTarget {
+    is_segment: bool,
     service_id: Option<String>,
     gender: Option<String>,
     age: Option<(i64, i64)>,
@@ -65,7 +68,37 @@ impl Store {
         expires_at: i64,
         attention: &AttentionConfig,
     ) -> Result<StoredMessage> {
+        let terms = Terms::default();
+        self.accept_on_terms(
+            enterprise_id,
+            message_id,
+            message,
+            now,
+            expires_at,
+            attention,
+            &terms,
+        )
+        .await
+    }
+
+    /// [`Store::accept_message`] on the auction's `terms`: a message sent
+    /// with a winning bid is expanded at once (whatever its target) and
+    /// draws its recipients from the bid's capacity in the same transaction,
+    /// or is refused with nothing stored; the message keeps the price table
+    /// in force, which its charges use.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn accept_on_terms(
+        &self,
+        enterprise_id: &str,
+        message_id: &str,
+        message: &NewMessage,
+        now: i64,
+        expires_at: i64,
+        attention: &AttentionConfig,
+        terms: &Terms,
+    ) -> Result<StoredMessage> {
         let fingerprint = message.fingerprint();
+        let expires_at = terms.expires_by.map_or(expires_at, |by| by.min(expires_at));
         if let Some(found) = self.replay(enterprise_id, message, &fingerprint).await? {
             return Ok(found);
         }
@@ -78,7 +111,10 @@ impl Store {
         // unsupported fallback order); each person's own channel is drawn by
         // the bandit when their attempts are planned.
         let mut policy = message.policy.clone();
-        let mut estimate = None;
+        if let (Some(channel), true) = (terms.channel, policy.channels.is_empty()) {
+            policy.channels = vec![channel];
+        }
+        let mut estimate = terms.note.clone();
         let mut bandit = None;
         if policy.kind == PolicyKind::Best {
             let candidates = if policy.channels.is_empty() {
@@ -105,8 +141,15 @@ impl Store {
             target_kind: message.target.kind().to_owned(),
             policy,
             all_carriers: message.all_carriers,
-            window: message.timing.window.clone(),
-            window_mode: message.timing.mode,
+            window: terms
+                .window
+                .clone()
+                .or_else(|| message.timing.window.clone()),
+            window_mode: if terms.window.is_some() {
+                WindowMode::HeldAtRelay
+            } else {
+                message.timing.mode
+            },
             priority: message.priority,
             accepted_at: now,
             expires_at,
@@ -159,15 +202,15 @@ impl Store {
                 }
                 _ => None,
             };
-            let row = insert_message(message_id, &fingerprint, message, &plan, &description, service_id, segment.map(|s| {
-                StoredTarget {
-                    service_id: None,
-                    gender: s.gender.map(|g| Gender::as_str(g).to_owned()),
-                    age: s.age.map(|(min, max)| (i64::from(min), i64::from(max))),
-                    regions: s.regions.clone(),
-                    occupations: s.occupations.clone(),
-                }
-            }));
+            let stored_target = segment.map(|s| StoredTarget {
+                is_segment: true,
+                service_id: None,
+                gender: s.gender.map(|g| Gender::as_str(g).to_owned()),
+                age: s.age.map(|(min, max)| (i64::from(min), i64::from(max))),
+                regions: s.regions.clone(),
+                occupations: s.occupations.clone(),
+            });
+            let row = insert_message(message_id, &fingerprint, message, &plan, &description, service_id, stored_target.clone());
             let inserted = execute_all!(tx, message_id, [row]);
             match inserted {
                 Ok(()) => {}
@@ -181,6 +224,13 @@ impl Store {
                 }
                 Err(error) => return Err(error.into()),
             }
+            sqlx::query(
+                "UPDATE messages SET price_table = (SELECT MAX(id) FROM price_tables), bid_id = $2 WHERE id = $1",
+            )
+            .bind(message_id)
+            .bind(terms.bid_id.as_deref())
+            .execute(&mut *tx)
+            .await?;
             if let (Some(follow_up), Some(follow_up_id)) = (&message.follow_up, &plan.follow_up_id) {
                 let child = insert_follow_up(follow_up_id, message_id, follow_up, &plan, now);
                 execute_all!(tx, message_id, [child])?;
@@ -211,6 +261,15 @@ impl Store {
                 execute_all!(tx, message_id, quiet)?;
                 let count = finish_expansion!(tx, message_id);
                 matched = Some(count);
+            } else if terms.bid_id.is_some() {
+                let target = StoredTarget { service_id: service_id.map(str::to_owned), ..stored_target.clone().unwrap_or_default() };
+                let statements = campaign_statements(message_id, &plan, &target, now, attention);
+                execute_all!(tx, message_id, statements)?;
+                time_per_person!(tx, self, message_id, plan, now);
+                matched = Some(finish_expansion!(tx, message_id));
+            }
+            if let (Some(bid_id), Some(recipients)) = (&terms.bid_id, matched) {
+                draw_on_bid!(tx, enterprise_id, bid_id, recipients as i64);
             }
             tx.commit().await?;
             Ok(StoredMessage {
@@ -226,6 +285,90 @@ impl Store {
             })
         });
         result
+    }
+
+    /// How many people `target` of `enterprise_id` matches now (a person
+    /// with several carriers is one), as `SendMessage` would extract them;
+    /// unregistered refs and foreign services are refused the same way.
+    pub async fn count_recipients(&self, enterprise_id: &str, target: &Target) -> Result<u64> {
+        let stored = match target {
+            Target::Refs(refs) => {
+                let mut found = std::collections::HashSet::with_capacity(refs.len());
+                for chunk in refs.chunks(ROWS_PER_STATEMENT) {
+                    let rows: Vec<String> = on_pool!(self, pool => {
+                        let mut query = QueryBuilder::new(
+                            "SELECT user_ref FROM registrations WHERE enterprise_id = ",
+                        );
+                        query.push_bind(enterprise_id).push(" AND user_ref IN (");
+                        let mut list = query.separated(", ");
+                        for user_ref in chunk {
+                            list.push_bind(user_ref);
+                        }
+                        query.push(")");
+                        query.build_query_scalar().fetch_all(pool).await
+                    })?;
+                    found.extend(rows);
+                }
+                if let Some(index) = refs.iter().position(|r| !found.contains(r)) {
+                    return Err(Error::not_found(
+                        format!("target.refs[{index}]"),
+                        "not registered with this enterprise",
+                    ));
+                }
+                return Ok(refs.len() as u64);
+            }
+            Target::AllRegistered => StoredTarget::default(),
+            Target::Service(service) => StoredTarget {
+                service_id: Some(service.clone()),
+                ..StoredTarget::default()
+            },
+            Target::Segment(segment) => StoredTarget {
+                is_segment: true,
+                service_id: segment.service_id.clone(),
+                gender: segment.gender.map(|g| Gender::as_str(g).to_owned()),
+                age: segment
+                    .age
+                    .map(|(min, max)| (i64::from(min), i64::from(max))),
+                regions: segment.regions.clone(),
+                occupations: segment.occupations.clone(),
+            },
+        };
+        if let Some(service_id) = &stored.service_id {
+            let owned: Option<i64> = on_pool!(self, pool => sqlx::query_scalar(
+                "SELECT CAST(1 AS BIGINT) FROM services WHERE id = $1 AND enterprise_id = $2",
+            )
+            .bind(service_id)
+            .bind(enterprise_id)
+            .fetch_optional(pool)
+            .await)?;
+            if owned.is_none() {
+                let field = if stored.is_segment {
+                    "target.segment.service_id"
+                } else {
+                    "target.service_id"
+                };
+                return Err(Error::not_found(
+                    field,
+                    "no such service of this enterprise",
+                ));
+            }
+        }
+        let mut sql = Sql::new("SELECT COUNT(DISTINCT c.user_id)");
+        campaign_source(&mut sql, enterprise_id, false, &stored);
+        let count: i64 = on_pool!(self, pool => {
+            let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.text));
+            for param in sql.params {
+                query = match param {
+                    Param::Text(value) => query.bind(value),
+                    Param::Int(value) => query.bind(value),
+                    Param::Bool(value) => query.bind(value),
+                    Param::OptInt(value) => query.bind(value),
+                    Param::OptText(value) => query.bind(value),
+                };
+            }
+            query.fetch_one(pool).await
+        })?;
+        Ok(count.max(0) as u64)
     }
 
     /// The stored answer for an idempotency key, or an error when the key was
@@ -319,6 +462,7 @@ impl Store {
                 let age_min: Option<i64> = row.try_get(4)?;
                 let age_max: Option<i64> = row.try_get(5)?;
                 let target = StoredTarget {
+                    is_segment: row.try_get::<String, _>(1)? == "segment",
                     service_id: row.try_get(2)?,
                     gender: row.try_get(3)?,
                     age: age_min.zip(age_max),
@@ -379,21 +523,7 @@ impl Store {
         if state != 1 {
             return Ok(0);
         }
-        let timing = plan.timing(now).unwrap_or((now, now));
-        let choices = planning::first_channels(&plan.policy, None);
-        let mut statements =
-            planning::insert_attempts(message_id, &choices, timing, now, "", |sql| {
-                campaign_source(sql, &plan, &target);
-            });
-        if attention.quiet_period_ms > 0 {
-            statements.push(planning::defer_for_quiet_periods(message_id, timing.0));
-        }
-        statements.extend(planning::apply_fatigue(
-            message_id,
-            plan.priority,
-            now,
-            attention,
-        ));
+        let statements = campaign_statements(message_id, &plan, &target, now, attention);
         let bandit = match plan.policy.kind {
             PolicyKind::Best => {
                 let rates = self.channel_rates(now).await?;
@@ -682,11 +812,38 @@ macro_rules! finish_expansion {
 }
 use finish_expansion;
 
+/// The statements that plan a campaign's first attempts: one `INSERT …
+/// SELECT` per first-attempt channel, the quiet-period deferrals and the
+/// fatigue skips.
+fn campaign_statements(
+    message_id: &str,
+    plan: &MessagePlan,
+    target: &StoredTarget,
+    now: i64,
+    attention: &AttentionConfig,
+) -> Vec<Sql> {
+    let timing = plan.timing(now).unwrap_or((now, now));
+    let choices = planning::first_channels(&plan.policy, None);
+    let mut statements = planning::insert_attempts(message_id, &choices, timing, now, "", |sql| {
+        campaign_source(sql, &plan.enterprise_id, plan.all_carriers, target);
+    });
+    if attention.quiet_period_ms > 0 {
+        statements.push(planning::defer_for_quiet_periods(message_id, timing.0));
+    }
+    statements.extend(planning::apply_fatigue(
+        message_id,
+        plan.priority,
+        now,
+        attention,
+    ));
+    statements
+}
+
 /// `FROM … WHERE …` selecting a campaign's recipients (contracts aliased `c`):
 /// registered with the enterprise, in the service, matching the segment over
 /// consented profiles.
-fn campaign_source(sql: &mut Sql, plan: &MessagePlan, target: &StoredTarget) {
-    let all = sql.bind(Param::Bool(plan.all_carriers));
+fn campaign_source(sql: &mut Sql, enterprise_id: &str, all_carriers: bool, target: &StoredTarget) {
+    let all = sql.bind(Param::Bool(all_carriers));
     sql.push(&format!(
         " FROM registrations r JOIN contracts c ON c.user_id = r.user_id AND (c.is_primary OR {all})"
     ));
@@ -696,9 +853,9 @@ fn campaign_source(sql: &mut Sql, plan: &MessagePlan, target: &StoredTarget) {
             " JOIN service_registrations s ON s.user_id = r.user_id AND s.enterprise_id = r.enterprise_id AND s.service_id = {p}"
         ));
     }
-    let enterprise = sql.bind(Param::Text(plan.enterprise_id.clone()));
+    let enterprise = sql.bind(Param::Text(enterprise_id.to_owned()));
     let mut filters = vec![format!("r.enterprise_id = {enterprise}")];
-    if plan.target_kind == "segment" {
+    if target.is_segment {
         sql.push(" JOIN profiles p ON p.enterprise_id = r.enterprise_id AND p.user_id = r.user_id");
         if let Some(gender) = &target.gender {
             let p = sql.bind(Param::Text(gender.clone()));

@@ -8,9 +8,11 @@
 //! settings (`synchronous=FULL` on SQLite, `synchronous_commit=on` on
 //! PostgreSQL) and must never call out to the network inside a transaction.
 
+mod auction;
 mod control;
 mod messages;
 pub(crate) mod planning;
+pub(crate) mod pricing;
 mod receipts;
 mod registry;
 pub(crate) mod stats;
@@ -25,9 +27,11 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
+pub use auction::Closed;
 pub use control::{Attempt, ExplainedEvent, Explanation, FollowThrough};
 pub use messages::{MessageRow, StoredMessage};
 pub use planning::MessagePlan;
+pub use pricing::{LedgerDimension, LedgerSum, PriceTable};
 pub use receipts::{CarrierCounts, MessageCounts};
 pub use registry::RegistrationRow;
 pub use stats::{Cube, Reconciliation, SummedCells};

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use sqlx::{AssertSqlSafe, QueryBuilder, Row};
 
+use super::pricing::charge_events;
 use super::{IdList, ROWS_PER_STATEMENT, Store, WritePool, on_pool};
 use crate::error::Result;
 
@@ -146,9 +147,10 @@ impl Rollup {
 }
 
 impl Store {
-    /// Folds up to `limit` queued events into the rollups, in one
-    /// transaction (oldest first); returns how many it folded.
-    pub async fn roll_up_queued(&self, limit: u32) -> Result<u64> {
+    /// Folds up to `limit` queued events into the rollups and charges the
+    /// delivered and opened among them to the ledger, in one transaction
+    /// (oldest first), at `now`; returns how many it folded.
+    pub async fn roll_up_queued(&self, limit: u32, now: i64) -> Result<u64> {
         let delete = format!(
             "DELETE FROM rollup_queue WHERE {}",
             self.in_id_list("seq", 1)
@@ -166,6 +168,7 @@ impl Store {
                 return Ok(0);
             }
             for chunk in queued.chunks(ROWS_PER_STATEMENT) {
+                charge_events!(tx, chunk, now);
                 for (before, after) in &upserts {
                     let mut query = QueryBuilder::new(before);
                     query.push("(");
