@@ -415,6 +415,86 @@ mod tests {
         assert!(allocate(&[], 15, 0, Rule::Uniform).clearing_price.is_none());
     }
 
+    fn slot(id: &str, starts_at: i64, ends_at: i64) -> SlotRow {
+        SlotRow {
+            slot_id: id.to_owned(),
+            slot: NewSlot {
+                channel: Channel::Sms,
+                starts_at,
+                ends_at,
+                capacity: 10,
+                closes_at: 0,
+                reserve: 0,
+                rule: Rule::Uniform,
+            },
+            closed: true,
+            bids: 0,
+            awarded: 0,
+            clearing_price: None,
+        }
+    }
+
+    fn unbid_message(window: Option<Window>) -> NewMessage {
+        NewMessage {
+            idempotency_key: "k".into(),
+            target: crate::targeting::Target::AllRegistered,
+            content: crate::targeting::Content {
+                text: "hi".into(),
+                ..Default::default()
+            },
+            policy: crate::policy::Policy::fixed(Some(Channel::Sms)),
+            all_carriers: false,
+            timing: crate::policy::Timing {
+                window,
+                ..Default::default()
+            },
+            follow_up: None,
+            priority: crate::policy::Priority::Normal,
+            bid_id: None,
+        }
+    }
+
+    #[test]
+    fn messages_without_a_bid_are_refused_or_deferred_past_sold_slots() {
+        // Slots 100–200 and 200–300 back to back; 500–600 later.
+        let slots = [
+            slot("a", 100, 200),
+            slot("b", 200, 300),
+            slot("c", 500, 600),
+        ];
+        let message = unbid_message(None);
+        // Before or after the slots: untouched.
+        assert_eq!(
+            terms_without_bid(&message, &slots, 50, 1_000, Unbid::Refuse).unwrap(),
+            Terms::default()
+        );
+        assert_eq!(
+            terms_without_bid(&message, &slots, 300, 1_000, Unbid::Refuse).unwrap(),
+            Terms::default()
+        );
+        // Inside: refused, naming the slot…
+        let refused = terms_without_bid(&message, &slots, 150, 1_000, Unbid::Refuse).unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .starts_with("bid_id: SMS capacity is sold by auction"),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("(slot a)"), "{refused}");
+        // …or deferred past both adjoining slots, up to the expiry.
+        let deferred = terms_without_bid(&message, &slots, 150, 1_000, Unbid::Defer).unwrap();
+        assert_eq!(deferred.window, Some(Window::absolute(300, 1_000).unwrap()));
+        assert!(terms_without_bid(&message, &slots, 150, 250, Unbid::Defer).is_err());
+        // A message with its own window is never moved: refused when it opens in a slot.
+        let windowed = unbid_message(Some(Window::absolute(520, 540).unwrap()));
+        assert!(terms_without_bid(&windowed, &slots, 150, 1_000, Unbid::Defer).is_err());
+        let clear = unbid_message(Some(Window::absolute(320, 340).unwrap()));
+        assert_eq!(
+            terms_without_bid(&clear, &slots, 150, 1_000, Unbid::Defer).unwrap(),
+            Terms::default()
+        );
+    }
+
     fn bids() -> impl Strategy<Value = Vec<SealedBid>> {
         prop::collection::vec((1i64..50, 1i64..30), 0..20).prop_map(|raw| {
             raw.into_iter()

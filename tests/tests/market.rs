@@ -110,6 +110,24 @@ async fn quote_charge_statement_and_revenue_agree(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(before.version, 0);
+    let mut gap = rate_card();
+    gap.entries.pop();
+    let refused = admin
+        .set_rate_card(gap)
+        .await
+        .expect_err("SMS 10:00-09:00 is unpriced");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(
+        refused.message(),
+        "entries: SMS 00:00-01:00 has no price: every channel needs every hour"
+    );
+    let mut negative = rate_card();
+    negative.entries[1].opened_price = -1;
+    assert_refused(
+        admin.set_rate_card(negative).await,
+        Code::InvalidArgument,
+        "entries[1].opened_price",
+    );
     let table = admin.set_rate_card(rate_card()).await.unwrap().into_inner();
     assert_eq!((table.version, table.cells.len()), (1, 96));
     let prices = client
@@ -764,6 +782,105 @@ async fn the_ledger_charges_deduplicated_events_once(backend: Backend) {
     };
     assert!(deleted.is_err(), "deleting from the ledger must fail");
     assert_eq!(store.message_charges("msg_1").await.unwrap(), 17);
+
+    // Dynamic prices follow each slot's open rate against its channel's.
+    // So far SMS at 09:00 Tokyo: 2 delivered, 1 opened. A send at 14:00: 1 delivered, unopened.
+    let five = 5 * 3_600_000;
+    store
+        .accept_message(
+            "ent_1",
+            "msg_3",
+            &message("k3", refs[..1].to_vec(), None),
+            five,
+            five + 10_000,
+            &attention,
+        )
+        .await
+        .unwrap();
+    let due = store.due_deliveries("c1", five, 0, 100).await.unwrap();
+    let ids: Vec<i64> = due
+        .iter()
+        .filter(|d| d.message_id == "msg_3")
+        .map(|d| d.id)
+        .collect();
+    store
+        .mark_handed_over(&[("msg_3".to_owned(), ids)], five)
+        .await
+        .unwrap();
+    let later = Receipt {
+        at: five + 1_000,
+        ..receipt("msg_3", "u1", EventKind::Delivered)
+    };
+    store.record_receipts("c1", &[later], five).await.unwrap();
+    fold(store).await;
+    let dynamic = RateCard {
+        dynamic: Some(relay_svc::pricing::Dynamic {
+            floor_percent: 50,
+            ceiling_percent: 200,
+            min_deliveries: 1,
+        }),
+        ..card()
+    };
+    let table = store
+        .set_rate_card(&dynamic, "Asia/Tokyo", five + 60_000)
+        .await
+        .unwrap();
+    let sms = relay_svc::pricing::channel_index(Some(Channel::Sms));
+    // 09:00: rate 1/2 against 1/3 → ×1.5: 7 → 10.5 → 11, opened 3 → 4.5 → 5.
+    assert_eq!(
+        table.prices[sms][9],
+        Prices {
+            delivered: 11,
+            opened: 5
+        }
+    );
+    assert_eq!(table.rates[sms][9], Some(500));
+    // 14:00: nothing opened → the floor, half the base.
+    assert_eq!(
+        table.prices[sms][14],
+        Prices {
+            delivered: 4,
+            opened: 2
+        }
+    );
+    // 10:00: no evidence → the base.
+    assert_eq!(
+        table.prices[sms][10],
+        Prices {
+            delivered: 7,
+            opened: 3
+        }
+    );
+    // Not due yet; then due but nothing moved; a new open at 14:00 moves it.
+    assert_eq!(
+        store
+            .reprice_if_due(five + 120_000, 3_600_000)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .reprice_if_due(five + 3_700_000, 3_600_000)
+            .await
+            .unwrap(),
+        None
+    );
+    let opened = Receipt {
+        at: five + 2_000,
+        ..receipt("msg_3", "u1", EventKind::Opened)
+    };
+    store.record_receipts("c1", &[opened], five).await.unwrap();
+    fold(store).await;
+    let moved = store
+        .reprice_if_due(five + 7_400_000, 3_600_000)
+        .await
+        .unwrap();
+    assert_eq!(moved, Some(table.id + 1));
+    let current = store.price_table(None).await.unwrap().unwrap();
+    assert_eq!(current.rates[sms][14], Some(1000));
+    // 14:00 now opens 1/1 against the channel's 2/3: ×1.5 → 11.
+    assert_eq!(current.prices[sms][14].delivered, 11);
     fixture.close().await;
 }
 

@@ -12,6 +12,12 @@
 //! enterprises' campaigns to people with the fleet's attribute mix), rolled
 //! up into both statistics cubes the way the relay folds events, then the time
 //! `GetStats` breakdowns take over it (median of 5), and the cell count.
+//!
+//! `bench billing --people 100000 --backend sqlite|postgres` — what charging
+//! costs the rollup fold: a campaign to that many people is handed over,
+//! delivered and 30% opened at the storage seam, then the queued events are
+//! folded (statistics, learning tables and — with a rate card — ledger
+//! lines), once without and once with a rate card, each on a fresh database.
 
 use std::time::{Duration, Instant};
 
@@ -42,6 +48,14 @@ enum Scenario {
         backend: BackendArg,
         #[arg(long, default_value_t = 1000)]
         batch_size: u32,
+    },
+    /// The rollup fold's cost with and without charging to the ledger.
+    Billing {
+        /// People the campaign reaches.
+        #[arg(long, default_value_t = 100_000)]
+        people: usize,
+        #[arg(long, value_enum, default_value = "sqlite")]
+        backend: BackendArg,
     },
     /// GetStats over the rollups of a large synthetic history.
     Stats {
@@ -78,7 +92,162 @@ async fn main() -> anyhow::Result<()> {
             batch_size,
         } => broadcast(users, backend.backend(), batch_size).await,
         Scenario::Stats { events, backend } => stats(events, backend.backend()).await,
+        Scenario::Billing { people, backend } => {
+            println!("rollup fold of a campaign to {people} people on {backend:?}:");
+            for priced in [false, true] {
+                billing(people, backend.backend(), priced).await?;
+            }
+            Ok(())
+        }
     }
+}
+
+/// One fold of a delivered, 30%-opened campaign to `people`, priced or not.
+async fn billing(people: usize, backend: Backend, priced: bool) -> anyhow::Result<()> {
+    use relay_svc::policy::{AttentionConfig, Policy, Priority, Timing};
+    use relay_svc::pricing::{PRICED_CHANNELS, Prices, RateCard, RateEntry};
+    use relay_svc::receipts::{EventKind, Receipt};
+    use relay_svc::registry::{Contract, NewRegistration, Profile};
+    use relay_svc::targeting::{Channel, Content, NewMessage, Target};
+
+    let Some(fixture) = integration_tests::store(backend).await else {
+        anyhow::bail!("--backend postgres needs CHUKEI_TEST_DATABASE_URL");
+    };
+    let store = &fixture.store;
+    let now = 1_795_651_200_000;
+    store.create_enterprise("ent", "ent", "hash", now).await?;
+    store
+        .upsert_carrier("c1", "http://127.0.0.1:1", "token", now)
+        .await?;
+    let users: Vec<String> = (0..people).map(|i| format!("user-{i:07}")).collect();
+    for chunk in users.chunks(10_000) {
+        let contracts: Vec<Contract> = chunk
+            .iter()
+            .map(|u| Contract {
+                user_id: u.clone(),
+                primary: true,
+                active: true,
+            })
+            .collect();
+        store.upsert_contracts("c1", &contracts, now).await?;
+        let registrations: Vec<NewRegistration> = chunk
+            .iter()
+            .map(|u| NewRegistration {
+                user_id: u.clone(),
+                enterprise_id: "ent".into(),
+                service_id: None,
+                profile: Profile::default(),
+            })
+            .collect();
+        store.register_users("c1", &registrations, now).await?;
+    }
+    if priced {
+        let entries: Vec<RateEntry> = PRICED_CHANNELS
+            .iter()
+            .flat_map(|&channel| {
+                [(0, 12, 3), (12, 0, 5)].map(|(from_hour, to_hour, delivered)| RateEntry {
+                    channel,
+                    from_hour,
+                    to_hour,
+                    prices: Prices {
+                        delivered,
+                        opened: 2,
+                    },
+                })
+            })
+            .collect();
+        store
+            .set_rate_card(&RateCard::new(&entries, None)?, "Asia/Tokyo", now)
+            .await?;
+    }
+    let message = NewMessage {
+        idempotency_key: "k".into(),
+        target: Target::AllRegistered,
+        content: Content {
+            text: "hello".into(),
+            ..Content::default()
+        },
+        policy: Policy::fixed(Some(Channel::Sms)),
+        all_carriers: false,
+        timing: Timing::default(),
+        follow_up: None,
+        priority: Priority::Normal,
+        bid_id: None,
+    };
+    let attention = AttentionConfig::default();
+    store
+        .accept_message("ent", "msg", &message, now, now + 86_400_000, &attention)
+        .await?;
+    store.expand_message("msg", now, &attention).await?;
+    let mut after = 0;
+    loop {
+        let due = store.due_deliveries("c1", after, now, 1_000).await?;
+        let Some(last) = due.last() else { break };
+        after = last.id;
+        store
+            .mark_handed_over(
+                &[("msg".to_owned(), due.iter().map(|d| d.id).collect())],
+                now,
+            )
+            .await?;
+    }
+    let mut rng = chukei_proto::rng::Rng::new(11);
+    let receipts: Vec<Receipt> = users
+        .iter()
+        .flat_map(|user| {
+            // Delivered over the next 6 hours; 30% opened within 3 hours of that.
+            let delivered_at = now + rng.below(6 * 3_600_000) as i64;
+            let mut events = vec![(EventKind::Delivered, delivered_at)];
+            if rng.chance(0.3) {
+                events.push((
+                    EventKind::Opened,
+                    delivered_at + rng.below(3 * 3_600_000) as i64,
+                ));
+            }
+            events.into_iter().map(|(kind, at)| Receipt {
+                delivery_id: None,
+                message_id: "msg".into(),
+                user_id: user.clone(),
+                kind,
+                channel: Some(Channel::Sms),
+                at,
+                region: "tokyo".into(),
+            })
+        })
+        .collect();
+    for chunk in receipts.chunks(1_000) {
+        store.record_receipts("c1", chunk, now).await?;
+    }
+    let queued = store.roll_up_backlog().await?;
+    let started = Instant::now();
+    while store.roll_up_queued(10_000, now).await? > 0 {}
+    let seconds = started.elapsed().as_secs_f64();
+    let (start, end) = (now - 86_400_000, now + 86_400_000);
+    let lines = store
+        .ledger_sums(
+            Some("ent"),
+            start,
+            end,
+            &[
+                relay_svc::storage::LedgerDimension::Message,
+                relay_svc::storage::LedgerDimension::Kind,
+            ],
+        )
+        .await?;
+    let total = store.ledger_sums(Some("ent"), start, end, &[]).await?;
+    println!(
+        "  {:<14} {queued} events folded in {seconds:.2} s ({:.0} events/s); charged {} yen in {} message×kind sums",
+        if priced {
+            "rate card:"
+        } else {
+            "no rate card:"
+        },
+        queued as f64 / seconds,
+        total.first().map_or(0, |t| t.amount),
+        lines.len(),
+    );
+    fixture.close().await;
+    Ok(())
 }
 
 async fn broadcast(users: usize, backend: Backend, batch_size: u32) -> anyhow::Result<()> {

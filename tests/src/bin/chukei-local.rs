@@ -137,6 +137,33 @@ async fn main() -> anyhow::Result<()> {
         BearerInterceptor::new(&admin_token)?,
     );
 
+    // The operator's rate card (yen per delivered / per opened message, Tokyo hours).
+    let entry =
+        |channel: common::Channel, from_hour, to_hour, delivered, opened| pb::RateCardEntry {
+            channel: channel as i32,
+            from_hour,
+            to_hour,
+            delivered_price: delivered,
+            opened_price: opened,
+        };
+    admin
+        .set_rate_card(pb::SetRateCardRequest {
+            entries: vec![
+                entry(common::Channel::Sms, 8, 18, 3, 2),
+                entry(common::Channel::Sms, 18, 8, 4, 2),
+                entry(common::Channel::Rcs, 0, 0, 2, 3),
+                entry(common::Channel::Sns, 0, 0, 1, 1),
+                entry(common::Channel::Email, 0, 0, 1, 1),
+            ],
+            zone: "Asia/Tokyo".into(),
+            dynamic: Some(pb::DynamicPricing {
+                floor_percent: 50,
+                ceiling_percent: 200,
+                min_deliveries: 100,
+            }),
+        })
+        .await?;
+
     // Enterprises and their services.
     let mut enterprises = Vec::new();
     for (name, services) in [
@@ -515,6 +542,23 @@ async fn main() -> anyhow::Result<()> {
         let mut table = Vec::new();
         enterprise_cli::run(cli, &mut table).await?;
         print!("{}", String::from_utf8_lossy(&table));
+
+        // Charges trail the receipts by one rollup pass.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let month = jiff::Timestamp::from_millisecond(origin_ms.parse()?)?
+            .to_zoned(jiff::tz::TimeZone::get("Asia/Tokyo")?)
+            .strftime("%Y-%m")
+            .to_string();
+        println!("\n{name}: charges this month (enterprise-cli billing --month {month})");
+        let cli = enterprise_cli::Cli {
+            relay_url: relay_url.clone(),
+            api_key: Some(created.api_key.clone()),
+            json: false,
+            command: enterprise_cli::Command::Billing { month },
+        };
+        let mut statement = Vec::new();
+        enterprise_cli::run(cli, &mut statement).await?;
+        print!("{}", String::from_utf8_lossy(&statement));
     }
     println!(
         "\nlocal run finished in {:.1}s",
