@@ -6,7 +6,7 @@ use crate::targeting::Channel;
 
 /// The kinds of row in the `events` table; each is recorded at most once per
 /// message and user.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EventKind {
     HandedOver,
     Delivered,

@@ -494,7 +494,62 @@ async fn a_rising_open_rate_restores_the_cap(backend: Backend) {
     fixture.close().await;
 }
 
+/// A read and its delivery reported in one batch: the delivery keeps its own
+/// time (not the read's), whichever comes first in the batch — on PostgreSQL
+/// the duplicate that wins would otherwise depend on the plan's join order.
+async fn a_read_and_its_delivery_in_one_batch_keep_the_delivery_time(backend: Backend) {
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
+    let store = &fixture.store;
+    let refs = seed_registry(store).await;
+    let message = NewMessage {
+        all_carriers: false,
+        ..message("k", Target::Refs(refs), None)
+    };
+    store
+        .accept_message(
+            "ent_1",
+            "msg_1",
+            &message,
+            0,
+            100_000,
+            &AttentionConfig::default(),
+        )
+        .await
+        .unwrap();
+    let due = store.due_deliveries("c1", 0, 0, 100).await.unwrap();
+    store
+        .mark_handed_over(
+            &[("msg_1".to_owned(), due.iter().map(|d| d.id).collect())],
+            5,
+        )
+        .await
+        .unwrap();
+    let at = |kind, user: &str, at| Receipt {
+        at,
+        ..receipt("msg_1", user, kind)
+    };
+    // Many rows, so the planner may pick a hash join.
+    let mut batch = Vec::new();
+    for _ in 0..300 {
+        batch.push(at(EventKind::Opened, "u1", 5_000));
+        batch.push(at(EventKind::Delivered, "u1", 1_000));
+        batch.push(at(EventKind::Delivered, "u2", 2_000));
+        batch.push(at(EventKind::Opened, "u2", 6_000));
+    }
+    store.record_receipts("c1", &batch, 0).await.unwrap();
+    for (user, delivered, opened) in [("u1", 1_000, 5_000), ("u2", 2_000, 6_000)] {
+        let events = store.explain("msg_1", user).await.unwrap().events;
+        let time = |kind| events.iter().find(|e| e.kind == kind).map(|e| e.at);
+        assert_eq!(time(EventKind::Delivered), Some(delivered), "{user}");
+        assert_eq!(time(EventKind::Opened), Some(opened), "{user}");
+    }
+    fixture.close().await;
+}
+
 backend_tests!(
+    a_read_and_its_delivery_in_one_batch_keep_the_delivery_time,
     a_rising_open_rate_restores_the_cap,
     low_priority_is_skipped_first_and_high_priority_never,
     receipts_count_once_whatever_arrives,

@@ -77,15 +77,32 @@ impl Store {
         receipts: &[Receipt],
         now: i64,
     ) -> Result<()> {
-        let rows: Vec<(&Receipt, EventKind)> = receipts
-            .iter()
-            .flat_map(|receipt| {
-                receipt
-                    .kind
-                    .implied()
-                    .iter()
-                    .map(move |kind| (receipt, *kind))
-            })
+        // One row per event key, the earliest report of it: a read implies a
+        // delivery, but when the delivery's own receipt is in the same batch
+        // its time is the delivery's, not the read's. (Left to the database,
+        // which duplicate wins depends on the join order the planner picks.)
+        let mut earliest: HashMap<(&str, &str, EventKind), (usize, &Receipt)> = HashMap::new();
+        for (index, receipt) in receipts.iter().enumerate() {
+            for kind in receipt.kind.implied() {
+                earliest
+                    .entry((&receipt.message_id, &receipt.user_id, *kind))
+                    .and_modify(|kept| {
+                        if receipt.at < kept.1.at {
+                            *kept = (index, receipt);
+                        }
+                    })
+                    .or_insert((index, receipt));
+            }
+        }
+        let mut rows: Vec<(usize, &Receipt, EventKind)> = earliest
+            .into_iter()
+            .map(|((_, _, kind), (index, receipt))| (index, receipt, kind))
+            .collect();
+        // In receipt order, as the carrier sent them.
+        rows.sort_by_key(|(index, _, kind)| (*index, kind.number()));
+        let rows: Vec<(&Receipt, EventKind)> = rows
+            .into_iter()
+            .map(|(_, receipt, kind)| (receipt, kind))
             .collect();
         let attempts_with = |kind: EventKind| -> Vec<i64> {
             receipts
