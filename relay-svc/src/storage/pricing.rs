@@ -57,16 +57,22 @@ pub enum LedgerDimension {
 }
 
 impl LedgerDimension {
+    /// The ledger column grouped on.
     fn column(self) -> &'static str {
         match self {
             Self::Kind => "kind",
-            Self::Channel => "CAST(channel AS TEXT)",
-            Self::Slot => "CAST(slot AS TEXT)",
-            Self::UnitPrice => "CAST(unit_price AS TEXT)",
+            Self::Channel => "channel",
+            Self::Slot => "slot",
+            Self::UnitPrice => "unit_price",
             Self::Carrier => "carrier_id",
             Self::Enterprise => "enterprise_id",
             Self::Message => "CASE WHEN message_id = '' THEN bid_id ELSE message_id END",
         }
+    }
+
+    /// Whether the column is a number (selected as text, ordered as a number).
+    fn numeric(self) -> bool {
+        matches!(self, Self::Channel | Self::Slot | Self::UnitPrice)
     }
 }
 
@@ -394,9 +400,15 @@ impl Store {
         end: i64,
         by: &[LedgerDimension],
     ) -> Result<Vec<LedgerSum>> {
-        let columns: Vec<&str> = by.iter().map(|d| d.column()).collect();
-        let positions: Vec<String> = (1..=by.len()).map(|i| i.to_string()).collect();
-        let mut select = columns.join(", ");
+        let grouped: Vec<&str> = by.iter().map(|d| d.column()).collect();
+        let selected: Vec<String> = by
+            .iter()
+            .map(|d| match d.numeric() {
+                true => format!("CAST({} AS TEXT)", d.column()),
+                false => d.column().to_owned(),
+            })
+            .collect();
+        let mut select = selected.join(", ");
         if !select.is_empty() {
             select.push_str(", ");
         }
@@ -405,11 +417,8 @@ impl Store {
              WHERE at >= $1 AND at < $2 AND ($3 = '' OR enterprise_id = $3)"
         );
         if !by.is_empty() {
-            sql.push_str(&format!(
-                " GROUP BY {} ORDER BY {}",
-                positions.join(", "),
-                positions.join(", ")
-            ));
+            let grouped = grouped.join(", ");
+            sql.push_str(&format!(" GROUP BY {grouped} ORDER BY {grouped}"));
         }
         let rows: Vec<LedgerSum> = on_pool!(self, pool => {
             let rows = sqlx::query(AssertSqlSafe(sql))
