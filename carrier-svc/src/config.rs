@@ -65,6 +65,10 @@ pub struct Config {
     #[arg(long, env = "CHUKEI_CARRIER_POLL_INTERVAL_MS", default_value_t = 500)]
     pub poll_interval_ms: u64,
 
+    /// Address of the Prometheus endpoint (`GET /metrics`); unset: no endpoint.
+    #[arg(long, env = "CHUKEI_CARRIER_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
     /// How long shutdown waits for in-flight work (seconds).
     #[arg(long, env = "CHUKEI_CARRIER_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,

@@ -24,6 +24,7 @@ use std::time::Duration;
 use chukei_proto::auth::BearerInterceptor;
 use chukei_proto::carrier::v1::{carrier_admin_server, carrier_server, subscriber_api_server};
 use chukei_proto::clock::Clock;
+use chukei_proto::metrics::{Counter, Registry, RpcMetricsLayer};
 use chukei_proto::relay::v1::carrier_ingress_client::CarrierIngressClient;
 use chukei_proto::server;
 use tokio::net::TcpListener;
@@ -59,6 +60,31 @@ pub struct Shared {
     relay_session: Arc<watch::Sender<u64>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    metrics: CarrierMetrics,
+}
+
+/// The carrier's Prometheus metrics (labels: channels, never people).
+#[derive(Clone, Debug)]
+struct CarrierMetrics {
+    /// Deliveries received from the relay that were new.
+    accepted: Counter,
+    /// Messages pushed to terminals, by channel.
+    pushed: Counter,
+}
+
+impl CarrierMetrics {
+    fn new(registry: &Registry) -> Self {
+        Self {
+            accepted: registry.counter(
+                "chukei_carrier_deliveries_accepted_total",
+                "Deliveries received from the relay (duplicates excluded)",
+            ),
+            pushed: registry.counter(
+                "chukei_carrier_messages_pushed_total",
+                "Messages pushed to terminals, by channel",
+            ),
+        }
+    }
 }
 
 /// Runs the carrier on `listener` until `shutdown` resolves.
@@ -83,6 +109,7 @@ pub async fn run(
     )
     .max_encoding_message_size(64 * 1024 * 1024);
     let cancel = CancellationToken::new();
+    let registry = Registry::new();
     let (terminals, endpoints) = TerminalsHandle::new();
     let shared = Shared {
         carrier_id: config.carrier_id.as_str().into(),
@@ -99,7 +126,17 @@ pub async fn run(
         relay_session: Arc::new(watch::channel(0).0),
         cancel: cancel.clone(),
         tasks: TaskTracker::new(),
+        metrics: CarrierMetrics::new(&registry),
     };
+    if let Some(addr) = config.metrics_listen {
+        let listener = TcpListener::bind(addr).await?;
+        tracing::info!(addr = %listener.local_addr()?, "metrics endpoint listening");
+        shared.tasks.spawn(chukei_proto::metrics::serve(
+            listener,
+            registry.clone(),
+            cancel.clone(),
+        ));
+    }
     tracing::info!(carrier_id = %config.carrier_id, addr = %listener.local_addr()?, "carrier starting");
 
     shared
@@ -115,6 +152,10 @@ pub async fn run(
         .set_serving::<subscriber_api_server::SubscriberApiServer<subscribers::SubscriberService>>()
         .await;
     let router = tonic::transport::Server::builder()
+        .layer(RpcMetricsLayer::new(
+            &registry,
+            "chukei_carrier_rpc_duration_seconds",
+        ))
         .add_service(health_service)
         .add_service(server::reflection()?)
         .add_service(server::reflection_v1alpha()?)

@@ -124,6 +124,7 @@ async fn session(
                         send(up, pb::carrier_to_relay::Kind::BatchAck(pb::BatchAck { batch_id: batch.batch_id })).await?;
                         tracing::debug!(batch_id = batch.batch_id, received = deliveries.len(), fresh, "batch accepted");
                         if fresh > 0 {
+                            shared.metrics.accepted.add(&[], fresh as u64);
                             shared.terminals.new_work();
                         }
                     }

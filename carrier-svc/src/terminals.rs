@@ -6,6 +6,7 @@
 //! (or a link reconnecting) pushes them. Unconfirmed pushes are pushed again
 //! after a reconnect — terminals drop duplicate delivery ids.
 
+use std::collections::HashMap;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -214,10 +215,19 @@ async fn session(
                 messages,
                 carrier_id: shared.carrier_id.to_string(),
             };
+            let mut by_channel: HashMap<&'static str, u64> = HashMap::new();
+            for message in &request.messages {
+                *by_channel
+                    .entry(common::Channel::short_name_of(message.channel))
+                    .or_default() += 1;
+            }
             down.send(request)
                 .await
                 .map_err(|_| anyhow::anyhow!("terminal stream closed"))?;
             shared.store.mark_pushed(&seqs).await?;
+            for (channel, count) in by_channel {
+                shared.metrics.pushed.add(&[("channel", channel)], count);
+            }
         }
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),

@@ -64,8 +64,13 @@ pub async fn shutdown_signal() {
 /// Serves `router` on `listener` until `shutdown` resolves or `cancel` is
 /// cancelled; then cancels `cancel` (so long-lived streams end), lets in-flight
 /// calls finish, and gives up on them after `grace`.
+/// A server's routes behind the RPC metrics layer, as every process builds them.
+pub type Router = tonic::transport::server::Router<
+    tower_layer::Stack<crate::metrics::RpcMetricsLayer, tower_layer::Identity>,
+>;
+
 pub async fn serve(
-    router: tonic::transport::server::Router,
+    router: Router,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     cancel: tokio_util::sync::CancellationToken,

@@ -96,6 +96,10 @@ pub struct Config {
     #[arg(long, env = "CHUKEI_RELAY_UNBID_IN_AUCTIONED_SLOT", value_enum, default_value_t = Unbid::Refuse)]
     pub unbid_in_auctioned_slot: Unbid,
 
+    /// Address of the Prometheus endpoint (`GET /metrics`); unset: no endpoint.
+    #[arg(long, env = "CHUKEI_RELAY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// How long shutdown waits for in-flight work before giving up (seconds).
     #[arg(long, env = "CHUKEI_RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,

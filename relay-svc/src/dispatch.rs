@@ -35,6 +35,7 @@ pub struct DispatchConfig {
     pub batch_size: u32,
     pub batches_in_flight: usize,
     pub poll_interval: Duration,
+    pub metrics: crate::metrics::RelayMetrics,
 }
 
 /// A cheap-to-clone handle to the dispatch supervisor.
@@ -167,6 +168,10 @@ impl Dispatcher {
             match result {
                 Ok(()) => break,
                 Err(error) => {
+                    self.config
+                        .metrics
+                        .reconnects
+                        .inc(&[("carrier", self.carrier_id.as_str())]);
                     tracing::warn!(carrier_id = %self.carrier_id, %error, retry_in_ms = backoff.as_millis() as u64, "carrier stream ended");
                 }
             }
@@ -282,6 +287,11 @@ impl Dispatcher {
                     self.store
                         .mark_handed_over(&ids, self.clock.now_ms())
                         .await?;
+                    let attempts: usize = ids.iter().map(|(_, ids)| ids.len()).sum();
+                    self.config
+                        .metrics
+                        .handed_over
+                        .add(&[("carrier", self.carrier_id.as_str())], attempts as u64);
                     tracing::debug!(
                         batch_id = ack.batch_id,
                         messages = ids.len(),
@@ -300,6 +310,16 @@ impl Dispatcher {
                 self.store
                     .record_receipts(&self.carrier_id, &receipts, self.clock.now_ms())
                     .await?;
+                let mut kinds: HashMap<&'static str, u64> = HashMap::new();
+                for receipt in &receipts {
+                    *kinds.entry(receipt.kind.as_str()).or_default() += 1;
+                }
+                for (kind, count) in kinds {
+                    self.config.metrics.receipts.add(
+                        &[("carrier", self.carrier_id.as_str()), ("kind", kind)],
+                        count,
+                    );
+                }
                 down.send(pb::RelayToCarrier {
                     kind: Some(pb::relay_to_carrier::Kind::ReceiptAck(pb::ReceiptAck {
                         up_to_seq,

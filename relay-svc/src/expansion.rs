@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::DispatchHandle;
+use crate::metrics::RelayMetrics;
 use crate::policy::AttentionConfig;
 use crate::storage::Store;
 
@@ -23,6 +24,7 @@ const CLAIM: u32 = 16;
 pub async fn run(
     store: Store,
     clock: Clock,
+    metrics: RelayMetrics,
     attention: AttentionConfig,
     wake: Arc<Notify>,
     dispatch: DispatchHandle,
@@ -42,6 +44,7 @@ pub async fn run(
                     {
                         Ok(matched) => {
                             expanded_any = true;
+                            metrics.expanded.add(&[], matched);
                             tracing::info!(%message_id, matched, "campaign expanded");
                             dispatch.new_work();
                         }

@@ -21,6 +21,7 @@ pub mod error;
 pub mod expansion;
 pub mod grpc;
 pub mod learning;
+pub mod metrics;
 pub mod policy;
 pub mod pricing;
 pub mod receipts;
@@ -43,6 +44,7 @@ pub use config::Config;
 
 use crate::dispatch::DispatchConfig;
 use crate::grpc::{AdminService, EnterpriseService, IngressService, Market, Relay};
+use crate::metrics::RelayMetrics;
 use crate::storage::Store;
 
 /// Largest gRPC message the relay accepts or sends.
@@ -66,6 +68,21 @@ pub async fn run(
 
     let cancel = CancellationToken::new();
     let workers = cancel.child_token();
+    let registry = chukei_proto::metrics::Registry::new();
+    let metrics = RelayMetrics::new(&registry);
+    let metrics_task = match config.metrics_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await?;
+            tracing::info!(addr = %listener.local_addr()?, "metrics endpoint listening");
+            Some(tokio::spawn(chukei_proto::metrics::serve(
+                listener,
+                registry.clone(),
+                workers.clone(),
+            )))
+        }
+        None => None,
+    };
+    metrics::collect_on_scrape(store.clone(), clock.clone(), metrics.clone());
     let (dispatch, dispatch_task) = dispatch::start(
         store.clone(),
         clock.clone(),
@@ -74,6 +91,7 @@ pub async fn run(
             batch_size: config.batch_size,
             batches_in_flight: config.batches_in_flight,
             poll_interval: Duration::from_millis(config.poll_interval_ms),
+            metrics: metrics.clone(),
         },
         workers.clone(),
     );
@@ -82,6 +100,7 @@ pub async fn run(
     let expander_task = tokio::spawn(expansion::run(
         store.clone(),
         clock.clone(),
+        metrics.clone(),
         attention,
         expand.clone(),
         dispatch.clone(),
@@ -112,6 +131,7 @@ pub async fn run(
         message_ttl_ms: (config.message_ttl_secs * 1000) as i64,
         attention,
         thresholds: config.thresholds(),
+        metrics,
         market: Market {
             zone_name: config.billing_zone.as_str().into(),
             zone: jiff::tz::TimeZone::get(&config.billing_zone)?,
@@ -130,6 +150,10 @@ pub async fn run(
         .await;
 
     let router = tonic::transport::Server::builder()
+        .layer(chukei_proto::metrics::RpcMetricsLayer::new(
+            &registry,
+            "chukei_relay_rpc_duration_seconds",
+        ))
         .add_service(health_service)
         .add_service(server::reflection()?)
         .add_service(server::reflection_v1alpha()?)
@@ -157,6 +181,9 @@ pub async fn run(
         let _ = expander_task.await;
         let _ = control_task.await;
         let _ = rollup_task.await;
+        if let Some(task) = metrics_task {
+            let _ = task.await;
+        }
     })
     .await;
     if stopped.is_err() {

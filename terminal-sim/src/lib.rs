@@ -89,6 +89,10 @@ pub struct FleetOptions {
     )]
     pub open_mode: OpenMode,
 
+    /// Address of the Prometheus endpoint (`GET /metrics`); unset: no endpoint.
+    #[arg(long, env = "CHUKEI_TERMINAL_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
     #[command(flatten)]
     pub clock: ClockArgs,
 }
@@ -128,7 +132,21 @@ pub async fn run_fleet(
     health_reporter
         .set_not_serving::<TerminalServer<Terminals>>()
         .await;
+    let registry = chukei_proto::metrics::Registry::new();
+    if let Some(addr) = options.metrics_listen {
+        let listener = TcpListener::bind(addr).await?;
+        tracing::info!(addr = %listener.local_addr()?, "metrics endpoint listening");
+        tokio::spawn(chukei_proto::metrics::serve(
+            listener,
+            registry.clone(),
+            cancel.clone(),
+        ));
+    }
     let router = tonic::transport::Server::builder()
+        .layer(chukei_proto::metrics::RpcMetricsLayer::new(
+            &registry,
+            "chukei_terminal_rpc_duration_seconds",
+        ))
         .add_service(health_service)
         .add_service(server::reflection()?)
         .add_service(server::reflection_v1alpha()?)

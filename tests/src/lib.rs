@@ -270,6 +270,8 @@ async fn shutdown_on(stopped: oneshot::Receiver<()>) {
 pub struct CarrierNode {
     pub carrier_id: String,
     pub addr: SocketAddr,
+    /// Where its Prometheus endpoint listens, when the settings ask for one.
+    pub metrics: Option<SocketAddr>,
     pub token: String,
     data_dir: PathBuf,
     running: Option<Running>,
@@ -318,6 +320,8 @@ pub struct Settings {
     pub min_cohort: u32,
     /// What happens to a message without a bid in a slot sold by auction.
     pub unbid: relay_svc::auction::Unbid,
+    /// The relay and the carriers serve Prometheus metrics (on free ports).
+    pub metrics: bool,
 }
 
 impl Default for Settings {
@@ -331,6 +335,7 @@ impl Default for Settings {
             message_ttl_secs: 3600,
             min_cohort: 10,
             unbid: relay_svc::auction::Unbid::Refuse,
+            metrics: false,
         }
     }
 }
@@ -344,11 +349,24 @@ impl Settings {
     }
 }
 
+/// A free loopback address for a metrics endpoint, when `wanted`.
+fn metrics_addr(wanted: bool) -> std::io::Result<Option<SocketAddr>> {
+    if !wanted {
+        return Ok(None);
+    }
+    Ok(Some(SocketAddr::from((
+        [127, 0, 0, 1],
+        process::free_port()?,
+    ))))
+}
+
 /// A whole hub: the relay, its carriers and (once started) a terminal fleet.
 pub struct Hub {
     pub backend: Backend,
     settings: Settings,
     pub relay_addr: SocketAddr,
+    /// Where the relay's Prometheus endpoint listens, when the settings ask for one.
+    pub relay_metrics: Option<SocketAddr>,
     database_url: String,
     postgres_name: Option<String>,
     relay: Option<Running>,
@@ -397,10 +415,12 @@ impl Hub {
         };
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let relay_addr = listener.local_addr()?;
+        let relay_metrics = metrics_addr(settings.metrics)?;
         let mut hub = Self {
             backend,
             settings,
             relay_addr,
+            relay_metrics,
             database_url,
             postgres_name,
             relay: None,
@@ -415,6 +435,7 @@ impl Hub {
             let mut node = CarrierNode {
                 carrier_id: (*carrier_id).to_owned(),
                 addr: listener.local_addr()?,
+                metrics: metrics_addr(hub.settings.metrics)?,
                 token: format!("carrier-token-{carrier_id}-0123456789"),
                 data_dir: hub.dir.path().join(carrier_id),
                 running: None,
@@ -441,6 +462,7 @@ impl Hub {
     pub fn relay_config(&self) -> relay_svc::Config {
         relay_svc::Config {
             listen: self.relay_addr,
+            metrics_listen: self.relay_metrics,
             data_dir: self.dir.path().join("relay"),
             database_url: Some(self.database_url.clone()),
             admin_token: ADMIN_TOKEN.into(),
@@ -480,6 +502,7 @@ impl Hub {
             data_dir: node.data_dir.clone(),
             database_url: None,
             default_channel: "sms".into(),
+            metrics_listen: node.metrics,
             report_interval_secs: 1,
             poll_interval_ms: 100,
             shutdown_grace_secs: 5,
@@ -554,6 +577,7 @@ impl Hub {
             carrier_admin_token: Some(CARRIER_ADMIN_TOKEN.into()),
             enterprises,
             open_mode,
+            metrics_listen: None,
             clock: self.settings.clock_args(),
         };
         let (ready_tx, ready_rx) = oneshot::channel();

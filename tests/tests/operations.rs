@@ -197,3 +197,147 @@ fn the_operations_guide_lists_every_flag_the_binaries_take() {
         );
     }
 }
+
+/// `promtool`, when the run asks for the metrics lint (CI installs it).
+const PROMTOOL_ENV: &str = "CHUKEI_TEST_PROMTOOL";
+
+/// `GET /metrics` from `addr`: the body.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_owned()
+}
+
+/// The value of the series `series` (name and labels, exactly as exposed).
+fn value(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_count_the_work_and_pass_promtool() {
+    use chukei_proto::relay::v1 as pb;
+    use integration_tests::Settings;
+    use integration_tests::scene::{Setup, everyone, scene};
+
+    let scene = scene(
+        Backend::Sqlite,
+        Setup {
+            settings: Settings {
+                metrics: true,
+                ..Settings::default()
+            },
+            ..Setup::default()
+        },
+    )
+    .await
+    .unwrap();
+    let n = scene.fleet.users.len() as u64;
+    let id = scene
+        .send(
+            0,
+            pb::SendMessageRequest {
+                channel: chukei_proto::common::v1::Channel::Sms as i32,
+                ..everyone("metrics", "hello")
+            },
+        )
+        .await;
+    scene.wait(0, &id, |s| s.delivered == n).await;
+    let refused = scene
+        .client(0)
+        .send_message(pb::SendMessageRequest::default())
+        .await;
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::InvalidArgument);
+
+    let relay = scrape(scene.hub.relay_metrics.unwrap()).await;
+    let n = n as f64;
+    assert_eq!(
+        value(
+            &relay,
+            r#"chukei_relay_messages_accepted_total{target="all"}"#
+        ),
+        Some(1.0),
+        "{relay}"
+    );
+    assert_eq!(
+        value(&relay, "chukei_relay_recipients_expanded_total"),
+        Some(n)
+    );
+    assert_eq!(
+        value(
+            &relay,
+            r#"chukei_relay_deliveries_handed_over_total{carrier="alpha"}"#
+        ),
+        Some(n)
+    );
+    assert!(
+        value(
+            &relay,
+            r#"chukei_relay_receipts_total{carrier="alpha",kind="delivered"}"#
+        )
+        .is_some_and(|v| v >= n),
+        "{relay}"
+    );
+    assert!(
+        relay.contains(r#"chukei_relay_deliveries_pending{carrier="alpha"}"#),
+        "{relay}"
+    );
+    assert!(relay.contains(r#"chukei_relay_db_pool_connections{state="idle"}"#));
+    let send = r#"chukei_relay_rpc_duration_seconds_count{method="/chukei.relay.v1.EnterpriseApi/SendMessage",code="0"}"#;
+    assert_eq!(value(&relay, send), Some(1.0), "{relay}");
+    let invalid = r#"chukei_relay_rpc_duration_seconds_count{method="/chukei.relay.v1.EnterpriseApi/SendMessage",code="3"}"#;
+    assert_eq!(value(&relay, invalid), Some(1.0), "{relay}");
+
+    let carrier = scrape(scene.hub.carriers[0].metrics.unwrap()).await;
+    assert_eq!(
+        value(&carrier, "chukei_carrier_deliveries_accepted_total"),
+        Some(n)
+    );
+    assert_eq!(
+        value(
+            &carrier,
+            r#"chukei_carrier_messages_pushed_total{channel="sms"}"#
+        ),
+        Some(n),
+        "{carrier}"
+    );
+
+    let Ok(promtool) = std::env::var(PROMTOOL_ENV) else {
+        eprintln!("{PROMTOOL_ENV} is not set: the promtool lint skipped");
+        return;
+    };
+    for (name, body) in [("relay", relay), ("carrier", carrier)] {
+        use tokio::io::AsyncWriteExt;
+        let mut child = tokio::process::Command::new(&promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .await
+            .unwrap();
+        let output = child.wait_with_output().await.unwrap();
+        assert!(
+            output.status.success() && output.stdout.is_empty() && output.stderr.is_empty(),
+            "promtool check metrics on the {name}'s scrape: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}

@@ -420,6 +420,10 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
             .await?;
         tracing::Span::current().record("message_id", stored.row.message_id.as_str());
         if stored.created {
+            relay
+                .metrics
+                .accepted
+                .inc(&[("target", message.target.kind())]);
             tracing::info!(target_kind = message.target.kind(), matched = ?stored.row.matched, "message accepted");
             match stored.row.state {
                 MessageState::Accepted => relay.expand.notify_one(),

@@ -43,6 +43,7 @@ pub struct Relay {
     pub message_ttl_ms: i64,
     pub attention: AttentionConfig,
     pub thresholds: Thresholds,
+    pub metrics: crate::metrics::RelayMetrics,
     pub market: Market,
 }
 

@@ -112,6 +112,11 @@ impl Store {
         on_pool!(self, pool => pool.close().await);
     }
 
+    /// The pool's open connections and how many of them are idle.
+    pub fn pool_connections(&self) -> (u32, usize) {
+        on_pool!(self, pool => (pool.size(), pool.num_idle()))
+    }
+
     /// Checks that the database answers.
     pub async fn ping(&self) -> Result<()> {
         on_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;

@@ -1,0 +1,109 @@
+//! The relay's Prometheus metrics: what it accepted, expanded, handed over
+//! and heard back, per carrier, and the depth of its queues. Counters are
+//! bumped where the work happens; gauges are read from the database when
+//! Prometheus scrapes ([`collect_on_scrape`]). Labels name carriers, channels and kinds,
+//! never people.
+
+use std::sync::Arc;
+
+use chukei_proto::clock::Clock;
+use chukei_proto::metrics::{Counter, Gauge, Registry};
+
+use crate::storage::Store;
+
+/// Every metric the relay reports.
+#[derive(Clone, Debug)]
+pub struct RelayMetrics {
+    pub registry: Registry,
+    /// `target`: refs, all, service, segment.
+    pub accepted: Counter,
+    pub expanded: Counter,
+    pub handed_over: Counter,
+    /// `carrier`, `kind`.
+    pub receipts: Counter,
+    pub reconnects: Counter,
+    pending: Gauge,
+    oldest: Gauge,
+    backlog: Gauge,
+    pool: Gauge,
+}
+
+impl RelayMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        Self {
+            registry: registry.clone(),
+            accepted: registry.counter(
+                "chukei_relay_messages_accepted_total",
+                "Messages accepted by SendMessage, by target kind",
+            ),
+            expanded: registry.counter(
+                "chukei_relay_recipients_expanded_total",
+                "Recipients extracted from campaign targets",
+            ),
+            handed_over: registry.counter(
+                "chukei_relay_deliveries_handed_over_total",
+                "Delivery attempts acknowledged by a carrier, by carrier",
+            ),
+            receipts: registry.counter(
+                "chukei_relay_receipts_total",
+                "Receipts received from carriers, by carrier and kind (before deduplication)",
+            ),
+            reconnects: registry.counter(
+                "chukei_relay_carrier_stream_reconnects_total",
+                "Carrier Deliver streams that ended and were reopened, by carrier",
+            ),
+            pending: registry.gauge(
+                "chukei_relay_deliveries_pending",
+                "Deliveries due and not yet handed over, by carrier",
+            ),
+            oldest: registry.gauge(
+                "chukei_relay_deliveries_pending_oldest_age_seconds",
+                "Age of the oldest due delivery not yet handed over, by carrier",
+            ),
+            backlog: registry.gauge(
+                "chukei_relay_rollup_backlog",
+                "Events queued for the statistics and billing rollups",
+            ),
+            pool: registry.gauge(
+                "chukei_relay_db_pool_connections",
+                "Database pool connections, by state (idle, in_use)",
+            ),
+        }
+    }
+}
+
+/// Registers the collector that reads the gauges' values from the
+/// database at each scrape.
+pub fn collect_on_scrape(store: Store, clock: Clock, metrics: RelayMetrics) {
+    let registry = metrics.registry.clone();
+    registry.on_scrape(Arc::new(move || {
+        let (store, clock, metrics) = (store.clone(), clock.clone(), metrics.clone());
+        Box::pin(async move { metrics.refresh(&store, &clock).await })
+    }));
+}
+
+impl RelayMetrics {
+    async fn refresh(&self, store: &Store, clock: &Clock) {
+        let now = clock.now_ms();
+        match store.pending_by_carrier(now).await {
+            Ok(rows) => {
+                for (carrier, count, oldest) in rows {
+                    let labels = [("carrier", carrier.as_str())];
+                    self.pending.set(&labels, count as f64);
+                    let age = oldest.map_or(0, |due| (now - due).max(0));
+                    self.oldest.set(&labels, age as f64 / 1000.0);
+                }
+            }
+            Err(error) => tracing::warn!(%error, "reading queue depths failed"),
+        }
+        if let Ok(backlog) = store.roll_up_backlog().await {
+            self.backlog.set(&[], backlog as f64);
+        }
+        let (size, idle) = store.pool_connections();
+        self.pool.set(&[("state", "idle")], idle as f64);
+        self.pool.set(
+            &[("state", "in_use")],
+            (size as usize).saturating_sub(idle) as f64,
+        );
+    }
+}
