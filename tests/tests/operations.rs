@@ -341,3 +341,42 @@ async fn metrics_count_the_work_and_pass_promtool() {
         );
     }
 }
+
+/// The container health check: SERVING exits 0 (NOT_SERVING would be 1); a
+/// service the server does not host, or nothing listening, 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_health_check_binary_asks_grpc_health() {
+    let hub = Hub::start(Backend::Sqlite, &["alpha"])
+        .await
+        .unwrap()
+        .unwrap();
+    let health = test_binary("chukei-health").unwrap();
+    let run = |args: Vec<String>| {
+        let health = health.clone();
+        async move {
+            tokio::process::Command::new(health)
+                .args(args)
+                .output()
+                .await
+                .unwrap()
+                .status
+                .code()
+        }
+    };
+    let relay = hub.relay_url();
+    assert_eq!(run(vec![relay.clone()]).await, Some(0));
+    assert_eq!(
+        run(vec![relay.clone(), "chukei.relay.v1.EnterpriseApi".into()]).await,
+        Some(0)
+    );
+    assert_eq!(
+        run(vec![relay, "chukei.carrier.v1.Carrier".into()]).await,
+        Some(2),
+        "an unknown service is NOT_FOUND: the check cannot say it serves"
+    );
+    let closed = format!(
+        "http://127.0.0.1:{}",
+        integration_tests::process::free_port().unwrap()
+    );
+    assert_eq!(run(vec![closed]).await, Some(2));
+}

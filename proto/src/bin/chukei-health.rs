@@ -1,0 +1,46 @@
+//! `chukei-health URL [SERVICE]`: asks a Chukei server's `grpc.health.v1`
+//! whether it (or one of its services) is SERVING; exits 0 if so, 1 if not,
+//! 2 if it cannot ask. For container health checks, where no gRPC probe is
+//! built in.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let Some(url) = args.next() else {
+        eprintln!("usage: chukei-health URL [SERVICE]");
+        return ExitCode::from(2);
+    };
+    let service = args.next().unwrap_or_default();
+    let asked = async {
+        let channel = tonic::transport::Endpoint::from_shared(url)?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await?;
+        let response = HealthClient::new(channel)
+            .check(HealthCheckRequest { service })
+            .await?;
+        anyhow::Ok(response.into_inner().status())
+    };
+    match tokio::time::timeout(Duration::from_secs(5), asked).await {
+        Ok(Ok(ServingStatus::Serving)) => ExitCode::SUCCESS,
+        Ok(Ok(status)) => {
+            eprintln!("not serving: {status:?}");
+            ExitCode::from(1)
+        }
+        Ok(Err(error)) => {
+            eprintln!("health check failed: {error}");
+            ExitCode::from(2)
+        }
+        Err(_) => {
+            eprintln!("health check timed out");
+            ExitCode::from(2)
+        }
+    }
+}
