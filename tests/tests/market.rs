@@ -1038,7 +1038,124 @@ async fn concurrent_bids_and_sends_never_oversell(backend: Backend) {
     fixture.close().await;
 }
 
+/// Two relays on one database (or two workers) expanding the same campaign
+/// and folding the same events at once: each recipient is planned once and
+/// each event folded — and charged — once.
+async fn concurrent_expansions_and_folds_count_once(backend: Backend) {
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
+    let store = &fixture.store;
+    seed(store, &["ent_1"]).await;
+    let people: Vec<String> = (0..200).map(|i| format!("p{i:03}")).collect();
+    let contracts: Vec<Contract> = people
+        .iter()
+        .map(|user| Contract {
+            user_id: user.clone(),
+            primary: true,
+            active: true,
+        })
+        .collect();
+    store.upsert_contracts("c1", &contracts, 0).await.unwrap();
+    let registrations: Vec<NewRegistration> = people
+        .iter()
+        .map(|user| NewRegistration {
+            user_id: user.clone(),
+            enterprise_id: "ent_1".into(),
+            service_id: None,
+            profile: Profile::default(),
+        })
+        .collect();
+    store.register_users("c1", &registrations, 0).await.unwrap();
+    store.set_rate_card(&card(), "Asia/Tokyo", 0).await.unwrap();
+    let attention = AttentionConfig::default();
+    let campaign = NewMessage {
+        target: Target::AllRegistered,
+        all_carriers: false,
+        ..message("campaign", Vec::new(), None)
+    };
+    store
+        .accept_message("ent_1", "msg_c", &campaign, 0, 86_400_000, &attention)
+        .await
+        .unwrap();
+    let expansions: Vec<_> = (0..3)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .expand_message("msg_c", 0, &AttentionConfig::default())
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut matched = Vec::new();
+    for expansion in expansions {
+        matched.push(expansion.await.unwrap());
+    }
+    matched.sort_unstable();
+    assert_eq!(
+        matched,
+        vec![0, 0, 203],
+        "one expansion plans everyone (u1–u3 too)"
+    );
+    let due = store.due_deliveries("c1", 0, 0, 1_000).await.unwrap();
+    assert_eq!(due.len(), 203, "each recipient planned once");
+    store
+        .mark_handed_over(
+            &[("msg_c".to_owned(), due.iter().map(|d| d.id).collect())],
+            5,
+        )
+        .await
+        .unwrap();
+    let receipts: Vec<Receipt> = due
+        .iter()
+        .enumerate()
+        .flat_map(|(i, d)| {
+            let mut kinds = vec![EventKind::Delivered];
+            if i % 2 == 0 {
+                kinds.push(EventKind::Opened);
+            }
+            kinds
+                .into_iter()
+                .map(|kind| receipt("msg_c", &d.user_id, kind))
+        })
+        .collect();
+    store.record_receipts("c1", &receipts, 0).await.unwrap();
+    let folds: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { while store.roll_up_queued(37, 5_000).await.unwrap() > 0 {} })
+        })
+        .collect();
+    for fold in folds {
+        fold.await.unwrap();
+    }
+    assert_eq!(store.roll_up_backlog().await.unwrap(), 0);
+    assert_eq!(
+        store.message_charges("msg_c").await.unwrap(),
+        203 * 7 + 102 * 3
+    );
+    let counted: (i64, i64) = match store {
+        Store::Sqlite(pool) => sqlx::query_as(
+            "SELECT CAST(SUM(delivered) AS BIGINT), CAST(SUM(opened) AS BIGINT) FROM stats_cells",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap(),
+        Store::Postgres(pool) => sqlx::query_as(
+            "SELECT CAST(SUM(delivered) AS BIGINT), CAST(SUM(opened) AS BIGINT) FROM stats_cells",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap(),
+    };
+    assert_eq!(counted, (203, 102), "statistics fold each event once");
+    fixture.close().await;
+}
+
 backend_tests!(
+    concurrent_expansions_and_folds_count_once,
     quote_charge_statement_and_revenue_agree,
     an_auction_sells_scarce_capacity,
     the_ledger_charges_deduplicated_events_once,

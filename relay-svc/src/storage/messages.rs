@@ -534,8 +534,21 @@ impl Store {
             }
             _ => None,
         };
+        // The message's row is claimed first: an expansion that ran meanwhile
+        // (another relay) leaves it expanded, and this one does nothing.
+        let claim = format!(
+            "SELECT state FROM messages WHERE id = $1{}",
+            self.claim(false)
+        );
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
+            let state: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(claim))
+                .bind(message_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            if state != 1 {
+                return Ok(0);
+            }
             execute_all!(tx, message_id, statements)?;
             if let Some(bandit) = &bandit {
                 choose_channels_per_person!(tx, self, message_id, bandit);

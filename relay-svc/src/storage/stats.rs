@@ -156,11 +156,15 @@ impl Store {
             self.in_id_list("seq", 1)
         );
         let upserts: Vec<(String, String)> = ROLLUPS.iter().map(Rollup::upsert).collect();
+        // Claimed: two folds at once (two relays on one PostgreSQL database)
+        // take different events, so nothing is folded or charged twice.
+        let select = format!(
+            "SELECT seq, message_id, user_id, kind FROM rollup_queue ORDER BY seq LIMIT $1{}",
+            self.claim(true)
+        );
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            let queued: Vec<(i64, String, String, i64)> = sqlx::query_as(
-                "SELECT seq, message_id, user_id, kind FROM rollup_queue ORDER BY seq LIMIT $1",
-            )
+            let queued: Vec<(i64, String, String, i64)> = sqlx::query_as(AssertSqlSafe(select))
             .bind(i64::from(limit))
             .fetch_all(&mut *tx)
             .await?;
