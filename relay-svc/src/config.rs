@@ -96,6 +96,17 @@ pub struct Config {
     #[arg(long, env = "CHUKEI_RELAY_UNBID_IN_AUCTIONED_SLOT", value_enum, default_value_t = Unbid::Refuse)]
     pub unbid_in_auctioned_slot: Unbid,
 
+    /// This replica's name in leases shared with other relays on the same
+    /// database (default: host name and listening port).
+    #[arg(long, env = "CHUKEI_RELAY_REPLICA_ID")]
+    pub replica_id: Option<String>,
+
+    /// How long a replica's leases (carrier streams, the follow-through
+    /// loop) last without renewal: how soon another replica takes over from
+    /// one that died (seconds).
+    #[arg(long, env = "CHUKEI_RELAY_LEASE_TTL_SECS", default_value_t = 10)]
+    pub lease_ttl_secs: u64,
+
     /// Address of the Prometheus endpoint (`GET /metrics`); unset: no endpoint.
     #[arg(long, env = "CHUKEI_RELAY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -143,6 +154,16 @@ impl Config {
                 "--billing-zone: {:?} is not an IANA time zone",
                 self.billing_zone
             );
+        }
+        if !(1..=300).contains(&self.lease_ttl_secs) {
+            anyhow::bail!("--lease-ttl-secs: must be 1..300");
+        }
+        if self
+            .replica_id
+            .as_ref()
+            .is_some_and(|id| id.is_empty() || id.len() > 128)
+        {
+            anyhow::bail!("--replica-id: must be 1..128 characters");
         }
         if self.reprice_interval_secs == 0 {
             anyhow::bail!("--reprice-interval-secs: must be positive");

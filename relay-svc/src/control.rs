@@ -10,6 +10,7 @@ use chukei_proto::clock::Clock;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::DispatchHandle;
+use crate::lease::Lease;
 use crate::storage::Store;
 
 /// Runs passes every `interval` of real time (the clock decides what is due,
@@ -20,9 +21,17 @@ pub async fn run(
     dispatch: DispatchHandle,
     interval: Duration,
     reprice_interval_ms: i64,
+    lease: Lease,
     cancel: CancellationToken,
 ) {
     loop {
+        // One replica at a time runs the follow-through.
+        if !lease.hold(&store, "control").await {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(lease.renew_every()) => continue,
+            }
+        }
         let now = clock.now_ms();
         match store.close_due_slots(now).await {
             Ok(closed) => {

@@ -36,6 +36,8 @@ pub struct DispatchConfig {
     pub batches_in_flight: usize,
     pub poll_interval: Duration,
     pub metrics: crate::metrics::RelayMetrics,
+    /// Each carrier's stream is held by one replica at a time.
+    pub lease: crate::lease::Lease,
 }
 
 /// A cheap-to-clone handle to the dispatch supervisor.
@@ -108,39 +110,51 @@ struct Supervisor {
 }
 
 impl Supervisor {
+    /// Every lease period, and whenever a carrier changes: holds the lease of
+    /// every registered carrier it can, runs a dispatcher for each carrier
+    /// it holds, and stops the dispatcher of any carrier it lost.
     async fn run(self, mut commands: mpsc::Receiver<String>, cancel: CancellationToken) {
         let mut tasks = JoinSet::new();
         let mut running: HashMap<String, CancellationToken> = HashMap::new();
-        let mut initial = match self.store.carriers().await {
-            Ok(carriers) => carriers.into_iter().map(|c| c.carrier_id).collect(),
-            Err(error) => {
-                tracing::error!(%error, "could not list carriers; dispatchers start when carriers are registered");
-                Vec::new()
-            }
-        };
+        let mut renew = tokio::time::interval(self.config.lease.renew_every());
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let next = if let Some(carrier_id) = initial.pop() {
-                Some(carrier_id)
-            } else {
-                tokio::select! {
-                    () = cancel.cancelled() => None,
-                    command = commands.recv() => command,
+            let changed = tokio::select! {
+                () = cancel.cancelled() => break,
+                command = commands.recv() => match command {
+                    Some(carrier_id) => Some(carrier_id),
+                    None => break,
+                },
+                _ = renew.tick() => None,
+            };
+            let carriers = match self.store.carriers().await {
+                Ok(carriers) => carriers.into_iter().map(|c| c.carrier_id),
+                Err(error) => {
+                    tracing::warn!(%error, "could not list carriers, will retry");
+                    continue;
                 }
             };
-            let Some(carrier_id) = next else { break };
-            if let Some(previous) = running.remove(&carrier_id) {
-                previous.cancel();
+            for carrier_id in carriers {
+                let held = self
+                    .config
+                    .lease
+                    .hold(&self.store, &format!("carrier:{carrier_id}"))
+                    .await;
+                let restart = changed.as_deref() == Some(carrier_id.as_str());
+                match (held, running.contains_key(&carrier_id)) {
+                    (false, true) => {
+                        tracing::info!(carrier_id = %carrier_id, "carrier lease lost, stopping its stream");
+                        if let Some(token) = running.remove(&carrier_id) {
+                            token.cancel();
+                        }
+                    }
+                    (true, false) => self.spawn(&mut tasks, &mut running, carrier_id, &cancel),
+                    (true, true) if restart => {
+                        self.spawn(&mut tasks, &mut running, carrier_id, &cancel)
+                    }
+                    _ => {}
+                }
             }
-            let token = cancel.child_token();
-            running.insert(carrier_id.clone(), token.clone());
-            let dispatcher = Dispatcher {
-                carrier_id,
-                store: self.store.clone(),
-                clock: self.clock.clone(),
-                config: self.config.clone(),
-                handle: self.handle.clone(),
-            };
-            tasks.spawn(dispatcher.run(token));
             // Reap finished dispatchers so the set does not grow.
             while tasks.try_join_next().is_some() {}
         }
@@ -148,6 +162,30 @@ impl Supervisor {
             token.cancel();
         }
         while tasks.join_next().await.is_some() {}
+    }
+
+    /// (Re)starts the dispatcher of `carrier_id`.
+    fn spawn(
+        &self,
+        tasks: &mut JoinSet<()>,
+        running: &mut HashMap<String, CancellationToken>,
+        carrier_id: String,
+        cancel: &CancellationToken,
+    ) {
+        if let Some(previous) = running.remove(&carrier_id) {
+            previous.cancel();
+        }
+        let token = cancel.child_token();
+        running.insert(carrier_id.clone(), token.clone());
+        tracing::info!(carrier_id = %carrier_id, replica = %self.config.lease.replica, "carrier lease held, opening its stream");
+        let dispatcher = Dispatcher {
+            carrier_id,
+            store: self.store.clone(),
+            clock: self.clock.clone(),
+            config: self.config.clone(),
+            handle: self.handle.clone(),
+        };
+        tasks.spawn(dispatcher.run(token));
     }
 }
 

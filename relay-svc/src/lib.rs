@@ -21,6 +21,7 @@ pub mod error;
 pub mod expansion;
 pub mod grpc;
 pub mod learning;
+pub mod lease;
 pub mod metrics;
 pub mod policy;
 pub mod pricing;
@@ -44,6 +45,7 @@ pub use config::Config;
 
 use crate::dispatch::DispatchConfig;
 use crate::grpc::{AdminService, EnterpriseService, IngressService, Market, Relay};
+use crate::lease::Lease;
 use crate::metrics::RelayMetrics;
 use crate::storage::Store;
 
@@ -68,6 +70,17 @@ pub async fn run(
 
     let cancel = CancellationToken::new();
     let workers = cancel.child_token();
+    let lease = Lease {
+        replica: config
+            .replica_id
+            .clone()
+            .unwrap_or_else(|| {
+                lease::default_replica_id(listener.local_addr().map_or(0, |a| a.port()))
+            })
+            .into(),
+        ttl: Duration::from_secs(config.lease_ttl_secs),
+    };
+    tracing::info!(replica = %lease.replica, "relay replica");
     let registry = chukei_proto::metrics::Registry::new();
     let metrics = RelayMetrics::new(&registry);
     let metrics_task = match config.metrics_listen {
@@ -92,6 +105,7 @@ pub async fn run(
             batches_in_flight: config.batches_in_flight,
             poll_interval: Duration::from_millis(config.poll_interval_ms),
             metrics: metrics.clone(),
+            lease: lease.clone(),
         },
         workers.clone(),
     );
@@ -112,6 +126,7 @@ pub async fn run(
         dispatch.clone(),
         Duration::from_millis(config.poll_interval_ms),
         (config.reprice_interval_secs * 1000) as i64,
+        lease.clone(),
         workers.clone(),
     ));
 
@@ -189,6 +204,7 @@ pub async fn run(
     if stopped.is_err() {
         tracing::warn!("workers did not stop within the grace period");
     }
+    lease.release_all(&store).await;
     store.close().await;
     tracing::info!("relay stopped");
     served

@@ -322,6 +322,8 @@ pub struct Settings {
     pub unbid: relay_svc::auction::Unbid,
     /// The relay and the carriers serve Prometheus metrics (on free ports).
     pub metrics: bool,
+    /// How long relay leases last (how soon a replica takes over from a dead one).
+    pub lease_ttl_secs: u64,
 }
 
 impl Default for Settings {
@@ -336,6 +338,7 @@ impl Default for Settings {
             min_cohort: 10,
             unbid: relay_svc::auction::Unbid::Refuse,
             metrics: false,
+            lease_ttl_secs: 10,
         }
     }
 }
@@ -370,6 +373,8 @@ pub struct Hub {
     database_url: String,
     postgres_name: Option<String>,
     relay: Option<Running>,
+    /// Further relay replicas on the same database.
+    replicas: Vec<(SocketAddr, Running)>,
     pub carriers: Vec<CarrierNode>,
     fleet: Option<(Running, Terminals)>,
     dir: tempfile::TempDir,
@@ -424,6 +429,7 @@ impl Hub {
             database_url,
             postgres_name,
             relay: None,
+            replicas: Vec::new(),
             carriers: Vec::new(),
             fleet: None,
             dir,
@@ -479,8 +485,35 @@ impl Hub {
             billing_zone: "Asia/Tokyo".into(),
             reprice_interval_secs: 3600,
             unbid_in_auctioned_slot: self.settings.unbid,
+            replica_id: None,
+            lease_ttl_secs: self.settings.lease_ttl_secs,
             shutdown_grace_secs: 5,
             clock: self.settings.clock_args(),
+        }
+    }
+
+    /// Starts another relay replica on the same database; returns its URL.
+    pub async fn start_replica(&mut self) -> anyhow::Result<String> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let config = relay_svc::Config {
+            listen: addr,
+            metrics_listen: None,
+            ..self.relay_config()
+        };
+        let running = Running::spawn(listener, |listener, stopped| {
+            relay_svc::run(config, listener, shutdown_on(stopped))
+        });
+        self.replicas.push((addr, running));
+        let url = format!("http://{addr}");
+        wait_healthy(&url).await?;
+        Ok(url)
+    }
+
+    /// Kills the first relay abruptly, for good (its replicas stay).
+    pub async fn kill_relay(&mut self) {
+        if let Some(running) = self.relay.take() {
+            running.kill().await;
         }
     }
 
@@ -514,7 +547,12 @@ impl Hub {
     }
 
     pub async fn admin(&self) -> anyhow::Result<Admin> {
-        let channel = Channel::from_shared(self.relay_url())?.connect().await?;
+        Self::admin_at(&self.relay_url()).await
+    }
+
+    /// An Admin client of the relay (replica) at `url`.
+    pub async fn admin_at(url: &str) -> anyhow::Result<Admin> {
+        let channel = Channel::from_shared(url.to_owned())?.connect().await?;
         Ok(AdminClient::with_interceptor(
             channel,
             BearerInterceptor::new(ADMIN_TOKEN)?,
@@ -523,7 +561,12 @@ impl Hub {
 
     /// An EnterpriseApi client presenting `api_key`.
     pub async fn enterprise(&self, api_key: &str) -> anyhow::Result<Enterprise> {
-        let channel = Channel::from_shared(self.relay_url())?.connect().await?;
+        Self::enterprise_at(&self.relay_url(), api_key).await
+    }
+
+    /// An EnterpriseApi client of the relay (replica) at `url`.
+    pub async fn enterprise_at(url: &str, api_key: &str) -> anyhow::Result<Enterprise> {
+        let channel = Channel::from_shared(url.to_owned())?.connect().await?;
         Ok(EnterpriseApiClient::with_interceptor(
             channel,
             BearerInterceptor::new(api_key)?,
@@ -724,6 +767,9 @@ impl Hub {
             }
         }
         if let Some(running) = self.relay.take() {
+            running.stop().await?;
+        }
+        for (_, running) in self.replicas.drain(..) {
             running.stop().await?;
         }
         if let Some(name) = &self.postgres_name {

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
-use integration_tests::{Backend, Hub, backend_tests, eventually, registered_users, send_request};
+use integration_tests::{
+    Backend, Hub, Settings, backend_tests, eventually, registered_users, send_request,
+};
 
 fn broadcast(key: &str, text: &str) -> pb::SendMessageRequest {
     send_request(
@@ -223,7 +225,120 @@ async fn deliveries_wait_for_terminals_to_attach(backend: Backend) {
     hub.shutdown().await.unwrap();
 }
 
+/// Two relay replicas on one database: each carrier's stream is held by
+/// exactly one of them (a lease), either serves enterprises, and when the one
+/// holding the carriers dies mid-campaign the other takes them over once the
+/// lease expires — nothing lost, nothing delivered or counted twice.
+async fn two_relays_share_the_work_and_one_takes_over(backend: Backend) {
+    let settings = Settings {
+        lease_ttl_secs: 2,
+        ..Settings::default()
+    };
+    let carriers = ["alpha", "beta"];
+    let Some(mut hub) = Hub::start_settings(backend, &carriers, settings)
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let replica = hub.start_replica().await.unwrap();
+    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
+    let fleet = Fleet::generate(24, 300, &carriers.map(str::to_owned)).with_every_channel();
+    let choice = vec![EnterpriseChoice {
+        enterprise_id: shop.clone(),
+        service_ids: vec![],
+    }];
+    let terminals = hub
+        .start_fleet(fleet.clone(), choice, OpenMode::Always)
+        .await
+        .unwrap();
+    let registered = registered_users(&fleet, &shop);
+
+    // Each carrier's stream is open from exactly one replica.
+    let urls = [hub.relay_url(), replica.clone()];
+    eventually(
+        "each carrier held by one replica",
+        Duration::from_secs(30),
+        || async {
+            let mut holders: HashMap<String, usize> = HashMap::new();
+            for url in &urls {
+                let mut admin = Hub::admin_at(url).await.ok()?;
+                let stats = admin
+                    .get_carrier_stats(pb::GetCarrierStatsRequest::default())
+                    .await
+                    .ok()?
+                    .into_inner();
+                for carrier in stats.carriers.into_iter().filter(|c| c.connected) {
+                    *holders.entry(carrier.carrier_id).or_default() += 1;
+                }
+            }
+            (holders.len() == 2 && holders.values().all(|n| *n == 1)).then_some(())
+        },
+    )
+    .await;
+
+    // A campaign sent through the replica; the first relay dies at once.
+    let mut client = Hub::enterprise_at(&replica, &key).await.unwrap();
+    let sent = client
+        .send_message(broadcast("takeover", "still arrives"))
+        .await
+        .unwrap()
+        .into_inner();
+    hub.kill_relay().await;
+    let status = eventually(
+        "everyone reached and read",
+        Duration::from_secs(60),
+        || async {
+            let mut client = Hub::enterprise_at(&replica, &key).await.ok()?;
+            let status = client
+                .get_message(pb::GetMessageRequest {
+                    message_id: sent.message_id.clone(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (status.matched > 0 && status.opened == status.matched).then_some(status)
+        },
+    )
+    .await;
+    assert_eq!(status.matched as usize, registered.len());
+    assert_eq!(status.handed_over, status.matched);
+    assert_eq!(status.delivered, status.matched);
+    assert_exactly_once(&terminals, &sent.message_id, &registered);
+    // The survivor holds both carriers' streams now.
+    let stats = Hub::admin_at(&replica)
+        .await
+        .unwrap()
+        .get_carrier_stats(pb::GetCarrierStatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        stats.carriers.iter().all(|c| c.connected) && stats.carriers.len() == 2,
+        "{stats:?}"
+    );
+    // The statistics the replica folds count every delivery once.
+    let n = status.matched;
+    eventually(
+        "statistics folded once",
+        Duration::from_secs(30),
+        || async {
+            let mut client = Hub::enterprise_at(&replica, &key).await.ok()?;
+            let stats = client
+                .get_stats(pb::GetStatsRequest::default())
+                .await
+                .ok()?
+                .into_inner();
+            let row = stats.rows.first()?;
+            (row.delivered == n && row.opened == n).then_some(())
+        },
+    )
+    .await;
+    hub.shutdown().await.unwrap();
+}
+
 backend_tests!(
+    two_relays_share_the_work_and_one_takes_over,
     a_carrier_killed_mid_campaign_loses_nothing,
     a_relay_killed_with_pending_deliveries_loses_nothing,
     deliveries_wait_for_terminals_to_attach,

@@ -137,3 +137,34 @@ impl Store {
         Ok(id)
     }
 }
+
+impl Store {
+    /// Takes or renews lease `name` for `owner` until `now + ttl_ms`: granted
+    /// when nobody holds it, `owner` already does, or the holder's lease
+    /// expired. Returns whether `owner` holds it now.
+    pub async fn hold_lease(&self, name: &str, owner: &str, now: i64, ttl_ms: i64) -> Result<bool> {
+        let held: Option<String> = on_pool!(self, pool => sqlx::query_scalar(
+            "INSERT INTO leases (name, owner, expires_at) VALUES ($1, $2, $3)
+             ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at
+             WHERE leases.owner = excluded.owner OR leases.expires_at < $4
+             RETURNING owner",
+        )
+        .bind(name)
+        .bind(owner)
+        .bind(now + ttl_ms)
+        .bind(now)
+        .fetch_optional(pool)
+        .await)?;
+        Ok(held.is_some())
+    }
+
+    /// Gives up every lease `owner` holds.
+    pub async fn release_leases(&self, owner: &str) -> Result<()> {
+        on_pool!(self, pool => sqlx::query("DELETE FROM leases WHERE owner = $1")
+            .bind(owner)
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
+}
