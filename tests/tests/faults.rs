@@ -48,7 +48,20 @@ async fn campaign_hub(
     seed: u64,
     users: usize,
 ) -> Option<(Hub, String, Terminals, HashMap<String, SimUser>)> {
-    let mut hub = Hub::start(backend, carriers).await.unwrap()?;
+    campaign_hub_with(backend, carriers, seed, users, Settings::default()).await
+}
+
+/// [`campaign_hub`] with `settings`.
+async fn campaign_hub_with(
+    backend: Backend,
+    carriers: &[&str],
+    seed: u64,
+    users: usize,
+    settings: Settings,
+) -> Option<(Hub, String, Terminals, HashMap<String, SimUser>)> {
+    let mut hub = Hub::start_settings(backend, carriers, settings)
+        .await
+        .unwrap()?;
     let (shop, key) = hub.create_enterprise("shop").await.unwrap();
     let fleet = Fleet::generate(
         seed,
@@ -234,25 +247,12 @@ async fn two_relays_share_the_work_and_one_takes_over(backend: Backend) {
         lease_ttl_secs: 2,
         ..Settings::default()
     };
-    let carriers = ["alpha", "beta"];
-    let Some(mut hub) = Hub::start_settings(backend, &carriers, settings)
-        .await
-        .unwrap()
+    let Some((mut hub, key, terminals, registered)) =
+        campaign_hub_with(backend, &["alpha", "beta"], 24, 300, settings).await
     else {
         return;
     };
     let replica = hub.start_replica().await.unwrap();
-    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
-    let fleet = Fleet::generate(24, 300, &carriers.map(str::to_owned)).with_every_channel();
-    let choice = vec![EnterpriseChoice {
-        enterprise_id: shop.clone(),
-        service_ids: vec![],
-    }];
-    let terminals = hub
-        .start_fleet(fleet.clone(), choice, OpenMode::Always)
-        .await
-        .unwrap();
-    let registered = registered_users(&fleet, &shop);
 
     // Each carrier's stream is open from exactly one replica.
     let urls = [hub.relay_url(), replica.clone()];
