@@ -65,6 +65,12 @@ pub struct Config {
     #[arg(long, env = "CHUKEI_CARRIER_POLL_INTERVAL_MS", default_value_t = 500)]
     pub poll_interval_ms: u64,
 
+    /// Deliveries per second (real time) this carrier takes from the relay;
+    /// 0: as fast as they come. Models a slow carrier: the backlog waits at
+    /// the relay.
+    #[arg(long, env = "CHUKEI_CARRIER_PACE_PER_SEC", default_value_t = 0)]
+    pub pace_per_sec: u32,
+
     /// Address of the Prometheus endpoint (`GET /metrics`); unset: no endpoint.
     #[arg(long, env = "CHUKEI_CARRIER_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,

@@ -52,6 +52,7 @@ pub struct Shared {
     admin_token: Arc<str>,
     default_channel: i64,
     report_interval_secs: u64,
+    pace_per_sec: u32,
     poll_interval: Duration,
     terminals: TerminalsHandle,
     /// Bumped when receipts are queued: wakes the relay stream.
@@ -120,6 +121,7 @@ pub async fn run(
         admin_token: config.admin_token.as_str().into(),
         default_channel: config.default_channel()?,
         report_interval_secs: config.report_interval_secs,
+        pace_per_sec: config.pace_per_sec,
         poll_interval: Duration::from_millis(config.poll_interval_ms),
         terminals,
         outbox_changed: Arc::new(watch::channel(0).0),

@@ -62,6 +62,64 @@ impl pb::carrier_server::Carrier for DeliverService {
 
 type Up = mpsc::Sender<Result<pb::CarrierToRelay, Status>>;
 
+/// Stores a batch from the relay (duplicates dropped) and acknowledges it.
+async fn accept(shared: &Shared, up: &Up, batch: pb::DeliveryBatch) -> anyhow::Result<()> {
+    let deliveries: Vec<Delivery> = batch
+        .deliveries
+        .into_iter()
+        .filter_map(|d| delivery_from_wire(d, shared.default_channel))
+        .collect();
+    let fresh = shared
+        .store
+        .accept_batch(&deliveries, shared.clock.now_ms())
+        .await?;
+    send(
+        up,
+        pb::carrier_to_relay::Kind::BatchAck(pb::BatchAck {
+            batch_id: batch.batch_id,
+        }),
+    )
+    .await?;
+    tracing::debug!(
+        batch_id = batch.batch_id,
+        received = deliveries.len(),
+        fresh,
+        "batch accepted"
+    );
+    if fresh > 0 {
+        shared.metrics.accepted.add(&[], fresh as u64);
+        shared.terminals.new_work();
+    }
+    Ok(())
+}
+
+/// A carrier's capacity in deliveries per second (real time): each batch is
+/// taken when the previous ones' share of it has passed.
+struct Pace {
+    per_sec: u32,
+    next_free: tokio::time::Instant,
+}
+
+impl Pace {
+    fn new(per_sec: u32) -> Self {
+        Self {
+            per_sec,
+            next_free: tokio::time::Instant::now(),
+        }
+    }
+
+    /// When a batch of `deliveries` may be taken (`None`: at once, unpaced).
+    fn slot(&mut self, deliveries: usize) -> Option<tokio::time::Instant> {
+        if self.per_sec == 0 {
+            return None;
+        }
+        let start = self.next_free.max(tokio::time::Instant::now());
+        self.next_free =
+            start + Duration::from_secs_f64(deliveries as f64 / f64::from(self.per_sec));
+        Some(start)
+    }
+}
+
 async fn session(
     shared: &Shared,
     generation: u64,
@@ -74,6 +132,11 @@ async fn session(
     let mut next_report = Box::pin(shared.clock.sleep(interval));
     let mut unacked: VecDeque<i64> = VecDeque::new();
     let mut sent_seq = 0_i64;
+    // A paced carrier takes each batch when its capacity allows: the relay's
+    // unacknowledged batches are the only buffer, so the backlog stays in the
+    // relay's database.
+    let mut pace = Pace::new(shared.pace_per_sec);
+    let mut waiting: VecDeque<(tokio::time::Instant, pb::DeliveryBatch)> = VecDeque::new();
     // A new relay session gets every count again with the next report.
     shared.store.mark_counts_changed().await?;
     loop {
@@ -102,8 +165,14 @@ async fn session(
             };
             send(up, pb::carrier_to_relay::Kind::Receipts(batch)).await?;
         }
+        let next_slot = waiting.front().map(|(at, _)| *at);
         tokio::select! {
             () = shared.cancel.cancelled() => return Ok(()),
+            () = tokio::time::sleep_until(next_slot.unwrap_or_else(tokio::time::Instant::now)), if next_slot.is_some() => {
+                if let Some((_, batch)) = waiting.pop_front() {
+                    accept(shared, up, batch).await?;
+                }
+            }
             changed = sessions.changed() => {
                 changed?;
                 if *sessions.borrow() != generation {
@@ -114,20 +183,10 @@ async fn session(
             message = inbound.message() => {
                 let Some(message) = message? else { return Ok(()) };
                 match message.kind {
-                    Some(pb::relay_to_carrier::Kind::Batch(batch)) => {
-                        let deliveries: Vec<Delivery> = batch
-                            .deliveries
-                            .into_iter()
-                            .filter_map(|d| delivery_from_wire(d, shared.default_channel))
-                            .collect();
-                        let fresh = shared.store.accept_batch(&deliveries, shared.clock.now_ms()).await?;
-                        send(up, pb::carrier_to_relay::Kind::BatchAck(pb::BatchAck { batch_id: batch.batch_id })).await?;
-                        tracing::debug!(batch_id = batch.batch_id, received = deliveries.len(), fresh, "batch accepted");
-                        if fresh > 0 {
-                            shared.metrics.accepted.add(&[], fresh as u64);
-                            shared.terminals.new_work();
-                        }
-                    }
+                    Some(pb::relay_to_carrier::Kind::Batch(batch)) => match pace.slot(batch.deliveries.len()) {
+                        None => accept(shared, up, batch).await?,
+                        Some(at) => waiting.push_back((at, batch)),
+                    },
                     Some(pb::relay_to_carrier::Kind::ReceiptAck(ack)) => {
                         let up_to = ack.up_to_seq as i64;
                         shared.store.ack_outbox(up_to).await?;

@@ -1198,6 +1198,8 @@ fn print_status(
                 "plan": status.plan,
                 "follow_up_message_id": status.follow_up_message_id,
                 "charged": status.charged,
+                "backlog": status.backlog,
+                "expected_drain_secs": status.expected_drain.as_ref().map(|d| d.seconds),
             })
         )?;
     } else {
@@ -1235,6 +1237,13 @@ fn print_status(
                 "expired {}  unsupported {}  deferred {}  skipped {}",
                 status.expired, status.unsupported, status.deferred, status.skipped
             )?;
+        }
+        if status.backlog > 0 {
+            let drain = status
+                .expected_drain
+                .as_ref()
+                .map_or_else(|| "unknown".to_owned(), |d| format!("~{}s", d.seconds));
+            writeln!(out, "backlog {} (drains in {drain})", status.backlog)?;
         }
         writeln!(out, "charged so far: ¥{}", status.charged)?;
     }

@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chukei_proto::auth::BearerInterceptor;
 use chukei_proto::carrier::v1 as pb;
@@ -46,6 +46,41 @@ pub struct DispatchHandle {
     new_work: Arc<watch::Sender<u64>>,
     commands: mpsc::Sender<String>,
     connected: Arc<Mutex<HashSet<String>>>,
+    /// Recent hand-overs per carrier, for the drain estimates.
+    throughput: Arc<Mutex<HashMap<String, Throughput>>>,
+}
+
+/// Hand-overs acknowledged by one carrier over the last [`THROUGHPUT_WINDOW`].
+#[derive(Debug, Default)]
+struct Throughput {
+    acks: std::collections::VecDeque<(Instant, u64)>,
+}
+
+/// How far back the hand-over rate looks.
+const THROUGHPUT_WINDOW: Duration = Duration::from_secs(30);
+
+impl Throughput {
+    fn record(&mut self, at: Instant, attempts: u64) {
+        self.acks.push_back((at, attempts));
+        while self
+            .acks
+            .front()
+            .is_some_and(|(when, _)| at.duration_since(*when) > THROUGHPUT_WINDOW)
+        {
+            self.acks.pop_front();
+        }
+    }
+
+    /// Attempts per second over the window (`None`: nothing recent).
+    fn rate(&self, now: Instant) -> Option<f64> {
+        let (first, _) = self.acks.front()?;
+        if now.duration_since(*first) > THROUGHPUT_WINDOW {
+            return None;
+        }
+        let total: u64 = self.acks.iter().map(|(_, n)| n).sum();
+        let span = now.duration_since(*first).max(Duration::from_secs(1));
+        Some(total as f64 / span.as_secs_f64())
+    }
 }
 
 impl DispatchHandle {
@@ -65,6 +100,28 @@ impl DispatchHandle {
             .lock()
             .map(|set| set.contains(carrier_id))
             .unwrap_or(false)
+    }
+
+    /// How long `backlog` deliveries take at the recent hand-over rate of
+    /// `carrier_id` (every carrier's together when `None`); `None` when
+    /// nothing was handed over recently.
+    pub fn drain_estimate(&self, carrier_id: Option<&str>, backlog: u64) -> Option<Duration> {
+        let now = Instant::now();
+        let throughput = self.throughput.lock().ok()?;
+        let rate: f64 = match carrier_id {
+            Some(carrier_id) => throughput.get(carrier_id)?.rate(now)?,
+            None => throughput.values().filter_map(|t| t.rate(now)).sum(),
+        };
+        (rate > 0.0).then(|| Duration::from_secs_f64(backlog as f64 / rate))
+    }
+
+    fn handed_over(&self, carrier_id: &str, attempts: u64) {
+        if let Ok(mut throughput) = self.throughput.lock() {
+            throughput
+                .entry(carrier_id.to_owned())
+                .or_default()
+                .record(Instant::now(), attempts);
+        }
     }
 
     fn set_connected(&self, carrier_id: &str, connected: bool) {
@@ -91,6 +148,7 @@ pub fn start(
         new_work: Arc::new(watch::channel(0).0),
         commands: commands_tx,
         connected: Arc::default(),
+        throughput: Arc::default(),
     };
     let supervisor = Supervisor {
         store,
@@ -326,6 +384,7 @@ impl Dispatcher {
                         .mark_handed_over(&ids, self.clock.now_ms())
                         .await?;
                     let attempts: usize = ids.iter().map(|(_, ids)| ids.len()).sum();
+                    self.handle.handed_over(&self.carrier_id, attempts as u64);
                     self.config
                         .metrics
                         .handed_over

@@ -95,7 +95,7 @@ pub async fn run(
         }
         None => None,
     };
-    metrics::collect_on_scrape(store.clone(), clock.clone(), metrics.clone());
+
     let (dispatch, dispatch_task) = dispatch::start(
         store.clone(),
         clock.clone(),
@@ -108,6 +108,12 @@ pub async fn run(
             lease: lease.clone(),
         },
         workers.clone(),
+    );
+    metrics::collect_on_scrape(
+        store.clone(),
+        clock.clone(),
+        dispatch.clone(),
+        metrics.clone(),
     );
     let expand = Arc::new(tokio::sync::Notify::new());
     let attention = config.attention();

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use chukei_proto::clock::Clock;
 use chukei_proto::metrics::{Counter, Gauge, Registry};
 
+use crate::dispatch::DispatchHandle;
 use crate::storage::Store;
 
 /// Every metric the relay reports.
@@ -24,6 +25,7 @@ pub struct RelayMetrics {
     pub reconnects: Counter,
     pending: Gauge,
     oldest: Gauge,
+    drain: Gauge,
     backlog: Gauge,
     pool: Gauge,
 }
@@ -60,6 +62,10 @@ impl RelayMetrics {
                 "chukei_relay_deliveries_pending_oldest_age_seconds",
                 "Age of the oldest due delivery not yet handed over, by carrier",
             ),
+            drain: registry.gauge(
+                "chukei_relay_deliveries_drain_seconds",
+                "Expected time to hand the pending deliveries over at the carrier's recent rate, by carrier (-1: no recent hand-overs)",
+            ),
             backlog: registry.gauge(
                 "chukei_relay_rollup_backlog",
                 "Events queued for the statistics and billing rollups",
@@ -74,16 +80,26 @@ impl RelayMetrics {
 
 /// Registers the collector that reads the gauges' values from the
 /// database at each scrape.
-pub fn collect_on_scrape(store: Store, clock: Clock, metrics: RelayMetrics) {
+pub fn collect_on_scrape(
+    store: Store,
+    clock: Clock,
+    dispatch: DispatchHandle,
+    metrics: RelayMetrics,
+) {
     let registry = metrics.registry.clone();
     registry.on_scrape(Arc::new(move || {
-        let (store, clock, metrics) = (store.clone(), clock.clone(), metrics.clone());
-        Box::pin(async move { metrics.refresh(&store, &clock).await })
+        let (store, clock, dispatch, metrics) = (
+            store.clone(),
+            clock.clone(),
+            dispatch.clone(),
+            metrics.clone(),
+        );
+        Box::pin(async move { metrics.refresh(&store, &clock, &dispatch).await })
     }));
 }
 
 impl RelayMetrics {
-    async fn refresh(&self, store: &Store, clock: &Clock) {
+    async fn refresh(&self, store: &Store, clock: &Clock, dispatch: &DispatchHandle) {
         let now = clock.now_ms();
         match store.pending_by_carrier(now).await {
             Ok(rows) => {
@@ -92,6 +108,13 @@ impl RelayMetrics {
                     self.pending.set(&labels, count as f64);
                     let age = oldest.map_or(0, |due| (now - due).max(0));
                     self.oldest.set(&labels, age as f64 / 1000.0);
+                    let drain = match count {
+                        0 => Some(0.0),
+                        _ => dispatch
+                            .drain_estimate(Some(&carrier), count)
+                            .map(|d| d.as_secs_f64()),
+                    };
+                    self.drain.set(&labels, drain.unwrap_or(-1.0));
                 }
             }
             Err(error) => tracing::warn!(%error, "reading queue depths failed"),

@@ -165,7 +165,7 @@ impl Terminals {
 
     /// Opens a message by hand (interactive mode). False when unknown or already open.
     pub fn open(&self, delivery_id: &str) -> bool {
-        self.fire_open(delivery_id)
+        self.fire_open(delivery_id, self.inner.clock.now_ms())
     }
 
     fn receive(
@@ -304,8 +304,10 @@ impl Terminals {
                 () = self.inner.clock.sleep_until(next_at.unwrap_or(i64::MAX)), if next_at.is_some() => {
                     let now = self.inner.clock.now_ms();
                     while queue.peek().is_some_and(|Reverse((at, _))| *at <= now) {
-                        if let Some(Reverse((_, delivery_id))) = queue.pop() {
-                            self.fire_open(&delivery_id);
+                        if let Some(Reverse((at, delivery_id))) = queue.pop() {
+                            // Dated when the person opened it, even when the
+                            // clock jumped past that moment.
+                            self.fire_open(&delivery_id, at);
                         }
                     }
                 }
@@ -315,8 +317,7 @@ impl Terminals {
 
     /// Marks the delivery opened and sends its read event (re-sent when the
     /// carrier's stream comes back, if it is down).
-    fn fire_open(&self, delivery_id: &str) -> bool {
-        let now = self.inner.clock.now_ms();
+    fn fire_open(&self, delivery_id: &str, at: i64) -> bool {
         let mut state = self.state();
         let Some(user_id) = state.user_of.get(delivery_id).cloned() else {
             return false;
@@ -339,9 +340,9 @@ impl Terminals {
         if item.opened_at.is_some() {
             return false;
         }
-        item.opened_at = Some(now);
+        item.opened_at = Some(at);
         item.opened_place = place;
-        let event = read_event(item, &user_id, now);
+        let event = read_event(item, &user_id, at);
         let carrier_id = item.carrier_id.clone();
         state.snapshot.opened += 1;
         if let Some(sink) = state.sinks.get(&carrier_id) {

@@ -324,6 +324,8 @@ pub struct Settings {
     pub metrics: bool,
     /// How long relay leases last (how soon a replica takes over from a dead one).
     pub lease_ttl_secs: u64,
+    /// Deliveries per second each carrier takes (0: unpaced).
+    pub carrier_pace_per_sec: u32,
 }
 
 impl Default for Settings {
@@ -339,6 +341,7 @@ impl Default for Settings {
             unbid: relay_svc::auction::Unbid::Refuse,
             metrics: false,
             lease_ttl_secs: 10,
+            carrier_pace_per_sec: 0,
         }
     }
 }
@@ -537,6 +540,7 @@ impl Hub {
             default_channel: "sms".into(),
             metrics_listen: node.metrics,
             report_interval_secs: 1,
+            pace_per_sec: self.settings.carrier_pace_per_sec,
             poll_interval_ms: 100,
             shutdown_grace_secs: 5,
             clock: self.settings.clock_args(),
@@ -730,7 +734,19 @@ impl Hub {
         message_id: &str,
         done: impl Fn(&pb::MessageStatus) -> bool,
     ) -> pb::MessageStatus {
-        let mut client = self.enterprise(api_key).await.expect("enterprise client");
+        Self::wait_for_message_at(&self.relay_url(), api_key, message_id, done).await
+    }
+
+    /// [`Hub::wait_for_message`], asking the relay (replica) at `url`.
+    pub async fn wait_for_message_at(
+        url: &str,
+        api_key: &str,
+        message_id: &str,
+        done: impl Fn(&pb::MessageStatus) -> bool,
+    ) -> pb::MessageStatus {
+        let mut client = Self::enterprise_at(url, api_key)
+            .await
+            .expect("enterprise client");
         let mut last = None;
         let outcome = tokio::time::timeout(Duration::from_secs(60), async {
             loop {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
 use integration_tests::{
-    Backend, Hub, Settings, backend_tests, eventually, registered_users, send_request,
+    Backend, Hub, Settings, Tuning, backend_tests, eventually, registered_users, send_request,
 };
 
 fn broadcast(key: &str, text: &str) -> pb::SendMessageRequest {
@@ -285,21 +285,9 @@ async fn two_relays_share_the_work_and_one_takes_over(backend: Backend) {
         .unwrap()
         .into_inner();
     hub.kill_relay().await;
-    let status = eventually(
-        "everyone reached and read",
-        Duration::from_secs(60),
-        || async {
-            let mut client = Hub::enterprise_at(&replica, &key).await.ok()?;
-            let status = client
-                .get_message(pb::GetMessageRequest {
-                    message_id: sent.message_id.clone(),
-                })
-                .await
-                .ok()?
-                .into_inner();
-            (status.matched > 0 && status.opened == status.matched).then_some(status)
-        },
-    )
+    let status = Hub::wait_for_message_at(&replica, &key, &sent.message_id, |s| {
+        s.matched > 0 && s.opened == s.matched
+    })
     .await;
     assert_eq!(status.matched as usize, registered.len());
     assert_eq!(status.handed_over, status.matched);
@@ -337,7 +325,57 @@ async fn two_relays_share_the_work_and_one_takes_over(backend: Backend) {
     hub.shutdown().await.unwrap();
 }
 
+/// A slow carrier (paced) takes batches only as fast as it can: the backlog
+/// waits at the relay, which shows it and how long it should take, and
+/// everything still arrives once.
+async fn a_slow_carrier_leaves_a_visible_backlog_at_the_relay(backend: Backend) {
+    let settings = Settings {
+        tuning: Tuning {
+            batch_size: 10,
+            batches_in_flight: 2,
+            poll_interval_ms: 100,
+        },
+        carrier_pace_per_sec: 40,
+        ..Settings::default()
+    };
+    let Some((hub, key, terminals, registered)) =
+        campaign_hub_with(backend, &["alpha"], 25, 150, settings).await
+    else {
+        return;
+    };
+    let sent = hub
+        .enterprise(&key)
+        .await
+        .unwrap()
+        .send_message(broadcast("paced", "slowly"))
+        .await
+        .unwrap()
+        .into_inner();
+    let waiting = hub
+        .wait_for_message(&key, &sent.message_id, |s| {
+            s.backlog > 20 && s.expected_drain.is_some()
+        })
+        .await;
+    assert!(waiting.backlog <= waiting.matched);
+    let drain = waiting.expected_drain.unwrap();
+    assert!(drain.seconds > 0 || drain.nanos > 0, "{drain:?}");
+    let stats = hub.carrier_stats(&sent.message_id).await.unwrap();
+    assert!(
+        stats[0].pending > 0,
+        "the backlog waits at the relay: {stats:?}"
+    );
+    let done = hub
+        .wait_for_message(&key, &sent.message_id, |s| {
+            s.matched > 0 && s.opened == s.matched
+        })
+        .await;
+    assert_eq!((done.backlog, done.expected_drain), (0, None));
+    assert_exactly_once(&terminals, &sent.message_id, &registered);
+    hub.shutdown().await.unwrap();
+}
+
 backend_tests!(
+    a_slow_carrier_leaves_a_visible_backlog_at_the_relay,
     two_relays_share_the_work_and_one_takes_over,
     a_carrier_killed_mid_campaign_loses_nothing,
     a_relay_killed_with_pending_deliveries_loses_nothing,

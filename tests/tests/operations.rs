@@ -293,6 +293,15 @@ async fn metrics_count_the_work_and_pass_promtool() {
         "{relay}"
     );
     assert!(relay.contains(r#"chukei_relay_db_pool_connections{state="idle"}"#));
+    // Nothing waits once everyone is delivered: the drain estimate is zero.
+    assert_eq!(
+        value(
+            &relay,
+            r#"chukei_relay_deliveries_drain_seconds{carrier="alpha"}"#
+        ),
+        Some(0.0),
+        "{relay}"
+    );
     let send = r#"chukei_relay_rpc_duration_seconds_count{method="/chukei.relay.v1.EnterpriseApi/SendMessage",code="0"}"#;
     assert_eq!(value(&relay, send), Some(1.0), "{relay}");
     let invalid = r#"chukei_relay_rpc_duration_seconds_count{method="/chukei.relay.v1.EnterpriseApi/SendMessage",code="3"}"#;

@@ -455,6 +455,19 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
         let charged = relay.store.message_charges(message_id).await?;
         let matched = row.matched.unwrap_or(0);
         let settled = counts.handed_over + counts.skipped + counts.expired;
+        // Only the message's own people count; the estimate uses every
+        // carrier's recent rate, as a message waits behind the others.
+        let backlog = matched.saturating_sub(settled);
+        let expected_drain = match backlog {
+            0 => None,
+            _ => relay
+                .dispatch
+                .drain_estimate(None, backlog)
+                .map(|d| prost_types::Duration {
+                    seconds: d.as_secs() as i64,
+                    nanos: d.subsec_nanos() as i32,
+                }),
+        };
         let state = if row.state == MessageState::Expanded && settled >= matched {
             MessageState::HandedOver
         } else {
@@ -476,6 +489,8 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
             plan: row.plan,
             follow_up_message_id: row.follow_up_id.unwrap_or_default(),
             charged,
+            backlog,
+            expected_drain,
         }))
     }
 
