@@ -294,7 +294,10 @@ impl Relay {
     /// Slots still to end, and those ended in the last week.
     pub(super) async fn list_slots(&self, operator: bool) -> Result<pb::ListAuctionSlotsResponse> {
         let now = self.clock.now_ms();
-        let slots = self.store.slots(now, now - ENDED_SLOTS_SHOWN_MS).await?;
+        let slots = self
+            .store
+            .slots_overlapping(&[], now - ENDED_SLOTS_SHOWN_MS, i64::MAX)
+            .await?;
         Ok(pb::ListAuctionSlotsResponse {
             slots: slots
                 .into_iter()

@@ -170,20 +170,6 @@ impl Store {
         })
     }
 
-    /// Slots that have not ended by `now`, and closed ones that ended since
-    /// `ended_since`, by start.
-    pub async fn slots(&self, now: i64, ended_since: i64) -> Result<Vec<SlotRow>> {
-        let sql = format!(
-            "SELECT {SLOT_COLUMNS} FROM auction_slots WHERE ends_at > $1 OR ends_at > $2 ORDER BY starts_at, id"
-        );
-        let rows: Vec<SlotTuple> = on_pool!(self, pool => sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(now)
-            .bind(ended_since)
-            .fetch_all(pool)
-            .await)?;
-        Ok(rows.into_iter().map(slot_row).collect())
-    }
-
     /// Slots of any of `channels` (none: every channel) whose window
     /// overlaps `[from, until)`, by start.
     pub async fn slots_overlapping(
