@@ -146,16 +146,12 @@ impl Registry {
         f: impl FnOnce(&mut Series, &[f64]),
     ) {
         let mut families = self.families.lock().expect("metrics lock");
-        if let Some(family) = families.get_mut(name) {
-            let bounds = family.bounds.clone();
-            let series = family
-                .series
-                .entry(labels(pairs))
-                .or_insert_with(|| Series {
-                    buckets: vec![0; bounds.len()],
-                    ..Series::default()
-                });
-            f(series, &bounds);
+        if let Some(Family { bounds, series, .. }) = families.get_mut(name) {
+            let series = series.entry(labels(pairs)).or_insert_with(|| Series {
+                buckets: vec![0; bounds.len()],
+                ..Series::default()
+            });
+            f(series, bounds);
         }
     }
 

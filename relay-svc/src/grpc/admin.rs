@@ -227,8 +227,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::PriceTable>, Status> {
         let relay = &self.0;
         relay.admin(request.metadata())?;
-        let table = relay.store.price_table(None).await?;
-        Ok(Response::new(market::price_table_to_wire(table)))
+        Ok(Response::new(relay.prices().await?))
     }
 
     #[tracing::instrument(skip_all)]

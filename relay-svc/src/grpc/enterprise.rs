@@ -552,8 +552,7 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
     ) -> Result<Response<pb::PriceTable>, Status> {
         let relay = &self.0;
         relay.enterprise(request.metadata()).await?;
-        let table = relay.store.price_table(None).await?;
-        Ok(Response::new(market::price_table_to_wire(table)))
+        Ok(Response::new(relay.prices().await?))
     }
 
     #[tracing::instrument(skip_all)]

@@ -98,6 +98,11 @@ pub(super) fn price_table_to_wire(table: Option<PriceTable>) -> pb::PriceTable {
 }
 
 impl Relay {
+    /// The price table in force, on the wire.
+    pub(super) async fn prices(&self) -> Result<pb::PriceTable> {
+        Ok(price_table_to_wire(self.store.price_table(None).await?))
+    }
+
     /// The auction's terms for `message` of `enterprise_id` at `now`.
     pub(super) async fn terms(
         &self,

@@ -250,12 +250,20 @@ impl Store {
     /// `interval_ms` or more ago, publishing a new version only when a price
     /// moved. Returns the new table's id.
     pub async fn reprice_if_due(&self, now: i64, interval_ms: i64) -> Result<Option<i64>> {
-        let Some(table) = self.price_table(None).await? else {
+        // Asked on every follow-through pass: a one-row look before the table.
+        let due: Option<i64> = on_pool!(self, pool => sqlx::query_scalar(
+            "SELECT id FROM price_tables WHERE id = (SELECT MAX(id) FROM price_tables)
+               AND floor_percent IS NOT NULL AND checked_at <= $1",
+        )
+        .bind(now - interval_ms)
+        .fetch_optional(pool)
+        .await)?;
+        let Some(id) = due else {
             return Ok(None);
         };
-        if table.card.dynamic.is_none() || now < table.checked_at + interval_ms {
+        let Some(table) = self.price_table(Some(id)).await? else {
             return Ok(None);
-        }
+        };
         let tz = TimeZone::get(&table.zone).unwrap_or(TimeZone::UTC);
         let counts = self.slot_counts(now, &tz).await?;
         let repriced = pricing::reprice(&table.card, &counts);
