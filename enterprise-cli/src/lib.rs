@@ -4,6 +4,8 @@
 //! [`parse_segment`].
 #![forbid(unsafe_code)]
 
+pub mod operator;
+
 use std::io::Write;
 use std::time::Duration;
 

@@ -582,7 +582,10 @@ impl Hub {
         let created = self
             .admin()
             .await?
-            .create_enterprise(pb::CreateEnterpriseRequest { name: name.into() })
+            .create_enterprise(pb::CreateEnterpriseRequest {
+                name: name.into(),
+                ..Default::default()
+            })
             .await?
             .into_inner();
         Ok((created.enterprise_id, created.api_key))
@@ -595,6 +598,7 @@ impl Hub {
             .create_service(pb::CreateServiceRequest {
                 enterprise_id: enterprise_id.into(),
                 name: name.into(),
+                ..Default::default()
             })
             .await?
             .into_inner()

@@ -217,7 +217,10 @@ async fn bad_input_is_refused_naming_the_field(backend: Backend) {
     );
     assert_refused(
         admin
-            .create_enterprise(pb::CreateEnterpriseRequest { name: "x".into() })
+            .create_enterprise(pb::CreateEnterpriseRequest {
+                name: "x".into(),
+                ..Default::default()
+            })
             .await,
         Code::Unauthenticated,
         "authorization",

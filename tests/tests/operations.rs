@@ -154,6 +154,11 @@ const HELP: &[&[&str]] = &[
     &["enterprise-cli", "status"],
     &["enterprise-cli", "explain"],
     &["enterprise-cli", "registrations"],
+    &["chukei-admin"],
+    &["chukei-admin", "create-enterprise"],
+    &["chukei-admin", "create-service"],
+    &["chukei-admin", "register-carrier"],
+    &["chukei-admin", "rate-card"],
 ];
 
 /// The configuration reference as the binaries describe themselves (with an
@@ -388,4 +393,173 @@ async fn the_health_check_binary_asks_grpc_health() {
         integration_tests::process::free_port().unwrap()
     );
     assert_eq!(run(vec![closed]).await, Some(2));
+}
+
+/// The operator's command line bootstraps a hub the way the deployments do:
+/// chosen ids, safe to run again with `--exists-ok`, errors naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_operator_cli_bootstraps_a_hub_and_can_run_again() {
+    let hub = Hub::start(Backend::Sqlite, &["alpha"])
+        .await
+        .unwrap()
+        .unwrap();
+    let admin = test_binary("chukei-admin").unwrap();
+    let relay = hub.relay_url();
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(&admin)
+            .args(args)
+            .env_clear()
+            .env("CHUKEI_RELAY_URL", &relay)
+            .env("CHUKEI_ADMIN_TOKEN", integration_tests::ADMIN_TOKEN)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8(output.stdout).unwrap(),
+            String::from_utf8(output.stderr).unwrap(),
+        )
+    };
+
+    let (code, out, _) = run(&[
+        "create-enterprise",
+        "--name",
+        "Sakura Mart",
+        "--id",
+        "sakura",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0));
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(created["enterprise_id"], "sakura");
+    let api_key = created["api_key"].as_str().unwrap().to_owned();
+    assert!(api_key.len() >= 32, "{api_key}");
+
+    let (code, out, _) = run(&[
+        "create-enterprise",
+        "--name",
+        "Sakura Mart",
+        "--id",
+        "sakura",
+        "--exists-ok",
+    ]);
+    assert_eq!(
+        (code, out.as_str()),
+        (Some(0), "enterprise_id\tsakura\t(already existed)\n")
+    );
+    let (code, _, err) = run(&[
+        "create-enterprise",
+        "--name",
+        "Sakura Mart",
+        "--id",
+        "sakura",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("AlreadyExists") && err.contains("enterprise_id"),
+        "{err}"
+    );
+    let (code, _, err) = run(&["create-enterprise", "--name", "x", "--id", "Not A Slug"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("enterprise_id: must be lowercase"), "{err}");
+
+    let service = [
+        "create-service",
+        "--enterprise",
+        "sakura",
+        "--name",
+        "loyalty",
+        "--id",
+        "loyalty",
+    ];
+    assert_eq!(run(&service).0, Some(0));
+    let (code, _, err) = run(&service);
+    assert!(code == Some(1) && err.contains("service_id"), "{err}");
+    let mut again = service.to_vec();
+    again.push("--exists-ok");
+    assert_eq!(run(&again).0, Some(0));
+    let (code, _, err) = run(&[
+        "create-service",
+        "--enterprise",
+        "sakura",
+        "--name",
+        "loyalty",
+        "--id",
+        "other",
+    ]);
+    assert!(code == Some(1) && err.contains("name:"), "{err}");
+
+    let carrier = &hub.carriers[0];
+    let endpoint = carrier.url();
+    let (code, out, err) = run(&[
+        "register-carrier",
+        "--id",
+        "alpha",
+        "--endpoint",
+        &endpoint,
+        "--token",
+        &carrier.token,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "carrier alpha registered\n");
+    let (code, _, err) = run(&[
+        "register-carrier",
+        "--id",
+        "alpha",
+        "--endpoint",
+        "ftp://x",
+        "--token",
+        &carrier.token,
+    ]);
+    assert!(
+        code == Some(1) && err.contains("endpoint: must be an http(s) URL"),
+        "{err}"
+    );
+
+    let (code, _, err) = run(&["rate-card", "--entry", "sms:0-0:3:2"]);
+    assert!(code == Some(1) && err.contains("InvalidArgument"), "{err}");
+    let (code, _, err) = run(&["rate-card", "--entry", "sms:0-0:3"]);
+    assert!(code == Some(1) && err.contains("--entry:"), "{err}");
+    let (code, out, err) = run(&[
+        "rate-card",
+        "--zone",
+        "Asia/Tokyo",
+        "--dynamic",
+        "50:200:100",
+        "--entry",
+        "sms:8-18:3:2",
+        "--entry",
+        "sms:18-8:4:2",
+        "--entry",
+        "rcs:0-0:2:3",
+        "--entry",
+        "sns:0-0:1:1",
+        "--entry",
+        "email:0-0:1:1",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        out,
+        "price table version 1 in force (Asia/Tokyo, 96 cells)\n"
+    );
+
+    // The enterprise's key works, and the carriers table answers.
+    let mut enterprise = hub.enterprise(&api_key).await.unwrap();
+    let prices = enterprise
+        .get_prices(chukei_proto::relay::v1::GetPricesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(prices.version, 1);
+    let (code, out, _) = run(&["carriers"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.lines()
+            .nth(1)
+            .is_some_and(|line| line.starts_with("alpha ")),
+        "{out}"
+    );
+
+    let (code, _, err) = run(&["--admin-token", "wrong-token-0000000000", "carriers"]);
+    assert!(code == Some(1) && err.contains("Unauthenticated"), "{err}");
+    hub.shutdown().await.unwrap();
 }

@@ -85,6 +85,7 @@ async fn the_real_binaries_relay_a_broadcast(backend: Backend) {
     let enterprise = admin
         .create_enterprise(pb::CreateEnterpriseRequest {
             name: "smoke".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -5,7 +5,9 @@ use tonic::{Request, Response, Status};
 
 use chukei_proto::clock::to_timestamp;
 
-use super::{Relay, explanation_to_wire, market, optional, required, stats_query, stats_to_wire};
+use super::{
+    Relay, explanation_to_wire, market, optional, required, slug, stats_query, stats_to_wire,
+};
 use crate::credentials;
 use crate::error::Error;
 use crate::stats::{self, Viewer};
@@ -22,8 +24,12 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::CreateEnterpriseResponse>, Status> {
         let relay = &self.0;
         relay.admin(request.metadata())?;
-        let name = required("name", &request.get_ref().name, 200)?;
-        let enterprise_id = credentials::new_id("ent");
+        let request = request.into_inner();
+        let name = required("name", &request.name, 200)?;
+        let enterprise_id = match request.enterprise_id.as_str() {
+            "" => credentials::new_id("ent"),
+            chosen => slug("enterprise_id", chosen)?.to_owned(),
+        };
         let api_key = credentials::new_api_key().map_err(|e| Error::Internal(e.into()))?;
         relay
             .store
@@ -52,7 +58,10 @@ impl pb::admin_server::Admin for AdminService {
         let request = request.into_inner();
         let enterprise_id = required("enterprise_id", &request.enterprise_id, 64)?;
         let name = required("name", &request.name, 200)?;
-        let service_id = credentials::new_id("svc");
+        let service_id = match request.service_id.as_str() {
+            "" => credentials::new_id("svc"),
+            chosen => slug("service_id", chosen)?.to_owned(),
+        };
         relay
             .store
             .create_service(&service_id, enterprise_id, name, relay.clock.now_ms())
@@ -68,15 +77,7 @@ impl pb::admin_server::Admin for AdminService {
         let relay = &self.0;
         relay.admin(request.metadata())?;
         let request = request.into_inner();
-        let carrier_id = required("carrier_id", &request.carrier_id, 64)?;
-        if !carrier_id
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
-        {
-            return Err(
-                Error::invalid("carrier_id", "must be lowercase a-z, 0-9, '-' or '_'").into(),
-            );
-        }
+        let carrier_id = slug("carrier_id", &request.carrier_id)?;
         let endpoint = required("endpoint", &request.endpoint, 256)?;
         if !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
             || endpoint.parse::<tonic::transport::Uri>().is_err()

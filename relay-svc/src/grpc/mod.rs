@@ -95,15 +95,30 @@ fn optional(field: &str, value: &str, max_len: usize) -> Result<Option<String>> 
     Ok(validate::optional(field, value, max_len)?)
 }
 
+/// An operator-chosen id: a required slug of `a-z 0-9 - _`, at most 64 long.
+fn slug<'a>(field: &str, value: &'a str) -> Result<&'a str> {
+    let value = required(field, value, 64)?;
+    if !is_slug(value) {
+        return Err(Error::invalid(
+            field,
+            "must be lowercase a-z, 0-9, '-' or '_'",
+        ));
+    }
+    Ok(value)
+}
+
+fn is_slug(value: &str) -> bool {
+    value
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
 /// A region path: lowercase segments of `a-z 0-9 - _` joined by `/`.
 fn region(field: &str, value: &str) -> Result<String> {
     let value = required(field, value, 128)?;
-    let valid = value.split('/').all(|segment| {
-        !segment.is_empty()
-            && segment
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
-    });
+    let valid = value
+        .split('/')
+        .all(|segment| !segment.is_empty() && is_slug(segment));
     if !valid {
         return Err(Error::invalid(
             field,

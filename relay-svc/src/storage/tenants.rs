@@ -19,7 +19,7 @@ impl Store {
         api_key_hash: &str,
         now: i64,
     ) -> Result<()> {
-        on_pool!(self, pool => sqlx::query(
+        let inserted = on_pool!(self, pool => sqlx::query(
             "INSERT INTO enterprises (id, name, api_key_hash, created_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(id)
@@ -28,8 +28,15 @@ impl Store {
         .bind(now)
         .execute(pool)
         .await
-        .map(|done| done.rows_affected()))?;
-        Ok(())
+        .map(|done| done.rows_affected()));
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(error) if is_unique_violation(&error) => Err(Error::already_exists(
+                "enterprise_id",
+                "an enterprise with this id exists",
+            )),
+            Err(error) => Err(error.into()),
+        }
     }
 
     pub async fn create_service(
@@ -53,10 +60,21 @@ impl Store {
         match inserted {
             Ok(1) => Ok(()),
             Ok(_) => Err(Error::not_found("enterprise_id", "no such enterprise")),
-            Err(error) if is_unique_violation(&error) => Err(Error::already_exists(
-                "name",
-                "the enterprise already has a service of this name",
-            )),
+            Err(error) if is_unique_violation(&error) => {
+                let id_taken = on_pool!(self, pool => sqlx::query("SELECT 1 FROM services WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(pool)
+                    .await
+                    .map(|row| row.is_some()))?;
+                Err(if id_taken {
+                    Error::already_exists("service_id", "a service with this id exists")
+                } else {
+                    Error::already_exists(
+                        "name",
+                        "the enterprise already has a service of this name",
+                    )
+                })
+            }
             Err(error) => Err(error.into()),
         }
     }

@@ -172,7 +172,10 @@ async fn main() -> anyhow::Result<()> {
         ("Kaze Bank", vec!["cards"]),
     ] {
         let created = admin
-            .create_enterprise(pb::CreateEnterpriseRequest { name: name.into() })
+            .create_enterprise(pb::CreateEnterpriseRequest {
+                name: name.into(),
+                ..Default::default()
+            })
             .await?
             .into_inner();
         let mut service_ids = Vec::new();
@@ -182,6 +185,7 @@ async fn main() -> anyhow::Result<()> {
                     .create_service(pb::CreateServiceRequest {
                         enterprise_id: created.enterprise_id.clone(),
                         name: service.into(),
+                        ..Default::default()
                     })
                     .await?
                     .into_inner()
