@@ -17,6 +17,12 @@ pub struct Config {
     #[arg(long, env = "CHUKEI_CARRIER_LISTEN", default_value = "127.0.0.1:50061")]
     pub listen: SocketAddr,
 
+    /// A separate address for the subscriber-facing services (SubscriberApi,
+    /// CarrierAdmin, with health and reflection); `--listen` then serves only the
+    /// relay's Deliver stream, so a network policy can admit only the relay to it.
+    #[arg(long, env = "CHUKEI_CARRIER_SUBSCRIBER_LISTEN")]
+    pub subscriber_listen: Option<SocketAddr>,
+
     /// This carrier's id at the relay (its communication device id).
     #[arg(long, env = "CHUKEI_CARRIER_ID")]
     pub carrier_id: String,

@@ -153,30 +153,68 @@ pub async fn run(
     health_reporter
         .set_serving::<subscriber_api_server::SubscriberApiServer<subscribers::SubscriberService>>()
         .await;
-    let router = tonic::transport::Server::builder()
-        .layer(RpcMetricsLayer::new(
-            &registry,
-            "chukei_carrier_rpc_duration_seconds",
-        ))
-        .add_service(health_service)
-        .add_service(server::reflection()?)
-        .add_service(server::reflection_v1alpha()?)
-        .add_service(
-            carrier_server::CarrierServer::new(relay_link::DeliverService(shared.clone()))
-                .max_decoding_message_size(64 * 1024 * 1024),
-        )
-        .add_service(
+    // The subscriber-facing services go on their own listener when one is
+    // configured, else beside the relay's Deliver stream.
+    let subscriber_listener = match config.subscriber_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await?;
+            tracing::info!(addr = %listener.local_addr()?, "subscriber services listening");
+            Some(listener)
+        }
+        None => None,
+    };
+    let subscriber_services = |shared: &Shared| {
+        (
             subscriber_api_server::SubscriberApiServer::new(subscribers::SubscriberService(
                 shared.clone(),
             ))
             .max_decoding_message_size(16 * 1024 * 1024),
-        )
-        .add_service(
             carrier_admin_server::CarrierAdminServer::new(subscribers::AdminService(
                 shared.clone(),
             ))
             .max_decoding_message_size(16 * 1024 * 1024),
-        );
+        )
+    };
+    let base = || -> anyhow::Result<server::Router> {
+        Ok(tonic::transport::Server::builder()
+            .layer(RpcMetricsLayer::new(
+                &registry,
+                "chukei_carrier_rpc_duration_seconds",
+            ))
+            .add_service(health_service.clone())
+            .add_service(server::reflection()?)
+            .add_service(server::reflection_v1alpha()?))
+    };
+    let beside_deliver = subscriber_listener
+        .is_none()
+        .then(|| subscriber_services(&shared));
+    let router = base()?
+        .add_service(
+            carrier_server::CarrierServer::new(relay_link::DeliverService(shared.clone()))
+                .max_decoding_message_size(64 * 1024 * 1024),
+        )
+        .add_optional_service(beside_deliver.as_ref().map(|(api, _)| api.clone()))
+        .add_optional_service(beside_deliver.map(|(_, admin)| admin));
+    if let Some(listener) = subscriber_listener {
+        let (api, admin) = subscriber_services(&shared);
+        let router = base()?.add_service(api).add_service(admin);
+        let cancel = cancel.clone();
+        let grace = config.shutdown_grace();
+        shared.tasks.spawn(async move {
+            let stopped = cancel.clone();
+            let served = server::serve(
+                router,
+                listener,
+                async move { stopped.cancelled().await },
+                cancel,
+                grace,
+            )
+            .await;
+            if let Err(error) = served {
+                tracing::error!(%error, "subscriber services stopped");
+            }
+        });
+    }
     let served = server::serve(
         router,
         listener,

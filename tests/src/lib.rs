@@ -530,6 +530,7 @@ impl Hub {
     fn spawn_carrier(&self, node: &CarrierNode, listener: std::net::TcpListener) -> Running {
         let config = carrier_svc::Config {
             listen: node.addr,
+            subscriber_listen: None,
             carrier_id: node.carrier_id.clone(),
             relay_url: self.relay_url(),
             token: node.token.clone(),

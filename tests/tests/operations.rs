@@ -563,3 +563,87 @@ async fn the_operator_cli_bootstraps_a_hub_and_can_run_again() {
     assert!(code == Some(1) && err.contains("Unauthenticated"), "{err}");
     hub.shutdown().await.unwrap();
 }
+
+/// With `--subscriber-listen`, the carrier's `--listen` port serves only the
+/// relay's Deliver stream (what a network policy admits only the relay to), and
+/// the subscriber-facing services answer on their own port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_carrier_can_serve_its_subscribers_on_a_separate_port() {
+    use chukei_proto::auth::BearerInterceptor;
+    use chukei_proto::carrier::v1 as cpb;
+    use clap::Parser;
+
+    let dir = tempfile::tempdir().unwrap();
+    let deliver = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let deliver_url = format!("http://{}", deliver.local_addr().unwrap());
+    let subscriber_port = integration_tests::process::free_port().unwrap();
+    let subscriber_url = format!("http://127.0.0.1:{subscriber_port}");
+    let config = carrier_svc::Config::try_parse_from([
+        "carrier-svc",
+        "--carrier-id",
+        "alpha",
+        "--token",
+        "carrier-token-0123456789",
+        "--relay-token",
+        "relay-token-0123456789",
+        "--admin-token",
+        "carrier-admin-0123456789",
+        "--subscriber-listen",
+        &format!("127.0.0.1:{subscriber_port}"),
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ])
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let carrier = tokio::spawn(carrier_svc::run(config, deliver, async move {
+        let _ = stopped.await;
+    }));
+    integration_tests::wait_healthy(&deliver_url).await.unwrap();
+    integration_tests::wait_healthy(&subscriber_url)
+        .await
+        .unwrap();
+
+    let admin = |url: String| async move {
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        cpb::carrier_admin_client::CarrierAdminClient::with_interceptor(
+            channel,
+            BearerInterceptor::new("carrier-admin-0123456789").unwrap(),
+        )
+    };
+    let counts = admin(subscriber_url.clone())
+        .await
+        .get_counts(cpb::GetCountsRequest::default())
+        .await;
+    assert!(counts.is_ok(), "{counts:?}");
+    let refused = admin(deliver_url.clone())
+        .await
+        .get_counts(cpb::GetCountsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented);
+
+    let mut subscribers = cpb::subscriber_api_client::SubscriberApiClient::connect(deliver_url)
+        .await
+        .unwrap();
+    let refused = subscribers
+        .attach(cpb::AttachRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented);
+
+    let mut deliver_elsewhere = cpb::carrier_client::CarrierClient::connect(subscriber_url)
+        .await
+        .unwrap();
+    let refused = deliver_elsewhere
+        .deliver(tokio_stream::iter(Vec::<cpb::RelayToCarrier>::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented);
+
+    stop.send(()).unwrap();
+    carrier.await.unwrap().unwrap();
+}
