@@ -373,6 +373,8 @@ pub struct Hub {
     pub relay_addr: SocketAddr,
     /// Where the relay's Prometheus endpoint listens, when the settings ask for one.
     pub relay_metrics: Option<SocketAddr>,
+    /// Where the terminal fleet's Prometheus endpoint listens, likewise.
+    pub fleet_metrics: Option<SocketAddr>,
     database_url: String,
     postgres_name: Option<String>,
     relay: Option<Running>,
@@ -424,11 +426,13 @@ impl Hub {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         let relay_addr = listener.local_addr()?;
         let relay_metrics = metrics_addr(settings.metrics)?;
+        let fleet_metrics = metrics_addr(settings.metrics)?;
         let mut hub = Self {
             backend,
             settings,
             relay_addr,
             relay_metrics,
+            fleet_metrics,
             database_url,
             postgres_name,
             relay: None,
@@ -629,7 +633,7 @@ impl Hub {
             carrier_admin_token: Some(CARRIER_ADMIN_TOKEN.into()),
             enterprises,
             open_mode,
-            metrics_listen: None,
+            metrics_listen: self.fleet_metrics,
             clock: self.settings.clock_args(),
         };
         let (ready_tx, ready_rx) = oneshot::channel();

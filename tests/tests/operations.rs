@@ -229,6 +229,21 @@ fn value(body: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The `chukei_…` series names a PromQL expression reads.
+fn metric_names(expr: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(start) = rest.find("chukei_") {
+        let tail = &rest[start..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.push(&tail[..end]);
+        rest = &tail[end..];
+    }
+    names
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn metrics_count_the_work_and_pass_promtool() {
     use chukei_proto::relay::v1 as pb;
@@ -326,11 +341,51 @@ async fn metrics_count_the_work_and_pass_promtool() {
         "{carrier}"
     );
 
+    let terminals = scrape(scene.hub.fleet_metrics.unwrap()).await;
+    assert!(
+        terminals.contains("chukei_terminal_rpc_duration_seconds_count{"),
+        "{terminals}"
+    );
+
+    // The Grafana dashboard shows only series the services export.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana/dashboards/chukei.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let exported = format!("{relay}{carrier}{terminals}");
+    let mut shown = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for name in metric_names(expr) {
+                let family = name
+                    .strip_suffix("_bucket")
+                    .or_else(|| name.strip_suffix("_count"))
+                    .unwrap_or(name);
+                assert!(
+                    exported.contains(&format!("# TYPE {family} ")),
+                    "the dashboard's panel {:?} reads {name}, which no service exports",
+                    panel["title"]
+                );
+                shown += 1;
+            }
+        }
+    }
+    assert!(shown >= 15, "{shown}");
+
     let Ok(promtool) = std::env::var(PROMTOOL_ENV) else {
         eprintln!("{PROMTOOL_ENV} is not set: the promtool lint skipped");
         return;
     };
-    for (name, body) in [("relay", relay), ("carrier", carrier)] {
+    for (name, body) in [
+        ("relay", relay),
+        ("carrier", carrier),
+        ("terminals", terminals),
+    ] {
         use tokio::io::AsyncWriteExt;
         let mut child = tokio::process::Command::new(&promtool)
             .args(["check", "metrics"])
