@@ -24,7 +24,7 @@ use std::time::Duration;
 use chukei_proto::auth::BearerInterceptor;
 use chukei_proto::carrier::v1::{carrier_admin_server, carrier_server, subscriber_api_server};
 use chukei_proto::clock::Clock;
-use chukei_proto::metrics::{Counter, Registry, RpcMetricsLayer};
+use chukei_proto::metrics::{Counter, Registry};
 use chukei_proto::relay::v1::carrier_ingress_client::CarrierIngressClient;
 use chukei_proto::server;
 use tokio::net::TcpListener;
@@ -176,14 +176,12 @@ pub async fn run(
         )
     };
     let base = || -> anyhow::Result<server::Router> {
-        Ok(tonic::transport::Server::builder()
-            .layer(RpcMetricsLayer::new(
-                &registry,
-                "chukei_carrier_rpc_duration_seconds",
-            ))
-            .add_service(health_service.clone())
-            .add_service(server::reflection()?)
-            .add_service(server::reflection_v1alpha()?))
+        Ok(
+            server::builder(&registry, "chukei_carrier_rpc_duration_seconds")
+                .add_service(health_service.clone())
+                .add_service(server::reflection()?)
+                .add_service(server::reflection_v1alpha()?),
+        )
     };
     let beside_deliver = subscriber_listener
         .is_none()

@@ -44,6 +44,8 @@ pub struct Delivery {
     pub window: Option<String>,
     /// The person's only attempt for the message here (counted directly).
     pub single_attempt: bool,
+    /// The message's trace at this carrier (W3C traceparent; empty: not traced).
+    pub trace_parent: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +66,7 @@ pub struct Outgoing {
     pub subject: String,
     pub suggested_replies: Vec<String>,
     pub contact: crate::channels::Contact,
+    pub trace_parent: String,
 }
 
 /// What a terminal said happened to a delivery.
@@ -83,6 +86,8 @@ pub struct TerminalEvent {
     pub kind: TerminalEventKind,
     pub at: i64,
     pub region: String,
+    /// The event's place in its message's trace, passed on with the receipt.
+    pub trace_parent: String,
 }
 
 /// `chukei.common.v1.ReceiptKind` values.
@@ -118,4 +123,5 @@ pub struct Receipt {
     pub channel: i64,
     pub at: i64,
     pub region: String,
+    pub trace_parent: String,
 }

@@ -3,12 +3,13 @@
 //! up from the outbox until the relay acks them; count reports go up on an
 //! interval. A newer stream from the relay supersedes an older one.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use chukei_proto::auth;
 use chukei_proto::carrier::v1 as pb;
 use chukei_proto::clock::{from_timestamp, to_timestamp};
+use chukei_proto::telemetry;
 use chukei_proto::window::Window;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -64,10 +65,17 @@ type Up = mpsc::Sender<Result<pb::CarrierToRelay, Status>>;
 
 /// Stores a batch from the relay (duplicates dropped) and acknowledges it.
 async fn accept(shared: &Shared, up: &Up, batch: pb::DeliveryBatch) -> anyhow::Result<()> {
+    let traces = telemetry::step_per_message(
+        "carrier.accept",
+        batch
+            .deliveries
+            .iter()
+            .map(|d| (d.message_id.as_str(), d.trace_parent.as_str())),
+    );
     let deliveries: Vec<Delivery> = batch
         .deliveries
         .into_iter()
-        .filter_map(|d| delivery_from_wire(d, shared.default_channel))
+        .filter_map(|d| delivery_from_wire(d, shared.default_channel, &traces))
         .collect();
     let fresh = shared
         .store
@@ -160,6 +168,7 @@ async fn session(
                         channel: r.channel as i32,
                         at: Some(to_timestamp(r.at)),
                         region: r.region,
+                        trace_parent: r.trace_parent,
                     })
                     .collect(),
             };
@@ -223,7 +232,11 @@ async fn send(up: &Up, kind: pb::carrier_to_relay::Kind) -> anyhow::Result<()> {
 }
 
 /// A delivery the carrier can carry out, or `None` (logged) for a malformed one.
-fn delivery_from_wire(delivery: pb::Delivery, default_channel: i64) -> Option<Delivery> {
+fn delivery_from_wire(
+    delivery: pb::Delivery,
+    default_channel: i64,
+    traces: &HashMap<String, String>,
+) -> Option<Delivery> {
     if delivery.delivery_id.is_empty()
         || delivery.message_id.is_empty()
         || delivery.user_id.is_empty()
@@ -237,6 +250,7 @@ fn delivery_from_wire(delivery: pb::Delivery, default_channel: i64) -> Option<De
         _ => default_channel,
     };
     Some(Delivery {
+        trace_parent: telemetry::passed_on(traces, &delivery.message_id, delivery.trace_parent),
         delivery_id: delivery.delivery_id,
         message_id: delivery.message_id,
         user_id: delivery.user_id,

@@ -233,7 +233,7 @@ impl Store {
             let mut query = QueryBuilder::new(
                 "INSERT INTO deliveries (delivery_id, message_id, user_id, channel, content_text, media_url, subject, \
                  suggested_replies, not_before, expires_at, delivery_window, window_close, sms_segments, single_attempt, \
-                 state, received_at) ",
+                 state, received_at, trace_parent) ",
             );
             query.push_values(
                 chunk.iter().zip(timing),
@@ -261,7 +261,8 @@ impl Store {
                         .push_bind(*segments)
                         .push_bind(d.single_attempt)
                         .push_bind(DeliveryState::Held as i64)
-                        .push_bind(now);
+                        .push_bind(now)
+                        .push_bind(&d.trace_parent);
                 },
             );
             query.push(" ON CONFLICT (delivery_id) DO NOTHING");
@@ -291,11 +292,12 @@ impl Store {
             String,
             String,
             String,
+            String,
         );
         let rows: Vec<Row> = sqlx::query_as(
             // Contact details are looked up only for the channels that need them.
             "SELECT d.seq, d.delivery_id, d.message_id, d.user_id, d.channel, d.content_text, d.media_url,
-                    d.subject, d.suggested_replies,
+                    d.subject, d.suggested_replies, d.trace_parent,
                     CASE WHEN d.channel = $4 THEN (SELECT s.email FROM subscribers s WHERE s.user_id = d.user_id) ELSE '' END,
                     CASE WHEN d.channel = $5 THEN (SELECT s.sns_handle FROM subscribers s WHERE s.user_id = d.user_id) ELSE '' END
              FROM deliveries d JOIN attachments a ON a.user_id = d.user_id
@@ -323,9 +325,11 @@ impl Store {
                     media_url,
                     subject,
                     replies,
+                    trace_parent,
                     email,
                     sns_handle,
                 )| Outgoing {
+                    trace_parent,
                     seq,
                     delivery_id,
                     message_id,
@@ -530,9 +534,9 @@ impl Store {
 
     /// Up to `limit` queued receipts after `after_seq`.
     pub async fn outbox_after(&self, after_seq: i64, limit: u32) -> Result<Vec<Receipt>> {
-        type Row = (i64, String, String, String, i64, i64, i64, String);
+        type Row = (i64, String, String, String, i64, i64, i64, String, String);
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT seq, delivery_id, message_id, user_id, kind, channel, at, region FROM outbox
+            "SELECT seq, delivery_id, message_id, user_id, kind, channel, at, region, trace_parent FROM outbox
              WHERE seq > $1 ORDER BY seq LIMIT $2",
         )
         .bind(after_seq)
@@ -542,7 +546,18 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(
-                |(seq, delivery_id, message_id, user_id, kind, channel, at, region)| Receipt {
+                |(
+                    seq,
+                    delivery_id,
+                    message_id,
+                    user_id,
+                    kind,
+                    channel,
+                    at,
+                    region,
+                    trace_parent,
+                )| Receipt {
+                    trace_parent,
                     seq,
                     delivery_id,
                     message_id,
@@ -650,6 +665,7 @@ fn receipt(
         seq: 0,
         at: event.map_or(0, |e| e.at),
         region: event.map(|e| e.region.clone()).unwrap_or_default(),
+        trace_parent: event.map(|e| e.trace_parent.clone()).unwrap_or_default(),
         delivery_id,
         message_id,
         user_id,
@@ -723,6 +739,7 @@ async fn report_closed(
             channel,
             at: now,
             region: String::new(),
+            trace_parent: String::new(),
         })
         .collect();
     queue_receipts(tx, &receipts).await?;
@@ -741,7 +758,7 @@ async fn queue_receipts(
 ) -> Result<()> {
     for chunk in receipts.chunks(ROWS_PER_STATEMENT) {
         let mut query = QueryBuilder::new(
-            "INSERT INTO outbox (delivery_id, message_id, user_id, kind, channel, at, region) ",
+            "INSERT INTO outbox (delivery_id, message_id, user_id, kind, channel, at, region, trace_parent) ",
         );
         query.push_values(chunk, |mut row, r| {
             row.push_bind(&r.delivery_id)
@@ -750,7 +767,8 @@ async fn queue_receipts(
                 .push_bind(r.kind as i64)
                 .push_bind(r.channel)
                 .push_bind(r.at)
-                .push_bind(&r.region);
+                .push_bind(&r.region)
+                .push_bind(&r.trace_parent);
         });
         query.build().execute(&mut **tx).await?;
     }

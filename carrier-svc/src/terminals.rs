@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use chukei_proto::clock::from_timestamp;
 use chukei_proto::common::v1 as common;
+use chukei_proto::telemetry;
 use chukei_proto::terminal::v1 as pb;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -163,6 +164,11 @@ async fn session(
             let mut seqs = Vec::with_capacity(due.len());
             let mut unsupported = Vec::new();
             let mut messages = Vec::with_capacity(due.len());
+            let traces = telemetry::step_per_message(
+                "carrier.push",
+                due.iter()
+                    .map(|d| (d.message_id.as_str(), d.trace_parent.as_str())),
+            );
             for d in due {
                 match channels::render(
                     d.channel,
@@ -175,6 +181,11 @@ async fn session(
                     Ok(rendered) => {
                         seqs.push(d.seq);
                         messages.push(pb::PushedMessage {
+                            trace_parent: telemetry::passed_on(
+                                &traces,
+                                &d.message_id,
+                                d.trace_parent,
+                            ),
                             delivery_id: d.delivery_id,
                             message_id: d.message_id,
                             user_id: d.user_id,
@@ -233,7 +244,15 @@ async fn session(
             () = cancel.cancelled() => return Ok(()),
             events = up.message() => {
                 let Some(events) = events? else { anyhow::bail!("terminal closed the stream") };
-                let events: Vec<TerminalEvent> = events.events.into_iter().filter_map(event_from_wire).collect();
+                let traces = telemetry::step_per_message(
+                    "carrier.receipt",
+                    events.events.iter().map(|e| (e.message_id.as_str(), e.trace_parent.as_str())),
+                );
+                let events: Vec<TerminalEvent> = events
+                    .events
+                    .into_iter()
+                    .filter_map(|e| event_from_wire(e, &traces))
+                    .collect();
                 if shared.store.apply_terminal_events(&events).await? > 0 {
                     shared.outbox_changed.send_modify(|g| *g += 1);
                 }
@@ -244,7 +263,10 @@ async fn session(
     }
 }
 
-fn event_from_wire(event: pb::TerminalEvent) -> Option<TerminalEvent> {
+fn event_from_wire(
+    event: pb::TerminalEvent,
+    traces: &HashMap<String, String>,
+) -> Option<TerminalEvent> {
     let kind = match pb::EventKind::try_from(event.kind) {
         Ok(pb::EventKind::Delivered | pb::EventKind::Displayed) => TerminalEventKind::Delivered,
         Ok(pb::EventKind::Read) => TerminalEventKind::Read,
@@ -255,6 +277,7 @@ fn event_from_wire(event: pb::TerminalEvent) -> Option<TerminalEvent> {
         return None;
     }
     Some(TerminalEvent {
+        trace_parent: telemetry::passed_on(traces, &event.message_id, event.trace_parent),
         delivery_id: event.delivery_id,
         kind,
         at: event.at.as_ref().map_or(0, from_timestamp),

@@ -107,6 +107,22 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The subcommand's name, e.g. `send` (a span name: no arguments in it).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Send(_) => "send",
+            Self::Status { .. } => "status",
+            Self::Explain { .. } => "explain",
+            Self::Stats { .. } => "stats",
+            Self::Prices => "prices",
+            Self::Billing { .. } => "billing",
+            Self::Auction(_) => "auction",
+            Self::Registrations { .. } => "registrations",
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum AuctionCommand {
     /// Slots open for bids, and recently closed ones with their clearing prices.

@@ -1,5 +1,5 @@
 //! Bearer credentials in gRPC metadata: reading them on the server side and
-//! attaching them on the client side. What a credential *means* is decided by
+//! attaching them (with the caller's trace context) on the client side. What a credential *means* is decided by
 //! each service; this module only moves it.
 
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
@@ -39,11 +39,18 @@ impl BearerInterceptor {
 }
 
 impl Interceptor for BearerInterceptor {
+    /// Attaches the credential, and the calling span's trace context
+    /// (`traceparent`) so the server's spans join the caller's trace.
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(value) = &self.value {
             request
                 .metadata_mut()
                 .insert("authorization", value.clone());
+        }
+        if let Some(traceparent) = crate::telemetry::outgoing_traceparent()
+            && let Ok(value) = traceparent.parse()
+        {
+            request.metadata_mut().insert("traceparent", value);
         }
         Ok(request)
     }

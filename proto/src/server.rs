@@ -64,6 +64,20 @@ pub async fn shutdown_signal() {
 /// Serves `router` on `listener` until `shutdown` resolves or `cancel` is
 /// cancelled; then cancels `cancel` (so long-lived streams end), lets in-flight
 /// calls finish, and gives up on them after `grace`.
+/// A gRPC server as every process builds one: each call timed into
+/// `histogram` (see [`crate::metrics::RpcMetricsLayer`]) and run in a span
+/// that continues the caller's trace.
+pub fn builder(
+    registry: &crate::metrics::Registry,
+    histogram: &'static str,
+) -> tonic::transport::Server<
+    tower_layer::Stack<crate::metrics::RpcMetricsLayer, tower_layer::Identity>,
+> {
+    tonic::transport::Server::builder()
+        .trace_fn(crate::telemetry::grpc_request_span)
+        .layer(crate::metrics::RpcMetricsLayer::new(registry, histogram))
+}
+
 /// A server's routes behind the RPC metrics layer, as every process builds them.
 pub type Router = tonic::transport::server::Router<
     tower_layer::Stack<crate::metrics::RpcMetricsLayer, tower_layer::Identity>,

@@ -451,6 +451,7 @@ mod tests {
             follow_up: None,
             priority: crate::policy::Priority::Normal,
             bid_id: None,
+            trace_parent: String::new(),
         }
     }
 

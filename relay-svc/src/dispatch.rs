@@ -17,6 +17,7 @@ use chukei_proto::auth::BearerInterceptor;
 use chukei_proto::carrier::v1 as pb;
 use chukei_proto::clock::{Clock, from_timestamp, to_timestamp};
 use chukei_proto::common::v1 as common;
+use chukei_proto::telemetry;
 use chukei_proto::window::Window;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -345,9 +346,17 @@ impl Dispatcher {
                 };
                 cursor = last.id;
                 let ids = ids_by_message(&due);
+                let traces = telemetry::step_per_message(
+                    "relay.hand_over",
+                    due.iter()
+                        .map(|d| (d.message_id.as_str(), d.trace_parent.as_str())),
+                );
                 let batch = pb::DeliveryBatch {
                     batch_id: next_batch_id,
-                    deliveries: due.into_iter().map(|d| to_wire(d, &mut windows)).collect(),
+                    deliveries: due
+                        .into_iter()
+                        .map(|d| to_wire(d, &mut windows, &traces))
+                        .collect(),
                 };
                 down.send(pb::RelayToCarrier {
                     kind: Some(pb::relay_to_carrier::Kind::Batch(batch)),
@@ -399,6 +408,13 @@ impl Dispatcher {
             }
             Some(pb::carrier_to_relay::Kind::Receipts(batch)) => {
                 let up_to_seq = batch.receipts.iter().map(|r| r.seq).max().unwrap_or(0);
+                telemetry::step_per_message(
+                    "relay.receipt",
+                    batch
+                        .receipts
+                        .iter()
+                        .map(|r| (r.message_id.as_str(), r.trace_parent.as_str())),
+                );
                 let receipts: Vec<Receipt> = batch
                     .receipts
                     .into_iter()
@@ -489,8 +505,13 @@ impl WindowCache {
     }
 }
 
-fn to_wire(delivery: DueDelivery, windows: &mut WindowCache) -> pb::Delivery {
+fn to_wire(
+    delivery: DueDelivery,
+    windows: &mut WindowCache,
+    traces: &HashMap<String, String>,
+) -> pb::Delivery {
     pb::Delivery {
+        trace_parent: telemetry::passed_on(traces, &delivery.message_id, delivery.trace_parent),
         delivery_id: delivery.id.to_string(),
         message_id: delivery.message_id,
         user_id: delivery.user_id,

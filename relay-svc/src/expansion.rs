@@ -8,8 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chukei_proto::clock::Clock;
+use chukei_proto::telemetry;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::dispatch::DispatchHandle;
 use crate::metrics::RelayMetrics;
@@ -34,12 +36,15 @@ pub async fn run(
         let mut expanded_any = false;
         match store.messages_to_expand(CLAIM).await {
             Ok(ids) => {
-                for message_id in ids {
+                for (message_id, trace_parent) in ids {
                     if cancel.is_cancelled() {
                         return;
                     }
+                    let span = tracing::info_span!("expand campaign", %message_id);
+                    telemetry::continue_trace(&span, &trace_parent);
                     match store
                         .expand_message(&message_id, clock.now_ms(), &attention)
+                        .instrument(span)
                         .await
                     {
                         Ok(matched) => {

@@ -170,11 +170,7 @@ pub async fn run(
         .set_serving::<admin_server::AdminServer<AdminService>>()
         .await;
 
-    let router = tonic::transport::Server::builder()
-        .layer(chukei_proto::metrics::RpcMetricsLayer::new(
-            &registry,
-            "chukei_relay_rpc_duration_seconds",
-        ))
+    let router = server::builder(&registry, "chukei_relay_rpc_duration_seconds")
         .add_service(health_service)
         .add_service(server::reflection()?)
         .add_service(server::reflection_v1alpha()?)

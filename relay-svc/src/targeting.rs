@@ -114,6 +114,9 @@ pub struct NewMessage {
     pub priority: Priority,
     /// A winning bid whose capacity the message draws on.
     pub bid_id: Option<String>,
+    /// The W3C traceparent of the accepting call (empty: not traced); not
+    /// part of what a retry must repeat.
+    pub trace_parent: String,
 }
 
 impl NewMessage {
@@ -238,6 +241,7 @@ mod tests {
             follow_up: None,
             priority: Priority::Normal,
             bid_id: None,
+            trace_parent: String::new(),
         }
     }
 

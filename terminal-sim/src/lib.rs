@@ -142,11 +142,7 @@ pub async fn run_fleet(
             cancel.clone(),
         ));
     }
-    let router = tonic::transport::Server::builder()
-        .layer(chukei_proto::metrics::RpcMetricsLayer::new(
-            &registry,
-            "chukei_terminal_rpc_duration_seconds",
-        ))
+    let router = server::builder(&registry, "chukei_terminal_rpc_duration_seconds")
         .add_service(health_service)
         .add_service(server::reflection()?)
         .add_service(server::reflection_v1alpha()?)

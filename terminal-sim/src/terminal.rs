@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use chukei_proto::clock::{Clock, to_timestamp};
+use chukei_proto::telemetry;
 use chukei_proto::terminal::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -55,6 +56,8 @@ pub struct InboxItem {
     pub opened_at: Option<i64>,
     /// Where the user was when opening (region path).
     pub opened_place: String,
+    /// The message's trace on this terminal (W3C traceparent; empty: not traced).
+    pub trace_parent: String,
 }
 
 /// Fleet-wide counts, for the local run's report and the tests.
@@ -176,6 +179,12 @@ impl Terminals {
         let now = self.inner.clock.now_ms();
         let mut events = Vec::with_capacity(messages.len());
         let mut opens = Vec::new();
+        let traces = telemetry::step_per_message(
+            "terminal.receive",
+            messages
+                .iter()
+                .map(|m| (m.message_id.as_str(), m.trace_parent.as_str())),
+        );
         {
             let mut state = self.state();
             for message in messages {
@@ -183,6 +192,11 @@ impl Terminals {
                     tracing::warn!("push for a user this fleet does not host dropped");
                     continue;
                 };
+                let trace_parent = telemetry::passed_on(
+                    &traces,
+                    &message.message_id,
+                    message.trace_parent.clone(),
+                );
                 let channel = usize::try_from(message.channel).unwrap_or(0);
                 if !user
                     .behaviour
@@ -198,6 +212,7 @@ impl Terminals {
                         kind: pb::EventKind::Unsupported as i32,
                         at: Some(to_timestamp(now)),
                         region: String::new(),
+                        trace_parent,
                     });
                     state.snapshot.unsupported += 1;
                     continue;
@@ -209,6 +224,7 @@ impl Terminals {
                     kind: pb::EventKind::Delivered as i32,
                     at: Some(to_timestamp(now)),
                     region: user.home_region.clone(),
+                    trace_parent: trace_parent.clone(),
                 });
                 if let Some(item) = state.items.get(&message.delivery_id) {
                     // A re-push after a lost confirmation: confirm again, and repeat the read if any.
@@ -247,6 +263,7 @@ impl Terminals {
                         received_at: now,
                         opened_at: None,
                         opened_place: String::new(),
+                        trace_parent,
                     },
                 );
             }
@@ -376,7 +393,12 @@ impl Terminals {
 }
 
 fn read_event(item: &InboxItem, user_id: &str, at: i64) -> pb::TerminalEvent {
+    let traces = telemetry::step_per_message(
+        "terminal.read",
+        [(item.message_id.as_str(), item.trace_parent.as_str())],
+    );
     pb::TerminalEvent {
+        trace_parent: telemetry::passed_on(&traces, &item.message_id, item.trace_parent.clone()),
         delivery_id: item.delivery_id.clone(),
         message_id: item.message_id.clone(),
         user_id: user_id.to_owned(),

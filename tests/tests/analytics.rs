@@ -81,6 +81,7 @@ async fn send(store: &Store, message_id: &str, channel: Channel, refs: Vec<Strin
         follow_up: None,
         priority: Priority::Normal,
         bid_id: None,
+        trace_parent: String::new(),
     };
     store
         .accept_message(
@@ -471,6 +472,7 @@ async fn place_and_hour_targeting_picks_people_and_hours_above_the_threshold(bac
         follow_up: None,
         priority: Priority::Normal,
         bid_id: None,
+        trace_parent: String::new(),
     };
     store
         .accept_message(

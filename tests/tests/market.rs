@@ -648,6 +648,7 @@ fn message(key: &str, refs: Vec<String>, bid_id: Option<&str>) -> NewMessage {
         follow_up: None,
         priority: Priority::Normal,
         bid_id: bid_id.map(str::to_owned),
+        trace_parent: String::new(),
     }
 }
 

@@ -93,6 +93,7 @@ async fn receipts_count_once_whatever_arrives(backend: Backend) {
         follow_up: None,
         priority: Priority::Normal,
         bid_id: None,
+        trace_parent: String::new(),
     };
     let stored = store
         .accept_message(
@@ -237,6 +238,7 @@ fn message(key: &str, target: Target, window: Option<Window>) -> NewMessage {
         follow_up: None,
         priority: Priority::Normal,
         bid_id: None,
+        trace_parent: String::new(),
     }
 }
 

@@ -4,6 +4,7 @@
 use chukei_proto::clock::{from_timestamp, to_timestamp};
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
+use chukei_proto::telemetry;
 use chukei_proto::window::Window;
 use tonic::{Request, Response, Status};
 
@@ -133,6 +134,7 @@ impl TryFrom<pb::SendMessageRequest> for NewMessage {
             follow_up,
             priority,
             bid_id,
+            trace_parent: String::new(),
         })
     }
 }
@@ -394,7 +396,14 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
         let relay = &self.0;
         let enterprise_id = relay.enterprise(request.metadata()).await?;
         tracing::Span::current().record("enterprise_id", enterprise_id.as_str());
-        let message = NewMessage::try_from(request.into_inner())?;
+        let received = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let mut message = NewMessage::try_from(request.into_inner())?;
+        message.trace_parent = telemetry::traceparent(&tracing::Span::current(), &received);
         let now = relay.clock.now_ms();
         let expires_at = match message.timing.expires_at {
             Some(at) if at <= now => {

@@ -430,10 +430,11 @@ impl Store {
         ))
     }
 
-    /// Messages accepted but not yet expanded, oldest first.
-    pub async fn messages_to_expand(&self, limit: u32) -> Result<Vec<String>> {
-        let ids = on_pool!(self, pool => sqlx::query_scalar(
-            "SELECT id FROM messages WHERE state = 1 ORDER BY accepted_at, id LIMIT $1",
+    /// Messages accepted but not yet expanded, oldest first, with the trace
+    /// each was accepted in.
+    pub async fn messages_to_expand(&self, limit: u32) -> Result<Vec<(String, String)>> {
+        let ids = on_pool!(self, pool => sqlx::query_as(
+            "SELECT id, trace_parent FROM messages WHERE state = 1 ORDER BY accepted_at, id LIMIT $1",
         )
         .bind(i64::from(limit))
         .fetch_all(pool)
@@ -944,6 +945,7 @@ fn insert_message(
                 "seg_occupations",
                 Param::Text(segment.occupations.join("\n")),
             ),
+            ("trace_parent", text(&message.trace_parent)),
             ("content_text", text(&message.content.text)),
             ("media_url", text(&message.content.media_url)),
             ("subject", text(&message.content.subject)),

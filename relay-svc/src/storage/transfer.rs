@@ -23,6 +23,8 @@ pub struct DueDelivery {
     pub carrier_window: Option<String>,
     /// The person's only attempt for this message on this carrier.
     pub single_attempt: bool,
+    /// The message's trace (W3C traceparent; empty: not traced).
+    pub trace_parent: String,
 }
 
 impl Store {
@@ -49,11 +51,13 @@ impl Store {
             i64,
             Option<String>,
             bool,
+            String,
         );
         let rows: Vec<Row> = on_pool!(self, pool => sqlx::query_as(
             "SELECT d.id, d.message_id, d.user_id, m.content_text, m.media_url, m.subject,
                     m.suggested_replies, d.channel, d.not_before, m.expires_at,
-                    CASE WHEN m.window_at_carrier THEN m.delivery_window END, m.single_attempt
+                    CASE WHEN m.window_at_carrier THEN m.delivery_window END, m.single_attempt,
+                    m.trace_parent
              FROM deliveries d JOIN messages m ON m.id = d.message_id
              WHERE d.carrier_id = $1 AND d.state = 0 AND d.id > $2 AND d.not_before <= $3
                AND (d.window_close IS NULL OR d.window_close > $3) AND m.expires_at > $3
@@ -82,6 +86,7 @@ impl Store {
                     expires_at,
                     carrier_window,
                     single_attempt,
+                    trace_parent,
                 )| DueDelivery {
                     id,
                     message_id,
@@ -97,6 +102,7 @@ impl Store {
                     expires_at,
                     carrier_window,
                     single_attempt,
+                    trace_parent,
                 },
             )
             .collect())

@@ -173,6 +173,7 @@ async fn billing(people: usize, backend: Backend, priced: bool) -> anyhow::Resul
         follow_up: None,
         priority: Priority::Normal,
         bid_id: None,
+        trace_parent: String::new(),
     };
     let attention = AttentionConfig::default();
     store
