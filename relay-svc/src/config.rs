@@ -107,6 +107,18 @@ pub struct Config {
     #[arg(long, env = "CHUKEI_RELAY_LEASE_TTL_SECS", default_value_t = 10)]
     pub lease_ttl_secs: u64,
 
+    /// Reconciliation: a handed-over delivery no carrier has confirmed
+    /// (delivered or failed) this long is offered to its carrier again, and
+    /// once its message expired this long ago it is expired at the relay
+    /// (seconds of clock time).
+    #[arg(long, env = "CHUKEI_RELAY_REOFFER_AFTER_SECS", default_value_t = 1800)]
+    pub reoffer_after_secs: u64,
+
+    /// Reconciliation: how many times an unconfirmed delivery is offered again
+    /// at most.
+    #[arg(long, env = "CHUKEI_RELAY_MAX_REOFFERS", default_value_t = 3)]
+    pub max_reoffers: u32,
+
     /// Address of the Prometheus endpoint (`GET /metrics`); unset: no endpoint.
     #[arg(long, env = "CHUKEI_RELAY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -139,6 +151,9 @@ impl Config {
         }
         if self.message_ttl_secs == 0 {
             anyhow::bail!("--message-ttl-secs: must be positive");
+        }
+        if self.reoffer_after_secs == 0 || self.reoffer_after_secs > 7 * 24 * 3600 {
+            anyhow::bail!("--reoffer-after-secs: must be between 1 and a week");
         }
         if self.quiet_period_secs > 7 * 24 * 3600 {
             anyhow::bail!("--quiet-period-secs: must be at most a week");

@@ -2,7 +2,11 @@
 //! the relay's clock — fallback and resend timers, reactions to unsupported
 //! channels, windows that closed on held deliveries, and expiry. Each pass is
 //! a handful of set-based statements (`Store::follow_through`); when a pass
-//! makes new attempts due, the dispatchers are woken.
+//! makes new attempts due, the dispatchers are woken. The same loop closes
+//! auctions, reprices, and reconciles deliveries no carrier confirmed
+//! (`Store::reconcile_deliveries`: offered again, or expired after the
+//! message's expiry — logged, counted in
+//! `chukei_relay_deliveries_reconciled_total`, noted in the decision trace).
 
 use std::time::Duration;
 
@@ -11,19 +15,35 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::DispatchHandle;
 use crate::lease::Lease;
-use crate::storage::Store;
+use crate::metrics::RelayMetrics;
+use crate::storage::{Reconciling, Store};
+
+/// What the loop works with.
+pub struct Control {
+    pub store: Store,
+    pub clock: Clock,
+    pub dispatch: DispatchHandle,
+    pub metrics: RelayMetrics,
+    /// Between passes (real time).
+    pub interval: Duration,
+    pub reprice_interval_ms: i64,
+    pub reconciling: Reconciling,
+    pub lease: Lease,
+}
 
 /// Runs passes every `interval` of real time (the clock decides what is due,
 /// so a manual or scaled clock drives it) until `cancel`.
-pub async fn run(
-    store: Store,
-    clock: Clock,
-    dispatch: DispatchHandle,
-    interval: Duration,
-    reprice_interval_ms: i64,
-    lease: Lease,
-    cancel: CancellationToken,
-) {
+pub async fn run(control: Control, cancel: CancellationToken) {
+    let Control {
+        store,
+        clock,
+        dispatch,
+        metrics,
+        interval,
+        reprice_interval_ms,
+        reconciling,
+        lease,
+    } = control;
     loop {
         // One replica at a time runs the follow-through.
         if !lease.hold(&store, "control").await {
@@ -51,6 +71,27 @@ pub async fn run(
             Ok(Some(version)) => tracing::info!(version, "dynamic prices published"),
             Ok(None) => {}
             Err(error) => tracing::warn!(%error, "repricing failed, will retry"),
+        }
+        match store.reconcile_deliveries(now, reconciling).await {
+            Ok(done) => {
+                if done.reoffered > 0 || done.expired > 0 {
+                    tracing::info!(
+                        messages = done.messages,
+                        reoffered = done.reoffered,
+                        expired = done.expired,
+                        settled = done.settled,
+                        "reconciled deliveries no carrier confirmed"
+                    );
+                    metrics
+                        .reconciled
+                        .add(&[("action", "reoffered")], done.reoffered);
+                    metrics
+                        .reconciled
+                        .add(&[("action", "expired")], done.expired);
+                    dispatch.new_work();
+                }
+            }
+            Err(error) => tracing::warn!(%error, "reconciliation pass failed, will retry"),
         }
         match store.follow_through(now).await {
             Ok(done) if done.did_anything() => {

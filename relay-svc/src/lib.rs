@@ -47,7 +47,7 @@ use crate::dispatch::DispatchConfig;
 use crate::grpc::{AdminService, EnterpriseService, IngressService, Market, Relay};
 use crate::lease::Lease;
 use crate::metrics::RelayMetrics;
-use crate::storage::Store;
+use crate::storage::{Reconciling, Store};
 
 /// Largest gRPC message the relay accepts or sends.
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -127,12 +127,19 @@ pub async fn run(
         workers.clone(),
     ));
     let control_task = tokio::spawn(control::run(
-        store.clone(),
-        clock.clone(),
-        dispatch.clone(),
-        Duration::from_millis(config.poll_interval_ms),
-        (config.reprice_interval_secs * 1000) as i64,
-        lease.clone(),
+        control::Control {
+            store: store.clone(),
+            clock: clock.clone(),
+            dispatch: dispatch.clone(),
+            metrics: metrics.clone(),
+            interval: Duration::from_millis(config.poll_interval_ms),
+            reprice_interval_ms: (config.reprice_interval_secs * 1000) as i64,
+            reconciling: Reconciling {
+                after_ms: (config.reoffer_after_secs * 1000) as i64,
+                max_reoffers: i64::from(config.max_reoffers),
+            },
+            lease: lease.clone(),
+        },
         workers.clone(),
     ));
 

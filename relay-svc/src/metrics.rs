@@ -23,6 +23,8 @@ pub struct RelayMetrics {
     /// `carrier`, `kind`.
     pub receipts: Counter,
     pub reconnects: Counter,
+    /// `action`: reoffered, expired.
+    pub reconciled: Counter,
     pending: Gauge,
     oldest: Gauge,
     drain: Gauge,
@@ -53,6 +55,10 @@ impl RelayMetrics {
             reconnects: registry.counter(
                 "chukei_relay_carrier_stream_reconnects_total",
                 "Carrier Deliver streams that ended and were reopened, by carrier",
+            ),
+            reconciled: registry.counter(
+                "chukei_relay_deliveries_reconciled_total",
+                "Handed-over deliveries no carrier confirmed: offered again, or expired at the relay, by action",
             ),
             pending: registry.gauge(
                 "chukei_relay_deliveries_pending",

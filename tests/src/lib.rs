@@ -273,7 +273,7 @@ pub struct CarrierNode {
     /// Where its Prometheus endpoint listens, when the settings ask for one.
     pub metrics: Option<SocketAddr>,
     pub token: String,
-    data_dir: PathBuf,
+    pub data_dir: PathBuf,
     running: Option<Running>,
 }
 
@@ -326,6 +326,10 @@ pub struct Settings {
     pub lease_ttl_secs: u64,
     /// Deliveries per second each carrier takes (0: unpaced).
     pub carrier_pace_per_sec: u32,
+    /// Reconciliation: unconfirmed deliveries are offered again after this
+    /// long (clock seconds), at most `max_reoffers` times.
+    pub reoffer_after_secs: u64,
+    pub max_reoffers: u32,
 }
 
 impl Default for Settings {
@@ -342,6 +346,8 @@ impl Default for Settings {
             metrics: false,
             lease_ttl_secs: 10,
             carrier_pace_per_sec: 0,
+            reoffer_after_secs: 1800,
+            max_reoffers: 3,
         }
     }
 }
@@ -494,6 +500,8 @@ impl Hub {
             unbid_in_auctioned_slot: self.settings.unbid,
             replica_id: None,
             lease_ttl_secs: self.settings.lease_ttl_secs,
+            reoffer_after_secs: self.settings.reoffer_after_secs,
+            max_reoffers: self.settings.max_reoffers,
             shutdown_grace_secs: 5,
             clock: self.settings.clock_args(),
         }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use chukei_proto::clock::Clock;
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
 use integration_tests::{
@@ -374,7 +375,147 @@ async fn a_slow_carrier_leaves_a_visible_backlog_at_the_relay(backend: Backend) 
     hub.shutdown().await.unwrap();
 }
 
+/// A hub on a manual clock whose fleet registered and then went away, so a
+/// broadcast is handed to the carrier and held there; with the
+/// reconciliation's `reoffer_after_secs` and `max_reoffers`.
+async fn held_broadcast(
+    backend: Backend,
+    reoffer_after_secs: u64,
+    max_reoffers: u32,
+) -> Option<(
+    Hub,
+    Clock,
+    String,
+    pb::MessageStatus,
+    Fleet,
+    Vec<EnterpriseChoice>,
+)> {
+    let clock = Clock::manual(1_800_000_000_000);
+    let settings = Settings {
+        clock: Some(clock.clone()),
+        reoffer_after_secs,
+        max_reoffers,
+        message_ttl_secs: 6 * 3600,
+        ..Settings::default()
+    };
+    let mut hub = Hub::start_settings(backend, &["alpha"], settings)
+        .await
+        .unwrap()?;
+    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
+    let fleet = Fleet::generate(29, 40, &["alpha".into()]).with_every_channel();
+    let choice = vec![EnterpriseChoice {
+        enterprise_id: shop,
+        service_ids: vec![],
+    }];
+    hub.start_fleet(fleet.clone(), choice.clone(), OpenMode::Always)
+        .await
+        .unwrap();
+    hub.stop_fleet().await.unwrap();
+    let mut client = hub.enterprise(&key).await.unwrap();
+    let sent = client
+        .send_message(broadcast("held", "later"))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = hub
+        .wait_for_message(&key, &sent.message_id, |s| {
+            s.matched > 0 && s.handed_over == s.matched
+        })
+        .await;
+    assert_eq!(status.delivered, 0);
+    Some((hub, clock, key, status, fleet, choice))
+}
+
+/// A carrier that loses what it acknowledged (its database gone) gets the
+/// unconfirmed deliveries again from the reconciliation, once each, and the
+/// decision trace says so.
+async fn deliveries_a_carrier_lost_are_offered_again(backend: Backend) {
+    let Some((mut hub, clock, key, status, fleet, choice)) = held_broadcast(backend, 600, 3).await
+    else {
+        return;
+    };
+    hub.kill_carrier("alpha").await;
+    let data = hub.carriers[0].data_dir.clone();
+    std::fs::remove_dir_all(&data).unwrap();
+    hub.restart_carrier("alpha").await.unwrap();
+    let terminals = hub
+        .start_fleet(fleet.clone(), choice, OpenMode::Always)
+        .await
+        .unwrap();
+    // The carrier no longer has them: nothing arrives until the relay offers them again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(terminals.recipients(&status.message_id).is_empty());
+
+    clock.advance(Duration::from_secs(601));
+    let done = hub
+        .wait_for_message(&key, &status.message_id, |s| s.opened == s.matched)
+        .await;
+    assert_eq!(done.delivered, status.matched);
+    for (user_id, item) in terminals.recipients(&status.message_id) {
+        let copies = terminals
+            .inbox(&user_id)
+            .iter()
+            .filter(|i| i.message_id == status.message_id)
+            .count();
+        assert_eq!(copies, 1, "{user_id}: {item:?}");
+        let explained = hub
+            .admin()
+            .await
+            .unwrap()
+            .explain_delivery(pb::AdminExplainDeliveryRequest {
+                message_id: status.message_id.clone(),
+                user_id: user_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            explained.attempts.iter().any(|a| a
+                .reason
+                .contains("no receipt within 10m of hand-over: offered to the carrier again")),
+            "{explained:?}"
+        );
+    }
+    // Confirmed now: a later pass offers nothing again.
+    clock.advance(Duration::from_secs(601));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let later = hub
+        .wait_for_message(&key, &status.message_id, |_| true)
+        .await;
+    assert_eq!(later.handed_over, status.matched);
+    assert_eq!((later.delivered, later.expired), (status.matched, 0));
+    hub.shutdown().await.unwrap();
+}
+
+/// Deliveries no carrier ever confirms end: once their message has expired
+/// (and the reconciliation's grace passed), they are expired at the relay
+/// with an expired event each, so every accepted message ends.
+async fn deliveries_no_carrier_confirms_expire_at_the_relay(backend: Backend) {
+    let Some((mut hub, clock, key, status, _, _)) = held_broadcast(backend, 600, 0).await else {
+        return;
+    };
+    // The carrier is gone for good.
+    hub.kill_carrier("alpha").await;
+    clock.advance(Duration::from_secs(6 * 3600 + 1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = hub
+        .wait_for_message(&key, &status.message_id, |_| true)
+        .await;
+    assert_eq!(
+        before.expired, 0,
+        "within the grace, nothing is expired yet"
+    );
+    clock.advance(Duration::from_secs(601));
+    let done = hub
+        .wait_for_message(&key, &status.message_id, |s| s.expired == s.matched)
+        .await;
+    assert_eq!((done.delivered, done.opened), (0, 0));
+    hub.shutdown().await.unwrap();
+}
+
 backend_tests!(
+    deliveries_a_carrier_lost_are_offered_again,
+    deliveries_no_carrier_confirms_expire_at_the_relay,
     a_slow_carrier_leaves_a_visible_backlog_at_the_relay,
     two_relays_share_the_work_and_one_takes_over,
     a_carrier_killed_mid_campaign_loses_nothing,

@@ -35,6 +35,44 @@ impl FollowThrough {
     }
 }
 
+/// When and how often the reconciliation offers a delivery the carrier never
+/// confirmed again, before the message's expiry settles it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reconciling {
+    /// A handed-over delivery without a delivered, failed or expired receipt
+    /// this long (clock ms) is offered again; a message expired this long is
+    /// settled.
+    pub after_ms: i64,
+    /// Offers after the first, at most.
+    pub max_reoffers: i64,
+}
+
+/// What one reconciliation pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Messages looked at.
+    pub messages: u64,
+    /// Deliveries offered to their carrier again.
+    pub reoffered: u64,
+    /// Handed-over deliveries of expired messages that no carrier confirmed,
+    /// expired at the relay.
+    pub expired: u64,
+    /// Messages with nothing left to reconcile (not looked at again).
+    pub settled: u64,
+}
+
+/// A handed-over delivery (`d`) of message `m` the carrier never confirmed:
+/// its person has no delivered or failed event for the message. (An expired
+/// or unsupported receipt closes its own delivery: state 3 or 2.)
+fn unconfirmed(m: &str) -> String {
+    format!(
+        "d.message_id = {m} AND d.state = 1 AND NOT EXISTS (SELECT 1 FROM events e \
+         WHERE e.message_id = d.message_id AND e.user_id = d.user_id AND e.kind IN ({}, {}))",
+        EventKind::Delivered.number(),
+        EventKind::Failed.number(),
+    )
+}
+
 /// One delivery attempt, as the decision trace shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Attempt {
@@ -91,9 +129,9 @@ impl Store {
         .fetch_all(pool)
         .await)?;
         for message_id in expiring {
-            let mut statements = expire_pending(
+            let mut statements = expire_deliveries(
                 &message_id,
-                false,
+                Closing::Unsent,
                 "expired at the relay: not handed over before the message's expiry",
                 now,
             );
@@ -143,9 +181,9 @@ impl Store {
                     ));
                     vec![roll]
                 }
-                None => expire_pending(
+                None => expire_deliveries(
                     &message_id,
-                    true,
+                    Closing::UnsentInClosedWindow,
                     "expired at the relay: the delivery window ended before hand-over",
                     now,
                 ),
@@ -237,6 +275,94 @@ impl Store {
         Ok(done)
     }
 
+    /// One reconciliation pass over messages last looked at `after_ms` ago:
+    /// handed-over deliveries the carrier never confirmed are offered again
+    /// (state pending; the carrier drops a delivery id it still holds) up to
+    /// `max_reoffers` times while the message is live — not when the carrier
+    /// holds them for a window —, and expired at the relay (with an expired
+    /// event, and a note in the decision trace) once the message expired
+    /// `after_ms` ago. A message with nothing left unsent, unconfirmed or on
+    /// a timer is settled and not looked at again; follow-ups settle at
+    /// their expiry (their deliveries come with opens).
+    pub async fn reconcile_deliveries(&self, now: i64, rules: Reconciling) -> Result<Reconciled> {
+        let mut done = Reconciled::default();
+        let due: Vec<(String, bool, i64, bool, String)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT id, closed, expires_at, window_at_carrier, target_kind FROM messages
+             WHERE reconciled_at IS NOT NULL AND reconciled_at <= $1 AND state <> 1
+             ORDER BY reconciled_at LIMIT $2",
+        )
+        .bind(now - rules.after_ms)
+        .bind(GROUPS_PER_PASS)
+        .fetch_all(pool)
+        .await)?;
+        for (message_id, closed, expires_at, held_at_carrier, target_kind) in due {
+            done.messages += 1;
+            let m = |sql: &mut Sql| sql.bind(Param::Text(message_id.clone()));
+            let mut statements = Vec::new();
+            let settling = closed && expires_at <= now - rules.after_ms;
+            if settling {
+                statements.extend(expire_deliveries(
+                    &message_id,
+                    Closing::Unconfirmed,
+                    "expired at the relay: handed over, but no carrier confirmed it by the message's expiry",
+                    now,
+                ));
+            } else if !closed && !held_at_carrier {
+                let mut offer =
+                    Sql::new("UPDATE deliveries SET state = 0, offers = offers + 1, note = ");
+                let note = offer.bind(Param::Text(format!(
+                    "no receipt within {} of hand-over: offered to the carrier again",
+                    crate::policy::duration(rules.after_ms)
+                )));
+                let deadline = offer.bind(Param::Int(now - rules.after_ms));
+                let max = offer.bind(Param::Int(rules.max_reoffers));
+                let message = m(&mut offer);
+                offer.push(&format!(
+                    "{note} WHERE id IN (SELECT d.id FROM deliveries d WHERE {} \
+                     AND d.handed_over_at <= {deadline} AND d.offers < {max})",
+                    unconfirmed(&message)
+                ));
+                statements.push(offer);
+            }
+            // Settled once nothing can change any more; else looked at again later.
+            let mut settle = Sql::new("UPDATE messages SET reconciled_at = NULL WHERE id = ");
+            let message = m(&mut settle);
+            settle.push(&message);
+            if !settling {
+                if closed || target_kind == "follow_up" {
+                    settle.push(" AND FALSE");
+                } else {
+                    settle.push(&format!(
+                        " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = {message} \
+                         AND (d.state IN (0, 6) OR d.check_at IS NOT NULL)) \
+                         AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE {})",
+                        unconfirmed(&message)
+                    ));
+                }
+            }
+            statements.push(settle);
+            let mut again = Sql::new("UPDATE messages SET reconciled_at = ");
+            let at = again.bind(Param::Int(now));
+            let message = m(&mut again);
+            again.push(&format!(
+                "{at} WHERE id = {message} AND reconciled_at IS NOT NULL"
+            ));
+            statements.push(again);
+            let shape = (settling, !settling && !closed && !held_at_carrier);
+            let affected = self.run_counting(&message_id, statements).await?;
+            // [expired events, expired deliveries] or [offered], then [settled, again].
+            let (expired, reoffered) = match shape {
+                (true, _) => (affected[1], 0),
+                (false, true) => (0, affected[0]),
+                (false, false) => (0, 0),
+            };
+            done.expired += expired;
+            done.reoffered += reoffered;
+            done.settled += affected[affected.len() - 2];
+        }
+        Ok(done)
+    }
+
     async fn cached_plan(
         &self,
         plans: &mut HashMap<String, Option<MessagePlan>>,
@@ -251,11 +377,16 @@ impl Store {
     }
 
     async fn run_statements(&self, message_id: &str, statements: Vec<Sql>) -> Result<()> {
+        self.run_counting(message_id, statements).await.map(|_| ())
+    }
+
+    /// Runs `statements` in one transaction; the rows each affected.
+    async fn run_counting(&self, message_id: &str, statements: Vec<Sql>) -> Result<Vec<u64>> {
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            execute_all!(tx, message_id, statements)?;
+            let affected = execute_all!(tx, message_id, statements)?;
             tx.commit().await?;
-            Ok(())
+            Ok(affected)
         })
     }
 
@@ -346,15 +477,30 @@ impl Store {
 /// Expire `message_id`'s pending deliveries (only those whose held window
 /// closed, when `closed_windows_only`): an expired event for each person not
 /// already delivered to, then the rows.
-fn expire_pending(message_id: &str, closed_windows_only: bool, note: &str, now: i64) -> Vec<Sql> {
+/// Which deliveries of a message an expiry closes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Closing {
+    /// Not handed over yet (pending or waiting).
+    Unsent,
+    /// Not handed over yet, held for a window that has closed.
+    UnsentInClosedWindow,
+    /// Handed over, never confirmed by a carrier.
+    Unconfirmed,
+}
+
+/// Expires `which` deliveries of `message_id`: an expired event for each
+/// person not delivered, and the deliveries closed with `note`.
+fn expire_deliveries(message_id: &str, which: Closing, note: &str, now: i64) -> Vec<Sql> {
     let pending = |sql: &mut Sql| {
         let m = sql.bind(Param::Text(message_id.to_owned()));
-        let mut filter = format!("d.message_id = {m} AND d.state IN (0, 6)");
-        if closed_windows_only {
-            let at = sql.bind(Param::Int(now));
-            filter.push_str(&format!(" AND d.window_close <= {at}"));
+        match which {
+            Closing::Unsent => format!("d.message_id = {m} AND d.state IN (0, 6)"),
+            Closing::UnsentInClosedWindow => {
+                let at = sql.bind(Param::Int(now));
+                format!("d.message_id = {m} AND d.state IN (0, 6) AND d.window_close <= {at}")
+            }
+            Closing::Unconfirmed => unconfirmed(&m),
         }
-        filter
     };
     let mut record = Sql::new(
         "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region) SELECT d.message_id, d.user_id, ",

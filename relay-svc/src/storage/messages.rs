@@ -213,7 +213,7 @@ impl Store {
             let row = insert_message(message_id, &fingerprint, message, &plan, &description, service_id, stored_target.clone());
             let inserted = execute_all!(tx, message_id, [row]);
             match inserted {
-                Ok(()) => {}
+                Ok(_) => {}
                 Err(error) if is_unique_violation(&error) => {
                     // A concurrent call with the same key won; answer as it did.
                     drop(tx);
@@ -961,6 +961,7 @@ fn insert_message(
             ("state", Param::Int(MessageState::Accepted as i64)),
             ("matched", Param::OptInt(None)),
             ("accepted_at", Param::Int(plan.accepted_at)),
+            ("reconciled_at", Param::Int(plan.accepted_at)),
             ("not_before", Param::Int(plan.accepted_at)),
             ("expires_at", Param::Int(plan.expires_at)),
             ("policy", text(plan.policy.kind.as_str())),
@@ -1041,6 +1042,7 @@ fn insert_follow_up(
             ("state", Param::Int(MessageState::Expanded as i64)),
             ("matched", Param::Int(0)),
             ("accepted_at", Param::Int(now)),
+            ("reconciled_at", Param::Int(now)),
             ("not_before", Param::Int(now)),
             (
                 "expires_at",

@@ -28,7 +28,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{PgPool, SqlitePool};
 
 pub use auction::Closed;
-pub use control::{Attempt, ExplainedEvent, Explanation, FollowThrough};
+pub use control::{Attempt, ExplainedEvent, Explanation, FollowThrough, Reconciled, Reconciling};
 pub use messages::{MessageRow, StoredMessage};
 pub use planning::MessagePlan;
 pub use pricing::{LedgerDimension, LedgerSum, PriceTable};

@@ -83,10 +83,12 @@ impl Sql {
 }
 
 /// Runs planning statements in transaction `$tx` for message `$message_id`,
-/// adding their effects to its counts. Evaluates to `Result<(), sqlx::Error>`.
+/// adding their effects to its counts. Evaluates to `Result<Vec<u64>, sqlx::Error>`:
+/// the rows each statement affected (or returned).
 macro_rules! execute_all {
     ($tx:expr, $message_id:expr, $statements:expr) => {
         async {
+            let mut affected: Vec<u64> = Vec::new();
             for statement in $statements {
                 let mut query = sqlx::query(sqlx::AssertSqlSafe(statement.text));
                 for param in statement.params {
@@ -100,17 +102,19 @@ macro_rules! execute_all {
                 }
                 match statement.effect {
                     $crate::storage::planning::Effect::None => {
-                        query.execute(&mut *$tx).await?;
+                        affected.push(query.execute(&mut *$tx).await?.rows_affected());
                     }
                     $crate::storage::planning::Effect::Count(kind) => {
-                        let rows = query.execute(&mut *$tx).await?.rows_affected() as i64;
+                        let rows = query.execute(&mut *$tx).await?.rows_affected();
+                        affected.push(rows);
                         $crate::storage::add_to_counts!(
                             $tx,
-                            [(($message_id.to_owned(), kind), rows)]
+                            [(($message_id.to_owned(), kind), rows as i64)]
                         );
                     }
                     $crate::storage::planning::Effect::CountReturned(kind) => {
                         let rows = query.fetch_all(&mut *$tx).await?;
+                        affected.push(rows.len() as u64);
                         let mut added: std::collections::HashMap<(String, i64), i64> =
                             std::collections::HashMap::new();
                         for row in rows {
@@ -121,7 +125,7 @@ macro_rules! execute_all {
                     }
                 }
             }
-            Ok::<(), sqlx::Error>(())
+            Ok::<Vec<u64>, sqlx::Error>(affected)
         }
         .await
     };
