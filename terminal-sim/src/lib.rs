@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fleet::Fleet;
 use crate::setup::EnterpriseChoice;
-use crate::terminal::{OpenMode, Terminals};
+use crate::terminal::{OpenMode, TerminalFaults, Terminals};
 
 /// A carrier the fleet talks to: `ID=URL`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +93,20 @@ pub struct FleetOptions {
     #[arg(long, env = "CHUKEI_TERMINAL_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
 
+    /// Chaos runs: the share (0–1) of event batches the terminals send twice.
+    #[arg(long, env = "CHUKEI_TERMINAL_DUPLICATE_EVENTS", default_value_t = 0.0)]
+    pub duplicate_events: f64,
+
+    /// Chaos runs: terminals send each batch of events in reverse order and
+    /// up to 200 ms late, so reads may overtake deliveries.
+    #[arg(long, env = "CHUKEI_TERMINAL_REORDER_EVENTS")]
+    pub reorder_events: bool,
+
+    /// Chaos runs: append "message_id user_id delivery_id" to this file for
+    /// every message a terminal receives for the first time.
+    #[arg(long, env = "CHUKEI_TERMINAL_JOURNAL")]
+    pub journal: Option<std::path::PathBuf>,
+
     #[command(flatten)]
     pub clock: ClockArgs,
 }
@@ -118,11 +132,29 @@ pub async fn run_fleet(
         )
     });
     let cancel = CancellationToken::new();
-    let terminals = Terminals::new(
+    if !(0.0..=1.0).contains(&options.duplicate_events) {
+        anyhow::bail!("--duplicate-events: must be between 0 and 1");
+    }
+    let journal = match &options.journal {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|error| anyhow::anyhow!("--journal: {}: {error}", path.display()))?,
+        ),
+        None => None,
+    };
+    let terminals = Terminals::with_faults(
         &fleet,
         options.clock.clock(),
         options.open_mode,
         cancel.clone(),
+        TerminalFaults {
+            duplicate_events: options.duplicate_events,
+            reorder_events: options.reorder_events,
+            journal,
+        },
     );
     let (health_reporter, health_service) = server::health();
     // Not ready (overall, and the Terminal service) until the fleet is set up.

@@ -25,6 +25,19 @@ use crate::rng::Rng;
 
 const HOUR_MS: i64 = 3_600_000;
 
+/// Misbehaviour for chaos runs: terminals that send receipts twice and out
+/// of order, and a journal of what reached the terminals to check against.
+#[derive(Debug, Default)]
+pub struct TerminalFaults {
+    /// The share (0–1) of event batches sent twice.
+    pub duplicate_events: f64,
+    /// Event batches go in reverse order, each after a random delay of up
+    /// to 200 ms (so reads may overtake deliveries).
+    pub reorder_events: bool,
+    /// Gets "message_id user_id delivery_id" for each message first received.
+    pub journal: Option<std::fs::File>,
+}
+
 /// How simulated people open messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OpenMode {
@@ -86,6 +99,7 @@ struct Inner {
     schedule: mpsc::UnboundedSender<(i64, String)>,
     tasks: TaskTracker,
     cancel: CancellationToken,
+    faults: Mutex<TerminalFaults>,
 }
 
 #[derive(Debug, Default)]
@@ -100,6 +114,17 @@ struct State {
 impl Terminals {
     /// Starts the open scheduler; it and every stream task stop on `cancel`.
     pub fn new(fleet: &Fleet, clock: Clock, mode: OpenMode, cancel: CancellationToken) -> Self {
+        Self::with_faults(fleet, clock, mode, cancel, TerminalFaults::default())
+    }
+
+    /// [`Terminals::new`] that misbehaves as `faults` say.
+    pub fn with_faults(
+        fleet: &Fleet,
+        clock: Clock,
+        mode: OpenMode,
+        cancel: CancellationToken,
+        faults: TerminalFaults,
+    ) -> Self {
         let (schedule, scheduled) = mpsc::unbounded_channel();
         let terminals = Self {
             inner: Arc::new(Inner {
@@ -115,6 +140,7 @@ impl Terminals {
                 schedule,
                 tasks: TaskTracker::new(),
                 cancel,
+                faults: Mutex::new(faults),
             }),
         };
         terminals
@@ -235,6 +261,7 @@ impl Terminals {
                     continue;
                 }
                 state.snapshot.received += 1;
+                self.journal(&message);
                 if let Some(at) = self.open_time(user, &message, now) {
                     opens.push((at, message.delivery_id.clone()));
                 }
@@ -362,12 +389,79 @@ impl Terminals {
         let event = read_event(item, &user_id, at);
         let carrier_id = item.carrier_id.clone();
         state.snapshot.opened += 1;
-        if let Some(sink) = state.sinks.get(&carrier_id) {
-            let _ = sink.send(pb::TerminalEvents {
-                events: vec![event],
-            });
+        if let Some(sink) = state.sinks.get(&carrier_id).cloned() {
+            drop(state);
+            self.send_events(&sink, vec![event]);
         }
         true
+    }
+
+    fn journal(&self, message: &pb::PushedMessage) {
+        use std::io::Write;
+        let mut faults = self.faults();
+        if let Some(journal) = faults.journal.as_mut()
+            && let Err(error) = writeln!(
+                journal,
+                "{} {} {}",
+                message.message_id, message.user_id, message.delivery_id
+            )
+        {
+            tracing::warn!(%error, "journal write failed");
+        }
+    }
+
+    fn faults(&self) -> MutexGuard<'_, TerminalFaults> {
+        self.inner
+            .faults
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Sends events to a carrier: as they are, or twice and out of order
+    /// when the faults say so. `false`: the stream is gone.
+    fn send_events(
+        &self,
+        sink: &mpsc::UnboundedSender<pb::TerminalEvents>,
+        mut events: Vec<pb::TerminalEvent>,
+    ) -> bool {
+        let (duplicate, reorder) = {
+            let faults = self.faults();
+            (faults.duplicate_events, faults.reorder_events)
+        };
+        if duplicate == 0.0 && !reorder {
+            return sink.send(pb::TerminalEvents { events }).is_ok();
+        }
+        let label = events.first().map_or("", |e| e.delivery_id.as_str());
+        let mut rng = Rng::for_labels(
+            self.inner.seed,
+            &["faults", label, &events.len().to_string()],
+        );
+        let copies = if rng.chance(duplicate) { 2 } else { 1 };
+        if !reorder {
+            for _ in 0..copies {
+                if sink
+                    .send(pb::TerminalEvents {
+                        events: events.clone(),
+                    })
+                    .is_err()
+                {
+                    return false;
+                }
+            }
+            return true;
+        }
+        events.reverse();
+        let delay = std::time::Duration::from_millis(rng.below(200));
+        let late = sink.clone();
+        self.inner.tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            for _ in 0..copies {
+                let _ = late.send(pb::TerminalEvents {
+                    events: events.clone(),
+                });
+            }
+        });
+        !sink.is_closed()
     }
 
     /// A carrier's stream is (re)open: route its events there, and send again
@@ -434,9 +528,7 @@ impl pb::terminal_server::Terminal for Terminals {
                     terminals.attach_sink(&carrier_id, sink.clone());
                 }
                 let delivered = terminals.receive(&carrier_id, request.messages);
-                if !delivered.is_empty()
-                    && sink.send(pb::TerminalEvents { events: delivered }).is_err()
-                {
+                if !delivered.is_empty() && !terminals.send_events(&sink, delivered) {
                     break;
                 }
             }

@@ -9,6 +9,7 @@
 //! test says it skipped.
 #![forbid(unsafe_code)]
 
+pub mod chaos;
 pub mod process;
 pub mod scene;
 
@@ -642,6 +643,9 @@ impl Hub {
             enterprises,
             open_mode,
             metrics_listen: self.fleet_metrics,
+            duplicate_events: 0.0,
+            reorder_events: false,
+            journal: None,
             clock: self.settings.clock_args(),
         };
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -829,8 +833,13 @@ async fn bind_again(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
 
 /// Waits until the gRPC health service at `url` answers SERVING (overall).
 pub async fn wait_healthy(url: &str) -> anyhow::Result<()> {
+    wait_healthy_for(url, Duration::from_secs(30)).await
+}
+
+/// [`wait_healthy`] with another deadline (a large fleet takes a while to set up).
+pub async fn wait_healthy_for(url: &str, timeout: Duration) -> anyhow::Result<()> {
     use chukei_proto::health::{HealthCheckRequest, HealthClient, ServingStatus};
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + timeout;
     loop {
         if let Ok(channel) = Channel::from_shared(url.to_owned())?.connect().await {
             let mut client = HealthClient::new(channel);

@@ -53,6 +53,13 @@ impl Process {
         })
     }
 
+    /// Whether the process has ended by itself.
+    pub fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|child| child.try_wait().ok().flatten().is_some())
+    }
+
     /// SIGTERM, then its exit status; killed and an error after `grace`.
     pub fn terminate(mut self, grace: Duration) -> anyhow::Result<ExitStatus> {
         let Some(mut child) = self.child.take() else {

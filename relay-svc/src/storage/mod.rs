@@ -86,6 +86,17 @@ impl Store {
             let pool = SqlitePoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(10))
+                // A connection whose COMMIT failed (a full disk: SQLite rolls
+                // back itself) still counts itself in a transaction, and every
+                // later BEGIN on it would fail: close it rather than reuse it.
+                // The ping lets the dropped transaction's ROLLBACK run first.
+                .after_release(|connection, _| {
+                    Box::pin(async move {
+                        use sqlx::Connection;
+                        connection.ping().await?;
+                        Ok(!connection.is_in_transaction())
+                    })
+                })
                 .connect_with(options)
                 .await?;
             sqlx::migrate!("./migrations/sqlite").run(&pool).await?;

@@ -17,7 +17,7 @@ use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
 use clap::Parser;
 use integration_tests::process::{Process, binary_in, free_port};
-use integration_tests::wait_healthy;
+use integration_tests::{wait_healthy, wait_healthy_for};
 use tonic::transport::Channel;
 
 /// Run the whole hub locally on SQLite and relay a few campaigns through it.
@@ -595,16 +595,5 @@ fn rate(opened: u64, delivered: u64) -> String {
         "-".into()
     } else {
         format!("{:.1}%", 100.0 * opened as f64 / delivered as f64)
-    }
-}
-
-async fn wait_healthy_for(url: &str, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match wait_healthy(url).await {
-            Ok(()) => return Ok(()),
-            Err(error) if Instant::now() > deadline => return Err(error),
-            Err(_) => {}
-        }
     }
 }

@@ -1,0 +1,1113 @@
+//! The chaos harness: runs the real binaries (a relay, carriers behind fault
+//! proxies, a terminal fleet that sends receipts twice and out of order),
+//! drives a campaign mix through `SendMessage` while it SIGKILLs and restarts
+//! carriers and the relay and partitions the relay from carriers, optionally
+//! fills the relay's disk, then checks invariants against a history of every
+//! client call, the terminals' journal and the relay's database:
+//!
+//! - I1 every accepted message reaches its terminals or ends expired/failed;
+//! - I2 nothing is delivered for a submit that got a definite error;
+//! - I3 one message per idempotency key; a same-key retry after an ambiguous
+//!   error resolves it;
+//! - I4 sent and opened at most once per message and person;
+//! - I5 no message status moves backwards (sampled while the faults run);
+//! - I6 every aggregate equals a recount from the events.
+//!
+//! `chaos` (a binary of this package) runs it from the command line; a small
+//! run is a test (`tests/chaos.rs`). [`Report`] prints one line per run.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chukei_proto::auth::BearerInterceptor;
+use chukei_proto::common::v1 as common;
+use chukei_proto::relay::v1 as pb;
+use chukei_proto::rng::Rng;
+use tokio::net::{TcpListener, TcpStream};
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::process::{Process, binary_in, free_port};
+use crate::{Backend, Enterprise, wait_healthy};
+
+const ADMIN_TOKEN: &str = "chaos-admin-token-0123456789";
+const DELIVER_TOKEN: &str = "chaos-deliver-token-0123456789";
+const CARRIER_ADMIN_TOKEN: &str = "chaos-carrier-admin-0123456789";
+
+/// What a run does.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub seed: u64,
+    pub backend: Backend,
+    /// PostgreSQL database for the relay (required for `Backend::Postgres`).
+    pub database_url: Option<String>,
+    /// `SendMessage` calls in the campaign mix.
+    pub messages: usize,
+    pub users: usize,
+    pub carriers: usize,
+    /// Carrier SIGKILL + restart cycles (K).
+    pub carrier_kills: usize,
+    /// Relay SIGKILL + restart cycles (M).
+    pub relay_kills: usize,
+    /// Relay↔carrier partitions (2 s each).
+    pub partitions: usize,
+    /// Share of terminal event batches sent twice.
+    pub duplicate_events: f64,
+    /// Fill the relay's disk mid-run (SQLite on a tmpfs the harness mounts; root only).
+    pub disk_full: bool,
+    /// Calls in flight.
+    pub concurrency: usize,
+    /// Calls started per second (open loop; 0: as fast as they go), so the
+    /// faults land while the load runs.
+    pub rate: u32,
+    /// The checks' own test: before checking, lose a stored message and a
+    /// delivered event and forge the journal (a delivery of a message nobody
+    /// sent, a second copy for someone), so I1, I2, I4 and I6 must fire.
+    pub tamper: bool,
+    /// Where the binaries are.
+    pub bin_dir: PathBuf,
+}
+
+/// How a `SendMessage` call ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Outcome {
+    Accepted(String),
+    /// The relay said no, for sure: nothing was stored.
+    Definite(Code),
+    /// Nobody can tell (transport failure, UNAVAILABLE, deadline): retry with the key.
+    Ambiguous(String),
+}
+
+fn outcome(result: Result<tonic::Response<pb::SendMessageResponse>, tonic::Status>) -> Outcome {
+    match result {
+        Ok(response) => Outcome::Accepted(response.into_inner().message_id),
+        Err(status) => match status.code() {
+            Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::FailedPrecondition
+            | Code::ResourceExhausted
+            | Code::OutOfRange => Outcome::Definite(status.code()),
+            code => Outcome::Ambiguous(format!("{code:?}")),
+        },
+    }
+}
+
+/// The invariant violation counts, I1..I6.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Violations(pub [u64; 6]);
+
+impl Violations {
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+}
+
+/// What the disk-full phase saw.
+#[derive(Clone, Debug, Default)]
+pub struct DiskFull {
+    /// Calls made while the disk was full, and how many were refused (by code).
+    pub attempted: usize,
+    pub refused: HashMap<String, usize>,
+    pub accepted_while_full: usize,
+    /// From freeing the space to the next accepted call.
+    pub recovered_in: Option<Duration>,
+    /// Refused calls that a same-key retry got accepted once there was room.
+    pub accepted_on_retry: usize,
+    /// Every message of the phase in the end (each retried until accepted).
+    accepted_ids: Vec<String>,
+}
+
+/// One run's result.
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub seed: u64,
+    pub backend: Backend,
+    pub messages: usize,
+    pub accepted: usize,
+    pub definite_errors: usize,
+    /// Ambiguous at first, resolved by a same-key retry.
+    pub ambiguous_resolved: usize,
+    pub persons: usize,
+    pub carrier_kills: usize,
+    pub relay_kills: usize,
+    pub partitions: usize,
+    pub duplicate_events: f64,
+    /// Per relay kill: until it served health again, and until it accepted a message.
+    pub relay_recovery: Vec<(Duration, Option<Duration>)>,
+    pub disk_full: Option<DiskFull>,
+    pub violations: Violations,
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let backend = match self.backend {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        };
+        write!(
+            f,
+            "chaos seed={} backend={backend} messages={} accepted={} definite_errors={} ambiguous_resolved={} persons={} \
+             faults=carrier_kills:{},relay_kills:{},partitions:{},duplicate_events:{},reordered_events:on",
+            self.seed,
+            self.messages,
+            self.accepted,
+            self.definite_errors,
+            self.ambiguous_resolved,
+            self.persons,
+            self.carrier_kills,
+            self.relay_kills,
+            self.partitions,
+            self.duplicate_events,
+        )?;
+        match &self.disk_full {
+            Some(disk) => {
+                let mut refused: Vec<String> = disk
+                    .refused
+                    .iter()
+                    .map(|(code, n)| format!("{code}:{n}"))
+                    .collect();
+                refused.sort();
+                write!(
+                    f,
+                    ",disk_full:attempted={}/refused=[{}]/accepted_while_full={}/recovered_ms={}/accepted_on_retry={}",
+                    disk.attempted,
+                    refused.join(" "),
+                    disk.accepted_while_full,
+                    disk.recovered_in
+                        .map_or("never".into(), |d| d.as_millis().to_string()),
+                    disk.accepted_on_retry
+                )?;
+            }
+            None => write!(f, ",disk_full:off")?,
+        }
+        let [i1, i2, i3, i4, i5, i6] = self.violations.0;
+        let recovery: Vec<String> = self
+            .relay_recovery
+            .iter()
+            .map(|(health, accepting)| {
+                format!(
+                    "{}/{}",
+                    health.as_millis(),
+                    accepting.map_or("-".into(), |d| d.as_millis().to_string())
+                )
+            })
+            .collect();
+        write!(
+            f,
+            " | I1={i1} I2={i2} I3={i3} I4={i4} I5={i5} I6={i6} | relay_recovery_ms(health/accepting)=[{}] elapsed={:.1}s",
+            recovery.join(" "),
+            self.elapsed.as_secs_f64()
+        )
+    }
+}
+
+/// A TCP proxy between the relay and one carrier's Deliver port that can cut
+/// the link: existing connections are dropped and new ones refused.
+struct FaultProxy {
+    addr: SocketAddr,
+    blocked: Arc<AtomicBool>,
+    links: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl FaultProxy {
+    async fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let blocked = Arc::new(AtomicBool::new(false));
+        let links: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (accept_blocked, accept_links) = (blocked.clone(), links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if accept_blocked.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let link = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                let mut links = accept_links.lock().unwrap();
+                links.retain(|l| !l.is_finished());
+                links.push(link.abort_handle());
+            }
+        });
+        Ok(Self {
+            addr,
+            blocked,
+            links,
+        })
+    }
+
+    fn cut(&self) {
+        self.blocked.store(true, Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    fn heal(&self) {
+        self.blocked.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The relay's database, read directly for the checks.
+enum Db {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+impl Db {
+    async fn connect(url: &str) -> anyhow::Result<Self> {
+        Ok(if url.starts_with("sqlite:") {
+            Self::Sqlite(sqlx::SqlitePool::connect(url).await?)
+        } else {
+            Self::Postgres(sqlx::PgPool::connect(url).await?)
+        })
+    }
+
+    async fn count(&self, sql: &'static str) -> anyhow::Result<i64> {
+        Ok(match self {
+            Self::Sqlite(pool) => sqlx::query_scalar(sql).fetch_one(pool).await?,
+            Self::Postgres(pool) => sqlx::query_scalar(sql).fetch_one(pool).await?,
+        })
+    }
+
+    async fn pairs(&self, sql: &'static str) -> anyhow::Result<Vec<(String, String)>> {
+        Ok(match self {
+            Self::Sqlite(pool) => sqlx::query_as(sql).fetch_all(pool).await?,
+            Self::Postgres(pool) => sqlx::query_as(sql).fetch_all(pool).await?,
+        })
+    }
+
+    async fn execute(&self, sql: &'static str) -> anyhow::Result<u64> {
+        Ok(match self {
+            Self::Sqlite(pool) => sqlx::query(sql).execute(pool).await?.rows_affected(),
+            Self::Postgres(pool) => sqlx::query(sql).execute(pool).await?.rows_affected(),
+        })
+    }
+
+    async fn close(self) {
+        match self {
+            Self::Sqlite(pool) => pool.close().await,
+            Self::Postgres(pool) => pool.close().await,
+        }
+    }
+}
+
+/// A tmpfs mounted for the relay's data (the disk-full phase); unmounted on drop.
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn tmpfs(dir: &Path, size: &str) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()?;
+        anyhow::ensure!(
+            status.success(),
+            "mount -t tmpfs failed (the disk-full phase needs root)"
+        );
+        Ok(Self(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the file system holding `dir` with a file until it is full.
+fn fill(dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path)?;
+    let chunk = vec![0u8; 1 << 20];
+    while file.write_all(&chunk).is_ok() {}
+    // The last bytes, page by page.
+    let page = vec![0u8; 4096];
+    while file.write_all(&page).is_ok() {}
+    let _ = file.sync_all();
+    Ok(path)
+}
+
+struct Hub {
+    options: Options,
+    dir: PathBuf,
+    relay_port: u16,
+    relay_data: PathBuf,
+    relay: Option<Process>,
+    carriers: Vec<CarrierProcess>,
+    fleet: Option<Process>,
+    journal: PathBuf,
+}
+
+struct CarrierProcess {
+    id: String,
+    port: u16,
+    token: String,
+    proxy: FaultProxy,
+    process: Option<Process>,
+}
+
+impl Hub {
+    fn relay_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.relay_port)
+    }
+
+    fn relay_db_url(&self) -> String {
+        match &self.options.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.relay_data.join("relay.db").display()),
+        }
+    }
+
+    fn bin(&self, name: &str) -> anyhow::Result<PathBuf> {
+        binary_in(&self.options.bin_dir, name)
+    }
+
+    fn spawn_relay(&mut self) -> anyhow::Result<()> {
+        let mut command = Command::new(self.bin("relay-svc")?);
+        command
+            .args(["--listen", &format!("127.0.0.1:{}", self.relay_port)])
+            .arg("--data-dir")
+            .arg(&self.relay_data)
+            .args(["--poll-interval-ms", "100", "--lease-ttl-secs", "2"])
+            .args(["--reoffer-after-secs", "20"])
+            .env("CHUKEI_RELAY_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("CHUKEI_RELAY_DELIVER_TOKEN", DELIVER_TOKEN)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null());
+        if let Some(url) = &self.options.database_url {
+            command.args(["--database-url", url]);
+        }
+        self.relay = Some(Process::spawn("relay-svc", &mut command)?);
+        Ok(())
+    }
+
+    fn spawn_carrier(&mut self, index: usize) -> anyhow::Result<()> {
+        let carrier = &self.carriers[index];
+        let mut command = Command::new(self.bin("carrier-svc")?);
+        command
+            .args(["--listen", &format!("127.0.0.1:{}", carrier.port)])
+            .args([
+                "--carrier-id",
+                &carrier.id,
+                "--relay-url",
+                &self.relay_url(),
+            ])
+            .arg("--data-dir")
+            .arg(self.dir.join(&carrier.id))
+            .args(["--report-interval-secs", "5", "--poll-interval-ms", "100"])
+            .env("CHUKEI_CARRIER_TOKEN", &carrier.token)
+            .env("CHUKEI_CARRIER_RELAY_TOKEN", DELIVER_TOKEN)
+            .env("CHUKEI_CARRIER_ADMIN_TOKEN", CARRIER_ADMIN_TOKEN)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null());
+        let process = Process::spawn(&carrier.id, &mut command)?;
+        self.carriers[index].process = Some(process);
+        Ok(())
+    }
+
+    async fn admin(&self) -> anyhow::Result<crate::Admin> {
+        let channel = Channel::from_shared(self.relay_url())?.connect().await?;
+        Ok(pb::admin_client::AdminClient::with_interceptor(
+            channel,
+            BearerInterceptor::new(ADMIN_TOKEN)?,
+        ))
+    }
+
+    fn stop(&mut self) {
+        if let Some(fleet) = self.fleet.take() {
+            let _ = fleet.terminate(Duration::from_secs(20));
+        }
+        if let Some(relay) = self.relay.take() {
+            let _ = relay.terminate(Duration::from_secs(20));
+        }
+        for carrier in &mut self.carriers {
+            if let Some(process) = carrier.process.take() {
+                let _ = process.terminate(Duration::from_secs(20));
+            }
+        }
+    }
+}
+
+/// The request of call `index` in the mix: mostly one person, some small
+/// groups, and now and then a broadcast to everyone registered.
+fn request(
+    seed: u64,
+    index: usize,
+    refs: &[String],
+    broadcast_every: usize,
+) -> pb::SendMessageRequest {
+    let mut rng = Rng::for_labels(seed, &["chaos", &index.to_string()]);
+    let target = if index % broadcast_every == broadcast_every - 1 {
+        pb::target::Kind::AllRegistered(true)
+    } else {
+        let n = if rng.chance(0.05) { 5 } else { 1 };
+        let mut picked: Vec<String> = Vec::with_capacity(n);
+        while picked.len() < n.min(refs.len()) {
+            let candidate = &refs[rng.below(refs.len() as u64) as usize];
+            if !picked.contains(candidate) {
+                picked.push(candidate.clone());
+            }
+        }
+        pb::target::Kind::Refs(pb::RefList { refs: picked })
+    };
+    crate::send_request(
+        &format!("chaos-{seed}-{index}"),
+        target,
+        &format!("chaos message {index}"),
+        common::Channel::Sms,
+    )
+}
+
+/// Calls `SendMessage` with a deadline.
+async fn send(client: &mut Enterprise, request: pb::SendMessageRequest) -> Outcome {
+    let mut call = tonic::Request::new(request);
+    call.set_timeout(Duration::from_secs(10));
+    match tokio::time::timeout(Duration::from_secs(12), client.send_message(call)).await {
+        Ok(result) => outcome(result),
+        Err(_) => Outcome::Ambiguous("timeout".into()),
+    }
+}
+
+/// Runs the harness once.
+pub async fn run(options: Options) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        options.backend == Backend::Sqlite || options.database_url.is_some(),
+        "a PostgreSQL run needs a database URL"
+    );
+    let started = Instant::now();
+    let temp = tempfile::tempdir()?;
+    let dir = temp.path().to_path_buf();
+    let relay_data = dir.join("relay");
+    let mount = if options.disk_full && options.backend == Backend::Sqlite {
+        let size = format!("{}m", 512 + options.messages / 50);
+        Some(Mounted::tmpfs(&relay_data, &size)?)
+    } else {
+        None
+    };
+    let mut hub = Hub {
+        journal: dir.join("journal.txt"),
+        relay_port: free_port()?,
+        relay_data,
+        relay: None,
+        carriers: Vec::new(),
+        fleet: None,
+        dir,
+        options: options.clone(),
+    };
+    let result = drive(&mut hub, mount.is_some()).await;
+    hub.stop();
+    drop(mount);
+    let mut report = result?;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+async fn drive(hub: &mut Hub, disk_full: bool) -> anyhow::Result<Report> {
+    let options = hub.options.clone();
+    hub.spawn_relay()?;
+    wait_healthy(&hub.relay_url()).await?;
+    let mut admin = hub.admin().await?;
+    let enterprise = admin
+        .create_enterprise(pb::CreateEnterpriseRequest {
+            name: "chaos".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+
+    // Carriers, each behind a proxy the relay dials through.
+    let mut carrier_flags = Vec::new();
+    for index in 0..options.carriers {
+        let id = format!("carrier-{index}");
+        let port = free_port()?;
+        let proxy = FaultProxy::start(format!("127.0.0.1:{port}").parse()?).await?;
+        hub.carriers.push(CarrierProcess {
+            token: format!("chaos-{id}-token-0123456789"),
+            id: id.clone(),
+            port,
+            proxy,
+            process: None,
+        });
+        hub.spawn_carrier(index)?;
+        let url = format!("http://127.0.0.1:{port}");
+        wait_healthy(&url).await?;
+        let carrier = &hub.carriers[index];
+        admin
+            .register_carrier(pb::RegisterCarrierRequest {
+                carrier_id: id.clone(),
+                endpoint: format!("http://{}", carrier.proxy.addr),
+                token: carrier.token.clone(),
+            })
+            .await?;
+        carrier_flags.push(format!("--carrier={id}={url}"));
+    }
+
+    // The fleet: opens everything at once, duplicates and reorders its receipts.
+    let fleet_port = free_port()?;
+    let mut fleet = Command::new(hub.bin("terminal-sim")?);
+    fleet
+        .args(["--listen", &format!("127.0.0.1:{fleet_port}"), "fleet"])
+        .args(["--users", &options.users.to_string()])
+        .args(["--seed", &options.seed.to_string(), "--open-mode", "always"])
+        .args(&carrier_flags)
+        .args(["--enterprise", &enterprise.enterprise_id])
+        .args(["--duplicate-events", &options.duplicate_events.to_string()])
+        .arg("--reorder-events")
+        .arg("--journal")
+        .arg(&hub.journal)
+        .env("CHUKEI_TERMINAL_CARRIER_ADMIN_TOKEN", CARRIER_ADMIN_TOKEN)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null());
+    hub.fleet = Some(Process::spawn("terminal-sim", &mut fleet)?);
+    crate::wait_healthy_for(
+        &format!("http://127.0.0.1:{fleet_port}"),
+        Duration::from_secs(120 + options.users as u64 / 100),
+    )
+    .await?;
+
+    let channel = Channel::from_shared(hub.relay_url())?
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy();
+    let client = pb::enterprise_api_client::EnterpriseApiClient::with_interceptor(
+        channel,
+        BearerInterceptor::new(&enterprise.api_key)?,
+    );
+    let refs = all_refs(&mut client.clone()).await?;
+    anyhow::ensure!(!refs.is_empty(), "nobody registered");
+    let broadcast_every = (options.messages / 3).clamp(50, 10_000);
+
+    // The load, the faults and the status sampler run together.
+    let history: Arc<Mutex<Vec<Option<Outcome>>>> =
+        Arc::new(Mutex::new(vec![None; options.messages]));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    let load_started = tokio::time::Instant::now();
+    for _ in 0..options.concurrency {
+        let (history, next) = (history.clone(), next.clone());
+        let (mut client, refs) = (client.clone(), refs.clone());
+        let (seed, rate) = (options.seed, options.rate);
+        workers.spawn(async move {
+            loop {
+                let index = next.fetch_add(1, Ordering::SeqCst);
+                if index >= history.lock().unwrap().len() {
+                    return;
+                }
+                if rate > 0 {
+                    let at = load_started + Duration::from_secs_f64(index as f64 / f64::from(rate));
+                    tokio::time::sleep_until(at).await;
+                }
+                let result = send(&mut client, request(seed, index, &refs, broadcast_every)).await;
+                history.lock().unwrap()[index] = Some(result);
+            }
+        });
+    }
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = tokio::spawn(sample_statuses(
+        client.clone(),
+        history.clone(),
+        sampling.clone(),
+    ));
+
+    let faults = options.carrier_kills + options.relay_kills + options.partitions;
+    let mut plan: Vec<u8> = std::iter::repeat_n(0u8, options.carrier_kills)
+        .chain(std::iter::repeat_n(1u8, options.relay_kills))
+        .chain(std::iter::repeat_n(2u8, options.partitions))
+        .collect();
+    let mut rng = Rng::for_labels(options.seed, &["chaos faults"]);
+    for i in (1..plan.len()).rev() {
+        plan.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let mut relay_recovery = Vec::new();
+    // Messages the harness itself sent (probes after a relay kill), accepted.
+    let mut probes: Vec<String> = Vec::new();
+    for (n, fault) in plan.into_iter().enumerate() {
+        // Faults spread over the load: the n-th once that share is submitted.
+        let due = options.messages * (n + 1) / (faults + 1);
+        while next.load(Ordering::SeqCst) < due {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        match fault {
+            0 => {
+                let index = rng.below(hub.carriers.len() as u64) as usize;
+                drop(hub.carriers[index].process.take()); // SIGKILL
+                tokio::time::sleep(Duration::from_millis(200 + rng.below(1500))).await;
+                hub.spawn_carrier(index)?;
+                wait_healthy(&format!("http://127.0.0.1:{}", hub.carriers[index].port)).await?;
+            }
+            1 => {
+                drop(hub.relay.take()); // SIGKILL
+                let killed = Instant::now();
+                hub.spawn_relay()?;
+                wait_healthy(&hub.relay_url()).await?;
+                let health = killed.elapsed();
+                // Accepting again: a probe message goes through.
+                let probe = crate::send_request(
+                    &format!("chaos-{}-probe-{n}", options.seed),
+                    pb::target::Kind::Refs(pb::RefList {
+                        refs: vec![refs[n % refs.len()].clone()],
+                    }),
+                    "probe",
+                    common::Channel::Sms,
+                );
+                let accepting = loop {
+                    if let Outcome::Accepted(id) = send(&mut client.clone(), probe.clone()).await {
+                        probes.push(id);
+                        break Some(killed.elapsed());
+                    }
+                    if killed.elapsed() > Duration::from_secs(60) {
+                        break None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                };
+                relay_recovery.push((health, accepting));
+            }
+            _ => {
+                let index = rng.below(hub.carriers.len() as u64) as usize;
+                hub.carriers[index].proxy.cut();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                hub.carriers[index].proxy.heal();
+            }
+        }
+    }
+    while workers.join_next().await.is_some() {}
+
+    // The disk fills up under the relay, then frees again.
+    let disk = if disk_full {
+        Some(disk_full_phase(hub, &mut client.clone(), &refs).await?)
+    } else {
+        None
+    };
+
+    // Ambiguous calls are resolved by retrying with the same key.
+    let mut resolved = 0;
+    let mut unresolved = 0;
+    let pending: Vec<usize> = history
+        .lock()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| matches!(o, Some(Outcome::Ambiguous(_))))
+        .map(|(i, _)| i)
+        .collect();
+    for index in pending {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let result = loop {
+            let result = send(
+                &mut client.clone(),
+                request(options.seed, index, &refs, broadcast_every),
+            )
+            .await;
+            if !matches!(result, Outcome::Ambiguous(_)) || Instant::now() > deadline {
+                break result;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        match result {
+            Outcome::Ambiguous(_) => unresolved += 1,
+            _ => resolved += 1,
+        }
+        history.lock().unwrap()[index] = Some(result);
+    }
+    sampling.store(false, Ordering::SeqCst);
+    let backwards = sampler.await?;
+
+    // Everything settles: nothing unsent, unconfirmed or unfolded.
+    let db = Db::connect(&hub.relay_db_url()).await?;
+    settle(
+        &db,
+        Duration::from_secs(300 + options.messages as u64 / 200),
+    )
+    .await?;
+
+    if options.tamper {
+        tamper(&db, &hub.journal).await?;
+    }
+    let history: Vec<Outcome> = history
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|o| o.clone().unwrap_or(Outcome::Ambiguous("never sent".into())))
+        .collect();
+    let mut accepted: HashSet<String> = history
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Accepted(id) => Some(id.clone()),
+            _ => None,
+        })
+        .collect();
+    accepted.extend(disk.iter().flat_map(|d| d.accepted_ids.iter().cloned()));
+    accepted.extend(probes);
+    let refused_keys: HashSet<String> = history
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| matches!(o, Outcome::Definite(_)))
+        .map(|(index, _)| format!("chaos-{}-{index}", options.seed))
+        .collect();
+    let mut violations = check(&db, &hub.journal, &accepted, &refused_keys).await?;
+    violations.0[2] += unresolved;
+    violations.0[4] += backwards;
+    let persons = db
+        .count("SELECT COUNT(*) FROM (SELECT DISTINCT message_id, user_id FROM deliveries) p")
+        .await? as usize;
+    db.close().await;
+    Ok(Report {
+        seed: options.seed,
+        backend: options.backend,
+        messages: options.messages,
+        accepted: history
+            .iter()
+            .filter(|o| matches!(o, Outcome::Accepted(_)))
+            .count(),
+        definite_errors: history
+            .iter()
+            .filter(|o| matches!(o, Outcome::Definite(_)))
+            .count(),
+        ambiguous_resolved: resolved,
+        persons,
+        carrier_kills: options.carrier_kills,
+        relay_kills: options.relay_kills,
+        partitions: options.partitions,
+        duplicate_events: options.duplicate_events,
+        relay_recovery,
+        disk_full: disk,
+        violations,
+        elapsed: Duration::ZERO,
+    })
+}
+
+async fn all_refs(client: &mut Enterprise) -> anyhow::Result<Vec<String>> {
+    let mut refs = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_registrations(pb::ListRegistrationsRequest {
+                page_size: 1000,
+                page_token: page_token.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        for registration in page.registrations {
+            if !refs.contains(&registration.user_ref) {
+                refs.push(registration.user_ref);
+            }
+        }
+        if page.next_page_token.is_empty() {
+            return Ok(refs);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// Polls a sample of accepted messages while the faults run and counts any
+/// status that moved backwards (state, handed over, delivered, opened).
+async fn sample_statuses(
+    client: Enterprise,
+    history: Arc<Mutex<Vec<Option<Outcome>>>>,
+    running: Arc<AtomicBool>,
+) -> u64 {
+    let mut last: HashMap<String, [u64; 4]> = HashMap::new();
+    let mut backwards = 0;
+    while running.load(Ordering::SeqCst) {
+        let sample: Vec<String> = history
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|o| match o {
+                Some(Outcome::Accepted(id)) => Some(id.clone()),
+                _ => None,
+            })
+            .step_by(7)
+            .take(40)
+            .collect();
+        for message_id in sample {
+            let Ok(status) = client
+                .clone()
+                .get_message(pb::GetMessageRequest {
+                    message_id: message_id.clone(),
+                })
+                .await
+            else {
+                continue;
+            };
+            let status = status.into_inner();
+            let now = [
+                status.state as u64,
+                status.handed_over,
+                status.delivered,
+                status.opened,
+            ];
+            if let Some(before) = last.get(&message_id)
+                && before.iter().zip(&now).any(|(b, n)| n < b)
+            {
+                backwards += 1;
+            }
+            last.insert(message_id, now);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    backwards
+}
+
+async fn disk_full_phase(
+    hub: &mut Hub,
+    client: &mut Enterprise,
+    refs: &[String],
+) -> anyhow::Result<DiskFull> {
+    let filler = fill(&hub.relay_data)?;
+    let mut disk = DiskFull::default();
+    let seed = hub.options.seed;
+    let request = |index: usize| {
+        let target = if index % 10 == 9 {
+            pb::target::Kind::AllRegistered(true)
+        } else {
+            pb::target::Kind::Refs(pb::RefList {
+                refs: vec![refs[index % refs.len()].clone()],
+            })
+        };
+        crate::send_request(
+            &format!("chaos-disk-{seed}-{index}"),
+            target,
+            "disk full",
+            common::Channel::Sms,
+        )
+    };
+    let mut refused = Vec::new();
+    // Until the relay runs out of room (a full file system still takes
+    // commits while SQLite's log has pages to reuse): every tenth a broadcast.
+    for index in 0..2_000 {
+        if refused.len() >= 20 {
+            break;
+        }
+        disk.attempted += 1;
+        match send(client, request(index)).await {
+            Outcome::Accepted(id) => {
+                disk.accepted_while_full += 1;
+                disk.accepted_ids.push(id);
+            }
+            Outcome::Definite(code) => {
+                *disk.refused.entry(format!("{code:?}")).or_default() += 1;
+                refused.push(index);
+            }
+            Outcome::Ambiguous(code) => {
+                *disk.refused.entry(code).or_default() += 1;
+                refused.push(index);
+            }
+        }
+    }
+    std::fs::remove_file(&filler)?;
+    let freed = Instant::now();
+    // The relay may have stopped on the full disk; it must come back either way.
+    if hub.relay.as_mut().is_some_and(|relay| relay.has_exited()) {
+        hub.spawn_relay()?;
+    }
+    while freed.elapsed() < Duration::from_secs(30) {
+        let request = crate::send_request(
+            &format!("chaos-disk-{seed}-after"),
+            pb::target::Kind::Refs(pb::RefList {
+                refs: vec![refs[0].clone()],
+            }),
+            "disk has room again",
+            common::Channel::Sms,
+        );
+        if let Outcome::Accepted(id) = send(client, request).await {
+            disk.recovered_in = Some(freed.elapsed());
+            disk.accepted_ids.push(id);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // What was refused goes through now, under the same keys.
+    for index in refused {
+        if let Outcome::Accepted(id) = send(client, request(index)).await {
+            disk.accepted_on_retry += 1;
+            disk.accepted_ids.push(id);
+        }
+    }
+    Ok(disk)
+}
+
+/// See [`Options::tamper`].
+async fn tamper(db: &Db, journal: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    let lost = db
+        .execute(
+            "DELETE FROM events WHERE (message_id, user_id, kind) IN
+               (SELECT message_id, user_id, kind FROM events WHERE kind = 2 ORDER BY message_id LIMIT 1)",
+        )
+        .await?;
+    let gone = db
+        .execute(
+            "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE target_kind = 'refs'
+               ORDER BY id DESC LIMIT 1)",
+        )
+        .await?;
+    anyhow::ensure!(lost == 1 && gone == 1, "nothing to tamper with");
+    let first = std::fs::read_to_string(journal)?
+        .lines()
+        .next()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("empty journal"))?;
+    let mut parts = first.split(' ');
+    let (message_id, user_id) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let mut file = std::fs::OpenOptions::new().append(true).open(journal)?;
+    writeln!(file, "msg_nobody_sent {user_id} 999999998")?;
+    writeln!(file, "{message_id} {user_id} 999999999")?;
+    Ok(())
+}
+
+/// Waits until nothing is left unsent, unconfirmed, unexpanded or unfolded.
+async fn settle(db: &Db, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let open = db
+            .count(
+                "SELECT (SELECT COUNT(*) FROM deliveries WHERE state IN (0, 6))
+                      + (SELECT COUNT(*) FROM messages WHERE state = 1)
+                      + (SELECT COUNT(*) FROM rollup_queue)
+                      + (SELECT COUNT(*) FROM deliveries d WHERE d.state = 1 AND NOT EXISTS
+                          (SELECT 1 FROM events e WHERE e.message_id = d.message_id
+                             AND e.user_id = d.user_id AND e.kind IN (2, 4)))",
+            )
+            .await?;
+        if open == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "chaos: {open} deliveries, messages or queued events still open; checking anyway"
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The invariants I1..I4 and I6 from what the clients were told
+/// (`accepted` message ids, idempotency keys `refused` for sure), the
+/// terminals' journal and the database.
+async fn check(
+    db: &Db,
+    journal: &Path,
+    accepted: &HashSet<String>,
+    refused: &HashSet<String>,
+) -> anyhow::Result<Violations> {
+    let mut v = Violations::default();
+    // What reached the terminals: (message, person) → distinct deliveries.
+    let mut reached: HashMap<(String, String), HashSet<String>> = HashMap::new();
+    for line in std::fs::read_to_string(journal).unwrap_or_default().lines() {
+        let mut parts = line.split(' ');
+        if let (Some(m), Some(u), Some(d)) = (parts.next(), parts.next(), parts.next()) {
+            reached
+                .entry((m.to_owned(), u.to_owned()))
+                .or_default()
+                .insert(d.to_owned());
+        }
+    }
+    let stored: HashSet<String> = db
+        .pairs("SELECT id, idempotency_key FROM messages")
+        .await?
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let ended: HashSet<(String, String)> = db
+        .pairs("SELECT message_id, user_id FROM events WHERE kind IN (4, 5, 6)")
+        .await?
+        .into_iter()
+        .collect();
+    let planned = db
+        .pairs("SELECT DISTINCT message_id, user_id FROM deliveries")
+        .await?;
+
+    // I1: every accepted message is stored, and each of its people reached or ended.
+    v.0[0] += accepted.iter().filter(|id| !stored.contains(*id)).count() as u64;
+    for (message_id, user_id) in &planned {
+        if !accepted.contains(message_id.as_str()) {
+            continue;
+        }
+        let key = (message_id.clone(), user_id.clone());
+        if !reached.contains_key(&key) && !ended.contains(&key) {
+            v.0[0] += 1;
+        }
+    }
+    v.0[0] += db
+        .count("SELECT COUNT(*) FROM messages WHERE state = 1")
+        .await? as u64;
+
+    // I2: nothing reached a terminal for a message no client was told was
+    // accepted (every ambiguous call was resolved), and nothing is stored
+    // under a key that got a definite error.
+    v.0[1] += reached
+        .keys()
+        .filter(|(m, _)| !accepted.contains(m))
+        .count() as u64;
+    v.0[1] += db
+        .pairs("SELECT id, idempotency_key FROM messages")
+        .await?
+        .iter()
+        .filter(|(_, key)| refused.contains(key))
+        .count() as u64;
+
+    // I3: one message per key.
+    v.0[2] += db
+        .count(
+            "SELECT COUNT(*) FROM (SELECT enterprise_id, idempotency_key FROM messages
+              GROUP BY enterprise_id, idempotency_key HAVING COUNT(*) > 1) d",
+        )
+        .await? as u64;
+
+    // I4: a person got a message at most once (one channel, one carrier), and
+    // the books never count more sends or opens than people.
+    v.0[3] += reached.values().filter(|d| d.len() > 1).count() as u64;
+    v.0[3] += db
+        .count(
+            "SELECT COUNT(*) FROM (SELECT message_id, user_id, kind FROM events
+              GROUP BY message_id, user_id, kind HAVING COUNT(*) > 1) d",
+        )
+        .await? as u64;
+    v.0[3] += db
+        .count(
+            "SELECT COUNT(*) FROM (SELECT e.message_id FROM events e WHERE e.kind = 3
+              AND NOT EXISTS (SELECT 1 FROM events d WHERE d.message_id = e.message_id
+                AND d.user_id = e.user_id AND d.kind = 2)) o",
+        )
+        .await? as u64;
+
+    // I6: the per-message counts and the statistics equal a recount of the events.
+    v.0[5] += db
+        .count(
+            "SELECT COUNT(*) FROM (
+               SELECT c.message_id FROM message_counts c
+                 LEFT JOIN (SELECT message_id, kind, COUNT(*) AS n FROM events GROUP BY message_id, kind) e
+                   ON e.message_id = c.message_id AND e.kind = c.kind
+                WHERE c.kind BETWEEN 1 AND 6 AND c.count <> COALESCE(e.n, 0)
+               UNION ALL
+               SELECT e.message_id FROM (SELECT DISTINCT message_id, kind FROM events) e
+                 LEFT JOIN message_counts c ON c.message_id = e.message_id AND c.kind = e.kind
+                WHERE c.message_id IS NULL) m",
+        )
+        .await? as u64;
+    v.0[5] += db
+        .count(
+            "SELECT CAST((CASE WHEN (SELECT COALESCE(SUM(delivered), 0) FROM stats_cells)
+                          = (SELECT COUNT(*) FROM events WHERE kind = 2) THEN 0 ELSE 1 END)
+                  + (CASE WHEN (SELECT COALESCE(SUM(opened), 0) FROM stats_cells)
+                          = (SELECT COUNT(*) FROM events WHERE kind = 3) THEN 0 ELSE 1 END) AS BIGINT)",
+        )
+        .await? as u64;
+    Ok(v)
+}

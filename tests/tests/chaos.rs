@@ -1,0 +1,115 @@
+//! A small chaos run per backend (the harness in `src/chaos.rs`; the full
+//! runs and their figures are in docs/reliability.md): carriers and the relay
+//! SIGKILLed and restarted, relay↔carrier partitions, terminals sending
+//! receipts twice and out of order, and — on SQLite, as root — a full disk
+//! under the relay. Every invariant must hold. A tampered run checks that the
+//! checks do fire.
+
+use std::time::Duration;
+
+use integration_tests::chaos::{Options, Report, run};
+use integration_tests::process::test_binary;
+use integration_tests::{Backend, backend_tests, drop_postgres_database, postgres_database};
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .any(|line| line.starts_with("Uid:") && line.split_whitespace().nth(1) == Some("0"))
+    })
+}
+
+fn options(backend: Backend, database_url: Option<String>) -> Options {
+    Options {
+        seed: 7,
+        backend,
+        database_url,
+        messages: 1_500,
+        users: 300,
+        carriers: 3,
+        carrier_kills: 3,
+        relay_kills: 2,
+        partitions: 2,
+        duplicate_events: 0.2,
+        disk_full: backend == Backend::Sqlite && running_as_root(),
+        concurrency: 16,
+        rate: 150,
+        tamper: false,
+        bin_dir: test_binary("relay-svc")
+            .unwrap()
+            .parent()
+            .unwrap()
+            .to_path_buf(),
+    }
+}
+
+async fn chaotic_run(backend: Backend, tamper: bool) -> Option<Report> {
+    let database = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => Some(postgres_database().await.unwrap()?),
+    };
+    let full = options(backend, database.as_ref().map(|(url, _)| url.clone()));
+    // The tampered run needs no faults, only something to tamper with.
+    let report = run(if tamper {
+        Options {
+            tamper,
+            messages: 300,
+            carrier_kills: 0,
+            relay_kills: 0,
+            partitions: 0,
+            disk_full: false,
+            rate: 0,
+            ..full
+        }
+    } else {
+        full
+    })
+    .await;
+    if let Some((_, name)) = &database {
+        drop_postgres_database(name).await.unwrap();
+    }
+    let report = report.unwrap();
+    println!("{report}");
+    Some(report)
+}
+
+async fn every_invariant_holds_under_faults(backend: Backend) {
+    let Some(report) = chaotic_run(backend, false).await else {
+        return;
+    };
+    assert_eq!(report.violations.0, [0; 6], "{report}");
+    assert_eq!(report.accepted, report.messages, "{report}");
+    assert_eq!(report.relay_recovery.len(), 2, "{report}");
+    assert!(
+        report
+            .relay_recovery
+            .iter()
+            .all(|(_, accepting)| accepting.is_some()),
+        "{report}"
+    );
+    if let Some(disk) = &report.disk_full {
+        assert!(
+            disk.refused.keys().all(|code| code == "Unavailable"),
+            "a full disk is UNAVAILABLE: {report}"
+        );
+        assert!(!disk.refused.is_empty(), "{report}");
+        assert!(
+            disk.recovered_in
+                .is_some_and(|d| d < Duration::from_secs(30)),
+            "{report}"
+        );
+    }
+}
+
+async fn the_checks_catch_a_tampered_run(backend: Backend) {
+    let Some(report) = chaotic_run(backend, true).await else {
+        return;
+    };
+    let [i1, i2, _, i4, _, i6] = report.violations.0;
+    assert!(i1 >= 1 && i2 >= 1 && i4 >= 1 && i6 >= 1, "{report}");
+}
+
+backend_tests!(
+    every_invariant_holds_under_faults,
+    the_checks_catch_a_tampered_run
+);
