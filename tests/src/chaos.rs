@@ -54,6 +54,10 @@ pub struct Options {
     pub carrier_kills: usize,
     /// Relay SIGKILL + restart cycles (M).
     pub relay_kills: usize,
+    /// Relay replicas on the one database (carrier streams are leased); with
+    /// more than one, a killed replica stays down 3 s — longer than the
+    /// leases — so another takes its carriers over.
+    pub replicas: usize,
     /// Relay↔carrier partitions (2 s each).
     pub partitions: usize,
     /// Share of terminal event batches sent twice.
@@ -138,6 +142,7 @@ pub struct Report {
     pub persons: usize,
     pub carrier_kills: usize,
     pub relay_kills: usize,
+    pub replicas: usize,
     pub partitions: usize,
     pub duplicate_events: f64,
     /// Per relay kill: until it served health again, and until it accepted a message.
@@ -155,9 +160,10 @@ impl std::fmt::Display for Report {
         };
         write!(
             f,
-            "chaos seed={} backend={backend} messages={} accepted={} definite_errors={} ambiguous_resolved={} persons={} \
+            "chaos seed={} backend={backend} replicas={} messages={} accepted={} definite_errors={} ambiguous_resolved={} persons={} \
              faults=carrier_kills:{},relay_kills:{},partitions:{},duplicate_events:{},reordered_events:on",
             self.seed,
+            self.replicas,
             self.messages,
             self.accepted,
             self.definite_errors,
@@ -344,9 +350,9 @@ fn fill(dir: &Path) -> anyhow::Result<PathBuf> {
 struct Hub {
     options: Options,
     dir: PathBuf,
-    relay_port: u16,
     relay_data: PathBuf,
-    relay: Option<Process>,
+    /// Each replica's port and process.
+    relays: Vec<(u16, Option<Process>)>,
     carriers: Vec<CarrierProcess>,
     fleet: Option<Process>,
     journal: PathBuf,
@@ -361,8 +367,8 @@ struct CarrierProcess {
 }
 
 impl Hub {
-    fn relay_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.relay_port)
+    fn relay_url(&self, replica: usize) -> String {
+        format!("http://127.0.0.1:{}", self.relays[replica].0)
     }
 
     fn relay_db_url(&self) -> String {
@@ -376,10 +382,10 @@ impl Hub {
         binary_in(&self.options.bin_dir, name)
     }
 
-    fn spawn_relay(&mut self) -> anyhow::Result<()> {
+    fn spawn_relay(&mut self, replica: usize) -> anyhow::Result<()> {
         let mut command = Command::new(self.bin("relay-svc")?);
         command
-            .args(["--listen", &format!("127.0.0.1:{}", self.relay_port)])
+            .args(["--listen", &format!("127.0.0.1:{}", self.relays[replica].0)])
             .arg("--data-dir")
             .arg(&self.relay_data)
             .args(["--poll-interval-ms", "100", "--lease-ttl-secs", "2"])
@@ -391,7 +397,7 @@ impl Hub {
         if let Some(url) = &self.options.database_url {
             command.args(["--database-url", url]);
         }
-        self.relay = Some(Process::spawn("relay-svc", &mut command)?);
+        self.relays[replica].1 = Some(Process::spawn("relay-svc", &mut command)?);
         Ok(())
     }
 
@@ -404,7 +410,7 @@ impl Hub {
                 "--carrier-id",
                 &carrier.id,
                 "--relay-url",
-                &self.relay_url(),
+                &self.relay_url(index % self.relays.len()),
             ])
             .arg("--data-dir")
             .arg(self.dir.join(&carrier.id))
@@ -420,7 +426,7 @@ impl Hub {
     }
 
     async fn admin(&self) -> anyhow::Result<crate::Admin> {
-        let channel = Channel::from_shared(self.relay_url())?.connect().await?;
+        let channel = Channel::from_shared(self.relay_url(0))?.connect().await?;
         Ok(pb::admin_client::AdminClient::with_interceptor(
             channel,
             BearerInterceptor::new(ADMIN_TOKEN)?,
@@ -431,8 +437,10 @@ impl Hub {
         if let Some(fleet) = self.fleet.take() {
             let _ = fleet.terminate(Duration::from_secs(20));
         }
-        if let Some(relay) = self.relay.take() {
-            let _ = relay.terminate(Duration::from_secs(20));
+        for (_, relay) in &mut self.relays {
+            if let Some(relay) = relay.take() {
+                let _ = relay.terminate(Duration::from_secs(20));
+            }
         }
         for carrier in &mut self.carriers {
             if let Some(process) = carrier.process.take() {
@@ -500,9 +508,10 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     };
     let mut hub = Hub {
         journal: dir.join("journal.txt"),
-        relay_port: free_port()?,
+        relays: (0..options.replicas.max(1))
+            .map(|_| free_port().map(|port| (port, None)))
+            .collect::<Result<_, _>>()?,
         relay_data,
-        relay: None,
         carriers: Vec::new(),
         fleet: None,
         dir,
@@ -518,8 +527,10 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
 
 async fn drive(hub: &mut Hub, disk_full: bool) -> anyhow::Result<Report> {
     let options = hub.options.clone();
-    hub.spawn_relay()?;
-    wait_healthy(&hub.relay_url()).await?;
+    for replica in 0..hub.relays.len() {
+        hub.spawn_relay(replica)?;
+        wait_healthy(&hub.relay_url(replica)).await?;
+    }
     let mut admin = hub.admin().await?;
     let enterprise = admin
         .create_enterprise(pb::CreateEnterpriseRequest {
@@ -579,13 +590,20 @@ async fn drive(hub: &mut Hub, disk_full: bool) -> anyhow::Result<Report> {
     )
     .await?;
 
-    let channel = Channel::from_shared(hub.relay_url())?
-        .connect_timeout(Duration::from_secs(2))
-        .connect_lazy();
-    let client = pb::enterprise_api_client::EnterpriseApiClient::with_interceptor(
-        channel,
-        BearerInterceptor::new(&enterprise.api_key)?,
-    );
+    // A client per replica; calls go round them.
+    let mut clients = Vec::new();
+    for replica in 0..hub.relays.len() {
+        let channel = Channel::from_shared(hub.relay_url(replica))?
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy();
+        clients.push(
+            pb::enterprise_api_client::EnterpriseApiClient::with_interceptor(
+                channel,
+                BearerInterceptor::new(&enterprise.api_key)?,
+            ),
+        );
+    }
+    let client = clients[0].clone();
     let refs = all_refs(&mut client.clone()).await?;
     anyhow::ensure!(!refs.is_empty(), "nobody registered");
     let broadcast_every = (options.messages / 3).clamp(50, 10_000);
@@ -596,9 +614,9 @@ async fn drive(hub: &mut Hub, disk_full: bool) -> anyhow::Result<Report> {
     let next = Arc::new(AtomicUsize::new(0));
     let mut workers = tokio::task::JoinSet::new();
     let load_started = tokio::time::Instant::now();
-    for _ in 0..options.concurrency {
+    for worker in 0..options.concurrency {
         let (history, next) = (history.clone(), next.clone());
-        let (mut client, refs) = (client.clone(), refs.clone());
+        let (mut client, refs) = (clients[worker % clients.len()].clone(), refs.clone());
         let (seed, rate) = (options.seed, options.rate);
         workers.spawn(async move {
             loop {
@@ -649,10 +667,15 @@ async fn drive(hub: &mut Hub, disk_full: bool) -> anyhow::Result<Report> {
                 wait_healthy(&format!("http://127.0.0.1:{}", hub.carriers[index].port)).await?;
             }
             1 => {
-                drop(hub.relay.take()); // SIGKILL
+                let replica = n % hub.relays.len();
+                drop(hub.relays[replica].1.take()); // SIGKILL
                 let killed = Instant::now();
-                hub.spawn_relay()?;
-                wait_healthy(&hub.relay_url()).await?;
+                if hub.relays.len() > 1 {
+                    // The others take its carriers over meanwhile.
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                hub.spawn_relay(replica)?;
+                wait_healthy(&hub.relay_url(replica)).await?;
                 let health = killed.elapsed();
                 // Accepting again: a probe message goes through.
                 let probe = crate::send_request(
@@ -664,7 +687,9 @@ async fn drive(hub: &mut Hub, disk_full: bool) -> anyhow::Result<Report> {
                     common::Channel::Sms,
                 );
                 let accepting = loop {
-                    if let Outcome::Accepted(id) = send(&mut client.clone(), probe.clone()).await {
+                    if let Outcome::Accepted(id) =
+                        send(&mut clients[replica].clone(), probe.clone()).await
+                    {
                         probes.push(id);
                         break Some(killed.elapsed());
                     }
@@ -780,6 +805,7 @@ async fn drive(hub: &mut Hub, disk_full: bool) -> anyhow::Result<Report> {
         persons,
         carrier_kills: options.carrier_kills,
         relay_kills: options.relay_kills,
+        replicas: hub.relays.len(),
         partitions: options.partitions,
         duplicate_events: options.duplicate_events,
         relay_recovery,
@@ -912,8 +938,14 @@ async fn disk_full_phase(
     std::fs::remove_file(&filler)?;
     let freed = Instant::now();
     // The relay may have stopped on the full disk; it must come back either way.
-    if hub.relay.as_mut().is_some_and(|relay| relay.has_exited()) {
-        hub.spawn_relay()?;
+    for replica in 0..hub.relays.len() {
+        if hub.relays[replica]
+            .1
+            .as_mut()
+            .is_some_and(Process::has_exited)
+        {
+            hub.spawn_relay(replica)?;
+        }
     }
     while freed.elapsed() < Duration::from_secs(30) {
         let request = crate::send_request(

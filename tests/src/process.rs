@@ -53,6 +53,11 @@ impl Process {
         })
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Whether the process has ended by itself.
     pub fn has_exited(&mut self) -> bool {
         self.child

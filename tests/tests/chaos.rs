@@ -1,8 +1,8 @@
 //! A small chaos run per backend (the harness in `src/chaos.rs`; the full
 //! runs and their figures are in docs/reliability.md): carriers and the relay
 //! SIGKILLed and restarted, relay↔carrier partitions, terminals sending
-//! receipts twice and out of order, and — on SQLite, as root — a full disk
-//! under the relay. Every invariant must hold. A tampered run checks that the
+//! receipts twice and out of order, two relay replicas on PostgreSQL (one
+//! killed at a time), and — on SQLite, as root — a full disk under the relay. Every invariant must hold. A tampered run checks that the
 //! checks do fire.
 
 use std::time::Duration;
@@ -29,6 +29,9 @@ fn options(backend: Backend, database_url: Option<String>) -> Options {
         carriers: 3,
         carrier_kills: 3,
         relay_kills: 2,
+        // On PostgreSQL, two replicas: a killed one stays down past its
+        // leases and the other takes its carriers over.
+        replicas: if backend == Backend::Postgres { 2 } else { 1 },
         partitions: 2,
         duplicate_events: 0.2,
         disk_full: backend == Backend::Sqlite && running_as_root(),

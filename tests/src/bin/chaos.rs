@@ -33,6 +33,9 @@ struct Args {
     /// Relay SIGKILL + restart cycles.
     #[arg(long, default_value_t = 5)]
     relay_kills: usize,
+    /// Relay replicas on the one database; a killed one stays down past its leases.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
     /// Relay↔carrier partitions (2 s each, through a fault proxy).
     #[arg(long, default_value_t = 5)]
     partitions: usize,
@@ -84,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
         carriers: args.carriers,
         carrier_kills: args.carrier_kills,
         relay_kills: args.relay_kills,
+        replicas: args.replicas,
         partitions: args.partitions,
         duplicate_events: args.duplicate_events,
         disk_full: args.disk_full,
