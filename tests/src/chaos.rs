@@ -137,7 +137,9 @@ pub struct Report {
     pub messages: usize,
     pub accepted: usize,
     pub definite_errors: usize,
-    /// Ambiguous at first, resolved by a same-key retry.
+    /// Same-key retries the clients made at once after an ambiguous answer.
+    pub retried: usize,
+    /// Still ambiguous after those, resolved by a same-key retry after the run.
     pub ambiguous_resolved: usize,
     pub persons: usize,
     pub carrier_kills: usize,
@@ -160,13 +162,14 @@ impl std::fmt::Display for Report {
         };
         write!(
             f,
-            "chaos seed={} backend={backend} replicas={} messages={} accepted={} definite_errors={} ambiguous_resolved={} persons={} \
+            "chaos seed={} backend={backend} replicas={} messages={} accepted={} definite_errors={} retried={} ambiguous_resolved={} persons={} \
              faults=carrier_kills:{},relay_kills:{},partitions:{},duplicate_events:{},reordered_events:on",
             self.seed,
             self.replicas,
             self.messages,
             self.accepted,
             self.definite_errors,
+            self.retried,
             self.ambiguous_resolved,
             self.persons,
             self.carrier_kills,
@@ -614,9 +617,10 @@ async fn drive(hub: &mut Hub, disk_full: bool) -> anyhow::Result<Report> {
     let next = Arc::new(AtomicUsize::new(0));
     let mut workers = tokio::task::JoinSet::new();
     let load_started = tokio::time::Instant::now();
+    let retried = Arc::new(AtomicUsize::new(0));
     for worker in 0..options.concurrency {
-        let (history, next) = (history.clone(), next.clone());
-        let (mut client, refs) = (clients[worker % clients.len()].clone(), refs.clone());
+        let (history, next, retried) = (history.clone(), next.clone(), retried.clone());
+        let (clients, refs) = (clients.clone(), refs.clone());
         let (seed, rate) = (options.seed, options.rate);
         workers.spawn(async move {
             loop {
@@ -628,7 +632,20 @@ async fn drive(hub: &mut Hub, disk_full: bool) -> anyhow::Result<Report> {
                     let at = load_started + Duration::from_secs_f64(index as f64 / f64::from(rate));
                     tokio::time::sleep_until(at).await;
                 }
-                let result = send(&mut client, request(seed, index, &refs, broadcast_every)).await;
+                // Like a client behind a load balancer: an ambiguous answer is
+                // retried under the same key, on the next replica, twice.
+                let mut result = Outcome::Ambiguous(String::new());
+                for attempt in 0..3 {
+                    if attempt > 0 {
+                        retried.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(100 * attempt as u64)).await;
+                    }
+                    let mut client = clients[(worker + attempt) % clients.len()].clone();
+                    result = send(&mut client, request(seed, index, &refs, broadcast_every)).await;
+                    if !matches!(result, Outcome::Ambiguous(_)) {
+                        break;
+                    }
+                }
                 history.lock().unwrap()[index] = Some(result);
             }
         });
@@ -801,6 +818,7 @@ async fn drive(hub: &mut Hub, disk_full: bool) -> anyhow::Result<Report> {
             .iter()
             .filter(|o| matches!(o, Outcome::Definite(_)))
             .count(),
+        retried: retried.load(Ordering::SeqCst),
         ambiguous_resolved: resolved,
         persons,
         carrier_kills: options.carrier_kills,
