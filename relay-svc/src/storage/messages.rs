@@ -535,19 +535,18 @@ impl Store {
             }
             _ => None,
         };
-        // The message's row is claimed first: an expansion that ran meanwhile
-        // (another relay) leaves it expanded, and this one does nothing.
-        let claim = format!(
-            "SELECT state FROM messages WHERE id = $1{}",
-            self.claim(false)
-        );
+        // The message's row is claimed first (`FOR UPDATE SKIP LOCKED` on
+        // PostgreSQL): a message another relay is expanding right now is
+        // skipped — it stays accepted if that relay dies — and one expanded
+        // meanwhile is left alone.
+        let claim = format!("SELECT state FROM messages WHERE id = $1{}", self.claim());
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            let state: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(claim))
+            let state: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(claim))
                 .bind(message_id)
-                .fetch_one(&mut *tx)
+                .fetch_optional(&mut *tx)
                 .await?;
-            if state != 1 {
+            if state != Some(1) {
                 return Ok(0);
             }
             execute_all!(tx, message_id, statements)?;

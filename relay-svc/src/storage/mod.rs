@@ -238,11 +238,10 @@ impl Store {
     /// What a `SELECT` of rows to claim ends with: on PostgreSQL the rows are
     /// locked and rows another transaction holds are skipped; on SQLite the
     /// write transaction (`BEGIN IMMEDIATE`) already excludes every other writer.
-    fn claim(&self, skip_locked: bool) -> &'static str {
-        match (self, skip_locked) {
-            (Self::Sqlite(_), _) => "",
-            (Self::Postgres(_), true) => " FOR UPDATE SKIP LOCKED",
-            (Self::Postgres(_), false) => " FOR UPDATE",
+    fn claim(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "",
+            Self::Postgres(_) => " FOR UPDATE SKIP LOCKED",
         }
     }
 }

@@ -160,7 +160,7 @@ impl Store {
         // take different events, so nothing is folded or charged twice.
         let select = format!(
             "SELECT seq, message_id, user_id, kind FROM rollup_queue ORDER BY seq LIMIT $1{}",
-            self.claim(true)
+            self.claim()
         );
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
