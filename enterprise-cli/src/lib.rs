@@ -410,16 +410,33 @@ type Client = EnterpriseApiClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerInterceptor>,
 >;
 
+/// A channel to the relay at `relay_url`, trying for up to `wait` while it
+/// cannot be reached (a relay still starting); errors name the flag.
+pub(crate) async fn relay_channel(
+    relay_url: &str,
+    wait: Duration,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let endpoint = tonic::transport::Endpoint::from_shared(relay_url.to_owned())
+        .map_err(|_| anyhow::anyhow!("--relay-url: not a valid URL"))?
+        .connect_timeout(Duration::from_secs(5));
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(channel),
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => anyhow::bail!("--relay-url: cannot connect: {error}"),
+        }
+    }
+}
+
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
     let key = cli
         .api_key
         .as_deref()
         .ok_or_else(|| anyhow::anyhow!("--api-key (or CHUKEI_API_KEY) is required"))?;
-    let channel = tonic::transport::Endpoint::from_shared(cli.relay_url.clone())
-        .map_err(|_| anyhow::anyhow!("--relay-url: not a valid URL"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
+    let channel = relay_channel(&cli.relay_url, Duration::ZERO).await?;
     Ok(EnterpriseApiClient::with_interceptor(
         channel,
         BearerInterceptor::new(key)?,

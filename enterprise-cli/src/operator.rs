@@ -154,19 +154,8 @@ async fn connect(cli: &AdminCli) -> anyhow::Result<Client> {
         .admin_token
         .as_deref()
         .ok_or_else(|| anyhow::anyhow!("--admin-token (or CHUKEI_ADMIN_TOKEN) is required"))?;
-    let endpoint = tonic::transport::Endpoint::from_shared(cli.relay_url.clone())
-        .map_err(|_| anyhow::anyhow!("--relay-url: not a valid URL"))?
-        .connect_timeout(Duration::from_secs(5));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(cli.connect_wait_secs);
-    let channel = loop {
-        match endpoint.connect().await {
-            Ok(channel) => break channel,
-            Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(error) => return Err(anyhow::anyhow!("--relay-url: cannot connect: {error}")),
-        }
-    };
+    let channel =
+        crate::relay_channel(&cli.relay_url, Duration::from_secs(cli.connect_wait_secs)).await?;
     Ok(AdminClient::with_interceptor(
         channel,
         BearerInterceptor::new(token)?,

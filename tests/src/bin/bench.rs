@@ -129,12 +129,49 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Contracts `people` users ("user-0000000", …) with `carrier_id` as their
+/// primary and registers them all with `enterprise_id`, below the edge, in
+/// chunks; returns their ids.
+async fn seed_registered(
+    store: &relay_svc::storage::Store,
+    carrier_id: &str,
+    enterprise_id: &str,
+    people: usize,
+    now: i64,
+) -> anyhow::Result<Vec<String>> {
+    use relay_svc::registry::{Contract, NewRegistration, Profile};
+    let users: Vec<String> = (0..people).map(|i| format!("user-{i:07}")).collect();
+    for chunk in users.chunks(10_000) {
+        let contracts: Vec<Contract> = chunk
+            .iter()
+            .map(|u| Contract {
+                user_id: u.clone(),
+                primary: true,
+                active: true,
+            })
+            .collect();
+        store.upsert_contracts(carrier_id, &contracts, now).await?;
+        let registrations: Vec<NewRegistration> = chunk
+            .iter()
+            .map(|u| NewRegistration {
+                user_id: u.clone(),
+                enterprise_id: enterprise_id.into(),
+                service_id: None,
+                profile: Profile::default(),
+            })
+            .collect();
+        store
+            .register_users(carrier_id, &registrations, now)
+            .await?;
+    }
+    Ok(users)
+}
+
 /// One fold of a delivered, 30%-opened campaign to `people`, priced or not.
 async fn billing(people: usize, backend: Backend, priced: bool) -> anyhow::Result<()> {
     use relay_svc::policy::{AttentionConfig, Policy, Priority, Timing};
     use relay_svc::pricing::{PRICED_CHANNELS, Prices, RateCard, RateEntry};
     use relay_svc::receipts::{EventKind, Receipt};
-    use relay_svc::registry::{Contract, NewRegistration, Profile};
     use relay_svc::targeting::{Channel, Content, NewMessage, Target};
 
     let Some(fixture) = integration_tests::store(backend).await else {
@@ -146,28 +183,7 @@ async fn billing(people: usize, backend: Backend, priced: bool) -> anyhow::Resul
     store
         .upsert_carrier("c1", "http://127.0.0.1:1", "token", now)
         .await?;
-    let users: Vec<String> = (0..people).map(|i| format!("user-{i:07}")).collect();
-    for chunk in users.chunks(10_000) {
-        let contracts: Vec<Contract> = chunk
-            .iter()
-            .map(|u| Contract {
-                user_id: u.clone(),
-                primary: true,
-                active: true,
-            })
-            .collect();
-        store.upsert_contracts("c1", &contracts, now).await?;
-        let registrations: Vec<NewRegistration> = chunk
-            .iter()
-            .map(|u| NewRegistration {
-                user_id: u.clone(),
-                enterprise_id: "ent".into(),
-                service_id: None,
-                profile: Profile::default(),
-            })
-            .collect();
-        store.register_users("c1", &registrations, now).await?;
-    }
+    let users = seed_registered(store, "c1", "ent", people, now).await?;
     if priced {
         let entries: Vec<RateEntry> = PRICED_CHANNELS
             .iter()
@@ -616,7 +632,6 @@ async fn slow_carrier(
 ) -> anyhow::Result<()> {
     use integration_tests::process::{Process, binary_in, free_port};
     use relay_svc::credentials::hash_secret;
-    use relay_svc::registry::{Contract, NewRegistration, Profile};
 
     let bin_dir = std::env::current_exe()?
         .parent()
@@ -659,30 +674,7 @@ async fn slow_carrier(
             now,
         )
         .await?;
-    for start in (0..users).step_by(10_000) {
-        let chunk: Vec<String> = (start..(start + 10_000).min(users))
-            .map(|i| format!("user-{i:07}"))
-            .collect();
-        let contracts: Vec<Contract> = chunk
-            .iter()
-            .map(|u| Contract {
-                user_id: u.clone(),
-                primary: true,
-                active: true,
-            })
-            .collect();
-        store.upsert_contracts("slow", &contracts, now).await?;
-        let registrations: Vec<NewRegistration> = chunk
-            .iter()
-            .map(|u| NewRegistration {
-                user_id: u.clone(),
-                enterprise_id: "bench".into(),
-                service_id: None,
-                profile: Profile::default(),
-            })
-            .collect();
-        store.register_users("slow", &registrations, now).await?;
-    }
+    seed_registered(&store, "slow", "bench", users, now).await?;
     store.close().await;
     println!(
         "seeded {users} registered users on {backend:?} in {:.1}s",
@@ -778,12 +770,18 @@ async fn slow_carrier(
     }
     let (rss, hwm) = memory_mib(relay_pid).unwrap_or_default();
     let later = &samples[samples.len().min(10)..];
+    let settled = if later.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; after the first 10 s: min {:.1} / max {:.1} MiB",
+            later.iter().copied().fold(f64::INFINITY, f64::min),
+            later.iter().copied().fold(0.0, f64::max),
+        )
+    };
     println!(
-        "relay memory: idle {:.1} MiB, peak sampled {peak_rss:.1} MiB, peak (VmHWM) {hwm:.1} MiB, at the end {rss:.1} MiB; \
-         after the first 10 s: min {:.1} / max {:.1} MiB",
+        "relay memory: idle {:.1} MiB, peak sampled {peak_rss:.1} MiB, peak (VmHWM) {hwm:.1} MiB, at the end {rss:.1} MiB{settled}",
         idle.0,
-        later.iter().copied().fold(f64::INFINITY, f64::min),
-        later.iter().copied().fold(0.0, f64::max),
     );
     carrier.terminate(Duration::from_secs(20))?;
     relay.terminate(Duration::from_secs(20))?;
