@@ -119,6 +119,16 @@ pub struct Config {
     #[arg(long, env = "CHUKEI_RELAY_MAX_REOFFERS", default_value_t = 3)]
     pub max_reoffers: u32,
 
+    /// Calls a second each enterprise may make to EnterpriseApi (bursts of
+    /// one second's worth); over it, RESOURCE_EXHAUSTED with a retry hint
+    /// (google.rpc.RetryInfo). 0: no limit.
+    #[arg(
+        long,
+        env = "CHUKEI_RELAY_ENTERPRISE_RATE_PER_SEC",
+        default_value_t = 0
+    )]
+    pub enterprise_rate_per_sec: u32,
+
     /// Address of the Prometheus endpoint (`GET /metrics`); unset: no endpoint.
     #[arg(long, env = "CHUKEI_RELAY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,

@@ -23,6 +23,9 @@ pub enum Error {
     /// A quota ran out (a winning bid's capacity).
     #[error("{field}: {reason}")]
     ResourceExhausted { field: String, reason: String },
+    /// The enterprise is over its call rate; try again after `retry_after`.
+    #[error("rate limit: too many calls from this enterprise; retry after {} ms", retry_after.as_millis())]
+    RateLimited { retry_after: std::time::Duration },
     #[error("storage unavailable")]
     Unavailable(#[source] sqlx::Error),
     #[error("internal error")]
@@ -112,6 +115,14 @@ impl From<Error> for Status {
             }
             Error::ResourceExhausted { .. } => {
                 Status::new(Code::ResourceExhausted, error.to_string())
+            }
+            Error::RateLimited { retry_after } => {
+                use tonic_types::{ErrorDetails, StatusExt};
+                Status::with_error_details(
+                    Code::ResourceExhausted,
+                    error.to_string(),
+                    ErrorDetails::with_retry_info(Some(*retry_after)),
+                )
             }
             Error::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "storage unavailable");

@@ -22,6 +22,7 @@ pub mod expansion;
 pub mod grpc;
 pub mod learning;
 pub mod lease;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod pricing;
@@ -165,6 +166,7 @@ pub async fn run(
             zone: jiff::tz::TimeZone::get(&config.billing_zone)?,
             unbid: config.unbid_in_auctioned_slot,
         },
+        limits: crate::limits::RateLimits::new(config.enterprise_rate_per_sec).map(Arc::new),
     };
     let (health_reporter, health_service) = server::health();
     health_reporter

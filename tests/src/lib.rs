@@ -331,6 +331,8 @@ pub struct Settings {
     /// long (clock seconds), at most `max_reoffers` times.
     pub reoffer_after_secs: u64,
     pub max_reoffers: u32,
+    /// EnterpriseApi calls a second per enterprise (0: no limit).
+    pub enterprise_rate_per_sec: u32,
 }
 
 impl Default for Settings {
@@ -349,6 +351,7 @@ impl Default for Settings {
             carrier_pace_per_sec: 0,
             reoffer_after_secs: 1800,
             max_reoffers: 3,
+            enterprise_rate_per_sec: 0,
         }
     }
 }
@@ -503,6 +506,7 @@ impl Hub {
             lease_ttl_secs: self.settings.lease_ttl_secs,
             reoffer_after_secs: self.settings.reoffer_after_secs,
             max_reoffers: self.settings.max_reoffers,
+            enterprise_rate_per_sec: self.settings.enterprise_rate_per_sec,
             shutdown_grace_secs: 5,
             clock: self.settings.clock_args(),
         }

@@ -551,3 +551,49 @@ backend_tests!(
     idempotency_keys_replay_or_refuse,
     a_user_with_two_carriers_counts_once,
 );
+
+/// An enterprise over its call rate is refused with RESOURCE_EXHAUSTED and a
+/// retry hint (google.rpc.RetryInfo), and gets through after it; another
+/// enterprise calling at the same time is not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_enterprise_over_its_rate_leaves_the_others_alone() {
+    use tonic_types::StatusExt;
+    let settings = integration_tests::Settings {
+        enterprise_rate_per_sec: 5,
+        ..integration_tests::Settings::default()
+    };
+    let hub = Hub::start_settings(Backend::Sqlite, &["alpha"], settings)
+        .await
+        .unwrap()
+        .unwrap();
+    let (_, busy_key) = hub.create_enterprise("busy").await.unwrap();
+    let (_, calm_key) = hub.create_enterprise("calm").await.unwrap();
+    let mut busy = hub.enterprise(&busy_key).await.unwrap();
+    let mut calm = hub.enterprise(&calm_key).await.unwrap();
+    let list = || pb::ListRegistrationsRequest {
+        page_size: 1,
+        ..Default::default()
+    };
+    let mut refused = Vec::new();
+    for _ in 0..20 {
+        if let Err(status) = busy.list_registrations(list()).await {
+            refused.push(status);
+        }
+    }
+    assert!(refused.len() >= 5, "{} of 20 refused", refused.len());
+    let status = &refused[0];
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(status.message().starts_with("rate limit:"), "{status:?}");
+    let retry = status
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay)
+        .expect("a retry hint");
+    assert!(retry > std::time::Duration::ZERO && retry <= std::time::Duration::from_secs(1));
+    // The other enterprise has its own allowance.
+    for _ in 0..5 {
+        calm.list_registrations(list()).await.unwrap();
+    }
+    tokio::time::sleep(retry).await;
+    busy.list_registrations(list()).await.unwrap();
+    hub.shutdown().await.unwrap();
+}

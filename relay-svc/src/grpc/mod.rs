@@ -45,6 +45,8 @@ pub struct Relay {
     pub thresholds: Thresholds,
     pub metrics: crate::metrics::RelayMetrics,
     pub market: Market,
+    /// Calls a second each enterprise may make (`None`: no limit).
+    pub limits: Option<Arc<crate::limits::RateLimits>>,
 }
 
 /// The billing and auction settings the edge applies.
@@ -57,14 +59,22 @@ pub struct Market {
 }
 
 impl Relay {
-    /// The enterprise whose API key the call presents.
+    /// The enterprise whose API key the call presents, if it is within its
+    /// call rate.
     async fn enterprise(&self, metadata: &MetadataMap) -> Result<String> {
         let key = auth::bearer(metadata)
             .ok_or(Error::Unauthenticated("authorization: missing API key"))?;
-        self.store
+        let enterprise_id = self
+            .store
             .enterprise_by_key(&credentials::hash_secret(key))
             .await?
-            .ok_or(Error::Unauthenticated("authorization: unknown API key"))
+            .ok_or(Error::Unauthenticated("authorization: unknown API key"))?;
+        if let Some(limits) = &self.limits {
+            limits
+                .take(&enterprise_id)
+                .map_err(|retry_after| Error::RateLimited { retry_after })?;
+        }
+        Ok(enterprise_id)
     }
 
     /// The carrier whose token the call presents.
