@@ -9,6 +9,7 @@
 //! test says it skipped.
 #![forbid(unsafe_code)]
 
+pub mod binaries;
 pub mod chaos;
 pub mod process;
 pub mod scene;

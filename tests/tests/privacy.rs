@@ -5,34 +5,24 @@
 //! segment and broadcast messages with distinctive bodies; then no log line of
 //! any process may contain any of those values.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use chukei_proto::auth::BearerInterceptor;
 use chukei_proto::relay::v1 as pb;
-use integration_tests::process::{Process, free_port, test_binary};
-use integration_tests::{eventually, wait_healthy, wait_healthy_for};
+use integration_tests::binaries::{BinaryHub, Launch};
+use integration_tests::eventually;
+use integration_tests::process::test_binary;
 use terminal_sim::fleet::Fleet;
 
 const SEED: u64 = 31;
+const CARRIERS: [&str; 2] = ["alpha", "beta"];
 const USERS: usize = 150;
 const BODIES: [&str; 3] = [
     "Sakura Mart: your prescription #PX-55821 is ready",
     "Only for you, Haruka-san: 20% off until Sunday",
     "Kaze Bank card ending 4417 was used in Osaka",
 ];
-
-fn spawn(name: &str, command: &mut Command, log: &std::path::Path) -> Process {
-    let file = std::fs::File::create(log).unwrap();
-    Process::spawn(
-        name,
-        command
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(file),
-    )
-    .unwrap()
-}
 
 fn cli(relay: &str, key: &str, args: &[&str], log: &std::path::Path) -> String {
     let output = Command::new(test_binary("enterprise-cli").unwrap())
@@ -63,93 +53,19 @@ async fn no_log_line_of_any_process_holds_personal_data() {
     let dir = tempfile::tempdir().unwrap();
     let logs = dir.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
-    let (admin_token, deliver_token, carrier_admin) = (
-        "privacy-admin-token-0123456789",
-        "privacy-deliver-token-0123456789",
-        "privacy-carrier-admin-0123456789",
-    );
-    let relay_port = free_port().unwrap();
-    let relay_url = format!("http://127.0.0.1:{relay_port}");
-    let relay = spawn(
-        "relay-svc",
-        Command::new(test_binary("relay-svc").unwrap())
-            .args(["--listen", &format!("127.0.0.1:{relay_port}")])
-            .args(["--min-cohort", "1"])
-            .arg("--data-dir")
-            .arg(dir.path().join("relay"))
-            .env("CHUKEI_RELAY_ADMIN_TOKEN", admin_token)
-            .env("CHUKEI_RELAY_DELIVER_TOKEN", deliver_token),
-        &logs.join("relay.log"),
-    );
-    wait_healthy(&relay_url).await.unwrap();
-    let channel = tonic::transport::Channel::from_shared(relay_url.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut admin = pb::admin_client::AdminClient::with_interceptor(
-        channel,
-        BearerInterceptor::new(admin_token).unwrap(),
-    );
-    let enterprise = admin
-        .create_enterprise(pb::CreateEnterpriseRequest {
-            name: "private".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-
-    let carrier_ids = ["alpha", "beta"];
-    let mut carriers = Vec::new();
-    let mut carrier_flags = Vec::new();
-    for carrier_id in carrier_ids {
-        let port = free_port().unwrap();
-        let url = format!("http://127.0.0.1:{port}");
-        let token = format!("privacy-{carrier_id}-token-0123456789");
-        carriers.push(spawn(
-            carrier_id,
-            Command::new(test_binary("carrier-svc").unwrap())
-                .args(["--listen", &format!("127.0.0.1:{port}")])
-                .args(["--carrier-id", carrier_id, "--relay-url", &relay_url])
-                .args(["--report-interval-secs", "1"])
-                .arg("--data-dir")
-                .arg(dir.path().join(carrier_id))
-                .env("CHUKEI_CARRIER_TOKEN", &token)
-                .env("CHUKEI_CARRIER_RELAY_TOKEN", deliver_token)
-                .env("CHUKEI_CARRIER_ADMIN_TOKEN", carrier_admin),
-            &logs.join(format!("{carrier_id}.log")),
-        ));
-        wait_healthy(&url).await.unwrap();
-        admin
-            .register_carrier(pb::RegisterCarrierRequest {
-                carrier_id: carrier_id.into(),
-                endpoint: url.clone(),
-                token,
-            })
-            .await
-            .unwrap();
-        carrier_flags.push(format!("--carrier={carrier_id}={url}"));
-    }
-
-    let fleet_port = free_port().unwrap();
-    let fleet = spawn(
-        "terminal-sim",
-        Command::new(test_binary("terminal-sim").unwrap())
-            .args(["--listen", &format!("127.0.0.1:{fleet_port}"), "fleet"])
-            .args(["--users", &USERS.to_string(), "--seed", &SEED.to_string()])
-            .args(["--open-mode", "always"])
-            .args(&carrier_flags)
-            .args(["--enterprise", &enterprise.enterprise_id])
-            .env("CHUKEI_TERMINAL_CARRIER_ADMIN_TOKEN", carrier_admin),
-        &logs.join("fleet.log"),
-    );
-    wait_healthy_for(
-        &format!("http://127.0.0.1:{fleet_port}"),
-        Duration::from_secs(120),
-    )
+    let hub = BinaryHub::start(Launch {
+        carriers: CARRIERS.to_vec(),
+        users: USERS,
+        seed: SEED,
+        relay_args: vec!["--min-cohort".into(), "1".into()],
+        carrier_args: vec!["--report-interval-secs".into(), "1".into()],
+        env: vec![("RUST_LOG".into(), "debug".into())],
+        logs: Some(logs.clone()),
+        ..Launch::default()
+    })
     .await
     .unwrap();
+    let (relay_url, enterprise) = (hub.relay_url.clone(), hub.enterprise.clone());
 
     // The enterprise's traffic: a targeted message, a segment, a broadcast;
     // its statistics by attribute and place; its registrations.
@@ -225,12 +141,10 @@ async fn no_log_line_of_any_process_holds_personal_data() {
     cli(&relay_url, key, &["stats", "--by", "place,hour"], &log);
     cli(&relay_url, key, &["explain", &sent[0], &first_ref], &log);
 
-    for process in [fleet].into_iter().chain(carriers).chain([relay]) {
-        process.terminate(Duration::from_secs(20)).unwrap();
-    }
+    hub.stop().unwrap();
 
     // What must never be logged.
-    let fleet = Fleet::generate(SEED, USERS, &carrier_ids.map(String::from));
+    let fleet = Fleet::generate(SEED, USERS, &CARRIERS.map(String::from));
     let mut personal: Vec<(&str, String)> = BODIES
         .iter()
         .map(|b| ("message body", b.to_string()))

@@ -6,14 +6,15 @@
 //! gRPC metadata and inside the delivery records, pushes, events and receipts.
 
 use std::collections::{BTreeSet, HashMap};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chukei_proto::auth::BearerInterceptor;
 use chukei_proto::relay::v1 as pb;
-use integration_tests::process::{Process, free_port, test_binary};
-use integration_tests::{eventually, wait_healthy};
+use integration_tests::binaries::{BinaryHub, Launch};
+use integration_tests::eventually;
+use integration_tests::process::test_binary;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -65,18 +66,6 @@ impl TraceService for Collector {
     }
 }
 
-fn spawn(name: &str, command: &mut Command, otlp: &str) -> Process {
-    Process::spawn(
-        name,
-        command
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
-            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_message_is_one_trace_across_all_four_processes() {
     one_trace(true).await;
@@ -99,83 +88,34 @@ async fn one_trace(carrier_exports: bool) {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(otlp)),
     );
 
-    let dir = tempfile::tempdir().unwrap();
-    let (admin_token, deliver_token, carrier_admin, carrier_token) = (
-        "trace-admin-token-0123456789",
-        "trace-deliver-token-0123456789",
-        "trace-carrier-admin-0123456789",
-        "trace-alpha-token-0123456789",
-    );
-    let relay_port = free_port().unwrap();
-    let relay_url = format!("http://127.0.0.1:{relay_port}");
-    let relay = spawn(
-        "relay-svc",
-        Command::new(test_binary("relay-svc").unwrap())
-            .args(["--listen", &format!("127.0.0.1:{relay_port}")])
-            .arg("--data-dir")
-            .arg(dir.path().join("relay"))
-            .env("CHUKEI_RELAY_ADMIN_TOKEN", admin_token)
-            .env("CHUKEI_RELAY_DELIVER_TOKEN", deliver_token),
-        &otlp_url,
-    );
-    wait_healthy(&relay_url).await.unwrap();
+    let exporting = |endpoint: &str| {
+        vec![
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(),
+                endpoint.to_owned(),
+            ),
+            ("OTEL_BSP_SCHEDULE_DELAY".to_owned(), "100".to_owned()),
+        ]
+    };
+    let hub = BinaryHub::start(Launch {
+        carriers: vec!["alpha"],
+        users: 20,
+        env: exporting(&otlp_url),
+        carrier_env: if carrier_exports {
+            Vec::new()
+        } else {
+            exporting("")
+        },
+        ..Launch::default()
+    })
+    .await
+    .unwrap();
+    let (relay_url, enterprise) = (hub.relay_url.clone(), hub.enterprise.clone());
     let channel = tonic::transport::Channel::from_shared(relay_url.clone())
         .unwrap()
         .connect()
         .await
         .unwrap();
-    let mut admin = pb::admin_client::AdminClient::with_interceptor(
-        channel.clone(),
-        BearerInterceptor::new(admin_token).unwrap(),
-    );
-    let enterprise = admin
-        .create_enterprise(pb::CreateEnterpriseRequest {
-            name: "traced".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-
-    let carrier_port = free_port().unwrap();
-    let carrier_url = format!("http://127.0.0.1:{carrier_port}");
-    let carrier = spawn(
-        "carrier-svc",
-        Command::new(test_binary("carrier-svc").unwrap())
-            .args(["--listen", &format!("127.0.0.1:{carrier_port}")])
-            .args(["--carrier-id", "alpha", "--relay-url", &relay_url])
-            .arg("--data-dir")
-            .arg(dir.path().join("alpha"))
-            .env("CHUKEI_CARRIER_TOKEN", carrier_token)
-            .env("CHUKEI_CARRIER_RELAY_TOKEN", deliver_token)
-            .env("CHUKEI_CARRIER_ADMIN_TOKEN", carrier_admin),
-        if carrier_exports { &otlp_url } else { "" },
-    );
-    wait_healthy(&carrier_url).await.unwrap();
-    admin
-        .register_carrier(pb::RegisterCarrierRequest {
-            carrier_id: "alpha".into(),
-            endpoint: carrier_url.clone(),
-            token: carrier_token.into(),
-        })
-        .await
-        .unwrap();
-
-    let fleet_port = free_port().unwrap();
-    let fleet = spawn(
-        "terminal-sim",
-        Command::new(test_binary("terminal-sim").unwrap())
-            .args(["--listen", &format!("127.0.0.1:{fleet_port}"), "fleet"])
-            .args(["--users", "20", "--open-mode", "always"])
-            .arg(format!("--carrier=alpha={carrier_url}"))
-            .args(["--enterprise", &enterprise.enterprise_id])
-            .env("CHUKEI_TERMINAL_CARRIER_ADMIN_TOKEN", carrier_admin),
-        &otlp_url,
-    );
-    wait_healthy(&format!("http://127.0.0.1:{fleet_port}"))
-        .await
-        .unwrap();
-
     let mut client = pb::enterprise_api_client::EnterpriseApiClient::with_interceptor(
         channel,
         BearerInterceptor::new(&enterprise.api_key).unwrap(),
@@ -229,9 +169,7 @@ async fn one_trace(carrier_exports: bool) {
     .await;
 
     // Graceful stops flush what each process still holds.
-    for process in [fleet, carrier, relay] {
-        process.terminate(Duration::from_secs(20)).unwrap();
-    }
+    hub.stop().unwrap();
     let spans = collector.0.lock().unwrap().clone();
     server.abort();
 

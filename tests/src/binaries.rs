@@ -1,0 +1,175 @@
+//! The hub as real processes — a relay, carriers registered with it, and a
+//! terminal fleet registered with one enterprise — for the tests about the
+//! binaries themselves (`smoke.rs`, `tracing.rs`, `privacy.rs`). The chaos
+//! harness starts its own, behind fault proxies.
+
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use chukei_proto::auth::BearerInterceptor;
+use chukei_proto::relay::v1 as pb;
+
+use crate::process::{Process, free_port, test_binary};
+use crate::{Admin, wait_healthy, wait_healthy_for};
+
+pub const ADMIN_TOKEN: &str = "binaries-admin-token-0123456789";
+pub const DELIVER_TOKEN: &str = "binaries-deliver-token-0123456789";
+pub const CARRIER_ADMIN_TOKEN: &str = "binaries-carrier-admin-0123456789";
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    /// PostgreSQL for the relay (default: SQLite in the temporary directory).
+    pub database_url: Option<String>,
+    pub carriers: Vec<&'static str>,
+    pub users: usize,
+    pub seed: u64,
+    pub relay_args: Vec<String>,
+    pub carrier_args: Vec<String>,
+    /// Environment of every process; then, for carriers, `carrier_env` on top.
+    pub env: Vec<(String, String)>,
+    pub carrier_env: Vec<(String, String)>,
+    /// Each process's stderr goes to `<name>.log` here (default: nowhere).
+    pub logs: Option<PathBuf>,
+}
+
+impl Default for Launch {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            carriers: vec!["alpha", "beta"],
+            users: 300,
+            seed: 42,
+            relay_args: Vec::new(),
+            carrier_args: Vec::new(),
+            env: Vec::new(),
+            carrier_env: Vec::new(),
+            logs: None,
+        }
+    }
+}
+
+/// The running processes, and what a test needs to talk to them.
+pub struct BinaryHub {
+    pub dir: tempfile::TempDir,
+    pub relay_url: String,
+    pub admin: Admin,
+    /// The enterprise the fleet registered with.
+    pub enterprise: pb::CreateEnterpriseResponse,
+    relay: Process,
+    carriers: Vec<Process>,
+    fleet: Process,
+}
+
+impl BinaryHub {
+    /// Starts the relay, the carriers (registered with it) and the fleet
+    /// (opening everything at once), each once healthy.
+    pub async fn start(launch: Launch) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let spawn = |name: &str, command: &mut Command, env: &[(String, String)]| {
+            let stderr = match &launch.logs {
+                Some(logs) => Stdio::from(std::fs::File::create(logs.join(format!("{name}.log")))?),
+                None => Stdio::null(),
+            };
+            command.envs(launch.env.iter().cloned());
+            command.envs(env.iter().cloned());
+            Process::spawn(name, command.stdout(Stdio::null()).stderr(stderr))
+        };
+
+        let relay_port = free_port()?;
+        let relay_url = format!("http://127.0.0.1:{relay_port}");
+        let mut command = Command::new(test_binary("relay-svc")?);
+        command
+            .args(["--listen", &format!("127.0.0.1:{relay_port}")])
+            .arg("--data-dir")
+            .arg(dir.path().join("relay"))
+            .args(&launch.relay_args)
+            .env("CHUKEI_RELAY_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env("CHUKEI_RELAY_DELIVER_TOKEN", DELIVER_TOKEN);
+        if let Some(url) = &launch.database_url {
+            command.args(["--database-url", url]);
+        }
+        let relay = spawn("relay-svc", &mut command, &[])?;
+        wait_healthy(&relay_url).await?;
+        let channel = tonic::transport::Channel::from_shared(relay_url.clone())?
+            .connect()
+            .await?;
+        let mut admin = pb::admin_client::AdminClient::with_interceptor(
+            channel,
+            BearerInterceptor::new(ADMIN_TOKEN)?,
+        );
+        let enterprise = admin
+            .create_enterprise(pb::CreateEnterpriseRequest {
+                name: "binaries".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+
+        let mut carriers = Vec::new();
+        let mut carrier_flags = Vec::new();
+        for carrier_id in &launch.carriers {
+            let port = free_port()?;
+            let url = format!("http://127.0.0.1:{port}");
+            let token = format!("binaries-{carrier_id}-token-0123456789");
+            let mut command = Command::new(test_binary("carrier-svc")?);
+            command
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--carrier-id", carrier_id, "--relay-url", &relay_url])
+                .arg("--data-dir")
+                .arg(dir.path().join(carrier_id))
+                .args(&launch.carrier_args)
+                .env("CHUKEI_CARRIER_TOKEN", &token)
+                .env("CHUKEI_CARRIER_RELAY_TOKEN", DELIVER_TOKEN)
+                .env("CHUKEI_CARRIER_ADMIN_TOKEN", CARRIER_ADMIN_TOKEN);
+            carriers.push(spawn(carrier_id, &mut command, &launch.carrier_env)?);
+            wait_healthy(&url).await?;
+            admin
+                .register_carrier(pb::RegisterCarrierRequest {
+                    carrier_id: (*carrier_id).into(),
+                    endpoint: url.clone(),
+                    token,
+                })
+                .await?;
+            carrier_flags.push(format!("--carrier={carrier_id}={url}"));
+        }
+
+        let fleet_port = free_port()?;
+        let mut command = Command::new(test_binary("terminal-sim")?);
+        command
+            .args(["--listen", &format!("127.0.0.1:{fleet_port}"), "fleet"])
+            .args(["--users", &launch.users.to_string()])
+            .args(["--seed", &launch.seed.to_string(), "--open-mode", "always"])
+            .args(&carrier_flags)
+            .args(["--enterprise", &enterprise.enterprise_id])
+            .env("CHUKEI_TERMINAL_CARRIER_ADMIN_TOKEN", CARRIER_ADMIN_TOKEN);
+        let fleet = spawn("terminal-sim", &mut command, &[])?;
+        wait_healthy_for(
+            &format!("http://127.0.0.1:{fleet_port}"),
+            Duration::from_secs(120),
+        )
+        .await?;
+        Ok(Self {
+            dir,
+            relay_url,
+            admin,
+            enterprise,
+            relay,
+            carriers,
+            fleet,
+        })
+    }
+
+    /// SIGTERM to the fleet, the carriers, then the relay (so nobody sees its
+    /// caller vanish); each one's name and exit status.
+    pub fn stop(self) -> anyhow::Result<Vec<(&'static str, ExitStatus)>> {
+        const GRACE: Duration = Duration::from_secs(20);
+        let mut stopped = vec![("terminal-sim", self.fleet.terminate(GRACE)?)];
+        for carrier in self.carriers {
+            stopped.push(("carrier-svc", carrier.terminate(GRACE)?));
+        }
+        stopped.push(("relay-svc", self.relay.terminate(GRACE)?));
+        Ok(stopped)
+    }
+}
