@@ -7,6 +7,49 @@ use chukei_proto::common::v1::ConsentedProfile;
 
 use crate::model::Subscriber;
 
+/// The version of [`consent_text`]: a person's choice is recorded with the
+/// version they were shown, and a choice made on another version is refused.
+pub const TEXT_VERSION: &str = "2026-11-27";
+
+/// What the terminal shows before a person shares anything: exactly the
+/// values the relay would store for `enterprise_id`, and their rights.
+pub fn consent_text(enterprise_id: &str, profile: &ConsentedProfile) -> String {
+    let mut shared = Vec::new();
+    match chukei_proto::common::v1::Gender::try_from(profile.gender) {
+        Ok(chukei_proto::common::v1::Gender::Unspecified) | Err(_) => {}
+        Ok(gender) => shared.push(format!(
+            "gender: {}",
+            gender
+                .as_str_name()
+                .trim_start_matches("GENDER_")
+                .to_lowercase()
+        )),
+    }
+    if let (Some(min), Some(max)) = (profile.age_min, profile.age_max) {
+        shared.push(if min == max {
+            format!("age: {min}")
+        } else {
+            format!("age: {min}–{max}")
+        });
+    }
+    if !profile.region.is_empty() {
+        shared.push(format!("region: {}", profile.region));
+    }
+    if !profile.occupation.is_empty() {
+        shared.push(format!("occupation: {}", profile.occupation));
+    }
+    let what = if shared.is_empty() {
+        "nothing about you beyond your registration".to_owned()
+    } else {
+        shared.join("; ")
+    };
+    format!(
+        "{enterprise_id} will be able to choose you for messages by: {what}. \
+         It never sees these values, your number or your carrier. \
+         You can change or withdraw this at any time; withdrawing deletes them at once."
+    )
+}
+
 /// Whole years between `birth_date` (`YYYY-MM-DD`) and the date of `now_ms`.
 pub fn age_on(birth_date: &str, now_ms: i64) -> Option<u32> {
     let mut parts = birth_date.split('-').map(str::parse::<i64>);

@@ -11,6 +11,9 @@ pub enum Error {
     Unauthenticated(&'static str),
     #[error("{field}: {reason}")]
     NotFound { field: String, reason: String },
+    /// Well-formed, but not acceptable in the current state.
+    #[error("{field}: {reason}")]
+    Refused { field: String, reason: String },
     /// The relay refused or could not be reached; its status is passed on.
     #[error("relay: {0}")]
     Relay(Status),
@@ -36,6 +39,15 @@ impl Error {
     }
 }
 
+impl Error {
+    pub fn refused(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Refused {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
 impl From<chukei_proto::validate::FieldError> for Error {
     fn from(error: chukei_proto::validate::FieldError) -> Self {
         Self::InvalidArgument {
@@ -51,10 +63,15 @@ impl From<Error> for Status {
             Error::InvalidArgument { .. } => Status::new(Code::InvalidArgument, error.to_string()),
             Error::Unauthenticated(_) => Status::new(Code::Unauthenticated, error.to_string()),
             Error::NotFound { .. } => Status::new(Code::NotFound, error.to_string()),
+            Error::Refused { .. } => Status::new(Code::FailedPrecondition, error.to_string()),
             Error::Relay(status) => {
                 tracing::warn!(code = ?status.code(), "relay call failed");
                 match status.code() {
-                    Code::InvalidArgument | Code::NotFound | Code::AlreadyExists => {
+                    Code::InvalidArgument
+                    | Code::NotFound
+                    | Code::AlreadyExists
+                    | Code::FailedPrecondition
+                    | Code::ResourceExhausted => {
                         Status::new(status.code(), format!("relay: {}", status.message()))
                     }
                     _ => Status::new(Code::Unavailable, "relay unavailable, retry later"),

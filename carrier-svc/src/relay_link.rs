@@ -101,6 +101,30 @@ async fn accept(shared: &Shared, up: &Up, batch: pb::DeliveryBatch) -> anyhow::R
     Ok(())
 }
 
+/// Acts on the relay's erasure notices and acknowledges them: a person who
+/// left the whole hub has every message still held for them dropped.
+async fn forget(shared: &Shared, up: &Up, batch: pb::ErasureBatch) -> anyhow::Result<()> {
+    let leaving: Vec<&str> = batch
+        .erasures
+        .iter()
+        .filter(|e| e.enterprise_id.is_empty())
+        .map(|e| e.user_id.as_str())
+        .collect();
+    let dropped = shared.store.drop_held(&leaving).await?;
+    tracing::info!(
+        notices = batch.erasures.len(),
+        dropped,
+        "erasure notices applied"
+    );
+    send(
+        up,
+        pb::carrier_to_relay::Kind::ErasureAck(pb::ErasureAck {
+            notice_ids: batch.erasures.iter().map(|e| e.notice_id).collect(),
+        }),
+    )
+    .await
+}
+
 /// A carrier's capacity in deliveries per second (real time): each batch is
 /// taken when the previous ones' share of it has passed.
 struct Pace {
@@ -203,6 +227,7 @@ async fn session(
                             unacked.pop_front();
                         }
                     }
+                    Some(pb::relay_to_carrier::Kind::Erasures(batch)) => forget(shared, up, batch).await?,
                     None => {}
                 }
             }

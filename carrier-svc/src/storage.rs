@@ -376,6 +376,17 @@ impl Store {
         Ok(queued)
     }
 
+    /// Drops the messages still held (not yet pushed) for these people;
+    /// returns how many.
+    pub async fn drop_held(&self, user_ids: &[&str]) -> Result<u64> {
+        if user_ids.is_empty() {
+            return Ok(0);
+        }
+        let mut query = QueryBuilder::new("DELETE FROM deliveries WHERE state = 0 AND user_id");
+        in_list(&mut query, user_ids.iter().copied());
+        Ok(query.build().execute(&self.pool).await?.rows_affected())
+    }
+
     pub async fn mark_pushed(&self, seqs: &[i64]) -> Result<()> {
         for chunk in seqs.chunks(ROWS_PER_STATEMENT) {
             let mut query =

@@ -217,12 +217,17 @@ impl pb::subscriber_api_server::SubscriberApi for SubscriberService {
                 &registration.enterprise_id,
                 64,
             )?;
+            current_text(
+                &format!("registrations[{index}].text_version"),
+                &registration.text_version,
+            )?;
             let choices = registration.consent.unwrap_or_default();
             forwarded.push(relay::UserRegistration {
                 user_id: registration.user_id.clone(),
                 enterprise_id: registration.enterprise_id.clone(),
                 service_id: registration.service_id.clone(),
                 profile: Some(consent::consented_profile(subscriber, &choices, now)),
+                text_version: registration.text_version.clone(),
             });
         }
         let mut user_refs = Vec::with_capacity(forwarded.len());
@@ -240,9 +245,140 @@ impl pb::subscriber_api_server::SubscriberApi for SubscriberService {
         tracing::info!(registered = user_refs.len(), "registrations forwarded");
         Ok(Response::new(pb::RegisterResponse { user_refs }))
     }
+
+    async fn preview_consent(
+        &self,
+        request: Request<pb::PreviewConsentRequest>,
+    ) -> Result<Response<pb::ConsentPreview>, Status> {
+        let shared = &self.0;
+        let request = request.into_inner();
+        let (enterprise_id, profile) = shared
+            .profile_for(
+                &request.user_id,
+                &request.enterprise_id,
+                &request.consent.unwrap_or_default(),
+            )
+            .await?;
+        Ok(Response::new(pb::ConsentPreview {
+            text: consent::consent_text(enterprise_id, &profile),
+            text_version: consent::TEXT_VERSION.to_owned(),
+            profile: Some(profile),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn change_consent(
+        &self,
+        request: Request<pb::ChangeConsentRequest>,
+    ) -> Result<Response<pb::ChangeConsentResponse>, Status> {
+        let shared = &self.0;
+        let request = request.into_inner();
+        current_text("text_version", &request.text_version)?;
+        let (enterprise_id, profile) = shared
+            .profile_for(
+                &request.user_id,
+                &request.enterprise_id,
+                &request.consent.unwrap_or_default(),
+            )
+            .await?;
+        shared
+            .relay
+            .clone()
+            .put_profile(relay::PutProfileRequest {
+                user_id: request.user_id.clone(),
+                enterprise_id: enterprise_id.to_owned(),
+                profile: Some(profile.clone()),
+                text_version: request.text_version.clone(),
+            })
+            .await
+            .map_err(Error::Relay)?;
+        tracing::info!("consent change forwarded");
+        Ok(Response::new(pb::ChangeConsentResponse {
+            profile: Some(profile),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn unregister(
+        &self,
+        request: Request<pb::UnregisterRequest>,
+    ) -> Result<Response<pb::UnregisterResponse>, Status> {
+        let shared = &self.0;
+        let request = request.into_inner();
+        let user_id = required("user_id", &request.user_id, 128)?;
+        validate::optional("enterprise_id", &request.enterprise_id, 64).map_err(Error::from)?;
+        validate::optional("service_id", &request.service_id, 64).map_err(Error::from)?;
+        if request.enterprise_id.is_empty() && !request.service_id.is_empty() {
+            return Err(Error::invalid(
+                "service_id",
+                "a service is left within an enterprise: give enterprise_id too",
+            )
+            .into());
+        }
+        if shared
+            .store
+            .subscribers(&[user_id])
+            .await
+            .map_err(Error::from)?
+            .is_empty()
+        {
+            return Err(Error::not_found("user_id", "not a subscriber of this carrier").into());
+        }
+        let removed = shared
+            .relay
+            .clone()
+            .unregister_users(relay::UnregisterUsersRequest {
+                unregistrations: vec![relay::UserUnregistration {
+                    user_id: user_id.to_owned(),
+                    enterprise_id: request.enterprise_id.clone(),
+                    service_id: request.service_id.clone(),
+                }],
+            })
+            .await
+            .map_err(Error::Relay)?
+            .into_inner()
+            .removed;
+        tracing::info!(removed, "unregistration forwarded");
+        Ok(Response::new(pb::UnregisterResponse { removed }))
+    }
+}
+
+/// A consent choice must have been made on the text in force.
+fn current_text(field: &str, version: &str) -> Result<()> {
+    required(field, version, 64)?;
+    if version != consent::TEXT_VERSION {
+        return Err(Error::refused(
+            field,
+            format!(
+                "the consent text shown was not the one in force ({}): preview it again",
+                consent::TEXT_VERSION
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl Shared {
+    /// The profile `choices` would share of subscriber `user_id` with
+    /// `enterprise_id` (both checked), as of now.
+    async fn profile_for<'a>(
+        &self,
+        user_id: &str,
+        enterprise_id: &'a str,
+        choices: &pb::ConsentChoices,
+    ) -> Result<(&'a str, chukei_proto::common::v1::ConsentedProfile)> {
+        let user_id = required("user_id", user_id, 128)?;
+        let enterprise_id = required("enterprise_id", enterprise_id, 64)?;
+        let known = self.store.subscribers(&[user_id]).await?;
+        let subscriber = known
+            .get(user_id)
+            .ok_or_else(|| Error::not_found("user_id", "not a subscriber of this carrier"))?;
+        Ok((
+            enterprise_id,
+            consent::consented_profile(subscriber, choices, self.clock.now_ms()),
+        ))
+    }
+
     fn admin(&self, metadata: &tonic::metadata::MetadataMap) -> Result<()> {
         auth::require_secret(metadata, &self.admin_token).map_err(Error::Unauthenticated)
     }

@@ -111,6 +111,35 @@ pub enum AdminCommand {
         #[arg(long)]
         message: Option<String>,
     },
+    /// Issue a new API key for an enterprise (shown only once).
+    IssueKey {
+        #[arg(long)]
+        enterprise: String,
+        /// Rotation: the enterprise's other keys stop working this many
+        /// seconds from now (default: they stay until revoked).
+        #[arg(long)]
+        overlap_secs: Option<u32>,
+    },
+    /// Revoke one of an enterprise's API keys at once.
+    RevokeKey {
+        #[arg(long)]
+        enterprise: String,
+        /// The key's id, as `keys` lists it.
+        #[arg(long)]
+        key_id: String,
+    },
+    /// An enterprise's API keys (ids and validity, never the keys).
+    Keys {
+        #[arg(long)]
+        enterprise: String,
+    },
+    /// Verify the audit log's hash chain; exits non-zero at a broken link.
+    VerifyAudit,
+    /// The latest audit log entries, newest first.
+    Audit {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
 }
 
 /// Parses `CHANNEL:FROM-TO:DELIVERED:OPENED`; the error names the flag.
@@ -312,6 +341,109 @@ pub async fn run(cli: AdminCli, out: &mut impl Write) -> anyhow::Result<()> {
                         c.carrier_id, c.connected, c.pending, c.handed_over, c.delivered, c.opened
                     )?;
                 }
+            }
+        }
+        AdminCommand::IssueKey {
+            enterprise,
+            overlap_secs,
+        } => {
+            let issued = client
+                .issue_api_key(pb::IssueApiKeyRequest {
+                    enterprise_id: enterprise,
+                    overlap: overlap_secs.map(|secs| prost_types::Duration {
+                        seconds: i64::from(secs),
+                        nanos: 0,
+                    }),
+                })
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if cli.json {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"key_id": issued.key_id, "api_key": issued.api_key})
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "key_id\t{}\napi_key\t{}",
+                    issued.key_id, issued.api_key
+                )?;
+            }
+        }
+        AdminCommand::RevokeKey { enterprise, key_id } => {
+            client
+                .revoke_api_key(pb::RevokeApiKeyRequest {
+                    enterprise_id: enterprise,
+                    key_id: key_id.clone(),
+                })
+                .await
+                .map_err(explain)?;
+            writeln!(out, "key {key_id} revoked")?;
+        }
+        AdminCommand::Keys { enterprise } => {
+            let keys = client
+                .list_api_keys(pb::ListApiKeysRequest {
+                    enterprise_id: enterprise,
+                })
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .keys;
+            let at = |t: &Option<prost_types::Timestamp>| {
+                t.as_ref().map_or("-".to_owned(), |t| t.to_string())
+            };
+            for key in keys {
+                writeln!(
+                    out,
+                    "{}\tcreated {}\texpires {}\trevoked {}",
+                    key.key_id,
+                    at(&key.created_at),
+                    at(&key.expires_at),
+                    at(&key.revoked_at)
+                )?;
+            }
+        }
+        AdminCommand::VerifyAudit => {
+            let verified = client
+                .verify_audit_log(pb::VerifyAuditLogRequest {})
+                .await
+                .map_err(explain)?
+                .into_inner();
+            if cli.json {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"entries": verified.entries, "intact": verified.intact,
+                           "first_broken_seq": verified.first_broken_seq, "reason": verified.reason})
+                )?;
+            } else if verified.intact {
+                writeln!(out, "audit log intact: {} entries", verified.entries)?;
+            }
+            if !verified.intact {
+                anyhow::bail!(
+                    "audit log broken at entry {}: {} ({} entries verified before it)",
+                    verified.first_broken_seq,
+                    verified.reason,
+                    verified.entries
+                );
+            }
+        }
+        AdminCommand::Audit { limit } => {
+            let entries = client
+                .list_audit_log(pb::ListAuditLogRequest { limit })
+                .await
+                .map_err(explain)?
+                .into_inner()
+                .entries;
+            for entry in entries {
+                let at = entry.at.map(|t| t.to_string()).unwrap_or_default();
+                writeln!(
+                    out,
+                    "{}\t{at}\t{}\t{}\t{}\t{}",
+                    entry.seq, entry.actor, entry.action, entry.subject, entry.detail
+                )?;
             }
         }
     }

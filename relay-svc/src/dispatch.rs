@@ -319,7 +319,32 @@ impl Dispatcher {
         let mut cursor = 0_i64;
         let mut next_batch_id = 1_u64;
         let mut windows = WindowCache::default();
+        let mut notices_in_flight = false;
         loop {
+            // Erasure notices, one batch at a time: deleted when acknowledged.
+            if !notices_in_flight {
+                let notices = self
+                    .store
+                    .outbox(&self.carrier_id, NOTICES_PER_BATCH)
+                    .await?;
+                if !notices.is_empty() {
+                    let erasures = notices
+                        .into_iter()
+                        .map(|(id, user_id, enterprise_id)| pb::Erasure {
+                            notice_id: id as u64,
+                            user_id,
+                            enterprise_id,
+                        })
+                        .collect();
+                    down.send(pb::RelayToCarrier {
+                        kind: Some(pb::relay_to_carrier::Kind::Erasures(pb::ErasureBatch {
+                            erasures,
+                        })),
+                    })
+                    .await?;
+                    notices_in_flight = true;
+                }
+            }
             // Fill the window with due deliveries.
             while in_flight.len() < self.config.batches_in_flight {
                 let started = std::time::Instant::now();
@@ -371,6 +396,11 @@ impl Dispatcher {
                     let Some(message) = message? else {
                         anyhow::bail!("carrier closed the stream");
                     };
+                    if let Some(pb::carrier_to_relay::Kind::ErasureAck(ack)) = &message.kind {
+                        let ids: Vec<i64> = ack.notice_ids.iter().map(|id| *id as i64).collect();
+                        self.store.outbox_done(&self.carrier_id, &ids).await?;
+                        notices_in_flight = false;
+                    }
                     self.handle_up(message, &mut in_flight, &down).await?;
                 }
                 changed = new_work.changed() => changed?,
@@ -463,7 +493,8 @@ impl Dispatcher {
                     .store_count_report(&self.carrier_id, &report)
                     .await?;
             }
-            None => {}
+            // Handled in the session loop, which owns the notices in flight.
+            Some(pb::carrier_to_relay::Kind::ErasureAck(_)) | None => {}
         }
         Ok(())
     }
@@ -471,6 +502,9 @@ impl Dispatcher {
 
 /// A batch's delivery ids grouped by message (batches are in id order, so a
 /// message's deliveries mostly come in one run).
+/// Erasure notices sent to a carrier at once.
+const NOTICES_PER_BATCH: u32 = 1_000;
+
 fn ids_by_message(due: &[DueDelivery]) -> Vec<(String, Vec<i64>)> {
     let mut groups: Vec<(String, Vec<i64>)> = Vec::new();
     for delivery in due {

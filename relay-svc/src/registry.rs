@@ -45,6 +45,11 @@ pub struct Profile {
 }
 
 impl Profile {
+    /// Nothing shared: the person declined or withdrew.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
     /// Which fields are shared, without their values: what the consent record keeps.
     pub fn shared_fields(&self) -> String {
         let mut fields = Vec::new();
@@ -64,6 +69,9 @@ impl Profile {
         if self.occupation.is_some() {
             fields.push("occupation");
         }
+        if fields.is_empty() {
+            return "none".to_owned();
+        }
         fields.join(",")
     }
 }
@@ -75,12 +83,25 @@ pub struct NewRegistration {
     pub enterprise_id: String,
     pub service_id: Option<String>,
     pub profile: Profile,
+    /// The version of the consent text the person was shown.
+    pub text_version: String,
 }
 
-/// A user leaving an enterprise, or only one of its services.
+/// A person changing or withdrawing (an empty profile) what they share
+/// with one enterprise.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsentChange {
+    pub user_id: String,
+    pub enterprise_id: String,
+    pub profile: Profile,
+    pub text_version: String,
+}
+
+/// A user leaving one of an enterprise's services, the enterprise (erased
+/// from it), or the hub (`enterprise_id` `None`: erased everywhere).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Unregistration {
     pub user_id: String,
-    pub enterprise_id: String,
+    pub enterprise_id: Option<String>,
     pub service_id: Option<String>,
 }

@@ -11,7 +11,7 @@
 //! other) only. Time is stored as hours or days since the epoch, so hours,
 //! weekdays and days are read here in whatever zone the caller asks for.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use chukei_proto::common::v1::Channel as WireChannel;
 use jiff::Timestamp;
@@ -92,7 +92,7 @@ impl Dimension {
     }
 
     /// A consented attribute (read from the audience cube).
-    fn is_attribute(self) -> bool {
+    pub fn is_attribute(self) -> bool {
         matches!(
             self,
             Self::Gender | Self::Age | Self::Region | Self::Occupation
@@ -425,11 +425,21 @@ fn fold(
         }
     }
     let about_people = query.by.iter().any(|d| d.describes_people());
+    let size = |[sent, delivered, opened]: [u64; 3]| sent.max(delivered).max(opened);
+    let withheld = if about_people {
+        withheld_cells(
+            groups.iter().map(|(key, counts)| (key, size(*counts))),
+            thresholds.min_cohort,
+        )
+    } else {
+        HashSet::new()
+    };
     groups
         .into_iter()
         .map(|(key, [sent, delivered, opened])| {
+            let hidden = withheld.contains(&key);
             let key = key.into_iter().map(|(_, label)| label).collect();
-            if about_people && sent.max(delivered).max(opened) < thresholds.min_cohort {
+            if hidden {
                 return Row {
                     key,
                     sent: 0,
@@ -451,6 +461,30 @@ fn fold(
             }
         })
         .collect()
+}
+
+/// The cells of a breakdown about people to withhold: every cell below
+/// `min_cohort` (primary suppression), and then, while the withheld cells
+/// together stay below `min_cohort`, the smallest shown cells too
+/// (secondary suppression) — otherwise a withheld cell could be recovered
+/// by subtracting the shown ones from a total the enterprise knows.
+fn withheld_cells<'a, K: Ord + Clone + std::hash::Hash + 'a>(
+    cells: impl Iterator<Item = (&'a K, u64)>,
+    min_cohort: u64,
+) -> HashSet<K> {
+    let mut cells: Vec<(&K, u64)> = cells.collect();
+    cells.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(b.0)));
+    let mut withheld = HashSet::new();
+    let mut withheld_size = 0;
+    for (key, size) in cells {
+        let needed = size < min_cohort || (!withheld.is_empty() && withheld_size < min_cohort);
+        if !needed {
+            break;
+        }
+        withheld.insert(key.clone());
+        withheld_size += size;
+    }
+    withheld
 }
 
 /// How `value` (a rollup column's text) reads for `dimension`.
@@ -590,6 +624,7 @@ mod tests {
             &["gender"],
             vec![
                 cells(&["f"], 12, 12, 3),
+                cells(&["m"], 11, 11, 2),
                 cells(&["x"], 3, 3, 1),
                 cells(&[""], 40, 40, 8),
             ],
@@ -598,7 +633,11 @@ mod tests {
         assert_eq!(rows[0].key, vec!["-"]);
         assert!(!rows[0].low_sample && rows[0].estimate.is_some());
         assert!(rows[1].low_sample && !rows[1].suppressed);
-        assert!(rows[2].suppressed && rows[2].estimate.is_none() && rows[2].opened == 0);
+        // x (3) is below the cohort; m (11), the next smallest, is withheld
+        // too, or x would be the total less the rest.
+        for row in &rows[2..] {
+            assert!(row.suppressed && row.estimate.is_none() && row.opened == 0);
+        }
     }
 
     #[test]
@@ -618,5 +657,20 @@ mod tests {
         assert!(error(vec![Dimension::Channel, Dimension::Channel], "", 0).starts_with("by[1]"));
         assert!(error(vec![], "Mars/Olympus", 0).starts_with("zone:"));
         assert!(error(vec![], "", 10).starts_with("since:"));
+    }
+
+    #[test]
+    fn a_withheld_cell_cannot_be_recovered_by_subtraction() {
+        let cells = [("a", 3_u64), ("b", 40), ("c", 25), ("d", 12)];
+        let withheld = withheld_cells(cells.iter().map(|(k, n)| (k, *n)), 10);
+        // a (3) alone could be recovered from the total: d (12) goes too.
+        assert_eq!(withheld, HashSet::from(["a", "d"]));
+        let all_large = [("a", 10_u64), ("b", 40)];
+        assert!(withheld_cells(all_large.iter().map(|(k, n)| (k, *n)), 10).is_empty());
+        let two_small = [("a", 6_u64), ("b", 5), ("c", 40)];
+        assert_eq!(
+            withheld_cells(two_small.iter().map(|(k, n)| (k, *n)), 10),
+            HashSet::from(["a", "b"])
+        );
     }
 }

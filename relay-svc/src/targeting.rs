@@ -82,6 +82,24 @@ pub struct Segment {
 }
 
 impl Segment {
+    /// The attributes the segment reads, by name (what the audit log keeps).
+    pub fn fields(&self) -> String {
+        let mut fields = Vec::new();
+        if self.gender.is_some() {
+            fields.push("gender");
+        }
+        if self.age.is_some() {
+            fields.push("age");
+        }
+        if !self.regions.is_empty() {
+            fields.push("region");
+        }
+        if !self.occupations.is_empty() {
+            fields.push("occupation");
+        }
+        fields.join(",")
+    }
+
     pub fn has_criteria(&self) -> bool {
         self.gender.is_some()
             || self.age.is_some()

@@ -115,6 +115,13 @@ impl SimUser {
         })
     }
 
+    /// Whether this user, registered with `enterprise_id`, later withdraws
+    /// what they share with it (seeded; `share` of the registered).
+    pub fn withdraws(&self, seed: u64, enterprise_id: &str, share: f64) -> bool {
+        share > 0.0
+            && Rng::for_labels(seed, &["withdraw", &self.user_id, enterprise_id]).chance(share)
+    }
+
     /// Whether this user also registers with a service of an enterprise they joined.
     pub fn joins_service(&self, seed: u64, service_id: &str) -> bool {
         Rng::for_labels(seed, &["service", &self.user_id, service_id]).chance(0.5)

@@ -93,6 +93,12 @@ pub struct FleetOptions {
     #[arg(long, env = "CHUKEI_TERMINAL_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
 
+    /// The share (0–1) of registered users who withdraw their consent to an
+    /// enterprise once the fleet is set up (seeded): attributes deleted at
+    /// the relay, registration kept.
+    #[arg(long, env = "CHUKEI_TERMINAL_WITHDRAW_SHARE", default_value_t = 0.0)]
+    pub withdraw_share: f64,
+
     /// Chaos runs: the share (0–1) of event batches the terminals send twice.
     #[arg(long, env = "CHUKEI_TERMINAL_DUPLICATE_EVENTS", default_value_t = 0.0)]
     pub duplicate_events: f64,
@@ -201,6 +207,16 @@ pub async fn run_fleet(
         }
         setup::attach(&fleet, &channels, &advertise).await?;
         let registered = setup::register(&fleet, &channels, &options.enterprises).await?;
+        let withdrawn = setup::withdraw(
+            &fleet,
+            &channels,
+            &options.enterprises,
+            options.withdraw_share,
+        )
+        .await?;
+        if withdrawn > 0 {
+            tracing::info!(withdrawn, "consents withdrawn");
+        }
         anyhow::Ok(registered)
     };
     tokio::select! {

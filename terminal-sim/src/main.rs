@@ -54,6 +54,8 @@ enum Command {
     },
 }
 
+const HELP: &str = "commands: inbox | open N | consent ENTERPRISE [FIELD,…] (none: withdraw) | leave ENTERPRISE|hub | quit";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -102,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
             if let Some(register) = register {
                 register_one(&options.carriers, &user_id, &register, &share).await?;
             }
+            let options_carriers = options.carriers.clone();
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
             let fleet_task = tokio::spawn(terminal_sim::run_fleet(
                 fleet,
@@ -113,8 +116,10 @@ async fn main() -> anyhow::Result<()> {
                 },
             ));
             let terminals = ready_rx.await?;
-            println!("attached as {user_id}. commands: inbox | open N | quit");
+            println!("attached as {user_id}. {HELP}");
             let user = user_id.clone();
+            let carriers = options_carriers;
+            let runtime = tokio::runtime::Handle::current();
             tokio::task::spawn_blocking(move || {
                 for line in std::io::stdin().lock().lines() {
                     let Ok(line) = line else { break };
@@ -160,9 +165,15 @@ async fn main() -> anyhow::Result<()> {
                                 None => println!("no message {n}"),
                             }
                         }
+                        ["consent", ..] | ["leave", ..] => {
+                            let done = runtime.block_on(consent_command(&carriers, &user, &words));
+                            if let Err(error) = done {
+                                println!("{error}");
+                            }
+                        }
                         ["quit"] | ["exit"] => break,
                         [] => {}
-                        _ => println!("commands: inbox | open N | quit"),
+                        _ => println!("{HELP}"),
                     }
                 }
             })
@@ -180,23 +191,9 @@ async fn register_one(
     share: &[String],
 ) -> anyhow::Result<()> {
     let (enterprise_id, service_id) = register.split_once(':').unwrap_or((register, ""));
-    let mut consent = pb::ConsentChoices::default();
-    for field in share {
-        match field.as_str() {
-            "gender" => consent.gender = true,
-            "age" => consent.age = pb::AgeGranularity::Exact as i32,
-            "age-decade" => consent.age = pb::AgeGranularity::Decade as i32,
-            "region" => consent.region = pb::RegionGranularity::City as i32,
-            "region-prefecture" => consent.region = pb::RegionGranularity::Prefecture as i32,
-            "occupation" => consent.occupation = true,
-            other => anyhow::bail!("--share: unknown field {other:?}"),
-        }
-    }
-    let carrier = carriers
-        .first()
-        .ok_or_else(|| anyhow::anyhow!("--carrier: give at least one"))?;
-    let mut client =
-        pb::subscriber_api_client::SubscriberApiClient::connect(carrier.url.clone()).await?;
+    let consent = choices(share).map_err(|e| anyhow::anyhow!("--share: {e}"))?;
+    let mut client = subscriber_api(carriers).await?;
+    let text_version = preview(&mut client, user_id, enterprise_id, consent).await?;
     let response = client
         .register(pb::RegisterRequest {
             registrations: vec![pb::Registration {
@@ -204,6 +201,7 @@ async fn register_one(
                 enterprise_id: enterprise_id.to_owned(),
                 service_id: service_id.to_owned(),
                 consent: Some(consent),
+                text_version,
             }],
         })
         .await?;
@@ -211,5 +209,107 @@ async fn register_one(
         "registered; the enterprise knows you as {}",
         response.into_inner().user_refs.join(",")
     );
+    Ok(())
+}
+
+/// Consent choices from field names: gender, age, age-decade, region,
+/// region-prefecture, occupation. None of them: share nothing.
+fn choices(fields: &[String]) -> Result<pb::ConsentChoices, String> {
+    let mut consent = pb::ConsentChoices::default();
+    for field in fields {
+        match field.as_str() {
+            "gender" => consent.gender = true,
+            "age" => consent.age = pb::AgeGranularity::Exact as i32,
+            "age-decade" => consent.age = pb::AgeGranularity::Decade as i32,
+            "region" => consent.region = pb::RegionGranularity::City as i32,
+            "region-prefecture" => consent.region = pb::RegionGranularity::Prefecture as i32,
+            "occupation" => consent.occupation = true,
+            other => return Err(format!("unknown field {other:?}")),
+        }
+    }
+    Ok(consent)
+}
+
+type SubscriberApi = pb::subscriber_api_client::SubscriberApiClient<tonic::transport::Channel>;
+
+/// The user's (first) carrier's subscriber API.
+async fn subscriber_api(carriers: &[CarrierUrl]) -> anyhow::Result<SubscriberApi> {
+    let carrier = carriers
+        .first()
+        .ok_or_else(|| anyhow::anyhow!("--carrier: give at least one"))?;
+    Ok(SubscriberApi::connect(carrier.url.clone()).await?)
+}
+
+/// Shows the person exactly what these choices would share, and returns the
+/// version of the text shown.
+async fn preview(
+    client: &mut SubscriberApi,
+    user_id: &str,
+    enterprise_id: &str,
+    consent: pb::ConsentChoices,
+) -> anyhow::Result<String> {
+    let preview = client
+        .preview_consent(pb::PreviewConsentRequest {
+            user_id: user_id.to_owned(),
+            enterprise_id: enterprise_id.to_owned(),
+            consent: Some(consent),
+        })
+        .await?
+        .into_inner();
+    println!("{}", preview.text);
+    Ok(preview.text_version)
+}
+
+/// The interactive consent commands: `consent ENTERPRISE [FIELD…]` shows
+/// and then records a new choice (no fields: withdraw), `leave ENTERPRISE`
+/// or `leave hub` unregisters (erased there).
+async fn consent_command(
+    carriers: &[CarrierUrl],
+    user_id: &str,
+    words: &[&str],
+) -> anyhow::Result<()> {
+    let mut client = subscriber_api(carriers).await?;
+    match words {
+        ["consent", enterprise_id, fields @ ..] => {
+            let fields: Vec<String> = fields
+                .iter()
+                .flat_map(|f| f.split(','))
+                .filter(|f| !f.is_empty())
+                .map(str::to_owned)
+                .collect();
+            let consent = choices(&fields).map_err(anyhow::Error::msg)?;
+            let text_version = preview(&mut client, user_id, enterprise_id, consent).await?;
+            client
+                .change_consent(pb::ChangeConsentRequest {
+                    user_id: user_id.to_owned(),
+                    enterprise_id: (*enterprise_id).to_owned(),
+                    consent: Some(consent),
+                    text_version,
+                })
+                .await?;
+            println!(
+                "{}",
+                if fields.is_empty() {
+                    "consent withdrawn; your attributes were deleted"
+                } else {
+                    "consent changed"
+                }
+            );
+        }
+        ["leave", place] => {
+            let enterprise_id = if *place == "hub" { "" } else { place };
+            let removed = client
+                .unregister(pb::UnregisterRequest {
+                    user_id: user_id.to_owned(),
+                    enterprise_id: enterprise_id.to_owned(),
+                    service_id: String::new(),
+                })
+                .await?
+                .into_inner()
+                .removed;
+            println!("left {place}: {removed} registration(s) erased");
+        }
+        _ => anyhow::bail!("usage: consent ENTERPRISE [FIELD,…] | leave ENTERPRISE|hub"),
+    }
     Ok(())
 }

@@ -141,6 +141,7 @@ pub async fn register(
                     enterprise_id: enterprise.enterprise_id.clone(),
                     service_id: String::new(),
                     consent: Some(consent),
+                    text_version: String::new(),
                 });
             }
             for service in services {
@@ -149,6 +150,7 @@ pub async fn register(
                     enterprise_id: enterprise.enterprise_id.clone(),
                     service_id: service.clone(),
                     consent: Some(consent),
+                    text_version: String::new(),
                 });
             }
         }
@@ -160,6 +162,25 @@ pub async fn register(
         };
         let mut client =
             SubscriberApiClient::new(channel.clone()).max_encoding_message_size(64 * 1024 * 1024);
+        let mut registrations = registrations;
+        // Every simulated person is shown the carrier's consent text in force.
+        let text_version = match registrations.first() {
+            Some(first) => {
+                client
+                    .preview_consent(pb::PreviewConsentRequest {
+                        user_id: first.user_id.clone(),
+                        enterprise_id: first.enterprise_id.clone(),
+                        consent: first.consent,
+                    })
+                    .await?
+                    .into_inner()
+                    .text_version
+            }
+            None => continue,
+        };
+        for registration in &mut registrations {
+            registration.text_version.clone_from(&text_version);
+        }
         for chunk in registrations.chunks(CHUNK) {
             total += client
                 .register(pb::RegisterRequest {
@@ -172,4 +193,56 @@ pub async fn register(
         }
     }
     Ok(total)
+}
+
+/// Withdraws the consent of the registered users the model chooses
+/// (`share` of them, seeded), through their primary carrier. Returns how
+/// many withdrew.
+pub async fn withdraw(
+    fleet: &Fleet,
+    carriers: &HashMap<String, Channel>,
+    enterprises: &[EnterpriseChoice],
+    share: f64,
+) -> anyhow::Result<usize> {
+    let mut withdrawn = 0;
+    let mut text_versions: HashMap<&str, String> = HashMap::new();
+    for user in &fleet.users {
+        let Some(primary) = user.carriers.first() else {
+            continue;
+        };
+        for enterprise in enterprises {
+            let enterprise_id = &enterprise.enterprise_id;
+            if user.consent_for(fleet.seed, enterprise_id).is_none()
+                || !user.withdraws(fleet.seed, enterprise_id, share)
+            {
+                continue;
+            }
+            let Some(channel) = carriers.get(primary) else {
+                anyhow::bail!("--carrier: no URL for carrier {primary} used by the fleet");
+            };
+            let mut client = SubscriberApiClient::new(channel.clone());
+            let nothing = pb::ConsentChoices::default();
+            if !text_versions.contains_key(primary.as_str()) {
+                let preview = client
+                    .preview_consent(pb::PreviewConsentRequest {
+                        user_id: user.user_id.clone(),
+                        enterprise_id: enterprise_id.clone(),
+                        consent: Some(nothing),
+                    })
+                    .await?
+                    .into_inner();
+                text_versions.insert(primary.as_str(), preview.text_version);
+            }
+            client
+                .change_consent(pb::ChangeConsentRequest {
+                    user_id: user.user_id.clone(),
+                    enterprise_id: enterprise_id.clone(),
+                    consent: Some(nothing),
+                    text_version: text_versions[primary.as_str()].clone(),
+                })
+                .await?;
+            withdrawn += 1;
+        }
+    }
+    Ok(withdrawn)
 }

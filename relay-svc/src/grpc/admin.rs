@@ -23,7 +23,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::CreateEnterpriseRequest>,
     ) -> Result<Response<pb::CreateEnterpriseResponse>, Status> {
         let relay = &self.0;
-        relay.admin(request.metadata())?;
+        relay.admin(request.metadata(), "create_enterprise").await?;
         let request = request.into_inner();
         let name = required("name", &request.name, 200)?;
         let enterprise_id = match request.enterprise_id.as_str() {
@@ -54,7 +54,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::CreateServiceRequest>,
     ) -> Result<Response<pb::CreateServiceResponse>, Status> {
         let relay = &self.0;
-        relay.admin(request.metadata())?;
+        relay.admin(request.metadata(), "create_service").await?;
         let request = request.into_inner();
         let enterprise_id = required("enterprise_id", &request.enterprise_id, 64)?;
         let name = required("name", &request.name, 200)?;
@@ -75,7 +75,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::RegisterCarrierRequest>,
     ) -> Result<Response<pb::RegisterCarrierResponse>, Status> {
         let relay = &self.0;
-        relay.admin(request.metadata())?;
+        relay.admin(request.metadata(), "register_carrier").await?;
         let request = request.into_inner();
         let carrier_id = slug("carrier_id", &request.carrier_id)?;
         let endpoint = required("endpoint", &request.endpoint, 256)?;
@@ -108,7 +108,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::GetCarrierStatsRequest>,
     ) -> Result<Response<pb::GetCarrierStatsResponse>, Status> {
         let relay = &self.0;
-        relay.admin(request.metadata())?;
+        relay.admin(request.metadata(), "get_carrier_stats").await?;
         let message_id = &request.get_ref().message_id;
         let message_id = (!message_id.is_empty()).then_some(message_id.as_str());
         let carriers = relay.store.carrier_counts(message_id).await?;
@@ -136,7 +136,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::AdminExplainDeliveryRequest>,
     ) -> Result<Response<pb::DeliveryExplanation>, Status> {
         let relay = &self.0;
-        relay.admin(request.metadata())?;
+        relay.admin(request.metadata(), "explain_delivery").await?;
         let request = request.into_inner();
         let message_id = required("message_id", &request.message_id, 64)?;
         let user_id = required("user_id", &request.user_id, 128)?;
@@ -154,7 +154,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::AdminGetStatsRequest>,
     ) -> Result<Response<pb::GetStatsResponse>, Status> {
         let relay = &self.0;
-        relay.admin(request.metadata())?;
+        relay.admin(request.metadata(), "get_stats").await?;
         let request = request.into_inner();
         let viewer = Viewer::Operator(optional("enterprise_id", &request.enterprise_id, 64)?);
         let query = stats_query(
@@ -173,7 +173,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::ReconcileRequest>,
     ) -> Result<Response<pb::ReconcileResponse>, Status> {
         let relay = &self.0;
-        relay.admin(request.metadata())?;
+        relay.admin(request.metadata(), "reconcile").await?;
         let request = request.into_inner();
         let message_id = optional("message_id", &request.message_id, 64)?;
         let rows = relay
@@ -203,7 +203,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::SetRateCardRequest>,
     ) -> Result<Response<pb::PriceTable>, Status> {
         let relay = &self.0;
-        relay.admin(request.metadata())?;
+        relay.admin(request.metadata(), "set_rate_card").await?;
         let card = market::rate_card_from_wire(request.get_ref())?;
         let zone = match request.get_ref().zone.as_str() {
             "" => relay.market.zone_name.to_string(),
@@ -227,7 +227,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::GetPricesRequest>,
     ) -> Result<Response<pb::PriceTable>, Status> {
         let relay = &self.0;
-        relay.admin(request.metadata())?;
+        relay.admin(request.metadata(), "get_prices").await?;
         Ok(Response::new(relay.prices().await?))
     }
 
@@ -237,7 +237,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::GetRevenueRequest>,
     ) -> Result<Response<pb::Revenue>, Status> {
         let relay = &self.0;
-        relay.admin(request.metadata())?;
+        relay.admin(request.metadata(), "get_revenue").await?;
         Ok(Response::new(relay.revenue(request.get_ref()).await?))
     }
 
@@ -247,7 +247,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::AdminGetStatementRequest>,
     ) -> Result<Response<pb::Statement>, Status> {
         let relay = &self.0;
-        relay.admin(request.metadata())?;
+        relay.admin(request.metadata(), "get_statement").await?;
         let request = request.into_inner();
         let enterprise_id = required("enterprise_id", &request.enterprise_id, 64)?;
         Ok(Response::new(
@@ -261,7 +261,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::OpenAuctionSlotRequest>,
     ) -> Result<Response<pb::AuctionSlot>, Status> {
         let relay = &self.0;
-        relay.admin(request.metadata())?;
+        relay.admin(request.metadata(), "open_auction_slot").await?;
         let now = relay.clock.now_ms();
         let slot = market::slot_from_wire(request.get_ref(), now)?;
         let slot_id = credentials::new_id("slot");
@@ -281,7 +281,124 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::ListAuctionSlotsRequest>,
     ) -> Result<Response<pb::ListAuctionSlotsResponse>, Status> {
         let relay = &self.0;
-        relay.admin(request.metadata())?;
+        relay
+            .admin(request.metadata(), "list_auction_slots")
+            .await?;
         Ok(Response::new(relay.list_slots(true).await?))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn issue_api_key(
+        &self,
+        request: Request<pb::IssueApiKeyRequest>,
+    ) -> Result<Response<pb::IssueApiKeyResponse>, Status> {
+        let relay = &self.0;
+        relay.admin(request.metadata(), "issue_api_key").await?;
+        let request = request.into_inner();
+        let enterprise_id = required("enterprise_id", &request.enterprise_id, 64)?;
+        let now = relay.clock.now_ms();
+        let others_expire_at = match &request.overlap {
+            None => None,
+            Some(overlap) => Some(now + super::enterprise::duration_ms("overlap", Some(overlap))?),
+        };
+        let api_key = credentials::new_api_key().map_err(|e| Error::Internal(e.into()))?;
+        let key_id = relay
+            .store
+            .add_api_key(
+                enterprise_id,
+                &credentials::hash_secret(&api_key),
+                others_expire_at,
+                now,
+            )
+            .await?;
+        Ok(Response::new(pb::IssueApiKeyResponse { api_key, key_id }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn revoke_api_key(
+        &self,
+        request: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
+        let relay = &self.0;
+        relay.admin(request.metadata(), "revoke_api_key").await?;
+        let request = request.get_ref();
+        let enterprise_id = required("enterprise_id", &request.enterprise_id, 64)?;
+        let key_id = required("key_id", &request.key_id, 64)?;
+        if !relay
+            .store
+            .revoke_api_key(enterprise_id, key_id, relay.clock.now_ms())
+            .await?
+        {
+            return Err(Error::not_found("key_id", "no such live key of this enterprise").into());
+        }
+        Ok(Response::new(pb::RevokeApiKeyResponse {}))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_api_keys(
+        &self,
+        request: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        let relay = &self.0;
+        relay.admin(request.metadata(), "list_api_keys").await?;
+        let enterprise_id = required("enterprise_id", &request.get_ref().enterprise_id, 64)?;
+        let keys = relay.store.api_keys(enterprise_id).await?;
+        Ok(Response::new(pb::ListApiKeysResponse {
+            keys: keys
+                .into_iter()
+                .map(|key| pb::ApiKeyInfo {
+                    key_id: key.key_id,
+                    created_at: Some(to_timestamp(key.created_at)),
+                    expires_at: key.expires_at.map(to_timestamp),
+                    revoked_at: key.revoked_at.map(to_timestamp),
+                })
+                .collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn verify_audit_log(
+        &self,
+        request: Request<pb::VerifyAuditLogRequest>,
+    ) -> Result<Response<pb::VerifyAuditLogResponse>, Status> {
+        let relay = &self.0;
+        relay.admin(request.metadata(), "verify_audit_log").await?;
+        let verification = relay.store.verify_audit().await?;
+        let (first_broken_seq, reason) = verification
+            .first_broken
+            .map_or((0, ""), |(seq, reason)| (seq.max(0) as u64, reason));
+        Ok(Response::new(pb::VerifyAuditLogResponse {
+            entries: verification.entries,
+            intact: verification.first_broken.is_none(),
+            first_broken_seq,
+            reason: reason.to_owned(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_audit_log(
+        &self,
+        request: Request<pb::ListAuditLogRequest>,
+    ) -> Result<Response<pb::ListAuditLogResponse>, Status> {
+        let relay = &self.0;
+        relay.admin(request.metadata(), "list_audit_log").await?;
+        let limit = match request.get_ref().limit {
+            0 => 100,
+            n => n.min(10_000),
+        };
+        let entries = relay.store.audit_entries(limit).await?;
+        Ok(Response::new(pb::ListAuditLogResponse {
+            entries: entries
+                .into_iter()
+                .map(|(seq, at, entry)| pb::AuditLogEntry {
+                    seq: seq.max(0) as u64,
+                    at: Some(to_timestamp(at)),
+                    actor: entry.actor,
+                    action: entry.action,
+                    subject: entry.subject,
+                    detail: entry.detail,
+                })
+                .collect(),
+        }))
     }
 }

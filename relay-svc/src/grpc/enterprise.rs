@@ -19,6 +19,7 @@ use crate::policy::{
     Timing, WindowMode,
 };
 use crate::stats::{self, Viewer};
+use crate::storage::AuditEntry;
 use crate::targeting::{self, Content, MessageState, NewMessage, Segment, Target};
 
 const MAX_PAGE_SIZE: u32 = 1_000;
@@ -225,7 +226,7 @@ fn content_from_wire(field: &str, content: Option<common::Content>) -> Result<Co
 
 /// A channel field: unspecified is `None`, an unknown number is refused.
 /// Milliseconds of a wire duration; negative or absurd ones are refused.
-fn duration_ms(field: &str, duration: Option<&prost_types::Duration>) -> Result<i64> {
+pub(super) fn duration_ms(field: &str, duration: Option<&prost_types::Duration>) -> Result<i64> {
     let Some(duration) = duration else {
         return Ok(0);
     };
@@ -405,6 +406,7 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
         let mut message = NewMessage::try_from(request.into_inner())?;
         message.trace_parent = telemetry::traceparent(&tracing::Span::current(), &received);
         let now = relay.clock.now_ms();
+        relay.check_cohort(&enterprise_id, &message, now).await?;
         let expires_at = match message.timing.expires_at {
             Some(at) if at <= now => {
                 return Err(Error::invalid("expires_at", "must be in the future").into());
@@ -428,6 +430,15 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
             )
             .await?;
         tracing::Span::current().record("message_id", stored.row.message_id.as_str());
+        if let (true, Target::Segment(segment)) = (stored.created, &message.target) {
+            let entry = AuditEntry::new(
+                format!("enterprise:{enterprise_id}"),
+                "attributes.used",
+                stored.row.message_id.as_str(),
+                format!("purpose: targeting; fields: {}", segment.fields()),
+            );
+            relay.store.audit(now, &entry).await?;
+        }
         if stored.created {
             relay
                 .metrics
@@ -513,11 +524,18 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
         let request = request.into_inner();
         let message_id = required("message_id", &request.message_id, 64)?;
         let user_ref = required("user_ref", &request.user_ref, 64)?;
-        relay
+        let message = relay
             .store
             .message(&enterprise_id, message_id)
             .await?
             .ok_or_else(|| Error::not_found("message_id", "no such message"))?;
+        if message.by_attributes {
+            return Err(Error::refused(
+                "message_id",
+                "chose its people by consented attributes: who it reached is not shown per person",
+            )
+            .into());
+        }
         let user_id = relay
             .store
             .user_for_ref(&enterprise_id, user_ref)
@@ -537,8 +555,25 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
         request: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::GetStatsResponse>, Status> {
         let relay = &self.0;
-        let viewer = Viewer::Enterprise(relay.enterprise(request.metadata()).await?);
-        let query = stats_query(request.get_ref(), &viewer, relay.clock.now_ms(), "")?;
+        let enterprise_id = relay.enterprise(request.metadata()).await?;
+        let now = relay.clock.now_ms();
+        let viewer = Viewer::Enterprise(enterprise_id.clone());
+        let query = stats_query(request.get_ref(), &viewer, now, "")?;
+        let attributes: Vec<&str> = query
+            .by
+            .iter()
+            .filter(|d| d.is_attribute())
+            .map(|d| d.name())
+            .collect();
+        if !attributes.is_empty() {
+            let entry = AuditEntry::new(
+                format!("enterprise:{enterprise_id}"),
+                "attributes.used",
+                "statistics",
+                format!("purpose: statistics; fields: {}", attributes.join(",")),
+            );
+            relay.store.audit(now, &entry).await?;
+        }
         let rows = stats::breakdown(&relay.store, &viewer, &query, relay.thresholds).await?;
         Ok(Response::new(stats_to_wire(&query, rows, relay.thresholds)))
     }
@@ -551,6 +586,9 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
         let relay = &self.0;
         let enterprise_id = relay.enterprise(request.metadata()).await?;
         let message = NewMessage::try_from(request.into_inner())?;
+        relay
+            .check_cohort(&enterprise_id, &message, relay.clock.now_ms())
+            .await?;
         Ok(Response::new(relay.quote(&enterprise_id, &message).await?))
     }
 
@@ -664,6 +702,15 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
             .store
             .list_registrations(&enterprise_id, service_id.as_deref(), after, page_size)
             .await?;
+        let entry = AuditEntry::new(
+            format!("enterprise:{enterprise_id}"),
+            "export.registrations",
+            service_id
+                .as_deref()
+                .map_or("all".to_owned(), |s| format!("service:{s}")),
+            format!("{} refs", rows.len()),
+        );
+        relay.store.audit(relay.clock.now_ms(), &entry).await?;
         let next_page_token = if rows.len() == page_size as usize {
             rows.last()
                 .map(|row| format!("{}/{}", row.user_ref, row.service_id))

@@ -7,13 +7,22 @@ use tonic::{Request, Response, Status};
 
 use super::{Relay, optional, profile_from_wire, required};
 use crate::error::{Error, Result};
-use crate::registry::{Contract, NewRegistration, Unregistration};
+use crate::registry::{ConsentChange, Contract, NewRegistration, Unregistration};
 
 /// The most rows one ingress call may carry.
 const MAX_ROWS: usize = 10_000;
 
 #[derive(Clone, Debug)]
 pub struct IngressService(pub Relay);
+
+/// The consent text version a person was shown: required, short, printable.
+fn text_version(field: &str, value: &str) -> Result<String> {
+    let value = required(field, value, 64)?;
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "must not contain control characters"));
+    }
+    Ok(value.to_owned())
+}
 
 fn bounded<T>(field: &str, rows: &[T]) -> Result<()> {
     Ok(chukei_proto::validate::bounded(field, rows, MAX_ROWS)?)
@@ -51,6 +60,10 @@ impl TryFrom<(usize, pb::UserRegistration)> for NewRegistration {
             .to_owned(),
             service_id: optional(&format!("{field}.service_id"), &registration.service_id, 64)?,
             profile: profile_from_wire(&format!("{field}.profile"), registration.profile)?,
+            text_version: text_version(
+                &format!("{field}.text_version"),
+                &registration.text_version,
+            )?,
         })
     }
 }
@@ -124,13 +137,21 @@ impl pb::carrier_ingress_server::CarrierIngress for IngressService {
                 let field = format!("unregistrations[{index}]");
                 Ok(Unregistration {
                     user_id: required(&format!("{field}.user_id"), &leave.user_id, 128)?.to_owned(),
-                    enterprise_id: required(
+                    enterprise_id: optional(
                         &format!("{field}.enterprise_id"),
                         &leave.enterprise_id,
                         64,
-                    )?
-                    .to_owned(),
+                    )?,
                     service_id: optional(&format!("{field}.service_id"), &leave.service_id, 64)?,
+                })
+                .and_then(|leave: Unregistration| {
+                    if leave.enterprise_id.is_none() && leave.service_id.is_some() {
+                        return Err(Error::invalid(
+                            format!("{field}.service_id"),
+                            "a service is left within an enterprise: give enterprise_id too",
+                        ));
+                    }
+                    Ok(leave)
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -138,6 +159,8 @@ impl pb::carrier_ingress_server::CarrierIngress for IngressService {
             .store
             .unregister_users(&carrier_id, &leaving, relay.clock.now_ms())
             .await?;
+        // Erasure notices wait in the outbox for the carriers' streams.
+        relay.dispatch.new_work();
         Ok(Response::new(pb::UnregisterUsersResponse {
             removed: removed as u32,
         }))
@@ -151,18 +174,15 @@ impl pb::carrier_ingress_server::CarrierIngress for IngressService {
         let relay = &self.0;
         let carrier_id = relay.carrier(request.metadata()).await?;
         let request = request.into_inner();
-        let user_id = required("user_id", &request.user_id, 128)?;
-        let enterprise_id = required("enterprise_id", &request.enterprise_id, 64)?;
-        let profile = profile_from_wire("profile", request.profile)?;
+        let change = ConsentChange {
+            user_id: required("user_id", &request.user_id, 128)?.to_owned(),
+            enterprise_id: required("enterprise_id", &request.enterprise_id, 64)?.to_owned(),
+            profile: profile_from_wire("profile", request.profile)?,
+            text_version: text_version("text_version", &request.text_version)?,
+        };
         relay
             .store
-            .put_profile(
-                &carrier_id,
-                user_id,
-                enterprise_id,
-                &profile,
-                relay.clock.now_ms(),
-            )
+            .change_consent(&carrier_id, &change, relay.clock.now_ms())
             .await?;
         Ok(Response::new(pb::PutProfileResponse {}))
     }

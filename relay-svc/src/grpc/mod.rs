@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::policy::AttentionConfig;
 use crate::registry::{Gender, Profile};
 use crate::stats::{self, Dimension, Thresholds, Viewer};
-use crate::storage::{Explanation, Store};
+use crate::storage::{AuditEntry, Explanation, Store};
 use crate::targeting::Channel;
 
 /// What every relay RPC handler shares.
@@ -66,7 +66,7 @@ impl Relay {
             .ok_or(Error::Unauthenticated("authorization: missing API key"))?;
         let enterprise_id = self
             .store
-            .enterprise_by_key(&credentials::hash_secret(key))
+            .enterprise_by_key(&credentials::hash_secret(key), self.clock.now_ms())
             .await?
             .ok_or(Error::Unauthenticated("authorization: unknown API key"))?;
         if let Some(limits) = &self.limits {
@@ -75,6 +75,24 @@ impl Relay {
                 .map_err(|retry_after| Error::RateLimited { retry_after })?;
         }
         Ok(enterprise_id)
+    }
+
+    /// Refuses a segment target that could single people out (see
+    /// [`Store::check_cohort`]); other targets pass.
+    async fn check_cohort(
+        &self,
+        enterprise_id: &str,
+        message: &crate::targeting::NewMessage,
+        now: i64,
+    ) -> Result<()> {
+        match &message.target {
+            crate::targeting::Target::Segment(segment) => {
+                self.store
+                    .check_cohort(enterprise_id, segment, self.thresholds.min_cohort, now)
+                    .await
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The carrier whose token the call presents.
@@ -90,8 +108,11 @@ impl Relay {
             ))
     }
 
-    fn admin(&self, metadata: &MetadataMap) -> Result<()> {
-        auth::require_secret(metadata, &self.admin_token).map_err(Error::Unauthenticated)
+    /// Checks the operator's token and records the access in the audit log.
+    async fn admin(&self, metadata: &MetadataMap, call: &str) -> Result<()> {
+        auth::require_secret(metadata, &self.admin_token).map_err(Error::Unauthenticated)?;
+        let entry = AuditEntry::new("admin", format!("admin.{call}"), "", "");
+        self.store.audit(self.clock.now_ms(), &entry).await
     }
 }
 

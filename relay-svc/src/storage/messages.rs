@@ -31,6 +31,8 @@ pub struct MessageRow {
     /// The plan in words.
     pub plan: String,
     pub follow_up_id: Option<String>,
+    /// Chose its people by consented attributes (a segment, or a follow-up of one).
+    pub by_attributes: bool,
 }
 
 /// What `accept` stored, or found stored under the same key.
@@ -50,6 +52,56 @@ struct StoredTarget {
     age: Option<(i64, i64)>,
     regions: Vec<String>,
     occupations: Vec<String>,
+}
+
+/// How far back, and how many, earlier segment messages a new segment is
+/// compared with.
+const COHORT_LOOKBACK_MS: i64 = 30 * 86_400_000;
+const COHORT_RECENT_SEGMENTS: i64 = 20;
+
+/// A stored segment's columns: service, gender, age bounds, regions, occupations.
+type RecentSegment = (
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    String,
+    String,
+);
+
+impl StoredTarget {
+    fn of_segment(segment: &crate::targeting::Segment) -> Self {
+        Self {
+            is_segment: true,
+            service_id: segment.service_id.clone(),
+            gender: segment.gender.map(|g| Gender::as_str(g).to_owned()),
+            age: segment
+                .age
+                .map(|(min, max)| (i64::from(min), i64::from(max))),
+            regions: segment.regions.clone(),
+            occupations: segment.occupations.clone(),
+        }
+    }
+
+    fn from_columns(
+        (service_id, gender, age_min, age_max, regions, occupations): RecentSegment,
+    ) -> Self {
+        let list = |joined: String| -> Vec<String> {
+            joined
+                .split('\n')
+                .filter(|item| !item.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        Self {
+            is_segment: true,
+            service_id,
+            gender,
+            age: age_min.zip(age_max),
+            regions: list(regions),
+            occupations: list(occupations),
+        }
+    }
 }
 
 /// Every channel, in the order `best` considers them when none are named.
@@ -203,12 +255,8 @@ impl Store {
                 _ => None,
             };
             let stored_target = segment.map(|s| StoredTarget {
-                is_segment: true,
                 service_id: None,
-                gender: s.gender.map(|g| Gender::as_str(g).to_owned()),
-                age: s.age.map(|(min, max)| (i64::from(min), i64::from(max))),
-                regions: s.regions.clone(),
-                occupations: s.occupations.clone(),
+                ..StoredTarget::of_segment(s)
             });
             let row = insert_message(message_id, &fingerprint, message, &plan, &description, service_id, stored_target.clone());
             let inserted = execute_all!(tx, message_id, [row]);
@@ -280,6 +328,7 @@ impl Store {
                     accepted_at: now,
                     plan: description,
                     follow_up_id: plan.follow_up_id.clone(),
+                    by_attributes: plan.target_kind == "segment",
                 },
                 created: true,
             })
@@ -322,16 +371,7 @@ impl Store {
                 service_id: Some(service.clone()),
                 ..StoredTarget::default()
             },
-            Target::Segment(segment) => StoredTarget {
-                is_segment: true,
-                service_id: segment.service_id.clone(),
-                gender: segment.gender.map(|g| Gender::as_str(g).to_owned()),
-                age: segment
-                    .age
-                    .map(|(min, max)| (i64::from(min), i64::from(max))),
-                regions: segment.regions.clone(),
-                occupations: segment.occupations.clone(),
-            },
+            Target::Segment(segment) => StoredTarget::of_segment(segment),
         };
         if let Some(service_id) = &stored.service_id {
             let owned: Option<i64> = on_pool!(self, pool => sqlx::query_scalar(
@@ -355,6 +395,95 @@ impl Store {
         }
         let mut sql = Sql::new("SELECT COUNT(DISTINCT c.user_id)");
         campaign_source(&mut sql, enterprise_id, false, &stored);
+        self.count(sql).await
+    }
+
+    /// Refuses an attribute segment that could single people out, without
+    /// saying how many it matches: it must match at least `min_cohort`
+    /// people, leave at least `min_cohort` of its audience (the enterprise's
+    /// registered people, or the service's) outside it, and differ from each
+    /// of the enterprise's segment messages of the last 30 days by none or
+    /// at least `min_cohort` people — so no two answers differ by fewer.
+    pub async fn check_cohort(
+        &self,
+        enterprise_id: &str,
+        segment: &crate::targeting::Segment,
+        min_cohort: u64,
+        now: i64,
+    ) -> Result<()> {
+        let target = StoredTarget::of_segment(segment);
+        let everyone = StoredTarget {
+            service_id: segment.service_id.clone(),
+            ..StoredTarget::default()
+        };
+        let refuse = |reason: &str| {
+            Err(Error::refused(
+                "target.segment",
+                format!("{reason} (minimum cohort {min_cohort}); widen or change the segment"),
+            ))
+        };
+        if self
+            .differing(enterprise_id, &target, None, min_cohort)
+            .await?
+            < min_cohort
+        {
+            return refuse("matches too few people");
+        }
+        if self
+            .differing(enterprise_id, &everyone, Some(&target), min_cohort)
+            .await?
+            < min_cohort
+        {
+            return refuse("leaves too few people out");
+        }
+        let recent: Vec<RecentSegment> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT target_service_id, seg_gender, seg_age_min, seg_age_max, seg_regions, seg_occupations
+             FROM messages WHERE enterprise_id = $1 AND target_kind = 'segment' AND accepted_at >= $2
+             ORDER BY accepted_at DESC LIMIT $3",
+        )
+        .bind(enterprise_id)
+        .bind(now - COHORT_LOOKBACK_MS)
+        .bind(COHORT_RECENT_SEGMENTS)
+        .fetch_all(pool)
+        .await)?;
+        for earlier in recent {
+            let earlier = StoredTarget::from_columns(earlier);
+            let difference = self
+                .differing(enterprise_id, &target, Some(&earlier), min_cohort)
+                .await?
+                + self
+                    .differing(enterprise_id, &earlier, Some(&target), min_cohort)
+                    .await?;
+            if difference > 0 && difference < min_cohort {
+                return refuse("differs from an earlier segment message by too few people");
+            }
+        }
+        Ok(())
+    }
+
+    /// How many people `target` matches that `except` does not, counted up
+    /// to `cap` only.
+    async fn differing(
+        &self,
+        enterprise_id: &str,
+        target: &StoredTarget,
+        except: Option<&StoredTarget>,
+        cap: u64,
+    ) -> Result<u64> {
+        let mut sql =
+            Sql::new("SELECT COUNT(*) FROM (SELECT user_id FROM (SELECT r.user_id AS user_id");
+        campaign_source(&mut sql, enterprise_id, false, target);
+        if let Some(except) = except {
+            sql.push(" EXCEPT SELECT r.user_id");
+            campaign_source(&mut sql, enterprise_id, false, except);
+        }
+        let cap = sql.bind(Param::Int(cap as i64));
+        sql.push(&format!(") AS matched LIMIT {cap}) AS capped"));
+        self.count(sql).await
+    }
+
+    /// Runs a `SELECT COUNT(…)` statement.
+    async fn count(&self, sql: Sql) -> Result<u64> {
         let count: i64 = on_pool!(self, pool => {
             let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.text));
             for param in sql.params {
@@ -410,22 +539,23 @@ impl Store {
         enterprise_id: &str,
         message_id: &str,
     ) -> Result<Option<MessageRow>> {
-        type Found = (i64, Option<i64>, i64, String, Option<String>);
+        type Found = (i64, Option<i64>, i64, String, Option<String>, bool);
         let found: Option<Found> = on_pool!(self, pool => sqlx::query_as(
-            "SELECT state, matched, accepted_at, plan, follow_up_id FROM messages WHERE id = $1 AND enterprise_id = $2",
+            "SELECT state, matched, accepted_at, plan, follow_up_id, by_attributes FROM messages WHERE id = $1 AND enterprise_id = $2",
         )
         .bind(message_id)
         .bind(enterprise_id)
         .fetch_optional(pool)
         .await)?;
         Ok(found.map(
-            |(state, matched, accepted_at, plan, follow_up_id)| MessageRow {
+            |(state, matched, accepted_at, plan, follow_up_id, by_attributes)| MessageRow {
                 message_id: message_id.to_owned(),
                 state: MessageState::from_number(state),
                 matched: matched.map(|m| m as u64),
                 accepted_at,
                 plan,
                 follow_up_id,
+                by_attributes,
             },
         ))
     }
@@ -926,6 +1056,7 @@ fn insert_message(
             ("idempotency_key", text(&message.idempotency_key)),
             ("fingerprint", text(fingerprint)),
             ("target_kind", text(&plan.target_kind)),
+            ("by_attributes", Param::Bool(plan.target_kind == "segment")),
             (
                 "target_service_id",
                 Param::OptText(service_id.map(str::to_owned)),
@@ -1029,6 +1160,7 @@ fn insert_follow_up(
             ),
             ("fingerprint", text("")),
             ("target_kind", text("follow_up")),
+            ("by_attributes", Param::Bool(plan.target_kind == "segment")),
             ("content_text", text(&follow_up.content.text)),
             ("media_url", text(&follow_up.content.media_url)),
             ("subject", text(&follow_up.content.subject)),

@@ -9,6 +9,7 @@
 //! PostgreSQL) and must never call out to the network inside a transaction.
 
 mod auction;
+pub(crate) mod audit;
 mod control;
 mod messages;
 pub(crate) mod planning;
@@ -28,6 +29,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{PgPool, SqlitePool};
 
 pub use auction::Closed;
+pub use audit::{AuditEntry, AuditVerification};
 pub use control::{Attempt, ExplainedEvent, Explanation, FollowThrough, Reconciled, Reconciling};
 pub use messages::{MessageRow, StoredMessage};
 pub use planning::MessagePlan;
@@ -35,6 +37,7 @@ pub use pricing::{LedgerDimension, LedgerSum, PriceTable};
 pub use receipts::{CarrierCounts, MessageCounts};
 pub use registry::RegistrationRow;
 pub use stats::{Cube, Reconciliation, SummedCells};
+pub use tenants::ApiKeyRow;
 pub use transfer::DueDelivery;
 
 use crate::error::Result;

@@ -6,21 +6,26 @@ use std::collections::{HashMap, HashSet};
 
 use sqlx::QueryBuilder;
 
+use super::audit::{AuditEntry, append_audit};
 use super::{ROWS_PER_STATEMENT, Store, WritePool, on_pool};
 use crate::credentials;
 use crate::error::{Error, Result};
-use crate::registry::{Contract, NewRegistration, Profile, Unregistration};
+use crate::registry::{ConsentChange, Contract, NewRegistration, Profile, Unregistration};
 
-/// Upserts profiles and appends one consent record per profile, in two
-/// statements, inside the caller's transaction `$tx` (either backend).
-macro_rules! upsert_profiles {
-    ($tx:expr, $carrier_id:expr, $profiles:expr, $now:expr) => {{
-        let profiles: Vec<(&str, &str, &Profile)> = $profiles.collect();
-        if !profiles.is_empty() {
+/// Records consent choices inside the caller's transaction `$tx` (either
+/// backend): each `(enterprise_id, user_id, &Profile, text_version)` replaces
+/// the stored profile (an empty one deletes it) and appends a consent record
+/// of which fields were shared, never their values.
+macro_rules! record_consent {
+    ($tx:expr, $carrier_id:expr, $changes:expr, $now:expr) => {{
+        let changes: Vec<(&str, &str, &Profile, &str)> = $changes.collect();
+        let shared: Vec<&(&str, &str, &Profile, &str)> =
+            changes.iter().filter(|(_, _, profile, _)| !profile.is_empty()).collect();
+        if !shared.is_empty() {
             let mut query = QueryBuilder::new(
                 "INSERT INTO profiles (enterprise_id, user_id, gender, age_min, age_max, region, occupation, updated_at) ",
             );
-            query.push_values(&profiles, |mut row, (enterprise_id, user_id, profile)| {
+            query.push_values(&shared, |mut row, (enterprise_id, user_id, profile, _)| {
                 row.push_bind(*enterprise_id)
                     .push_bind(*user_id)
                     .push_bind(profile.gender.map(|g| g.as_str()))
@@ -36,18 +41,74 @@ macro_rules! upsert_profiles {
                  occupation = excluded.occupation, updated_at = excluded.updated_at",
             );
             query.build().execute(&mut *$tx).await?;
-
+        }
+        let declined: Vec<&(&str, &str, &Profile, &str)> =
+            changes.iter().filter(|(_, _, profile, _)| profile.is_empty()).collect();
+        if !declined.is_empty() {
+            let mut query = QueryBuilder::new("DELETE FROM profiles WHERE (enterprise_id, user_id) IN (");
+            query.push_values(&declined, |mut row, (enterprise_id, user_id, _, _)| {
+                row.push_bind(*enterprise_id).push_bind(*user_id);
+            });
+            query.push(")");
+            query.build().execute(&mut *$tx).await?;
+        }
+        if !changes.is_empty() {
             let mut query = QueryBuilder::new(
-                "INSERT INTO consent_records (enterprise_id, user_id, carrier_id, fields, recorded_at) ",
+                "INSERT INTO consent_records (enterprise_id, user_id, carrier_id, fields, text_version, recorded_at) ",
             );
-            query.push_values(&profiles, |mut row, (enterprise_id, user_id, profile)| {
+            query.push_values(&changes, |mut row, (enterprise_id, user_id, profile, text_version)| {
                 row.push_bind(*enterprise_id)
                     .push_bind(*user_id)
                     .push_bind($carrier_id)
                     .push_bind(profile.shared_fields())
+                    .push_bind(*text_version)
                     .push_bind($now);
             });
             query.build().execute(&mut *$tx).await?;
+        }
+    }};
+}
+
+/// Stops what the relay would still send one person for `enterprise_id`
+/// (`None`: every enterprise), inside `$tx`: attempts not yet handed over
+/// are skipped with `$note` (and counted as skipped), and handed-over ones
+/// lose their timers, so no fallback or resend follows. `$by_attributes`:
+/// only messages that chose their people by consented attributes.
+macro_rules! stop_pending {
+    ($tx:expr, $user_id:expr, $enterprise_id:expr, $by_attributes:expr, $note:expr, $now:expr) => {{
+        let enterprise_id: Option<&str> = $enterprise_id;
+        let messages: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT d.message_id FROM deliveries d JOIN messages m ON m.id = d.message_id
+             WHERE d.user_id = $1 AND (d.state IN (0, 6) OR d.check_at IS NOT NULL)
+               AND ($2 = '' OR m.enterprise_id = $2) AND (m.by_attributes OR NOT $3)",
+        )
+        .bind($user_id)
+        .bind(enterprise_id.unwrap_or(""))
+        .bind($by_attributes)
+        .fetch_all(&mut *$tx)
+        .await?;
+        for message_id in &messages {
+            sqlx::query(
+                "UPDATE deliveries SET state = 5, note = $3 WHERE message_id = $1 AND user_id = $2 AND state IN (0, 6)",
+            )
+            .bind(message_id)
+            .bind($user_id)
+            .bind($note)
+            .execute(&mut *$tx)
+            .await?;
+            // Handed-over attempts lose their timers and are never offered again.
+            sqlx::query(
+                "UPDATE deliveries SET check_at = NULL, offers = offers + 1000000 WHERE message_id = $1 AND user_id = $2 AND state = 1",
+            )
+                .bind(message_id)
+                .bind($user_id)
+                .execute(&mut *$tx)
+                .await?;
+            $crate::storage::planning::execute_all!(
+                $tx,
+                message_id.as_str(),
+                [$crate::storage::planning::record_skips(message_id, $now)]
+            )?;
         }
     }};
 }
@@ -245,8 +306,15 @@ impl Store {
                     query.build().execute(&mut *tx).await?;
                 }
 
-                upsert_profiles!(tx, carrier_id, chunk.iter().map(|r| (r.enterprise_id.as_str(), r.user_id.as_str(), &r.profile)), now);
+                record_consent!(tx, carrier_id, chunk.iter().map(|r| (r.enterprise_id.as_str(), r.user_id.as_str(), &r.profile, r.text_version.as_str())), now);
             }
+            let entry = AuditEntry::new(
+                format!("carrier:{carrier_id}"),
+                "consent.recorded",
+                "registrations",
+                format!("{} registrations with their consent records", registrations.len()),
+            );
+            append_audit!(tx, now, [&entry]);
             tx.commit().await?;
             registrations
                 .iter()
@@ -259,15 +327,18 @@ impl Store {
         })
     }
 
-    /// Replaces the profile one user shares with one enterprise.
-    pub async fn put_profile(
+    /// Replaces what one person shares with one enterprise; an empty
+    /// profile withdraws consent and deletes the stored attributes. Either
+    /// way, attempts of messages that chose them by attributes and are not
+    /// yet handed over are skipped, in the same transaction, so the next
+    /// targeting decision and every later send see the change.
+    pub async fn change_consent(
         &self,
         carrier_id: &str,
-        user_id: &str,
-        enterprise_id: &str,
-        profile: &Profile,
+        change: &ConsentChange,
         now: i64,
     ) -> Result<()> {
+        let (user_id, enterprise_id) = (change.user_id.as_str(), change.enterprise_id.as_str());
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let registered: Option<i64> = sqlx::query_scalar(
@@ -285,14 +356,29 @@ impl Store {
                     "not registered with this enterprise through the calling carrier",
                 ));
             }
-            upsert_profiles!(tx, carrier_id, std::iter::once((enterprise_id, user_id, profile)), now);
+            record_consent!(tx, carrier_id, std::iter::once((enterprise_id, user_id, &change.profile, change.text_version.as_str())), now);
+            stop_pending!(tx, user_id, Some(enterprise_id), true, "skipped: the person changed what they share", now);
+            let action = if change.profile.is_empty() { "consent.withdrawn" } else { "consent.changed" };
+            let entry = AuditEntry::new(
+                format!("carrier:{carrier_id}"),
+                action,
+                format!("enterprise:{enterprise_id}"),
+                format!("fields: {}; text version {}", change.profile.shared_fields(), change.text_version),
+            );
+            append_audit!(tx, now, [&entry]);
             tx.commit().await?;
             Ok(())
         })
     }
 
-    /// Removes registrations; leaving the enterprise as a whole also deletes
-    /// its service registrations and the profile shared with it.
+    /// Removes registrations. Leaving one service removes only that
+    /// service registration; leaving an enterprise erases the person from it
+    /// (registration, service registrations, profile); leaving the hub
+    /// erases them from every enterprise and drops their contracts and
+    /// learned preferences. An erasure keeps a tombstone (a hash of the
+    /// user id, never the id), skips what was still to be sent, queues a
+    /// notice to each of the person's carriers, and is audited. Events and
+    /// the statistics folded from them stay, so counts do not change.
     pub async fn unregister_users(
         &self,
         carrier_id: &str,
@@ -302,56 +388,101 @@ impl Store {
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let mut removed = 0;
+            let mut erased = 0;
             for leave in unregistrations {
                 // Only users contracted with the calling carrier can be unregistered by it.
-                let contracted: Option<i64> = sqlx::query_scalar(
-                    "SELECT CAST(1 AS BIGINT) FROM contracts WHERE carrier_id = $1 AND user_id = $2",
+                let carriers: Vec<String> = sqlx::query_scalar(
+                    "SELECT carrier_id FROM contracts WHERE user_id = $1 ORDER BY carrier_id",
                 )
-                .bind(carrier_id)
                 .bind(&leave.user_id)
-                .fetch_optional(&mut *tx)
+                .fetch_all(&mut *tx)
                 .await?;
-                if contracted.is_none() {
+                if !carriers.iter().any(|c| c == carrier_id) {
                     continue;
                 }
-                if let Some(service_id) = &leave.service_id {
+                let user = leave.user_id.as_str();
+                if let (Some(enterprise_id), Some(service_id)) = (&leave.enterprise_id, &leave.service_id) {
                     removed += sqlx::query(
                         "DELETE FROM service_registrations WHERE service_id = $1 AND user_id = $2 AND enterprise_id = $3",
                     )
                     .bind(service_id)
-                    .bind(&leave.user_id)
-                    .bind(&leave.enterprise_id)
+                    .bind(user)
+                    .bind(enterprise_id)
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
                     continue;
                 }
+                let enterprise = leave.enterprise_id.as_deref().unwrap_or("");
+                let registered: Vec<String> = sqlx::query_scalar(
+                    "SELECT enterprise_id FROM registrations WHERE user_id = $1 AND ($2 = '' OR enterprise_id = $2)",
+                )
+                .bind(user)
+                .bind(enterprise)
+                .fetch_all(&mut *tx)
+                .await?;
+                stop_pending!(tx, user, leave.enterprise_id.as_deref(), false, "skipped: the person unregistered", now);
                 for statement in [
-                    "DELETE FROM service_registrations WHERE enterprise_id = $1 AND user_id = $2",
-                    "DELETE FROM profiles WHERE enterprise_id = $1 AND user_id = $2",
+                    "DELETE FROM service_registrations WHERE user_id = $1 AND ($2 = '' OR enterprise_id = $2)",
+                    "DELETE FROM profiles WHERE user_id = $1 AND ($2 = '' OR enterprise_id = $2)",
+                    "DELETE FROM person_refs WHERE user_id = $1 AND ($2 = '' OR enterprise_id = $2)",
                 ] {
-                    sqlx::query(statement)
-                        .bind(&leave.enterprise_id)
-                        .bind(&leave.user_id)
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query(statement).bind(user).bind(enterprise).execute(&mut *tx).await?;
                 }
-                removed += sqlx::query("DELETE FROM registrations WHERE enterprise_id = $1 AND user_id = $2")
-                    .bind(&leave.enterprise_id)
-                    .bind(&leave.user_id)
+                removed += sqlx::query("DELETE FROM registrations WHERE user_id = $1 AND ($2 = '' OR enterprise_id = $2)")
+                    .bind(user)
+                    .bind(enterprise)
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
+                if leave.enterprise_id.is_none() {
+                    for statement in [
+                        "DELETE FROM person_channels WHERE user_id = $1",
+                        "DELETE FROM person_hours WHERE user_id = $1",
+                        "DELETE FROM person_places WHERE user_id = $1",
+                        "DELETE FROM engagement WHERE user_id = $1",
+                        "DELETE FROM contracts WHERE user_id = $1",
+                    ] {
+                        sqlx::query(statement).bind(user).execute(&mut *tx).await?;
+                    }
+                }
+                for enterprise_id in &registered {
+                    sqlx::query(
+                        "INSERT INTO consent_records (enterprise_id, user_id, carrier_id, fields, text_version, recorded_at)
+                         VALUES ($1, $2, $3, 'withdrawn', '', $4)",
+                    )
+                    .bind(enterprise_id)
+                    .bind(user)
+                    .bind(carrier_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 sqlx::query(
-                    "INSERT INTO consent_records (enterprise_id, user_id, carrier_id, fields, recorded_at)
-                     VALUES ($1, $2, $3, 'withdrawn', $4)",
+                    "INSERT INTO tombstones (user_hash, enterprise_id, carrier_id, erased_at)
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
                 )
-                .bind(&leave.enterprise_id)
-                .bind(&leave.user_id)
+                .bind(credentials::hash_secret(user))
+                .bind(enterprise)
                 .bind(carrier_id)
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
+                let mut notice = QueryBuilder::new("INSERT INTO outbox (carrier_id, user_id, enterprise_id, created_at) ");
+                notice.push_values(&carriers, |mut row, carrier| {
+                    row.push_bind(carrier).push_bind(user).push_bind(enterprise).push_bind(now);
+                });
+                notice.build().execute(&mut *tx).await?;
+                erased += 1;
+            }
+            if erased > 0 {
+                let entry = AuditEntry::new(
+                    format!("carrier:{carrier_id}"),
+                    "erasure",
+                    "registrations",
+                    format!("{erased} people erased from an enterprise or the hub; tombstones kept"),
+                );
+                append_audit!(tx, now, [&entry]);
             }
             tx.commit().await?;
             Ok(removed)

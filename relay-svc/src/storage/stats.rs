@@ -46,13 +46,15 @@ struct Rollup {
     key: &'static [(&'static str, &'static str)],
     /// Its counters, each with the event kind it counts.
     counts: &'static [(&'static str, i64)],
+    /// Only events of messages matching this condition (SQL over `m`).
+    only: &'static str,
 }
 
 const SENT: (&str, i64) = ("sent", 1);
 const DELIVERED: (&str, i64) = ("delivered", 2);
 const OPENED: (&str, i64) = ("opened", 3);
 
-const ROLLUPS: [Rollup; 4] = [
+const ROLLUPS: [Rollup; 5] = [
     Rollup {
         table: "stats_cells",
         key: &[
@@ -67,6 +69,7 @@ const ROLLUPS: [Rollup; 4] = [
             ),
         ],
         counts: &[SENT, DELIVERED, OPENED],
+        only: "TRUE",
     },
     Rollup {
         table: "stats_audience",
@@ -80,6 +83,7 @@ const ROLLUPS: [Rollup; 4] = [
             ("occupation", "COALESCE(p.occupation, '')"),
         ],
         counts: &[SENT, DELIVERED, OPENED],
+        only: "TRUE",
     },
     Rollup {
         table: "person_channels",
@@ -89,11 +93,25 @@ const ROLLUPS: [Rollup; 4] = [
             ("channel", "e.channel"),
         ],
         counts: &[SENT, DELIVERED, OPENED],
+        only: "TRUE",
+    },
+    // What an enterprise sees per ref: never messages that chose their
+    // people by attributes, whose recipients would reveal those attributes.
+    Rollup {
+        table: "person_refs",
+        key: &[
+            ("enterprise_id", "m.enterprise_id"),
+            ("user_id", "e.user_id"),
+            ("channel", "e.channel"),
+        ],
+        counts: &[SENT, DELIVERED, OPENED],
+        only: "NOT m.by_attributes",
     },
     Rollup {
         table: "person_hours",
         key: &[("user_id", "e.user_id"), ("hour", "(e.at / 3600000) % 24")],
         counts: &[OPENED],
+        only: "TRUE",
     },
 ];
 
@@ -134,10 +152,11 @@ impl Rollup {
                  JOIN messages m ON m.id = e.message_id
                  LEFT JOIN profiles p ON p.enterprise_id = m.enterprise_id AND p.user_id = e.user_id
                  LEFT JOIN events h ON h.message_id = e.message_id AND h.user_id = e.user_id AND h.kind = 1
-                 WHERE e.kind IN ({})
+                 WHERE e.kind IN ({}) AND {}
                  GROUP BY {}
                  ON CONFLICT ({}) DO UPDATE SET {}",
                 kinds.join(", "),
+                self.only,
                 positions.join(", "),
                 columns.join(", "),
                 updates.join(", ")
@@ -375,9 +394,15 @@ impl Store {
         } else {
             (person.to_owned(), person.to_owned(), 1)
         };
+        // The operator sees every message; an enterprise only those that did
+        // not choose their people by attributes.
+        let table = match enterprise_id {
+            Some(_) => "person_refs",
+            None => "person_channels",
+        };
         let sql = format!(
             "SELECT {select}, CAST(SUM(c.sent) AS BIGINT), CAST(SUM(c.delivered) AS BIGINT), CAST(SUM(c.opened) AS BIGINT)
-             FROM person_channels c {join}
+             FROM {table} c {join}
              WHERE ($1 = '' OR c.enterprise_id = $1) GROUP BY {group}"
         );
         self.fetch_summed(sql, enterprise_id, &[], width).await

@@ -1,8 +1,23 @@
 //! Enterprises, their services, and carriers: who may call the relay and with
 //! which credential (stored as SHA-256 hashes only).
 
-use super::{Store, is_unique_violation, on_pool};
+use super::{Store, WritePool, is_unique_violation, on_pool};
 use crate::error::{Error, Result};
+
+/// One of an enterprise's API keys, without the key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiKeyRow {
+    pub key_id: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+/// A key's public id: a prefix of its hash, enough to name it, useless to
+/// present.
+fn key_id(api_key_hash: &str) -> String {
+    format!("key_{}", &api_key_hash[..12.min(api_key_hash.len())])
+}
 
 /// A carrier as the relay's dispatchers need it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,24 +34,121 @@ impl Store {
         api_key_hash: &str,
         now: i64,
     ) -> Result<()> {
-        let inserted = on_pool!(self, pool => sqlx::query(
-            "INSERT INTO enterprises (id, name, api_key_hash, created_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(id)
-        .bind(name)
-        .bind(api_key_hash)
-        .bind(now)
-        .execute(pool)
-        .await
-        .map(|done| done.rows_affected()));
+        let inserted: std::result::Result<(), sqlx::Error> = on_pool!(self, pool => async {
+            let mut tx = pool.begin_write().await?;
+            sqlx::query(
+                "INSERT INTO enterprises (id, name, api_key_hash, created_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(id)
+            .bind(name)
+            .bind(api_key_hash)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO api_keys (key_hash, key_id, enterprise_id, created_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(api_key_hash)
+            .bind(key_id(api_key_hash))
+            .bind(id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await
+        }.await);
         match inserted {
-            Ok(_) => Ok(()),
+            Ok(()) => Ok(()),
             Err(error) if is_unique_violation(&error) => Err(Error::already_exists(
                 "enterprise_id",
                 "an enterprise with this id exists",
             )),
             Err(error) => Err(error.into()),
         }
+    }
+
+    /// Adds a key to `enterprise_id`. The keys it already has stay valid
+    /// until `others_expire_at` (rotation with overlap); `None` leaves them.
+    /// Returns the new key's id; an unknown enterprise is "not found".
+    pub async fn add_api_key(
+        &self,
+        enterprise_id: &str,
+        api_key_hash: &str,
+        others_expire_at: Option<i64>,
+        now: i64,
+    ) -> Result<String> {
+        let id = key_id(api_key_hash);
+        on_pool!(self, pool => {
+            let mut tx = pool.begin_write().await?;
+            let inserted = sqlx::query(
+                "INSERT INTO api_keys (key_hash, key_id, enterprise_id, created_at)
+                 SELECT $1, $2, id, $4 FROM enterprises WHERE id = $3",
+            )
+            .bind(api_key_hash)
+            .bind(&id)
+            .bind(enterprise_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted == 0 {
+                return Err(Error::not_found("enterprise_id", "no such enterprise"));
+            }
+            if let Some(at) = others_expire_at {
+                sqlx::query(
+                    "UPDATE api_keys SET expires_at = $1
+                     WHERE enterprise_id = $2 AND key_id <> $3 AND revoked_at IS NULL
+                       AND (expires_at IS NULL OR expires_at > $1)",
+                )
+                .bind(at)
+                .bind(enterprise_id)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(id)
+        })
+    }
+
+    /// Revokes one of the enterprise's keys at once. False: no such key of
+    /// this enterprise (or already revoked).
+    pub async fn revoke_api_key(
+        &self,
+        enterprise_id: &str,
+        key_id: &str,
+        now: i64,
+    ) -> Result<bool> {
+        let revoked = on_pool!(self, pool => sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1
+             WHERE enterprise_id = $2 AND key_id = $3 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(enterprise_id)
+        .bind(key_id)
+        .execute(pool)
+        .await
+        .map(|done| done.rows_affected()))?;
+        Ok(revoked > 0)
+    }
+
+    /// The enterprise's keys: id, created, expires, revoked.
+    pub async fn api_keys(&self, enterprise_id: &str) -> Result<Vec<ApiKeyRow>> {
+        let rows: Vec<(String, i64, Option<i64>, Option<i64>)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT key_id, created_at, expires_at, revoked_at FROM api_keys
+             WHERE enterprise_id = $1 ORDER BY created_at, key_id",
+        )
+        .bind(enterprise_id)
+        .fetch_all(pool)
+        .await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(key_id, created_at, expires_at, revoked_at)| ApiKeyRow {
+                key_id,
+                created_at,
+                expires_at,
+                revoked_at,
+            })
+            .collect())
     }
 
     pub async fn create_service(
@@ -133,12 +245,15 @@ impl Store {
         Ok(endpoint)
     }
 
-    /// The enterprise whose API key hashes to `api_key_hash`.
-    pub async fn enterprise_by_key(&self, api_key_hash: &str) -> Result<Option<String>> {
+    /// The enterprise whose live API key (neither revoked nor expired at
+    /// `now`) hashes to `api_key_hash`.
+    pub async fn enterprise_by_key(&self, api_key_hash: &str, now: i64) -> Result<Option<String>> {
         let id = on_pool!(self, pool => sqlx::query_scalar(
-            "SELECT id FROM enterprises WHERE api_key_hash = $1",
+            "SELECT enterprise_id FROM api_keys
+             WHERE key_hash = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
         )
         .bind(api_key_hash)
+        .bind(now)
         .fetch_optional(pool)
         .await)?;
         Ok(id)

@@ -193,4 +193,31 @@ impl Store {
             .map(|(carrier, count, oldest)| (carrier, count.max(0) as u64, oldest))
             .collect())
     }
+
+    /// Up to `limit` erasure notices waiting for `carrier_id`, oldest first:
+    /// `(id, user_id, enterprise_id)`.
+    pub async fn outbox(&self, carrier_id: &str, limit: u32) -> Result<Vec<(i64, String, String)>> {
+        Ok(on_pool!(self, pool => sqlx::query_as(
+            "SELECT id, user_id, enterprise_id FROM outbox WHERE carrier_id = $1 ORDER BY id LIMIT $2",
+        )
+        .bind(carrier_id)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await)?)
+    }
+
+    /// Deletes notices `ids` the carrier acknowledged.
+    pub async fn outbox_done(&self, carrier_id: &str, ids: &[i64]) -> Result<()> {
+        let sql = format!(
+            "DELETE FROM outbox WHERE carrier_id = $1 AND {}",
+            self.in_id_list("id", 2)
+        );
+        on_pool!(self, pool => sqlx::query(AssertSqlSafe(sql))
+            .bind(carrier_id)
+            .bind(IdList(ids))
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
+        Ok(())
+    }
 }
