@@ -479,6 +479,11 @@ impl Hub {
         Ok(Some(hub))
     }
 
+    /// The relay's database, for tests that look at what it stores.
+    pub fn database_url(&self) -> &str {
+        &self.database_url
+    }
+
     pub fn relay_url(&self) -> String {
         format!("http://{}", self.relay_addr)
     }
@@ -648,6 +653,7 @@ impl Hub {
             enterprises,
             open_mode,
             metrics_listen: self.fleet_metrics,
+            withdraw_share: 0.0,
             duplicate_events: 0.0,
             reorder_events: false,
             journal: None,
@@ -935,6 +941,7 @@ pub async fn refs_by_user(
                         enterprise_id: enterprise_id.into(),
                         service_id: String::new(),
                         consent: u.consent_for(fleet.seed, enterprise_id),
+                        text_version: carrier_svc::consent::TEXT_VERSION.into(),
                     })
                     .collect(),
             })

@@ -624,6 +624,7 @@ async fn seed(store: &Store, enterprises: &[&str]) -> HashMap<String, Vec<String
                 enterprise_id: (*enterprise).into(),
                 service_id: None,
                 profile: Profile::default(),
+                text_version: "v1".into(),
             })
             .collect();
         refs.insert(
@@ -1065,6 +1066,7 @@ async fn concurrent_expansions_and_folds_count_once(backend: Backend) {
             enterprise_id: "ent_1".into(),
             service_id: None,
             profile: Profile::default(),
+            text_version: "v1".into(),
         })
         .collect();
     store.register_users("c1", &registrations, 0).await.unwrap();

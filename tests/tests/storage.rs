@@ -61,6 +61,7 @@ async fn seed_registry(store: &Store) -> Vec<String> {
             enterprise_id: "ent_1".into(),
             service_id: None,
             profile: Profile::default(),
+            text_version: "v1".into(),
         })
         .collect();
     let refs = store.register_users("c1", &registrations, 0).await.unwrap();

@@ -158,6 +158,7 @@ async fn seed_registered(
                 enterprise_id: enterprise_id.into(),
                 service_id: None,
                 profile: Profile::default(),
+                text_version: "v1".into(),
             })
             .collect();
         store
