@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub use config::Config;
 
@@ -62,6 +62,9 @@ pub struct Shared {
     cancel: CancellationToken,
     tasks: TaskTracker,
     metrics: CarrierMetrics,
+    /// How terminals' https:// endpoints are dialled; whether the relay
+    /// must present a client certificate naming it.
+    tls: chukei_proto::tls::TlsArgs,
 }
 
 /// The carrier's Prometheus metrics (labels: channels, never people).
@@ -100,7 +103,9 @@ pub async fn run(
     }
     let store = Store::connect(&config.database_url()).await?;
     let clock = config.clock.clock();
-    let relay_channel = Endpoint::from_shared(config.relay_url.clone())?
+    let relay_channel = config
+        .tls
+        .endpoint(&config.relay_url)?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .connect_lazy();
@@ -129,6 +134,7 @@ pub async fn run(
         cancel: cancel.clone(),
         tasks: TaskTracker::new(),
         metrics: CarrierMetrics::new(&registry),
+        tls: config.tls.clone(),
     };
     if let Some(addr) = config.metrics_listen {
         let listener = TcpListener::bind(addr).await?;
@@ -176,12 +182,14 @@ pub async fn run(
         )
     };
     let base = || -> anyhow::Result<server::Router> {
-        Ok(
-            server::builder(&registry, "chukei_carrier_rpc_duration_seconds")
-                .add_service(health_service.clone())
-                .add_service(server::reflection()?)
-                .add_service(server::reflection_v1alpha()?),
-        )
+        Ok(server::builder(
+            &registry,
+            "chukei_carrier_rpc_duration_seconds",
+            &config.tls,
+        )?
+        .add_service(health_service.clone())
+        .add_service(server::reflection()?)
+        .add_service(server::reflection_v1alpha()?))
     };
     let beside_deliver = subscriber_listener
         .is_none()

@@ -38,6 +38,9 @@ impl pb::carrier_server::Carrier for DeliverService {
         let shared = self.0.clone();
         auth::require_secret(request.metadata(), &shared.relay_token)
             .map_err(Status::unauthenticated)?;
+        if shared.tls.verifies_clients() {
+            chukei_proto::tls::require_peer(&request, chukei_proto::tls::RELAY_NAME)?;
+        }
         let mut generation = 0;
         shared.relay_session.send_modify(|g| {
             *g += 1;

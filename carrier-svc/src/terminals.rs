@@ -19,7 +19,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
 use crate::Shared;
 use crate::channels;
@@ -124,7 +123,9 @@ async fn session(
     cancel: &CancellationToken,
     backoff: &mut Duration,
 ) -> anyhow::Result<()> {
-    let channel = Endpoint::from_shared(endpoint.to_owned())?
+    let channel = shared
+        .tls
+        .endpoint(endpoint)?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .connect()

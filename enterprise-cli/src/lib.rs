@@ -30,6 +30,10 @@ pub struct Cli {
     )]
     pub relay_url: String,
 
+    /// PEM CA certificates trusted for an https:// --relay-url.
+    #[arg(long, env = "CHUKEI_TLS_CA", global = true)]
+    pub tls_ca: Option<std::path::PathBuf>,
+
     /// Your enterprise API key (shown once when the operator created the enterprise).
     #[arg(long, env = "CHUKEI_API_KEY", hide_env_values = true, global = true)]
     pub api_key: Option<String>,
@@ -414,10 +418,16 @@ type Client = EnterpriseApiClient<
 /// cannot be reached (a relay still starting); errors name the flag.
 pub(crate) async fn relay_channel(
     relay_url: &str,
+    tls_ca: Option<&std::path::Path>,
     wait: Duration,
 ) -> anyhow::Result<tonic::transport::Channel> {
-    let endpoint = tonic::transport::Endpoint::from_shared(relay_url.to_owned())
-        .map_err(|_| anyhow::anyhow!("--relay-url: not a valid URL"))?
+    let tls = chukei_proto::tls::TlsArgs {
+        tls_ca: tls_ca.map(std::path::Path::to_path_buf),
+        ..Default::default()
+    };
+    let endpoint = tls
+        .endpoint(relay_url)
+        .map_err(|error| anyhow::anyhow!("--relay-url: {error}"))?
         .connect_timeout(Duration::from_secs(5));
     let deadline = tokio::time::Instant::now() + wait;
     loop {
@@ -436,7 +446,7 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
         .api_key
         .as_deref()
         .ok_or_else(|| anyhow::anyhow!("--api-key (or CHUKEI_API_KEY) is required"))?;
-    let channel = relay_channel(&cli.relay_url, Duration::ZERO).await?;
+    let channel = relay_channel(&cli.relay_url, cli.tls_ca.as_deref(), Duration::ZERO).await?;
     Ok(EnterpriseApiClient::with_interceptor(
         channel,
         BearerInterceptor::new(key)?,

@@ -28,6 +28,10 @@ pub struct AdminCli {
     )]
     pub relay_url: String,
 
+    /// PEM CA certificates trusted for an https:// --relay-url.
+    #[arg(long, env = "CHUKEI_TLS_CA", global = true)]
+    pub tls_ca: Option<std::path::PathBuf>,
+
     /// The relay's admin token (the relay's --admin-token).
     #[arg(
         long,
@@ -183,8 +187,12 @@ async fn connect(cli: &AdminCli) -> anyhow::Result<Client> {
         .admin_token
         .as_deref()
         .ok_or_else(|| anyhow::anyhow!("--admin-token (or CHUKEI_ADMIN_TOKEN) is required"))?;
-    let channel =
-        crate::relay_channel(&cli.relay_url, Duration::from_secs(cli.connect_wait_secs)).await?;
+    let channel = crate::relay_channel(
+        &cli.relay_url,
+        cli.tls_ca.as_deref(),
+        Duration::from_secs(cli.connect_wait_secs),
+    )
+    .await?;
     Ok(AdminClient::with_interceptor(
         channel,
         BearerInterceptor::new(token)?,

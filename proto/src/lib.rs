@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod rng;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod validate;
 pub mod window;
 

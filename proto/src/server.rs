@@ -64,18 +64,32 @@ pub async fn shutdown_signal() {
 /// Serves `router` on `listener` until `shutdown` resolves or `cancel` is
 /// cancelled; then cancels `cancel` (so long-lived streams end), lets in-flight
 /// calls finish, and gives up on them after `grace`.
-/// A gRPC server as every process builds one: each call timed into
+/// Concurrent HTTP/2 streams one client connection may open, and calls one
+/// connection may have in flight: a client cannot take a server's every
+/// task with one connection.
+pub const MAX_CONCURRENT_STREAMS: u32 = 256;
+
+/// A gRPC server as every process builds one: over TLS when `tls` says so,
+/// streams and in-flight calls per connection bounded, each call timed into
 /// `histogram` (see [`crate::metrics::RpcMetricsLayer`]) and run in a span
 /// that continues the caller's trace.
 pub fn builder(
     registry: &crate::metrics::Registry,
     histogram: &'static str,
-) -> tonic::transport::Server<
-    tower_layer::Stack<crate::metrics::RpcMetricsLayer, tower_layer::Identity>,
+    tls: &crate::tls::TlsArgs,
+) -> anyhow::Result<
+    tonic::transport::Server<
+        tower_layer::Stack<crate::metrics::RpcMetricsLayer, tower_layer::Identity>,
+    >,
 > {
-    tonic::transport::Server::builder()
-        .trace_fn(crate::telemetry::grpc_request_span)
-        .layer(crate::metrics::RpcMetricsLayer::new(registry, histogram))
+    let mut server = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .concurrency_limit_per_connection(MAX_CONCURRENT_STREAMS as usize)
+        .trace_fn(crate::telemetry::grpc_request_span);
+    if let Some(config) = tls.server()? {
+        server = server.tls_config(config)?;
+    }
+    Ok(server.layer(crate::metrics::RpcMetricsLayer::new(registry, histogram)))
 }
 
 /// A server's routes behind the RPC metrics layer, as every process builds them.

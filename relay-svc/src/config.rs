@@ -139,6 +139,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub clock: ClockArgs,
+
+    #[command(flatten)]
+    pub tls: chukei_proto::tls::TlsArgs,
 }
 
 impl Config {

@@ -23,7 +23,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
 use crate::receipts::{CountReport, EventKind, MessageCount, Receipt};
 use crate::storage::{DueDelivery, Store};
@@ -39,6 +38,8 @@ pub struct DispatchConfig {
     pub metrics: crate::metrics::RelayMetrics,
     /// Each carrier's stream is held by one replica at a time.
     pub lease: crate::lease::Lease,
+    /// How carriers' https:// endpoints are dialled (CA, client certificate).
+    pub tls: chukei_proto::tls::TlsArgs,
 }
 
 /// A cheap-to-clone handle to the dispatch supervisor.
@@ -289,7 +290,10 @@ impl Dispatcher {
         let Some(endpoint) = self.store.carrier_endpoint(&self.carrier_id).await? else {
             anyhow::bail!("carrier is not registered");
         };
-        let channel = Endpoint::from_shared(endpoint)?
+        let channel = self
+            .config
+            .tls
+            .endpoint(&endpoint)?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))

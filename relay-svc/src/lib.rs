@@ -107,6 +107,7 @@ pub async fn run(
             poll_interval: Duration::from_millis(config.poll_interval_ms),
             metrics: metrics.clone(),
             lease: lease.clone(),
+            tls: config.tls.clone(),
         },
         workers.clone(),
     );
@@ -167,6 +168,7 @@ pub async fn run(
             unbid: config.unbid_in_auctioned_slot,
         },
         limits: crate::limits::RateLimits::new(config.enterprise_rate_per_sec).map(Arc::new),
+        carrier_certificates: config.tls.verifies_clients(),
     };
     let (health_reporter, health_service) = server::health();
     health_reporter
@@ -179,7 +181,7 @@ pub async fn run(
         .set_serving::<admin_server::AdminServer<AdminService>>()
         .await;
 
-    let router = server::builder(&registry, "chukei_relay_rpc_duration_seconds")
+    let router = server::builder(&registry, "chukei_relay_rpc_duration_seconds", &config.tls)?
         .add_service(health_service)
         .add_service(server::reflection()?)
         .add_service(server::reflection_v1alpha()?)

@@ -115,6 +115,9 @@ pub struct FleetOptions {
 
     #[command(flatten)]
     pub clock: ClockArgs,
+
+    #[command(flatten)]
+    pub tls: chukei_proto::tls::TlsArgs,
 }
 
 /// Hosts `fleet` on `listener` until `shutdown`: serves the terminals, then
@@ -180,13 +183,17 @@ pub async fn run_fleet(
             cancel.clone(),
         ));
     }
-    let router = server::builder(&registry, "chukei_terminal_rpc_duration_seconds")
-        .add_service(health_service)
-        .add_service(server::reflection()?)
-        .add_service(server::reflection_v1alpha()?)
-        .add_service(
-            TerminalServer::new(terminals.clone()).max_decoding_message_size(64 * 1024 * 1024),
-        );
+    let router = server::builder(
+        &registry,
+        "chukei_terminal_rpc_duration_seconds",
+        &options.tls,
+    )?
+    .add_service(health_service)
+    .add_service(server::reflection()?)
+    .add_service(server::reflection_v1alpha()?)
+    .add_service(
+        TerminalServer::new(terminals.clone()).max_decoding_message_size(64 * 1024 * 1024),
+    );
     let server = tokio::spawn(server::serve(
         router,
         listener,
@@ -201,7 +208,7 @@ pub async fn run_fleet(
         .map(|c| (c.carrier_id.clone(), c.url.clone()))
         .collect();
     let setup = async {
-        let channels = setup::connect(&carriers).await?;
+        let channels = setup::connect(&carriers, &options.tls).await?;
         if let Some(token) = &options.carrier_admin_token {
             setup::provision(&fleet, &channels, token).await?;
         }

@@ -102,9 +102,10 @@ async fn main() -> anyhow::Result<()> {
             fleet.users[0].user_id = user_id.clone();
             fleet.users[0].carriers = carriers;
             if let Some(register) = register {
-                register_one(&options.carriers, &user_id, &register, &share).await?;
+                register_one(&options.carriers, &options.tls, &user_id, &register, &share).await?;
             }
             let options_carriers = options.carriers.clone();
+            let tls = options.tls.clone();
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
             let fleet_task = tokio::spawn(terminal_sim::run_fleet(
                 fleet,
@@ -166,7 +167,8 @@ async fn main() -> anyhow::Result<()> {
                             }
                         }
                         ["consent", ..] | ["leave", ..] => {
-                            let done = runtime.block_on(consent_command(&carriers, &user, &words));
+                            let done =
+                                runtime.block_on(consent_command(&carriers, &tls, &user, &words));
                             if let Err(error) = done {
                                 println!("{error}");
                             }
@@ -186,13 +188,14 @@ async fn main() -> anyhow::Result<()> {
 
 async fn register_one(
     carriers: &[CarrierUrl],
+    tls: &chukei_proto::tls::TlsArgs,
     user_id: &str,
     register: &str,
     share: &[String],
 ) -> anyhow::Result<()> {
     let (enterprise_id, service_id) = register.split_once(':').unwrap_or((register, ""));
     let consent = choices(share).map_err(|e| anyhow::anyhow!("--share: {e}"))?;
-    let mut client = subscriber_api(carriers).await?;
+    let mut client = subscriber_api(carriers, tls).await?;
     let text_version = preview(&mut client, user_id, enterprise_id, consent).await?;
     let response = client
         .register(pb::RegisterRequest {
@@ -233,11 +236,16 @@ fn choices(fields: &[String]) -> Result<pb::ConsentChoices, String> {
 type SubscriberApi = pb::subscriber_api_client::SubscriberApiClient<tonic::transport::Channel>;
 
 /// The user's (first) carrier's subscriber API.
-async fn subscriber_api(carriers: &[CarrierUrl]) -> anyhow::Result<SubscriberApi> {
+async fn subscriber_api(
+    carriers: &[CarrierUrl],
+    tls: &chukei_proto::tls::TlsArgs,
+) -> anyhow::Result<SubscriberApi> {
     let carrier = carriers
         .first()
         .ok_or_else(|| anyhow::anyhow!("--carrier: give at least one"))?;
-    Ok(SubscriberApi::connect(carrier.url.clone()).await?)
+    Ok(SubscriberApi::new(
+        tls.endpoint(&carrier.url)?.connect().await?,
+    ))
 }
 
 /// Shows the person exactly what these choices would share, and returns the
@@ -265,10 +273,11 @@ async fn preview(
 /// or `leave hub` unregisters (erased there).
 async fn consent_command(
     carriers: &[CarrierUrl],
+    tls: &chukei_proto::tls::TlsArgs,
     user_id: &str,
     words: &[&str],
 ) -> anyhow::Result<()> {
-    let mut client = subscriber_api(carriers).await?;
+    let mut client = subscriber_api(carriers, tls).await?;
     match words {
         ["consent", enterprise_id, fields @ ..] => {
             let fields: Vec<String> = fields

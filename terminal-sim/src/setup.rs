@@ -46,12 +46,11 @@ impl std::str::FromStr for EnterpriseChoice {
 /// Connects to every carrier's gRPC endpoint (`id → url`).
 pub async fn connect(
     carriers: &HashMap<String, String>,
+    tls: &chukei_proto::tls::TlsArgs,
 ) -> anyhow::Result<HashMap<String, Channel>> {
     let mut channels = HashMap::new();
     for (id, url) in carriers {
-        let channel = tonic::transport::Endpoint::from_shared(url.clone())?
-            .connect()
-            .await?;
+        let channel = tls.endpoint(url)?.connect().await?;
         channels.insert(id.clone(), channel);
     }
     Ok(channels)

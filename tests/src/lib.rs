@@ -515,6 +515,7 @@ impl Hub {
             enterprise_rate_per_sec: self.settings.enterprise_rate_per_sec,
             shutdown_grace_secs: 5,
             clock: self.settings.clock_args(),
+            tls: Default::default(),
         }
     }
 
@@ -568,6 +569,7 @@ impl Hub {
             poll_interval_ms: 100,
             shutdown_grace_secs: 5,
             clock: self.settings.clock_args(),
+            tls: Default::default(),
         };
         Running::spawn(listener, |listener, stopped| {
             carrier_svc::run(config, listener, shutdown_on(stopped))
@@ -658,6 +660,7 @@ impl Hub {
             reorder_events: false,
             journal: None,
             clock: self.settings.clock_args(),
+            tls: Default::default(),
         };
         let (ready_tx, ready_rx) = oneshot::channel();
         let running = Running::spawn(listener, |listener, stopped| {

@@ -641,6 +641,7 @@ async fn stats_show_what_the_terminals_saw(backend: Backend) {
     // The CLI prints the same figures as CSV.
     let cli = enterprise_cli::Cli {
         relay_url: scene.hub.relay_url(),
+        tls_ca: None,
         api_key: Some(scene.enterprises[0].1.clone()),
         json: false,
         command: enterprise_cli::Command::Stats {

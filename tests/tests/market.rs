@@ -301,6 +301,7 @@ async fn quote_charge_statement_and_revenue_agree(backend: Backend) {
     // The same through the CLI.
     let cli = |command| enterprise_cli::Cli {
         relay_url: scene.hub.relay_url(),
+        tls_ca: None,
         api_key: Some(scene.enterprises[0].1.clone()),
         json: false,
         command,

@@ -1,7 +1,9 @@
 //! `chukei-health URL [SERVICE]`: asks a Chukei server's `grpc.health.v1`
 //! whether it (or one of its services) is SERVING; exits 0 if so, 1 if not,
 //! 2 if it cannot ask. For container health checks, where no gRPC probe is
-//! built in.
+//! built in. An https:// URL is checked over TLS trusting the CA
+//! certificates in `CHUKEI_TLS_CA` (and presenting `CHUKEI_TLS_CERT` /
+//! `CHUKEI_TLS_KEY` when set), the same variables the services read.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,7 +21,15 @@ async fn main() -> ExitCode {
     };
     let service = args.next().unwrap_or_default();
     let asked = async {
-        let channel = tonic::transport::Endpoint::from_shared(url)?
+        let path = |name| std::env::var_os(name).map(std::path::PathBuf::from);
+        let tls = chukei_proto::tls::TlsArgs {
+            tls_ca: path("CHUKEI_TLS_CA"),
+            tls_cert: path("CHUKEI_TLS_CERT"),
+            tls_key: path("CHUKEI_TLS_KEY"),
+            tls_client_ca: None,
+        };
+        let channel = tls
+            .endpoint(&url)?
             .connect_timeout(Duration::from_secs(2))
             .connect()
             .await?;

@@ -76,7 +76,7 @@ impl pb::carrier_ingress_server::CarrierIngress for IngressService {
         request: Request<pb::UpsertContractsRequest>,
     ) -> Result<Response<pb::UpsertContractsResponse>, Status> {
         let relay = &self.0;
-        let carrier_id = relay.carrier(request.metadata()).await?;
+        let carrier_id = relay.calling_carrier(&request).await?;
         tracing::Span::current().record("carrier_id", carrier_id.as_str());
         let request = request.into_inner();
         bounded("contracts", &request.contracts)?;
@@ -102,7 +102,7 @@ impl pb::carrier_ingress_server::CarrierIngress for IngressService {
         request: Request<pb::RegisterUsersRequest>,
     ) -> Result<Response<pb::RegisterUsersResponse>, Status> {
         let relay = &self.0;
-        let carrier_id = relay.carrier(request.metadata()).await?;
+        let carrier_id = relay.calling_carrier(&request).await?;
         tracing::Span::current().record("carrier_id", carrier_id.as_str());
         let request = request.into_inner();
         bounded("registrations", &request.registrations)?;
@@ -126,7 +126,7 @@ impl pb::carrier_ingress_server::CarrierIngress for IngressService {
         request: Request<pb::UnregisterUsersRequest>,
     ) -> Result<Response<pb::UnregisterUsersResponse>, Status> {
         let relay = &self.0;
-        let carrier_id = relay.carrier(request.metadata()).await?;
+        let carrier_id = relay.calling_carrier(&request).await?;
         let request = request.into_inner();
         bounded("unregistrations", &request.unregistrations)?;
         let leaving = request
@@ -172,7 +172,7 @@ impl pb::carrier_ingress_server::CarrierIngress for IngressService {
         request: Request<pb::PutProfileRequest>,
     ) -> Result<Response<pb::PutProfileResponse>, Status> {
         let relay = &self.0;
-        let carrier_id = relay.carrier(request.metadata()).await?;
+        let carrier_id = relay.calling_carrier(&request).await?;
         let request = request.into_inner();
         let change = ConsentChange {
             user_id: required("user_id", &request.user_id, 128)?.to_owned(),

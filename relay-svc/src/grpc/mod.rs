@@ -47,6 +47,8 @@ pub struct Relay {
     pub market: Market,
     /// Calls a second each enterprise may make (`None`: no limit).
     pub limits: Option<Arc<crate::limits::RateLimits>>,
+    /// Carriers must present a client certificate naming them (mutual TLS).
+    pub carrier_certificates: bool,
 }
 
 /// The billing and auction settings the edge applies.
@@ -93,6 +95,22 @@ impl Relay {
             }
             _ => Ok(()),
         }
+    }
+
+    /// The carrier calling: its token, and under mutual TLS a client
+    /// certificate naming it (`<carrier_id>.carrier.chukei`).
+    async fn calling_carrier<T>(
+        &self,
+        request: &tonic::Request<T>,
+    ) -> Result<String, tonic::Status> {
+        let carrier_id = self.carrier(request.metadata()).await?;
+        if self.carrier_certificates {
+            chukei_proto::tls::require_peer(
+                request,
+                &chukei_proto::tls::carrier_name(&carrier_id),
+            )?;
+        }
+        Ok(carrier_id)
     }
 
     /// The carrier whose token the call presents.

@@ -533,6 +533,7 @@ async fn main() -> anyhow::Result<()> {
         );
         let cli = enterprise_cli::Cli {
             relay_url: relay_url.clone(),
+            tls_ca: None,
             api_key: Some(created.api_key.clone()),
             json: false,
             command: enterprise_cli::Command::Stats {
@@ -556,6 +557,7 @@ async fn main() -> anyhow::Result<()> {
         println!("\n{name}: charges this month (enterprise-cli billing --month {month})");
         let cli = enterprise_cli::Cli {
             relay_url: relay_url.clone(),
+            tls_ca: None,
             api_key: Some(created.api_key.clone()),
             json: false,
             command: enterprise_cli::Command::Billing { month },
