@@ -236,4 +236,31 @@ mod tests {
         assert!(sms.suggested_replies.is_empty() && sms.media_url.is_empty());
         assert_eq!(sms.sms_segments, vec!["t".to_owned()]);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1_000))]
+
+        /// Any text: the parts put back together are the text, none is
+        /// empty, and each fits its encoding's part size.
+        #[test]
+        fn sms_parts_rebuild_the_text_and_fit(
+            text in "(\\PC|\u{1F469}\u{200D}\u{1F4BB}|\u{1F1EF}\u{1F1F5}|€|\\[|a|あ){0,400}",
+        ) {
+            let parts = sms_segments(&text);
+            proptest::prop_assert_eq!(parts.concat(), text.clone());
+            if parts.len() > 1 {
+                let gsm = text.chars().all(|c| gsm_septets(c).is_some());
+                for part in &parts {
+                    proptest::prop_assert!(!part.is_empty());
+                    let units: usize = if gsm {
+                        part.chars().map(|c| gsm_septets(c).unwrap_or(1)).sum()
+                    } else {
+                        part.encode_utf16().count()
+                    };
+                    let limit = if gsm { 153 } else { 67 };
+                    proptest::prop_assert!(units <= limit);
+                }
+            }
+        }
+    }
 }

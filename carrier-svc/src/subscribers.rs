@@ -57,7 +57,7 @@ impl TryFrom<(usize, pb::Subscriber)> for Subscriber {
         }
         Ok(Self {
             user_id: required(&field("user_id"), &s.user_id, 128)?.to_owned(),
-            phone_number: required(&field("phone_number"), &s.phone_number, 32)?.to_owned(),
+            phone_number: phone_number(&field("phone_number"), &s.phone_number)?,
             name: required(&field("name"), &s.name, 200)?.to_owned(),
             gender: s.gender,
             birth_date: birth_date.to_owned(),
@@ -76,6 +76,20 @@ impl TryFrom<(usize, pb::Subscriber)> for Subscriber {
 }
 
 /// An optional contact detail: empty, or bounded and shaped as `valid` says.
+/// An E.164 number: '+' then 8 to 15 ASCII digits. Full-width or other
+/// non-ASCII digits, spaces and dashes are refused, not guessed at.
+fn phone_number(field: &str, value: &str) -> Result<String> {
+    let value = required(field, value, 64)?;
+    let digits = value.strip_prefix('+').unwrap_or("");
+    if !(8..=15).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Error::invalid(
+            field,
+            "must be E.164: '+' then 8 to 15 ASCII digits",
+        ));
+    }
+    Ok(value.to_owned())
+}
+
 fn optional_contact(field: &str, value: &str, valid: impl Fn(&str) -> bool) -> Result<String> {
     if value.is_empty() {
         return Ok(String::new());
@@ -381,5 +395,42 @@ impl Shared {
 
     fn admin(&self, metadata: &tonic::metadata::MetadataMap) -> Result<()> {
         auth::require_secret(metadata, &self.admin_token).map_err(Error::Unauthenticated)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phone_numbers_are_e164_in_ascii_digits() {
+        assert_eq!(phone_number("p", "+819012345678").unwrap(), "+819012345678");
+        for bad in [
+            "+８１９０１２３４５６７８",
+            "09012345678",
+            "+81 90 1234 5678",
+            "+81-90-1234-5678",
+            "+1234567",
+            "+1234567890123456",
+            "+٠١٢٣٤٥٦٧٨٩",
+        ] {
+            let error = phone_number("subscribers[0].phone_number", bad).unwrap_err();
+            assert!(
+                error
+                    .to_string()
+                    .starts_with("subscribers[0].phone_number: must be E.164"),
+                "{bad}: {error}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_number_with_a_non_ascii_character_is_accepted(text in "\\PC{0,20}") {
+            let accepted = phone_number("p", &text).is_ok();
+            if accepted {
+                proptest::prop_assert!(text.trim().is_ascii());
+            }
+        }
     }
 }

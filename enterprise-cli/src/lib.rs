@@ -260,7 +260,7 @@ pub fn parse_segment(text: &str) -> Result<pb::Segment, String> {
                 let bad = || format!("segment age: {value:?} is not N, N-M or Ns (e.g. 30s)");
                 let (min, max) = if let Some(decade) = value.strip_suffix('s') {
                     let d: u32 = decade.parse().map_err(|_| bad())?;
-                    (d, d + 9)
+                    (d, d.checked_add(9).ok_or_else(bad)?)
                 } else if let Some((a, b)) = value.split_once('-') {
                     (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?)
                 } else {
@@ -1435,5 +1435,23 @@ mod tests {
         assert!(parse_segment("age=40-30").unwrap_err().contains("age"));
         assert!(parse_segment("height=180").unwrap_err().contains("height"));
         assert!(parse_segment("tokyo").unwrap_err().contains("key=value"));
+    }
+
+    proptest::proptest! {
+        /// Any text: a segment or an error naming the segment, never a panic;
+        /// a parsed age range is never upside down.
+        #[test]
+        fn any_segment_text_parses_or_is_refused(
+            text in "((gender|age|region|occupation|service|x)=(\\PC|[0-9]{1,12}s?|-|\\|){0,12},?){0,6}",
+        ) {
+            match parse_segment(&text) {
+                Ok(segment) => {
+                    if let (Some(min), Some(max)) = (segment.age_min, segment.age_max) {
+                        proptest::prop_assert!(min <= max);
+                    }
+                }
+                Err(error) => proptest::prop_assert!(error.starts_with("segment"), "{error}"),
+            }
+        }
     }
 }

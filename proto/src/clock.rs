@@ -135,7 +135,11 @@ pub fn to_timestamp(ms: i64) -> prost_types::Timestamp {
 
 /// A protobuf timestamp as unix milliseconds.
 pub fn from_timestamp(ts: &prost_types::Timestamp) -> i64 {
-    ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000
+    // Saturating: a hostile timestamp must not overflow (edges refuse them
+    // with `validate::instant`; this keeps any other reader safe).
+    ts.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(ts.nanos) / 1_000_000)
 }
 
 /// A unix-millisecond instant as RFC 3339 in UTC, for people to read.

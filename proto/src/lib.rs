@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod clock;
+pub mod codec;
 pub mod metrics;
 pub mod rng;
 pub mod server;

@@ -56,6 +56,24 @@ pub fn optional(field: &str, value: &str, max_len: usize) -> Result<Option<Strin
     }
 }
 
+/// The last second of the year 9999, the latest instant accepted.
+const LATEST_SECOND: i64 = 253_402_300_799;
+
+/// A wire timestamp as unix milliseconds: not before 1970, not after the
+/// year 9999, nanoseconds within their second.
+pub fn instant(field: &str, at: &prost_types::Timestamp) -> Result<i64, FieldError> {
+    if at.seconds < 0 {
+        return Err(FieldError::new(field, "must not be before 1970"));
+    }
+    if at.seconds > LATEST_SECOND {
+        return Err(FieldError::new(field, "must not be after the year 9999"));
+    }
+    if !(0..1_000_000_000).contains(&at.nanos) {
+        return Err(FieldError::new(field, "nanos must be within 0..1e9"));
+    }
+    Ok(crate::clock::from_timestamp(at))
+}
+
 /// A repeated field with at least one and at most `max` rows.
 pub fn bounded<T>(field: &str, rows: &[T], max: usize) -> Result<(), FieldError> {
     if rows.is_empty() {
@@ -88,5 +106,10 @@ mod tests {
         assert_eq!(optional("a", "", 3), Ok(None));
         assert!(bounded::<u8>("rows", &[], 2).is_err());
         assert!(bounded("rows", &[1, 2, 3], 2).is_err());
+        let at = |seconds, nanos| prost_types::Timestamp { seconds, nanos };
+        assert_eq!(instant("t", &at(1, 5_000_000)), Ok(1_005));
+        for bad in [at(-1, 0), at(i64::MAX, 0), at(0, -1), at(0, 1_000_000_000)] {
+            assert_eq!(instant("t", &bad).unwrap_err().field, "t");
+        }
     }
 }

@@ -12,7 +12,7 @@ use std::fmt;
 use jiff::tz::TimeZone;
 use jiff::{Span, Timestamp};
 
-use crate::clock::{from_timestamp, rfc3339, to_timestamp};
+use crate::clock::{rfc3339, to_timestamp};
 use crate::common::v1 as common;
 use crate::validate::FieldError;
 
@@ -155,7 +155,9 @@ impl Window {
                         "needs both start and end",
                     ));
                 };
-                Self::absolute(from_timestamp(start), from_timestamp(end))
+                let start = crate::validate::instant(&format!("{field}.absolute.start"), start)?;
+                let end = crate::validate::instant(&format!("{field}.absolute.end"), end)?;
+                Self::absolute(start, end)
                     .map_err(|reason| FieldError::new(format!("{field}.absolute"), reason))?
             }
             common::delivery_window::Kind::Daily(daily) => {

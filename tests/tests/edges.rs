@@ -547,7 +547,211 @@ async fn unregistering_and_profile_changes_change_who_is_reached(backend: Backen
     hub.shutdown().await.unwrap();
 }
 
+/// Bytes as they are: a codec that sends a hand-made request body and
+/// reads back whatever comes, to put what no generated client would send
+/// on the wire.
+#[derive(Clone, Copy, Debug, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let mut bytes = vec![0; bytes::Buf::remaining(src)];
+        bytes::Buf::copy_to_slice(src, &mut bytes);
+        Ok(Some(bytes))
+    }
+}
+
+/// What no well-behaved client sends: bytes that are not UTF-8 where a
+/// string belongs, a 1 MiB body, a request over the size limit, 10,001
+/// refs, instants before 1970 and after 9999, unknown enum numbers,
+/// full-width digits in a phone number. Each is refused naming its field;
+/// the relay stays up and what was accepted before is still there.
+async fn hostile_wire_input_is_refused_and_nothing_is_lost(backend: Backend) {
+    let Some(hub) = Hub::start(backend, &["alpha"]).await.unwrap() else {
+        return;
+    };
+    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
+    let fleet = Fleet::generate(17, 1, &["alpha".into()]).with_every_channel();
+    let mut hub = hub;
+    hub.start_fleet(fleet.clone(), vec![], OpenMode::Never)
+        .await
+        .unwrap();
+    let mine = register(&hub, &fleet.users[0], &shop).await;
+    let mut client = hub.enterprise(&key).await.unwrap();
+    let refs = |refs: &[&str]| {
+        pb::target::Kind::Refs(pb::RefList {
+            refs: refs.iter().map(|r| (*r).to_owned()).collect(),
+        })
+    };
+    let before = client
+        .send_message(message("before", refs(&[&mine]), "kept"))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Field 1 (idempotency_key), length-delimited, two bytes that are not UTF-8.
+    let channel = Channel::from_shared(hub.relay_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = tonic::client::Grpc::new(channel);
+    raw.ready().await.unwrap();
+    let mut request = tonic::Request::new(vec![0x0a, 0x02, 0xff, 0xfe]);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let status = raw
+        .unary(
+            request,
+            http::uri::PathAndQuery::from_static("/chukei.relay.v1.EnterpriseApi/SendMessage"),
+            RawCodec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("idempotency_key"), "{status:?}");
+
+    let huge = "x".repeat(1 << 20);
+    assert_refused(
+        client
+            .send_message(message("mib", refs(&[&mine]), &huge))
+            .await,
+        Code::InvalidArgument,
+        "content.text",
+    );
+    let over_limit = "x".repeat(17 << 20);
+    let refused = client
+        .send_message(message("over", refs(&[&mine]), &over_limit))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused.code(), Code::ResourceExhausted | Code::OutOfRange),
+        "{refused:?}"
+    );
+    let too_many: Vec<String> = (0..10_001).map(|i| format!("r{i}")).collect();
+    let too_many: Vec<&str> = too_many.iter().map(String::as_str).collect();
+    assert_refused(
+        client
+            .send_message(message("many", refs(&too_many), "hi"))
+            .await,
+        Code::InvalidArgument,
+        "target.refs",
+    );
+    for (seconds, words) in [(-1, "before 1970"), (i64::MAX, "after the year 9999")] {
+        let mut early = message("time", refs(&[&mine]), "hi");
+        early.expires_at = Some(prost_types::Timestamp { seconds, nanos: 0 });
+        let status = client.send_message(early).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().starts_with("expires_at") && status.message().contains(words));
+    }
+    let mut early_window = message("window", refs(&[&mine]), "hi");
+    early_window.window = Some(common::DeliveryWindow {
+        kind: Some(common::delivery_window::Kind::Absolute(
+            common::AbsoluteWindow {
+                start: Some(prost_types::Timestamp {
+                    seconds: -86_400,
+                    nanos: 0,
+                }),
+                end: Some(prost_types::Timestamp {
+                    seconds: 86_400,
+                    nanos: 0,
+                }),
+            },
+        )),
+    });
+    assert_refused(
+        client.send_message(early_window).await,
+        Code::InvalidArgument,
+        "window.absolute.start",
+    );
+    for (field, patch) in [
+        (
+            "priority",
+            (|m: &mut pb::SendMessageRequest| m.priority = 99) as fn(&mut _),
+        ),
+        ("window_mode", |m| m.window_mode = 99),
+        ("channel", |m| m.channel = -5),
+    ] {
+        let mut bad = message(field, refs(&[&mine]), "hi");
+        patch(&mut bad);
+        assert_refused(client.send_message(bad).await, Code::InvalidArgument, field);
+    }
+    let mut carrier_admin =
+        chukei_proto::carrier::v1::carrier_admin_client::CarrierAdminClient::with_interceptor(
+            Channel::from_shared(hub.carriers[0].url())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+            BearerInterceptor::new(integration_tests::CARRIER_ADMIN_TOKEN).unwrap(),
+        );
+    let mut full_width = fleet.users[0].subscriber("alpha");
+    full_width.phone_number = "+８１９０１２３４５６７８".into();
+    assert_refused(
+        carrier_admin
+            .provision_subscribers(chukei_proto::carrier::v1::ProvisionSubscribersRequest {
+                subscribers: vec![full_width],
+            })
+            .await,
+        Code::InvalidArgument,
+        "subscribers[0].phone_number",
+    );
+
+    // Still up; what was accepted is intact; the refused calls stored nothing.
+    integration_tests::wait_healthy(&hub.relay_url())
+        .await
+        .unwrap();
+    let status = hub
+        .wait_for_message(&key, &before.message_id, |s| s.delivered == 1)
+        .await;
+    assert_eq!(status.matched, 1);
+    let after = client
+        .send_message(message("after", refs(&[&mine]), "still here"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.matched, Some(1));
+    hub.shutdown().await.unwrap();
+}
+
 backend_tests!(
+    hostile_wire_input_is_refused_and_nothing_is_lost,
     unregistering_and_profile_changes_change_who_is_reached,
     bad_input_is_refused_naming_the_field,
     idempotency_keys_replay_or_refuse,

@@ -1,7 +1,7 @@
 //! `chukei.relay.v1.EnterpriseApi`: the enterprise's view. The tenant is the
 //! API key's enterprise; an enterprise only ever sees its own refs and counts.
 
-use chukei_proto::clock::{from_timestamp, to_timestamp};
+use chukei_proto::clock::to_timestamp;
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
 use chukei_proto::telemetry;
@@ -93,13 +93,11 @@ impl TryFrom<pb::SendMessageRequest> for NewMessage {
                 ));
             }
         };
-        let expires_at = match &request.expires_at {
-            None => None,
-            Some(at) if at.seconds < 0 => {
-                return Err(Error::invalid("expires_at", "must not be before 1970"));
-            }
-            Some(at) => Some(from_timestamp(at)),
-        };
+        let expires_at = request
+            .expires_at
+            .as_ref()
+            .map(|at| chukei_proto::validate::instant("expires_at", at))
+            .transpose()?;
         let timing = Timing {
             window: Window::from_wire("window", request.window.as_ref())?,
             mode,

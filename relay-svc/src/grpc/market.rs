@@ -3,7 +3,7 @@
 //! and bids in and out of their wire form, and the auction's terms for a
 //! message about to be accepted.
 
-use chukei_proto::clock::{from_timestamp, to_timestamp};
+use chukei_proto::clock::to_timestamp;
 use chukei_proto::relay::v1 as pb;
 
 use super::{Relay, channel_from_wire, required};
@@ -364,8 +364,7 @@ pub(super) fn slot_from_wire(request: &pb::OpenAuctionSlotRequest, now: i64) -> 
     let instant = |field: &str, at: Option<&prost_types::Timestamp>| -> Result<i64> {
         match at {
             None => Err(Error::invalid(field, "is required")),
-            Some(at) if at.seconds < 0 => Err(Error::invalid(field, "must not be before 1970")),
-            Some(at) => Ok(from_timestamp(at)),
+            Some(at) => Ok(chukei_proto::validate::instant(field, at)?),
         }
     };
     let starts_at = instant("starts_at", request.starts_at.as_ref())?;

@@ -11,7 +11,7 @@ mod market;
 use std::sync::Arc;
 
 use chukei_proto::auth;
-use chukei_proto::clock::{Clock, from_timestamp, to_timestamp};
+use chukei_proto::clock::{Clock, to_timestamp};
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
 use chukei_proto::validate;
@@ -299,7 +299,10 @@ fn stats_query(
         })
         .collect::<Result<Vec<_>>>()?;
     const WEEK_MS: i64 = 7 * 24 * 3_600_000;
-    let until = request.until.as_ref().map_or(now, from_timestamp);
+    let until = match &request.until {
+        Some(at) => validate::instant(&format!("{prefix}until"), at)?,
+        None => now,
+    };
     let since = match (&request.since, &request.lookback) {
         (Some(_), Some(_)) => {
             return Err(Error::invalid(
@@ -307,7 +310,7 @@ fn stats_query(
                 "give since or lookback, not both",
             ));
         }
-        (Some(since), None) => from_timestamp(since),
+        (Some(since), None) => validate::instant(&format!("{prefix}since"), since)?,
         (None, Some(lookback)) => {
             if lookback.seconds <= 0 {
                 return Err(Error::invalid(
