@@ -27,6 +27,7 @@ pub struct Launch {
     pub seed: u64,
     pub relay_args: Vec<String>,
     pub carrier_args: Vec<String>,
+    pub fleet_args: Vec<String>,
     /// Environment of every process; then, for carriers, `carrier_env` on top.
     pub env: Vec<(String, String)>,
     pub carrier_env: Vec<(String, String)>,
@@ -43,6 +44,7 @@ impl Default for Launch {
             seed: 42,
             relay_args: Vec::new(),
             carrier_args: Vec::new(),
+            fleet_args: Vec::new(),
             env: Vec::new(),
             carrier_env: Vec::new(),
             logs: None,
@@ -143,6 +145,7 @@ impl BinaryHub {
             .args(["--seed", &launch.seed.to_string(), "--open-mode", "always"])
             .args(&carrier_flags)
             .args(["--enterprise", &enterprise.enterprise_id])
+            .args(&launch.fleet_args)
             .env("CHUKEI_TERMINAL_CARRIER_ADMIN_TOKEN", CARRIER_ADMIN_TOKEN);
         let fleet = spawn("terminal-sim", &mut command, &[])?;
         wait_healthy_for(

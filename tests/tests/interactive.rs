@@ -1,6 +1,7 @@
 //! The terminal-sim binary's interactive mode, as a person would use it:
 //! register with consent, see the message arrive in the inbox, open it, and
-//! the open reaches the enterprise's counts.
+//! the open reaches the enterprise's counts; then change consent (shown the
+//! exact values first), withdraw it and leave the enterprise.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -99,6 +100,47 @@ async fn a_person_reads_a_message_in_interactive_mode() {
         .wait_for_message(&key, &sent.message_id, |s| s.opened == 1)
         .await;
     assert_eq!((status.matched, status.delivered, status.opened), (1, 1, 1));
+
+    // From the terminal: share the region too (shown first), then withdraw,
+    // then leave the enterprise.
+    writeln!(stdin, "consent {shop} gender,region-prefecture").unwrap();
+    let shown = wait_line("will be able to choose you for messages by:");
+    assert!(
+        shown.contains("region: ") && shown.contains("gender: "),
+        "{shown}"
+    );
+    wait_line("consent changed");
+    writeln!(stdin, "consent {shop}").unwrap();
+    let shown = wait_line("will be able to choose you for messages by:");
+    assert!(shown.contains("nothing about you"), "{shown}");
+    wait_line("consent withdrawn");
+    writeln!(stdin, "consent {shop} astrology").unwrap();
+    wait_line("unknown field");
+    writeln!(stdin, "leave {shop}").unwrap();
+    wait_line("1 registration(s) erased");
+    let listed = client
+        .list_registrations(pb::ListRegistrationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.registrations.is_empty());
+    let audit = hub
+        .admin()
+        .await
+        .unwrap()
+        .list_audit_log(pb::ListAuditLogRequest { limit: 50 })
+        .await
+        .unwrap()
+        .into_inner();
+    let actions: Vec<&str> = audit.entries.iter().map(|e| e.action.as_str()).collect();
+    for action in [
+        "consent.recorded",
+        "consent.changed",
+        "consent.withdrawn",
+        "erasure",
+    ] {
+        assert!(actions.contains(&action), "{action} in {actions:?}");
+    }
     writeln!(stdin, "quit").unwrap();
     drop(stdin);
     let exited = tokio::task::spawn_blocking(move || child.wait())

@@ -1,7 +1,7 @@
 //! Nothing personal in logs: the real binaries (relay, two carriers, a fleet)
 //! log at `debug` — every crate — while the fleet provisions subscribers with
 //! phone numbers, names, birth dates, e-mail addresses and SNS handles,
-//! registers with consented attributes, and enterprise-cli sends targeted,
+//! registers with consented attributes (a fifth then withdraw), and enterprise-cli sends targeted,
 //! segment and broadcast messages with distinctive bodies; then no log line of
 //! any process may contain any of those values.
 
@@ -59,6 +59,8 @@ async fn no_log_line_of_any_process_holds_personal_data() {
         seed: SEED,
         relay_args: vec!["--min-cohort".into(), "1".into()],
         carrier_args: vec!["--report-interval-secs".into(), "1".into()],
+        // A fifth of the people withdraw their consent: that path logs too.
+        fleet_args: vec!["--withdraw-share".into(), "0.2".into()],
         env: vec![("RUST_LOG".into(), "debug".into())],
         logs: Some(logs.clone()),
         ..Launch::default()
