@@ -187,13 +187,19 @@ pub async fn run(
         .add_service(server::reflection_v1alpha()?)
         .add_service(
             enterprise_api_server::EnterpriseApiServer::new(EnterpriseService(relay.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
             carrier_ingress_server::CarrierIngressServer::new(IngressService(relay.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_service(admin_server::AdminServer::new(AdminService(relay)));
+        .add_service(
+            admin_server::AdminServer::new(AdminService(relay))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        );
     let served = server::serve(
         router,
         listener,
