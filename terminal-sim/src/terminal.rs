@@ -109,6 +109,8 @@ struct State {
     user_of: HashMap<String, String>,
     sinks: HashMap<String, mpsc::UnboundedSender<pb::TerminalEvents>>,
     snapshot: Snapshot,
+    /// Benchmarks: told (message id, when) as each message first arrives.
+    arrivals: Option<mpsc::UnboundedSender<(String, std::time::Instant)>>,
 }
 
 impl Terminals {
@@ -165,6 +167,14 @@ impl Terminals {
 
     pub fn snapshot(&self) -> Snapshot {
         self.state().snapshot
+    }
+
+    /// For latency benchmarks: from now on, each message's first arrival at
+    /// a terminal is sent here with the instant it arrived (real time).
+    pub fn watch_arrivals(&self) -> mpsc::UnboundedReceiver<(String, std::time::Instant)> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        self.state().arrivals = Some(sender);
+        receiver
     }
 
     /// A user's inbox, oldest first.
@@ -261,6 +271,9 @@ impl Terminals {
                     continue;
                 }
                 state.snapshot.received += 1;
+                if let Some(arrivals) = &state.arrivals {
+                    let _ = arrivals.send((message.message_id.clone(), std::time::Instant::now()));
+                }
                 self.journal(&message);
                 if let Some(at) = self.open_time(user, &message, now) {
                     opens.push((at, message.delivery_id.clone()));

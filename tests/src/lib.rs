@@ -11,6 +11,7 @@
 
 pub mod binaries;
 pub mod chaos;
+pub mod latency;
 pub mod process;
 pub mod scene;
 

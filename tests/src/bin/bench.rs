@@ -20,6 +20,22 @@
 //! backlog and expected drain time every second while the backlog drains,
 //! and prints them with the peak (VmHWM).
 //!
+//! `bench latency --messages 1000` — single targeted messages on an idle
+//! hub, one at a time: submit → terminal, p50/p99 (HdrHistogram).
+//!
+//! `bench targeted --seconds 10` — sustained targeted messages (one ref
+//! each): the most that reach terminals a second with many senders (closed
+//! loop), then open-loop runs at 50 % and 80 % of that rate with their
+//! latency percentiles (each send due at its own instant; no coordinated
+//! omission).
+//!
+//! `bench priority --users 200000 --rate 100` — targeted messages at a fixed
+//! rate while a broadcast to everyone is being handed over: their latency.
+//!
+//! `bench transport --deliveries 1000000` — the ceiling: the same delivery
+//! batches over a bare tonic `Carrier.Deliver` stream to a server that only
+//! acks, no storage at either end.
+//!
 //! `bench billing --people 100000 --backend sqlite|postgres` — what charging
 //! costs the rollup fold: a campaign to that many people is handed over,
 //! delivered and 30% opened at the storage seam, then the queued events are
@@ -78,6 +94,47 @@ enum Scenario {
         #[arg(long, value_enum, default_value = "sqlite")]
         backend: BackendArg,
     },
+    /// Single targeted messages on an idle hub: submit → terminal.
+    Latency {
+        #[arg(long, default_value_t = 1000)]
+        messages: usize,
+        #[arg(long, value_enum, default_value = "sqlite")]
+        backend: BackendArg,
+    },
+    /// Sustained targeted messages: the ceiling, then latency at 50 % and 80 % of it.
+    Targeted {
+        /// Messages in the closed-loop run that finds the ceiling.
+        #[arg(long, default_value_t = 20_000)]
+        count: usize,
+        /// Concurrent senders in the closed-loop run.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Length of each open-loop run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, value_enum, default_value = "sqlite")]
+        backend: BackendArg,
+    },
+    /// Targeted messages at a fixed rate during a broadcast to everyone.
+    Priority {
+        #[arg(long, default_value_t = 200_000)]
+        users: usize,
+        /// Targeted messages a second.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        #[arg(long, value_enum, default_value = "sqlite")]
+        backend: BackendArg,
+    },
+    /// Delivery batches over a bare Deliver stream, no storage: the ceiling.
+    Transport {
+        #[arg(long, default_value_t = 1_000_000)]
+        deliveries: usize,
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
+        /// Batches in flight.
+        #[arg(long, default_value_t = 8)]
+        window: usize,
+    },
     /// GetStats over the rollups of a large synthetic history.
     Stats {
         /// Events (sends, deliveries and opens) in the history.
@@ -119,6 +176,23 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             backend,
         } => slow_carrier(users, pace, seconds, backend.backend()).await,
+        Scenario::Latency { messages, backend } => latency(messages, backend.backend()).await,
+        Scenario::Targeted {
+            count,
+            concurrency,
+            seconds,
+            backend,
+        } => targeted(count, concurrency, seconds, backend.backend()).await,
+        Scenario::Priority {
+            users,
+            rate,
+            backend,
+        } => priority(users, rate, backend.backend()).await,
+        Scenario::Transport {
+            deliveries,
+            batch_size,
+            window,
+        } => transport(deliveries, batch_size, window).await,
         Scenario::Billing { people, backend } => {
             println!("rollup fold of a campaign to {people} people on {backend:?}:");
             for priced in [false, true] {
@@ -330,18 +404,7 @@ async fn broadcast(users: usize, backend: Backend, batch_size: u32) -> anyhow::R
     let mut client = hub.enterprise(&key).await?;
     let started = Instant::now();
     let sent = client
-        .send_message(pb::SendMessageRequest {
-            idempotency_key: "bench".into(),
-            target: Some(pb::Target {
-                kind: Some(pb::target::Kind::AllRegistered(true)),
-            }),
-            content: Some(common::Content {
-                text: "benchmark".into(),
-                ..Default::default()
-            }),
-            channel: common::Channel::Sms as i32,
-            ..Default::default()
-        })
+        .send_message(broadcast_request("bench"))
         .await?
         .into_inner();
     let accepted = started.elapsed();
@@ -789,5 +852,299 @@ async fn slow_carrier(
     if let Some((_, name)) = &database {
         integration_tests::drop_postgres_database(name).await?;
     }
+    Ok(())
+}
+
+/// A broadcast to everyone registered, on SMS.
+fn broadcast_request(idempotency_key: &str) -> pb::SendMessageRequest {
+    pb::SendMessageRequest {
+        idempotency_key: idempotency_key.into(),
+        target: Some(pb::Target {
+            kind: Some(pb::target::Kind::AllRegistered(true)),
+        }),
+        content: Some(common::Content {
+            text: "benchmark".into(),
+            ..Default::default()
+        }),
+        channel: common::Channel::Sms as i32,
+        ..Default::default()
+    }
+}
+
+/// A hub with one carrier and `users` people all registered with one
+/// enterprise (nobody opens); its client, the first refs, the terminals.
+async fn hub_with_registered(
+    backend: Backend,
+    users: usize,
+    carriers: &[&str],
+) -> anyhow::Result<(
+    Hub,
+    integration_tests::Enterprise,
+    Vec<String>,
+    terminal_sim::terminal::Terminals,
+)> {
+    let tuning = Tuning::DEFAULTS;
+    let Some(mut hub) = Hub::start_with(backend, carriers, tuning).await? else {
+        anyhow::bail!("--backend postgres needs CHUKEI_TEST_DATABASE_URL");
+    };
+    let (shop, key) = hub.create_enterprise("bench").await?;
+    let carrier_ids: Vec<String> = carriers.iter().map(|c| (*c).to_owned()).collect();
+    let mut fleet = Fleet::generate(1, users, &carrier_ids).with_every_channel();
+    for user in &mut fleet.users {
+        user.behaviour.registration_share = 1.0;
+    }
+    let setup = Instant::now();
+    let terminals = hub
+        .start_fleet(
+            fleet,
+            vec![EnterpriseChoice {
+                enterprise_id: shop,
+                service_ids: vec![],
+            }],
+            OpenMode::Never,
+        )
+        .await?;
+    println!(
+        "setup: {users} users registered in {:.1}s",
+        setup.elapsed().as_secs_f64()
+    );
+    let mut client = hub.enterprise(&key).await?;
+    let refs = client
+        .list_registrations(pb::ListRegistrationsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .registrations
+        .into_iter()
+        .map(|r| r.user_ref)
+        .collect();
+    Ok((hub, client, refs, terminals))
+}
+
+async fn latency(messages: usize, backend: Backend) -> anyhow::Result<()> {
+    let (hub, client, refs, terminals) = hub_with_registered(backend, 1000, &["alpha"]).await?;
+    // Warm up the connections and the relay's first reads.
+    let warm = integration_tests::latency::one_at_a_time(
+        &client,
+        &refs,
+        50,
+        terminals.watch_arrivals(),
+        "warm",
+    )
+    .await;
+    anyhow::ensure!(
+        warm.arrived == 50,
+        "warm-up lost messages: {}",
+        warm.summary()
+    );
+    let run = integration_tests::latency::one_at_a_time(
+        &client,
+        &refs,
+        messages,
+        terminals.watch_arrivals(),
+        "idle",
+    )
+    .await;
+    println!(
+        "single targeted messages, idle hub, {backend:?}: {}",
+        run.summary()
+    );
+    hub.shutdown().await
+}
+
+async fn targeted(
+    count: usize,
+    concurrency: usize,
+    seconds: u64,
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let (hub, client, refs, terminals) = hub_with_registered(backend, 10_000, &["alpha"]).await?;
+    let ceiling = integration_tests::latency::flat_out(
+        &client,
+        &refs,
+        count,
+        concurrency,
+        terminals.watch_arrivals(),
+        "flat-out",
+    )
+    .await;
+    println!(
+        "closed loop, {concurrency} senders, {backend:?}: {}",
+        ceiling.summary()
+    );
+    let max_rate = ceiling.arrived as f64 / ceiling.elapsed.as_secs_f64().max(1e-9);
+    for share in [0.5, 0.8] {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rate = (max_rate * share).max(1.0);
+        let run = integration_tests::latency::open_loop(
+            &client,
+            &refs,
+            rate,
+            Duration::from_secs(seconds),
+            terminals.watch_arrivals(),
+            &format!("open-{share}"),
+        )
+        .await;
+        println!(
+            "open loop at {:.0}% of the ceiling ({rate:.0}/s offered), {backend:?}: {}",
+            share * 100.0,
+            run.summary()
+        );
+    }
+    hub.shutdown().await
+}
+
+async fn priority(users: usize, rate: f64, backend: Backend) -> anyhow::Result<()> {
+    let (hub, mut client, refs, terminals) =
+        hub_with_registered(backend, users, &["alpha", "beta", "gamma"]).await?;
+    let idle = integration_tests::latency::open_loop(
+        &client,
+        &refs,
+        rate,
+        Duration::from_secs(5),
+        terminals.watch_arrivals(),
+        "before",
+    )
+    .await;
+    println!(
+        "targeted at {rate}/s, idle, {backend:?}: {}",
+        idle.summary()
+    );
+    let started = Instant::now();
+    let broadcast = client
+        .send_message(broadcast_request("broadcast"))
+        .await?
+        .into_inner();
+    // Targeted messages while the broadcast is being expanded and handed over.
+    let during = integration_tests::latency::open_loop(
+        &client,
+        &refs,
+        rate,
+        Duration::from_secs(10),
+        terminals.watch_arrivals(),
+        "during",
+    )
+    .await;
+    let status = client
+        .get_message(pb::GetMessageRequest {
+            message_id: broadcast.message_id.clone(),
+        })
+        .await?
+        .into_inner();
+    println!(
+        "targeted at {rate}/s during a broadcast to {users}, {backend:?}: {} (broadcast after {:.1}s: {} of {} handed over)",
+        during.summary(),
+        started.elapsed().as_secs_f64(),
+        status.handed_over,
+        status.matched
+    );
+    hub.shutdown().await
+}
+
+/// A Carrier that only acknowledges.
+struct AckOnly;
+
+#[tonic::async_trait]
+impl chukei_proto::carrier::v1::carrier_server::Carrier for AckOnly {
+    type DeliverStream = tokio_stream::wrappers::ReceiverStream<
+        Result<chukei_proto::carrier::v1::CarrierToRelay, tonic::Status>,
+    >;
+
+    async fn deliver(
+        &self,
+        request: tonic::Request<tonic::Streaming<chukei_proto::carrier::v1::RelayToCarrier>>,
+    ) -> Result<tonic::Response<Self::DeliverStream>, tonic::Status> {
+        use chukei_proto::carrier::v1 as cpb;
+        let mut inbound = request.into_inner();
+        let (up, up_rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = inbound.message().await {
+                if let Some(cpb::relay_to_carrier::Kind::Batch(batch)) = message.kind {
+                    let ack = cpb::CarrierToRelay {
+                        kind: Some(cpb::carrier_to_relay::Kind::BatchAck(cpb::BatchAck {
+                            batch_id: batch.batch_id,
+                        })),
+                    };
+                    if up.send(Ok(ack)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(tonic::Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(up_rx),
+        ))
+    }
+}
+
+async fn transport(deliveries: usize, batch_size: usize, window: usize) -> anyhow::Result<()> {
+    use chukei_proto::carrier::v1 as cpb;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                cpb::carrier_server::CarrierServer::new(AckOnly)
+                    .max_decoding_message_size(64 * 1024 * 1024),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let mut client = cpb::carrier_client::CarrierClient::new(channel)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let (down, down_rx) = tokio::sync::mpsc::channel::<cpb::RelayToCarrier>(window + 4);
+    let mut up = client
+        .deliver(tokio_stream::wrappers::ReceiverStream::new(down_rx))
+        .await?
+        .into_inner();
+    // Deliveries as the relay's dispatcher builds them.
+    let batch = |batch_id: u64| cpb::DeliveryBatch {
+        batch_id,
+        deliveries: (0..batch_size)
+            .map(|i| cpb::Delivery {
+                delivery_id: format!("{}", batch_id as usize * batch_size + i),
+                message_id: "msg_0192f0a0b1c2d3e4f5a6b7c8d9e0f1a2".into(),
+                user_id: format!("user-{:07}", i),
+                content: Some(common::Content {
+                    text: "benchmark".into(),
+                    ..Default::default()
+                }),
+                channel: common::Channel::Sms as i32,
+                not_before: Some(chukei_proto::clock::to_timestamp(0)),
+                expires_at: Some(chukei_proto::clock::to_timestamp(1_900_000_000_000)),
+                single_attempt: true,
+                ..Default::default()
+            })
+            .collect(),
+    };
+    let batches = deliveries.div_ceil(batch_size) as u64;
+    let started = Instant::now();
+    let mut sent = 0;
+    let mut acked = 0;
+    while acked < batches {
+        while sent < batches && sent - acked < window as u64 {
+            sent += 1;
+            down.send(cpb::RelayToCarrier {
+                kind: Some(cpb::relay_to_carrier::Kind::Batch(batch(sent))),
+            })
+            .await?;
+        }
+        match up.message().await? {
+            Some(_) => acked += 1,
+            None => anyhow::bail!("the stream ended"),
+        }
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "transport ceiling: {} deliveries in batches of {batch_size}, {window} in flight, over a bare Deliver stream: {:.2}s, {:.0} deliveries/s",
+        batches as usize * batch_size,
+        elapsed.as_secs_f64(),
+        (batches as usize * batch_size) as f64 / elapsed.as_secs_f64()
+    );
     Ok(())
 }
