@@ -25,7 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::receipts::{CountReport, EventKind, MessageCount, Receipt};
-use crate::storage::{DueDelivery, Store};
+use crate::storage::{DueDelivery, Lane, Store};
 use crate::targeting::Channel;
 
 /// How the dispatchers batch and pace.
@@ -319,8 +319,8 @@ impl Dispatcher {
         let mut new_work = self.handle.new_work.subscribe();
         let mut poll = tokio::time::interval(self.config.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut in_flight: HashMap<u64, Vec<(String, Vec<i64>)>> = HashMap::new();
-        let mut cursor = 0_i64;
+        let mut in_flight: InFlight = HashMap::new();
+        let mut cursors = [0_i64; 2];
         let mut next_batch_id = 1_u64;
         let mut windows = WindowCache::default();
         let mut notices_in_flight = false;
@@ -349,51 +349,27 @@ impl Dispatcher {
                     notices_in_flight = true;
                 }
             }
-            // Fill the window with due deliveries.
-            while in_flight.len() < self.config.batches_in_flight {
-                let started = std::time::Instant::now();
-                let due = self
-                    .store
-                    .due_deliveries(
-                        &self.carrier_id,
-                        cursor,
-                        self.clock.now_ms(),
-                        self.config.batch_size,
-                    )
-                    .await?;
-                tracing::debug!(
-                    due = due.len(),
-                    elapsed_us = started.elapsed().as_micros() as u64,
-                    "due deliveries read"
-                );
-                let Some(last) = due.last() else {
-                    if in_flight.is_empty() {
-                        // Start over from the lowest id: rows committed out of id order are not skipped.
-                        cursor = 0;
-                    }
-                    break;
-                };
-                cursor = last.id;
-                let ids = ids_by_message(&due);
-                let traces = telemetry::step_per_message(
-                    "relay.hand_over",
-                    due.iter()
-                        .map(|d| (d.message_id.as_str(), d.trace_parent.as_str())),
-                );
-                let batch = pb::DeliveryBatch {
-                    batch_id: next_batch_id,
-                    deliveries: due
-                        .into_iter()
-                        .map(|d| to_wire(d, &mut windows, &traces))
-                        .collect(),
-                };
-                down.send(pb::RelayToCarrier {
-                    kind: Some(pb::relay_to_carrier::Kind::Batch(batch)),
-                })
-                .await?;
-                in_flight.insert(next_batch_id, ids);
-                next_batch_id += 1;
-            }
+            // The priority lane first, beside the bulk window; then the bulk lane.
+            let mut batch = Batching {
+                in_flight: &mut in_flight,
+                next_batch_id: &mut next_batch_id,
+                windows: &mut windows,
+                down: &down,
+            };
+            self.fill(
+                Lane::Priority,
+                PRIORITY_IN_FLIGHT,
+                &mut cursors[0],
+                &mut batch,
+            )
+            .await?;
+            self.fill(
+                Lane::Bulk,
+                self.config.batches_in_flight,
+                &mut cursors[1],
+                &mut batch,
+            )
+            .await?;
             tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
                 message = up.message() => {
@@ -413,15 +389,79 @@ impl Dispatcher {
         }
     }
 
+    /// Sends due deliveries of `lane` in batches while fewer than `window`
+    /// of the lane's batches are in flight. `cursor` is the lane's last id
+    /// sent; it starts over from the lowest when the lane has nothing due
+    /// and nothing in flight, so rows committed out of id order are not
+    /// skipped.
+    async fn fill(
+        &self,
+        lane: Lane,
+        window: usize,
+        cursor: &mut i64,
+        batch: &mut Batching<'_>,
+    ) -> anyhow::Result<()> {
+        let in_lane = |in_flight: &InFlight| in_flight.values().filter(|(l, _)| *l == lane).count();
+        while in_lane(batch.in_flight) < window {
+            let started = std::time::Instant::now();
+            let due = self
+                .store
+                .due_in_lane(
+                    &self.carrier_id,
+                    lane,
+                    *cursor,
+                    self.clock.now_ms(),
+                    self.config.batch_size,
+                )
+                .await?;
+            tracing::debug!(
+                due = due.len(),
+                ?lane,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "due deliveries read"
+            );
+            let Some(last) = due.last() else {
+                if in_lane(batch.in_flight) == 0 {
+                    *cursor = 0;
+                }
+                break;
+            };
+            *cursor = last.id;
+            let ids = ids_by_message(&due);
+            let traces = telemetry::step_per_message(
+                "relay.hand_over",
+                due.iter()
+                    .map(|d| (d.message_id.as_str(), d.trace_parent.as_str())),
+            );
+            let batch_id = *batch.next_batch_id;
+            let deliveries = pb::DeliveryBatch {
+                batch_id,
+                deliveries: due
+                    .into_iter()
+                    .map(|d| to_wire(d, batch.windows, &traces))
+                    .collect(),
+            };
+            batch
+                .down
+                .send(pb::RelayToCarrier {
+                    kind: Some(pb::relay_to_carrier::Kind::Batch(deliveries)),
+                })
+                .await?;
+            batch.in_flight.insert(batch_id, (lane, ids));
+            *batch.next_batch_id += 1;
+        }
+        Ok(())
+    }
+
     async fn handle_up(
         &self,
         message: pb::CarrierToRelay,
-        in_flight: &mut HashMap<u64, Vec<(String, Vec<i64>)>>,
+        in_flight: &mut InFlight,
         down: &mpsc::Sender<pb::RelayToCarrier>,
     ) -> anyhow::Result<()> {
         match message.kind {
             Some(pb::carrier_to_relay::Kind::BatchAck(ack)) => {
-                if let Some(ids) = in_flight.remove(&ack.batch_id) {
+                if let Some((_, ids)) = in_flight.remove(&ack.batch_id) {
                     let started = std::time::Instant::now();
                     self.store
                         .mark_handed_over(&ids, self.clock.now_ms())
@@ -506,6 +546,20 @@ impl Dispatcher {
 
 /// A batch's delivery ids grouped by message (batches are in id order, so a
 /// message's deliveries mostly come in one run).
+/// Batches of each carrier's priority lane in flight beside the bulk window.
+const PRIORITY_IN_FLIGHT: usize = 2;
+
+/// Batches sent and not yet acknowledged: their lane and delivery ids by message.
+type InFlight = HashMap<u64, (Lane, Vec<(String, Vec<i64>)>)>;
+
+/// What sending a batch on one carrier stream updates.
+struct Batching<'a> {
+    in_flight: &'a mut InFlight,
+    next_batch_id: &'a mut u64,
+    windows: &'a mut WindowCache,
+    down: &'a mpsc::Sender<pb::RelayToCarrier>,
+}
+
 /// Erasure notices sent to a carrier at once.
 const NOTICES_PER_BATCH: u32 = 1_000;
 

@@ -329,8 +329,10 @@ async fn two_relays_share_the_work_and_one_takes_over(backend: Backend) {
 /// A slow carrier (paced) takes batches only as fast as it can: the backlog
 /// waits at the relay, which shows it and how long it should take, and
 /// everything still arrives once.
-async fn a_slow_carrier_leaves_a_visible_backlog_at_the_relay(backend: Backend) {
-    let settings = Settings {
+/// A carrier that takes 40 deliveries a second, fed in batches of 10, two
+/// in flight: a backlog of more than a few dozen waits at the relay.
+fn paced() -> Settings {
+    Settings {
         tuning: Tuning {
             batch_size: 10,
             batches_in_flight: 2,
@@ -338,7 +340,11 @@ async fn a_slow_carrier_leaves_a_visible_backlog_at_the_relay(backend: Backend) 
         },
         carrier_pace_per_sec: 40,
         ..Settings::default()
-    };
+    }
+}
+
+async fn a_slow_carrier_leaves_a_visible_backlog_at_the_relay(backend: Backend) {
+    let settings = paced();
     let Some((hub, key, terminals, registered)) =
         campaign_hub_with(backend, &["alpha"], 25, 150, settings).await
     else {
@@ -372,6 +378,66 @@ async fn a_slow_carrier_leaves_a_visible_backlog_at_the_relay(backend: Backend) 
         .await;
     assert_eq!((done.backlog, done.expected_drain), (0, None));
     assert_exactly_once(&terminals, &sent.message_id, &registered);
+    hub.shutdown().await.unwrap();
+}
+
+/// A targeted message does not wait behind a campaign's backlog: a slow
+/// carrier (40 deliveries a second) has a broadcast of 150 to work through,
+/// and a message to one person sent just after it is delivered while most
+/// of the broadcast is still waiting at the relay. Without the priority
+/// lane it would come after all of it.
+async fn a_targeted_message_overtakes_a_campaign_backlog(backend: Backend) {
+    let settings = paced();
+    let Some((hub, key, terminals, _)) =
+        campaign_hub_with(backend, &["alpha"], 26, 150, settings).await
+    else {
+        return;
+    };
+    let mut client = hub.enterprise(&key).await.unwrap();
+    let someone = client
+        .list_registrations(pb::ListRegistrationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .registrations
+        .pop()
+        .unwrap()
+        .user_ref;
+    let campaign = client
+        .send_message(broadcast("backlog", "for everyone"))
+        .await
+        .unwrap()
+        .into_inner();
+    hub.wait_for_message(&key, &campaign.message_id, |s| {
+        s.matched > 100 && s.handed_over > 0
+    })
+    .await;
+    let targeted = client
+        .send_message(integration_tests::send_request(
+            "urgent",
+            pb::target::Kind::Refs(pb::RefList {
+                refs: vec![someone],
+            }),
+            "your train leaves from platform 4",
+            chukei_proto::common::v1::Channel::Sms,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    hub.wait_for_message(&key, &targeted.message_id, |s| s.delivered == 1)
+        .await;
+    let behind = client
+        .get_message(pb::GetMessageRequest {
+            message_id: campaign.message_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        behind.backlog > 60,
+        "the targeted message waited for the campaign: {behind:?}"
+    );
+    assert_eq!(terminals.recipients(&targeted.message_id).len(), 1);
     hub.shutdown().await.unwrap();
 }
 
@@ -517,6 +583,7 @@ backend_tests!(
     deliveries_a_carrier_lost_are_offered_again,
     deliveries_no_carrier_confirms_expire_at_the_relay,
     a_slow_carrier_leaves_a_visible_backlog_at_the_relay,
+    a_targeted_message_overtakes_a_campaign_backlog,
     two_relays_share_the_work_and_one_takes_over,
     a_carrier_killed_mid_campaign_loses_nothing,
     a_relay_killed_with_pending_deliveries_loses_nothing,

@@ -307,6 +307,11 @@ impl Store {
                 time_per_person!(tx, self, message_id, plan, now);
                 let quiet = planning::open_quiet_periods(message_id, timing.0, now, attention);
                 execute_all!(tx, message_id, quiet)?;
+                // A targeted message goes before campaigns' backlogs.
+                sqlx::query("UPDATE deliveries SET lane = 0 WHERE message_id = $1")
+                    .bind(message_id)
+                    .execute(&mut *tx)
+                    .await?;
                 let count = finish_expansion!(tx, message_id);
                 matched = Some(count);
             } else if terms.bid_id.is_some() {

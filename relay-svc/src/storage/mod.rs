@@ -38,7 +38,7 @@ pub use receipts::{CarrierCounts, MessageCounts};
 pub use registry::RegistrationRow;
 pub use stats::{Cube, Reconciliation, SummedCells};
 pub use tenants::ApiKeyRow;
-pub use transfer::DueDelivery;
+pub use transfer::{DueDelivery, Lane};
 
 use crate::error::Result;
 

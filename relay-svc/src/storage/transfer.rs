@@ -27,10 +27,18 @@ pub struct DueDelivery {
     pub trace_parent: String,
 }
 
+/// A carrier's two queues: targeted messages' first attempts go before
+/// campaigns', whatever their ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Priority = 0,
+    Bulk = 1,
+}
+
 impl Store {
     /// Up to `limit` pending deliveries of `carrier_id` with ids above
     /// `after_id` that may go now (not before their time, inside a window held
-    /// at the relay, not expired), in id order.
+    /// at the relay, not expired), in id order, from both lanes.
     pub async fn due_deliveries(
         &self,
         carrier_id: &str,
@@ -38,6 +46,34 @@ impl Store {
         now: i64,
         limit: u32,
     ) -> Result<Vec<DueDelivery>> {
+        self.due(carrier_id, None, after_id, now, limit).await
+    }
+
+    /// [`Store::due_deliveries`] of one lane.
+    pub async fn due_in_lane(
+        &self,
+        carrier_id: &str,
+        lane: Lane,
+        after_id: i64,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<DueDelivery>> {
+        self.due(carrier_id, Some(lane), after_id, now, limit).await
+    }
+
+    async fn due(
+        &self,
+        carrier_id: &str,
+        lane: Option<Lane>,
+        after_id: i64,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<DueDelivery>> {
+        let lane = match lane {
+            None => "",
+            Some(Lane::Priority) => " AND d.lane = 0",
+            Some(Lane::Bulk) => " AND d.lane = 1",
+        };
         type Row = (
             i64,
             String,
@@ -53,17 +89,18 @@ impl Store {
             bool,
             String,
         );
-        let rows: Vec<Row> = on_pool!(self, pool => sqlx::query_as(
+        let sql = format!(
             "SELECT d.id, d.message_id, d.user_id, m.content_text, m.media_url, m.subject,
                     m.suggested_replies, d.channel, d.not_before, m.expires_at,
                     CASE WHEN m.window_at_carrier THEN m.delivery_window END, m.single_attempt,
                     m.trace_parent
              FROM deliveries d JOIN messages m ON m.id = d.message_id
-             WHERE d.carrier_id = $1 AND d.state = 0 AND d.id > $2 AND d.not_before <= $3
+             WHERE d.carrier_id = $1 AND d.state = 0{lane} AND d.id > $2 AND d.not_before <= $3
                AND (d.window_close IS NULL OR d.window_close > $3) AND m.expires_at > $3
              ORDER BY d.id
-             LIMIT $4",
-        )
+             LIMIT $4"
+        );
+        let rows: Vec<Row> = on_pool!(self, pool => sqlx::query_as(AssertSqlSafe(sql.clone()))
         .bind(carrier_id)
         .bind(after_id)
         .bind(now)
