@@ -108,6 +108,14 @@ fn segment(key: &str, segment: pb::Segment) -> pb::SendMessageRequest {
     )
 }
 
+/// Everyone sharing a region at or below `region`.
+fn in_region(region: &str) -> pb::Segment {
+    pb::Segment {
+        regions: vec![region.into()],
+        ..Default::default()
+    }
+}
+
 fn refused_for(result: Result<tonic::Response<impl std::fmt::Debug>, tonic::Status>) -> String {
     let status = result.expect_err("must be refused");
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
@@ -206,13 +214,7 @@ async fn withdrawal_mid_campaign_reaches_nobody_who_withdrew(backend: Backend) {
         .send_message(pb::SendMessageRequest {
             window: Some(window),
             window_mode: pb::WindowMode::HeldAtRelay as i32,
-            ..segment(
-                "tokyo",
-                pb::Segment {
-                    regions: vec!["tokyo".into()],
-                    ..Default::default()
-                },
-            )
+            ..segment("tokyo", in_region("tokyo"))
         })
         .await
         .unwrap()
@@ -257,13 +259,7 @@ async fn withdrawal_mid_campaign_reaches_nobody_who_withdrew(backend: Backend) {
 
     // A new segment is decided on what people share now.
     let again = client
-        .send_message(segment(
-            "tokyo-again",
-            pb::Segment {
-                regions: vec!["tokyo".into()],
-                ..Default::default()
-            },
-        ))
+        .send_message(segment("tokyo-again", in_region("tokyo")))
         .await
         .unwrap()
         .into_inner();
@@ -403,10 +399,7 @@ async fn differencing_cannot_isolate_one_person(backend: Backend) {
         refs.push(register(&mut api, user, &shop, share_all()).await);
     }
     let mut client = hub.enterprise(&key).await.unwrap();
-    let tokyo = || pb::Segment {
-        regions: vec!["tokyo".into()],
-        ..Default::default()
-    };
+    let tokyo = || in_region("tokyo");
     let tokyo_women = || pb::Segment {
         gender: common::Gender::Female as i32,
         ..tokyo()
@@ -459,25 +452,13 @@ async fn differencing_cannot_isolate_one_person(backend: Backend) {
     let alone = refused_for(client.send_message(segment("men", men)).await);
     let nobody = refused_for(
         client
-            .send_message(segment(
-                "nobody",
-                pb::Segment {
-                    regions: vec!["kyoto".into()],
-                    ..Default::default()
-                },
-            ))
+            .send_message(segment("nobody", in_region("kyoto")))
             .await,
     );
     assert_eq!(alone, nobody);
     // A segment that differs by enough is fine.
     let osaka = client
-        .send_message(segment(
-            "osaka",
-            pb::Segment {
-                regions: vec!["osaka".into()],
-                ..Default::default()
-            },
-        ))
+        .send_message(segment("osaka", in_region("osaka")))
         .await
         .unwrap()
         .into_inner();
