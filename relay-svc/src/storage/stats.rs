@@ -50,6 +50,11 @@ struct Rollup {
     only: &'static str,
 }
 
+/// Per-person rows are kept only for people still in the hub (a contract)
+/// or, per ref, still registered with the enterprise: events of a person
+/// erased meanwhile still count in the cubes but rebuild no per-person row.
+const IN_THE_HUB: &str = "EXISTS (SELECT 1 FROM contracts c WHERE c.user_id = e.user_id)";
+
 const SENT: (&str, i64) = ("sent", 1);
 const DELIVERED: (&str, i64) = ("delivered", 2);
 const OPENED: (&str, i64) = ("opened", 3);
@@ -93,7 +98,7 @@ const ROLLUPS: [Rollup; 5] = [
             ("channel", "e.channel"),
         ],
         counts: &[SENT, DELIVERED, OPENED],
-        only: "TRUE",
+        only: IN_THE_HUB,
     },
     // What an enterprise sees per ref: never messages that chose their
     // people by attributes, whose recipients would reveal those attributes.
@@ -105,13 +110,13 @@ const ROLLUPS: [Rollup; 5] = [
             ("channel", "e.channel"),
         ],
         counts: &[SENT, DELIVERED, OPENED],
-        only: "NOT m.by_attributes",
+        only: "NOT m.by_attributes AND EXISTS (SELECT 1 FROM registrations r WHERE r.enterprise_id = m.enterprise_id AND r.user_id = e.user_id)",
     },
     Rollup {
         table: "person_hours",
         key: &[("user_id", "e.user_id"), ("hour", "(e.at / 3600000) % 24")],
         counts: &[OPENED],
-        only: "TRUE",
+        only: IN_THE_HUB,
     },
 ];
 
@@ -210,7 +215,7 @@ impl Store {
                 });
                 places.push(
                     ") AS v JOIN events e ON e.message_id = v.column1 AND e.user_id = v.column2 AND e.kind = v.column3
-                     WHERE e.kind IN (2, 3) AND e.region <> ''",
+                     WHERE e.kind IN (2, 3) AND e.region <> '' AND EXISTS (SELECT 1 FROM contracts c WHERE c.user_id = e.user_id)",
                 );
                 let seen: Vec<(String, String, i64)> = places.build_query_as().fetch_all(&mut *tx).await?;
                 let mut latest: HashMap<&str, (&str, i64)> = HashMap::new();
