@@ -958,3 +958,31 @@ pub async fn refs_by_user(
     }
     refs
 }
+
+/// Raw SQL below the storage seam, for tests that look at (or tamper with)
+/// what the relay stored: `sql` with `$1` bound to `bind`, one integer back.
+pub async fn sql_scalar(store: &relay_svc::storage::Store, sql: &str, bind: &str) -> i64 {
+    use relay_svc::storage::Store;
+    let sql = || sqlx::AssertSqlSafe(sql.to_owned());
+    match store {
+        Store::Sqlite(pool) => sqlx::query_scalar(sql()).bind(bind).fetch_one(pool).await,
+        Store::Postgres(pool) => sqlx::query_scalar(sql()).bind(bind).fetch_one(pool).await,
+    }
+    .expect("the query runs")
+}
+
+/// Runs one statement below the storage seam; the database's answer.
+pub async fn sql_execute(store: &relay_svc::storage::Store, sql: &str) -> Result<u64, sqlx::Error> {
+    use relay_svc::storage::Store;
+    let sql = || sqlx::AssertSqlSafe(sql.to_owned());
+    match store {
+        Store::Sqlite(pool) => sqlx::query(sql())
+            .execute(pool)
+            .await
+            .map(|d| d.rows_affected()),
+        Store::Postgres(pool) => sqlx::query(sql())
+            .execute(pool)
+            .await
+            .map(|d| d.rows_affected()),
+    }
+}

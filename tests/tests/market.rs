@@ -762,27 +762,9 @@ async fn the_ledger_charges_deduplicated_events_once(backend: Backend) {
     assert_eq!(total[0].amount, 17);
 
     // The ledger is append-only on either backend.
-    let tampered = match store {
-        Store::Sqlite(pool) => sqlx::query("UPDATE ledger SET amount = 0")
-            .execute(pool)
-            .await
-            .map(|_| ()),
-        Store::Postgres(pool) => sqlx::query("UPDATE ledger SET amount = 0")
-            .execute(pool)
-            .await
-            .map(|_| ()),
-    };
+    let tampered = integration_tests::sql_execute(store, "UPDATE ledger SET amount = 0").await;
     assert!(tampered.is_err(), "updating the ledger must fail");
-    let deleted = match store {
-        Store::Sqlite(pool) => sqlx::query("DELETE FROM ledger")
-            .execute(pool)
-            .await
-            .map(|_| ()),
-        Store::Postgres(pool) => sqlx::query("DELETE FROM ledger")
-            .execute(pool)
-            .await
-            .map(|_| ()),
-    };
+    let deleted = integration_tests::sql_execute(store, "DELETE FROM ledger").await;
     assert!(deleted.is_err(), "deleting from the ledger must fail");
     assert_eq!(store.message_charges("msg_1").await.unwrap(), 17);
 

@@ -123,18 +123,7 @@ fn refused_for(result: Result<tonic::Response<impl std::fmt::Debug>, tonic::Stat
 }
 
 async fn count(store: &Store, sql: &str, bind: &str) -> i64 {
-    match store {
-        Store::Sqlite(pool) => sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
-            .bind(bind.to_owned())
-            .fetch_one(pool)
-            .await
-            .unwrap(),
-        Store::Postgres(pool) => sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
-            .bind(bind.to_owned())
-            .fetch_one(pool)
-            .await
-            .unwrap(),
-    }
+    integration_tests::sql_scalar(store, sql, bind).await
 }
 
 /// The terminal shows exactly what would be stored; a person who withdraws
@@ -575,11 +564,7 @@ async fn the_audit_chain_finds_a_modified_entry(backend: Backend) {
     let tamper = |sql: &'static str| {
         let store = store.clone();
         async move {
-            match &store {
-                Store::Sqlite(pool) => sqlx::query(sql).execute(pool).await.map(|_| ()),
-                Store::Postgres(pool) => sqlx::query(sql).execute(pool).await.map(|_| ()),
-            }
-            .unwrap()
+            integration_tests::sql_execute(&store, sql).await.unwrap();
         }
     };
     tamper("UPDATE audit_log SET detail = 'nothing happened' WHERE seq = 3").await;
