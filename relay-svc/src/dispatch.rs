@@ -324,9 +324,13 @@ impl Dispatcher {
         let mut next_batch_id = 1_u64;
         let mut windows = WindowCache::default();
         let mut notices_in_flight = false;
+        // The outbox is looked at when woken for new work or by the poll,
+        // and after an acknowledgement, not on every message up the stream.
+        let mut look_at_outbox = true;
         loop {
             // Erasure notices, one batch at a time: deleted when acknowledged.
-            if !notices_in_flight {
+            if look_at_outbox && !notices_in_flight {
+                look_at_outbox = false;
                 let notices = self
                     .store
                     .outbox(&self.carrier_id, NOTICES_PER_BATCH)
@@ -380,11 +384,15 @@ impl Dispatcher {
                         let ids: Vec<i64> = ack.notice_ids.iter().map(|id| *id as i64).collect();
                         self.store.outbox_done(&self.carrier_id, &ids).await?;
                         notices_in_flight = false;
+                        look_at_outbox = true;
                     }
                     self.handle_up(message, &mut in_flight, &down).await?;
                 }
-                changed = new_work.changed() => changed?,
-                _ = poll.tick() => {}
+                changed = new_work.changed() => {
+                    changed?;
+                    look_at_outbox = true;
+                }
+                _ = poll.tick() => look_at_outbox = true,
             }
         }
     }
