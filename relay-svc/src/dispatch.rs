@@ -327,6 +327,11 @@ impl Dispatcher {
         // The outbox is looked at when woken for new work or by the poll,
         // and after an acknowledgement, not on every message up the stream.
         let mut look_at_outbox = true;
+        let mut catch_up = [false; 2];
+        // A lane whose last read came back short has nothing more due until
+        // new work is signalled, receipts plan follow-ups, or the poll: an
+        // acknowledgement alone does not send it back to the database.
+        let mut drained = [false; 2];
         loop {
             // Erasure notices, one batch at a time: deleted when acknowledged.
             if look_at_outbox && !notices_in_flight {
@@ -364,6 +369,8 @@ impl Dispatcher {
                 Lane::Priority,
                 PRIORITY_IN_FLIGHT,
                 &mut cursors[0],
+                &mut catch_up[0],
+                &mut drained[0],
                 &mut batch,
             )
             .await?;
@@ -371,6 +378,8 @@ impl Dispatcher {
                 Lane::Bulk,
                 self.config.batches_in_flight,
                 &mut cursors[1],
+                &mut catch_up[1],
+                &mut drained[1],
                 &mut batch,
             )
             .await?;
@@ -386,13 +395,21 @@ impl Dispatcher {
                         notices_in_flight = false;
                         look_at_outbox = true;
                     }
+                    if matches!(message.kind, Some(pb::carrier_to_relay::Kind::Receipts(_))) {
+                        drained = [false; 2];
+                    }
                     self.handle_up(message, &mut in_flight, &down).await?;
                 }
                 changed = new_work.changed() => {
                     changed?;
                     look_at_outbox = true;
+                    drained = [false; 2];
                 }
-                _ = poll.tick() => look_at_outbox = true,
+                _ = poll.tick() => {
+                    look_at_outbox = true;
+                    catch_up = [true; 2];
+                    drained = [false; 2];
+                }
             }
         }
     }
@@ -400,24 +417,34 @@ impl Dispatcher {
     /// Sends due deliveries of `lane` in batches while fewer than `window`
     /// of the lane's batches are in flight. `cursor` is the lane's last id
     /// sent; it starts over from the lowest when the lane has nothing due
-    /// and nothing in flight, so rows committed out of id order are not
-    /// skipped.
+    /// and nothing in flight. A row can appear below the cursor while the
+    /// lane stays busy — committed out of id order by another writer, or
+    /// released from waiting (a quiet period, a send time, a window) — so
+    /// after each poll (`catch_up`, cleared once done) the rows below the
+    /// lane's lowest batch in flight are read first, at the lane's next free
+    /// place in the window. `drained`: the last read came back short.
     async fn fill(
         &self,
         lane: Lane,
         window: usize,
         cursor: &mut i64,
+        catch_up: &mut bool,
+        drained: &mut bool,
         batch: &mut Batching<'_>,
     ) -> anyhow::Result<()> {
         let in_lane = |in_flight: &InFlight| in_flight.values().filter(|(l, _)| *l == lane).count();
-        while in_lane(batch.in_flight) < window {
+        if *catch_up && in_lane(batch.in_flight) < window {
+            *catch_up = false;
+            self.catch_up(lane, *cursor, batch).await?;
+        }
+        while !*drained && in_lane(batch.in_flight) < window {
             let started = std::time::Instant::now();
             let due = self
                 .store
                 .due_in_lane(
                     &self.carrier_id,
                     lane,
-                    *cursor,
+                    *cursor..i64::MAX,
                     self.clock.now_ms(),
                     self.config.batch_size,
                 )
@@ -428,6 +455,7 @@ impl Dispatcher {
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "due deliveries read"
             );
+            *drained = due.len() < self.config.batch_size as usize;
             let Some(last) = due.last() else {
                 if in_lane(batch.in_flight) == 0 {
                     *cursor = 0;
@@ -435,29 +463,75 @@ impl Dispatcher {
                 break;
             };
             *cursor = last.id;
-            let ids = ids_by_message(&due);
-            let traces = telemetry::step_per_message(
-                "relay.hand_over",
-                due.iter()
-                    .map(|d| (d.message_id.as_str(), d.trace_parent.as_str())),
-            );
-            let batch_id = *batch.next_batch_id;
-            let deliveries = pb::DeliveryBatch {
-                batch_id,
-                deliveries: due
-                    .into_iter()
-                    .map(|d| to_wire(d, batch.windows, &traces))
-                    .collect(),
-            };
-            batch
-                .down
-                .send(pb::RelayToCarrier {
-                    kind: Some(pb::relay_to_carrier::Kind::Batch(deliveries)),
-                })
-                .await?;
-            batch.in_flight.insert(batch_id, (lane, ids));
-            *batch.next_batch_id += 1;
+            self.send(lane, due, batch).await?;
         }
+        Ok(())
+    }
+
+    /// Reads the rows of `lane` below its lowest batch in flight (below
+    /// `cursor` when none is) and sends them as one batch.
+    async fn catch_up(
+        &self,
+        lane: Lane,
+        cursor: i64,
+        batch: &mut Batching<'_>,
+    ) -> anyhow::Result<()> {
+        if cursor == 0 {
+            return Ok(());
+        }
+        let lowest_in_flight = batch
+            .in_flight
+            .values()
+            .filter(|(l, _)| *l == lane)
+            .filter_map(|(_, ids)| ids.first().copied())
+            .min()
+            .unwrap_or(cursor + 1);
+        let due = self
+            .store
+            .due_in_lane(
+                &self.carrier_id,
+                lane,
+                0..lowest_in_flight,
+                self.clock.now_ms(),
+                self.config.batch_size,
+            )
+            .await?;
+        if !due.is_empty() {
+            tracing::debug!(due = due.len(), ?lane, "rows found below the cursor");
+            self.send(lane, due, batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends `due` as one batch of `lane` and keeps it in flight.
+    async fn send(
+        &self,
+        lane: Lane,
+        due: Vec<DueDelivery>,
+        batch: &mut Batching<'_>,
+    ) -> anyhow::Result<()> {
+        let ids: Vec<i64> = due.iter().map(|d| d.id).collect();
+        let traces = telemetry::step_per_message(
+            "relay.hand_over",
+            due.iter()
+                .map(|d| (d.message_id.as_str(), d.trace_parent.as_str())),
+        );
+        let batch_id = *batch.next_batch_id;
+        let deliveries = pb::DeliveryBatch {
+            batch_id,
+            deliveries: due
+                .into_iter()
+                .map(|d| to_wire(d, batch.windows, &traces))
+                .collect(),
+        };
+        batch
+            .down
+            .send(pb::RelayToCarrier {
+                kind: Some(pb::relay_to_carrier::Kind::Batch(deliveries)),
+            })
+            .await?;
+        batch.in_flight.insert(batch_id, (lane, ids));
+        *batch.next_batch_id += 1;
         Ok(())
     }
 
@@ -474,7 +548,7 @@ impl Dispatcher {
                     self.store
                         .mark_handed_over(&ids, self.clock.now_ms())
                         .await?;
-                    let attempts: usize = ids.iter().map(|(_, ids)| ids.len()).sum();
+                    let attempts = ids.len();
                     self.handle.handed_over(&self.carrier_id, attempts as u64);
                     self.config
                         .metrics
@@ -482,7 +556,7 @@ impl Dispatcher {
                         .add(&[("carrier", self.carrier_id.as_str())], attempts as u64);
                     tracing::debug!(
                         batch_id = ack.batch_id,
-                        messages = ids.len(),
+                        deliveries = attempts,
                         elapsed_us = started.elapsed().as_micros() as u64,
                         "batch handed over"
                     );
@@ -558,7 +632,7 @@ impl Dispatcher {
 const PRIORITY_IN_FLIGHT: usize = 2;
 
 /// Batches sent and not yet acknowledged: their lane and delivery ids by message.
-type InFlight = HashMap<u64, (Lane, Vec<(String, Vec<i64>)>)>;
+type InFlight = HashMap<u64, (Lane, Vec<i64>)>;
 
 /// What sending a batch on one carrier stream updates.
 struct Batching<'a> {
@@ -570,20 +644,6 @@ struct Batching<'a> {
 
 /// Erasure notices sent to a carrier at once.
 const NOTICES_PER_BATCH: u32 = 1_000;
-
-fn ids_by_message(due: &[DueDelivery]) -> Vec<(String, Vec<i64>)> {
-    let mut groups: Vec<(String, Vec<i64>)> = Vec::new();
-    for delivery in due {
-        match groups
-            .iter_mut()
-            .find(|(message_id, _)| *message_id == delivery.message_id)
-        {
-            Some((_, ids)) => ids.push(delivery.id),
-            None => groups.push((delivery.message_id.clone(), vec![delivery.id])),
-        }
-    }
-    groups
-}
 
 /// Windows passed to carriers, decoded once per stored form (a zone lookup is
 /// not free, and a campaign's deliveries all share one).

@@ -84,14 +84,36 @@ impl From<chukei_proto::validate::FieldError> for Error {
 
 impl From<sqlx::Error> for Error {
     fn from(error: sqlx::Error) -> Self {
-        match &error {
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::WorkerCrashed => Self::Unavailable(error),
-            sqlx::Error::Database(db) if is_transient(db.as_ref()) => Self::Unavailable(error),
-            _ => Self::Internal(error.into()),
+        if is_unavailable(&error) {
+            Self::Unavailable(error)
+        } else {
+            Self::Internal(error.into())
         }
+    }
+}
+
+impl Error {
+    /// A failure shared by several callers (a group commit that failed):
+    /// the same class as [`From<sqlx::Error>`] gives, its cause in words.
+    pub fn shared(cause: &sqlx::Error) -> Self {
+        let words = format!("shared commit failed: {cause}");
+        if is_unavailable(cause) {
+            Self::Unavailable(sqlx::Error::Io(std::io::Error::other(words)))
+        } else {
+            Self::Internal(anyhow::anyhow!(words))
+        }
+    }
+}
+
+/// A lost, full, busy or closed database: the caller may retry.
+fn is_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => is_transient(db.as_ref()),
+        _ => false,
     }
 }
 

@@ -965,8 +965,8 @@ pub async fn sql_scalar(store: &relay_svc::storage::Store, sql: &str, bind: &str
     use relay_svc::storage::Store;
     let sql = || sqlx::AssertSqlSafe(sql.to_owned());
     match store {
-        Store::Sqlite(pool) => sqlx::query_scalar(sql()).bind(bind).fetch_one(pool).await,
-        Store::Postgres(pool) => sqlx::query_scalar(sql()).bind(bind).fetch_one(pool).await,
+        Store::Sqlite(pool, _) => sqlx::query_scalar(sql()).bind(bind).fetch_one(pool).await,
+        Store::Postgres(pool, _) => sqlx::query_scalar(sql()).bind(bind).fetch_one(pool).await,
     }
     .expect("the query runs")
 }
@@ -976,11 +976,11 @@ pub async fn sql_execute(store: &relay_svc::storage::Store, sql: &str) -> Result
     use relay_svc::storage::Store;
     let sql = || sqlx::AssertSqlSafe(sql.to_owned());
     match store {
-        Store::Sqlite(pool) => sqlx::query(sql())
+        Store::Sqlite(pool, _) => sqlx::query(sql())
             .execute(pool)
             .await
             .map(|d| d.rows_affected()),
-        Store::Postgres(pool) => sqlx::query(sql())
+        Store::Postgres(pool, _) => sqlx::query(sql())
             .execute(pool)
             .await
             .map(|d| d.rows_affected()),

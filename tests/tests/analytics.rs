@@ -96,11 +96,8 @@ async fn send(store: &Store, message_id: &str, channel: Channel, refs: Vec<Strin
         .await
         .unwrap();
     let due = store.due_deliveries("c1", 0, at, 100).await.unwrap();
-    let ids = due.iter().map(|d| d.id).collect();
-    store
-        .mark_handed_over(&[(message_id.to_owned(), ids)], at)
-        .await
-        .unwrap();
+    let ids: Vec<i64> = due.iter().map(|d| d.id).collect();
+    store.mark_handed_over(&ids, at).await.unwrap();
 }
 
 fn receipt(

@@ -441,6 +441,78 @@ async fn a_targeted_message_overtakes_a_campaign_backlog(backend: Backend) {
     hub.shutdown().await.unwrap();
 }
 
+/// A campaign's deliveries released from waiting while another campaign
+/// flows go out at the next poll: they lie below the dispatcher's cursor,
+/// which before the catch-up read only started over once the lane was idle.
+async fn deliveries_released_below_the_cursor_go_while_the_lane_is_busy(backend: Backend) {
+    let settings = paced();
+    let Some((hub, key, terminals, _)) =
+        campaign_hub_with(backend, &["alpha"], 27, 150, settings).await
+    else {
+        return;
+    };
+    let mut client = hub.enterprise(&key).await.unwrap();
+    // Held at the relay for a window a day away: its rows wait (lowest ids).
+    let tomorrow = chukei_proto::clock::Clock::system().now_ms() + 86_400_000;
+    let held = client
+        .send_message(pb::SendMessageRequest {
+            window: Some(common::DeliveryWindow {
+                kind: Some(common::delivery_window::Kind::Absolute(
+                    common::AbsoluteWindow {
+                        start: Some(chukei_proto::clock::to_timestamp(tomorrow)),
+                        end: Some(chukei_proto::clock::to_timestamp(tomorrow + 3_600_000)),
+                    },
+                )),
+            }),
+            window_mode: pb::WindowMode::HeldAtRelay as i32,
+            ..broadcast("held", "tomorrow's news")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    hub.wait_for_message(&key, &held.message_id, |s| s.matched > 100)
+        .await;
+    let campaign = client
+        .send_message(broadcast("backlog", "for everyone"))
+        .await
+        .unwrap()
+        .into_inner();
+    hub.wait_for_message(&key, &campaign.message_id, |s| {
+        s.matched > 100 && s.handed_over > 20
+    })
+    .await;
+    // What the follow-through does when a window opens, early.
+    let store = relay_svc::storage::Store::connect(hub.database_url())
+        .await
+        .unwrap();
+    let released = integration_tests::sql_execute(
+        &store,
+        &format!(
+            "UPDATE deliveries SET state = 0, not_before = 0, window_close = NULL WHERE message_id = '{}'",
+            held.message_id
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(released > 100);
+    hub.wait_for_message(&key, &held.message_id, |s| s.handed_over > 0)
+        .await;
+    let behind = client
+        .get_message(pb::GetMessageRequest {
+            message_id: campaign.message_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        behind.backlog > 30,
+        "the released deliveries waited for the campaign: {behind:?}"
+    );
+    store.close().await;
+    drop(terminals);
+    hub.shutdown().await.unwrap();
+}
+
 /// A hub on a manual clock whose fleet registered and then went away, so a
 /// broadcast is handed to the carrier and held there; with the
 /// reconciliation's `reoffer_after_secs` and `max_reoffers`.
@@ -584,6 +656,7 @@ backend_tests!(
     deliveries_no_carrier_confirms_expire_at_the_relay,
     a_slow_carrier_leaves_a_visible_backlog_at_the_relay,
     a_targeted_message_overtakes_a_campaign_backlog,
+    deliveries_released_below_the_cursor_go_while_the_lane_is_busy,
     two_relays_share_the_work_and_one_takes_over,
     a_carrier_killed_mid_campaign_loses_nothing,
     a_relay_killed_with_pending_deliveries_loses_nothing,

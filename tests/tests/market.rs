@@ -713,10 +713,7 @@ async fn the_ledger_charges_deduplicated_events_once(backend: Backend) {
                 .filter(|d| d.message_id == id)
                 .map(|d| d.id)
                 .collect();
-            store
-                .mark_handed_over(&[(id.to_owned(), ids)], 5)
-                .await
-                .unwrap();
+            store.mark_handed_over(&ids, 5).await.unwrap();
         }
     }
     // msg_1: u1 delivered and opened, reported by both its carriers (twice);
@@ -788,10 +785,7 @@ async fn the_ledger_charges_deduplicated_events_once(backend: Backend) {
         .filter(|d| d.message_id == "msg_3")
         .map(|d| d.id)
         .collect();
-    store
-        .mark_handed_over(&[("msg_3".to_owned(), ids)], five)
-        .await
-        .unwrap();
+    store.mark_handed_over(&ids, five).await.unwrap();
     let later = Receipt {
         at: five + 1_000,
         ..receipt("msg_3", "u1", EventKind::Delivered)
@@ -1088,10 +1082,7 @@ async fn concurrent_expansions_and_folds_count_once(backend: Backend) {
     let due = store.due_deliveries("c1", 0, 0, 1_000).await.unwrap();
     assert_eq!(due.len(), 203, "each recipient planned once");
     store
-        .mark_handed_over(
-            &[("msg_c".to_owned(), due.iter().map(|d| d.id).collect())],
-            5,
-        )
+        .mark_handed_over(&due.iter().map(|d| d.id).collect::<Vec<_>>(), 5)
         .await
         .unwrap();
     let receipts: Vec<Receipt> = due
@@ -1123,13 +1114,13 @@ async fn concurrent_expansions_and_folds_count_once(backend: Backend) {
         203 * 7 + 102 * 3
     );
     let counted: (i64, i64) = match store {
-        Store::Sqlite(pool) => sqlx::query_as(
+        Store::Sqlite(pool, _) => sqlx::query_as(
             "SELECT CAST(SUM(delivered) AS BIGINT), CAST(SUM(opened) AS BIGINT) FROM stats_cells",
         )
         .fetch_one(pool)
         .await
         .unwrap(),
-        Store::Postgres(pool) => sqlx::query_as(
+        Store::Postgres(pool, _) => sqlx::query_as(
             "SELECT CAST(SUM(delivered) AS BIGINT), CAST(SUM(opened) AS BIGINT) FROM stats_cells",
         )
         .fetch_one(pool)

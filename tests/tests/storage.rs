@@ -116,16 +116,10 @@ async fn receipts_count_once_whatever_arrives(backend: Backend) {
         "u1 fans out over both carriers"
     );
     // Acked twice (a resent batch): still one hand-over per person.
-    let c1_batch = vec![(
-        "msg_1".to_owned(),
-        c1.iter().map(|d| d.id).collect::<Vec<i64>>(),
-    )];
+    let c1_batch: Vec<i64> = c1.iter().map(|d| d.id).collect();
     store.mark_handed_over(&c1_batch, 5).await.unwrap();
     store.mark_handed_over(&c1_batch, 6).await.unwrap();
-    store
-        .mark_handed_over(&[("msg_1".to_owned(), vec![c2[0].id])], 7)
-        .await
-        .unwrap();
+    store.mark_handed_over(&[c2[0].id], 7).await.unwrap();
     assert_eq!(store.pending_count("c1").await.unwrap(), 0);
 
     // Duplicates, both carriers reporting the same person, a read before its delivered.
@@ -523,10 +517,7 @@ async fn a_read_and_its_delivery_in_one_batch_keep_the_delivery_time(backend: Ba
         .unwrap();
     let due = store.due_deliveries("c1", 0, 0, 100).await.unwrap();
     store
-        .mark_handed_over(
-            &[("msg_1".to_owned(), due.iter().map(|d| d.id).collect())],
-            5,
-        )
+        .mark_handed_over(&due.iter().map(|d| d.id).collect::<Vec<_>>(), 5)
         .await
         .unwrap();
     let at = |kind, user: &str, at| Receipt {
@@ -551,7 +542,119 @@ async fn a_read_and_its_delivery_in_one_batch_keep_the_delivery_time(backend: Ba
     fixture.close().await;
 }
 
+/// Concurrent accepts share transactions and commits (`group.rs`) but keep
+/// their own outcomes: a refusal in the middle of a group stores nothing of
+/// its own and nothing less of the others', a call with another's
+/// idempotency key in the same group answers with that message, and a call
+/// abandoned half-way is all there or not at all.
+async fn concurrent_accepts_keep_their_own_outcomes(backend: Backend) {
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
+    let store = &fixture.store;
+    let refs = seed_registry(store).await;
+    let attention = AttentionConfig::default();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..60 {
+        let store = store.clone();
+        // Every fifth names a person who is not registered; every seventh
+        // repeats the key of the call before it (same message).
+        let target = if i % 5 == 4 {
+            Target::Refs(vec![refs[1].clone(), "r_nobody".into()])
+        } else {
+            Target::Refs(vec![refs[1].clone()])
+        };
+        let key = if i % 7 == 6 && (i - 1) % 5 != 4 {
+            i - 1
+        } else {
+            i
+        };
+        let new = message(&format!("k{key}"), target, None);
+        calls.spawn(async move {
+            let stored = store
+                .accept_message("ent_1", &format!("msg_{i}"), &new, 0, 10_000, &attention)
+                .await;
+            (i, key, stored)
+        });
+    }
+    // Abandoned calls: dropped after 0 to 2.7 ms, wherever they are then.
+    for i in 100..110 {
+        let new = message(&format!("k{i}"), Target::Refs(vec![refs[1].clone()]), None);
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_micros((i - 100) * 300),
+            store.accept_message("ent_1", &format!("msg_{i}"), &new, 0, 10_000, &attention),
+        )
+        .await;
+    }
+    let mut accepted = std::collections::BTreeMap::new();
+    while let Some(joined) = calls.join_next().await {
+        let (i, key, stored) = joined.unwrap();
+        match stored {
+            Ok(stored) => {
+                assert_ne!(i % 5, 4, "call {i} names an unregistered ref");
+                assert_eq!(stored.row.matched, Some(1), "call {i}");
+                let previous = accepted.insert(key, stored.row.message_id.clone());
+                if let Some(previous) = previous {
+                    assert_eq!(previous, stored.row.message_id, "one message per key {key}");
+                }
+            }
+            Err(error) => {
+                assert_eq!(i % 5, 4, "call {i} refused: {error}");
+                assert_eq!(
+                    error.to_string(),
+                    "target.refs[1]: not registered with this enterprise"
+                );
+            }
+        }
+    }
+    // The refused calls stored nothing; each accepted key is one message
+    // with its delivery.
+    let stored = integration_tests::sql_scalar(
+        store,
+        "SELECT COUNT(*) FROM messages WHERE enterprise_id = $1 AND idempotency_key NOT LIKE 'k1__'",
+        "ent_1",
+    )
+    .await;
+    assert_eq!(stored, accepted.len() as i64);
+    for (key, message_id) in &accepted {
+        let row = store.message("ent_1", message_id).await.unwrap();
+        assert_eq!(row.map(|r| r.matched), Some(Some(1)), "key {key}");
+    }
+    // An abandoned call left its message whole or not at all.
+    for i in 100..110 {
+        let id = format!("msg_{i}");
+        let messages = integration_tests::sql_scalar(
+            store,
+            "SELECT COUNT(*) FROM messages WHERE id = $1",
+            &id,
+        )
+        .await;
+        let deliveries = integration_tests::sql_scalar(
+            store,
+            "SELECT COUNT(*) FROM deliveries WHERE message_id = $1",
+            &id,
+        )
+        .await;
+        assert_eq!(messages, deliveries, "{id}");
+    }
+    // The store goes on accepting, and hands over one batch of many messages.
+    let after = message("after", Target::Refs(vec![refs[1].clone()]), None);
+    store
+        .accept_message("ent_1", "msg_after", &after, 0, 10_000, &attention)
+        .await
+        .unwrap();
+    let due = store.due_deliveries("c1", 0, 1, 1_000).await.unwrap();
+    let ids: Vec<i64> = due.iter().map(|d| d.id).collect();
+    store.mark_handed_over(&ids, 2).await.unwrap();
+    for message_id in accepted.values().chain([&"msg_after".to_owned()]) {
+        let counts = store.message_counts(message_id).await.unwrap();
+        assert_eq!(counts.handed_over, 1, "{message_id}");
+    }
+    fixture.close().await;
+}
+
 backend_tests!(
+    concurrent_accepts_keep_their_own_outcomes,
     a_read_and_its_delivery_in_one_batch_keep_the_delivery_time,
     a_rising_open_rate_restores_the_cap,
     low_priority_is_skipped_first_and_high_priority_never,

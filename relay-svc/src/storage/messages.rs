@@ -213,8 +213,9 @@ impl Store {
             send_time: message.timing.send_time,
         };
         let description = planning::describe(&plan, estimate.as_deref());
-        let result: Result<StoredMessage> = on_pool!(self, pool => {
-            let mut tx = pool.begin_write().await?;
+        // Concurrent calls share one transaction and one commit (`group.rs`).
+        let result: Result<StoredMessage> = on_pool!(self, pool, group => {
+            let mut tx = group.join(pool).await?;
             if let Some(service_id) = service_id {
                 let owned: Option<i64> = sqlx::query_scalar(
                     "SELECT CAST(1 AS BIGINT) FROM services WHERE id = $1 AND enterprise_id = $2",
@@ -263,8 +264,9 @@ impl Store {
             match inserted {
                 Ok(_) => {}
                 Err(error) if is_unique_violation(&error) => {
-                    // A concurrent call with the same key won; answer as it did.
-                    drop(tx);
+                    // A concurrent call with the same key won; answer as it did
+                    // once its commit (perhaps this very group's) is done.
+                    tx.roll_back().await?;
                     return self
                         .replay(enterprise_id, message, &fingerprint)
                         .await?

@@ -11,6 +11,7 @@
 mod auction;
 pub(crate) mod audit;
 mod control;
+mod group;
 mod messages;
 pub(crate) mod planning;
 pub(crate) mod pricing;
@@ -22,6 +23,7 @@ mod transfer;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -41,25 +43,34 @@ pub use tenants::ApiKeyRow;
 pub use transfer::{DueDelivery, Lane};
 
 use crate::error::Result;
+pub use group::Group;
 
 /// Rows per multi-row statement: well under SQLite's 32,766 and PostgreSQL's
 /// 65,535 bind parameters for every statement that uses it.
 const ROWS_PER_STATEMENT: usize = 1_000;
 
-/// The relay's database, SQLite or PostgreSQL.
+/// The relay's database, SQLite or PostgreSQL, with the group its hot write
+/// paths commit in (`group.rs`).
 #[derive(Clone, Debug)]
 pub enum Store {
-    Sqlite(SqlitePool),
-    Postgres(PgPool),
+    Sqlite(SqlitePool, Arc<Group<sqlx::Sqlite>>),
+    Postgres(PgPool, Arc<Group<sqlx::Postgres>>),
 }
 
 /// Runs `$body` with `$pool` bound to whichever pool the store holds. The body
 /// is compiled once per backend, so it may only use what both drivers accept.
+/// `on_pool!(store, pool, group => …)` also binds the store's write group.
 macro_rules! on_pool {
     ($store:expr, $pool:ident => $body:expr) => {
         match $store {
-            $crate::storage::Store::Sqlite($pool) => $body,
-            $crate::storage::Store::Postgres($pool) => $body,
+            $crate::storage::Store::Sqlite($pool, _) => $body,
+            $crate::storage::Store::Postgres($pool, _) => $body,
+        }
+    };
+    ($store:expr, $pool:ident, $group:ident => $body:expr) => {
+        match $store {
+            $crate::storage::Store::Sqlite($pool, $group) => $body,
+            $crate::storage::Store::Postgres($pool, $group) => $body,
         }
     };
 }
@@ -77,7 +88,7 @@ impl Store {
                 .connect_with(options)
                 .await?;
             sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-            Self::Postgres(pool)
+            Self::Postgres(pool, Arc::default())
         } else if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
@@ -103,7 +114,7 @@ impl Store {
                 .connect_with(options)
                 .await?;
             sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-            Self::Sqlite(pool)
+            Self::Sqlite(pool, Arc::default())
         } else {
             anyhow::bail!("database url: expected sqlite:… or postgres://…");
         };
@@ -117,8 +128,8 @@ impl Store {
 
     pub fn backend(&self) -> &'static str {
         match self {
-            Self::Sqlite(_) => "sqlite",
-            Self::Postgres(_) => "postgres",
+            Self::Sqlite(..) => "sqlite",
+            Self::Postgres(..) => "postgres",
         }
     }
 
@@ -142,14 +153,18 @@ impl Store {
 /// the write lock up front (`BEGIN IMMEDIATE`), or a transaction that reads
 /// before it writes fails with `SQLITE_BUSY_SNAPSHOT` when another writer
 /// commits in between; PostgreSQL's plain `BEGIN` is right as it is.
-trait WritePool {
+pub(crate) trait WritePool {
     type Db: sqlx::Database;
+    /// One writer at a time (SQLite's write lock): a write transaction cannot
+    /// begin before the last one has ended.
+    const SINGLE_WRITER: bool;
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error>;
 }
 
 impl WritePool for SqlitePool {
     type Db = sqlx::Sqlite;
+    const SINGLE_WRITER: bool = true;
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error> {
         self.begin_with("BEGIN IMMEDIATE").await
@@ -158,6 +173,7 @@ impl WritePool for SqlitePool {
 
 impl WritePool for PgPool {
     type Db = sqlx::Postgres;
+    const SINGLE_WRITER: bool = false;
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error> {
         self.begin().await
@@ -233,8 +249,8 @@ impl Store {
     /// `column IN <the IdList bound as parameter n>`, in this backend's SQL.
     fn in_id_list(&self, column: &str, param: usize) -> String {
         match self {
-            Self::Sqlite(_) => format!("{column} IN (SELECT value FROM json_each(${param}))"),
-            Self::Postgres(_) => format!("{column} = ANY(${param})"),
+            Self::Sqlite(..) => format!("{column} IN (SELECT value FROM json_each(${param}))"),
+            Self::Postgres(..) => format!("{column} = ANY(${param})"),
         }
     }
 
@@ -243,8 +259,8 @@ impl Store {
     /// write transaction (`BEGIN IMMEDIATE`) already excludes every other writer.
     fn claim(&self) -> &'static str {
         match self {
-            Self::Sqlite(_) => "",
-            Self::Postgres(_) => " FOR UPDATE SKIP LOCKED",
+            Self::Sqlite(..) => "",
+            Self::Postgres(..) => " FOR UPDATE SKIP LOCKED",
         }
     }
 }

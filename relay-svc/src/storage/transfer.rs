@@ -1,10 +1,12 @@
 //! What the dispatchers read and write: due deliveries for one carrier, in id
 //! order, and the batch acknowledgement that marks them handed over.
 
+use std::collections::HashMap;
+
 use sqlx::AssertSqlSafe;
 
 use super::stats::queue_roll_up;
-use super::{IdList, Store, WritePool, add_to_counts, on_pool, stored_list};
+use super::{IdList, Store, add_to_counts, on_pool, stored_list};
 use crate::error::Result;
 use crate::receipts::EventKind;
 use crate::targeting::{Channel, Content};
@@ -46,26 +48,28 @@ impl Store {
         now: i64,
         limit: u32,
     ) -> Result<Vec<DueDelivery>> {
-        self.due(carrier_id, None, after_id, now, limit).await
+        self.due(carrier_id, None, after_id..i64::MAX, now, limit)
+            .await
     }
 
-    /// [`Store::due_deliveries`] of one lane.
+    /// [`Store::due_deliveries`] of one lane, with ids above `ids.start`
+    /// and below `ids.end`.
     pub async fn due_in_lane(
         &self,
         carrier_id: &str,
         lane: Lane,
-        after_id: i64,
+        ids: std::ops::Range<i64>,
         now: i64,
         limit: u32,
     ) -> Result<Vec<DueDelivery>> {
-        self.due(carrier_id, Some(lane), after_id, now, limit).await
+        self.due(carrier_id, Some(lane), ids, now, limit).await
     }
 
     async fn due(
         &self,
         carrier_id: &str,
         lane: Option<Lane>,
-        after_id: i64,
+        ids: std::ops::Range<i64>,
         now: i64,
         limit: u32,
     ) -> Result<Vec<DueDelivery>> {
@@ -95,16 +99,17 @@ impl Store {
                     CASE WHEN m.window_at_carrier THEN m.delivery_window END, m.single_attempt,
                     m.trace_parent
              FROM deliveries d JOIN messages m ON m.id = d.message_id
-             WHERE d.carrier_id = $1 AND d.state = 0{lane} AND d.id > $2 AND d.not_before <= $3
+             WHERE d.carrier_id = $1 AND d.state = 0{lane} AND d.id > $2 AND d.id < $5 AND d.not_before <= $3
                AND (d.window_close IS NULL OR d.window_close > $3) AND m.expires_at > $3
              ORDER BY d.id
              LIMIT $4"
         );
         let rows: Vec<Row> = on_pool!(self, pool => sqlx::query_as(AssertSqlSafe(sql.clone()))
         .bind(carrier_id)
-        .bind(after_id)
+        .bind(ids.start)
         .bind(now)
         .bind(i64::from(limit))
+        .bind(ids.end)
         .fetch_all(pool)
         .await)?;
         Ok(rows
@@ -147,57 +152,56 @@ impl Store {
 
     /// The carrier acknowledged a batch: its deliveries are handed over (and
     /// start their policy's timer), and a handed-over event is recorded once
-    /// per message and user. `batch` lists the batch's delivery ids grouped by
-    /// message, so each message's count grows by exactly the events its insert
-    /// added, without reading them back.
-    pub async fn mark_handed_over(&self, batch: &[(String, Vec<i64>)], now: i64) -> Result<()> {
-        if batch.is_empty() {
+    /// per message and user. The same few statements whatever the batch
+    /// holds — one campaign or a thousand targeted messages — each driven by
+    /// the batch's ids (primary-key lookups), never by a scan of the
+    /// carrier's deliveries.
+    pub async fn mark_handed_over(&self, ids: &[i64], now: i64) -> Result<()> {
+        if ids.is_empty() {
             return Ok(());
         }
-        // The ids come from this carrier's own in-flight batch. Every statement is
-        // driven by the id list (primary-key lookups), never by a scan of the
-        // carrier's deliveries.
         let record = format!(
             "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region)
              SELECT d.message_id, d.user_id, $1, $2, d.carrier_id, d.channel, ''
              FROM deliveries d
              WHERE {}
-             ON CONFLICT DO NOTHING RETURNING user_id",
+             ON CONFLICT DO NOTHING RETURNING message_id, user_id",
             self.in_id_list("d.id", 3)
         );
+        // Fallback and resend wait for an open from the hand-over on.
         let advance = format!(
-            "UPDATE deliveries SET state = 1, handed_over_at = $2, check_at = $3, window_close = NULL
+            "UPDATE deliveries SET state = 1, handed_over_at = $2, window_close = NULL,
+                check_at = (SELECT CASE WHEN m.policy IN ('fallback', 'resend') AND m.timeout_ms > 0
+                                        THEN $2 + m.timeout_ms END
+                            FROM messages m WHERE m.id = deliveries.message_id)
              WHERE state = 0 AND {}",
             self.in_id_list("id", 1)
         );
         let kind = EventKind::HandedOver.number();
-        on_pool!(self, pool => {
-            let mut tx = pool.begin_write().await?;
-            for (message_id, ids) in batch {
-                let timeout: i64 = sqlx::query_scalar(
-                    "SELECT CASE WHEN policy IN ('fallback', 'resend') THEN timeout_ms ELSE 0 END
-                     FROM messages WHERE id = $1",
-                )
-                .bind(message_id)
-                .fetch_one(&mut *tx)
+        // Every carrier's acks share transactions with the other hot writers.
+        on_pool!(self, pool, group => {
+            let mut tx = group.join(pool).await?;
+            let added: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(record))
+                .bind(kind)
+                .bind(now)
+                .bind(IdList(ids))
+                .fetch_all(&mut *tx)
                 .await?;
-                let added: Vec<String> = sqlx::query_scalar(AssertSqlSafe(record.clone()))
-                    .bind(kind)
-                    .bind(now)
-                    .bind(IdList(ids))
-                    .fetch_all(&mut *tx)
-                    .await?;
-                add_to_counts!(tx, [((message_id.clone(), kind), added.len() as i64)]);
-                let keys: Vec<(&str, &str, i64)> =
-                    added.iter().map(|user| (message_id.as_str(), user.as_str(), kind)).collect();
-                queue_roll_up!(tx, &keys);
-                sqlx::query(AssertSqlSafe(advance.clone()))
-                    .bind(IdList(ids))
-                    .bind(now)
-                    .bind((timeout > 0).then(|| now + timeout))
-                    .execute(&mut *tx)
-                    .await?;
+            let mut counts: HashMap<(String, i64), i64> = HashMap::new();
+            for (message_id, _) in &added {
+                *counts.entry((message_id.clone(), kind)).or_default() += 1;
             }
+            add_to_counts!(tx, counts);
+            let keys: Vec<(&str, &str, i64)> = added
+                .iter()
+                .map(|(message_id, user)| (message_id.as_str(), user.as_str(), kind))
+                .collect();
+            queue_roll_up!(tx, &keys);
+            sqlx::query(AssertSqlSafe(advance))
+                .bind(IdList(ids))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
             Ok(())
         })

@@ -304,10 +304,7 @@ async fn billing(people: usize, backend: Backend, priced: bool) -> anyhow::Resul
         let Some(last) = due.last() else { break };
         after = last.id;
         store
-            .mark_handed_over(
-                &[("msg".to_owned(), due.iter().map(|d| d.id).collect())],
-                now,
-            )
+            .mark_handed_over(&due.iter().map(|d| d.id).collect::<Vec<_>>(), now)
             .await?;
     }
     let mut rng = chukei_proto::rng::Rng::new(11);
@@ -611,10 +608,10 @@ async fn stats(events: u64, backend: Backend) -> anyhow::Result<()> {
         }};
     }
     match &fixture.store {
-        relay_svc::storage::Store::Sqlite(pool) => load!(pool),
-        relay_svc::storage::Store::Postgres(pool) => load!(pool),
+        relay_svc::storage::Store::Sqlite(pool, _) => load!(pool),
+        relay_svc::storage::Store::Postgres(pool, _) => load!(pool),
     }
-    if let relay_svc::storage::Store::Postgres(pool) = &fixture.store {
+    if let relay_svc::storage::Store::Postgres(pool, _) = &fixture.store {
         sqlx::query("ANALYZE").execute(pool).await?;
     }
     println!(
