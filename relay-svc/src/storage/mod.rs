@@ -254,6 +254,19 @@ impl Store {
         }
     }
 
+    /// The statement that fences the rollup fold from erasures, run first
+    /// in either transaction: on PostgreSQL folds share an advisory lock and
+    /// an erasure takes it alone, so a fold that saw a person still in the
+    /// hub commits before the erasure deletes their per-person rows (and
+    /// cannot write them back after); SQLite's one writer already does this.
+    fn rollup_fence(&self, erasure: bool) -> Option<&'static str> {
+        match (self, erasure) {
+            (Self::Sqlite(..), _) => None,
+            (Self::Postgres(..), false) => Some("SELECT pg_advisory_xact_lock_shared(7242)"),
+            (Self::Postgres(..), true) => Some("SELECT pg_advisory_xact_lock(7242)"),
+        }
+    }
+
     /// What a `SELECT` of rows to claim ends with: on PostgreSQL the rows are
     /// locked and rows another transaction holds are skipped; on SQLite the
     /// write transaction (`BEGIN IMMEDIATE`) already excludes every other writer.

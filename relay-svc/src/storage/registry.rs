@@ -385,8 +385,12 @@ impl Store {
         unregistrations: &[Unregistration],
         now: i64,
     ) -> Result<u64> {
+        let fence = self.rollup_fence(true);
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
+            if let Some(fence) = fence {
+                sqlx::query(fence).execute(&mut *tx).await?;
+            }
             let mut removed = 0;
             let mut erased = 0;
             for leave in unregistrations {

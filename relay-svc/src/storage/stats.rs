@@ -186,8 +186,12 @@ impl Store {
             "SELECT seq, message_id, user_id, kind FROM rollup_queue ORDER BY seq LIMIT $1{}",
             self.claim()
         );
+        let fence = self.rollup_fence(false);
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
+            if let Some(fence) = fence {
+                sqlx::query(fence).execute(&mut *tx).await?;
+            }
             let queued: Vec<(i64, String, String, i64)> = sqlx::query_as(AssertSqlSafe(select))
             .bind(i64::from(limit))
             .fetch_all(&mut *tx)
