@@ -46,6 +46,8 @@ pub struct Delivery {
     pub single_attempt: bool,
     /// The message's trace at this carrier (W3C traceparent; empty: not traced).
     pub trace_parent: String,
+    /// A targeted message's: pushed before held campaign deliveries.
+    pub priority: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

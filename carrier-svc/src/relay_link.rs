@@ -288,6 +288,7 @@ fn delivery_from_wire(
         subject: content.subject,
         suggested_replies: content.suggested_replies,
         single_attempt: delivery.single_attempt,
+        priority: delivery.priority,
         window: delivery
             .window
             .as_ref()

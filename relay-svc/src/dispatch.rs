@@ -521,7 +521,11 @@ impl Dispatcher {
             batch_id,
             deliveries: due
                 .into_iter()
-                .map(|d| to_wire(d, batch.windows, &traces))
+                .map(|d| pb::Delivery {
+                    // The carrier keeps the lane too: its push queue is by arrival otherwise.
+                    priority: lane == Lane::Priority,
+                    ..to_wire(d, batch.windows, &traces)
+                })
                 .collect(),
         };
         batch
@@ -686,6 +690,7 @@ fn to_wire(
         expires_at: Some(to_timestamp(delivery.expires_at)),
         window: delivery.carrier_window.and_then(|w| windows.get(w)),
         single_attempt: delivery.single_attempt,
+        priority: false,
     }
 }
 
