@@ -205,8 +205,11 @@ struct Running {
 }
 
 impl Running {
-    /// Runs `start(listener, stopped)` on a fresh runtime; `stopped` resolves on [`Running::stop`].
+    /// Runs `start(listener, stopped)` on a fresh runtime whose threads are
+    /// called `name` (what the benchmarks' CPU figures are grouped by);
+    /// `stopped` resolves on [`Running::stop`].
     fn spawn<F>(
+        name: &str,
         listener: std::net::TcpListener,
         start: impl FnOnce(TcpListener, oneshot::Receiver<()>) -> F + Send + 'static,
     ) -> Self
@@ -215,8 +218,10 @@ impl Running {
     {
         let (stop, stopped) = oneshot::channel();
         let (kill, killed) = oneshot::channel::<()>();
+        let name = name.to_owned();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
+                .thread_name(name)
                 .worker_threads(2)
                 .enable_all()
                 .build()
@@ -529,7 +534,7 @@ impl Hub {
             metrics_listen: None,
             ..self.relay_config()
         };
-        let running = Running::spawn(listener, |listener, stopped| {
+        let running = Running::spawn("relay", listener, |listener, stopped| {
             relay_svc::run(config, listener, shutdown_on(stopped))
         });
         self.replicas.push((addr, running));
@@ -547,7 +552,7 @@ impl Hub {
 
     fn spawn_relay(&self, listener: std::net::TcpListener) -> Running {
         let config = self.relay_config();
-        Running::spawn(listener, |listener, stopped| {
+        Running::spawn("relay", listener, |listener, stopped| {
             relay_svc::run(config, listener, shutdown_on(stopped))
         })
     }
@@ -572,7 +577,7 @@ impl Hub {
             clock: self.settings.clock_args(),
             tls: Default::default(),
         };
-        Running::spawn(listener, |listener, stopped| {
+        Running::spawn("carrier", listener, |listener, stopped| {
             carrier_svc::run(config, listener, shutdown_on(stopped))
         })
     }
@@ -664,7 +669,7 @@ impl Hub {
             tls: Default::default(),
         };
         let (ready_tx, ready_rx) = oneshot::channel();
-        let running = Running::spawn(listener, |listener, stopped| {
+        let running = Running::spawn("fleet", listener, |listener, stopped| {
             terminal_sim::run_fleet(
                 fleet,
                 options,

@@ -30,6 +30,36 @@ const SAVEPOINT: &str = "SAVEPOINT chukei_member";
 const RELEASE: &str = "RELEASE SAVEPOINT chukei_member";
 const ROLLBACK: &str = "ROLLBACK TO SAVEPOINT chukei_member";
 
+/// Which group each hot writer joins. On SQLite every writer shares one
+/// (there is one write lock to take anyway); on PostgreSQL accepting
+/// messages and the delivery path (acked batches, receipts) commit apart,
+/// so a targeted message is not held behind a campaign's hand-over of a
+/// thousand rows.
+#[derive(Debug)]
+pub struct Groups<DB: Database> {
+    pub(crate) accepts: Arc<Group<DB>>,
+    pub(crate) deliveries: Arc<Group<DB>>,
+}
+
+impl<DB: Database> Groups<DB> {
+    /// One group for every writer.
+    pub(crate) fn shared() -> Self {
+        let group = Arc::new(Group::default());
+        Self {
+            accepts: group.clone(),
+            deliveries: group,
+        }
+    }
+
+    /// Accepts and the delivery path apart.
+    pub(crate) fn apart() -> Self {
+        Self {
+            accepts: Arc::default(),
+            deliveries: Arc::default(),
+        }
+    }
+}
+
 /// A group's commit, once it has happened.
 type Outcome = Option<Result<(), Arc<sqlx::Error>>>;
 

@@ -214,8 +214,8 @@ impl Store {
         };
         let description = planning::describe(&plan, estimate.as_deref());
         // Concurrent calls share one transaction and one commit (`group.rs`).
-        let result: Result<StoredMessage> = on_pool!(self, pool, group => {
-            let mut tx = group.join(pool).await?;
+        let result: Result<StoredMessage> = on_pool!(self, pool, groups => {
+            let mut tx = groups.accepts.join(pool).await?;
             if let Some(service_id) = service_id {
                 let owned: Option<i64> = sqlx::query_scalar(
                     "SELECT CAST(1 AS BIGINT) FROM services WHERE id = $1 AND enterprise_id = $2",

@@ -43,23 +43,23 @@ pub use tenants::ApiKeyRow;
 pub use transfer::{DueDelivery, Lane};
 
 use crate::error::Result;
-pub use group::Group;
+pub use group::{Group, Groups};
 
 /// Rows per multi-row statement: well under SQLite's 32,766 and PostgreSQL's
 /// 65,535 bind parameters for every statement that uses it.
 const ROWS_PER_STATEMENT: usize = 1_000;
 
-/// The relay's database, SQLite or PostgreSQL, with the group its hot write
-/// paths commit in (`group.rs`).
+/// The relay's database, SQLite or PostgreSQL, with the groups its hot
+/// write paths commit in (`group.rs`).
 #[derive(Clone, Debug)]
 pub enum Store {
-    Sqlite(SqlitePool, Arc<Group<sqlx::Sqlite>>),
-    Postgres(PgPool, Arc<Group<sqlx::Postgres>>),
+    Sqlite(SqlitePool, Arc<Groups<sqlx::Sqlite>>),
+    Postgres(PgPool, Arc<Groups<sqlx::Postgres>>),
 }
 
 /// Runs `$body` with `$pool` bound to whichever pool the store holds. The body
 /// is compiled once per backend, so it may only use what both drivers accept.
-/// `on_pool!(store, pool, group => …)` also binds the store's write group.
+/// `on_pool!(store, pool, groups => …)` also binds the store's write groups.
 macro_rules! on_pool {
     ($store:expr, $pool:ident => $body:expr) => {
         match $store {
@@ -88,7 +88,7 @@ impl Store {
                 .connect_with(options)
                 .await?;
             sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-            Self::Postgres(pool, Arc::default())
+            Self::Postgres(pool, Arc::new(Groups::apart()))
         } else if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
@@ -114,7 +114,7 @@ impl Store {
                 .connect_with(options)
                 .await?;
             sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-            Self::Sqlite(pool, Arc::default())
+            Self::Sqlite(pool, Arc::new(Groups::shared()))
         } else {
             anyhow::bail!("database url: expected sqlite:… or postgres://…");
         };

@@ -123,8 +123,8 @@ impl Store {
              WHERE state IN (0, 1) AND carrier_id = $2 AND {}",
             self.in_id_list("id", 1)
         );
-        on_pool!(self, pool, group => {
-            let mut tx = group.join(pool).await?;
+        on_pool!(self, pool, groups => {
+            let mut tx = groups.deliveries.join(pool).await?;
             let mut added: HashMap<(String, i64), i64> = HashMap::new();
             let mut opened: Vec<(String, String, i64, i64)> = Vec::new();
             for chunk in rows.chunks(ROWS_PER_STATEMENT) {

@@ -179,8 +179,8 @@ impl Store {
         );
         let kind = EventKind::HandedOver.number();
         // Every carrier's acks share transactions with the other hot writers.
-        on_pool!(self, pool, group => {
-            let mut tx = group.join(pool).await?;
+        on_pool!(self, pool, groups => {
+            let mut tx = groups.deliveries.join(pool).await?;
             let added: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(record))
                 .bind(kind)
                 .bind(now)
