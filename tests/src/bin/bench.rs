@@ -399,6 +399,9 @@ async fn broadcast(users: usize, backend: Backend, batch_size: u32) -> anyhow::R
     );
 
     let mut client = hub.enterprise(&key).await?;
+    // The peak resident set from here on, not setup's.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let cpu_before = CpuSample::now();
     let started = Instant::now();
     let sent = client
         .send_message(broadcast_request("bench"))
@@ -465,8 +468,111 @@ async fn broadcast(users: usize, backend: Backend, batch_size: u32) -> anyhow::R
         secs(delivered),
         rate(delivered)
     );
+    let cpu = CpuSample::now().since(&cpu_before);
+    let per_million = 1e6 / registered as f64;
+    println!(
+        "CPU-seconds, accept → receipts counted (per 1M recipients): {}",
+        cpu.iter()
+            .map(|(group, secs)| format!("{group} {secs:.1} ({:.1})", secs * per_million))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some((_, peak)) = memory_mib(std::process::id()) {
+        println!(
+            "peak RSS of the hub's one process (relay, carriers, fleet) during the broadcast: {peak:.0} MiB"
+        );
+    }
     hub.shutdown().await?;
     Ok(())
+}
+
+/// CPU time so far: this process's threads by name (each service runs on
+/// its own runtime, named after it; SQLite connections have worker threads
+/// of their own, shared by the relay and the carriers), the whole process,
+/// and the PostgreSQL server's processes.
+struct CpuSample {
+    threads: std::collections::BTreeMap<String, f64>,
+    process: f64,
+    postgres: f64,
+}
+
+impl CpuSample {
+    /// Linux reports CPU time in clock ticks of 1/100 s (USER_HZ).
+    const TICK: f64 = 0.01;
+
+    fn now() -> Self {
+        let mut threads = std::collections::BTreeMap::new();
+        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+            for task in tasks.flatten() {
+                let path = task.path();
+                let name = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+                let group = match name.trim() {
+                    "relay" => "relay",
+                    "carrier" => "carriers",
+                    "fleet" => "terminals",
+                    n if n.starts_with("sqlx-sqlite") => "SQLite workers",
+                    _ => "bench client",
+                };
+                let secs = Self::ticks(&path.join("stat"), false);
+                *threads.entry(group.to_owned()).or_insert(0.0) += secs;
+            }
+        }
+        let process = Self::ticks(std::path::Path::new("/proc/self/stat"), false);
+        let mut postgres = 0.0;
+        if let Ok(processes) = std::fs::read_dir("/proc") {
+            for entry in processes.flatten() {
+                let path = entry.path();
+                let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+                if comm.trim() == "postgres" {
+                    // With its exited children (backends of closed connections).
+                    postgres += Self::ticks(&path.join("stat"), true);
+                }
+            }
+        }
+        Self {
+            threads,
+            process,
+            postgres,
+        }
+    }
+
+    /// utime + stime (and the waited-for children's) of a `stat` file, in seconds.
+    fn ticks(stat: &std::path::Path, children: bool) -> f64 {
+        let text = std::fs::read_to_string(stat).unwrap_or_default();
+        // Fields after the parenthesised name; utime is the 14th field overall.
+        let rest = text.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<f64> = rest
+            .split_whitespace()
+            .map(|f| f.parse().unwrap_or(0.0))
+            .collect();
+        let field = |n: usize| fields.get(n - 3).copied().unwrap_or(0.0);
+        let mut ticks = field(14) + field(15);
+        if children {
+            ticks += field(16) + field(17);
+        }
+        ticks * Self::TICK
+    }
+
+    /// What each group used since `before`, the process total, and PostgreSQL's.
+    fn since(&self, before: &Self) -> Vec<(String, f64)> {
+        let mut used: Vec<(String, f64)> = self
+            .threads
+            .iter()
+            .map(|(group, secs)| {
+                let start = before.threads.get(group).copied().unwrap_or(0.0);
+                (group.clone(), secs - start)
+            })
+            .collect();
+        let attributed: f64 = used.iter().map(|(_, secs)| secs).sum();
+        let process = self.process - before.process;
+        used.push(("exited threads".into(), (process - attributed).max(0.0)));
+        used.push(("hub process total".into(), process));
+        let postgres = self.postgres - before.postgres;
+        if postgres > 0.05 {
+            used.push(("PostgreSQL server".into(), postgres));
+        }
+        used
+    }
 }
 
 /// A time-cube key (`stats_cells`): enterprise, send hour, channel,
@@ -1115,6 +1221,7 @@ async fn transport(deliveries: usize, batch_size: usize, window: usize) -> anyho
                 not_before: Some(chukei_proto::clock::to_timestamp(0)),
                 expires_at: Some(chukei_proto::clock::to_timestamp(1_900_000_000_000)),
                 single_attempt: true,
+                priority: false,
                 ..Default::default()
             })
             .collect(),
