@@ -149,7 +149,8 @@ impl Store {
                     // What was added comes back: to count, queue for the rollups, and act on opens.
                     .push(") ON CONFLICT DO NOTHING RETURNING message_id, kind, user_id, channel, at");
                 let inserted: Vec<(String, i64, String, i64, i64)> =
-                    query.build_query_as().fetch_all(&mut *tx).await?;
+                    // Planned on every run, like the hand-over's statements (`transfer.rs`).
+                    query.build_query_as().persistent(false).fetch_all(&mut *tx).await?;
                 let keys: Vec<(&str, &str, i64)> = inserted
                     .iter()
                     .map(|(message_id, kind, user_id, ..)| (message_id.as_str(), user_id.as_str(), *kind))
