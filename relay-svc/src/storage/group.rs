@@ -63,7 +63,7 @@ impl<DB: Database> Groups<DB> {
 /// A group's commit, once it has happened.
 type Outcome = Option<Result<(), Arc<sqlx::Error>>>;
 
-/// One engine's shared write transactions (a store holds one).
+/// One engine's shared write transactions (a store holds one or two, see [`Groups`]).
 pub struct Group<DB: Database> {
     /// Where writers meet. Held only by the writers in it and by its commit,
     /// so the open transaction goes (rolled back) with the tasks using it —
