@@ -8,7 +8,8 @@ use chukei_proto::clock::Clock;
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
 use integration_tests::{
-    Backend, Hub, Settings, Tuning, backend_tests, eventually, registered_users, send_request,
+    Backend, Enterprise, Hub, Settings, Tuning, backend_tests, eventually, registered_users,
+    send_request,
 };
 
 fn broadcast(key: &str, text: &str) -> pb::SendMessageRequest {
@@ -381,6 +382,32 @@ async fn a_slow_carrier_leaves_a_visible_backlog_at_the_relay(backend: Backend) 
     hub.shutdown().await.unwrap();
 }
 
+/// Sends a broadcast to everyone (through `paced()`'s slow carrier) and
+/// returns its id once more than `started` deliveries are handed over.
+async fn campaign_under_way(hub: &Hub, key: &str, client: &mut Enterprise, started: u64) -> String {
+    let campaign = client
+        .send_message(broadcast("backlog", "for everyone"))
+        .await
+        .unwrap()
+        .into_inner();
+    hub.wait_for_message(key, &campaign.message_id, |s| {
+        s.matched > 100 && s.handed_over > started
+    })
+    .await;
+    campaign.message_id
+}
+
+/// A message's status now.
+async fn status(client: &mut Enterprise, message_id: &str) -> pb::MessageStatus {
+    client
+        .get_message(pb::GetMessageRequest {
+            message_id: message_id.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// A targeted message does not wait behind a campaign's backlog: a slow
 /// carrier (40 deliveries a second) has a broadcast of 150 to work through,
 /// and a message to one person sent just after it is delivered while most
@@ -403,15 +430,7 @@ async fn a_targeted_message_overtakes_a_campaign_backlog(backend: Backend) {
         .pop()
         .unwrap()
         .user_ref;
-    let campaign = client
-        .send_message(broadcast("backlog", "for everyone"))
-        .await
-        .unwrap()
-        .into_inner();
-    hub.wait_for_message(&key, &campaign.message_id, |s| {
-        s.matched > 100 && s.handed_over > 0
-    })
-    .await;
+    let campaign = campaign_under_way(&hub, &key, &mut client, 0).await;
     let targeted = client
         .send_message(integration_tests::send_request(
             "urgent",
@@ -426,13 +445,7 @@ async fn a_targeted_message_overtakes_a_campaign_backlog(backend: Backend) {
         .into_inner();
     hub.wait_for_message(&key, &targeted.message_id, |s| s.delivered == 1)
         .await;
-    let behind = client
-        .get_message(pb::GetMessageRequest {
-            message_id: campaign.message_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let behind = status(&mut client, &campaign).await;
     assert!(
         behind.backlog > 60,
         "the targeted message waited for the campaign: {behind:?}"
@@ -446,7 +459,7 @@ async fn a_targeted_message_overtakes_a_campaign_backlog(backend: Backend) {
 /// which before the catch-up read only started over once the lane was idle.
 async fn deliveries_released_below_the_cursor_go_while_the_lane_is_busy(backend: Backend) {
     let settings = paced();
-    let Some((hub, key, terminals, _)) =
+    let Some((hub, key, _terminals, _)) =
         campaign_hub_with(backend, &["alpha"], 27, 150, settings).await
     else {
         return;
@@ -472,15 +485,7 @@ async fn deliveries_released_below_the_cursor_go_while_the_lane_is_busy(backend:
         .into_inner();
     hub.wait_for_message(&key, &held.message_id, |s| s.matched > 100)
         .await;
-    let campaign = client
-        .send_message(broadcast("backlog", "for everyone"))
-        .await
-        .unwrap()
-        .into_inner();
-    hub.wait_for_message(&key, &campaign.message_id, |s| {
-        s.matched > 100 && s.handed_over > 20
-    })
-    .await;
+    let campaign = campaign_under_way(&hub, &key, &mut client, 20).await;
     // What the follow-through does when a window opens, early.
     let store = relay_svc::storage::Store::connect(hub.database_url())
         .await
@@ -497,19 +502,12 @@ async fn deliveries_released_below_the_cursor_go_while_the_lane_is_busy(backend:
     assert!(released > 100);
     hub.wait_for_message(&key, &held.message_id, |s| s.handed_over > 0)
         .await;
-    let behind = client
-        .get_message(pb::GetMessageRequest {
-            message_id: campaign.message_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let behind = status(&mut client, &campaign).await;
     assert!(
         behind.backlog > 30,
         "the released deliveries waited for the campaign: {behind:?}"
     );
     store.close().await;
-    drop(terminals);
     hub.shutdown().await.unwrap();
 }
 
