@@ -12,6 +12,7 @@ pub mod config;
 pub mod consent;
 pub mod error;
 pub mod model;
+pub mod packed;
 pub mod relay_link;
 pub mod storage;
 pub mod subscribers;

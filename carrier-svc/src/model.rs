@@ -26,40 +26,50 @@ pub struct Subscriber {
     pub sns_handle: String,
 }
 
-/// A delivery received from the relay.
+/// One message's deliveries in a batch from the relay: what they share,
+/// once, and each recipient's own few columns.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Delivery {
-    pub delivery_id: String,
+pub struct MessageDeliveries {
     pub message_id: String,
-    pub user_id: String,
-    /// `chukei.common.v1.Channel` value; never unspecified once accepted.
-    pub channel: i64,
     pub text: String,
     pub media_url: String,
     pub subject: String,
     pub suggested_replies: Vec<String>,
-    pub not_before: i64,
     pub expires_at: i64,
     /// The window in its stored form, when the relay asked the carrier to hold for it.
     pub window: Option<String>,
-    /// The person's only attempt for the message here (counted directly).
+    /// Each delivery is its person's only attempt here (counted directly).
     pub single_attempt: bool,
     /// The message's trace at this carrier (W3C traceparent; empty: not traced).
     pub trace_parent: String,
     /// A targeted message's: pushed before held campaign deliveries.
     pub priority: bool,
+    pub recipients: Vec<Recipient>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeliveryState {
-    Held = 0,
+/// One delivery of a [`MessageDeliveries`]: whom, on which channel, from when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recipient {
+    /// The relay's delivery id (unique in the hub).
+    pub delivery_id: u64,
+    pub user_id: String,
+    /// `chukei.common.v1.Channel` value; never unspecified once accepted.
+    pub channel: i64,
+    pub not_before: i64,
+}
+
+/// Where a delivery is kept: its batch row and its place in the row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Slot {
+    pub row: i64,
+    pub index: u32,
 }
 
 /// A delivery on its way to a terminal, with what its channel adapter needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outgoing {
-    pub seq: i64,
-    pub delivery_id: String,
+    pub slot: Slot,
+    pub delivery_id: u64,
     pub message_id: String,
     pub user_id: String,
     pub channel: i64,
@@ -84,7 +94,8 @@ pub enum TerminalEventKind {
 /// What a terminal reported about one delivery.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TerminalEvent {
-    pub delivery_id: String,
+    pub delivery_id: u64,
+    pub message_id: String,
     pub kind: TerminalEventKind,
     pub at: i64,
     pub region: String,
@@ -117,8 +128,10 @@ impl ReceiptKind {
 /// A receipt waiting in the outbox for the relay.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Receipt {
+    /// The outbox row it was queued in (receipts queued together share one).
     pub seq: i64,
-    pub delivery_id: String,
+    /// 0: not tied to one delivery.
+    pub delivery_id: u64,
     pub message_id: String,
     pub user_id: String,
     pub kind: ReceiptKind,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use chukei_proto::auth;
 use chukei_proto::carrier::v1 as pb;
 use chukei_proto::clock::{from_timestamp, to_timestamp};
+use chukei_proto::deliver;
 use chukei_proto::telemetry;
 use chukei_proto::window::Window;
 use tokio::sync::mpsc;
@@ -16,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Shared;
-use crate::model::Delivery;
+use crate::model::{MessageDeliveries, Recipient};
 use crate::storage::MessageCount;
 
 /// Receipt batches sent but not yet acked: bounds what is in flight so neither
@@ -41,6 +42,9 @@ impl pb::carrier_server::Carrier for DeliverService {
         if shared.tls.verifies_clients() {
             chukei_proto::tls::require_peer(&request, chukei_proto::tls::RELAY_NAME)?;
         }
+        // A relay on another protocol version is refused at once, naming both.
+        deliver::check_version("relay", deliver::version_in(request.metadata()))
+            .map_err(Status::failed_precondition)?;
         let mut generation = 0;
         shared.relay_session.send_modify(|g| {
             *g += 1;
@@ -60,7 +64,9 @@ impl pb::carrier_server::Carrier for DeliverService {
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(up_rx)))
+        let mut response = Response::new(ReceiverStream::new(up_rx));
+        deliver::put_version(response.metadata_mut());
+        Ok(response)
     }
 }
 
@@ -71,18 +77,19 @@ async fn accept(shared: &Shared, up: &Up, batch: pb::DeliveryBatch) -> anyhow::R
     let traces = telemetry::step_per_message(
         "carrier.accept",
         batch
-            .deliveries
+            .messages
             .iter()
-            .map(|d| (d.message_id.as_str(), d.trace_parent.as_str())),
+            .map(|m| (m.message_id.as_str(), m.trace_parent.as_str())),
     );
-    let deliveries: Vec<Delivery> = batch
-        .deliveries
+    let records: Vec<MessageDeliveries> = batch
+        .messages
         .into_iter()
-        .filter_map(|d| delivery_from_wire(d, shared.default_channel, &traces))
+        .filter_map(|m| deliveries_from_wire(m, shared.default_channel, &traces))
         .collect();
+    let received: usize = records.iter().map(|r| r.recipients.len()).sum();
     let fresh = shared
         .store
-        .accept_batch(&deliveries, shared.clock.now_ms())
+        .accept_batch(records, shared.clock.now_ms())
         .await?;
     send(
         up,
@@ -91,12 +98,7 @@ async fn accept(shared: &Shared, up: &Up, batch: pb::DeliveryBatch) -> anyhow::R
         }),
     )
     .await?;
-    tracing::debug!(
-        batch_id = batch.batch_id,
-        received = deliveries.len(),
-        fresh,
-        "batch accepted"
-    );
+    tracing::debug!(batch_id = batch.batch_id, received, fresh, "batch accepted");
     if fresh > 0 {
         shared.metrics.accepted.add(&[], fresh as u64);
         shared.terminals.new_work();
@@ -183,22 +185,7 @@ async fn session(
             let Some(last) = receipts.last() else { break };
             sent_seq = last.seq;
             unacked.push_back(sent_seq);
-            let batch = pb::ReceiptBatch {
-                receipts: receipts
-                    .into_iter()
-                    .map(|r| pb::Receipt {
-                        seq: r.seq as u64,
-                        delivery_id: r.delivery_id,
-                        message_id: r.message_id,
-                        user_id: r.user_id,
-                        kind: r.kind as i32,
-                        channel: r.channel as i32,
-                        at: Some(to_timestamp(r.at)),
-                        region: r.region,
-                        trace_parent: r.trace_parent,
-                    })
-                    .collect(),
-            };
+            let batch = receipts_to_wire(sent_seq, receipts);
             send(up, pb::carrier_to_relay::Kind::Receipts(batch)).await?;
         }
         let next_slot = waiting.front().map(|(at, _)| *at);
@@ -219,7 +206,7 @@ async fn session(
             message = inbound.message() => {
                 let Some(message) = message? else { return Ok(()) };
                 match message.kind {
-                    Some(pb::relay_to_carrier::Kind::Batch(batch)) => match pace.slot(batch.deliveries.len()) {
+                    Some(pb::relay_to_carrier::Kind::Batch(batch)) => match pace.slot(batch.messages.iter().map(|m| m.delivery_ids.len()).sum()) {
                         None => accept(shared, up, batch).await?,
                         Some(at) => waiting.push_back((at, batch)),
                     },
@@ -259,52 +246,101 @@ async fn send(up: &Up, kind: pb::carrier_to_relay::Kind) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("relay stream closed"))
 }
 
-/// A delivery the carrier can carry out, or `None` (logged) for a malformed one.
-fn delivery_from_wire(
-    delivery: pb::Delivery,
+/// One packed record as the carrier keeps it, or `None` (logged) for a
+/// malformed one; a delivery without ids is dropped from it.
+fn deliveries_from_wire(
+    record: pb::MessageDeliveries,
     default_channel: i64,
     traces: &HashMap<String, String>,
-) -> Option<Delivery> {
-    if delivery.delivery_id.is_empty()
-        || delivery.message_id.is_empty()
-        || delivery.user_id.is_empty()
-    {
-        tracing::warn!("delivery without ids dropped");
+) -> Option<MessageDeliveries> {
+    if let Err(error) = deliver::deliveries_len(&record) {
+        tracing::warn!(%error, "malformed delivery record dropped");
         return None;
     }
-    let content = delivery.content.unwrap_or_default();
-    let channel = match delivery.channel {
-        1..=4 => i64::from(delivery.channel),
+    let content = record.content.unwrap_or_default();
+    let window = record
+        .window
+        .as_ref()
+        .and_then(|w| match Window::from_wire("window", Some(w)) {
+            Ok(window) => window.map(|w| w.encode()),
+            Err(error) => {
+                tracing::warn!(%error, "delivery window refused; delivering without it");
+                None
+            }
+        });
+    let channel_of = |number: i32| match number {
+        1..=4 => i64::from(number),
         _ => default_channel,
     };
-    Some(Delivery {
-        trace_parent: telemetry::passed_on(traces, &delivery.message_id, delivery.trace_parent),
-        delivery_id: delivery.delivery_id,
-        message_id: delivery.message_id,
-        user_id: delivery.user_id,
-        channel,
+    let recipients: Vec<Recipient> = record
+        .delivery_ids
+        .into_iter()
+        .zip(record.user_ids)
+        .enumerate()
+        .filter_map(|(i, (delivery_id, user_id))| {
+            if delivery_id == 0 || user_id.is_empty() {
+                tracing::warn!("delivery without ids dropped");
+                return None;
+            }
+            Some(Recipient {
+                delivery_id,
+                user_id,
+                channel: channel_of(
+                    record
+                        .channels
+                        .get(i)
+                        .map_or(record.channel, |&c| i32::from(c)),
+                ),
+                not_before: record
+                    .not_before_each_ms
+                    .get(i)
+                    .copied()
+                    .unwrap_or(record.not_before_ms),
+            })
+        })
+        .collect();
+    Some(MessageDeliveries {
+        trace_parent: telemetry::passed_on(traces, &record.message_id, record.trace_parent),
+        message_id: record.message_id,
         text: content.text,
         media_url: content.media_url,
         subject: content.subject,
         suggested_replies: content.suggested_replies,
-        single_attempt: delivery.single_attempt,
-        priority: delivery.priority,
-        window: delivery
-            .window
-            .as_ref()
-            .and_then(|w| match Window::from_wire("window", Some(w)) {
-                Ok(window) => window.map(|w| w.encode()),
-                Err(error) => {
-                    tracing::warn!(%error, "delivery window refused; delivering without it");
-                    None
-                }
-            }),
-        not_before: delivery.not_before.as_ref().map_or(0, from_timestamp),
-        expires_at: delivery
-            .expires_at
-            .as_ref()
-            .map_or(i64::MAX, from_timestamp),
+        expires_at: record.expires_at.as_ref().map_or(i64::MAX, from_timestamp),
+        window,
+        single_attempt: record.single_attempt,
+        priority: record.priority,
+        recipients,
     })
+}
+
+/// Outbox receipts packed per message (version 2 of the Deliver protocol),
+/// with the outbox sequence of the last one.
+fn receipts_to_wire(seq: i64, receipts: Vec<crate::model::Receipt>) -> pb::ReceiptBatch {
+    let mut packers: Vec<deliver::ReceiptPacker> = Vec::new();
+    let mut index_of: HashMap<String, usize> = HashMap::new();
+    for r in receipts {
+        let index = *index_of.entry(r.message_id.clone()).or_insert_with(|| {
+            packers.push(deliver::ReceiptPacker::new(r.message_id.clone()));
+            packers.len() - 1
+        });
+        packers[index].push(
+            r.delivery_id,
+            r.user_id,
+            r.kind as u8,
+            r.channel as u8,
+            r.at,
+            &r.region,
+            &r.trace_parent,
+        );
+    }
+    pb::ReceiptBatch {
+        seq: seq as u64,
+        messages: packers
+            .into_iter()
+            .map(deliver::ReceiptPacker::finish)
+            .collect(),
+    }
 }
 
 /// A message's counts on the wire (the periodic report and `GetCounts`).

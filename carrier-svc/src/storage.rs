@@ -1,11 +1,22 @@
-//! The carrier's own SQLite store. Every bulk operation is one statement per
-//! chunk of rows; transactions never span a network call.
+//! The carrier's own SQLite store: subscribers and where their terminals are
+//! attached; the relay's batches, each message record kept as one row with
+//! its recipients packed and one state byte per recipient (`packed`); the
+//! receipt outbox towards the relay, one row per group of receipts; and
+//! per-message counts for the periodic report. Every bulk operation is one
+//! statement per chunk of rows; transactions never span a network call.
+//!
+//! A recipient moves forward only: held → pushed → delivered → opened, or to
+//! expired, unsupported or dropped. Every change to a row's states reads and
+//! writes them inside one `BEGIN IMMEDIATE` transaction, so two writers never
+//! lose each other's changes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use roaring::RoaringTreemap;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
@@ -13,17 +24,61 @@ use chukei_proto::window::Window;
 
 use crate::channels::{self, Contact};
 use crate::model::{
-    CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_SNS, Delivery, DeliveryState, Outgoing, Receipt,
-    ReceiptKind, Subscriber, TerminalEvent, TerminalEventKind,
+    CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_SNS, MessageDeliveries, Outgoing, Receipt, ReceiptKind,
+    Recipient, Slot, Subscriber, TerminalEvent, TerminalEventKind,
 };
+use crate::packed::{self, StoredReceipt};
 
 const ROWS_PER_STATEMENT: usize = 1_000;
+/// Batch rows read at a time by the push (each holds up to a relay batch).
+const ROWS_PER_READ: i64 = 16;
 
 pub type Result<T> = std::result::Result<T, sqlx::Error>;
 
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: SqlitePool,
+    /// Every relay delivery id ever accepted: a batch the relay sends again
+    /// (after a reconnect or a re-offer) is dropped by it. Rebuilt from the
+    /// rows at start-up; a delivery id is added once its row has committed.
+    seen: Arc<tokio::sync::Mutex<RoaringTreemap>>,
+    /// Which endpoint each attached user's terminal is at, kept with the
+    /// `attachments` table (its only writer is [`Store::attach`]).
+    attached: Arc<RwLock<HashMap<String, Arc<str>>>>,
+}
+
+/// What happened to one recipient of a batch row: one byte of `states`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+enum State {
+    Held = 0,
+    /// Pushed to the terminal, not yet confirmed.
+    Pushed = 1,
+    Delivered = 2,
+    Opened = 3,
+    Expired = 4,
+    Unsupported = 5,
+    /// The person left the hub before it was pushed.
+    Dropped = 6,
+}
+
+impl State {
+    fn of(byte: u8) -> Self {
+        match byte {
+            0 => Self::Held,
+            1 => Self::Pushed,
+            2 => Self::Delivered,
+            3 => Self::Opened,
+            4 => Self::Expired,
+            5 => Self::Unsupported,
+            _ => Self::Dropped,
+        }
+    }
+
+    /// Not yet confirmed by the terminal nor closed.
+    fn is_open(self) -> bool {
+        self < Self::Delivered
+    }
 }
 
 /// Per-message counts as this carrier sees them.
@@ -38,23 +93,44 @@ pub struct MessageCount {
     pub expired: u64,
 }
 
-/// A held delivery as the push reads it: seq, delivery id, message id, user
-/// id, channel, text, media URL, subject, suggested replies, trace, e-mail
-/// address and SNS handle (empty unless its channel needs them).
-type HeldRow = (
-    i64,
-    String,
-    String,
-    String,
-    i64,
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-    String,
-);
+/// A batch row with what changing its states needs.
+#[derive(sqlx::FromRow)]
+struct StateRow {
+    seq: i64,
+    message_id: String,
+    single_attempt: bool,
+    sms_segments: i64,
+    recipients: Vec<u8>,
+    states: Vec<u8>,
+}
+
+/// A batch row as the push reads it.
+#[derive(sqlx::FromRow)]
+struct HeldRow {
+    seq: i64,
+    message_id: String,
+    content_text: String,
+    media_url: String,
+    subject: String,
+    suggested_replies: String,
+    trace_parent: String,
+    window_open: i64,
+    recipients: Vec<u8>,
+    states: Vec<u8>,
+}
+
+/// One recipient whose state changed, with what its receipt and counts need.
+#[derive(Debug)]
+struct Moved {
+    delivery_id: u64,
+    message_id: String,
+    user_id: String,
+    channel: i64,
+    /// SMS parts this delivery took (0 off SMS).
+    sms_segments: i64,
+    single_attempt: bool,
+    to: State,
+}
 
 fn in_list<'t, T: sqlx::Encode<'t, Sqlite> + sqlx::Type<Sqlite>>(
     query: &mut QueryBuilder<Sqlite>,
@@ -66,6 +142,10 @@ fn in_list<'t, T: sqlx::Encode<'t, Sqlite> + sqlx::Type<Sqlite>>(
         list.push_bind(value);
     }
     query.push(")");
+}
+
+fn unreadable(error: packed::Short) -> sqlx::Error {
+    sqlx::Error::Decode(Box::new(error))
 }
 
 impl Store {
@@ -92,7 +172,14 @@ impl Store {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool })
+        let store = Self {
+            pool,
+            seen: Arc::default(),
+            attached: Arc::default(),
+        };
+        store.upgrade_v1_rows().await?;
+        store.load_seen_and_attached().await?;
+        Ok(store)
     }
 
     pub fn sqlite_url_in(data_dir: &Path) -> String {
@@ -101,6 +188,143 @@ impl Store {
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+
+    /// Moves what version 1's per-delivery tables still hold into batch rows
+    /// and the receipt outbox: held or pushed deliveries are held again (a
+    /// terminal drops a delivery id it has seen), unsent receipts are queued.
+    /// Nothing accepted before an upgrade is lost.
+    async fn upgrade_v1_rows(&self) -> Result<()> {
+        type V1Row = (
+            String,
+            String,
+            String,
+            i64,
+            String,
+            String,
+            String,
+            String,
+            i64,
+            i64,
+            Option<String>,
+            bool,
+            String,
+            bool,
+        );
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let rows: Vec<V1Row> = sqlx::query_as(
+            "SELECT delivery_id, message_id, user_id, channel, content_text, media_url, subject,
+                    suggested_replies, not_before, expires_at, delivery_window, single_attempt,
+                    trace_parent, priority
+             FROM deliveries_v1 WHERE state IN (0, 1) ORDER BY seq",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut records: Vec<MessageDeliveries> = Vec::new();
+        for row in rows {
+            let (id, message_id, user_id, channel, text, media_url, subject, replies) =
+                (row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7);
+            let Ok(delivery_id) = id.parse::<u64>() else {
+                continue;
+            };
+            let recipient = Recipient {
+                delivery_id,
+                user_id,
+                channel,
+                not_before: row.8,
+            };
+            match records.last_mut() {
+                Some(last) if last.message_id == message_id && last.priority == row.13 => {
+                    last.recipients.push(recipient)
+                }
+                _ => records.push(MessageDeliveries {
+                    message_id,
+                    text,
+                    media_url,
+                    subject,
+                    suggested_replies: split_replies(&replies),
+                    expires_at: row.9,
+                    window: row.10,
+                    single_attempt: row.11,
+                    trace_parent: row.12,
+                    priority: row.13,
+                    recipients: vec![recipient],
+                }),
+            }
+        }
+        let moved: usize = records.iter().map(|r| r.recipients.len()).sum();
+        insert_rows(&mut tx, &records, 0).await?;
+        sqlx::query("DELETE FROM deliveries_v1 WHERE state IN (0, 1)")
+            .execute(&mut *tx)
+            .await?;
+        type OutboxRow = (String, String, String, i64, i64, i64, String, String);
+        let receipts: Vec<OutboxRow> = sqlx::query_as(
+            "SELECT delivery_id, message_id, user_id, kind, channel, at, region, trace_parent
+             FROM outbox_v1 ORDER BY seq",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let queued = receipts.len();
+        let receipts: Vec<StoredReceipt> = receipts
+            .into_iter()
+            .map(
+                |(delivery_id, message_id, user_id, kind, channel, at, region, trace_parent)| {
+                    StoredReceipt {
+                        delivery_id: delivery_id.parse().unwrap_or(0),
+                        message_id,
+                        user_id,
+                        kind: ReceiptKind::from_number(kind),
+                        channel,
+                        at,
+                        region,
+                        trace_parent,
+                    }
+                },
+            )
+            .collect();
+        queue_receipts(&mut tx, &receipts).await?;
+        sqlx::query("DELETE FROM outbox_v1")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        if moved > 0 || queued > 0 {
+            tracing::info!(
+                deliveries = moved,
+                receipts = queued,
+                "version 1 rows moved to batch rows"
+            );
+        }
+        Ok(())
+    }
+
+    async fn load_seen_and_attached(&self) -> Result<()> {
+        let mut seen = RoaringTreemap::new();
+        let blobs: Vec<Vec<u8>> = sqlx::query_scalar("SELECT recipients FROM batches")
+            .fetch_all(&self.pool)
+            .await?;
+        for blob in blobs {
+            seen.extend(packed::delivery_ids(&blob).map_err(unreadable)?);
+        }
+        let old: Vec<String> = sqlx::query_scalar("SELECT delivery_id FROM deliveries_v1")
+            .fetch_all(&self.pool)
+            .await?;
+        seen.extend(old.iter().filter_map(|id| id.parse::<u64>().ok()));
+        *self.seen.lock().await = seen;
+        let attached: Vec<(String, String)> =
+            sqlx::query_as("SELECT user_id, endpoint FROM attachments")
+                .fetch_all(&self.pool)
+                .await?;
+        let mut endpoints: HashMap<String, Arc<str>> = HashMap::new();
+        let mut map = HashMap::with_capacity(attached.len());
+        for (user_id, endpoint) in attached {
+            let endpoint = endpoints
+                .entry(endpoint.clone())
+                .or_insert_with(|| endpoint.as_str().into())
+                .clone();
+            map.insert(user_id, endpoint);
+        }
+        *self.attached.write().expect("attachments lock") = map;
+        Ok(())
     }
 
     pub async fn upsert_subscribers(&self, subscribers: &[Subscriber], now: i64) -> Result<()> {
@@ -187,7 +411,9 @@ impl Store {
         Ok(found)
     }
 
-    /// Points the users' messages at `endpoint`; held messages become pushable.
+    /// Points the users' messages at `endpoint`; held messages become
+    /// pushable, and whatever was pushed to a previous endpoint and never
+    /// confirmed goes out again.
     pub async fn attach(&self, endpoint: &str, user_ids: &[String], now: i64) -> Result<()> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         for chunk in user_ids.chunks(ROWS_PER_STATEMENT) {
@@ -200,15 +426,24 @@ impl Store {
                 " ON CONFLICT (user_id) DO UPDATE SET endpoint = excluded.endpoint, attached_at = excluded.attached_at",
             );
             query.build().execute(&mut *tx).await?;
-            // Whatever was pushed to a previous endpoint and never confirmed goes out again.
-            let mut query =
-                QueryBuilder::new("UPDATE deliveries SET state = 0 WHERE state = 1 AND user_id");
-            in_list(&mut query, chunk.iter());
-            query.build().execute(&mut *tx).await?;
         }
-        tx.commit().await
+        let users: HashSet<&str> = user_ids.iter().map(String::as_str).collect();
+        let rows = state_rows(&mut tx, "pushed > 0", &[]).await?;
+        change_states(&mut tx, rows, |_, recipient, state| {
+            (state == State::Pushed && users.contains(recipient.user_id.as_str()))
+                .then_some(State::Held)
+        })
+        .await?;
+        tx.commit().await?;
+        let endpoint: Arc<str> = endpoint.into();
+        let mut attached = self.attached.write().expect("attachments lock");
+        for user_id in user_ids {
+            attached.insert(user_id.clone(), endpoint.clone());
+        }
+        Ok(())
     }
 
+    /// Every endpoint with attached users.
     /// Every endpoint with attached users.
     pub async fn endpoints(&self) -> Result<Vec<String>> {
         sqlx::query_scalar("SELECT DISTINCT endpoint FROM attachments")
@@ -227,78 +462,27 @@ impl Store {
         Ok(attached > 0)
     }
 
-    /// Stores a batch from the relay; delivery ids seen before are dropped.
-    /// A delivery with a window is held for the window's current or next
-    /// opening. Returns how many were new.
-    pub async fn accept_batch(&self, deliveries: &[Delivery], now: i64) -> Result<u64> {
-        let mut windows = WindowCache::default();
-        let timed: Vec<(i64, i64, i64)> = deliveries
-            .iter()
-            .map(|d| {
-                let (not_before, window_close) = match &d.window {
-                    None => (d.not_before, i64::MAX),
-                    // A window that never opens again: due to expire at once.
-                    Some(window) => windows
-                        .opening(window, now.max(d.not_before))
-                        .map_or((d.not_before, i64::MIN), |(open, close)| {
-                            (d.not_before.max(open), close)
-                        }),
-                };
-                let segments = if d.channel == CHANNEL_SMS {
-                    channels::sms_segments(&d.text).len() as i64
-                } else {
-                    0
-                };
-                (not_before, window_close, segments)
-            })
-            .collect();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut inserted = 0;
-        for (chunk, timing) in deliveries
-            .chunks(ROWS_PER_STATEMENT)
-            .zip(timed.chunks(ROWS_PER_STATEMENT))
-        {
-            let mut query = QueryBuilder::new(
-                "INSERT INTO deliveries (delivery_id, message_id, user_id, channel, content_text, media_url, subject, \
-                 suggested_replies, not_before, expires_at, delivery_window, window_close, sms_segments, single_attempt, \
-                 state, received_at, trace_parent, priority) ",
-            );
-            query.push_values(
-                chunk.iter().zip(timing),
-                |mut row, (d, (not_before, window_close, segments))| {
-                    row.push_bind(&d.delivery_id)
-                        .push_bind(&d.message_id)
-                        .push_bind(&d.user_id)
-                        .push_bind(d.channel)
-                        .push_bind(&d.text)
-                        .push_bind(&d.media_url)
-                        .push_bind(&d.subject)
-                        .push_bind(d.suggested_replies.join("\n"))
-                        .push_bind(*not_before)
-                        .push_bind(if *window_close == i64::MIN {
-                            now
-                        } else {
-                            d.expires_at
-                        })
-                        .push_bind(&d.window)
-                        .push_bind(if *window_close == i64::MIN {
-                            now
-                        } else {
-                            *window_close
-                        })
-                        .push_bind(*segments)
-                        .push_bind(d.single_attempt)
-                        .push_bind(DeliveryState::Held as i64)
-                        .push_bind(now)
-                        .push_bind(&d.trace_parent)
-                        .push_bind(d.priority);
-                },
-            );
-            query.push(" ON CONFLICT (delivery_id) DO NOTHING");
-            inserted += query.build().execute(&mut *tx).await?.rows_affected();
+    /// Stores a batch from the relay, one row per message record; delivery
+    /// ids seen before are dropped. A record with a window is held for the
+    /// window's current or next opening. Returns how many deliveries were new.
+    pub async fn accept_batch(&self, mut records: Vec<MessageDeliveries>, now: i64) -> Result<u64> {
+        // Held across the commit: the check and the insert are one step.
+        let mut seen = self.seen.lock().await;
+        let mut in_batch = HashSet::new();
+        for record in &mut records {
+            record
+                .recipients
+                .retain(|r| !seen.contains(r.delivery_id) && in_batch.insert(r.delivery_id));
         }
+        records.retain(|r| !r.recipients.is_empty());
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        insert_rows(&mut tx, &records, now).await?;
         tx.commit().await?;
-        Ok(inserted)
+        seen.extend(in_batch.iter().copied());
+        Ok(in_batch.len() as u64)
     }
 
     /// Held deliveries due now for users attached at `endpoint`, with the
@@ -310,102 +494,115 @@ impl Store {
         now: i64,
         limit: u32,
     ) -> Result<Vec<Outgoing>> {
-        let mut rows = self.held_for_endpoint(true, endpoint, now, limit).await?;
-        if rows.len() < limit as usize {
-            let rest = limit - rows.len() as u32;
-            rows.extend(self.held_for_endpoint(false, endpoint, now, rest).await?);
+        let limit = limit as usize;
+        let mut due: Vec<Outgoing> = Vec::new();
+        for priority in [true, false] {
+            let mut after = 0_i64;
+            while due.len() < limit {
+                let rows: Vec<HeldRow> = sqlx::query_as(
+                    "SELECT seq, message_id, content_text, media_url, subject, suggested_replies,
+                            trace_parent, window_open, recipients, states
+                     FROM batches
+                     WHERE held > 0 AND priority = $1 AND seq > $2
+                       AND expires_at > $3 AND window_close > $3 AND window_open <= $3
+                     ORDER BY seq LIMIT $4",
+                )
+                .bind(priority)
+                .bind(after)
+                .bind(now)
+                .bind(ROWS_PER_READ)
+                .fetch_all(&self.pool)
+                .await?;
+                let Some(last) = rows.last() else { break };
+                after = last.seq;
+                let attached = self.attached.read().expect("attachments lock");
+                for row in rows {
+                    let recipients =
+                        packed::decode_recipients(&row.recipients).map_err(unreadable)?;
+                    let replies = split_replies(&row.suggested_replies);
+                    for (index, recipient) in recipients.into_iter().enumerate() {
+                        if due.len() >= limit {
+                            break;
+                        }
+                        if State::of(row.states[index]) != State::Held
+                            || recipient.not_before.max(row.window_open) > now
+                            || attached.get(&recipient.user_id).map(|e| &**e) != Some(endpoint)
+                        {
+                            continue;
+                        }
+                        due.push(Outgoing {
+                            slot: Slot {
+                                row: row.seq,
+                                index: index as u32,
+                            },
+                            delivery_id: recipient.delivery_id,
+                            message_id: row.message_id.clone(),
+                            user_id: recipient.user_id,
+                            channel: recipient.channel,
+                            text: row.content_text.clone(),
+                            media_url: row.media_url.clone(),
+                            subject: row.subject.clone(),
+                            suggested_replies: replies.clone(),
+                            contact: Contact::default(),
+                            trace_parent: row.trace_parent.clone(),
+                        });
+                    }
+                }
+            }
         }
-        Ok(rows
-            .into_iter()
-            .map(
-                |(
-                    seq,
-                    delivery_id,
-                    message_id,
-                    user_id,
-                    channel,
-                    text,
-                    media_url,
-                    subject,
-                    replies,
-                    trace_parent,
-                    email,
-                    sns_handle,
-                )| Outgoing {
-                    trace_parent,
-                    seq,
-                    delivery_id,
-                    message_id,
-                    user_id,
-                    channel,
-                    text,
-                    media_url,
-                    subject,
-                    suggested_replies: replies
-                        .split('\n')
-                        .filter(|r| !r.is_empty())
-                        .map(str::to_owned)
-                        .collect(),
-                    contact: Contact { email, sns_handle },
-                },
-            )
-            .collect())
+        self.fill_contacts(&mut due).await?;
+        Ok(due)
     }
 
-    /// Held deliveries of one lane due now for users attached at `endpoint`,
-    /// in arrival order. The priority lane reads its partial index; the
-    /// other reads the held rows by sequence and skips the few priority ones.
-    async fn held_for_endpoint(
-        &self,
-        priority: bool,
-        endpoint: &str,
-        now: i64,
-        limit: u32,
-    ) -> Result<Vec<HeldRow>> {
-        // Named: without statistics the planner would scan every held row
-        // by state to find the few priority ones.
-        let (index, lane) = if priority {
-            (
-                "INDEXED BY deliveries_priority_held",
-                "d.state = 0 AND d.priority",
-            )
-        } else {
-            ("", "d.state = 0 AND NOT d.priority")
-        };
-        // Contact details are looked up only for the channels that need them.
-        let sql = format!(
-            "SELECT d.seq, d.delivery_id, d.message_id, d.user_id, d.channel, d.content_text, d.media_url,
-                    d.subject, d.suggested_replies, d.trace_parent,
-                    CASE WHEN d.channel = $4 THEN (SELECT s.email FROM subscribers s WHERE s.user_id = d.user_id) ELSE '' END,
-                    CASE WHEN d.channel = $5 THEN (SELECT s.sns_handle FROM subscribers s WHERE s.user_id = d.user_id) ELSE '' END
-             FROM deliveries d {index} JOIN attachments a ON a.user_id = d.user_id
-             WHERE {lane} AND a.endpoint = $1 AND d.not_before <= $2 AND d.expires_at > $2
-               AND d.window_close > $2
-             ORDER BY d.seq LIMIT $3"
-        );
-        sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(endpoint)
-            .bind(now)
-            .bind(i64::from(limit))
-            .bind(CHANNEL_EMAIL)
-            .bind(CHANNEL_SNS)
-            .fetch_all(&self.pool)
-            .await
+    /// Contact details, looked up only for the channels that need them.
+    async fn fill_contacts(&self, due: &mut [Outgoing]) -> Result<()> {
+        let wanted: Vec<&str> = due
+            .iter()
+            .filter(|d| d.channel == CHANNEL_EMAIL || d.channel == CHANNEL_SNS)
+            .map(|d| d.user_id.as_str())
+            .collect();
+        let mut contacts: HashMap<String, Contact> = HashMap::new();
+        for chunk in wanted.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::new(
+                "SELECT user_id, email, sns_handle FROM subscribers WHERE user_id",
+            );
+            in_list(&mut query, chunk.iter().copied());
+            let rows: Vec<(String, String, String)> =
+                query.build_query_as().fetch_all(&self.pool).await?;
+            for (user_id, email, sns_handle) in rows {
+                contacts.insert(user_id, Contact { email, sns_handle });
+            }
+        }
+        for outgoing in due.iter_mut() {
+            if let Some(contact) = contacts.get(&outgoing.user_id) {
+                outgoing.contact = Contact {
+                    email: if outgoing.channel == CHANNEL_EMAIL {
+                        contact.email.clone()
+                    } else {
+                        String::new()
+                    },
+                    sns_handle: if outgoing.channel == CHANNEL_SNS {
+                        contact.sns_handle.clone()
+                    } else {
+                        String::new()
+                    },
+                };
+            }
+        }
+        Ok(())
     }
 
     /// Deliveries the carrier itself cannot put on their channel (no e-mail
     /// address, no SNS handle): unsupported, reported to the relay.
-    pub async fn mark_unsupported(&self, seqs: &[i64], now: i64) -> Result<usize> {
+    pub async fn mark_unsupported(&self, slots: &[Slot], now: i64) -> Result<usize> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut closed = Vec::new();
-        for chunk in seqs.chunks(ROWS_PER_STATEMENT) {
-            let mut query =
-                QueryBuilder::new("UPDATE deliveries SET state = 5 WHERE state = 0 AND seq");
-            in_list(&mut query, chunk.iter().copied());
-            query.push(" RETURNING delivery_id, message_id, user_id, channel");
-            closed.extend(query.build_query_as().fetch_all(&mut *tx).await?);
-        }
-        let queued = report_closed(&mut tx, closed, ReceiptKind::Unsupported, now).await?;
+        let wanted = by_row(slots);
+        let rows = rows_by_seq(&mut tx, &wanted).await?;
+        let moved = change_states(&mut tx, rows, |slot, _, state| {
+            (state == State::Held && wanted_slot(&wanted, slot)).then_some(State::Unsupported)
+        })
+        .await?;
+        let queued = report_closed(&mut tx, moved, ReceiptKind::Unsupported, now).await?;
         tx.commit().await?;
         Ok(queued)
     }
@@ -416,122 +613,139 @@ impl Store {
         if user_ids.is_empty() {
             return Ok(0);
         }
-        let mut query = QueryBuilder::new("DELETE FROM deliveries WHERE state = 0 AND user_id");
-        in_list(&mut query, user_ids.iter().copied());
-        Ok(query.build().execute(&self.pool).await?.rows_affected())
+        let leaving: HashSet<&str> = user_ids.iter().copied().collect();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let rows = state_rows(&mut tx, "held > 0", &[]).await?;
+        let moved = change_states(&mut tx, rows, |_, recipient, state| {
+            (state == State::Held && leaving.contains(recipient.user_id.as_str()))
+                .then_some(State::Dropped)
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(moved.len() as u64)
     }
 
-    pub async fn mark_pushed(&self, seqs: &[i64]) -> Result<()> {
-        for chunk in seqs.chunks(ROWS_PER_STATEMENT) {
-            let mut query =
-                QueryBuilder::new("UPDATE deliveries SET state = 1 WHERE state = 0 AND seq");
-            in_list(&mut query, chunk.iter().copied());
-            query.build().execute(&self.pool).await?;
-        }
-        Ok(())
+    pub async fn mark_pushed(&self, slots: &[Slot]) -> Result<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let wanted = by_row(slots);
+        let rows = rows_by_seq(&mut tx, &wanted).await?;
+        change_states(&mut tx, rows, |slot, _, state| {
+            (state == State::Held && wanted_slot(&wanted, slot)).then_some(State::Pushed)
+        })
+        .await?;
+        tx.commit().await
     }
 
     /// Pushed but unconfirmed deliveries of `endpoint`'s users are pushed again.
     pub async fn requeue_unconfirmed(&self, endpoint: &str) -> Result<()> {
-        sqlx::query(
-            "UPDATE deliveries SET state = 0 WHERE state = 1
-             AND user_id IN (SELECT user_id FROM attachments WHERE endpoint = $1)",
-        )
-        .bind(endpoint)
-        .execute(&self.pool)
+        let attached = self.attached.read().expect("attachments lock").clone();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let rows = state_rows(&mut tx, "pushed > 0", &[]).await?;
+        change_states(&mut tx, rows, |_, recipient, state| {
+            (state == State::Pushed
+                && attached.get(&recipient.user_id).map(|e| &**e) == Some(endpoint))
+            .then_some(State::Held)
+        })
         .await?;
-        Ok(())
+        tx.commit().await
     }
 
-    /// Applies terminal events: each delivery moves forward at most once per
-    /// state, each move adds one receipt to the outbox; sends and opens are
-    /// counted once per person and message, however many channels reached them.
-    /// Returns how many receipts were queued.
+    /// Applies terminal events in their order: each delivery moves forward
+    /// at most once per state, each move adds one receipt to the outbox (a
+    /// read of a delivery not yet confirmed is its delivery too); sends and
+    /// opens are counted once per person and message, however many channels
+    /// reached them. Events about deliveries this carrier does not hold are
+    /// ignored. Returns how many receipts were queued.
     pub async fn apply_terminal_events(&self, events: &[TerminalEvent]) -> Result<usize> {
-        let by_id: HashMap<&str, &TerminalEvent> =
-            events.iter().map(|e| (e.delivery_id.as_str(), e)).collect();
-        let mut receipts = Vec::new();
-        let mut counted: Vec<(String, Counted)> = Vec::new();
+        if events.is_empty() {
+            return Ok(0);
+        }
+        // Each message's id range: its rows are found by message and range.
+        let mut ranges: HashMap<&str, (u64, u64)> = HashMap::new();
+        for event in events {
+            let range = ranges
+                .entry(event.message_id.as_str())
+                .or_insert((event.delivery_id, event.delivery_id));
+            range.0 = range.0.min(event.delivery_id);
+            range.1 = range.1.max(event.delivery_id);
+        }
+        let ranges: Vec<(&str, (u64, u64))> = ranges.into_iter().collect();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for chunk in events.chunks(ROWS_PER_STATEMENT) {
-            let ids = |wanted: &dyn Fn(TerminalEventKind) -> bool| -> Vec<&str> {
-                chunk
-                    .iter()
-                    .filter(|e| wanted(e.kind))
-                    .map(|e| e.delivery_id.as_str())
-                    .collect()
-            };
-            // Any event but "unsupported" proves delivery; only reads prove an open.
-            let steps = [
-                (
-                    "UPDATE deliveries SET state = 2 WHERE state < 2 AND delivery_id",
-                    ids(&|k| k != TerminalEventKind::Unsupported),
-                    ReceiptKind::Delivered,
-                ),
-                (
-                    "UPDATE deliveries SET state = 3 WHERE state = 2 AND delivery_id",
-                    ids(&|k| k == TerminalEventKind::Read),
-                    ReceiptKind::Opened,
-                ),
-                (
-                    "UPDATE deliveries SET state = 5 WHERE state < 2 AND delivery_id",
-                    ids(&|k| k == TerminalEventKind::Unsupported),
-                    ReceiptKind::Unsupported,
-                ),
-            ];
-            for (update, ids, kind) in steps {
-                if ids.is_empty() {
-                    continue;
-                }
-                let mut query = QueryBuilder::new(update);
-                in_list(&mut query, ids);
-                query.push(
-                    " RETURNING delivery_id, message_id, user_id, channel, sms_segments, single_attempt",
-                );
-                let moved: Vec<(String, String, String, i64, i64, bool)> =
-                    query.build_query_as().fetch_all(&mut *tx).await?;
-                // A person's only attempt counts as the person; where more attempts
-                // may reach them, `reach` counts each person once.
-                let (single, repeated): (Vec<_>, Vec<_>) =
-                    moved.iter().partition(|(.., single)| *single);
-                let people: Vec<(&str, &str)> = repeated
-                    .iter()
-                    .map(|(_, m, u, ..)| (m.as_str(), u.as_str()))
-                    .collect();
-                let step = match kind {
-                    ReceiptKind::Delivered => Counted::Sent,
-                    ReceiptKind::Opened => Counted::Opened,
-                    _ => Counted::Unsupported,
-                };
-                if step != Counted::Unsupported {
-                    counted.extend(single.iter().map(|(_, m, ..)| (m.clone(), step)));
-                    let first = reach(&mut tx, &people, step == Counted::Opened).await?;
-                    counted.extend(first.into_iter().map(|m| (m, step)));
-                }
-                match kind {
-                    ReceiptKind::Delivered => {
-                        for (_, message_id, .., segments, _) in &moved {
-                            counted.push((message_id.clone(), Counted::Segments(*segments)));
-                        }
-                    }
-                    ReceiptKind::Opened => {}
-                    _ => {
-                        for (_, message_id, ..) in &moved {
-                            counted.push((message_id.clone(), Counted::Unsupported));
-                        }
-                    }
-                }
-                receipts.extend(
-                    moved
-                        .into_iter()
-                        .map(|(id, message_id, user_id, channel, ..)| {
-                            receipt(&by_id, id, message_id, user_id, channel, kind)
-                        }),
-                );
+        let mut rows: Vec<StateRow> = Vec::new();
+        for chunk in ranges.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::new(
+                "SELECT b.seq, b.message_id, b.single_attempt, b.sms_segments, b.recipients, b.states
+                 FROM batches b JOIN (",
+            );
+            query.push_values(chunk, |mut row, (message_id, (lo, hi))| {
+                row.push_bind(*message_id)
+                    .push_bind(*lo as i64)
+                    .push_bind(*hi as i64);
+            });
+            query.push(
+                ") AS v ON b.message_id = v.column1 AND b.min_id <= v.column3 AND b.max_id >= v.column2",
+            );
+            rows.extend(
+                query
+                    .build_query_as::<StateRow>()
+                    .fetch_all(&mut *tx)
+                    .await?,
+            );
+        }
+        let mut decoded: Vec<(StateRow, Vec<Recipient>)> = Vec::with_capacity(rows.len());
+        for row in rows {
+            let recipients = packed::decode_recipients(&row.recipients).map_err(unreadable)?;
+            decoded.push((row, recipients));
+        }
+        let mut place: HashMap<(&str, u64), (usize, usize)> = HashMap::new();
+        for (r, (row, recipients)) in decoded.iter().enumerate() {
+            for (i, recipient) in recipients.iter().enumerate() {
+                place.insert((row.message_id.as_str(), recipient.delivery_id), (r, i));
             }
         }
+        let mut states: Vec<Vec<u8>> = decoded.iter().map(|(row, _)| row.states.clone()).collect();
+        let mut moved: Vec<(Moved, &TerminalEvent)> = Vec::new();
+        for event in events {
+            let Some(&(r, i)) = place.get(&(event.message_id.as_str(), event.delivery_id)) else {
+                continue;
+            };
+            let state = State::of(states[r][i]);
+            let steps: &[State] = match (event.kind, state) {
+                (TerminalEventKind::Delivered, s) if s.is_open() => &[State::Delivered],
+                (TerminalEventKind::Read, s) if s.is_open() => &[State::Delivered, State::Opened],
+                (TerminalEventKind::Read, State::Delivered) => &[State::Opened],
+                (TerminalEventKind::Unsupported, s) if s.is_open() => &[State::Unsupported],
+                _ => &[],
+            };
+            let (row, recipients) = &decoded[r];
+            for &to in steps {
+                states[r][i] = to as u8;
+                moved.push((moved_one(row, &recipients[i], to), event));
+            }
+        }
+        let changed: Vec<(i64, Vec<u8>)> = decoded
+            .iter()
+            .zip(states)
+            .filter(|((row, _), states)| row.states != *states)
+            .map(|((row, _), states)| (row.seq, states))
+            .collect();
+        write_states(&mut tx, &changed).await?;
+        let receipts: Vec<StoredReceipt> = moved
+            .iter()
+            .map(|(m, event)| StoredReceipt {
+                delivery_id: m.delivery_id,
+                message_id: m.message_id.clone(),
+                user_id: m.user_id.clone(),
+                kind: receipt_kind(m.to),
+                channel: m.channel,
+                at: event.at,
+                region: event.region.clone(),
+                trace_parent: event.trace_parent.clone(),
+            })
+            .collect();
         queue_receipts(&mut tx, &receipts).await?;
-        count(&mut tx, counted.iter().map(|(m, c)| (m.as_str(), *c))).await?;
+        let moved: Vec<Moved> = moved.into_iter().map(|(m, _)| m).collect();
+        count_moves(&mut tx, &moved).await?;
         tx.commit().await?;
         Ok(receipts.len())
     }
@@ -540,14 +754,17 @@ impl Store {
     /// them: they are never delivered later.
     pub async fn expire(&self, now: i64) -> Result<usize> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let expired = sqlx::query_as(
-            "UPDATE deliveries SET state = 4 WHERE state < 2 AND expires_at <= $1
-             RETURNING delivery_id, message_id, user_id, channel",
+        let rows = state_rows(
+            &mut tx,
+            "(held > 0 OR pushed > 0) AND expires_at <= $1",
+            &[now],
         )
-        .bind(now)
-        .fetch_all(&mut *tx)
         .await?;
-        let queued = report_closed(&mut tx, expired, ReceiptKind::Expired, now).await?;
+        let moved = change_states(&mut tx, rows, |_, _, state| {
+            state.is_open().then_some(State::Expired)
+        })
+        .await?;
+        let queued = report_closed(&mut tx, moved, ReceiptKind::Expired, now).await?;
         tx.commit().await?;
         Ok(queued)
     }
@@ -557,8 +774,8 @@ impl Store {
     /// how many moved.
     pub async fn roll_windows(&self, now: i64) -> Result<u64> {
         let windows: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT delivery_window FROM deliveries
-             WHERE state = 0 AND window_close <= $1 AND delivery_window IS NOT NULL",
+            "SELECT DISTINCT delivery_window FROM batches
+             WHERE held > 0 AND window_close <= $1 AND delivery_window IS NOT NULL",
         )
         .bind(now)
         .fetch_all(&self.pool)
@@ -566,69 +783,64 @@ impl Store {
         let mut cache = WindowCache::default();
         let mut moved = 0;
         for window in windows {
-            let (not_before, window_close, expires) = match cache.opening(&window, now) {
+            let (open, close, expires) = match cache.opening(&window, now) {
                 Some((open, close)) => (open, close, None),
                 None => (now, now, Some(now)),
             };
-            moved += sqlx::query(
-                "UPDATE deliveries SET not_before = CASE WHEN not_before > $1 THEN not_before ELSE $1 END,
-                        window_close = $2, expires_at = COALESCE($3, expires_at)
-                 WHERE state = 0 AND window_close <= $4 AND delivery_window = $5",
+            let held: Vec<i64> = sqlx::query_scalar(
+                "UPDATE batches SET window_open = $1, window_close = $2, expires_at = COALESCE($3, expires_at)
+                 WHERE held > 0 AND window_close <= $4 AND delivery_window = $5
+                 RETURNING held",
             )
-            .bind(not_before)
-            .bind(window_close)
+            .bind(open)
+            .bind(close)
             .bind(expires)
             .bind(now)
             .bind(&window)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+            .fetch_all(&self.pool)
+            .await?;
+            moved += held.iter().sum::<i64>() as u64;
         }
         Ok(moved)
     }
 
-    /// Up to `limit` queued receipts after `after_seq`.
+    /// Queued receipts after `after_seq`: whole outbox rows, until at least
+    /// `limit` receipts (each carries its row's sequence).
     pub async fn outbox_after(&self, after_seq: i64, limit: u32) -> Result<Vec<Receipt>> {
-        type Row = (i64, String, String, String, i64, i64, i64, String, String);
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT seq, delivery_id, message_id, user_id, kind, channel, at, region, trace_parent FROM outbox
-             WHERE seq > $1 ORDER BY seq LIMIT $2",
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT seq, receipts FROM receipt_outbox WHERE seq > $1 ORDER BY seq LIMIT 16",
         )
         .bind(after_seq)
-        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(
-                    seq,
-                    delivery_id,
-                    message_id,
-                    user_id,
-                    kind,
-                    channel,
-                    at,
-                    region,
-                    trace_parent,
-                )| Receipt {
-                    trace_parent,
-                    seq,
-                    delivery_id,
-                    message_id,
-                    user_id,
-                    kind: ReceiptKind::from_number(kind),
-                    channel,
-                    at,
-                    region,
-                },
-            )
-            .collect())
+        let mut receipts = Vec::new();
+        for (seq, blob) in rows {
+            if receipts.len() >= limit as usize {
+                break;
+            }
+            receipts.extend(
+                packed::decode_receipts(&blob)
+                    .map_err(unreadable)?
+                    .into_iter()
+                    .map(|r| Receipt {
+                        seq,
+                        delivery_id: r.delivery_id,
+                        message_id: r.message_id,
+                        user_id: r.user_id,
+                        kind: r.kind,
+                        channel: r.channel,
+                        at: r.at,
+                        region: r.region,
+                        trace_parent: r.trace_parent,
+                    }),
+            );
+        }
+        Ok(receipts)
     }
 
     /// The relay stored every receipt up to `seq`.
     pub async fn ack_outbox(&self, seq: i64) -> Result<()> {
-        sqlx::query("DELETE FROM outbox WHERE seq <= $1")
+        sqlx::query("DELETE FROM receipt_outbox WHERE seq <= $1")
             .bind(seq)
             .execute(&self.pool)
             .await?;
@@ -662,7 +874,7 @@ impl Store {
         .bind(message_id.unwrap_or(""))
         .fetch_all(&self.pool)
         .await?;
-        let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM deliveries WHERE state = 0")
+        let held: i64 = sqlx::query_scalar("SELECT COALESCE(SUM(held), 0) FROM batches")
             .fetch_one(&self.pool)
             .await?;
         Ok((
@@ -707,26 +919,288 @@ impl WindowCache {
     }
 }
 
-fn receipt(
-    by_id: &HashMap<&str, &TerminalEvent>,
-    delivery_id: String,
-    message_id: String,
-    user_id: String,
-    channel: i64,
-    kind: ReceiptKind,
-) -> Receipt {
-    let event = by_id.get(delivery_id.as_str());
-    Receipt {
-        seq: 0,
-        at: event.map_or(0, |e| e.at),
-        region: event.map(|e| e.region.clone()).unwrap_or_default(),
-        trace_parent: event.map(|e| e.trace_parent.clone()).unwrap_or_default(),
-        delivery_id,
-        message_id,
-        user_id,
-        kind,
-        channel,
+fn split_replies(stored: &str) -> Vec<String> {
+    stored
+        .split('\n')
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Inserts one batch row per record, every recipient held.
+async fn insert_rows(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    records: &[MessageDeliveries],
+    now: i64,
+) -> Result<()> {
+    let mut windows = WindowCache::default();
+    // A statement binds 20 values a row.
+    for chunk in records.chunks(500) {
+        let mut query = QueryBuilder::new(
+            "INSERT INTO batches (message_id, priority, single_attempt, content_text, media_url, subject, \
+             suggested_replies, sms_segments, delivery_window, window_open, window_close, expires_at, \
+             trace_parent, min_id, max_id, recipients, states, held, pushed, received_at) ",
+        );
+        query.push_values(chunk, |mut row, record| {
+            let first_due = record
+                .recipients
+                .iter()
+                .map(|r| r.not_before)
+                .min()
+                .unwrap_or(0);
+            let (window_open, window_close, expires_at) = match &record.window {
+                None => (0, i64::MAX, record.expires_at),
+                Some(window) => match windows.opening(window, now.max(first_due)) {
+                    Some((open, close)) => (open, close, record.expires_at),
+                    // A window that never opens again: due to expire at once.
+                    None => (now, now, now),
+                },
+            };
+            let held = record.recipients.len() as i64;
+            row.push_bind(&record.message_id)
+                .push_bind(record.priority)
+                .push_bind(record.single_attempt)
+                .push_bind(&record.text)
+                .push_bind(&record.media_url)
+                .push_bind(&record.subject)
+                .push_bind(record.suggested_replies.join("\n"))
+                .push_bind(channels::sms_segments(&record.text).len() as i64)
+                .push_bind(&record.window)
+                .push_bind(window_open)
+                .push_bind(window_close)
+                .push_bind(expires_at)
+                .push_bind(&record.trace_parent)
+                .push_bind(
+                    record
+                        .recipients
+                        .iter()
+                        .map(|r| r.delivery_id)
+                        .min()
+                        .unwrap_or(0) as i64,
+                )
+                .push_bind(
+                    record
+                        .recipients
+                        .iter()
+                        .map(|r| r.delivery_id)
+                        .max()
+                        .unwrap_or(0) as i64,
+                )
+                .push_bind(packed::encode_recipients(&record.recipients))
+                .push_bind(vec![State::Held as u8; record.recipients.len()])
+                .push_bind(held)
+                .push_bind(0_i64)
+                .push_bind(now);
+        });
+        query.build().execute(&mut **tx).await?;
     }
+    Ok(())
+}
+
+const STATE_COLUMNS: &str = "seq, message_id, single_attempt, sms_segments, recipients, states";
+
+/// The batch rows matching `condition` (binding `$1`… to `binds`), read in
+/// `tx` so their states are current.
+async fn state_rows(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    condition: &str,
+    binds: &[i64],
+) -> Result<Vec<StateRow>> {
+    let sql = format!("SELECT {STATE_COLUMNS} FROM batches WHERE {condition}");
+    let mut query = sqlx::query_as::<_, StateRow>(sqlx::AssertSqlSafe(sql));
+    for bind in binds {
+        query = query.bind(*bind);
+    }
+    query.fetch_all(&mut **tx).await
+}
+
+/// Slots grouped by row.
+fn by_row(slots: &[Slot]) -> BTreeMap<i64, HashSet<u32>> {
+    let mut rows: BTreeMap<i64, HashSet<u32>> = BTreeMap::new();
+    for slot in slots {
+        rows.entry(slot.row).or_default().insert(slot.index);
+    }
+    rows
+}
+
+fn wanted_slot(wanted: &BTreeMap<i64, HashSet<u32>>, slot: Slot) -> bool {
+    wanted
+        .get(&slot.row)
+        .is_some_and(|indexes| indexes.contains(&slot.index))
+}
+
+async fn rows_by_seq(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    wanted: &BTreeMap<i64, HashSet<u32>>,
+) -> Result<Vec<StateRow>> {
+    let seqs: Vec<i64> = wanted.keys().copied().collect();
+    let mut rows = Vec::with_capacity(seqs.len());
+    for chunk in seqs.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::new(format!("SELECT {STATE_COLUMNS} FROM batches WHERE seq"));
+        in_list(&mut query, chunk.iter().copied());
+        rows.extend(
+            query
+                .build_query_as::<StateRow>()
+                .fetch_all(&mut **tx)
+                .await?,
+        );
+    }
+    Ok(rows)
+}
+
+/// Moves each recipient of `rows` to the state `change` names (`None`: left
+/// as it is), writes back the rows that changed, and returns what moved.
+async fn change_states(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    rows: Vec<StateRow>,
+    mut change: impl FnMut(Slot, &Recipient, State) -> Option<State>,
+) -> Result<Vec<Moved>> {
+    let mut moved = Vec::new();
+    let mut changed = Vec::new();
+    for row in rows {
+        let recipients = packed::decode_recipients(&row.recipients).map_err(unreadable)?;
+        let mut states = row.states.clone();
+        for (index, recipient) in recipients.iter().enumerate() {
+            let slot = Slot {
+                row: row.seq,
+                index: index as u32,
+            };
+            if let Some(to) = change(slot, recipient, State::of(states[index])) {
+                states[index] = to as u8;
+                moved.push(moved_one(&row, recipient, to));
+            }
+        }
+        if states != row.states {
+            changed.push((row.seq, states));
+        }
+    }
+    write_states(tx, &changed).await?;
+    Ok(moved)
+}
+
+/// Writes rows' new states with their held and pushed counts.
+async fn write_states(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    changed: &[(i64, Vec<u8>)],
+) -> Result<()> {
+    for chunk in changed.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::new(
+            "UPDATE batches SET states = v.column2, held = v.column3, pushed = v.column4 FROM (",
+        );
+        query.push_values(chunk, |mut row, (seq, states)| {
+            let count = |state: State| states.iter().filter(|&&s| s == state as u8).count() as i64;
+            row.push_bind(*seq)
+                .push_bind(states.clone())
+                .push_bind(count(State::Held))
+                .push_bind(count(State::Pushed));
+        });
+        query.push(") AS v WHERE batches.seq = v.column1");
+        query.build().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+fn moved_one(row: &StateRow, recipient: &Recipient, to: State) -> Moved {
+    Moved {
+        delivery_id: recipient.delivery_id,
+        message_id: row.message_id.clone(),
+        user_id: recipient.user_id.clone(),
+        channel: recipient.channel,
+        sms_segments: if recipient.channel == CHANNEL_SMS {
+            row.sms_segments
+        } else {
+            0
+        },
+        single_attempt: row.single_attempt,
+        to,
+    }
+}
+
+/// The receipt a move to `state` sends the relay.
+fn receipt_kind(state: State) -> ReceiptKind {
+    match state {
+        State::Delivered => ReceiptKind::Delivered,
+        State::Opened => ReceiptKind::Opened,
+        State::Expired => ReceiptKind::Expired,
+        State::Unsupported => ReceiptKind::Unsupported,
+        State::Held | State::Pushed | State::Dropped => ReceiptKind::Failed,
+    }
+}
+
+/// Counts moves: a delivery is a send (with its SMS parts), a read an open,
+/// each once per person — a person's only attempt counts directly, where
+/// more attempts may reach them `reach` counts each person once.
+async fn count_moves(tx: &mut sqlx::Transaction<'_, Sqlite>, moved: &[Moved]) -> Result<()> {
+    let mut counted: Vec<(String, Counted)> = Vec::new();
+    for (state, step) in [
+        (State::Delivered, Counted::Sent),
+        (State::Opened, Counted::Opened),
+    ] {
+        let of_state = moved.iter().filter(|m| m.to == state);
+        let (single, repeated): (Vec<&Moved>, Vec<&Moved>) =
+            of_state.partition(|m| m.single_attempt);
+        counted.extend(single.iter().map(|m| (m.message_id.clone(), step)));
+        let people: Vec<(&str, &str)> = repeated
+            .iter()
+            .map(|m| (m.message_id.as_str(), m.user_id.as_str()))
+            .collect();
+        for chunk in people.chunks(ROWS_PER_STATEMENT) {
+            let first = reach(tx, chunk, step == Counted::Opened).await?;
+            counted.extend(first.into_iter().map(|m| (m, step)));
+        }
+    }
+    for m in moved {
+        match m.to {
+            State::Delivered => {
+                counted.push((m.message_id.clone(), Counted::Segments(m.sms_segments)))
+            }
+            State::Unsupported => counted.push((m.message_id.clone(), Counted::Unsupported)),
+            State::Expired => counted.push((m.message_id.clone(), Counted::Expired)),
+            _ => {}
+        }
+    }
+    count(tx, counted.iter().map(|(m, c)| (m.as_str(), *c))).await
+}
+
+/// Deliveries the carrier closed itself, reported to the relay as `kind` at
+/// `now` and counted. Returns how many receipts were queued.
+async fn report_closed(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    moved: Vec<Moved>,
+    kind: ReceiptKind,
+    now: i64,
+) -> Result<usize> {
+    let receipts: Vec<StoredReceipt> = moved
+        .iter()
+        .map(|m| StoredReceipt {
+            delivery_id: m.delivery_id,
+            message_id: m.message_id.clone(),
+            user_id: m.user_id.clone(),
+            kind,
+            channel: m.channel,
+            at: now,
+            region: String::new(),
+            trace_parent: String::new(),
+        })
+        .collect();
+    queue_receipts(tx, &receipts).await?;
+    count_moves(tx, &moved).await?;
+    Ok(receipts.len())
+}
+
+/// Appends receipts to the outbox, one row per group of up to 10,000.
+async fn queue_receipts(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    receipts: &[StoredReceipt],
+) -> Result<()> {
+    for chunk in receipts.chunks(10_000) {
+        sqlx::query("INSERT INTO receipt_outbox (receipts, count) VALUES ($1, $2)")
+            .bind(packed::encode_receipts(chunk))
+            .bind(chunk.len() as i64)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Records that these people were reached (or, with `opened`, opened) and
@@ -768,66 +1242,6 @@ enum Counted {
     Segments(i64),
     Unsupported,
     Expired,
-}
-
-/// Deliveries the carrier closed itself — (delivery id, message, user,
-/// channel) — reported to the relay as `kind` at `now` and counted.
-/// Returns how many receipts were queued.
-async fn report_closed(
-    tx: &mut sqlx::Transaction<'_, Sqlite>,
-    closed: Vec<(String, String, String, i64)>,
-    kind: ReceiptKind,
-    now: i64,
-) -> Result<usize> {
-    let counted = match kind {
-        ReceiptKind::Expired => Counted::Expired,
-        _ => Counted::Unsupported,
-    };
-    let receipts: Vec<Receipt> = closed
-        .into_iter()
-        .map(|(delivery_id, message_id, user_id, channel)| Receipt {
-            seq: 0,
-            delivery_id,
-            message_id,
-            user_id,
-            kind,
-            channel,
-            at: now,
-            region: String::new(),
-            trace_parent: String::new(),
-        })
-        .collect();
-    queue_receipts(tx, &receipts).await?;
-    count(
-        tx,
-        receipts.iter().map(|r| (r.message_id.as_str(), counted)),
-    )
-    .await?;
-    Ok(receipts.len())
-}
-
-/// Appends receipts to the outbox.
-async fn queue_receipts(
-    tx: &mut sqlx::Transaction<'_, Sqlite>,
-    receipts: &[Receipt],
-) -> Result<()> {
-    for chunk in receipts.chunks(ROWS_PER_STATEMENT) {
-        let mut query = QueryBuilder::new(
-            "INSERT INTO outbox (delivery_id, message_id, user_id, kind, channel, at, region, trace_parent) ",
-        );
-        query.push_values(chunk, |mut row, r| {
-            row.push_bind(&r.delivery_id)
-                .push_bind(&r.message_id)
-                .push_bind(&r.user_id)
-                .push_bind(r.kind as i64)
-                .push_bind(r.channel)
-                .push_bind(r.at)
-                .push_bind(&r.region)
-                .push_bind(&r.trace_parent);
-        });
-        query.build().execute(&mut **tx).await?;
-    }
-    Ok(())
 }
 
 /// Adds counted steps to the per-message counts (marked for the next report).
@@ -875,34 +1289,30 @@ async fn count(
 mod tests {
     use super::*;
 
-    fn delivery(id: usize, priority: bool) -> Delivery {
-        Delivery {
-            delivery_id: format!("d{id}"),
-            message_id: if priority {
-                "urgent".into()
-            } else {
-                "campaign".into()
-            },
-            user_id: format!("u{}", id % 10),
-            channel: 2,
+    fn record(message_id: &str, ids: std::ops::Range<u64>, priority: bool) -> MessageDeliveries {
+        MessageDeliveries {
+            message_id: message_id.into(),
             text: "hi".into(),
             media_url: String::new(),
             subject: String::new(),
             suggested_replies: Vec::new(),
-            not_before: 0,
             expires_at: i64::MAX,
             window: None,
             single_attempt: true,
             trace_parent: String::new(),
             priority,
+            recipients: ids
+                .map(|id| Recipient {
+                    delivery_id: id,
+                    user_id: format!("u{}", id % 10),
+                    channel: CHANNEL_SMS,
+                    not_before: 0,
+                })
+                .collect(),
         }
     }
 
-    /// A targeted message that arrives behind a campaign's backlog is pushed
-    /// first; the backlog then goes in arrival order.
-    #[tokio::test]
-    async fn priority_deliveries_are_pushed_before_the_held_backlog() {
-        let dir = tempfile::tempdir().unwrap();
+    async fn store_with_terminals(dir: &tempfile::TempDir) -> Store {
         let store = Store::connect(&Store::sqlite_url_in(dir.path()))
             .await
             .unwrap();
@@ -924,18 +1334,117 @@ mod tests {
             .collect();
         store.upsert_subscribers(&subscribers, 0).await.unwrap();
         store.attach("terminals", &users, 0).await.unwrap();
-        let backlog: Vec<Delivery> = (0..50).map(|id| delivery(id, false)).collect();
-        store.accept_batch(&backlog, 1).await.unwrap();
-        store.accept_batch(&[delivery(50, true)], 2).await.unwrap();
+        store
+    }
+
+    /// A targeted message that arrives behind a campaign's backlog is pushed
+    /// first; the backlog then goes in arrival order.
+    #[tokio::test]
+    async fn priority_deliveries_are_pushed_before_the_held_backlog() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_terminals(&dir).await;
+        store
+            .accept_batch(vec![record("campaign", 1..51, false)], 1)
+            .await
+            .unwrap();
+        store
+            .accept_batch(vec![record("urgent", 51..52, true)], 2)
+            .await
+            .unwrap();
 
         let due = store.due_for_endpoint("terminals", 3, 10).await.unwrap();
-        let ids: Vec<&str> = due.iter().map(|d| d.delivery_id.as_str()).collect();
-        assert_eq!(
-            ids,
-            ["d50", "d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7", "d8"]
-        );
+        let ids: Vec<u64> = due.iter().map(|d| d.delivery_id).collect();
+        assert_eq!(ids, [51, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
         let all = store.due_for_endpoint("terminals", 3, 100).await.unwrap();
         assert_eq!(all.len(), 51, "each once");
+        store.close().await;
+    }
+
+    /// A batch sent again (a reconnect, a re-offer) adds nothing, also after a
+    /// restart; events move each delivery forward once, with one receipt per
+    /// move and one count per person.
+    #[tokio::test]
+    async fn duplicates_are_dropped_and_each_move_counts_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_terminals(&dir).await;
+        let batch = vec![record("m", 1..6, false), record("n", 6..8, false)];
+        assert_eq!(store.accept_batch(batch.clone(), 1).await.unwrap(), 7);
+        assert_eq!(store.accept_batch(batch.clone(), 2).await.unwrap(), 0);
+        store.close().await;
+        let store = Store::connect(&Store::sqlite_url_in(dir.path()))
+            .await
+            .unwrap();
+        assert_eq!(store.accept_batch(batch, 3).await.unwrap(), 0);
+        let mut more = record("m", 5..9, false);
+        more.recipients
+            .retain(|r| r.delivery_id != 6 && r.delivery_id != 7);
+        assert_eq!(
+            store.accept_batch(vec![more], 3).await.unwrap(),
+            1,
+            "5 seen, 8 new"
+        );
+
+        let due = store.due_for_endpoint("terminals", 4, 100).await.unwrap();
+        assert_eq!(due.len(), 8);
+        let slots: Vec<Slot> = due.iter().map(|d| d.slot).collect();
+        store.mark_pushed(&slots).await.unwrap();
+        assert!(
+            store
+                .due_for_endpoint("terminals", 4, 100)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let event = |id: u64, message: &str, kind| TerminalEvent {
+            delivery_id: id,
+            message_id: message.into(),
+            kind,
+            at: 10,
+            region: "tokyo".into(),
+            trace_parent: String::new(),
+        };
+        let events = [
+            event(1, "m", TerminalEventKind::Delivered),
+            event(1, "m", TerminalEventKind::Delivered),
+            event(2, "m", TerminalEventKind::Read),
+            event(3, "m", TerminalEventKind::Unsupported),
+            event(6, "n", TerminalEventKind::Delivered),
+            event(6, "m", TerminalEventKind::Delivered),
+            event(99, "m", TerminalEventKind::Delivered),
+        ];
+        // 1 delivered, 2 delivered + opened, 3 unsupported, 6 delivered.
+        assert_eq!(store.apply_terminal_events(&events).await.unwrap(), 5);
+        assert_eq!(store.apply_terminal_events(&events).await.unwrap(), 0);
+        let receipts = store.outbox_after(0, 100).await.unwrap();
+        let kinds: Vec<(u64, ReceiptKind)> =
+            receipts.iter().map(|r| (r.delivery_id, r.kind)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (1, ReceiptKind::Delivered),
+                (2, ReceiptKind::Delivered),
+                (2, ReceiptKind::Opened),
+                (3, ReceiptKind::Unsupported),
+                (6, ReceiptKind::Delivered),
+            ]
+        );
+        let (counts, held) = store.counts(Some("m")).await.unwrap();
+        assert_eq!(held, 0);
+        assert_eq!(
+            (counts[0].sent, counts[0].opened, counts[0].unsupported),
+            (2, 1, 1)
+        );
+        assert_eq!(counts[0].sms_segments, 2);
+        store.ack_outbox(receipts[0].seq).await.unwrap();
+        assert!(store.outbox_after(0, 100).await.unwrap().is_empty());
+
+        // Unconfirmed pushes go out again after a reconnect; expiry closes the rest.
+        store.requeue_unconfirmed("terminals").await.unwrap();
+        let again = store.due_for_endpoint("terminals", 5, 100).await.unwrap();
+        let ids: Vec<u64> = again.iter().map(|d| d.delivery_id).collect();
+        assert_eq!(ids, [4, 5, 7, 8]);
+        assert_eq!(store.drop_held(&["u4"]).await.unwrap(), 1);
+        assert_eq!(store.expire(i64::MAX).await.unwrap(), 3);
         store.close().await;
     }
 }

@@ -162,7 +162,7 @@ async fn session(
             }
             // Each delivery through its channel's adapter; what the carrier cannot
             // carry (no address on file) is reported unsupported, not pushed.
-            let mut seqs = Vec::with_capacity(due.len());
+            let mut slots = Vec::with_capacity(due.len());
             let mut unsupported = Vec::new();
             let mut messages = Vec::with_capacity(due.len());
             let traces = telemetry::step_per_message(
@@ -180,14 +180,14 @@ async fn session(
                     &d.contact,
                 ) {
                     Ok(rendered) => {
-                        seqs.push(d.seq);
+                        slots.push(d.slot);
                         messages.push(pb::PushedMessage {
                             trace_parent: telemetry::passed_on(
                                 &traces,
                                 &d.message_id,
                                 d.trace_parent,
                             ),
-                            delivery_id: d.delivery_id,
+                            delivery_id: d.delivery_id.to_string(),
                             message_id: d.message_id,
                             user_id: d.user_id,
                             content: Some(common::Content {
@@ -207,7 +207,7 @@ async fn session(
                             channel = d.channel,
                             "channel unsupported for this subscriber"
                         );
-                        unsupported.push(d.seq);
+                        unsupported.push(d.slot);
                     }
                 }
             }
@@ -236,7 +236,7 @@ async fn session(
             down.send(request)
                 .await
                 .map_err(|_| anyhow::anyhow!("terminal stream closed"))?;
-            shared.store.mark_pushed(&seqs).await?;
+            shared.store.mark_pushed(&slots).await?;
             for (channel, count) in by_channel {
                 shared.metrics.pushed.add(&[("channel", channel)], count);
             }
@@ -274,12 +274,12 @@ fn event_from_wire(
         Ok(pb::EventKind::Unsupported) => TerminalEventKind::Unsupported,
         _ => return None,
     };
-    if event.delivery_id.is_empty() {
-        return None;
-    }
+    // A delivery id this carrier never gave out cannot be about one of its deliveries.
+    let delivery_id = event.delivery_id.parse().ok().filter(|&id| id > 0)?;
     Some(TerminalEvent {
         trace_parent: telemetry::passed_on(traces, &event.message_id, event.trace_parent),
-        delivery_id: event.delivery_id,
+        delivery_id,
+        message_id: event.message_id,
         kind,
         at: event.at.as_ref().map_or(0, from_timestamp),
         region: event.region,

@@ -17,6 +17,7 @@ use chukei_proto::auth::BearerInterceptor;
 use chukei_proto::carrier::v1 as pb;
 use chukei_proto::clock::{Clock, from_timestamp, to_timestamp};
 use chukei_proto::common::v1 as common;
+use chukei_proto::deliver;
 use chukei_proto::telemetry;
 use chukei_proto::window::Window;
 use tokio::sync::{mpsc, watch};
@@ -308,10 +309,12 @@ impl Dispatcher {
         .max_encoding_message_size(64 * 1024 * 1024);
         let (down, down_rx) =
             mpsc::channel::<pb::RelayToCarrier>(self.config.batches_in_flight + 4);
-        let mut up = client
-            .deliver(ReceiverStream::new(down_rx))
-            .await?
-            .into_inner();
+        let mut request = tonic::Request::new(ReceiverStream::new(down_rx));
+        deliver::put_version(request.metadata_mut());
+        let response = client.deliver(request).await?;
+        deliver::check_version("carrier", deliver::version_in(response.metadata()))
+            .map_err(anyhow::Error::msg)?;
+        let mut up = response.into_inner();
         self.handle.set_connected(&self.carrier_id, true);
         *backoff = Duration::from_millis(100);
         tracing::info!(carrier_id = %self.carrier_id, "carrier stream open");
@@ -519,14 +522,8 @@ impl Dispatcher {
         let batch_id = *batch.next_batch_id;
         let deliveries = pb::DeliveryBatch {
             batch_id,
-            deliveries: due
-                .into_iter()
-                .map(|d| pb::Delivery {
-                    // The carrier keeps the lane too: its push queue is by arrival otherwise.
-                    priority: lane == Lane::Priority,
-                    ..to_wire(d, batch.windows, &traces)
-                })
-                .collect(),
+            // The carrier keeps the lane too: its push queue is by arrival otherwise.
+            messages: pack(due, lane == Lane::Priority, batch.windows, &traces),
         };
         batch
             .down
@@ -567,19 +564,15 @@ impl Dispatcher {
                 }
             }
             Some(pb::carrier_to_relay::Kind::Receipts(batch)) => {
-                let up_to_seq = batch.receipts.iter().map(|r| r.seq).max().unwrap_or(0);
+                let up_to_seq = batch.seq;
                 telemetry::step_per_message(
                     "relay.receipt",
                     batch
-                        .receipts
+                        .messages
                         .iter()
                         .map(|r| (r.message_id.as_str(), r.trace_parent.as_str())),
                 );
-                let receipts: Vec<Receipt> = batch
-                    .receipts
-                    .into_iter()
-                    .filter_map(receipt_from_wire)
-                    .collect();
+                let receipts = receipts_from_wire(batch.messages);
                 self.store
                     .record_receipts(&self.carrier_id, &receipts, self.clock.now_ms())
                     .await?;
@@ -669,55 +662,110 @@ impl WindowCache {
     }
 }
 
-fn to_wire(
-    delivery: DueDelivery,
+/// A batch's deliveries packed per message (version 2 of the Deliver
+/// protocol): each message's content and instructions once, its recipients as
+/// columns, in the order the deliveries came (id order).
+fn pack(
+    due: Vec<DueDelivery>,
+    priority: bool,
     windows: &mut WindowCache,
     traces: &HashMap<String, String>,
-) -> pb::Delivery {
-    pb::Delivery {
-        trace_parent: telemetry::passed_on(traces, &delivery.message_id, delivery.trace_parent),
-        delivery_id: delivery.id.to_string(),
-        message_id: delivery.message_id,
-        user_id: delivery.user_id,
-        content: Some(common::Content {
-            text: delivery.content.text,
-            media_url: delivery.content.media_url,
-            subject: delivery.content.subject,
-            suggested_replies: delivery.content.suggested_replies,
-        }),
-        channel: Channel::number(delivery.channel) as i32,
-        not_before: Some(to_timestamp(delivery.not_before)),
-        expires_at: Some(to_timestamp(delivery.expires_at)),
-        window: delivery.carrier_window.and_then(|w| windows.get(w)),
-        single_attempt: delivery.single_attempt,
-        priority: false,
+) -> Vec<pb::MessageDeliveries> {
+    let mut records: Vec<pb::MessageDeliveries> = Vec::new();
+    let mut index_of: HashMap<String, usize> = HashMap::new();
+    for delivery in due {
+        let index = match index_of.get(&delivery.message_id) {
+            Some(&index) => index,
+            None => {
+                index_of.insert(delivery.message_id.clone(), records.len());
+                records.push(pb::MessageDeliveries {
+                    trace_parent: telemetry::passed_on(
+                        traces,
+                        &delivery.message_id,
+                        delivery.trace_parent.clone(),
+                    ),
+                    message_id: delivery.message_id.clone(),
+                    content: Some(common::Content {
+                        text: delivery.content.text.clone(),
+                        media_url: delivery.content.media_url.clone(),
+                        subject: delivery.content.subject.clone(),
+                        suggested_replies: delivery.content.suggested_replies.clone(),
+                    }),
+                    expires_at: Some(to_timestamp(delivery.expires_at)),
+                    window: delivery.carrier_window.clone().and_then(|w| windows.get(w)),
+                    single_attempt: delivery.single_attempt,
+                    priority,
+                    channel: Channel::number(delivery.channel) as i32,
+                    not_before_ms: delivery.not_before,
+                    ..Default::default()
+                });
+                records.len() - 1
+            }
+        };
+        let record = &mut records[index];
+        let channel = Channel::number(delivery.channel) as u8;
+        // A column is written out only once a delivery differs from the
+        // record's shared value; the entries before it take that value.
+        if !record.channels.is_empty() || channel as i32 != record.channel {
+            record
+                .channels
+                .resize(record.delivery_ids.len(), record.channel as u8);
+            record.channels.push(channel);
+        }
+        if !record.not_before_each_ms.is_empty() || delivery.not_before != record.not_before_ms {
+            let shared = record.not_before_ms;
+            record
+                .not_before_each_ms
+                .resize(record.delivery_ids.len(), shared);
+            record.not_before_each_ms.push(delivery.not_before);
+        }
+        record.delivery_ids.push(delivery.id as u64);
+        record.user_ids.push(delivery.user_id);
     }
+    records
 }
 
-/// A receipt the relay can use, or `None` (logged) for one it cannot.
-fn receipt_from_wire(receipt: pb::Receipt) -> Option<Receipt> {
-    let kind = match common::ReceiptKind::try_from(receipt.kind) {
-        Ok(common::ReceiptKind::Delivered) => EventKind::Delivered,
-        Ok(common::ReceiptKind::Opened) => EventKind::Opened,
-        Ok(common::ReceiptKind::Failed) => EventKind::Failed,
-        Ok(common::ReceiptKind::Unsupported) => EventKind::Unsupported,
-        Ok(common::ReceiptKind::Expired) => EventKind::Expired,
-        _ => {
-            tracing::warn!(kind = receipt.kind, "receipt of unknown kind dropped");
-            return None;
+/// The receipts of packed records the relay can use; a malformed record or
+/// a receipt of an unknown kind is dropped (logged), the rest are kept.
+fn receipts_from_wire(records: Vec<pb::MessageReceipts>) -> Vec<Receipt> {
+    let mut receipts = Vec::new();
+    for mut record in records {
+        let len = match deliver::receipts_len(&record) {
+            Ok(len) => len,
+            Err(error) => {
+                tracing::warn!(%error, "malformed receipt record dropped");
+                continue;
+            }
+        };
+        for i in 0..len {
+            let kind = match common::ReceiptKind::try_from(i32::from(record.kinds[i])) {
+                Ok(common::ReceiptKind::Delivered) => EventKind::Delivered,
+                Ok(common::ReceiptKind::Opened) => EventKind::Opened,
+                Ok(common::ReceiptKind::Failed) => EventKind::Failed,
+                Ok(common::ReceiptKind::Unsupported) => EventKind::Unsupported,
+                Ok(common::ReceiptKind::Expired) => EventKind::Expired,
+                _ => {
+                    tracing::warn!(kind = record.kinds[i], "receipt of unknown kind dropped");
+                    continue;
+                }
+            };
+            if record.user_ids[i].is_empty() {
+                tracing::warn!("receipt without a user dropped");
+                continue;
+            }
+            receipts.push(Receipt {
+                delivery_id: match record.delivery_ids[i] {
+                    0 => None,
+                    id => i64::try_from(id).ok(),
+                },
+                message_id: record.message_id.clone(),
+                user_id: std::mem::take(&mut record.user_ids[i]),
+                kind,
+                channel: Channel::from_number(i64::from(record.channels[i])),
+                at: record.at_ms[i],
+                region: deliver::region(&record, i).to_owned(),
+            });
         }
-    };
-    if receipt.message_id.is_empty() || receipt.user_id.is_empty() {
-        tracing::warn!("receipt without message or user dropped");
-        return None;
     }
-    Some(Receipt {
-        delivery_id: receipt.delivery_id.parse().ok(),
-        message_id: receipt.message_id,
-        user_id: receipt.user_id,
-        kind,
-        channel: Channel::from_number(i64::from(receipt.channel)),
-        at: receipt.at.as_ref().map_or(0, from_timestamp),
-        region: receipt.region,
-    })
+    receipts
 }

@@ -803,3 +803,65 @@ async fn one_enterprise_over_its_rate_leaves_the_others_alone() {
     busy.list_registrations(list()).await.unwrap();
     hub.shutdown().await.unwrap();
 }
+
+/// A relay that speaks another version of the Deliver protocol (version 1
+/// named no version; a later one names its number) is refused at the first
+/// call with FAILED_PRECONDITION naming both versions, and the carrier's
+/// stream with its own relay carries on: a message still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_on_another_deliver_version_is_refused_naming_both() {
+    use chukei_proto::carrier::v1 as cpb;
+    let mut hub = Hub::start(Backend::Sqlite, &["alpha"])
+        .await
+        .unwrap()
+        .unwrap();
+    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
+    let fleet = Fleet::generate(23, 1, &["alpha".into()]).with_every_channel();
+    hub.start_fleet(fleet.clone(), vec![], OpenMode::Never)
+        .await
+        .unwrap();
+    let mine = register(&hub, &fleet.users[0], &shop).await;
+    let channel = Channel::from_shared(hub.carriers[0].url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    for (named, version) in [(None, 1), (Some("3"), 3)] {
+        let mut carrier = cpb::carrier_client::CarrierClient::with_interceptor(
+            channel.clone(),
+            BearerInterceptor::new(integration_tests::DELIVER_TOKEN).unwrap(),
+        );
+        let (_tx, rx) = tokio::sync::mpsc::channel::<cpb::RelayToCarrier>(1);
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Some(named) = named {
+            request.metadata_mut().insert(
+                chukei_proto::deliver::VERSION_HEADER,
+                named.parse().unwrap(),
+            );
+        }
+        let refused = carrier.deliver(request).await.unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        let words = format!(
+            "the relay speaks version {version}, this side speaks version {}",
+            chukei_proto::deliver::PROTOCOL_VERSION
+        );
+        assert!(refused.message().contains(&words), "{refused:?}");
+    }
+    let mut client = hub.enterprise(&key).await.unwrap();
+    let sent = client
+        .send_message(message(
+            "after-refusals",
+            pb::target::Kind::Refs(pb::RefList {
+                refs: vec![mine.clone()],
+            }),
+            "still flowing",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = hub
+        .wait_for_message(&key, &sent.message_id, |s| s.delivered == 1)
+        .await;
+    assert_eq!(status.matched, 1);
+    hub.shutdown().await.unwrap();
+}

@@ -1205,26 +1205,25 @@ async fn transport(deliveries: usize, batch_size: usize, window: usize) -> anyho
         .deliver(tokio_stream::wrappers::ReceiverStream::new(down_rx))
         .await?
         .into_inner();
-    // Deliveries as the relay's dispatcher builds them.
+    // Deliveries as the relay's dispatcher builds them: one campaign's
+    // recipients packed behind its content (Deliver protocol version 2).
     let batch = |batch_id: u64| cpb::DeliveryBatch {
         batch_id,
-        deliveries: (0..batch_size)
-            .map(|i| cpb::Delivery {
-                delivery_id: format!("{}", batch_id as usize * batch_size + i),
-                message_id: "msg_0192f0a0b1c2d3e4f5a6b7c8d9e0f1a2".into(),
-                user_id: format!("user-{:07}", i),
-                content: Some(common::Content {
-                    text: "benchmark".into(),
-                    ..Default::default()
-                }),
-                channel: common::Channel::Sms as i32,
-                not_before: Some(chukei_proto::clock::to_timestamp(0)),
-                expires_at: Some(chukei_proto::clock::to_timestamp(1_900_000_000_000)),
-                single_attempt: true,
-                priority: false,
+        messages: vec![cpb::MessageDeliveries {
+            message_id: "msg_0192f0a0b1c2d3e4f5a6b7c8d9e0f1a2".into(),
+            content: Some(common::Content {
+                text: "benchmark".into(),
                 ..Default::default()
-            })
-            .collect(),
+            }),
+            channel: common::Channel::Sms as i32,
+            expires_at: Some(chukei_proto::clock::to_timestamp(1_900_000_000_000)),
+            single_attempt: true,
+            delivery_ids: (0..batch_size)
+                .map(|i| (batch_id as usize * batch_size + i) as u64)
+                .collect(),
+            user_ids: (0..batch_size).map(|i| format!("user-{i:07}")).collect(),
+            ..Default::default()
+        }],
     };
     let batches = deliveries.div_ceil(batch_size) as u64;
     let started = Instant::now();
