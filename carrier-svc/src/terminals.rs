@@ -140,13 +140,19 @@ async fn session(
         carrier_id: shared.carrier_id.to_string(),
     })
     .await?;
-    let mut up = client
-        .push(ReceiverStream::new(down_rx))
-        .await?
-        .into_inner();
+    // gRPC does not oblige a server to send its response headers before it
+    // has something to say, and some terminals (grpcio's servers) send them
+    // only with their first events — which come only after a push. So the
+    // push goes on while the headers are awaited, and the events are read
+    // once they came; a terminal that stays silent though pushed to is named
+    // at WARN.
+    let mut response = Box::pin(client.push(ReceiverStream::new(down_rx)));
+    let mut up: Option<tonic::Streaming<pb::TerminalEvents>> = None;
     shared.store.requeue_unconfirmed(endpoint).await?;
-    *backoff = Duration::from_millis(100);
     tracing::info!("terminal link open");
+    let opened = tokio::time::Instant::now();
+    let mut pushed_unanswered = false;
+    let mut warned = false;
 
     let mut new_work = shared.terminals.new_work.subscribe();
     let mut poll = tokio::time::interval(shared.poll_interval);
@@ -237,13 +243,21 @@ async fn session(
                 .await
                 .map_err(|_| anyhow::anyhow!("terminal stream closed"))?;
             shared.store.mark_pushed(&slots).await?;
+            pushed_unanswered |= up.is_none();
             for (channel, count) in by_channel {
                 shared.metrics.pushed.add(&[("channel", channel)], count);
             }
         }
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
-            events = up.message() => {
+            answered = &mut response, if up.is_none() => {
+                up = Some(answered?.into_inner());
+                *backoff = Duration::from_millis(100);
+                if warned {
+                    tracing::info!(endpoint, "terminal answered the push stream at last");
+                }
+            }
+            events = next_events(&mut up) => {
                 let Some(events) = events? else { anyhow::bail!("terminal closed the stream") };
                 let traces = telemetry::step_per_message(
                     "carrier.receipt",
@@ -259,8 +273,30 @@ async fn session(
                 }
             }
             changed = new_work.changed() => changed?,
-            _ = poll.tick() => {}
+            _ = poll.tick() => {
+                if pushed_unanswered && up.is_none() && !warned && opened.elapsed() >= SILENT_TERMINAL {
+                    warned = true;
+                    tracing::warn!(
+                        endpoint,
+                        silent_secs = opened.elapsed().as_secs(),
+                        "terminal has not answered the push stream (no response headers, no events) though messages were pushed to it"
+                    );
+                }
+            }
         }
+    }
+}
+
+/// How long a terminal may stay silent after a push before it is named.
+const SILENT_TERMINAL: Duration = Duration::from_secs(10);
+
+/// The next events of an answered stream; never, while unanswered.
+async fn next_events(
+    up: &mut Option<tonic::Streaming<pb::TerminalEvents>>,
+) -> Result<Option<pb::TerminalEvents>, tonic::Status> {
+    match up {
+        Some(up) => up.message().await,
+        None => std::future::pending().await,
     }
 }
 

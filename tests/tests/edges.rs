@@ -865,3 +865,125 @@ async fn a_relay_on_another_deliver_version_is_refused_naming_both() {
     assert_eq!(status.matched, 1);
     hub.shutdown().await.unwrap();
 }
+
+/// A terminal written like grpcio's servers: it sends its response headers
+/// only with its first events, which it has only once something was pushed.
+/// It confirms every message it receives.
+struct HeadersWithFirstEvents;
+
+fn delivered(
+    request: &chukei_proto::terminal::v1::PushRequest,
+) -> chukei_proto::terminal::v1::TerminalEvents {
+    use chukei_proto::terminal::v1 as tpb;
+    tpb::TerminalEvents {
+        events: request
+            .messages
+            .iter()
+            .map(|m| tpb::TerminalEvent {
+                delivery_id: m.delivery_id.clone(),
+                message_id: m.message_id.clone(),
+                user_id: m.user_id.clone(),
+                kind: tpb::EventKind::Delivered as i32,
+                at: Some(prost_types::Timestamp {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                region: String::new(),
+                trace_parent: String::new(),
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl chukei_proto::terminal::v1::terminal_server::Terminal for HeadersWithFirstEvents {
+    type PushStream = tokio_stream::wrappers::ReceiverStream<
+        Result<chukei_proto::terminal::v1::TerminalEvents, tonic::Status>,
+    >;
+
+    async fn push(
+        &self,
+        request: tonic::Request<tonic::Streaming<chukei_proto::terminal::v1::PushRequest>>,
+    ) -> Result<tonic::Response<Self::PushStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        // No answer — so no headers — until there is an event to send.
+        let first = loop {
+            match inbound.message().await? {
+                Some(request) if !request.messages.is_empty() => break request,
+                Some(_) => continue,
+                None => return Err(tonic::Status::cancelled("the carrier left")),
+            }
+        };
+        let (events, events_rx) = tokio::sync::mpsc::channel(8);
+        events.send(Ok(delivered(&first))).await.unwrap();
+        tokio::spawn(async move {
+            while let Ok(Some(request)) = inbound.message().await {
+                if events.send(Ok(delivered(&request))).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(tonic::Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(events_rx),
+        ))
+    }
+}
+
+/// The carrier does not wait for a terminal's response headers before it
+/// pushes: a terminal that sends them only with its first events receives
+/// its messages, and their delivery is counted at the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_terminal_that_answers_headers_late_still_gets_its_messages() {
+    let mut hub = Hub::start(Backend::Sqlite, &["alpha"])
+        .await
+        .unwrap()
+        .unwrap();
+    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
+    let fleet = Fleet::generate(29, 1, &["alpha".into()]).with_every_channel();
+    hub.start_fleet(fleet.clone(), vec![], OpenMode::Never)
+        .await
+        .unwrap();
+    let mine = register(&hub, &fleet.users[0], &shop).await;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let terminal = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                chukei_proto::terminal::v1::terminal_server::TerminalServer::new(
+                    HeadersWithFirstEvents,
+                ),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let mut subscribers =
+        chukei_proto::carrier::v1::subscriber_api_client::SubscriberApiClient::connect(
+            hub.carriers[0].url(),
+        )
+        .await
+        .unwrap();
+    subscribers
+        .attach(chukei_proto::carrier::v1::AttachRequest {
+            endpoint,
+            user_ids: vec![fleet.users[0].user_id.clone()],
+        })
+        .await
+        .unwrap();
+
+    let mut client = hub.enterprise(&key).await.unwrap();
+    let sent = client
+        .send_message(message(
+            "late-headers",
+            pb::target::Kind::Refs(pb::RefList { refs: vec![mine] }),
+            "hello",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = hub
+        .wait_for_message(&key, &sent.message_id, |s| s.delivered == 1)
+        .await;
+    assert_eq!(status.matched, 1);
+    terminal.abort();
+    hub.shutdown().await.unwrap();
+}
