@@ -38,136 +38,211 @@ pub(crate) use queue_roll_up;
 pub(crate) const AGE_BAND: &str =
     "CASE WHEN p.age_min / 10 = p.age_max / 10 THEN p.age_min / 10 * 10 ELSE -1 END";
 
-/// One rollup table and how queued events fold into it.
-struct Rollup {
-    table: &'static str,
-    /// Its key columns, and the expressions that fill them over the event
-    /// `e`, its message `m`, the person's profile `p` and hand-over event `h`.
-    key: &'static [(&'static str, &'static str)],
-    /// Its counters, each with the event kind it counts.
-    counts: &'static [(&'static str, i64)],
-    /// Only events of messages matching this condition (SQL over `m`).
-    only: &'static str,
-}
-
 /// Per-person rows are kept only for people still in the hub (a contract)
 /// or, per ref, still registered with the enterprise: events of a person
 /// erased meanwhile still count in the cubes but rebuild no per-person row.
 const IN_THE_HUB: &str = "EXISTS (SELECT 1 FROM contracts c WHERE c.user_id = e.user_id)";
 
-const SENT: (&str, i64) = ("sent", 1);
-const DELIVERED: (&str, i64) = ("delivered", 2);
-const OPENED: (&str, i64) = ("opened", 3);
+/// What the fold needs of one queued event, read once: the event `e`, its
+/// message `m`, the person's consented profile `p` for that enterprise, when
+/// the person's first attempt was handed over (`h`), and whether the person
+/// is still in the hub and still registered with the enterprise. Every
+/// rollup is computed from these rows in memory, so each event is joined
+/// once, not once per rollup.
+#[derive(sqlx::FromRow)]
+struct FoldRow {
+    kind: i64,
+    at: i64,
+    channel: i64,
+    carrier_id: String,
+    /// Where the terminal was (deliveries and opens).
+    place: String,
+    user_id: String,
+    enterprise_id: String,
+    by_attributes: bool,
+    handed_over_at: Option<i64>,
+    gender: String,
+    age_band: i64,
+    region: String,
+    occupation: String,
+    in_hub: bool,
+    registered: bool,
+}
 
-const ROLLUPS: [Rollup; 5] = [
-    Rollup {
-        table: "stats_cells",
-        key: &[
-            ("enterprise_id", "m.enterprise_id"),
-            ("send_hour", "COALESCE(h.at, e.at) / 3600000"),
-            ("channel", "e.channel"),
-            ("carrier_id", "e.carrier_id"),
-            ("place", "CASE WHEN e.kind = 1 THEN '' ELSE e.region END"),
-            (
-                "open_hour",
-                "CASE WHEN e.kind = 3 THEN e.at / 3600000 ELSE -1 END",
-            ),
-        ],
-        counts: &[SENT, DELIVERED, OPENED],
-        only: "TRUE",
-    },
-    Rollup {
-        table: "stats_audience",
-        key: &[
-            ("enterprise_id", "m.enterprise_id"),
-            ("send_day", "COALESCE(h.at, e.at) / 86400000"),
-            ("channel", "e.channel"),
-            ("gender", "COALESCE(p.gender, '')"),
-            ("age_band", AGE_BAND),
-            ("region", "COALESCE(p.region, '')"),
-            ("occupation", "COALESCE(p.occupation, '')"),
-        ],
-        counts: &[SENT, DELIVERED, OPENED],
-        only: "TRUE",
-    },
-    Rollup {
-        table: "person_channels",
-        key: &[
-            ("enterprise_id", "m.enterprise_id"),
-            ("user_id", "e.user_id"),
-            ("channel", "e.channel"),
-        ],
-        counts: &[SENT, DELIVERED, OPENED],
-        only: IN_THE_HUB,
-    },
-    // What an enterprise sees per ref: never messages that chose their
-    // people by attributes, whose recipients would reveal those attributes.
-    Rollup {
-        table: "person_refs",
-        key: &[
-            ("enterprise_id", "m.enterprise_id"),
-            ("user_id", "e.user_id"),
-            ("channel", "e.channel"),
-        ],
-        counts: &[SENT, DELIVERED, OPENED],
-        only: "NOT m.by_attributes AND EXISTS (SELECT 1 FROM registrations r WHERE r.enterprise_id = m.enterprise_id AND r.user_id = e.user_id)",
-    },
-    Rollup {
-        table: "person_hours",
-        key: &[("user_id", "e.user_id"), ("hour", "(e.at / 3600000) % 24")],
-        counts: &[OPENED],
-        only: IN_THE_HUB,
-    },
-];
+/// The select of [`FoldRow`]s, up to the queued keys' `VALUES`.
+fn fold_select() -> String {
+    format!(
+        "SELECT e.kind, e.at, e.channel, e.carrier_id, e.region AS place, e.user_id,
+                m.enterprise_id, m.by_attributes, h.at AS handed_over_at,
+                COALESCE(p.gender, '') AS gender, {AGE_BAND} AS age_band,
+                COALESCE(p.region, '') AS region, COALESCE(p.occupation, '') AS occupation,
+                {IN_THE_HUB} AS in_hub,
+                EXISTS (SELECT 1 FROM registrations r WHERE r.enterprise_id = m.enterprise_id AND r.user_id = e.user_id) AS registered
+         FROM ("
+    )
+}
 
-impl Rollup {
-    /// The upsert, split where the queued keys go as `(VALUES …) AS v`.
-    fn upsert(&self) -> (String, String) {
-        let table = self.table;
-        let columns: Vec<&str> = self.key.iter().map(|(column, _)| *column).collect();
-        let values: Vec<&str> = self.key.iter().map(|(_, value)| *value).collect();
-        let counters: Vec<&str> = self.counts.iter().map(|(column, _)| *column).collect();
-        let sums: Vec<String> = self
-            .counts
-            .iter()
-            .map(|(_, kind)| {
-                format!("CAST(SUM(CASE WHEN e.kind = {kind} THEN 1 ELSE 0 END) AS BIGINT)")
-            })
-            .collect();
-        let kinds: Vec<String> = self
-            .counts
-            .iter()
-            .map(|(_, kind)| kind.to_string())
-            .collect();
-        let positions: Vec<String> = (1..=columns.len()).map(|i| i.to_string()).collect();
-        let updates: Vec<String> = counters
-            .iter()
-            .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
-            .collect();
-        (
-            format!(
-                "INSERT INTO {table} ({}, {}) SELECT {}, {} FROM ",
-                columns.join(", "),
-                counters.join(", "),
-                values.join(", "),
-                sums.join(", ")
-            ),
-            format!(
-                " JOIN events e ON e.message_id = v.column1 AND e.user_id = v.column2 AND e.kind = v.column3
-                 JOIN messages m ON m.id = e.message_id
-                 LEFT JOIN profiles p ON p.enterprise_id = m.enterprise_id AND p.user_id = e.user_id
-                 LEFT JOIN events h ON h.message_id = e.message_id AND h.user_id = e.user_id AND h.kind = 1
-                 WHERE e.kind IN ({}) AND {}
-                 GROUP BY {}
-                 ON CONFLICT ({}) DO UPDATE SET {}",
-                kinds.join(", "),
-                self.only,
-                positions.join(", "),
-                columns.join(", "),
-                updates.join(", ")
-            ),
-        )
+const FOLD_JOIN: &str = ") AS v JOIN events e ON e.message_id = v.column1 AND e.user_id = v.column2 AND e.kind = v.column3
+    JOIN messages m ON m.id = e.message_id
+    LEFT JOIN profiles p ON p.enterprise_id = m.enterprise_id AND p.user_id = e.user_id
+    LEFT JOIN events h ON h.message_id = e.message_id AND h.user_id = e.user_id AND h.kind = 1
+    WHERE e.kind IN (1, 2, 3)";
+
+/// A key column's value in a rollup row.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Key {
+    Text(String),
+    Number(i64),
+}
+
+/// One rollup table's additions: key values → sent, delivered, opened. In
+/// key order: concurrent folds (replicas on one PostgreSQL) take the rows'
+/// locks in the same order, so they never deadlock.
+#[derive(Debug, Default)]
+struct Sums(std::collections::BTreeMap<Vec<Key>, [i64; 3]>);
+
+impl Sums {
+    fn add(&mut self, key: Vec<Key>, kind: i64) {
+        if let Some(counter) = usize::try_from(kind - 1).ok().filter(|&i| i < 3) {
+            self.0.entry(key).or_default()[counter] += 1;
+        }
     }
+}
+
+/// The rollups' additions from folded events: `stats_cells` (enterprise,
+/// hand-over hour, channel, carrier, place, open hour), `stats_audience`
+/// (enterprise, hand-over day, channel, consented gender / age decade /
+/// region / occupation), `person_channels` and `person_refs` (enterprise,
+/// person, channel) and `person_hours` (opens by person and UTC hour); an
+/// event counts as a send (handed over), a delivery or an open.
+fn fold(rows: &[FoldRow]) -> [(&'static str, &'static [&'static str], Sums); 5] {
+    let text = |value: &str| Key::Text(value.to_owned());
+    let mut cells = Sums::default();
+    let mut audience = Sums::default();
+    let mut channels = Sums::default();
+    let mut refs = Sums::default();
+    let mut hours = Sums::default();
+    for e in rows {
+        let sent_at = e.handed_over_at.unwrap_or(e.at);
+        cells.add(
+            vec![
+                text(&e.enterprise_id),
+                Key::Number(sent_at / 3_600_000),
+                Key::Number(e.channel),
+                text(&e.carrier_id),
+                text(if e.kind == 1 { "" } else { &e.place }),
+                Key::Number(if e.kind == 3 { e.at / 3_600_000 } else { -1 }),
+            ],
+            e.kind,
+        );
+        audience.add(
+            vec![
+                text(&e.enterprise_id),
+                Key::Number(sent_at / 86_400_000),
+                Key::Number(e.channel),
+                text(&e.gender),
+                Key::Number(e.age_band),
+                text(&e.region),
+                text(&e.occupation),
+            ],
+            e.kind,
+        );
+        let person = || {
+            vec![
+                text(&e.enterprise_id),
+                text(&e.user_id),
+                Key::Number(e.channel),
+            ]
+        };
+        if e.in_hub {
+            channels.add(person(), e.kind);
+        }
+        // What an enterprise sees per ref: never messages that chose their
+        // people by attributes, whose recipients would reveal those attributes.
+        if !e.by_attributes && e.registered {
+            refs.add(person(), e.kind);
+        }
+        if e.in_hub && e.kind == 3 {
+            // Counted in the "opened" column (the table has no other).
+            hours.add(
+                vec![text(&e.user_id), Key::Number((e.at / 3_600_000) % 24)],
+                3,
+            );
+        }
+    }
+    const CELLS: &[&str] = &[
+        "enterprise_id",
+        "send_hour",
+        "channel",
+        "carrier_id",
+        "place",
+        "open_hour",
+    ];
+    const AUDIENCE: &[&str] = &[
+        "enterprise_id",
+        "send_day",
+        "channel",
+        "gender",
+        "age_band",
+        "region",
+        "occupation",
+    ];
+    const PERSON: &[&str] = &["enterprise_id", "user_id", "channel"];
+    const HOURS: &[&str] = &["user_id", "hour"];
+    [
+        ("stats_cells", CELLS, cells),
+        ("stats_audience", AUDIENCE, audience),
+        ("person_channels", PERSON, channels),
+        ("person_refs", PERSON, refs),
+        ("person_hours", HOURS, hours),
+    ]
+}
+
+/// Adds `sums` to `table` (keyed by `keys`): one multi-row upsert per chunk.
+/// `person_hours` has only an `opened` counter.
+macro_rules! upsert_sums {
+    ($tx:expr, $table:expr, $keys:expr, $sums:expr) => {{
+        let table: &str = $table;
+        let keys: &[&str] = $keys;
+        let counters: &[&str] = if table == "person_hours" {
+            &["opened"]
+        } else {
+            &["sent", "delivered", "opened"]
+        };
+        let rows: Vec<(Vec<Key>, [i64; 3])> = $sums.0.into_iter().collect();
+        for chunk in rows.chunks(ROWS_PER_STATEMENT / 2) {
+            let mut query = QueryBuilder::new(format!(
+                "INSERT INTO {table} ({}, {}) ",
+                keys.join(", "),
+                counters.join(", ")
+            ));
+            query.push_values(chunk, |mut row, (key, sums)| {
+                for value in key {
+                    match value {
+                        Key::Text(text) => row.push_bind(text.clone()),
+                        Key::Number(number) => row.push_bind(*number),
+                    };
+                }
+                if counters.len() == 1 {
+                    row.push_bind(sums[2]);
+                } else {
+                    for sum in sums {
+                        row.push_bind(*sum);
+                    }
+                }
+            });
+            let updates: Vec<String> = counters
+                .iter()
+                .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
+                .collect();
+            query.push(format!(
+                " ON CONFLICT ({}) DO UPDATE SET {}",
+                keys.join(", "),
+                updates.join(", ")
+            ));
+            query.build().execute(&mut *$tx).await?;
+        }
+    }};
 }
 
 impl Store {
@@ -179,7 +254,6 @@ impl Store {
             "DELETE FROM rollup_queue WHERE {}",
             self.in_id_list("seq", 1)
         );
-        let upserts: Vec<(String, String)> = ROLLUPS.iter().map(Rollup::upsert).collect();
         // Claimed: two folds at once (two relays on one PostgreSQL database)
         // take different events, so nothing is folded or charged twice.
         let select = format!(
@@ -199,47 +273,40 @@ impl Store {
             if queued.is_empty() {
                 return Ok(0);
             }
+            let mut rows: Vec<FoldRow> = Vec::with_capacity(queued.len());
             for chunk in queued.chunks(ROWS_PER_STATEMENT) {
                 charge_events!(tx, chunk, now);
-                for (before, after) in &upserts {
-                    let mut query = QueryBuilder::new(before);
-                    query.push("(");
-                    query.push_values(chunk, |mut row, (_, message_id, user_id, kind)| {
-                        row.push_bind(message_id).push_bind(user_id).push_bind(*kind);
-                    });
-                    query.push(") AS v").push(after);
-                    query.build().execute(&mut *tx).await?;
-                }
-                // Where each person's terminal was last seen.
-                let mut places = QueryBuilder::new(
-                    "SELECT e.user_id, e.region, e.at FROM (",
-                );
-                places.push_values(chunk, |mut row, (_, message_id, user_id, kind)| {
+                let mut query = QueryBuilder::new(fold_select());
+                query.push_values(chunk, |mut row, (_, message_id, user_id, kind)| {
                     row.push_bind(message_id).push_bind(user_id).push_bind(*kind);
                 });
-                places.push(
-                    ") AS v JOIN events e ON e.message_id = v.column1 AND e.user_id = v.column2 AND e.kind = v.column3
-                     WHERE e.kind IN (2, 3) AND e.region <> '' AND EXISTS (SELECT 1 FROM contracts c WHERE c.user_id = e.user_id)",
+                query.push(FOLD_JOIN);
+                rows.extend(query.build_query_as::<FoldRow>().fetch_all(&mut *tx).await?);
+            }
+            for (table, keys, sums) in fold(&rows) {
+                upsert_sums!(tx, table, keys, sums);
+            }
+            // Where each person's terminal was last seen.
+            let mut latest: HashMap<&str, (&str, i64)> = HashMap::new();
+            for e in rows.iter().filter(|e| (e.kind == 2 || e.kind == 3) && !e.place.is_empty() && e.in_hub) {
+                let entry = latest.entry(e.user_id.as_str()).or_insert((e.place.as_str(), e.at));
+                if e.at >= entry.1 {
+                    *entry = (e.place.as_str(), e.at);
+                }
+            }
+            let mut latest: Vec<(&str, (&str, i64))> = latest.into_iter().collect();
+            // In key order, like the rollups (no deadlock between folds).
+            latest.sort_unstable();
+            for chunk in latest.chunks(ROWS_PER_STATEMENT) {
+                let mut upsert = QueryBuilder::new("INSERT INTO person_places (user_id, place, seen_at) ");
+                upsert.push_values(chunk, |mut row, (user_id, (place, at))| {
+                    row.push_bind(*user_id).push_bind(*place).push_bind(*at);
+                });
+                upsert.push(
+                    " ON CONFLICT (user_id) DO UPDATE SET place = excluded.place, seen_at = excluded.seen_at
+                      WHERE excluded.seen_at >= person_places.seen_at",
                 );
-                let seen: Vec<(String, String, i64)> = places.build_query_as().fetch_all(&mut *tx).await?;
-                let mut latest: HashMap<&str, (&str, i64)> = HashMap::new();
-                for (user_id, place, at) in &seen {
-                    let entry = latest.entry(user_id.as_str()).or_insert((place.as_str(), *at));
-                    if *at >= entry.1 {
-                        *entry = (place.as_str(), *at);
-                    }
-                }
-                if !latest.is_empty() {
-                    let mut upsert = QueryBuilder::new("INSERT INTO person_places (user_id, place, seen_at) ");
-                    upsert.push_values(latest, |mut row, (user_id, (place, at))| {
-                        row.push_bind(user_id).push_bind(place).push_bind(at);
-                    });
-                    upsert.push(
-                        " ON CONFLICT (user_id) DO UPDATE SET place = excluded.place, seen_at = excluded.seen_at
-                          WHERE excluded.seen_at >= person_places.seen_at",
-                    );
-                    upsert.build().execute(&mut *tx).await?;
-                }
+                upsert.build().execute(&mut *tx).await?;
             }
             let seqs: Vec<i64> = queued.iter().map(|(seq, ..)| *seq).collect();
             sqlx::query(AssertSqlSafe(delete)).bind(IdList(&seqs)).execute(&mut *tx).await?;
