@@ -153,15 +153,9 @@ pub async fn run(
         .spawn(terminals::run(shared.clone(), endpoints, cancel.clone()));
     shared.tasks.spawn(expiry(shared.clone()));
 
-    let (health_reporter, health_service) = server::health();
-    health_reporter
-        .set_serving::<carrier_server::CarrierServer<relay_link::DeliverService>>()
-        .await;
-    health_reporter
-        .set_serving::<subscriber_api_server::SubscriberApiServer<subscribers::SubscriberService>>()
-        .await;
     // The subscriber-facing services go on their own listener when one is
-    // configured, else beside the relay's Deliver stream.
+    // configured, else beside the relay's Deliver stream. Each port's health
+    // and reflection speak of exactly the services it serves.
     let subscriber_listener = match config.subscriber_listen {
         Some(addr) => {
             let listener = TcpListener::bind(addr).await?;
@@ -182,20 +176,35 @@ pub async fn run(
             .max_decoding_message_size(16 * 1024 * 1024),
         )
     };
-    let base = || -> anyhow::Result<server::Router> {
+    const SUBSCRIBER_SERVICES: [&str; 2] = [
+        subscriber_api_server::SERVICE_NAME,
+        carrier_admin_server::SERVICE_NAME,
+    ];
+    let base = async |services: &[&str]| -> anyhow::Result<server::Router> {
+        let (_, health) = server::health(services).await;
         Ok(server::builder(
             &registry,
             "chukei_carrier_rpc_duration_seconds",
             &config.tls,
         )?
-        .add_service(health_service.clone())
-        .add_service(server::reflection()?)
-        .add_service(server::reflection_v1alpha()?))
+        .add_service(health)
+        .add_service(server::reflection(services)?)
+        .add_service(server::reflection_v1alpha(services)?))
     };
     let beside_deliver = subscriber_listener
         .is_none()
         .then(|| subscriber_services(&shared));
-    let router = base()?
+    let deliver_port: Vec<&str> = std::iter::once(carrier_server::SERVICE_NAME)
+        .chain(
+            beside_deliver
+                .is_some()
+                .then_some(SUBSCRIBER_SERVICES)
+                .into_iter()
+                .flatten(),
+        )
+        .collect();
+    let router = base(&deliver_port)
+        .await?
         .add_service(
             carrier_server::CarrierServer::new(relay_link::DeliverService(shared.clone()))
                 .max_decoding_message_size(64 * 1024 * 1024),
@@ -204,7 +213,10 @@ pub async fn run(
         .add_optional_service(beside_deliver.map(|(_, admin)| admin));
     if let Some(listener) = subscriber_listener {
         let (api, admin) = subscriber_services(&shared);
-        let router = base()?.add_service(api).add_service(admin);
+        let router = base(&SUBSCRIBER_SERVICES)
+            .await?
+            .add_service(api)
+            .add_service(admin);
         let cancel = cancel.clone();
         let grace = config.shutdown_grace();
         shared.tasks.spawn(async move {

@@ -5,37 +5,86 @@ use tonic_health::server::HealthReporter;
 
 use crate::FILE_DESCRIPTOR_SET;
 
-/// The standard `grpc.health.v1.Health` service and the reporter that sets its status.
-pub fn health() -> (
+/// The standard `grpc.health.v1.Health` service of one port and the
+/// reporter that sets its statuses: the whole server ("") and each of
+/// `services` SERVING — exactly the services the port serves, so a check of
+/// any of them says SERVING and a check of any other says NOT_FOUND.
+pub async fn health(
+    services: &[&str],
+) -> (
     HealthReporter,
     tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
 ) {
-    tonic_health::server::health_reporter()
+    let (reporter, server) = tonic_health::server::health_reporter();
+    for service in services {
+        reporter
+            .set_service_status(*service, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    (reporter, server)
 }
 
-/// The `grpc.reflection.v1` service describing every Chukei package.
-pub fn reflection() -> anyhow::Result<
+/// Health and reflection themselves, listed beside a port's own services.
+const STANDARD_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// The `grpc.reflection.v1` service of one port: it lists exactly
+/// `services` (and health and reflection), and describes them from the
+/// Chukei descriptors.
+pub fn reflection(
+    services: &[&str],
+) -> anyhow::Result<
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
 > {
-    Ok(reflection_builder().build_v1()?)
+    Ok(reflection_builder(services).build_v1()?)
 }
 
 /// The same descriptions over `grpc.reflection.v1alpha`, which older
 /// tools (grpcurl before 1.8.8, Python's grpcio-reflection) still speak.
-pub fn reflection_v1alpha() -> anyhow::Result<
+pub fn reflection_v1alpha(
+    services: &[&str],
+) -> anyhow::Result<
     tonic_reflection::server::v1alpha::ServerReflectionServer<
         impl tonic_reflection::server::v1alpha::ServerReflection,
     >,
 > {
-    Ok(reflection_builder().build_v1alpha()?)
+    Ok(reflection_builder(services).build_v1alpha()?)
 }
 
-fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
-    tonic_reflection::server::Builder::configure()
+fn reflection_builder(services: &[&str]) -> tonic_reflection::server::Builder<'static> {
+    let mut builder = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET);
+    for service in services.iter().chain(&STANDARD_SERVICES) {
+        builder = builder.with_service_name(*service);
+    }
+    builder
+}
+
+/// What a binary's `main` returns for a configuration its `validate`
+/// refused: one line naming the flag on stderr (never a backtrace, whatever
+/// `RUST_BACKTRACE` says) and exit code 2, like clap's own refusals.
+pub fn refuse_configuration(error: &anyhow::Error) -> std::process::ExitCode {
+    eprintln!("error: {error:#}");
+    std::process::ExitCode::from(2)
+}
+
+/// What a binary's `main` returns once it ran: success, or what went wrong
+/// on one line (its causes after colons) and exit code 1.
+pub fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C: the signal every binary shuts down on.

@@ -170,21 +170,17 @@ pub async fn run(
         limits: crate::limits::RateLimits::new(config.enterprise_rate_per_sec).map(Arc::new),
         carrier_certificates: config.tls.verifies_clients(),
     };
-    let (health_reporter, health_service) = server::health();
-    health_reporter
-        .set_serving::<enterprise_api_server::EnterpriseApiServer<EnterpriseService>>()
-        .await;
-    health_reporter
-        .set_serving::<carrier_ingress_server::CarrierIngressServer<IngressService>>()
-        .await;
-    health_reporter
-        .set_serving::<admin_server::AdminServer<AdminService>>()
-        .await;
+    let services = [
+        enterprise_api_server::SERVICE_NAME,
+        carrier_ingress_server::SERVICE_NAME,
+        admin_server::SERVICE_NAME,
+    ];
+    let (_, health_service) = server::health(&services).await;
 
     let router = server::builder(&registry, "chukei_relay_rpc_duration_seconds", &config.tls)?
         .add_service(health_service)
-        .add_service(server::reflection()?)
-        .add_service(server::reflection_v1alpha()?)
+        .add_service(server::reflection(&services)?)
+        .add_service(server::reflection_v1alpha(&services)?)
         .add_service(
             enterprise_api_server::EnterpriseApiServer::new(EnterpriseService(relay.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -1,10 +1,18 @@
+use chukei_proto::server;
 use clap::Parser;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let config = relay_svc::Config::parse();
-    config.validate()?;
-    let _telemetry = chukei_proto::telemetry::init("relay-svc")?;
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    relay_svc::run(config, listener, chukei_proto::server::shutdown_signal()).await
+    if let Err(error) = config.validate() {
+        return server::refuse_configuration(&error);
+    }
+    server::exit_code(
+        async {
+            let _telemetry = chukei_proto::telemetry::init("relay-svc")?;
+            let listener = tokio::net::TcpListener::bind(config.listen).await?;
+            relay_svc::run(config, listener, server::shutdown_signal()).await
+        }
+        .await,
+    )
 }

@@ -165,7 +165,8 @@ pub async fn run_fleet(
             journal,
         },
     );
-    let (health_reporter, health_service) = server::health();
+    const TERMINAL: &str = chukei_proto::terminal::v1::terminal_server::SERVICE_NAME;
+    let (health_reporter, health_service) = server::health(&[]).await;
     // Not ready (overall, and the Terminal service) until the fleet is set up.
     health_reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
@@ -189,8 +190,8 @@ pub async fn run_fleet(
         &options.tls,
     )?
     .add_service(health_service)
-    .add_service(server::reflection()?)
-    .add_service(server::reflection_v1alpha()?)
+    .add_service(server::reflection(&[TERMINAL])?)
+    .add_service(server::reflection_v1alpha(&[TERMINAL])?)
     .add_service(
         TerminalServer::new(terminals.clone()).max_decoding_message_size(64 * 1024 * 1024),
     );

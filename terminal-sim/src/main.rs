@@ -57,8 +57,11 @@ enum Command {
 const HELP: &str = "commands: inbox | open N | consent ENTERPRISE [FIELD,…] (none: withdraw) | leave ENTERPRISE|hub | quit";
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn main() -> std::process::ExitCode {
+    chukei_proto::server::exit_code(run(Cli::parse()).await)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let _telemetry = chukei_proto::telemetry::init("terminal-sim")?;
     let listener = tokio::net::TcpListener::bind(cli.listen).await?;
     match cli.command {

@@ -399,6 +399,8 @@ pub struct Hub {
     replicas: Vec<(SocketAddr, Running)>,
     pub carriers: Vec<CarrierNode>,
     fleet: Option<(Running, Terminals)>,
+    /// Where the fleet's Terminal service listens, once started.
+    fleet_addr: Option<SocketAddr>,
     dir: tempfile::TempDir,
 }
 
@@ -456,6 +458,7 @@ impl Hub {
             replicas: Vec::new(),
             carriers: Vec::new(),
             fleet: None,
+            fleet_addr: None,
             dir,
         };
         hub.relay = Some(hub.spawn_relay(listener));
@@ -647,6 +650,7 @@ impl Hub {
     ) -> anyhow::Result<Terminals> {
         let fleet_size = fleet.users.len();
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        self.fleet_addr = Some(listener.local_addr()?);
         let options = FleetOptions {
             advertise_url: None,
             carriers: self
@@ -690,6 +694,11 @@ impl Hub {
         };
         self.fleet = Some((running, terminals.clone()));
         Ok(terminals)
+    }
+
+    /// The fleet's Terminal service, once started.
+    pub fn fleet_url(&self) -> Option<String> {
+        self.fleet_addr.map(|addr| format!("http://{addr}"))
     }
 
     /// Stops the terminal fleet: its users are no longer attached anywhere reachable.

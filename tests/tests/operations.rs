@@ -57,45 +57,91 @@ async fn listed(url: &str) -> (Vec<String>, Vec<String>) {
     (v1_names, list.service.into_iter().map(|s| s.name).collect())
 }
 
+/// What a port says of `service` over gRPC health: `Some(SERVING)` …, or
+/// `None` for NOT_FOUND (a service it does not serve).
+async fn health_of(url: &str, service: &str) -> Option<i32> {
+    use chukei_proto::health::{HealthCheckRequest, HealthClient};
+    let channel = tonic::transport::Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    match HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+    {
+        Ok(response) => Some(response.into_inner().status),
+        Err(status) if status.code() == tonic::Code::NotFound => None,
+        Err(status) => panic!("{url} health of {service}: {status:?}"),
+    }
+}
+
+/// Every Chukei service, for the checks that a port speaks of no other.
+const ALL_SERVICES: [&str; 7] = [
+    "chukei.relay.v1.EnterpriseApi",
+    "chukei.relay.v1.CarrierIngress",
+    "chukei.relay.v1.Admin",
+    "chukei.carrier.v1.Carrier",
+    "chukei.carrier.v1.SubscriberApi",
+    "chukei.carrier.v1.CarrierAdmin",
+    "chukei.terminal.v1.Terminal",
+];
+
+/// Reflection (v1 and v1alpha) lists exactly the services `url` serves,
+/// besides health and reflection; health says SERVING for each of them and
+/// NOT_FOUND for every other Chukei service.
+async fn port_speaks_of_exactly(url: &str, services: &[&str]) {
+    let mut expected: Vec<&str> = services.to_vec();
+    expected.extend([
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]);
+    expected.sort_unstable();
+    let (mut v1, mut v1alpha) = listed(url).await;
+    v1.sort_unstable();
+    v1alpha.sort_unstable();
+    assert_eq!(v1, expected, "{url} over v1");
+    assert_eq!(v1alpha, expected, "{url} over v1alpha");
+    let serving = chukei_proto::health::ServingStatus::Serving as i32;
+    assert_eq!(health_of(url, "").await, Some(serving), "{url} as a whole");
+    for service in ALL_SERVICES {
+        let expected = services.contains(&service).then_some(serving);
+        assert_eq!(health_of(url, service).await, expected, "{url}: {service}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn reflection_lists_every_service_over_v1_and_v1alpha() {
-    let hub = Hub::start(Backend::Sqlite, &["alpha"])
+async fn reflection_and_health_speak_of_exactly_the_services_served() {
+    let mut hub = Hub::start(Backend::Sqlite, &["alpha"])
         .await
         .unwrap()
         .unwrap();
-    let expectations = [
-        (
-            hub.relay_url(),
-            &[
-                "chukei.relay.v1.EnterpriseApi",
-                "chukei.relay.v1.CarrierIngress",
-                "chukei.relay.v1.Admin",
-                "grpc.health.v1.Health",
-            ][..],
-        ),
-        (
-            hub.carriers[0].url(),
-            &[
-                "chukei.carrier.v1.Carrier",
-                "chukei.carrier.v1.SubscriberApi",
-                "chukei.carrier.v1.CarrierAdmin",
-                "grpc.health.v1.Health",
-            ][..],
-        ),
-    ];
-    for (url, services) in expectations {
-        let (v1, v1alpha) = listed(&url).await;
-        for service in services {
-            assert!(
-                v1.iter().any(|s| s == service),
-                "{url} v1 lacks {service}: {v1:?}"
-            );
-            assert!(
-                v1alpha.iter().any(|s| s == service),
-                "{url} v1alpha lacks {service}: {v1alpha:?}"
-            );
-        }
-    }
+    port_speaks_of_exactly(
+        &hub.relay_url(),
+        &[
+            "chukei.relay.v1.EnterpriseApi",
+            "chukei.relay.v1.CarrierIngress",
+            "chukei.relay.v1.Admin",
+        ],
+    )
+    .await;
+    port_speaks_of_exactly(
+        &hub.carriers[0].url(),
+        &[
+            "chukei.carrier.v1.Carrier",
+            "chukei.carrier.v1.SubscriberApi",
+            "chukei.carrier.v1.CarrierAdmin",
+        ],
+    )
+    .await;
+    let fleet = terminal_sim::fleet::Fleet::generate(3, 1, &["alpha".into()]);
+    hub.start_fleet(fleet, vec![], terminal_sim::terminal::OpenMode::Never)
+        .await
+        .unwrap();
+    port_speaks_of_exactly(&hub.fleet_url().unwrap(), &["chukei.terminal.v1.Terminal"]).await;
     hub.shutdown().await.unwrap();
 }
 
@@ -448,6 +494,29 @@ async fn the_health_check_binary_asks_grpc_health() {
         integration_tests::process::free_port().unwrap()
     );
     assert_eq!(run(vec![closed]).await, Some(2));
+    // --help and --version are answered, not taken as a URL; a URL without
+    // its scheme is refused naming the argument.
+    for flag in ["--help", "--version"] {
+        let output = tokio::process::Command::new(&health)
+            .arg(flag)
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert_eq!(output.status.code(), Some(0), "{flag}: {stdout}");
+        assert!(stdout.contains("chukei-health"), "{flag}: {stdout}");
+    }
+    let output = tokio::process::Command::new(&health)
+        .arg("127.0.0.1:50051")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("<URL>") && stderr.contains("http://"),
+        "{stderr}"
+    );
 }
 
 /// The operator's command line bootstraps a hub the way the deployments do:
@@ -657,6 +726,15 @@ async fn a_carrier_can_serve_its_subscribers_on_a_separate_port() {
     integration_tests::wait_healthy(&subscriber_url)
         .await
         .unwrap();
+    port_speaks_of_exactly(&deliver_url, &["chukei.carrier.v1.Carrier"]).await;
+    port_speaks_of_exactly(
+        &subscriber_url,
+        &[
+            "chukei.carrier.v1.SubscriberApi",
+            "chukei.carrier.v1.CarrierAdmin",
+        ],
+    )
+    .await;
 
     let admin = |url: String| async move {
         let channel = tonic::transport::Endpoint::from_shared(url)
@@ -701,4 +779,52 @@ async fn a_carrier_can_serve_its_subscribers_on_a_separate_port() {
 
     stop.send(()).unwrap();
     carrier.await.unwrap().unwrap();
+}
+
+/// A configuration a service refuses is one line naming the flag and exit
+/// code 2 — no backtrace, even with `RUST_BACKTRACE` set — before any port
+/// is bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_configuration_is_one_line_naming_the_flag() {
+    for (binary, args, flag) in [
+        (
+            "relay-svc",
+            &[
+                "--admin-token",
+                "short",
+                "--deliver-token",
+                "deliver-token-0123456789",
+            ][..],
+            "--admin-token",
+        ),
+        (
+            "carrier-svc",
+            &[
+                "--carrier-id",
+                "alpha",
+                "--token",
+                "carrier-token-0123456789",
+                "--relay-token",
+                "short",
+                "--admin-token",
+                "carrier-admin-0123456789",
+            ][..],
+            "--relay-token",
+        ),
+    ] {
+        let output = tokio::process::Command::new(test_binary(binary).unwrap())
+            .args(args)
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{binary}: {stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{binary}: one line, no backtrace: {stderr}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(flag),
+            "{binary}: {stderr}"
+        );
+    }
 }

@@ -12,14 +12,34 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+/// Asks a Chukei server's gRPC health service whether it (or one of its
+/// services) is SERVING: exits 0 if so, 1 if not, 2 if it cannot ask (or
+/// the arguments are wrong). An https:// URL is checked over TLS trusting
+/// CHUKEI_TLS_CA (presenting CHUKEI_TLS_CERT / CHUKEI_TLS_KEY when set).
+#[derive(clap::Parser, Debug)]
+#[command(name = "chukei-health", version)]
+struct Args {
+    /// The server, e.g. http://127.0.0.1:50051.
+    #[arg(value_parser = url)]
+    url: String,
+    /// One service it serves, e.g. chukei.relay.v1.EnterpriseApi (default: the whole server).
+    #[arg(default_value = "")]
+    service: String,
+}
+
+fn url(value: &str) -> Result<String, String> {
+    if value.starts_with("http://") || value.starts_with("https://") {
+        Ok(value.to_owned())
+    } else {
+        Err("must start with http:// or https://".into())
+    }
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let mut args = std::env::args().skip(1);
-    let Some(url) = args.next() else {
-        eprintln!("usage: chukei-health URL [SERVICE]");
-        return ExitCode::from(2);
-    };
-    let service = args.next().unwrap_or_default();
+    // clap answers --help and --version itself (exit 0) and refuses wrong
+    // arguments naming them (exit 2).
+    let Args { url, service } = <Args as clap::Parser>::parse();
     let asked = async {
         let path = |name| std::env::var_os(name).map(std::path::PathBuf::from);
         let tls = chukei_proto::tls::TlsArgs {

@@ -51,16 +51,24 @@ const CARRIERS: [&str; 3] = ["aozora", "hikari", "tsubasa"];
 
 /// The hub's processes, stopped in start order (the relay first, so no
 /// carrier sees its caller vanish mid-stream); any left are killed on drop.
-struct Children(Vec<Process>);
+/// Each one's log goes to `<name>.log` in `logs`, so the report stays
+/// readable whatever the services log.
+struct Children {
+    processes: Vec<Process>,
+    logs: PathBuf,
+}
 
 impl Children {
     fn spawn(&mut self, name: &str, command: &mut Command) -> anyhow::Result<()> {
-        self.0.push(Process::spawn(name, command)?);
+        std::fs::create_dir_all(&self.logs)?;
+        let log = std::fs::File::create(self.logs.join(format!("{name}.log")))?;
+        self.processes
+            .push(Process::spawn(name, command.stderr(log))?);
         Ok(())
     }
 
     fn stop(&mut self) {
-        for process in self.0.drain(..) {
+        for process in self.processes.drain(..) {
             if let Err(error) = process.terminate(Duration::from_secs(15)) {
                 eprintln!("{error}");
             }
@@ -98,7 +106,10 @@ async fn main() -> anyhow::Result<()> {
     let admin_token = token("admin")?;
     let deliver_token = token("deliver")?;
     let carrier_admin_token = token("carrier-admin")?;
-    let mut children = Children(Vec::new());
+    let mut children = Children {
+        processes: Vec::new(),
+        logs: data_dir.join("logs"),
+    };
     let started = Instant::now();
 
     println!(
@@ -107,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
         args.users,
         args.time_scale
     );
+    println!("service logs: {}", children.logs.display());
     let relay_port = free_port()?;
     let relay_url = format!("http://127.0.0.1:{relay_port}");
     children.spawn(
