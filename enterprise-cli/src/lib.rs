@@ -4,6 +4,7 @@
 //! [`parse_segment`].
 #![forbid(unsafe_code)]
 
+mod batch;
 pub mod operator;
 
 use std::io::Write;
@@ -144,11 +145,22 @@ pub enum AuctionCommand {
     Status { bid_id: String },
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Clone, Debug)]
 pub struct SendArgs {
     /// The message text.
-    #[arg(long)]
-    pub text: String,
+    #[arg(long, required_unless_present = "from_file")]
+    pub text: Option<String>,
+    /// One message per line of this file, over one stream: CSV with a header
+    /// row (columns ref, text, and optionally idempotency_key, subject,
+    /// channel) or JSON lines ({"ref": …, "text": …}); the other options are
+    /// every line's template. Each line's key defaults to FILE-NAME:LINE, so
+    /// sending the file again sends nothing twice.
+    #[arg(long, conflicts_with_all = ["all", "service", "segment", "refs", "quote", "idempotency_key"])]
+    pub from_file: Option<std::path::PathBuf>,
+    /// Where --from-file writes each line's outcome, as JSON lines (default:
+    /// FILE.results.jsonl).
+    #[arg(long, requires = "from_file")]
+    pub results: Option<std::path::PathBuf>,
     #[arg(long)]
     pub media_url: Option<String>,
     /// E-mail subject.
@@ -538,7 +550,7 @@ pub fn send_request(args: &SendArgs) -> anyhow::Result<pb::SendMessageRequest> {
             .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
         target: Some(pb::Target { kind: Some(kind) }),
         content: Some(common::Content {
-            text: args.text.clone(),
+            text: args.text.clone().unwrap_or_default(),
             media_url: args.media_url.clone().unwrap_or_default(),
             subject: args.subject.clone().unwrap_or_default(),
             suggested_replies: args.replies.clone(),
@@ -575,6 +587,10 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
                 .map_err(explain)?
                 .into_inner();
             print_quote(&quote, cli.json, out)?;
+        }
+        Command::Send(args) if args.from_file.is_some() => {
+            let file = args.from_file.clone().unwrap_or_default();
+            batch::send_file(&mut client, args, &file, out).await?;
         }
         Command::Send(args) => {
             let request = send_request(args)?;

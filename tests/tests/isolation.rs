@@ -154,6 +154,13 @@ async fn wrong_roles_and_wrong_tenants_are_refused_alike(backend: Backend) {
                 get_bid,
             ]
         );
+        let stream = tokio_stream::iter(Vec::<pb::SendMessageRequest>::new());
+        let (code, message) = refusal(client.clone().send_messages(stream).await);
+        assert_eq!(
+            code,
+            Code::Unauthenticated,
+            "send_messages with {what}: {message}"
+        );
     }
     // CarrierIngress: only a carrier token.
     for (what, secret) in [

@@ -6,6 +6,7 @@ use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
 use chukei_proto::telemetry;
 use chukei_proto::window::Window;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -385,6 +386,83 @@ fn state_to_wire(state: MessageState) -> pb::MessageState {
     }
 }
 
+/// Accepts one message of `enterprise_id` (`SendMessage`, and each request
+/// of `SendMessages`): validated, checked against the minimum cohort and the
+/// auction terms, durable before the answer, audited when it uses attributes.
+/// `received` is the caller's trace.
+async fn send(
+    relay: &Relay,
+    enterprise_id: &str,
+    request: pb::SendMessageRequest,
+    received: &str,
+) -> Result<pb::SendMessageResponse> {
+    let mut message = NewMessage::try_from(request)?;
+    message.trace_parent = telemetry::traceparent(&tracing::Span::current(), received);
+    let now = relay.clock.now_ms();
+    relay.check_cohort(enterprise_id, &message, now).await?;
+    let expires_at = match message.timing.expires_at {
+        Some(at) if at <= now => {
+            return Err(Error::invalid("expires_at", "must be in the future"));
+        }
+        Some(at) => at,
+        None => now + relay.message_ttl_ms,
+    };
+    let terms = relay
+        .terms(enterprise_id, &message, now, expires_at)
+        .await?;
+    let stored = relay
+        .store
+        .accept_on_terms(
+            enterprise_id,
+            &credentials::new_id("msg"),
+            &message,
+            now,
+            expires_at,
+            &relay.attention,
+            &terms,
+        )
+        .await?;
+    tracing::Span::current().record("message_id", stored.row.message_id.as_str());
+    if let (true, Target::Segment(segment)) = (stored.created, &message.target) {
+        let entry = AuditEntry::new(
+            format!("enterprise:{enterprise_id}"),
+            "attributes.used",
+            stored.row.message_id.as_str(),
+            format!("purpose: targeting; fields: {}", segment.fields()),
+        );
+        relay.store.audit(now, &entry).await?;
+    }
+    if stored.created {
+        relay
+            .metrics
+            .accepted
+            .inc(&[("target", message.target.kind())]);
+        tracing::info!(target_kind = message.target.kind(), matched = ?stored.row.matched, "message accepted");
+        match stored.row.state {
+            MessageState::Accepted => relay.expand.notify_one(),
+            _ => relay.dispatch.new_work(),
+        }
+    }
+    Ok(pb::SendMessageResponse {
+        message_id: stored.row.message_id,
+        state: state_to_wire(stored.row.state) as i32,
+        matched: stored.row.matched,
+        accepted_at: Some(to_timestamp(stored.row.accepted_at)),
+    })
+}
+
+/// Requests of one `SendMessages` stream accepted at once.
+const SENDS_IN_FLIGHT: usize = 64;
+
+/// The caller's W3C traceparent, if it sent one.
+fn caller_trace(metadata: &tonic::metadata::MetadataMap) -> String {
+    metadata
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 #[tonic::async_trait]
 impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
     #[tracing::instrument(skip_all, fields(enterprise_id, message_id))]
@@ -395,65 +473,85 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
         let relay = &self.0;
         let enterprise_id = relay.enterprise(request.metadata()).await?;
         tracing::Span::current().record("enterprise_id", enterprise_id.as_str());
-        let received = request
-            .metadata()
-            .get("traceparent")
-            .and_then(|value| value.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        let mut message = NewMessage::try_from(request.into_inner())?;
-        message.trace_parent = telemetry::traceparent(&tracing::Span::current(), &received);
-        let now = relay.clock.now_ms();
-        relay.check_cohort(&enterprise_id, &message, now).await?;
-        let expires_at = match message.timing.expires_at {
-            Some(at) if at <= now => {
-                return Err(Error::invalid("expires_at", "must be in the future").into());
+        let received = caller_trace(request.metadata());
+        Ok(Response::new(
+            send(relay, &enterprise_id, request.into_inner(), &received).await?,
+        ))
+    }
+
+    type SendMessagesStream = ReceiverStream<std::result::Result<pb::SendMessagesResult, Status>>;
+
+    #[tracing::instrument(skip_all, fields(enterprise_id))]
+    async fn send_messages(
+        &self,
+        request: Request<tonic::Streaming<pb::SendMessageRequest>>,
+    ) -> Result<Response<Self::SendMessagesStream>, Status> {
+        let relay = self.0.clone();
+        let enterprise_id = relay.enterprise(request.metadata()).await?;
+        tracing::Span::current().record("enterprise_id", enterprise_id.as_str());
+        let received = caller_trace(request.metadata());
+        let mut inbound = request.into_inner();
+        let (results, results_rx) = tokio::sync::mpsc::channel(SENDS_IN_FLIGHT);
+        tokio::spawn(async move {
+            // Up to SENDS_IN_FLIGHT requests are accepted at once, so they
+            // share group commits (one fsync for many) as concurrent unary
+            // calls would; each result is sent once its message is durable.
+            let mut in_flight = tokio::task::JoinSet::new();
+            let mut index = 0_u64;
+            loop {
+                let next = tokio::select! {
+                    next = inbound.message(), if in_flight.len() < SENDS_IN_FLIGHT => next,
+                    Some(done) = in_flight.join_next() => {
+                        let Ok(result) = done else { continue };
+                        if results.send(Ok(result)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                let request = match next {
+                    Ok(Some(request)) => request,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%status, "send stream ended by the caller");
+                        break;
+                    }
+                };
+                let (relay, enterprise_id, received) =
+                    (relay.clone(), enterprise_id.clone(), received.clone());
+                in_flight.spawn(async move {
+                    let key = request.idempotency_key.clone();
+                    // Each request is a call for the enterprise's rate limit.
+                    let outcome = match relay.take_call(&enterprise_id) {
+                        Ok(()) => send(&relay, &enterprise_id, request, &received).await,
+                        Err(error) => Err(error),
+                    };
+                    pb::SendMessagesResult {
+                        index,
+                        idempotency_key: key,
+                        outcome: Some(match outcome {
+                            Ok(accepted) => pb::send_messages_result::Outcome::Accepted(accepted),
+                            Err(error) => {
+                                let status = Status::from(error);
+                                pb::send_messages_result::Outcome::Refused(pb::Refusal {
+                                    code: status.code() as i32,
+                                    message: status.message().to_owned(),
+                                })
+                            }
+                        }),
+                    }
+                });
+                index += 1;
             }
-            Some(at) => at,
-            None => now + relay.message_ttl_ms,
-        };
-        let terms = relay
-            .terms(&enterprise_id, &message, now, expires_at)
-            .await?;
-        let stored = relay
-            .store
-            .accept_on_terms(
-                &enterprise_id,
-                &credentials::new_id("msg"),
-                &message,
-                now,
-                expires_at,
-                &relay.attention,
-                &terms,
-            )
-            .await?;
-        tracing::Span::current().record("message_id", stored.row.message_id.as_str());
-        if let (true, Target::Segment(segment)) = (stored.created, &message.target) {
-            let entry = AuditEntry::new(
-                format!("enterprise:{enterprise_id}"),
-                "attributes.used",
-                stored.row.message_id.as_str(),
-                format!("purpose: targeting; fields: {}", segment.fields()),
-            );
-            relay.store.audit(now, &entry).await?;
-        }
-        if stored.created {
-            relay
-                .metrics
-                .accepted
-                .inc(&[("target", message.target.kind())]);
-            tracing::info!(target_kind = message.target.kind(), matched = ?stored.row.matched, "message accepted");
-            match stored.row.state {
-                MessageState::Accepted => relay.expand.notify_one(),
-                _ => relay.dispatch.new_work(),
+            while let Some(done) = in_flight.join_next().await {
+                if let Ok(result) = done
+                    && results.send(Ok(result)).await.is_err()
+                {
+                    return;
+                }
             }
-        }
-        Ok(Response::new(pb::SendMessageResponse {
-            message_id: stored.row.message_id,
-            state: state_to_wire(stored.row.state) as i32,
-            matched: stored.row.matched,
-            accepted_at: Some(to_timestamp(stored.row.accepted_at)),
-        }))
+        });
+        Ok(Response::new(ReceiverStream::new(results_rx)))
     }
 
     #[tracing::instrument(skip_all)]

@@ -71,12 +71,18 @@ impl Relay {
             .enterprise_by_key(&credentials::hash_secret(key), self.clock.now_ms())
             .await?
             .ok_or(Error::Unauthenticated("authorization: unknown API key"))?;
+        self.take_call(&enterprise_id)?;
+        Ok(enterprise_id)
+    }
+
+    /// Counts one call of `enterprise_id` against its rate limit.
+    fn take_call(&self, enterprise_id: &str) -> Result<()> {
         if let Some(limits) = &self.limits {
             limits
-                .take(&enterprise_id)
+                .take(enterprise_id)
                 .map_err(|retry_after| Error::RateLimited { retry_after })?;
         }
-        Ok(enterprise_id)
+        Ok(())
     }
 
     /// Refuses a segment target that could single people out (see
