@@ -7,7 +7,7 @@
 //! Little-endian, length-prefixed strings; a blob that does not decode is an
 //! error naming what was short, never a panic. Owns no SQL and no wire types.
 
-use crate::model::{ReceiptKind, Recipient};
+use crate::model::{Receipt, ReceiptKind, Recipient};
 
 /// The encoded recipients of one batch row, in their row order.
 pub fn encode_recipients(recipients: &[Recipient]) -> Vec<u8> {
@@ -47,20 +47,8 @@ pub fn delivery_ids(blob: &[u8]) -> Result<Vec<u64>, Short> {
         .collect())
 }
 
-/// One receipt as the outbox keeps it (the row's sequence is the row's).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoredReceipt {
-    pub delivery_id: u64,
-    pub message_id: String,
-    pub user_id: String,
-    pub kind: ReceiptKind,
-    pub channel: i64,
-    pub at: i64,
-    pub region: String,
-    pub trace_parent: String,
-}
-
-pub fn encode_receipts(receipts: &[StoredReceipt]) -> Vec<u8> {
+/// The encoded receipts of one outbox row (their `seq` is the row's, not stored).
+pub fn encode_receipts(receipts: &[Receipt]) -> Vec<u8> {
     let mut out = Vec::with_capacity(receipts.len() * 64);
     for r in receipts {
         out.extend_from_slice(&r.delivery_id.to_le_bytes());
@@ -75,13 +63,15 @@ pub fn encode_receipts(receipts: &[StoredReceipt]) -> Vec<u8> {
     out
 }
 
-pub fn decode_receipts(mut blob: &[u8]) -> Result<Vec<StoredReceipt>, Short> {
+/// Receipts of an outbox row, each with `seq` 0 until the caller sets the row's.
+pub fn decode_receipts(mut blob: &[u8]) -> Result<Vec<Receipt>, Short> {
     let mut receipts = Vec::new();
     while !blob.is_empty() {
         let delivery_id = u64::from_le_bytes(take(&mut blob, "delivery id")?);
         let [kind, channel] = take::<2>(&mut blob, "kind and channel")?;
         let at = i64::from_le_bytes(take(&mut blob, "time")?);
-        receipts.push(StoredReceipt {
+        receipts.push(Receipt {
+            seq: 0,
             delivery_id,
             kind: ReceiptKind::from_number(i64::from(kind)),
             channel: i64::from(channel),
@@ -155,7 +145,8 @@ mod tests {
             Err(Short("user id"))
         );
 
-        let receipts = vec![StoredReceipt {
+        let receipts = vec![Receipt {
+            seq: 0,
             delivery_id: 9,
             message_id: "msg".into(),
             user_id: "u".into(),

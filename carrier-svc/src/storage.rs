@@ -27,7 +27,7 @@ use crate::model::{
     CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_SNS, MessageDeliveries, Outgoing, Receipt, ReceiptKind,
     Recipient, Slot, Subscriber, TerminalEvent, TerminalEventKind,
 };
-use crate::packed::{self, StoredReceipt};
+use crate::packed;
 
 const ROWS_PER_STATEMENT: usize = 1_000;
 /// Batch rows read at a time by the push (each holds up to a relay batch).
@@ -265,11 +265,12 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let queued = receipts.len();
-        let receipts: Vec<StoredReceipt> = receipts
+        let receipts: Vec<Receipt> = receipts
             .into_iter()
             .map(
                 |(delivery_id, message_id, user_id, kind, channel, at, region, trace_parent)| {
-                    StoredReceipt {
+                    Receipt {
+                        seq: 0,
                         delivery_id: delivery_id.parse().unwrap_or(0),
                         message_id,
                         user_id,
@@ -730,9 +731,10 @@ impl Store {
             .map(|((row, _), states)| (row.seq, states))
             .collect();
         write_states(&mut tx, &changed).await?;
-        let receipts: Vec<StoredReceipt> = moved
+        let receipts: Vec<Receipt> = moved
             .iter()
-            .map(|(m, event)| StoredReceipt {
+            .map(|(m, event)| Receipt {
+                seq: 0,
                 delivery_id: m.delivery_id,
                 message_id: m.message_id.clone(),
                 user_id: m.user_id.clone(),
@@ -822,17 +824,7 @@ impl Store {
                 packed::decode_receipts(&blob)
                     .map_err(unreadable)?
                     .into_iter()
-                    .map(|r| Receipt {
-                        seq,
-                        delivery_id: r.delivery_id,
-                        message_id: r.message_id,
-                        user_id: r.user_id,
-                        kind: r.kind,
-                        channel: r.channel,
-                        at: r.at,
-                        region: r.region,
-                        trace_parent: r.trace_parent,
-                    }),
+                    .map(|receipt| Receipt { seq, ..receipt }),
             );
         }
         Ok(receipts)
@@ -1170,9 +1162,10 @@ async fn report_closed(
     kind: ReceiptKind,
     now: i64,
 ) -> Result<usize> {
-    let receipts: Vec<StoredReceipt> = moved
+    let receipts: Vec<Receipt> = moved
         .iter()
-        .map(|m| StoredReceipt {
+        .map(|m| Receipt {
+            seq: 0,
             delivery_id: m.delivery_id,
             message_id: m.message_id.clone(),
             user_id: m.user_id.clone(),
@@ -1191,7 +1184,7 @@ async fn report_closed(
 /// Appends receipts to the outbox, one row per group of up to 10,000.
 async fn queue_receipts(
     tx: &mut sqlx::Transaction<'_, Sqlite>,
-    receipts: &[StoredReceipt],
+    receipts: &[Receipt],
 ) -> Result<()> {
     for chunk in receipts.chunks(10_000) {
         sqlx::query("INSERT INTO receipt_outbox (receipts, count) VALUES ($1, $2)")

@@ -804,6 +804,23 @@ async fn one_enterprise_over_its_rate_leaves_the_others_alone() {
     hub.shutdown().await.unwrap();
 }
 
+/// A SQLite hub with carrier alpha and one terminal user (from `seed`)
+/// registered with enterprise "shop": the hub, shop's key, the fleet and
+/// the user's ref.
+async fn one_registered_user(seed: u64) -> (Hub, String, Fleet, String) {
+    let mut hub = Hub::start(Backend::Sqlite, &["alpha"])
+        .await
+        .unwrap()
+        .unwrap();
+    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
+    let fleet = Fleet::generate(seed, 1, &["alpha".into()]).with_every_channel();
+    hub.start_fleet(fleet.clone(), vec![], OpenMode::Never)
+        .await
+        .unwrap();
+    let mine = register(&hub, &fleet.users[0], &shop).await;
+    (hub, key, fleet, mine)
+}
+
 /// A relay that speaks another version of the Deliver protocol (version 1
 /// named no version; a later one names its number) is refused at the first
 /// call with FAILED_PRECONDITION naming both versions, and the carrier's
@@ -811,16 +828,7 @@ async fn one_enterprise_over_its_rate_leaves_the_others_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_relay_on_another_deliver_version_is_refused_naming_both() {
     use chukei_proto::carrier::v1 as cpb;
-    let mut hub = Hub::start(Backend::Sqlite, &["alpha"])
-        .await
-        .unwrap()
-        .unwrap();
-    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
-    let fleet = Fleet::generate(23, 1, &["alpha".into()]).with_every_channel();
-    hub.start_fleet(fleet.clone(), vec![], OpenMode::Never)
-        .await
-        .unwrap();
-    let mine = register(&hub, &fleet.users[0], &shop).await;
+    let (hub, key, _, mine) = one_registered_user(23).await;
     let channel = Channel::from_shared(hub.carriers[0].url())
         .unwrap()
         .connect()
@@ -934,16 +942,7 @@ impl chukei_proto::terminal::v1::terminal_server::Terminal for HeadersWithFirstE
 /// its messages, and their delivery is counted at the relay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_terminal_that_answers_headers_late_still_gets_its_messages() {
-    let mut hub = Hub::start(Backend::Sqlite, &["alpha"])
-        .await
-        .unwrap()
-        .unwrap();
-    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
-    let fleet = Fleet::generate(29, 1, &["alpha".into()]).with_every_channel();
-    hub.start_fleet(fleet.clone(), vec![], OpenMode::Never)
-        .await
-        .unwrap();
-    let mine = register(&hub, &fleet.users[0], &shop).await;
+    let (hub, key, fleet, mine) = one_registered_user(29).await;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
