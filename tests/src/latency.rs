@@ -222,6 +222,73 @@ pub async fn flat_out(
     settle(due, &seen, errors, start, Duration::from_secs(60)).await
 }
 
+/// `count` messages over `streams` `SendMessages` streams at once, each
+/// stream fed as fast as it takes them: the closed-loop ceiling of the bulk
+/// API. A message is due when it is handed to its stream.
+pub async fn streamed(
+    client: &Enterprise,
+    refs: &[String],
+    count: usize,
+    streams: usize,
+    arrivals: UnboundedReceiver<(String, Instant)>,
+    run: &str,
+) -> Latencies {
+    let seen = Seen::collect(arrivals);
+    let start = Instant::now();
+    let mut senders = tokio::task::JoinSet::new();
+    for stream in 0..streams {
+        let (mut client, refs, run) = (client.clone(), refs.to_vec(), run.to_owned());
+        let mine: Vec<usize> = (stream..count).step_by(streams).collect();
+        senders.spawn(async move {
+            let handed: Arc<Mutex<Vec<Instant>>> = Arc::default();
+            let (requests, requests_rx) = tokio::sync::mpsc::channel(256);
+            let feeder = {
+                let handed = handed.clone();
+                tokio::spawn(async move {
+                    for index in mine {
+                        let request = send_request(
+                            &format!("{run}-{index}"),
+                            pb::target::Kind::Refs(pb::RefList {
+                                refs: vec![refs[index % refs.len()].clone()],
+                            }),
+                            "latency probe",
+                            common::Channel::Sms,
+                        );
+                        handed.lock().expect("handed").push(Instant::now());
+                        if requests.send(request).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+            };
+            let mut due = Vec::new();
+            if let Ok(response) = client
+                .send_messages(tokio_stream::wrappers::ReceiverStream::new(requests_rx))
+                .await
+            {
+                let mut results = response.into_inner();
+                while let Ok(Some(result)) = results.message().await {
+                    let at = handed.lock().expect("handed")[result.index as usize];
+                    if let Some(pb::send_messages_result::Outcome::Accepted(accepted)) =
+                        result.outcome
+                    {
+                        due.push((accepted.message_id, at));
+                    }
+                }
+            }
+            let _ = feeder.await;
+            due
+        });
+    }
+    let mut due = Vec::with_capacity(count);
+    while let Some(joined) = senders.join_next().await {
+        due.extend(joined.expect("a stream panicked"));
+    }
+    // Refused, or never answered (a stream that broke): not accepted.
+    let errors = count.saturating_sub(due.len()) as u64;
+    settle(due, &seen, errors, start, Duration::from_secs(60)).await
+}
+
 /// Messages at a fixed offered `rate` (per second) for `duration`: send i
 /// is due at `start + i / rate` and is sent then, whatever happened to the
 /// sends before it.

@@ -1115,6 +1115,22 @@ async fn targeted(
         ceiling.summary()
     );
     let max_rate = ceiling.arrived as f64 / ceiling.elapsed.as_secs_f64().max(1e-9);
+    // The bulk API apart: the same number of messages on a few streams.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let streams = 4;
+    let streamed = integration_tests::latency::streamed(
+        &client,
+        &refs,
+        count,
+        streams,
+        terminals.watch_arrivals(),
+        "streamed",
+    )
+    .await;
+    println!(
+        "closed loop, SendMessages on {streams} streams, {backend:?}: {}",
+        streamed.summary()
+    );
     for share in [0.5, 0.8] {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let rate = (max_rate * share).max(1.0);
