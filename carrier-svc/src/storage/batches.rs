@@ -1,0 +1,832 @@
+//! The relay's batches at the carrier: accepting them (duplicates dropped),
+//! what the push reads, every change of a recipient's state (pushed,
+//! delivered, opened, expired, unsupported, dropped) with the receipts and
+//! counts it makes, windows rolling, and the receipt outbox. A recipient
+//! moves forward only; each change reads and writes its rows inside one
+//! `BEGIN IMMEDIATE` transaction.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use chukei_proto::window::Window;
+use sqlx::{QueryBuilder, Sqlite};
+
+use super::{ROWS_PER_READ, ROWS_PER_STATEMENT, Result, Store, in_list, unreadable};
+use crate::channels::{self, Contact};
+use crate::model::{
+    CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_SNS, MessageDeliveries, Outgoing, Receipt, ReceiptKind,
+    Recipient, Slot, TerminalEvent, TerminalEventKind,
+};
+use crate::packed;
+
+use super::receipts::{count_moves, queue_receipts, report_closed};
+
+/// What happened to one recipient of a batch row: one byte of `states`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub(super) enum State {
+    Held = 0,
+    /// Pushed to the terminal, not yet confirmed.
+    Pushed = 1,
+    Delivered = 2,
+    Opened = 3,
+    Expired = 4,
+    Unsupported = 5,
+    /// The person left the hub before it was pushed.
+    Dropped = 6,
+}
+
+impl State {
+    fn of(byte: u8) -> Self {
+        match byte {
+            0 => Self::Held,
+            1 => Self::Pushed,
+            2 => Self::Delivered,
+            3 => Self::Opened,
+            4 => Self::Expired,
+            5 => Self::Unsupported,
+            _ => Self::Dropped,
+        }
+    }
+
+    /// Not yet confirmed by the terminal nor closed.
+    fn is_open(self) -> bool {
+        self < Self::Delivered
+    }
+}
+
+/// A batch row with what changing its states needs.
+#[derive(sqlx::FromRow)]
+pub(super) struct StateRow {
+    seq: i64,
+    message_id: String,
+    single_attempt: bool,
+    sms_segments: i64,
+    recipients: Vec<u8>,
+    states: Vec<u8>,
+}
+
+/// A batch row as the push reads it.
+#[derive(sqlx::FromRow)]
+struct HeldRow {
+    seq: i64,
+    message_id: String,
+    content_text: String,
+    media_url: String,
+    subject: String,
+    suggested_replies: String,
+    trace_parent: String,
+    window_open: i64,
+    recipients: Vec<u8>,
+    states: Vec<u8>,
+}
+
+/// One recipient whose state changed, with what its receipt and counts need.
+#[derive(Debug)]
+pub(super) struct Moved {
+    pub(super) delivery_id: u64,
+    pub(super) message_id: String,
+    pub(super) user_id: String,
+    pub(super) channel: i64,
+    /// SMS parts this delivery took (0 off SMS).
+    pub(super) sms_segments: i64,
+    pub(super) single_attempt: bool,
+    pub(super) to: State,
+}
+
+impl Store {
+    /// Stores a batch from the relay, one row per message record; delivery
+    /// ids seen before are dropped. A record with a window is held for the
+    /// window's current or next opening. Returns how many deliveries were new.
+    pub async fn accept_batch(&self, mut records: Vec<MessageDeliveries>, now: i64) -> Result<u64> {
+        // Held across the commit: the check and the insert are one step.
+        let mut seen = self.seen.lock().await;
+        let mut in_batch = HashSet::new();
+        for record in &mut records {
+            record
+                .recipients
+                .retain(|r| !seen.contains(r.delivery_id) && in_batch.insert(r.delivery_id));
+        }
+        records.retain(|r| !r.recipients.is_empty());
+        if records.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        insert_rows(&mut tx, &records, now).await?;
+        tx.commit().await?;
+        seen.extend(in_batch.iter().copied());
+        Ok(in_batch.len() as u64)
+    }
+
+    /// Held deliveries due now for users attached at `endpoint`, with the
+    /// subscriber contact details their channel adapters need: targeted
+    /// messages' first (the relay's priority lane), then in arrival order.
+    pub async fn due_for_endpoint(
+        &self,
+        endpoint: &str,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<Outgoing>> {
+        let limit = limit as usize;
+        let mut due: Vec<Outgoing> = Vec::new();
+        for priority in [true, false] {
+            let mut after = 0_i64;
+            while due.len() < limit {
+                let rows: Vec<HeldRow> = sqlx::query_as(
+                    "SELECT seq, message_id, content_text, media_url, subject, suggested_replies,
+                            trace_parent, window_open, recipients, states
+                     FROM batches
+                     WHERE held > 0 AND priority = $1 AND seq > $2
+                       AND expires_at > $3 AND window_close > $3 AND window_open <= $3
+                     ORDER BY seq LIMIT $4",
+                )
+                .bind(priority)
+                .bind(after)
+                .bind(now)
+                .bind(ROWS_PER_READ)
+                .fetch_all(&self.pool)
+                .await?;
+                let Some(last) = rows.last() else { break };
+                after = last.seq;
+                let attached = self.attached.read().expect("attachments lock");
+                for row in rows {
+                    let recipients =
+                        packed::decode_recipients(&row.recipients).map_err(unreadable)?;
+                    let replies = split_replies(&row.suggested_replies);
+                    for (index, recipient) in recipients.into_iter().enumerate() {
+                        if due.len() >= limit {
+                            break;
+                        }
+                        if State::of(row.states[index]) != State::Held
+                            || recipient.not_before.max(row.window_open) > now
+                            || attached.get(&recipient.user_id).map(|e| &**e) != Some(endpoint)
+                        {
+                            continue;
+                        }
+                        due.push(Outgoing {
+                            slot: Slot {
+                                row: row.seq,
+                                index: index as u32,
+                            },
+                            delivery_id: recipient.delivery_id,
+                            message_id: row.message_id.clone(),
+                            user_id: recipient.user_id,
+                            channel: recipient.channel,
+                            text: row.content_text.clone(),
+                            media_url: row.media_url.clone(),
+                            subject: row.subject.clone(),
+                            suggested_replies: replies.clone(),
+                            contact: Contact::default(),
+                            trace_parent: row.trace_parent.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        self.fill_contacts(&mut due).await?;
+        Ok(due)
+    }
+
+    /// Contact details, looked up only for the channels that need them.
+    async fn fill_contacts(&self, due: &mut [Outgoing]) -> Result<()> {
+        let wanted: Vec<&str> = due
+            .iter()
+            .filter(|d| d.channel == CHANNEL_EMAIL || d.channel == CHANNEL_SNS)
+            .map(|d| d.user_id.as_str())
+            .collect();
+        let mut contacts: HashMap<String, Contact> = HashMap::new();
+        for chunk in wanted.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::new(
+                "SELECT user_id, email, sns_handle FROM subscribers WHERE user_id",
+            );
+            in_list(&mut query, chunk.iter().copied());
+            let rows: Vec<(String, String, String)> =
+                query.build_query_as().fetch_all(&self.pool).await?;
+            for (user_id, email, sns_handle) in rows {
+                contacts.insert(user_id, Contact { email, sns_handle });
+            }
+        }
+        for outgoing in due.iter_mut() {
+            if let Some(contact) = contacts.get(&outgoing.user_id) {
+                outgoing.contact = Contact {
+                    email: if outgoing.channel == CHANNEL_EMAIL {
+                        contact.email.clone()
+                    } else {
+                        String::new()
+                    },
+                    sns_handle: if outgoing.channel == CHANNEL_SNS {
+                        contact.sns_handle.clone()
+                    } else {
+                        String::new()
+                    },
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// Deliveries the carrier itself cannot put on their channel (no e-mail
+    /// address, no SNS handle): unsupported, reported to the relay.
+    pub async fn mark_unsupported(&self, slots: &[Slot], now: i64) -> Result<usize> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let wanted = by_row(slots);
+        let rows = rows_by_seq(&mut tx, &wanted).await?;
+        let moved = change_states(&mut tx, rows, |slot, _, state| {
+            (state == State::Held && wanted_slot(&wanted, slot)).then_some(State::Unsupported)
+        })
+        .await?;
+        let queued = report_closed(&mut tx, moved, ReceiptKind::Unsupported, now).await?;
+        tx.commit().await?;
+        Ok(queued)
+    }
+
+    /// Drops the messages still held (not yet pushed) for these people;
+    /// returns how many.
+    pub async fn drop_held(&self, user_ids: &[&str]) -> Result<u64> {
+        if user_ids.is_empty() {
+            return Ok(0);
+        }
+        let leaving: HashSet<&str> = user_ids.iter().copied().collect();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let rows = state_rows(&mut tx, "held > 0", &[]).await?;
+        let moved = change_states(&mut tx, rows, |_, recipient, state| {
+            (state == State::Held && leaving.contains(recipient.user_id.as_str()))
+                .then_some(State::Dropped)
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(moved.len() as u64)
+    }
+
+    pub async fn mark_pushed(&self, slots: &[Slot]) -> Result<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let wanted = by_row(slots);
+        let rows = rows_by_seq(&mut tx, &wanted).await?;
+        change_states(&mut tx, rows, |slot, _, state| {
+            (state == State::Held && wanted_slot(&wanted, slot)).then_some(State::Pushed)
+        })
+        .await?;
+        tx.commit().await
+    }
+
+    /// Pushed but unconfirmed deliveries of `endpoint`'s users are pushed again.
+    pub async fn requeue_unconfirmed(&self, endpoint: &str) -> Result<()> {
+        let attached = self.attached.read().expect("attachments lock").clone();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let rows = state_rows(&mut tx, "pushed > 0", &[]).await?;
+        change_states(&mut tx, rows, |_, recipient, state| {
+            (state == State::Pushed
+                && attached.get(&recipient.user_id).map(|e| &**e) == Some(endpoint))
+            .then_some(State::Held)
+        })
+        .await?;
+        tx.commit().await
+    }
+
+    /// Applies terminal events in their order: each delivery moves forward
+    /// at most once per state, each move adds one receipt to the outbox (a
+    /// read of a delivery not yet confirmed is its delivery too); sends and
+    /// opens are counted once per person and message, however many channels
+    /// reached them. Events about deliveries this carrier does not hold are
+    /// ignored. Returns how many receipts were queued.
+    pub async fn apply_terminal_events(&self, events: &[TerminalEvent]) -> Result<usize> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        // Each message's id range: its rows are found by message and range.
+        let mut ranges: HashMap<&str, (u64, u64)> = HashMap::new();
+        for event in events {
+            let range = ranges
+                .entry(event.message_id.as_str())
+                .or_insert((event.delivery_id, event.delivery_id));
+            range.0 = range.0.min(event.delivery_id);
+            range.1 = range.1.max(event.delivery_id);
+        }
+        let ranges: Vec<(&str, (u64, u64))> = ranges.into_iter().collect();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut rows: Vec<StateRow> = Vec::new();
+        for chunk in ranges.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::new(
+                "SELECT b.seq, b.message_id, b.single_attempt, b.sms_segments, b.recipients, b.states
+                 FROM batches b JOIN (",
+            );
+            query.push_values(chunk, |mut row, (message_id, (lo, hi))| {
+                row.push_bind(*message_id)
+                    .push_bind(*lo as i64)
+                    .push_bind(*hi as i64);
+            });
+            query.push(
+                ") AS v ON b.message_id = v.column1 AND b.min_id <= v.column3 AND b.max_id >= v.column2",
+            );
+            rows.extend(
+                query
+                    .build_query_as::<StateRow>()
+                    .fetch_all(&mut *tx)
+                    .await?,
+            );
+        }
+        let mut decoded: Vec<(StateRow, Vec<Recipient>)> = Vec::with_capacity(rows.len());
+        for row in rows {
+            let recipients = packed::decode_recipients(&row.recipients).map_err(unreadable)?;
+            decoded.push((row, recipients));
+        }
+        let mut place: HashMap<(&str, u64), (usize, usize)> = HashMap::new();
+        for (r, (row, recipients)) in decoded.iter().enumerate() {
+            for (i, recipient) in recipients.iter().enumerate() {
+                place.insert((row.message_id.as_str(), recipient.delivery_id), (r, i));
+            }
+        }
+        let mut states: Vec<Vec<u8>> = decoded.iter().map(|(row, _)| row.states.clone()).collect();
+        let mut moved: Vec<(Moved, &TerminalEvent)> = Vec::new();
+        for event in events {
+            let Some(&(r, i)) = place.get(&(event.message_id.as_str(), event.delivery_id)) else {
+                continue;
+            };
+            let state = State::of(states[r][i]);
+            let steps: &[State] = match (event.kind, state) {
+                (TerminalEventKind::Delivered, s) if s.is_open() => &[State::Delivered],
+                (TerminalEventKind::Read, s) if s.is_open() => &[State::Delivered, State::Opened],
+                (TerminalEventKind::Read, State::Delivered) => &[State::Opened],
+                (TerminalEventKind::Unsupported, s) if s.is_open() => &[State::Unsupported],
+                _ => &[],
+            };
+            let (row, recipients) = &decoded[r];
+            for &to in steps {
+                states[r][i] = to as u8;
+                moved.push((moved_one(row, &recipients[i], to), event));
+            }
+        }
+        let changed: Vec<(i64, Vec<u8>)> = decoded
+            .iter()
+            .zip(states)
+            .filter(|((row, _), states)| row.states != *states)
+            .map(|((row, _), states)| (row.seq, states))
+            .collect();
+        write_states(&mut tx, &changed).await?;
+        let receipts: Vec<Receipt> = moved
+            .iter()
+            .map(|(m, event)| Receipt {
+                seq: 0,
+                delivery_id: m.delivery_id,
+                message_id: m.message_id.clone(),
+                user_id: m.user_id.clone(),
+                kind: receipt_kind(m.to),
+                channel: m.channel,
+                at: event.at,
+                region: event.region.clone(),
+                trace_parent: event.trace_parent.clone(),
+            })
+            .collect();
+        queue_receipts(&mut tx, &receipts).await?;
+        let moved: Vec<Moved> = moved.into_iter().map(|(m, _)| m).collect();
+        count_moves(&mut tx, &moved).await?;
+        tx.commit().await?;
+        Ok(receipts.len())
+    }
+
+    /// Expires deliveries whose expiry passed before the terminal confirmed
+    /// them: they are never delivered later.
+    pub async fn expire(&self, now: i64) -> Result<usize> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let rows = state_rows(
+            &mut tx,
+            "(held > 0 OR pushed > 0) AND expires_at <= $1",
+            &[now],
+        )
+        .await?;
+        let moved = change_states(&mut tx, rows, |_, _, state| {
+            state.is_open().then_some(State::Expired)
+        })
+        .await?;
+        let queued = report_closed(&mut tx, moved, ReceiptKind::Expired, now).await?;
+        tx.commit().await?;
+        Ok(queued)
+    }
+
+    /// Held deliveries whose window closed before they could be pushed move
+    /// to the window's next opening (or expire, when it has none). Returns
+    /// how many moved.
+    pub async fn roll_windows(&self, now: i64) -> Result<u64> {
+        let windows: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT delivery_window FROM batches
+             WHERE held > 0 AND window_close <= $1 AND delivery_window IS NOT NULL",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut cache = WindowCache::default();
+        let mut moved = 0;
+        for window in windows {
+            let (open, close, expires) = match cache.opening(&window, now) {
+                Some((open, close)) => (open, close, None),
+                None => (now, now, Some(now)),
+            };
+            let held: Vec<i64> = sqlx::query_scalar(
+                "UPDATE batches SET window_open = $1, window_close = $2, expires_at = COALESCE($3, expires_at)
+                 WHERE held > 0 AND window_close <= $4 AND delivery_window = $5
+                 RETURNING held",
+            )
+            .bind(open)
+            .bind(close)
+            .bind(expires)
+            .bind(now)
+            .bind(&window)
+            .fetch_all(&self.pool)
+            .await?;
+            moved += held.iter().sum::<i64>() as u64;
+        }
+        Ok(moved)
+    }
+}
+
+/// Windows decoded once per stored form (a zone lookup is not free).
+#[derive(Debug, Default)]
+struct WindowCache(HashMap<String, Option<Window>>);
+
+impl WindowCache {
+    fn opening(&mut self, stored: &str, at: i64) -> Option<(i64, i64)> {
+        self.0
+            .entry(stored.to_owned())
+            .or_insert_with(|| match Window::decode(stored) {
+                Ok(window) => Some(window),
+                Err(error) => {
+                    tracing::warn!(%error, "unreadable window: delivering without it");
+                    None
+                }
+            })
+            .as_ref()
+            .map_or(Some((at, i64::MAX)), |window| window.opening(at))
+    }
+}
+
+pub(super) fn split_replies(stored: &str) -> Vec<String> {
+    stored
+        .split('\n')
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Inserts one batch row per record, every recipient held.
+pub(super) async fn insert_rows(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    records: &[MessageDeliveries],
+    now: i64,
+) -> Result<()> {
+    let mut windows = WindowCache::default();
+    // A statement binds 20 values a row.
+    for chunk in records.chunks(500) {
+        let mut query = QueryBuilder::new(
+            "INSERT INTO batches (message_id, priority, single_attempt, content_text, media_url, subject, \
+             suggested_replies, sms_segments, delivery_window, window_open, window_close, expires_at, \
+             trace_parent, min_id, max_id, recipients, states, held, pushed, received_at) ",
+        );
+        query.push_values(chunk, |mut row, record| {
+            let first_due = record
+                .recipients
+                .iter()
+                .map(|r| r.not_before)
+                .min()
+                .unwrap_or(0);
+            let (window_open, window_close, expires_at) = match &record.window {
+                None => (0, i64::MAX, record.expires_at),
+                Some(window) => match windows.opening(window, now.max(first_due)) {
+                    Some((open, close)) => (open, close, record.expires_at),
+                    // A window that never opens again: due to expire at once.
+                    None => (now, now, now),
+                },
+            };
+            let held = record.recipients.len() as i64;
+            row.push_bind(&record.message_id)
+                .push_bind(record.priority)
+                .push_bind(record.single_attempt)
+                .push_bind(&record.text)
+                .push_bind(&record.media_url)
+                .push_bind(&record.subject)
+                .push_bind(record.suggested_replies.join("\n"))
+                .push_bind(channels::sms_segments(&record.text).len() as i64)
+                .push_bind(&record.window)
+                .push_bind(window_open)
+                .push_bind(window_close)
+                .push_bind(expires_at)
+                .push_bind(&record.trace_parent)
+                .push_bind(
+                    record
+                        .recipients
+                        .iter()
+                        .map(|r| r.delivery_id)
+                        .min()
+                        .unwrap_or(0) as i64,
+                )
+                .push_bind(
+                    record
+                        .recipients
+                        .iter()
+                        .map(|r| r.delivery_id)
+                        .max()
+                        .unwrap_or(0) as i64,
+                )
+                .push_bind(packed::encode_recipients(&record.recipients))
+                .push_bind(vec![State::Held as u8; record.recipients.len()])
+                .push_bind(held)
+                .push_bind(0_i64)
+                .push_bind(now);
+        });
+        query.build().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+const STATE_COLUMNS: &str = "seq, message_id, single_attempt, sms_segments, recipients, states";
+
+/// The batch rows matching `condition` (binding `$1`… to `binds`), read in
+/// `tx` so their states are current.
+pub(super) async fn state_rows(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    condition: &str,
+    binds: &[i64],
+) -> Result<Vec<StateRow>> {
+    let sql = format!("SELECT {STATE_COLUMNS} FROM batches WHERE {condition}");
+    let mut query = sqlx::query_as::<_, StateRow>(sqlx::AssertSqlSafe(sql));
+    for bind in binds {
+        query = query.bind(*bind);
+    }
+    query.fetch_all(&mut **tx).await
+}
+
+/// Slots grouped by row.
+fn by_row(slots: &[Slot]) -> BTreeMap<i64, HashSet<u32>> {
+    let mut rows: BTreeMap<i64, HashSet<u32>> = BTreeMap::new();
+    for slot in slots {
+        rows.entry(slot.row).or_default().insert(slot.index);
+    }
+    rows
+}
+
+fn wanted_slot(wanted: &BTreeMap<i64, HashSet<u32>>, slot: Slot) -> bool {
+    wanted
+        .get(&slot.row)
+        .is_some_and(|indexes| indexes.contains(&slot.index))
+}
+
+async fn rows_by_seq(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    wanted: &BTreeMap<i64, HashSet<u32>>,
+) -> Result<Vec<StateRow>> {
+    let seqs: Vec<i64> = wanted.keys().copied().collect();
+    let mut rows = Vec::with_capacity(seqs.len());
+    for chunk in seqs.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::new(format!("SELECT {STATE_COLUMNS} FROM batches WHERE seq"));
+        in_list(&mut query, chunk.iter().copied());
+        rows.extend(
+            query
+                .build_query_as::<StateRow>()
+                .fetch_all(&mut **tx)
+                .await?,
+        );
+    }
+    Ok(rows)
+}
+
+/// Moves each recipient of `rows` to the state `change` names (`None`: left
+/// as it is), writes back the rows that changed, and returns what moved.
+pub(super) async fn change_states(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    rows: Vec<StateRow>,
+    mut change: impl FnMut(Slot, &Recipient, State) -> Option<State>,
+) -> Result<Vec<Moved>> {
+    let mut moved = Vec::new();
+    let mut changed = Vec::new();
+    for row in rows {
+        let recipients = packed::decode_recipients(&row.recipients).map_err(unreadable)?;
+        let mut states = row.states.clone();
+        for (index, recipient) in recipients.iter().enumerate() {
+            let slot = Slot {
+                row: row.seq,
+                index: index as u32,
+            };
+            if let Some(to) = change(slot, recipient, State::of(states[index])) {
+                states[index] = to as u8;
+                moved.push(moved_one(&row, recipient, to));
+            }
+        }
+        if states != row.states {
+            changed.push((row.seq, states));
+        }
+    }
+    write_states(tx, &changed).await?;
+    Ok(moved)
+}
+
+/// Writes rows' new states with their held and pushed counts.
+async fn write_states(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    changed: &[(i64, Vec<u8>)],
+) -> Result<()> {
+    for chunk in changed.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::new(
+            "UPDATE batches SET states = v.column2, held = v.column3, pushed = v.column4 FROM (",
+        );
+        query.push_values(chunk, |mut row, (seq, states)| {
+            let count = |state: State| states.iter().filter(|&&s| s == state as u8).count() as i64;
+            row.push_bind(*seq)
+                .push_bind(states.clone())
+                .push_bind(count(State::Held))
+                .push_bind(count(State::Pushed));
+        });
+        query.push(") AS v WHERE batches.seq = v.column1");
+        query.build().execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+fn moved_one(row: &StateRow, recipient: &Recipient, to: State) -> Moved {
+    Moved {
+        delivery_id: recipient.delivery_id,
+        message_id: row.message_id.clone(),
+        user_id: recipient.user_id.clone(),
+        channel: recipient.channel,
+        sms_segments: if recipient.channel == CHANNEL_SMS {
+            row.sms_segments
+        } else {
+            0
+        },
+        single_attempt: row.single_attempt,
+        to,
+    }
+}
+
+/// The receipt a move to `state` sends the relay.
+fn receipt_kind(state: State) -> ReceiptKind {
+    match state {
+        State::Delivered => ReceiptKind::Delivered,
+        State::Opened => ReceiptKind::Opened,
+        State::Expired => ReceiptKind::Expired,
+        State::Unsupported => ReceiptKind::Unsupported,
+        State::Held | State::Pushed | State::Dropped => ReceiptKind::Failed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Subscriber;
+
+    fn record(message_id: &str, ids: std::ops::Range<u64>, priority: bool) -> MessageDeliveries {
+        MessageDeliveries {
+            message_id: message_id.into(),
+            text: "hi".into(),
+            media_url: String::new(),
+            subject: String::new(),
+            suggested_replies: Vec::new(),
+            expires_at: i64::MAX,
+            window: None,
+            single_attempt: true,
+            trace_parent: String::new(),
+            priority,
+            recipients: ids
+                .map(|id| Recipient {
+                    delivery_id: id,
+                    user_id: format!("u{}", id % 10),
+                    channel: CHANNEL_SMS,
+                    not_before: 0,
+                })
+                .collect(),
+        }
+    }
+
+    async fn store_with_terminals(dir: &tempfile::TempDir) -> Store {
+        let store = Store::connect(&Store::sqlite_url_in(dir.path()))
+            .await
+            .unwrap();
+        let users: Vec<String> = (0..10).map(|u| format!("u{u}")).collect();
+        let subscribers: Vec<Subscriber> = users
+            .iter()
+            .map(|user_id| Subscriber {
+                user_id: user_id.clone(),
+                phone_number: "+819000000000".into(),
+                name: String::new(),
+                gender: 0,
+                birth_date: "1990-01-01".into(),
+                region: String::new(),
+                occupation: String::new(),
+                primary: true,
+                email: String::new(),
+                sns_handle: String::new(),
+            })
+            .collect();
+        store.upsert_subscribers(&subscribers, 0).await.unwrap();
+        store.attach("terminals", &users, 0).await.unwrap();
+        store
+    }
+
+    /// A targeted message that arrives behind a campaign's backlog is pushed
+    /// first; the backlog then goes in arrival order.
+    #[tokio::test]
+    async fn priority_deliveries_are_pushed_before_the_held_backlog() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_terminals(&dir).await;
+        store
+            .accept_batch(vec![record("campaign", 1..51, false)], 1)
+            .await
+            .unwrap();
+        store
+            .accept_batch(vec![record("urgent", 51..52, true)], 2)
+            .await
+            .unwrap();
+
+        let due = store.due_for_endpoint("terminals", 3, 10).await.unwrap();
+        let ids: Vec<u64> = due.iter().map(|d| d.delivery_id).collect();
+        assert_eq!(ids, [51, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        let all = store.due_for_endpoint("terminals", 3, 100).await.unwrap();
+        assert_eq!(all.len(), 51, "each once");
+        store.close().await;
+    }
+
+    /// A batch sent again (a reconnect, a re-offer) adds nothing, also after a
+    /// restart; events move each delivery forward once, with one receipt per
+    /// move and one count per person.
+    #[tokio::test]
+    async fn duplicates_are_dropped_and_each_move_counts_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_terminals(&dir).await;
+        let batch = vec![record("m", 1..6, false), record("n", 6..8, false)];
+        assert_eq!(store.accept_batch(batch.clone(), 1).await.unwrap(), 7);
+        assert_eq!(store.accept_batch(batch.clone(), 2).await.unwrap(), 0);
+        store.close().await;
+        let store = Store::connect(&Store::sqlite_url_in(dir.path()))
+            .await
+            .unwrap();
+        assert_eq!(store.accept_batch(batch, 3).await.unwrap(), 0);
+        let mut more = record("m", 5..9, false);
+        more.recipients
+            .retain(|r| r.delivery_id != 6 && r.delivery_id != 7);
+        assert_eq!(
+            store.accept_batch(vec![more], 3).await.unwrap(),
+            1,
+            "5 seen, 8 new"
+        );
+
+        let due = store.due_for_endpoint("terminals", 4, 100).await.unwrap();
+        assert_eq!(due.len(), 8);
+        let slots: Vec<Slot> = due.iter().map(|d| d.slot).collect();
+        store.mark_pushed(&slots).await.unwrap();
+        assert!(
+            store
+                .due_for_endpoint("terminals", 4, 100)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let event = |id: u64, message: &str, kind| TerminalEvent {
+            delivery_id: id,
+            message_id: message.into(),
+            kind,
+            at: 10,
+            region: "tokyo".into(),
+            trace_parent: String::new(),
+        };
+        let events = [
+            event(1, "m", TerminalEventKind::Delivered),
+            event(1, "m", TerminalEventKind::Delivered),
+            event(2, "m", TerminalEventKind::Read),
+            event(3, "m", TerminalEventKind::Unsupported),
+            event(6, "n", TerminalEventKind::Delivered),
+            event(6, "m", TerminalEventKind::Delivered),
+            event(99, "m", TerminalEventKind::Delivered),
+        ];
+        // 1 delivered, 2 delivered + opened, 3 unsupported, 6 delivered.
+        assert_eq!(store.apply_terminal_events(&events).await.unwrap(), 5);
+        assert_eq!(store.apply_terminal_events(&events).await.unwrap(), 0);
+        let receipts = store.outbox_after(0, 100).await.unwrap();
+        let kinds: Vec<(u64, ReceiptKind)> =
+            receipts.iter().map(|r| (r.delivery_id, r.kind)).collect();
+        assert_eq!(
+            kinds,
+            [
+                (1, ReceiptKind::Delivered),
+                (2, ReceiptKind::Delivered),
+                (2, ReceiptKind::Opened),
+                (3, ReceiptKind::Unsupported),
+                (6, ReceiptKind::Delivered),
+            ]
+        );
+        let (counts, held) = store.counts(Some("m")).await.unwrap();
+        assert_eq!(held, 0);
+        assert_eq!(
+            (counts[0].sent, counts[0].opened, counts[0].unsupported),
+            (2, 1, 1)
+        );
+        assert_eq!(counts[0].sms_segments, 2);
+        store.ack_outbox(receipts[0].seq).await.unwrap();
+        assert!(store.outbox_after(0, 100).await.unwrap().is_empty());
+
+        // Unconfirmed pushes go out again after a reconnect; expiry closes the rest.
+        store.requeue_unconfirmed("terminals").await.unwrap();
+        let again = store.due_for_endpoint("terminals", 5, 100).await.unwrap();
+        let ids: Vec<u64> = again.iter().map(|d| d.delivery_id).collect();
+        assert_eq!(ids, [4, 5, 7, 8]);
+        assert_eq!(store.drop_held(&["u4"]).await.unwrap(), 1);
+        assert_eq!(store.expire(i64::MAX).await.unwrap(), 3);
+        store.close().await;
+    }
+}
