@@ -821,6 +821,26 @@ async fn one_registered_user(seed: u64) -> (Hub, String, Fleet, String) {
     (hub, key, fleet, mine)
 }
 
+/// Sends one message to `user_ref` and waits until its delivery is counted.
+async fn one_message_is_delivered(hub: &Hub, key: &str, user_ref: &str, idempotency_key: &str) {
+    let mut client = hub.enterprise(key).await.unwrap();
+    let sent = client
+        .send_message(message(
+            idempotency_key,
+            pb::target::Kind::Refs(pb::RefList {
+                refs: vec![user_ref.to_owned()],
+            }),
+            "hello",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = hub
+        .wait_for_message(key, &sent.message_id, |s| s.delivered == 1)
+        .await;
+    assert_eq!(status.matched, 1);
+}
+
 /// A relay that speaks another version of the Deliver protocol (version 1
 /// named no version; a later one names its number) is refused at the first
 /// call with FAILED_PRECONDITION naming both versions, and the carrier's
@@ -855,22 +875,7 @@ async fn a_relay_on_another_deliver_version_is_refused_naming_both() {
         );
         assert!(refused.message().contains(&words), "{refused:?}");
     }
-    let mut client = hub.enterprise(&key).await.unwrap();
-    let sent = client
-        .send_message(message(
-            "after-refusals",
-            pb::target::Kind::Refs(pb::RefList {
-                refs: vec![mine.clone()],
-            }),
-            "still flowing",
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let status = hub
-        .wait_for_message(&key, &sent.message_id, |s| s.delivered == 1)
-        .await;
-    assert_eq!(status.matched, 1);
+    one_message_is_delivered(&hub, &key, &mine, "after-refusals").await;
     hub.shutdown().await.unwrap();
 }
 
@@ -969,20 +974,7 @@ async fn a_terminal_that_answers_headers_late_still_gets_its_messages() {
         .await
         .unwrap();
 
-    let mut client = hub.enterprise(&key).await.unwrap();
-    let sent = client
-        .send_message(message(
-            "late-headers",
-            pb::target::Kind::Refs(pb::RefList { refs: vec![mine] }),
-            "hello",
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let status = hub
-        .wait_for_message(&key, &sent.message_id, |s| s.delivered == 1)
-        .await;
-    assert_eq!(status.matched, 1);
+    one_message_is_delivered(&hub, &key, &mine, "late-headers").await;
     terminal.abort();
     hub.shutdown().await.unwrap();
 }
