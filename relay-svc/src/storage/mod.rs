@@ -85,6 +85,18 @@ impl Store {
             let pool = PgPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(10))
+                .after_connect(|connection, _| {
+                    Box::pin(async move {
+                        let create = format!(
+                            "CREATE TEMPORARY TABLE fold_rows {} ON COMMIT DELETE ROWS",
+                            stats::FOLD_ROWS_COLUMNS
+                        );
+                        sqlx::raw_sql(sqlx::AssertSqlSafe(create))
+                            .execute(connection)
+                            .await?;
+                        Ok(())
+                    })
+                })
                 .connect_with(options)
                 .await?;
             sqlx::migrate!("./migrations/postgres").run(&pool).await?;
@@ -100,6 +112,18 @@ impl Store {
             let pool = SqlitePoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(10))
+                .after_connect(|connection, _| {
+                    Box::pin(async move {
+                        let create = format!(
+                            "CREATE TEMPORARY TABLE fold_rows {}",
+                            stats::FOLD_ROWS_COLUMNS
+                        );
+                        sqlx::raw_sql(sqlx::AssertSqlSafe(create))
+                            .execute(connection)
+                            .await?;
+                        Ok(())
+                    })
+                })
                 // A connection whose COMMIT failed (a full disk: SQLite rolls
                 // back itself) still counts itself in a transaction, and every
                 // later BEGIN on it would fail: close it rather than reuse it.

@@ -76,29 +76,26 @@ impl LedgerDimension {
     }
 }
 
-/// Writes ledger lines for the delivered and opened events among `$chunk`
-/// (`(seq, message_id, user_id, kind)` of queued events), at `$now`, in `$tx`.
+/// Writes ledger lines for the delivered and opened events among the fold's
+/// rows (`fold_rows`, see `stats.rs`), at `$now`, in `$tx`.
 /// Each event is priced on the table its message was accepted under, in the
 /// slot of its delivery; deliveries of messages sent with a winning bid were
 /// paid for by the award. Lines are grouped by message, kind, channel, slot,
 /// carrier and local hour of the events.
 macro_rules! charge_events {
-    ($tx:expr, $chunk:expr, $now:expr) => {{
-        let mut events = sqlx::QueryBuilder::new(
-            "SELECT m.enterprise_id, e.message_id, e.kind, e.channel, e.carrier_id, e.at,
-                    COALESCE(d.at, e.at), m.price_table, m.bid_id IS NOT NULL FROM (",
-        );
-        events.push_values($chunk, |mut row, (_, message_id, user_id, kind)| {
-            row.push_bind(message_id).push_bind(user_id).push_bind(*kind);
-        });
-        events.push(
-            ") AS v JOIN events e ON e.message_id = v.column1 AND e.user_id = v.column2 AND e.kind = v.column3
-             JOIN messages m ON m.id = e.message_id
-             LEFT JOIN events d ON d.message_id = e.message_id AND d.user_id = e.user_id AND d.kind = 2
-             WHERE e.kind IN (2, 3) AND m.price_table IS NOT NULL",
-        );
+    ($tx:expr, $now:expr) => {{
+        // Grouped by quarter hour: every zone's offset is a whole number of
+        // quarter hours, so all instants of one quarter hour fall in one
+        // local hour and one price slot — what `ledger_lines` groups by.
+        let events = "SELECT f.enterprise_id, f.message_id, f.kind, f.channel, f.carrier_id,
+                    f.at / 900000 * 900000, COALESCE(d.at, f.at) / 900000 * 900000,
+                    m.price_table, m.bid_id IS NOT NULL, COUNT(*)
+             FROM fold_rows f JOIN messages m ON m.id = f.message_id
+             LEFT JOIN events d ON d.message_id = f.message_id AND d.user_id = f.user_id AND d.kind = 2
+             WHERE f.kind IN (2, 3) AND m.price_table IS NOT NULL
+             GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9";
         let charged: Vec<$crate::storage::pricing::ChargedEvent> =
-            events.build_query_as().fetch_all(&mut *$tx).await?;
+            sqlx::query_as(events).fetch_all(&mut *$tx).await?;
         if !charged.is_empty() {
             let mut ids: Vec<i64> = charged.iter().map(|c| c.7).collect();
             ids.sort_unstable();
@@ -146,9 +143,10 @@ macro_rules! charge_events {
 }
 pub(crate) use charge_events;
 
-/// A delivered or opened event to charge: enterprise, message, kind,
-/// channel, carrier, when, when delivered, price table, sent with a bid.
-pub(crate) type ChargedEvent = (String, String, i64, i64, String, i64, i64, i64, bool);
+/// Delivered or opened events to charge: enterprise, message, kind,
+/// channel, carrier, when, when delivered (each to its quarter hour), price
+/// table, sent with a bid, how many.
+pub(crate) type ChargedEvent = (String, String, i64, i64, String, i64, i64, i64, bool, i64);
 
 /// A stored price cell: channel, hour, base delivered/opened, delivered/opened, rate.
 pub(crate) type Cell = (i64, i64, i64, i64, i64, i64, i64);
@@ -192,7 +190,9 @@ pub(crate) fn ledger_lines(
 ) -> Vec<LedgerLine> {
     type Key<'a> = (&'a str, &'a str, i64, i64, usize, &'a str, i64, Yen);
     let mut grouped: HashMap<Key<'_>, i64> = HashMap::new();
-    for (enterprise, message, kind, channel, carrier, at, delivered_at, table, prepaid) in events {
+    for (enterprise, message, kind, channel, carrier, at, delivered_at, table, prepaid, count) in
+        events
+    {
         let Some((zone, grid)) = tables.get(table) else {
             continue;
         };
@@ -211,7 +211,7 @@ pub(crate) fn ledger_lines(
             .entry((
                 enterprise, message, *kind, *channel, slot, carrier, hour, unit,
             ))
-            .or_default() += 1;
+            .or_default() += count;
     }
     let mut lines: Vec<LedgerLine> = grouped
         .into_iter()

@@ -8,10 +8,10 @@
 
 use std::collections::HashMap;
 
-use sqlx::{AssertSqlSafe, QueryBuilder, Row};
+use sqlx::{AssertSqlSafe, Row};
 
 use super::pricing::charge_events;
-use super::{IdList, ROWS_PER_STATEMENT, Store, WritePool, on_pool};
+use super::{Store, WritePool, on_pool};
 use crate::error::Result;
 
 /// Queues the events `$keys` — `(message_id, user_id, kind)` of events an
@@ -43,275 +43,206 @@ pub(crate) const AGE_BAND: &str =
 /// erased meanwhile still count in the cubes but rebuild no per-person row.
 const IN_THE_HUB: &str = "EXISTS (SELECT 1 FROM contracts c WHERE c.user_id = e.user_id)";
 
-/// What the fold needs of one queued event, read once: the event `e`, its
-/// message `m`, the person's consented profile `p` for that enterprise, when
-/// the person's first attempt was handed over (`h`), and whether the person
-/// is still in the hub and still registered with the enterprise. Every
-/// rollup is computed from these rows in memory, so each event is joined
-/// once, not once per rollup.
-#[derive(sqlx::FromRow)]
-struct FoldRow {
-    kind: i64,
-    at: i64,
-    channel: i64,
-    carrier_id: String,
-    /// Where the terminal was (deliveries and opens).
-    place: String,
-    user_id: String,
-    enterprise_id: String,
-    by_attributes: bool,
-    handed_over_at: Option<i64>,
-    gender: String,
-    age_band: i64,
-    region: String,
-    occupation: String,
-    in_hub: bool,
-    registered: bool,
-}
+/// The fold's working set, one row per claimed queue entry: the event, its
+/// message's enterprise, the person's consented profile for it, when the
+/// person's first attempt was handed over (`sent_at`), and whether the
+/// person is still in the hub and registered with the enterprise. A
+/// temporary table of each connection (`Store::connect` creates it), filled
+/// by one joined `INSERT … SELECT` per fold, so each event is joined once
+/// and no row of it travels through the driver: every rollup below is a
+/// `GROUP BY` over it inside the database. On PostgreSQL its rows go at
+/// commit; on SQLite the fold empties it first.
+pub(crate) const FOLD_ROWS_COLUMNS: &str = "(
+    seq BIGINT NOT NULL, kind BIGINT, at BIGINT, channel BIGINT, carrier_id TEXT, place TEXT,
+    user_id TEXT, message_id TEXT, enterprise_id TEXT, by_attributes BOOLEAN, sent_at BIGINT,
+    gender TEXT, age_band BIGINT, region TEXT, occupation TEXT, in_hub BOOLEAN, registered BOOLEAN)";
 
-/// The select of [`FoldRow`]s, up to the queued keys' `VALUES`.
-fn fold_select() -> String {
+/// Fills `fold_rows` from the oldest queued events (`$1`: how many), the
+/// queue's rows claimed with `{claim}`. A queue entry whose event is gone
+/// still gets a row (kind NULL), so it is deleted with the others.
+fn fill_fold_rows(claim: &str) -> String {
     format!(
-        "SELECT e.kind, e.at, e.channel, e.carrier_id, e.region AS place, e.user_id,
-                m.enterprise_id, m.by_attributes, h.at AS handed_over_at,
-                COALESCE(p.gender, '') AS gender, {AGE_BAND} AS age_band,
-                COALESCE(p.region, '') AS region, COALESCE(p.occupation, '') AS occupation,
-                {IN_THE_HUB} AS in_hub,
-                EXISTS (SELECT 1 FROM registrations r WHERE r.enterprise_id = m.enterprise_id AND r.user_id = e.user_id) AS registered
-         FROM ("
+        "INSERT INTO fold_rows
+         SELECT q.seq, e.kind, e.at, e.channel, e.carrier_id, e.region, e.user_id, e.message_id,
+                m.enterprise_id, m.by_attributes, COALESCE(h.at, e.at),
+                COALESCE(p.gender, ''), {AGE_BAND}, COALESCE(p.region, ''), COALESCE(p.occupation, ''),
+                {IN_THE_HUB},
+                EXISTS (SELECT 1 FROM registrations r WHERE r.enterprise_id = m.enterprise_id AND r.user_id = e.user_id)
+         FROM (SELECT seq, message_id, user_id, kind FROM rollup_queue ORDER BY seq LIMIT $1{claim}) AS q
+         LEFT JOIN events e ON e.message_id = q.message_id AND e.user_id = q.user_id AND e.kind = q.kind
+         LEFT JOIN messages m ON m.id = e.message_id
+         LEFT JOIN profiles p ON p.enterprise_id = m.enterprise_id AND p.user_id = e.user_id
+         LEFT JOIN events h ON h.message_id = e.message_id AND h.user_id = e.user_id AND h.kind = 1"
     )
 }
 
-const FOLD_JOIN: &str = ") AS v JOIN events e ON e.message_id = v.column1 AND e.user_id = v.column2 AND e.kind = v.column3
-    JOIN messages m ON m.id = e.message_id
-    LEFT JOIN profiles p ON p.enterprise_id = m.enterprise_id AND p.user_id = e.user_id
-    LEFT JOIN events h ON h.message_id = e.message_id AND h.user_id = e.user_id AND h.kind = 1
-    WHERE e.kind IN (1, 2, 3)";
-
-/// A key column's value in a rollup row.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Key {
-    Text(String),
-    Number(i64),
+/// One rollup table and how the fold's rows (`fold_rows`) add to it.
+struct Rollup {
+    table: &'static str,
+    /// Its key columns, each with the expression over `fold_rows` that fills it.
+    key: &'static [(&'static str, &'static str)],
+    /// Its counters, each with the event kind it counts (1 handed over = a
+    /// send, 2 delivered, 3 opened).
+    counts: &'static [(&'static str, i64)],
+    /// Which of the fold's rows count (SQL over `fold_rows`).
+    only: &'static str,
 }
 
-/// One rollup table's additions: key values → sent, delivered, opened. In
-/// key order: concurrent folds (replicas on one PostgreSQL) take the rows'
-/// locks in the same order, so they never deadlock.
-#[derive(Debug, Default)]
-struct Sums(std::collections::BTreeMap<Vec<Key>, [i64; 3]>);
+const SENT: (&str, i64) = ("sent", 1);
+const DELIVERED: (&str, i64) = ("delivered", 2);
+const OPENED: (&str, i64) = ("opened", 3);
 
-impl Sums {
-    fn add(&mut self, key: Vec<Key>, kind: i64) {
-        if let Some(counter) = usize::try_from(kind - 1).ok().filter(|&i| i < 3) {
-            self.0.entry(key).or_default()[counter] += 1;
-        }
+/// The rollups: `stats_cells` (enterprise, hand-over hour, channel,
+/// carrier, place, open hour), `stats_audience` (enterprise, hand-over day,
+/// channel, consented gender / age decade / region / occupation),
+/// `person_channels` and `person_refs` (enterprise, person, channel) and
+/// `person_hours` (opens by person and UTC hour).
+const ROLLUPS: [Rollup; 5] = [
+    Rollup {
+        table: "stats_cells",
+        key: &[
+            ("enterprise_id", "enterprise_id"),
+            ("send_hour", "sent_at / 3600000"),
+            ("channel", "channel"),
+            ("carrier_id", "carrier_id"),
+            ("place", "CASE WHEN kind = 1 THEN '' ELSE place END"),
+            (
+                "open_hour",
+                "CASE WHEN kind = 3 THEN at / 3600000 ELSE -1 END",
+            ),
+        ],
+        counts: &[SENT, DELIVERED, OPENED],
+        only: "TRUE",
+    },
+    Rollup {
+        table: "stats_audience",
+        key: &[
+            ("enterprise_id", "enterprise_id"),
+            ("send_day", "sent_at / 86400000"),
+            ("channel", "channel"),
+            ("gender", "gender"),
+            ("age_band", "age_band"),
+            ("region", "region"),
+            ("occupation", "occupation"),
+        ],
+        counts: &[SENT, DELIVERED, OPENED],
+        only: "TRUE",
+    },
+    Rollup {
+        table: "person_channels",
+        key: &[
+            ("enterprise_id", "enterprise_id"),
+            ("user_id", "user_id"),
+            ("channel", "channel"),
+        ],
+        counts: &[SENT, DELIVERED, OPENED],
+        only: "in_hub",
+    },
+    // What an enterprise sees per ref: never messages that chose their
+    // people by attributes, whose recipients would reveal those attributes.
+    Rollup {
+        table: "person_refs",
+        key: &[
+            ("enterprise_id", "enterprise_id"),
+            ("user_id", "user_id"),
+            ("channel", "channel"),
+        ],
+        counts: &[SENT, DELIVERED, OPENED],
+        only: "NOT by_attributes AND registered",
+    },
+    Rollup {
+        table: "person_hours",
+        key: &[("user_id", "user_id"), ("hour", "(at / 3600000) % 24")],
+        counts: &[OPENED],
+        only: "in_hub",
+    },
+];
+
+impl Rollup {
+    /// One upsert adding the fold's rows to the table, grouped by its key
+    /// and in key order: concurrent folds (replicas on one PostgreSQL) take
+    /// the rows' locks in the same order, so they never deadlock.
+    fn upsert(&self) -> String {
+        let columns: Vec<&str> = self.key.iter().map(|(column, _)| *column).collect();
+        let columns = columns.join(", ");
+        let keys: Vec<&str> = self.key.iter().map(|(_, expression)| *expression).collect();
+        let keys = keys.join(", ");
+        let counters: Vec<&str> = self.counts.iter().map(|(column, _)| *column).collect();
+        let sums: Vec<String> = self
+            .counts
+            .iter()
+            .map(|(_, kind)| format!("COUNT(*) FILTER (WHERE kind = {kind})"))
+            .collect();
+        let updates: Vec<String> = counters
+            .iter()
+            .map(|c| format!("{c} = {table}.{c} + excluded.{c}", table = self.table))
+            .collect();
+        let kinds: Vec<String> = self
+            .counts
+            .iter()
+            .map(|(_, kind)| kind.to_string())
+            .collect();
+        let positions: Vec<String> = (1..=self.key.len()).map(|i| i.to_string()).collect();
+        let positions = positions.join(", ");
+        format!(
+            "INSERT INTO {table} ({columns}, {counters})
+             SELECT {keys}, {sums} FROM fold_rows
+             WHERE kind IN ({kinds}) AND {only}
+             GROUP BY {positions} ORDER BY {positions}
+             ON CONFLICT ({columns}) DO UPDATE SET {updates}",
+            table = self.table,
+            counters = counters.join(", "),
+            sums = sums.join(", "),
+            kinds = kinds.join(", "),
+            only = self.only,
+            updates = updates.join(", "),
+        )
     }
 }
 
-/// The rollups' additions from folded events: `stats_cells` (enterprise,
-/// hand-over hour, channel, carrier, place, open hour), `stats_audience`
-/// (enterprise, hand-over day, channel, consented gender / age decade /
-/// region / occupation), `person_channels` and `person_refs` (enterprise,
-/// person, channel) and `person_hours` (opens by person and UTC hour); an
-/// event counts as a send (handed over), a delivery or an open.
-fn fold(rows: &[FoldRow]) -> [(&'static str, &'static [&'static str], Sums); 5] {
-    let text = |value: &str| Key::Text(value.to_owned());
-    let mut cells = Sums::default();
-    let mut audience = Sums::default();
-    let mut channels = Sums::default();
-    let mut refs = Sums::default();
-    let mut hours = Sums::default();
-    for e in rows {
-        let sent_at = e.handed_over_at.unwrap_or(e.at);
-        cells.add(
-            vec![
-                text(&e.enterprise_id),
-                Key::Number(sent_at / 3_600_000),
-                Key::Number(e.channel),
-                text(&e.carrier_id),
-                text(if e.kind == 1 { "" } else { &e.place }),
-                Key::Number(if e.kind == 3 { e.at / 3_600_000 } else { -1 }),
-            ],
-            e.kind,
-        );
-        audience.add(
-            vec![
-                text(&e.enterprise_id),
-                Key::Number(sent_at / 86_400_000),
-                Key::Number(e.channel),
-                text(&e.gender),
-                Key::Number(e.age_band),
-                text(&e.region),
-                text(&e.occupation),
-            ],
-            e.kind,
-        );
-        let person = || {
-            vec![
-                text(&e.enterprise_id),
-                text(&e.user_id),
-                Key::Number(e.channel),
-            ]
-        };
-        if e.in_hub {
-            channels.add(person(), e.kind);
-        }
-        // What an enterprise sees per ref: never messages that chose their
-        // people by attributes, whose recipients would reveal those attributes.
-        if !e.by_attributes && e.registered {
-            refs.add(person(), e.kind);
-        }
-        if e.in_hub && e.kind == 3 {
-            // Counted in the "opened" column (the table has no other).
-            hours.add(
-                vec![text(&e.user_id), Key::Number((e.at / 3_600_000) % 24)],
-                3,
-            );
-        }
-    }
-    const CELLS: &[&str] = &[
-        "enterprise_id",
-        "send_hour",
-        "channel",
-        "carrier_id",
-        "place",
-        "open_hour",
-    ];
-    const AUDIENCE: &[&str] = &[
-        "enterprise_id",
-        "send_day",
-        "channel",
-        "gender",
-        "age_band",
-        "region",
-        "occupation",
-    ];
-    const PERSON: &[&str] = &["enterprise_id", "user_id", "channel"];
-    const HOURS: &[&str] = &["user_id", "hour"];
-    [
-        ("stats_cells", CELLS, cells),
-        ("stats_audience", AUDIENCE, audience),
-        ("person_channels", PERSON, channels),
-        ("person_refs", PERSON, refs),
-        ("person_hours", HOURS, hours),
-    ]
-}
-
-/// Adds `sums` to `table` (keyed by `keys`): one multi-row upsert per chunk.
-/// `person_hours` has only an `opened` counter.
-macro_rules! upsert_sums {
-    ($tx:expr, $table:expr, $keys:expr, $sums:expr) => {{
-        let table: &str = $table;
-        let keys: &[&str] = $keys;
-        let counters: &[&str] = if table == "person_hours" {
-            &["opened"]
-        } else {
-            &["sent", "delivered", "opened"]
-        };
-        let rows: Vec<(Vec<Key>, [i64; 3])> = $sums.0.into_iter().collect();
-        for chunk in rows.chunks(ROWS_PER_STATEMENT / 2) {
-            let mut query = QueryBuilder::new(format!(
-                "INSERT INTO {table} ({}, {}) ",
-                keys.join(", "),
-                counters.join(", ")
-            ));
-            query.push_values(chunk, |mut row, (key, sums)| {
-                for value in key {
-                    match value {
-                        Key::Text(text) => row.push_bind(text.clone()),
-                        Key::Number(number) => row.push_bind(*number),
-                    };
-                }
-                if counters.len() == 1 {
-                    row.push_bind(sums[2]);
-                } else {
-                    for sum in sums {
-                        row.push_bind(*sum);
-                    }
-                }
-            });
-            let updates: Vec<String> = counters
-                .iter()
-                .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
-                .collect();
-            query.push(format!(
-                " ON CONFLICT ({}) DO UPDATE SET {}",
-                keys.join(", "),
-                updates.join(", ")
-            ));
-            query.build().execute(&mut *$tx).await?;
-        }
-    }};
-}
+/// Where each person's terminal was last seen, from the fold's deliveries
+/// and opens (the latest; of two at one instant, the later queued).
+const LAST_SEEN: &str = "INSERT INTO person_places (user_id, place, seen_at)
+    SELECT user_id, place, at FROM (
+        SELECT user_id, place, at, ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY at DESC, seq DESC) AS latest
+        FROM fold_rows WHERE kind IN (2, 3) AND place <> '' AND in_hub) AS f
+    WHERE latest = 1 ORDER BY user_id
+    ON CONFLICT (user_id) DO UPDATE SET place = excluded.place, seen_at = excluded.seen_at
+    WHERE excluded.seen_at >= person_places.seen_at";
 
 impl Store {
     /// Folds up to `limit` queued events into the rollups and charges the
     /// delivered and opened among them to the ledger, in one transaction
     /// (oldest first), at `now`; returns how many it folded.
     pub async fn roll_up_queued(&self, limit: u32, now: i64) -> Result<u64> {
-        let delete = format!(
-            "DELETE FROM rollup_queue WHERE {}",
-            self.in_id_list("seq", 1)
-        );
         // Claimed: two folds at once (two relays on one PostgreSQL database)
         // take different events, so nothing is folded or charged twice.
-        let select = format!(
-            "SELECT seq, message_id, user_id, kind FROM rollup_queue ORDER BY seq LIMIT $1{}",
-            self.claim()
-        );
+        let fill = fill_fold_rows(self.claim());
         let fence = self.rollup_fence(false);
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             if let Some(fence) = fence {
                 sqlx::query(fence).execute(&mut *tx).await?;
             }
-            let queued: Vec<(i64, String, String, i64)> = sqlx::query_as(AssertSqlSafe(select))
-            .bind(i64::from(limit))
-            .fetch_all(&mut *tx)
-            .await?;
-            if queued.is_empty() {
+            sqlx::query("DELETE FROM fold_rows").execute(&mut *tx).await?;
+            let claimed = sqlx::query(AssertSqlSafe(fill))
+                .bind(i64::from(limit))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if claimed == 0 {
                 return Ok(0);
             }
-            let mut rows: Vec<FoldRow> = Vec::with_capacity(queued.len());
-            for chunk in queued.chunks(ROWS_PER_STATEMENT) {
-                charge_events!(tx, chunk, now);
-                let mut query = QueryBuilder::new(fold_select());
-                query.push_values(chunk, |mut row, (_, message_id, user_id, kind)| {
-                    row.push_bind(message_id).push_bind(user_id).push_bind(*kind);
-                });
-                query.push(FOLD_JOIN);
-                rows.extend(query.build_query_as::<FoldRow>().fetch_all(&mut *tx).await?);
+            charge_events!(tx, now);
+            for rollup in &ROLLUPS {
+                sqlx::query(AssertSqlSafe(rollup.upsert())).execute(&mut *tx).await?;
             }
-            for (table, keys, sums) in fold(&rows) {
-                upsert_sums!(tx, table, keys, sums);
-            }
-            // Where each person's terminal was last seen.
-            let mut latest: HashMap<&str, (&str, i64)> = HashMap::new();
-            for e in rows.iter().filter(|e| (e.kind == 2 || e.kind == 3) && !e.place.is_empty() && e.in_hub) {
-                let entry = latest.entry(e.user_id.as_str()).or_insert((e.place.as_str(), e.at));
-                if e.at >= entry.1 {
-                    *entry = (e.place.as_str(), e.at);
-                }
-            }
-            let mut latest: Vec<(&str, (&str, i64))> = latest.into_iter().collect();
-            // In key order, like the rollups (no deadlock between folds).
-            latest.sort_unstable();
-            for chunk in latest.chunks(ROWS_PER_STATEMENT) {
-                let mut upsert = QueryBuilder::new("INSERT INTO person_places (user_id, place, seen_at) ");
-                upsert.push_values(chunk, |mut row, (user_id, (place, at))| {
-                    row.push_bind(*user_id).push_bind(*place).push_bind(*at);
-                });
-                upsert.push(
-                    " ON CONFLICT (user_id) DO UPDATE SET place = excluded.place, seen_at = excluded.seen_at
-                      WHERE excluded.seen_at >= person_places.seen_at",
-                );
-                upsert.build().execute(&mut *tx).await?;
-            }
-            let seqs: Vec<i64> = queued.iter().map(|(seq, ..)| *seq).collect();
-            sqlx::query(AssertSqlSafe(delete)).bind(IdList(&seqs)).execute(&mut *tx).await?;
+            sqlx::query(LAST_SEEN).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM rollup_queue WHERE seq IN (SELECT seq FROM fold_rows)")
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
-            Ok(queued.len() as u64)
+            Ok(claimed)
         })
     }
 
