@@ -311,13 +311,17 @@ impl Dispatcher {
             mpsc::channel::<pb::RelayToCarrier>(self.config.batches_in_flight + 4);
         let mut request = tonic::Request::new(ReceiverStream::new(down_rx));
         deliver::put_version(request.metadata_mut());
-        let response = client.deliver(request).await?;
-        deliver::check_version("carrier", deliver::version_in(response.metadata()))
-            .map_err(anyhow::Error::msg)?;
-        let mut up = response.into_inner();
-        self.handle.set_connected(&self.carrier_id, true);
-        *backoff = Duration::from_millis(100);
-        tracing::info!(carrier_id = %self.carrier_id, "carrier stream open");
+        // gRPC does not oblige a server to send its response headers before
+        // it has something to say, and a carrier may send them only with its
+        // first acknowledgement — which comes only after a batch. So batches
+        // go down while the headers are awaited; acknowledgements are read,
+        // and the carrier's protocol version checked, once they came (no
+        // batch counts as handed over before). A carrier that stays silent
+        // though batches are in flight is named at WARN.
+        let mut response = Box::pin(async move { client.deliver(request).await });
+        let mut up: Option<tonic::Streaming<pb::CarrierToRelay>> = None;
+        let opened = tokio::time::Instant::now();
+        let mut warned = false;
 
         let mut new_work = self.handle.new_work.subscribe();
         let mut poll = tokio::time::interval(self.config.poll_interval);
@@ -388,7 +392,16 @@ impl Dispatcher {
             .await?;
             tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
-                message = up.message() => {
+                answered = &mut response, if up.is_none() => {
+                    let answered = answered?;
+                    deliver::check_version("carrier", deliver::version_in(answered.metadata()))
+                        .map_err(anyhow::Error::msg)?;
+                    up = Some(answered.into_inner());
+                    self.handle.set_connected(&self.carrier_id, true);
+                    *backoff = Duration::from_millis(100);
+                    tracing::info!(carrier_id = %self.carrier_id, "carrier stream open");
+                }
+                message = next_message(&mut up) => {
                     let Some(message) = message? else {
                         anyhow::bail!("carrier closed the stream");
                     };
@@ -409,6 +422,14 @@ impl Dispatcher {
                     drained = [false; 2];
                 }
                 _ = poll.tick() => {
+                    if up.is_none() && !in_flight.is_empty() && !warned && opened.elapsed() >= SILENT_CARRIER {
+                        warned = true;
+                        tracing::warn!(
+                            carrier_id = %self.carrier_id,
+                            silent_secs = opened.elapsed().as_secs(),
+                            "carrier has not answered the Deliver stream (no response headers, no acknowledgements) though batches were sent to it"
+                        );
+                    }
                     look_at_outbox = true;
                     catch_up = [true; 2];
                     drained = [false; 2];
@@ -723,6 +744,19 @@ fn pack(
         record.user_ids.push(delivery.user_id);
     }
     records
+}
+
+/// How long a carrier may stay silent with batches in flight before it is named.
+const SILENT_CARRIER: Duration = Duration::from_secs(10);
+
+/// The next message of an answered stream; never, while unanswered.
+async fn next_message(
+    up: &mut Option<tonic::Streaming<pb::CarrierToRelay>>,
+) -> Result<Option<pb::CarrierToRelay>, tonic::Status> {
+    match up {
+        Some(up) => up.message().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The receipts of packed records the relay can use; a malformed record or

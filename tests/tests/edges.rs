@@ -46,7 +46,7 @@ async fn register(hub: &Hub, user: &terminal_sim::fleet::SimUser, enterprise_id:
         .unwrap();
     client
         .register(chukei_proto::carrier::v1::RegisterRequest {
-            registrations: vec![chukei_proto::carrier::v1::Registration {
+            registrations: vec![chukei_proto::carrier::v1::SubscriberRegistration {
                 user_id: user.user_id.clone(),
                 enterprise_id: enterprise_id.into(),
                 service_id: String::new(),
@@ -976,5 +976,118 @@ async fn a_terminal_that_answers_headers_late_still_gets_its_messages() {
 
     one_message_is_delivered(&hub, &key, &mine, "late-headers").await;
     terminal.abort();
+    hub.shutdown().await.unwrap();
+}
+
+/// A carrier written like grpcio's servers: it sends its response headers
+/// (with its protocol version) only with its first acknowledgement, which
+/// it has only once a batch came. It acknowledges every batch and erasure
+/// notice and stores nothing.
+struct HeadersWithFirstAck;
+
+fn acknowledgement(
+    request: chukei_proto::carrier::v1::RelayToCarrier,
+) -> Option<chukei_proto::carrier::v1::CarrierToRelay> {
+    use chukei_proto::carrier::v1 as cpb;
+    let kind = match request.kind? {
+        cpb::relay_to_carrier::Kind::Batch(batch) => {
+            cpb::carrier_to_relay::Kind::BatchAck(cpb::BatchAck {
+                batch_id: batch.batch_id,
+            })
+        }
+        cpb::relay_to_carrier::Kind::Erasures(erasures) => {
+            cpb::carrier_to_relay::Kind::ErasureAck(cpb::ErasureAck {
+                notice_ids: erasures.erasures.iter().map(|e| e.notice_id).collect(),
+            })
+        }
+        cpb::relay_to_carrier::Kind::ReceiptAck(_) => return None,
+    };
+    Some(cpb::CarrierToRelay { kind: Some(kind) })
+}
+
+#[tonic::async_trait]
+impl chukei_proto::carrier::v1::carrier_server::Carrier for HeadersWithFirstAck {
+    type DeliverStream = tokio_stream::wrappers::ReceiverStream<
+        Result<chukei_proto::carrier::v1::CarrierToRelay, tonic::Status>,
+    >;
+
+    async fn deliver(
+        &self,
+        request: tonic::Request<tonic::Streaming<chukei_proto::carrier::v1::RelayToCarrier>>,
+    ) -> Result<tonic::Response<Self::DeliverStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        // No answer — so no headers — until there is something to acknowledge.
+        let first = loop {
+            match inbound.message().await? {
+                Some(request) => {
+                    if let Some(ack) = acknowledgement(request) {
+                        break ack;
+                    }
+                }
+                None => return Err(tonic::Status::cancelled("the relay left")),
+            }
+        };
+        let (acks, acks_rx) = tokio::sync::mpsc::channel(8);
+        acks.send(Ok(first)).await.unwrap();
+        tokio::spawn(async move {
+            while let Ok(Some(request)) = inbound.message().await {
+                if let Some(ack) = acknowledgement(request) {
+                    if acks.send(Ok(ack)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut response =
+            tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(acks_rx));
+        chukei_proto::deliver::put_version(response.metadata_mut());
+        Ok(response)
+    }
+}
+
+/// The relay does not wait for a carrier's response headers before it
+/// sends batches: a carrier that answers only with its first
+/// acknowledgement still gets its messages, handed over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_carrier_that_answers_headers_late_still_gets_its_batches() {
+    let (hub, key, _, mine) = one_registered_user(31).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let carrier = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                chukei_proto::carrier::v1::carrier_server::CarrierServer::new(HeadersWithFirstAck),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    // The relay dials this carrier for "alpha" from now on.
+    hub.admin()
+        .await
+        .unwrap()
+        .register_carrier(pb::RegisterCarrierRequest {
+            carrier_id: "alpha".into(),
+            endpoint,
+            token: "a-token-of-another-carrier".into(),
+        })
+        .await
+        .unwrap();
+
+    let mut client = hub.enterprise(&key).await.unwrap();
+    let sent = client
+        .send_message(message(
+            "late-carrier-headers",
+            pb::target::Kind::Refs(pb::RefList {
+                refs: vec![mine.clone()],
+            }),
+            "hello",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = hub
+        .wait_for_message(&key, &sent.message_id, |s| s.handed_over == 1)
+        .await;
+    assert_eq!(status.matched, 1);
+    carrier.abort();
     hub.shutdown().await.unwrap();
 }
