@@ -202,7 +202,7 @@ async fn register_one(
     let text_version = preview(&mut client, user_id, enterprise_id, consent).await?;
     let response = client
         .register(pb::RegisterRequest {
-            registrations: vec![pb::Registration {
+            registrations: vec![pb::SubscriberRegistration {
                 user_id: user_id.to_owned(),
                 enterprise_id: enterprise_id.to_owned(),
                 service_id: service_id.to_owned(),

@@ -119,7 +119,7 @@ pub async fn register(
     carriers: &HashMap<String, Channel>,
     enterprises: &[EnterpriseChoice],
 ) -> anyhow::Result<usize> {
-    let mut by_carrier: HashMap<&str, Vec<pb::Registration>> = HashMap::new();
+    let mut by_carrier: HashMap<&str, Vec<pb::SubscriberRegistration>> = HashMap::new();
     for user in &fleet.users {
         let Some(primary) = user.carriers.first() else {
             continue;
@@ -135,7 +135,7 @@ pub async fn register(
                 .filter(|s| user.joins_service(fleet.seed, s))
                 .collect();
             if services.is_empty() {
-                registrations.push(pb::Registration {
+                registrations.push(pb::SubscriberRegistration {
                     user_id: user.user_id.clone(),
                     enterprise_id: enterprise.enterprise_id.clone(),
                     service_id: String::new(),
@@ -144,7 +144,7 @@ pub async fn register(
                 });
             }
             for service in services {
-                registrations.push(pb::Registration {
+                registrations.push(pb::SubscriberRegistration {
                     user_id: user.user_id.clone(),
                     enterprise_id: enterprise.enterprise_id.clone(),
                     service_id: service.clone(),

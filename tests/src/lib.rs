@@ -954,7 +954,7 @@ pub async fn refs_by_user(
             .register(chukei_proto::carrier::v1::RegisterRequest {
                 registrations: mine
                     .iter()
-                    .map(|u| chukei_proto::carrier::v1::Registration {
+                    .map(|u| chukei_proto::carrier::v1::SubscriberRegistration {
                         user_id: u.user_id.clone(),
                         enterprise_id: enterprise_id.into(),
                         service_id: String::new(),

@@ -75,7 +75,7 @@ async fn register(
         .unwrap()
         .into_inner();
     api.register(cpb::RegisterRequest {
-        registrations: vec![cpb::Registration {
+        registrations: vec![cpb::SubscriberRegistration {
             user_id: user.user_id.clone(),
             enterprise_id: enterprise_id.into(),
             service_id: String::new(),
@@ -169,7 +169,7 @@ async fn withdrawal_mid_campaign_reaches_nobody_who_withdrew(backend: Backend) {
     // A choice made on another text version is refused.
     let stale = api
         .register(cpb::RegisterRequest {
-            registrations: vec![cpb::Registration {
+            registrations: vec![cpb::SubscriberRegistration {
                 user_id: fleet.users[0].user_id.clone(),
                 enterprise_id: shop.clone(),
                 consent: Some(share_all()),
