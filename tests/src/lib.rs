@@ -1000,3 +1000,26 @@ pub async fn sql_execute(store: &relay_svc::storage::Store, sql: &str) -> Result
             .map(|d| d.rows_affected()),
     }
 }
+
+/// What a carrier that stores nothing answers to what the relay sends down
+/// its `Deliver` stream: an acknowledgement of each batch and of each batch
+/// of erasure notices; nothing to a receipt acknowledgement.
+pub fn acknowledgement(
+    request: chukei_proto::carrier::v1::RelayToCarrier,
+) -> Option<chukei_proto::carrier::v1::CarrierToRelay> {
+    use chukei_proto::carrier::v1 as cpb;
+    let kind = match request.kind? {
+        cpb::relay_to_carrier::Kind::Batch(batch) => {
+            cpb::carrier_to_relay::Kind::BatchAck(cpb::BatchAck {
+                batch_id: batch.batch_id,
+            })
+        }
+        cpb::relay_to_carrier::Kind::Erasures(erasures) => {
+            cpb::carrier_to_relay::Kind::ErasureAck(cpb::ErasureAck {
+                notice_ids: erasures.erasures.iter().map(|e| e.notice_id).collect(),
+            })
+        }
+        cpb::relay_to_carrier::Kind::ReceiptAck(_) => return None,
+    };
+    Some(cpb::CarrierToRelay { kind: Some(kind) })
+}

@@ -985,26 +985,6 @@ async fn a_terminal_that_answers_headers_late_still_gets_its_messages() {
 /// notice and stores nothing.
 struct HeadersWithFirstAck;
 
-fn acknowledgement(
-    request: chukei_proto::carrier::v1::RelayToCarrier,
-) -> Option<chukei_proto::carrier::v1::CarrierToRelay> {
-    use chukei_proto::carrier::v1 as cpb;
-    let kind = match request.kind? {
-        cpb::relay_to_carrier::Kind::Batch(batch) => {
-            cpb::carrier_to_relay::Kind::BatchAck(cpb::BatchAck {
-                batch_id: batch.batch_id,
-            })
-        }
-        cpb::relay_to_carrier::Kind::Erasures(erasures) => {
-            cpb::carrier_to_relay::Kind::ErasureAck(cpb::ErasureAck {
-                notice_ids: erasures.erasures.iter().map(|e| e.notice_id).collect(),
-            })
-        }
-        cpb::relay_to_carrier::Kind::ReceiptAck(_) => return None,
-    };
-    Some(cpb::CarrierToRelay { kind: Some(kind) })
-}
-
 #[tonic::async_trait]
 impl chukei_proto::carrier::v1::carrier_server::Carrier for HeadersWithFirstAck {
     type DeliverStream = tokio_stream::wrappers::ReceiverStream<
@@ -1020,7 +1000,7 @@ impl chukei_proto::carrier::v1::carrier_server::Carrier for HeadersWithFirstAck 
         let first = loop {
             match inbound.message().await? {
                 Some(request) => {
-                    if let Some(ack) = acknowledgement(request) {
+                    if let Some(ack) = integration_tests::acknowledgement(request) {
                         break ack;
                     }
                 }
@@ -1031,7 +1011,7 @@ impl chukei_proto::carrier::v1::carrier_server::Carrier for HeadersWithFirstAck 
         acks.send(Ok(first)).await.unwrap();
         tokio::spawn(async move {
             while let Ok(Some(request)) = inbound.message().await {
-                if let Some(ack) = acknowledgement(request) {
+                if let Some(ack) = integration_tests::acknowledgement(request) {
                     if acks.send(Ok(ack)).await.is_err() {
                         break;
                     }

@@ -86,16 +86,10 @@ impl Store {
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(10))
                 .after_connect(|connection, _| {
-                    Box::pin(async move {
-                        let create = format!(
-                            "CREATE TEMPORARY TABLE fold_rows {} ON COMMIT DELETE ROWS",
-                            stats::FOLD_ROWS_COLUMNS
-                        );
-                        sqlx::raw_sql(sqlx::AssertSqlSafe(create))
-                            .execute(connection)
-                            .await?;
-                        Ok(())
-                    })
+                    let create = stats::create_fold_rows(" ON COMMIT DELETE ROWS");
+                    Box::pin(
+                        async move { sqlx::raw_sql(create).execute(connection).await.map(drop) },
+                    )
                 })
                 .connect_with(options)
                 .await?;
@@ -113,16 +107,10 @@ impl Store {
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(10))
                 .after_connect(|connection, _| {
-                    Box::pin(async move {
-                        let create = format!(
-                            "CREATE TEMPORARY TABLE fold_rows {}",
-                            stats::FOLD_ROWS_COLUMNS
-                        );
-                        sqlx::raw_sql(sqlx::AssertSqlSafe(create))
-                            .execute(connection)
-                            .await?;
-                        Ok(())
-                    })
+                    let create = stats::create_fold_rows("");
+                    Box::pin(
+                        async move { sqlx::raw_sql(create).execute(connection).await.map(drop) },
+                    )
                 })
                 // A connection whose COMMIT failed (a full disk: SQLite rolls
                 // back itself) still counts itself in a transaction, and every

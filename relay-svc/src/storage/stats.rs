@@ -51,11 +51,17 @@ const IN_THE_HUB: &str = "EXISTS (SELECT 1 FROM contracts c WHERE c.user_id = e.
 /// by one joined `INSERT … SELECT` per fold, so each event is joined once
 /// and no row of it travels through the driver: every rollup below is a
 /// `GROUP BY` over it inside the database. On PostgreSQL its rows go at
-/// commit; on SQLite the fold empties it first.
-pub(crate) const FOLD_ROWS_COLUMNS: &str = "(
-    seq BIGINT NOT NULL, kind BIGINT, at BIGINT, channel BIGINT, carrier_id TEXT, place TEXT,
-    user_id TEXT, message_id TEXT, enterprise_id TEXT, by_attributes BOOLEAN, sent_at BIGINT,
-    gender TEXT, age_band BIGINT, region TEXT, occupation TEXT, in_hub BOOLEAN, registered BOOLEAN)";
+/// commit (`on_commit`: " ON COMMIT DELETE ROWS"); on SQLite the fold
+/// empties it first.
+pub(crate) fn create_fold_rows(on_commit: &str) -> AssertSqlSafe<String> {
+    AssertSqlSafe(format!(
+        "CREATE TEMPORARY TABLE fold_rows (
+            seq BIGINT NOT NULL, kind BIGINT, at BIGINT, channel BIGINT, carrier_id TEXT, place TEXT,
+            user_id TEXT, message_id TEXT, enterprise_id TEXT, by_attributes BOOLEAN, sent_at BIGINT,
+            gender TEXT, age_band BIGINT, region TEXT, occupation TEXT, in_hub BOOLEAN, registered BOOLEAN)
+         {on_commit}"
+    ))
+}
 
 /// Fills `fold_rows` from the oldest queued events (`$1`: how many), the
 /// queue's rows claimed with `{claim}`. A queue entry whose event is gone

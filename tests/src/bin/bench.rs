@@ -1212,17 +1212,11 @@ impl chukei_proto::carrier::v1::carrier_server::Carrier for AckOnly {
         &self,
         request: tonic::Request<tonic::Streaming<chukei_proto::carrier::v1::RelayToCarrier>>,
     ) -> Result<tonic::Response<Self::DeliverStream>, tonic::Status> {
-        use chukei_proto::carrier::v1 as cpb;
         let mut inbound = request.into_inner();
         let (up, up_rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             while let Ok(Some(message)) = inbound.message().await {
-                if let Some(cpb::relay_to_carrier::Kind::Batch(batch)) = message.kind {
-                    let ack = cpb::CarrierToRelay {
-                        kind: Some(cpb::carrier_to_relay::Kind::BatchAck(cpb::BatchAck {
-                            batch_id: batch.batch_id,
-                        })),
-                    };
+                if let Some(ack) = integration_tests::acknowledgement(message) {
                     if up.send(Ok(ack)).await.is_err() {
                         break;
                     }
