@@ -210,6 +210,15 @@ impl Fleet {
         Self { seed, users }
     }
 
+    /// The same people, each registering with every enterprise offered
+    /// (their consent choices still drawn by the model).
+    pub fn everyone_registers(mut self) -> Self {
+        for user in &mut self.users {
+            user.behaviour.registration_share = 1.0;
+        }
+        self
+    }
+
     /// The same people with terminals that take every channel (and an
     /// address for each), for runs that are not about capabilities.
     pub fn with_every_channel(mut self) -> Self {

@@ -23,6 +23,16 @@ pub struct EnterpriseChoice {
     pub service_ids: Vec<String>,
 }
 
+impl EnterpriseChoice {
+    /// Registration with the enterprise itself, no service.
+    pub fn enterprise(enterprise_id: &str) -> Self {
+        Self {
+            enterprise_id: enterprise_id.to_owned(),
+            service_ids: Vec::new(),
+        }
+    }
+}
+
 impl std::str::FromStr for EnterpriseChoice {
     type Err = String;
 

@@ -20,17 +20,13 @@ async fn each_request_of_a_stream_has_its_own_outcome(backend: Backend) {
         return;
     };
     let (shop, key) = hub.create_enterprise("shop").await.unwrap();
-    let mut fleet = Fleet::generate(31, 6, &["alpha".into()]).with_every_channel();
-    for user in &mut fleet.users {
-        user.behaviour.registration_share = 1.0;
-    }
+    let fleet = Fleet::generate(31, 6, &["alpha".into()])
+        .with_every_channel()
+        .everyone_registers();
     let terminals = hub
         .start_fleet(
             fleet.clone(),
-            vec![EnterpriseChoice {
-                enterprise_id: shop.clone(),
-                service_ids: vec![],
-            }],
+            vec![EnterpriseChoice::enterprise(&shop)],
             OpenMode::Never,
         )
         .await

@@ -348,10 +348,7 @@ async fn a_user_with_two_carriers_counts_once(backend: Backend) {
     let terminals = hub
         .start_fleet(
             fleet.clone(),
-            vec![EnterpriseChoice {
-                enterprise_id: shop.clone(),
-                service_ids: vec![],
-            }],
+            vec![EnterpriseChoice::enterprise(&shop)],
             OpenMode::Always,
         )
         .await
@@ -979,52 +976,6 @@ async fn a_terminal_that_answers_headers_late_still_gets_its_messages() {
     hub.shutdown().await.unwrap();
 }
 
-/// A carrier written like grpcio's servers: it sends its response headers
-/// (with its protocol version) only with its first acknowledgement, which
-/// it has only once a batch came. It acknowledges every batch and erasure
-/// notice and stores nothing.
-struct HeadersWithFirstAck;
-
-#[tonic::async_trait]
-impl chukei_proto::carrier::v1::carrier_server::Carrier for HeadersWithFirstAck {
-    type DeliverStream = tokio_stream::wrappers::ReceiverStream<
-        Result<chukei_proto::carrier::v1::CarrierToRelay, tonic::Status>,
-    >;
-
-    async fn deliver(
-        &self,
-        request: tonic::Request<tonic::Streaming<chukei_proto::carrier::v1::RelayToCarrier>>,
-    ) -> Result<tonic::Response<Self::DeliverStream>, tonic::Status> {
-        let mut inbound = request.into_inner();
-        // No answer — so no headers — until there is something to acknowledge.
-        let first = loop {
-            match inbound.message().await? {
-                Some(request) => {
-                    if let Some(ack) = integration_tests::acknowledgement(request) {
-                        break ack;
-                    }
-                }
-                None => return Err(tonic::Status::cancelled("the relay left")),
-            }
-        };
-        let (acks, acks_rx) = tokio::sync::mpsc::channel(8);
-        acks.send(Ok(first)).await.unwrap();
-        tokio::spawn(async move {
-            while let Ok(Some(request)) = inbound.message().await {
-                if let Some(ack) = integration_tests::acknowledgement(request) {
-                    if acks.send(Ok(ack)).await.is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-        let mut response =
-            tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(acks_rx));
-        chukei_proto::deliver::put_version(response.metadata_mut());
-        Ok(response)
-    }
-}
-
 /// The relay does not wait for a carrier's response headers before it
 /// sends batches: a carrier that answers only with its first
 /// acknowledgement still gets its messages, handed over.
@@ -1036,7 +987,9 @@ async fn a_carrier_that_answers_headers_late_still_gets_its_batches() {
     let carrier = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(
-                chukei_proto::carrier::v1::carrier_server::CarrierServer::new(HeadersWithFirstAck),
+                chukei_proto::carrier::v1::carrier_server::CarrierServer::new(
+                    integration_tests::AckingCarrier { headers_late: true },
+                ),
             )
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );

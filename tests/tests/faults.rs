@@ -71,10 +71,7 @@ async fn campaign_hub_with(
         &carriers.iter().map(|c| (*c).to_owned()).collect::<Vec<_>>(),
     )
     .with_every_channel();
-    let choice = vec![EnterpriseChoice {
-        enterprise_id: shop.clone(),
-        service_ids: vec![],
-    }];
+    let choice = vec![EnterpriseChoice::enterprise(&shop)];
     let terminals = hub
         .start_fleet(fleet.clone(), choice, OpenMode::Always)
         .await
@@ -205,10 +202,7 @@ async fn deliveries_wait_for_terminals_to_attach(backend: Backend) {
     };
     let (shop, key) = hub.create_enterprise("shop").await.unwrap();
     let fleet = Fleet::generate(23, 50, &["alpha".into()]).with_every_channel();
-    let choice = vec![EnterpriseChoice {
-        enterprise_id: shop.clone(),
-        service_ids: vec![],
-    }];
+    let choice = vec![EnterpriseChoice::enterprise(&shop)];
     hub.start_fleet(fleet.clone(), choice.clone(), OpenMode::Always)
         .await
         .unwrap();

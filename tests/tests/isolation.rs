@@ -60,10 +60,7 @@ async fn wrong_roles_and_wrong_tenants_are_refused_alike(backend: Backend) {
     let fleet = Fleet::generate(9, 4, &["alpha".into()]).with_every_channel();
     hub.start_fleet(
         fleet.clone(),
-        vec![EnterpriseChoice {
-            enterprise_id: shop.clone(),
-            service_ids: vec![],
-        }],
+        vec![EnterpriseChoice::enterprise(&shop)],
         OpenMode::Never,
     )
     .await

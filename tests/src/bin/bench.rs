@@ -396,18 +396,14 @@ async fn broadcast(users: usize, backend: Backend, batch_size: u32) -> anyhow::R
     };
     let (shop, key) = hub.create_enterprise("bench").await?;
     // Everyone registers (consent choices still drawn by the model).
-    let mut fleet = Fleet::generate(1, users, &carriers.map(String::from)).with_every_channel();
-    for user in &mut fleet.users {
-        user.behaviour.registration_share = 1.0;
-    }
+    let fleet = Fleet::generate(1, users, &carriers.map(String::from))
+        .with_every_channel()
+        .everyone_registers();
     let setup = Instant::now();
     let terminals = hub
         .start_fleet(
             fleet.clone(),
-            vec![EnterpriseChoice {
-                enterprise_id: shop.clone(),
-                service_ids: vec![],
-            }],
+            vec![EnterpriseChoice::enterprise(&shop)],
             OpenMode::Never,
         )
         .await?;
@@ -1029,10 +1025,9 @@ async fn hub_with_registered(
     };
     let (shop, key) = hub.create_enterprise("bench").await?;
     let carrier_ids: Vec<String> = carriers.iter().map(|c| (*c).to_owned()).collect();
-    let mut fleet = Fleet::generate(1, users, &carrier_ids).with_every_channel();
-    for user in &mut fleet.users {
-        user.behaviour.registration_share = 1.0;
-    }
+    let fleet = Fleet::generate(1, users, &carrier_ids)
+        .with_every_channel()
+        .everyone_registers();
     let setup = Instant::now();
     let terminals = hub
         .start_fleet(
@@ -1199,36 +1194,6 @@ async fn priority(users: usize, rate: f64, backend: Backend) -> anyhow::Result<(
     hub.shutdown().await
 }
 
-/// A Carrier that only acknowledges.
-struct AckOnly;
-
-#[tonic::async_trait]
-impl chukei_proto::carrier::v1::carrier_server::Carrier for AckOnly {
-    type DeliverStream = tokio_stream::wrappers::ReceiverStream<
-        Result<chukei_proto::carrier::v1::CarrierToRelay, tonic::Status>,
-    >;
-
-    async fn deliver(
-        &self,
-        request: tonic::Request<tonic::Streaming<chukei_proto::carrier::v1::RelayToCarrier>>,
-    ) -> Result<tonic::Response<Self::DeliverStream>, tonic::Status> {
-        let mut inbound = request.into_inner();
-        let (up, up_rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
-            while let Ok(Some(message)) = inbound.message().await {
-                if let Some(ack) = integration_tests::acknowledgement(message) {
-                    if up.send(Ok(ack)).await.is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-        Ok(tonic::Response::new(
-            tokio_stream::wrappers::ReceiverStream::new(up_rx),
-        ))
-    }
-}
-
 /// Runs the transport ceiling and returns its rate (deliveries a second).
 async fn transport(deliveries: usize, batch_size: usize, window: usize) -> anyhow::Result<f64> {
     use chukei_proto::carrier::v1 as cpb;
@@ -1237,7 +1202,7 @@ async fn transport(deliveries: usize, batch_size: usize, window: usize) -> anyho
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(
-                cpb::carrier_server::CarrierServer::new(AckOnly)
+                cpb::carrier_server::CarrierServer::new(integration_tests::AckingCarrier::default())
                     .max_decoding_message_size(64 * 1024 * 1024),
             )
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
