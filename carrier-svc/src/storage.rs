@@ -25,9 +25,11 @@ use crate::packed;
 
 mod batches;
 mod receipts;
+mod states;
 
-use batches::{State, change_states, insert_rows, split_replies, state_rows};
+use batches::{insert_rows, split_replies};
 use receipts::queue_receipts;
+use states::{State, change_states, state_rows};
 
 const ROWS_PER_STATEMENT: usize = 1_000;
 /// Batch rows read at a time by the push (each holds up to a relay batch).

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use sqlx::{QueryBuilder, Sqlite};
 
-use super::batches::{Moved, State};
+use super::states::{Moved, State};
 use super::{ROWS_PER_STATEMENT, Result, Store, unreadable};
 use crate::model::{Receipt, ReceiptKind};
 use crate::packed;
