@@ -1,0 +1,447 @@
+//! One carrier's `Carrier.Deliver` stream: the dispatcher's session (dial,
+//! batches of both lanes down, erasure notices down, acks, receipts, count
+//! reports and erasure acks up) and its reconnects.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chukei_proto::auth::BearerInterceptor;
+use chukei_proto::carrier::v1 as pb;
+use chukei_proto::clock::{Clock, from_timestamp};
+use chukei_proto::deliver;
+use chukei_proto::telemetry;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use super::wire::{WindowCache, pack, receipts_from_wire};
+use super::{DispatchConfig, DispatchHandle};
+use crate::receipts::{CountReport, MessageCount};
+use crate::storage::{DueDelivery, Lane, Store};
+
+/// One carrier's dispatcher: holds its stream while this replica holds the
+/// carrier's lease.
+pub(super) struct Dispatcher {
+    pub(super) carrier_id: String,
+    pub(super) store: Store,
+    pub(super) clock: Clock,
+    pub(super) config: Arc<DispatchConfig>,
+    pub(super) handle: DispatchHandle,
+}
+
+impl Dispatcher {
+    pub(super) async fn run(self, cancel: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        while !cancel.is_cancelled() {
+            let result = self.session(&cancel, &mut backoff).await;
+            self.handle.set_connected(&self.carrier_id, false);
+            match result {
+                Ok(()) => break,
+                Err(error) => {
+                    self.config
+                        .metrics
+                        .reconnects
+                        .inc(&[("carrier", self.carrier_id.as_str())]);
+                    tracing::warn!(carrier_id = %self.carrier_id, %error, retry_in_ms = backoff.as_millis() as u64, "carrier stream ended");
+                }
+            }
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// One connected stream, until it fails (error) or `cancel` (Ok).
+    async fn session(
+        &self,
+        cancel: &CancellationToken,
+        backoff: &mut Duration,
+    ) -> anyhow::Result<()> {
+        let Some(endpoint) = self.store.carrier_endpoint(&self.carrier_id).await? else {
+            anyhow::bail!("carrier is not registered");
+        };
+        let channel = self
+            .config
+            .tls
+            .endpoint(&endpoint)?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect()
+            .await?;
+        let mut client = pb::carrier_client::CarrierClient::with_interceptor(
+            channel,
+            BearerInterceptor::new(&self.config.deliver_token)?,
+        )
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024);
+        let (down, down_rx) =
+            mpsc::channel::<pb::RelayToCarrier>(self.config.batches_in_flight + 4);
+        let mut request = tonic::Request::new(ReceiverStream::new(down_rx));
+        deliver::put_version(request.metadata_mut());
+        // gRPC does not oblige a server to send its response headers before
+        // it has something to say, and a carrier may send them only with its
+        // first acknowledgement — which comes only after a batch. So batches
+        // go down while the headers are awaited; acknowledgements are read,
+        // and the carrier's protocol version checked, once they came (no
+        // batch counts as handed over before). A carrier that stays silent
+        // though batches are in flight is named at WARN.
+        let mut response = Box::pin(async move { client.deliver(request).await });
+        let mut up: Option<tonic::Streaming<pb::CarrierToRelay>> = None;
+        let opened = tokio::time::Instant::now();
+        let mut warned = false;
+
+        let mut new_work = self.handle.new_work.subscribe();
+        let mut poll = tokio::time::interval(self.config.poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut in_flight: InFlight = HashMap::new();
+        let mut cursors = [0_i64; 2];
+        let mut next_batch_id = 1_u64;
+        let mut windows = WindowCache::default();
+        let mut notices_in_flight = false;
+        // The outbox is looked at when woken for new work or by the poll,
+        // and after an acknowledgement, not on every message up the stream.
+        let mut look_at_outbox = true;
+        let mut catch_up = [false; 2];
+        // A lane whose last read came back short has nothing more due until
+        // new work is signalled, receipts plan follow-ups, or the poll: an
+        // acknowledgement alone does not send it back to the database.
+        let mut drained = [false; 2];
+        loop {
+            // Erasure notices, one batch at a time: deleted when acknowledged.
+            if look_at_outbox && !notices_in_flight {
+                look_at_outbox = false;
+                let notices = self
+                    .store
+                    .outbox(&self.carrier_id, NOTICES_PER_BATCH)
+                    .await?;
+                if !notices.is_empty() {
+                    let erasures = notices
+                        .into_iter()
+                        .map(|(id, user_id, enterprise_id)| pb::Erasure {
+                            notice_id: id as u64,
+                            user_id,
+                            enterprise_id,
+                        })
+                        .collect();
+                    down.send(pb::RelayToCarrier {
+                        kind: Some(pb::relay_to_carrier::Kind::Erasures(pb::ErasureBatch {
+                            erasures,
+                        })),
+                    })
+                    .await?;
+                    notices_in_flight = true;
+                }
+            }
+            // The priority lane first, beside the bulk window; then the bulk lane.
+            let mut batch = Batching {
+                in_flight: &mut in_flight,
+                next_batch_id: &mut next_batch_id,
+                windows: &mut windows,
+                down: &down,
+            };
+            self.fill(
+                Lane::Priority,
+                PRIORITY_IN_FLIGHT,
+                &mut cursors[0],
+                &mut catch_up[0],
+                &mut drained[0],
+                &mut batch,
+            )
+            .await?;
+            self.fill(
+                Lane::Bulk,
+                self.config.batches_in_flight,
+                &mut cursors[1],
+                &mut catch_up[1],
+                &mut drained[1],
+                &mut batch,
+            )
+            .await?;
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                answered = &mut response, if up.is_none() => {
+                    let answered = answered?;
+                    deliver::check_version("carrier", deliver::version_in(answered.metadata()))
+                        .map_err(anyhow::Error::msg)?;
+                    up = Some(answered.into_inner());
+                    self.handle.set_connected(&self.carrier_id, true);
+                    *backoff = Duration::from_millis(100);
+                    tracing::info!(carrier_id = %self.carrier_id, "carrier stream open");
+                }
+                message = next_message(&mut up) => {
+                    let Some(message) = message? else {
+                        anyhow::bail!("carrier closed the stream");
+                    };
+                    if let Some(pb::carrier_to_relay::Kind::ErasureAck(ack)) = &message.kind {
+                        let ids: Vec<i64> = ack.notice_ids.iter().map(|id| *id as i64).collect();
+                        self.store.outbox_done(&self.carrier_id, &ids).await?;
+                        notices_in_flight = false;
+                        look_at_outbox = true;
+                    }
+                    if matches!(message.kind, Some(pb::carrier_to_relay::Kind::Receipts(_))) {
+                        drained = [false; 2];
+                    }
+                    self.handle_up(message, &mut in_flight, &down).await?;
+                }
+                changed = new_work.changed() => {
+                    changed?;
+                    look_at_outbox = true;
+                    drained = [false; 2];
+                }
+                _ = poll.tick() => {
+                    if up.is_none() && !in_flight.is_empty() && !warned && opened.elapsed() >= SILENT_CARRIER {
+                        warned = true;
+                        tracing::warn!(
+                            carrier_id = %self.carrier_id,
+                            silent_secs = opened.elapsed().as_secs(),
+                            "carrier has not answered the Deliver stream (no response headers, no acknowledgements) though batches were sent to it"
+                        );
+                    }
+                    look_at_outbox = true;
+                    catch_up = [true; 2];
+                    drained = [false; 2];
+                }
+            }
+        }
+    }
+
+    /// Sends due deliveries of `lane` in batches while fewer than `window`
+    /// of the lane's batches are in flight. `cursor` is the lane's last id
+    /// sent; it starts over from the lowest when the lane has nothing due
+    /// and nothing in flight. A row can appear below the cursor while the
+    /// lane stays busy — committed out of id order by another writer, or
+    /// released from waiting (a quiet period, a send time, a window) — so
+    /// after each poll (`catch_up`, cleared once done) the rows below the
+    /// lane's lowest batch in flight are read first, at the lane's next free
+    /// place in the window. `drained`: the last read came back short.
+    async fn fill(
+        &self,
+        lane: Lane,
+        window: usize,
+        cursor: &mut i64,
+        catch_up: &mut bool,
+        drained: &mut bool,
+        batch: &mut Batching<'_>,
+    ) -> anyhow::Result<()> {
+        let in_lane = |in_flight: &InFlight| in_flight.values().filter(|(l, _)| *l == lane).count();
+        if *catch_up && in_lane(batch.in_flight) < window {
+            *catch_up = false;
+            self.catch_up(lane, *cursor, batch).await?;
+        }
+        while !*drained && in_lane(batch.in_flight) < window {
+            let started = std::time::Instant::now();
+            let due = self
+                .store
+                .due_in_lane(
+                    &self.carrier_id,
+                    lane,
+                    *cursor..i64::MAX,
+                    self.clock.now_ms(),
+                    self.config.batch_size,
+                )
+                .await?;
+            tracing::debug!(
+                due = due.len(),
+                ?lane,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "due deliveries read"
+            );
+            *drained = due.len() < self.config.batch_size as usize;
+            let Some(last) = due.last() else {
+                if in_lane(batch.in_flight) == 0 {
+                    *cursor = 0;
+                }
+                break;
+            };
+            *cursor = last.id;
+            self.send(lane, due, batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the rows of `lane` below its lowest batch in flight (below
+    /// `cursor` when none is) and sends them as one batch.
+    async fn catch_up(
+        &self,
+        lane: Lane,
+        cursor: i64,
+        batch: &mut Batching<'_>,
+    ) -> anyhow::Result<()> {
+        if cursor == 0 {
+            return Ok(());
+        }
+        let lowest_in_flight = batch
+            .in_flight
+            .values()
+            .filter(|(l, _)| *l == lane)
+            .filter_map(|(_, ids)| ids.first().copied())
+            .min()
+            .unwrap_or(cursor + 1);
+        let due = self
+            .store
+            .due_in_lane(
+                &self.carrier_id,
+                lane,
+                0..lowest_in_flight,
+                self.clock.now_ms(),
+                self.config.batch_size,
+            )
+            .await?;
+        if !due.is_empty() {
+            tracing::debug!(due = due.len(), ?lane, "rows found below the cursor");
+            self.send(lane, due, batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends `due` as one batch of `lane` and keeps it in flight.
+    async fn send(
+        &self,
+        lane: Lane,
+        due: Vec<DueDelivery>,
+        batch: &mut Batching<'_>,
+    ) -> anyhow::Result<()> {
+        let ids: Vec<i64> = due.iter().map(|d| d.id).collect();
+        let traces = telemetry::step_per_message(
+            "relay.hand_over",
+            due.iter()
+                .map(|d| (d.message_id.as_str(), d.trace_parent.as_str())),
+        );
+        let batch_id = *batch.next_batch_id;
+        let deliveries = pb::DeliveryBatch {
+            batch_id,
+            // The carrier keeps the lane too: its push queue is by arrival otherwise.
+            messages: pack(due, lane == Lane::Priority, batch.windows, &traces),
+        };
+        batch
+            .down
+            .send(pb::RelayToCarrier {
+                kind: Some(pb::relay_to_carrier::Kind::Batch(deliveries)),
+            })
+            .await?;
+        batch.in_flight.insert(batch_id, (lane, ids));
+        *batch.next_batch_id += 1;
+        Ok(())
+    }
+
+    async fn handle_up(
+        &self,
+        message: pb::CarrierToRelay,
+        in_flight: &mut InFlight,
+        down: &mpsc::Sender<pb::RelayToCarrier>,
+    ) -> anyhow::Result<()> {
+        match message.kind {
+            Some(pb::carrier_to_relay::Kind::BatchAck(ack)) => {
+                if let Some((_, ids)) = in_flight.remove(&ack.batch_id) {
+                    let started = std::time::Instant::now();
+                    self.store
+                        .mark_handed_over(&ids, self.clock.now_ms())
+                        .await?;
+                    let attempts = ids.len();
+                    self.handle.handed_over(&self.carrier_id, attempts as u64);
+                    self.config
+                        .metrics
+                        .handed_over
+                        .add(&[("carrier", self.carrier_id.as_str())], attempts as u64);
+                    tracing::debug!(
+                        batch_id = ack.batch_id,
+                        deliveries = attempts,
+                        elapsed_us = started.elapsed().as_micros() as u64,
+                        "batch handed over"
+                    );
+                }
+            }
+            Some(pb::carrier_to_relay::Kind::Receipts(batch)) => {
+                let up_to_seq = batch.seq;
+                telemetry::step_per_message(
+                    "relay.receipt",
+                    batch
+                        .messages
+                        .iter()
+                        .map(|r| (r.message_id.as_str(), r.trace_parent.as_str())),
+                );
+                let receipts = receipts_from_wire(batch.messages);
+                self.store
+                    .record_receipts(&self.carrier_id, &receipts, self.clock.now_ms())
+                    .await?;
+                let mut kinds: HashMap<&'static str, u64> = HashMap::new();
+                for receipt in &receipts {
+                    *kinds.entry(receipt.kind.as_str()).or_default() += 1;
+                }
+                for (kind, count) in kinds {
+                    self.config.metrics.receipts.add(
+                        &[("carrier", self.carrier_id.as_str()), ("kind", kind)],
+                        count,
+                    );
+                }
+                down.send(pb::RelayToCarrier {
+                    kind: Some(pb::relay_to_carrier::Kind::ReceiptAck(pb::ReceiptAck {
+                        up_to_seq,
+                    })),
+                })
+                .await?;
+            }
+            Some(pb::carrier_to_relay::Kind::CountReport(report)) => {
+                let report = CountReport {
+                    at: report
+                        .at
+                        .as_ref()
+                        .map_or_else(|| self.clock.now_ms(), from_timestamp),
+                    counts: report
+                        .counts
+                        .into_iter()
+                        .map(|c| MessageCount {
+                            message_id: c.message_id,
+                            sent: c.sent,
+                            opened: c.opened,
+                            sms_segments: c.sms_segments,
+                            unsupported: c.unsupported,
+                            expired: c.expired,
+                        })
+                        .collect(),
+                };
+                self.store
+                    .store_count_report(&self.carrier_id, &report)
+                    .await?;
+            }
+            // Handled in the session loop, which owns the notices in flight.
+            Some(pb::carrier_to_relay::Kind::ErasureAck(_)) | None => {}
+        }
+        Ok(())
+    }
+}
+
+/// Batches of each carrier's priority lane in flight beside the bulk window.
+const PRIORITY_IN_FLIGHT: usize = 2;
+
+/// Batches sent and not yet acknowledged: their lane and delivery ids by message.
+type InFlight = HashMap<u64, (Lane, Vec<i64>)>;
+
+/// What sending a batch on one carrier stream updates.
+struct Batching<'a> {
+    in_flight: &'a mut InFlight,
+    next_batch_id: &'a mut u64,
+    windows: &'a mut WindowCache,
+    down: &'a mpsc::Sender<pb::RelayToCarrier>,
+}
+
+/// Erasure notices sent to a carrier at once.
+const NOTICES_PER_BATCH: u32 = 1_000;
+
+/// How long a carrier may stay silent with batches in flight before it is named.
+const SILENT_CARRIER: Duration = Duration::from_secs(10);
+
+/// The next message of an answered stream; never, while unanswered.
+async fn next_message(
+    up: &mut Option<tonic::Streaming<pb::CarrierToRelay>>,
+) -> Result<Option<pb::CarrierToRelay>, tonic::Status> {
+    match up {
+        Some(up) => up.message().await,
+        None => std::future::pending().await,
+    }
+}
