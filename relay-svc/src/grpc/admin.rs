@@ -299,7 +299,9 @@ impl pb::admin_server::Admin for AdminService {
         let now = relay.clock.now_ms();
         let others_expire_at = match &request.overlap {
             None => None,
-            Some(overlap) => Some(now + super::enterprise::duration_ms("overlap", Some(overlap))?),
+            Some(overlap) => {
+                Some(now + super::send_request::duration_ms("overlap", Some(overlap))?)
+            }
         };
         let api_key = credentials::new_api_key().map_err(|e| Error::Internal(e.into()))?;
         let key_id = relay

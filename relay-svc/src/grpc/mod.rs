@@ -7,6 +7,7 @@ mod admin;
 mod enterprise;
 mod ingress;
 mod market;
+mod send_request;
 
 use std::sync::Arc;
 
