@@ -18,7 +18,9 @@ use chukei_proto::relay::v1 as pb;
 use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{Client, SendArgs, explain, parse_channel, send_request, state_name};
+use crate::output::state_name;
+use crate::request::parse_channel;
+use crate::{Client, SendArgs, explain, send_request};
 
 /// One line's own fields.
 #[derive(Debug, Default, PartialEq, Eq)]
