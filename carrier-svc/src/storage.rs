@@ -124,24 +124,8 @@ impl Store {
     /// terminal drops a delivery id it has seen), unsent receipts are queued.
     /// Nothing accepted before an upgrade is lost.
     async fn upgrade_v1_rows(&self) -> Result<()> {
-        type V1Row = (
-            String,
-            String,
-            String,
-            i64,
-            String,
-            String,
-            String,
-            String,
-            i64,
-            i64,
-            Option<String>,
-            bool,
-            String,
-            bool,
-        );
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let rows: Vec<V1Row> = sqlx::query_as(
+        let rows: Vec<V1Delivery> = sqlx::query_as(
             "SELECT delivery_id, message_id, user_id, channel, content_text, media_url, subject,
                     suggested_replies, not_before, expires_at, delivery_window, single_attempt,
                     trace_parent, priority
@@ -151,32 +135,32 @@ impl Store {
         .await?;
         let mut records: Vec<MessageDeliveries> = Vec::new();
         for row in rows {
-            let (id, message_id, user_id, channel, text, media_url, subject, replies) =
-                (row.0, row.1, row.2, row.3, row.4, row.5, row.6, row.7);
-            let Ok(delivery_id) = id.parse::<u64>() else {
+            let Ok(delivery_id) = row.delivery_id.parse::<u64>() else {
                 continue;
             };
             let recipient = Recipient {
                 delivery_id,
-                user_id,
-                channel,
-                not_before: row.8,
+                user_id: row.user_id,
+                channel: row.channel,
+                not_before: row.not_before,
             };
             match records.last_mut() {
-                Some(last) if last.message_id == message_id && last.priority == row.13 => {
+                Some(last)
+                    if last.message_id == row.message_id && last.priority == row.priority =>
+                {
                     last.recipients.push(recipient)
                 }
                 _ => records.push(MessageDeliveries {
-                    message_id,
-                    text,
-                    media_url,
-                    subject,
-                    suggested_replies: split_replies(&replies),
-                    expires_at: row.9,
-                    window: row.10,
-                    single_attempt: row.11,
-                    trace_parent: row.12,
-                    priority: row.13,
+                    message_id: row.message_id,
+                    text: row.content_text,
+                    media_url: row.media_url,
+                    subject: row.subject,
+                    suggested_replies: split_replies(&row.suggested_replies),
+                    expires_at: row.expires_at,
+                    window: row.delivery_window,
+                    single_attempt: row.single_attempt,
+                    trace_parent: row.trace_parent,
+                    priority: row.priority,
                     recipients: vec![recipient],
                 }),
             }
@@ -186,8 +170,7 @@ impl Store {
         sqlx::query("DELETE FROM deliveries_v1 WHERE state IN (0, 1)")
             .execute(&mut *tx)
             .await?;
-        type OutboxRow = (String, String, String, i64, i64, i64, String, String);
-        let receipts: Vec<OutboxRow> = sqlx::query_as(
+        let receipts: Vec<V1Receipt> = sqlx::query_as(
             "SELECT delivery_id, message_id, user_id, kind, channel, at, region, trace_parent
              FROM outbox_v1 ORDER BY seq",
         )
@@ -196,21 +179,17 @@ impl Store {
         let queued = receipts.len();
         let receipts: Vec<Receipt> = receipts
             .into_iter()
-            .map(
-                |(delivery_id, message_id, user_id, kind, channel, at, region, trace_parent)| {
-                    Receipt {
-                        seq: 0,
-                        delivery_id: delivery_id.parse().unwrap_or(0),
-                        message_id,
-                        user_id,
-                        kind: ReceiptKind::from_number(kind),
-                        channel,
-                        at,
-                        region,
-                        trace_parent,
-                    }
-                },
-            )
+            .map(|row| Receipt {
+                seq: 0,
+                delivery_id: row.delivery_id.parse().unwrap_or(0),
+                message_id: row.message_id,
+                user_id: row.user_id,
+                kind: ReceiptKind::from_number(row.kind),
+                channel: row.channel,
+                at: row.at,
+                region: row.region,
+                trace_parent: row.trace_parent,
+            })
             .collect();
         queue_receipts(&mut tx, &receipts).await?;
         sqlx::query("DELETE FROM outbox_v1")
@@ -442,4 +421,36 @@ impl MessageCount {
             expired: expired as u64,
         }
     }
+}
+
+/// A held or pushed delivery in version 1's per-delivery table.
+#[derive(sqlx::FromRow)]
+struct V1Delivery {
+    delivery_id: String,
+    message_id: String,
+    user_id: String,
+    channel: i64,
+    content_text: String,
+    media_url: String,
+    subject: String,
+    suggested_replies: String,
+    not_before: i64,
+    expires_at: i64,
+    delivery_window: Option<String>,
+    single_attempt: bool,
+    trace_parent: String,
+    priority: bool,
+}
+
+/// An unsent receipt in version 1's per-receipt outbox.
+#[derive(sqlx::FromRow)]
+struct V1Receipt {
+    delivery_id: String,
+    message_id: String,
+    user_id: String,
+    kind: i64,
+    channel: i64,
+    at: i64,
+    region: String,
+    trace_parent: String,
 }

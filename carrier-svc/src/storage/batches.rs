@@ -447,4 +447,75 @@ mod tests {
         assert_eq!(store.expire(i64::MAX).await.unwrap(), 3);
         store.close().await;
     }
+
+    /// What version 1's per-delivery tables still held when the carrier was
+    /// upgraded is moved at start-up: held and pushed deliveries are held
+    /// again in batch rows (grouped per message, replies and window kept),
+    /// delivered ones are not, unsent receipts are queued, and the ids
+    /// count as seen.
+    #[tokio::test]
+    async fn version_1_rows_are_moved_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_terminals(&dir).await;
+        for (id, state, user) in [("11", 0, "u1"), ("12", 1, "u2"), ("13", 2, "u3")] {
+            sqlx::query(
+                "INSERT INTO deliveries_v1 (delivery_id, message_id, user_id, channel, content_text,
+                        media_url, not_before, expires_at, state, received_at, subject,
+                        suggested_replies, trace_parent, priority)
+                 VALUES ($1, 'old', $2, $3, 'before the upgrade', '', 0, 9000000000000, $4, 0,
+                         'subject', 'yes\nno', '', FALSE)",
+            )
+            .bind(id)
+            .bind(user)
+            .bind(CHANNEL_SMS)
+            .bind(state)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        }
+        sqlx::query(
+            "INSERT INTO outbox_v1 (message_id, user_id, kind, channel, at, region, delivery_id, trace_parent)
+             VALUES ('older', 'u4', 1, 1, 5, 'tokyo', '9', '')",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        store.close().await;
+
+        let store = Store::connect(&Store::sqlite_url_in(dir.path()))
+            .await
+            .unwrap();
+        let due = store.due_for_endpoint("terminals", 1, 100).await.unwrap();
+        let mut moved: Vec<(u64, &str)> = due
+            .iter()
+            .map(|d| (d.delivery_id, d.user_id.as_str()))
+            .collect();
+        moved.sort_unstable();
+        assert_eq!(moved, [(11, "u1"), (12, "u2")]);
+        assert_eq!(due[0].text, "before the upgrade");
+        assert_eq!(due[0].subject, "subject");
+        assert_eq!(due[0].suggested_replies, ["yes", "no"]);
+        let receipts = store.outbox_after(0, 100).await.unwrap();
+        assert_eq!(receipts.len(), 1);
+        assert_eq!(
+            (receipts[0].delivery_id, receipts[0].message_id.as_str()),
+            (9, "older")
+        );
+        assert_eq!(receipts[0].kind, ReceiptKind::Delivered);
+        // Accepted before the upgrade: the same ids again add nothing.
+        assert_eq!(
+            store
+                .accept_batch(vec![record("old", 11..13, false)], 2)
+                .await
+                .unwrap(),
+            0
+        );
+        let left: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM deliveries_v1 WHERE state IN (0, 1)")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(left, 0);
+        store.close().await;
+    }
 }
