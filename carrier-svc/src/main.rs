@@ -1,9 +1,8 @@
 use chukei_proto::server;
-use clap::Parser;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let config = carrier_svc::Config::parse();
+    let config = chukei_proto::server::parse_args::<carrier_svc::Config>();
     if let Err(error) = config.validate() {
         return server::refuse_configuration(&error);
     }

@@ -1,9 +1,8 @@
-use clap::Parser;
 use tracing::Instrument;
 
 #[tokio::main]
 async fn main() {
-    let cli = enterprise_cli::Cli::parse();
+    let cli = chukei_proto::server::parse_args::<enterprise_cli::Cli>();
     // Logs only warnings unless RUST_LOG says otherwise; with
     // OTEL_EXPORTER_OTLP_ENDPOINT set, the command is the root span of the
     // message's trace (the relay continues it from the call's metadata).

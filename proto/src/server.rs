@@ -110,6 +110,39 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
+/// Parses the command line as every Chukei binary does: `--help` and
+/// `--version` are answered (exit 0); a wrong flag or value is refused in one
+/// line on stderr naming it (exit 2), not clap's usage block.
+pub fn parse_args<T: clap::Parser>() -> T {
+    match T::try_parse() {
+        Ok(args) => args,
+        Err(error) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                error.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                error.exit();
+            }
+            eprintln!("{} (see --help)", one_line(&error.render().to_string()));
+            std::process::exit(2);
+        }
+    }
+}
+
+/// clap's message up to its first blank line (which ends what is wrong; the
+/// tips and usage follow), on one line.
+fn one_line(rendered: &str) -> String {
+    rendered
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves or `cancel` is
 /// cancelled; then cancels `cancel` (so long-lived streams end), lets in-flight
 /// calls finish, and gives up on them after `grace`.

@@ -58,7 +58,7 @@ const HELP: &str = "commands: inbox | open N | consent ENTERPRISE [FIELD,…] (n
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    chukei_proto::server::exit_code(run(Cli::parse()).await)
+    chukei_proto::server::exit_code(run(chukei_proto::server::parse_args::<Cli>()).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

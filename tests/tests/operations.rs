@@ -828,3 +828,53 @@ async fn a_refused_configuration_is_one_line_naming_the_flag() {
         );
     }
 }
+
+/// Every binary the image and the repository ship.
+const BINARIES: &[&str] = &[
+    "relay-svc",
+    "carrier-svc",
+    "terminal-sim",
+    "enterprise-cli",
+    "chukei-admin",
+    "chukei-health",
+    "chukei-local",
+    "bench",
+    "chaos",
+    "evaluate",
+];
+
+#[test]
+fn every_binary_answers_help_and_version_and_refuses_a_bad_flag_in_one_line() {
+    for name in BINARIES {
+        let run = |args: &[&str]| {
+            std::process::Command::new(test_binary(name).unwrap())
+                .args(args)
+                .env_clear()
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap()
+        };
+        for flag in ["--help", "--version"] {
+            let output = run(&[flag]);
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            assert_eq!(output.status.code(), Some(0), "{name} {flag}: {stdout}");
+            assert!(stdout.contains(name), "{name} {flag}: {stdout}");
+        }
+        let output = run(&["--no-such-flag"]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{name}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{name}: {stderr}");
+        assert!(stderr.contains("'--no-such-flag'"), "{name}: {stderr}");
+        assert!(output.stdout.is_empty(), "{name} printed before parsing");
+    }
+    // A bad value names its flag.
+    let output = std::process::Command::new(test_binary("relay-svc").unwrap())
+        .args(["--listen", "not-an-address"])
+        .env_clear()
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--listen"), "{stderr}");
+}

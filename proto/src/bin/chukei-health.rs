@@ -39,7 +39,7 @@ fn url(value: &str) -> Result<String, String> {
 async fn main() -> ExitCode {
     // clap answers --help and --version itself (exit 0) and refuses wrong
     // arguments naming them (exit 2).
-    let Args { url, service } = <Args as clap::Parser>::parse();
+    let Args { url, service } = chukei_proto::server::parse_args::<Args>();
     let asked = async {
         let path = |name| std::env::var_os(name).map(std::path::PathBuf::from);
         let tls = chukei_proto::tls::TlsArgs {

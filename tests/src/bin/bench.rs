@@ -53,7 +53,7 @@ use terminal_sim::setup::EnterpriseChoice;
 use terminal_sim::terminal::OpenMode;
 
 #[derive(Parser, Debug)]
-#[command(name = "bench")]
+#[command(name = "bench", version)]
 struct Args {
     #[command(subcommand)]
     scenario: Scenario,
@@ -162,8 +162,9 @@ impl BackendArg {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let scenario = chukei_proto::server::parse_args::<Args>().scenario;
     println!("machine: {}", machine());
-    match Args::parse().scenario {
+    match scenario {
         Scenario::Broadcast {
             users,
             backend,

@@ -13,7 +13,7 @@ use integration_tests::chaos::{Options, run};
 use integration_tests::{Backend, drop_postgres_database, machine, postgres_database};
 
 #[derive(Parser, Debug)]
-#[command(name = "chaos")]
+#[command(name = "chaos", version)]
 struct Args {
     /// sqlite, or postgres (a fresh database from CHUKEI_TEST_DATABASE_URL).
     #[arg(long, default_value = "sqlite")]
@@ -57,7 +57,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = chukei_proto::server::parse_args::<Args>();
     let bin_dir = match args.bin_dir {
         Some(dir) => dir,
         None => std::env::current_exe()?

@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 
 /// Run the whole hub locally on SQLite and relay a few campaigns through it.
 #[derive(Parser, Debug)]
-#[command(name = "chukei-local")]
+#[command(name = "chukei-local", version)]
 struct Args {
     /// Simulated users in the terminal fleet.
     #[arg(long, default_value_t = 10_000)]
@@ -85,7 +85,7 @@ fn token(label: &str) -> anyhow::Result<String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = chukei_proto::server::parse_args::<Args>();
     let bin_dir = match &args.bin_dir {
         Some(dir) => dir.clone(),
         None => std::env::current_exe()?

@@ -28,7 +28,7 @@ use integration_tests::{Backend, eventually, machine};
 use terminal_sim::fleet::Fleet;
 
 #[derive(Parser, Debug)]
-#[command(name = "evaluate")]
+#[command(name = "evaluate", version)]
 struct Args {
     #[command(subcommand)]
     evaluation: Evaluation,
@@ -104,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
                 backend,
                 chart,
             },
-    } = Args::parse();
+    } = chukei_proto::server::parse_args::<Args>();
     let backend = match backend {
         BackendArg::Sqlite => Backend::Sqlite,
         BackendArg::Postgres => Backend::Postgres,
