@@ -56,6 +56,8 @@ impl Default for Launch {
 pub struct BinaryHub {
     pub dir: tempfile::TempDir,
     pub relay_url: String,
+    /// The fleet's `Terminal` service.
+    pub fleet_url: String,
     pub admin: Admin,
     /// The enterprise the fleet registered with.
     pub enterprise: pb::CreateEnterpriseResponse,
@@ -156,6 +158,7 @@ impl BinaryHub {
         Ok(Self {
             dir,
             relay_url,
+            fleet_url: format!("http://127.0.0.1:{fleet_port}"),
             admin,
             enterprise,
             relay,

@@ -837,6 +837,7 @@ const BINARIES: &[&str] = &[
     "enterprise-cli",
     "chukei-admin",
     "chukei-health",
+    "chukei-conformance",
     "chukei-local",
     "bench",
     "chaos",
