@@ -78,6 +78,60 @@ async fn health_of(url: &str, service: &str) -> Option<i32> {
     }
 }
 
+/// Whether `url` really answers `service`: one call to one of its methods,
+/// with no credentials and an empty request, is anything but UNIMPLEMENTED
+/// (a refusal for want of a token is an answer).
+async fn answers(url: &str, service: &str) -> bool {
+    use chukei_proto::carrier::v1 as carrier;
+    use chukei_proto::relay::v1 as relay;
+    use chukei_proto::terminal::v1 as terminal;
+    let channel = tonic::transport::Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let refused = match service {
+        "chukei.relay.v1.EnterpriseApi" => {
+            relay::enterprise_api_client::EnterpriseApiClient::new(channel)
+                .get_message(relay::GetMessageRequest::default())
+                .await
+                .err()
+        }
+        "chukei.relay.v1.CarrierIngress" => {
+            relay::carrier_ingress_client::CarrierIngressClient::new(channel)
+                .upsert_contracts(relay::UpsertContractsRequest::default())
+                .await
+                .err()
+        }
+        "chukei.relay.v1.Admin" => relay::admin_client::AdminClient::new(channel)
+            .list_api_keys(relay::ListApiKeysRequest::default())
+            .await
+            .err(),
+        "chukei.carrier.v1.Carrier" => carrier::carrier_client::CarrierClient::new(channel)
+            .deliver(tokio_stream::iter(Vec::<carrier::RelayToCarrier>::new()))
+            .await
+            .err(),
+        "chukei.carrier.v1.SubscriberApi" => {
+            carrier::subscriber_api_client::SubscriberApiClient::new(channel)
+                .attach(carrier::AttachRequest::default())
+                .await
+                .err()
+        }
+        "chukei.carrier.v1.CarrierAdmin" => {
+            carrier::carrier_admin_client::CarrierAdminClient::new(channel)
+                .get_counts(carrier::GetCountsRequest::default())
+                .await
+                .err()
+        }
+        "chukei.terminal.v1.Terminal" => terminal::terminal_client::TerminalClient::new(channel)
+            .push(tokio_stream::iter(Vec::<terminal::PushRequest>::new()))
+            .await
+            .err(),
+        other => panic!("no probe for {other}"),
+    };
+    !refused.is_some_and(|status| status.code() == tonic::Code::Unimplemented)
+}
+
 /// Every Chukei service, for the checks that a port speaks of no other.
 const ALL_SERVICES: [&str; 7] = [
     "chukei.relay.v1.EnterpriseApi",
@@ -91,7 +145,8 @@ const ALL_SERVICES: [&str; 7] = [
 
 /// Reflection (v1 and v1alpha) lists exactly the services `url` serves,
 /// besides health and reflection; health says SERVING for each of them and
-/// NOT_FOUND for every other Chukei service.
+/// NOT_FOUND for every other Chukei service; and the port answers exactly
+/// those (every other one is UNIMPLEMENTED there).
 async fn port_speaks_of_exactly(url: &str, services: &[&str]) {
     let mut expected: Vec<&str> = services.to_vec();
     expected.extend([
@@ -110,6 +165,11 @@ async fn port_speaks_of_exactly(url: &str, services: &[&str]) {
     for service in ALL_SERVICES {
         let expected = services.contains(&service).then_some(serving);
         assert_eq!(health_of(url, service).await, expected, "{url}: {service}");
+        assert_eq!(
+            answers(url, service).await,
+            services.contains(&service),
+            "{url} answers {service}"
+        );
     }
 }
 
