@@ -310,7 +310,7 @@ impl Dispatcher {
         let traces = telemetry::step_per_message(
             "relay.hand_over",
             due.iter()
-                .map(|d| (d.message_id.as_str(), d.trace_parent.as_str())),
+                .map(|d| (d.message_id.as_str(), d.message.trace_parent.as_str())),
         );
         let batch_id = *batch.next_batch_id;
         let deliveries = pb::DeliveryBatch {

@@ -51,22 +51,23 @@ pub(super) fn pack(
             Some(&index) => index,
             None => {
                 index_of.insert(delivery.message_id.clone(), records.len());
+                let message = &delivery.message;
                 records.push(pb::MessageDeliveries {
                     trace_parent: telemetry::passed_on(
                         traces,
                         &delivery.message_id,
-                        delivery.trace_parent.clone(),
+                        message.trace_parent.clone(),
                     ),
                     message_id: delivery.message_id.clone(),
                     content: Some(common::Content {
-                        text: delivery.content.text.clone(),
-                        media_url: delivery.content.media_url.clone(),
-                        subject: delivery.content.subject.clone(),
-                        suggested_replies: delivery.content.suggested_replies.clone(),
+                        text: message.content.text.clone(),
+                        media_url: message.content.media_url.clone(),
+                        subject: message.content.subject.clone(),
+                        suggested_replies: message.content.suggested_replies.clone(),
                     }),
-                    expires_at: Some(to_timestamp(delivery.expires_at)),
-                    window: delivery.carrier_window.clone().and_then(|w| windows.get(w)),
-                    single_attempt: delivery.single_attempt,
+                    expires_at: Some(to_timestamp(message.expires_at)),
+                    window: message.carrier_window.clone().and_then(|w| windows.get(w)),
+                    single_attempt: message.single_attempt,
                     priority,
                     channel: Channel::number(delivery.channel) as i32,
                     not_before_ms: delivery.not_before,

@@ -40,7 +40,7 @@ pub use receipts::{CarrierCounts, MessageCounts};
 pub use registry::RegistrationRow;
 pub use stats::{Cube, Reconciliation, SummedCells};
 pub use tenants::ApiKeyRow;
-pub use transfer::{DueDelivery, Lane};
+pub use transfer::{DueDelivery, DueMessage, Lane};
 
 use crate::error::Result;
 pub use group::{Group, Groups};

@@ -2,11 +2,12 @@
 //! order, and the batch acknowledgement that marks them handed over.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use sqlx::AssertSqlSafe;
+use sqlx::{AssertSqlSafe, QueryBuilder};
 
 use super::stats::queue_roll_up;
-use super::{IdList, Store, add_to_counts, on_pool, stored_list};
+use super::{IdList, ROWS_PER_STATEMENT, Store, add_to_counts, on_pool, stored_list};
 use crate::error::Result;
 use crate::receipts::EventKind;
 use crate::targeting::{Channel, Content};
@@ -17,9 +18,17 @@ pub struct DueDelivery {
     pub id: i64,
     pub message_id: String,
     pub user_id: String,
-    pub content: Content,
     pub channel: Option<Channel>,
     pub not_before: i64,
+    /// What every delivery of the message shares, read once per batch.
+    pub message: Arc<DueMessage>,
+}
+
+/// A due message's content and instructions: one per message in a batch,
+/// however many of its deliveries the batch holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DueMessage {
+    pub content: Content,
     pub expires_at: i64,
     /// The window in its stored form, when the carrier is to hold the delivery.
     pub carrier_window: Option<String>,
@@ -27,6 +36,28 @@ pub struct DueDelivery {
     pub single_attempt: bool,
     /// The message's trace (W3C traceparent; empty: not traced).
     pub trace_parent: String,
+}
+
+#[derive(sqlx::FromRow)]
+struct DueRow {
+    id: i64,
+    message_id: String,
+    user_id: String,
+    channel: i64,
+    not_before: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct DueMessageRow {
+    id: String,
+    content_text: String,
+    media_url: String,
+    subject: String,
+    suggested_replies: String,
+    expires_at: i64,
+    carrier_window: Option<String>,
+    single_attempt: bool,
+    trace_parent: String,
 }
 
 /// A carrier's two queues: targeted messages' first attempts go before
@@ -78,75 +109,79 @@ impl Store {
             Some(Lane::Priority) => " AND d.lane = 0",
             Some(Lane::Bulk) => " AND d.lane = 1",
         };
-        type Row = (
-            i64,
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-            i64,
-            i64,
-            i64,
-            Option<String>,
-            bool,
-            String,
-        );
+        // The deliveries alone, then their messages once each: a campaign's
+        // batch is a thousand rows of one message, whose content is not
+        // read (nor allocated) a thousand times.
         let sql = format!(
-            "SELECT d.id, d.message_id, d.user_id, m.content_text, m.media_url, m.subject,
-                    m.suggested_replies, d.channel, d.not_before, m.expires_at,
-                    CASE WHEN m.window_at_carrier THEN m.delivery_window END, m.single_attempt,
-                    m.trace_parent
+            "SELECT d.id, d.message_id, d.user_id, d.channel, d.not_before
              FROM deliveries d JOIN messages m ON m.id = d.message_id
              WHERE d.carrier_id = $1 AND d.state = 0{lane} AND d.id > $2 AND d.id < $5 AND d.not_before <= $3
                AND (d.window_close IS NULL OR d.window_close > $3) AND m.expires_at > $3
              ORDER BY d.id
              LIMIT $4"
         );
-        let rows: Vec<Row> = on_pool!(self, pool => sqlx::query_as(AssertSqlSafe(sql.clone()))
-        .bind(carrier_id)
-        .bind(ids.start)
-        .bind(now)
-        .bind(i64::from(limit))
-        .bind(ids.end)
-        .fetch_all(pool)
-        .await)?;
+        let (rows, messages): (Vec<DueRow>, Vec<DueMessageRow>) = on_pool!(self, pool => {
+            let rows: Vec<DueRow> = sqlx::query_as(AssertSqlSafe(sql))
+                .bind(carrier_id)
+                .bind(ids.start)
+                .bind(now)
+                .bind(i64::from(limit))
+                .bind(ids.end)
+                .fetch_all(pool)
+                .await?;
+            let mut wanted: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
+            wanted.sort_unstable();
+            wanted.dedup();
+            let mut messages = Vec::with_capacity(wanted.len());
+            for chunk in wanted.chunks(ROWS_PER_STATEMENT) {
+                let mut query = QueryBuilder::new(
+                    "SELECT id, content_text, media_url, subject, suggested_replies, expires_at,
+                            CASE WHEN window_at_carrier THEN delivery_window END AS carrier_window,
+                            single_attempt, trace_parent
+                     FROM messages WHERE id IN (",
+                );
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                query.push(")");
+                messages.extend(query.build_query_as::<DueMessageRow>().fetch_all(pool).await?);
+            }
+            (rows, messages)
+        });
+        let messages: HashMap<String, Arc<DueMessage>> = messages
+            .into_iter()
+            .map(|m| {
+                let message = DueMessage {
+                    content: Content {
+                        text: m.content_text,
+                        media_url: m.media_url,
+                        subject: m.subject,
+                        suggested_replies: stored_list(Some(&m.suggested_replies)),
+                    },
+                    expires_at: m.expires_at,
+                    carrier_window: m.carrier_window,
+                    single_attempt: m.single_attempt,
+                    trace_parent: m.trace_parent,
+                };
+                (m.id, Arc::new(message))
+            })
+            .collect();
         Ok(rows
             .into_iter()
-            .map(
-                |(
-                    id,
-                    message_id,
-                    user_id,
-                    text,
-                    media_url,
-                    subject,
-                    replies,
-                    channel,
-                    not_before,
-                    expires_at,
-                    carrier_window,
-                    single_attempt,
-                    trace_parent,
-                )| DueDelivery {
-                    id,
-                    message_id,
-                    user_id,
-                    content: Content {
-                        text,
-                        media_url,
-                        subject,
-                        suggested_replies: stored_list(Some(&replies)),
-                    },
-                    channel: Channel::from_number(channel),
-                    not_before,
-                    expires_at,
-                    carrier_window,
-                    single_attempt,
-                    trace_parent,
-                },
-            )
+            .filter_map(|row| {
+                // A message is never deleted while it has deliveries; were one
+                // gone, its deliveries could not be described, so not sent.
+                let message = messages.get(&row.message_id)?.clone();
+                Some(DueDelivery {
+                    id: row.id,
+                    message_id: row.message_id,
+                    user_id: row.user_id,
+                    channel: Channel::from_number(row.channel),
+                    not_before: row.not_before,
+                    message,
+                })
+            })
             .collect())
     }
 
