@@ -982,6 +982,7 @@ async fn concurrent_bids_and_sends_never_oversell(backend: Backend) {
                             now + 86_400_000,
                             &attention,
                             &terms,
+                            0,
                         )
                         .await;
                     match accepted {

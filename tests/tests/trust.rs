@@ -588,6 +588,128 @@ async fn the_audit_chain_finds_a_modified_entry(backend: Backend) {
     hub.shutdown().await.unwrap();
 }
 
+/// k = 10, twelve people in Tokyo (one of them the only man) and ten in
+/// Osaka. "Tokyo" and "Tokyo's women" each pass the cohort rule alone, and
+/// differ by the one man: sent at the same moment, one is accepted and the
+/// other refused. (When the check ran before and outside the accepting
+/// transaction, both passed against a hub holding neither.)
+async fn concurrent_segment_sends_cannot_single_a_person_out(backend: Backend) {
+    let Some((hub, _clock, fleet, _terminals)) = hub_with_people(backend, 22, 10, |i, user| {
+        user.home_region = if i < 12 {
+            "tokyo/shibuya"
+        } else {
+            "osaka/kita"
+        }
+        .into();
+        user.gender = if i == 0 {
+            common::Gender::Male as i32
+        } else {
+            common::Gender::Female as i32
+        };
+    })
+    .await
+    else {
+        return;
+    };
+    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
+    let mut api = subscriber_api(&hub).await;
+    for user in &fleet.users {
+        register(&mut api, user, &shop, share_all()).await;
+    }
+    let tokyo_women = pb::Segment {
+        gender: common::Gender::Female as i32,
+        ..in_region("tokyo")
+    };
+    for round in 0..3 {
+        // Fresh keys each round, judged against the rounds before too: the
+        // segment equal to one accepted earlier passes (it singles no one
+        // out), the other is refused.
+        let mut first = hub.enterprise(&key).await.unwrap();
+        let mut second = hub.enterprise(&key).await.unwrap();
+        let (a, b) = tokio::join!(
+            first.send_message(segment(&format!("tokyo-{round}"), in_region("tokyo"))),
+            second.send_message(segment(&format!("women-{round}"), tokyo_women.clone())),
+        );
+        let accepted = [&a, &b].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(accepted, 1, "round {round}: {a:?} {b:?}");
+        for refused in [a, b].into_iter().filter_map(Result::err) {
+            assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        }
+    }
+    hub.shutdown().await.unwrap();
+}
+
+/// A segment message and the audit entry of its attribute use are one
+/// commit: with the audit log unwritable, the send fails and no message is
+/// stored (before, the message was accepted and its audit entry lost).
+async fn a_segment_message_is_never_accepted_unaudited(backend: Backend) {
+    let Some((hub, _clock, fleet, _terminals)) = hub_with_people(backend, 4, 1, |i, user| {
+        user.home_region = if i < 2 { "tokyo/shibuya" } else { "osaka/kita" }.into();
+    })
+    .await
+    else {
+        return;
+    };
+    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
+    let mut api = subscriber_api(&hub).await;
+    for user in &fleet.users {
+        register(&mut api, user, &shop, share_all()).await;
+    }
+    let mut client = hub.enterprise(&key).await.unwrap();
+    let store = Store::connect(hub.database_url()).await.unwrap();
+    let segment_messages = || async {
+        integration_tests::sql_scalar(
+            &store,
+            "SELECT COUNT(*) FROM messages WHERE enterprise_id = $1 AND target_kind = 'segment'",
+            &shop,
+        )
+        .await
+    };
+    integration_tests::sql_execute(&store, "ALTER TABLE audit_log RENAME TO audit_log_away")
+        .await
+        .unwrap();
+    let failed = client
+        .send_message(segment("unaudited", in_region("tokyo")))
+        .await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert_eq!(
+        segment_messages().await,
+        0,
+        "accepted without its audit entry"
+    );
+    integration_tests::sql_execute(&store, "ALTER TABLE audit_log_away RENAME TO audit_log")
+        .await
+        .unwrap();
+    // With the log back, the same send goes through, audited, the chain intact.
+    let sent = client
+        .send_message(segment("unaudited", in_region("tokyo")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(segment_messages().await, 1);
+    let mut admin = hub.admin().await.unwrap();
+    let entries = admin
+        .list_audit_log(pb::ListAuditLogRequest { limit: 100 })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.action == "attributes.used" && e.subject == sent.message_id),
+        "{entries:?}"
+    );
+    let verified = admin
+        .verify_audit_log(pb::VerifyAuditLogRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verified.intact, "{verified:?}");
+    store.close().await;
+    hub.shutdown().await.unwrap();
+}
+
 /// A rotated key keeps working for the overlap and not after; a revoked
 /// key stops at once; other enterprises' keys are untouched.
 async fn api_keys_rotate_with_overlap_and_revoke(backend: Backend) {
@@ -667,6 +789,8 @@ backend_tests!(
     withdrawal_mid_campaign_reaches_nobody_who_withdrew,
     leaving_the_hub_erases_everything_but_the_counts,
     differencing_cannot_isolate_one_person,
+    concurrent_segment_sends_cannot_single_a_person_out,
+    a_segment_message_is_never_accepted_unaudited,
     the_audit_chain_finds_a_modified_entry,
     api_keys_rotate_with_overlap_and_revoke,
 );

@@ -12,7 +12,7 @@ use crate::credentials;
 use crate::error::{Error, Result};
 use crate::stats::{self, Viewer};
 use crate::storage::AuditEntry;
-use crate::targeting::{MessageState, NewMessage, Target};
+use crate::targeting::{MessageState, NewMessage};
 
 const MAX_PAGE_SIZE: u32 = 1_000;
 
@@ -28,8 +28,9 @@ fn state_to_wire(state: MessageState) -> pb::MessageState {
 }
 
 /// Accepts one message of `enterprise_id` (`SendMessage`, and each request
-/// of `SendMessages`): validated, checked against the minimum cohort and the
-/// auction terms, durable before the answer, audited when it uses attributes.
+/// of `SendMessages`): validated, held to the auction terms, durable before
+/// the answer; a segment is checked against the minimum cohort and its
+/// attribute use audited in the accepting transaction (`accept_on_terms`).
 /// `received` is the caller's trace.
 async fn send(
     relay: &Relay,
@@ -40,7 +41,6 @@ async fn send(
     let mut message = NewMessage::try_from(request)?;
     message.trace_parent = telemetry::traceparent(&tracing::Span::current(), received);
     let now = relay.clock.now_ms();
-    relay.check_cohort(enterprise_id, &message, now).await?;
     let expires_at = match message.timing.expires_at {
         Some(at) if at <= now => {
             return Err(Error::invalid("expires_at", "must be in the future"));
@@ -61,18 +61,10 @@ async fn send(
             expires_at,
             &relay.attention,
             &terms,
+            relay.thresholds.min_cohort,
         )
         .await?;
     tracing::Span::current().record("message_id", stored.row.message_id.as_str());
-    if let (true, Target::Segment(segment)) = (stored.created, &message.target) {
-        let entry = AuditEntry::new(
-            format!("enterprise:{enterprise_id}"),
-            "attributes.used",
-            stored.row.message_id.as_str(),
-            format!("purpose: targeting; fields: {}", segment.fields()),
-        );
-        relay.store.audit(now, &entry).await?;
-    }
     if stored.created {
         relay
             .metrics

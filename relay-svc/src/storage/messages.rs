@@ -8,9 +8,11 @@ use chukei_proto::window::Window;
 use sqlx::{QueryBuilder, Row};
 
 use super::auction::draw_on_bid;
+use super::audit::append_audit;
 use super::planning::{self, MessagePlan, Sql, execute_all};
 use super::{
-    IdList, Param, ROWS_PER_STATEMENT, Store, WritePool, is_unique_violation, on_pool, stored_list,
+    AuditEntry, IdList, Param, ROWS_PER_STATEMENT, Store, WritePool, is_unique_violation, on_pool,
+    stored_list,
 };
 use crate::auction::Terms;
 use crate::error::{Error, Result};
@@ -104,13 +106,102 @@ impl StoredTarget {
     }
 }
 
+/// How many people `target` matches that `except` does not, counted up to
+/// `cap` only.
+fn differing(
+    enterprise_id: &str,
+    target: &StoredTarget,
+    except: Option<&StoredTarget>,
+    cap: u64,
+) -> Sql {
+    let mut sql =
+        Sql::new("SELECT COUNT(*) FROM (SELECT user_id FROM (SELECT r.user_id AS user_id");
+    campaign_source(&mut sql, enterprise_id, false, target);
+    if let Some(except) = except {
+        sql.push(" EXCEPT SELECT r.user_id");
+        campaign_source(&mut sql, enterprise_id, false, except);
+    }
+    let cap = sql.bind(Param::Int(cap as i64));
+    sql.push(&format!(") AS matched LIMIT {cap}) AS capped"));
+    sql
+}
+
+/// Runs a `SELECT COUNT(…)` statement on `$on` (a pool, or `&mut *tx`).
+/// Evaluates to `Result<u64, sqlx::Error>`.
+macro_rules! count_on {
+    ($on:expr, $sql:expr) => {{
+        let sql: Sql = $sql;
+        let mut query = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(sql.text));
+        for param in sql.params {
+            query = match param {
+                Param::Text(value) => query.bind(value),
+                Param::Int(value) => query.bind(value),
+                Param::Bool(value) => query.bind(value),
+                Param::OptInt(value) => query.bind(value),
+                Param::OptText(value) => query.bind(value),
+            };
+        }
+        query.fetch_one($on).await.map(|count| count.max(0) as u64)
+    }};
+}
+
+/// The minimum-cohort rule of [`Store::check_cohort`], read through `$on`
+/// (a pool for a quote; the accepting transaction for a send, so it sees
+/// every segment message accepted before it). Evaluates to `Result<()>`.
+macro_rules! check_cohort {
+    ($on:expr, $enterprise_id:expr, $segment:expr, $min_cohort:expr, $now:expr) => {
+        async {
+            let (enterprise_id, segment, min_cohort, now): (&str, &crate::targeting::Segment, u64, i64) =
+                ($enterprise_id, $segment, $min_cohort, $now);
+            let target = StoredTarget::of_segment(segment);
+            let everyone = StoredTarget {
+                service_id: segment.service_id.clone(),
+                ..StoredTarget::default()
+            };
+            let refuse = |reason: &str| {
+                Err(Error::refused(
+                    "target.segment",
+                    format!("{reason} (minimum cohort {min_cohort}); widen or change the segment"),
+                ))
+            };
+            if count_on!($on, differing(enterprise_id, &target, None, min_cohort))? < min_cohort {
+                return refuse("matches too few people");
+            }
+            if count_on!($on, differing(enterprise_id, &everyone, Some(&target), min_cohort))? < min_cohort {
+                return refuse("leaves too few people out");
+            }
+            let recent: Vec<RecentSegment> = sqlx::query_as(
+                "SELECT target_service_id, seg_gender, seg_age_min, seg_age_max, seg_regions, seg_occupations
+                 FROM messages WHERE enterprise_id = $1 AND target_kind = 'segment' AND accepted_at >= $2
+                 ORDER BY accepted_at DESC LIMIT $3",
+            )
+            .bind(enterprise_id)
+            .bind(now - COHORT_LOOKBACK_MS)
+            .bind(COHORT_RECENT_SEGMENTS)
+            .fetch_all($on)
+            .await?;
+            for earlier in recent {
+                let earlier = StoredTarget::from_columns(earlier);
+                let difference = count_on!($on, differing(enterprise_id, &target, Some(&earlier), min_cohort))?
+                    + count_on!($on, differing(enterprise_id, &earlier, Some(&target), min_cohort))?;
+                if difference > 0 && difference < min_cohort {
+                    return refuse("differs from an earlier segment message by too few people");
+                }
+            }
+            Ok::<(), Error>(())
+        }
+        .await
+    };
+}
+
 /// Every channel, in the order `best` considers them when none are named.
 const ALL_CHANNELS: [Channel; 4] = [Channel::Rcs, Channel::Sms, Channel::Email, Channel::Sns];
 
 impl Store {
     /// Stores a message durably (one transaction, committed before the
     /// caller answers). A refs target is validated and expanded in the same
-    /// transaction; other targets are left `Accepted` for the expander.
+    /// transaction; other targets are left `Accepted` for the expander. No
+    /// minimum cohort (see [`Store::accept_on_terms`]).
     pub async fn accept_message(
         &self,
         enterprise_id: &str,
@@ -129,6 +220,7 @@ impl Store {
             expires_at,
             attention,
             &terms,
+            0,
         )
         .await
     }
@@ -137,7 +229,9 @@ impl Store {
     /// with a winning bid is expanded at once (whatever its target) and
     /// draws its recipients from the bid's capacity in the same transaction,
     /// or is refused with nothing stored; the message keeps the price table
-    /// in force, which its charges use.
+    /// in force, which its charges use. A segment is held to `min_cohort`
+    /// ([`Store::check_cohort`]) and its attribute use audited, both in the
+    /// accepting transaction.
     #[allow(clippy::too_many_arguments)]
     pub async fn accept_on_terms(
         &self,
@@ -148,6 +242,7 @@ impl Store {
         expires_at: i64,
         attention: &AttentionConfig,
         terms: &Terms,
+        min_cohort: u64,
     ) -> Result<StoredMessage> {
         let fingerprint = message.fingerprint();
         let expires_at = terms.expires_by.map_or(expires_at, |by| by.min(expires_at));
@@ -216,6 +311,18 @@ impl Store {
         // Concurrent calls share one transaction and one commit (`group.rs`).
         let result: Result<StoredMessage> = on_pool!(self, pool, groups => {
             let mut tx = groups.accepts.join(pool).await?;
+            if let Some(segment) = segment {
+                // Segment sends one at a time, hub-wide, until this one
+                // commits: the cohort check below then sees every segment
+                // message accepted before it, so two concurrent sends cannot
+                // each pass against the other and together single a person
+                // out. The lock is the audit chain's head, which this
+                // transaction extends anyway (the attribute use, below).
+                sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
+                    .execute(&mut *tx)
+                    .await?;
+                check_cohort!(&mut *tx, enterprise_id, segment, min_cohort, now)?;
+            }
             if let Some(service_id) = service_id {
                 let owned: Option<i64> = sqlx::query_scalar(
                     "SELECT CAST(1 AS BIGINT) FROM services WHERE id = $1 AND enterprise_id = $2",
@@ -326,6 +433,17 @@ impl Store {
             if let (Some(bid_id), Some(recipients)) = (&terms.bid_id, matched) {
                 draw_on_bid!(tx, enterprise_id, bid_id, recipients as i64);
             }
+            if let Some(segment) = segment {
+                // The attribute use is on record in the commit that accepts
+                // the message: never one without the other.
+                let entry = AuditEntry::new(
+                    format!("enterprise:{enterprise_id}"),
+                    "attributes.used",
+                    message_id,
+                    format!("purpose: targeting; fields: {}", segment.fields()),
+                );
+                append_audit!(tx, now, [&entry]);
+            }
             tx.commit().await?;
             Ok(StoredMessage {
                 row: MessageRow {
@@ -411,6 +529,8 @@ impl Store {
     /// registered people, or the service's) outside it, and differ from each
     /// of the enterprise's segment messages of the last 30 days by none or
     /// at least `min_cohort` people — so no two answers differ by fewer.
+    /// For a quote; a send checks inside its accepting transaction
+    /// ([`Store::accept_on_terms`]), where no concurrent send can slip by.
     pub async fn check_cohort(
         &self,
         enterprise_id: &str,
@@ -418,93 +538,12 @@ impl Store {
         min_cohort: u64,
         now: i64,
     ) -> Result<()> {
-        let target = StoredTarget::of_segment(segment);
-        let everyone = StoredTarget {
-            service_id: segment.service_id.clone(),
-            ..StoredTarget::default()
-        };
-        let refuse = |reason: &str| {
-            Err(Error::refused(
-                "target.segment",
-                format!("{reason} (minimum cohort {min_cohort}); widen or change the segment"),
-            ))
-        };
-        if self
-            .differing(enterprise_id, &target, None, min_cohort)
-            .await?
-            < min_cohort
-        {
-            return refuse("matches too few people");
-        }
-        if self
-            .differing(enterprise_id, &everyone, Some(&target), min_cohort)
-            .await?
-            < min_cohort
-        {
-            return refuse("leaves too few people out");
-        }
-        let recent: Vec<RecentSegment> = on_pool!(self, pool => sqlx::query_as(
-            "SELECT target_service_id, seg_gender, seg_age_min, seg_age_max, seg_regions, seg_occupations
-             FROM messages WHERE enterprise_id = $1 AND target_kind = 'segment' AND accepted_at >= $2
-             ORDER BY accepted_at DESC LIMIT $3",
-        )
-        .bind(enterprise_id)
-        .bind(now - COHORT_LOOKBACK_MS)
-        .bind(COHORT_RECENT_SEGMENTS)
-        .fetch_all(pool)
-        .await)?;
-        for earlier in recent {
-            let earlier = StoredTarget::from_columns(earlier);
-            let difference = self
-                .differing(enterprise_id, &target, Some(&earlier), min_cohort)
-                .await?
-                + self
-                    .differing(enterprise_id, &earlier, Some(&target), min_cohort)
-                    .await?;
-            if difference > 0 && difference < min_cohort {
-                return refuse("differs from an earlier segment message by too few people");
-            }
-        }
-        Ok(())
-    }
-
-    /// How many people `target` matches that `except` does not, counted up
-    /// to `cap` only.
-    async fn differing(
-        &self,
-        enterprise_id: &str,
-        target: &StoredTarget,
-        except: Option<&StoredTarget>,
-        cap: u64,
-    ) -> Result<u64> {
-        let mut sql =
-            Sql::new("SELECT COUNT(*) FROM (SELECT user_id FROM (SELECT r.user_id AS user_id");
-        campaign_source(&mut sql, enterprise_id, false, target);
-        if let Some(except) = except {
-            sql.push(" EXCEPT SELECT r.user_id");
-            campaign_source(&mut sql, enterprise_id, false, except);
-        }
-        let cap = sql.bind(Param::Int(cap as i64));
-        sql.push(&format!(") AS matched LIMIT {cap}) AS capped"));
-        self.count(sql).await
+        on_pool!(self, pool => check_cohort!(pool, enterprise_id, segment, min_cohort, now))
     }
 
     /// Runs a `SELECT COUNT(…)` statement.
     async fn count(&self, sql: Sql) -> Result<u64> {
-        let count: i64 = on_pool!(self, pool => {
-            let mut query = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.text));
-            for param in sql.params {
-                query = match param {
-                    Param::Text(value) => query.bind(value),
-                    Param::Int(value) => query.bind(value),
-                    Param::Bool(value) => query.bind(value),
-                    Param::OptInt(value) => query.bind(value),
-                    Param::OptText(value) => query.bind(value),
-                };
-            }
-            query.fetch_one(pool).await
-        })?;
-        Ok(count.max(0) as u64)
+        Ok(on_pool!(self, pool => count_on!(pool, sql))?)
     }
 
     /// The stored answer for an idempotency key, or an error when the key was
