@@ -79,8 +79,17 @@ impl Store {
         now: i64,
         limit: u32,
     ) -> Result<Vec<DueDelivery>> {
-        self.due(carrier_id, None, after_id..i64::MAX, now, limit)
-            .await
+        // Each lane is one index range; merged here, not sorted by the database.
+        let mut due = Vec::new();
+        for lane in [Lane::Priority, Lane::Bulk] {
+            due.extend(
+                self.due(carrier_id, lane, after_id..i64::MAX, now, limit)
+                    .await?,
+            );
+        }
+        due.sort_unstable_by_key(|d| d.id);
+        due.truncate(limit as usize);
+        Ok(due)
     }
 
     /// [`Store::due_deliveries`] of one lane, with ids above `ids.start`
@@ -93,29 +102,27 @@ impl Store {
         now: i64,
         limit: u32,
     ) -> Result<Vec<DueDelivery>> {
-        self.due(carrier_id, Some(lane), ids, now, limit).await
+        self.due(carrier_id, lane, ids, now, limit).await
     }
 
     async fn due(
         &self,
         carrier_id: &str,
-        lane: Option<Lane>,
+        lane: Lane,
         ids: std::ops::Range<i64>,
         now: i64,
         limit: u32,
     ) -> Result<Vec<DueDelivery>> {
-        let lane = match lane {
-            None => "",
-            Some(Lane::Priority) => " AND d.lane = 0",
-            Some(Lane::Bulk) => " AND d.lane = 1",
-        };
+        // A constant in the text, so the lane is part of the index range
+        // (carrier, state, lane, id).
+        let lane = lane as i64;
         // The deliveries alone, then their messages once each: a campaign's
         // batch is a thousand rows of one message, whose content is not
         // read (nor allocated) a thousand times.
         let sql = format!(
             "SELECT d.id, d.message_id, d.user_id, d.channel, d.not_before
              FROM deliveries d JOIN messages m ON m.id = d.message_id
-             WHERE d.carrier_id = $1 AND d.state = 0{lane} AND d.id > $2 AND d.id < $5 AND d.not_before <= $3
+             WHERE d.carrier_id = $1 AND d.state = 0 AND d.lane = {lane} AND d.id > $2 AND d.id < $5 AND d.not_before <= $3
                AND (d.window_close IS NULL OR d.window_close > $3) AND m.expires_at > $3
              ORDER BY d.id
              LIMIT $4"
