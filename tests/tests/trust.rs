@@ -357,14 +357,58 @@ async fn leaving_the_hub_erases_everything_but_the_counts(backend: Backend) {
     hub.shutdown().await.unwrap();
 }
 
-/// k = 10. Twelve people in Tokyo (eleven women, one man) and ten in
-/// Osaka, all sharing gender and region. Nothing an enterprise can ask
-/// isolates the one man: segments of fewer than k, or leaving fewer than k
-/// out, or differing from an earlier segment by fewer than k, are refused
-/// with words that do not give the count; statistics withhold the cell of
-/// one; who received a segment message is not shown per person.
-async fn differencing_cannot_isolate_one_person(backend: Backend) {
-    let Some((hub, clock, fleet, _terminals)) = hub_with_people(backend, 22, 10, |i, user| {
+/// The operator's verification finds the audit chain intact.
+async fn assert_audit_intact(admin: &mut integration_tests::Admin) {
+    let verified = admin
+        .verify_audit_log(pb::VerifyAuditLogRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(verified.intact, "{verified:?}");
+}
+
+/// The audit log's latest hundred entries, as the operator lists them.
+async fn audit_log(
+    admin: &mut pb::admin_client::AdminClient<
+        tonic::service::interceptor::InterceptedService<
+            Channel,
+            chukei_proto::auth::BearerInterceptor,
+        >,
+    >,
+) -> Vec<pb::AuditLogEntry> {
+    admin
+        .list_audit_log(pb::ListAuditLogRequest { limit: 100 })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+}
+
+/// A new enterprise "shop" with everyone in `fleet` registered, sharing
+/// everything: its id, its API key and their refs.
+async fn everyone_joins_a_shop(hub: &Hub, fleet: &Fleet) -> (String, String, Vec<String>) {
+    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
+    let mut api = subscriber_api(hub).await;
+    let mut refs = Vec::new();
+    for user in &fleet.users {
+        refs.push(register(&mut api, user, &shop, share_all()).await);
+    }
+    (shop, key, refs)
+}
+
+/// k = 10; twelve people in Tokyo (eleven women, one man) and ten in
+/// Osaka, all registered with one enterprise sharing everything: its API
+/// key and their refs.
+struct TokyoAndOsaka {
+    hub: Hub,
+    clock: Clock,
+    key: String,
+    refs: Vec<String>,
+    _terminals: Terminals,
+}
+
+async fn tokyo_and_osaka(backend: Backend) -> Option<TokyoAndOsaka> {
+    let (hub, clock, fleet, terminals) = hub_with_people(backend, 22, 10, |i, user| {
         user.home_region = if i < 12 {
             "tokyo/shibuya"
         } else {
@@ -377,16 +421,34 @@ async fn differencing_cannot_isolate_one_person(backend: Backend) {
             common::Gender::Female as i32
         };
     })
-    .await
+    .await?;
+    let (_shop, key, refs) = everyone_joins_a_shop(&hub, &fleet).await;
+    Some(TokyoAndOsaka {
+        hub,
+        clock,
+        key,
+        refs,
+        _terminals: terminals,
+    })
+}
+
+/// k = 10. Twelve people in Tokyo (eleven women, one man) and ten in
+/// Osaka, all sharing gender and region. Nothing an enterprise can ask
+/// isolates the one man: segments of fewer than k, or leaving fewer than k
+/// out, or differing from an earlier segment by fewer than k, are refused
+/// with words that do not give the count; statistics withhold the cell of
+/// one; who received a segment message is not shown per person.
+async fn differencing_cannot_isolate_one_person(backend: Backend) {
+    let Some(TokyoAndOsaka {
+        hub,
+        clock,
+        key,
+        refs,
+        _terminals,
+    }) = tokyo_and_osaka(backend).await
     else {
         return;
     };
-    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
-    let mut api = subscriber_api(&hub).await;
-    let mut refs = Vec::new();
-    for user in &fleet.users {
-        refs.push(register(&mut api, user, &shop, share_all()).await);
-    }
     let mut client = hub.enterprise(&key).await.unwrap();
     let tokyo = || in_region("tokyo");
     let tokyo_women = || pb::Segment {
@@ -512,36 +574,24 @@ async fn the_audit_chain_finds_a_modified_entry(backend: Backend) {
     else {
         return;
     };
-    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
-    let mut api = subscriber_api(&hub).await;
-    for user in &fleet.users {
-        register(&mut api, user, &shop, share_all()).await;
-    }
+    let (shop, key, _refs) = everyone_joins_a_shop(&hub, &fleet).await;
     let mut client = hub.enterprise(&key).await.unwrap();
     client
         .list_registrations(pb::ListRegistrationsRequest::default())
         .await
         .unwrap();
-    api.unregister(cpb::UnregisterRequest {
-        user_id: fleet.users[2].user_id.clone(),
-        enterprise_id: shop.clone(),
-        service_id: String::new(),
-    })
-    .await
-    .unwrap();
+    subscriber_api(&hub)
+        .await
+        .unregister(cpb::UnregisterRequest {
+            user_id: fleet.users[2].user_id.clone(),
+            enterprise_id: shop.clone(),
+            service_id: String::new(),
+        })
+        .await
+        .unwrap();
     let mut admin = hub.admin().await.unwrap();
-    let verified = admin
-        .verify_audit_log(pb::VerifyAuditLogRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(verified.intact, "{verified:?}");
-    let entries = admin
-        .list_audit_log(pb::ListAuditLogRequest { limit: 100 })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    assert_audit_intact(&mut admin).await;
+    let entries = audit_log(&mut admin).await;
     let actions: Vec<&str> = entries.iter().map(|e| e.action.as_str()).collect();
     for action in [
         "admin.create_enterprise",
@@ -594,28 +644,9 @@ async fn the_audit_chain_finds_a_modified_entry(backend: Backend) {
 /// other refused. (When the check ran before and outside the accepting
 /// transaction, both passed against a hub holding neither.)
 async fn concurrent_segment_sends_cannot_single_a_person_out(backend: Backend) {
-    let Some((hub, _clock, fleet, _terminals)) = hub_with_people(backend, 22, 10, |i, user| {
-        user.home_region = if i < 12 {
-            "tokyo/shibuya"
-        } else {
-            "osaka/kita"
-        }
-        .into();
-        user.gender = if i == 0 {
-            common::Gender::Male as i32
-        } else {
-            common::Gender::Female as i32
-        };
-    })
-    .await
-    else {
+    let Some(TokyoAndOsaka { hub, key, .. }) = tokyo_and_osaka(backend).await else {
         return;
     };
-    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
-    let mut api = subscriber_api(&hub).await;
-    for user in &fleet.users {
-        register(&mut api, user, &shop, share_all()).await;
-    }
     let tokyo_women = pb::Segment {
         gender: common::Gender::Female as i32,
         ..in_region("tokyo")
@@ -650,11 +681,7 @@ async fn a_segment_message_is_never_accepted_unaudited(backend: Backend) {
     else {
         return;
     };
-    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
-    let mut api = subscriber_api(&hub).await;
-    for user in &fleet.users {
-        register(&mut api, user, &shop, share_all()).await;
-    }
+    let (shop, key, _refs) = everyone_joins_a_shop(&hub, &fleet).await;
     let mut client = hub.enterprise(&key).await.unwrap();
     let store = Store::connect(hub.database_url()).await.unwrap();
     let segment_messages = || async {
@@ -688,24 +715,14 @@ async fn a_segment_message_is_never_accepted_unaudited(backend: Backend) {
         .into_inner();
     assert_eq!(segment_messages().await, 1);
     let mut admin = hub.admin().await.unwrap();
-    let entries = admin
-        .list_audit_log(pb::ListAuditLogRequest { limit: 100 })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let entries = audit_log(&mut admin).await;
     assert!(
         entries
             .iter()
             .any(|e| e.action == "attributes.used" && e.subject == sent.message_id),
         "{entries:?}"
     );
-    let verified = admin
-        .verify_audit_log(pb::VerifyAuditLogRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(verified.intact, "{verified:?}");
+    assert_audit_intact(&mut admin).await;
     store.close().await;
     hub.shutdown().await.unwrap();
 }

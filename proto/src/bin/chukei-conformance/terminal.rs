@@ -98,6 +98,38 @@ impl Stream {
             .map_err(|_| "the stream is closed".to_owned())
     }
 
+    /// Waits until every one of `wanted` is confirmed (or `timeout`);
+    /// READ events seen meanwhile are kept in `reads`.
+    async fn confirmed(
+        &mut self,
+        wanted: &[pb::PushedMessage],
+        timeout: Duration,
+        reads: &mut Vec<pb::TerminalEvent>,
+    ) -> Result<Vec<pb::TerminalEvent>, String> {
+        let events = self.gather(timeout, all_confirmed(wanted)).await?;
+        reads.extend(
+            events
+                .iter()
+                .filter(|e| e.kind == pb::EventKind::Read as i32)
+                .cloned(),
+        );
+        Ok(events)
+    }
+
+    /// Pushes `wanted` in one request and checks each is confirmed, naming
+    /// its own message and user.
+    async fn push_and_check(
+        &mut self,
+        wanted: &[pb::PushedMessage],
+        timeout: Duration,
+        pushed: &HashMap<String, (String, String)>,
+        reads: &mut Vec<pb::TerminalEvent>,
+    ) -> Result<String, String> {
+        self.push(wanted.to_vec()).await?;
+        let events = self.confirmed(wanted, timeout, reads).await?;
+        check_confirmed(wanted, &events, pushed)
+    }
+
     /// Events until `done` holds for what was gathered or `timeout` passes.
     async fn gather(
         &mut self,
@@ -224,44 +256,22 @@ pub(crate) async fn run(args: Args, timeout: Duration, report: &mut Report) -> a
         pushed: HashMap::new(),
     };
     let mut reads: Vec<pb::TerminalEvent> = Vec::new();
-    let keep_reads = |events: &[pb::TerminalEvent], reads: &mut Vec<pb::TerminalEvent>| {
-        reads.extend(
-            events
-                .iter()
-                .filter(|e| e.kind == pb::EventKind::Read as i32)
-                .cloned(),
-        );
-    };
 
     // The carrier names itself, waits a while (no headers need come), then pushes.
     let mut stream = Stream::open(&channel, &args.carrier_id).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let first = vec![messages.next("conformance-first", common::Channel::Sms)];
-    let outcome = match stream.push(first.clone()).await {
-        Ok(()) => stream
-            .gather(timeout, all_confirmed(&first))
-            .await
-            .and_then(|events| {
-                keep_reads(&events, &mut reads);
-                check_confirmed(&first, &events, &messages.pushed)
-            }),
-        Err(why) => Err(why),
-    };
+    let outcome = stream
+        .push_and_check(&first, timeout, &messages.pushed, &mut reads)
+        .await;
     report.case("first-request-names-only-the-carrier", outcome);
 
     let batch: Vec<pb::PushedMessage> = (0..20)
         .map(|_| messages.next("conformance-batch", common::Channel::Sms))
         .collect();
-    let outcome = match stream.push(batch.clone()).await {
-        Ok(()) => stream
-            .gather(timeout, all_confirmed(&batch))
-            .await
-            .and_then(|events| {
-                keep_reads(&events, &mut reads);
-                check_confirmed(&batch, &events, &messages.pushed)
-            }),
-        Err(why) => Err(why),
-    };
+    let outcome = stream
+        .push_and_check(&batch, timeout, &messages.pushed, &mut reads)
+        .await;
     report.case("every-message-in-a-push-confirmed", outcome);
 
     // One per request, newest delivery first.
@@ -269,38 +279,22 @@ pub(crate) async fn run(args: Args, timeout: Duration, report: &mut Report) -> a
         .map(|_| messages.next("conformance-spread", common::Channel::Sms))
         .collect();
     spread.reverse();
-    let mut outcome = Ok(());
-    for message in &spread {
-        if let Err(why) = stream.push(vec![message.clone()]).await {
-            outcome = Err(why);
-            break;
+    let outcome = async {
+        for message in &spread {
+            stream.push(vec![message.clone()]).await?;
         }
+        let events = stream.confirmed(&spread, timeout, &mut reads).await?;
+        check_confirmed(&spread, &events, &messages.pushed)
     }
-    let outcome = match outcome {
-        Ok(()) => stream
-            .gather(timeout, all_confirmed(&spread))
-            .await
-            .and_then(|events| {
-                keep_reads(&events, &mut reads);
-                check_confirmed(&spread, &events, &messages.pushed)
-            }),
-        Err(why) => Err(why),
-    };
+    .await;
     report.case("pushes-out-of-delivery-order-confirmed", outcome);
 
     // A carrier re-pushes when a confirmation was lost: it must be confirmed again.
     let again = vec![batch[0].clone()];
-    let outcome = match stream.push(again.clone()).await {
-        Ok(()) => stream
-            .gather(timeout, all_confirmed(&again))
-            .await
-            .and_then(|events| {
-                keep_reads(&events, &mut reads);
-                check_confirmed(&again, &events, &messages.pushed)
-            })
-            .map(|_| "the repeated push confirmed again".to_owned()),
-        Err(why) => Err(why),
-    };
+    let outcome = stream
+        .push_and_check(&again, timeout, &messages.pushed, &mut reads)
+        .await
+        .map(|_| "the repeated push confirmed again".to_owned());
     report.case("repeated-push-confirmed-again", outcome);
 
     // Bad input: no user, an unknown channel. Whatever the terminal makes of
@@ -310,40 +304,26 @@ pub(crate) async fn run(args: Args, timeout: Duration, report: &mut Report) -> a
     let mut odd_channel = messages.next("conformance-bad", common::Channel::Sms);
     odd_channel.channel = 99;
     let after = vec![messages.next("conformance-after-bad", common::Channel::Sms)];
-    let outcome = match stream.push(vec![no_user, odd_channel]).await {
-        Ok(()) => match stream.push(after.clone()).await {
-            Ok(()) => stream
-                .gather(timeout, all_confirmed(&after))
-                .await
-                .and_then(|events| {
-                    keep_reads(&events, &mut reads);
-                    let got = confirmed(&events);
-                    if got.contains(after[0].delivery_id.as_str()) {
-                        Ok("the stream carried on after them".to_owned())
-                    } else {
-                        Err("the message pushed after them was never confirmed".to_owned())
-                    }
-                }),
-            Err(why) => Err(why),
-        },
-        Err(why) => Err(why),
-    };
+    let outcome = async {
+        stream.push(vec![no_user, odd_channel]).await?;
+        stream.push(after.clone()).await?;
+        let events = stream.confirmed(&after, timeout, &mut reads).await?;
+        if confirmed(&events).contains(after[0].delivery_id.as_str()) {
+            Ok("the stream carried on after them".to_owned())
+        } else {
+            Err("the message pushed after them was never confirmed".to_owned())
+        }
+    }
+    .await;
     report.case("bad-input-does-not-break-the-stream", outcome);
 
     // The carrier's stream breaks and it dials again.
     drop(stream);
     let mut stream = Stream::open(&channel, &args.carrier_id).await;
     let later = vec![messages.next("conformance-reconnect", common::Channel::Sms)];
-    let outcome = match stream.push(later.clone()).await {
-        Ok(()) => stream
-            .gather(timeout, all_confirmed(&later))
-            .await
-            .and_then(|events| {
-                keep_reads(&events, &mut reads);
-                check_confirmed(&later, &events, &messages.pushed)
-            }),
-        Err(why) => Err(why),
-    };
+    let outcome = stream
+        .push_and_check(&later, timeout, &messages.pushed, &mut reads)
+        .await;
     report.case("a-new-stream-from-the-carrier-works", outcome);
 
     // Reads: each names a pushed delivery with its message and user.
@@ -372,7 +352,11 @@ pub(crate) async fn run(args: Args, timeout: Duration, report: &mut Report) -> a
                     delivered.iter().all(|id| read.contains(id.as_str()))
                 })
                 .await?;
-            keep_reads(&events, &mut reads);
+            reads.extend(
+                events
+                    .into_iter()
+                    .filter(|e| e.kind == pb::EventKind::Read as i32),
+            );
         }
         let wrong = check_confirmed(&[], &reads, &messages.pushed);
         wrong?;
