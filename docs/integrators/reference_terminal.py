@@ -91,6 +91,7 @@ def main():
         def __init__(self):
             self.lock = threading.Lock()
             self.received = {}  # delivery id -> (message id, user id, read at ms or None)
+            self.carrier_of = {}  # delivery id -> the carrier that pushed it
             self.streams = {}  # carrier id -> the queue of its newest stream
 
         def event(self, delivery_id, kind, at_ms):
@@ -129,6 +130,7 @@ def main():
                     repeat = m.delivery_id in self.received
                     if not repeat:
                         self.received[m.delivery_id] = (m.message_id, m.user_id, None)
+                        self.carrier_of[m.delivery_id] = carrier_id
                     if m.channel not in shown:
                         answer.append(self.event(m.delivery_id, pb.EVENT_KIND_UNSUPPORTED, now))
                         continue
@@ -142,6 +144,20 @@ def main():
             if answer:
                 events.put(answer)
 
+        def attach(self, carrier_id, events):
+            """The carrier's newest stream: later READs go there, and every READ
+            of its deliveries is sent again (one sent just before its previous
+            stream broke may never have been recorded; the carrier drops repeats)."""
+            with self.lock:
+                self.streams[carrier_id] = events
+                again = [
+                    self.event(delivery_id, pb.EVENT_KIND_READ, read_at)
+                    for delivery_id, (_, _, read_at) in self.received.items()
+                    if read_at is not None and self.carrier_of.get(delivery_id) == carrier_id
+                ]
+            if again:
+                events.put(again)
+
         def Push(self, request_iterator, context):
             events = queue.Queue()
             state = {"carrier": ""}
@@ -151,8 +167,7 @@ def main():
                     for request in request_iterator:
                         if not state["carrier"] and request.carrier_id:
                             state["carrier"] = request.carrier_id
-                            with self.lock:
-                                self.streams[request.carrier_id] = events
+                            self.attach(request.carrier_id, events)
                         self.take(state["carrier"], request.messages, events)
                 except grpc.RpcError:
                     pass
