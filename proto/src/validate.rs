@@ -85,6 +85,16 @@ pub fn bounded<T>(field: &str, rows: &[T], max: usize) -> Result<(), FieldError>
     Ok(())
 }
 
+/// A command-line URL of a gRPC server: `http://…` or `https://…` (clap's
+/// value parser for `chukei-health` and `chukei-conformance`).
+pub fn url_argument(value: &str) -> Result<String, String> {
+    if value.starts_with("http://") || value.starts_with("https://") {
+        Ok(value.to_owned())
+    } else {
+        Err("must start with http:// or https://".into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,19 +20,11 @@ use tonic_health::pb::health_client::HealthClient;
 #[command(name = "chukei-health", version)]
 struct Args {
     /// The server, e.g. http://127.0.0.1:50051.
-    #[arg(value_parser = url)]
+    #[arg(value_parser = chukei_proto::validate::url_argument)]
     url: String,
     /// One service it serves, e.g. chukei.relay.v1.EnterpriseApi (default: the whole server).
     #[arg(default_value = "")]
     service: String,
-}
-
-fn url(value: &str) -> Result<String, String> {
-    if value.starts_with("http://") || value.starts_with("https://") {
-        Ok(value.to_owned())
-    } else {
-        Err("must start with http:// or https://".into())
-    }
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -83,7 +83,7 @@ impl Store {
         let mut due = Vec::new();
         for lane in [Lane::Priority, Lane::Bulk] {
             due.extend(
-                self.due(carrier_id, lane, after_id..i64::MAX, now, limit)
+                self.due_in_lane(carrier_id, lane, after_id..i64::MAX, now, limit)
                     .await?,
             );
         }
@@ -95,17 +95,6 @@ impl Store {
     /// [`Store::due_deliveries`] of one lane, with ids above `ids.start`
     /// and below `ids.end`.
     pub async fn due_in_lane(
-        &self,
-        carrier_id: &str,
-        lane: Lane,
-        ids: std::ops::Range<i64>,
-        now: i64,
-        limit: u32,
-    ) -> Result<Vec<DueDelivery>> {
-        self.due(carrier_id, lane, ids, now, limit).await
-    }
-
-    async fn due(
         &self,
         carrier_id: &str,
         lane: Lane,

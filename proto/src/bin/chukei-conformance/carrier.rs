@@ -9,23 +9,22 @@
 //! the rest of its batch kept.
 
 use std::collections::HashSet;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use chukei_proto::auth::BearerInterceptor;
 use chukei_proto::carrier::v1 as pb;
-use chukei_proto::clock::to_timestamp;
+use chukei_proto::clock::{Clock, to_timestamp};
 use chukei_proto::common::v1 as common;
 use chukei_proto::deliver;
 use chukei_proto::relay::v1 as relay;
 use chukei_proto::terminal::v1 as terminal;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
-use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Response, Status, Streaming};
 
+use self::peers::{Deliver, Ingress, KitTerminal};
 use crate::{Report, probe};
+
+mod peers;
 
 const CARRIER: &str = "chukei.carrier.v1.Carrier";
 const SUBSCRIBERS: &str = "chukei.carrier.v1.SubscriberApi";
@@ -34,10 +33,10 @@ const ADMIN: &str = "chukei.carrier.v1.CarrierAdmin";
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
     /// The carrier's gRPC URL serving `Carrier` (its `--listen`).
-    #[arg(value_parser = crate::url)]
+    #[arg(value_parser = chukei_proto::validate::url_argument)]
     url: String,
     /// Where it serves `SubscriberApi` and `CarrierAdmin`, when apart (its `--subscriber-listen`).
-    #[arg(long, value_parser = crate::url)]
+    #[arg(long, value_parser = chukei_proto::validate::url_argument)]
     subscriber_url: Option<String>,
     /// Where the kit serves `CarrierIngress`: the carrier's `--relay-url` must name it.
     #[arg(long)]
@@ -51,228 +50,6 @@ pub(crate) struct Args {
     /// The carrier operator's token for `CarrierAdmin`.
     #[arg(long, env = "CHUKEI_CARRIER_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: String,
-}
-
-type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-/// The kit's `CarrierIngress`: accepts everything, and tells the kit which
-/// users' contracts arrived.
-#[derive(Clone)]
-struct Ingress(mpsc::UnboundedSender<String>);
-
-#[tonic::async_trait]
-impl relay::carrier_ingress_server::CarrierIngress for Ingress {
-    async fn upsert_contracts(
-        &self,
-        request: Request<relay::UpsertContractsRequest>,
-    ) -> Result<Response<relay::UpsertContractsResponse>, Status> {
-        let contracts = request.into_inner().contracts;
-        for contract in &contracts {
-            let _ = self.0.send(contract.user_id.clone());
-        }
-        Ok(Response::new(relay::UpsertContractsResponse {
-            upserted: contracts.len() as u32,
-        }))
-    }
-
-    async fn register_users(
-        &self,
-        request: Request<relay::RegisterUsersRequest>,
-    ) -> Result<Response<relay::RegisterUsersResponse>, Status> {
-        let registrations = request.into_inner().registrations;
-        Ok(Response::new(relay::RegisterUsersResponse {
-            user_refs: registrations
-                .iter()
-                .map(|r| format!("ref-{}", r.user_id))
-                .collect(),
-        }))
-    }
-
-    async fn unregister_users(
-        &self,
-        request: Request<relay::UnregisterUsersRequest>,
-    ) -> Result<Response<relay::UnregisterUsersResponse>, Status> {
-        let removed = request.into_inner().unregistrations.len() as u32;
-        Ok(Response::new(relay::UnregisterUsersResponse { removed }))
-    }
-
-    async fn put_profile(
-        &self,
-        _request: Request<relay::PutProfileRequest>,
-    ) -> Result<Response<relay::PutProfileResponse>, Status> {
-        Ok(Response::new(relay::PutProfileResponse {}))
-    }
-}
-
-/// The kit's terminal: confirms every push at once, reads when told, and
-/// sends its response headers only with its first event (as grpcio does).
-#[derive(Clone)]
-struct KitTerminal {
-    pushes: mpsc::UnboundedSender<terminal::PushedMessage>,
-    sink: Arc<Mutex<Option<mpsc::UnboundedSender<terminal::TerminalEvents>>>>,
-}
-
-impl KitTerminal {
-    fn event(
-        message: &terminal::PushedMessage,
-        kind: terminal::EventKind,
-    ) -> terminal::TerminalEvent {
-        terminal::TerminalEvent {
-            delivery_id: message.delivery_id.clone(),
-            message_id: message.message_id.clone(),
-            user_id: message.user_id.clone(),
-            kind: kind as i32,
-            at: Some(to_timestamp(now_ms())),
-            region: "tokyo/shibuya".into(),
-            trace_parent: String::new(),
-        }
-    }
-
-    fn received(&self, messages: Vec<terminal::PushedMessage>) -> terminal::TerminalEvents {
-        let events = messages
-            .iter()
-            .map(|m| Self::event(m, terminal::EventKind::Delivered))
-            .collect();
-        for message in messages {
-            let _ = self.pushes.send(message);
-        }
-        terminal::TerminalEvents { events }
-    }
-
-    /// Sends a READ for `message` on the carrier's current stream.
-    fn read(&self, message: &terminal::PushedMessage) -> Result<(), String> {
-        let sink = self.sink.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        sink.ok_or("no carrier stream is open to the kit's terminal")?
-            .send(terminal::TerminalEvents {
-                events: vec![Self::event(message, terminal::EventKind::Read)],
-            })
-            .map_err(|_| "the carrier's stream to the kit's terminal is closed".to_owned())
-    }
-}
-
-#[tonic::async_trait]
-impl terminal::terminal_server::Terminal for KitTerminal {
-    type PushStream = Boxed<terminal::TerminalEvents>;
-
-    async fn push(
-        &self,
-        request: Request<Streaming<terminal::PushRequest>>,
-    ) -> Result<Response<Self::PushStream>, Status> {
-        let mut inbound = request.into_inner();
-        // No headers until there is something to answer.
-        let first = loop {
-            match inbound.message().await? {
-                Some(request) if !request.messages.is_empty() => break request.messages,
-                Some(_) => {}
-                None => return Err(Status::cancelled("the carrier ended the stream")),
-            }
-        };
-        let (sink, events) = mpsc::unbounded_channel();
-        let _ = sink.send(self.received(first));
-        *self.sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink.clone());
-        let kit = self.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(request)) = inbound.message().await {
-                if !request.messages.is_empty()
-                    && sink.send(kit.received(request.messages)).is_err()
-                {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(
-            UnboundedReceiverStream::new(events),
-            Ok,
-        ))))
-    }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// One `Deliver` stream, as the relay holds it.
-struct Deliver {
-    down: mpsc::Sender<pb::RelayToCarrier>,
-    up: mpsc::UnboundedReceiver<Result<pb::CarrierToRelay, Status>>,
-}
-
-impl Deliver {
-    /// Opens a stream presenting `token` and naming protocol `version`.
-    fn open(channel: &Channel, token: &str, version: &str) -> Deliver {
-        let (down, outgoing) = mpsc::channel(16);
-        let (sink, up) = mpsc::unbounded_channel();
-        let mut request = Request::new(ReceiverStream::new(outgoing));
-        if let Ok(value) = format!("Bearer {token}").parse() {
-            request.metadata_mut().insert("authorization", value);
-        }
-        if let Ok(value) = version.parse() {
-            request
-                .metadata_mut()
-                .insert(deliver::VERSION_HEADER, value);
-        }
-        let mut client = pb::carrier_client::CarrierClient::new(channel.clone());
-        tokio::spawn(async move {
-            let mut inbound = match client.deliver(request).await {
-                Ok(response) => response.into_inner(),
-                Err(status) => {
-                    let _ = sink.send(Err(status));
-                    return;
-                }
-            };
-            loop {
-                match inbound.message().await {
-                    Ok(Some(message)) => {
-                        if sink.send(Ok(message)).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(status) => {
-                        let _ = sink.send(Err(status));
-                        return;
-                    }
-                }
-            }
-        });
-        Deliver { down, up }
-    }
-
-    async fn send(&self, kind: pb::relay_to_carrier::Kind) -> Result<(), String> {
-        self.down
-            .send(pb::RelayToCarrier { kind: Some(kind) })
-            .await
-            .map_err(|_| "the Deliver stream is closed".to_owned())
-    }
-
-    /// The next message up that `pick` wants (others are skipped; receipt
-    /// batches among them are not acked), within `timeout`.
-    async fn expect<T>(
-        &mut self,
-        timeout: Duration,
-        what: &str,
-        mut pick: impl FnMut(&pb::carrier_to_relay::Kind) -> Option<T>,
-    ) -> Result<T, String> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            match tokio::time::timeout_at(deadline, self.up.recv()).await {
-                Ok(Some(Ok(message))) => {
-                    if let Some(kind) = &message.kind
-                        && let Some(found) = pick(kind)
-                    {
-                        return Ok(found);
-                    }
-                }
-                Ok(Some(Err(status))) => {
-                    return Err(format!("waiting for {what}: Deliver answered {status}"));
-                }
-                Ok(None) => return Err(format!("waiting for {what}: the Deliver stream ended")),
-                Err(_) => return Err(format!("no {what} within {} s", timeout.as_secs())),
-            }
-        }
-    }
 }
 
 /// Receipts of `kind` in a batch: (relay delivery id, user id).
@@ -307,7 +84,7 @@ fn record(message_id: &str, ids: &[u64], users: &[String]) -> pb::MessageDeliver
             text: "Chukei conformance check".into(),
             ..Default::default()
         }),
-        expires_at: Some(to_timestamp(now_ms() + 3_600_000)),
+        expires_at: Some(to_timestamp(Clock::system().now_ms() + 3_600_000)),
         channel: common::Channel::Sms as i32,
         delivery_ids: ids.to_vec(),
         user_ids: users.to_vec(),
@@ -346,28 +123,12 @@ async fn pushes(
     got
 }
 
-fn admin_request<T>(token: &str, message: T) -> Request<T> {
-    let mut request = Request::new(message);
-    if let Ok(value) = format!("Bearer {token}").parse() {
-        request.metadata_mut().insert("authorization", value);
-    }
-    request
-}
-
-async fn connect(url: &str) -> anyhow::Result<Channel> {
-    Endpoint::from_shared(url.to_owned())?
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .map_err(|error| anyhow::anyhow!("cannot reach {url}: {error}"))
-}
-
 pub(crate) async fn run(args: Args, timeout: Duration, report: &mut Report) -> anyhow::Result<()> {
-    let channel = connect(&args.url).await?;
+    let channel = crate::connect(&args.url).await?;
     let subscriber_channel = match &args.subscriber_url {
         Some(url) if *url != args.url => {
             probe::port(report, &channel, &[CARRIER], "health", "reflection").await;
-            let other = connect(url).await?;
+            let other = crate::connect(url).await?;
             probe::port(
                 report,
                 &other,
@@ -469,12 +230,12 @@ pub(crate) async fn run(args: Args, timeout: Duration, report: &mut Report) -> a
             ..Default::default()
         })
         .collect();
-    let mut admin = pb::carrier_admin_client::CarrierAdminClient::new(subscriber_channel.clone());
+    let mut admin = pb::carrier_admin_client::CarrierAdminClient::with_interceptor(
+        subscriber_channel.clone(),
+        BearerInterceptor::new(&args.admin_token)?,
+    );
     let outcome = match admin
-        .provision_subscribers(admin_request(
-            &args.admin_token,
-            pb::ProvisionSubscribersRequest { subscribers },
-        ))
+        .provision_subscribers(pb::ProvisionSubscribersRequest { subscribers })
         .await
     {
         Err(status) => Err(format!("ProvisionSubscribers answered {status}")),

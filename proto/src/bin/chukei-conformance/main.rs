@@ -20,6 +20,8 @@ mod terminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
+
 /// Drives an implementation of a Chukei contract through its cases.
 #[derive(clap::Parser, Debug)]
 #[command(name = "chukei-conformance", version)]
@@ -100,11 +102,48 @@ fn say(line: &str) {
     let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
-/// A URL argument: http:// or https://.
-pub(crate) fn url(value: &str) -> Result<String, String> {
-    if value.starts_with("http://") || value.starts_with("https://") {
-        Ok(value.to_owned())
-    } else {
-        Err("must start with http:// or https://".into())
-    }
+/// A channel to `url`, or an error naming it.
+pub(crate) async fn connect(url: &str) -> anyhow::Result<tonic::transport::Channel> {
+    tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot reach {url}: {error}"))
+}
+
+/// Runs a server-streaming answer `call` in its own task (the kit keeps
+/// sending meanwhile: `call` resolves only once the peer sends its response
+/// headers, which it may hold until its first message) and passes on what
+/// comes back: each message, then a failing status if the stream fails. The
+/// receiver ends when the stream does.
+pub(crate) fn forward<T: Send + 'static>(
+    call: impl Future<Output = Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>>
+    + Send
+    + 'static,
+) -> mpsc::UnboundedReceiver<Result<T, tonic::Status>> {
+    let (sink, received) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut inbound = match call.await {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                let _ = sink.send(Err(status));
+                return;
+            }
+        };
+        loop {
+            match inbound.message().await {
+                Ok(Some(message)) => {
+                    if sink.send(Ok(message)).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(status) => {
+                    let _ = sink.send(Err(status));
+                    return;
+                }
+            }
+        }
+    });
+    received
 }

@@ -14,7 +14,8 @@ use chukei_proto::common::v1 as common;
 use chukei_proto::terminal::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+use tonic::transport::Channel;
 
 use crate::{Report, probe};
 
@@ -23,7 +24,7 @@ const SERVICE: &str = "chukei.terminal.v1.Terminal";
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
     /// The terminal's gRPC URL, e.g. http://127.0.0.1:50071.
-    #[arg(value_parser = crate::url)]
+    #[arg(value_parser = chukei_proto::validate::url_argument)]
     url: String,
     /// A user the terminal hosts (repeat for several); messages are pushed to them.
     #[arg(long = "user", default_value = "conformance-user-1")]
@@ -38,11 +39,11 @@ pub(crate) struct Args {
 }
 
 /// One `Push` stream: requests go in as they are queued, whether or not the
-/// terminal has sent its response headers; events (or the stream's end) come
-/// out of `events`.
+/// terminal has sent its response headers; event batches (or the stream's
+/// failure) come out of `events`.
 struct Stream {
     requests: mpsc::Sender<pb::PushRequest>,
-    events: mpsc::UnboundedReceiver<Result<pb::TerminalEvent, String>>,
+    events: mpsc::UnboundedReceiver<Result<pb::TerminalEvents, Status>>,
 }
 
 impl Stream {
@@ -55,36 +56,9 @@ impl Stream {
                 carrier_id: carrier_id.to_owned(),
             })
             .await;
-        let (sink, events) = mpsc::unbounded_channel();
         let mut client = pb::terminal_client::TerminalClient::new(channel.clone());
-        tokio::spawn(async move {
-            // Resolves when the terminal sends its headers, which it may do
-            // only with its first event: the requests above are already going.
-            let mut inbound = match client.push(ReceiverStream::new(outgoing)).await {
-                Ok(response) => response.into_inner(),
-                Err(status) => {
-                    let _ = sink.send(Err(format!("Push answered {status}")));
-                    return;
-                }
-            };
-            loop {
-                match inbound.message().await {
-                    Ok(Some(batch)) => {
-                        for event in batch.events {
-                            let _ = sink.send(Ok(event));
-                        }
-                    }
-                    Ok(None) => {
-                        let _ = sink.send(Err("the terminal ended the stream".into()));
-                        return;
-                    }
-                    Err(status) => {
-                        let _ = sink.send(Err(format!("the stream failed: {status}")));
-                        return;
-                    }
-                }
-            }
-        });
+        let events =
+            crate::forward(async move { client.push(ReceiverStream::new(outgoing)).await });
         Stream { requests, events }
     }
 
@@ -140,9 +114,10 @@ impl Stream {
         let deadline = tokio::time::Instant::now() + timeout;
         while !done(&seen) {
             match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(Ok(event))) => seen.push(event),
-                Ok(Some(Err(why))) => return Err(why),
-                Ok(None) | Err(_) => break,
+                Ok(Some(Ok(batch))) => seen.extend(batch.events),
+                Ok(Some(Err(status))) => return Err(format!("the stream failed: {status}")),
+                Ok(None) => return Err("the terminal ended the stream".into()),
+                Err(_) => break,
             }
         }
         Ok(seen)
@@ -243,11 +218,7 @@ fn all_confirmed(wanted: &[pb::PushedMessage]) -> impl Fn(&[pb::TerminalEvent]) 
 }
 
 pub(crate) async fn run(args: Args, timeout: Duration, report: &mut Report) -> anyhow::Result<()> {
-    let channel = Endpoint::from_shared(args.url.clone())?
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .map_err(|error| anyhow::anyhow!("cannot reach {}: {error}", args.url))?;
+    let channel = crate::connect(&args.url).await?;
     probe::port(report, &channel, &[SERVICE], "health", "reflection").await;
 
     let mut messages = Messages {
