@@ -5,7 +5,7 @@
 //! so concurrent sends never draw more than was awarded. How capacity is
 //! allocated is `crate::auction`'s business.
 
-use super::{Store, WritePool, is_unique_violation, on_pool};
+use super::{Store, WritePool, is_unique_violation, on_pool, transaction_steps};
 use crate::auction::{self, BidRow, BidState, NewSlot, Rule, SealedBid, SlotRow};
 use crate::error::{Error, Result};
 use crate::pricing::Yen;
@@ -384,37 +384,44 @@ impl Store {
     }
 }
 
-/// Draws `$recipients` messages from winning bid `$bid_id` of
-/// `$enterprise_id` in `$tx`; refused when that is more than is left.
-macro_rules! draw_on_bid {
-    ($tx:expr, $enterprise_id:expr, $bid_id:expr, $recipients:expr) => {{
-        let recipients: i64 = $recipients;
-        let drawn = sqlx::query(
-            "UPDATE bids SET used = used + $3
-             WHERE id = $1 AND enterprise_id = $2 AND state = 1 AND used + $3 <= awarded",
-        )
-        .bind($bid_id)
-        .bind($enterprise_id)
-        .bind(recipients)
-        .execute(&mut *$tx)
-        .await?
-        .rows_affected();
-        if drawn == 0 && recipients > 0 {
-            let left: Option<i64> = sqlx::query_scalar(
-                "SELECT awarded - used FROM bids WHERE id = $1 AND enterprise_id = $2 AND state = 1",
+transaction_steps! {
+    /// Spending a winning bid's capacity.
+    pub(crate) trait BidSteps {
+        /// Draws `recipients` messages from winning bid `bid_id` of
+        /// `enterprise_id`; refused when that is more than is left.
+        async fn draw_on_bid(
+            &mut self,
+            enterprise_id: &str,
+            bid_id: &str,
+            recipients: i64,
+        ) -> Result<()> {
+            let drawn = sqlx::query(
+                "UPDATE bids SET used = used + $3
+                 WHERE id = $1 AND enterprise_id = $2 AND state = 1 AND used + $3 <= awarded",
             )
-            .bind($bid_id)
-            .bind($enterprise_id)
-            .fetch_optional(&mut *$tx)
-            .await?;
-            return Err(match left {
-                Some(left) => $crate::error::Error::exhausted(
-                    "bid_id",
-                    format!("the winning bid has {left} messages left; this message has {recipients} recipients"),
-                ),
-                None => $crate::error::Error::not_found("bid_id", "no such winning bid"),
-            });
+            .bind(bid_id)
+            .bind(enterprise_id)
+            .bind(recipients)
+            .execute(&mut *self)
+            .await?
+            .rows_affected();
+            if drawn == 0 && recipients > 0 {
+                let left: Option<i64> = sqlx::query_scalar(
+                    "SELECT awarded - used FROM bids WHERE id = $1 AND enterprise_id = $2 AND state = 1",
+                )
+                .bind(bid_id)
+                .bind(enterprise_id)
+                .fetch_optional(&mut *self)
+                .await?;
+                return Err(match left {
+                    Some(left) => Error::exhausted(
+                        "bid_id",
+                        format!("the winning bid has {left} messages left; this message has {recipients} recipients"),
+                    ),
+                    None => Error::not_found("bid_id", "no such winning bid"),
+                });
+            }
+            Ok(())
         }
-    }};
+    }
 }
-pub(crate) use draw_on_bid;

@@ -6,7 +6,7 @@
 
 use sha2::{Digest, Sha256};
 
-use super::{Store, WritePool, on_pool};
+use super::{Store, WritePool, on_pool, transaction_steps};
 use crate::error::Result;
 
 /// One thing to record: who did what to which subject, and why.
@@ -67,51 +67,52 @@ pub(crate) fn entry_hash(prev_hash: &str, seq: i64, at: i64, entry: &AuditEntry)
     hex::encode(hasher.finalize())
 }
 
-/// Appends `$entries` (an iterator of `&AuditEntry`) to the chain inside the
-/// caller's write transaction `$tx` (either backend). Taking the head row
-/// first serialises appenders: on PostgreSQL the `UPDATE` locks it until
-/// commit; SQLite's write transaction already excludes other writers.
-macro_rules! append_audit {
-    ($tx:expr, $at:expr, $entries:expr) => {{
-        let entries: Vec<&$crate::storage::AuditEntry> = $entries.into_iter().collect();
-        if !entries.is_empty() {
-            sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
-                .execute(&mut *$tx)
-                .await?;
-            let (mut seq, mut hash): (i64, String) =
-                sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
-                    .fetch_one(&mut *$tx)
+transaction_steps! {
+    /// Recording in the audit log.
+    pub(crate) trait AuditSteps {
+        /// Appends `entries` to the chain at `at`, inside the caller's write
+        /// transaction (either backend). Taking the head row
+        /// first serialises appenders: on PostgreSQL the `UPDATE` locks it until
+        /// commit; SQLite's write transaction already excludes other writers.
+        async fn append_audit(&mut self, at: i64, entries: &[&AuditEntry]) -> Result<()> {
+            if !entries.is_empty() {
+                sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
+                    .execute(&mut *self)
                     .await?;
-            let at: i64 = $at;
-            let mut query = sqlx::QueryBuilder::new(
-                "INSERT INTO audit_log (seq, at, actor, action, subject, detail, prev_hash, hash) ",
-            );
-            let mut rows = Vec::with_capacity(entries.len());
-            for entry in entries {
-                seq += 1;
-                let next = $crate::storage::audit::entry_hash(&hash, seq, at, entry);
-                rows.push((seq, entry, std::mem::replace(&mut hash, next.clone()), next));
+                let (mut seq, mut hash): (i64, String) =
+                    sqlx::query_as("SELECT seq, hash FROM audit_head WHERE id = 1")
+                        .fetch_one(&mut *self)
+                        .await?;
+                let mut query = sqlx::QueryBuilder::new(
+                    "INSERT INTO audit_log (seq, at, actor, action, subject, detail, prev_hash, hash) ",
+                );
+                let mut rows = Vec::with_capacity(entries.len());
+                for entry in entries {
+                    seq += 1;
+                    let next = entry_hash(&hash, seq, at, entry);
+                    rows.push((seq, entry, std::mem::replace(&mut hash, next.clone()), next));
+                }
+                query.push_values(&rows, |mut row, (seq, entry, prev, next)| {
+                    row.push_bind(*seq)
+                        .push_bind(at)
+                        .push_bind(&entry.actor)
+                        .push_bind(&entry.action)
+                        .push_bind(&entry.subject)
+                        .push_bind(&entry.detail)
+                        .push_bind(prev)
+                        .push_bind(next);
+                });
+                query.build().execute(&mut *self).await?;
+                sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+                    .bind(seq)
+                    .bind(&hash)
+                    .execute(&mut *self)
+                    .await?;
             }
-            query.push_values(&rows, |mut row, (seq, entry, prev, next)| {
-                row.push_bind(*seq)
-                    .push_bind(at)
-                    .push_bind(&entry.actor)
-                    .push_bind(&entry.action)
-                    .push_bind(&entry.subject)
-                    .push_bind(&entry.detail)
-                    .push_bind(prev)
-                    .push_bind(next);
-            });
-            query.build().execute(&mut *$tx).await?;
-            sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
-                .bind(seq)
-                .bind(&hash)
-                .execute(&mut *$tx)
-                .await?;
+            Ok(())
         }
-    }};
+    }
 }
-pub(crate) use append_audit;
 
 /// Entries read per query while verifying.
 const VERIFY_PAGE: i64 = 10_000;
@@ -123,7 +124,7 @@ impl Store {
     pub async fn audit(&self, at: i64, entry: &AuditEntry) -> Result<()> {
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            append_audit!(tx, at, [entry]);
+            tx.append_audit(at, &[entry]).await?;
             tx.commit().await?;
             Ok(())
         })

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use super::planning::{Effect, MessagePlan, PENDING, Sql, WAITING, execute_all, timestamp};
+use super::planning::{Effect, MessagePlan, PENDING, PlanSteps, Sql, WAITING, timestamp};
 use super::{Param, Store, WritePool, on_pool};
 use crate::error::{Error, Result};
 use crate::policy::{PolicyKind, Trigger};
@@ -384,7 +384,7 @@ impl Store {
     async fn run_counting(&self, message_id: &str, statements: Vec<Sql>) -> Result<Vec<u64>> {
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            let affected = execute_all!(tx, message_id, statements)?;
+            let affected = tx.execute_all(message_id, statements).await?;
             tx.commit().await?;
             Ok(affected)
         })

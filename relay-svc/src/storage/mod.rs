@@ -9,9 +9,12 @@
 //! PostgreSQL) and must never call out to the network inside a transaction.
 
 mod auction;
+mod audience;
 pub(crate) mod audit;
 mod control;
+mod expanding;
 mod group;
+mod message_rows;
 mod messages;
 pub(crate) mod planning;
 pub(crate) mod pricing;
@@ -200,25 +203,74 @@ impl WritePool for PgPool {
     }
 }
 
-/// Adds `((message_id, kind), added)` entries — how many events an
-/// `INSERT … ON CONFLICT DO NOTHING` really added — to `message_counts`,
-/// inside the caller's transaction `$tx`.
-macro_rules! add_to_counts {
-    ($tx:expr, $added:expr) => {{
-        let added: Vec<((String, i64), i64)> = $added.into_iter().filter(|(_, n)| *n > 0).collect();
-        for chunk in added.chunks($crate::storage::ROWS_PER_STATEMENT) {
-            let mut query = sqlx::QueryBuilder::new("INSERT INTO message_counts (message_id, kind, count) ");
-            query.push_values(chunk, |mut row, ((message_id, kind), count)| {
-                row.push_bind(message_id).push_bind(*kind).push_bind(*count);
-            });
-            query.push(
-                " ON CONFLICT (message_id, kind) DO UPDATE SET count = message_counts.count + excluded.count",
-            );
-            query.build().execute(&mut *$tx).await?;
+/// Declares a trait of steps that run inside a caller's transaction and
+/// implements it for both backends' connections: each step is written once,
+/// as a method with a signature (a `?` in it returns from the step, not from
+/// its caller), and compiled for SQLite and for PostgreSQL. A transaction,
+/// a group member or a pool connection derefs to the connection, so a
+/// caller writes `tx.add_to_counts(added).await?` with the trait in scope.
+macro_rules! transaction_steps {
+    (
+        $(#[$meta:meta])*
+        $vis:vis trait $name:ident {
+            $(
+                $(#[$step_meta:meta])*
+                async fn $step:ident(&mut $self:ident $(, $arg:ident: $ty:ty)* $(,)?) -> $ret:ty $body:block
+            )*
         }
-    }};
+    ) => {
+        $(#[$meta])*
+        $vis trait $name {
+            $( $(#[$step_meta])* async fn $step(&mut $self $(, $arg: $ty)*) -> $ret; )*
+        }
+        impl $name for sqlx::SqliteConnection {
+            $( $(#[$step_meta])* async fn $step(&mut $self $(, $arg: $ty)*) -> $ret $body )*
+        }
+        impl $name for sqlx::PgConnection {
+            $( $(#[$step_meta])* async fn $step(&mut $self $(, $arg: $ty)*) -> $ret $body )*
+        }
+    };
 }
-pub(crate) use add_to_counts;
+pub(crate) use transaction_steps;
+
+transaction_steps! {
+    /// What every transaction that records events does beside them.
+    pub(crate) trait CountSteps {
+        /// Adds `((message_id, kind), added)` entries — how many events an
+        /// `INSERT … ON CONFLICT DO NOTHING` really added — to `message_counts`.
+        async fn add_to_counts(
+            &mut self,
+            added: impl IntoIterator<Item = ((String, i64), i64)>,
+        ) -> Result<()> {
+            let added: Vec<((String, i64), i64)> = added.into_iter().filter(|(_, n)| *n > 0).collect();
+            for chunk in added.chunks(ROWS_PER_STATEMENT) {
+                let mut query = sqlx::QueryBuilder::new("INSERT INTO message_counts (message_id, kind, count) ");
+                query.push_values(chunk, |mut row, ((message_id, kind), count)| {
+                    row.push_bind(message_id).push_bind(*kind).push_bind(*count);
+                });
+                query.push(
+                    " ON CONFLICT (message_id, kind) DO UPDATE SET count = message_counts.count + excluded.count",
+                );
+                query.build().execute(&mut *self).await?;
+            }
+            Ok(())
+        }
+
+        /// Queues `(message_id, user_id, kind)` of events just added for the
+        /// rollup fold (`stats.rs`).
+        async fn queue_roll_up(&mut self, keys: &[(&str, &str, i64)]) -> Result<()> {
+            for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+                let mut query =
+                    sqlx::QueryBuilder::new("INSERT INTO rollup_queue (message_id, user_id, kind) ");
+                query.push_values(chunk, |mut row, (message_id, user_id, kind)| {
+                    row.push_bind(*message_id).push_bind(*user_id).push_bind(*kind);
+                });
+                query.build().execute(&mut *self).await?;
+            }
+            Ok(())
+        }
+    }
+}
 
 /// Row ids bound as one parameter — a JSON array read with `json_each` on
 /// SQLite, an `int8[]` on PostgreSQL — so a batch of any size is one short
@@ -325,6 +377,12 @@ fn stored_list(text: Option<&str>) -> Vec<String> {
         .filter(|item| !item.is_empty())
         .map(str::to_owned)
         .collect()
+}
+
+/// Whether a step failed on a unique-key violation ([`is_unique_violation`]).
+fn is_unique_error(error: &crate::error::Error) -> bool {
+    matches!(error, crate::error::Error::Internal(cause)
+        if cause.downcast_ref::<sqlx::Error>().is_some_and(is_unique_violation))
 }
 
 /// Whether a database error is a unique-key violation (mapped by kind, not text).

@@ -2,12 +2,13 @@
 //! delivery attempts (channel by policy, timing by window), hold people's
 //! other messages off around a targeted one (quiet periods), and spare people
 //! who stopped opening (fatigue). Every statement is set-based over the whole
-//! message; this module only builds them — `execute_all!` runs them inside
-//! the caller's transaction on either backend.
+//! message; this module builds them and [`PlanSteps::execute_all`] runs them
+//! inside the caller's transaction on either backend.
 
 use chukei_proto::window::Window;
 
-use super::Param;
+use super::{CountSteps, Param, transaction_steps};
+use crate::error::Result;
 use crate::learning::OpenCounts;
 use crate::policy::{
     AttentionConfig, Policy, PolicyKind, Priority, SCORE_SEND_SHIFT, SCORE_START, SendTime,
@@ -82,38 +83,55 @@ impl Sql {
     }
 }
 
-/// Runs planning statements in transaction `$tx` for message `$message_id`,
-/// adding their effects to its counts. Evaluates to `Result<Vec<u64>, sqlx::Error>`:
-/// the rows each statement affected (or returned).
-macro_rules! execute_all {
-    ($tx:expr, $message_id:expr, $statements:expr) => {
-        async {
+/// `query` with `params` bound in order.
+pub(super) fn bind_params<'q, DB>(
+    mut query: sqlx::query::Query<'q, DB, DB::Arguments>,
+    params: Vec<Param>,
+) -> sqlx::query::Query<'q, DB, DB::Arguments>
+where
+    DB: sqlx::Database,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    bool: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<i64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<String>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    for param in params {
+        query = match param {
+            Param::Text(value) => query.bind(value),
+            Param::Int(value) => query.bind(value),
+            Param::Bool(value) => query.bind(value),
+            Param::OptInt(value) => query.bind(value),
+            Param::OptText(value) => query.bind(value),
+        };
+    }
+    query
+}
+
+transaction_steps! {
+    /// Running the statements this module builds.
+    pub(super) trait PlanSteps {
+        /// Runs planning `statements` for message `message_id`, adding their
+        /// effects to its counts; the rows each statement affected (or returned).
+        async fn execute_all(
+            &mut self,
+            message_id: &str,
+            statements: impl IntoIterator<Item = Sql>,
+        ) -> Result<Vec<u64>> {
             let mut affected: Vec<u64> = Vec::new();
-            for statement in $statements {
-                let mut query = sqlx::query(sqlx::AssertSqlSafe(statement.text));
-                for param in statement.params {
-                    query = match param {
-                        $crate::storage::Param::Text(value) => query.bind(value),
-                        $crate::storage::Param::Int(value) => query.bind(value),
-                        $crate::storage::Param::Bool(value) => query.bind(value),
-                        $crate::storage::Param::OptInt(value) => query.bind(value),
-                        $crate::storage::Param::OptText(value) => query.bind(value),
-                    };
-                }
+            for statement in statements {
+                let query = bind_params(sqlx::query(sqlx::AssertSqlSafe(statement.text)), statement.params);
                 match statement.effect {
-                    $crate::storage::planning::Effect::None => {
-                        affected.push(query.execute(&mut *$tx).await?.rows_affected());
+                    Effect::None => {
+                        affected.push(query.execute(&mut *self).await?.rows_affected());
                     }
-                    $crate::storage::planning::Effect::Count(kind) => {
-                        let rows = query.execute(&mut *$tx).await?.rows_affected();
+                    Effect::Count(kind) => {
+                        let rows = query.execute(&mut *self).await?.rows_affected();
                         affected.push(rows);
-                        $crate::storage::add_to_counts!(
-                            $tx,
-                            [(($message_id.to_owned(), kind), rows as i64)]
-                        );
+                        self.add_to_counts([((message_id.to_owned(), kind), rows as i64)]).await?;
                     }
-                    $crate::storage::planning::Effect::CountReturned(kind) => {
-                        let rows = query.fetch_all(&mut *$tx).await?;
+                    Effect::CountReturned(kind) => {
+                        let rows = query.fetch_all(&mut *self).await?;
                         affected.push(rows.len() as u64);
                         let mut added: std::collections::HashMap<(String, i64), i64> =
                             std::collections::HashMap::new();
@@ -121,16 +139,23 @@ macro_rules! execute_all {
                             let message_id: String = sqlx::Row::try_get(&row, 0)?;
                             *added.entry((message_id, kind)).or_default() += 1;
                         }
-                        $crate::storage::add_to_counts!($tx, added);
+                        self.add_to_counts(added).await?;
                     }
                 }
             }
-            Ok::<Vec<u64>, sqlx::Error>(affected)
+            Ok(affected)
         }
-        .await
-    };
+
+        /// Runs `SELECT COUNT(…)` statement `sql`.
+        async fn count(&mut self, sql: Sql) -> Result<u64> {
+            let row = bind_params(sqlx::query(sqlx::AssertSqlSafe(sql.text)), sql.params)
+                .fetch_one(&mut *self)
+                .await?;
+            let count: i64 = sqlx::Row::try_get(&row, 0)?;
+            Ok(count.max(0) as u64)
+        }
+    }
 }
-pub(crate) use execute_all;
 
 /// Everything stored about how one message is delivered.
 #[derive(Clone, Debug, PartialEq, Eq)]

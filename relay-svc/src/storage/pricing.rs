@@ -1,7 +1,7 @@
 //! Price tables and the billing ledger. A rate card becomes a price table
 //! version (every channel × local hour); dynamic pricing publishes a new
 //! version when the slots' open rates move the prices. Charges are written
-//! to the append-only `ledger` by the rollup fold ([`charge_events!`]) from
+//! to the append-only `ledger` by the rollup fold ([`ChargeSteps::charge_events`]) from
 //! deduplicated delivered and opened events — so a fan-out over several
 //! carriers or channels, or a receipt arriving twice, is charged once, and
 //! nothing undelivered is charged. Statements and revenue only sum the
@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use jiff::tz::TimeZone;
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
-use super::{Store, WritePool, on_pool};
+use super::{Store, WritePool, on_pool, transaction_steps};
 use crate::error::{Error, Result};
 use crate::pricing::{
     self, Dynamic, Grid, PRICED_CHANNELS, Prices, RateCard, SLOTS, SlotCounts, Yen, channel_index,
@@ -76,72 +76,75 @@ impl LedgerDimension {
     }
 }
 
-/// Writes ledger lines for the delivered and opened events among the fold's
-/// rows (`fold_rows`, see `stats.rs`), at `$now`, in `$tx`.
-/// Each event is priced on the table its message was accepted under, in the
-/// slot of its delivery; deliveries of messages sent with a winning bid were
-/// paid for by the award. Lines are grouped by message, kind, channel, slot,
-/// carrier and local hour of the events.
-macro_rules! charge_events {
-    ($tx:expr, $now:expr) => {{
-        // Grouped by quarter hour: every zone's offset is a whole number of
-        // quarter hours, so all instants of one quarter hour fall in one
-        // local hour and one price slot — what `ledger_lines` groups by.
-        let events = "SELECT f.enterprise_id, f.message_id, f.kind, f.channel, f.carrier_id,
-                    f.at / 900000 * 900000, COALESCE(d.at, f.at) / 900000 * 900000,
-                    m.price_table, m.bid_id IS NOT NULL, COUNT(*)
-             FROM fold_rows f JOIN messages m ON m.id = f.message_id
-             LEFT JOIN events d ON d.message_id = f.message_id AND d.user_id = f.user_id AND d.kind = 2
-             WHERE f.kind IN (2, 3) AND m.price_table IS NOT NULL
-             GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9";
-        let charged: Vec<$crate::storage::pricing::ChargedEvent> =
-            sqlx::query_as(events).fetch_all(&mut *$tx).await?;
-        if !charged.is_empty() {
-            let mut ids: Vec<i64> = charged.iter().map(|c| c.7).collect();
-            ids.sort_unstable();
-            ids.dedup();
-            let mut tables = HashMap::new();
-            for id in ids {
-                let zone: String = sqlx::query_scalar("SELECT zone FROM price_tables WHERE id = $1")
+transaction_steps! {
+    /// Billing inside the rollup fold's transaction.
+    pub(crate) trait ChargeSteps {
+        /// Writes ledger lines for the delivered and opened events among the fold's
+        /// rows (`fold_rows`, see `stats.rs`), at `now`.
+        /// Each event is priced on the table its message was accepted under, in the
+        /// slot of its delivery; deliveries of messages sent with a winning bid were
+        /// paid for by the award. Lines are grouped by message, kind, channel, slot,
+        /// carrier and local hour of the events.
+        async fn charge_events(&mut self, now: i64) -> Result<()> {
+            // Grouped by quarter hour: every zone's offset is a whole number of
+            // quarter hours, so all instants of one quarter hour fall in one
+            // local hour and one price slot — what `ledger_lines` groups by.
+            let events = "SELECT f.enterprise_id, f.message_id, f.kind, f.channel, f.carrier_id,
+                        f.at / 900000 * 900000, COALESCE(d.at, f.at) / 900000 * 900000,
+                        m.price_table, m.bid_id IS NOT NULL, COUNT(*)
+                 FROM fold_rows f JOIN messages m ON m.id = f.message_id
+                 LEFT JOIN events d ON d.message_id = f.message_id AND d.user_id = f.user_id AND d.kind = 2
+                 WHERE f.kind IN (2, 3) AND m.price_table IS NOT NULL
+                 GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9";
+            let charged: Vec<ChargedEvent> =
+                sqlx::query_as(events).fetch_all(&mut *self).await?;
+            if !charged.is_empty() {
+                let mut ids: Vec<i64> = charged.iter().map(|c| c.7).collect();
+                ids.sort_unstable();
+                ids.dedup();
+                let mut tables = HashMap::new();
+                for id in ids {
+                    let zone: String = sqlx::query_scalar("SELECT zone FROM price_tables WHERE id = $1")
+                        .bind(id)
+                        .fetch_one(&mut *self)
+                        .await?;
+                    let cells: Vec<Cell> = sqlx::query_as(
+                        "SELECT channel, hour, base_delivered, base_opened, delivered, opened, rate_permille
+                         FROM price_cells WHERE table_id = $1",
+                    )
                     .bind(id)
-                    .fetch_one(&mut *$tx)
+                    .fetch_all(&mut *self)
                     .await?;
-                let cells: Vec<$crate::storage::pricing::Cell> = sqlx::query_as(
-                    "SELECT channel, hour, base_delivered, base_opened, delivered, opened, rate_permille
-                     FROM price_cells WHERE table_id = $1",
-                )
-                .bind(id)
-                .fetch_all(&mut *$tx)
-                .await?;
-                let zone = jiff::tz::TimeZone::get(&zone).unwrap_or(jiff::tz::TimeZone::UTC);
-                tables.insert(id, (zone, $crate::storage::pricing::grids(&cells).1));
+                    let zone = jiff::tz::TimeZone::get(&zone).unwrap_or(jiff::tz::TimeZone::UTC);
+                    tables.insert(id, (zone, grids(&cells).1));
+                }
+                let lines = ledger_lines(&charged, &tables);
+                for chunk in lines.chunks(super::ROWS_PER_STATEMENT) {
+                    let mut insert = sqlx::QueryBuilder::new(
+                        "INSERT INTO ledger (enterprise_id, kind, message_id, bid_id, channel, slot, carrier_id,
+                                             quantity, unit_price, amount, at, recorded_at) ",
+                    );
+                    insert.push_values(chunk, |mut row, line| {
+                        row.push_bind(&line.enterprise_id)
+                            .push_bind(line.kind)
+                            .push_bind(&line.message_id)
+                            .push_bind("")
+                            .push_bind(line.channel)
+                            .push_bind(line.slot)
+                            .push_bind(&line.carrier_id)
+                            .push_bind(line.quantity)
+                            .push_bind(line.unit_price)
+                            .push_bind(line.quantity * line.unit_price)
+                            .push_bind(line.at)
+                            .push_bind(now);
+                    });
+                    insert.build().execute(&mut *self).await?;
+                }
             }
-            let lines = $crate::storage::pricing::ledger_lines(&charged, &tables);
-            for chunk in lines.chunks($crate::storage::ROWS_PER_STATEMENT) {
-                let mut insert = sqlx::QueryBuilder::new(
-                    "INSERT INTO ledger (enterprise_id, kind, message_id, bid_id, channel, slot, carrier_id,
-                                         quantity, unit_price, amount, at, recorded_at) ",
-                );
-                insert.push_values(chunk, |mut row, line| {
-                    row.push_bind(&line.enterprise_id)
-                        .push_bind(line.kind)
-                        .push_bind(&line.message_id)
-                        .push_bind("")
-                        .push_bind(line.channel)
-                        .push_bind(line.slot)
-                        .push_bind(&line.carrier_id)
-                        .push_bind(line.quantity)
-                        .push_bind(line.unit_price)
-                        .push_bind(line.quantity * line.unit_price)
-                        .push_bind(line.at)
-                        .push_bind($now);
-                });
-                insert.build().execute(&mut *$tx).await?;
-            }
+            Ok(())
         }
-    }};
+    }
 }
-pub(crate) use charge_events;
 
 /// Delivered or opened events to charge: enterprise, message, kind,
 /// channel, carrier, when, when delivered (each to its quarter hour), price

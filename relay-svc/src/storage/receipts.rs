@@ -6,8 +6,7 @@ use std::collections::HashMap;
 
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
-use super::stats::queue_roll_up;
-use super::{IdList, ROWS_PER_STATEMENT, Store, WritePool, add_to_counts, on_pool};
+use super::{CountSteps, IdList, ROWS_PER_STATEMENT, Store, WritePool, on_pool};
 use crate::error::Result;
 use crate::policy::SCORE_OPEN_SHIFT;
 use crate::receipts::{CountReport, DEFERRED_COUNT, EventKind, Receipt};
@@ -155,7 +154,7 @@ impl Store {
                     .iter()
                     .map(|(message_id, kind, user_id, ..)| (message_id.as_str(), user_id.as_str(), *kind))
                     .collect();
-                queue_roll_up!(tx, &keys);
+                tx.queue_roll_up(&keys).await?;
                 for (message_id, kind, user_id, channel, at) in inserted {
                     if kind == EventKind::Opened.number() {
                         opened.push((message_id.clone(), user_id, channel, if at > 0 { at } else { now }));
@@ -163,7 +162,7 @@ impl Store {
                     *added.entry((message_id, kind)).or_default() += 1;
                 }
             }
-            add_to_counts!(tx, added);
+            tx.add_to_counts(added).await?;
             if !unsupported.is_empty() {
                 sqlx::query(AssertSqlSafe(close_unsupported))
                     .bind(IdList(&unsupported))

@@ -6,111 +6,122 @@ use std::collections::{HashMap, HashSet};
 
 use sqlx::QueryBuilder;
 
-use super::audit::{AuditEntry, append_audit};
-use super::{ROWS_PER_STATEMENT, Store, WritePool, on_pool};
+use super::audit::{AuditEntry, AuditSteps};
+use super::planning::{self, PlanSteps};
+use super::{ROWS_PER_STATEMENT, Store, WritePool, on_pool, transaction_steps};
 use crate::credentials;
 use crate::error::{Error, Result};
 use crate::registry::{ConsentChange, Contract, NewRegistration, Profile, Unregistration};
 
-/// Records consent choices inside the caller's transaction `$tx` (either
-/// backend): each `(enterprise_id, user_id, &Profile, text_version)` replaces
-/// the stored profile (an empty one deletes it) and appends a consent record
-/// of which fields were shared, never their values.
-macro_rules! record_consent {
-    ($tx:expr, $carrier_id:expr, $changes:expr, $now:expr) => {{
-        let changes: Vec<(&str, &str, &Profile, &str)> = $changes.collect();
-        let shared: Vec<&(&str, &str, &Profile, &str)> =
-            changes.iter().filter(|(_, _, profile, _)| !profile.is_empty()).collect();
-        if !shared.is_empty() {
-            let mut query = QueryBuilder::new(
-                "INSERT INTO profiles (enterprise_id, user_id, gender, age_min, age_max, region, occupation, updated_at) ",
-            );
-            query.push_values(&shared, |mut row, (enterprise_id, user_id, profile, _)| {
-                row.push_bind(*enterprise_id)
-                    .push_bind(*user_id)
-                    .push_bind(profile.gender.map(|g| g.as_str()))
-                    .push_bind(profile.age.map(|(min, _)| i64::from(min)))
-                    .push_bind(profile.age.map(|(_, max)| i64::from(max)))
-                    .push_bind(profile.region.as_deref())
-                    .push_bind(profile.occupation.as_deref())
-                    .push_bind($now);
-            });
-            query.push(
-                " ON CONFLICT (enterprise_id, user_id) DO UPDATE SET gender = excluded.gender, \
-                 age_min = excluded.age_min, age_max = excluded.age_max, region = excluded.region, \
-                 occupation = excluded.occupation, updated_at = excluded.updated_at",
-            );
-            query.build().execute(&mut *$tx).await?;
+transaction_steps! {
+    /// What a consent change does inside its transaction.
+    pub(crate) trait ConsentSteps {
+        /// Records consent choices from `carrier_id` at `now` inside the caller's
+        /// transaction (either backend): each `(enterprise_id, user_id, &Profile, text_version)` replaces
+        /// the stored profile (an empty one deletes it) and appends a consent record
+        /// of which fields were shared, never their values.
+        async fn record_consent(
+            &mut self,
+            carrier_id: &str,
+            changes: &[(&str, &str, &Profile, &str)],
+            now: i64,
+        ) -> Result<()> {
+            let shared: Vec<&(&str, &str, &Profile, &str)> =
+                changes.iter().filter(|(_, _, profile, _)| !profile.is_empty()).collect();
+            if !shared.is_empty() {
+                let mut query = QueryBuilder::new(
+                    "INSERT INTO profiles (enterprise_id, user_id, gender, age_min, age_max, region, occupation, updated_at) ",
+                );
+                query.push_values(&shared, |mut row, (enterprise_id, user_id, profile, _)| {
+                    row.push_bind(*enterprise_id)
+                        .push_bind(*user_id)
+                        .push_bind(profile.gender.map(|g| g.as_str()))
+                        .push_bind(profile.age.map(|(min, _)| i64::from(min)))
+                        .push_bind(profile.age.map(|(_, max)| i64::from(max)))
+                        .push_bind(profile.region.as_deref())
+                        .push_bind(profile.occupation.as_deref())
+                        .push_bind(now);
+                });
+                query.push(
+                    " ON CONFLICT (enterprise_id, user_id) DO UPDATE SET gender = excluded.gender, \
+                     age_min = excluded.age_min, age_max = excluded.age_max, region = excluded.region, \
+                     occupation = excluded.occupation, updated_at = excluded.updated_at",
+                );
+                query.build().execute(&mut *self).await?;
+            }
+            let declined: Vec<&(&str, &str, &Profile, &str)> =
+                changes.iter().filter(|(_, _, profile, _)| profile.is_empty()).collect();
+            if !declined.is_empty() {
+                let mut query = QueryBuilder::new("DELETE FROM profiles WHERE (enterprise_id, user_id) IN (");
+                query.push_values(&declined, |mut row, (enterprise_id, user_id, _, _)| {
+                    row.push_bind(*enterprise_id).push_bind(*user_id);
+                });
+                query.push(")");
+                query.build().execute(&mut *self).await?;
+            }
+            if !changes.is_empty() {
+                let mut query = QueryBuilder::new(
+                    "INSERT INTO consent_records (enterprise_id, user_id, carrier_id, fields, text_version, recorded_at) ",
+                );
+                query.push_values(changes, |mut row, (enterprise_id, user_id, profile, text_version)| {
+                    row.push_bind(*enterprise_id)
+                        .push_bind(*user_id)
+                        .push_bind(carrier_id)
+                        .push_bind(profile.shared_fields())
+                        .push_bind(*text_version)
+                        .push_bind(now);
+                });
+                query.build().execute(&mut *self).await?;
+            }
+            Ok(())
         }
-        let declined: Vec<&(&str, &str, &Profile, &str)> =
-            changes.iter().filter(|(_, _, profile, _)| profile.is_empty()).collect();
-        if !declined.is_empty() {
-            let mut query = QueryBuilder::new("DELETE FROM profiles WHERE (enterprise_id, user_id) IN (");
-            query.push_values(&declined, |mut row, (enterprise_id, user_id, _, _)| {
-                row.push_bind(*enterprise_id).push_bind(*user_id);
-            });
-            query.push(")");
-            query.build().execute(&mut *$tx).await?;
-        }
-        if !changes.is_empty() {
-            let mut query = QueryBuilder::new(
-                "INSERT INTO consent_records (enterprise_id, user_id, carrier_id, fields, text_version, recorded_at) ",
-            );
-            query.push_values(&changes, |mut row, (enterprise_id, user_id, profile, text_version)| {
-                row.push_bind(*enterprise_id)
-                    .push_bind(*user_id)
-                    .push_bind($carrier_id)
-                    .push_bind(profile.shared_fields())
-                    .push_bind(*text_version)
-                    .push_bind($now);
-            });
-            query.build().execute(&mut *$tx).await?;
-        }
-    }};
-}
 
-/// Stops what the relay would still send one person for `enterprise_id`
-/// (`None`: every enterprise), inside `$tx`: attempts not yet handed over
-/// are skipped with `$note` (and counted as skipped), and handed-over ones
-/// lose their timers, so no fallback or resend follows. `$by_attributes`:
-/// only messages that chose their people by consented attributes.
-macro_rules! stop_pending {
-    ($tx:expr, $user_id:expr, $enterprise_id:expr, $by_attributes:expr, $note:expr, $now:expr) => {{
-        let enterprise_id: Option<&str> = $enterprise_id;
-        let messages: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT d.message_id FROM deliveries d JOIN messages m ON m.id = d.message_id
-             WHERE d.user_id = $1 AND (d.state IN (0, 6) OR d.check_at IS NOT NULL)
-               AND ($2 = '' OR m.enterprise_id = $2) AND (m.by_attributes OR NOT $3)",
-        )
-        .bind($user_id)
-        .bind(enterprise_id.unwrap_or(""))
-        .bind($by_attributes)
-        .fetch_all(&mut *$tx)
-        .await?;
-        for message_id in &messages {
-            sqlx::query(
-                "UPDATE deliveries SET state = 5, note = $3 WHERE message_id = $1 AND user_id = $2 AND state IN (0, 6)",
+        /// Stops what the relay would still send one person for `enterprise_id`
+        /// (`None`: every enterprise), in the caller's transaction: attempts not yet
+        /// handed over are skipped with `note` (and counted as skipped), and handed-over ones
+        /// lose their timers, so no fallback or resend follows. `by_attributes`:
+        /// only messages that chose their people by consented attributes.
+        async fn stop_pending(
+            &mut self,
+            user_id: &str,
+            enterprise_id: Option<&str>,
+            by_attributes: bool,
+            note: &str,
+            now: i64,
+        ) -> Result<()> {
+            let messages: Vec<String> = sqlx::query_scalar(
+                "SELECT DISTINCT d.message_id FROM deliveries d JOIN messages m ON m.id = d.message_id
+                 WHERE d.user_id = $1 AND (d.state IN (0, 6) OR d.check_at IS NOT NULL)
+                   AND ($2 = '' OR m.enterprise_id = $2) AND (m.by_attributes OR NOT $3)",
             )
-            .bind(message_id)
-            .bind($user_id)
-            .bind($note)
-            .execute(&mut *$tx)
+            .bind(user_id)
+            .bind(enterprise_id.unwrap_or(""))
+            .bind(by_attributes)
+            .fetch_all(&mut *self)
             .await?;
-            // Handed-over attempts lose their timers and are never offered again.
-            sqlx::query(
-                "UPDATE deliveries SET check_at = NULL, offers = offers + 1000000 WHERE message_id = $1 AND user_id = $2 AND state = 1",
-            )
+            for message_id in &messages {
+                sqlx::query(
+                    "UPDATE deliveries SET state = 5, note = $3 WHERE message_id = $1 AND user_id = $2 AND state IN (0, 6)",
+                )
                 .bind(message_id)
-                .bind($user_id)
-                .execute(&mut *$tx)
+                .bind(user_id)
+                .bind(note)
+                .execute(&mut *self)
                 .await?;
-            $crate::storage::planning::execute_all!(
-                $tx,
-                message_id.as_str(),
-                [$crate::storage::planning::record_skips(message_id, $now)]
-            )?;
+                // Handed-over attempts lose their timers and are never offered again.
+                sqlx::query(
+                    "UPDATE deliveries SET check_at = NULL, offers = offers + 1000000 WHERE message_id = $1 AND user_id = $2 AND state = 1",
+                )
+                    .bind(message_id)
+                    .bind(user_id)
+                    .execute(&mut *self)
+                    .await?;
+                self.execute_all(message_id, [planning::record_skips(message_id, now)])
+                    .await?;
+            }
+            Ok(())
         }
-    }};
+    }
 }
 
 /// One row of `ListRegistrations`.
@@ -306,7 +317,11 @@ impl Store {
                     query.build().execute(&mut *tx).await?;
                 }
 
-                record_consent!(tx, carrier_id, chunk.iter().map(|r| (r.enterprise_id.as_str(), r.user_id.as_str(), &r.profile, r.text_version.as_str())), now);
+                let changes: Vec<_> = chunk
+                    .iter()
+                    .map(|r| (r.enterprise_id.as_str(), r.user_id.as_str(), &r.profile, r.text_version.as_str()))
+                    .collect();
+                tx.record_consent(carrier_id, &changes, now).await?;
             }
             let entry = AuditEntry::new(
                 format!("carrier:{carrier_id}"),
@@ -314,7 +329,7 @@ impl Store {
                 "registrations",
                 format!("{} registrations with their consent records", registrations.len()),
             );
-            append_audit!(tx, now, [&entry]);
+            tx.append_audit(now, &[&entry]).await?;
             tx.commit().await?;
             registrations
                 .iter()
@@ -356,8 +371,10 @@ impl Store {
                     "not registered with this enterprise through the calling carrier",
                 ));
             }
-            record_consent!(tx, carrier_id, std::iter::once((enterprise_id, user_id, &change.profile, change.text_version.as_str())), now);
-            stop_pending!(tx, user_id, Some(enterprise_id), true, "skipped: the person changed what they share", now);
+            tx.record_consent(carrier_id, &[(enterprise_id, user_id, &change.profile, change.text_version.as_str())], now)
+                .await?;
+            tx.stop_pending(user_id, Some(enterprise_id), true, "skipped: the person changed what they share", now)
+                .await?;
             let action = if change.profile.is_empty() { "consent.withdrawn" } else { "consent.changed" };
             let entry = AuditEntry::new(
                 format!("carrier:{carrier_id}"),
@@ -365,7 +382,7 @@ impl Store {
                 format!("enterprise:{enterprise_id}"),
                 format!("fields: {}; text version {}", change.profile.shared_fields(), change.text_version),
             );
-            append_audit!(tx, now, [&entry]);
+            tx.append_audit(now, &[&entry]).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -425,7 +442,8 @@ impl Store {
                 .bind(enterprise)
                 .fetch_all(&mut *tx)
                 .await?;
-                stop_pending!(tx, user, leave.enterprise_id.as_deref(), false, "skipped: the person unregistered", now);
+                tx.stop_pending(user, leave.enterprise_id.as_deref(), false, "skipped: the person unregistered", now)
+                    .await?;
                 for statement in [
                     "DELETE FROM service_registrations WHERE user_id = $1 AND ($2 = '' OR enterprise_id = $2)",
                     "DELETE FROM profiles WHERE user_id = $1 AND ($2 = '' OR enterprise_id = $2)",
@@ -486,7 +504,7 @@ impl Store {
                     "registrations",
                     format!("{erased} people erased from an enterprise or the hub; tombstones kept"),
                 );
-                append_audit!(tx, now, [&entry]);
+                tx.append_audit(now, &[&entry]).await?;
             }
             tx.commit().await?;
             Ok(removed)

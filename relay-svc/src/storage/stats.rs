@@ -1,37 +1,16 @@
 //! Rollups of the events (`stats_cells`, `stats_audience`, `person_*`) and
 //! the reads behind `GetStats` and reconciliation. Hand-overs and receipts
-//! only queue the keys of the events they really added ([`queue_roll_up!`],
+//! only queue the keys of the events they really added ([`CountSteps::queue_roll_up`](super::CountSteps),
 //! one small insert in their transaction); [`Store::roll_up_queued`] folds
 //! queued events into the rollups in large batches, called by the relay's
 //! rollup worker. What the figures mean is `crate::stats`'s business; this
 //! module only sums.
 
-use std::collections::HashMap;
-
 use sqlx::{AssertSqlSafe, Row};
 
-use super::pricing::charge_events;
+use super::pricing::ChargeSteps;
 use super::{Store, WritePool, on_pool};
 use crate::error::Result;
-
-/// Queues the events `$keys` — `(message_id, user_id, kind)` of events an
-/// insert really added — for the rollups, inside the caller's transaction `$tx`.
-macro_rules! queue_roll_up {
-    ($tx:expr, $keys:expr) => {{
-        let keys: &[(&str, &str, i64)] = $keys;
-        for chunk in keys.chunks($crate::storage::ROWS_PER_STATEMENT) {
-            let mut query =
-                sqlx::QueryBuilder::new("INSERT INTO rollup_queue (message_id, user_id, kind) ");
-            query.push_values(chunk, |mut row, (message_id, user_id, kind)| {
-                row.push_bind(*message_id)
-                    .push_bind(*user_id)
-                    .push_bind(*kind);
-            });
-            query.build().execute(&mut *$tx).await?;
-        }
-    }};
-}
-pub(crate) use queue_roll_up;
 
 /// The decade a profile `p`'s consented age range lies in (its start), or -1
 /// when it was not shared that precisely.
@@ -239,7 +218,7 @@ impl Store {
             if claimed == 0 {
                 return Ok(0);
             }
-            charge_events!(tx, now);
+            tx.charge_events(now).await?;
             for rollup in &ROLLUPS {
                 sqlx::query(AssertSqlSafe(rollup.upsert())).execute(&mut *tx).await?;
             }

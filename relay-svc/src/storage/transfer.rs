@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
-use super::stats::queue_roll_up;
-use super::{IdList, ROWS_PER_STATEMENT, Store, add_to_counts, on_pool, stored_list};
+use super::{CountSteps, IdList, ROWS_PER_STATEMENT, Store, on_pool, stored_list};
 use crate::error::Result;
 use crate::receipts::EventKind;
 use crate::targeting::{Channel, Content};
@@ -230,12 +229,12 @@ impl Store {
             for (message_id, _) in &added {
                 *counts.entry((message_id.clone(), kind)).or_default() += 1;
             }
-            add_to_counts!(tx, counts);
+            tx.add_to_counts(counts).await?;
             let keys: Vec<(&str, &str, i64)> = added
                 .iter()
                 .map(|(message_id, user)| (message_id.as_str(), user.as_str(), kind))
                 .collect();
-            queue_roll_up!(tx, &keys);
+            tx.queue_roll_up(&keys).await?;
             sqlx::query(AssertSqlSafe(advance))
                 .persistent(false)
                 .bind(IdList(ids))
