@@ -29,6 +29,7 @@ pub mod pricing;
 pub mod receipts;
 pub mod registry;
 pub mod rollup;
+pub mod service;
 pub mod stats;
 pub mod storage;
 pub mod targeting;

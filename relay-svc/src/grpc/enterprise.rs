@@ -28,10 +28,8 @@ fn state_to_wire(state: MessageState) -> pb::MessageState {
 }
 
 /// Accepts one message of `enterprise_id` (`SendMessage`, and each request
-/// of `SendMessages`): validated, held to the auction terms, durable before
-/// the answer; a segment is checked against the minimum cohort and its
-/// attribute use audited in the accepting transaction (`accept_on_terms`).
-/// `received` is the caller's trace.
+/// of `SendMessages`) through [`Relay::send`] once it is valid. `received`
+/// is the caller's trace.
 async fn send(
     relay: &Relay,
     enterprise_id: &str,
@@ -40,42 +38,8 @@ async fn send(
 ) -> Result<pb::SendMessageResponse> {
     let mut message = NewMessage::try_from(request)?;
     message.trace_parent = telemetry::traceparent(&tracing::Span::current(), received);
-    let now = relay.clock.now_ms();
-    let expires_at = match message.timing.expires_at {
-        Some(at) if at <= now => {
-            return Err(Error::invalid("expires_at", "must be in the future"));
-        }
-        Some(at) => at,
-        None => now + relay.message_ttl_ms,
-    };
-    let terms = relay
-        .terms(enterprise_id, &message, now, expires_at)
-        .await?;
-    let stored = relay
-        .store
-        .accept_on_terms(
-            enterprise_id,
-            &credentials::new_id("msg"),
-            &message,
-            now,
-            expires_at,
-            &relay.attention,
-            &terms,
-            relay.thresholds.min_cohort,
-        )
-        .await?;
+    let stored = relay.send(enterprise_id, &message).await?;
     tracing::Span::current().record("message_id", stored.row.message_id.as_str());
-    if stored.created {
-        relay
-            .metrics
-            .accepted
-            .inc(&[("target", message.target.kind())]);
-        tracing::info!(target_kind = message.target.kind(), matched = ?stored.row.matched, "message accepted");
-        match stored.row.state {
-            MessageState::Accepted => relay.expand.notify_one(),
-            _ => relay.dispatch.new_work(),
-        }
-    }
     Ok(pb::SendMessageResponse {
         message_id: stored.row.message_id,
         state: state_to_wire(stored.row.state) as i32,
@@ -315,10 +279,9 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
         let relay = &self.0;
         let enterprise_id = relay.enterprise(request.metadata()).await?;
         let message = NewMessage::try_from(request.into_inner())?;
-        relay
-            .check_cohort(&enterprise_id, &message, relay.clock.now_ms())
-            .await?;
-        Ok(Response::new(relay.quote(&enterprise_id, &message).await?))
+        Ok(Response::new(
+            relay.quote_to_wire(&enterprise_id, &message).await?,
+        ))
     }
 
     #[tracing::instrument(skip_all)]

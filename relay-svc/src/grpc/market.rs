@@ -7,10 +7,10 @@ use chukei_proto::clock::to_timestamp;
 use chukei_proto::relay::v1 as pb;
 
 use super::{Relay, channel_from_wire, required};
-use crate::auction::{self, BidRow, BidState, NewSlot, Rule, SlotRow, Terms};
+use crate::auction::{BidRow, BidState, NewSlot, Rule, SlotRow};
 use crate::error::{Error, Result};
-use crate::policy::PolicyKind;
-use crate::pricing::{self, Dynamic, Prices, Quote, RateCard, RateEntry};
+use crate::pricing::{self, Dynamic, Prices, RateCard, RateEntry};
+use crate::service::Quoted;
 use crate::storage::{LedgerDimension, LedgerSum, PriceTable};
 use crate::targeting::{Channel, NewMessage};
 
@@ -103,84 +103,13 @@ impl Relay {
         Ok(price_table_to_wire(self.store.price_table(None).await?))
     }
 
-    /// The auction's terms for `message` of `enterprise_id` at `now`.
-    pub(super) async fn terms(
-        &self,
-        enterprise_id: &str,
-        message: &NewMessage,
-        now: i64,
-        expires_at: i64,
-    ) -> Result<Terms> {
-        if let Some(bid_id) = &message.bid_id {
-            let bid = self.store.bid(enterprise_id, bid_id).await?;
-            return auction::terms_for_bid(message, bid.as_ref(), now);
-        }
-        let channels = if message.policy.kind == PolicyKind::Best {
-            Vec::new()
-        } else {
-            message.policy.channels.clone()
-        };
-        let slots = self
-            .store
-            .slots_overlapping(&channels, now, expires_at)
-            .await?;
-        if slots.is_empty() {
-            return Ok(Terms::default());
-        }
-        auction::terms_without_bid(message, &slots, now, expires_at, self.market.unbid)
-    }
-
-    /// What `message` would cost, on the same terms `SendMessage` would apply.
-    pub(super) async fn quote(
+    /// What `message` would cost, on the wire.
+    pub(super) async fn quote_to_wire(
         &self,
         enterprise_id: &str,
         message: &NewMessage,
     ) -> Result<pb::Quote> {
-        let now = self.clock.now_ms();
-        let expires_at = message
-            .timing
-            .expires_at
-            .unwrap_or(now + self.message_ttl_ms);
-        if expires_at <= now {
-            return Err(Error::invalid("expires_at", "must be in the future"));
-        }
-        let terms = self.terms(enterprise_id, message, now, expires_at).await?;
-        let recipients = self
-            .store
-            .count_recipients(enterprise_id, &message.target)
-            .await?;
-        let table = self.store.price_table(None).await?;
-        let zone = table
-            .as_ref()
-            .and_then(|t| jiff::tz::TimeZone::get(&t.zone).ok())
-            .unwrap_or_else(|| self.market.zone.clone());
-        // Whichever channels the policy may use: a multi-channel send is
-        // charged once, on the channel it is delivered on.
-        let channels: Vec<Channel> = match (terms.channel, message.policy.kind) {
-            (Some(channel), _) => vec![channel],
-            (None, PolicyKind::Best) if message.policy.channels.is_empty() => {
-                pricing::PRICED_CHANNELS.to_vec()
-            }
-            _ => message.policy.channels.clone(),
-        };
-        // When first sends may happen: at once, in the next window opening,
-        // or within a per-person send time's horizon.
-        let window = terms.window.as_ref().or(message.timing.window.as_ref());
-        let (from, until) = match (window, message.timing.send_time) {
-            (Some(window), _) => window
-                .opening(now)
-                .map_or((now, now), |(open, close)| (open.max(now), close)),
-            (None, Some(send_time)) => (now, now + send_time.within_ms()),
-            (None, None) => (now, now),
-        };
-        let slots = pricing::slots_between(from, until, &zone);
-        let quote = Quote::new(
-            recipients,
-            table.as_ref().map(|t| (t.id, &t.prices)),
-            &channels,
-            &slots,
-            terms.bid_id.is_some(),
-        );
+        let Quoted { quote, zone } = self.quote(enterprise_id, message).await?;
         Ok(pb::Quote {
             recipients: quote.recipients,
             price_table: quote.price_table.unwrap_or(0) as u64,
@@ -199,7 +128,7 @@ impl Relay {
             opened_low: quote.opened_low,
             opened_high: quote.opened_high,
             prepaid: quote.prepaid,
-            zone: table.map(|t| t.zone).unwrap_or_default(),
+            zone,
         })
     }
 

@@ -9,14 +9,11 @@ mod ingress;
 mod market;
 mod send_request;
 
-use std::sync::Arc;
-
 use chukei_proto::auth;
-use chukei_proto::clock::{Clock, to_timestamp};
+use chukei_proto::clock::to_timestamp;
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
 use chukei_proto::validate;
-use tokio::sync::Notify;
 use tonic::metadata::MetadataMap;
 
 pub use admin::AdminService;
@@ -24,42 +21,13 @@ pub use enterprise::EnterpriseService;
 pub use ingress::IngressService;
 
 use crate::credentials;
-use crate::dispatch::DispatchHandle;
 use crate::error::{Error, Result};
-use crate::policy::AttentionConfig;
 use crate::registry::{Gender, Profile};
 use crate::stats::{self, Dimension, Thresholds, Viewer};
-use crate::storage::{AuditEntry, Explanation, Store};
+use crate::storage::{AuditEntry, Explanation};
 use crate::targeting::Channel;
 
-/// What every relay RPC handler shares.
-#[derive(Clone, Debug)]
-pub struct Relay {
-    pub store: Store,
-    pub clock: Clock,
-    pub dispatch: DispatchHandle,
-    /// Wakes the campaign expander.
-    pub expand: Arc<Notify>,
-    pub admin_token: Arc<str>,
-    pub message_ttl_ms: i64,
-    pub attention: AttentionConfig,
-    pub thresholds: Thresholds,
-    pub metrics: crate::metrics::RelayMetrics,
-    pub market: Market,
-    /// Calls a second each enterprise may make (`None`: no limit).
-    pub limits: Option<Arc<crate::limits::RateLimits>>,
-    /// Carriers must present a client certificate naming them (mutual TLS).
-    pub carrier_certificates: bool,
-}
-
-/// The billing and auction settings the edge applies.
-#[derive(Clone, Debug)]
-pub struct Market {
-    /// Price slots and billing months are local to this zone.
-    pub zone_name: Arc<str>,
-    pub zone: jiff::tz::TimeZone,
-    pub unbid: crate::auction::Unbid,
-}
+pub use crate::service::{Market, Relay};
 
 impl Relay {
     /// The enterprise whose API key the call presents, if it is within its
@@ -74,34 +42,6 @@ impl Relay {
             .ok_or(Error::Unauthenticated("authorization: unknown API key"))?;
         self.take_call(&enterprise_id)?;
         Ok(enterprise_id)
-    }
-
-    /// Counts one call of `enterprise_id` against its rate limit.
-    fn take_call(&self, enterprise_id: &str) -> Result<()> {
-        if let Some(limits) = &self.limits {
-            limits
-                .take(enterprise_id)
-                .map_err(|retry_after| Error::RateLimited { retry_after })?;
-        }
-        Ok(())
-    }
-
-    /// Refuses a segment target that could single people out (see
-    /// [`Store::check_cohort`]); other targets pass.
-    async fn check_cohort(
-        &self,
-        enterprise_id: &str,
-        message: &crate::targeting::NewMessage,
-        now: i64,
-    ) -> Result<()> {
-        match &message.target {
-            crate::targeting::Target::Segment(segment) => {
-                self.store
-                    .check_cohort(enterprise_id, segment, self.thresholds.min_cohort, now)
-                    .await
-            }
-            _ => Ok(()),
-        }
     }
 
     /// The carrier calling: its token, and under mutual TLS a client

@@ -1,0 +1,192 @@
+//! The use cases, one implementation each, that the edges call: accepting
+//! a message, quoting one, the auction's terms. They take and return domain
+//! types; who the caller is (API keys, certificates) and the wire formats
+//! stay at the edge (`grpc/`). A use case that only reads one thing is the
+//! store's call, made by the edge directly.
+
+use std::sync::Arc;
+
+use chukei_proto::clock::Clock;
+use tokio::sync::Notify;
+
+use crate::auction::{self, Terms};
+use crate::dispatch::DispatchHandle;
+use crate::error::{Error, Result};
+use crate::policy::{AttentionConfig, PolicyKind};
+use crate::pricing::{self, Quote};
+use crate::stats::Thresholds;
+use crate::storage::{Store, StoredMessage};
+use crate::targeting::{Channel, MessageState, NewMessage, Target};
+
+/// What every use case (and so every edge handler) shares.
+#[derive(Clone, Debug)]
+pub struct Relay {
+    pub store: Store,
+    pub clock: Clock,
+    pub dispatch: DispatchHandle,
+    /// Wakes the campaign expander.
+    pub expand: Arc<Notify>,
+    pub admin_token: Arc<str>,
+    pub message_ttl_ms: i64,
+    pub attention: AttentionConfig,
+    pub thresholds: Thresholds,
+    pub metrics: crate::metrics::RelayMetrics,
+    pub market: Market,
+    /// Calls a second each enterprise may make (`None`: no limit).
+    pub limits: Option<Arc<crate::limits::RateLimits>>,
+    /// Carriers must present a client certificate naming them (mutual TLS).
+    pub carrier_certificates: bool,
+}
+
+/// The billing and auction settings the edge applies.
+#[derive(Clone, Debug)]
+pub struct Market {
+    /// Price slots and billing months are local to this zone.
+    pub zone_name: Arc<str>,
+    pub zone: jiff::tz::TimeZone,
+    pub unbid: crate::auction::Unbid,
+}
+
+/// A quote and the zone its slots are local to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quoted {
+    pub quote: Quote,
+    pub zone: String,
+}
+
+impl Relay {
+    /// Accepts `message` of `enterprise_id` under a new id: held to the
+    /// auction's terms, durable before it returns; a segment is checked
+    /// against the minimum cohort and its attribute use audited in the
+    /// accepting transaction (`Store::accept_on_terms`). Wakes whoever
+    /// works on it next: the expander, or the dispatchers.
+    pub async fn send(&self, enterprise_id: &str, message: &NewMessage) -> Result<StoredMessage> {
+        let now = self.clock.now_ms();
+        let expires_at = self.expires_at(message, now)?;
+        let terms = self.terms(enterprise_id, message, now, expires_at).await?;
+        let stored = self
+            .store
+            .accept_on_terms(
+                enterprise_id,
+                &crate::credentials::new_id("msg"),
+                message,
+                now,
+                expires_at,
+                &self.attention,
+                &terms,
+                self.thresholds.min_cohort,
+            )
+            .await?;
+        if stored.created {
+            self.metrics
+                .accepted
+                .inc(&[("target", message.target.kind())]);
+            tracing::info!(target_kind = message.target.kind(), matched = ?stored.row.matched, "message accepted");
+            match stored.row.state {
+                MessageState::Accepted => self.expand.notify_one(),
+                _ => self.dispatch.new_work(),
+            }
+        }
+        Ok(stored)
+    }
+
+    /// When `message` expires: as asked (in the future), or the relay's
+    /// default time to live from `now`.
+    fn expires_at(&self, message: &NewMessage, now: i64) -> Result<i64> {
+        match message.timing.expires_at {
+            Some(at) if at <= now => Err(Error::invalid("expires_at", "must be in the future")),
+            Some(at) => Ok(at),
+            None => Ok(now + self.message_ttl_ms),
+        }
+    }
+
+    /// What `message` would cost, on the same terms [`Relay::send`] would
+    /// apply; a segment is held to the minimum cohort first, as a send is.
+    pub async fn quote(&self, enterprise_id: &str, message: &NewMessage) -> Result<Quoted> {
+        let now = self.clock.now_ms();
+        if let Target::Segment(segment) = &message.target {
+            self.store
+                .check_cohort(enterprise_id, segment, self.thresholds.min_cohort, now)
+                .await?;
+        }
+        let expires_at = self.expires_at(message, now)?;
+        let terms = self.terms(enterprise_id, message, now, expires_at).await?;
+        let recipients = self
+            .store
+            .count_recipients(enterprise_id, &message.target)
+            .await?;
+        let table = self.store.price_table(None).await?;
+        let zone = table
+            .as_ref()
+            .and_then(|t| jiff::tz::TimeZone::get(&t.zone).ok())
+            .unwrap_or_else(|| self.market.zone.clone());
+        // Whichever channels the policy may use: a multi-channel send is
+        // charged once, on the channel it is delivered on.
+        let channels: Vec<Channel> = match (terms.channel, message.policy.kind) {
+            (Some(channel), _) => vec![channel],
+            (None, PolicyKind::Best) if message.policy.channels.is_empty() => {
+                pricing::PRICED_CHANNELS.to_vec()
+            }
+            _ => message.policy.channels.clone(),
+        };
+        // When first sends may happen: at once, in the next window opening,
+        // or within a per-person send time's horizon.
+        let window = terms.window.as_ref().or(message.timing.window.as_ref());
+        let (from, until) = match (window, message.timing.send_time) {
+            (Some(window), _) => window
+                .opening(now)
+                .map_or((now, now), |(open, close)| (open.max(now), close)),
+            (None, Some(send_time)) => (now, now + send_time.within_ms()),
+            (None, None) => (now, now),
+        };
+        let slots = pricing::slots_between(from, until, &zone);
+        let quote = Quote::new(
+            recipients,
+            table.as_ref().map(|t| (t.id, &t.prices)),
+            &channels,
+            &slots,
+            terms.bid_id.is_some(),
+        );
+        Ok(Quoted {
+            quote,
+            zone: table.map(|t| t.zone).unwrap_or_default(),
+        })
+    }
+
+    /// The auction's terms for `message` of `enterprise_id` at `now`.
+    pub(crate) async fn terms(
+        &self,
+        enterprise_id: &str,
+        message: &NewMessage,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<Terms> {
+        if let Some(bid_id) = &message.bid_id {
+            let bid = self.store.bid(enterprise_id, bid_id).await?;
+            return auction::terms_for_bid(message, bid.as_ref(), now);
+        }
+        let channels = if message.policy.kind == PolicyKind::Best {
+            Vec::new()
+        } else {
+            message.policy.channels.clone()
+        };
+        let slots = self
+            .store
+            .slots_overlapping(&channels, now, expires_at)
+            .await?;
+        if slots.is_empty() {
+            return Ok(Terms::default());
+        }
+        auction::terms_without_bid(message, &slots, now, expires_at, self.market.unbid)
+    }
+
+    /// Counts one call of `enterprise_id` against its rate limit.
+    pub(crate) fn take_call(&self, enterprise_id: &str) -> Result<()> {
+        if let Some(limits) = &self.limits {
+            limits
+                .take(enterprise_id)
+                .map_err(|retry_after| Error::RateLimited { retry_after })?;
+        }
+        Ok(())
+    }
+}
