@@ -27,12 +27,7 @@ pub struct Rendered {
     pub suggested_replies: Vec<String>,
 }
 
-/// The subscriber details the adapters need (never logged).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Contact {
-    pub email: String,
-    pub sns_handle: String,
-}
+pub use crate::model::Contact;
 
 /// Why the carrier cannot use a channel for a person.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

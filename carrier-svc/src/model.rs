@@ -65,6 +65,13 @@ pub struct Slot {
     pub index: u32,
 }
 
+/// The subscriber details the adapters need (never logged).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Contact {
+    pub email: String,
+    pub sns_handle: String,
+}
+
 /// A delivery on its way to a terminal, with what its channel adapter needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outgoing {
@@ -77,7 +84,7 @@ pub struct Outgoing {
     pub media_url: String,
     pub subject: String,
     pub suggested_replies: Vec<String>,
-    pub contact: crate::channels::Contact,
+    pub contact: Contact,
     pub trace_parent: String,
 }
 

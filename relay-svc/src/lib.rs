@@ -14,6 +14,7 @@
 
 pub mod auction;
 pub mod config;
+pub mod content;
 pub mod control;
 pub mod credentials;
 pub mod dispatch;
@@ -112,10 +113,11 @@ pub async fn run(
         },
         workers.clone(),
     );
+    let drain = dispatch.clone();
     metrics::collect_on_scrape(
         store.clone(),
         clock.clone(),
-        dispatch.clone(),
+        Arc::new(move |carrier, backlog| drain.drain_estimate(Some(carrier), backlog)),
         metrics.clone(),
     );
     let expand = Arc::new(tokio::sync::Notify::new());

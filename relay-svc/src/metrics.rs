@@ -5,11 +5,11 @@
 //! never people.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chukei_proto::clock::Clock;
 use chukei_proto::metrics::{Counter, Gauge, Registry};
 
-use crate::dispatch::DispatchHandle;
 use crate::storage::Store;
 
 /// Every metric the relay reports.
@@ -84,28 +84,28 @@ impl RelayMetrics {
     }
 }
 
+/// How long a carrier's backlog would take to drain at its recent pace
+/// (`None`: no pace measured yet), as the dispatchers estimate it.
+pub type DrainEstimate = Arc<dyn Fn(&str, u64) -> Option<Duration> + Send + Sync>;
+
 /// Registers the collector that reads the gauges' values from the
-/// database at each scrape.
-pub fn collect_on_scrape(
-    store: Store,
-    clock: Clock,
-    dispatch: DispatchHandle,
-    metrics: RelayMetrics,
-) {
+/// database (and the dispatchers' `drain` estimate) at each scrape.
+pub fn collect_on_scrape(store: Store, clock: Clock, drain: DrainEstimate, metrics: RelayMetrics) {
     let registry = metrics.registry.clone();
     registry.on_scrape(Arc::new(move || {
-        let (store, clock, dispatch, metrics) = (
-            store.clone(),
-            clock.clone(),
-            dispatch.clone(),
-            metrics.clone(),
-        );
-        Box::pin(async move { metrics.refresh(&store, &clock, &dispatch).await })
+        let (store, clock, drain, metrics) =
+            (store.clone(), clock.clone(), drain.clone(), metrics.clone());
+        Box::pin(async move { metrics.refresh(&store, &clock, &*drain).await })
     }));
 }
 
 impl RelayMetrics {
-    async fn refresh(&self, store: &Store, clock: &Clock, dispatch: &DispatchHandle) {
+    async fn refresh(
+        &self,
+        store: &Store,
+        clock: &Clock,
+        drain: &(dyn Fn(&str, u64) -> Option<Duration> + Send + Sync),
+    ) {
         let now = clock.now_ms();
         match store.pending_by_carrier(now).await {
             Ok(rows) => {
@@ -116,9 +116,7 @@ impl RelayMetrics {
                     self.oldest.set(&labels, age as f64 / 1000.0);
                     let drain = match count {
                         0 => Some(0.0),
-                        _ => dispatch
-                            .drain_estimate(Some(&carrier), count)
-                            .map(|d| d.as_secs_f64()),
+                        _ => drain(&carrier, count).map(|d| d.as_secs_f64()),
                     };
                     self.drain.set(&labels, drain.unwrap_or(-1.0));
                 }

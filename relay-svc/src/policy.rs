@@ -7,7 +7,7 @@ use std::fmt;
 
 use chukei_proto::window::Window;
 
-use crate::targeting::{Channel, Content};
+use crate::content::{Channel, Content};
 
 /// The most resends a `resend` policy may ask for.
 pub const MAX_RESENDS: u32 = 10;

@@ -7,6 +7,7 @@
 
 use sha2::{Digest, Sha256};
 
+pub use crate::content::{Channel, Content};
 use crate::policy::{FollowUp, Policy, Priority, Timing, WindowMode};
 use crate::registry::Gender;
 
@@ -14,38 +15,6 @@ use crate::registry::Gender;
 pub const MAX_TEXT_BYTES: usize = 8_192;
 /// The most refs one `SendMessage` may name.
 pub const MAX_REFS: usize = 10_000;
-
-/// The channel a carrier should use. `None` on a message means the carrier's default.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Channel {
-    Rcs,
-    Sms,
-    Sns,
-    Email,
-}
-
-impl Channel {
-    /// Stored and wire number (the proto enum's value).
-    pub fn number(channel: Option<Self>) -> i64 {
-        match channel {
-            None => 0,
-            Some(Self::Rcs) => 1,
-            Some(Self::Sms) => 2,
-            Some(Self::Sns) => 3,
-            Some(Self::Email) => 4,
-        }
-    }
-
-    pub fn from_number(number: i64) -> Option<Self> {
-        match number {
-            1 => Some(Self::Rcs),
-            2 => Some(Self::Sms),
-            3 => Some(Self::Sns),
-            4 => Some(Self::Email),
-            _ => None,
-        }
-    }
-}
 
 /// Who a message is for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,17 +75,6 @@ impl Segment {
             || !self.regions.is_empty()
             || !self.occupations.is_empty()
     }
-}
-
-/// What is shown on the terminal.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Content {
-    pub text: String,
-    pub media_url: String,
-    /// E-mail only.
-    pub subject: String,
-    /// RCS only.
-    pub suggested_replies: Vec<String>,
 }
 
 /// A validated `SendMessage`.
