@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 use crate::channels;
-use crate::model::{TerminalEvent, TerminalEventKind};
+use crate::model::{Outgoing, Slot, TerminalEvent, TerminalEventKind};
 
 const PUSH_BATCH: u32 = 1_000;
 
@@ -158,95 +158,8 @@ async fn session(
     let mut poll = tokio::time::interval(shared.poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        loop {
-            let due = shared
-                .store
-                .due_for_endpoint(endpoint, shared.clock.now_ms(), PUSH_BATCH)
-                .await?;
-            if due.is_empty() {
-                break;
-            }
-            // Each delivery through its channel's adapter; what the carrier cannot
-            // carry (no address on file) is reported unsupported, not pushed.
-            let mut slots = Vec::with_capacity(due.len());
-            let mut unsupported = Vec::new();
-            let mut messages = Vec::with_capacity(due.len());
-            let traces = telemetry::step_per_message(
-                "carrier.push",
-                due.iter()
-                    .map(|d| (d.message_id.as_str(), d.trace_parent.as_str())),
-            );
-            for d in due {
-                match channels::render(
-                    d.channel,
-                    &d.text,
-                    &d.media_url,
-                    &d.subject,
-                    &d.suggested_replies,
-                    &d.contact,
-                ) {
-                    Ok(rendered) => {
-                        slots.push(d.slot);
-                        messages.push(pb::PushedMessage {
-                            trace_parent: telemetry::passed_on(
-                                &traces,
-                                &d.message_id,
-                                d.trace_parent,
-                            ),
-                            delivery_id: d.delivery_id.to_string(),
-                            message_id: d.message_id,
-                            user_id: d.user_id,
-                            content: Some(common::Content {
-                                text: d.text,
-                                media_url: rendered.media_url,
-                                subject: rendered.subject,
-                                suggested_replies: rendered.suggested_replies,
-                            }),
-                            channel: d.channel as i32,
-                            sms_segments: rendered.sms_segments,
-                            address: rendered.address,
-                        });
-                    }
-                    Err(reason) => {
-                        tracing::debug!(
-                            ?reason,
-                            channel = d.channel,
-                            "channel unsupported for this subscriber"
-                        );
-                        unsupported.push(d.slot);
-                    }
-                }
-            }
-            if !unsupported.is_empty()
-                && shared
-                    .store
-                    .mark_unsupported(&unsupported, shared.clock.now_ms())
-                    .await?
-                    > 0
-            {
-                shared.outbox_changed.send_modify(|g| *g += 1);
-            }
-            if messages.is_empty() {
-                continue;
-            }
-            let request = pb::PushRequest {
-                messages,
-                carrier_id: shared.carrier_id.to_string(),
-            };
-            let mut by_channel: HashMap<&'static str, u64> = HashMap::new();
-            for message in &request.messages {
-                *by_channel
-                    .entry(common::Channel::short_name_of(message.channel))
-                    .or_default() += 1;
-            }
-            down.send(request)
-                .await
-                .map_err(|_| anyhow::anyhow!("terminal stream closed"))?;
-            shared.store.mark_pushed(&slots).await?;
+        if push_due(shared, endpoint, &down).await? {
             pushed_unanswered |= up.is_none();
-            for (channel, count) in by_channel {
-                shared.metrics.pushed.add(&[("channel", channel)], count);
-            }
         }
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
@@ -285,6 +198,109 @@ async fn session(
             }
         }
     }
+}
+
+/// Pushes every delivery due for `endpoint` down `down`, a batch at a time;
+/// whether anything was pushed.
+async fn push_due(
+    shared: &Shared,
+    endpoint: &str,
+    down: &mpsc::Sender<pb::PushRequest>,
+) -> anyhow::Result<bool> {
+    let mut pushed = false;
+    loop {
+        let due = shared
+            .store
+            .due_for_endpoint(endpoint, shared.clock.now_ms(), PUSH_BATCH)
+            .await?;
+        if due.is_empty() {
+            break;
+        }
+        let (slots, messages, unsupported) = render(due);
+        if !unsupported.is_empty()
+            && shared
+                .store
+                .mark_unsupported(&unsupported, shared.clock.now_ms())
+                .await?
+                > 0
+        {
+            shared.outbox_changed.send_modify(|g| *g += 1);
+        }
+        if messages.is_empty() {
+            continue;
+        }
+        let request = pb::PushRequest {
+            messages,
+            carrier_id: shared.carrier_id.to_string(),
+        };
+        let mut by_channel: HashMap<&'static str, u64> = HashMap::new();
+        for message in &request.messages {
+            *by_channel
+                .entry(common::Channel::short_name_of(message.channel))
+                .or_default() += 1;
+        }
+        down.send(request)
+            .await
+            .map_err(|_| anyhow::anyhow!("terminal stream closed"))?;
+        shared.store.mark_pushed(&slots).await?;
+        pushed = true;
+        for (channel, count) in by_channel {
+            shared.metrics.pushed.add(&[("channel", channel)], count);
+        }
+    }
+    Ok(pushed)
+}
+
+/// Each delivery through its channel's adapter: the pushed messages and
+/// their slots, and the slots of what the carrier cannot carry (no address
+/// on file), reported unsupported rather than pushed.
+fn render(due: Vec<Outgoing>) -> (Vec<Slot>, Vec<pb::PushedMessage>, Vec<Slot>) {
+    let mut slots = Vec::with_capacity(due.len());
+    let mut unsupported = Vec::new();
+    let mut messages = Vec::with_capacity(due.len());
+    let traces = telemetry::step_per_message(
+        "carrier.push",
+        due.iter()
+            .map(|d| (d.message_id.as_str(), d.trace_parent.as_str())),
+    );
+    for d in due {
+        match channels::render(
+            d.channel,
+            &d.text,
+            &d.media_url,
+            &d.subject,
+            &d.suggested_replies,
+            &d.contact,
+        ) {
+            Ok(rendered) => {
+                slots.push(d.slot);
+                messages.push(pb::PushedMessage {
+                    trace_parent: telemetry::passed_on(&traces, &d.message_id, d.trace_parent),
+                    delivery_id: d.delivery_id.to_string(),
+                    message_id: d.message_id,
+                    user_id: d.user_id,
+                    content: Some(common::Content {
+                        text: d.text,
+                        media_url: rendered.media_url,
+                        subject: rendered.subject,
+                        suggested_replies: rendered.suggested_replies,
+                    }),
+                    channel: d.channel as i32,
+                    sms_segments: rendered.sms_segments,
+                    address: rendered.address,
+                });
+            }
+            Err(reason) => {
+                tracing::debug!(
+                    ?reason,
+                    channel = d.channel,
+                    "channel unsupported for this subscriber"
+                );
+                unsupported.push(d.slot);
+            }
+        }
+    }
+    (slots, messages, unsupported)
 }
 
 /// How long a terminal may stay silent after a push before it is named.

@@ -142,43 +142,8 @@ impl Store {
         if events.is_empty() {
             return Ok(0);
         }
-        // Each message's id range: its rows are found by message and range.
-        let mut ranges: HashMap<&str, (u64, u64)> = HashMap::new();
-        for event in events {
-            let range = ranges
-                .entry(event.message_id.as_str())
-                .or_insert((event.delivery_id, event.delivery_id));
-            range.0 = range.0.min(event.delivery_id);
-            range.1 = range.1.max(event.delivery_id);
-        }
-        let ranges: Vec<(&str, (u64, u64))> = ranges.into_iter().collect();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut rows: Vec<StateRow> = Vec::new();
-        for chunk in ranges.chunks(ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::new(
-                "SELECT b.seq, b.message_id, b.single_attempt, b.sms_segments, b.recipients, b.states
-                 FROM batches b JOIN (",
-            );
-            query.push_values(chunk, |mut row, (message_id, (lo, hi))| {
-                row.push_bind(*message_id)
-                    .push_bind(*lo as i64)
-                    .push_bind(*hi as i64);
-            });
-            query.push(
-                ") AS v ON b.message_id = v.column1 AND b.min_id <= v.column3 AND b.max_id >= v.column2",
-            );
-            rows.extend(
-                query
-                    .build_query_as::<StateRow>()
-                    .fetch_all(&mut *tx)
-                    .await?,
-            );
-        }
-        let mut decoded: Vec<(StateRow, Vec<Recipient>)> = Vec::with_capacity(rows.len());
-        for row in rows {
-            let recipients = packed::decode_recipients(&row.recipients).map_err(unreadable)?;
-            decoded.push((row, recipients));
-        }
+        let decoded = rows_holding(&mut tx, events).await?;
         let mut place: HashMap<(&str, u64), (usize, usize)> = HashMap::new();
         for (r, (row, recipients)) in decoded.iter().enumerate() {
             for (i, recipient) in recipients.iter().enumerate() {
@@ -332,6 +297,51 @@ pub(super) async fn change_states(
     }
     write_states(tx, &changed).await?;
     Ok(moved)
+}
+
+/// The batch rows holding the deliveries `events` are about, with their
+/// recipients decoded.
+async fn rows_holding(
+    tx: &mut sqlx::SqliteConnection,
+    events: &[TerminalEvent],
+) -> Result<Vec<(StateRow, Vec<Recipient>)>> {
+    // Each message's id range: its rows are found by message and range.
+    let mut ranges: HashMap<&str, (u64, u64)> = HashMap::new();
+    for event in events {
+        let range = ranges
+            .entry(event.message_id.as_str())
+            .or_insert((event.delivery_id, event.delivery_id));
+        range.0 = range.0.min(event.delivery_id);
+        range.1 = range.1.max(event.delivery_id);
+    }
+    let ranges: Vec<(&str, (u64, u64))> = ranges.into_iter().collect();
+    let mut rows: Vec<StateRow> = Vec::new();
+    for chunk in ranges.chunks(ROWS_PER_STATEMENT) {
+        let mut query = QueryBuilder::new(
+            "SELECT b.seq, b.message_id, b.single_attempt, b.sms_segments, b.recipients, b.states
+             FROM batches b JOIN (",
+        );
+        query.push_values(chunk, |mut row, (message_id, (lo, hi))| {
+            row.push_bind(*message_id)
+                .push_bind(*lo as i64)
+                .push_bind(*hi as i64);
+        });
+        query.push(
+            ") AS v ON b.message_id = v.column1 AND b.min_id <= v.column3 AND b.max_id >= v.column2",
+        );
+        rows.extend(
+            query
+                .build_query_as::<StateRow>()
+                .fetch_all(&mut *tx)
+                .await?,
+        );
+    }
+    let mut decoded: Vec<(StateRow, Vec<Recipient>)> = Vec::with_capacity(rows.len());
+    for row in rows {
+        let recipients = packed::decode_recipients(&row.recipients).map_err(unreadable)?;
+        decoded.push((row, recipients));
+    }
+    Ok(decoded)
 }
 
 /// Writes rows' new states with their held and pushed counts.

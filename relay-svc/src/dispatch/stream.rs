@@ -8,16 +8,15 @@ use std::time::Duration;
 
 use chukei_proto::auth::BearerInterceptor;
 use chukei_proto::carrier::v1 as pb;
-use chukei_proto::clock::{Clock, from_timestamp};
+use chukei_proto::clock::Clock;
 use chukei_proto::deliver;
 use chukei_proto::telemetry;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use super::wire::{WindowCache, pack, receipts_from_wire};
+use super::wire::{WindowCache, count_report_from_wire, pack, receipts_from_wire};
 use super::{DispatchConfig, DispatchHandle};
-use crate::receipts::{CountReport, MessageCount};
 use crate::storage::{DueDelivery, Lane, Store};
 
 /// One carrier's dispatcher: holds its stream while this replica holds the
@@ -60,25 +59,7 @@ impl Dispatcher {
         cancel: &CancellationToken,
         backoff: &mut Duration,
     ) -> anyhow::Result<()> {
-        let Some(endpoint) = self.store.carrier_endpoint(&self.carrier_id).await? else {
-            anyhow::bail!("carrier is not registered");
-        };
-        let channel = self
-            .config
-            .tls
-            .endpoint(&endpoint)?
-            .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .connect()
-            .await?;
-        let mut client = pb::carrier_client::CarrierClient::with_interceptor(
-            channel,
-            BearerInterceptor::new(&self.config.deliver_token)?,
-        )
-        .max_decoding_message_size(64 * 1024 * 1024)
-        .max_encoding_message_size(64 * 1024 * 1024);
+        let mut client = self.connect().await?;
         let (down, down_rx) =
             mpsc::channel::<pb::RelayToCarrier>(self.config.batches_in_flight + 4);
         let mut request = tonic::Request::new(ReceiverStream::new(down_rx));
@@ -99,43 +80,18 @@ impl Dispatcher {
         let mut poll = tokio::time::interval(self.config.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut in_flight: InFlight = HashMap::new();
-        let mut cursors = [0_i64; 2];
         let mut next_batch_id = 1_u64;
         let mut windows = WindowCache::default();
         let mut notices_in_flight = false;
         // The outbox is looked at when woken for new work or by the poll,
         // and after an acknowledgement, not on every message up the stream.
         let mut look_at_outbox = true;
-        let mut catch_up = [false; 2];
-        // A lane whose last read came back short has nothing more due until
-        // new work is signalled, receipts plan follow-ups, or the poll: an
-        // acknowledgement alone does not send it back to the database.
-        let mut drained = [false; 2];
+        let [mut priority, mut bulk] = [LaneState::default(); 2];
         loop {
             // Erasure notices, one batch at a time: deleted when acknowledged.
             if look_at_outbox && !notices_in_flight {
                 look_at_outbox = false;
-                let notices = self
-                    .store
-                    .outbox(&self.carrier_id, NOTICES_PER_BATCH)
-                    .await?;
-                if !notices.is_empty() {
-                    let erasures = notices
-                        .into_iter()
-                        .map(|(id, user_id, enterprise_id)| pb::Erasure {
-                            notice_id: id as u64,
-                            user_id,
-                            enterprise_id,
-                        })
-                        .collect();
-                    down.send(pb::RelayToCarrier {
-                        kind: Some(pb::relay_to_carrier::Kind::Erasures(pb::ErasureBatch {
-                            erasures,
-                        })),
-                    })
-                    .await?;
-                    notices_in_flight = true;
-                }
+                notices_in_flight = self.send_notices(&down).await?;
             }
             // The priority lane first, beside the bulk window; then the bulk lane.
             let mut batch = Batching {
@@ -147,31 +103,17 @@ impl Dispatcher {
             self.fill(
                 Lane::Priority,
                 PRIORITY_IN_FLIGHT,
-                &mut cursors[0],
-                &mut catch_up[0],
-                &mut drained[0],
+                &mut priority,
                 &mut batch,
             )
             .await?;
-            self.fill(
-                Lane::Bulk,
-                self.config.batches_in_flight,
-                &mut cursors[1],
-                &mut catch_up[1],
-                &mut drained[1],
-                &mut batch,
-            )
-            .await?;
+            let window = self.config.batches_in_flight;
+            self.fill(Lane::Bulk, window, &mut bulk, &mut batch).await?;
             tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
                 answered = &mut response, if up.is_none() => {
-                    let answered = answered?;
-                    deliver::check_version("carrier", deliver::version_in(answered.metadata()))
-                        .map_err(anyhow::Error::msg)?;
-                    up = Some(answered.into_inner());
-                    self.handle.set_connected(&self.carrier_id, true);
+                    up = Some(self.stream_open(answered?)?);
                     *backoff = Duration::from_millis(100);
-                    tracing::info!(carrier_id = %self.carrier_id, "carrier stream open");
                 }
                 message = next_message(&mut up) => {
                     let Some(message) = message? else {
@@ -184,50 +126,124 @@ impl Dispatcher {
                         look_at_outbox = true;
                     }
                     if matches!(message.kind, Some(pb::carrier_to_relay::Kind::Receipts(_))) {
-                        drained = [false; 2];
+                        (priority.drained, bulk.drained) = (false, false);
                     }
                     self.handle_up(message, &mut in_flight, &down).await?;
                 }
                 changed = new_work.changed() => {
                     changed?;
                     look_at_outbox = true;
-                    drained = [false; 2];
+                    (priority.drained, bulk.drained) = (false, false);
                 }
                 _ = poll.tick() => {
                     if up.is_none() && !in_flight.is_empty() && !warned && opened.elapsed() >= SILENT_CARRIER {
                         warned = true;
-                        tracing::warn!(
-                            carrier_id = %self.carrier_id,
-                            silent_secs = opened.elapsed().as_secs(),
-                            "carrier has not answered the Deliver stream (no response headers, no acknowledgements) though batches were sent to it"
-                        );
+                        self.name_silent_carrier(opened.elapsed());
                     }
                     look_at_outbox = true;
-                    catch_up = [true; 2];
-                    drained = [false; 2];
+                    for lane in [&mut priority, &mut bulk] {
+                        (lane.catch_up, lane.drained) = (true, false);
+                    }
                 }
             }
         }
     }
 
+    /// The carrier answered the stream: its protocol version checked, its
+    /// messages to be read from now on.
+    fn stream_open(
+        &self,
+        answered: tonic::Response<tonic::Streaming<pb::CarrierToRelay>>,
+    ) -> anyhow::Result<tonic::Streaming<pb::CarrierToRelay>> {
+        deliver::check_version("carrier", deliver::version_in(answered.metadata()))
+            .map_err(anyhow::Error::msg)?;
+        self.handle.set_connected(&self.carrier_id, true);
+        tracing::info!(carrier_id = %self.carrier_id, "carrier stream open");
+        Ok(answered.into_inner())
+    }
+
+    /// Names (at WARN) a carrier silent for `silent` though batches were sent.
+    fn name_silent_carrier(&self, silent: Duration) {
+        tracing::warn!(
+            carrier_id = %self.carrier_id,
+            silent_secs = silent.as_secs(),
+            "carrier has not answered the Deliver stream (no response headers, no acknowledgements) though batches were sent to it"
+        );
+    }
+
+    /// Dials the carrier's registered endpoint.
+    async fn connect(
+        &self,
+    ) -> anyhow::Result<
+        pb::carrier_client::CarrierClient<
+            tonic::service::interceptor::InterceptedService<
+                tonic::transport::Channel,
+                BearerInterceptor,
+            >,
+        >,
+    > {
+        let Some(endpoint) = self.store.carrier_endpoint(&self.carrier_id).await? else {
+            anyhow::bail!("carrier is not registered");
+        };
+        let channel = self
+            .config
+            .tls
+            .endpoint(&endpoint)?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect()
+            .await?;
+        Ok(pb::carrier_client::CarrierClient::with_interceptor(
+            channel,
+            BearerInterceptor::new(&self.config.deliver_token)?,
+        )
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024))
+    }
+
+    /// Sends the carrier's oldest erasure notices, if any, as one batch;
+    /// whether a batch went.
+    async fn send_notices(&self, down: &mpsc::Sender<pb::RelayToCarrier>) -> anyhow::Result<bool> {
+        let notices = self
+            .store
+            .outbox(&self.carrier_id, NOTICES_PER_BATCH)
+            .await?;
+        if notices.is_empty() {
+            return Ok(false);
+        }
+        let erasures = notices
+            .into_iter()
+            .map(|(id, user_id, enterprise_id)| pb::Erasure {
+                notice_id: id as u64,
+                user_id,
+                enterprise_id,
+            })
+            .collect();
+        down.send(pb::RelayToCarrier {
+            kind: Some(pb::relay_to_carrier::Kind::Erasures(pb::ErasureBatch {
+                erasures,
+            })),
+        })
+        .await?;
+        Ok(true)
+    }
+
     /// Sends due deliveries of `lane` in batches while fewer than `window`
-    /// of the lane's batches are in flight. `cursor` is the lane's last id
-    /// sent; it starts over from the lowest when the lane has nothing due
-    /// and nothing in flight. A row can appear below the cursor while the
-    /// lane stays busy — committed out of id order by another writer, or
-    /// released from waiting (a quiet period, a send time, a window) — so
-    /// after each poll (`catch_up`, cleared once done) the rows below the
-    /// lane's lowest batch in flight are read first, at the lane's next free
-    /// place in the window. `drained`: the last read came back short.
+    /// of the lane's batches are in flight, from where `state` stands.
     async fn fill(
         &self,
         lane: Lane,
         window: usize,
-        cursor: &mut i64,
-        catch_up: &mut bool,
-        drained: &mut bool,
+        state: &mut LaneState,
         batch: &mut Batching<'_>,
     ) -> anyhow::Result<()> {
+        let LaneState {
+            cursor,
+            catch_up,
+            drained,
+        } = state;
         let in_lane = |in_flight: &InFlight| in_flight.values().filter(|(l, _)| *l == lane).count();
         if *catch_up && in_lane(batch.in_flight) < window {
             *catch_up = false;
@@ -387,24 +403,7 @@ impl Dispatcher {
                 .await?;
             }
             Some(pb::carrier_to_relay::Kind::CountReport(report)) => {
-                let report = CountReport {
-                    at: report
-                        .at
-                        .as_ref()
-                        .map_or_else(|| self.clock.now_ms(), from_timestamp),
-                    counts: report
-                        .counts
-                        .into_iter()
-                        .map(|c| MessageCount {
-                            message_id: c.message_id,
-                            sent: c.sent,
-                            opened: c.opened,
-                            sms_segments: c.sms_segments,
-                            unsupported: c.unsupported,
-                            expired: c.expired,
-                        })
-                        .collect(),
-                };
+                let report = count_report_from_wire(report, self.clock.now_ms());
                 self.store
                     .store_count_report(&self.carrier_id, &report)
                     .await?;
@@ -418,6 +417,24 @@ impl Dispatcher {
 
 /// Batches of each carrier's priority lane in flight beside the bulk window.
 const PRIORITY_IN_FLIGHT: usize = 2;
+
+/// Where one lane of a carrier stream stands.
+#[derive(Clone, Copy, Debug, Default)]
+struct LaneState {
+    /// The lane's last id sent; it starts over from the lowest when the
+    /// lane has nothing due and nothing in flight.
+    cursor: i64,
+    /// A row can appear below the cursor while the lane stays busy —
+    /// committed out of id order by another writer, or released from
+    /// waiting (a quiet period, a send time, a window) — so after each poll
+    /// the rows below the lane's lowest batch in flight are read first, at
+    /// the lane's next free place in the window; cleared once done.
+    catch_up: bool,
+    /// The last read came back short: nothing more is due until new work is
+    /// signalled, receipts plan follow-ups, or the poll (an acknowledgement
+    /// alone does not send the lane back to the database).
+    drained: bool,
+}
 
 /// Batches sent and not yet acknowledged: their lane and delivery ids by message.
 type InFlight = HashMap<u64, (Lane, Vec<i64>)>;

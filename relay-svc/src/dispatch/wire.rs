@@ -5,13 +5,13 @@
 use std::collections::HashMap;
 
 use chukei_proto::carrier::v1 as pb;
-use chukei_proto::clock::to_timestamp;
+use chukei_proto::clock::{from_timestamp, to_timestamp};
 use chukei_proto::common::v1 as common;
 use chukei_proto::deliver;
 use chukei_proto::telemetry;
 use chukei_proto::window::Window;
 
-use crate::receipts::{EventKind, Receipt};
+use crate::receipts::{CountReport, EventKind, MessageCount, Receipt};
 use crate::storage::DueDelivery;
 use crate::targeting::Channel;
 
@@ -142,4 +142,23 @@ pub(super) fn receipts_from_wire(records: Vec<pb::MessageReceipts>) -> Vec<Recei
         }
     }
     receipts
+}
+
+/// A carrier's count report; stamped `now` when it names no time.
+pub(super) fn count_report_from_wire(report: pb::CountReport, now: i64) -> CountReport {
+    CountReport {
+        at: report.at.as_ref().map_or(now, from_timestamp),
+        counts: report
+            .counts
+            .into_iter()
+            .map(|c| MessageCount {
+                message_id: c.message_id,
+                sent: c.sent,
+                opened: c.opened,
+                sms_segments: c.sms_segments,
+                unsupported: c.unsupported,
+                expired: c.expired,
+            })
+            .collect(),
+    }
 }

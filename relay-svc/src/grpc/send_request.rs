@@ -13,7 +13,7 @@ use crate::policy::{
     FollowUp, MAX_RESENDS, MAX_SEND_TIME_HORIZON_MS, Policy, PolicyKind, Priority, SendTime,
     Timing, WindowMode,
 };
-use crate::targeting::{self, Content, NewMessage, Segment, Target};
+use crate::targeting::{self, Channel, Content, NewMessage, Segment, Target};
 
 impl TryFrom<pb::SendMessageRequest> for NewMessage {
     type Error = Error;
@@ -33,54 +33,8 @@ impl TryFrom<pb::SendMessageRequest> for NewMessage {
             }
             Some(policy) => policy_from_wire(policy)?,
         };
-        let target = match request.target.and_then(|t| t.kind) {
-            None => return Err(Error::invalid("target", "is required")),
-            Some(pb::target::Kind::Refs(list)) => {
-                if list.refs.is_empty() {
-                    return Err(Error::invalid("target.refs", "must name at least one ref"));
-                }
-                if list.refs.len() > targeting::MAX_REFS {
-                    return Err(Error::invalid(
-                        "target.refs",
-                        format!("must name at most {} refs", targeting::MAX_REFS),
-                    ));
-                }
-                let mut seen = std::collections::HashSet::with_capacity(list.refs.len());
-                let mut refs = Vec::with_capacity(list.refs.len());
-                for (index, user_ref) in list.refs.iter().enumerate() {
-                    let user_ref = required(&format!("target.refs[{index}]"), user_ref, 64)?;
-                    if seen.insert(user_ref) {
-                        refs.push(user_ref.to_owned());
-                    }
-                }
-                Target::Refs(refs)
-            }
-            Some(pb::target::Kind::AllRegistered(true)) => Target::AllRegistered,
-            Some(pb::target::Kind::AllRegistered(false)) => {
-                return Err(Error::invalid(
-                    "target.all_registered",
-                    "must be true when given",
-                ));
-            }
-            Some(pb::target::Kind::ServiceId(service_id)) => {
-                Target::Service(required("target.service_id", &service_id, 64)?.to_owned())
-            }
-            Some(pb::target::Kind::Segment(segment)) => {
-                Target::Segment(segment_from_wire(segment)?)
-            }
-        };
-        let mode = match pb::WindowMode::try_from(request.window_mode) {
-            Ok(pb::WindowMode::Unspecified | pb::WindowMode::HeldAtRelay) => {
-                WindowMode::HeldAtRelay
-            }
-            Ok(pb::WindowMode::AtCarrier) => WindowMode::AtCarrier,
-            Err(_) => {
-                return Err(Error::invalid(
-                    "window_mode",
-                    format!("unknown window mode {}", request.window_mode),
-                ));
-            }
-        };
+        let target = target_from_wire(request.target.and_then(|t| t.kind))?;
+        let mode = window_mode_from_wire(request.window_mode)?;
         let expires_at = request
             .expires_at
             .as_ref()
@@ -100,17 +54,7 @@ impl TryFrom<pb::SendMessageRequest> for NewMessage {
         }
         let follow_up = request.follow_up.map(follow_up_from_wire).transpose()?;
         let bid_id = optional("bid_id", &request.bid_id, 64)?;
-        let priority = match pb::Priority::try_from(request.priority) {
-            Ok(pb::Priority::Unspecified | pb::Priority::Normal) => Priority::Normal,
-            Ok(pb::Priority::Low) => Priority::Low,
-            Ok(pb::Priority::High) => Priority::High,
-            Err(_) => {
-                return Err(Error::invalid(
-                    "priority",
-                    format!("unknown priority {}", request.priority),
-                ));
-            }
-        };
+        let priority = priority_from_wire(request.priority)?;
         Ok(Self {
             idempotency_key,
             target,
@@ -123,6 +67,70 @@ impl TryFrom<pb::SendMessageRequest> for NewMessage {
             bid_id,
             trace_parent: String::new(),
         })
+    }
+}
+
+/// Who a message is for: refs (deduplicated, each named by its index when
+/// empty or too long), everyone registered, a service, or a segment.
+fn target_from_wire(kind: Option<pb::target::Kind>) -> Result<Target> {
+    Ok(match kind {
+        None => return Err(Error::invalid("target", "is required")),
+        Some(pb::target::Kind::Refs(list)) => {
+            if list.refs.is_empty() {
+                return Err(Error::invalid("target.refs", "must name at least one ref"));
+            }
+            if list.refs.len() > targeting::MAX_REFS {
+                return Err(Error::invalid(
+                    "target.refs",
+                    format!("must name at most {} refs", targeting::MAX_REFS),
+                ));
+            }
+            let mut seen = std::collections::HashSet::with_capacity(list.refs.len());
+            let mut refs = Vec::with_capacity(list.refs.len());
+            for (index, user_ref) in list.refs.iter().enumerate() {
+                let user_ref = required(&format!("target.refs[{index}]"), user_ref, 64)?;
+                if seen.insert(user_ref) {
+                    refs.push(user_ref.to_owned());
+                }
+            }
+            Target::Refs(refs)
+        }
+        Some(pb::target::Kind::AllRegistered(true)) => Target::AllRegistered,
+        Some(pb::target::Kind::AllRegistered(false)) => {
+            return Err(Error::invalid(
+                "target.all_registered",
+                "must be true when given",
+            ));
+        }
+        Some(pb::target::Kind::ServiceId(service_id)) => {
+            Target::Service(required("target.service_id", &service_id, 64)?.to_owned())
+        }
+        Some(pb::target::Kind::Segment(segment)) => Target::Segment(segment_from_wire(segment)?),
+    })
+}
+
+fn window_mode_from_wire(window_mode: i32) -> Result<WindowMode> {
+    match pb::WindowMode::try_from(window_mode) {
+        Ok(pb::WindowMode::Unspecified | pb::WindowMode::HeldAtRelay) => {
+            Ok(WindowMode::HeldAtRelay)
+        }
+        Ok(pb::WindowMode::AtCarrier) => Ok(WindowMode::AtCarrier),
+        Err(_) => Err(Error::invalid(
+            "window_mode",
+            format!("unknown window mode {window_mode}"),
+        )),
+    }
+}
+
+fn priority_from_wire(priority: i32) -> Result<Priority> {
+    match pb::Priority::try_from(priority) {
+        Ok(pb::Priority::Unspecified | pb::Priority::Normal) => Ok(Priority::Normal),
+        Ok(pb::Priority::Low) => Ok(Priority::Low),
+        Ok(pb::Priority::High) => Ok(Priority::High),
+        Err(_) => Err(Error::invalid(
+            "priority",
+            format!("unknown priority {priority}"),
+        )),
     }
 }
 
@@ -228,26 +236,10 @@ pub(super) fn duration_ms(field: &str, duration: Option<&prost_types::Duration>)
 /// The longest timeout or delay a message may ask for.
 const MAX_DELAY_SECS: i64 = 30 * 24 * 3600;
 
-fn policy_from_wire(policy: pb::DeliveryPolicy) -> Result<Policy> {
-    let kind = match pb::PolicyKind::try_from(policy.kind) {
-        Ok(pb::PolicyKind::Unspecified) => {
-            return Err(Error::invalid("policy.kind", "is required"));
-        }
-        Ok(pb::PolicyKind::Fixed) => PolicyKind::Fixed,
-        Ok(pb::PolicyKind::MostUsed) => PolicyKind::MostUsed,
-        Ok(pb::PolicyKind::Fallback) => PolicyKind::Fallback,
-        Ok(pb::PolicyKind::Multi) => PolicyKind::Multi,
-        Ok(pb::PolicyKind::Resend) => PolicyKind::Resend,
-        Ok(pb::PolicyKind::Best) => PolicyKind::Best,
-        Err(_) => {
-            return Err(Error::invalid(
-                "policy.kind",
-                format!("unknown policy {}", policy.kind),
-            ));
-        }
-    };
-    let mut channels = Vec::with_capacity(policy.channels.len());
-    for (index, number) in policy.channels.iter().enumerate() {
+/// A policy's channels, in order: each named once, as many as `kind` needs.
+fn policy_channels(kind: PolicyKind, numbers: &[i32]) -> Result<Vec<Channel>> {
+    let mut channels = Vec::with_capacity(numbers.len());
+    for (index, number) in numbers.iter().enumerate() {
         let field = format!("policy.channels[{index}]");
         let channel = channel_from_wire(&field, *number)?
             .ok_or_else(|| Error::invalid(&field, "must name a channel"))?;
@@ -275,6 +267,28 @@ fn policy_from_wire(policy: pb::DeliveryPolicy) -> Result<Policy> {
             "resend sends on exactly one channel",
         ));
     }
+    Ok(channels)
+}
+
+fn policy_from_wire(policy: pb::DeliveryPolicy) -> Result<Policy> {
+    let kind = match pb::PolicyKind::try_from(policy.kind) {
+        Ok(pb::PolicyKind::Unspecified) => {
+            return Err(Error::invalid("policy.kind", "is required"));
+        }
+        Ok(pb::PolicyKind::Fixed) => PolicyKind::Fixed,
+        Ok(pb::PolicyKind::MostUsed) => PolicyKind::MostUsed,
+        Ok(pb::PolicyKind::Fallback) => PolicyKind::Fallback,
+        Ok(pb::PolicyKind::Multi) => PolicyKind::Multi,
+        Ok(pb::PolicyKind::Resend) => PolicyKind::Resend,
+        Ok(pb::PolicyKind::Best) => PolicyKind::Best,
+        Err(_) => {
+            return Err(Error::invalid(
+                "policy.kind",
+                format!("unknown policy {}", policy.kind),
+            ));
+        }
+    };
+    let channels = policy_channels(kind, &policy.channels)?;
     let timeout_ms = duration_ms("policy.timeout", policy.timeout.as_ref())?;
     let timed = matches!(kind, PolicyKind::Fallback | PolicyKind::Resend);
     if timed && timeout_ms <= 0 {

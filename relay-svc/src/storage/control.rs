@@ -115,12 +115,34 @@ fn state_name(state: i64) -> &'static str {
 }
 
 impl Store {
-    /// One pass: timers and unsupported channels, window rolls, expiry.
+    /// One pass: expiry, window rolls, timers and unsupported channels,
+    /// then waiting deliveries released.
     pub async fn follow_through(&self, now: i64) -> Result<FollowThrough> {
-        let mut done = FollowThrough::default();
         let mut plans: HashMap<String, Option<MessagePlan>> = HashMap::new();
-
         // Expiry first, so nothing expired gets another attempt below.
+        let expired = self.expire_messages(now).await?;
+        let rolled = self.roll_closed_windows(now, &mut plans).await?;
+        let groups = self.run_timers(now, &mut plans).await?;
+        // Waiting deliveries whose time has come become due, so dispatchers
+        // never read past rows that may not go yet.
+        let released = on_pool!(self, pool => sqlx::query(
+            "UPDATE deliveries SET state = 0 WHERE state = 6 AND not_before <= $1",
+        )
+        .bind(now)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected()))?;
+        Ok(FollowThrough {
+            expired,
+            rolled,
+            groups,
+            released,
+        })
+    }
+
+    /// Closes messages past their expiry: what was not handed over expires.
+    async fn expire_messages(&self, now: i64) -> Result<u64> {
+        let mut expired = 0;
         let expiring: Vec<String> = on_pool!(self, pool => sqlx::query_scalar(
             "SELECT id FROM messages WHERE closed = FALSE AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
         )
@@ -146,10 +168,19 @@ impl Store {
             closed.push(&m);
             statements.push(closed);
             self.run_statements(&message_id, statements).await?;
-            done.expired += 1;
+            expired += 1;
         }
+        Ok(expired)
+    }
 
-        // Held-at-relay windows that closed on pending deliveries.
+    /// Held-at-relay windows that closed on pending deliveries: held for the
+    /// next opening, or expired when there is none.
+    async fn roll_closed_windows(
+        &self,
+        now: i64,
+        plans: &mut HashMap<String, Option<MessagePlan>>,
+    ) -> Result<u64> {
+        let mut rolled = 0;
         let closed_windows: Vec<String> = on_pool!(self, pool => sqlx::query_scalar(
             "SELECT DISTINCT message_id FROM deliveries WHERE state IN (0, 6) AND window_close <= $1 LIMIT $2",
         )
@@ -158,7 +189,7 @@ impl Store {
         .fetch_all(pool)
         .await)?;
         for message_id in closed_windows {
-            let Some(plan) = self.cached_plan(&mut plans, &message_id).await? else {
+            let Some(plan) = self.cached_plan(plans, &message_id).await? else {
                 continue;
             };
             let statements = match plan.timing(now) {
@@ -189,10 +220,19 @@ impl Store {
                 ),
             };
             self.run_statements(&message_id, statements).await?;
-            done.rolled += 1;
+            rolled += 1;
         }
+        Ok(rolled)
+    }
 
-        // Timers that ran out, and attempts whose channel the terminal lacks.
+    /// Timers that ran out, and attempts whose channel the terminal lacks:
+    /// the policy's next attempt, and the timer cleared.
+    async fn run_timers(
+        &self,
+        now: i64,
+        plans: &mut HashMap<String, Option<MessagePlan>>,
+    ) -> Result<u64> {
+        let mut handled = 0;
         let groups: Vec<(String, i64, i64, i64)> = on_pool!(self, pool => sqlx::query_as(
             "SELECT message_id, channel, attempt, state FROM deliveries
              WHERE check_at IS NOT NULL AND check_at <= $1
@@ -203,7 +243,7 @@ impl Store {
         .fetch_all(pool)
         .await)?;
         for (message_id, channel, attempt, state) in groups {
-            let plan = self.cached_plan(&mut plans, &message_id).await?;
+            let plan = self.cached_plan(plans, &message_id).await?;
             let mut statements = Vec::new();
             let group_filter = |sql: &mut Sql| {
                 let m = sql.bind(Param::Text(message_id.clone()));
@@ -216,63 +256,23 @@ impl Store {
                 )
             };
             if let Some(plan) = plan.filter(|p| p.expires_at > now) {
-                let trigger = if state == 2 {
-                    Trigger::Unsupported
-                } else {
-                    Trigger::Timeout
-                };
-                let next = plan
-                    .policy
-                    .next(Channel::from_number(channel), attempt as u32, trigger);
-                if let (Some((next_channel, reason)), Some((not_before, window_close))) =
-                    (next, plan.timing(now))
-                {
-                    let stop = if plan.policy.kind == PolicyKind::Resend
-                        && plan.policy.resend_until_delivered
-                        && trigger == Trigger::Timeout
-                    {
-                        EventKind::Delivered
-                    } else {
-                        EventKind::Opened
-                    };
-                    let mut insert = Sql::new(
-                        "INSERT INTO deliveries (message_id, user_id, carrier_id, channel, attempt, state, not_before, window_close, reason) \
-                         SELECT message_id, user_id, carrier_id, ",
-                    );
-                    let ch = insert.bind(Param::Int(Channel::number(next_channel)));
-                    let waits =
-                        insert.bind(Param::Int(if not_before > now { WAITING } else { PENDING }));
-                    let nb = insert.bind(Param::Int(not_before));
-                    let wc = insert.bind(Param::window_close(window_close));
-                    let why = insert.bind(Param::Text(reason));
-                    let stop = insert.bind(Param::Int(stop.number()));
-                    let filter = group_filter(&mut insert);
-                    insert.push(&format!(
-                        "{ch}, attempt + 1, {waits}, {nb}, {wc}, {why} FROM deliveries d WHERE {filter} \
-                         AND NOT EXISTS (SELECT 1 FROM events e WHERE e.message_id = d.message_id AND e.user_id = d.user_id AND e.kind = {stop}) \
-                         ON CONFLICT DO NOTHING"
-                    ));
-                    statements.push(insert);
-                }
+                statements.extend(next_attempts(
+                    &plan,
+                    channel,
+                    attempt,
+                    state,
+                    now,
+                    group_filter,
+                ));
             }
             let mut clear = Sql::new("UPDATE deliveries SET check_at = NULL WHERE ");
             let filter = group_filter(&mut clear);
             clear.push(&filter);
             statements.push(clear);
             self.run_statements(&message_id, statements).await?;
-            done.groups += 1;
+            handled += 1;
         }
-
-        // Waiting deliveries whose time has come become due, so dispatchers
-        // never read past rows that may not go yet.
-        done.released = on_pool!(self, pool => sqlx::query(
-            "UPDATE deliveries SET state = 0 WHERE state = 6 AND not_before <= $1",
-        )
-        .bind(now)
-        .execute(pool)
-        .await
-        .map(|r| r.rows_affected()))?;
-        Ok(done)
+        Ok(handled)
     }
 
     /// One reconciliation pass over messages last looked at `after_ms` ago:
@@ -526,4 +526,56 @@ fn expire_deliveries(message_id: &str, which: Closing, note: &str, now: i64) -> 
     let filter = pending(&mut close);
     close.push(&filter).push(")");
     vec![record, close]
+}
+
+/// The next attempt the policy of `plan` makes for one group of attempts
+/// (same channel, attempt number and state) whose timer ran out or whose
+/// channel the terminal lacks — for the people who have not yet opened (or,
+/// resending until delivered, received) the message; `None`: no next attempt.
+fn next_attempts(
+    plan: &MessagePlan,
+    channel: i64,
+    attempt: i64,
+    state: i64,
+    now: i64,
+    group_filter: impl Fn(&mut Sql) -> String,
+) -> Option<Sql> {
+    let trigger = if state == 2 {
+        Trigger::Unsupported
+    } else {
+        Trigger::Timeout
+    };
+    let next = plan
+        .policy
+        .next(Channel::from_number(channel), attempt as u32, trigger);
+    if let (Some((next_channel, reason)), Some((not_before, window_close))) =
+        (next, plan.timing(now))
+    {
+        let stop = if plan.policy.kind == PolicyKind::Resend
+            && plan.policy.resend_until_delivered
+            && trigger == Trigger::Timeout
+        {
+            EventKind::Delivered
+        } else {
+            EventKind::Opened
+        };
+        let mut insert = Sql::new(
+            "INSERT INTO deliveries (message_id, user_id, carrier_id, channel, attempt, state, not_before, window_close, reason) \
+             SELECT message_id, user_id, carrier_id, ",
+        );
+        let ch = insert.bind(Param::Int(Channel::number(next_channel)));
+        let waits = insert.bind(Param::Int(if not_before > now { WAITING } else { PENDING }));
+        let nb = insert.bind(Param::Int(not_before));
+        let wc = insert.bind(Param::window_close(window_close));
+        let why = insert.bind(Param::Text(reason));
+        let stop = insert.bind(Param::Int(stop.number()));
+        let filter = group_filter(&mut insert);
+        insert.push(&format!(
+            "{ch}, attempt + 1, {waits}, {nb}, {wc}, {why} FROM deliveries d WHERE {filter} \
+             AND NOT EXISTS (SELECT 1 FROM events e WHERE e.message_id = d.message_id AND e.user_id = d.user_id AND e.kind = {stop}) \
+             ON CONFLICT DO NOTHING"
+        ));
+        return Some(insert);
+    }
+    None
 }

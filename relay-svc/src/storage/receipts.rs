@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
-use super::{CountSteps, IdList, ROWS_PER_STATEMENT, Store, WritePool, on_pool};
+use super::{CountSteps, IdList, ROWS_PER_STATEMENT, Store, WritePool, on_pool, transaction_steps};
 use crate::error::Result;
 use crate::policy::SCORE_OPEN_SHIFT;
 use crate::receipts::{CountReport, DEFERRED_COUNT, EventKind, Receipt};
@@ -76,33 +76,7 @@ impl Store {
         receipts: &[Receipt],
         now: i64,
     ) -> Result<()> {
-        // One row per event key, the earliest report of it: a read implies a
-        // delivery, but when the delivery's own receipt is in the same batch
-        // its time is the delivery's, not the read's. (Left to the database,
-        // which duplicate wins depends on the join order the planner picks.)
-        let mut earliest: HashMap<(&str, &str, EventKind), (usize, &Receipt)> = HashMap::new();
-        for (index, receipt) in receipts.iter().enumerate() {
-            for kind in receipt.kind.implied() {
-                earliest
-                    .entry((&receipt.message_id, &receipt.user_id, *kind))
-                    .and_modify(|kept| {
-                        if receipt.at < kept.1.at {
-                            *kept = (index, receipt);
-                        }
-                    })
-                    .or_insert((index, receipt));
-            }
-        }
-        let mut rows: Vec<(usize, &Receipt, EventKind)> = earliest
-            .into_iter()
-            .map(|((_, _, kind), (index, receipt))| (index, receipt, kind))
-            .collect();
-        // In receipt order, as the carrier sent them.
-        rows.sort_by_key(|(index, _, kind)| (*index, kind.number()));
-        let rows: Vec<(&Receipt, EventKind)> = rows
-            .into_iter()
-            .map(|(_, receipt, kind)| (receipt, kind))
-            .collect();
+        let rows = event_rows(receipts);
         let attempts_with = |kind: EventKind| -> Vec<i64> {
             receipts
                 .iter()
@@ -124,45 +98,7 @@ impl Store {
         );
         on_pool!(self, pool, groups => {
             let mut tx = groups.deliveries.join(pool).await?;
-            let mut added: HashMap<(String, i64), i64> = HashMap::new();
-            let mut opened: Vec<(String, String, i64, i64)> = Vec::new();
-            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                // Driven by the VALUES rows (a unique-index lookup each); the rows the
-                // insert really added come back, to grow their messages' counts.
-                let mut query = QueryBuilder::new(
-                    "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region)
-                     SELECT v.column1, v.column2, v.column3, v.column4, ",
-                );
-                query.push_bind(carrier_id).push(", v.column5, v.column6 FROM (");
-                query.push_values(chunk, |mut row, (receipt, kind)| {
-                    row.push_bind(&receipt.message_id)
-                        .push_bind(&receipt.user_id)
-                        .push_bind(kind.number())
-                        .push_bind(receipt.at)
-                        .push_bind(Channel::number(receipt.channel))
-                        .push_bind(&receipt.region);
-                });
-                query
-                    .push(") AS v WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = v.column1 AND d.user_id = v.column2 AND d.carrier_id = ")
-                    .push_bind(carrier_id)
-                    // What was added comes back: to count, queue for the rollups, and act on opens.
-                    .push(") ON CONFLICT DO NOTHING RETURNING message_id, kind, user_id, channel, at");
-                let inserted: Vec<(String, i64, String, i64, i64)> =
-                    // Planned on every run, like the hand-over's statements (`transfer.rs`).
-                    query.build_query_as().persistent(false).fetch_all(&mut *tx).await?;
-                let keys: Vec<(&str, &str, i64)> = inserted
-                    .iter()
-                    .map(|(message_id, kind, user_id, ..)| (message_id.as_str(), user_id.as_str(), *kind))
-                    .collect();
-                tx.queue_roll_up(&keys).await?;
-                for (message_id, kind, user_id, channel, at) in inserted {
-                    if kind == EventKind::Opened.number() {
-                        opened.push((message_id.clone(), user_id, channel, if at > 0 { at } else { now }));
-                    }
-                    *added.entry((message_id, kind)).or_default() += 1;
-                }
-            }
-            tx.add_to_counts(added).await?;
+            let opened = tx.record_events(carrier_id, &rows, now).await?;
             if !unsupported.is_empty() {
                 sqlx::query(AssertSqlSafe(close_unsupported))
                     .bind(IdList(&unsupported))
@@ -178,58 +114,7 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
-            for chunk in opened.chunks(ROWS_PER_STATEMENT) {
-                let values = |query: &mut QueryBuilder<_>| {
-                    query.push_values(chunk, |mut row, (message_id, user_id, channel, at)| {
-                        row.push_bind(message_id).push_bind(user_id).push_bind(*channel).push_bind(*at);
-                    });
-                };
-                let mut cancel = QueryBuilder::new(
-                    "UPDATE deliveries SET state = 4, note = 'cancelled: the person opened another attempt'
-                     FROM (",
-                );
-                values(&mut cancel);
-                cancel.push(") AS v WHERE deliveries.message_id = v.column1 AND deliveries.user_id = v.column2 AND deliveries.state IN (0, 6)");
-                cancel.build().execute(&mut *tx).await?;
-
-                let mut engage = QueryBuilder::new("UPDATE engagement SET score = score + (1000 - score) / ");
-                engage.push_bind(SCORE_OPEN_SHIFT).push(" WHERE user_id IN (");
-                let mut list = engage.separated(", ");
-                for (_, user_id, ..) in chunk {
-                    list.push_bind(user_id);
-                }
-                engage.push(")");
-                engage.build().execute(&mut *tx).await?;
-
-                let mut follow = QueryBuilder::new(
-                    "INSERT INTO deliveries (message_id, user_id, carrier_id, channel, attempt, state, not_before, reason)
-                     SELECT m.follow_up_id, c.user_id, c.carrier_id, COALESCE(NULLIF(f.channel, 0), v.column3), 0,
-                            CASE WHEN v.column4 + m.follow_up_delay_ms > ",
-                );
-                follow.push_bind(now).push(
-                    " THEN 6 ELSE 0 END, v.column4 + m.follow_up_delay_ms, 'follow-up: the person opened the original'
-                     FROM (",
-                );
-                values(&mut follow);
-                follow.push(
-                    ") AS v JOIN messages m ON m.id = v.column1 AND m.follow_up_id IS NOT NULL
-                     JOIN messages f ON f.id = m.follow_up_id
-                     JOIN contracts c ON c.user_id = v.column2 AND (c.is_primary OR f.all_carriers)
-                     WHERE f.expires_at > v.column4 ON CONFLICT DO NOTHING RETURNING message_id, user_id",
-                );
-                let planned: Vec<(String, String)> = follow.build_query_as().fetch_all(&mut *tx).await?;
-                let mut people: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
-                for (message_id, user_id) in planned {
-                    people.entry(message_id).or_default().insert(user_id);
-                }
-                for (message_id, users) in people {
-                    sqlx::query("UPDATE messages SET matched = COALESCE(matched, 0) + $2 WHERE id = $1")
-                        .bind(&message_id)
-                        .bind(users.len() as i64)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-            }
+            tx.act_on_opens(&opened, now).await?;
             tx.commit().await?;
             Ok(())
         })
@@ -345,5 +230,154 @@ impl Store {
                 }
             })
             .collect())
+    }
+}
+
+/// One event row per key among `receipts` (each with the implied kinds),
+/// in receipt order.
+fn event_rows(receipts: &[Receipt]) -> Vec<(&Receipt, EventKind)> {
+    // One row per event key, the earliest report of it: a read implies a
+    // delivery, but when the delivery's own receipt is in the same batch
+    // its time is the delivery's, not the read's. (Left to the database,
+    // which duplicate wins depends on the join order the planner picks.)
+    let mut earliest: HashMap<(&str, &str, EventKind), (usize, &Receipt)> = HashMap::new();
+    for (index, receipt) in receipts.iter().enumerate() {
+        for kind in receipt.kind.implied() {
+            earliest
+                .entry((&receipt.message_id, &receipt.user_id, *kind))
+                .and_modify(|kept| {
+                    if receipt.at < kept.1.at {
+                        *kept = (index, receipt);
+                    }
+                })
+                .or_insert((index, receipt));
+        }
+    }
+    let mut rows: Vec<(usize, &Receipt, EventKind)> = earliest
+        .into_iter()
+        .map(|((_, _, kind), (index, receipt))| (index, receipt, kind))
+        .collect();
+    // In receipt order, as the carrier sent them.
+    rows.sort_by_key(|(index, _, kind)| (*index, kind.number()));
+    rows.into_iter()
+        .map(|(_, receipt, kind)| (receipt, kind))
+        .collect()
+}
+
+/// A first open just recorded: message, user, channel and when.
+type Opened = (String, String, i64, i64);
+
+transaction_steps! {
+    /// What a batch of receipts does inside its transaction.
+    trait ReceiptSteps {
+        /// Inserts the events of `rows` from `carrier_id` that are new (and
+        /// for a delivery made to that carrier), counts them and queues them
+        /// for the rollups; the first opens among them.
+        async fn record_events(
+            &mut self,
+            carrier_id: &str,
+            rows: &[(&Receipt, EventKind)],
+            now: i64,
+        ) -> Result<Vec<Opened>> {
+            let mut added: HashMap<(String, i64), i64> = HashMap::new();
+            let mut opened: Vec<Opened> = Vec::new();
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                // Driven by the VALUES rows (a unique-index lookup each); the rows the
+                // insert really added come back, to grow their messages' counts.
+                let mut query = QueryBuilder::new(
+                    "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region)
+                     SELECT v.column1, v.column2, v.column3, v.column4, ",
+                );
+                query.push_bind(carrier_id).push(", v.column5, v.column6 FROM (");
+                query.push_values(chunk, |mut row, (receipt, kind)| {
+                    row.push_bind(&receipt.message_id)
+                        .push_bind(&receipt.user_id)
+                        .push_bind(kind.number())
+                        .push_bind(receipt.at)
+                        .push_bind(Channel::number(receipt.channel))
+                        .push_bind(&receipt.region);
+                });
+                query
+                    .push(") AS v WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = v.column1 AND d.user_id = v.column2 AND d.carrier_id = ")
+                    .push_bind(carrier_id)
+                    // What was added comes back: to count, queue for the rollups, and act on opens.
+                    .push(") ON CONFLICT DO NOTHING RETURNING message_id, kind, user_id, channel, at");
+                let inserted: Vec<(String, i64, String, i64, i64)> =
+                    // Planned on every run, like the hand-over's statements (`transfer.rs`).
+                    query.build_query_as().persistent(false).fetch_all(&mut *self).await?;
+                let keys: Vec<(&str, &str, i64)> = inserted
+                    .iter()
+                    .map(|(message_id, kind, user_id, ..)| (message_id.as_str(), user_id.as_str(), *kind))
+                    .collect();
+                self.queue_roll_up(&keys).await?;
+                for (message_id, kind, user_id, channel, at) in inserted {
+                    if kind == EventKind::Opened.number() {
+                        opened.push((message_id.clone(), user_id, channel, if at > 0 { at } else { now }));
+                    }
+                    *added.entry((message_id, kind)).or_default() += 1;
+                }
+            }
+            self.add_to_counts(added).await?;
+            Ok(opened)
+        }
+
+        /// A first open cancels the person's pending attempts of that
+        /// message, lifts their engagement score and plans the message's
+        /// follow-up for them.
+        async fn act_on_opens(&mut self, opened: &[Opened], now: i64) -> Result<()> {
+            for chunk in opened.chunks(ROWS_PER_STATEMENT) {
+                let values = |query: &mut QueryBuilder<_>| {
+                    query.push_values(chunk, |mut row, (message_id, user_id, channel, at)| {
+                        row.push_bind(message_id).push_bind(user_id).push_bind(*channel).push_bind(*at);
+                    });
+                };
+                let mut cancel = QueryBuilder::new(
+                    "UPDATE deliveries SET state = 4, note = 'cancelled: the person opened another attempt'
+                     FROM (",
+                );
+                values(&mut cancel);
+                cancel.push(") AS v WHERE deliveries.message_id = v.column1 AND deliveries.user_id = v.column2 AND deliveries.state IN (0, 6)");
+                cancel.build().execute(&mut *self).await?;
+
+                let mut engage = QueryBuilder::new("UPDATE engagement SET score = score + (1000 - score) / ");
+                engage.push_bind(SCORE_OPEN_SHIFT).push(" WHERE user_id IN (");
+                let mut list = engage.separated(", ");
+                for (_, user_id, ..) in chunk {
+                    list.push_bind(user_id);
+                }
+                engage.push(")");
+                engage.build().execute(&mut *self).await?;
+
+                let mut follow = QueryBuilder::new(
+                    "INSERT INTO deliveries (message_id, user_id, carrier_id, channel, attempt, state, not_before, reason)
+                     SELECT m.follow_up_id, c.user_id, c.carrier_id, COALESCE(NULLIF(f.channel, 0), v.column3), 0,
+                            CASE WHEN v.column4 + m.follow_up_delay_ms > ",
+                );
+                follow.push_bind(now).push(
+                    " THEN 6 ELSE 0 END, v.column4 + m.follow_up_delay_ms, 'follow-up: the person opened the original'
+                     FROM (",
+                );
+                values(&mut follow);
+                follow.push(
+                    ") AS v JOIN messages m ON m.id = v.column1 AND m.follow_up_id IS NOT NULL
+                     JOIN messages f ON f.id = m.follow_up_id
+                     JOIN contracts c ON c.user_id = v.column2 AND (c.is_primary OR f.all_carriers)
+                     WHERE f.expires_at > v.column4 ON CONFLICT DO NOTHING RETURNING message_id, user_id",
+                );
+                let planned: Vec<(String, String)> = follow.build_query_as().fetch_all(&mut *self).await?;
+                let mut people: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+                for (message_id, user_id) in planned {
+                    people.entry(message_id).or_default().insert(user_id);
+                }
+                for (message_id, users) in people {
+                    sqlx::query("UPDATE messages SET matched = COALESCE(matched, 0) + $2 WHERE id = $1")
+                        .bind(&message_id)
+                        .bind(users.len() as i64)
+                        .execute(&mut *self)
+                        .await?;
+                }
+            }
+            Ok(())
+        }
     }
 }

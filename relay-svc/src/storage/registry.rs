@@ -124,6 +124,225 @@ transaction_steps! {
     }
 }
 
+/// A registration's enterprise and user, and the ref the enterprise knows them by.
+type Refs = HashMap<(String, String), String>;
+
+transaction_steps! {
+    /// What registering people does inside its transaction.
+    trait RegistrationSteps {
+        /// Refuses the first registration naming an unknown enterprise, a
+        /// service not of its enterprise, or a user without a contract with
+        /// `carrier_id`, naming its index.
+        async fn check_registrations(
+            &mut self,
+            carrier_id: &str,
+            registrations: &[NewRegistration],
+        ) -> Result<()> {
+            let enterprise_ids: HashSet<&str> =
+                registrations.iter().map(|r| r.enterprise_id.as_str()).collect();
+            let mut known_enterprises = HashSet::new();
+            for chunk in enterprise_ids.iter().collect::<Vec<_>>().chunks(ROWS_PER_STATEMENT) {
+                let mut query = QueryBuilder::new("SELECT id FROM enterprises WHERE id IN (");
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(**id);
+                }
+                query.push(")");
+                let ids: Vec<String> = query.build_query_scalar().fetch_all(&mut *self).await?;
+                known_enterprises.extend(ids);
+            }
+            let service_ids: HashSet<&str> =
+                registrations.iter().filter_map(|r| r.service_id.as_deref()).collect();
+            let mut service_owner = HashMap::new();
+            for chunk in service_ids.iter().collect::<Vec<_>>().chunks(ROWS_PER_STATEMENT) {
+                let mut query =
+                    QueryBuilder::new("SELECT id, enterprise_id FROM services WHERE id IN (");
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(**id);
+                }
+                query.push(")");
+                let rows: Vec<(String, String)> = query.build_query_as().fetch_all(&mut *self).await?;
+                service_owner.extend(rows);
+            }
+            let mut contracted = HashSet::new();
+            for chunk in registrations.chunks(ROWS_PER_STATEMENT) {
+                let mut query = QueryBuilder::new("SELECT user_id FROM contracts WHERE carrier_id = ");
+                query.push_bind(carrier_id).push(" AND user_id IN (");
+                let mut list = query.separated(", ");
+                for registration in chunk {
+                    list.push_bind(&registration.user_id);
+                }
+                query.push(")");
+                let users: Vec<String> = query.build_query_scalar().fetch_all(&mut *self).await?;
+                contracted.extend(users);
+            }
+            for (index, registration) in registrations.iter().enumerate() {
+                if !known_enterprises.contains(&registration.enterprise_id) {
+                    return Err(Error::not_found(
+                        format!("registrations[{index}].enterprise_id"),
+                        "no such enterprise",
+                    ));
+                }
+                if let Some(service_id) = &registration.service_id {
+                    if service_owner.get(service_id) != Some(&registration.enterprise_id) {
+                        return Err(Error::not_found(
+                            format!("registrations[{index}].service_id"),
+                            "no such service of this enterprise",
+                        ));
+                    }
+                }
+                if !contracted.contains(&registration.user_id) {
+                    return Err(Error::not_found(
+                        format!("registrations[{index}].user_id"),
+                        "no contract with the calling carrier",
+                    ));
+                }
+            }
+            Ok(())
+        }
+
+        /// Stores up to a statement's worth of `registrations` (a new ref for
+        /// each new one, their services and consent); the refs of all.
+        async fn insert_registrations(
+            &mut self,
+            carrier_id: &str,
+            registrations: &[NewRegistration],
+            now: i64,
+        ) -> Result<Refs> {
+            let fresh: Vec<String> = registrations
+                .iter()
+                .map(|_| credentials::random_hex(12).map(|hex| format!("r{hex}")))
+                .collect::<Result<_, _>>()
+                .map_err(|error| Error::Internal(error.into()))?;
+            let mut query = QueryBuilder::new(
+                "INSERT INTO registrations (enterprise_id, user_id, user_ref, registered_at) ",
+            );
+            query.push_values(registrations.iter().zip(&fresh), |mut row, (registration, user_ref)| {
+                row.push_bind(&registration.enterprise_id)
+                    .push_bind(&registration.user_id)
+                    .push_bind(user_ref)
+                    .push_bind(now);
+            });
+            query.push(" ON CONFLICT (enterprise_id, user_id) DO NOTHING");
+            query.build().execute(&mut *self).await?;
+
+            // A join against VALUES, not a row-value IN list: PostgreSQL plans the
+            // latter as a scan of the whole table.
+            let mut query = QueryBuilder::new(
+                "SELECT r.enterprise_id, r.user_id, r.user_ref FROM registrations r JOIN (",
+            );
+            query.push_values(registrations, |mut row, registration| {
+                row.push_bind(&registration.enterprise_id)
+                    .push_bind(&registration.user_id);
+            });
+            query.push(") AS v ON r.enterprise_id = v.column1 AND r.user_id = v.column2");
+            let rows: Vec<(String, String, String)> =
+                query.build_query_as().fetch_all(&mut *self).await?;
+            let refs = rows.into_iter().map(|(e, u, r)| ((e, u), r)).collect();
+
+            let with_service: Vec<&NewRegistration> =
+                registrations.iter().filter(|r| r.service_id.is_some()).collect();
+            if !with_service.is_empty() {
+                let mut query = QueryBuilder::new(
+                    "INSERT INTO service_registrations (service_id, user_id, enterprise_id, registered_at) ",
+                );
+                query.push_values(&with_service, |mut row, registration| {
+                    row.push_bind(registration.service_id.as_deref())
+                        .push_bind(&registration.user_id)
+                        .push_bind(&registration.enterprise_id)
+                        .push_bind(now);
+                });
+                query.push(" ON CONFLICT (service_id, user_id) DO NOTHING");
+                query.build().execute(&mut *self).await?;
+            }
+
+            let changes: Vec<_> = registrations
+                .iter()
+                .map(|r| (r.enterprise_id.as_str(), r.user_id.as_str(), &r.profile, r.text_version.as_str()))
+                .collect();
+            self.record_consent(carrier_id, &changes, now).await?;
+            Ok(refs)
+        }
+
+        /// Erases `leave`'s person from one enterprise (or the hub): pending
+        /// sends stopped, registrations, profiles and per-person rollups
+        /// deleted, consent withdrawn on record, a tombstone kept and each of
+        /// their `carriers` told; the registrations removed.
+        async fn erase(
+            &mut self,
+            carrier_id: &str,
+            carriers: &[String],
+            leave: &Unregistration,
+            now: i64,
+        ) -> Result<u64> {
+            let user = leave.user_id.as_str();
+            let enterprise = leave.enterprise_id.as_deref().unwrap_or("");
+            let registered: Vec<String> = sqlx::query_scalar(
+                "SELECT enterprise_id FROM registrations WHERE user_id = $1 AND ($2 = '' OR enterprise_id = $2)",
+            )
+            .bind(user)
+            .bind(enterprise)
+            .fetch_all(&mut *self)
+            .await?;
+            self.stop_pending(user, leave.enterprise_id.as_deref(), false, "skipped: the person unregistered", now)
+                .await?;
+            for statement in [
+                "DELETE FROM service_registrations WHERE user_id = $1 AND ($2 = '' OR enterprise_id = $2)",
+                "DELETE FROM profiles WHERE user_id = $1 AND ($2 = '' OR enterprise_id = $2)",
+                "DELETE FROM person_refs WHERE user_id = $1 AND ($2 = '' OR enterprise_id = $2)",
+            ] {
+                sqlx::query(statement).bind(user).bind(enterprise).execute(&mut *self).await?;
+            }
+            let removed = sqlx::query("DELETE FROM registrations WHERE user_id = $1 AND ($2 = '' OR enterprise_id = $2)")
+                .bind(user)
+                .bind(enterprise)
+                .execute(&mut *self)
+                .await?
+                .rows_affected();
+            if leave.enterprise_id.is_none() {
+                for statement in [
+                    "DELETE FROM person_channels WHERE user_id = $1",
+                    "DELETE FROM person_hours WHERE user_id = $1",
+                    "DELETE FROM person_places WHERE user_id = $1",
+                    "DELETE FROM engagement WHERE user_id = $1",
+                    "DELETE FROM contracts WHERE user_id = $1",
+                ] {
+                    sqlx::query(statement).bind(user).execute(&mut *self).await?;
+                }
+            }
+            for enterprise_id in &registered {
+                sqlx::query(
+                    "INSERT INTO consent_records (enterprise_id, user_id, carrier_id, fields, text_version, recorded_at)
+                     VALUES ($1, $2, $3, 'withdrawn', '', $4)",
+                )
+                .bind(enterprise_id)
+                .bind(user)
+                .bind(carrier_id)
+                .bind(now)
+                .execute(&mut *self)
+                .await?;
+            }
+            sqlx::query(
+                "INSERT INTO tombstones (user_hash, enterprise_id, carrier_id, erased_at)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            )
+            .bind(credentials::hash_secret(user))
+            .bind(enterprise)
+            .bind(carrier_id)
+            .bind(now)
+            .execute(&mut *self)
+            .await?;
+            let mut notice = QueryBuilder::new("INSERT INTO outbox (carrier_id, user_id, enterprise_id, created_at) ");
+            notice.push_values(carriers, |mut row, carrier| {
+                row.push_bind(carrier).push_bind(user).push_bind(enterprise).push_bind(now);
+            });
+            notice.build().execute(&mut *self).await?;
+            Ok(removed)
+        }
+    }
+}
+
 /// One row of `ListRegistrations`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegistrationRow {
@@ -204,124 +423,11 @@ impl Store {
     ) -> Result<Vec<String>> {
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
-
             // Validate every reference before writing anything.
-            let enterprise_ids: HashSet<&str> =
-                registrations.iter().map(|r| r.enterprise_id.as_str()).collect();
-            let mut known_enterprises = HashSet::new();
-            for chunk in enterprise_ids.iter().collect::<Vec<_>>().chunks(ROWS_PER_STATEMENT) {
-                let mut query = QueryBuilder::new("SELECT id FROM enterprises WHERE id IN (");
-                let mut list = query.separated(", ");
-                for id in chunk {
-                    list.push_bind(**id);
-                }
-                query.push(")");
-                let ids: Vec<String> = query.build_query_scalar().fetch_all(&mut *tx).await?;
-                known_enterprises.extend(ids);
-            }
-            let service_ids: HashSet<&str> =
-                registrations.iter().filter_map(|r| r.service_id.as_deref()).collect();
-            let mut service_owner = HashMap::new();
-            for chunk in service_ids.iter().collect::<Vec<_>>().chunks(ROWS_PER_STATEMENT) {
-                let mut query =
-                    QueryBuilder::new("SELECT id, enterprise_id FROM services WHERE id IN (");
-                let mut list = query.separated(", ");
-                for id in chunk {
-                    list.push_bind(**id);
-                }
-                query.push(")");
-                let rows: Vec<(String, String)> = query.build_query_as().fetch_all(&mut *tx).await?;
-                service_owner.extend(rows);
-            }
-            let mut contracted = HashSet::new();
-            for chunk in registrations.chunks(ROWS_PER_STATEMENT) {
-                let mut query = QueryBuilder::new("SELECT user_id FROM contracts WHERE carrier_id = ");
-                query.push_bind(carrier_id).push(" AND user_id IN (");
-                let mut list = query.separated(", ");
-                for registration in chunk {
-                    list.push_bind(&registration.user_id);
-                }
-                query.push(")");
-                let users: Vec<String> = query.build_query_scalar().fetch_all(&mut *tx).await?;
-                contracted.extend(users);
-            }
-            for (index, registration) in registrations.iter().enumerate() {
-                if !known_enterprises.contains(&registration.enterprise_id) {
-                    return Err(Error::not_found(
-                        format!("registrations[{index}].enterprise_id"),
-                        "no such enterprise",
-                    ));
-                }
-                if let Some(service_id) = &registration.service_id {
-                    if service_owner.get(service_id) != Some(&registration.enterprise_id) {
-                        return Err(Error::not_found(
-                            format!("registrations[{index}].service_id"),
-                            "no such service of this enterprise",
-                        ));
-                    }
-                }
-                if !contracted.contains(&registration.user_id) {
-                    return Err(Error::not_found(
-                        format!("registrations[{index}].user_id"),
-                        "no contract with the calling carrier",
-                    ));
-                }
-            }
-
+            tx.check_registrations(carrier_id, registrations).await?;
             let mut refs = HashMap::new();
             for chunk in registrations.chunks(ROWS_PER_STATEMENT) {
-                let fresh: Vec<String> = chunk
-                    .iter()
-                    .map(|_| credentials::random_hex(12).map(|hex| format!("r{hex}")))
-                    .collect::<Result<_, _>>()
-                    .map_err(|error| Error::Internal(error.into()))?;
-                let mut query = QueryBuilder::new(
-                    "INSERT INTO registrations (enterprise_id, user_id, user_ref, registered_at) ",
-                );
-                query.push_values(chunk.iter().zip(&fresh), |mut row, (registration, user_ref)| {
-                    row.push_bind(&registration.enterprise_id)
-                        .push_bind(&registration.user_id)
-                        .push_bind(user_ref)
-                        .push_bind(now);
-                });
-                query.push(" ON CONFLICT (enterprise_id, user_id) DO NOTHING");
-                query.build().execute(&mut *tx).await?;
-
-                // A join against VALUES, not a row-value IN list: PostgreSQL plans the
-                // latter as a scan of the whole table.
-                let mut query = QueryBuilder::new(
-                    "SELECT r.enterprise_id, r.user_id, r.user_ref FROM registrations r JOIN (",
-                );
-                query.push_values(chunk, |mut row, registration| {
-                    row.push_bind(&registration.enterprise_id)
-                        .push_bind(&registration.user_id);
-                });
-                query.push(") AS v ON r.enterprise_id = v.column1 AND r.user_id = v.column2");
-                let rows: Vec<(String, String, String)> =
-                    query.build_query_as().fetch_all(&mut *tx).await?;
-                refs.extend(rows.into_iter().map(|(e, u, r)| ((e, u), r)));
-
-                let with_service: Vec<&NewRegistration> =
-                    chunk.iter().filter(|r| r.service_id.is_some()).collect();
-                if !with_service.is_empty() {
-                    let mut query = QueryBuilder::new(
-                        "INSERT INTO service_registrations (service_id, user_id, enterprise_id, registered_at) ",
-                    );
-                    query.push_values(&with_service, |mut row, registration| {
-                        row.push_bind(registration.service_id.as_deref())
-                            .push_bind(&registration.user_id)
-                            .push_bind(&registration.enterprise_id)
-                            .push_bind(now);
-                    });
-                    query.push(" ON CONFLICT (service_id, user_id) DO NOTHING");
-                    query.build().execute(&mut *tx).await?;
-                }
-
-                let changes: Vec<_> = chunk
-                    .iter()
-                    .map(|r| (r.enterprise_id.as_str(), r.user_id.as_str(), &r.profile, r.text_version.as_str()))
-                    .collect();
-                tx.record_consent(carrier_id, &changes, now).await?;
+                refs.extend(tx.insert_registrations(carrier_id, chunk, now).await?);
             }
             let entry = AuditEntry::new(
                 format!("carrier:{carrier_id}"),
@@ -434,67 +540,7 @@ impl Store {
                     .rows_affected();
                     continue;
                 }
-                let enterprise = leave.enterprise_id.as_deref().unwrap_or("");
-                let registered: Vec<String> = sqlx::query_scalar(
-                    "SELECT enterprise_id FROM registrations WHERE user_id = $1 AND ($2 = '' OR enterprise_id = $2)",
-                )
-                .bind(user)
-                .bind(enterprise)
-                .fetch_all(&mut *tx)
-                .await?;
-                tx.stop_pending(user, leave.enterprise_id.as_deref(), false, "skipped: the person unregistered", now)
-                    .await?;
-                for statement in [
-                    "DELETE FROM service_registrations WHERE user_id = $1 AND ($2 = '' OR enterprise_id = $2)",
-                    "DELETE FROM profiles WHERE user_id = $1 AND ($2 = '' OR enterprise_id = $2)",
-                    "DELETE FROM person_refs WHERE user_id = $1 AND ($2 = '' OR enterprise_id = $2)",
-                ] {
-                    sqlx::query(statement).bind(user).bind(enterprise).execute(&mut *tx).await?;
-                }
-                removed += sqlx::query("DELETE FROM registrations WHERE user_id = $1 AND ($2 = '' OR enterprise_id = $2)")
-                    .bind(user)
-                    .bind(enterprise)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                if leave.enterprise_id.is_none() {
-                    for statement in [
-                        "DELETE FROM person_channels WHERE user_id = $1",
-                        "DELETE FROM person_hours WHERE user_id = $1",
-                        "DELETE FROM person_places WHERE user_id = $1",
-                        "DELETE FROM engagement WHERE user_id = $1",
-                        "DELETE FROM contracts WHERE user_id = $1",
-                    ] {
-                        sqlx::query(statement).bind(user).execute(&mut *tx).await?;
-                    }
-                }
-                for enterprise_id in &registered {
-                    sqlx::query(
-                        "INSERT INTO consent_records (enterprise_id, user_id, carrier_id, fields, text_version, recorded_at)
-                         VALUES ($1, $2, $3, 'withdrawn', '', $4)",
-                    )
-                    .bind(enterprise_id)
-                    .bind(user)
-                    .bind(carrier_id)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                sqlx::query(
-                    "INSERT INTO tombstones (user_hash, enterprise_id, carrier_id, erased_at)
-                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                )
-                .bind(credentials::hash_secret(user))
-                .bind(enterprise)
-                .bind(carrier_id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                let mut notice = QueryBuilder::new("INSERT INTO outbox (carrier_id, user_id, enterprise_id, created_at) ");
-                notice.push_values(&carriers, |mut row, carrier| {
-                    row.push_bind(carrier).push_bind(user).push_bind(enterprise).push_bind(now);
-                });
-                notice.build().execute(&mut *tx).await?;
+                removed += tx.erase(carrier_id, &carriers, leave, now).await?;
                 erased += 1;
             }
             if erased > 0 {
