@@ -116,6 +116,7 @@ pub async fn run(
     )
     .max_encoding_message_size(64 * 1024 * 1024);
     let cancel = CancellationToken::new();
+    let deadline = server::shutdown_deadline(&cancel, config.shutdown_grace());
     let registry = Registry::new();
     let (terminals, endpoints) = TerminalsHandle::new();
     let shared = Shared {
@@ -153,6 +154,38 @@ pub async fn run(
         .spawn(terminals::run(shared.clone(), endpoints, cancel.clone()));
     shared.tasks.spawn(expiry(shared.clone()));
 
+    let router = routes(&config, &registry, &shared).await?;
+    let served = server::serve(
+        router,
+        listener,
+        shutdown,
+        cancel.clone(),
+        config.shutdown_grace(),
+    )
+    .await;
+
+    cancel.cancel();
+    shared.tasks.close();
+    if tokio::time::timeout_at(deadline.await?, shared.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("carrier tasks did not stop by the shutdown deadline");
+    }
+    store.close().await;
+    tracing::info!("carrier stopped");
+    served
+}
+
+/// The carrier's ports: the relay's `Deliver` stream, and the subscriber
+/// services beside it or, with `--subscriber-listen`, on their own port
+/// (served by a task of `shared`'s). Each port's health and reflection speak
+/// of exactly the services it serves.
+async fn routes(
+    config: &Config,
+    registry: &Registry,
+    shared: &Shared,
+) -> anyhow::Result<server::Router> {
     // The subscriber-facing services go on their own listener when one is
     // configured, else beside the relay's Deliver stream. Each port's health
     // and reflection speak of exactly the services it serves.
@@ -182,18 +215,16 @@ pub async fn run(
     ];
     let base = async |services: &[&str]| -> anyhow::Result<server::Router> {
         let (_, health) = server::health(services).await;
-        Ok(server::builder(
-            &registry,
-            "chukei_carrier_rpc_duration_seconds",
-            &config.tls,
-        )?
-        .add_service(health)
-        .add_service(server::reflection(services)?)
-        .add_service(server::reflection_v1alpha(services)?))
+        Ok(
+            server::builder(registry, "chukei_carrier_rpc_duration_seconds", &config.tls)?
+                .add_service(health)
+                .add_service(server::reflection(services)?)
+                .add_service(server::reflection_v1alpha(services)?),
+        )
     };
     let beside_deliver = subscriber_listener
         .is_none()
-        .then(|| subscriber_services(&shared));
+        .then(|| subscriber_services(shared));
     let deliver_port: Vec<&str> = std::iter::once(carrier_server::SERVICE_NAME)
         .chain(
             beside_deliver
@@ -212,12 +243,12 @@ pub async fn run(
         .add_optional_service(beside_deliver.as_ref().map(|(api, _)| api.clone()))
         .add_optional_service(beside_deliver.map(|(_, admin)| admin));
     if let Some(listener) = subscriber_listener {
-        let (api, admin) = subscriber_services(&shared);
+        let (api, admin) = subscriber_services(shared);
         let router = base(&SUBSCRIBER_SERVICES)
             .await?
             .add_service(api)
             .add_service(admin);
-        let cancel = cancel.clone();
+        let cancel = shared.cancel.clone();
         let grace = config.shutdown_grace();
         shared.tasks.spawn(async move {
             let stopped = cancel.clone();
@@ -234,26 +265,7 @@ pub async fn run(
             }
         });
     }
-    let served = server::serve(
-        router,
-        listener,
-        shutdown,
-        cancel.clone(),
-        config.shutdown_grace(),
-    )
-    .await;
-
-    cancel.cancel();
-    shared.tasks.close();
-    if tokio::time::timeout(config.shutdown_grace(), shared.tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("carrier tasks did not stop within the grace period");
-    }
-    store.close().await;
-    tracing::info!("carrier stopped");
-    served
+    Ok(router)
 }
 
 /// Holds windowed deliveries for their window's next opening when one closed

@@ -208,3 +208,47 @@ pub async fn serve(
     }
     Ok(())
 }
+
+/// The shutdown deadline of a process: `grace` after `cancel` fires. The
+/// server's connections drain against it ([`serve`]) and the background
+/// workers stop against it ([`Workers::stop`]), so a process is gone within
+/// one grace period of its SIGTERM, not one per stage.
+pub fn shutdown_deadline(
+    cancel: &tokio_util::sync::CancellationToken,
+    grace: std::time::Duration,
+) -> tokio::task::JoinHandle<tokio::time::Instant> {
+    let cancel = cancel.clone();
+    tokio::spawn(async move {
+        cancel.cancelled().await;
+        tokio::time::Instant::now() + grace
+    })
+}
+
+/// A process's background workers, each started as `(handle, join)` by its
+/// module (`dispatch::start`, `expansion::start`, …) and stopped together:
+/// they watch one cancellation token, and [`Workers::stop`] waits for them
+/// until the process's one shutdown deadline.
+#[derive(Debug, Default)]
+pub struct Workers {
+    running: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+}
+
+impl Workers {
+    /// Keeps `join` of the worker called `name`.
+    pub fn add(&mut self, name: &'static str, join: tokio::task::JoinHandle<()>) {
+        self.running.push((name, join));
+    }
+
+    /// Waits for every worker until `deadline`, naming (at WARN) each one
+    /// that had not stopped by then.
+    pub async fn stop(self, deadline: tokio::time::Instant) {
+        for (name, join) in self.running {
+            if tokio::time::timeout_at(deadline, join).await.is_err() {
+                tracing::warn!(
+                    worker = name,
+                    "worker did not stop by the shutdown deadline"
+                );
+            }
+        }
+    }
+}

@@ -56,23 +56,21 @@ use crate::storage::{Reconciling, Store};
 const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Runs the relay on `listener` until `shutdown` resolves, then stops
-/// accepting, finishes in-flight work within the grace period and closes the
-/// database.
+/// accepting, finishes in-flight work and stops its workers within one
+/// grace period, and closes the database.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let clock = config.clock.clock();
     if config.database_url.is_none() {
         std::fs::create_dir_all(&config.data_dir)?;
     }
     let store = Store::connect(&config.database_url()).await?;
     tracing::info!(backend = store.backend(), addr = %listener.local_addr()?, "relay starting");
-
     let cancel = CancellationToken::new();
-    let workers = cancel.child_token();
+    let deadline = server::shutdown_deadline(&cancel, config.shutdown_grace());
     let lease = Lease {
         replica: config
             .replica_id
@@ -85,20 +83,45 @@ pub async fn run(
     };
     tracing::info!(replica = %lease.replica, "relay replica");
     let registry = chukei_proto::metrics::Registry::new();
-    let metrics = RelayMetrics::new(&registry);
-    let metrics_task = match config.metrics_listen {
-        Some(addr) => {
-            let listener = TcpListener::bind(addr).await?;
-            tracing::info!(addr = %listener.local_addr()?, "metrics endpoint listening");
-            Some(tokio::spawn(chukei_proto::metrics::serve(
-                listener,
-                registry.clone(),
-                workers.clone(),
-            )))
-        }
-        None => None,
-    };
+    let (relay, workers) =
+        start_workers(&config, &store, &lease, &registry, cancel.child_token()).await?;
+    let router = routes(&config, &registry, relay).await?;
+    let served = server::serve(
+        router,
+        listener,
+        shutdown,
+        cancel.clone(),
+        config.shutdown_grace(),
+    )
+    .await;
 
+    cancel.cancel();
+    workers.stop(deadline.await?).await;
+    lease.release_all(&store).await;
+    store.close().await;
+    tracing::info!("relay stopped");
+    served
+}
+
+/// Starts the relay's background workers — the metrics endpoint, the
+/// dispatchers, the expander, delivery control, the rollup fold — on
+/// `workers`' cancellation, and the state the edge's handlers share.
+async fn start_workers(
+    config: &Config,
+    store: &Store,
+    lease: &Lease,
+    registry: &chukei_proto::metrics::Registry,
+    cancel: CancellationToken,
+) -> anyhow::Result<(Relay, server::Workers)> {
+    let clock = config.clock.clock();
+    let mut workers = server::Workers::default();
+    let metrics = RelayMetrics::new(registry);
+    if let Some(addr) = config.metrics_listen {
+        let listener = TcpListener::bind(addr).await?;
+        tracing::info!(addr = %listener.local_addr()?, "metrics endpoint listening");
+        let serve = chukei_proto::metrics::serve(listener, registry.clone(), cancel.clone());
+        workers.add("metrics", tokio::spawn(serve));
+    }
     let (dispatch, dispatch_task) = dispatch::start(
         store.clone(),
         clock.clone(),
@@ -111,8 +134,9 @@ pub async fn run(
             lease: lease.clone(),
             tls: config.tls.clone(),
         },
-        workers.clone(),
+        cancel.clone(),
     );
+    workers.add("dispatch", dispatch_task);
     let drain = dispatch.clone();
     metrics::collect_on_scrape(
         store.clone(),
@@ -122,39 +146,36 @@ pub async fn run(
     );
     let expand = Arc::new(tokio::sync::Notify::new());
     let attention = config.attention();
-    let expander_task = tokio::spawn(expansion::run(
+    let expander = expansion::run(
         store.clone(),
         clock.clone(),
         metrics.clone(),
         attention,
         expand.clone(),
         dispatch.clone(),
-        workers.clone(),
-    ));
-    let control_task = tokio::spawn(control::run(
-        control::Control {
-            store: store.clone(),
-            clock: clock.clone(),
-            dispatch: dispatch.clone(),
-            metrics: metrics.clone(),
-            interval: Duration::from_millis(config.poll_interval_ms),
-            reprice_interval_ms: (config.reprice_interval_secs * 1000) as i64,
-            reconciling: Reconciling {
-                after_ms: (config.reoffer_after_secs * 1000) as i64,
-                max_reoffers: i64::from(config.max_reoffers),
-            },
-            lease: lease.clone(),
+        cancel.clone(),
+    );
+    workers.add("expansion", tokio::spawn(expander));
+    let control = control::Control {
+        store: store.clone(),
+        clock: clock.clone(),
+        dispatch: dispatch.clone(),
+        metrics: metrics.clone(),
+        interval: Duration::from_millis(config.poll_interval_ms),
+        reprice_interval_ms: (config.reprice_interval_secs * 1000) as i64,
+        reconciling: Reconciling {
+            after_ms: (config.reoffer_after_secs * 1000) as i64,
+            max_reoffers: i64::from(config.max_reoffers),
         },
-        workers.clone(),
-    ));
-
-    let rollup_task = tokio::spawn(rollup::run(
-        store.clone(),
-        clock.clone(),
-        Duration::from_millis(config.poll_interval_ms),
-        workers.clone(),
-    ));
-
+        lease: lease.clone(),
+    };
+    workers.add(
+        "control",
+        tokio::spawn(control::run(control, cancel.clone())),
+    );
+    let interval = Duration::from_millis(config.poll_interval_ms);
+    let rollup = rollup::run(store.clone(), clock.clone(), interval, cancel);
+    workers.add("rollup", tokio::spawn(rollup));
     let relay = Relay {
         store: store.clone(),
         clock,
@@ -173,57 +194,40 @@ pub async fn run(
         limits: crate::limits::RateLimits::new(config.enterprise_rate_per_sec).map(Arc::new),
         carrier_certificates: config.tls.verifies_clients(),
     };
+    Ok((relay, workers))
+}
+
+/// The relay's port: the three Chukei services, health and reflection.
+async fn routes(
+    config: &Config,
+    registry: &chukei_proto::metrics::Registry,
+    relay: Relay,
+) -> anyhow::Result<server::Router> {
     let services = [
         enterprise_api_server::SERVICE_NAME,
         carrier_ingress_server::SERVICE_NAME,
         admin_server::SERVICE_NAME,
     ];
     let (_, health_service) = server::health(&services).await;
-
-    let router = server::builder(&registry, "chukei_relay_rpc_duration_seconds", &config.tls)?
-        .add_service(health_service)
-        .add_service(server::reflection(&services)?)
-        .add_service(server::reflection_v1alpha(&services)?)
-        .add_service(
-            enterprise_api_server::EnterpriseApiServer::new(EnterpriseService(relay.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            carrier_ingress_server::CarrierIngressServer::new(IngressService(relay.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
-            admin_server::AdminServer::new(AdminService(relay))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        );
-    let served = server::serve(
-        router,
-        listener,
-        shutdown,
-        cancel.clone(),
-        config.shutdown_grace(),
+    Ok(
+        server::builder(registry, "chukei_relay_rpc_duration_seconds", &config.tls)?
+            .add_service(health_service)
+            .add_service(server::reflection(&services)?)
+            .add_service(server::reflection_v1alpha(&services)?)
+            .add_service(
+                enterprise_api_server::EnterpriseApiServer::new(EnterpriseService(relay.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                carrier_ingress_server::CarrierIngressServer::new(IngressService(relay.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                admin_server::AdminServer::new(AdminService(relay))
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            ),
     )
-    .await;
-
-    cancel.cancel();
-    let stopped = tokio::time::timeout(config.shutdown_grace(), async {
-        let _ = dispatch_task.await;
-        let _ = expander_task.await;
-        let _ = control_task.await;
-        let _ = rollup_task.await;
-        if let Some(task) = metrics_task {
-            let _ = task.await;
-        }
-    })
-    .await;
-    if stopped.is_err() {
-        tracing::warn!("workers did not stop within the grace period");
-    }
-    lease.release_all(&store).await;
-    store.close().await;
-    tracing::info!("relay stopped");
-    served
 }
