@@ -641,13 +641,13 @@ async fn stats_show_what_the_terminals_saw(backend: Backend) {
         tls_ca: None,
         api_key: Some(scene.enterprises[0].1.clone()),
         json: false,
-        command: enterprise_cli::Command::Stats {
+        command: enterprise_cli::Command::Stats(enterprise_cli::cmd::stats::Stats {
             by: vec!["channel".into(), "hour".into()],
             since: "1d".into(),
             until: None,
             zone: "Asia/Tokyo".into(),
             csv: true,
-        },
+        }),
     };
     let mut out = Vec::new();
     enterprise_cli::run(cli, &mut out).await.unwrap();

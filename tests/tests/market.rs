@@ -308,9 +308,11 @@ async fn quote_charge_statement_and_revenue_agree(backend: Backend) {
     };
     let mut out = Vec::new();
     enterprise_cli::run(
-        cli(enterprise_cli::Command::Billing {
-            month: "2026-11".into(),
-        }),
+        cli(enterprise_cli::Command::Billing(
+            enterprise_cli::cmd::billing::Billing {
+                month: "2026-11".into(),
+            },
+        )),
         &mut out,
     )
     .await

@@ -548,13 +548,13 @@ async fn main() -> anyhow::Result<()> {
             tls_ca: None,
             api_key: Some(created.api_key.clone()),
             json: false,
-            command: enterprise_cli::Command::Stats {
+            command: enterprise_cli::Command::Stats(enterprise_cli::cmd::stats::Stats {
                 by: vec!["channel".into(), "hour".into()],
                 since: "7d".into(),
                 until: None,
                 zone: "Asia/Tokyo".into(),
                 csv: false,
-            },
+            }),
         };
         let mut table = Vec::new();
         enterprise_cli::run(cli, &mut table).await?;
@@ -572,7 +572,9 @@ async fn main() -> anyhow::Result<()> {
             tls_ca: None,
             api_key: Some(created.api_key.clone()),
             json: false,
-            command: enterprise_cli::Command::Billing { month },
+            command: enterprise_cli::Command::Billing(enterprise_cli::cmd::billing::Billing {
+                month,
+            }),
         };
         let mut statement = Vec::new();
         enterprise_cli::run(cli, &mut statement).await?;

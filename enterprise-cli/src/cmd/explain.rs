@@ -1,0 +1,34 @@
+//! `explain`: why and how a message went (or did not go) to one ref.
+
+use std::io::Write;
+
+use chukei_proto::relay::v1 as pb;
+use clap::Args;
+
+use crate::output::print_explanation;
+use crate::{Client, explain};
+
+#[derive(Args, Clone, Debug)]
+pub struct Explain {
+    pub message_id: String,
+    pub user_ref: String,
+}
+
+impl Explain {
+    pub(crate) async fn run(
+        &self,
+        client: &mut Client,
+        json: bool,
+        out: &mut (dyn Write + Send),
+    ) -> anyhow::Result<()> {
+        let explanation = client
+            .explain_delivery(pb::ExplainDeliveryRequest {
+                message_id: self.message_id.clone(),
+                user_ref: self.user_ref.clone(),
+            })
+            .await
+            .map_err(explain)?
+            .into_inner();
+        print_explanation(&explanation, json, out)
+    }
+}
