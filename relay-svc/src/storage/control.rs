@@ -6,12 +6,14 @@
 
 use std::collections::HashMap;
 
-use super::planning::{Effect, MessagePlan, PENDING, PlanSteps, Sql, WAITING, timestamp};
+use super::planning::{Effect, MessagePlan, PlanSteps, Sql, timestamp};
+use super::states::{ACCEPTED, DeliveryState, EXPIRED, HANDED_OVER, PENDING, UNSENT, WAITING};
 use super::{Param, Store, WritePool, on_pool};
 use crate::error::{Error, Result};
 use crate::policy::{PolicyKind, Trigger};
 use crate::receipts::EventKind;
 use crate::targeting::Channel;
+use const_format::formatcp;
 
 /// Groups of attempts one pass looks at, at most.
 const GROUPS_PER_PASS: i64 = 256;
@@ -66,7 +68,7 @@ pub struct Reconciled {
 /// or unsupported receipt closes its own delivery: state 3 or 2.)
 fn unconfirmed(m: &str) -> String {
     format!(
-        "d.message_id = {m} AND d.state = 1 AND NOT EXISTS (SELECT 1 FROM events e \
+        "d.message_id = {m} AND d.state = {HANDED_OVER} AND NOT EXISTS (SELECT 1 FROM events e \
          WHERE e.message_id = d.message_id AND e.user_id = d.user_id AND e.kind IN ({}, {}))",
         EventKind::Delivered.number(),
         EventKind::Failed.number(),
@@ -101,19 +103,6 @@ pub struct Explanation {
     pub events: Vec<ExplainedEvent>,
 }
 
-fn state_name(state: i64) -> &'static str {
-    match state {
-        0 => "pending",
-        1 => "handed_over",
-        2 => "unsupported",
-        3 => "expired",
-        4 => "cancelled",
-        5 => "skipped",
-        6 => "waiting",
-        _ => "unknown",
-    }
-}
-
 impl Store {
     /// One pass: expiry, window rolls, timers and unsupported channels,
     /// then waiting deliveries released.
@@ -126,7 +115,7 @@ impl Store {
         // Waiting deliveries whose time has come become due, so dispatchers
         // never read past rows that may not go yet.
         let released = on_pool!(self, pool => sqlx::query(
-            "UPDATE deliveries SET state = 0 WHERE state = 6 AND not_before <= $1",
+            formatcp!("UPDATE deliveries SET state = {PENDING} WHERE state = {WAITING} AND not_before <= $1"),
         )
         .bind(now)
         .execute(pool)
@@ -182,7 +171,7 @@ impl Store {
     ) -> Result<u64> {
         let mut rolled = 0;
         let closed_windows: Vec<String> = on_pool!(self, pool => sqlx::query_scalar(
-            "SELECT DISTINCT message_id FROM deliveries WHERE state IN (0, 6) AND window_close <= $1 LIMIT $2",
+            formatcp!("SELECT DISTINCT message_id FROM deliveries WHERE state IN {UNSENT} AND window_close <= $1 LIMIT $2"),
         )
         .bind(now)
         .bind(GROUPS_PER_PASS)
@@ -194,9 +183,9 @@ impl Store {
             };
             let statements = match plan.timing(now) {
                 Some((open, close)) => {
-                    let mut roll = Sql::new(
-                        "UPDATE deliveries SET state = 6, not_before = CASE WHEN not_before > ",
-                    );
+                    let mut roll = Sql::new(formatcp!(
+                        "UPDATE deliveries SET state = {WAITING}, not_before = CASE WHEN not_before > "
+                    ));
                     let open_a = roll.bind(Param::Int(open));
                     let open_b = roll.bind(Param::Int(open));
                     let close = roll.bind(Param::Int(close));
@@ -208,7 +197,7 @@ impl Store {
                     let at = roll.bind(Param::Int(now));
                     roll.push(&format!(
                         "{open_a} THEN not_before ELSE {open_b} END, window_close = {close}, note = {note} \
-                         WHERE message_id = {m} AND state IN (0, 6) AND window_close <= {at}"
+                         WHERE message_id = {m} AND state IN {UNSENT} AND window_close <= {at}"
                     ));
                     vec![roll]
                 }
@@ -287,9 +276,9 @@ impl Store {
     pub async fn reconcile_deliveries(&self, now: i64, rules: Reconciling) -> Result<Reconciled> {
         let mut done = Reconciled::default();
         let due: Vec<(String, bool, i64, bool, String)> = on_pool!(self, pool => sqlx::query_as(
-            "SELECT id, closed, expires_at, window_at_carrier, target_kind FROM messages
-             WHERE reconciled_at IS NOT NULL AND reconciled_at <= $1 AND state <> 1
-             ORDER BY reconciled_at LIMIT $2",
+            formatcp!("SELECT id, closed, expires_at, window_at_carrier, target_kind FROM messages
+             WHERE reconciled_at IS NOT NULL AND reconciled_at <= $1 AND state <> {ACCEPTED}
+             ORDER BY reconciled_at LIMIT $2"),
         )
         .bind(now - rules.after_ms)
         .bind(GROUPS_PER_PASS)
@@ -308,8 +297,9 @@ impl Store {
                     now,
                 ));
             } else if !closed && !held_at_carrier {
-                let mut offer =
-                    Sql::new("UPDATE deliveries SET state = 0, offers = offers + 1, note = ");
+                let mut offer = Sql::new(formatcp!(
+                    "UPDATE deliveries SET state = {PENDING}, offers = offers + 1, note = "
+                ));
                 let note = offer.bind(Param::Text(format!(
                     "no receipt within {} of hand-over: offered to the carrier again",
                     crate::policy::duration(rules.after_ms)
@@ -334,7 +324,7 @@ impl Store {
                 } else {
                     settle.push(&format!(
                         " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = {message} \
-                         AND (d.state IN (0, 6) OR d.check_at IS NOT NULL)) \
+                         AND (d.state IN {UNSENT} OR d.check_at IS NOT NULL)) \
                          AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE {})",
                         unconfirmed(&message)
                     ));
@@ -450,7 +440,8 @@ impl Store {
                         Attempt {
                             attempt: attempt as u32,
                             channel: Channel::from_number(channel),
-                            state: state_name(state),
+                            state: DeliveryState::from_number(state)
+                                .map_or("unknown", DeliveryState::name),
                             not_before,
                             handed_over_at,
                             reason: why,
@@ -494,10 +485,10 @@ fn expire_deliveries(message_id: &str, which: Closing, note: &str, now: i64) -> 
     let pending = |sql: &mut Sql| {
         let m = sql.bind(Param::Text(message_id.to_owned()));
         match which {
-            Closing::Unsent => format!("d.message_id = {m} AND d.state IN (0, 6)"),
+            Closing::Unsent => format!("d.message_id = {m} AND d.state IN {UNSENT}"),
             Closing::UnsentInClosedWindow => {
                 let at = sql.bind(Param::Int(now));
-                format!("d.message_id = {m} AND d.state IN (0, 6) AND d.window_close <= {at}")
+                format!("d.message_id = {m} AND d.state IN {UNSENT} AND d.window_close <= {at}")
             }
             Closing::Unconfirmed => unconfirmed(&m),
         }
@@ -518,7 +509,9 @@ fn expire_deliveries(message_id: &str, which: Closing, note: &str, now: i64) -> 
         effect: Effect::Count(EventKind::Expired.number()),
         ..record
     };
-    let mut close = Sql::new("UPDATE deliveries SET state = 3, check_at = NULL, note = ");
+    let mut close = Sql::new(formatcp!(
+        "UPDATE deliveries SET state = {EXPIRED}, check_at = NULL, note = "
+    ));
     let note = close.bind(Param::Text(note.to_owned()));
     close.push(&format!(
         "{note} WHERE id IN (SELECT d.id FROM deliveries d WHERE "

@@ -7,11 +7,13 @@ use std::collections::HashMap;
 
 use super::audience::{StoredTarget, campaign_source};
 use super::planning::{self, MessagePlan, PlanSteps, Sql};
+use super::states::{ACCEPTED, EXPANDED, PENDING, SKIPPED, UNSENT, WAITING};
 use super::{IdList, Store, WritePool, on_pool, transaction_steps};
 use crate::error::{Error, Result};
 use crate::learning::{self, ChannelBandit, Choice, EXPLORE_SHARE, OpenCounts, Segment};
 use crate::policy::{AttentionConfig, PolicyKind, SendTime, channel_name};
 use crate::targeting::Channel;
+use const_format::formatcp;
 
 /// How far back the hub's channel rates reach for `best`.
 const LEARNING_WINDOW_MS: i64 = 30 * 24 * 3_600_000;
@@ -33,7 +35,7 @@ impl Store {
         let Some((plan, target, state)) = self.load(message_id).await? else {
             return Err(Error::not_found("message_id", "no such message"));
         };
-        if state != 1 {
+        if state != ACCEPTED {
             return Ok(0);
         }
         let statements = campaign_statements(message_id, &plan, &target, now, attention);
@@ -58,7 +60,7 @@ impl Store {
                 .bind(message_id)
                 .fetch_optional(&mut *tx)
                 .await?;
-            if state != Some(1) {
+            if state != Some(ACCEPTED) {
                 return Ok(0);
             }
             tx.execute_all(message_id, statements).await?;
@@ -165,7 +167,7 @@ transaction_steps! {
             bandit: &ChannelBandit,
         ) -> Result<()> {
             let people: Vec<(i64, String)> = sqlx::query_as(
-                "SELECT id, user_id FROM deliveries WHERE message_id = $1 AND attempt = 0 AND state IN (0, 6)",
+                formatcp!("SELECT id, user_id FROM deliveries WHERE message_id = $1 AND attempt = 0 AND state IN {UNSENT}"),
             )
             .bind(message_id)
             .fetch_all(&mut *self)
@@ -239,7 +241,7 @@ transaction_steps! {
             };
             let within = send_time.within_ms().min(plan.expires_at - now);
             let people: Vec<(i64, String)> = sqlx::query_as(
-                "SELECT id, user_id FROM deliveries WHERE message_id = $1 AND attempt = 0 AND state = 0",
+                formatcp!("SELECT id, user_id FROM deliveries WHERE message_id = $1 AND attempt = 0 AND state = {PENDING}"),
             )
             .bind(message_id)
             .fetch_all(&mut *self)
@@ -345,7 +347,7 @@ transaction_steps! {
                 store.in_id_list("id", 4)
             );
             let skip = format!(
-                "UPDATE deliveries SET state = 5, note = $1 WHERE {}",
+                "UPDATE deliveries SET state = {SKIPPED}, note = $1 WHERE {}",
                 store.in_id_list("id", 2)
             );
             let mut skipped = false;
@@ -353,7 +355,7 @@ transaction_steps! {
                 match decision {
                     Ok((at, reason)) => {
                         sqlx::query(sqlx::AssertSqlSafe(schedule.clone()))
-                            .bind(if *at > now { planning::WAITING } else { planning::PENDING })
+                            .bind(if *at > now { WAITING } else { PENDING })
                             .bind(*at)
                             .bind(reason)
                             .bind(IdList(&ids))
@@ -385,7 +387,7 @@ transaction_steps! {
             .bind(message_id)
             .fetch_one(&mut *self)
             .await?;
-            sqlx::query("UPDATE messages SET state = 2, matched = $2 WHERE id = $1 AND state = 1")
+            sqlx::query(formatcp!("UPDATE messages SET state = {EXPANDED}, matched = $2 WHERE id = $1 AND state = {ACCEPTED}"))
                 .bind(message_id)
                 .bind(matched)
                 .execute(&mut *self)

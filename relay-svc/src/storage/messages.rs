@@ -14,6 +14,7 @@ use super::audit::AuditSteps;
 use super::expanding::{ExpansionSteps, campaign_statements};
 use super::message_rows::{insert_follow_up, insert_message};
 use super::planning::{self, MessagePlan, PlanSteps};
+use super::states::{ACCEPTED, PRIORITY_LANE};
 use super::{
     AuditEntry, Param, ROWS_PER_STATEMENT, Store, is_unique_error, on_pool, stored_list,
     transaction_steps,
@@ -23,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::learning::{ChannelBandit, EXPLORE_SHARE};
 use crate::policy::{AttentionConfig, Policy, PolicyKind, Priority, SendTime, WindowMode};
 use crate::targeting::{Channel, MessageState, NewMessage, Segment, Target};
+use const_format::formatcp;
 
 /// A message as the enterprise sees it: its state and counts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -334,7 +336,7 @@ impl Store {
     /// each was accepted in.
     pub async fn messages_to_expand(&self, limit: u32) -> Result<Vec<(String, String)>> {
         let ids = on_pool!(self, pool => sqlx::query_as(
-            "SELECT id, trace_parent FROM messages WHERE state = 1 ORDER BY accepted_at, id LIMIT $1",
+            formatcp!("SELECT id, trace_parent FROM messages WHERE state = {ACCEPTED} ORDER BY accepted_at, id LIMIT $1"),
         )
         .bind(i64::from(limit))
         .fetch_all(pool)
@@ -575,7 +577,7 @@ transaction_steps! {
             let quiet = planning::open_quiet_periods(message_id, timing.0, now, a.attention);
             self.execute_all(message_id, quiet).await?;
             // A targeted message goes before campaigns' backlogs.
-            sqlx::query("UPDATE deliveries SET lane = 0 WHERE message_id = $1")
+            sqlx::query(formatcp!("UPDATE deliveries SET lane = {PRIORITY_LANE} WHERE message_id = $1"))
                 .bind(message_id)
                 .execute(&mut *self)
                 .await?;

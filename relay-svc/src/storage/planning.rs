@@ -7,6 +7,7 @@
 
 use chukei_proto::window::Window;
 
+use super::states::{PENDING, SKIPPED, UNSENT, WAITING};
 use super::{CountSteps, Param, transaction_steps};
 use crate::error::Result;
 use crate::learning::OpenCounts;
@@ -16,11 +17,7 @@ use crate::policy::{
 };
 use crate::receipts::{DEFERRED_COUNT, EventKind};
 use crate::targeting::Channel;
-
-/// Delivery states planning writes: may go now, or waits for `not_before`
-/// (released by the follow-through).
-pub(crate) const PENDING: i64 = 0;
-pub(crate) const WAITING: i64 = 6;
+use const_format::formatcp;
 
 /// A statement with its binds, numbered `$1…` in order.
 #[derive(Debug, Default)]
@@ -290,7 +287,9 @@ pub(super) fn open_quiet_periods(
     // A pending delivery falls inside the period when it would go out at or
     // after its start: anything already due does, if the period has begun.
     let lower = if now >= at - q { i64::MIN } else { at - q };
-    let mut defer = Sql::new("UPDATE deliveries SET state = 6, not_before = ");
+    let mut defer = Sql::new(formatcp!(
+        "UPDATE deliveries SET state = {WAITING}, not_before = "
+    ));
     let until = defer.bind(Param::Int(at + q));
     let note = defer.bind(Param::Text(format!(
         "deferred until {}: quiet period around a targeted message",
@@ -300,7 +299,7 @@ pub(super) fn open_quiet_periods(
     let lower = defer.bind(Param::Int(lower));
     let m = defer.bind(Param::Text(message_id.to_owned()));
     defer.push(&format!(
-        "{until}, note = {note} WHERE state IN (0, 6) AND not_before < {until2} AND not_before >= {lower} \
+        "{until}, note = {note} WHERE state IN {UNSENT} AND not_before < {until2} AND not_before >= {lower} \
          AND user_id IN (SELECT user_id FROM quiet_periods WHERE message_id = {m}) \
          AND message_id IN (SELECT id FROM messages WHERE closed = FALSE AND target_kind NOT IN ('refs', 'follow_up')) \
          RETURNING message_id"
@@ -314,7 +313,9 @@ pub(super) fn open_quiet_periods(
 /// After a campaign's attempts are inserted: defer those whose recipient is
 /// inside someone's quiet period at send time `at`.
 pub(super) fn defer_for_quiet_periods(message_id: &str, at: i64) -> Sql {
-    let mut sql = Sql::new("UPDATE deliveries SET state = 6, not_before = ");
+    let mut sql = Sql::new(formatcp!(
+        "UPDATE deliveries SET state = {WAITING}, not_before = "
+    ));
     let inside = |sql: &mut Sql| {
         let a = sql.bind(Param::Int(at));
         let b = sql.bind(Param::Int(at));
@@ -329,7 +330,7 @@ pub(super) fn defer_for_quiet_periods(message_id: &str, at: i64) -> Sql {
     let m = sql.bind(Param::Text(message_id.to_owned()));
     let second = inside(&mut sql);
     sql.push(&format!(
-        "(SELECT MAX(q.ends_at) {first}), note = {note} WHERE message_id = {m} AND state IN (0, 6) AND EXISTS (SELECT 1 {second})"
+        "(SELECT MAX(q.ends_at) {first}), note = {note} WHERE message_id = {m} AND state IN {UNSENT} AND EXISTS (SELECT 1 {second})"
     ));
     sql.counting(Effect::Count(DEFERRED_COUNT))
 }
@@ -357,17 +358,19 @@ pub(super) fn apply_fatigue(
     let day = roll.bind(Param::Int(today));
     let m = roll.bind(Param::Text(message_id.to_owned()));
     roll.push(&format!(
-        "{start}, {day}, 0 FROM deliveries WHERE message_id = {m} AND state IN (0, 6) \
+        "{start}, {day}, 0 FROM deliveries WHERE message_id = {m} AND state IN {UNSENT} \
          ON CONFLICT (user_id) DO UPDATE SET day = excluded.day, planned = 0 WHERE engagement.day <> excluded.day"
     ));
     statements.push(roll);
 
     let mut skip = |limit: String, reason: String| {
-        let mut sql = Sql::new("UPDATE deliveries SET state = 5, note = ");
+        let mut sql = Sql::new(formatcp!(
+            "UPDATE deliveries SET state = {SKIPPED}, note = "
+        ));
         let note = sql.bind(Param::Text(reason));
         let m = sql.bind(Param::Text(message_id.to_owned()));
         sql.push(&format!(
-            "{note} WHERE message_id = {m} AND state IN (0, 6) AND user_id IN \
+            "{note} WHERE message_id = {m} AND state IN {UNSENT} AND user_id IN \
              (SELECT g.user_id FROM engagement g WHERE g.planned >= {limit})"
         ));
         statements.push(sql);
@@ -395,7 +398,7 @@ pub(super) fn apply_fatigue(
     let shift = spend.bind(Param::Int(SCORE_SEND_SHIFT));
     let m = spend.bind(Param::Text(message_id.to_owned()));
     spend.push(&format!(
-        "{shift} WHERE user_id IN (SELECT user_id FROM deliveries WHERE message_id = {m} AND state IN (0, 6))"
+        "{shift} WHERE user_id IN (SELECT user_id FROM deliveries WHERE message_id = {m} AND state IN {UNSENT})"
     ));
     statements.push(spend);
     statements
@@ -411,7 +414,7 @@ pub(super) fn record_skips(message_id: &str, now: i64) -> Sql {
     let at = record.bind(Param::Int(now));
     let m = record.bind(Param::Text(message_id.to_owned()));
     record.push(&format!(
-        "{kind}, {at}, carrier_id, channel, '' FROM deliveries WHERE message_id = {m} AND state = 5 ON CONFLICT DO NOTHING"
+        "{kind}, {at}, carrier_id, channel, '' FROM deliveries WHERE message_id = {m} AND state = {SKIPPED} ON CONFLICT DO NOTHING"
     ));
     record.counting(Effect::Count(EventKind::Skipped.number()))
 }

@@ -6,11 +6,13 @@ use std::collections::HashMap;
 
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
+use super::states::{CANCELLED, EXPIRED, HANDED_OVER, OPEN, UNSENT, UNSUPPORTED};
 use super::{CountSteps, IdList, ROWS_PER_STATEMENT, Store, WritePool, on_pool, transaction_steps};
 use crate::error::Result;
 use crate::policy::SCORE_OPEN_SHIFT;
 use crate::receipts::{CountReport, DEFERRED_COUNT, EventKind, Receipt};
 use crate::targeting::Channel;
+use const_format::formatcp;
 
 /// Per-message counts, each derived from deduplicated events.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -87,13 +89,13 @@ impl Store {
         let unsupported = attempts_with(EventKind::Unsupported);
         let expired = attempts_with(EventKind::Expired);
         let close_unsupported = format!(
-            "UPDATE deliveries SET state = 2, check_at = $2, note = 'the terminal does not support this channel'
-             WHERE state IN (0, 1) AND carrier_id = $3 AND {}",
+            "UPDATE deliveries SET state = {UNSUPPORTED}, check_at = $2, note = 'the terminal does not support this channel'
+             WHERE state IN {OPEN} AND carrier_id = $3 AND {}",
             self.in_id_list("id", 1)
         );
         let close_expired = format!(
-            "UPDATE deliveries SET state = 3, check_at = NULL, note = 'expired at the carrier before it reached the terminal'
-             WHERE state IN (0, 1) AND carrier_id = $2 AND {}",
+            "UPDATE deliveries SET state = {EXPIRED}, check_at = NULL, note = 'expired at the carrier before it reached the terminal'
+             WHERE state IN {OPEN} AND carrier_id = $2 AND {}",
             self.in_id_list("id", 1)
         );
         on_pool!(self, pool, groups => {
@@ -181,9 +183,9 @@ impl Store {
         type PerCarrier = Vec<(String, i64, i64, i64)>;
         let (deliveries, events, reports): (PerCarrier, PerCarrier, PerCarrier) = on_pool!(self, pool => {
             let deliveries = sqlx::query_as(
-                "SELECT carrier_id, COUNT(*) FILTER (WHERE state IN (0, 6)),
-                        COUNT(*) FILTER (WHERE state = 1 OR handed_over_at IS NOT NULL), CAST(0 AS BIGINT)
-                 FROM deliveries WHERE ($1 = '' OR message_id = $1) GROUP BY carrier_id",
+                formatcp!("SELECT carrier_id, COUNT(*) FILTER (WHERE state IN {UNSENT}),
+                        COUNT(*) FILTER (WHERE state = {HANDED_OVER} OR handed_over_at IS NOT NULL), CAST(0 AS BIGINT)
+                 FROM deliveries WHERE ($1 = '' OR message_id = $1) GROUP BY carrier_id"),
             )
             .bind(message)
             .fetch_all(pool)
@@ -332,11 +334,11 @@ transaction_steps! {
                     });
                 };
                 let mut cancel = QueryBuilder::new(
-                    "UPDATE deliveries SET state = 4, note = 'cancelled: the person opened another attempt'
-                     FROM (",
+                    formatcp!("UPDATE deliveries SET state = {CANCELLED}, note = 'cancelled: the person opened another attempt'
+                     FROM ("),
                 );
                 values(&mut cancel);
-                cancel.push(") AS v WHERE deliveries.message_id = v.column1 AND deliveries.user_id = v.column2 AND deliveries.state IN (0, 6)");
+                cancel.push(formatcp!(") AS v WHERE deliveries.message_id = v.column1 AND deliveries.user_id = v.column2 AND deliveries.state IN {UNSENT}"));
                 cancel.build().execute(&mut *self).await?;
 
                 let mut engage = QueryBuilder::new("UPDATE engagement SET score = score + (1000 - score) / ");

@@ -8,10 +8,12 @@ use sqlx::QueryBuilder;
 
 use super::audit::{AuditEntry, AuditSteps};
 use super::planning::{self, PlanSteps};
+use super::states::{HANDED_OVER, SKIPPED, UNSENT};
 use super::{ROWS_PER_STATEMENT, Store, WritePool, on_pool, transaction_steps};
 use crate::credentials;
 use crate::error::{Error, Result};
 use crate::registry::{ConsentChange, Contract, NewRegistration, Profile, Unregistration};
+use const_format::formatcp;
 
 transaction_steps! {
     /// What a consent change does inside its transaction.
@@ -90,9 +92,9 @@ transaction_steps! {
             now: i64,
         ) -> Result<()> {
             let messages: Vec<String> = sqlx::query_scalar(
-                "SELECT DISTINCT d.message_id FROM deliveries d JOIN messages m ON m.id = d.message_id
-                 WHERE d.user_id = $1 AND (d.state IN (0, 6) OR d.check_at IS NOT NULL)
-                   AND ($2 = '' OR m.enterprise_id = $2) AND (m.by_attributes OR NOT $3)",
+                formatcp!("SELECT DISTINCT d.message_id FROM deliveries d JOIN messages m ON m.id = d.message_id
+                 WHERE d.user_id = $1 AND (d.state IN {UNSENT} OR d.check_at IS NOT NULL)
+                   AND ($2 = '' OR m.enterprise_id = $2) AND (m.by_attributes OR NOT $3)"),
             )
             .bind(user_id)
             .bind(enterprise_id.unwrap_or(""))
@@ -101,7 +103,7 @@ transaction_steps! {
             .await?;
             for message_id in &messages {
                 sqlx::query(
-                    "UPDATE deliveries SET state = 5, note = $3 WHERE message_id = $1 AND user_id = $2 AND state IN (0, 6)",
+                    formatcp!("UPDATE deliveries SET state = {SKIPPED}, note = $3 WHERE message_id = $1 AND user_id = $2 AND state IN {UNSENT}"),
                 )
                 .bind(message_id)
                 .bind(user_id)
@@ -110,7 +112,7 @@ transaction_steps! {
                 .await?;
                 // Handed-over attempts lose their timers and are never offered again.
                 sqlx::query(
-                    "UPDATE deliveries SET check_at = NULL, offers = offers + 1000000 WHERE message_id = $1 AND user_id = $2 AND state = 1",
+                    formatcp!("UPDATE deliveries SET check_at = NULL, offers = offers + 1000000 WHERE message_id = $1 AND user_id = $2 AND state = {HANDED_OVER}"),
                 )
                     .bind(message_id)
                     .bind(user_id)

@@ -6,10 +6,12 @@ use std::sync::Arc;
 
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
+use super::states::{HANDED_OVER, PENDING, UNSENT};
 use super::{CountSteps, IdList, ROWS_PER_STATEMENT, Store, on_pool, stored_list};
 use crate::error::Result;
 use crate::receipts::EventKind;
 use crate::targeting::{Channel, Content};
+use const_format::formatcp;
 
 /// One delivery ready to hand to its carrier, with its message's instructions.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,7 +112,7 @@ impl Store {
         let sql = format!(
             "SELECT d.id, d.message_id, d.user_id, d.channel, d.not_before
              FROM deliveries d JOIN messages m ON m.id = d.message_id
-             WHERE d.carrier_id = $1 AND d.state = 0 AND d.lane = {lane} AND d.id > $2 AND d.id < $5 AND d.not_before <= $3
+             WHERE d.carrier_id = $1 AND d.state = {PENDING} AND d.lane = {lane} AND d.id > $2 AND d.id < $5 AND d.not_before <= $3
                AND (d.window_close IS NULL OR d.window_close > $3) AND m.expires_at > $3
              ORDER BY d.id
              LIMIT $4"
@@ -200,11 +202,11 @@ impl Store {
         );
         // Fallback and resend wait for an open from the hand-over on.
         let advance = format!(
-            "UPDATE deliveries SET state = 1, handed_over_at = $2, window_close = NULL,
+            "UPDATE deliveries SET state = {HANDED_OVER}, handed_over_at = $2, window_close = NULL,
                 check_at = (SELECT CASE WHEN m.policy IN ('fallback', 'resend') AND m.timeout_ms > 0
                                         THEN $2 + m.timeout_ms END
                             FROM messages m WHERE m.id = deliveries.message_id)
-             WHERE state = 0 AND {}",
+             WHERE state = {PENDING} AND {}",
             self.in_id_list("id", 1)
         );
         let kind = EventKind::HandedOver.number();
@@ -249,7 +251,7 @@ impl Store {
     /// Deliveries still waiting for `carrier_id`.
     pub async fn pending_count(&self, carrier_id: &str) -> Result<u64> {
         let count: i64 = on_pool!(self, pool => sqlx::query_scalar(
-            "SELECT COUNT(*) FROM deliveries WHERE carrier_id = $1 AND state IN (0, 6)",
+            formatcp!("SELECT COUNT(*) FROM deliveries WHERE carrier_id = $1 AND state IN {UNSENT}"),
         )
         .bind(carrier_id)
         .fetch_one(pool)
@@ -262,7 +264,7 @@ impl Store {
     pub async fn pending_by_carrier(&self, now: i64) -> Result<Vec<(String, u64, Option<i64>)>> {
         let rows: Vec<(String, i64, Option<i64>)> = on_pool!(self, pool => sqlx::query_as(
             "SELECT c.id, COUNT(d.id), MIN(d.not_before) FROM carriers c
-             LEFT JOIN deliveries d ON d.carrier_id = c.id AND d.state = 0 AND d.not_before <= $1
+             LEFT JOIN deliveries d ON d.carrier_id = c.id AND d.state = {PENDING} AND d.not_before <= $1
              GROUP BY c.id ORDER BY c.id",
         )
         .bind(now)
