@@ -10,7 +10,7 @@ use super::{Store, WritePool, on_pool, transaction_steps};
 use crate::error::Result;
 
 /// One thing to record: who did what to which subject, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct AuditEntry {
     /// `admin`, `enterprise:<id>`, `carrier:<id>` or `relay`.
     pub actor: String,
@@ -117,7 +117,16 @@ transaction_steps! {
 /// Entries read per query while verifying.
 const VERIFY_PAGE: i64 = 10_000;
 
-type Row = (i64, i64, String, String, String, String, String, String);
+/// One stored entry with its place in the chain.
+#[derive(sqlx::FromRow)]
+struct Row {
+    seq: i64,
+    at: i64,
+    #[sqlx(flatten)]
+    entry: AuditEntry,
+    prev_hash: String,
+    hash: String,
+}
 
 impl Store {
     /// Appends one entry in its own transaction.
@@ -147,7 +156,14 @@ impl Store {
             .fetch_all(pool)
             .await)?;
             let last_page = (page.len() as i64) < VERIFY_PAGE;
-            for (seq, at, actor, action, subject, detail, prev_hash, hash) in page {
+            for Row {
+                seq,
+                at,
+                entry,
+                prev_hash,
+                hash,
+            } in page
+            {
                 let broken = |reason| {
                     Ok(AuditVerification {
                         entries,
@@ -163,12 +179,6 @@ impl Store {
                 if prev_hash != expected_prev {
                     return broken("prev_hash is not the previous entry's hash");
                 }
-                let entry = AuditEntry {
-                    actor,
-                    action,
-                    subject,
-                    detail,
-                };
                 if entry_hash(&prev_hash, seq, at, &entry) != hash {
                     return broken("hash does not match the entry's fields");
                 }
@@ -209,18 +219,7 @@ impl Store {
         .await)?;
         Ok(rows
             .into_iter()
-            .map(|(seq, at, actor, action, subject, detail, _, _)| {
-                (
-                    seq,
-                    at,
-                    AuditEntry {
-                        actor,
-                        action,
-                        subject,
-                        detail,
-                    },
-                )
-            })
+            .map(|row| (row.seq, row.at, row.entry))
             .collect())
     }
 }

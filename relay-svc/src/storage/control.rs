@@ -6,6 +6,8 @@
 
 use std::collections::HashMap;
 
+use const_format::formatcp;
+
 use super::planning::{Effect, MessagePlan, PlanSteps, Sql, timestamp};
 use super::states::{ACCEPTED, DeliveryState, EXPIRED, HANDED_OVER, PENDING, UNSENT, WAITING};
 use super::{Param, Store, WritePool, on_pool};
@@ -13,7 +15,6 @@ use crate::error::{Error, Result};
 use crate::policy::{PolicyKind, Trigger};
 use crate::receipts::EventKind;
 use crate::targeting::Channel;
-use const_format::formatcp;
 
 /// Groups of attempts one pass looks at, at most.
 const GROUPS_PER_PASS: i64 = 256;
@@ -101,6 +102,19 @@ pub struct Explanation {
     pub plan: String,
     pub attempts: Vec<Attempt>,
     pub events: Vec<ExplainedEvent>,
+}
+
+/// One attempt as `explain` reads it.
+#[derive(sqlx::FromRow)]
+struct AttemptRow {
+    attempt: i64,
+    channel: i64,
+    state: i64,
+    not_before: i64,
+    handed_over_at: Option<i64>,
+    reason: String,
+    note: String,
+    carrier_id: String,
 }
 
 impl Store {
@@ -383,7 +397,6 @@ impl Store {
     /// The decision trace of `message_id` for `user_id`: the message's plan,
     /// every attempt with why it exists, and the person's events.
     pub async fn explain(&self, message_id: &str, user_id: &str) -> Result<Explanation> {
-        type AttemptRow = (i64, i64, i64, i64, Option<i64>, String, String, String);
         type Found = (
             Option<(String, String)>,
             Vec<AttemptRow>,
@@ -417,38 +430,27 @@ impl Store {
         Ok(Explanation {
             attempts: attempts
                 .into_iter()
-                .map(
-                    |(
-                        attempt,
-                        channel,
-                        state,
-                        not_before,
-                        handed_over_at,
-                        reason,
-                        note,
-                        carrier_id,
-                    )| {
-                        let mut why = if reason.is_empty() {
-                            format!("first attempt under {}", policy.replace('_', " "))
-                        } else {
-                            reason
-                        };
-                        if !note.is_empty() {
-                            why.push_str("; ");
-                            why.push_str(&note);
-                        }
-                        Attempt {
-                            attempt: attempt as u32,
-                            channel: Channel::from_number(channel),
-                            state: DeliveryState::from_number(state)
-                                .map_or("unknown", DeliveryState::name),
-                            not_before,
-                            handed_over_at,
-                            reason: why,
-                            carrier_id,
-                        }
-                    },
-                )
+                .map(|row: AttemptRow| {
+                    let mut why = if row.reason.is_empty() {
+                        format!("first attempt under {}", policy.replace('_', " "))
+                    } else {
+                        row.reason
+                    };
+                    if !row.note.is_empty() {
+                        why.push_str("; ");
+                        why.push_str(&row.note);
+                    }
+                    Attempt {
+                        attempt: row.attempt as u32,
+                        channel: Channel::from_number(row.channel),
+                        state: DeliveryState::from_number(row.state)
+                            .map_or("unknown", DeliveryState::name),
+                        not_before: row.not_before,
+                        handed_over_at: row.handed_over_at,
+                        reason: why,
+                        carrier_id: row.carrier_id,
+                    }
+                })
                 .collect(),
             events: events
                 .into_iter()

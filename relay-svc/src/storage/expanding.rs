@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 
+use const_format::formatcp;
+
 use super::audience::{StoredTarget, campaign_source};
 use super::planning::{self, MessagePlan, PlanSteps, Sql};
 use super::states::{ACCEPTED, EXPANDED, PENDING, SKIPPED, UNSENT, WAITING};
@@ -13,7 +15,6 @@ use crate::error::{Error, Result};
 use crate::learning::{self, ChannelBandit, Choice, EXPLORE_SHARE, OpenCounts, Segment};
 use crate::policy::{AttentionConfig, PolicyKind, SendTime, channel_name};
 use crate::targeting::Channel;
-use const_format::formatcp;
 
 /// How far back the hub's channel rates reach for `best`.
 const LEARNING_WINDOW_MS: i64 = 30 * 24 * 3_600_000;

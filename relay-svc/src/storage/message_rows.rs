@@ -3,10 +3,11 @@
 
 use chukei_proto::window::Window;
 
-use super::Param;
 use super::audience::StoredTarget;
 use super::planning::{MessagePlan, Sql};
-use crate::policy::{PolicyKind, SendTime, WindowMode};
+use super::{Param, stored_list};
+use crate::error::{Error, Result};
+use crate::policy::{Policy, PolicyKind, Priority, SendTime, WindowMode};
 use crate::targeting::{Channel, MessageState, NewMessage};
 
 /// The `INSERT` of a new message row with its plan: state 1 (accepted),
@@ -168,4 +169,80 @@ fn channel_list(channels: &[Channel]) -> String {
         .map(|c| Channel::number(Some(*c)).to_string())
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// A message's row as expansion and delivery control read it back.
+#[derive(sqlx::FromRow)]
+pub(super) struct PlanRow {
+    enterprise_id: String,
+    target_kind: String,
+    target_service_id: Option<String>,
+    seg_gender: Option<String>,
+    seg_age_min: Option<i64>,
+    seg_age_max: Option<i64>,
+    seg_regions: Option<String>,
+    seg_occupations: Option<String>,
+    all_carriers: bool,
+    state: i64,
+    policy: String,
+    channels: String,
+    timeout_ms: i64,
+    max_resends: i64,
+    resend_until_delivered: bool,
+    delivery_window: Option<String>,
+    window_at_carrier: bool,
+    priority: i64,
+    accepted_at: i64,
+    expires_at: i64,
+    follow_up_id: Option<String>,
+    follow_up_delay_ms: i64,
+    send_time: Option<String>,
+}
+
+impl PlanRow {
+    /// The plan, the target and the message's state.
+    pub(super) fn into_plan(self) -> Result<(MessagePlan, StoredTarget, i64)> {
+        let target = StoredTarget {
+            is_segment: self.target_kind == "segment",
+            service_id: self.target_service_id,
+            gender: self.seg_gender,
+            age: self.seg_age_min.zip(self.seg_age_max),
+            regions: stored_list(self.seg_regions.as_deref()),
+            occupations: stored_list(self.seg_occupations.as_deref()),
+        };
+        let plan = MessagePlan {
+            enterprise_id: self.enterprise_id,
+            target_kind: self.target_kind,
+            policy: Policy {
+                kind: PolicyKind::parse(&self.policy).unwrap_or(PolicyKind::Fixed),
+                channels: self
+                    .channels
+                    .split(',')
+                    .filter_map(|n| n.parse().ok())
+                    .filter_map(Channel::from_number)
+                    .collect(),
+                timeout_ms: self.timeout_ms,
+                max_resends: self.max_resends as u32,
+                resend_until_delivered: self.resend_until_delivered,
+            },
+            all_carriers: self.all_carriers,
+            window: self
+                .delivery_window
+                .map(|w| Window::decode(&w))
+                .transpose()
+                .map_err(|e| Error::Internal(anyhow::anyhow!(e)))?,
+            window_mode: if self.window_at_carrier {
+                WindowMode::AtCarrier
+            } else {
+                WindowMode::HeldAtRelay
+            },
+            priority: Priority::from_number(self.priority),
+            accepted_at: self.accepted_at,
+            expires_at: self.expires_at,
+            follow_up_id: self.follow_up_id,
+            follow_up_delay_ms: self.follow_up_delay_ms,
+            send_time: self.send_time.and_then(|stored| SendTime::decode(&stored)),
+        };
+        Ok((plan, target, self.state))
+    }
 }

@@ -5,26 +5,24 @@
 
 use std::collections::HashMap;
 
-use chukei_proto::window::Window;
-use sqlx::{QueryBuilder, Row};
+use const_format::formatcp;
+use sqlx::QueryBuilder;
 
 use super::auction::BidSteps;
 use super::audience::{AudienceSteps, StoredTarget};
 use super::audit::AuditSteps;
 use super::expanding::{ExpansionSteps, campaign_statements};
-use super::message_rows::{insert_follow_up, insert_message};
+use super::message_rows::{PlanRow, insert_follow_up, insert_message};
 use super::planning::{self, MessagePlan, PlanSteps};
 use super::states::{ACCEPTED, PRIORITY_LANE};
 use super::{
-    AuditEntry, Param, ROWS_PER_STATEMENT, Store, is_unique_error, on_pool, stored_list,
-    transaction_steps,
+    AuditEntry, Param, ROWS_PER_STATEMENT, Store, is_unique_error, on_pool, transaction_steps,
 };
 use crate::auction::Terms;
 use crate::error::{Error, Result};
 use crate::learning::{ChannelBandit, EXPLORE_SHARE};
-use crate::policy::{AttentionConfig, Policy, PolicyKind, Priority, SendTime, WindowMode};
+use crate::policy::{AttentionConfig, PolicyKind, WindowMode};
 use crate::targeting::{Channel, MessageState, NewMessage, Segment, Target};
-use const_format::formatcp;
 
 /// A message as the enterprise sees it: its state and counts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -349,68 +347,22 @@ impl Store {
         Ok(self.load(message_id).await?.map(|(plan, ..)| plan))
     }
 
+    /// A message's plan, target and state as stored.
     pub(super) async fn load(
         &self,
         message_id: &str,
     ) -> Result<Option<(MessagePlan, StoredTarget, i64)>> {
-        let loaded: Option<Result<(MessagePlan, StoredTarget, i64)>> = on_pool!(self, pool => {
-            let row = sqlx::query(
-                "SELECT enterprise_id, target_kind, target_service_id, seg_gender, seg_age_min, seg_age_max,
-                        seg_regions, seg_occupations, all_carriers, state, policy, channels, timeout_ms,
-                        max_resends, resend_until_delivered, delivery_window, window_at_carrier, priority,
-                        accepted_at, expires_at, follow_up_id, follow_up_delay_ms, send_time
-                 FROM messages WHERE id = $1",
-            )
-            .bind(message_id)
-            .fetch_optional(pool)
-            .await?;
-            row.map(|row| -> Result<(MessagePlan, StoredTarget, i64)> {
-                let age_min: Option<i64> = row.try_get(4)?;
-                let age_max: Option<i64> = row.try_get(5)?;
-                let target = StoredTarget {
-                    is_segment: row.try_get::<String, _>(1)? == "segment",
-                    service_id: row.try_get(2)?,
-                    gender: row.try_get(3)?,
-                    age: age_min.zip(age_max),
-                    regions: stored_list(row.try_get(6)?),
-                    occupations: stored_list(row.try_get(7)?),
-                };
-                let policy_name: String = row.try_get(10)?;
-                let channels: String = row.try_get(11)?;
-                let window: Option<String> = row.try_get(15)?;
-                let plan = MessagePlan {
-                    enterprise_id: row.try_get(0)?,
-                    target_kind: row.try_get(1)?,
-                    policy: Policy {
-                        kind: PolicyKind::parse(&policy_name).unwrap_or(PolicyKind::Fixed),
-                        channels: channels
-                            .split(',')
-                            .filter_map(|n| n.parse().ok())
-                            .filter_map(Channel::from_number)
-                            .collect(),
-                        timeout_ms: row.try_get(12)?,
-                        max_resends: row.try_get::<i64, _>(13)? as u32,
-                        resend_until_delivered: row.try_get(14)?,
-                    },
-                    all_carriers: row.try_get(8)?,
-                    window: window
-                        .map(|w| Window::decode(&w))
-                        .transpose()
-                        .map_err(|e| Error::Internal(anyhow::anyhow!(e)))?,
-                    window_mode: if row.try_get(16)? { WindowMode::AtCarrier } else { WindowMode::HeldAtRelay },
-                    priority: Priority::from_number(row.try_get(17)?),
-                    accepted_at: row.try_get(18)?,
-                    expires_at: row.try_get(19)?,
-                    follow_up_id: row.try_get(20)?,
-                    follow_up_delay_ms: row.try_get(21)?,
-                    send_time: row
-                        .try_get::<Option<String>, _>(22)?
-                        .and_then(|stored| SendTime::decode(&stored)),
-                };
-                Ok((plan, target, row.try_get(9)?))
-            })
-        });
-        loaded.transpose()
+        let row: Option<PlanRow> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT enterprise_id, target_kind, target_service_id, seg_gender, seg_age_min, seg_age_max,
+                    seg_regions, seg_occupations, all_carriers, state, policy, channels, timeout_ms,
+                    max_resends, resend_until_delivered, delivery_window, window_at_carrier, priority,
+                    accepted_at, expires_at, follow_up_id, follow_up_delay_ms, send_time
+             FROM messages WHERE id = $1",
+        )
+        .bind(message_id)
+        .fetch_optional(pool)
+        .await)?;
+        row.map(PlanRow::into_plan).transpose()
     }
 }
 

@@ -6,6 +6,7 @@
 //! inside the caller's transaction on either backend.
 
 use chukei_proto::window::Window;
+use const_format::formatcp;
 
 use super::states::{PENDING, SKIPPED, UNSENT, WAITING};
 use super::{CountSteps, Param, transaction_steps};
@@ -17,7 +18,6 @@ use crate::policy::{
 };
 use crate::receipts::{DEFERRED_COUNT, EventKind};
 use crate::targeting::Channel;
-use const_format::formatcp;
 
 /// A statement with its binds, numbered `$1…` in order.
 #[derive(Debug, Default)]

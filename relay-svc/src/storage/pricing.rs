@@ -90,8 +90,8 @@ transaction_steps! {
             // quarter hours, so all instants of one quarter hour fall in one
             // local hour and one price slot — what `ledger_lines` groups by.
             let events = "SELECT f.enterprise_id, f.message_id, f.kind, f.channel, f.carrier_id,
-                        f.at / 900000 * 900000, COALESCE(d.at, f.at) / 900000 * 900000,
-                        m.price_table, m.bid_id IS NOT NULL, COUNT(*)
+                        f.at / 900000 * 900000 AS at, COALESCE(d.at, f.at) / 900000 * 900000 AS delivered_at,
+                        m.price_table, m.bid_id IS NOT NULL AS prepaid, COUNT(*) AS count
                  FROM fold_rows f JOIN messages m ON m.id = f.message_id
                  LEFT JOIN events d ON d.message_id = f.message_id AND d.user_id = f.user_id AND d.kind = 2
                  WHERE f.kind IN (2, 3) AND m.price_table IS NOT NULL
@@ -99,7 +99,7 @@ transaction_steps! {
             let charged: Vec<ChargedEvent> =
                 sqlx::query_as(events).fetch_all(&mut *self).await?;
             if !charged.is_empty() {
-                let mut ids: Vec<i64> = charged.iter().map(|c| c.7).collect();
+                let mut ids: Vec<i64> = charged.iter().map(|c| c.price_table).collect();
                 ids.sort_unstable();
                 ids.dedup();
                 let mut tables = HashMap::new();
@@ -146,10 +146,23 @@ transaction_steps! {
     }
 }
 
-/// Delivered or opened events to charge: enterprise, message, kind,
-/// channel, carrier, when, when delivered (each to its quarter hour), price
-/// table, sent with a bid, how many.
-pub(crate) type ChargedEvent = (String, String, i64, i64, String, i64, i64, i64, bool, i64);
+/// Delivered or opened events of one group the fold charges: the
+/// enterprise and message, event kind, channel, carrier, when and when
+/// delivered (each to its quarter hour), the price table, whether the
+/// message was sent with a bid (prepaid), and how many.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub(crate) struct ChargedEvent {
+    pub enterprise_id: String,
+    pub message_id: String,
+    pub kind: i64,
+    pub channel: i64,
+    pub carrier_id: String,
+    pub at: i64,
+    pub delivered_at: i64,
+    pub price_table: i64,
+    pub prepaid: bool,
+    pub count: i64,
+}
 
 /// A stored price cell: channel, hour, base delivered/opened, delivered/opened, rate.
 pub(crate) type Cell = (i64, i64, i64, i64, i64, i64, i64);
@@ -193,28 +206,32 @@ pub(crate) fn ledger_lines(
 ) -> Vec<LedgerLine> {
     type Key<'a> = (&'a str, &'a str, i64, i64, usize, &'a str, i64, Yen);
     let mut grouped: HashMap<Key<'_>, i64> = HashMap::new();
-    for (enterprise, message, kind, channel, carrier, at, delivered_at, table, prepaid, count) in
-        events
-    {
-        let Some((zone, grid)) = tables.get(table) else {
+    for event in events {
+        let Some((zone, grid)) = tables.get(&event.price_table) else {
             continue;
         };
-        let slot = pricing::slot_of(*delivered_at, zone);
-        let prices = grid[channel_index(Channel::from_number(*channel))][slot];
-        let unit = match kind {
-            2 if *prepaid => 0,
+        let slot = pricing::slot_of(event.delivered_at, zone);
+        let prices = grid[channel_index(Channel::from_number(event.channel))][slot];
+        let unit = match event.kind {
+            2 if event.prepaid => 0,
             2 => prices.delivered,
             _ => prices.opened,
         };
         if unit == 0 {
             continue;
         }
-        let hour = pricing::hour_start(*at, zone);
-        *grouped
-            .entry((
-                enterprise, message, *kind, *channel, slot, carrier, hour, unit,
-            ))
-            .or_default() += count;
+        let hour = pricing::hour_start(event.at, zone);
+        let key = (
+            event.enterprise_id.as_str(),
+            event.message_id.as_str(),
+            event.kind,
+            event.channel,
+            slot,
+            event.carrier_id.as_str(),
+            hour,
+            unit,
+        );
+        *grouped.entry(key).or_default() += event.count;
     }
     let mut lines: Vec<LedgerLine> = grouped
         .into_iter()

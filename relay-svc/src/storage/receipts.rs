@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use const_format::formatcp;
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
 use super::states::{CANCELLED, EXPIRED, HANDED_OVER, OPEN, UNSENT, UNSUPPORTED};
@@ -12,7 +13,6 @@ use crate::error::Result;
 use crate::policy::SCORE_OPEN_SHIFT;
 use crate::receipts::{CountReport, DEFERRED_COUNT, EventKind, Receipt};
 use crate::targeting::Channel;
-use const_format::formatcp;
 
 /// Per-message counts, each derived from deduplicated events.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use const_format::formatcp;
 use sqlx::QueryBuilder;
 
 use super::audit::{AuditEntry, AuditSteps};
@@ -13,7 +14,6 @@ use super::{ROWS_PER_STATEMENT, Store, WritePool, on_pool, transaction_steps};
 use crate::credentials;
 use crate::error::{Error, Result};
 use crate::registry::{ConsentChange, Contract, NewRegistration, Profile, Unregistration};
-use const_format::formatcp;
 
 transaction_steps! {
     /// What a consent change does inside its transaction.

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use const_format::formatcp;
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
 use super::states::{HANDED_OVER, PENDING, UNSENT};
@@ -11,7 +12,6 @@ use super::{CountSteps, IdList, ROWS_PER_STATEMENT, Store, on_pool, stored_list}
 use crate::error::Result;
 use crate::receipts::EventKind;
 use crate::targeting::{Channel, Content};
-use const_format::formatcp;
 
 /// One delivery ready to hand to its carrier, with its message's instructions.
 #[derive(Clone, Debug, PartialEq, Eq)]
