@@ -90,6 +90,9 @@ impl Command {
     }
 }
 
+/// Where a command writes its table or JSON.
+pub(crate) type Out<'a> = &'a mut (dyn Write + Send);
+
 type Client = EnterpriseApiClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerInterceptor>,
 >;

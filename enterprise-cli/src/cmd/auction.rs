@@ -1,12 +1,11 @@
 //! `auction slots|bid|status`: the capacity auction.
 
-use std::io::Write;
-
+use anyhow::Result;
 use chukei_proto::relay::v1 as pb;
 use clap::Subcommand;
 
 use crate::output::{print_bid, print_slots};
-use crate::{Client, explain};
+use crate::{Client, Out, explain};
 
 #[derive(Subcommand, Debug)]
 pub enum AuctionCommand {
@@ -26,12 +25,7 @@ pub enum AuctionCommand {
 }
 
 impl AuctionCommand {
-    pub(crate) async fn run(
-        &self,
-        client: &mut Client,
-        json: bool,
-        out: &mut (dyn Write + Send),
-    ) -> anyhow::Result<()> {
+    pub(crate) async fn run(&self, client: &mut Client, json: bool, out: Out<'_>) -> Result<()> {
         match self {
             Self::Slots => {
                 let slots = client

@@ -1,19 +1,14 @@
 //! `prices` and `billing`: the prices in force, and a month's charges.
 
-use std::io::Write;
-
+use anyhow::Result;
 use chukei_proto::relay::v1 as pb;
 use clap::Args;
 
 use crate::output::{print_prices, print_statement};
-use crate::{Client, explain};
+use crate::{Client, Out, explain};
 
 /// The prices in force.
-pub(crate) async fn prices(
-    client: &mut Client,
-    json: bool,
-    out: &mut (dyn Write + Send),
-) -> anyhow::Result<()> {
+pub(crate) async fn prices(client: &mut Client, json: bool, out: Out<'_>) -> Result<()> {
     let table = client
         .get_prices(pb::GetPricesRequest {})
         .await
@@ -30,12 +25,7 @@ pub struct Billing {
 }
 
 impl Billing {
-    pub(crate) async fn run(
-        &self,
-        client: &mut Client,
-        json: bool,
-        out: &mut (dyn Write + Send),
-    ) -> anyhow::Result<()> {
+    pub(crate) async fn run(&self, client: &mut Client, json: bool, out: Out<'_>) -> Result<()> {
         let statement = client
             .get_statement(pb::GetStatementRequest {
                 month: self.month.clone(),

@@ -1,12 +1,11 @@
 //! `explain`: why and how a message went (or did not go) to one ref.
 
-use std::io::Write;
-
+use anyhow::Result;
 use chukei_proto::relay::v1 as pb;
 use clap::Args;
 
 use crate::output::print_explanation;
-use crate::{Client, explain};
+use crate::{Client, Out, explain};
 
 #[derive(Args, Clone, Debug)]
 pub struct Explain {
@@ -15,12 +14,7 @@ pub struct Explain {
 }
 
 impl Explain {
-    pub(crate) async fn run(
-        &self,
-        client: &mut Client,
-        json: bool,
-        out: &mut (dyn Write + Send),
-    ) -> anyhow::Result<()> {
+    pub(crate) async fn run(&self, client: &mut Client, json: bool, out: Out<'_>) -> Result<()> {
         let explanation = client
             .explain_delivery(pb::ExplainDeliveryRequest {
                 message_id: self.message_id.clone(),

@@ -1,12 +1,11 @@
 //! `registrations`: your registered users, by ref, a page or all pages.
 
-use std::io::Write;
-
+use anyhow::Result;
 use chukei_proto::relay::v1 as pb;
 use clap::Args;
 use serde_json::json;
 
-use crate::{Client, explain};
+use crate::{Client, Out, explain};
 
 #[derive(Args, Clone, Debug)]
 pub struct Registrations {
@@ -21,12 +20,7 @@ pub struct Registrations {
 }
 
 impl Registrations {
-    pub(crate) async fn run(
-        &self,
-        client: &mut Client,
-        json: bool,
-        out: &mut (dyn Write + Send),
-    ) -> anyhow::Result<()> {
+    pub(crate) async fn run(&self, client: &mut Client, json: bool, out: Out<'_>) -> Result<()> {
         let mut token = String::new();
         let mut rows = Vec::new();
         loop {

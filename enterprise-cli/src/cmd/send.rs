@@ -1,12 +1,11 @@
 //! `send`: one message, a quote for it, or one message per line of a file.
 
-use std::io::Write;
-
+use anyhow::Result;
 use clap::Args;
 use serde_json::json;
 
 use crate::output::{print_quote, state_name};
-use crate::{Client, batch, explain, send_request};
+use crate::{Client, Out, batch, explain, send_request};
 
 #[derive(Args, Clone, Debug)]
 pub struct SendArgs {
@@ -115,12 +114,7 @@ pub struct SendArgs {
 }
 
 impl SendArgs {
-    pub(crate) async fn run(
-        &self,
-        client: &mut Client,
-        json: bool,
-        out: &mut (dyn Write + Send),
-    ) -> anyhow::Result<()> {
+    pub(crate) async fn run(&self, client: &mut Client, json: bool, out: Out<'_>) -> Result<()> {
         if self.quote {
             let quote = client
                 .quote_message(send_request(self)?)

@@ -1,11 +1,10 @@
 //! `stats`: sent, delivered, opened and open rate, grouped as asked.
 
-use std::io::Write;
-
+use anyhow::Result;
 use clap::Args;
 
 use crate::output::print_stats;
-use crate::{Client, explain, stats_request};
+use crate::{Client, Out, explain, stats_request};
 
 #[derive(Args, Clone, Debug)]
 pub struct Stats {
@@ -28,12 +27,7 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub(crate) async fn run(
-        &self,
-        client: &mut Client,
-        json: bool,
-        out: &mut (dyn Write + Send),
-    ) -> anyhow::Result<()> {
+    pub(crate) async fn run(&self, client: &mut Client, json: bool, out: Out<'_>) -> Result<()> {
         let request = stats_request(&self.by, &self.since, self.until.as_deref(), &self.zone)?;
         let stats = client
             .get_stats(request)

@@ -1,13 +1,13 @@
 //! `status`: a message's state and counts, once or until it is done.
 
-use std::io::Write;
 use std::time::Duration;
 
+use anyhow::Result;
 use chukei_proto::relay::v1 as pb;
 use clap::Args;
 
 use crate::output::print_status;
-use crate::{Client, explain};
+use crate::{Client, Out, explain};
 
 #[derive(Args, Clone, Debug)]
 pub struct Status {
@@ -21,12 +21,7 @@ pub struct Status {
 }
 
 impl Status {
-    pub(crate) async fn run(
-        &self,
-        client: &mut Client,
-        json: bool,
-        out: &mut (dyn Write + Send),
-    ) -> anyhow::Result<()> {
+    pub(crate) async fn run(&self, client: &mut Client, json: bool, out: Out<'_>) -> Result<()> {
         loop {
             let status = client
                 .get_message(pb::GetMessageRequest {
