@@ -263,9 +263,9 @@ impl Store {
     /// and since when the oldest of them has been due.
     pub async fn pending_by_carrier(&self, now: i64) -> Result<Vec<(String, u64, Option<i64>)>> {
         let rows: Vec<(String, i64, Option<i64>)> = on_pool!(self, pool => sqlx::query_as(
-            "SELECT c.id, COUNT(d.id), MIN(d.not_before) FROM carriers c
+            formatcp!("SELECT c.id, COUNT(d.id), MIN(d.not_before) FROM carriers c
              LEFT JOIN deliveries d ON d.carrier_id = c.id AND d.state = {PENDING} AND d.not_before <= $1
-             GROUP BY c.id ORDER BY c.id",
+             GROUP BY c.id ORDER BY c.id"),
         )
         .bind(now)
         .fetch_all(pool)
