@@ -377,12 +377,21 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // Other HTTP beside gRPC on the port (the relay's REST edge) times
+        // itself by route; its paths carry ids, not method names.
+        let grpc = request
+            .headers()
+            .get("content-type")
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let method = request.uri().path().to_owned();
         let histogram = self.histogram.clone();
         let started = Instant::now();
         let future = self.inner.call(request);
         Box::pin(async move {
             let response = future.await;
+            if !grpc {
+                return response;
+            }
             // A unary error travels in the headers (trailers-only); streams and
             // successes carry their status in trailers, counted here as OK.
             let code = match &response {

@@ -29,6 +29,7 @@ pub mod policy;
 pub mod pricing;
 pub mod receipts;
 pub mod registry;
+pub mod rest;
 pub mod rollup;
 pub mod service;
 pub mod stats;
@@ -209,8 +210,13 @@ async fn routes(
         admin_server::SERVICE_NAME,
     ];
     let (_, health_service) = server::health(&services).await;
+    // REST/JSON beside gRPC on the one port: HTTP/1.1 too, for clients that
+    // speak nothing else (gRPC stays HTTP/2).
+    let rest = tonic::service::Routes::from(rest::router(relay.clone()));
     Ok(
         server::builder(registry, "chukei_relay_rpc_duration_seconds", &config.tls)?
+            .accept_http1(true)
+            .add_routes(rest)
             .add_service(health_service)
             .add_service(server::reflection(&services)?)
             .add_service(server::reflection_v1alpha(&services)?)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chukei_proto::clock::Clock;
-use chukei_proto::metrics::{Counter, Gauge, Registry};
+use chukei_proto::metrics::{Counter, Gauge, Histogram, LATENCY_BUCKETS, Registry};
 
 use crate::storage::Store;
 
@@ -25,6 +25,8 @@ pub struct RelayMetrics {
     pub reconnects: Counter,
     /// `action`: reoffered, expired.
     pub reconciled: Counter,
+    /// REST calls: `route` (the template, never ids), `status`.
+    pub http: Histogram,
     pending: Gauge,
     oldest: Gauge,
     drain: Gauge,
@@ -59,6 +61,11 @@ impl RelayMetrics {
             reconciled: registry.counter(
                 "chukei_relay_deliveries_reconciled_total",
                 "Handed-over deliveries no carrier confirmed: offered again, or expired at the relay, by action",
+            ),
+            http: registry.histogram(
+                "chukei_relay_http_duration_seconds",
+                "REST calls by route and HTTP status, from request to response headers (seconds)",
+                &LATENCY_BUCKETS,
             ),
             pending: registry.gauge(
                 "chukei_relay_deliveries_pending",

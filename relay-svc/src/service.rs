@@ -180,6 +180,18 @@ impl Relay {
         auction::terms_without_bid(message, &slots, now, expires_at, self.market.unbid)
     }
 
+    /// The enterprise whose API key `key` is, if it is within its call rate
+    /// (the edges take the key from their own headers).
+    pub async fn enterprise_for_key(&self, key: &str) -> Result<String> {
+        let enterprise_id = self
+            .store
+            .enterprise_by_key(&crate::credentials::hash_secret(key), self.clock.now_ms())
+            .await?
+            .ok_or(Error::Unauthenticated("authorization: unknown API key"))?;
+        self.take_call(&enterprise_id)?;
+        Ok(enterprise_id)
+    }
+
     /// Counts one call of `enterprise_id` against its rate limit.
     pub(crate) fn take_call(&self, enterprise_id: &str) -> Result<()> {
         if let Some(limits) = &self.limits {

@@ -35,13 +35,7 @@ impl Relay {
     async fn enterprise(&self, metadata: &MetadataMap) -> Result<String> {
         let key = auth::bearer(metadata)
             .ok_or(Error::Unauthenticated("authorization: missing API key"))?;
-        let enterprise_id = self
-            .store
-            .enterprise_by_key(&credentials::hash_secret(key), self.clock.now_ms())
-            .await?
-            .ok_or(Error::Unauthenticated("authorization: unknown API key"))?;
-        self.take_call(&enterprise_id)?;
-        Ok(enterprise_id)
+        self.enterprise_for_key(key).await
     }
 
     /// The carrier calling: its token, and under mutual TLS a client

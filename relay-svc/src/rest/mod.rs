@@ -1,0 +1,251 @@
+//! The relay's REST/JSON edge, on the same port as gRPC: the `EnterpriseApi`
+//! as resources under `/v1`, for enterprises that do not speak gRPC. It is
+//! an edge like `grpc/` and nothing more: it takes the API key from
+//! `Authorization: Bearer`, turns JSON into the same validated domain types
+//! (through the proto requests, so a field is named the same way in both
+//! APIs' errors) and calls the same core — `service::Relay::send` for a
+//! send, the gRPC handlers' own code for the rest. Errors are
+//! `application/problem+json` naming the field; a rate-limited call is a
+//! 429 with `Retry-After`; timestamps are RFC 3339, money integer yen.
+//! The OpenAPI 3.1 document is generated from this module's types
+//! ([`ApiDoc`]), served at `/v1/openapi.json` and checked in as
+//! `docs/openapi.json` (a test proves the copy current).
+
+pub mod auction;
+pub mod messages;
+mod problem;
+pub mod reports;
+pub mod wire;
+
+use axum::Router;
+use axum::extract::{FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use utoipa::OpenApi;
+
+pub use problem::Problem;
+
+use crate::grpc::EnterpriseService;
+use crate::service::Relay;
+
+/// The OpenAPI document of the REST edge.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Chukei relay REST API",
+        version = "1",
+        description = "Send messages to people without knowing their carrier, follow them, \
+                       and read what they cost. Every call takes `Authorization: Bearer <API key>`. \
+                       Errors are RFC 9457 problem details naming the field; a rate-limited call \
+                       is answered 429 with `Retry-After`. Times are RFC 3339; money is integer yen."
+    ),
+    paths(
+        messages::send,
+        messages::status,
+        messages::explain,
+        messages::quote,
+        reports::registrations,
+        reports::stats,
+        reports::prices,
+        reports::statement,
+        auction::slots,
+        auction::place_bid,
+        auction::bid,
+        openapi_json,
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    tags(
+        (name = "messages", description = "Send, follow and explain messages; quote them first."),
+        (name = "reports", description = "Registrations, statistics, prices and statements."),
+        (name = "auction", description = "The capacity auction: slots and sealed bids."),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        openapi
+            .components
+            .get_or_insert_default()
+            .add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(
+                    HttpBuilder::new()
+                        .scheme(HttpAuthScheme::Bearer)
+                        .description(Some("An enterprise API key"))
+                        .build(),
+                ),
+            );
+    }
+}
+
+/// The OpenAPI document, as served and as checked in.
+pub fn openapi() -> String {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes")
+}
+
+/// This document.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "reports", security(()),
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
+async fn openapi_json() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], openapi())
+}
+
+/// The REST routes, served beside the gRPC services.
+pub fn router(relay: Relay) -> Router {
+    let api = EnterpriseService(relay.clone());
+    Router::new()
+        .route("/v1/messages", post(messages::send))
+        .route("/v1/messages/{message_id}", get(messages::status))
+        .route(
+            "/v1/messages/{message_id}/recipients/{user_ref}",
+            get(messages::explain),
+        )
+        .route("/v1/quotes", post(messages::quote))
+        .route("/v1/registrations", get(reports::registrations))
+        .route("/v1/stats", get(reports::stats))
+        .route("/v1/prices", get(reports::prices))
+        .route("/v1/statements/{month}", get(reports::statement))
+        .route("/v1/auction/slots", get(auction::slots))
+        .route("/v1/auction/bids", post(auction::place_bid))
+        .route("/v1/auction/bids/{bid_id}", get(auction::bid))
+        .route("/v1/openapi.json", get(openapi_json))
+        .fallback(fallback)
+        .with_state(Core {
+            relay: relay.clone(),
+            api,
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            relay.metrics.http.clone(),
+            metrics_and_problems,
+        ))
+}
+
+/// What every REST handler calls.
+#[derive(Clone)]
+pub(crate) struct Core {
+    relay: Relay,
+    api: EnterpriseService,
+}
+
+/// The caller's API key and trace, as the gRPC handlers take them.
+pub(crate) struct Caller {
+    authorization: Option<axum::http::HeaderValue>,
+    traceparent: Option<axum::http::HeaderValue>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self {
+            authorization: parts.headers.get(header::AUTHORIZATION).cloned(),
+            traceparent: parts.headers.get("traceparent").cloned(),
+        })
+    }
+}
+
+impl Caller {
+    /// `message` as a gRPC request carrying the caller's key and trace.
+    pub(crate) fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        let metadata = request.metadata_mut();
+        for (name, value) in [
+            ("authorization", &self.authorization),
+            ("traceparent", &self.traceparent),
+        ] {
+            if let Some(value) = value
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+            {
+                metadata.insert(name, value);
+            }
+        }
+        request
+    }
+
+    /// The API key from `Authorization: Bearer`.
+    pub(crate) fn key(&self) -> Result<&str, Problem> {
+        self.authorization
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|key| !key.is_empty())
+            .ok_or_else(|| {
+                Problem::from(crate::error::Error::Unauthenticated(
+                    "authorization: missing API key",
+                ))
+            })
+    }
+}
+
+/// Times every REST call by route (never by the ids in its path) and turns
+/// axum's own rejections (an unknown route, a body that is not JSON) into
+/// problem documents.
+async fn metrics_and_problems(
+    axum::extract::State(http): axum::extract::State<chukei_proto::metrics::Histogram>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().clone();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    http.observe(
+        &[("route", &route), ("status", response.status().as_str())],
+        started.elapsed().as_secs_f64(),
+    );
+    if response.status().is_client_error() && !is_problem(response.headers()) {
+        let status = response.status();
+        let detail = match status {
+            StatusCode::NOT_FOUND => "no such resource".to_owned(),
+            StatusCode::METHOD_NOT_ALLOWED => format!("{method} is not allowed here"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                "body: send JSON with Content-Type: application/json".to_owned()
+            }
+            _ => {
+                let bytes = axum::body::to_bytes(response.into_body(), 64 * 1024)
+                    .await
+                    .unwrap_or_default();
+                format!("body: {}", String::from_utf8_lossy(&bytes))
+            }
+        };
+        return Problem::new(status, detail, None).into_response();
+    }
+    response
+}
+
+/// Anything no route serves: a gRPC call to a service this port does not
+/// host is UNIMPLEMENTED (as tonic answers), anything else a 404 problem.
+async fn fallback(headers: HeaderMap) -> Response {
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        let (parts, ()) = tonic::Status::unimplemented("")
+            .into_http::<()>()
+            .into_parts();
+        return Response::from_parts(parts, axum::body::Body::empty());
+    }
+    Problem::new(StatusCode::NOT_FOUND, "no such resource".to_owned(), None).into_response()
+}
+
+fn is_problem(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"))
+}
