@@ -1,0 +1,206 @@
+//! Targeted messages: `latency`, `targeted` and `priority`.
+
+use super::*;
+
+/// A broadcast to everyone registered, on SMS.
+pub(super) fn broadcast_request(idempotency_key: &str) -> pb::SendMessageRequest {
+    pb::SendMessageRequest {
+        idempotency_key: idempotency_key.into(),
+        target: Some(pb::Target {
+            kind: Some(pb::target::Kind::AllRegistered(true)),
+        }),
+        content: Some(common::Content {
+            text: "benchmark".into(),
+            ..Default::default()
+        }),
+        channel: common::Channel::Sms as i32,
+        ..Default::default()
+    }
+}
+
+/// A hub with one carrier and `users` people all registered with one
+/// enterprise (nobody opens); its client, the first refs, the terminals.
+pub(super) async fn hub_with_registered(
+    backend: Backend,
+    users: usize,
+    carriers: &[&str],
+) -> anyhow::Result<(
+    Hub,
+    integration_tests::Enterprise,
+    Vec<String>,
+    terminal_sim::terminal::Terminals,
+)> {
+    let tuning = Tuning::DEFAULTS;
+    let Some(mut hub) = Hub::start_with(backend, carriers, tuning).await? else {
+        anyhow::bail!("--backend postgres needs CHUKEI_TEST_DATABASE_URL");
+    };
+    let (shop, key) = hub.create_enterprise("bench").await?;
+    let carrier_ids: Vec<String> = carriers.iter().map(|c| (*c).to_owned()).collect();
+    let fleet = Fleet::generate(1, users, &carrier_ids)
+        .with_every_channel()
+        .everyone_registers();
+    let setup = Instant::now();
+    let terminals = hub
+        .start_fleet(
+            fleet,
+            vec![EnterpriseChoice {
+                enterprise_id: shop,
+                service_ids: vec![],
+            }],
+            OpenMode::Never,
+        )
+        .await?;
+    println!(
+        "setup: {users} users registered in {:.1}s",
+        setup.elapsed().as_secs_f64()
+    );
+    let mut client = hub.enterprise(&key).await?;
+    let refs = client
+        .list_registrations(pb::ListRegistrationsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .registrations
+        .into_iter()
+        .map(|r| r.user_ref)
+        .collect();
+    Ok((hub, client, refs, terminals))
+}
+
+pub(super) async fn latency(messages: usize, backend: Backend) -> anyhow::Result<()> {
+    let (hub, client, refs, terminals) = hub_with_registered(backend, 1000, &["alpha"]).await?;
+    // Warm up the connections and the relay's first reads.
+    let warm = integration_tests::latency::one_at_a_time(
+        &client,
+        &refs,
+        50,
+        terminals.watch_arrivals(),
+        "warm",
+    )
+    .await;
+    anyhow::ensure!(
+        warm.arrived == 50,
+        "warm-up lost messages: {}",
+        warm.summary()
+    );
+    let run = integration_tests::latency::one_at_a_time(
+        &client,
+        &refs,
+        messages,
+        terminals.watch_arrivals(),
+        "idle",
+    )
+    .await;
+    println!(
+        "single targeted messages, idle hub, {backend:?}: {}",
+        run.summary()
+    );
+    hub.shutdown().await
+}
+
+pub(super) async fn targeted(
+    count: usize,
+    concurrency: usize,
+    seconds: u64,
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let (hub, client, refs, terminals) = hub_with_registered(backend, 10_000, &["alpha"]).await?;
+    let ceiling = integration_tests::latency::flat_out(
+        &client,
+        &refs,
+        count,
+        concurrency,
+        terminals.watch_arrivals(),
+        "flat-out",
+    )
+    .await;
+    println!(
+        "closed loop, {concurrency} senders, {backend:?}: {}",
+        ceiling.summary()
+    );
+    let max_rate = ceiling.arrived as f64 / ceiling.elapsed.as_secs_f64().max(1e-9);
+    // The bulk API apart: the same number of messages on a few streams.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let streams = 4;
+    let streamed = integration_tests::latency::streamed(
+        &client,
+        &refs,
+        count,
+        streams,
+        terminals.watch_arrivals(),
+        "streamed",
+    )
+    .await;
+    println!(
+        "closed loop, SendMessages on {streams} streams, {backend:?}: {}",
+        streamed.summary()
+    );
+    for share in [0.5, 0.8] {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rate = (max_rate * share).max(1.0);
+        let run = integration_tests::latency::open_loop(
+            &client,
+            &refs,
+            rate,
+            Duration::from_secs(seconds),
+            terminals.watch_arrivals(),
+            &format!("open-{share}"),
+        )
+        .await;
+        println!(
+            "open loop at {:.0}% of the ceiling ({rate:.0}/s offered), {backend:?}: {}",
+            share * 100.0,
+            run.summary()
+        );
+    }
+    hub.shutdown().await
+}
+
+pub(super) async fn priority(users: usize, rate: f64, backend: Backend) -> anyhow::Result<()> {
+    let (hub, mut client, refs, terminals) =
+        hub_with_registered(backend, users, &["alpha", "beta", "gamma"]).await?;
+    let idle = integration_tests::latency::open_loop(
+        &client,
+        &refs,
+        rate,
+        Duration::from_secs(5),
+        terminals.watch_arrivals(),
+        "before",
+    )
+    .await;
+    println!(
+        "targeted at {rate}/s, idle, {backend:?}: {}",
+        idle.summary()
+    );
+    let started = Instant::now();
+    let broadcast = client
+        .send_message(broadcast_request("broadcast"))
+        .await?
+        .into_inner();
+    // Targeted messages while the broadcast is being expanded and handed over.
+    let during = integration_tests::latency::open_loop(
+        &client,
+        &refs,
+        rate,
+        Duration::from_secs(10),
+        terminals.watch_arrivals(),
+        "during",
+    )
+    .await;
+    let status = client
+        .get_message(pb::GetMessageRequest {
+            message_id: broadcast.message_id.clone(),
+        })
+        .await?
+        .into_inner();
+    println!(
+        "targeted at {rate}/s during a broadcast to {users}, {backend:?}: {} (broadcast after {:.1}s: {} of {} handed over)",
+        during.summary(),
+        started.elapsed().as_secs_f64(),
+        status.handed_over,
+        status.matched
+    );
+    hub.shutdown().await
+}
