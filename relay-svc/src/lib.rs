@@ -187,15 +187,20 @@ async fn start_workers(
         attention,
         thresholds: config.thresholds(),
         metrics,
-        market: Market {
-            zone_name: config.billing_zone.as_str().into(),
-            zone: jiff::tz::TimeZone::get(&config.billing_zone)?,
-            unbid: config.unbid_in_auctioned_slot,
-        },
+        market: market(config)?,
         limits: crate::limits::RateLimits::new(config.enterprise_rate_per_sec).map(Arc::new),
         carrier_certificates: config.tls.verifies_clients(),
     };
     Ok((relay, workers))
+}
+
+/// The billing zone and the auction's rule for unbid sends, as configured.
+fn market(config: &Config) -> anyhow::Result<Market> {
+    Ok(Market {
+        zone_name: config.billing_zone.as_str().into(),
+        zone: jiff::tz::TimeZone::get(&config.billing_zone)?,
+        unbid: config.unbid_in_auctioned_slot,
+    })
 }
 
 /// The relay's port: the three Chukei services, health and reflection.

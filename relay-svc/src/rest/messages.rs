@@ -174,12 +174,10 @@ fn minute_of_day(field: &str, text: &str) -> Result<u32, Problem> {
         .ok_or_else(|| Problem::invalid(field, "must be a local time HH:MM, e.g. 18:00"))
 }
 
-impl SendBody {
-    /// The proto request the gRPC API takes, so both are validated by one
-    /// `NewMessage::try_from`.
-    fn into_request(self, idempotency_key: String) -> Result<pb::SendMessageRequest, Problem> {
+impl Target {
+    fn into_wire(self) -> pb::target::Kind {
         use chukei_proto::common::v1 as common;
-        let target = match self.target {
+        match self {
             Target::Refs(refs) => pb::target::Kind::Refs(pb::RefList { refs }),
             Target::AllRegistered(all) => pb::target::Kind::AllRegistered(all),
             Target::ServiceId(id) => pb::target::Kind::ServiceId(id),
@@ -195,9 +193,14 @@ impl SendBody {
                 occupations: s.occupations,
                 service_id: s.service_id.unwrap_or_default(),
             }),
-        };
-        let policy = self.policy.map(|p| pb::DeliveryPolicy {
-            kind: match p.kind {
+        }
+    }
+}
+
+impl Policy {
+    fn into_wire(self) -> pb::DeliveryPolicy {
+        pb::DeliveryPolicy {
+            kind: match self.kind {
                 PolicyKind::Fixed => pb::PolicyKind::Fixed,
                 PolicyKind::MostUsed => pb::PolicyKind::MostUsed,
                 PolicyKind::Fallback => pb::PolicyKind::Fallback,
@@ -205,35 +208,46 @@ impl SendBody {
                 PolicyKind::Resend => pb::PolicyKind::Resend,
                 PolicyKind::Best => pb::PolicyKind::Best,
             } as i32,
-            channels: p.channels.into_iter().map(Channel::to_wire).collect(),
-            timeout: p.timeout_seconds.map(wire::seconds),
-            max_resends: p.max_resends,
-            resend_until: match p.resend_until {
+            channels: self.channels.into_iter().map(Channel::to_wire).collect(),
+            timeout: self.timeout_seconds.map(wire::seconds),
+            max_resends: self.max_resends,
+            resend_until: match self.resend_until {
                 None => pb::ResendUntil::Unspecified,
                 Some(ResendUntil::Opened) => pb::ResendUntil::Opened,
                 Some(ResendUntil::Delivered) => pb::ResendUntil::Delivered,
             } as i32,
-        });
-        let window = match self.window {
-            None => None,
-            Some(Window::Daily {
+        }
+    }
+}
+
+impl Window {
+    fn into_wire(self) -> Result<chukei_proto::common::v1::DeliveryWindow, Problem> {
+        use chukei_proto::common::v1 as common;
+        let kind = match self {
+            Window::Daily {
                 start,
                 end,
                 time_zone,
-            }) => Some(common::delivery_window::Kind::Daily(common::DailyWindow {
+            } => common::delivery_window::Kind::Daily(common::DailyWindow {
                 start_minute: minute_of_day("window.daily.start", &start)?,
                 end_minute: minute_of_day("window.daily.end", &end)?,
                 time_zone,
-            })),
-            Some(Window::Absolute { start, end }) => Some(common::delivery_window::Kind::Absolute(
-                common::AbsoluteWindow {
+            }),
+            Window::Absolute { start, end } => {
+                common::delivery_window::Kind::Absolute(common::AbsoluteWindow {
                     start: Some(wire::parse_instant("window.absolute.start", &start)?),
                     end: Some(wire::parse_instant("window.absolute.end", &end)?),
-                },
-            )),
+                })
+            }
         };
-        let send_time = self.send_time.map(|t| pb::SendTime {
-            kind: Some(match t {
+        Ok(common::DeliveryWindow { kind: Some(kind) })
+    }
+}
+
+impl SendTime {
+    fn into_wire(self) -> pb::SendTime {
+        pb::SendTime {
+            kind: Some(match self {
                 SendTime::BestHour { within_seconds } => {
                     pb::send_time::Kind::BestHour(pb::BestHour {
                         within: Some(wire::seconds(within_seconds)),
@@ -247,7 +261,18 @@ impl SendBody {
                     within: Some(wire::seconds(within_seconds)),
                 }),
             }),
-        });
+        }
+    }
+}
+
+impl SendBody {
+    /// The proto request the gRPC API takes, so both are validated by one
+    /// `NewMessage::try_from`.
+    fn into_request(self, idempotency_key: String) -> Result<pb::SendMessageRequest, Problem> {
+        let target = self.target.into_wire();
+        let policy = self.policy.map(Policy::into_wire);
+        let window = self.window.map(Window::into_wire).transpose()?;
+        let send_time = self.send_time.map(SendTime::into_wire);
         Ok(pb::SendMessageRequest {
             idempotency_key,
             target: Some(pb::Target { kind: Some(target) }),
@@ -255,7 +280,7 @@ impl SendBody {
             channel: self.channel.map_or(0, Channel::to_wire),
             all_carriers: self.all_carriers,
             policy,
-            window: window.map(|kind| common::DeliveryWindow { kind: Some(kind) }),
+            window,
             window_mode: match self.window_mode {
                 None => pb::WindowMode::Unspecified,
                 Some(WindowMode::HeldAtRelay) => pb::WindowMode::HeldAtRelay,

@@ -61,6 +61,25 @@ struct DueMessageRow {
     trace_parent: String,
 }
 
+impl DueMessageRow {
+    /// The message's id and what its deliveries share.
+    fn shared(self) -> (String, Arc<DueMessage>) {
+        let message = DueMessage {
+            content: Content {
+                text: self.content_text,
+                media_url: self.media_url,
+                subject: self.subject,
+                suggested_replies: stored_list(Some(&self.suggested_replies)),
+            },
+            expires_at: self.expires_at,
+            carrier_window: self.carrier_window,
+            single_attempt: self.single_attempt,
+            trace_parent: self.trace_parent,
+        };
+        (self.id, Arc::new(message))
+    }
+}
+
 /// A carrier's two queues: targeted messages' first attempts go before
 /// campaigns', whatever their ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -146,24 +165,8 @@ impl Store {
             }
             (rows, messages)
         });
-        let messages: HashMap<String, Arc<DueMessage>> = messages
-            .into_iter()
-            .map(|m| {
-                let message = DueMessage {
-                    content: Content {
-                        text: m.content_text,
-                        media_url: m.media_url,
-                        subject: m.subject,
-                        suggested_replies: stored_list(Some(&m.suggested_replies)),
-                    },
-                    expires_at: m.expires_at,
-                    carrier_window: m.carrier_window,
-                    single_attempt: m.single_attempt,
-                    trace_parent: m.trace_parent,
-                };
-                (m.id, Arc::new(message))
-            })
-            .collect();
+        let messages: HashMap<String, Arc<DueMessage>> =
+            messages.into_iter().map(DueMessageRow::shared).collect();
         Ok(rows
             .into_iter()
             .filter_map(|row| {
