@@ -17,7 +17,7 @@ use crate::storage::Store;
 #[derive(clap::Parser, Clone, Debug)]
 #[command(name = "relay-svc", version, about)]
 pub struct Config {
-    /// Address the gRPC server (EnterpriseApi, CarrierIngress, Admin, health, reflection) listens on.
+    /// Address the relay listens on: gRPC (EnterpriseApi, CarrierIngress, Admin, health, reflection) and the REST API (/v1, HTTP/1.1 and HTTP/2).
     #[arg(long, env = "CHUKEI_RELAY_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 

@@ -359,9 +359,43 @@ async fn a_rate_limited_call_is_429_with_retry_after(backend: Backend) {
     hub.shutdown().await.unwrap();
 }
 
+/// Schemathesis (when `CHUKEI_TEST_SCHEMATHESIS` names its command, as in
+/// CI) generates calls from the served document — examples, boundaries,
+/// fuzzing and stateful sequences — against a live relay: no 5xx, and every
+/// status code, content type, header and body is one the document declares.
+async fn schemathesis_finds_no_server_error_and_nothing_off_the_document(backend: Backend) {
+    let Some(command) = std::env::var_os("CHUKEI_TEST_SCHEMATHESIS") else {
+        eprintln!("CHUKEI_TEST_SCHEMATHESIS unset: the schemathesis run is skipped");
+        return;
+    };
+    let Some(hub) = Hub::start(backend, &["alpha"]).await.unwrap() else {
+        return;
+    };
+    let (_, key) = hub.create_enterprise("shop").await.unwrap();
+    let spec = format!("{}/v1/openapi.json", hub.relay_url());
+    let dir = tempfile::tempdir().unwrap();
+    let output = tokio::process::Command::new(command)
+        .current_dir(dir.path())
+        .args(["run", &spec, "--max-examples", "25", "--seed", "1", "--checks"])
+        .arg("not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance")
+        .args(["-H", &format!("Authorization: Bearer {key}")])
+        .output()
+        .await
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "schemathesis found failures:\n{report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(report.contains("passed"), "{report}");
+    hub.shutdown().await.unwrap();
+}
+
 backend_tests!(
     the_rest_api_sends_follows_and_refuses_by_field,
     a_rate_limited_call_is_429_with_retry_after,
+    schemathesis_finds_no_server_error_and_nothing_off_the_document,
 );
 
 /// `docs/openapi.json` is what the code generates (run with

@@ -56,8 +56,9 @@ use crate::service::Relay;
         auction::bid,
         openapi_json,
     ),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &ErrorResponses),
     security(("bearer" = [])),
+    components(schemas(Problem)),
     tags(
         (name = "messages", description = "Send, follow and explain messages; quote them first."),
         (name = "reports", description = "Registrations, statistics, prices and statements."),
@@ -83,6 +84,82 @@ impl utoipa::Modify for BearerAuth {
                         .build(),
                 ),
             );
+    }
+}
+
+/// The problems any call may meet, documented on every operation that does
+/// not say more: 400 (a field), 401 (the key), 404 (an id in the path, or
+/// a ref), 415 and 422 (a body that is not the JSON asked for), 429 (the call
+/// rate, with `Retry-After`) and 503 (storage unavailable; retry).
+struct ErrorResponses;
+
+impl utoipa::Modify for ErrorResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::header::HeaderBuilder;
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let problem = || {
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Problem")))
+                .build()
+        };
+        let common = [
+            ("400", "A field is invalid (named in `field`)"),
+            ("401", "No API key, or an unknown one"),
+            ("404", "Not found (another enterprise's ids too)"),
+            ("415", "The body is not JSON"),
+            (
+                "422",
+                "The body is not the JSON asked for, or the request was refused",
+            ),
+            (
+                "429",
+                "Over the call rate: retry after `Retry-After` seconds",
+            ),
+            ("503", "Storage unavailable: retry later"),
+        ];
+        for item in openapi.paths.paths.values_mut() {
+            for operation in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if operation.security.as_ref().is_some_and(|s| {
+                    s.iter()
+                        .all(|r| serde_json::to_value(r).is_ok_and(|v| v == serde_json::json!({})))
+                }) {
+                    // The document itself: no key, no body.
+                    continue;
+                }
+                for (status, description) in common {
+                    if operation.responses.responses.contains_key(status) {
+                        continue;
+                    }
+                    let mut response = ResponseBuilder::new()
+                        .description(description)
+                        .content("application/problem+json", problem());
+                    if status == "429" {
+                        response = response.header(
+                            "Retry-After",
+                            HeaderBuilder::new()
+                                .schema(
+                                    utoipa::openapi::ObjectBuilder::new()
+                                        .schema_type(utoipa::openapi::schema::Type::Integer),
+                                )
+                                .description(Some("Seconds to wait"))
+                                .build(),
+                        );
+                    }
+                    operation
+                        .responses
+                        .responses
+                        .insert(status.to_owned(), response.build().into());
+                }
+            }
+        }
     }
 }
 

@@ -135,8 +135,8 @@ pub struct Stats {
 /// Sent, delivered, opened and open rate (with its 95% interval) of your
 /// messages, grouped as asked; cells about too few people withheld.
 #[utoipa::path(get, path = "/v1/stats", tag = "reports", params(StatsQuery),
-    responses((status = 200, body = Stats, content_type = "application/json"),
-        (status = 200, description = "The same rows as CSV", content_type = "text/csv"),
+    responses((status = 200, description = "The rows, as JSON or (asked for) CSV",
+            content((Stats = "application/json"), (String = "text/csv"))),
         (status = 400, description = "An unknown dimension, zone or instant", body = Problem, content_type = "application/problem+json")))]
 pub(super) async fn stats(
     State(core): State<Core>,
