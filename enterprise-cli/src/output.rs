@@ -328,35 +328,7 @@ pub(crate) fn print_stats(
         return Ok(());
     }
     if csv {
-        let mut header = stats.columns.clone();
-        header.extend(
-            [
-                "sent",
-                "delivered",
-                "opened",
-                "open_rate",
-                "low",
-                "high",
-                "low_sample",
-                "suppressed",
-            ]
-            .map(String::from),
-        );
-        writeln!(out, "{}", header.join(","))?;
-        for row in &stats.rows {
-            let mut fields: Vec<String> = row.key.iter().map(|k| csv_field(k)).collect();
-            fields.extend([
-                row.sent.to_string(),
-                row.delivered.to_string(),
-                row.opened.to_string(),
-            ]);
-            match row.open_rate {
-                Some(r) => fields.extend([r.rate, r.low, r.high].map(|v| format!("{v:.4}"))),
-                None => fields.extend(["", "", ""].map(String::from)),
-            }
-            fields.extend([row.low_sample.to_string(), row.suppressed.to_string()]);
-            writeln!(out, "{}", fields.join(","))?;
-        }
+        write!(out, "{}", chukei_proto::stats::csv(stats))?;
         return Ok(());
     }
     let widths: Vec<usize> = stats
@@ -421,15 +393,6 @@ pub(crate) fn print_stats(
         )?;
     }
     Ok(())
-}
-
-/// A CSV field, quoted when it must be.
-pub(crate) fn csv_field(value: &str) -> String {
-    if value.contains([',', '"', '\n']) {
-        format!("\"{}\"", value.replace('"', "\"\""))
-    } else {
-        value.to_owned()
-    }
 }
 
 pub(crate) fn print_status(

@@ -281,13 +281,11 @@ pub fn stats_request(
         .iter()
         .map(|name| {
             let name = name.trim();
-            STATS_DIMENSIONS
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, d)| *d as i32)
+            chukei_proto::stats::dimension(name)
+                .map(|d| d as i32)
                 .ok_or_else(|| {
-                    let known: Vec<&str> = STATS_DIMENSIONS.iter().map(|(n, _)| *n).collect();
-                    anyhow::anyhow!("--by: {name:?} is not one of {}", known.join(", "))
+                    let known = chukei_proto::stats::dimension_names();
+                    anyhow::anyhow!("--by: {name:?} is not one of {known}")
                 })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -304,21 +302,6 @@ pub fn stats_request(
         lookback,
     })
 }
-
-/// `--by` names, as the relay names its columns.
-pub(crate) const STATS_DIMENSIONS: [(&str, pb::StatsDimension); 11] = [
-    ("channel", pb::StatsDimension::Channel),
-    ("hour", pb::StatsDimension::SendHour),
-    ("open_hour", pb::StatsDimension::OpenHour),
-    ("weekday", pb::StatsDimension::Weekday),
-    ("day", pb::StatsDimension::Day),
-    ("place", pb::StatsDimension::Place),
-    ("gender", pb::StatsDimension::Gender),
-    ("age", pb::StatsDimension::Age),
-    ("region", pb::StatsDimension::Region),
-    ("occupation", pb::StatsDimension::Occupation),
-    ("user", pb::StatsDimension::User),
-];
 
 #[cfg(test)]
 mod tests {

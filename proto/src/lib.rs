@@ -16,6 +16,7 @@ pub mod deliver;
 pub mod metrics;
 pub mod rng;
 pub mod server;
+pub mod stats;
 pub mod telemetry;
 pub mod tls;
 pub mod validate;

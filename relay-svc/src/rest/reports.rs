@@ -88,20 +88,6 @@ pub struct StatsQuery {
     format: Option<String>,
 }
 
-const DIMENSIONS: [(&str, pb::StatsDimension); 11] = [
-    ("channel", pb::StatsDimension::Channel),
-    ("hour", pb::StatsDimension::SendHour),
-    ("open_hour", pb::StatsDimension::OpenHour),
-    ("weekday", pb::StatsDimension::Weekday),
-    ("day", pb::StatsDimension::Day),
-    ("place", pb::StatsDimension::Place),
-    ("gender", pb::StatsDimension::Gender),
-    ("age", pb::StatsDimension::Age),
-    ("region", pb::StatsDimension::Region),
-    ("occupation", pb::StatsDimension::Occupation),
-    ("user", pb::StatsDimension::User),
-];
-
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct Estimate {
     pub rate: f64,
@@ -150,13 +136,11 @@ pub(super) async fn stats(
         if name.is_empty() {
             continue;
         }
-        let (_, dimension) = DIMENSIONS.iter().find(|(n, _)| *n == name).ok_or_else(|| {
-            Problem::invalid(
-                "by",
-                &format!("unknown dimension {name:?}; one of channel, hour, open_hour, weekday, day, place, gender, age, region, occupation, user"),
-            )
+        let dimension = chukei_proto::stats::dimension(name).ok_or_else(|| {
+            let known = chukei_proto::stats::dimension_names();
+            Problem::invalid("by", &format!("unknown dimension {name:?}; one of {known}"))
         })?;
-        by.push(*dimension as i32);
+        by.push(dimension as i32);
     }
     let request = pb::GetStatsRequest {
         by,
@@ -178,6 +162,15 @@ pub(super) async fn stats(
         .get_stats(caller.request(request))
         .await?
         .into_inner();
+    let wants_csv = query.format.as_deref() == Some("csv")
+        || headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|accept| accept.contains("text/csv"));
+    if wants_csv {
+        let csv = chukei_proto::stats::csv(&s);
+        return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], csv).into_response());
+    }
     let stats = Stats {
         columns: s.columns,
         rows: s
@@ -200,63 +193,7 @@ pub(super) async fn stats(
         min_cohort: s.min_cohort,
         min_sample: s.min_sample,
     };
-    let wants_csv = query.format.as_deref() == Some("csv")
-        || headers
-            .get(header::ACCEPT)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|accept| accept.contains("text/csv"));
-    if wants_csv {
-        return Ok((
-            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
-            csv(&stats),
-        )
-            .into_response());
-    }
     Ok(Json(stats).into_response())
-}
-
-/// The rows as CSV: the columns, then sent, delivered, opened, open_rate,
-/// low, high, low_sample, suppressed.
-fn csv(stats: &Stats) -> String {
-    let field = |value: &str| {
-        if value.contains([',', '"', '\n']) {
-            format!("\"{}\"", value.replace('"', "\"\""))
-        } else {
-            value.to_owned()
-        }
-    };
-    let mut out: Vec<String> = stats.columns.iter().map(|c| field(c)).collect();
-    out.extend(
-        [
-            "sent",
-            "delivered",
-            "opened",
-            "open_rate",
-            "low",
-            "high",
-            "low_sample",
-            "suppressed",
-        ]
-        .map(str::to_owned),
-    );
-    let mut text = out.join(",") + "\n";
-    for row in &stats.rows {
-        let mut line: Vec<String> = row.key.iter().map(|k| field(k)).collect();
-        let rate = |value: Option<f64>| value.map_or_else(String::new, |v| format!("{v:.4}"));
-        line.extend([
-            row.sent.to_string(),
-            row.delivered.to_string(),
-            row.opened.to_string(),
-            rate(row.open_rate.as_ref().map(|e| e.rate)),
-            rate(row.open_rate.as_ref().map(|e| e.low)),
-            rate(row.open_rate.as_ref().map(|e| e.high)),
-            row.low_sample.to_string(),
-            row.suppressed.to_string(),
-        ]);
-        text.push_str(&line.join(","));
-        text.push('\n');
-    }
-    text
 }
 
 #[derive(Clone, Debug, Serialize, ToSchema)]
