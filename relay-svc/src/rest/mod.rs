@@ -15,6 +15,7 @@ pub mod auction;
 pub mod messages;
 mod problem;
 pub mod reports;
+pub mod send_body;
 pub mod wire;
 
 use axum::Router;

@@ -20,6 +20,7 @@ pub(crate) mod planning;
 pub(crate) mod pricing;
 mod receipts;
 mod registry;
+mod registry_steps;
 pub(crate) mod states;
 pub(crate) mod stats;
 mod tenants;
