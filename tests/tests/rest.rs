@@ -200,6 +200,10 @@ async fn the_rest_api_sends_follows_and_refuses_by_field(backend: Backend) {
     });
     let reply = call(&relay, "POST", "/v1/messages", &auth, Some(&bad_window)).await;
     assert_problem(&reply, 400, Some("window.daily.start"));
+    let no_window =
+        json!({"target": {"all_registered": true}, "content": {"text": "x"}, "window": {}});
+    let reply = call(&relay, "POST", "/v1/messages", &auth, Some(&no_window)).await;
+    assert_problem(&reply, 400, Some("window"));
     let past = json!({"target": {"all_registered": true}, "content": {"text": "x"}, "expires_at": "2001-01-01T00:00:00Z"});
     let reply = call(&relay, "POST", "/v1/messages", &auth, Some(&past)).await;
     assert_problem(&reply, 400, Some("expires_at"));
@@ -392,7 +396,73 @@ async fn schemathesis_finds_no_server_error_and_nothing_off_the_document(backend
     hub.shutdown().await.unwrap();
 }
 
+/// A client generated from the checked-in document by openapi-python-client
+/// (when `CHUKEI_TEST_OPENAPI_CLIENT` names the generator and
+/// `CHUKEI_TEST_PYTHON` a Python, as in CI) sends a message, replays it by
+/// its `Idempotency-Key`, and meets a 429 it waits out by `Retry-After`
+/// (`tests/python/generated_client.py`).
+async fn a_client_generated_from_the_document_sends_replays_and_waits_out_a_429(backend: Backend) {
+    let (Some(generator), Some(python)) = (
+        std::env::var_os("CHUKEI_TEST_OPENAPI_CLIENT"),
+        std::env::var_os("CHUKEI_TEST_PYTHON"),
+    ) else {
+        eprintln!(
+            "CHUKEI_TEST_OPENAPI_CLIENT or CHUKEI_TEST_PYTHON unset: the generated client is not tried"
+        );
+        return;
+    };
+    let settings = integration_tests::Settings {
+        enterprise_rate_per_sec: 1,
+        ..Default::default()
+    };
+    let Some(hub) = Hub::start_settings(backend, &["alpha"], settings)
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let (_, key) = hub.create_enterprise("shop").await.unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().unwrap();
+    let generated = tokio::process::Command::new(generator)
+        .args([
+            "generate",
+            "--meta",
+            "none",
+            "--output-path",
+            "chukei_client",
+            "--path",
+        ])
+        .arg(root.join("docs/openapi.json"))
+        .current_dir(dir.path())
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&generated.stdout).into_owned()
+        + &String::from_utf8_lossy(&generated.stderr);
+    assert!(
+        generated.status.success() && !said.contains("Warning"),
+        "{said}"
+    );
+    let run = tokio::process::Command::new(python)
+        .arg(root.join("tests/python/generated_client.py"))
+        .arg(dir.path())
+        .arg(hub.relay_url())
+        .arg(&key)
+        .output()
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success() && out.starts_with("ok:"),
+        "{out}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    hub.shutdown().await.unwrap();
+}
+
 backend_tests!(
+    a_client_generated_from_the_document_sends_replays_and_waits_out_a_429,
     the_rest_api_sends_follows_and_refuses_by_field,
     a_rate_limited_call_is_429_with_retry_after,
     schemathesis_finds_no_server_error_and_nothing_off_the_document,

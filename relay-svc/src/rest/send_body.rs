@@ -79,18 +79,30 @@ pub struct Policy {
 }
 
 /// When the message may reach people.
+/// Exactly one of `daily` or `absolute`.
 #[derive(Clone, Debug, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Window {
-    /// Every day between two local times (`HH:MM`) of an IANA zone; an end
-    /// before the start crosses midnight.
-    Daily {
-        start: String,
-        end: String,
-        time_zone: String,
-    },
-    /// Once, between two RFC 3339 instants.
-    Absolute { start: String, end: String },
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    pub daily: Option<DailyWindow>,
+    pub absolute: Option<AbsoluteWindow>,
+}
+
+/// Every day between two local times (`HH:MM`) of an IANA zone; an end
+/// before the start crosses midnight.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DailyWindow {
+    pub start: String,
+    pub end: String,
+    pub time_zone: String,
+}
+
+/// Once, between two RFC 3339 instants.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AbsoluteWindow {
+    pub start: String,
+    pub end: String,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, ToSchema)]
@@ -120,17 +132,28 @@ pub struct FollowUp {
 }
 
 /// Each person's own send time, from what the hub has seen.
+/// Exactly one of `best_hour` or `place_hour`.
 #[derive(Clone, Debug, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum SendTime {
-    /// At the hour of day the person opens most, within the horizon.
-    BestHour { within_seconds: u64 },
-    /// Only people whose current place opens at least `min_open_rate` at some
-    /// hour within the horizon, each at the best such hour.
-    PlaceHour {
-        min_open_rate: f64,
-        within_seconds: u64,
-    },
+#[serde(deny_unknown_fields)]
+pub struct SendTime {
+    pub best_hour: Option<BestHour>,
+    pub place_hour: Option<PlaceHour>,
+}
+
+/// At the hour of day the person opens most, within the horizon.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BestHour {
+    pub within_seconds: u64,
+}
+
+/// Only people whose current place opens at least `min_open_rate` at some
+/// hour within the horizon, each at the best such hour.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlaceHour {
+    pub min_open_rate: f64,
+    pub within_seconds: u64,
 }
 
 /// A message to send (or to quote).
@@ -216,21 +239,21 @@ impl Policy {
 impl Window {
     fn into_wire(self) -> Result<chukei_proto::common::v1::DeliveryWindow, Problem> {
         use chukei_proto::common::v1 as common;
-        let kind = match self {
-            Window::Daily {
-                start,
-                end,
-                time_zone,
-            } => common::delivery_window::Kind::Daily(common::DailyWindow {
-                start_minute: minute_of_day("window.daily.start", &start)?,
-                end_minute: minute_of_day("window.daily.end", &end)?,
-                time_zone,
+        let kind = match (self.daily, self.absolute) {
+            (Some(daily), None) => common::delivery_window::Kind::Daily(common::DailyWindow {
+                start_minute: minute_of_day("window.daily.start", &daily.start)?,
+                end_minute: minute_of_day("window.daily.end", &daily.end)?,
+                time_zone: daily.time_zone,
             }),
-            Window::Absolute { start, end } => {
-                common::delivery_window::Kind::Absolute(common::AbsoluteWindow {
-                    start: Some(wire::parse_instant("window.absolute.start", &start)?),
-                    end: Some(wire::parse_instant("window.absolute.end", &end)?),
-                })
+            (None, Some(once)) => common::delivery_window::Kind::Absolute(common::AbsoluteWindow {
+                start: Some(wire::parse_instant("window.absolute.start", &once.start)?),
+                end: Some(wire::parse_instant("window.absolute.end", &once.end)?),
+            }),
+            _ => {
+                return Err(Problem::invalid(
+                    "window",
+                    "give exactly one of daily or absolute",
+                ));
             }
         };
         Ok(common::DeliveryWindow { kind: Some(kind) })
@@ -238,23 +261,21 @@ impl Window {
 }
 
 impl SendTime {
-    fn into_wire(self) -> pb::SendTime {
-        pb::SendTime {
-            kind: Some(match self {
-                SendTime::BestHour { within_seconds } => {
-                    pb::send_time::Kind::BestHour(pb::BestHour {
-                        within: Some(wire::seconds(within_seconds)),
-                    })
-                }
-                SendTime::PlaceHour {
-                    min_open_rate,
-                    within_seconds,
-                } => pb::send_time::Kind::PlaceHour(pb::PlaceHour {
-                    min_open_rate,
-                    within: Some(wire::seconds(within_seconds)),
-                }),
+    fn into_wire(self) -> Result<pb::SendTime, Problem> {
+        let kind = match (self.best_hour, self.place_hour) {
+            (Some(best), None) => pb::send_time::Kind::BestHour(pb::BestHour {
+                within: Some(wire::seconds(best.within_seconds)),
             }),
-        }
+            (None, Some(place)) => pb::send_time::Kind::PlaceHour(pb::PlaceHour {
+                min_open_rate: place.min_open_rate,
+                within: Some(wire::seconds(place.within_seconds)),
+            }),
+            _ => {
+                let reason = "give exactly one of best_hour or place_hour";
+                return Err(Problem::invalid("send_time", reason));
+            }
+        };
+        Ok(pb::SendTime { kind: Some(kind) })
     }
 }
 
@@ -268,7 +289,7 @@ impl SendBody {
         let target = self.target.into_wire();
         let policy = self.policy.map(Policy::into_wire);
         let window = self.window.map(Window::into_wire).transpose()?;
-        let send_time = self.send_time.map(SendTime::into_wire);
+        let send_time = self.send_time.map(SendTime::into_wire).transpose()?;
         Ok(pb::SendMessageRequest {
             idempotency_key,
             target: Some(pb::Target { kind: Some(target) }),
