@@ -32,6 +32,11 @@ impl RateLimits {
         })
     }
 
+    /// Calls a second each enterprise may make.
+    pub fn per_sec(&self) -> u32 {
+        self.per_sec as u32
+    }
+
     /// Takes one call from `key`'s bucket, or says how long until one is there.
     pub fn take(&self, key: &str) -> Result<(), Duration> {
         self.take_at(key, Instant::now())

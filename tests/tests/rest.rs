@@ -360,6 +360,14 @@ async fn a_rate_limited_call_is_429_with_retry_after(backend: Backend) {
     assert_problem(&limited, 429, None);
     let retry_after: u64 = limited.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=2).contains(&retry_after), "{retry_after}");
+    assert_eq!(
+        limited.header("ratelimit-policy"),
+        Some("\"per-enterprise\";q=1;w=1")
+    );
+    assert_eq!(
+        limited.header("ratelimit"),
+        Some(format!("\"per-enterprise\";r=0;t={retry_after}").as_str())
+    );
     hub.shutdown().await.unwrap();
 }
 

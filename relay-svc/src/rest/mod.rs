@@ -143,16 +143,21 @@ impl utoipa::Modify for ErrorResponses {
                         .description(description)
                         .content("application/problem+json", problem());
                     if status == "429" {
-                        response = response.header(
-                            "Retry-After",
+                        use utoipa::openapi::schema::Type;
+                        let header = |schema_type, description: &str| {
                             HeaderBuilder::new()
                                 .schema(
-                                    utoipa::openapi::ObjectBuilder::new()
-                                        .schema_type(utoipa::openapi::schema::Type::Integer),
+                                    utoipa::openapi::ObjectBuilder::new().schema_type(schema_type),
                                 )
-                                .description(Some("Seconds to wait"))
-                                .build(),
-                        );
+                                .description(Some(description))
+                                .build()
+                        };
+                        response = response
+                            .header("Retry-After", header(Type::Integer, "Seconds to wait"))
+                            .header(
+                                "RateLimit",
+                                header(Type::String, "\"per-enterprise\";r=0;t=<seconds>"),
+                            );
                     }
                     operation
                         .responses
@@ -203,7 +208,10 @@ pub fn router(relay: Relay) -> Router {
             api,
         })
         .layer(axum::middleware::from_fn_with_state(
-            relay.metrics.http.clone(),
+            Edge {
+                http: relay.metrics.http.clone(),
+                rate_per_sec: relay.limits.as_ref().map(|limits| limits.per_sec()),
+            },
             metrics_and_problems,
         ))
 }
@@ -271,8 +279,16 @@ impl Caller {
 /// Times every REST call by route (never by the ids in its path) and turns
 /// axum's own rejections (an unknown route, a body that is not JSON) into
 /// problem documents.
+/// What the layer around every REST call needs.
+#[derive(Clone)]
+struct Edge {
+    http: chukei_proto::metrics::Histogram,
+    /// Each enterprise's call rate, when limited.
+    rate_per_sec: Option<u32>,
+}
+
 async fn metrics_and_problems(
-    axum::extract::State(http): axum::extract::State<chukei_proto::metrics::Histogram>,
+    axum::extract::State(edge): axum::extract::State<Edge>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -283,28 +299,38 @@ async fn metrics_and_problems(
     let method = request.method().clone();
     let started = std::time::Instant::now();
     let response = next.run(request).await;
-    http.observe(
+    edge.http.observe(
         &[("route", &route), ("status", response.status().as_str())],
         started.elapsed().as_secs_f64(),
     );
-    if response.status().is_client_error() && !is_problem(response.headers()) {
-        let status = response.status();
-        let detail = match status {
-            StatusCode::NOT_FOUND => "no such resource".to_owned(),
-            StatusCode::METHOD_NOT_ALLOWED => format!("{method} is not allowed here"),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
-                "body: send JSON with Content-Type: application/json".to_owned()
-            }
-            _ => {
-                let bytes = axum::body::to_bytes(response.into_body(), 64 * 1024)
-                    .await
-                    .unwrap_or_default();
-                format!("body: {}", String::from_utf8_lossy(&bytes))
-            }
-        };
-        return Problem::new(status, detail, None).into_response();
+    let mut response = if response.status().is_client_error() && !is_problem(response.headers()) {
+        as_problem(response, &method).await
+    } else {
+        response
+    };
+    if let Some(limit) = edge.rate_per_sec {
+        rate_limit_headers(response.headers_mut(), limit);
     }
     response
+}
+
+/// axum's own refusal (no route, not JSON, not the JSON asked for) as a problem.
+async fn as_problem(response: Response, method: &axum::http::Method) -> Response {
+    let status = response.status();
+    let detail = match status {
+        StatusCode::NOT_FOUND => "no such resource".to_owned(),
+        StatusCode::METHOD_NOT_ALLOWED => format!("{method} is not allowed here"),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            "body: send JSON with Content-Type: application/json".to_owned()
+        }
+        _ => {
+            let bytes = axum::body::to_bytes(response.into_body(), 64 * 1024)
+                .await
+                .unwrap_or_default();
+            format!("body: {}", String::from_utf8_lossy(&bytes))
+        }
+    };
+    Problem::new(status, detail, None).into_response()
 }
 
 /// Anything no route serves: a gRPC call to a service this port does not
@@ -320,6 +346,25 @@ async fn fallback(headers: HeaderMap) -> Response {
         return Response::from_parts(parts, axum::body::Body::empty());
     }
     Problem::new(StatusCode::NOT_FOUND, "no such resource".to_owned(), None).into_response()
+}
+
+/// The rate limit's fields (IETF `RateLimit-Policy` / `RateLimit`): the
+/// policy on every answer, and on a 429 that nothing is left until
+/// `Retry-After`.
+fn rate_limit_headers(headers: &mut HeaderMap, limit: u32) {
+    use axum::http::HeaderValue;
+    if let Ok(policy) = HeaderValue::from_str(&format!("\"per-enterprise\";q={limit};w=1")) {
+        headers.insert("ratelimit-policy", policy);
+    }
+    let reset = headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if let Some(reset) = reset
+        && let Ok(state) = HeaderValue::from_str(&format!("\"per-enterprise\";r=0;t={reset}"))
+    {
+        headers.insert("ratelimit", state);
+    }
 }
 
 fn is_problem(headers: &HeaderMap) -> bool {
