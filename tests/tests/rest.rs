@@ -106,6 +106,20 @@ fn unchunk(mut rest: &str) -> String {
     body
 }
 
+/// A hub with one enterprise, "shop", whose calls are limited to `per_sec`
+/// a second (0: unlimited); its API key.
+async fn shop_limited_to(backend: Backend, per_sec: u32) -> Option<(Hub, String)> {
+    let settings = integration_tests::Settings {
+        enterprise_rate_per_sec: per_sec,
+        ..Default::default()
+    };
+    let hub = Hub::start_settings(backend, &["alpha"], settings)
+        .await
+        .unwrap()?;
+    let (_, key) = hub.create_enterprise("shop").await.unwrap();
+    Some((hub, key))
+}
+
 fn assert_problem(reply: &Reply, status: u16, field: Option<&str>) {
     assert_eq!(reply.status, status, "{}", reply.body);
     assert_eq!(
@@ -328,17 +342,9 @@ async fn the_rest_api_sends_follows_and_refuses_by_field(backend: Backend) {
 }
 
 async fn a_rate_limited_call_is_429_with_retry_after(backend: Backend) {
-    let settings = integration_tests::Settings {
-        enterprise_rate_per_sec: 1,
-        ..Default::default()
-    };
-    let Some(hub) = Hub::start_settings(backend, &["alpha"], settings)
-        .await
-        .unwrap()
-    else {
+    let Some((hub, key)) = shop_limited_to(backend, 1).await else {
         return;
     };
-    let (_, key) = hub.create_enterprise("shop").await.unwrap();
     let relay = hub.relay_url();
     let bearer = format!("Bearer {key}");
     let mut limited = None;
@@ -380,10 +386,9 @@ async fn schemathesis_finds_no_server_error_and_nothing_off_the_document(backend
         eprintln!("CHUKEI_TEST_SCHEMATHESIS unset: the schemathesis run is skipped");
         return;
     };
-    let Some(hub) = Hub::start(backend, &["alpha"]).await.unwrap() else {
+    let Some((hub, key)) = shop_limited_to(backend, 0).await else {
         return;
     };
-    let (_, key) = hub.create_enterprise("shop").await.unwrap();
     let spec = format!("{}/v1/openapi.json", hub.relay_url());
     let dir = tempfile::tempdir().unwrap();
     let output = tokio::process::Command::new(command)
@@ -419,17 +424,9 @@ async fn a_client_generated_from_the_document_sends_replays_and_waits_out_a_429(
         );
         return;
     };
-    let settings = integration_tests::Settings {
-        enterprise_rate_per_sec: 1,
-        ..Default::default()
-    };
-    let Some(hub) = Hub::start_settings(backend, &["alpha"], settings)
-        .await
-        .unwrap()
-    else {
+    let Some((hub, key)) = shop_limited_to(backend, 1).await else {
         return;
     };
-    let (_, key) = hub.create_enterprise("shop").await.unwrap();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let dir = tempfile::tempdir().unwrap();
     let generated = tokio::process::Command::new(generator)
