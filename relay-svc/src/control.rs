@@ -33,7 +33,12 @@ pub struct Control {
 
 /// Runs passes every `interval` of real time (the clock decides what is due,
 /// so a manual or scaled clock drives it) until `cancel`.
-pub async fn run(control: Control, cancel: CancellationToken) {
+/// Starts the follow-through loop on its own task; it stops when `cancel` fires.
+pub fn start(control: Control, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(control, cancel))
+}
+
+async fn run(control: Control, cancel: CancellationToken) {
     let Control {
         store,
         clock,

@@ -23,7 +23,22 @@ const CLAIM: u32 = 16;
 
 /// Runs until `cancel`: expands whatever is accepted, then waits for `wake`
 /// (or a periodic re-check).
-pub async fn run(
+/// Starts the expander on its own task; it stops when `cancel` fires.
+pub fn start(
+    store: Store,
+    clock: Clock,
+    metrics: RelayMetrics,
+    attention: AttentionConfig,
+    wake: Arc<Notify>,
+    dispatch: DispatchHandle,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(
+        store, clock, metrics, attention, wake, dispatch, cancel,
+    ))
+}
+
+async fn run(
     store: Store,
     clock: Clock,
     metrics: RelayMetrics,

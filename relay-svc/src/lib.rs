@@ -147,7 +147,7 @@ async fn start_workers(
     );
     let expand = Arc::new(tokio::sync::Notify::new());
     let attention = config.attention();
-    let expander = expansion::run(
+    let expander = expansion::start(
         store.clone(),
         clock.clone(),
         metrics.clone(),
@@ -156,7 +156,7 @@ async fn start_workers(
         dispatch.clone(),
         cancel.clone(),
     );
-    workers.add("expansion", tokio::spawn(expander));
+    workers.add("expansion", expander);
     let control = control::Control {
         store: store.clone(),
         clock: clock.clone(),
@@ -170,13 +170,10 @@ async fn start_workers(
         },
         lease: lease.clone(),
     };
-    workers.add(
-        "control",
-        tokio::spawn(control::run(control, cancel.clone())),
-    );
+    workers.add("control", control::start(control, cancel.clone()));
     let interval = Duration::from_millis(config.poll_interval_ms);
-    let rollup = rollup::run(store.clone(), clock.clone(), interval, cancel);
-    workers.add("rollup", tokio::spawn(rollup));
+    let rollup = rollup::start(store.clone(), clock.clone(), interval, cancel);
+    workers.add("rollup", rollup);
     let relay = Relay {
         store: store.clone(),
         clock,

@@ -22,7 +22,17 @@ const BATCH: u32 = 10_000;
 pub const MAX_DEFERRAL: Duration = Duration::from_secs(10);
 
 /// Looks at the queue every `interval` of real time until `cancel`.
-pub async fn run(store: Store, clock: Clock, interval: Duration, cancel: CancellationToken) {
+/// Starts the rollup worker on its own task; it stops when `cancel` fires.
+pub fn start(
+    store: Store,
+    clock: Clock,
+    interval: Duration,
+    cancel: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(store, clock, interval, cancel))
+}
+
+async fn run(store: Store, clock: Clock, interval: Duration, cancel: CancellationToken) {
     let mut last_seen = None;
     let mut waiting_since: Option<Instant> = None;
     loop {
