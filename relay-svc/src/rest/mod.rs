@@ -118,7 +118,11 @@ impl utoipa::Modify for ErrorResponses {
             ),
             ("503", "Storage unavailable: retry later"),
         ];
-        for item in openapi.paths.paths.values_mut() {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            // The document itself takes no key and no body.
+            if path == "/v1/openapi.json" {
+                continue;
+            }
             for operation in [
                 &mut item.get,
                 &mut item.post,
@@ -128,13 +132,6 @@ impl utoipa::Modify for ErrorResponses {
             .into_iter()
             .flatten()
             {
-                if operation.security.as_ref().is_some_and(|s| {
-                    s.iter()
-                        .all(|r| serde_json::to_value(r).is_ok_and(|v| v == serde_json::json!({})))
-                }) {
-                    // The document itself: no key, no body.
-                    continue;
-                }
                 for (status, description) in common {
                     if operation.responses.responses.contains_key(status) {
                         continue;
