@@ -14,8 +14,8 @@ use crate::dispatch::DispatchHandle;
 use crate::error::{Error, Result};
 use crate::policy::{AttentionConfig, PolicyKind};
 use crate::pricing::{self, Quote};
-use crate::stats::Thresholds;
-use crate::storage::{Store, StoredMessage};
+use crate::stats::{self, Query, Thresholds, Viewer};
+use crate::storage::{AuditEntry, Store, StoredMessage};
 use crate::targeting::{Channel, MessageState, NewMessage, Target};
 
 /// What every use case (and so every edge handler) shares.
@@ -88,6 +88,29 @@ impl Relay {
             }
         }
         Ok(stored)
+    }
+
+    /// `query`'s rows for `viewer`, from the rollups. An enterprise's use of
+    /// its people's attributes is on the audit log before it is answered.
+    pub async fn stats(&self, viewer: &Viewer, query: &Query) -> Result<Vec<stats::Row>> {
+        if let Viewer::Enterprise(enterprise_id) = viewer {
+            let attributes: Vec<&str> = query
+                .by
+                .iter()
+                .filter(|d| d.is_attribute())
+                .map(|d| d.name())
+                .collect();
+            if !attributes.is_empty() {
+                let entry = AuditEntry::new(
+                    format!("enterprise:{enterprise_id}"),
+                    "attributes.used",
+                    "statistics",
+                    format!("purpose: statistics; fields: {}", attributes.join(",")),
+                );
+                self.store.audit(self.clock.now_ms(), &entry).await?;
+            }
+        }
+        breakdown(&self.store, viewer, query, self.thresholds).await
     }
 
     /// When `message` expires: as asked (in the future), or the relay's
@@ -201,4 +224,29 @@ impl Relay {
         }
         Ok(())
     }
+}
+
+/// `query`'s rows for `viewer` from the rollups of `store`: what `stats`
+/// says to sum, summed by the store, then folded into rows by `stats`.
+pub async fn breakdown(
+    store: &Store,
+    viewer: &Viewer,
+    query: &Query,
+    thresholds: Thresholds,
+) -> Result<Vec<stats::Row>> {
+    let enterprise = viewer.enterprise_id();
+    let (columns, by_person) = stats::columns(query);
+    let summed = if by_person {
+        let by_channel = query.by.contains(&stats::Dimension::Channel);
+        store.sum_people(enterprise, by_channel).await?
+    } else {
+        let cube = query.cube();
+        let unit = cube.time_unit_ms();
+        let since = query.since.div_euclid(unit);
+        let until = (query.until + unit - 1).div_euclid(unit);
+        store
+            .sum_cells(cube, enterprise, &columns, since, until)
+            .await?
+    };
+    Ok(stats::rows(query, &columns, summed, thresholds))
 }

@@ -227,7 +227,7 @@ async fn rows(
         min_cohort: 5,
         min_sample: 30,
     };
-    stats::breakdown(store, viewer, &query, thresholds)
+    relay_svc::service::breakdown(store, viewer, &query, thresholds)
         .await
         .unwrap()
         .into_iter()

@@ -163,7 +163,7 @@ impl pb::admin_server::Admin for AdminService {
             relay.clock.now_ms(),
             "query.",
         )?;
-        let rows = stats::breakdown(&relay.store, &viewer, &query, relay.thresholds).await?;
+        let rows = relay.stats(&viewer, &query).await?;
         Ok(Response::new(stats_to_wire(&query, rows, relay.thresholds)))
     }
 

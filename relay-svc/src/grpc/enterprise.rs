@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use super::{Relay, explanation_to_wire, market, optional, required, stats_query, stats_to_wire};
 use crate::credentials;
 use crate::error::{Error, Result};
-use crate::stats::{self, Viewer};
+use crate::stats::Viewer;
 use crate::storage::AuditEntry;
 use crate::targeting::{MessageState, NewMessage};
 
@@ -249,25 +249,9 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
     ) -> Result<Response<pb::GetStatsResponse>, Status> {
         let relay = &self.0;
         let enterprise_id = relay.enterprise(request.metadata()).await?;
-        let now = relay.clock.now_ms();
-        let viewer = Viewer::Enterprise(enterprise_id.clone());
-        let query = stats_query(request.get_ref(), &viewer, now, "")?;
-        let attributes: Vec<&str> = query
-            .by
-            .iter()
-            .filter(|d| d.is_attribute())
-            .map(|d| d.name())
-            .collect();
-        if !attributes.is_empty() {
-            let entry = AuditEntry::new(
-                format!("enterprise:{enterprise_id}"),
-                "attributes.used",
-                "statistics",
-                format!("purpose: statistics; fields: {}", attributes.join(",")),
-            );
-            relay.store.audit(now, &entry).await?;
-        }
-        let rows = stats::breakdown(&relay.store, &viewer, &query, relay.thresholds).await?;
+        let viewer = Viewer::Enterprise(enterprise_id);
+        let query = stats_query(request.get_ref(), &viewer, relay.clock.now_ms(), "")?;
+        let rows = relay.stats(&viewer, &query).await?;
         Ok(Response::new(stats_to_wire(&query, rows, relay.thresholds)))
     }
 

@@ -14,7 +14,7 @@
 use jiff::tz::TimeZone;
 
 use crate::error::{Error, Result};
-use crate::storage::{Cube, Reconciliation, Store};
+use crate::storage::{Cube, Reconciliation, SummedCells};
 
 mod rows;
 
@@ -115,7 +115,7 @@ pub enum Viewer {
 }
 
 impl Viewer {
-    fn enterprise_id(&self) -> Option<&str> {
+    pub fn enterprise_id(&self) -> Option<&str> {
         match self {
             Self::Enterprise(id) => Some(id),
             Self::Operator(id) => id.as_deref(),
@@ -199,7 +199,7 @@ impl Query {
 impl Query {
     /// The cube that holds every dimension asked for: attributes live in the
     /// audience cube (by day), everything else in the time cube (by hour).
-    fn cube(&self) -> Cube {
+    pub fn cube(&self) -> Cube {
         if self.by.iter().any(|d| d.is_attribute()) {
             Cube::Audience
         } else {
@@ -276,39 +276,35 @@ pub fn wilson(successes: u64, trials: u64) -> Option<Estimate> {
     })
 }
 
-/// Answers `query` for `viewer` from the rollups.
-pub async fn breakdown(
-    store: &Store,
-    viewer: &Viewer,
-    query: &Query,
-    thresholds: Thresholds,
-) -> Result<Vec<Row>> {
-    let enterprise = viewer.enterprise_id();
-    let (columns, summed) = if query.by.contains(&Dimension::User) {
-        let by_channel = query.by.contains(&Dimension::Channel);
-        let columns = if by_channel {
+/// The rollup columns `query` sums, and whether it is by person (the
+/// `person_channels` sums) rather than a cube's cells.
+pub fn columns(query: &Query) -> (Vec<&'static str>, bool) {
+    if query.by.contains(&Dimension::User) {
+        let columns = if query.by.contains(&Dimension::Channel) {
             vec!["user_id", "channel"]
         } else {
             vec!["user_id"]
         };
-        (columns, store.sum_people(enterprise, by_channel).await?)
-    } else {
-        let cube = query.cube();
-        let mut columns: Vec<&str> = Vec::new();
-        for dimension in &query.by {
-            if !columns.contains(&dimension.column(cube)) {
-                columns.push(dimension.column(cube));
-            }
+        return (columns, true);
+    }
+    let cube = query.cube();
+    let mut columns: Vec<&'static str> = Vec::new();
+    for dimension in &query.by {
+        if !columns.contains(&dimension.column(cube)) {
+            columns.push(dimension.column(cube));
         }
-        let unit = cube.time_unit_ms();
-        let since = query.since.div_euclid(unit);
-        let until = (query.until + unit - 1).div_euclid(unit);
-        let summed = store
-            .sum_cells(cube, enterprise, &columns, since, until)
-            .await?;
-        (columns, summed)
-    };
-    Ok(rows::fold(query, &columns, summed, thresholds))
+    }
+    (columns, false)
+}
+
+/// The rows of `query`'s answer from the groups summed over `columns`.
+pub fn rows(
+    query: &Query,
+    columns: &[&str],
+    summed: Vec<SummedCells>,
+    thresholds: Thresholds,
+) -> Vec<Row> {
+    rows::fold(query, columns, summed, thresholds)
 }
 
 /// A reconciliation row in words: what the difference between the carrier's

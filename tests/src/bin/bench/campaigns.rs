@@ -420,7 +420,7 @@ pub(super) type TimeKey = (u8, i64, u8, u8, u8, i64);
 pub(super) type AudienceKey = (u8, i64, u8, u8, i64, u8, u8);
 
 pub(super) async fn stats(events: u64, backend: Backend) -> anyhow::Result<()> {
-    use relay_svc::stats::{self, Dimension, Query, Thresholds, Viewer};
+    use relay_svc::stats::{Dimension, Query, Thresholds, Viewer};
     use std::collections::HashMap;
 
     let Some(fixture) = integration_tests::store(backend).await else {
@@ -605,9 +605,14 @@ pub(super) async fn stats(events: u64, backend: Backend) -> anyhow::Result<()> {
         let mut rows = 0;
         for _ in 0..5 {
             let started = Instant::now();
-            rows = stats::breakdown(&fixture.store, viewer, &query, Thresholds::default())
-                .await?
-                .len();
+            rows = relay_svc::service::breakdown(
+                &fixture.store,
+                viewer,
+                &query,
+                Thresholds::default(),
+            )
+            .await?
+            .len();
             times.push(started.elapsed().as_secs_f64());
         }
         times.sort_by(f64::total_cmp);
