@@ -1,8 +1,13 @@
 //! What a message says and the channel it goes on: the leaf types both the
 //! request (`targeting`) and delivery control (`policy`) are built from.
 
-/// The channel a carrier should use. `None` on a message means the carrier's default.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+// On a message, no channel (`None`) means the carrier's default.
+/// The channel a carrier should use: `rcs`, `sms`, `sns` or `email` (by name in
+/// the REST edge's JSON).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Channel {
     Rcs,
     Sms,

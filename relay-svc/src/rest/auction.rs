@@ -8,8 +8,9 @@ use chukei_proto::relay::v1::enterprise_api_server::EnterpriseApi;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::wire::{self, Channel};
+use super::wire;
 use super::{Caller, Core, Problem};
+use crate::content::Channel;
 
 /// A slot of scarce send capacity, sold by sealed bids.
 #[derive(Clone, Debug, Serialize, ToSchema)]
@@ -53,7 +54,7 @@ pub(super) async fn slots(
             .slots
             .into_iter()
             .map(|s| Slot {
-                channel: Channel::from_wire(s.channel),
+                channel: wire::channel(s.channel),
                 starts_at: wire::instant(s.starts_at.as_ref()),
                 ends_at: wire::instant(s.ends_at.as_ref()),
                 closes_at: wire::instant(s.closes_at.as_ref()),
@@ -114,7 +115,7 @@ fn bid_from_wire(b: pb::Bid) -> Bid {
         placed_at: wire::instant(b.placed_at.as_ref()),
         starts_at: wire::instant(b.starts_at.as_ref()),
         ends_at: wire::instant(b.ends_at.as_ref()),
-        channel: Channel::from_wire(b.channel),
+        channel: wire::channel(b.channel),
         bid_id: b.bid_id,
         slot_id: b.slot_id,
         quantity: b.quantity,

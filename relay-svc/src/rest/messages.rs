@@ -12,8 +12,9 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::send_body::SendBody;
-use super::wire::{self, Channel};
+use super::wire;
 use super::{Caller, Core, Problem};
+use crate::content::Channel;
 use crate::targeting::{MessageState, NewMessage};
 
 /// A message's state by name.
@@ -245,7 +246,7 @@ pub(super) async fn explain(
             .into_iter()
             .map(|a| Attempt {
                 attempt: a.attempt,
-                channel: Channel::from_wire(a.channel),
+                channel: wire::channel(a.channel),
                 state: a.state,
                 not_before: wire::instant(a.not_before.as_ref()),
                 handed_over_at: wire::instant(a.handed_over_at.as_ref()),
@@ -258,7 +259,7 @@ pub(super) async fn explain(
             .map(|t| TraceEvent {
                 kind: t.kind,
                 at: wire::instant(t.at.as_ref()),
-                channel: Channel::from_wire(t.channel),
+                channel: wire::channel(t.channel),
             })
             .collect(),
     }))
@@ -320,7 +321,7 @@ pub(super) async fn quote(
             .lines
             .into_iter()
             .map(|l| QuoteLine {
-                channel: Channel::from_wire(l.channel),
+                channel: wire::channel(l.channel),
                 slot: l.slot,
                 delivered_price: l.delivered_price,
                 opened_price: l.opened_price,

@@ -10,8 +10,9 @@ use chukei_proto::relay::v1::enterprise_api_server::EnterpriseApi;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::wire::{self, Channel};
+use super::wire;
 use super::{Caller, Core, Problem};
+use crate::content::Channel;
 
 /// A page of registrations.
 #[derive(Clone, Debug, Deserialize, IntoParams)]
@@ -241,7 +242,7 @@ pub(super) async fn prices(
             .cells
             .into_iter()
             .map(|c| PriceCell {
-                channel: Channel::from_wire(c.channel),
+                channel: wire::channel(c.channel),
                 slot: c.slot,
                 delivered_price: c.delivered_price,
                 opened_price: c.opened_price,
@@ -298,7 +299,7 @@ pub(super) async fn statement(
             .into_iter()
             .map(|l| StatementLine {
                 kind: l.kind,
-                channel: Channel::from_wire(l.channel),
+                channel: wire::channel(l.channel),
                 slot: l.slot,
                 quantity: l.quantity,
                 unit_price: l.unit_price,

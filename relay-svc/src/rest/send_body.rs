@@ -6,7 +6,8 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::Problem;
-use super::wire::{self, Channel, Content};
+use super::wire::{self, Content};
+use crate::content::Channel;
 
 /// Who a message is for: exactly one of these.
 #[derive(Clone, Debug, Deserialize, ToSchema)]
@@ -224,7 +225,11 @@ impl Policy {
                 PolicyKind::Resend => pb::PolicyKind::Resend,
                 PolicyKind::Best => pb::PolicyKind::Best,
             } as i32,
-            channels: self.channels.into_iter().map(Channel::to_wire).collect(),
+            channels: self
+                .channels
+                .into_iter()
+                .map(wire::channel_number)
+                .collect(),
             timeout: self.timeout_seconds.map(wire::seconds),
             max_resends: self.max_resends,
             resend_until: match self.resend_until {
@@ -294,7 +299,7 @@ impl SendBody {
             idempotency_key,
             target: Some(pb::Target { kind: Some(target) }),
             content: Some(self.content.into()),
-            channel: self.channel.map_or(0, Channel::to_wire),
+            channel: self.channel.map_or(0, wire::channel_number),
             all_carriers: self.all_carriers,
             policy,
             window,
@@ -310,7 +315,7 @@ impl SendBody {
             follow_up: self.follow_up.map(|f| pb::FollowUp {
                 content: Some(f.content.into()),
                 delay: Some(wire::seconds(f.delay_seconds)),
-                channel: f.channel.map_or(0, Channel::to_wire),
+                channel: f.channel.map_or(0, wire::channel_number),
             }),
             priority: match self.priority {
                 None => pb::Priority::Unspecified,

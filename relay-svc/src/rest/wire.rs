@@ -6,37 +6,16 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::Problem;
+use crate::content::Channel;
 
-/// A channel by name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Channel {
-    Rcs,
-    Sms,
-    Sns,
-    Email,
+/// A channel's number in the proto messages.
+pub fn channel_number(channel: Channel) -> i32 {
+    Channel::number(Some(channel)) as i32
 }
 
-impl Channel {
-    pub fn to_wire(self) -> i32 {
-        match self {
-            Self::Rcs => common::Channel::Rcs as i32,
-            Self::Sms => common::Channel::Sms as i32,
-            Self::Sns => common::Channel::Sns as i32,
-            Self::Email => common::Channel::Email as i32,
-        }
-    }
-
-    /// `None` for "the carrier's default" (unspecified).
-    pub fn from_wire(number: i32) -> Option<Self> {
-        match common::Channel::try_from(number).ok()? {
-            common::Channel::Rcs => Some(Self::Rcs),
-            common::Channel::Sms => Some(Self::Sms),
-            common::Channel::Sns => Some(Self::Sns),
-            common::Channel::Email => Some(Self::Email),
-            common::Channel::Unspecified => None,
-        }
-    }
+/// The channel a proto number names; `None` for "the carrier's default".
+pub fn channel(number: i32) -> Option<Channel> {
+    Channel::from_number(i64::from(number))
 }
 
 /// What the terminal shows.
