@@ -1,11 +1,12 @@
-//! The rollup worker: folds the events hand-overs and receipts queued into
-//! the statistics and learning tables and charges them to the billing
-//! ledger (`Store::roll_up_queued`), in batches
-//! and off the delivery path. While events keep arriving it stands aside —
-//! the delivery path has the database and the CPU — for at most
-//! [`MAX_DEFERRAL`], then folds everything queued. Figures therefore trail
-//! the events by about one interval when the hub is quiet and by up to the
-//! deferral under load; the queue is durable, so nothing is lost across a
+//! The rollup worker: folds the events hand-overs and receipts added (the
+//! events are its log; it keeps a cursor) into the statistics and learning
+//! tables and charges them to the billing ledger (`Store::roll_up_queued`),
+//! in batches and off the delivery path. While events keep arriving it
+//! stands aside — the delivery path has the database and the CPU — for at
+//! most [`MAX_DEFERRAL`], then folds everything past its cursor. Figures
+//! therefore trail the events by about one interval when the hub is quiet
+//! and by up to the deferral under load; the log and the cursor are durable
+//! and move in one transaction, so nothing is lost or folded twice across a
 //! restart.
 
 use std::time::{Duration, Instant};
@@ -47,7 +48,7 @@ async fn run(store: Store, clock: Clock, interval: Duration, cancel: Cancellatio
                 continue;
             }
             Err(error) => {
-                tracing::warn!(%error, "reading the rollup queue failed, will retry");
+                tracing::warn!(%error, "reading the events log failed, will retry");
                 continue;
             }
         };

@@ -258,20 +258,6 @@ transaction_steps! {
             }
             Ok(())
         }
-
-        /// Queues `(message_id, user_id, kind)` of events just added for the
-        /// rollup fold (`stats.rs`).
-        async fn queue_roll_up(&mut self, keys: &[(&str, &str, i64)]) -> Result<()> {
-            for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-                let mut query =
-                    sqlx::QueryBuilder::new("INSERT INTO rollup_queue (message_id, user_id, kind) ");
-                query.push_values(chunk, |mut row, (message_id, user_id, kind)| {
-                    row.push_bind(*message_id).push_bind(*user_id).push_bind(*kind);
-                });
-                query.build().execute(&mut *self).await?;
-            }
-            Ok(())
-        }
     }
 }
 
@@ -339,6 +325,24 @@ impl Store {
             (Self::Sqlite(..), _) => None,
             (Self::Postgres(..), false) => Some("SELECT pg_advisory_xact_lock_shared(7242)"),
             (Self::Postgres(..), true) => Some("SELECT pg_advisory_xact_lock(7242)"),
+        }
+    }
+
+    /// What a `SELECT` of a row the transaction will update ends with: on
+    /// PostgreSQL the row is locked until commit; on SQLite the write
+    /// transaction already excludes every other writer.
+    fn lock_row(&self) -> &'static str {
+        match self {
+            Self::Sqlite(..) => "",
+            Self::Postgres(..) => " FOR UPDATE",
+        }
+    }
+
+    /// How this backend reads the events log past the fold's cursor.
+    fn event_log(&self) -> &'static stats::EventLog {
+        match self {
+            Self::Sqlite(..) => &stats::SQLITE_LOG,
+            Self::Postgres(..) => &stats::POSTGRES_LOG,
         }
     }
 

@@ -273,8 +273,8 @@ transaction_steps! {
     /// What a batch of receipts does inside its transaction.
     trait ReceiptSteps {
         /// Inserts the events of `rows` from `carrier_id` that are new (and
-        /// for a delivery made to that carrier), counts them and queues them
-        /// for the rollups; the first opens among them.
+        /// for a delivery made to that carrier) and counts them; the first
+        /// opens among them.
         async fn record_events(
             &mut self,
             carrier_id: &str,
@@ -302,16 +302,12 @@ transaction_steps! {
                 query
                     .push(") AS v WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = v.column1 AND d.user_id = v.column2 AND d.carrier_id = ")
                     .push_bind(carrier_id)
-                    // What was added comes back: to count, queue for the rollups, and act on opens.
+                    // What was added comes back: to count and act on opens (the
+                // events are the rollup fold's log, so nothing else is queued).
                     .push(") ON CONFLICT DO NOTHING RETURNING message_id, kind, user_id, channel, at");
                 let inserted: Vec<(String, i64, String, i64, i64)> =
                     // Planned on every run, like the hand-over's statements (`transfer.rs`).
                     query.build_query_as().persistent(false).fetch_all(&mut *self).await?;
-                let keys: Vec<(&str, &str, i64)> = inserted
-                    .iter()
-                    .map(|(message_id, kind, user_id, ..)| (message_id.as_str(), user_id.as_str(), *kind))
-                    .collect();
-                self.queue_roll_up(&keys).await?;
                 for (message_id, kind, user_id, channel, at) in inserted {
                     if kind == EventKind::Opened.number() {
                         opened.push((message_id.clone(), user_id, channel, if at > 0 { at } else { now }));

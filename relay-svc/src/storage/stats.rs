@@ -1,10 +1,9 @@
 //! Rollups of the events (`stats_cells`, `stats_audience`, `person_*`) and
-//! the reads behind `GetStats` and reconciliation. Hand-overs and receipts
-//! only queue the keys of the events they really added ([`CountSteps::queue_roll_up`](super::CountSteps),
-//! one small insert in their transaction); [`Store::roll_up_queued`] folds
-//! queued events into the rollups in large batches, called by the relay's
-//! rollup worker. What the figures mean is `crate::stats`'s business; this
-//! module only sums.
+//! the reads behind `GetStats` and reconciliation. The events are the fold's
+//! log: hand-overs and receipts only add events, and [`Store::roll_up_queued`]
+//! folds those past the fold's cursor (`rollup_cursor`) into the rollups in
+//! large batches, called by the relay's rollup worker. What the figures mean
+//! is `crate::stats`'s business; this module only sums.
 
 use sqlx::{AssertSqlSafe, Row};
 
@@ -22,42 +21,78 @@ pub(crate) const AGE_BAND: &str =
 /// erased meanwhile still count in the cubes but rebuild no per-person row.
 const IN_THE_HUB: &str = "EXISTS (SELECT 1 FROM contracts c WHERE c.user_id = e.user_id)";
 
-/// The fold's working set, one row per claimed queue entry: the event, its
-/// message's enterprise, the person's consented profile for it, when the
-/// person's first attempt was handed over (`sent_at`), and whether the
-/// person is still in the hub and registered with the enterprise. A
+/// The fold's working set, one row per event read past the cursor: the
+/// event, its message's enterprise, the person's consented profile for it,
+/// when the person's first attempt was handed over (`sent_at`), and whether
+/// the person is still in the hub and registered with the enterprise. A
 /// temporary table of each connection (`Store::connect` creates it), filled
 /// by one joined `INSERT … SELECT` per fold, so each event is joined once
 /// and no row of it travels through the driver: every rollup below is a
 /// `GROUP BY` over it inside the database. On PostgreSQL its rows go at
 /// commit (`on_commit`: " ON COMMIT DELETE ROWS"); on SQLite the fold
-/// empties it first.
+/// empties it first. `(tx, seq)` is the event's place in the log.
 pub(crate) fn create_fold_rows(on_commit: &str) -> AssertSqlSafe<String> {
     AssertSqlSafe(format!(
         "CREATE TEMPORARY TABLE fold_rows (
-            seq BIGINT NOT NULL, kind BIGINT, at BIGINT, channel BIGINT, carrier_id TEXT, place TEXT,
+            tx BIGINT NOT NULL, seq BIGINT NOT NULL, kind BIGINT, at BIGINT, channel BIGINT, carrier_id TEXT, place TEXT,
             user_id TEXT, message_id TEXT, enterprise_id TEXT, by_attributes BOOLEAN, sent_at BIGINT,
             gender TEXT, age_band BIGINT, region TEXT, occupation TEXT, in_hub BOOLEAN, registered BOOLEAN)
          {on_commit}"
     ))
 }
 
-/// Fills `fold_rows` from the oldest queued events (`$1`: how many), the
-/// queue's rows claimed with `{claim}`. A queue entry whose event is gone
-/// still gets a row (kind NULL), so it is deleted with the others.
-fn fill_fold_rows(claim: &str) -> String {
+/// How a backend reads the events log past the fold's cursor.
+pub(crate) struct EventLog {
+    /// The event's writing transaction as a number (`e.` is the event).
+    pub tx: &'static str,
+    /// The condition for an event past the cursor `($2, $3)`.
+    pub past: &'static str,
+    /// The condition for an event the fold may read now.
+    pub ready: &'static str,
+    /// The log's order.
+    pub order: &'static str,
+    /// The same order, newest first.
+    pub newest_first: &'static str,
+}
+
+/// SQLite has one writer: sequence numbers are taken in commit order.
+pub(crate) const SQLITE_LOG: EventLog = EventLog {
+    tx: "0",
+    past: "e.seq > $3",
+    ready: "TRUE",
+    order: "e.seq",
+    newest_first: "e.seq DESC",
+};
+
+/// PostgreSQL: only events of transactions older than every running one,
+/// in (transaction, sequence) order — see migration 0012.
+pub(crate) const POSTGRES_LOG: EventLog = EventLog {
+    tx: "CAST(CAST(e.tx AS TEXT) AS BIGINT)",
+    past: "(e.tx, e.seq) > (CAST(CAST($2 AS TEXT) AS xid8), $3)",
+    ready: "e.tx < pg_snapshot_xmin(pg_current_snapshot())",
+    order: "e.tx, e.seq",
+    newest_first: "e.tx DESC, e.seq DESC",
+};
+
+/// Fills `fold_rows` from the oldest events past the cursor (`$1`: how
+/// many; `($2, $3)`: the cursor).
+fn fill_fold_rows(log: &EventLog) -> String {
     format!(
         "INSERT INTO fold_rows
-         SELECT q.seq, e.kind, e.at, e.channel, e.carrier_id, e.region, e.user_id, e.message_id,
+         SELECT e.tx, e.seq, e.kind, e.at, e.channel, e.carrier_id, e.region, e.user_id, e.message_id,
                 m.enterprise_id, m.by_attributes, COALESCE(h.at, e.at),
                 COALESCE(p.gender, ''), {AGE_BAND}, COALESCE(p.region, ''), COALESCE(p.occupation, ''),
                 {IN_THE_HUB},
                 EXISTS (SELECT 1 FROM registrations r WHERE r.enterprise_id = m.enterprise_id AND r.user_id = e.user_id)
-         FROM (SELECT seq, message_id, user_id, kind FROM rollup_queue ORDER BY seq LIMIT $1{claim}) AS q
-         LEFT JOIN events e ON e.message_id = q.message_id AND e.user_id = q.user_id AND e.kind = q.kind
+         FROM (SELECT {tx} AS tx, e.seq, e.kind, e.at, e.channel, e.carrier_id, e.region, e.user_id, e.message_id
+               FROM events e WHERE {past} AND {ready} ORDER BY {order} LIMIT $1) AS e
          LEFT JOIN messages m ON m.id = e.message_id
          LEFT JOIN profiles p ON p.enterprise_id = m.enterprise_id AND p.user_id = e.user_id
-         LEFT JOIN events h ON h.message_id = e.message_id AND h.user_id = e.user_id AND h.kind = 1"
+         LEFT JOIN events h ON h.message_id = e.message_id AND h.user_id = e.user_id AND h.kind = 1",
+        tx = log.tx,
+        past = log.past,
+        ready = log.ready,
+        order = log.order,
     )
 }
 
@@ -186,36 +221,42 @@ impl Rollup {
 }
 
 /// Where each person's terminal was last seen, from the fold's deliveries
-/// and opens (the latest; of two at one instant, the later queued).
+/// and opens (the latest; of two at one instant, the later in the log).
 const LAST_SEEN: &str = "INSERT INTO person_places (user_id, place, seen_at)
     SELECT user_id, place, at FROM (
-        SELECT user_id, place, at, ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY at DESC, seq DESC) AS latest
+        SELECT user_id, place, at, ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY at DESC, tx DESC, seq DESC) AS latest
         FROM fold_rows WHERE kind IN (2, 3) AND place <> '' AND in_hub) AS f
     WHERE latest = 1 ORDER BY user_id
     ON CONFLICT (user_id) DO UPDATE SET place = excluded.place, seen_at = excluded.seen_at
     WHERE excluded.seen_at >= person_places.seen_at";
 
 impl Store {
-    /// Folds up to `limit` queued events into the rollups and charges the
-    /// delivered and opened among them to the ledger, in one transaction
-    /// (oldest first), at `now`; returns how many it folded.
+    /// Folds up to `limit` events past the fold's cursor into the rollups
+    /// and charges the delivered and opened among them to the ledger, in one
+    /// transaction (oldest first) that moves the cursor past them, at `now`;
+    /// returns how many it folded.
     pub async fn roll_up_queued(&self, limit: u32, now: i64) -> Result<u64> {
-        // Claimed: two folds at once (two relays on one PostgreSQL database)
-        // take different events, so nothing is folded or charged twice.
-        let fill = fill_fold_rows(self.claim());
+        // Two folds at once (two relays on one PostgreSQL database) take
+        // turns on the cursor's row, so nothing is folded or charged twice.
+        let fill = fill_fold_rows(self.event_log());
         let fence = self.rollup_fence(false);
+        let cursor = format!("SELECT tx, seq FROM rollup_cursor{}", self.lock_row());
         on_pool!(self, pool => {
             let mut tx = pool.begin_write().await?;
             if let Some(fence) = fence {
                 sqlx::query(fence).execute(&mut *tx).await?;
             }
+            let (at_tx, at_seq): (i64, i64) =
+                sqlx::query_as(AssertSqlSafe(cursor)).fetch_one(&mut *tx).await?;
             sqlx::query("DELETE FROM fold_rows").execute(&mut *tx).await?;
-            let claimed = sqlx::query(AssertSqlSafe(fill))
+            let read = sqlx::query(AssertSqlSafe(fill))
                 .bind(i64::from(limit))
+                .bind(at_tx)
+                .bind(at_seq)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-            if claimed == 0 {
+            if read == 0 {
                 return Ok(0);
             }
             tx.charge_events(now).await?;
@@ -223,26 +264,74 @@ impl Store {
                 sqlx::query(AssertSqlSafe(rollup.upsert())).execute(&mut *tx).await?;
             }
             sqlx::query(LAST_SEEN).execute(&mut *tx).await?;
-            sqlx::query("DELETE FROM rollup_queue WHERE seq IN (SELECT seq FROM fold_rows)")
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE rollup_cursor SET tx = l.tx, seq = l.seq
+                 FROM (SELECT tx, seq FROM fold_rows ORDER BY tx DESC, seq DESC LIMIT 1) AS l",
+            )
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
-            Ok(claimed)
+            Ok(read)
         })
     }
 
-    /// The newest queued event's sequence number (`None`: the queue is
-    /// empty), which moves while events keep arriving.
-    pub async fn roll_up_newest(&self) -> Result<Option<i64>> {
-        let newest: Option<i64> = on_pool!(self, pool => sqlx::query_scalar("SELECT MAX(seq) FROM rollup_queue")
+    /// Folds every event committed before the call, in batches of `batch`:
+    /// for checks and benchmarks, which need the figures final. On
+    /// PostgreSQL the fold does not read past a transaction still running
+    /// anywhere on the server (see [`POSTGRES_LOG`]), so this waits those
+    /// out, for a minute at most. Returns how many it folded.
+    pub async fn roll_up_all(&self, batch: u32, now: i64) -> Result<u64> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut folded = 0;
+        loop {
+            let read = self.roll_up_queued(batch, now).await?;
+            folded += read;
+            if read == 0 {
+                if self.roll_up_backlog().await? == 0 || std::time::Instant::now() > deadline {
+                    return Ok(folded);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+    }
+
+    /// Where the fold stands: `(tx, seq)` of the last event it folded.
+    async fn fold_cursor(&self) -> Result<(i64, i64)> {
+        let cursor: (i64, i64) = on_pool!(self, pool => sqlx::query_as("SELECT tx, seq FROM rollup_cursor")
             .fetch_one(pool)
+            .await)?;
+        Ok(cursor)
+    }
+
+    /// The newest event the fold may read now (`None`: none), which moves
+    /// while events keep arriving. One index probe, from the newest end.
+    pub async fn roll_up_newest(&self) -> Result<Option<i64>> {
+        let log = self.event_log();
+        let newest = format!(
+            "SELECT e.seq FROM events e WHERE {} AND {} ORDER BY {} LIMIT 1",
+            log.past, log.ready, log.newest_first
+        );
+        let (tx, seq) = self.fold_cursor().await?;
+        let newest: Option<i64> = on_pool!(self, pool => sqlx::query_scalar(AssertSqlSafe(newest))
+            .bind(0_i64)
+            .bind(tx)
+            .bind(seq)
+            .fetch_optional(pool)
             .await)?;
         Ok(newest)
     }
 
-    /// Events waiting to be folded into the rollups.
+    /// Events waiting to be folded into the rollups (on PostgreSQL with
+    /// those of transactions the fold still waits for).
     pub async fn roll_up_backlog(&self) -> Result<u64> {
-        let count: i64 = on_pool!(self, pool => sqlx::query_scalar("SELECT COUNT(*) FROM rollup_queue")
+        let log = self.event_log();
+        // Past the cursor, whether or not the fold may read them yet.
+        let backlog = format!("SELECT COUNT(*) FROM events e WHERE {}", log.past);
+        let (tx, seq) = self.fold_cursor().await?;
+        let count: i64 = on_pool!(self, pool => sqlx::query_scalar(AssertSqlSafe(backlog))
+            .bind(0_i64)
+            .bind(tx)
+            .bind(seq)
             .fetch_one(pool)
             .await)?;
         Ok(count.max(0) as u64)

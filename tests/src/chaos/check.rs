@@ -41,7 +41,7 @@ pub(super) async fn settle(db: &Db, within: Duration) -> anyhow::Result<()> {
             .count(
                 "SELECT (SELECT COUNT(*) FROM deliveries WHERE state IN (0, 6))
                       + (SELECT COUNT(*) FROM messages WHERE state = 1)
-                      + (SELECT COUNT(*) FROM rollup_queue)
+                      + (SELECT COUNT(*) FROM unfolded_events)
                       + (SELECT COUNT(*) FROM deliveries d WHERE d.state = 1 AND NOT EXISTS
                           (SELECT 1 FROM events e WHERE e.message_id = d.message_id
                              AND e.user_id = d.user_id AND e.kind IN (2, 4)))",
@@ -52,7 +52,7 @@ pub(super) async fn settle(db: &Db, within: Duration) -> anyhow::Result<()> {
         }
         if Instant::now() > deadline {
             eprintln!(
-                "chaos: {open} deliveries, messages or queued events still open; checking anyway"
+                "chaos: {open} deliveries, messages or unfolded events still open; checking anyway"
             );
             return Ok(());
         }

@@ -153,7 +153,7 @@ pub(super) async fn billing(people: usize, backend: Backend, priced: bool) -> an
     );
     let queued = store.roll_up_backlog().await?;
     let started = Instant::now();
-    while store.roll_up_queued(10_000, now).await? > 0 {}
+    store.roll_up_all(10_000, now).await?;
     let seconds = started.elapsed().as_secs_f64();
     let (start, end) = (now - 86_400_000, now + 86_400_000);
     let lines = store

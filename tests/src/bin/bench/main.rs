@@ -38,7 +38,7 @@
 //!
 //! `bench billing --people 100000 --backend sqlite|postgres` — what charging
 //! costs the rollup fold: a campaign to that many people is handed over,
-//! delivered and 30% opened at the storage seam, then the queued events are
+//! delivered and 30% opened at the storage seam, then the events are
 //! folded (statistics, learning tables and — with a rate card — ledger
 //! lines), once without and once with a rate card, each on a fresh database.
 
