@@ -137,6 +137,33 @@ pub struct Config {
     #[arg(long, env = "CHUKEI_RELAY_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
 
+    /// Webhook endpoints may point at loopback and private addresses.
+    /// Off by default: an enterprise's URL must not reach into the
+    /// operator's own network (server-side request forgery).
+    #[arg(long, env = "CHUKEI_RELAY_WEBHOOK_ALLOW_PRIVATE")]
+    pub webhook_allow_private: bool,
+
+    /// Waits before each retry of a webhook batch that failed, the last
+    /// repeated (units ms, s, m, h, d).
+    #[arg(
+        long,
+        env = "CHUKEI_RELAY_WEBHOOK_RETRY_SCHEDULE",
+        default_value = "5s,5m,30m,2h,5h,10h,24h"
+    )]
+    pub webhook_retry_schedule: crate::webhooks::RetrySchedule,
+
+    /// How long one webhook POST may take, connecting included (seconds).
+    #[arg(long, env = "CHUKEI_RELAY_WEBHOOK_TIMEOUT_SECS", default_value_t = 15)]
+    pub webhook_timeout_secs: u64,
+
+    /// A webhook endpoint failing this long is disabled (hours of clock time).
+    #[arg(
+        long,
+        env = "CHUKEI_RELAY_WEBHOOK_DISABLE_AFTER_HOURS",
+        default_value_t = 120
+    )]
+    pub webhook_disable_after_hours: u64,
+
     #[command(flatten)]
     pub clock: ClockArgs,
 
@@ -193,6 +220,12 @@ impl Config {
         {
             anyhow::bail!("--replica-id: must be 1..128 characters");
         }
+        if !(1..=300).contains(&self.webhook_timeout_secs) {
+            anyhow::bail!("--webhook-timeout-secs: must be 1..300");
+        }
+        if self.webhook_disable_after_hours == 0 {
+            anyhow::bail!("--webhook-disable-after-hours: must be positive");
+        }
         if self.reprice_interval_secs == 0 {
             anyhow::bail!("--reprice-interval-secs: must be positive");
         }
@@ -233,5 +266,19 @@ impl Config {
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+impl Config {
+    /// The webhook sender's settings.
+    pub fn webhooks(&self) -> crate::webhooks::sender::SenderConfig {
+        crate::webhooks::sender::SenderConfig {
+            allow_internal: self.webhook_allow_private,
+            schedule: self.webhook_retry_schedule.clone(),
+            timeout: Duration::from_secs(self.webhook_timeout_secs),
+            poll: Duration::from_millis(self.poll_interval_ms.min(1_000)),
+            disable_after: Duration::from_secs(self.webhook_disable_after_hours * 3600),
+            ..Default::default()
+        }
     }
 }

@@ -35,6 +35,7 @@ pub mod service;
 pub mod stats;
 pub mod storage;
 pub mod targeting;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -105,7 +106,8 @@ pub async fn run(
 }
 
 /// Starts the relay's background workers — the metrics endpoint, the
-/// dispatchers, the expander, delivery control, the rollup fold — on
+/// dispatchers, the expander, delivery control, the rollup fold, the
+/// webhook sender — on
 /// `workers`' cancellation, and the state the edge's handlers share.
 async fn start_workers(
     config: &Config,
@@ -172,8 +174,16 @@ async fn start_workers(
     };
     workers.add("control", control::start(control, cancel.clone()));
     let interval = Duration::from_millis(config.poll_interval_ms);
-    let rollup = rollup::start(store.clone(), clock.clone(), interval, cancel);
+    let rollup = rollup::start(store.clone(), clock.clone(), interval, cancel.clone());
     workers.add("rollup", rollup);
+    let webhooks = webhooks::sender::start(
+        store.clone(),
+        clock.clone(),
+        config.webhooks(),
+        metrics.clone(),
+        cancel,
+    );
+    workers.add("webhooks", webhooks);
     let relay = Relay {
         store: store.clone(),
         clock,
@@ -187,6 +197,7 @@ async fn start_workers(
         market: market(config)?,
         limits: crate::limits::RateLimits::new(config.enterprise_rate_per_sec).map(Arc::new),
         carrier_certificates: config.tls.verifies_clients(),
+        webhook_allow_private: config.webhook_allow_private,
     };
     Ok((relay, workers))
 }

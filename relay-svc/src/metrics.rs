@@ -27,6 +27,12 @@ pub struct RelayMetrics {
     pub reconciled: Counter,
     /// REST calls: `route` (the template, never ids), `status`.
     pub http: Histogram,
+    /// Webhook POSTs: `outcome` (delivered, failed, disabled).
+    pub webhook_attempts: Counter,
+    /// Events delivered to webhook endpoints (answered 2xx).
+    pub webhook_events: Counter,
+    webhook_backlog: Gauge,
+    webhook_oldest: Gauge,
     pending: Gauge,
     oldest: Gauge,
     drain: Gauge,
@@ -67,6 +73,22 @@ impl RelayMetrics {
                 "REST calls by route and HTTP status, from request to response headers (seconds)",
                 &LATENCY_BUCKETS,
             ),
+            webhook_attempts: registry.counter(
+                "chukei_relay_webhook_attempts_total",
+                "Webhook POSTs to enterprises' endpoints, by outcome (delivered, failed, disabled)",
+            ),
+            webhook_events: registry.counter(
+                "chukei_relay_webhook_events_delivered_total",
+                "Events delivered to webhook endpoints (answered 2xx)",
+            ),
+            webhook_backlog: registry.gauge(
+                "chukei_relay_webhook_batches_waiting",
+                "Webhook batches fixed and not yet delivered (enabled endpoints), and the events in them",
+            ),
+            webhook_oldest: registry.gauge(
+                "chukei_relay_webhook_oldest_undelivered_age_seconds",
+                "Age of the oldest event in a webhook batch not yet delivered (0: none)",
+            ),
             pending: registry.gauge(
                 "chukei_relay_deliveries_pending",
                 "Deliveries due and not yet handed over, by carrier",
@@ -81,7 +103,7 @@ impl RelayMetrics {
             ),
             backlog: registry.gauge(
                 "chukei_relay_rollup_backlog",
-                "Events queued for the statistics and billing rollups",
+                "Events the statistics and billing rollups have yet to fold",
             ),
             pool: registry.gauge(
                 "chukei_relay_db_pool_connections",
@@ -132,6 +154,14 @@ impl RelayMetrics {
         }
         if let Ok(backlog) = store.roll_up_backlog().await {
             self.backlog.set(&[], backlog as f64);
+        }
+        if let Ok((batches, events, oldest)) = store.webhook_backlog().await {
+            self.webhook_backlog
+                .set(&[("unit", "batches")], batches as f64);
+            self.webhook_backlog
+                .set(&[("unit", "events")], events as f64);
+            let age = oldest.map_or(0, |at| (now - at).max(0));
+            self.webhook_oldest.set(&[], age as f64 / 1000.0);
         }
         let (size, idle) = store.pool_connections();
         self.pool.set(&[("state", "idle")], idle as f64);

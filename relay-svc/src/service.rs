@@ -15,8 +15,10 @@ use crate::error::{Error, Result};
 use crate::policy::{AttentionConfig, PolicyKind};
 use crate::pricing::{self, Quote};
 use crate::stats::{self, Query, Thresholds, Viewer};
+use crate::storage::webhooks::EndpointRow;
 use crate::storage::{AuditEntry, Store, StoredMessage};
 use crate::targeting::{Channel, MessageState, NewMessage, Target};
+use crate::webhooks::{self, EventType};
 
 /// What every use case (and so every edge handler) shares.
 #[derive(Clone, Debug)]
@@ -36,6 +38,8 @@ pub struct Relay {
     pub limits: Option<Arc<crate::limits::RateLimits>>,
     /// Carriers must present a client certificate naming them (mutual TLS).
     pub carrier_certificates: bool,
+    /// Webhook endpoints may point at loopback and private addresses.
+    pub webhook_allow_private: bool,
 }
 
 /// The billing and auction settings the edge applies.
@@ -201,6 +205,103 @@ impl Relay {
             return Ok(Terms::default());
         }
         auction::terms_without_bid(message, &slots, now, expires_at, self.market.unbid)
+    }
+
+    /// Adds a webhook endpoint of `enterprise_id` for `types` (every type
+    /// when empty), of one message when `message_id` is not empty; returns it
+    /// with its signing secret, which is shown this once. A URL whose host
+    /// resolves to an internal address is refused unless the operator
+    /// allows that; the sender checks again at every attempt.
+    pub async fn add_webhook(
+        &self,
+        enterprise_id: &str,
+        url: &str,
+        types: &[EventType],
+        message_id: &str,
+    ) -> Result<(EndpointRow, String)> {
+        let target = webhooks::check_url(url)?;
+        if !self.webhook_allow_private {
+            let addrs = tokio::net::lookup_host((target.host.as_str(), target.port))
+                .await
+                .map_err(|_| Error::invalid("url", "the host does not resolve"))?;
+            if addrs.into_iter().any(|a| webhooks::is_internal(a.ip())) {
+                return Err(Error::invalid(
+                    "url",
+                    "the host resolves to an internal address (loopback, private, link-local)",
+                ));
+            }
+        }
+        if !message_id.is_empty() {
+            self.store
+                .message(enterprise_id, message_id)
+                .await?
+                .ok_or_else(|| Error::not_found("message_id", "no such message"))?;
+        }
+        let types = if types.is_empty() {
+            &EventType::ALL[..]
+        } else {
+            types
+        };
+        let secret = webhooks::new_secret()?;
+        let id = crate::credentials::new_id("whe");
+        let now = self.clock.now_ms();
+        let endpoint = self
+            .store
+            .create_webhook(
+                &id,
+                enterprise_id,
+                url,
+                EventType::bits(types),
+                message_id,
+                &secret,
+                now,
+            )
+            .await?;
+        let entry = AuditEntry::new(
+            format!("enterprise:{enterprise_id}"),
+            "webhook.added",
+            &id,
+            "",
+        );
+        self.store.audit(now, &entry).await?;
+        Ok((endpoint, secret))
+    }
+
+    /// A new signing secret for an endpoint (shown this once); the old one
+    /// keeps signing beside it for `overlap`, so receivers can switch over.
+    pub async fn rotate_webhook_secret(
+        &self,
+        enterprise_id: &str,
+        id: &str,
+        overlap: std::time::Duration,
+    ) -> Result<(EndpointRow, String)> {
+        let secret = webhooks::new_secret()?;
+        let now = self.clock.now_ms();
+        let until = now + overlap.as_millis() as i64;
+        let endpoint = self
+            .store
+            .rotate_webhook_secret(enterprise_id, id, &secret, until)
+            .await?;
+        let entry = AuditEntry::new(
+            format!("enterprise:{enterprise_id}"),
+            "webhook.secret_rotated",
+            id,
+            "",
+        );
+        self.store.audit(now, &entry).await?;
+        Ok((endpoint, secret))
+    }
+
+    /// Removes an endpoint; nothing more is sent to it.
+    pub async fn remove_webhook(&self, enterprise_id: &str, id: &str) -> Result<()> {
+        self.store.delete_webhook(enterprise_id, id).await?;
+        let entry = AuditEntry::new(
+            format!("enterprise:{enterprise_id}"),
+            "webhook.removed",
+            id,
+            "",
+        );
+        self.store.audit(self.clock.now_ms(), &entry).await
     }
 
     /// The enterprise whose API key `key` is, if it is within its call rate

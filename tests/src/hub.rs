@@ -86,6 +86,10 @@ pub struct Settings {
     pub max_reoffers: u32,
     /// EnterpriseApi calls a second per enterprise (0: no limit).
     pub enterprise_rate_per_sec: u32,
+    /// Waits before each webhook retry (the tests' receivers are local,
+    /// so private addresses are allowed).
+    pub webhook_retry_schedule: relay_svc::webhooks::RetrySchedule,
+    pub webhook_timeout_secs: u64,
 }
 
 impl Default for Settings {
@@ -105,6 +109,8 @@ impl Default for Settings {
             reoffer_after_secs: 1800,
             max_reoffers: 3,
             enterprise_rate_per_sec: 0,
+            webhook_retry_schedule: relay_svc::webhooks::RetrySchedule::default(),
+            webhook_timeout_secs: 15,
         }
     }
 }
@@ -268,6 +274,10 @@ impl Hub {
             reoffer_after_secs: self.settings.reoffer_after_secs,
             max_reoffers: self.settings.max_reoffers,
             enterprise_rate_per_sec: self.settings.enterprise_rate_per_sec,
+            webhook_allow_private: true,
+            webhook_retry_schedule: self.settings.webhook_retry_schedule.clone(),
+            webhook_timeout_secs: self.settings.webhook_timeout_secs,
+            webhook_disable_after_hours: 120,
             shutdown_grace_secs: 5,
             clock: self.settings.clock_args(),
             tls: Default::default(),

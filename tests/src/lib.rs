@@ -13,6 +13,7 @@ mod acking;
 mod backend;
 pub mod binaries;
 pub mod chaos;
+pub mod http;
 mod hub;
 pub mod latency;
 pub mod process;

@@ -16,6 +16,7 @@ pub mod messages;
 mod problem;
 pub mod reports;
 pub mod send_body;
+pub mod webhooks;
 pub mod wire;
 
 use axum::Router;
@@ -55,15 +56,25 @@ use crate::service::Relay;
         auction::slots,
         auction::place_bid,
         auction::bid,
+        webhooks::add,
+        webhooks::list,
+        webhooks::get,
+        webhooks::remove,
+        webhooks::rotate_secret,
+        webhooks::resume,
+        webhooks::attempts,
         openapi_json,
     ),
     modifiers(&BearerAuth, &ErrorResponses),
     security(("bearer" = [])),
-    components(schemas(Problem)),
+    components(schemas(Problem, crate::webhooks::Payload)),
     tags(
         (name = "messages", description = "Send, follow and explain messages; quote them first."),
         (name = "reports", description = "Registrations, statistics, prices and statements."),
         (name = "auction", description = "The capacity auction: slots and sealed bids."),
+        (name = "webhooks", description = "Status webhooks: endpoints the relay POSTs each person's events to, \
+            signed per Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature`). \
+            The body is an `events.batch` Payload."),
     )
 )]
 pub struct ApiDoc;
@@ -198,6 +209,20 @@ pub fn router(relay: Relay) -> Router {
         .route("/v1/auction/slots", get(auction::slots))
         .route("/v1/auction/bids", post(auction::place_bid))
         .route("/v1/auction/bids/{bid_id}", get(auction::bid))
+        .route("/v1/webhooks", post(webhooks::add).get(webhooks::list))
+        .route(
+            "/v1/webhooks/{webhook_id}",
+            get(webhooks::get).delete(webhooks::remove),
+        )
+        .route(
+            "/v1/webhooks/{webhook_id}/rotate-secret",
+            post(webhooks::rotate_secret),
+        )
+        .route("/v1/webhooks/{webhook_id}/resume", post(webhooks::resume))
+        .route(
+            "/v1/webhooks/{webhook_id}/attempts",
+            get(webhooks::attempts),
+        )
         .route("/v1/openapi.json", get(openapi_json))
         .fallback(fallback)
         .with_state(Core {

@@ -25,6 +25,7 @@ pub(crate) mod states;
 pub(crate) mod stats;
 mod tenants;
 mod transfer;
+pub mod webhooks;
 
 use std::path::Path;
 use std::str::FromStr;

@@ -49,6 +49,8 @@ pub(crate) struct EventLog {
     pub past: &'static str,
     /// The condition for an event the fold may read now.
     pub ready: &'static str,
+    /// The condition for an event at or before `($4, $5)`.
+    pub upto: &'static str,
     /// The log's order.
     pub order: &'static str,
     /// The same order, newest first.
@@ -60,6 +62,7 @@ pub(crate) const SQLITE_LOG: EventLog = EventLog {
     tx: "0",
     past: "e.seq > $3",
     ready: "TRUE",
+    upto: "e.seq <= $5",
     order: "e.seq",
     newest_first: "e.seq DESC",
 };
@@ -70,6 +73,7 @@ pub(crate) const POSTGRES_LOG: EventLog = EventLog {
     tx: "CAST(CAST(e.tx AS TEXT) AS BIGINT)",
     past: "(e.tx, e.seq) > (CAST(CAST($2 AS TEXT) AS xid8), $3)",
     ready: "e.tx < pg_snapshot_xmin(pg_current_snapshot())",
+    upto: "(e.tx, e.seq) <= (CAST(CAST($4 AS TEXT) AS xid8), $5)",
     order: "e.tx, e.seq",
     newest_first: "e.tx DESC, e.seq DESC",
 };
