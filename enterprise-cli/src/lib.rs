@@ -72,6 +72,9 @@ pub enum Command {
     Auction(AuctionCommand),
     /// Your registered users, by ref.
     Registrations(cmd::registrations::Registrations),
+    /// Status webhooks: endpoints the relay POSTs each person's events to.
+    #[command(subcommand)]
+    Webhooks(cmd::webhooks::WebhooksCommand),
 }
 
 impl Command {
@@ -86,6 +89,7 @@ impl Command {
             Self::Billing(_) => "billing",
             Self::Auction(_) => "auction",
             Self::Registrations(_) => "registrations",
+            Self::Webhooks(_) => "webhooks",
         }
     }
 }
@@ -154,5 +158,6 @@ pub async fn run(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result<()> {
         Command::Billing(billing) => billing.run(client, cli.json, out).await,
         Command::Auction(auction) => auction.run(client, cli.json, out).await,
         Command::Registrations(list) => list.run(client, cli.json, out).await,
+        Command::Webhooks(webhooks) => webhooks.run(client, cli.json, out).await,
     }
 }

@@ -154,7 +154,7 @@ async fn webhooks_reach_receivers_that_fail_crash_and_leave(backend: Backend) {
         &flaky_out,
         "503,503,slow,crash",
     );
-    let _leaving = receiver(&python, leaving_port, &leaving_secret, &leaving_out, "410");
+    let leaving_receiver = receiver(&python, leaving_port, &leaving_secret, &leaving_out, "410");
 
     // A campaign to everyone; every person opens it.
     let body = json!({"target": {"all_registered": true}, "content": {"text": "spring sale"}, "channel": "sms"});
@@ -375,8 +375,82 @@ async fn webhooks_reach_receivers_that_fail_crash_and_leave(backend: Backend) {
         },
     )
     .await;
-    let status = flaky.terminate(Duration::from_secs(5)).unwrap();
-    assert!(status.success() || status.code().is_none(), "{status}");
+
+    // Through the CLI (gRPC): the endpoints as listed; a bad type named.
+    let cli = |command| enterprise_cli::Cli {
+        relay_url: relay.clone(),
+        tls_ca: None,
+        api_key: Some(key.clone()),
+        json: true,
+        command: enterprise_cli::Command::Webhooks(command),
+    };
+    use enterprise_cli::cmd::webhooks::WebhooksCommand;
+    let mut out = Vec::new();
+    enterprise_cli::run(cli(WebhooksCommand::List), &mut out)
+        .await
+        .unwrap();
+    let listed: Value = serde_json::from_slice(&out).unwrap();
+    let states: HashMap<&str, bool> = listed["webhooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| {
+            (
+                w["webhook_id"].as_str().unwrap(),
+                w["enabled"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        HashMap::from([(flaky_id.as_str(), true), (leaving_id.as_str(), false)])
+    );
+    let refused = enterprise_cli::run(
+        cli(WebhooksCommand::Add {
+            url: "https://hooks.example.com/x".into(),
+            types: vec!["recipient.opened".into(), "recipient.kissed".into()],
+            message_id: None,
+        }),
+        &mut Vec::new(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(refused.contains("types[1]"), "{refused}");
+
+    // The endpoint that left comes back: replayed, it gets everything it
+    // missed while disabled, from where delivery stopped.
+    leaving_receiver.terminate(Duration::from_secs(5)).unwrap();
+    let leaving_receiver = receiver(&python, leaving_port, &leaving_secret, &leaving_out, "");
+    let mut out = Vec::new();
+    enterprise_cli::run(
+        cli(WebhooksCommand::Replay {
+            webhook_id: leaving_id.clone(),
+        }),
+        &mut out,
+    )
+    .await
+    .unwrap();
+    let resumed: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(resumed["webhooks"][0]["enabled"], true, "{resumed}");
+    eventually(
+        "the replayed endpoint's events",
+        Duration::from_secs(60),
+        || {
+            let events = unique_events(&received(&leaving_out));
+            let first = events
+                .values()
+                .filter(|e| e["message_id"] == message_id.as_str())
+                .count() as u64;
+            async move { (first == people * 3).then_some(()) }
+        },
+    )
+    .await;
+
+    for process in [flaky, leaving_receiver] {
+        let status = process.terminate(Duration::from_secs(5)).unwrap();
+        assert!(status.success() || status.code().is_none(), "{status}");
+    }
     hub.shutdown().await.unwrap();
 }
 

@@ -9,3 +9,4 @@ pub mod registrations;
 pub mod send;
 pub mod stats;
 pub mod status;
+pub mod webhooks;

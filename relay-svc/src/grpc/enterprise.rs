@@ -7,7 +7,9 @@ use chukei_proto::telemetry;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{Relay, explanation_to_wire, market, optional, required, stats_query, stats_to_wire};
+use super::{
+    Relay, explanation_to_wire, market, optional, required, stats_query, stats_to_wire, webhooks,
+};
 use crate::credentials;
 use crate::error::{Error, Result};
 use crate::stats::Viewer;
@@ -342,6 +344,74 @@ impl pb::enterprise_api_server::EnterpriseApi for EnterpriseService {
             .await?
             .ok_or_else(|| Error::not_found("bid_id", "no such bid"))?;
         Ok(Response::new(market::bid_to_wire(bid)))
+    }
+
+    #[tracing::instrument(skip_all, fields(enterprise_id))]
+    async fn add_webhook(
+        &self,
+        request: Request<pb::AddWebhookRequest>,
+    ) -> Result<Response<pb::WebhookWithSecret>, Status> {
+        let relay = &self.0;
+        let enterprise_id = relay.enterprise(request.metadata()).await?;
+        tracing::Span::current().record("enterprise_id", enterprise_id.as_str());
+        let added = webhooks::add(relay, &enterprise_id, request.into_inner()).await?;
+        Ok(Response::new(added))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_webhooks(
+        &self,
+        request: Request<pb::ListWebhooksRequest>,
+    ) -> Result<Response<pb::ListWebhooksResponse>, Status> {
+        let relay = &self.0;
+        let enterprise_id = relay.enterprise(request.metadata()).await?;
+        Ok(Response::new(webhooks::list(relay, &enterprise_id).await?))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn rotate_webhook_secret(
+        &self,
+        request: Request<pb::RotateWebhookSecretRequest>,
+    ) -> Result<Response<pb::WebhookWithSecret>, Status> {
+        let relay = &self.0;
+        let enterprise_id = relay.enterprise(request.metadata()).await?;
+        let rotated = webhooks::rotate(relay, &enterprise_id, request.into_inner()).await?;
+        Ok(Response::new(rotated))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn remove_webhook(
+        &self,
+        request: Request<pb::RemoveWebhookRequest>,
+    ) -> Result<Response<pb::RemoveWebhookResponse>, Status> {
+        let relay = &self.0;
+        let enterprise_id = relay.enterprise(request.metadata()).await?;
+        webhooks::remove(relay, &enterprise_id, &request.get_ref().webhook_id).await?;
+        Ok(Response::new(pb::RemoveWebhookResponse {}))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn resume_webhook(
+        &self,
+        request: Request<pb::ResumeWebhookRequest>,
+    ) -> Result<Response<pb::Webhook>, Status> {
+        let relay = &self.0;
+        let enterprise_id = relay.enterprise(request.metadata()).await?;
+        let resumed =
+            webhooks::resume(relay, &enterprise_id, &request.get_ref().webhook_id).await?;
+        Ok(Response::new(resumed))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_webhook_attempts(
+        &self,
+        request: Request<pb::ListWebhookAttemptsRequest>,
+    ) -> Result<Response<pb::ListWebhookAttemptsResponse>, Status> {
+        let relay = &self.0;
+        let enterprise_id = relay.enterprise(request.metadata()).await?;
+        let attempts =
+            webhooks::attempts(relay, &enterprise_id, &request.get_ref().webhook_id).await?;
+        Ok(Response::new(attempts))
     }
 
     #[tracing::instrument(skip_all)]

@@ -8,6 +8,7 @@ mod enterprise;
 mod ingress;
 mod market;
 mod send_request;
+mod webhooks;
 
 use chukei_proto::auth;
 use chukei_proto::clock::to_timestamp;

@@ -98,6 +98,11 @@ impl EventType {
         }
     }
 
+    /// The type named `name` on the wire, e.g. `recipient.opened`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
     /// The types stored as bits (one per event kind).
     pub fn bits(types: &[Self]) -> i64 {
         types
