@@ -111,6 +111,17 @@ async fn wrong_roles_and_wrong_tenants_are_refused_alike(backend: Backend) {
         .unwrap()
         .into_inner();
 
+    let webhook = shop_client
+        .add_webhook(pb::AddWebhookRequest {
+            url: "http://127.0.0.1:9/hooks".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .webhook
+        .unwrap();
+
     let relay = channel(&hub.relay_url()).await;
     let with = |secret: &str| -> Authed {
         InterceptedService::new(relay.clone(), BearerInterceptor::new(secret).unwrap())
@@ -149,6 +160,12 @@ async fn wrong_roles_and_wrong_tenants_are_refused_alike(backend: Backend) {
                 list_auction_slots,
                 place_bid,
                 get_bid,
+                add_webhook,
+                list_webhooks,
+                rotate_webhook_secret,
+                remove_webhook,
+                resume_webhook,
+                list_webhook_attempts,
             ]
         );
         let stream = tokio_stream::iter(Vec::<pb::SendMessageRequest>::new());
@@ -338,6 +355,27 @@ async fn wrong_roles_and_wrong_tenants_are_refused_alike(backend: Backend) {
                 .await,
         ),
     );
+    // Another enterprise's webhook endpoint does not exist for the rival.
+    let unknown = "whe_0000000000000000000000000000000";
+    macro_rules! same_for_webhook {
+        ($rpc:ident, $request:ident $(, $field:ident: $value:expr)*) => {
+            same(
+                refusal(rival.$rpc(pb::$request { webhook_id: webhook.webhook_id.clone() $(, $field: $value)* }).await),
+                refusal(rival.$rpc(pb::$request { webhook_id: unknown.into() $(, $field: $value)* }).await),
+            );
+        };
+    }
+    same_for_webhook!(rotate_webhook_secret, RotateWebhookSecretRequest, previous_valid_for: None);
+    same_for_webhook!(remove_webhook, RemoveWebhookRequest);
+    same_for_webhook!(resume_webhook, ResumeWebhookRequest);
+    same_for_webhook!(list_webhook_attempts, ListWebhookAttemptsRequest);
+    let theirs = rival
+        .list_webhooks(pb::ListWebhooksRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(theirs.webhooks.is_empty(), "{theirs:?}");
+
     // Lists and sums see only the caller's own.
     let listed = rival
         .list_registrations(pb::ListRegistrationsRequest::default())
