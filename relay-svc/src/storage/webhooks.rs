@@ -368,7 +368,7 @@ impl Store {
         } else {
             end
         };
-        on_pool!(self, pool => sqlx::query(
+        let fixed = on_pool!(self, pool => sqlx::query(
             "UPDATE webhook_endpoints SET batch_tx = $2, batch_seq = $3, batch_id = $4, batch_events = $5, batch_since = $6
              WHERE id = $1 AND batch_id IS NULL",
         )
@@ -380,7 +380,11 @@ impl Store {
         .bind(events.iter().map(|e| e.at).min().unwrap_or(0))
         .execute(pool)
         .await
-        .map(drop))?;
+        .map(|done| done.rows_affected()))?;
+        if fixed == 0 {
+            // Another relay fixed a batch first: it is the one to send.
+            return Ok(None);
+        }
         self.with_sequences(endpoint, webhook_id, end, events)
             .await
             .map(Some)
