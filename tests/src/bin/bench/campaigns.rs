@@ -187,6 +187,7 @@ pub(super) async fn broadcast(
     users: usize,
     backend: Backend,
     batch_size: u32,
+    webhook: bool,
 ) -> anyhow::Result<()> {
     // The ceiling in the same run, on the same machine, for the ratio below.
     let ceiling = transport(1_000_000, batch_size as usize, 8).await?;
@@ -217,6 +218,11 @@ pub(super) async fn broadcast(
         setup.elapsed().as_secs_f64()
     );
 
+    let receiver = if webhook {
+        Some(WebhookReceiver::start(&hub, &key).await?)
+    } else {
+        None
+    };
     let mut client = hub.enterprise(&key).await?;
     // The peak resident set from here on, not setup's.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -292,6 +298,25 @@ pub(super) async fn broadcast(
         100.0 * rate(handed_over) / ceiling,
         rate(handed_over),
     );
+    if let Some(receiver) = &receiver {
+        // Every person's handed-over and delivered events (nobody opens).
+        let want = 2 * registered as u64;
+        while receiver.events() < want {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "webhook events: {} of {want}",
+                receiver.events()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let all = started.elapsed().as_secs_f64();
+        println!(
+            "  webhook events at the receiver (all)   {all:>8.3} s   {:>9.0} events/s in {} POSTs ({:.0} events each)",
+            want as f64 / all,
+            receiver.posts(),
+            want as f64 / receiver.posts().max(1) as f64,
+        );
+    }
     let cpu = CpuSample::now().since(&cpu_before);
     let per_million = 1e6 / registered as f64;
     println!(
@@ -620,4 +645,88 @@ pub(super) async fn stats(events: u64, backend: Backend) -> anyhow::Result<()> {
     }
     fixture.close().await;
     Ok(())
+}
+
+/// A local webhook endpoint for the bench: answers every POST 204 at once
+/// and counts the events in it (the signatures are the tests' business).
+struct WebhookReceiver {
+    events: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    posts: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl WebhookReceiver {
+    /// Listens on a free port and adds it as an endpoint of `key`'s enterprise.
+    async fn start(hub: &Hub, key: &str) -> anyhow::Result<Self> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/hooks", listener.local_addr()?);
+        let events = std::sync::Arc::new(AtomicU64::new(0));
+        let posts = std::sync::Arc::new(AtomicU64::new(0));
+        let (counted, posted) = (events.clone(), posts.clone());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let (counted, posted) = (counted.clone(), posted.clone());
+                tokio::spawn(async move {
+                    let mut buffer = Vec::new();
+                    let mut chunk = [0u8; 64 * 1024];
+                    let body_at = loop {
+                        let Ok(n) = stream.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buffer.extend_from_slice(&chunk[..n]);
+                        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break at + 4;
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buffer[..body_at]).to_ascii_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buffer.len() < body_at + length {
+                        let Ok(n) = stream.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buffer.extend_from_slice(&chunk[..n]);
+                    }
+                    let body: serde_json::Value =
+                        serde_json::from_slice(&buffer[body_at..body_at + length])
+                            .unwrap_or_default();
+                    let n = body["data"].as_array().map_or(0, Vec::len) as u64;
+                    counted.fetch_add(n, Ordering::Relaxed);
+                    posted.fetch_add(1, Ordering::Relaxed);
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                });
+            }
+        });
+        let auth = format!("Bearer {key}");
+        let reply = integration_tests::http::call(
+            &hub.relay_url(),
+            "POST",
+            "/v1/webhooks",
+            &[("Authorization", auth.as_str())],
+            Some(&serde_json::json!({"url": url})),
+        )
+        .await;
+        anyhow::ensure!(reply.status == 201, "adding the endpoint: {}", reply.body);
+        Ok(Self { events, posts })
+    }
+
+    fn events(&self) -> u64 {
+        self.events.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn posts(&self) -> u64 {
+        self.posts.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }

@@ -36,6 +36,10 @@
 //! batches over a bare tonic `Carrier.Deliver` stream to a server that only
 //! acks, no storage at either end.
 //!
+//! `bench broadcast --users N --webhook` also delivers every event to a
+//! local webhook receiver (signed batches from the relay's events log)
+//! and reports events per second there.
+//!
 //! `bench billing --people 100000 --backend sqlite|postgres` — what charging
 //! costs the rollup fold: a campaign to that many people is handed over,
 //! delivered and 30% opened at the storage seam, then the events are
@@ -81,6 +85,10 @@ enum Scenario {
         backend: BackendArg,
         #[arg(long, default_value_t = 1000)]
         batch_size: u32,
+        /// Also deliver every event to a local webhook receiver and report
+        /// its rate (run once with and once without to compare).
+        #[arg(long)]
+        webhook: bool,
     },
     /// The rollup fold's cost with and without charging to the ledger.
     Billing {
@@ -179,7 +187,8 @@ async fn main() -> anyhow::Result<()> {
             users,
             backend,
             batch_size,
-        } => broadcast(users, backend.backend(), batch_size).await,
+            webhook,
+        } => broadcast(users, backend.backend(), batch_size, webhook).await,
         Scenario::Stats { events, backend } => stats(events, backend.backend()).await,
         Scenario::SlowCarrier {
             users,
