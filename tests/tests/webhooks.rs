@@ -74,6 +74,28 @@ fn unique_events(lines: &[Value]) -> BTreeMap<String, Value> {
     events
 }
 
+/// How many different events of `message_id` the receiver got.
+fn count_of(out: &Path, message_id: &str) -> u64 {
+    unique_events(&received(out))
+        .values()
+        .filter(|e| e["message_id"] == message_id)
+        .count() as u64
+}
+
+/// A batch that came more than once came with the same events each time.
+fn assert_batches_unchanged(lines: &[Value]) {
+    let mut batches: HashMap<&str, &Value> = HashMap::new();
+    for line in lines {
+        let id = line["webhook_id"].as_str().unwrap();
+        if let Some(first) = batches.insert(id, &line["events"]) {
+            assert_eq!(
+                first, &line["events"],
+                "batch {id} changed between attempts"
+            );
+        }
+    }
+}
+
 async fn webhooks_reach_receivers_that_fail_crash_and_leave(backend: Backend) {
     let Some(python) = std::env::var_os(PYTHON_ENV).map(PathBuf::from) else {
         eprintln!("{PYTHON_ENV} unset: the webhook receivers are not started");
@@ -246,17 +268,7 @@ async fn webhooks_reach_receivers_that_fail_crash_and_leave(backend: Backend) {
         );
     }
     // A retried batch came again under the same webhook id, with the same events.
-    let lines = received(&flaky_out);
-    let mut batches: HashMap<&str, &Value> = HashMap::new();
-    for line in &lines {
-        let id = line["webhook_id"].as_str().unwrap();
-        if let Some(first) = batches.insert(id, &line["events"]) {
-            assert_eq!(
-                first, &line["events"],
-                "batch {id} changed between attempts"
-            );
-        }
-    }
+    assert_batches_unchanged(&received(&flaky_out));
 
     // The flaky endpoint's attempts tell the story. (The receiver recorded
     // the batch it was too slow to answer: the relay may still be retrying
@@ -379,12 +391,7 @@ async fn webhooks_reach_receivers_that_fail_crash_and_leave(backend: Backend) {
         "the second campaign's events under the old secret",
         Duration::from_secs(60),
         || {
-            let events = unique_events(&received(&flaky_out));
-            let done = events
-                .values()
-                .filter(|e| e["message_id"] == second.as_str())
-                .count() as u64
-                >= people;
+            let done = count_of(&flaky_out, &second) >= people;
             async move { done.then_some(()) }
         },
     )
@@ -451,12 +458,8 @@ async fn webhooks_reach_receivers_that_fail_crash_and_leave(backend: Backend) {
         "the replayed endpoint's events",
         Duration::from_secs(60),
         || {
-            let events = unique_events(&received(&leaving_out));
-            let first = events
-                .values()
-                .filter(|e| e["message_id"] == message_id.as_str())
-                .count() as u64;
-            async move { (first == people * 3).then_some(()) }
+            let done = count_of(&leaving_out, &message_id) == people * 3;
+            async move { done.then_some(()) }
         },
     )
     .await;
@@ -551,12 +554,8 @@ impl Hooked {
     async fn all_received(&self, message_id: &str) -> Vec<Value> {
         let want = self.people * 3;
         eventually("every event", Duration::from_secs(60), || {
-            let lines = received(&self.out);
-            let got = unique_events(&lines)
-                .values()
-                .filter(|e| e["message_id"] == message_id)
-                .count() as u64;
-            async move { (got == want).then_some(lines) }
+            let done = count_of(&self.out, message_id) == want;
+            async move { done.then(|| received(&self.out)) }
         })
         .await
     }
@@ -598,15 +597,9 @@ async fn a_relay_killed_mid_delivery_loses_no_webhook_event(backend: Backend) {
     .await;
     hooked.hub.kill_and_restart_relay().await.unwrap();
     let lines = hooked.all_received(&message_id).await;
-    // unique_events (in all_received) found no event whose copies differ;
-    // a batch sent again is the same batch.
-    let mut batches: HashMap<&str, &Value> = HashMap::new();
-    for line in &lines {
-        let id = line["webhook_id"].as_str().unwrap();
-        if let Some(first) = batches.insert(id, &line["events"]) {
-            assert_eq!(first, &line["events"], "batch {id} changed");
-        }
-    }
+    // No event's copies differ, and a batch sent again is the same batch.
+    unique_events(&lines);
+    assert_batches_unchanged(&lines);
     hooked.close().await;
 }
 
