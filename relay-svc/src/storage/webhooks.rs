@@ -10,10 +10,12 @@ use super::stats::EventLog;
 use super::{Store, WritePool, on_pool, transaction_steps};
 use crate::error::{Error, Result};
 
-/// Log entries a batch may span (events of other enterprises included).
-const SCAN: i64 = 20_000;
 /// Events in one POST at most.
 pub const MAX_EVENTS: i64 = 1_000;
+/// Log entries one batch may span (events of other enterprises and types
+/// included). Twice a full batch: each event is read about twice when the
+/// log is all the endpoint's, and a sparse log is skipped a window at a time.
+const WINDOW: i64 = 2 * MAX_EVENTS;
 
 /// An endpoint as stored (its secrets are the sender's, never shown again).
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
@@ -69,6 +71,17 @@ pub struct BatchEvent {
     pub channel: i64,
     pub message_id: String,
     pub user_ref: String,
+}
+
+/// What an endpoint has next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// A batch to send.
+    Batch(Batch),
+    /// Its cursor moved past events that are not its own: look again.
+    Skipped,
+    /// Nothing new in the log (or another relay fixed the batch).
+    Idle,
 }
 
 /// What an endpoint is to be sent next.
@@ -310,13 +323,12 @@ impl Store {
 
     /// The batch `endpoint` is to be sent: the one it is already delivering,
     /// or the next events past its cursor, fixed (its end and webhook id
-    /// stored) before it is first sent. `None`: nothing to send; the cursor
-    /// may have moved past events that are not the endpoint's.
+    /// stored) before it is first sent.
     pub async fn webhook_batch(
         &self,
         endpoint: &EndpointRow,
         webhook_id: &str,
-    ) -> Result<Option<Batch>> {
+    ) -> Result<Next> {
         let log = self.event_log();
         let cursor = (endpoint.log_tx, endpoint.log_seq);
         if let (Some(id), Some(tx), Some(seq)) =
@@ -328,7 +340,7 @@ impl Store {
             return self
                 .with_sequences(endpoint, id, (tx, seq), events)
                 .await
-                .map(Some);
+                .map(Next::Batch);
         }
         let window = format!(
             "SELECT tx, seq FROM (SELECT {tx} AS tx, e.seq AS seq FROM events e WHERE {past} AND {ready}
@@ -340,13 +352,13 @@ impl Store {
             order = log.order,
         );
         let end: Option<(i64, i64)> = on_pool!(self, pool => sqlx::query_as(AssertSqlSafe(window))
-            .bind(SCAN)
+            .bind(WINDOW)
             .bind(cursor.0)
             .bind(cursor.1)
             .fetch_optional(pool)
             .await)?;
         let Some(end) = end else {
-            return Ok(None);
+            return Ok(Next::Idle);
         };
         let events = self.endpoint_events(log, endpoint, cursor, end).await?;
         let Some(last) = events.last() else {
@@ -360,7 +372,7 @@ impl Store {
             .execute(pool)
             .await
             .map(drop))?;
-            return Ok(None);
+            return Ok(Next::Skipped);
         };
         // A full batch ends at its last event; the rest of the window waits.
         let end = if events.len() as i64 == MAX_EVENTS {
@@ -383,11 +395,11 @@ impl Store {
         .map(|done| done.rows_affected()))?;
         if fixed == 0 {
             // Another relay fixed a batch first: it is the one to send.
-            return Ok(None);
+            return Ok(Next::Idle);
         }
         self.with_sequences(endpoint, webhook_id, end, events)
             .await
-            .map(Some)
+            .map(Next::Batch)
     }
 
     /// The endpoint's events in the log after `from` up to `to`: of its

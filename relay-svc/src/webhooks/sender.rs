@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Event, EventType, Payload, RetrySchedule, Target, check_url, event_id, is_internal};
 use crate::metrics::RelayMetrics;
 use crate::storage::Store;
-use crate::storage::webhooks::{Attempt, Batch, EndpointRow};
+use crate::storage::webhooks::{Attempt, Batch, EndpointRow, Next};
 
 /// How the sender behaves (the relay's `--webhook-*` flags).
 #[derive(Clone, Debug)]
@@ -179,15 +179,24 @@ impl Sender {
     }
 
     /// Sends the endpoint's next batch and records the outcome; whether to
-    /// go on at once (delivered, and there may be more).
+    /// go on at once (delivered or skipped, and there may be more).
     async fn deliver_next(&self, endpoint: &EndpointRow) -> crate::error::Result<bool> {
         let fresh_id = crate::credentials::new_id("whmsg");
-        let Some(batch) = self.store.webhook_batch(endpoint, &fresh_id).await? else {
-            // Nothing to send: free the endpoint for the next poll.
-            self.store
-                .release_webhook(&endpoint.id, self.clock.now_ms())
-                .await?;
-            return Ok(false);
+        let batch = match self.store.webhook_batch(endpoint, &fresh_id).await? {
+            Next::Batch(batch) => batch,
+            Next::Skipped => {
+                self.store
+                    .release_webhook(&endpoint.id, self.clock.now_ms())
+                    .await?;
+                return Ok(true);
+            }
+            Next::Idle => {
+                // Nothing to send: free the endpoint for the next poll.
+                self.store
+                    .release_webhook(&endpoint.id, self.clock.now_ms())
+                    .await?;
+                return Ok(false);
+            }
         };
         let body = payload(&batch);
         let started = Instant::now();
