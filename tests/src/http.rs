@@ -94,3 +94,84 @@ fn unchunk(mut rest: &str) -> String {
     }
     body
 }
+
+/// One POST as [`serve_posts`] read it: headers (lower-case names) and body.
+#[derive(Clone, Debug)]
+pub struct Post {
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Post {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A minimal HTTP/1.1 server for webhook receivers in tests and benches:
+/// each request on `listener` is read whole and answered with the status
+/// `answer` returns — `None` drops the connection unanswered, as a receiver
+/// that crashed would. One request per connection.
+pub fn serve_posts(
+    listener: tokio::net::TcpListener,
+    answer: impl Fn(Post) -> Option<u16> + Send + Sync + 'static,
+) {
+    let answer = std::sync::Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let Some(post) = read_post(&mut stream).await else {
+                    return;
+                };
+                if let Some(status) = answer(post) {
+                    let reply = format!(
+                        "HTTP/1.1 {status} Status\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    );
+                    let _ = stream.write_all(reply.as_bytes()).await;
+                }
+            });
+        }
+    });
+}
+
+async fn read_post(stream: &mut tokio::net::TcpStream) -> Option<Post> {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    let body_at = loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buffer[..body_at]).into_owned();
+    let headers: Vec<(String, String)> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let length: usize = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    while buffer.len() < body_at + length {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+    Some(Post {
+        headers,
+        body: buffer[body_at..body_at + length].to_vec(),
+    })
+}

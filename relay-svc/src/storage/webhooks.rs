@@ -324,11 +324,7 @@ impl Store {
     /// The batch `endpoint` is to be sent: the one it is already delivering,
     /// or the next events past its cursor, fixed (its end and webhook id
     /// stored) before it is first sent.
-    pub async fn webhook_batch(
-        &self,
-        endpoint: &EndpointRow,
-        webhook_id: &str,
-    ) -> Result<Next> {
+    pub async fn webhook_batch(&self, endpoint: &EndpointRow, webhook_id: &str) -> Result<Next> {
         let log = self.event_log();
         let cursor = (endpoint.log_tx, endpoint.log_seq);
         if let (Some(id), Some(tx), Some(seq)) =

@@ -11,7 +11,10 @@
 //!   error resolves it;
 //! - I4 sent and opened at most once per message and person;
 //! - I5 no message status moves backwards (sampled while the faults run);
-//! - I6 every aggregate equals a recount from the events.
+//! - I6 every aggregate equals a recount from the events;
+//! - I7 every event reaches the enterprise's webhook endpoint at least
+//!   once, unchanged and signed, though the endpoint fails on purpose
+//!   (`webhook.rs`).
 //!
 //! `chaos` (a binary of this package) runs it from the command line; a small
 //! run is a test (`tests/chaos.rs`). [`Report`] prints one line per run.
@@ -36,6 +39,7 @@ use crate::process::{Process, binary_in, free_port};
 
 mod check;
 mod faults;
+mod webhook;
 
 use crate::{Backend, Enterprise, wait_healthy};
 use check::*;
@@ -110,9 +114,9 @@ fn outcome(result: Result<tonic::Response<pb::SendMessageResponse>, tonic::Statu
     }
 }
 
-/// The invariant violation counts, I1..I6.
+/// The invariant violation counts, I1..I7.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Violations(pub [u64; 6]);
+pub struct Violations(pub [u64; 7]);
 
 impl Violations {
     pub fn total(&self) -> u64 {
@@ -204,7 +208,7 @@ impl std::fmt::Display for Report {
             }
             None => write!(f, ",disk_full:off")?,
         }
-        let [i1, i2, i3, i4, i5, i6] = self.violations.0;
+        let [i1, i2, i3, i4, i5, i6, i7] = self.violations.0;
         let recovery: Vec<String> = self
             .relay_recovery
             .iter()
@@ -218,7 +222,7 @@ impl std::fmt::Display for Report {
             .collect();
         write!(
             f,
-            " | I1={i1} I2={i2} I3={i3} I4={i4} I5={i5} I6={i6} | relay_recovery_ms(health/accepting)=[{}] elapsed={:.1}s",
+            " | I1={i1} I2={i2} I3={i3} I4={i4} I5={i5} I6={i6} I7={i7} | relay_recovery_ms(health/accepting)=[{}] elapsed={:.1}s",
             recovery.join(" "),
             self.elapsed.as_secs_f64()
         )
@@ -268,6 +272,10 @@ impl Hub {
             .arg(&self.relay_data)
             .args(["--poll-interval-ms", "100", "--lease-ttl-secs", "2"])
             .args(["--reoffer-after-secs", "20"])
+            // The webhook receiver is local and answers at once or never.
+            .arg("--webhook-allow-private")
+            .args(["--webhook-retry-schedule", "100ms,300ms,1s"])
+            .args(["--webhook-timeout-secs", "2"])
             .env("CHUKEI_RELAY_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("CHUKEI_RELAY_DELIVER_TOKEN", DELIVER_TOKEN)
             .env("RUST_LOG", "error")
@@ -482,6 +490,7 @@ async fn drive(hub: &mut Hub, disk_full: bool) -> anyhow::Result<Report> {
         );
     }
     let client = clients[0].clone();
+    let receiver = webhook::Receiver::start(&hub.relay_url(0), &enterprise.api_key).await?;
     let refs = all_refs(&mut client.clone()).await?;
     anyhow::ensure!(!refs.is_empty(), "nobody registered");
     let broadcast_every = (options.messages / 3).clamp(50, 10_000);
@@ -675,6 +684,12 @@ async fn drive(hub: &mut Hub, disk_full: bool) -> anyhow::Result<Report> {
         .map(|(index, _)| format!("chaos-{}-{index}", options.seed))
         .collect();
     let mut violations = check(&db, &hub.journal, &accepted, &refused_keys).await?;
+    violations.0[6] = receiver
+        .violations(
+            &db,
+            Duration::from_secs(120 + options.messages as u64 / 100),
+        )
+        .await?;
     violations.0[2] += unresolved;
     violations.0[4] += backwards;
     let persons = db

@@ -658,56 +658,17 @@ impl WebhookReceiver {
     /// Listens on a free port and adds it as an endpoint of `key`'s enterprise.
     async fn start(hub: &Hub, key: &str) -> anyhow::Result<Self> {
         use std::sync::atomic::{AtomicU64, Ordering};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/hooks", listener.local_addr()?);
         let events = std::sync::Arc::new(AtomicU64::new(0));
         let posts = std::sync::Arc::new(AtomicU64::new(0));
         let (counted, posted) = (events.clone(), posts.clone());
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let (counted, posted) = (counted.clone(), posted.clone());
-                tokio::spawn(async move {
-                    let mut buffer = Vec::new();
-                    let mut chunk = [0u8; 64 * 1024];
-                    let body_at = loop {
-                        let Ok(n) = stream.read(&mut chunk).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
-                        }
-                        buffer.extend_from_slice(&chunk[..n]);
-                        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break at + 4;
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buffer[..body_at]).to_ascii_lowercase();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    while buffer.len() < body_at + length {
-                        let Ok(n) = stream.read(&mut chunk).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
-                        }
-                        buffer.extend_from_slice(&chunk[..n]);
-                    }
-                    let body: serde_json::Value =
-                        serde_json::from_slice(&buffer[body_at..body_at + length])
-                            .unwrap_or_default();
-                    let n = body["data"].as_array().map_or(0, Vec::len) as u64;
-                    counted.fetch_add(n, Ordering::Relaxed);
-                    posted.fetch_add(1, Ordering::Relaxed);
-                    let _ = stream
-                        .write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                        .await;
-                });
-            }
+        integration_tests::http::serve_posts(listener, move |post| {
+            let body: serde_json::Value = serde_json::from_slice(&post.body).unwrap_or_default();
+            let n = body["data"].as_array().map_or(0, Vec::len) as u64;
+            counted.fetch_add(n, Ordering::Relaxed);
+            posted.fetch_add(1, Ordering::Relaxed);
+            Some(204)
         });
         let auth = format!("Bearer {key}");
         let reply = integration_tests::http::call(
