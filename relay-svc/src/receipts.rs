@@ -23,6 +23,37 @@ pub enum EventKind {
 /// A `message_counts` kind that is not an event: deliveries deferred by a quiet period.
 pub const DEFERRED_COUNT: i64 = 8;
 
+/// A message's own events, in the events log with the person `''` and
+/// the message's counts at the time (`detail`), for webhooks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MessageEventKind {
+    Accepted,
+    /// Its recipients extracted (`matched` known).
+    Expanded,
+    /// Every matched person's first attempt handed to a carrier.
+    HandedOver,
+    /// Closed at its expiry: the counts are final.
+    Completed,
+}
+
+impl MessageEventKind {
+    pub const ALL: [Self; 4] = [
+        Self::Accepted,
+        Self::Expanded,
+        Self::HandedOver,
+        Self::Completed,
+    ];
+
+    pub fn number(self) -> i64 {
+        match self {
+            Self::Accepted => 11,
+            Self::Expanded => 12,
+            Self::HandedOver => 13,
+            Self::Completed => 14,
+        }
+    }
+}
+
 impl EventKind {
     pub fn number(self) -> i64 {
         match self {

@@ -159,7 +159,7 @@ async fn webhooks_reach_receivers_that_fail_crash_and_leave(backend: Backend) {
         let secret = created["secret"].as_str().unwrap().to_owned();
         assert!(secret.starts_with("whsec_"), "{created}");
         assert_eq!(created["state"], "enabled");
-        assert_eq!(created["types"].as_array().unwrap().len(), 7);
+        assert_eq!(created["types"].as_array().unwrap().len(), 11);
         let id = created["webhook_id"].as_str().unwrap().to_owned();
         // The secret is shown once.
         let again = call(&relay, "GET", &format!("/v1/webhooks/{id}"), &auth, None).await;
@@ -206,6 +206,9 @@ async fn webhooks_reach_receivers_that_fail_crash_and_leave(backend: Backend) {
         ("recipient.handed_over", status.handed_over),
         ("recipient.delivered", status.delivered),
         ("recipient.opened", status.opened),
+        ("message.accepted", 1),
+        ("message.expanded", 1),
+        ("message.handed_over", 1),
     ]);
     let events = eventually(
         "every event at the flaky endpoint",
@@ -228,8 +231,8 @@ async fn webhooks_reach_receivers_that_fail_crash_and_leave(backend: Backend) {
     .await;
     assert_eq!(
         events.len() as u64,
-        people * 3,
-        "each person's three events"
+        people * 3 + 3,
+        "each person's three events and the message's own three"
     );
 
     // One message: sequence numbers 1..=N without a gap, in the order the
@@ -242,9 +245,34 @@ async fn webhooks_reach_receivers_that_fail_crash_and_leave(backend: Backend) {
         })
         .collect();
     sequences.sort_unstable();
-    assert_eq!(sequences, (1..=people * 3).collect::<Vec<_>>(), "gap-free");
+    assert_eq!(
+        sequences,
+        (1..=people * 3 + 3).collect::<Vec<_>>(),
+        "gap-free"
+    );
+    // The message's own events: first accepted, then expanded with everyone
+    // matched, then handed over once everyone was.
+    let own = |kind: &str| {
+        events
+            .values()
+            .find(|e| e["type"] == kind)
+            .unwrap_or_else(|| panic!("no {kind}"))
+    };
+    let (accepted, expanded, handed_over) = (
+        own("message.accepted"),
+        own("message.expanded"),
+        own("message.handed_over"),
+    );
+    assert_eq!(accepted["sequence"], 1, "{accepted}");
+    assert!(expanded["sequence"].as_u64() < handed_over["sequence"].as_u64());
+    assert_eq!(expanded["counts"]["matched"], people, "{expanded}");
+    assert_eq!(
+        handed_over["counts"]["handed_over"], people,
+        "{handed_over}"
+    );
+    assert!(accepted.get("user_ref").is_none(), "{accepted}");
     let mut by_person: HashMap<&str, Vec<(u64, &str)>> = HashMap::new();
-    for event in events.values() {
+    for event in events.values().filter(|e| e.get("user_ref").is_some()) {
         by_person
             .entry(event["user_ref"].as_str().unwrap())
             .or_default()
@@ -458,7 +486,7 @@ async fn webhooks_reach_receivers_that_fail_crash_and_leave(backend: Backend) {
         "the replayed endpoint's events",
         Duration::from_secs(60),
         || {
-            let done = count_of(&leaving_out, &message_id) == people * 3;
+            let done = count_of(&leaving_out, &message_id) == people * 3 + 3;
             async move { done.then_some(()) }
         },
     )
@@ -549,10 +577,10 @@ impl Hooked {
         sent.json()["message_id"].as_str().unwrap().to_owned()
     }
 
-    /// Waits until every person's three events of `message_id` arrived;
-    /// the requests received.
+    /// Waits until every person's three events of `message_id` and its own
+    /// three arrived; the requests received.
     async fn all_received(&self, message_id: &str) -> Vec<Value> {
-        let want = self.people * 3;
+        let want = self.people * 3 + 3;
         eventually("every event", Duration::from_secs(60), || {
             let done = count_of(&self.out, message_id) == want;
             async move { done.then(|| received(&self.out)) }
@@ -603,8 +631,57 @@ async fn a_relay_killed_mid_delivery_loses_no_webhook_event(backend: Backend) {
     hooked.close().await;
 }
 
+/// A message that expires closes with a `message.completed` event carrying
+/// its final counts, after every person's events.
+async fn a_message_completes_with_its_final_counts(backend: Backend) {
+    let Some(hooked) = hooked(backend, "").await else {
+        return;
+    };
+    let expires =
+        relay_svc::rest::wire::instant_ms(chukei_proto::clock::Clock::system().now_ms() + 4_000)
+            .unwrap();
+    let body = json!({"target": {"all_registered": true}, "content": {"text": "today only"},
+                      "channel": "sms", "expires_at": expires});
+    let auth = format!("Bearer {}", hooked.key);
+    let sent = call(
+        &hooked.hub.relay_url(),
+        "POST",
+        "/v1/messages",
+        &[("Authorization", auth.as_str())],
+        Some(&body),
+    )
+    .await;
+    assert_eq!(sent.status, 201, "{}", sent.body);
+    let message_id = sent.json()["message_id"].as_str().unwrap().to_owned();
+    let completed = eventually("message.completed", Duration::from_secs(60), || {
+        let events = unique_events(&received(&hooked.out));
+        let completed = events
+            .values()
+            .find(|e| e["type"] == "message.completed" && e["message_id"] == message_id.as_str())
+            .cloned();
+        async move { completed.map(|c| (c, events)) }
+    })
+    .await;
+    let (completed, events) = completed;
+    let people = hooked.people;
+    assert_eq!(
+        completed["counts"],
+        json!({"matched": people, "handed_over": people, "delivered": people, "opened": people,
+               "failed": 0, "expired": 0, "unsupported": 0, "skipped": 0, "deferred": 0}),
+        "{completed}"
+    );
+    let last = events
+        .values()
+        .filter(|e| e["message_id"] == message_id.as_str())
+        .map(|e| e["sequence"].as_u64().unwrap())
+        .max();
+    assert_eq!(completed["sequence"].as_u64(), last, "completed comes last");
+    hooked.close().await;
+}
+
 backend_tests!(
     webhooks_reach_receivers_that_fail_crash_and_leave,
+    a_message_completes_with_its_final_counts,
     two_relays_send_each_batch_once,
     a_relay_killed_mid_delivery_loses_no_webhook_event,
 );

@@ -16,7 +16,8 @@ pub enum WebhooksCommand {
         /// https:// (or http://) URL the relay POSTs batches of events to.
         url: String,
         /// Event types (comma-separated), e.g.
-        /// recipient.delivered,recipient.opened; default: every type.
+        /// recipient.delivered,recipient.opened,message.completed; default:
+        /// every type.
         #[arg(long, value_delimiter = ',')]
         types: Vec<String>,
         /// Only this message's events.

@@ -55,7 +55,7 @@ pub(super) async fn add(
         let event_type = EventType::from_name(name).ok_or_else(|| {
             Error::invalid(
                 format!("types[{index}]"),
-                "not an event type (recipient.handed_over, .delivered, .opened, .failed, .expired, .unsupported, .skipped)",
+                "not an event type (recipient.handed_over, .delivered, .opened, .failed, .expired, .unsupported, .skipped; message.accepted, .expanded, .handed_over, .completed)",
             )
         })?;
         types.push(event_type);

@@ -10,10 +10,10 @@ use const_format::formatcp;
 
 use super::planning::{Effect, MessagePlan, PlanSteps, Sql, timestamp};
 use super::states::{ACCEPTED, DeliveryState, EXPIRED, HANDED_OVER, PENDING, UNSENT, WAITING};
-use super::{Param, Store, WritePool, on_pool};
+use super::{CountSteps, Param, Store, WritePool, on_pool};
 use crate::error::{Error, Result};
 use crate::policy::{PolicyKind, Trigger};
-use crate::receipts::EventKind;
+use crate::receipts::{EventKind, MessageEventKind};
 use crate::targeting::Channel;
 
 /// Groups of attempts one pass looks at, at most.
@@ -170,7 +170,15 @@ impl Store {
             let m = closed.bind(Param::Text(message_id.clone()));
             closed.push(&m);
             statements.push(closed);
-            self.run_statements(&message_id, statements).await?;
+            // Closed, with its final counts in its `message.completed` event.
+            on_pool!(self, pool => {
+                let mut tx = pool.begin_write().await?;
+                tx.execute_all(&message_id, statements).await?;
+                tx.record_message_events(&[message_id.as_str()], MessageEventKind::Completed, "TRUE", now)
+                    .await?;
+                tx.commit().await?;
+                Ok::<(), crate::error::Error>(())
+            })?;
             expired += 1;
         }
         Ok(expired)

@@ -10,10 +10,11 @@ use const_format::formatcp;
 use super::audience::{StoredTarget, campaign_source};
 use super::planning::{self, MessagePlan, PlanSteps, Sql};
 use super::states::{ACCEPTED, EXPANDED, PENDING, SKIPPED, UNSENT, WAITING};
-use super::{IdList, Store, WritePool, on_pool, transaction_steps};
+use super::{CountSteps, IdList, Store, WritePool, on_pool, transaction_steps};
 use crate::error::{Error, Result};
 use crate::learning::{self, ChannelBandit, Choice, EXPLORE_SHARE, OpenCounts, Segment};
 use crate::policy::{AttentionConfig, PolicyKind, SendTime, channel_name};
+use crate::receipts::MessageEventKind;
 use crate::targeting::Channel;
 
 /// How far back the hub's channel rates reach for `best`.
@@ -69,7 +70,7 @@ impl Store {
                 tx.choose_channels_per_person(self, message_id, bandit).await?;
             }
             tx.time_per_person(self, message_id, &plan, now).await?;
-            let matched = tx.finish_expansion(message_id).await?;
+            let matched = tx.finish_expansion(message_id, now).await?;
             tx.commit().await?;
             Ok(matched)
         })
@@ -380,8 +381,9 @@ transaction_steps! {
             Ok(())
         }
 
-        /// Counts a message's matched users and marks it expanded.
-        async fn finish_expansion(&mut self, message_id: &str) -> Result<u64> {
+        /// Counts a message's matched users and marks it expanded (its
+        /// `message.expanded` event, when someone listens).
+        async fn finish_expansion(&mut self, message_id: &str, now: i64) -> Result<u64> {
             let matched: i64 = sqlx::query_scalar(
                 "SELECT COUNT(DISTINCT user_id) FROM deliveries WHERE message_id = $1",
             )
@@ -392,6 +394,8 @@ transaction_steps! {
                 .bind(message_id)
                 .bind(matched)
                 .execute(&mut *self)
+                .await?;
+            self.record_message_events(&[message_id], MessageEventKind::Expanded, "TRUE", now)
                 .await?;
             Ok(matched as u64)
         }

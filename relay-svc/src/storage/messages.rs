@@ -16,12 +16,14 @@ use super::message_rows::{PlanRow, insert_follow_up, insert_message};
 use super::planning::{self, MessagePlan, PlanSteps};
 use super::states::{ACCEPTED, PRIORITY_LANE};
 use super::{
-    AuditEntry, Param, ROWS_PER_STATEMENT, Store, is_unique_error, on_pool, transaction_steps,
+    AuditEntry, CountSteps, Param, ROWS_PER_STATEMENT, Store, is_unique_error, on_pool,
+    transaction_steps,
 };
 use crate::auction::Terms;
 use crate::error::{Error, Result};
 use crate::learning::{ChannelBandit, EXPLORE_SHARE};
 use crate::policy::{AttentionConfig, PolicyKind, WindowMode};
+use crate::receipts::MessageEventKind;
 use crate::targeting::{Channel, MessageState, NewMessage, Segment, Target};
 
 /// A message as the enterprise sees it: its state and counts.
@@ -419,6 +421,8 @@ transaction_steps! {
             .bind(a.terms.bid_id.as_deref())
             .execute(&mut *self)
             .await?;
+            self.record_message_events(&[a.message_id], MessageEventKind::Accepted, "TRUE", a.now)
+                .await?;
             if let (Some(follow_up), Some(follow_up_id)) = (&a.message.follow_up, &a.plan.follow_up_id) {
                 let child = insert_follow_up(follow_up_id, a.message_id, follow_up, &a.plan, a.now);
                 self.execute_all(a.message_id, [child]).await?;
@@ -433,7 +437,7 @@ transaction_steps! {
                 let statements = campaign_statements(a.message_id, &a.plan, &target, a.now, a.attention);
                 self.execute_all(a.message_id, statements).await?;
                 self.time_per_person(store, a.message_id, &a.plan, a.now).await?;
-                Some(self.finish_expansion(a.message_id).await?)
+                Some(self.finish_expansion(a.message_id, a.now).await?)
             } else {
                 None
             };
@@ -533,7 +537,7 @@ transaction_steps! {
                 .bind(message_id)
                 .execute(&mut *self)
                 .await?;
-            self.finish_expansion(message_id).await
+            self.finish_expansion(message_id, now).await
         }
     }
 }

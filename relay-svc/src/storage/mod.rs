@@ -50,6 +50,7 @@ pub use tenants::ApiKeyRow;
 pub use transfer::{DueDelivery, DueMessage, Lane};
 
 use crate::error::Result;
+use crate::receipts::MessageEventKind;
 pub use group::{Group, Groups};
 
 /// Rows per multi-row statement: well under SQLite's 32,766 and PostgreSQL's
@@ -259,8 +260,53 @@ transaction_steps! {
             }
             Ok(())
         }
+
+        /// Records the message event `kind` (with the message's counts now)
+        /// for each of `message_ids` that meets `only` (SQL over its row `m`),
+        /// has not had it, and belongs to an enterprise with an enabled
+        /// webhook endpoint for it — nobody else reads them — and counts it.
+        async fn record_message_events(
+            &mut self,
+            message_ids: &[&str],
+            kind: MessageEventKind,
+            only: &'static str,
+            now: i64,
+        ) -> Result<()> {
+            for chunk in message_ids.chunks(ROWS_PER_STATEMENT) {
+                let mut query = sqlx::QueryBuilder::new(
+                    "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region, detail) SELECT m.id, '', ",
+                );
+                query.push_bind(kind.number()).push(", ").push_bind(now);
+                query.push(format!(", '', 0, '', {MESSAGE_COUNTS_JSON} FROM messages m WHERE {only} AND "));
+                query.push(
+                    "EXISTS (SELECT 1 FROM webhook_endpoints w WHERE w.enterprise_id = m.enterprise_id AND w.state = 0
+                             AND ((w.types >> CAST(",
+                );
+                query.push_bind(kind.number()).push(" AS INTEGER)) & 1) = 1) AND m.id IN (");
+                let mut list = query.separated(", ");
+                for id in chunk {
+                    list.push_bind(*id);
+                }
+                query.push(") ON CONFLICT DO NOTHING RETURNING message_id");
+                let added: Vec<String> = query.build_query_scalar().fetch_all(&mut *self).await?;
+                self.add_to_counts(added.into_iter().map(|m| ((m, kind.number()), 1))).await?;
+            }
+            Ok(())
+        }
     }
 }
+
+/// A message's counts (`webhooks::Counts`) as JSON, in SQL over its row `m`.
+const MESSAGE_COUNTS_JSON: &str = "'{\"matched\":' || COALESCE(m.matched, 0)
+    || ',\"handed_over\":' || COALESCE((SELECT c.count FROM message_counts c WHERE c.message_id = m.id AND c.kind = 1), 0)
+    || ',\"delivered\":' || COALESCE((SELECT c.count FROM message_counts c WHERE c.message_id = m.id AND c.kind = 2), 0)
+    || ',\"opened\":' || COALESCE((SELECT c.count FROM message_counts c WHERE c.message_id = m.id AND c.kind = 3), 0)
+    || ',\"failed\":' || COALESCE((SELECT c.count FROM message_counts c WHERE c.message_id = m.id AND c.kind = 4), 0)
+    || ',\"expired\":' || COALESCE((SELECT c.count FROM message_counts c WHERE c.message_id = m.id AND c.kind = 5), 0)
+    || ',\"unsupported\":' || COALESCE((SELECT c.count FROM message_counts c WHERE c.message_id = m.id AND c.kind = 6), 0)
+    || ',\"skipped\":' || COALESCE((SELECT c.count FROM message_counts c WHERE c.message_id = m.id AND c.kind = 7), 0)
+    || ',\"deferred\":' || COALESCE((SELECT c.count FROM message_counts c WHERE c.message_id = m.id AND c.kind = 8), 0)
+    || '}'";
 
 /// Row ids bound as one parameter — a JSON array read with `json_each` on
 /// SQLite, an `int8[]` on PostgreSQL — so a batch of any size is one short

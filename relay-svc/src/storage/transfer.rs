@@ -7,10 +7,10 @@ use std::sync::Arc;
 use const_format::formatcp;
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
-use super::states::{HANDED_OVER, PENDING, UNSENT};
+use super::states::{EXPANDED, HANDED_OVER, PENDING, UNSENT};
 use super::{CountSteps, IdList, ROWS_PER_STATEMENT, Store, on_pool, stored_list};
 use crate::error::Result;
-use crate::receipts::EventKind;
+use crate::receipts::{EventKind, MessageEventKind};
 use crate::targeting::{Channel, Content};
 
 /// One delivery ready to hand to its carrier, with its message's instructions.
@@ -87,6 +87,12 @@ pub enum Lane {
     Priority = 0,
     Bulk = 1,
 }
+
+/// A message (`m`) every matched person of which has been handed over.
+const EVERYONE_HANDED_OVER: &str = formatcp!(
+    "m.state = {EXPANDED} AND m.matched > 0
+     AND COALESCE((SELECT c.count FROM message_counts c WHERE c.message_id = m.id AND c.kind = 1), 0) >= m.matched"
+);
 
 impl Store {
     /// Up to `limit` pending deliveries of `carrier_id` with ids above
@@ -236,7 +242,11 @@ impl Store {
             for message_id in added {
                 *counts.entry((message_id, kind)).or_default() += 1;
             }
+            let messages: Vec<String> = counts.keys().map(|(message_id, _)| message_id.clone()).collect();
             tx.add_to_counts(counts).await?;
+            let messages: Vec<&str> = messages.iter().map(String::as_str).collect();
+            tx.record_message_events(&messages, MessageEventKind::HandedOver, EVERYONE_HANDED_OVER, now)
+                .await?;
             sqlx::query(AssertSqlSafe(advance))
                 .persistent(false)
                 .bind(IdList(ids))

@@ -70,7 +70,10 @@ pub struct BatchEvent {
     pub at: i64,
     pub channel: i64,
     pub message_id: String,
+    /// `""` for the message's own events.
     pub user_ref: String,
+    /// The message's counts as JSON (its own events only).
+    pub detail: Option<String>,
 }
 
 /// What an endpoint has next.
@@ -399,9 +402,10 @@ impl Store {
     }
 
     /// The endpoint's events in the log after `from` up to `to`: of its
-    /// enterprise, of the types (and message) it asked for, of people
-    /// still registered (by their ref), and never of messages sent by
-    /// attributes, whose recipients would reveal those attributes.
+    /// enterprise, of the types (and message) it asked for — the messages'
+    /// own, and people's while they are registered (by their ref), never
+    /// of messages sent by attributes, whose recipients would reveal those
+    /// attributes.
     async fn endpoint_events(
         &self,
         log: &EventLog,
@@ -410,11 +414,13 @@ impl Store {
         to: (i64, i64),
     ) -> Result<Vec<BatchEvent>> {
         let query = format!(
-            "SELECT {tx} AS tx, e.seq, e.kind, e.at, e.channel, e.message_id, r.user_ref
+            "SELECT {tx} AS tx, e.seq, e.kind, e.at, e.channel, e.message_id,
+                    COALESCE(r.user_ref, '') AS user_ref, e.detail
              FROM events e
              JOIN messages m ON m.id = e.message_id
-             JOIN registrations r ON r.enterprise_id = m.enterprise_id AND r.user_id = e.user_id
-             WHERE {past} AND {upto} AND m.enterprise_id = $6 AND NOT m.by_attributes
+             LEFT JOIN registrations r ON r.enterprise_id = m.enterprise_id AND r.user_id = e.user_id
+             WHERE {past} AND {upto} AND m.enterprise_id = $6
+               AND ((r.user_ref IS NOT NULL AND NOT m.by_attributes) OR e.user_id = '')
                AND ($7 = '' OR e.message_id = $7) AND (($8 >> CAST(e.kind AS INTEGER)) & 1) = 1
              ORDER BY {order} LIMIT $1",
             tx = log.tx,

@@ -30,9 +30,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::error::{Error, Result};
-use crate::receipts::EventKind;
+use crate::receipts::{EventKind, MessageEventKind};
 
-/// What an endpoint may be sent: one type per event kind of a person.
+/// What an endpoint may be sent: one type per kind of event in the log —
+/// a person's (`recipient.*`) or the message's own (`message.*`, with its
+/// counts).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 pub enum EventType {
     /// The person's carrier took the message.
@@ -55,10 +57,22 @@ pub enum EventType {
     /// Not sent: the person's fatigue cap or the hub's attention budget.
     #[serde(rename = "recipient.skipped")]
     Skipped,
+    /// The message was accepted.
+    #[serde(rename = "message.accepted")]
+    MessageAccepted,
+    /// Its recipients were extracted (`counts.matched`).
+    #[serde(rename = "message.expanded")]
+    MessageExpanded,
+    /// Every matched person's first attempt reached a carrier.
+    #[serde(rename = "message.handed_over")]
+    MessageHandedOver,
+    /// It closed at its expiry: the counts are final.
+    #[serde(rename = "message.completed")]
+    MessageCompleted,
 }
 
 impl EventType {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 11] = [
         Self::HandedOver,
         Self::Delivered,
         Self::Opened,
@@ -66,23 +80,31 @@ impl EventType {
         Self::Expired,
         Self::Unsupported,
         Self::Skipped,
+        Self::MessageAccepted,
+        Self::MessageExpanded,
+        Self::MessageHandedOver,
+        Self::MessageCompleted,
     ];
 
-    /// The event kind in the log this type reports.
-    pub fn kind(self) -> EventKind {
+    /// The kind of event in the log this type reports.
+    pub fn number(self) -> i64 {
         match self {
-            Self::HandedOver => EventKind::HandedOver,
-            Self::Delivered => EventKind::Delivered,
-            Self::Opened => EventKind::Opened,
-            Self::Failed => EventKind::Failed,
-            Self::Expired => EventKind::Expired,
-            Self::Unsupported => EventKind::Unsupported,
-            Self::Skipped => EventKind::Skipped,
+            Self::HandedOver => EventKind::HandedOver.number(),
+            Self::Delivered => EventKind::Delivered.number(),
+            Self::Opened => EventKind::Opened.number(),
+            Self::Failed => EventKind::Failed.number(),
+            Self::Expired => EventKind::Expired.number(),
+            Self::Unsupported => EventKind::Unsupported.number(),
+            Self::Skipped => EventKind::Skipped.number(),
+            Self::MessageAccepted => MessageEventKind::Accepted.number(),
+            Self::MessageExpanded => MessageEventKind::Expanded.number(),
+            Self::MessageHandedOver => MessageEventKind::HandedOver.number(),
+            Self::MessageCompleted => MessageEventKind::Completed.number(),
         }
     }
 
     pub fn from_kind(kind: i64) -> Option<Self> {
-        Self::ALL.into_iter().find(|t| t.kind().number() == kind)
+        Self::ALL.into_iter().find(|t| t.number() == kind)
     }
 
     /// The name on the wire, e.g. `recipient.opened`.
@@ -95,6 +117,10 @@ impl EventType {
             Self::Expired => "recipient.expired",
             Self::Unsupported => "recipient.unsupported",
             Self::Skipped => "recipient.skipped",
+            Self::MessageAccepted => "message.accepted",
+            Self::MessageExpanded => "message.expanded",
+            Self::MessageHandedOver => "message.handed_over",
+            Self::MessageCompleted => "message.completed",
         }
     }
 
@@ -103,19 +129,32 @@ impl EventType {
         Self::ALL.into_iter().find(|t| t.name() == name)
     }
 
-    /// The types stored as bits (one per event kind).
+    /// The types stored as bits (one per kind number).
     pub fn bits(types: &[Self]) -> i64 {
-        types
-            .iter()
-            .fold(0, |bits, t| bits | 1 << t.kind().number())
+        types.iter().fold(0, |bits, t| bits | 1 << t.number())
     }
 
     pub fn from_bits(bits: i64) -> Vec<Self> {
         Self::ALL
             .into_iter()
-            .filter(|t| bits & 1 << t.kind().number() != 0)
+            .filter(|t| bits & 1 << t.number() != 0)
             .collect()
     }
+}
+
+/// A message's counts when one of its `message.*` events happened.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Counts {
+    pub matched: u64,
+    pub handed_over: u64,
+    pub delivered: u64,
+    pub opened: u64,
+    pub failed: u64,
+    pub expired: u64,
+    pub unsupported: u64,
+    pub skipped: u64,
+    /// Deferred by a quiet period.
+    pub deferred: u64,
 }
 
 /// One event as the endpoint receives it.
@@ -126,14 +165,19 @@ pub struct Event {
     #[serde(rename = "type")]
     pub event_type: EventType,
     pub message_id: String,
-    /// The person, by the ref the enterprise knows them by.
-    pub user_ref: String,
+    /// The person, by the ref the enterprise knows them by (`recipient.*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_ref: Option<String>,
     /// When it happened (RFC 3339).
     pub occurred_at: String,
     /// 1, 2, 3… per message on this endpoint, without gaps, in the order the
     /// events happened.
     pub sequence: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<crate::content::Channel>,
+    /// The message's counts then (`message.*`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counts: Option<Counts>,
 }
 
 /// The body of one POST: a batch of events.
@@ -149,8 +193,9 @@ pub struct Payload {
 }
 
 /// An event's stable id: from what identifies it — the message, the person
-/// (by the ref the enterprise already knows) and the kind — so a retry, a
-/// replay or a second endpoint carries the same id.
+/// (by the ref the enterprise already knows; `""` for the message's own)
+/// and the kind — so a retry, a replay or a second endpoint carries the
+/// same id.
 pub fn event_id(message_id: &str, user_ref: &str, event_type: EventType) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(
@@ -380,6 +425,13 @@ mod tests {
             EventType::from_bits(EventType::bits(&EventType::ALL)),
             EventType::ALL
         );
+        for t in EventType::ALL {
+            assert_eq!(EventType::from_name(t.name()), Some(t));
+            assert_eq!(
+                serde_json::to_value(t).unwrap(),
+                serde_json::json!(t.name())
+            );
+        }
     }
 
     #[test]

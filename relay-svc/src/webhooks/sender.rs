@@ -404,14 +404,19 @@ pub fn payload(batch: &Batch) -> Vec<u8> {
         .filter_map(|e| {
             let event_type = EventType::from_kind(e.kind)?;
             let sequence = next.entry(e.message_id.clone()).or_insert(1);
+            let message_event = e.user_ref.is_empty();
             let event = Event {
                 id: event_id(&e.message_id, &e.user_ref, event_type),
                 event_type,
                 message_id: e.message_id.clone(),
-                user_ref: e.user_ref.clone(),
+                user_ref: (!message_event).then(|| e.user_ref.clone()),
                 occurred_at: rfc3339(e.at),
                 sequence: (*sequence).max(1) as u64,
                 channel: crate::content::Channel::from_number(e.channel),
+                counts: e
+                    .detail
+                    .as_deref()
+                    .and_then(|detail| serde_json::from_str(detail).ok()),
             };
             *sequence += 1;
             Some(event)

@@ -56,13 +56,15 @@ impl Receiver {
 
     /// I7, once every event in the database arrived or `within` passed.
     pub(super) async fn violations(&self, db: &Db, within: Duration) -> anyhow::Result<u64> {
-        // (message, "ref:kind") of every event an endpoint is sent.
+        // (message, "ref:kind") of every event an endpoint is sent: a
+        // registered person's (not of a message sent by attributes), and
+        // the message's own (ref "").
         let expected: HashSet<(String, String)> = db
             .pairs(
-                "SELECT e.message_id, r.user_ref || ':' || CAST(e.kind AS TEXT)
+                "SELECT e.message_id, COALESCE(r.user_ref, '') || ':' || CAST(e.kind AS TEXT)
                  FROM events e JOIN messages m ON m.id = e.message_id
-                 JOIN registrations r ON r.enterprise_id = m.enterprise_id AND r.user_id = e.user_id
-                 WHERE NOT m.by_attributes",
+                 LEFT JOIN registrations r ON r.enterprise_id = m.enterprise_id AND r.user_id = e.user_id
+                 WHERE (r.user_ref IS NOT NULL AND NOT m.by_attributes) OR e.user_id = ''",
             )
             .await?
             .into_iter()
@@ -116,7 +118,7 @@ impl Receiver {
                 let kind = event["type"]
                     .as_str()
                     .and_then(relay_svc::webhooks::EventType::from_name)
-                    .map_or(0, |t| t.kind().number());
+                    .map_or(0, |t| t.number());
                 keys.insert((
                     event["message_id"].as_str().unwrap_or_default().to_owned(),
                     format!("{}:{kind}", event["user_ref"].as_str().unwrap_or_default()),
