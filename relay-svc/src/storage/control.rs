@@ -153,6 +153,7 @@ impl Store {
         .bind(GROUPS_PER_PASS)
         .fetch_all(pool)
         .await)?;
+        let listening = self.webhooks_listening();
         for message_id in expiring {
             let mut statements = expire_deliveries(
                 &message_id,
@@ -174,8 +175,10 @@ impl Store {
             on_pool!(self, pool => {
                 let mut tx = pool.begin_write().await?;
                 tx.execute_all(&message_id, statements).await?;
-                tx.record_message_events(&[message_id.as_str()], MessageEventKind::Completed, "TRUE", now)
-                    .await?;
+                if listening {
+                    tx.record_message_events(&[message_id.as_str()], MessageEventKind::Completed, "TRUE", now)
+                        .await?;
+                }
                 tx.commit().await?;
                 Ok::<(), crate::error::Error>(())
             })?;

@@ -70,7 +70,7 @@ impl Store {
                 tx.choose_channels_per_person(self, message_id, bandit).await?;
             }
             tx.time_per_person(self, message_id, &plan, now).await?;
-            let matched = tx.finish_expansion(message_id, now).await?;
+            let matched = tx.finish_expansion(message_id, now, self.webhooks_listening()).await?;
             tx.commit().await?;
             Ok(matched)
         })
@@ -381,9 +381,9 @@ transaction_steps! {
             Ok(())
         }
 
-        /// Counts a message's matched users and marks it expanded (its
-        /// `message.expanded` event, when someone listens).
-        async fn finish_expansion(&mut self, message_id: &str, now: i64) -> Result<u64> {
+        /// Counts a message's matched users and marks it expanded (and its
+        /// `message.expanded` event, when some webhook endpoint is enabled).
+        async fn finish_expansion(&mut self, message_id: &str, now: i64, webhooks_listening: bool) -> Result<u64> {
             let matched: i64 = sqlx::query_scalar(
                 "SELECT COUNT(DISTINCT user_id) FROM deliveries WHERE message_id = $1",
             )
@@ -395,8 +395,10 @@ transaction_steps! {
                 .bind(matched)
                 .execute(&mut *self)
                 .await?;
-            self.record_message_events(&[message_id], MessageEventKind::Expanded, "TRUE", now)
-                .await?;
+            if webhooks_listening {
+                self.record_message_events(&[message_id], MessageEventKind::Expanded, "TRUE", now)
+                    .await?;
+            }
             Ok(matched as u64)
         }
     }

@@ -39,6 +39,9 @@ const ROLLBACK: &str = "ROLLBACK TO SAVEPOINT chukei_member";
 pub struct Groups<DB: Database> {
     pub(crate) accepts: Arc<Group<DB>>,
     pub(crate) deliveries: Arc<Group<DB>>,
+    /// Whether some enterprise has an enabled webhook endpoint, as last
+    /// looked up (`Store::refresh_webhooks_listening`).
+    pub(crate) webhooks_listening: std::sync::atomic::AtomicBool,
 }
 
 impl<DB: Database> Groups<DB> {
@@ -48,6 +51,7 @@ impl<DB: Database> Groups<DB> {
         Self {
             accepts: group.clone(),
             deliveries: group,
+            webhooks_listening: Default::default(),
         }
     }
 
@@ -56,6 +60,7 @@ impl<DB: Database> Groups<DB> {
         Self {
             accepts: Arc::default(),
             deliveries: Arc::default(),
+            webhooks_listening: Default::default(),
         }
     }
 }

@@ -67,6 +67,8 @@ pub(super) struct Acceptance<'a> {
     now: i64,
     attention: &'a AttentionConfig,
     min_cohort: u64,
+    /// Some enterprise has a webhook endpoint: the message's own events are written.
+    webhooks_listening: bool,
 }
 
 impl Acceptance<'_> {
@@ -161,6 +163,7 @@ impl Store {
             now,
             attention,
             min_cohort,
+            webhooks_listening: self.webhooks_listening(),
         };
         // Concurrent calls share one transaction and one commit (`group.rs`).
         let accepted = on_pool!(self, pool, groups => {
@@ -421,8 +424,10 @@ transaction_steps! {
             .bind(a.terms.bid_id.as_deref())
             .execute(&mut *self)
             .await?;
-            self.record_message_events(&[a.message_id], MessageEventKind::Accepted, "TRUE", a.now)
-                .await?;
+            if a.webhooks_listening {
+                self.record_message_events(&[a.message_id], MessageEventKind::Accepted, "TRUE", a.now)
+                    .await?;
+            }
             if let (Some(follow_up), Some(follow_up_id)) = (&a.message.follow_up, &a.plan.follow_up_id) {
                 let child = insert_follow_up(follow_up_id, a.message_id, follow_up, &a.plan, a.now);
                 self.execute_all(a.message_id, [child]).await?;
@@ -437,7 +442,7 @@ transaction_steps! {
                 let statements = campaign_statements(a.message_id, &a.plan, &target, a.now, a.attention);
                 self.execute_all(a.message_id, statements).await?;
                 self.time_per_person(store, a.message_id, &a.plan, a.now).await?;
-                Some(self.finish_expansion(a.message_id, a.now).await?)
+                Some(self.finish_expansion(a.message_id, a.now, a.webhooks_listening).await?)
             } else {
                 None
             };
@@ -537,7 +542,7 @@ transaction_steps! {
                 .bind(message_id)
                 .execute(&mut *self)
                 .await?;
-            self.finish_expansion(message_id, now).await
+            self.finish_expansion(message_id, now, a.webhooks_listening).await
         }
     }
 }

@@ -146,6 +146,7 @@ impl Store {
         } else {
             anyhow::bail!("database url: expected sqlite:… or postgres://…");
         };
+        store.refresh_webhooks_listening().await?;
         Ok(store)
     }
 
@@ -265,6 +266,9 @@ transaction_steps! {
         /// for each of `message_ids` that meets `only` (SQL over its row `m`),
         /// has not had it, and belongs to an enterprise with an enabled
         /// webhook endpoint for it — nobody else reads them — and counts it.
+        /// Callers skip it while no endpoint at all is enabled
+        /// (`Store::webhooks_listening`), so a hub without webhooks pays
+        /// nothing on its hot paths.
         async fn record_message_events(
             &mut self,
             message_ids: &[&str],

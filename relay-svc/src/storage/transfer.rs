@@ -219,6 +219,7 @@ impl Store {
             self.in_id_list("id", 1)
         );
         let kind = EventKind::HandedOver.number();
+        let listening = self.webhooks_listening();
         // Every carrier's acks share transactions with the other hot writers.
         on_pool!(self, pool, groups => {
             let mut tx = groups.deliveries.join(pool).await?;
@@ -244,9 +245,11 @@ impl Store {
             }
             let messages: Vec<String> = counts.keys().map(|(message_id, _)| message_id.clone()).collect();
             tx.add_to_counts(counts).await?;
-            let messages: Vec<&str> = messages.iter().map(String::as_str).collect();
-            tx.record_message_events(&messages, MessageEventKind::HandedOver, EVERYONE_HANDED_OVER, now)
-                .await?;
+            if listening {
+                let messages: Vec<&str> = messages.iter().map(String::as_str).collect();
+                tx.record_message_events(&messages, MessageEventKind::HandedOver, EVERYONE_HANDED_OVER, now)
+                    .await?;
+            }
             sqlx::query(AssertSqlSafe(advance))
                 .persistent(false)
                 .bind(IdList(ids))

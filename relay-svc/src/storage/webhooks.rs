@@ -126,6 +126,29 @@ const COLUMNS: &str = "id, enterprise_id, url, types, message_id, secret, previo
      disabled_reason, log_tx, log_seq, batch_id, batch_tx, batch_seq, batch_events, batch_since, failures, failing_since, next_attempt_at, created_at";
 
 impl Store {
+    /// Whether some enterprise has an enabled webhook endpoint (as last
+    /// looked up): a message's own events are written only then.
+    pub(crate) fn webhooks_listening(&self) -> bool {
+        on_pool!(self, _pool, groups => groups.webhooks_listening.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    fn set_webhooks_listening(&self, listening: bool) {
+        on_pool!(self, _pool, groups => groups.webhooks_listening.store(listening, std::sync::atomic::Ordering::Relaxed));
+    }
+
+    /// Looks up whether some endpoint is enabled (at start, and at each
+    /// of the webhook sender's polls, so a relay learns of an endpoint
+    /// another relay added within a poll).
+    pub async fn refresh_webhooks_listening(&self) -> Result<()> {
+        let listening: bool = on_pool!(self, pool => sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM webhook_endpoints WHERE state = 0)",
+        )
+        .fetch_one(pool)
+        .await)?;
+        self.set_webhooks_listening(listening);
+        Ok(())
+    }
+
     /// Adds an endpoint of `enterprise_id`, sent the events that happen from
     /// now on (its cursor starts at the log's newest event).
     #[allow(clippy::too_many_arguments)]
@@ -169,6 +192,7 @@ impl Store {
             tx.commit().await?;
             Ok::<(), Error>(())
         })?;
+        self.set_webhooks_listening(true);
         self.webhook(Some(enterprise_id), id).await
     }
 
@@ -256,6 +280,7 @@ impl Store {
         .execute(pool)
         .await
         .map(drop))?;
+        self.set_webhooks_listening(true);
         self.webhook(Some(enterprise_id), id).await
     }
 

@@ -117,6 +117,11 @@ async fn run(sender: Sender, cancel: CancellationToken) {
             () = tokio::time::sleep(sender.config.poll) => {}
         }
         while tasks.try_join_next().is_some() {}
+        // Whether the hub writes messages' own events (another relay may
+        // have added the first endpoint).
+        if let Err(error) = sender.store.refresh_webhooks_listening().await {
+            tracing::warn!(%error, "looking up webhook endpoints failed, will retry");
+        }
         let room = sender.config.concurrency.saturating_sub(tasks.len());
         if room == 0 {
             continue;
