@@ -563,7 +563,12 @@ async fn hooked(backend: Backend, script: &str) -> Option<Hooked> {
 impl Hooked {
     /// Sends a campaign to everyone; its id.
     async fn campaign(&self) -> String {
-        let body = json!({"target": {"all_registered": true}, "content": {"text": "sale"}, "channel": "sms"});
+        self.send(json!({"target": {"all_registered": true}, "content": {"text": "sale"}, "channel": "sms"}))
+            .await
+    }
+
+    /// Sends `body` (`POST /v1/messages`); the message's id.
+    async fn send(&self, body: Value) -> String {
         let auth = format!("Bearer {}", self.key);
         let sent = call(
             &self.hub.relay_url(),
@@ -640,19 +645,12 @@ async fn a_message_completes_with_its_final_counts(backend: Backend) {
     let expires =
         relay_svc::rest::wire::instant_ms(chukei_proto::clock::Clock::system().now_ms() + 4_000)
             .unwrap();
-    let body = json!({"target": {"all_registered": true}, "content": {"text": "today only"},
-                      "channel": "sms", "expires_at": expires});
-    let auth = format!("Bearer {}", hooked.key);
-    let sent = call(
-        &hooked.hub.relay_url(),
-        "POST",
-        "/v1/messages",
-        &[("Authorization", auth.as_str())],
-        Some(&body),
-    )
-    .await;
-    assert_eq!(sent.status, 201, "{}", sent.body);
-    let message_id = sent.json()["message_id"].as_str().unwrap().to_owned();
+    let message_id = hooked
+        .send(
+            json!({"target": {"all_registered": true}, "content": {"text": "today only"},
+                     "channel": "sms", "expires_at": expires}),
+        )
+        .await;
     let completed = eventually("message.completed", Duration::from_secs(60), || {
         let events = unique_events(&received(&hooked.out));
         let completed = events
