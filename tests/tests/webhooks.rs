@@ -643,8 +643,7 @@ async fn a_message_completes_with_its_final_counts(backend: Backend) {
         return;
     };
     let expires =
-        relay_svc::rest::wire::instant_ms(chukei_proto::clock::Clock::system().now_ms() + 4_000)
-            .unwrap();
+        chukei_proto::clock::rfc3339(chukei_proto::clock::Clock::system().now_ms() + 4_000);
     let message_id = hooked
         .send(
             json!({"target": {"all_registered": true}, "content": {"text": "today only"},

@@ -99,9 +99,7 @@ pub(super) async fn send(
             MessageState::HandedOver => MessageStateName::HandedOver,
         },
         matched: row.matched,
-        accepted_at: jiff::Timestamp::from_millisecond(row.accepted_at)
-            .map(|t| t.to_string())
-            .unwrap_or_default(),
+        accepted_at: chukei_proto::clock::rfc3339(row.accepted_at),
         replayed: !stored.created,
         message_id: row.message_id,
     };

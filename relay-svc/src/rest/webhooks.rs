@@ -9,7 +9,9 @@ use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{Caller, Core, Problem, wire};
+use chukei_proto::clock::rfc3339;
+
+use super::{Caller, Core, Problem};
 use crate::storage::webhooks::{AttemptRow, EndpointRow};
 use crate::webhooks::EventType;
 
@@ -57,10 +59,8 @@ impl From<EndpointRow> for Webhook {
             .to_owned(),
             disabled_reason: (!row.disabled_reason.is_empty()).then_some(row.disabled_reason),
             failures: row.failures.max(0) as u64,
-            next_attempt_at: (row.failures > 0)
-                .then(|| wire::instant_ms(row.next_attempt_at))
-                .flatten(),
-            created_at: wire::instant_ms(row.created_at),
+            next_attempt_at: (row.failures > 0).then(|| rfc3339(row.next_attempt_at)),
+            created_at: Some(rfc3339(row.created_at)),
             webhook_id: row.id,
             url: row.url,
         }
@@ -109,7 +109,7 @@ pub struct WebhookAttempt {
 impl From<AttemptRow> for WebhookAttempt {
     fn from(row: AttemptRow) -> Self {
         Self {
-            at: wire::instant_ms(row.at),
+            at: Some(rfc3339(row.at)),
             events: row.events.max(0) as u64,
             status: u16::try_from(row.status).ok().filter(|s| *s > 0),
             duration_ms: row.duration_ms.max(0) as u64,

@@ -53,13 +53,6 @@ pub fn instant(at: Option<&prost_types::Timestamp>) -> Option<String> {
         .map(|t| t.to_string())
 }
 
-/// Milliseconds since the epoch as RFC 3339 (`None` when out of range).
-pub fn instant_ms(ms: i64) -> Option<String> {
-    jiff::Timestamp::from_millisecond(ms)
-        .ok()
-        .map(|t| t.to_string())
-}
-
 /// An RFC 3339 instant from the request, as the proto's timestamp.
 pub fn parse_instant(field: &str, text: &str) -> Result<prost_types::Timestamp, Problem> {
     let at: jiff::Timestamp = text.parse().map_err(|_| {

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chukei_proto::clock::Clock;
+use chukei_proto::clock::{Clock, rfc3339};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use tokio::task::JoinSet;
@@ -434,10 +434,4 @@ pub fn payload(batch: &Batch) -> Vec<u8> {
         data,
     };
     serde_json::to_vec(&payload).expect("a payload serializes")
-}
-
-fn rfc3339(ms: i64) -> String {
-    jiff::Timestamp::from_millisecond(ms)
-        .map(|t| t.to_string())
-        .unwrap_or_default()
 }
