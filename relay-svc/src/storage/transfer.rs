@@ -243,7 +243,13 @@ impl Store {
             for message_id in added {
                 *counts.entry((message_id, kind)).or_default() += 1;
             }
-            let messages: Vec<String> = counts.keys().map(|(message_id, _)| message_id.clone()).collect();
+            // The batch's messages, for their `message.handed_over` event
+            // (only while some webhook endpoint listens).
+            let messages: Vec<String> = if listening {
+                counts.keys().map(|(message_id, _)| message_id.clone()).collect()
+            } else {
+                Vec::new()
+            };
             tx.add_to_counts(counts).await?;
             if listening {
                 let messages: Vec<&str> = messages.iter().map(String::as_str).collect();
