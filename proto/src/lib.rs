@@ -13,6 +13,7 @@ pub mod auth;
 pub mod clock;
 pub mod codec;
 pub mod deliver;
+pub mod http;
 pub mod metrics;
 pub mod rng;
 pub mod server;

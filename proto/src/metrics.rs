@@ -283,48 +283,21 @@ impl Histogram {
 
 /// Serves `GET /metrics` from `registry` on `listener` until `cancel`.
 pub async fn serve(listener: TcpListener, registry: Registry, cancel: CancellationToken) {
-    use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
-
-    loop {
-        let (stream, _) = tokio::select! {
-            () = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "metrics listener failed to accept");
-                    continue;
-                }
-            },
-        };
+    crate::http::serve(listener, cancel, move |request: crate::http::Request| {
         let registry = registry.clone();
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let registry = registry.clone();
-                async move {
-                    if request.uri().path() == "/metrics" {
-                        let body = registry.scrape().await;
-                        hyper::Response::builder()
-                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
-                    } else {
-                        hyper::Response::builder()
-                            .status(404)
-                            .body(http_body_util::Full::new(bytes::Bytes::from_static(
-                                b"not found\n",
-                            )))
-                    }
-                }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = connection => {}
-                () = cancel.cancelled() => {}
+        async move {
+            if request.uri().path() == "/metrics" {
+                crate::http::response(
+                    200,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    registry.scrape().await,
+                )
+            } else {
+                crate::http::response(404, "text/plain", "not found\n")
             }
-        });
-    }
+        }
+    })
+    .await
 }
 
 /// A tower layer that times every gRPC call into

@@ -132,3 +132,26 @@ fn names(der: &[u8], name: &str) -> bool {
     cert.verify_is_valid_for_subject_name(&rustls_pki_types::ServerName::DnsName(dns))
         .is_ok()
 }
+
+/// A TLS client for the plain-TCP protocols beside gRPC (webhooks, SMPP)
+/// trusting the system's roots (`SSL_CERT_FILE` and `SSL_CERT_DIR` are
+/// honoured); `None` when there are none: connections over TLS then fail
+/// with that reason.
+pub fn system_roots_connector() -> Option<tokio_rustls::TlsConnector> {
+    use std::sync::Arc;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    let (added, _) = roots.add_parsable_certificates(native.certs);
+    if added == 0 {
+        tracing::warn!("no trusted root certificates found: TLS to webhooks and SMSCs will fail");
+        return None;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}

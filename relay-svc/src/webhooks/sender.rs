@@ -82,30 +82,9 @@ pub fn start(
         clock,
         config: Arc::new(config),
         metrics,
-        tls: tls_connector(),
+        tls: chukei_proto::tls::system_roots_connector(),
     };
     tokio::spawn(run(sender, cancel))
-}
-
-/// A TLS client trusting the system's roots (`SSL_CERT_FILE` and
-/// `SSL_CERT_DIR` are honoured); `None` when there are none, and https
-/// endpoints then fail with that reason.
-fn tls_connector() -> Option<tokio_rustls::TlsConnector> {
-    use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    let (added, _) = roots.add_parsable_certificates(native.certs);
-    if added == 0 {
-        tracing::warn!("no trusted root certificates found: https webhooks will fail");
-        return None;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .ok()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 async fn run(sender: Sender, cancel: CancellationToken) {
