@@ -105,6 +105,82 @@ fn gsm_septets(c: char) -> Option<usize> {
     }
 }
 
+/// The GSM 03.38 basic set in septet order (0x1B, the escape, has no glyph).
+const GSM_BASIC: [char; 127] = [
+    '@', '£', '$', '¥', 'è', 'é', 'ù', 'ì', 'ò', 'Ç', '\n', 'Ø', 'ø', '\r', 'Å', 'å', 'Δ', '_',
+    'Φ', 'Γ', 'Λ', 'Ω', 'Π', 'Ψ', 'Σ', 'Θ', 'Ξ', 'Æ', 'æ', 'ß', 'É', ' ', '!', '"', '#', '¤', '%',
+    '&', '\'', '(', ')', '*', '+', ',', '-', '.', '/', '0', '1', '2', '3', '4', '5', '6', '7', '8',
+    '9', ':', ';', '<', '=', '>', '?', '¡', 'A', 'B', 'C', 'D', 'E', 'F', 'G', 'H', 'I', 'J', 'K',
+    'L', 'M', 'N', 'O', 'P', 'Q', 'R', 'S', 'T', 'U', 'V', 'W', 'X', 'Y', 'Z', 'Ä', 'Ö', 'Ñ', 'Ü',
+    '§', '¿', 'a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j', 'k', 'l', 'm', 'n', 'o', 'p', 'q',
+    'r', 's', 't', 'u', 'v', 'w', 'x', 'y', 'z', 'ä', 'ö', 'ñ', 'ü', 'à',
+];
+/// The extension table: character and its septet after the escape.
+const GSM_EXTENDED: [(char, u8); 10] = [
+    ('\u{c}', 0x0A),
+    ('^', 0x14),
+    ('{', 0x28),
+    ('}', 0x29),
+    ('\\', 0x2F),
+    ('[', 0x3C),
+    ('~', 0x3D),
+    (']', 0x3E),
+    ('|', 0x40),
+    ('€', 0x65),
+];
+
+/// SMS parts as an SMSC takes them: the data coding (0: the GSM default
+/// alphabet, one septet per octet; 8: UCS-2, UTF-16 big-endian) and each
+/// part's user data, with a concatenation header (`05 00 03 ref total n`)
+/// when there are several. `reference` tells this message's parts from
+/// another's at the handset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SmsPayload {
+    pub data_coding: u8,
+    /// Whether the parts carry a user data header (esm_class UDHI).
+    pub udh: bool,
+    pub parts: Vec<Vec<u8>>,
+}
+
+/// Encodes the parts [`sms_segments`] made of a text.
+pub fn sms_payload(segments: &[String], reference: u8) -> SmsPayload {
+    let gsm = segments
+        .iter()
+        .all(|part| part.chars().all(|c| gsm_septets(c).is_some()));
+    let udh = segments.len() > 1;
+    let parts = segments
+        .iter()
+        .enumerate()
+        .map(|(n, segment)| {
+            let mut bytes = Vec::with_capacity(160);
+            if udh {
+                bytes.extend_from_slice(&[0x05, 0x00, 0x03, reference, segments.len() as u8]);
+                bytes.push(n as u8 + 1);
+            }
+            if gsm {
+                for c in segment.chars() {
+                    if let Some(septet) = GSM_BASIC.iter().position(|&b| b == c) {
+                        // The escape (0x1B) sits between Ξ and Æ.
+                        bytes.push(if septet >= 0x1B { septet + 1 } else { septet } as u8);
+                    } else if let Some((_, septet)) = GSM_EXTENDED.iter().find(|(e, _)| *e == c) {
+                        bytes.extend_from_slice(&[0x1B, *septet]);
+                    }
+                }
+            } else {
+                for unit in segment.encode_utf16() {
+                    bytes.extend_from_slice(&unit.to_be_bytes());
+                }
+            }
+            bytes
+        })
+        .collect();
+    SmsPayload {
+        data_coding: if gsm { 0x00 } else { 0x08 },
+        udh,
+        parts,
+    }
+}
+
 /// The SMS parts of `text`.
 pub fn sms_segments(text: &str) -> Vec<String> {
     let gsm = text.chars().all(|c| gsm_septets(c).is_some());
@@ -186,6 +262,34 @@ mod tests {
     }
 
     #[test]
+    fn sms_payloads_are_gsm_septets_or_ucs2_with_a_concatenation_header() {
+        let one = sms_payload(&sms_segments("@Hi €_"), 7);
+        assert_eq!(one.data_coding, 0);
+        assert!(!one.udh);
+        assert_eq!(
+            one.parts,
+            vec![vec![0x00, 0x48, 0x69, 0x20, 0x1B, 0x65, 0x11]]
+        );
+        // Æ follows the escape: 0x1C.
+        assert_eq!(sms_payload(&["Æ".to_owned()], 0).parts[0], vec![0x1C]);
+
+        let japanese = sms_payload(&sms_segments(&"あ".repeat(71)), 9);
+        assert_eq!(japanese.data_coding, 8);
+        assert!(japanese.udh);
+        assert_eq!(japanese.parts.len(), 2);
+        assert_eq!(&japanese.parts[0][..6], &[0x05, 0x00, 0x03, 9, 2, 1]);
+        assert_eq!(&japanese.parts[1][..6], &[0x05, 0x00, 0x03, 9, 2, 2]);
+        assert_eq!(japanese.parts[0].len(), 6 + 67 * 2);
+        assert_eq!(
+            &japanese.parts[1][6..],
+            &[0x30, 0x42, 0x30, 0x42, 0x30, 0x42, 0x30, 0x42]
+        );
+        for part in japanese.parts.iter().chain(&one.parts) {
+            assert!(part.len() <= 140 + 20, "fits a short_message");
+        }
+    }
+
+    #[test]
     fn email_and_sns_need_an_address() {
         let none = Contact::default();
         assert_eq!(
@@ -198,7 +302,7 @@ mod tests {
         );
         let contact = Contact {
             email: "a@example.com".into(),
-            sns_handle: String::new(),
+            ..Contact::default()
         };
         let mail = render(CHANNEL_EMAIL, "Hello there", "", "", &[], &contact).unwrap();
         assert_eq!(mail.subject, "Hello there");

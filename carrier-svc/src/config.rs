@@ -90,6 +90,10 @@ pub struct Config {
 
     #[command(flatten)]
     pub tls: chukei_proto::tls::TlsArgs,
+
+    /// SMS to an SMSC over SMPP, e-mail to a mail server over SMTP.
+    #[command(flatten)]
+    pub gateways: crate::gateways::GatewayArgs,
 }
 
 impl Config {
@@ -128,6 +132,7 @@ impl Config {
                 anyhow::bail!("--database-url: the carrier stores in SQLite (sqlite:…)");
             }
         }
+        self.gateways.validate()?;
         self.clock.validate()
     }
 

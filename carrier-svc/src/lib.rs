@@ -11,6 +11,7 @@ pub mod channels;
 pub mod config;
 pub mod consent;
 pub mod error;
+pub mod gateways;
 pub mod model;
 pub mod packed;
 pub mod relay_link;
@@ -63,6 +64,8 @@ pub struct Shared {
     cancel: CancellationToken,
     tasks: TaskTracker,
     metrics: CarrierMetrics,
+    /// The channels a gateway (SMSC, mail server) serves instead of terminals.
+    gateways: model::ChannelSet,
     /// How terminals' https:// endpoints are dialled; whether the relay
     /// must present a client certificate naming it.
     tls: chukei_proto::tls::TlsArgs,
@@ -75,6 +78,7 @@ struct CarrierMetrics {
     accepted: Counter,
     /// Messages pushed to terminals, by channel.
     pushed: Counter,
+    gateway: gateways::GatewayMetrics,
 }
 
 impl CarrierMetrics {
@@ -86,8 +90,9 @@ impl CarrierMetrics {
             ),
             pushed: registry.counter(
                 "chukei_carrier_messages_pushed_total",
-                "Messages pushed to terminals, by channel",
+                "Messages pushed to terminals or handed to a gateway, by channel",
             ),
+            gateway: gateways::GatewayMetrics::new(registry),
         }
     }
 }
@@ -137,6 +142,7 @@ pub async fn run(
         tasks: TaskTracker::new(),
         metrics: CarrierMetrics::new(&registry),
         tls: config.tls.clone(),
+        gateways: config.gateways.channels(),
     };
     if let Some(addr) = config.metrics_listen {
         let listener = TcpListener::bind(addr).await?;
@@ -153,6 +159,7 @@ pub async fn run(
         .tasks
         .spawn(terminals::run(shared.clone(), endpoints, cancel.clone()));
     shared.tasks.spawn(expiry(shared.clone()));
+    gateways::start(&shared, &config.gateways).await?;
 
     let router = routes(&config, &registry, &shared).await?;
     let served = server::serve(

@@ -70,6 +70,33 @@ pub struct Slot {
 pub struct Contact {
     pub email: String,
     pub sns_handle: String,
+    /// Filled only for a delivery handed to an SMSC.
+    pub phone_number: String,
+}
+
+/// A set of channels (`chukei.common.v1.Channel` values): those a gateway
+/// serves instead of the terminals.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChannelSet(u8);
+
+impl ChannelSet {
+    pub const EMPTY: Self = Self(0);
+
+    pub fn with(self, channel: i64) -> Self {
+        Self(self.0 | Self::bit(channel))
+    }
+
+    pub fn contains(self, channel: i64) -> bool {
+        self.0 & Self::bit(channel) != 0
+    }
+
+    fn bit(channel: i64) -> u8 {
+        if (0..8).contains(&channel) {
+            1 << channel
+        } else {
+            0
+        }
+    }
 }
 
 /// A delivery on its way to a terminal, with what its channel adapter needs.
@@ -96,6 +123,8 @@ pub enum TerminalEventKind {
     Read,
     /// The terminal cannot show this channel.
     Unsupported,
+    /// The network refused it or reported it undeliverable (gateways only).
+    Failed,
 }
 
 /// What a terminal reported about one delivery.

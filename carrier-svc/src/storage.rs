@@ -24,6 +24,7 @@ use crate::model::{MessageDeliveries, Receipt, ReceiptKind, Recipient, Subscribe
 use crate::packed;
 
 mod batches;
+mod gateways;
 mod receipts;
 mod states;
 

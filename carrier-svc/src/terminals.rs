@@ -45,6 +45,11 @@ impl TerminalsHandle {
         )
     }
 
+    /// Woken whenever deliveries may be pushable (the gateways listen too).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.new_work.subscribe()
+    }
+
     /// Deliveries may be pushable: wake every link.
     pub fn new_work(&self) {
         self.new_work.send_modify(|g| *g += 1);
@@ -148,7 +153,10 @@ async fn session(
     // at WARN.
     let mut response = Box::pin(client.push(ReceiverStream::new(down_rx)));
     let mut up: Option<tonic::Streaming<pb::TerminalEvents>> = None;
-    shared.store.requeue_unconfirmed(endpoint).await?;
+    shared
+        .store
+        .requeue_unconfirmed(endpoint, shared.gateways)
+        .await?;
     tracing::info!("terminal link open");
     let opened = tokio::time::Instant::now();
     let mut pushed_unanswered = false;
@@ -211,7 +219,7 @@ async fn push_due(
     loop {
         let due = shared
             .store
-            .due_for_endpoint(endpoint, shared.clock.now_ms(), PUSH_BATCH)
+            .due_for_endpoint(endpoint, shared.gateways, shared.clock.now_ms(), PUSH_BATCH)
             .await?;
         if due.is_empty() {
             break;

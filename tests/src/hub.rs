@@ -90,6 +90,9 @@ pub struct Settings {
     /// so private addresses are allowed).
     pub webhook_retry_schedule: relay_svc::webhooks::RetrySchedule,
     pub webhook_timeout_secs: u64,
+    /// The carriers' gateways (SMPP, SMTP); none by default: every channel
+    /// goes to the terminals.
+    pub carrier_gateways: carrier_svc::gateways::GatewayArgs,
 }
 
 impl Default for Settings {
@@ -111,6 +114,7 @@ impl Default for Settings {
             enterprise_rate_per_sec: 0,
             webhook_retry_schedule: relay_svc::webhooks::RetrySchedule::default(),
             webhook_timeout_secs: 15,
+            carrier_gateways: carrier_svc::gateways::GatewayArgs::default(),
         }
     }
 }
@@ -335,6 +339,7 @@ impl Hub {
             shutdown_grace_secs: 5,
             clock: self.settings.clock_args(),
             tls: Default::default(),
+            gateways: self.settings.carrier_gateways.clone(),
         };
         Running::spawn("carrier", listener, |listener, stopped| {
             carrier_svc::run(config, listener, shutdown_on(stopped))

@@ -3,13 +3,16 @@
 //! rolling. What happens to each recipient afterwards is `states.rs`.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use chukei_proto::window::Window;
 use sqlx::{QueryBuilder, Sqlite};
 
 use super::{ROWS_PER_READ, ROWS_PER_STATEMENT, Result, Store, in_list, unreadable};
 use crate::channels::{self, Contact};
-use crate::model::{CHANNEL_EMAIL, CHANNEL_SNS, MessageDeliveries, Outgoing, Slot};
+use crate::model::{
+    CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_SNS, ChannelSet, MessageDeliveries, Outgoing, Slot,
+};
 use crate::packed;
 
 use super::states::State;
@@ -53,14 +56,50 @@ impl Store {
         Ok(in_batch.len() as u64)
     }
 
-    /// Held deliveries due now for users attached at `endpoint`, with the
-    /// subscriber contact details their channel adapters need: targeted
-    /// messages' first (the relay's priority lane), then in arrival order.
+    /// Held deliveries due now for users attached at `endpoint`, on a
+    /// channel no gateway serves (`gateways`), with the subscriber contact
+    /// details their channel adapters need: targeted messages' first (the
+    /// relay's priority lane), then in arrival order.
     pub async fn due_for_endpoint(
         &self,
         endpoint: &str,
+        gateways: ChannelSet,
         now: i64,
         limit: u32,
+    ) -> Result<Vec<Outgoing>> {
+        let mut due = self
+            .due(now, limit, |recipient, attached| {
+                !gateways.contains(recipient.channel)
+                    && attached.get(&recipient.user_id).map(|e| &**e) == Some(endpoint)
+            })
+            .await?;
+        self.fill_contacts(&mut due, false).await?;
+        Ok(due)
+    }
+
+    /// Held deliveries due now on `channel`, whoever they are for and
+    /// wherever their terminal is: what a gateway (SMSC, mail server) takes.
+    pub async fn due_on_channel(
+        &self,
+        channel: i64,
+        now: i64,
+        limit: u32,
+    ) -> Result<Vec<Outgoing>> {
+        let mut due = self
+            .due(now, limit, |recipient, _| recipient.channel == channel)
+            .await?;
+        self.fill_contacts(&mut due, true).await?;
+        Ok(due)
+    }
+
+    /// Up to `limit` held deliveries due now that `wanted` takes (given the
+    /// recipient and where each attached user's terminal is): targeted
+    /// messages' first, then in arrival order.
+    async fn due(
+        &self,
+        now: i64,
+        limit: u32,
+        wanted: impl Fn(&crate::model::Recipient, &HashMap<String, Arc<str>>) -> bool,
     ) -> Result<Vec<Outgoing>> {
         let limit = limit as usize;
         let mut due: Vec<Outgoing> = Vec::new();
@@ -94,7 +133,7 @@ impl Store {
                         }
                         if State::of(row.states[index]) != State::Held
                             || recipient.not_before.max(row.window_open) > now
-                            || attached.get(&recipient.user_id).map(|e| &**e) != Some(endpoint)
+                            || !wanted(&recipient, &attached)
                         {
                             continue;
                         }
@@ -118,42 +157,53 @@ impl Store {
                 }
             }
         }
-        self.fill_contacts(&mut due).await?;
         Ok(due)
     }
 
-    /// Contact details, looked up only for the channels that need them.
-    async fn fill_contacts(&self, due: &mut [Outgoing]) -> Result<()> {
+    /// Contact details, looked up only for the channels that need them (the
+    /// phone number, with `phone`, for SMS on its way to an SMSC: a terminal
+    /// push does not need it).
+    async fn fill_contacts(&self, due: &mut [Outgoing], phone: bool) -> Result<()> {
         let wanted: Vec<&str> = due
             .iter()
-            .filter(|d| d.channel == CHANNEL_EMAIL || d.channel == CHANNEL_SNS)
+            .filter(|d| {
+                matches!(d.channel, CHANNEL_EMAIL | CHANNEL_SNS)
+                    || (phone && d.channel == CHANNEL_SMS)
+            })
             .map(|d| d.user_id.as_str())
             .collect();
         let mut contacts: HashMap<String, Contact> = HashMap::new();
         for chunk in wanted.chunks(ROWS_PER_STATEMENT) {
             let mut query = QueryBuilder::new(
-                "SELECT user_id, email, sns_handle FROM subscribers WHERE user_id",
+                "SELECT user_id, email, sns_handle, phone_number FROM subscribers WHERE user_id",
             );
             in_list(&mut query, chunk.iter().copied());
-            let rows: Vec<(String, String, String)> =
+            let rows: Vec<(String, String, String, String)> =
                 query.build_query_as().fetch_all(&self.pool).await?;
-            for (user_id, email, sns_handle) in rows {
-                contacts.insert(user_id, Contact { email, sns_handle });
+            for (user_id, email, sns_handle, phone_number) in rows {
+                contacts.insert(
+                    user_id,
+                    Contact {
+                        email,
+                        sns_handle,
+                        phone_number,
+                    },
+                );
             }
         }
         for outgoing in due.iter_mut() {
             if let Some(contact) = contacts.get(&outgoing.user_id) {
+                let only = |channel: i64, value: &String| {
+                    if outgoing.channel == channel {
+                        value.clone()
+                    } else {
+                        String::new()
+                    }
+                };
                 outgoing.contact = Contact {
-                    email: if outgoing.channel == CHANNEL_EMAIL {
-                        contact.email.clone()
-                    } else {
-                        String::new()
-                    },
-                    sns_handle: if outgoing.channel == CHANNEL_SNS {
-                        contact.sns_handle.clone()
-                    } else {
-                        String::new()
-                    },
+                    email: only(CHANNEL_EMAIL, &contact.email),
+                    sns_handle: only(CHANNEL_SNS, &contact.sns_handle),
+                    phone_number: only(CHANNEL_SMS, &contact.phone_number),
                 };
             }
         }
@@ -352,10 +402,16 @@ mod tests {
             .await
             .unwrap();
 
-        let due = store.due_for_endpoint("terminals", 3, 10).await.unwrap();
+        let due = store
+            .due_for_endpoint("terminals", ChannelSet::EMPTY, 3, 10)
+            .await
+            .unwrap();
         let ids: Vec<u64> = due.iter().map(|d| d.delivery_id).collect();
         assert_eq!(ids, [51, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
-        let all = store.due_for_endpoint("terminals", 3, 100).await.unwrap();
+        let all = store
+            .due_for_endpoint("terminals", ChannelSet::EMPTY, 3, 100)
+            .await
+            .unwrap();
         assert_eq!(all.len(), 51, "each once");
         store.close().await;
     }
@@ -384,13 +440,16 @@ mod tests {
             "5 seen, 8 new"
         );
 
-        let due = store.due_for_endpoint("terminals", 4, 100).await.unwrap();
+        let due = store
+            .due_for_endpoint("terminals", ChannelSet::EMPTY, 4, 100)
+            .await
+            .unwrap();
         assert_eq!(due.len(), 8);
         let slots: Vec<Slot> = due.iter().map(|d| d.slot).collect();
         store.mark_pushed(&slots).await.unwrap();
         assert!(
             store
-                .due_for_endpoint("terminals", 4, 100)
+                .due_for_endpoint("terminals", ChannelSet::EMPTY, 4, 100)
                 .await
                 .unwrap()
                 .is_empty()
@@ -439,8 +498,14 @@ mod tests {
         assert!(store.outbox_after(0, 100).await.unwrap().is_empty());
 
         // Unconfirmed pushes go out again after a reconnect; expiry closes the rest.
-        store.requeue_unconfirmed("terminals").await.unwrap();
-        let again = store.due_for_endpoint("terminals", 5, 100).await.unwrap();
+        store
+            .requeue_unconfirmed("terminals", ChannelSet::EMPTY)
+            .await
+            .unwrap();
+        let again = store
+            .due_for_endpoint("terminals", ChannelSet::EMPTY, 5, 100)
+            .await
+            .unwrap();
         let ids: Vec<u64> = again.iter().map(|d| d.delivery_id).collect();
         assert_eq!(ids, [4, 5, 7, 8]);
         assert_eq!(store.drop_held(&["u4"]).await.unwrap(), 1);
@@ -485,7 +550,10 @@ mod tests {
         let store = Store::connect(&Store::sqlite_url_in(dir.path()))
             .await
             .unwrap();
-        let due = store.due_for_endpoint("terminals", 1, 100).await.unwrap();
+        let due = store
+            .due_for_endpoint("terminals", ChannelSet::EMPTY, 1, 100)
+            .await
+            .unwrap();
         let mut moved: Vec<(u64, &str)> = due
             .iter()
             .map(|d| (d.delivery_id, d.user_id.as_str()))

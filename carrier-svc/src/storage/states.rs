@@ -11,7 +11,8 @@ use sqlx::{QueryBuilder, Sqlite};
 use super::receipts::{count_moves, queue_receipts, report_closed};
 use super::{ROWS_PER_STATEMENT, Result, Store, in_list, unreadable};
 use crate::model::{
-    CHANNEL_SMS, Receipt, ReceiptKind, Recipient, Slot, TerminalEvent, TerminalEventKind,
+    CHANNEL_SMS, ChannelSet, Receipt, ReceiptKind, Recipient, Slot, TerminalEvent,
+    TerminalEventKind,
 };
 use crate::packed;
 
@@ -28,6 +29,9 @@ pub(super) enum State {
     Unsupported = 5,
     /// The person left the hub before it was pushed.
     Dropped = 6,
+    /// The network (an SMSC, a mail server) refused it or reported it
+    /// undeliverable.
+    Failed = 7,
 }
 
 impl State {
@@ -39,6 +43,7 @@ impl State {
             3 => Self::Opened,
             4 => Self::Expired,
             5 => Self::Unsupported,
+            7 => Self::Failed,
             _ => Self::Dropped,
         }
     }
@@ -118,13 +123,16 @@ impl Store {
         tx.commit().await
     }
 
-    /// Pushed but unconfirmed deliveries of `endpoint`'s users are pushed again.
-    pub async fn requeue_unconfirmed(&self, endpoint: &str) -> Result<()> {
+    /// Pushed but unconfirmed deliveries of `endpoint`'s users are pushed
+    /// again — those on channels a gateway serves wait for the network's
+    /// report instead.
+    pub async fn requeue_unconfirmed(&self, endpoint: &str, gateways: ChannelSet) -> Result<()> {
         let attached = self.attached.read().expect("attachments lock").clone();
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let rows = state_rows(&mut tx, "pushed > 0", &[]).await?;
         change_states(&mut tx, rows, |_, recipient, state| {
             (state == State::Pushed
+                && !gateways.contains(recipient.channel)
                 && attached.get(&recipient.user_id).map(|e| &**e) == Some(endpoint))
             .then_some(State::Held)
         })
@@ -143,59 +151,9 @@ impl Store {
             return Ok(0);
         }
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let decoded = rows_holding(&mut tx, events).await?;
-        let mut place: HashMap<(&str, u64), (usize, usize)> = HashMap::new();
-        for (r, (row, recipients)) in decoded.iter().enumerate() {
-            for (i, recipient) in recipients.iter().enumerate() {
-                place.insert((row.message_id.as_str(), recipient.delivery_id), (r, i));
-            }
-        }
-        let mut states: Vec<Vec<u8>> = decoded.iter().map(|(row, _)| row.states.clone()).collect();
-        let mut moved: Vec<(Moved, &TerminalEvent)> = Vec::new();
-        for event in events {
-            let Some(&(r, i)) = place.get(&(event.message_id.as_str(), event.delivery_id)) else {
-                continue;
-            };
-            let state = State::of(states[r][i]);
-            let steps: &[State] = match (event.kind, state) {
-                (TerminalEventKind::Delivered, s) if s.is_open() => &[State::Delivered],
-                (TerminalEventKind::Read, s) if s.is_open() => &[State::Delivered, State::Opened],
-                (TerminalEventKind::Read, State::Delivered) => &[State::Opened],
-                (TerminalEventKind::Unsupported, s) if s.is_open() => &[State::Unsupported],
-                _ => &[],
-            };
-            let (row, recipients) = &decoded[r];
-            for &to in steps {
-                states[r][i] = to as u8;
-                moved.push((moved_one(row, &recipients[i], to), event));
-            }
-        }
-        let changed: Vec<(i64, Vec<u8>)> = decoded
-            .iter()
-            .zip(states)
-            .filter(|((row, _), states)| row.states != *states)
-            .map(|((row, _), states)| (row.seq, states))
-            .collect();
-        write_states(&mut tx, &changed).await?;
-        let receipts: Vec<Receipt> = moved
-            .iter()
-            .map(|(m, event)| Receipt {
-                seq: 0,
-                delivery_id: m.delivery_id,
-                message_id: m.message_id.clone(),
-                user_id: m.user_id.clone(),
-                kind: receipt_kind(m.to),
-                channel: m.channel,
-                at: event.at,
-                region: event.region.clone(),
-                trace_parent: event.trace_parent.clone(),
-            })
-            .collect();
-        queue_receipts(&mut tx, &receipts).await?;
-        let moved: Vec<Moved> = moved.into_iter().map(|(m, _)| m).collect();
-        count_moves(&mut tx, &moved).await?;
+        let queued = apply_events(&mut tx, events).await?;
         tx.commit().await?;
-        Ok(receipts.len())
+        Ok(queued)
     }
 
     /// Expires deliveries whose expiry passed before the terminal confirmed
@@ -216,6 +174,67 @@ impl Store {
         tx.commit().await?;
         Ok(queued)
     }
+}
+
+/// Applies events in their order inside `tx` (see
+/// [`Store::apply_terminal_events`]); returns how many receipts were queued.
+pub(super) async fn apply_events(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    events: &[TerminalEvent],
+) -> Result<usize> {
+    let decoded = rows_holding(tx, events).await?;
+    let mut place: HashMap<(&str, u64), (usize, usize)> = HashMap::new();
+    for (r, (row, recipients)) in decoded.iter().enumerate() {
+        for (i, recipient) in recipients.iter().enumerate() {
+            place.insert((row.message_id.as_str(), recipient.delivery_id), (r, i));
+        }
+    }
+    let mut states: Vec<Vec<u8>> = decoded.iter().map(|(row, _)| row.states.clone()).collect();
+    let mut moved: Vec<(Moved, &TerminalEvent)> = Vec::new();
+    for event in events {
+        let Some(&(r, i)) = place.get(&(event.message_id.as_str(), event.delivery_id)) else {
+            continue;
+        };
+        let state = State::of(states[r][i]);
+        let steps: &[State] = match (event.kind, state) {
+            (TerminalEventKind::Delivered, s) if s.is_open() => &[State::Delivered],
+            (TerminalEventKind::Read, s) if s.is_open() => &[State::Delivered, State::Opened],
+            (TerminalEventKind::Read, State::Delivered) => &[State::Opened],
+            (TerminalEventKind::Unsupported, s) if s.is_open() => &[State::Unsupported],
+            (TerminalEventKind::Failed, s) if s.is_open() => &[State::Failed],
+            _ => &[],
+        };
+        let (row, recipients) = &decoded[r];
+        for &to in steps {
+            states[r][i] = to as u8;
+            moved.push((moved_one(row, &recipients[i], to), event));
+        }
+    }
+    let changed: Vec<(i64, Vec<u8>)> = decoded
+        .iter()
+        .zip(states)
+        .filter(|((row, _), states)| row.states != *states)
+        .map(|((row, _), states)| (row.seq, states))
+        .collect();
+    write_states(tx, &changed).await?;
+    let receipts: Vec<Receipt> = moved
+        .iter()
+        .map(|(m, event)| Receipt {
+            seq: 0,
+            delivery_id: m.delivery_id,
+            message_id: m.message_id.clone(),
+            user_id: m.user_id.clone(),
+            kind: receipt_kind(m.to),
+            channel: m.channel,
+            at: event.at,
+            region: event.region.clone(),
+            trace_parent: event.trace_parent.clone(),
+        })
+        .collect();
+    queue_receipts(tx, &receipts).await?;
+    let moved: Vec<Moved> = moved.into_iter().map(|(m, _)| m).collect();
+    count_moves(tx, &moved).await?;
+    Ok(receipts.len())
 }
 
 const STATE_COLUMNS: &str = "seq, message_id, single_attempt, sms_segments, recipients, states";
@@ -250,7 +269,7 @@ fn wanted_slot(wanted: &BTreeMap<i64, HashSet<u32>>, slot: Slot) -> bool {
         .is_some_and(|indexes| indexes.contains(&slot.index))
 }
 
-async fn rows_by_seq(
+pub(super) async fn rows_by_seq(
     tx: &mut sqlx::Transaction<'_, Sqlite>,
     wanted: &BTreeMap<i64, HashSet<u32>>,
 ) -> Result<Vec<StateRow>> {
@@ -389,6 +408,6 @@ fn receipt_kind(state: State) -> ReceiptKind {
         State::Opened => ReceiptKind::Opened,
         State::Expired => ReceiptKind::Expired,
         State::Unsupported => ReceiptKind::Unsupported,
-        State::Held | State::Pushed | State::Dropped => ReceiptKind::Failed,
+        State::Held | State::Pushed | State::Dropped | State::Failed => ReceiptKind::Failed,
     }
 }

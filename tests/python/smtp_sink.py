@@ -1,0 +1,78 @@
+"""A mail server for the carrier's e-mail gateway tests, built on aiosmtpd.
+
+Every message it takes is appended to --record as a JSON line: the envelope
+(sender, recipients), the headers that matter (From, To, Subject,
+Message-ID, Content-Type) and each text part, decoded. A recipient whose
+address starts with one of --refuse is refused at RCPT with 550 5.1.1, as a
+mail server refuses a mailbox it does not have. Prints "listening PORT"
+once ready.
+"""
+
+import argparse
+import asyncio
+import email
+import email.policy
+import json
+import socket
+import sys
+
+from aiosmtpd.controller import Controller
+
+
+class Recorder:
+    def __init__(self, record, refuse):
+        self.record = open(record, "a", encoding="utf-8")
+        self.refuse = [prefix for prefix in refuse if prefix]
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if any(address.startswith(prefix) for prefix in self.refuse):
+            return "550 5.1.1 mailbox unavailable"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        message = email.message_from_bytes(envelope.original_content, policy=email.policy.default)
+        parts = {}
+        for part in message.walk():
+            if part.get_content_maintype() == "text":
+                parts[part.get_content_type()] = part.get_content()
+        line = {
+            "mail_from": envelope.mail_from,
+            "rcpt_tos": envelope.rcpt_tos,
+            "from": str(message["From"]),
+            "to": str(message["To"]),
+            "subject": str(message["Subject"]),
+            "message_id": str(message["Message-ID"]),
+            "content_type": message.get_content_type(),
+            "parts": parts,
+        }
+        self.record.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self.record.flush()
+        return "250 Message accepted for delivery"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--record", required=True)
+    parser.add_argument("--refuse", action="append", default=[])
+    args = parser.parse_args()
+    port = args.port
+    if port == 0:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    controller = Controller(Recorder(args.record, args.refuse), hostname="127.0.0.1", port=port)
+    controller.start()
+    print(f"listening {port}", flush=True)
+    try:
+        asyncio.run(asyncio.Event().wait())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        controller.stop()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

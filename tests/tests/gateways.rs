@@ -1,0 +1,412 @@
+//! Real channels at the carrier, on both backends, against servers that are
+//! not ours (`tests/python/`):
+//!
+//! - SMS over SMPP to a scripted SMSC that answers `submit_sm` with hex ids
+//!   and reports receipts naming them in decimal, refuses one number, reports
+//!   another undeliverable and throttles every seventh submit. A long GSM text
+//!   and a Japanese one go to everyone registered; the carrier is killed
+//!   midway and started again. Every delivery is counted exactly once at the
+//!   relay (delivered, or failed for the two numbers), and every text arrives
+//!   whole at the SMSC, its parts put back together by their concatenation
+//!   header.
+//! - E-mail over SMTP to an `aiosmtpd` server that refuses one mailbox: one
+//!   mail per person with the From, To, Subject, Message-ID and body checked;
+//!   the refused mailbox is a FAILED receipt; each mail's open pixel fetched
+//!   is a read counted at the relay, a forged one is refused.
+//!
+//! Needs `CHUKEI_TEST_PYTHON` (a Python with `aiosmtpd`, as `.ci/run`
+//! installs); without it the tests say so and do nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use carrier_svc::gateways::GatewayArgs;
+use chukei_proto::common::v1 as common;
+use chukei_proto::relay::v1 as pb;
+use integration_tests::http::call;
+use integration_tests::process::{Process, free_port};
+use integration_tests::{
+    Backend, Hub, Settings, backend_tests, eventually, registered_users, send_request,
+};
+use serde_json::Value;
+use terminal_sim::fleet::{Fleet, SimUser};
+use terminal_sim::setup::EnterpriseChoice;
+use terminal_sim::terminal::OpenMode;
+
+const PYTHON_ENV: &str = "CHUKEI_TEST_PYTHON";
+const SEED: u64 = 31;
+
+fn python() -> Option<PathBuf> {
+    let python = std::env::var_os(PYTHON_ENV).map(PathBuf::from);
+    if python.is_none() {
+        eprintln!("{PYTHON_ENV} unset: the gateway tests against Python servers are skipped");
+    }
+    python
+}
+
+/// A helper server from `tests/python`, started on `port`.
+fn server(python: &Path, script: &str, port: u16, args: &[String]) -> Process {
+    let path = format!("{}/python/{script}", env!("CARGO_MANIFEST_DIR"));
+    Process::spawn(
+        script,
+        Command::new(python)
+            .arg(path)
+            .args(["--port", &port.to_string()])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit()),
+    )
+    .unwrap()
+}
+
+async fn listening(port: u16) {
+    eventually(
+        "the server listens",
+        Duration::from_secs(30),
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+/// The texts the SMSC took for each number, each put back together from
+/// its parts by their concatenation header (reference, total, number).
+fn texts_by_number(record: &Path) -> HashMap<String, Vec<String>> {
+    let mut whole: HashMap<String, Vec<String>> = HashMap::new();
+    let mut parts: BTreeMap<(String, u64, u64), BTreeMap<u64, String>> = BTreeMap::new();
+    for line in lines(record) {
+        let number = line["destination"].as_str().unwrap().to_owned();
+        let text = line["text"].as_str().unwrap().to_owned();
+        match line["udh"].as_array() {
+            None => whole.entry(number).or_default().push(text),
+            Some(udh) => {
+                let key = (number, udh[0].as_u64().unwrap(), udh[1].as_u64().unwrap());
+                let total = key.2;
+                let of_message = parts.entry(key.clone()).or_default();
+                of_message.insert(udh[2].as_u64().unwrap(), text);
+                if of_message.len() as u64 == total {
+                    let text: String = of_message.values().cloned().collect();
+                    parts.remove(&key);
+                    whole.entry(key.0).or_default().push(text);
+                }
+            }
+        }
+    }
+    whole
+}
+
+fn number_of(user: &SimUser) -> String {
+    user.phone_number.trim_start_matches('+').to_owned()
+}
+
+async fn sms_through_an_smsc_counted_once_across_a_carrier_kill(backend: Backend) {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let smsc_port = free_port().unwrap();
+    let settings = Settings {
+        carrier_gateways: GatewayArgs {
+            smpp_url: Some(format!("smpp://127.0.0.1:{smsc_port}")),
+            smpp_system_id: "chukei".into(),
+            smpp_password: "secret".into(),
+            smpp_source_addr: "ShopNews".into(),
+            smpp_window: 8,
+            smpp_max_per_sec: 400,
+            ..GatewayArgs::default()
+        },
+        ..Settings::default()
+    };
+    let Some(mut hub) = Hub::start_settings(backend, &["alpha"], settings)
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
+    let fleet = Fleet::generate(SEED, 150, &["alpha".into()]).with_every_channel();
+    hub.start_fleet(
+        fleet.clone(),
+        vec![EnterpriseChoice {
+            enterprise_id: shop.clone(),
+            service_ids: vec![],
+        }],
+        OpenMode::Never,
+    )
+    .await
+    .unwrap();
+    let mut registered: Vec<SimUser> = registered_users(&fleet, &shop).into_values().collect();
+    registered.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    let (refused, undeliverable) = (&registered[0], &registered[1]);
+    let record = dir.path().join("smsc.jsonl");
+    let _smsc = server(
+        &python,
+        "smsc.py",
+        smsc_port,
+        &[
+            "--ids".into(),
+            "hex".into(),
+            "--cross-base".into(),
+            "--refuse".into(),
+            number_of(refused),
+            "--undeliverable".into(),
+            number_of(undeliverable),
+            "--throttle-every".into(),
+            "7".into(),
+            "--record".into(),
+            record.display().to_string(),
+        ],
+    );
+    listening(smsc_port).await;
+
+    let long = "Autumn sale: everything [20%] off, €5 vouchers for members. ".repeat(6);
+    let japanese = "秋のセール開催中です。会員の皆様には特別クーポンをお届けします。".repeat(3);
+    let mut client = hub.enterprise(&key).await.unwrap();
+    let mut ids = Vec::new();
+    for (idempotency_key, text) in [("long", &long), ("japanese", &japanese)] {
+        let sent = client
+            .send_message(send_request(
+                idempotency_key,
+                pb::target::Kind::AllRegistered(true),
+                text,
+                common::Channel::Sms,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(sent.message_id);
+    }
+
+    // Midway: a third of the parts at the SMSC, then the carrier dies.
+    let parts_expected = registered.len() * (3 + 3);
+    eventually(
+        "a third of the parts at the SMSC",
+        Duration::from_secs(60),
+        || {
+            let record = record.clone();
+            async move { (lines(&record).len() >= parts_expected / 3).then_some(()) }
+        },
+    )
+    .await;
+    hub.kill_carrier("alpha").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    hub.restart_carrier("alpha").await.unwrap();
+
+    for message_id in &ids {
+        let status = hub
+            .wait_for_message(&key, message_id, |s| {
+                s.matched > 0 && s.delivered + s.failed == s.matched
+            })
+            .await;
+        assert_eq!(status.matched as usize, registered.len());
+        assert_eq!(status.handed_over, status.matched);
+        assert_eq!(status.failed, 2, "the refused and the undeliverable number");
+        assert_eq!(status.delivered, status.matched - 2);
+    }
+    // Nothing more arrives later: counted once.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for message_id in &ids {
+        let status = hub.wait_for_message(&key, message_id, |_| true).await;
+        assert_eq!((status.delivered, status.failed), (status.matched - 2, 2));
+    }
+
+    let texts = texts_by_number(&record);
+    for user in &registered {
+        let got = texts.get(&number_of(user)).cloned().unwrap_or_default();
+        if user.user_id == refused.user_id {
+            assert!(got.is_empty(), "the refused number took nothing");
+            continue;
+        }
+        for text in [&long, &japanese] {
+            assert!(
+                got.contains(text),
+                "{} did not get the text whole: {got:?}",
+                user.user_id
+            );
+        }
+    }
+    let codings: Vec<u64> = lines(&record)
+        .iter()
+        .map(|l| l["data_coding"].as_u64().unwrap())
+        .collect();
+    assert!(
+        codings.contains(&0) && codings.contains(&8),
+        "GSM 7-bit and UCS-2 both used"
+    );
+}
+
+async fn email_through_a_mail_server_with_signed_open_pixels(backend: Backend) {
+    let Some(python) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let smtp_port = free_port().unwrap();
+    let tracking_port = free_port().unwrap();
+    let settings = Settings {
+        carrier_gateways: GatewayArgs {
+            smtp_url: Some(format!("smtp://127.0.0.1:{smtp_port}")),
+            mail_from: "Shop News <news@mail.chukei.test>".into(),
+            tracking_listen: Some(([127, 0, 0, 1], tracking_port).into()),
+            tracking_url: format!("http://127.0.0.1:{tracking_port}"),
+            tracking_secret: "a tracking secret of at least 32 chars".into(),
+            ..GatewayArgs::default()
+        },
+        ..Settings::default()
+    };
+    let Some(mut hub) = Hub::start_settings(backend, &["alpha"], settings)
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
+    let fleet = Fleet::generate(SEED, 60, &["alpha".into()]).with_every_channel();
+    hub.start_fleet(
+        fleet.clone(),
+        vec![EnterpriseChoice {
+            enterprise_id: shop.clone(),
+            service_ids: vec![],
+        }],
+        OpenMode::Never,
+    )
+    .await
+    .unwrap();
+    let registered = registered_users(&fleet, &shop);
+    let refused = registered.values().min_by_key(|u| &u.user_id).unwrap();
+    let record = dir.path().join("mail.jsonl");
+    let _smtp = server(
+        &python,
+        "smtp_sink.py",
+        smtp_port,
+        &[
+            "--record".into(),
+            record.display().to_string(),
+            "--refuse".into(),
+            refused.email.clone(),
+        ],
+    );
+    listening(smtp_port).await;
+
+    let mut request = send_request(
+        "mail",
+        pb::target::Kind::AllRegistered(true),
+        "Our autumn collection is here.\nSee you soon!",
+        common::Channel::Email,
+    );
+    let content = request.content.as_mut().unwrap();
+    content.subject = "Autumn collection".into();
+    content.media_url = "https://shop.example/autumn.png".into();
+    let mut client = hub.enterprise(&key).await.unwrap();
+    let message_id = client
+        .send_message(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .message_id;
+    let status = hub
+        .wait_for_message(&key, &message_id, |s| {
+            s.matched > 0 && s.delivered + s.failed == s.matched
+        })
+        .await;
+    assert_eq!(status.matched as usize, registered.len());
+    assert_eq!(status.failed, 1, "the refused mailbox");
+    assert_eq!(status.opened, 0);
+
+    let mails = lines(&record);
+    assert_eq!(
+        mails.len(),
+        registered.len() - 1,
+        "one mail per person taken"
+    );
+    let by_address: HashMap<&str, &SimUser> =
+        registered.values().map(|u| (u.email.as_str(), u)).collect();
+    let mut pixels = Vec::new();
+    for mail in &mails {
+        let to = mail["rcpt_tos"][0].as_str().unwrap();
+        assert!(
+            by_address.contains_key(to),
+            "a mail to an address nobody gave"
+        );
+        assert_eq!(mail["to"], to);
+        assert_eq!(mail["from"], "Shop News <news@mail.chukei.test>");
+        assert_eq!(mail["subject"], "Autumn collection");
+        let id = mail["message_id"].as_str().unwrap();
+        assert!(
+            id.starts_with("<d") && id.ends_with(&format!(".{message_id}@mail.chukei.test>")),
+            "Message-ID {id}"
+        );
+        let plain = mail["parts"]["text/plain"]
+            .as_str()
+            .unwrap()
+            .replace("\r\n", "\n");
+        assert!(plain.starts_with("Our autumn collection is here.\nSee you soon!"));
+        let html = mail["parts"]["text/html"].as_str().unwrap();
+        assert!(html.contains("Our autumn collection is here.<br>See you soon!"));
+        let pixel = html
+            .split("<img src=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap();
+        let click = html
+            .split("<a href=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap()
+            .replace("&amp;", "&");
+        pixels.push((pixel.to_owned(), click));
+    }
+
+    let tracking = format!("http://127.0.0.1:{tracking_port}");
+    let path = |url: &str| url.strip_prefix(&tracking).unwrap().to_owned();
+    // A guessed link: one character of a real one's signature changed.
+    let (first, _) = &pixels[0];
+    let mut forged = path(first).into_bytes();
+    let tag_at = forged[..forged.len() - 4]
+        .iter()
+        .rposition(|&b| b == b'.')
+        .unwrap()
+        + 1;
+    forged[tag_at] = if forged[tag_at] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    let reply = call(&tracking, "GET", &forged, &[], None).await;
+    assert_eq!(reply.status, 404);
+    for (pixel, _) in &pixels {
+        let reply = call(&tracking, "GET", &path(pixel), &[], None).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("content-type"), Some("image/gif"));
+    }
+    let (_, click) = &pixels[1];
+    let reply = call(&tracking, "GET", &path(click), &[], None).await;
+    assert_eq!(reply.status, 302);
+    assert_eq!(
+        reply.header("location"),
+        Some("https://shop.example/autumn.png")
+    );
+
+    let status = hub
+        .wait_for_message(&key, &message_id, |s| s.opened == s.delivered)
+        .await;
+    assert_eq!(status.opened as usize, registered.len() - 1);
+    // A second fetch of a pixel is the same read.
+    let (pixel, _) = &pixels[2];
+    call(&tracking, "GET", &path(pixel), &[], None).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = hub.wait_for_message(&key, &message_id, |_| true).await;
+    assert_eq!(status.opened as usize, registered.len() - 1);
+    hub.shutdown().await.unwrap();
+}
+
+backend_tests!(
+    sms_through_an_smsc_counted_once_across_a_carrier_kill,
+    email_through_a_mail_server_with_signed_open_pixels,
+);
