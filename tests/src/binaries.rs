@@ -63,7 +63,40 @@ pub struct BinaryHub {
     pub enterprise: pb::CreateEnterpriseResponse,
     relay: Process,
     carriers: Vec<Process>,
+    /// How each carrier was started (to start it again after a kill).
+    carrier_launches: Vec<CarrierLaunch>,
     fleet: Process,
+}
+
+/// A carrier process's command line and environment.
+struct CarrierLaunch {
+    carrier_id: &'static str,
+    url: String,
+    args: Vec<std::ffi::OsString>,
+    env: Vec<(String, String)>,
+    log: Option<PathBuf>,
+}
+
+impl CarrierLaunch {
+    fn spawn(&self) -> anyhow::Result<Process> {
+        let stderr = match &self.log {
+            Some(log) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)?,
+            ),
+            None => Stdio::null(),
+        };
+        Process::spawn(
+            self.carrier_id,
+            Command::new(test_binary("carrier-svc")?)
+                .args(&self.args)
+                .envs(self.env.iter().cloned())
+                .stdout(Stdio::null())
+                .stderr(stderr),
+        )
+    }
 }
 
 impl BinaryHub {
@@ -112,22 +145,48 @@ impl BinaryHub {
             .into_inner();
 
         let mut carriers = Vec::new();
+        let mut carrier_launches = Vec::new();
         let mut carrier_flags = Vec::new();
         for carrier_id in &launch.carriers {
             let port = free_port()?;
             let url = format!("http://127.0.0.1:{port}");
             let token = format!("binaries-{carrier_id}-token-0123456789");
-            let mut command = Command::new(test_binary("carrier-svc")?);
-            command
-                .args(["--listen", &format!("127.0.0.1:{port}")])
-                .args(["--carrier-id", carrier_id, "--relay-url", &relay_url])
-                .arg("--data-dir")
-                .arg(dir.path().join(carrier_id))
-                .args(&launch.carrier_args)
-                .env("CHUKEI_CARRIER_TOKEN", &token)
-                .env("CHUKEI_CARRIER_RELAY_TOKEN", DELIVER_TOKEN)
-                .env("CHUKEI_CARRIER_ADMIN_TOKEN", CARRIER_ADMIN_TOKEN);
-            carriers.push(spawn(carrier_id, &mut command, &launch.carrier_env)?);
+            let mut args: Vec<std::ffi::OsString> = vec![
+                "--listen".into(),
+                format!("127.0.0.1:{port}").into(),
+                "--carrier-id".into(),
+                (*carrier_id).into(),
+                "--relay-url".into(),
+                relay_url.clone().into(),
+                "--data-dir".into(),
+                dir.path().join(carrier_id).into(),
+            ];
+            args.extend(launch.carrier_args.iter().map(Into::into));
+            let mut env = launch.env.clone();
+            env.extend([
+                ("CHUKEI_CARRIER_TOKEN".to_owned(), token.clone()),
+                (
+                    "CHUKEI_CARRIER_RELAY_TOKEN".to_owned(),
+                    DELIVER_TOKEN.to_owned(),
+                ),
+                (
+                    "CHUKEI_CARRIER_ADMIN_TOKEN".to_owned(),
+                    CARRIER_ADMIN_TOKEN.to_owned(),
+                ),
+            ]);
+            env.extend(launch.carrier_env.iter().cloned());
+            let carrier = CarrierLaunch {
+                carrier_id,
+                url: url.clone(),
+                args,
+                env,
+                log: launch
+                    .logs
+                    .as_ref()
+                    .map(|logs| logs.join(format!("{carrier_id}.log"))),
+            };
+            carriers.push(carrier.spawn()?);
+            carrier_launches.push(carrier);
             wait_healthy(&url).await?;
             admin
                 .register_carrier(pb::RegisterCarrierRequest {
@@ -163,8 +222,24 @@ impl BinaryHub {
             enterprise,
             relay,
             carriers,
+            carrier_launches,
             fleet,
         })
+    }
+
+    /// SIGKILL to the `index`th carrier, then the same command line again
+    /// after `down` (its database and data directory stay); returns once it
+    /// is healthy.
+    pub async fn kill_and_restart_carrier(
+        &mut self,
+        index: usize,
+        down: Duration,
+    ) -> anyhow::Result<()> {
+        self.carriers.remove(index).kill();
+        tokio::time::sleep(down).await;
+        let launch = &self.carrier_launches[index];
+        self.carriers.insert(index, launch.spawn()?);
+        wait_healthy(&launch.url).await
     }
 
     /// SIGTERM to the fleet, the carriers, then the relay (so nobody sees its

@@ -16,6 +16,7 @@ pub mod chaos;
 pub mod http;
 mod hub;
 pub mod latency;
+pub mod peers;
 pub mod process;
 mod running;
 pub mod scene;

@@ -53,6 +53,14 @@ impl Process {
         })
     }
 
+    /// A child started elsewhere (to read its output), killed if dropped.
+    pub fn adopt(name: &str, child: Child) -> Self {
+        Self {
+            name: name.to_owned(),
+            child: Some(child),
+        }
+    }
+
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -63,6 +71,14 @@ impl Process {
         self.child
             .as_mut()
             .is_none_or(|child| child.try_wait().ok().flatten().is_some())
+    }
+
+    /// SIGKILL, and waits until it is gone.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// SIGTERM, then its exit status; killed and an error after `grace`.

@@ -17,96 +17,30 @@
 //! Needs `CHUKEI_TEST_PYTHON` (a Python with `aiosmtpd`, as `.ci/run`
 //! installs); without it the tests say so and do nothing.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::collections::HashMap;
+use std::path::Path;
 use std::time::Duration;
 
 use carrier_svc::gateways::GatewayArgs;
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
 use integration_tests::http::call;
+use integration_tests::peers::{helper, lines, listening, python, texts_by_number};
 use integration_tests::process::{Process, free_port};
 use integration_tests::{
     Backend, Hub, Settings, backend_tests, eventually, registered_users, send_request,
 };
-use serde_json::Value;
 use terminal_sim::fleet::{Fleet, SimUser};
 use terminal_sim::setup::EnterpriseChoice;
 use terminal_sim::terminal::OpenMode;
 
-const PYTHON_ENV: &str = "CHUKEI_TEST_PYTHON";
 const SEED: u64 = 31;
 
-fn python() -> Option<PathBuf> {
-    let python = std::env::var_os(PYTHON_ENV).map(PathBuf::from);
-    if python.is_none() {
-        eprintln!("{PYTHON_ENV} unset: the gateway tests against Python servers are skipped");
-    }
-    python
-}
-
-/// A helper server from `tests/python`, started on `port`.
+/// A helper server on `port`.
 fn server(python: &Path, script: &str, port: u16, args: &[String]) -> Process {
-    let path = format!("{}/python/{script}", env!("CARGO_MANIFEST_DIR"));
-    Process::spawn(
-        script,
-        Command::new(python)
-            .arg(path)
-            .args(["--port", &port.to_string()])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit()),
-    )
-    .unwrap()
-}
-
-async fn listening(port: u16) {
-    eventually(
-        "the server listens",
-        Duration::from_secs(30),
-        || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-                .then_some(())
-        },
-    )
-    .await;
-}
-
-fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect()
-}
-
-/// The texts the SMSC took for each number, each put back together from
-/// its parts by their concatenation header (reference, total, number).
-fn texts_by_number(record: &Path) -> HashMap<String, Vec<String>> {
-    let mut whole: HashMap<String, Vec<String>> = HashMap::new();
-    let mut parts: BTreeMap<(String, u64, u64), BTreeMap<u64, String>> = BTreeMap::new();
-    for line in lines(record) {
-        let number = line["destination"].as_str().unwrap().to_owned();
-        let text = line["text"].as_str().unwrap().to_owned();
-        match line["udh"].as_array() {
-            None => whole.entry(number).or_default().push(text),
-            Some(udh) => {
-                let key = (number, udh[0].as_u64().unwrap(), udh[1].as_u64().unwrap());
-                let total = key.2;
-                let of_message = parts.entry(key.clone()).or_default();
-                of_message.insert(udh[2].as_u64().unwrap(), text);
-                if of_message.len() as u64 == total {
-                    let text: String = of_message.values().cloned().collect();
-                    parts.remove(&key);
-                    whole.entry(key.0).or_default().push(text);
-                }
-            }
-        }
-    }
-    whole
+    let mut all = vec!["--port".to_owned(), port.to_string()];
+    all.extend_from_slice(args);
+    helper(python, script, &all)
 }
 
 fn number_of(user: &SimUser) -> String {
@@ -114,7 +48,9 @@ fn number_of(user: &SimUser) -> String {
 }
 
 async fn sms_through_an_smsc_counted_once_across_a_carrier_kill(backend: Backend) {
-    let Some(python) = python() else { return };
+    let Some(python) = python("the gateway tests against Python servers") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let smsc_port = free_port().unwrap();
     let settings = Settings {
@@ -169,7 +105,7 @@ async fn sms_through_an_smsc_counted_once_across_a_carrier_kill(backend: Backend
             record.display().to_string(),
         ],
     );
-    listening(smsc_port).await;
+    listening(smsc_port, Duration::from_secs(30)).await;
 
     let long = "Autumn sale: everything [20%] off, €5 vouchers for members. ".repeat(6);
     let japanese = "秋のセール開催中です。会員の皆様には特別クーポンをお届けします。".repeat(3);
@@ -248,7 +184,9 @@ async fn sms_through_an_smsc_counted_once_across_a_carrier_kill(backend: Backend
 }
 
 async fn email_through_a_mail_server_with_signed_open_pixels(backend: Backend) {
-    let Some(python) = python() else { return };
+    let Some(python) = python("the gateway tests against Python servers") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let smtp_port = free_port().unwrap();
     let tracking_port = free_port().unwrap();
@@ -295,7 +233,7 @@ async fn email_through_a_mail_server_with_signed_open_pixels(backend: Backend) {
             refused.email.clone(),
         ],
     );
-    listening(smtp_port).await;
+    listening(smtp_port, Duration::from_secs(30)).await;
 
     let mut request = send_request(
         "mail",
