@@ -17,7 +17,7 @@ CREATE TABLE gateway_parts (
     delivery_id  BIGINT NOT NULL,
     part         BIGINT NOT NULL,
     parts        BIGINT NOT NULL,
-    -- 0 submitted, 1 delivered, 2 failed, 3 read.
+    -- 0 submitted, 1 delivered, 2 failed (refused, undeliverable, bounced), 3 read.
     outcome      BIGINT NOT NULL DEFAULT 0,
     -- The network's own words for a failure (an SMPP status or receipt state,
     -- an SMTP reply): never personal data.
@@ -25,7 +25,8 @@ CREATE TABLE gateway_parts (
     submitted_at BIGINT NOT NULL,
     PRIMARY KEY (gateway, external_id)
 );
-CREATE INDEX gateway_parts_by_delivery ON gateway_parts (message_id, delivery_id);
+-- Receipts and bounces find a delivery's parts by its (hub-wide unique) id.
+CREATE INDEX gateway_parts_by_delivery ON gateway_parts (delivery_id, message_id);
 
 -- Reports about ids not (yet) in `gateway_parts`: an SMSC may send a receipt
 -- before its submit response has been recorded here. Applied as soon as the

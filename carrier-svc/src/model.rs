@@ -125,6 +125,8 @@ pub enum TerminalEventKind {
     Unsupported,
     /// The network refused it or reported it undeliverable (gateways only).
     Failed,
+    /// A mail the server had accepted came back: failed even if delivered.
+    Bounced,
 }
 
 /// What a terminal reported about one delivery.

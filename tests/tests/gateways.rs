@@ -9,10 +9,13 @@
 //!   relay (delivered, or failed for the two numbers), and every text arrives
 //!   whole at the SMSC, its parts put back together by their concatenation
 //!   header.
-//! - E-mail over SMTP to an `aiosmtpd` server that refuses one mailbox: one
-//!   mail per person with the From, To, Subject, Message-ID and body checked;
-//!   the refused mailbox is a FAILED receipt; each mail's open pixel fetched
-//!   is a read counted at the relay, a forged one is refused.
+//! - E-mail over SMTP to an `aiosmtpd` server that refuses one mailbox and
+//!   accepts another only to bounce it later (a DSN to the mail's signed
+//!   envelope sender, through the carrier's bounce receiver): one mail per
+//!   person with the From, To, Subject, Message-ID and body checked; the
+//!   refused and the bounced mailbox are FAILED receipts, a forged bounce
+//!   address is refused; each mail's open pixel fetched is a read counted at
+//!   the relay, a forged one is refused.
 //!
 //! Needs `CHUKEI_TEST_PYTHON` (a Python with `aiosmtpd`, as `.ci/run`
 //! installs); without it the tests say so and do nothing.
@@ -190,6 +193,7 @@ async fn email_through_a_mail_server_with_signed_open_pixels(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let smtp_port = free_port().unwrap();
     let tracking_port = free_port().unwrap();
+    let bounce_port = free_port().unwrap();
     let settings = Settings {
         carrier_gateways: GatewayArgs {
             smtp_url: Some(format!("smtp://127.0.0.1:{smtp_port}")),
@@ -197,6 +201,8 @@ async fn email_through_a_mail_server_with_signed_open_pixels(backend: Backend) {
             tracking_listen: Some(([127, 0, 0, 1], tracking_port).into()),
             tracking_url: format!("http://127.0.0.1:{tracking_port}"),
             tracking_secret: "a tracking secret of at least 32 chars".into(),
+            bounce_listen: Some(([127, 0, 0, 1], bounce_port).into()),
+            bounce_domain: "bounces.chukei.test".into(),
             ..GatewayArgs::default()
         },
         ..Settings::default()
@@ -220,7 +226,9 @@ async fn email_through_a_mail_server_with_signed_open_pixels(backend: Backend) {
     .await
     .unwrap();
     let registered = registered_users(&fleet, &shop);
-    let refused = registered.values().min_by_key(|u| &u.user_id).unwrap();
+    let mut by_id: Vec<&SimUser> = registered.values().collect();
+    by_id.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    let (refused, bounced) = (by_id[0], by_id[1]);
     let record = dir.path().join("mail.jsonl");
     let _smtp = server(
         &python,
@@ -231,6 +239,10 @@ async fn email_through_a_mail_server_with_signed_open_pixels(backend: Backend) {
             record.display().to_string(),
             "--refuse".into(),
             refused.email.clone(),
+            "--bounce".into(),
+            bounced.email.clone(),
+            "--bounce-relay".into(),
+            format!("127.0.0.1:{bounce_port}"),
         ],
     );
     listening(smtp_port, Duration::from_secs(30)).await;
@@ -251,14 +263,23 @@ async fn email_through_a_mail_server_with_signed_open_pixels(backend: Backend) {
         .unwrap()
         .into_inner()
         .message_id;
+    // The bounced mail was delivered (accepted) first, then failed.
     let status = hub
         .wait_for_message(&key, &message_id, |s| {
-            s.matched > 0 && s.delivered + s.failed == s.matched
+            s.matched > 0 && s.delivered + s.failed == s.matched + 1
         })
         .await;
     assert_eq!(status.matched as usize, registered.len());
-    assert_eq!(status.failed, 1, "the refused mailbox");
+    assert_eq!(status.failed, 2, "the refused and the bounced mailbox");
+    assert_eq!(status.delivered, status.matched - 1);
     assert_eq!(status.opened, 0);
+    // Mail for every other mailbox went with a signed envelope sender.
+    let mails = lines(&record);
+    let sender = mails[0]["mail_from"].as_str().unwrap();
+    assert!(sender.starts_with('b') && sender.ends_with("@bounces.chukei.test"));
+    // A bounce to an address nobody signed fails nothing.
+    let refusal = smtp_rcpt(bounce_port, "b1.00000000000000000000@bounces.chukei.test").await;
+    assert!(refusal.starts_with("550"), "{refusal}");
 
     let mails = lines(&record);
     assert_eq!(
@@ -331,17 +352,46 @@ async fn email_through_a_mail_server_with_signed_open_pixels(backend: Backend) {
         Some("https://shop.example/autumn.png")
     );
 
+    // Every mail's pixel was fetched, the bounced one's too: a mail that
+    // came back was never read, so that one counts nothing.
+    let readers = registered.len() - 2;
     let status = hub
-        .wait_for_message(&key, &message_id, |s| s.opened == s.delivered)
+        .wait_for_message(&key, &message_id, |s| s.opened as usize == readers)
         .await;
-    assert_eq!(status.opened as usize, registered.len() - 1);
+    assert_eq!(status.opened, status.delivered - 1);
     // A second fetch of a pixel is the same read.
     let (pixel, _) = &pixels[2];
     call(&tracking, "GET", &path(pixel), &[], None).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let status = hub.wait_for_message(&key, &message_id, |_| true).await;
-    assert_eq!(status.opened as usize, registered.len() - 1);
+    assert_eq!(status.opened as usize, readers);
     hub.shutdown().await.unwrap();
+}
+
+/// What an SMTP server on `port` answers to `RCPT TO:<address>`.
+async fn smtp_rcpt(port: u16, address: &str) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let mut line = String::new();
+    let answer = async |read: &mut BufReader<_>, line: &mut String| {
+        line.clear();
+        read.read_line(line).await.unwrap();
+        line.clone()
+    };
+    answer(&mut read, &mut line).await;
+    for command in ["EHLO test\r\n", "MAIL FROM:<>\r\n"] {
+        write.write_all(command.as_bytes()).await.unwrap();
+        answer(&mut read, &mut line).await;
+    }
+    write
+        .write_all(format!("RCPT TO:<{address}>\r\n").as_bytes())
+        .await
+        .unwrap();
+    answer(&mut read, &mut line).await
 }
 
 backend_tests!(

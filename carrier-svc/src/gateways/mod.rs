@@ -17,6 +17,7 @@
 //! Phone numbers and addresses go to the network and nowhere else: never
 //! into logs, metrics or the relay.
 
+pub mod bounces;
 pub mod smpp;
 pub mod smtp;
 pub mod tracking;
@@ -119,8 +120,9 @@ pub struct GatewayArgs {
     #[arg(long, env = "CHUKEI_CARRIER_TRACKING_URL", default_value = "")]
     pub tracking_url: String,
 
-    /// The key tracking links are signed with (at least 32 characters), so
-    /// a guessed link cannot fake a read.
+    /// The key tracking links and bounce addresses are signed with (at
+    /// least 32 characters), so a guessed link cannot fake a read nor a
+    /// forged bounce fail a delivery.
     #[arg(
         long,
         env = "CHUKEI_CARRIER_TRACKING_SECRET",
@@ -128,6 +130,17 @@ pub struct GatewayArgs {
         hide_env_values = true
     )]
     pub tracking_secret: String,
+
+    /// Where bounces of accepted mail are received (SMTP): route
+    /// `--bounce-domain` here. Unset: only refusals in the SMTP transaction
+    /// fail a mail.
+    #[arg(long, env = "CHUKEI_CARRIER_BOUNCE_LISTEN")]
+    pub bounce_listen: Option<SocketAddr>,
+
+    /// The domain of the signed envelope senders (VERP) mails go with, e.g.
+    /// `bounces.carrier.example`; its mail must reach `--bounce-listen`.
+    #[arg(long, env = "CHUKEI_CARRIER_BOUNCE_DOMAIN", default_value = "")]
+    pub bounce_domain: String,
 }
 
 impl Default for GatewayArgs {
@@ -149,6 +162,8 @@ impl Default for GatewayArgs {
             tracking_listen: None,
             tracking_url: String::new(),
             tracking_secret: String::new(),
+            bounce_listen: None,
+            bounce_domain: String::new(),
         }
     }
 }
@@ -162,10 +177,30 @@ impl GatewayArgs {
         if let Some(url) = &self.smtp_url {
             smtp::SmtpSettings::from_args(self, url)?;
         }
-        if self.tracking_listen.is_some() || !self.tracking_url.is_empty() {
+        if self.bounce_listen.is_some() == self.bounce_domain.is_empty() {
+            anyhow::bail!("--bounce-domain: needed with --bounce-listen, and only with it");
+        }
+        if !self.bounce_domain.is_empty()
+            && !self.bounce_domain.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
+        {
+            anyhow::bail!("--bounce-domain: must be a domain name, e.g. bounces.carrier.example");
+        }
+        if self.signs() {
             tracking::Signer::from_args(self)?;
         }
         Ok(())
+    }
+
+    /// Whether anything is signed: tracking links or bounce addresses.
+    fn signs(&self) -> bool {
+        self.tracking_listen.is_some()
+            || !self.tracking_url.is_empty()
+            || self.bounce_listen.is_some()
     }
 
     /// The channels a gateway serves (the terminals get the others).
@@ -202,6 +237,9 @@ pub enum Outcome {
     Delivered = 1,
     Failed = 2,
     Read = 3,
+    /// A mail the server had accepted came back: a failure even after
+    /// its delivery.
+    Bounced = 4,
 }
 
 /// A report from a network, with who to tell once it is stored.
@@ -306,10 +344,10 @@ pub async fn start(shared: &Shared, args: &GatewayArgs) -> anyhow::Result<Option
     }
     if let Some(url) = &args.smtp_url {
         let (reports, received) = mpsc::channel(4096);
-        let signer = if args.tracking_url.is_empty() {
-            None
-        } else {
+        let signer = if args.signs() {
             Some(tracking::Signer::from_args(args)?)
+        } else {
+            None
         };
         if let (Some(addr), Some(signer)) = (args.tracking_listen, &signer) {
             let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -318,6 +356,17 @@ pub async fn start(shared: &Shared, args: &GatewayArgs) -> anyhow::Result<Option
             shared.tasks.spawn(tracking::serve(
                 listener,
                 signer.clone(),
+                reports.clone(),
+                shared.cancel.clone(),
+            ));
+        }
+        if let (Some(addr), Some(signer)) = (args.bounce_listen, &signer) {
+            let listener = tokio::net::TcpListener::bind(addr).await?;
+            tracing::info!(addr = %listener.local_addr()?, "bounce receiver listening");
+            shared.tasks.spawn(bounces::serve(
+                listener,
+                signer.clone(),
+                shared.store.clone(),
                 reports.clone(),
                 shared.cancel.clone(),
             ));
@@ -527,6 +576,7 @@ impl Outcome {
             Self::Delivered => "delivered",
             Self::Failed => "failed",
             Self::Read => "read",
+            Self::Bounced => "bounced",
         }
     }
 }

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use lettre::address::Envelope;
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -27,6 +28,9 @@ pub struct SmtpSettings {
     from: Mailbox,
     /// The From's domain: names the Message-IDs.
     domain: String,
+    /// The domain of signed envelope senders (bounces come back there);
+    /// empty: the From is the envelope sender.
+    bounce_domain: String,
 }
 
 impl SmtpSettings {
@@ -50,6 +54,7 @@ impl SmtpSettings {
             password: args.smtp_password.clone(),
             from,
             domain,
+            bounce_domain: args.bounce_domain.clone(),
         })
     }
 }
@@ -104,6 +109,16 @@ impl Smtp {
             return Handed::Refused("the subscriber's e-mail address is not valid".into());
         };
         let (plain, html) = self.bodies(&id, &outgoing.text, &rendered.media_url);
+        let envelope_sender = match &self.signer {
+            Some(signer) if !self.settings.bounce_domain.is_empty() => signer
+                .bounce_address(outgoing.delivery_id, &self.settings.bounce_domain)
+                .parse()
+                .ok(),
+            _ => Some(self.settings.from.email.clone()),
+        };
+        let Ok(envelope) = Envelope::new(envelope_sender, vec![to.email.clone()]) else {
+            return Handed::Refused("no envelope for the mail".into());
+        };
         let message = Message::builder()
             .from(self.settings.from.clone())
             .to(to)
@@ -114,7 +129,10 @@ impl Smtp {
             Ok(message) => message,
             Err(error) => return Handed::Refused(format!("the mail could not be built: {error}")),
         };
-        let sent = self.transport.send(message).await;
+        let sent = self
+            .transport
+            .send_raw(&envelope, &message.formatted())
+            .await;
         match sent {
             Ok(response) => {
                 self.count(&response.code().to_string());
@@ -137,7 +155,8 @@ impl Smtp {
     /// The text and HTML parts: the message, its media link (through the
     /// carrier when tracked) and, when tracked, the open pixel.
     fn bodies(&self, id: &str, text: &str, media_url: &str) -> (String, String) {
-        let link = match (&self.signer, media_url) {
+        let signer = self.signer.as_ref().filter(|signer| signer.tracks());
+        let link = match (signer, media_url) {
             (_, "") => None,
             (Some(signer), url) => Some(signer.click_url(id, url)),
             (None, url) => Some(url.to_owned()),
@@ -156,7 +175,7 @@ impl Smtp {
                 escape(media_url)
             ));
         }
-        if let Some(signer) = &self.signer {
+        if let Some(signer) = signer {
             html.push_str(&format!(
                 "<img src=\"{}\" width=\"1\" height=\"1\" alt=\"\">",
                 escape(&signer.open_url(id))

@@ -36,12 +36,20 @@ const PIXEL: &[u8] = &[
 
 /// Bytes of the HMAC kept in a link.
 const TAG_BYTES: usize = 16;
+/// Bytes of the HMAC kept in a bounce address (a local part holds 64
+/// characters at most).
+const BOUNCE_TAG_BYTES: usize = 10;
 
 impl Signer {
-    /// The `--tracking-*` flags, each error naming its flag.
+    /// The `--tracking-*` flags, each error naming its flag (the URL only
+    /// when links are served).
     pub fn from_args(args: &GatewayArgs) -> anyhow::Result<Self> {
         let base = args.tracking_url.trim_end_matches('/');
-        if !(base.starts_with("http://") || base.starts_with("https://")) || base.contains('?') {
+        let links = args.tracking_listen.is_some() || !base.is_empty();
+        if links
+            && (!(base.starts_with("http://") || base.starts_with("https://"))
+                || base.contains('?'))
+        {
             anyhow::bail!("--tracking-url: must be an http(s) URL without a query");
         }
         if args.tracking_secret.len() < 32 {
@@ -51,6 +59,49 @@ impl Signer {
             key: args.tracking_secret.as_bytes().into(),
             base: base.into(),
         })
+    }
+
+    /// Whether mails carry tracking links (a `--tracking-url` is set).
+    pub fn tracks(&self) -> bool {
+        !self.base.is_empty()
+    }
+
+    /// The signed envelope sender (VERP) of delivery `delivery_id`'s mail:
+    /// `b<delivery>.<tag>@domain`, the tag in lower-case hex (mail systems
+    /// may change a local part's case).
+    pub fn bounce_address(&self, delivery_id: u64, domain: &str) -> String {
+        format!("{}@{domain}", self.bounce_local_part(delivery_id))
+    }
+
+    fn bounce_local_part(&self, delivery_id: u64) -> String {
+        let tag = self
+            .mac(format!("bounce:{delivery_id}").as_bytes())
+            .finalize()
+            .into_bytes();
+        let hex: String = tag[..BOUNCE_TAG_BYTES]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("b{delivery_id}.{hex}")
+    }
+
+    /// The delivery a bounce address's local part names, if its tag verifies.
+    pub fn verify_bounce(&self, local_part: &str) -> Option<u64> {
+        let local_part = local_part.to_ascii_lowercase();
+        let (delivery, _) = local_part.strip_prefix('b')?.split_once('.')?;
+        let delivery_id: u64 = delivery.parse().ok()?;
+        // Compared in constant time through the MAC.
+        let tag = local_part.rsplit_once('.')?.1;
+        let bytes: Option<Vec<u8>> = (0..tag.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(tag.get(i..i + 2)?, 16).ok())
+            .collect();
+        let bytes = bytes?;
+        (bytes.len() == BOUNCE_TAG_BYTES).then_some(())?;
+        self.mac(format!("bounce:{delivery_id}").as_bytes())
+            .verify_truncated_left(&bytes)
+            .ok()?;
+        Some(delivery_id)
     }
 
     /// The image link of the mail `message_id` names.
@@ -194,6 +245,23 @@ mod tests {
 
     fn signer_with_other_key(path: &str) -> Option<(String, Response)> {
         signer(&"x".repeat(32)).answer(path)
+    }
+
+    #[test]
+    fn bounce_addresses_verify_and_forged_ones_do_not() {
+        let signer = signer(&"k".repeat(32));
+        let address = signer.bounce_address(4_294_967_301, "bounces.example");
+        let local = address.split('@').next().unwrap();
+        assert!(local.len() <= 64);
+        assert_eq!(signer.verify_bounce(local), Some(4_294_967_301));
+        assert_eq!(
+            signer.verify_bounce(&local.to_ascii_uppercase()),
+            Some(4_294_967_301)
+        );
+        let other = local.replacen("b4294967301", "b4294967302", 1);
+        assert_eq!(signer.verify_bounce(&other), None);
+        assert_eq!(signer.verify_bounce("b1.00"), None);
+        assert_eq!(signer.verify_bounce("postmaster"), None);
     }
 
     #[test]

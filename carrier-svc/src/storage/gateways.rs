@@ -192,17 +192,13 @@ impl Store {
         Ok(queued)
     }
 
-    /// The network's words for why a delivery failed, when it said any.
-    pub async fn gateway_error(
-        &self,
-        message_id: &str,
-        delivery_id: u64,
-    ) -> Result<Option<String>> {
+    /// The id `gateway` gave delivery `delivery_id` (its first part's).
+    pub async fn gateway_id_of(&self, gateway: &str, delivery_id: u64) -> Result<Option<String>> {
         sqlx::query_scalar(
-            "SELECT error FROM gateway_parts WHERE message_id = $1 AND delivery_id = $2 AND outcome = 2
+            "SELECT external_id FROM gateway_parts WHERE gateway = $1 AND delivery_id = $2
              ORDER BY part LIMIT 1",
         )
-        .bind(message_id)
+        .bind(gateway)
         .bind(delivery_id as i64)
         .fetch_optional(&self.pool)
         .await
@@ -214,6 +210,7 @@ fn outcome_of(number: i64) -> Option<Outcome> {
         1 => Some(Outcome::Delivered),
         2 => Some(Outcome::Failed),
         3 => Some(Outcome::Read),
+        4 => Some(Outcome::Bounced),
         _ => None,
     }
 }
@@ -257,10 +254,16 @@ async fn apply_said(
             orphans.push(report);
             continue;
         };
-        let outcome = report.outcome as i64;
+        // Kept as 0 submitted, 1 delivered, 2 failed, 3 read: a bounce is a
+        // failure that may follow a delivery.
+        let outcome = match report.outcome {
+            Outcome::Bounced => 2,
+            other => other as i64,
+        };
         let moves = match (part.outcome, report.outcome) {
             (2, _) => false,
             (now, Outcome::Failed) => now == 0,
+            (now, Outcome::Bounced) => now != 2,
             (now, _) => outcome > now,
         };
         if moves {
@@ -339,6 +342,7 @@ async fn apply_said(
                 Outcome::Delivered => TerminalEventKind::Delivered,
                 Outcome::Read => TerminalEventKind::Read,
                 Outcome::Failed => TerminalEventKind::Failed,
+                Outcome::Bounced => TerminalEventKind::Bounced,
             };
             Some(TerminalEvent {
                 delivery_id: delivery_id as u64,

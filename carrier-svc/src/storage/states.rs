@@ -202,6 +202,9 @@ pub(super) async fn apply_events(
             (TerminalEventKind::Read, State::Delivered) => &[State::Opened],
             (TerminalEventKind::Unsupported, s) if s.is_open() => &[State::Unsupported],
             (TerminalEventKind::Failed, s) if s.is_open() => &[State::Failed],
+            (TerminalEventKind::Bounced, s) if s.is_open() || s == State::Delivered => {
+                &[State::Failed]
+            }
             _ => &[],
         };
         let (row, recipients) = &decoded[r];
