@@ -11,6 +11,10 @@ then runs until SIGTERM, when it stops jasmind.
 
 RabbitMQ and Redis must run locally (guest/guest, 6379). Jasmin keeps
 queues there; --redis-db keeps its keys apart from anything else's.
+
+With --provision HOST:PORT it only provisions a Jasmin already running
+(its jCli at HOST:PORT; the downstream SMSC at --smsc-host) and exits:
+what deploy/compose.gateways.yaml runs against Jasmin's container.
 """
 
 import argparse
@@ -65,7 +69,7 @@ bind = 127.0.0.1
 port = {ports['http']}
 [jcli]
 bind = 127.0.0.1
-port = {ports['jcli']}
+port = {ports['jcli'][1]}
 [redis-client]
 dbid = {args.redis_db}
 [deliversm-thrower]
@@ -74,9 +78,10 @@ retry_delay = 2
 """)
 
 
-def jcli(port, commands):
+def jcli(address, commands):
     """Runs jCli commands; exits naming the first one jCli refuses."""
-    console = telnetlib.Telnet("127.0.0.1", port, timeout=30)
+    host, port = address
+    console = telnetlib.Telnet(host, port, timeout=30)
     console.read_until(b"Authentication required.", timeout=30)
     time.sleep(0.2)
     console.write(b"jcliadmin\n")
@@ -99,7 +104,7 @@ def provision(args, ports):
     names = [f"down{n}" for n in range(args.connectors)]
     for name in names:
         commands += [
-            "smppccm -a", f"cid {name}", "host 127.0.0.1", f"port {args.smsc_port}",
+            "smppccm -a", f"cid {name}", f"host {args.smsc_host}", f"port {args.smsc_port}",
             "username jasmin", "password jasmin", "bind transceiver",
             "submit_throughput 0", "ok",
             f"smppccm -1 {name}",
@@ -122,16 +127,35 @@ def provision(args, ports):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--jasmind", required=True, help="the venv's jasmind.py")
-    parser.add_argument("--root", required=True)
-    parser.add_argument("--smpp-port", type=int, required=True)
+    parser.add_argument("--jasmind", help="the venv's jasmind.py")
+    parser.add_argument("--root")
+    parser.add_argument("--smpp-port", type=int)
+    parser.add_argument("--provision", help="HOST:PORT of a running Jasmin's jCli")
+    parser.add_argument("--smsc-host", default="127.0.0.1")
     parser.add_argument("--smsc-port", type=int, required=True)
     parser.add_argument("--connectors", type=int, default=4)
     parser.add_argument("--username", default="carrier")
     parser.add_argument("--password", default="secret")
     parser.add_argument("--redis-db", type=int, default=7)
     args = parser.parse_args()
-    ports = {name: free_port() for name in ("pb", "management", "router", "http", "jcli")}
+    if args.provision:
+        host, port = args.provision.rsplit(":", 1)
+        deadline = time.time() + 300
+        while True:
+            try:
+                socket.create_connection((host, int(port)), timeout=2).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    sys.exit(f"no jCli at {args.provision}")
+                time.sleep(2)
+        provision(args, {"jcli": (host, int(port))})
+        print("provisioned", flush=True)
+        return
+    if not (args.jasmind and args.root and args.smpp_port):
+        parser.error("--jasmind, --root and --smpp-port are needed unless --provision")
+    ports = {name: free_port() for name in ("pb", "management", "router", "http")}
+    ports["jcli"] = ("127.0.0.1", free_port())
     configure(args.root, args, ports)
     python = os.path.join(os.path.dirname(os.path.abspath(args.jasmind)), "python")
     log = open(os.path.join(args.root, "jasmind.out"), "w", encoding="utf-8")
@@ -155,7 +179,7 @@ def main():
         if daemon.poll() is not None:
             sys.exit(f"jasmind exited ({daemon.returncode}); see {args.root}/jasmind.out")
         try:
-            socket.create_connection(("127.0.0.1", ports["jcli"]), timeout=1).close()
+            socket.create_connection(ports["jcli"], timeout=1).close()
             break
         except OSError:
             if time.time() > deadline:

@@ -204,6 +204,7 @@ class Smsc:
 
 async def main():
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ids", choices=["hex", "dec"], default="hex")
     parser.add_argument("--cross-base", action="store_true")
@@ -215,7 +216,7 @@ async def main():
     parser.add_argument("--record", default="")
     args = parser.parse_args()
     smsc = Smsc(args)
-    server = await asyncio.start_server(smsc.serve, "127.0.0.1", args.port)
+    server = await asyncio.start_server(smsc.serve, args.host, args.port)
     port = server.sockets[0].getsockname()[1]
     print(f"listening {port}", flush=True)
     async with server:

@@ -86,14 +86,17 @@ fn the_manifests_pass_the_validators() {
     if !tools_wanted("the manifest validation") {
         return;
     }
-    run(
-        "docker-compose",
-        &["-f", "compose.yaml", "config", "-q"],
-        None,
-    );
+    for files in COMPOSE_FILES {
+        run("docker-compose", &[files, &["config", "-q"]].concat(), None);
+    }
     run(
         "check-jsonschema",
-        &["--builtin-schema", "vendor.compose-spec", "compose.yaml"],
+        &[
+            "--builtin-schema",
+            "vendor.compose-spec",
+            "compose.yaml",
+            "compose.gateways.yaml",
+        ],
         None,
     );
     run("yamllint", &["--strict", "-c", ".yamllint.yaml", "."], None);
@@ -189,8 +192,22 @@ struct Launch {
     env: Vec<(String, String)>,
 }
 
+/// The compose set-ups: the hub, and the hub with the gateways overlay.
+const COMPOSE_FILES: [&[&str]; 2] = [
+    &["-f", "compose.yaml"],
+    &["-f", "compose.yaml", "-f", "compose.gateways.yaml"],
+];
+
 fn compose_launches() -> Vec<Launch> {
-    let config = run("docker-compose", &["-f", "compose.yaml", "config"], None);
+    let mut launches = Vec::new();
+    for files in COMPOSE_FILES {
+        launches.extend(compose_launches_of(files));
+    }
+    launches
+}
+
+fn compose_launches_of(files: &[&str]) -> Vec<Launch> {
+    let config = run("docker-compose", &[files, &["config"]].concat(), None);
     let config = documents(&config).remove(0);
     let mut launches = Vec::new();
     for (name, service) in config["services"].as_object().unwrap() {

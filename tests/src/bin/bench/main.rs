@@ -40,6 +40,12 @@
 //! local webhook receiver (signed batches from the relay's events log)
 //! and reports events per second there.
 //!
+//! `bench gateways --users 10000 [--jasmin PATH]` — one broadcast through
+//! each way a carrier reaches people: simulated terminals, SMS over SMPP to
+//! a scripted SMSC, e-mail over SMTP to aiosmtpd and (with `--jasmin`, the
+//! `jasmind.py` of a venv with jasmin==0.11.0) SMS through Jasmin; each
+//! one's rate delivered-and-counted and CPU-seconds per component.
+//!
 //! `bench billing --people 100000 --backend sqlite|postgres` — what charging
 //! costs the rollup fold: a campaign to that many people is handed over,
 //! delivered and 30% opened at the storage seam, then the events are
@@ -55,6 +61,7 @@ use integration_tests::{Backend, Hub, Tuning, machine};
 
 mod campaigns;
 mod carriers;
+mod gateways;
 mod targeted;
 mod transport;
 
@@ -153,6 +160,14 @@ enum Scenario {
         #[arg(long, default_value_t = 8)]
         window: usize,
     },
+    /// The same broadcast through terminals, an SMSC, a mail server (and Jasmin).
+    Gateways {
+        #[arg(long, default_value_t = 10_000)]
+        users: usize,
+        /// Also through Jasmin: the `jasmind.py` of a venv with jasmin==0.11.0.
+        #[arg(long)]
+        jasmin: Option<std::path::PathBuf>,
+    },
     /// GetStats over the rollups of a large synthetic history.
     Stats {
         /// Events (sends, deliveries and opens) in the history.
@@ -213,6 +228,7 @@ async fn main() -> anyhow::Result<()> {
             batch_size,
             window,
         } => transport(deliveries, batch_size, window).await.map(|_| ()),
+        Scenario::Gateways { users, jasmin } => gateways::gateways(users, jasmin).await,
         Scenario::Billing { people, backend } => {
             println!("rollup fold of a campaign to {people} people on {backend:?}:");
             for priced in [false, true] {
