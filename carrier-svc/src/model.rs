@@ -178,3 +178,100 @@ pub struct Receipt {
     pub region: String,
     pub trace_parent: String,
 }
+
+// Gateways (`crate::gateways`): what a network answers and reports.
+
+/// What a network answered for one delivery handed to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Handed {
+    /// Taken: the ids it gave, one per part (an SMS of three parts has three).
+    Accepted(Vec<String>),
+    /// Taken and thereby delivered as far as the network tells (a mail
+    /// server's 2xx), under these ids.
+    Delivered(Vec<String>),
+    /// Refused for good: a FAILED receipt, with the network's words (an
+    /// SMPP status, an SMTP reply) kept at the carrier.
+    Refused(String),
+    /// Not now (throttled, queue full, not connected): held, tried again.
+    Later(String),
+}
+
+/// What a network later said about one of its ids (gateways only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    Delivered = 1,
+    Failed = 2,
+    Read = 3,
+    /// A mail the server had accepted came back: a failure even after
+    /// its delivery.
+    Bounced = 4,
+}
+
+/// The forms an id may come back in: as given (lower case, leading zeros
+/// dropped), and, when it reads as a number, the same number in the other
+/// base — SMSCs answer `submit_sm` in hex and report in decimal, or the
+/// other way round (Jasmin #643). The first form is the id as given.
+pub fn id_forms(id: &str) -> Vec<String> {
+    let id = id.trim().to_ascii_lowercase();
+    let trimmed = id.trim_start_matches('0');
+    let given = if trimmed.is_empty() && !id.is_empty() {
+        "0".to_owned()
+    } else {
+        trimmed.to_owned()
+    };
+    let mut forms = vec![given.clone()];
+    if given.is_empty() || given.len() > 30 {
+        return forms;
+    }
+    if given.bytes().all(|b| b.is_ascii_digit()) {
+        if let Ok(value) = given.parse::<u128>() {
+            forms.push(format!("{value:x}"));
+        }
+    }
+    if given.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if let Ok(value) = u128::from_str_radix(&given, 16) {
+            forms.push(value.to_string());
+        }
+    }
+    forms.dedup();
+    forms
+}
+
+impl Outcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::Failed => "failed",
+            Self::Read => "read",
+            Self::Bounced => "bounced",
+        }
+    }
+}
+
+/// A network's report as the carrier keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkReport {
+    /// The id the network gave (in whichever base it now names it).
+    pub external_id: String,
+    pub outcome: Outcome,
+    /// The network's words for a failure (never personal data).
+    pub error: String,
+    /// When it happened (unix ms); 0: when it arrived.
+    pub at: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_found_in_hex_and_in_decimal() {
+        assert_eq!(id_forms("0001F4"), vec!["1f4", "500"]);
+        assert_eq!(id_forms("500"), vec!["500", "1f4", "1280"]);
+        assert_eq!(id_forms("ABCDEF"), vec!["abcdef", "11259375"]);
+        assert_eq!(id_forms("000"), vec!["0"]);
+        // Not a number in either base: only as given.
+        let uuid = "3c1e4a7e-1b2c-4d5e-8f90-123456789abc";
+        assert_eq!(id_forms(uuid), vec![uuid]);
+    }
+}
