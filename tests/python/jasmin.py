@@ -25,8 +25,13 @@ import signal
 import socket
 import subprocess
 import sys
-import telnetlib
 import time
+import warnings
+
+with warnings.catch_warnings():
+    # telnetlib goes in Python 3.13; jCli is a telnet console and 3.11 has it.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import telnetlib
 
 
 def free_port():

@@ -86,3 +86,45 @@ pub fn texts_by_number(record: &Path) -> HashMap<String, Vec<String>> {
     }
     whole
 }
+
+/// Jasmin (`tests/python/jasmin.py`): its root under `root`, its SMPP
+/// server on `smpp_port`, `connectors` client connectors to the SMSC on
+/// `smsc_port`; returns once every connector is provisioned.
+pub async fn start_jasmin(
+    python: &Path,
+    jasmind: &Path,
+    root: &Path,
+    smpp_port: u16,
+    smsc_port: u16,
+    connectors: usize,
+) -> anyhow::Result<Process> {
+    use std::io::{BufRead, BufReader};
+    std::fs::create_dir_all(root)?;
+    let mut child = Command::new(python)
+        .arg(format!("{}/python/jasmin.py", env!("CARGO_MANIFEST_DIR")))
+        .arg("--jasmind")
+        .arg(jasmind)
+        .arg("--root")
+        .arg(root)
+        .args(["--smpp-port", &smpp_port.to_string()])
+        .args(["--smsc-port", &smsc_port.to_string()])
+        .args(["--connectors", &connectors.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped");
+    let jasmin = Process::adopt("jasmin.py", child);
+    let ready = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line == "ready")
+    });
+    let ready = tokio::time::timeout(Duration::from_secs(180), ready).await;
+    anyhow::ensure!(
+        matches!(ready, Ok(Ok(true))),
+        "Jasmin did not come up within 3 minutes (see {}/jasmind.out)",
+        root.display()
+    );
+    Ok(jasmin)
+}

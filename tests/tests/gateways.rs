@@ -46,6 +46,31 @@ fn server(python: &Path, script: &str, port: u16, args: &[String]) -> Process {
     helper(python, script, &all)
 }
 
+/// A hub with one carrier (gateways as `settings` say) and a fleet of
+/// `users` with every channel, never opening; the people registered with
+/// its enterprise, by user id, and the enterprise's key.
+async fn hub_with(
+    backend: Backend,
+    settings: Settings,
+    users: usize,
+) -> Option<(Hub, String, Vec<SimUser>)> {
+    let mut hub = Hub::start_settings(backend, &["alpha"], settings)
+        .await
+        .unwrap()?;
+    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
+    let fleet = Fleet::generate(SEED, users, &["alpha".into()]).with_every_channel();
+    hub.start_fleet(
+        fleet.clone(),
+        vec![EnterpriseChoice::enterprise(&shop)],
+        OpenMode::Never,
+    )
+    .await
+    .unwrap();
+    let mut registered: Vec<SimUser> = registered_users(&fleet, &shop).into_values().collect();
+    registered.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    Some((hub, key, registered))
+}
+
 fn number_of(user: &SimUser) -> String {
     user.phone_number.trim_start_matches('+').to_owned()
 }
@@ -68,26 +93,9 @@ async fn sms_through_an_smsc_counted_once_across_a_carrier_kill(backend: Backend
         },
         ..Settings::default()
     };
-    let Some(mut hub) = Hub::start_settings(backend, &["alpha"], settings)
-        .await
-        .unwrap()
-    else {
+    let Some((mut hub, key, registered)) = hub_with(backend, settings, 150).await else {
         return;
     };
-    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
-    let fleet = Fleet::generate(SEED, 150, &["alpha".into()]).with_every_channel();
-    hub.start_fleet(
-        fleet.clone(),
-        vec![EnterpriseChoice {
-            enterprise_id: shop.clone(),
-            service_ids: vec![],
-        }],
-        OpenMode::Never,
-    )
-    .await
-    .unwrap();
-    let mut registered: Vec<SimUser> = registered_users(&fleet, &shop).into_values().collect();
-    registered.sort_by(|a, b| a.user_id.cmp(&b.user_id));
     let (refused, undeliverable) = (&registered[0], &registered[1]);
     let record = dir.path().join("smsc.jsonl");
     let _smsc = server(
@@ -207,28 +215,10 @@ async fn email_through_a_mail_server_with_signed_open_pixels(backend: Backend) {
         },
         ..Settings::default()
     };
-    let Some(mut hub) = Hub::start_settings(backend, &["alpha"], settings)
-        .await
-        .unwrap()
-    else {
+    let Some((hub, key, registered)) = hub_with(backend, settings, 60).await else {
         return;
     };
-    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
-    let fleet = Fleet::generate(SEED, 60, &["alpha".into()]).with_every_channel();
-    hub.start_fleet(
-        fleet.clone(),
-        vec![EnterpriseChoice {
-            enterprise_id: shop.clone(),
-            service_ids: vec![],
-        }],
-        OpenMode::Never,
-    )
-    .await
-    .unwrap();
-    let registered = registered_users(&fleet, &shop);
-    let mut by_id: Vec<&SimUser> = registered.values().collect();
-    by_id.sort_by(|a, b| a.user_id.cmp(&b.user_id));
-    let (refused, bounced) = (by_id[0], by_id[1]);
+    let (refused, bounced) = (&registered[0], &registered[1]);
     let record = dir.path().join("mail.jsonl");
     let _smtp = server(
         &python,
@@ -288,7 +278,7 @@ async fn email_through_a_mail_server_with_signed_open_pixels(backend: Backend) {
         "one mail per person taken"
     );
     let by_address: HashMap<&str, &SimUser> =
-        registered.values().map(|u| (u.email.as_str(), u)).collect();
+        registered.iter().map(|u| (u.email.as_str(), u)).collect();
     let mut pixels = Vec::new();
     for mail in &mails {
         let to = mail["rcpt_tos"][0].as_str().unwrap();

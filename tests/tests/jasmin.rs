@@ -14,17 +14,15 @@
 //! it says so and does nothing. The relay runs on SQLite: the subject is the
 //! carrier, whose database is its own SQLite either way.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chukei_proto::auth::BearerInterceptor;
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
 use integration_tests::binaries::{BinaryHub, Launch};
-use integration_tests::peers::{helper, lines, listening, python, texts_by_number};
-use integration_tests::process::{Process, free_port};
+use integration_tests::peers::{helper, lines, listening, python, start_jasmin, texts_by_number};
+use integration_tests::process::free_port;
 use integration_tests::{init_logs, registered_users, send_request};
 use terminal_sim::fleet::Fleet;
 
@@ -64,36 +62,16 @@ async fn ten_thousand_sms_through_jasmin_counted_once_across_a_carrier_sigkill()
     listening(smsc_port, Duration::from_secs(30)).await;
 
     let smpp_port = free_port().unwrap();
-    let root = dir.path().join("jasmin");
-    std::fs::create_dir_all(&root).unwrap();
-    let mut jasmin = Command::new(&python);
-    jasmin
-        .arg(format!("{}/python/jasmin.py", env!("CARGO_MANIFEST_DIR")))
-        .arg("--jasmind")
-        .arg(&jasmind)
-        .arg("--root")
-        .arg(&root)
-        .args(["--smpp-port", &smpp_port.to_string()])
-        .args(["--smsc-port", &smsc_port.to_string(), "--connectors", "8"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut child = jasmin.spawn().expect("the Jasmin helper starts");
-    let stdout = child.stdout.take().unwrap();
-    let jasmin = Process::adopt("jasmin.py", child);
-    let ready = tokio::task::spawn_blocking(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .any(|line| line == "ready")
-    });
-    assert!(
-        tokio::time::timeout(Duration::from_secs(180), ready)
-            .await
-            .expect("Jasmin is ready within 3 minutes")
-            .unwrap(),
-        "Jasmin did not come up (see {}/jasmind.out)",
-        root.display()
-    );
+    let jasmin = start_jasmin(
+        &python,
+        &jasmind,
+        &dir.path().join("jasmin"),
+        smpp_port,
+        smsc_port,
+        8,
+    )
+    .await
+    .unwrap();
 
     let mut hub = BinaryHub::start(Launch {
         carriers: vec!["alpha"],
@@ -155,14 +133,17 @@ async fn ten_thousand_sms_through_jasmin_counted_once_across_a_carrier_sigkill()
         .await
         .unwrap();
 
-    let status = loop {
-        let status = enterprise
+    let mut status_of = async || {
+        enterprise
             .get_message(pb::GetMessageRequest {
                 message_id: message_id.clone(),
             })
             .await
             .unwrap()
-            .into_inner();
+            .into_inner()
+    };
+    let status = loop {
+        let status = status_of().await;
         if status.matched > 0 && status.delivered == status.matched {
             break status;
         }
@@ -178,13 +159,7 @@ async fn ten_thousand_sms_through_jasmin_counted_once_across_a_carrier_sigkill()
     assert_eq!(status.failed, 0);
     // Receipts still in flight would only find deliveries already counted.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let again = enterprise
-        .get_message(pb::GetMessageRequest {
-            message_id: message_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let again = status_of().await;
     assert_eq!(again.delivered, status.matched, "counted exactly once");
 
     let texts = texts_by_number(&record);

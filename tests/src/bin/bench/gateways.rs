@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use carrier_svc::gateways::GatewayArgs;
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
-use integration_tests::peers::{helper, listening};
+use integration_tests::peers::{helper, listening, start_jasmin};
 use integration_tests::process::{Process, free_port};
 use integration_tests::{Backend, Hub, Settings, Tuning};
 use terminal_sim::fleet::Fleet;
@@ -99,7 +99,8 @@ async fn run(leg: Leg, users: usize, python: &Path, jasmin: Option<&Path>) -> an
             let target = match jasmin {
                 Some(jasmind) if leg == Leg::Jasmin => {
                     let port = free_port()?;
-                    peers.push(start_jasmin(python, jasmind, dir.path(), port, smsc).await?);
+                    let root = dir.path().join("jasmin");
+                    peers.push(start_jasmin(python, jasmind, &root, port, smsc, 8).await?);
                     port
                 }
                 _ => smsc,
@@ -202,46 +203,6 @@ async fn run(leg: Leg, users: usize, python: &Path, jasmin: Option<&Path>) -> an
         let _ = peer.terminate(Duration::from_secs(20));
     }
     Ok(rate)
-}
-
-async fn start_jasmin(
-    python: &Path,
-    jasmind: &Path,
-    dir: &Path,
-    port: u16,
-    smsc: u16,
-) -> anyhow::Result<Process> {
-    use std::io::{BufRead, BufReader};
-    let root = dir.join("jasmin");
-    std::fs::create_dir_all(&root)?;
-    let mut child = std::process::Command::new(python)
-        .arg(format!("{}/python/jasmin.py", env!("CARGO_MANIFEST_DIR")))
-        .arg("--jasmind")
-        .arg(jasmind)
-        .arg("--root")
-        .arg(&root)
-        .args([
-            "--smpp-port",
-            &port.to_string(),
-            "--smsc-port",
-            &smsc.to_string(),
-        ])
-        .args(["--connectors", "8"])
-        .stdout(std::process::Stdio::piped())
-        .spawn()?;
-    let stdout = child.stdout.take().expect("piped");
-    let jasmin = Process::adopt("jasmin.py", child);
-    let ready = tokio::task::spawn_blocking(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .any(|line| line == "ready")
-    });
-    anyhow::ensure!(
-        tokio::time::timeout(Duration::from_secs(180), ready).await??,
-        "Jasmin did not come up"
-    );
-    Ok(jasmin)
 }
 
 /// CPU-seconds of every process whose command line mentions `name`.
