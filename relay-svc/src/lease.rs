@@ -10,7 +10,9 @@
 //! must not decide.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chukei_proto::metrics::Histogram;
 
 use crate::storage::Store;
 
@@ -19,16 +21,35 @@ use crate::storage::Store;
 pub struct Lease {
     pub replica: Arc<str>,
     pub ttl: Duration,
+    /// How long each hold takes (`chukei_relay_lease_hold_seconds`): a
+    /// control write that queues behind bulk work shows here first.
+    pub timing: Option<Histogram>,
 }
 
 impl Lease {
     /// Holds (takes or renews) lease `name`; false when another live replica
-    /// holds it or the database cannot say.
+    /// holds it or the database cannot say. A hold that takes more than a
+    /// tenth of the time to live is named at WARN: the replica is that much
+    /// closer to losing what it holds.
     pub async fn hold(&self, store: &Store, name: &str) -> bool {
-        match store
+        let started = Instant::now();
+        let held = store
             .hold_lease(name, &self.replica, wall_ms(), self.ttl.as_millis() as i64)
-            .await
-        {
+            .await;
+        let took = started.elapsed();
+        let kind = name.split(':').next().unwrap_or(name);
+        if let Some(timing) = &self.timing {
+            timing.observe(&[("lease", kind)], took.as_secs_f64());
+        }
+        if took > self.ttl / 10 {
+            tracing::warn!(
+                lease = name,
+                took_ms = took.as_millis() as u64,
+                ttl_secs = self.ttl.as_secs(),
+                "a lease renewal took over a tenth of its time to live: control writes are queueing behind other work"
+            );
+        }
+        match held {
             Ok(held) => held,
             Err(error) => {
                 tracing::warn!(%error, lease = name, "lease renewal failed");

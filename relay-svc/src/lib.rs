@@ -73,6 +73,7 @@ pub async fn run(
     tracing::info!(backend = store.backend(), addr = %listener.local_addr()?, "relay starting");
     let cancel = CancellationToken::new();
     let deadline = server::shutdown_deadline(&cancel, config.shutdown_grace());
+    let registry = chukei_proto::metrics::Registry::new();
     let lease = Lease {
         replica: config
             .replica_id
@@ -82,9 +83,13 @@ pub async fn run(
             })
             .into(),
         ttl: Duration::from_secs(config.lease_ttl_secs),
+        timing: Some(registry.histogram(
+            "chukei_relay_lease_hold_seconds",
+            "Time each lease hold or renewal took, by lease kind (carrier, control) (seconds)",
+            &chukei_proto::metrics::LATENCY_BUCKETS,
+        )),
     };
     tracing::info!(replica = %lease.replica, "relay replica");
-    let registry = chukei_proto::metrics::Registry::new();
     let (relay, workers) =
         start_workers(&config, &store, &lease, &registry, cancel.child_token()).await?;
     let router = routes(&config, &registry, relay).await?;

@@ -30,8 +30,13 @@ pub(super) async fn hub_with_registered(
     Vec<String>,
     terminal_sim::terminal::Terminals,
 )> {
-    let tuning = Tuning::DEFAULTS;
-    let Some(mut hub) = Hub::start_with(backend, carriers, tuning).await? else {
+    // Metrics on: the lease renewals' timing is read from them.
+    let settings = integration_tests::Settings {
+        tuning: Tuning::DEFAULTS,
+        metrics: true,
+        ..Default::default()
+    };
+    let Some(mut hub) = Hub::start_settings(backend, carriers, settings).await? else {
         anyhow::bail!("--backend postgres needs CHUKEI_TEST_DATABASE_URL");
     };
     let (shop, key) = hub.create_enterprise("bench").await?;
@@ -107,6 +112,7 @@ pub(super) async fn targeted(
     backend: Backend,
 ) -> anyhow::Result<()> {
     let (hub, client, refs, terminals) = hub_with_registered(backend, 10_000, &["alpha"]).await?;
+    let leases_before = LeaseHolds::scrape(&hub).await?;
     let ceiling = integration_tests::latency::flat_out(
         &client,
         &refs,
@@ -155,6 +161,10 @@ pub(super) async fn targeted(
             run.summary()
         );
     }
+    LeaseHolds::scrape(&hub)
+        .await?
+        .since(&leases_before)
+        .print();
     hub.shutdown().await
 }
 
@@ -174,6 +184,7 @@ pub(super) async fn priority(users: usize, rate: f64, backend: Backend) -> anyho
         "targeted at {rate}/s, idle, {backend:?}: {}",
         idle.summary()
     );
+    let leases_before = LeaseHolds::scrape(&hub).await?;
     let started = Instant::now();
     let broadcast = client
         .send_message(broadcast_request("broadcast"))
@@ -202,5 +213,82 @@ pub(super) async fn priority(users: usize, rate: f64, backend: Backend) -> anyho
         status.handed_over,
         status.matched
     );
+    LeaseHolds::scrape(&hub)
+        .await?
+        .since(&leases_before)
+        .print();
     hub.shutdown().await
+}
+
+/// The relay's lease holds and renewals so far, from its metrics
+/// (`chukei_relay_lease_hold_seconds`): how many took at most each bound.
+struct LeaseHolds(Vec<(f64, u64)>);
+
+impl LeaseHolds {
+    async fn scrape(hub: &Hub) -> anyhow::Result<Self> {
+        let addr = hub
+            .relay_metrics
+            .ok_or_else(|| anyhow::anyhow!("the bench hub serves no metrics"))?;
+        let reply =
+            integration_tests::http::call(&format!("http://{addr}"), "GET", "/metrics", &[], None)
+                .await;
+        let mut buckets: std::collections::BTreeMap<String, (f64, u64)> = Default::default();
+        for line in reply.body.lines() {
+            let Some(rest) = line.strip_prefix("chukei_relay_lease_hold_seconds_bucket{") else {
+                continue;
+            };
+            let (labels, count) = rest.split_once("} ").unwrap_or_default();
+            let le = labels
+                .split(',')
+                .find_map(|l| l.strip_prefix("le=\""))
+                .map(|l| l.trim_end_matches('"'))
+                .unwrap_or("+Inf");
+            let bound = le.parse().unwrap_or(f64::INFINITY);
+            let entry = buckets.entry(le.to_owned()).or_insert((bound, 0));
+            entry.1 += count.trim().parse::<f64>().unwrap_or(0.0) as u64;
+        }
+        let mut sorted: Vec<(f64, u64)> = buckets.into_values().collect();
+        sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+        Ok(Self(sorted))
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        Self(
+            self.0
+                .iter()
+                .map(|(bound, count)| {
+                    let earlier = before
+                        .0
+                        .iter()
+                        .find(|(b, _)| b == bound)
+                        .map_or(0, |(_, c)| *c);
+                    (*bound, count - earlier)
+                })
+                .collect(),
+        )
+    }
+
+    /// Count, how many took at most 10 ms, 100 ms and 1 s, and the bound
+    /// under which all of them took.
+    fn print(&self) {
+        let total = self.0.last().map_or(0, |(_, c)| *c);
+        let at_most = |bound: f64| {
+            self.0
+                .iter()
+                .rev()
+                .find(|(b, _)| *b <= bound)
+                .map_or(0, |(_, c)| *c)
+        };
+        let all = self
+            .0
+            .iter()
+            .find(|(_, c)| *c >= total)
+            .map_or(f64::NAN, |(b, _)| *b * 1000.0);
+        println!(
+            "lease holds and renewals meanwhile: {total}; ≤ 10 ms {}, ≤ 100 ms {}, ≤ 1 s {}; all within {all} ms (time to live 10 s; goal: every one under 1 s)",
+            at_most(0.01),
+            at_most(0.1),
+            at_most(1.0),
+        );
+    }
 }
