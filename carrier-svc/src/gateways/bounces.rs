@@ -189,13 +189,12 @@ async fn report(
     for external_id in mails {
         let (done, is_done) = oneshot::channel();
         reports
-            .send(Report {
-                external_id: external_id.clone(),
-                outcome: Outcome::Bounced,
-                error: error.clone(),
-                at: 0,
-                stored: Some(done),
-            })
+            .send(Report::new(
+                external_id.clone(),
+                Outcome::Bounced,
+                error.clone(),
+                Some(done),
+            ))
             .await
             .map_err(|_| anyhow::anyhow!("shutting down"))?;
         stored.push(is_done);

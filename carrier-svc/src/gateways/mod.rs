@@ -43,24 +43,28 @@ const HAND_BATCH: u32 = 500;
 /// A report from a network, with who to tell once it is stored.
 #[derive(Debug)]
 pub struct Report {
-    pub external_id: String,
-    pub outcome: Outcome,
-    /// The network's words for a failure (never personal data).
-    pub error: String,
-    /// When it happened (unix ms); 0: when it arrived.
-    pub at: i64,
+    /// What the store keeps.
+    pub said: NetworkReport,
     /// Answered once the report is durable (an SMSC's receipt is acked then).
     pub stored: Option<oneshot::Sender<()>>,
 }
 
 impl Report {
-    /// What the store keeps of it.
-    fn said(&self) -> NetworkReport {
-        NetworkReport {
-            external_id: self.external_id.clone(),
-            outcome: self.outcome,
-            error: self.error.clone(),
-            at: self.at,
+    /// A report about `external_id`, as of its arrival.
+    pub fn new(
+        external_id: String,
+        outcome: Outcome,
+        error: String,
+        stored: Option<oneshot::Sender<()>>,
+    ) -> Self {
+        Self {
+            said: NetworkReport {
+                external_id,
+                outcome,
+                error,
+                at: 0,
+            },
+            stored,
         }
     }
 }
@@ -316,7 +320,8 @@ async fn apply_reports(shared: Shared, gateway: &'static str, mut reports: mpsc:
             }
         }
         let now = shared.clock.now_ms();
-        let said: Vec<NetworkReport> = batch.iter().map(Report::said).collect();
+        let (said, acks): (Vec<NetworkReport>, Vec<_>) =
+            batch.into_iter().map(|r| (r.said, r.stored)).unzip();
         loop {
             match shared
                 .store
@@ -338,13 +343,13 @@ async fn apply_reports(shared: Shared, gateway: &'static str, mut reports: mpsc:
                 }
             }
         }
-        for report in batch {
+        for (report, stored) in said.iter().zip(acks) {
             shared
                 .metrics
                 .gateway
                 .reports
                 .inc(&[("gateway", gateway), ("outcome", report.outcome.name())]);
-            if let Some(stored) = report.stored {
+            if let Some(stored) = stored {
                 let _ = stored.send(());
             }
         }

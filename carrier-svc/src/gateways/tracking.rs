@@ -181,13 +181,7 @@ pub async fn serve(
             }
             match signer.answer(request.uri().path()) {
                 Some((message_id, answer)) => {
-                    let read = Report {
-                        external_id: message_id,
-                        outcome: Outcome::Read,
-                        error: String::new(),
-                        at: 0,
-                        stored: None,
-                    };
+                    let read = Report::new(message_id, Outcome::Read, String::new(), None);
                     if reports.send(read).await.is_err() {
                         return response(503, "text/plain", "shutting down\n");
                     }

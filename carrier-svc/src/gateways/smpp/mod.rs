@@ -409,13 +409,7 @@ async fn serve(
                     error,
                 }) => {
                     let (stored, is_stored) = oneshot::channel();
-                    let report = Report {
-                        external_id: id,
-                        outcome,
-                        error,
-                        at: 0,
-                        stored: Some(stored),
-                    };
+                    let report = Report::new(id, outcome, error, Some(stored));
                     if reports.send(report).await.is_err() {
                         return;
                     }
