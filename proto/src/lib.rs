@@ -21,6 +21,7 @@ pub mod stats;
 pub mod telemetry;
 pub mod tls;
 pub mod validate;
+pub mod web;
 pub mod window;
 
 #[allow(unreachable_pub, clippy::all, clippy::pedantic)]
