@@ -24,6 +24,7 @@ use crate::model::{MessageDeliveries, Receipt, ReceiptKind, Recipient, Subscribe
 use crate::packed;
 
 mod batches;
+pub mod consents;
 mod gateways;
 mod receipts;
 mod states;
@@ -110,6 +111,15 @@ impl Store {
         store.upgrade_v1_rows().await?;
         store.load_seen_and_attached().await?;
         Ok(store)
+    }
+
+    /// The endpoint `user_id`'s terminal is attached at, if any.
+    pub fn endpoint_of(&self, user_id: &str) -> Option<String> {
+        self.attached
+            .read()
+            .expect("attachments lock")
+            .get(user_id)
+            .map(|endpoint| endpoint.to_string())
     }
 
     pub fn sqlite_url_in(data_dir: &Path) -> String {

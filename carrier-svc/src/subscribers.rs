@@ -13,6 +13,7 @@ use crate::Shared;
 use crate::consent;
 use crate::error::{Error, Result};
 use crate::model::Subscriber;
+use crate::storage::consents::{ConsentAction, ConsentChange};
 
 const MAX_ROWS: usize = 10_000;
 /// Rows per call to the relay's ingress.
@@ -78,7 +79,7 @@ impl TryFrom<(usize, pb::Subscriber)> for Subscriber {
 /// An optional contact detail: empty, or bounded and shaped as `valid` says.
 /// An E.164 number: '+' then 8 to 15 ASCII digits. Full-width or other
 /// non-ASCII digits, spaces and dashes are refused, not guessed at.
-fn phone_number(field: &str, value: &str) -> Result<String> {
+pub(crate) fn phone_number(field: &str, value: &str) -> Result<String> {
     let value = required(field, value, 64)?;
     let digits = value.strip_prefix('+').unwrap_or("");
     if !(8..=15).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -256,6 +257,23 @@ impl pb::subscriber_api_server::SubscriberApi for SubscriberService {
                 .map_err(Error::Relay)?;
             user_refs.extend(response.into_inner().user_refs);
         }
+        let changes: Vec<ConsentChange> = request
+            .registrations
+            .iter()
+            .map(|r| ConsentChange {
+                user_id: &r.user_id,
+                enterprise_id: &r.enterprise_id,
+                service_id: &r.service_id,
+                action: ConsentAction::Registered,
+                choices: r.consent.unwrap_or_default(),
+                text_version: &r.text_version,
+            })
+            .collect();
+        shared
+            .store
+            .record_consent_changes(&changes, now)
+            .await
+            .map_err(Error::from)?;
         tracing::info!(registered = user_refs.len(), "registrations forwarded");
         Ok(Response::new(pb::RegisterResponse { user_refs }))
     }
@@ -306,6 +324,27 @@ impl pb::subscriber_api_server::SubscriberApi for SubscriberService {
             })
             .await
             .map_err(Error::Relay)?;
+        let choices = request.consent.unwrap_or_default();
+        let shares_nothing = profile == chukei_proto::common::v1::ConsentedProfile::default();
+        shared
+            .store
+            .record_consent_changes(
+                &[ConsentChange {
+                    user_id: &request.user_id,
+                    enterprise_id,
+                    service_id: "",
+                    action: if shares_nothing {
+                        ConsentAction::Withdrew
+                    } else {
+                        ConsentAction::Changed
+                    },
+                    choices,
+                    text_version: &request.text_version,
+                }],
+                shared.clock.now_ms(),
+            )
+            .await
+            .map_err(Error::from)?;
         tracing::info!("consent change forwarded");
         Ok(Response::new(pb::ChangeConsentResponse {
             profile: Some(profile),
@@ -352,6 +391,25 @@ impl pb::subscriber_api_server::SubscriberApi for SubscriberService {
             .map_err(Error::Relay)?
             .into_inner()
             .removed;
+        shared
+            .store
+            .record_consent_changes(
+                &[ConsentChange {
+                    user_id,
+                    enterprise_id: &request.enterprise_id,
+                    service_id: &request.service_id,
+                    action: if request.enterprise_id.is_empty() {
+                        ConsentAction::LeftHub
+                    } else {
+                        ConsentAction::Left
+                    },
+                    choices: pb::ConsentChoices::default(),
+                    text_version: "",
+                }],
+                shared.clock.now_ms(),
+            )
+            .await
+            .map_err(Error::from)?;
         tracing::info!(removed, "unregistration forwarded");
         Ok(Response::new(pb::UnregisterResponse { removed }))
     }

@@ -31,6 +31,9 @@ const PUSH_BATCH: u32 = 1_000;
 pub struct TerminalsHandle {
     new_work: Arc<watch::Sender<u64>>,
     endpoints: mpsc::Sender<String>,
+    /// The carrier's own notices (a sign-in code) waiting for their
+    /// endpoint's link, by endpoint.
+    notices: Arc<std::sync::Mutex<HashMap<String, Vec<pb::PushedMessage>>>>,
 }
 
 impl TerminalsHandle {
@@ -40,6 +43,7 @@ impl TerminalsHandle {
             Self {
                 new_work: Arc::new(watch::channel(0).0),
                 endpoints,
+                notices: Arc::default(),
             },
             receiver,
         )
@@ -53,6 +57,41 @@ impl TerminalsHandle {
     /// Deliveries may be pushable: wake every link.
     pub fn new_work(&self) {
         self.new_work.send_modify(|g| *g += 1);
+    }
+
+    /// Pushes the carrier's own `text` (no relay message: a sign-in code) to
+    /// `user_id`'s terminal at `endpoint` as an SMS, with the next push of its
+    /// link. A notice is not a delivery: it has no receipt, and it is lost if
+    /// the link does not come up before this process stops.
+    pub async fn notify(&self, endpoint: &str, user_id: &str, notice_id: &str, text: String) {
+        let notice = pb::PushedMessage {
+            delivery_id: format!("notice-{notice_id}"),
+            message_id: String::new(),
+            user_id: user_id.to_owned(),
+            sms_segments: vec![text.clone()],
+            content: Some(common::Content {
+                text,
+                ..Default::default()
+            }),
+            channel: common::Channel::Sms as i32,
+            address: String::new(),
+            trace_parent: String::new(),
+        };
+        self.notices
+            .lock()
+            .expect("notices lock")
+            .entry(endpoint.to_owned())
+            .or_default()
+            .push(notice);
+        self.ensure(endpoint).await;
+    }
+
+    fn take_notices(&self, endpoint: &str) -> Vec<pb::PushedMessage> {
+        self.notices
+            .lock()
+            .expect("notices lock")
+            .remove(endpoint)
+            .unwrap_or_default()
     }
 
     /// Makes sure a link to `endpoint` runs (and wakes it).
@@ -168,6 +207,14 @@ async fn session(
     loop {
         if push_due(shared, endpoint, &down).await? {
             pushed_unanswered |= up.is_none();
+        }
+        let notices = shared.terminals.take_notices(endpoint);
+        if !notices.is_empty() {
+            down.send(pb::PushRequest {
+                messages: notices,
+                carrier_id: String::new(),
+            })
+            .await?;
         }
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),

@@ -228,6 +228,38 @@ impl Terminals {
                     tracing::warn!("push for a user this fleet does not host dropped");
                     continue;
                 };
+                if message.message_id.is_empty() {
+                    // The carrier's own notice (a sign-in code): shown, not
+                    // counted, confirmed or opened.
+                    if !state.items.contains_key(&message.delivery_id) {
+                        state
+                            .inbox
+                            .entry(message.user_id.clone())
+                            .or_default()
+                            .push(message.delivery_id.clone());
+                        let content = message.content.unwrap_or_default();
+                        state.items.insert(
+                            message.delivery_id.clone(),
+                            InboxItem {
+                                delivery_id: message.delivery_id,
+                                message_id: String::new(),
+                                carrier_id: carrier_id.to_owned(),
+                                channel: message.channel,
+                                text: content.text,
+                                media_url: String::new(),
+                                subject: String::new(),
+                                suggested_replies: Vec::new(),
+                                sms_segments: message.sms_segments,
+                                address: String::new(),
+                                received_at: now,
+                                opened_at: None,
+                                opened_place: String::new(),
+                                trace_parent: String::new(),
+                            },
+                        );
+                    }
+                    continue;
+                }
                 let trace_parent = telemetry::passed_on(
                     &traces,
                     &message.message_id,
