@@ -94,6 +94,10 @@ pub struct Config {
     /// SMS to an SMSC over SMPP, e-mail to a mail server over SMTP.
     #[command(flatten)]
     pub gateways: crate::gateways::GatewayArgs,
+
+    /// The subscribers' consent page.
+    #[command(flatten)]
+    pub consent_page: crate::web::ConsentPageArgs,
 }
 
 impl Config {
@@ -133,6 +137,7 @@ impl Config {
             }
         }
         self.gateways.validate()?;
+        self.consent_page.validate()?;
         self.clock.validate()
     }
 

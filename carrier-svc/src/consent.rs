@@ -50,6 +50,40 @@ pub fn consent_text(enterprise_id: &str, profile: &ConsentedProfile) -> String {
     )
 }
 
+/// [`consent_text`] in Japanese (the same version: the same choices and rights).
+pub fn consent_text_ja(enterprise_id: &str, profile: &ConsentedProfile) -> String {
+    let mut shared = Vec::new();
+    match chukei_proto::common::v1::Gender::try_from(profile.gender) {
+        Ok(chukei_proto::common::v1::Gender::Female) => shared.push("性別: 女性".to_owned()),
+        Ok(chukei_proto::common::v1::Gender::Male) => shared.push("性別: 男性".to_owned()),
+        Ok(chukei_proto::common::v1::Gender::Other) => shared.push("性別: その他".to_owned()),
+        _ => {}
+    }
+    if let (Some(min), Some(max)) = (profile.age_min, profile.age_max) {
+        shared.push(if min == max {
+            format!("年齢: {min}歳")
+        } else {
+            format!("年齢: {min}〜{max}歳")
+        });
+    }
+    if !profile.region.is_empty() {
+        shared.push(format!("地域: {}", profile.region));
+    }
+    if !profile.occupation.is_empty() {
+        shared.push(format!("職業: {}", profile.occupation));
+    }
+    let what = if shared.is_empty() {
+        "登録の事実以外は何も使いません".to_owned()
+    } else {
+        format!("{}によって", shared.join("、"))
+    };
+    format!(
+        "{enterprise_id}は、{what}メッセージの送信先としてあなたを選べるようになります。\
+         企業がこれらの値そのもの、電話番号、ご利用の通信会社を知ることはありません。\
+         いつでも変更・撤回でき、撤回するとただちに削除されます。"
+    )
+}
+
 /// Whole years between `birth_date` (`YYYY-MM-DD`) and the date of `now_ms`.
 pub fn age_on(birth_date: &str, now_ms: i64) -> Option<u32> {
     let mut parts = birth_date.split('-').map(str::parse::<i64>);

@@ -18,6 +18,7 @@ pub mod relay_link;
 pub mod storage;
 pub mod subscribers;
 pub mod terminals;
+pub mod web;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -160,6 +161,7 @@ pub async fn run(
         .spawn(terminals::run(shared.clone(), endpoints, cancel.clone()));
     shared.tasks.spawn(expiry(shared.clone()));
     gateways::start(&shared, &config.gateways).await?;
+    web::start(&shared, &config.consent_page).await?;
 
     let router = routes(&config, &registry, &shared).await?;
     let served = server::serve(
