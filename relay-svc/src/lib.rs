@@ -14,6 +14,7 @@
 
 pub mod auction;
 pub mod config;
+pub mod console;
 pub mod content;
 pub mod control;
 pub mod credentials;
@@ -230,7 +231,11 @@ async fn routes(
     let (_, health_service) = server::health(&services).await;
     // REST/JSON beside gRPC on the one port: HTTP/1.1 too, for clients that
     // speak nothing else (gRPC stays HTTP/2).
-    let rest = tonic::service::Routes::from(rest::router(relay.clone()));
+    // The enterprise console: pages under /console on the same port.
+    let rest = tonic::service::Routes::from(rest::router(relay.clone()).merge(console::router(
+        relay.clone(),
+        config.tls.tls_cert.is_some(),
+    )));
     Ok(
         server::builder(registry, "chukei_relay_rpc_duration_seconds", &config.tls)?
             .accept_http1(true)

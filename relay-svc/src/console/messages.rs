@@ -1,0 +1,422 @@
+//! An enterprise's messages: the list, one message's funnel (by channel,
+//! with rates and their 95% intervals) and one ref's decision trace, and
+//! open rates by hour and channel.
+
+use askama::Template;
+use axum::Form;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Redirect, Response};
+use chukei_proto::relay::v1 as pb;
+use chukei_proto::relay::v1::enterprise_api_server::EnterpriseApi;
+use serde::Deserialize;
+
+use super::charts::{self, Bar};
+use super::enterprise::{channel_name, checked, enterprise, percent, time};
+use super::{Console, Nav, Who, refused, render};
+use crate::stats::wilson;
+
+const PAGE_ROWS: i64 = 50;
+
+struct MessageLine {
+    id: String,
+    accepted: String,
+    target: String,
+    state: &'static str,
+    matched: String,
+    text: String,
+}
+
+#[derive(Template)]
+#[template(path = "console/messages.html")]
+struct MessagesPage {
+    nav: Nav,
+    rows: Vec<MessageLine>,
+    next: Option<i64>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct Paging {
+    before: Option<i64>,
+}
+
+pub(super) async fn messages(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    Query(paging): Query<Paging>,
+) -> Response {
+    let who = match enterprise(&console, &headers).await {
+        Ok(who) => who,
+        Err(response) => return *response,
+    };
+    let Who::Enterprise { enterprise_id, .. } = &who else {
+        return Redirect::to("/console").into_response();
+    };
+    let rows = match console
+        .relay
+        .store
+        .recent_messages(enterprise_id, paging.before.unwrap_or(i64::MAX), PAGE_ROWS)
+        .await
+    {
+        Ok(rows) => rows,
+        Err(error) => return refused(&who, &tonic::Status::from(error)),
+    };
+    let next = (rows.len() as i64 == PAGE_ROWS)
+        .then(|| rows.last().map(|r| r.accepted_at))
+        .flatten();
+    let rows = rows
+        .into_iter()
+        .map(|row| MessageLine {
+            accepted: chukei_proto::web::local_time(row.accepted_at, "UTC"),
+            target: row.target_kind,
+            state: match row.state {
+                1 => "accepted",
+                2 => "expanded",
+                _ => "handed over",
+            },
+            matched: row
+                .matched
+                .map_or_else(|| "…".to_owned(), |m| m.to_string()),
+            text: row.text,
+            id: row.id,
+        })
+        .collect();
+    render(MessagesPage {
+        nav: Nav::of(Some(&who)),
+        rows,
+        next,
+    })
+}
+
+struct Step {
+    label: &'static str,
+    count: u64,
+    rate: String,
+}
+
+struct ChannelLine {
+    channel: &'static str,
+    handed_over: u64,
+    delivered: u64,
+    opened: u64,
+    failed: u64,
+    expired: u64,
+    unsupported: u64,
+    open_rate: String,
+}
+
+struct Trace {
+    user_ref: String,
+    attempts: Vec<(u32, &'static str, String, String, String)>,
+    events: Vec<(String, String, &'static str)>,
+}
+
+#[derive(Template)]
+#[template(path = "console/message_detail.html")]
+struct MessageDetail {
+    nav: Nav,
+    id: String,
+    state: &'static str,
+    plan: String,
+    accepted: String,
+    charged: i64,
+    backlog: u64,
+    funnel: Vec<Step>,
+    aside: Vec<(&'static str, u64)>,
+    channels: Vec<ChannelLine>,
+    chart: String,
+    follow_up: String,
+    trace: Option<Trace>,
+    trace_error: Option<String>,
+}
+
+async fn message_detail(
+    console: &Console,
+    who: &Who,
+    message_id: String,
+    trace: Option<Trace>,
+    trace_error: Option<String>,
+) -> Response {
+    let status = match console
+        .api
+        .get_message(who.request(pb::GetMessageRequest {
+            message_id: message_id.clone(),
+        }))
+        .await
+    {
+        Ok(status) => status.into_inner(),
+        Err(status) => return refused(who, &status),
+    };
+    let by_channel = match console.relay.store.funnel_by_channel(&message_id).await {
+        Ok(rows) => rows,
+        Err(error) => return refused(who, &tonic::Status::from(error)),
+    };
+    let funnel = vec![
+        Step {
+            label: "Matched",
+            count: status.matched,
+            rate: String::new(),
+        },
+        Step {
+            label: "Handed over",
+            count: status.handed_over,
+            rate: percent(wilson(status.handed_over, status.matched)),
+        },
+        Step {
+            label: "Delivered",
+            count: status.delivered,
+            rate: percent(wilson(status.delivered, status.handed_over)),
+        },
+        Step {
+            label: "Opened",
+            count: status.opened,
+            rate: percent(wilson(status.opened, status.delivered)),
+        },
+    ];
+    let aside = vec![
+        ("Failed", status.failed),
+        ("Expired", status.expired),
+        ("Unsupported channel", status.unsupported),
+        ("Deferred (quiet period)", status.deferred),
+        ("Skipped (fatigue, budget)", status.skipped),
+    ];
+    let mut bars = Vec::new();
+    let channels = by_channel
+        .into_iter()
+        .map(|row| {
+            let name = crate::policy::channel_name(row.channel);
+            let estimate = wilson(row.opened, row.delivered);
+            bars.push(Bar {
+                label: name.to_owned(),
+                rate: estimate.map(|e| (e.rate, e.low, e.high)),
+            });
+            ChannelLine {
+                channel: name,
+                handed_over: row.handed_over,
+                delivered: row.delivered,
+                opened: row.opened,
+                failed: row.failed,
+                expired: row.expired,
+                unsupported: row.unsupported,
+                open_rate: percent(estimate),
+            }
+        })
+        .collect();
+    render(MessageDetail {
+        nav: Nav::of(Some(who)),
+        state: match pb::MessageState::try_from(status.state) {
+            Ok(pb::MessageState::Accepted) => "accepted",
+            Ok(pb::MessageState::Expanded) => "expanded",
+            Ok(pb::MessageState::HandedOver) => "handed over",
+            _ => "",
+        },
+        plan: status.plan,
+        accepted: time(status.accepted_at.as_ref()),
+        charged: status.charged,
+        backlog: status.backlog,
+        funnel,
+        aside,
+        chart: charts::open_rates("Open rate by channel", &bars),
+        channels,
+        follow_up: status.follow_up_message_id,
+        id: message_id,
+        trace,
+        trace_error,
+    })
+}
+
+pub(super) async fn message(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    Path(message_id): Path<String>,
+) -> Response {
+    let who = match enterprise(&console, &headers).await {
+        Ok(who) => who,
+        Err(response) => return *response,
+    };
+    message_detail(&console, &who, message_id, None, None).await
+}
+
+#[derive(Deserialize)]
+pub(super) struct ExplainForm {
+    user_ref: String,
+    csrf: String,
+}
+
+pub(super) async fn explain(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    Path(message_id): Path<String>,
+    Form(form): Form<ExplainForm>,
+) -> Response {
+    let who = match checked(&console, &headers, &form.csrf).await {
+        Ok(who) => who,
+        Err(response) => return *response,
+    };
+    let explained = console
+        .api
+        .explain_delivery(who.request(pb::ExplainDeliveryRequest {
+            message_id: message_id.clone(),
+            user_ref: form.user_ref.trim().to_owned(),
+        }))
+        .await;
+    let (trace, error) = match explained {
+        Ok(explanation) => {
+            let explanation = explanation.into_inner();
+            (
+                Some(Trace {
+                    user_ref: form.user_ref.trim().to_owned(),
+                    attempts: explanation
+                        .attempts
+                        .iter()
+                        .map(|a| {
+                            (
+                                a.attempt,
+                                channel_name(a.channel),
+                                a.state.clone(),
+                                time(a.handed_over_at.as_ref()),
+                                a.reason.clone(),
+                            )
+                        })
+                        .collect(),
+                    events: explanation
+                        .events
+                        .iter()
+                        .map(|e| (e.kind.clone(), time(e.at.as_ref()), channel_name(e.channel)))
+                        .collect(),
+                }),
+                None,
+            )
+        }
+        Err(status)
+            if status.code() == tonic::Code::NotFound
+                && status.message().starts_with("message_id") =>
+        {
+            return refused(&who, &status);
+        }
+        Err(status) => (None, Some(status.message().to_owned())),
+    };
+    message_detail(&console, &who, message_id, trace, error).await
+}
+
+struct StatLine {
+    key: String,
+    sent: u64,
+    delivered: u64,
+    opened: u64,
+    open_rate: String,
+    note: &'static str,
+}
+
+#[derive(Template)]
+#[template(path = "console/stats.html")]
+struct StatsPage {
+    nav: Nav,
+    days: u32,
+    zone: String,
+    hour_chart: String,
+    hours: Vec<StatLine>,
+    channel_chart: String,
+    channels: Vec<StatLine>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct StatsQuery {
+    days: Option<u32>,
+    zone: Option<String>,
+}
+
+pub(super) async fn stats(
+    State(console): State<Console>,
+    headers: HeaderMap,
+    Query(query): Query<StatsQuery>,
+) -> Response {
+    let who = match enterprise(&console, &headers).await {
+        Ok(who) => who,
+        Err(response) => return *response,
+    };
+    let days = query.days.unwrap_or(7).clamp(1, 90);
+    let zone = query
+        .zone
+        .filter(|z| !z.is_empty())
+        .unwrap_or_else(|| console.relay.market.zone_name.to_string());
+    let mut tables = Vec::new();
+    for by in [pb::StatsDimension::SendHour, pb::StatsDimension::Channel] {
+        let response = console
+            .api
+            .get_stats(who.request(pb::GetStatsRequest {
+                by: vec![by as i32],
+                zone: zone.clone(),
+                lookback: Some(prost_types::Duration {
+                    seconds: i64::from(days) * 86_400,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }))
+            .await;
+        let rows = match response {
+            Ok(response) => response.into_inner().rows,
+            Err(status) => return refused(&who, &status),
+        };
+        let lines: Vec<StatLine> = rows
+            .into_iter()
+            .map(|row| StatLine {
+                key: row.key.join(" "),
+                sent: row.sent,
+                delivered: row.delivered,
+                opened: row.opened,
+                open_rate: row.open_rate.as_ref().map_or_else(String::new, |e| {
+                    format!(
+                        "{:.1}% ({:.1}–{:.1}%)",
+                        e.rate * 100.0,
+                        e.low * 100.0,
+                        e.high * 100.0
+                    )
+                }),
+                note: if row.suppressed {
+                    "withheld (below the minimum cohort)"
+                } else if row.low_sample {
+                    "few deliveries: read the interval"
+                } else {
+                    ""
+                },
+            })
+            .collect();
+        tables.push(lines);
+    }
+    let channels = tables.pop().unwrap_or_default();
+    let hours = tables.pop().unwrap_or_default();
+    let bars = |lines: &[StatLine]| -> Vec<Bar> {
+        lines
+            .iter()
+            .map(|line| {
+                let estimate = wilson(line.opened, line.delivered);
+                Bar {
+                    label: line.key.clone(),
+                    rate: estimate.map(|e| (e.rate, e.low, e.high)),
+                }
+            })
+            .collect()
+    };
+    // Every hour of the day gets its place on the chart, sent to or not.
+    let hour_bars: Vec<Bar> = (0..24)
+        .map(|hour| {
+            let label = hour.to_string();
+            let rate = hours
+                .iter()
+                .find(|line| line.key.parse::<u32>().ok() == Some(hour))
+                .and_then(|line| wilson(line.opened, line.delivered))
+                .map(|e| (e.rate, e.low, e.high));
+            Bar { label, rate }
+        })
+        .collect();
+    render(StatsPage {
+        nav: Nav::of(Some(&who)),
+        days,
+        hour_chart: charts::open_rates("Open rate by hour of sending", &hour_bars),
+        channel_chart: charts::open_rates("Open rate by channel", &bars(&channels)),
+        hours,
+        channels,
+        zone,
+    })
+}
