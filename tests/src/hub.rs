@@ -28,6 +28,8 @@ pub struct CarrierNode {
     pub metrics: Option<SocketAddr>,
     pub token: String,
     pub data_dir: PathBuf,
+    /// Where its consent page listens, when the settings ask for one.
+    pub consent: Option<SocketAddr>,
     running: Option<Running>,
 }
 
@@ -93,6 +95,8 @@ pub struct Settings {
     /// The carriers' gateways (SMPP, SMTP); none by default: every channel
     /// goes to the terminals.
     pub carrier_gateways: carrier_svc::gateways::GatewayArgs,
+    /// The carriers serve their subscribers' consent page (on free ports).
+    pub consent_pages: bool,
 }
 
 impl Default for Settings {
@@ -115,6 +119,7 @@ impl Default for Settings {
             webhook_retry_schedule: relay_svc::webhooks::RetrySchedule::default(),
             webhook_timeout_secs: 15,
             carrier_gateways: carrier_svc::gateways::GatewayArgs::default(),
+            consent_pages: false,
         }
     }
 }
@@ -128,7 +133,7 @@ impl Settings {
     }
 }
 
-/// A free loopback address for a metrics endpoint, when `wanted`.
+/// A free loopback address for a metrics endpoint (or another page), when `wanted`.
 fn metrics_addr(wanted: bool) -> std::io::Result<Option<SocketAddr>> {
     if !wanted {
         return Ok(None);
@@ -227,6 +232,7 @@ impl Hub {
                 metrics: metrics_addr(hub.settings.metrics)?,
                 token: format!("carrier-token-{carrier_id}-0123456789"),
                 data_dir: hub.dir.path().join(carrier_id),
+                consent: metrics_addr(hub.settings.consent_pages)?,
                 running: None,
             };
             node.running = Some(hub.spawn_carrier(&node, listener));
@@ -340,6 +346,10 @@ impl Hub {
             clock: self.settings.clock_args(),
             tls: Default::default(),
             gateways: self.settings.carrier_gateways.clone(),
+            consent_page: carrier_svc::web::ConsentPageArgs {
+                consent_listen: node.consent,
+                ..Default::default()
+            },
         };
         Running::spawn("carrier", listener, |listener, stopped| {
             carrier_svc::run(config, listener, shutdown_on(stopped))

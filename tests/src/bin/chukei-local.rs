@@ -209,9 +209,12 @@ async fn main() -> anyhow::Result<()> {
 
     // Carriers.
     let mut carrier_flags = Vec::new();
+    let mut consent_pages = Vec::new();
     for carrier_id in CARRIERS {
         let port = free_port()?;
         let url = format!("http://127.0.0.1:{port}");
+        let consent_port = free_port()?;
+        consent_pages.push(format!("{carrier_id}: http://127.0.0.1:{consent_port}/"));
         let carrier_token = token(carrier_id)?;
         children.spawn(
             carrier_id,
@@ -223,6 +226,8 @@ async fn main() -> anyhow::Result<()> {
                     carrier_id,
                     "--relay-url",
                     &relay_url,
+                    "--consent-listen",
+                    &format!("127.0.0.1:{consent_port}"),
                 ])
                 .arg("--data-dir")
                 .arg(data_dir.join(carrier_id))
@@ -600,6 +605,11 @@ async fn main() -> anyhow::Result<()> {
             println!("  export CHUKEI_API_KEY={}", created.api_key);
         }
         println!("  cargo run --release -p enterprise-cli -- send --all --text 'hello'");
+        println!("the enterprise console (sign in with a key above): {relay_url}/console");
+        println!(
+            "the consent pages (a sign-in code goes to the person's simulated terminal): {}",
+            consent_pages.join(", ")
+        );
         chukei_proto::server::shutdown_signal().await;
     }
     children.stop();
