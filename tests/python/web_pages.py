@@ -148,6 +148,21 @@ def subscriber(pages, browser):
     )
     if "expired" not in response.text():
         raise SystemExit("a forged consent form was not refused")
+
+    # Leave the enterprise, then the whole hub.
+    page.get_by_role("link", name="Enterprises you share with").click()
+    page.get_by_role("row").filter(has_text=args.enterprise).get_by_role("link").click()
+    page.get_by_role("button", name="Leave this enterprise").click()
+    expect(page.get_by_role("status")).to_contain_text("You left the enterprise")
+    expect(page.get_by_text("You are not registered with any enterprise through us.")).to_be_visible()
+    ask({"step": "left"})
+    page.get_by_label("I want to leave every enterprise").check()
+    page.get_by_role("button", name="Leave the hub").click()
+    expect(page.get_by_role("status")).to_contain_text("You left the hub")
+    page.get_by_role("link", name="Your history").click()
+    expect(page.locator("table")).to_contain_text("Left the hub")
+    ask({"step": "left_hub"})
+
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_role("heading", level=1)).to_have_text("Sign in")
     context.close()

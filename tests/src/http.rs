@@ -34,21 +34,46 @@ pub async fn call(
     headers: &[(&str, &str)],
     body: Option<&Value>,
 ) -> Reply {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    exchange(relay, method, path, headers, "application/json", &body).await
+}
+
+/// `POST path` on `server` with `headers` and an HTML form's `body`
+/// (`application/x-www-form-urlencoded`, already encoded).
+pub async fn post_form(server: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+    exchange(
+        server,
+        "POST",
+        path,
+        headers,
+        "application/x-www-form-urlencoded",
+        body,
+    )
+    .await
+}
+
+async fn exchange(
+    relay: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    content_type: &str,
+    body: &str,
+) -> Reply {
     let addr = relay.trim_start_matches("http://");
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let body = body.map(Value::to_string).unwrap_or_default();
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
     if !body.is_empty() {
-        request.push_str("Content-Type: application/json\r\n");
+        request.push_str(&format!("Content-Type: {content_type}\r\n"));
     }
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }
     request.push_str("\r\n");
-    request.push_str(&body);
+    request.push_str(body);
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await.unwrap();

@@ -97,6 +97,9 @@ pub struct Settings {
     pub carrier_gateways: carrier_svc::gateways::GatewayArgs,
     /// The carriers serve their subscribers' consent page (on free ports).
     pub consent_pages: bool,
+    /// The consent page trusts this header to name the subscriber (an
+    /// operator's login in front), instead of one-time codes.
+    pub consent_header: Option<String>,
 }
 
 impl Default for Settings {
@@ -120,6 +123,7 @@ impl Default for Settings {
             webhook_timeout_secs: 15,
             carrier_gateways: carrier_svc::gateways::GatewayArgs::default(),
             consent_pages: false,
+            consent_header: None,
         }
     }
 }
@@ -346,9 +350,17 @@ impl Hub {
             clock: self.settings.clock_args(),
             tls: Default::default(),
             gateways: self.settings.carrier_gateways.clone(),
-            consent_page: carrier_svc::web::ConsentPageArgs {
-                consent_listen: node.consent,
-                ..Default::default()
+            consent_page: match &self.settings.consent_header {
+                Some(header) => carrier_svc::web::ConsentPageArgs {
+                    consent_listen: node.consent,
+                    consent_sign_in: "header".into(),
+                    consent_user_header: header.clone(),
+                    ..Default::default()
+                },
+                None => carrier_svc::web::ConsentPageArgs {
+                    consent_listen: node.consent,
+                    ..Default::default()
+                },
             },
         };
         Running::spawn("carrier", listener, |listener, stopped| {

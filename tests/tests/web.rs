@@ -6,7 +6,9 @@
 //! screen, in Japanese and then English; narrows their age from the exact
 //! age to the decade (previewed first) — and the relay's stored profile
 //! changes to exactly that —; withdraws, and a segment message that would
-//! have chosen them no longer reaches them; reads their history. An
+//! have chosen them no longer reaches them; reads their history; leaves the
+//! enterprise (their registration is gone at the relay) and the hub (they
+//! are erased: no contract left). An
 //! enterprise signs in to the console, quotes and sends a campaign, and
 //! watches its funnel until everyone opened — each number exactly what
 //! `GetMessage` returns, the channel breakdown and the open-rate page exactly
@@ -38,7 +40,10 @@ use terminal_sim::fleet::Fleet;
 use terminal_sim::terminal::OpenMode;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
-backend_tests!(subscriber_and_enterprise_pages_in_a_real_browser);
+backend_tests!(
+    subscriber_and_enterprise_pages_in_a_real_browser,
+    the_consent_page_trusts_the_operators_login_header
+);
 
 /// What the browser run needs from the machine, or `None` (said) when absent.
 fn browser() -> Option<(PathBuf, PathBuf, PathBuf)> {
@@ -273,6 +278,27 @@ async fn subscriber_and_enterprise_pages_in_a_real_browser(backend: Backend) {
                 );
                 json!({"ok": true})
             }
+            "left" => {
+                let registered = sql_scalar(
+                    &store,
+                    "SELECT COUNT(*) FROM registrations WHERE user_id = $1",
+                    &subject.user_id,
+                )
+                .await;
+                assert_eq!(registered, 0);
+                json!({"ok": true})
+            }
+            "left_hub" => {
+                // Erased at the relay: a tombstone, no contract left to route by.
+                let contracts = sql_scalar(
+                    &store,
+                    "SELECT COUNT(*) FROM contracts WHERE user_id = $1",
+                    &subject.user_id,
+                )
+                .await;
+                assert_eq!(contracts, 0);
+                json!({"ok": true})
+            }
             "quoted" => {
                 let quote = client
                     .quote_message(send_request(
@@ -285,7 +311,8 @@ async fn subscriber_and_enterprise_pages_in_a_real_browser(backend: Backend) {
                     .unwrap()
                     .into_inner();
                 assert_eq!(said["recipients"], json!(quote.recipients));
-                assert_eq!(quote.recipients, 20);
+                // Everyone registered but the subject, who left.
+                assert_eq!(quote.recipients, 19);
                 json!({"ok": true})
             }
             "funnel" => {
@@ -311,7 +338,7 @@ async fn subscriber_and_enterprise_pages_in_a_real_browser(backend: Backend) {
                 ] {
                     assert_eq!(numbers[label], json!(value), "{label} on the page");
                 }
-                assert_eq!(status.opened, 20);
+                assert_eq!(status.opened, 19);
                 assert_eq!(
                     said["by_channel"],
                     json!({"SMS": [status.handed_over, status.delivered, status.opened]})
@@ -382,7 +409,7 @@ async fn subscriber_and_enterprise_pages_in_a_real_browser(backend: Backend) {
     assert_eq!(
         steps,
         [
-            "code", "narrowed", "withdrew", "quoted", "funnel", "stats", "done"
+            "code", "narrowed", "withdrew", "left", "left_hub", "quoted", "funnel", "stats", "done"
         ]
     );
     if backend == Backend::Sqlite && std::env::var_os("CHUKEI_UPDATE_DOCS").is_some() {
@@ -396,5 +423,92 @@ async fn subscriber_and_enterprise_pages_in_a_real_browser(backend: Backend) {
             .unwrap();
         }
     }
+    hub.shutdown().await.unwrap();
+}
+
+/// With `--consent-sign-in header` the page takes the subscriber from the
+/// header the operator's login sets (no code, no cookie of ours), and a
+/// form's CSRF token is bound to that subscriber.
+async fn the_consent_page_trusts_the_operators_login_header(backend: Backend) {
+    use integration_tests::http::{call, post_form};
+    let settings = Settings {
+        consent_pages: true,
+        consent_header: Some("x-chukei-subscriber".into()),
+        ..Settings::default()
+    };
+    let Some(mut hub) = Hub::start_settings(backend, &["alpha"], settings)
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let year: i32 = jiff::Zoned::now().year().into();
+    let mut fleet = Fleet::generate(12, 2, &["alpha".into()]).with_every_channel();
+    for user in &mut fleet.users {
+        user.birth_date = format!("{}-01-01", year - 36);
+        user.home_region = "tokyo/shibuya".into();
+    }
+    hub.start_fleet(fleet.clone(), vec![], OpenMode::Never)
+        .await
+        .unwrap();
+    let (shop, _) = hub.create_enterprise("shop").await.unwrap();
+    let mut api = SubscriberApiClient::connect(hub.carriers[0].url())
+        .await
+        .unwrap();
+    api.register(cpb::RegisterRequest {
+        registrations: vec![cpb::SubscriberRegistration {
+            user_id: fleet.users[0].user_id.clone(),
+            enterprise_id: shop.clone(),
+            service_id: String::new(),
+            consent: Some(share_all()),
+            text_version: carrier_svc::consent::TEXT_VERSION.into(),
+        }],
+    })
+    .await
+    .unwrap();
+    let page = format!("http://{}", hub.carriers[0].consent.unwrap());
+    let me = [("x-chukei-subscriber", fleet.users[0].user_id.as_str())];
+    let someone_else = [("x-chukei-subscriber", fleet.users[1].user_id.as_str())];
+
+    assert_eq!(call(&page, "GET", "/", &[], None).await.status, 401);
+    let home = call(&page, "GET", "/", &me, None).await;
+    assert_eq!(home.status, 200);
+    assert!(home.body.contains(&shop), "{}", home.body);
+    assert!(
+        home.header("set-cookie")
+            .is_none_or(|c| !c.contains("chukei_consent"))
+    );
+    assert_eq!(
+        home.header("content-security-policy")
+            .map(|v| v.starts_with("default-src 'none'")),
+        Some(true)
+    );
+    let csrf = home
+        .body
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+    let form = format!(
+        "csrf={csrf}&gender=none&age=decade&region=prefecture&occupation=none&text_version={}",
+        carrier_svc::consent::TEXT_VERSION
+    );
+    let path = format!("/enterprises/{shop}/consent");
+    // The token is this subscriber's: under another's header it changes nothing.
+    let forged = post_form(&page, &path, &someone_else, &form).await;
+    assert!(forged.body.contains("expired"), "{}", forged.body);
+    let saved = post_form(&page, &path, &me, &form).await;
+    assert_eq!(saved.status, 303, "{}", saved.body);
+    let store = relay_svc::storage::Store::connect(hub.database_url())
+        .await
+        .unwrap();
+    let stored = sql_scalar(
+        &store,
+        "SELECT COUNT(*) FROM profiles WHERE user_id = $1 AND age_min = 30 AND age_max = 39 AND region = 'tokyo'",
+        &fleet.users[0].user_id,
+    )
+    .await;
+    assert_eq!(stored, 1);
     hub.shutdown().await.unwrap();
 }
