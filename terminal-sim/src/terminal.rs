@@ -113,6 +113,42 @@ struct State {
     arrivals: Option<mpsc::UnboundedSender<(String, std::time::Instant)>>,
 }
 
+impl State {
+    /// Puts `message` in its user's inbox, as received from `carrier_id` at `now`.
+    fn keep(
+        &mut self,
+        carrier_id: &str,
+        message: pb::PushedMessage,
+        trace_parent: String,
+        now: i64,
+    ) {
+        self.inbox
+            .entry(message.user_id.clone())
+            .or_default()
+            .push(message.delivery_id.clone());
+        let content = message.content.unwrap_or_default();
+        self.items.insert(
+            message.delivery_id.clone(),
+            InboxItem {
+                delivery_id: message.delivery_id,
+                message_id: message.message_id,
+                carrier_id: carrier_id.to_owned(),
+                channel: message.channel,
+                text: content.text,
+                media_url: content.media_url,
+                subject: content.subject,
+                suggested_replies: content.suggested_replies,
+                sms_segments: message.sms_segments,
+                address: message.address,
+                received_at: now,
+                opened_at: None,
+                opened_place: String::new(),
+                trace_parent,
+            },
+        );
+    }
+}
+
 impl Terminals {
     /// Starts the open scheduler; it and every stream task stop on `cancel`.
     pub fn new(fleet: &Fleet, clock: Clock, mode: OpenMode, cancel: CancellationToken) -> Self {
@@ -232,31 +268,7 @@ impl Terminals {
                     // The carrier's own notice (a sign-in code): shown, not
                     // counted, confirmed or opened.
                     if !state.items.contains_key(&message.delivery_id) {
-                        state
-                            .inbox
-                            .entry(message.user_id.clone())
-                            .or_default()
-                            .push(message.delivery_id.clone());
-                        let content = message.content.unwrap_or_default();
-                        state.items.insert(
-                            message.delivery_id.clone(),
-                            InboxItem {
-                                delivery_id: message.delivery_id,
-                                message_id: String::new(),
-                                carrier_id: carrier_id.to_owned(),
-                                channel: message.channel,
-                                text: content.text,
-                                media_url: String::new(),
-                                subject: String::new(),
-                                suggested_replies: Vec::new(),
-                                sms_segments: message.sms_segments,
-                                address: String::new(),
-                                received_at: now,
-                                opened_at: None,
-                                opened_place: String::new(),
-                                trace_parent: String::new(),
-                            },
-                        );
+                        state.keep(carrier_id, message, String::new(), now);
                     }
                     continue;
                 }
@@ -313,31 +325,7 @@ impl Terminals {
                 state
                     .user_of
                     .insert(message.delivery_id.clone(), message.user_id.clone());
-                state
-                    .inbox
-                    .entry(message.user_id.clone())
-                    .or_default()
-                    .push(message.delivery_id.clone());
-                let content = message.content.unwrap_or_default();
-                state.items.insert(
-                    message.delivery_id.clone(),
-                    InboxItem {
-                        delivery_id: message.delivery_id,
-                        message_id: message.message_id,
-                        carrier_id: carrier_id.to_owned(),
-                        channel: message.channel,
-                        text: content.text,
-                        media_url: content.media_url,
-                        subject: content.subject,
-                        suggested_replies: content.suggested_replies,
-                        sms_segments: message.sms_segments,
-                        address: message.address,
-                        received_at: now,
-                        opened_at: None,
-                        opened_place: String::new(),
-                        trace_parent,
-                    },
-                );
+                state.keep(carrier_id, message, trace_parent, now);
             }
         }
         for open in opens {

@@ -157,6 +157,14 @@ async fn subscriber_and_enterprise_pages_in_a_real_browser(backend: Backend) {
             .await
         }
     };
+    let rows_of = |table: &'static str| {
+        let store = store.clone();
+        let user_id = subject.user_id.clone();
+        async move {
+            let sql = format!("SELECT COUNT(*) FROM {table} WHERE user_id = $1");
+            sql_scalar(&store, &sql, &user_id).await
+        }
+    };
     assert_eq!(age_range(subject.user_id.clone()).await, 36_036);
 
     let screenshots = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -279,24 +287,13 @@ async fn subscriber_and_enterprise_pages_in_a_real_browser(backend: Backend) {
                 json!({"ok": true})
             }
             "left" => {
-                let registered = sql_scalar(
-                    &store,
-                    "SELECT COUNT(*) FROM registrations WHERE user_id = $1",
-                    &subject.user_id,
-                )
-                .await;
-                assert_eq!(registered, 0);
+                // No registration of the person at the relay any more.
+                assert_eq!(rows_of("registrations").await, 0);
                 json!({"ok": true})
             }
             "left_hub" => {
-                // Erased at the relay: a tombstone, no contract left to route by.
-                let contracts = sql_scalar(
-                    &store,
-                    "SELECT COUNT(*) FROM contracts WHERE user_id = $1",
-                    &subject.user_id,
-                )
-                .await;
-                assert_eq!(contracts, 0);
+                // Erased at the relay: no contract left to route by.
+                assert_eq!(rows_of("contracts").await, 0);
                 json!({"ok": true})
             }
             "quoted" => {

@@ -14,11 +14,12 @@ use chukei_proto::carrier::v1::subscriber_api_server::SubscriberApi;
 use serde::Deserialize;
 
 use super::text::{self, Text};
+pub(super) use super::views::CodePage;
+use super::views::SignInPage;
 use super::views::{
     ChoiceView, EnterprisePage, EnterpriseRow, HistoryPage, HistoryView, HomePage, MessagePage,
     PreviewPage, choices_in_words, profile_rows, summary,
 };
-pub(super) use super::views::{CodePage, SignInPage};
 use super::{Page, Visitor, wall_ms};
 use crate::consent;
 
@@ -175,11 +176,18 @@ fn signed_in(page: &Page, t: &'static Text, headers: &HeaderMap) -> Result<Visit
         // The operator's login in front of the page did not say who this is.
         return Err(Box::new(StatusCode::UNAUTHORIZED.into_response()));
     }
+    Err(Box::new(sign_in_page(page, t, headers, None)))
+}
+
+/// The sign-in form (with `error`), its CSRF token bound to the visit.
+pub(super) fn sign_in_page(
+    page: &Page,
+    t: &'static Text,
+    headers: &HeaderMap,
+    error: Option<&'static str>,
+) -> Response {
     let (visit, set_visit) = anonymous(page, headers);
-    Err(Box::new(with_cookie(
-        render(SignInPage::new(t, page, &visit, None)),
-        set_visit,
-    )))
+    with_cookie(render(SignInPage::new(t, page, &visit, error)), set_visit)
 }
 
 /// A checked form: the visitor, or what to answer instead.
@@ -351,15 +359,24 @@ pub(super) async fn enterprise(
     })
 }
 
-/// Is `enterprise_id` one the visitor is registered with (through us)?
-async fn registered(page: &Page, user_id: &str, enterprise_id: &str) -> Result<bool, sqlx::Error> {
-    Ok(page
-        .shared
-        .store
-        .consents(user_id)
-        .await?
-        .iter()
-        .any(|c| c.enterprise_id == enterprise_id))
+/// A checked form about `enterprise_id`: the visitor, if they are
+/// registered with it through us; else what to answer.
+async fn checked_for(
+    page: &Page,
+    t: &'static Text,
+    headers: &HeaderMap,
+    csrf: &str,
+    enterprise_id: &str,
+) -> Result<Visitor, Box<Response>> {
+    let visitor = checked(page, t, headers, csrf)?;
+    match page.shared.store.consents(&visitor.user_id).await {
+        Ok(consents) if consents.iter().any(|c| c.enterprise_id == enterprise_id) => Ok(visitor),
+        Ok(_) => Err(Box::new(not_found(Lang(t)).await)),
+        Err(error) => {
+            tracing::warn!(%error, "consent page: reading consents failed");
+            Err(Box::new(failure(t)))
+        }
+    }
 }
 
 pub(super) async fn preview(
@@ -370,15 +387,10 @@ pub(super) async fn preview(
     Form(form): Form<ChoiceForm>,
 ) -> Response {
     let t = lang.0;
-    let visitor = match checked(&page, t, &headers, &form.csrf) {
+    let visitor = match checked_for(&page, t, &headers, &form.csrf, &enterprise_id).await {
         Ok(visitor) => visitor,
         Err(response) => return *response,
     };
-    match registered(&page, &visitor.user_id, &enterprise_id).await {
-        Ok(true) => {}
-        Ok(false) => return not_found(lang).await,
-        Err(_) => return failure(t),
-    }
     let choices = form.choices();
     let preview = match page
         .preview(&visitor.user_id, &enterprise_id, choices)
@@ -414,15 +426,10 @@ pub(super) async fn change(
     Form(form): Form<ChoiceForm>,
 ) -> Response {
     let t = lang.0;
-    let visitor = match checked(&page, t, &headers, &form.csrf) {
+    let visitor = match checked_for(&page, t, &headers, &form.csrf, &enterprise_id).await {
         Ok(visitor) => visitor,
         Err(response) => return *response,
     };
-    match registered(&page, &visitor.user_id, &enterprise_id).await {
-        Ok(true) => {}
-        Ok(false) => return not_found(lang).await,
-        Err(_) => return failure(t),
-    }
     let changed = page
         .api
         .change_consent(tonic::Request::new(pb::ChangeConsentRequest {
@@ -446,15 +453,10 @@ pub(super) async fn leave(
     Form(form): Form<CsrfForm>,
 ) -> Response {
     let t = lang.0;
-    let visitor = match checked(&page, t, &headers, &form.csrf) {
+    let visitor = match checked_for(&page, t, &headers, &form.csrf, &enterprise_id).await {
         Ok(visitor) => visitor,
         Err(response) => return *response,
     };
-    match registered(&page, &visitor.user_id, &enterprise_id).await {
-        Ok(true) => {}
-        Ok(false) => return not_found(lang).await,
-        Err(_) => return failure(t),
-    }
     let left = page
         .api
         .unregister(tonic::Request::new(pb::UnregisterRequest {

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use sha2::Digest;
 
-use super::pages::{self, CodePage, Lang, SignInPage, redirect_home, render, with_cookie};
+use super::pages::{self, CodePage, Lang, redirect_home, render, with_cookie};
 use super::{Page, SESSION_COOKIE, SignIn, wall_ms};
 
 const CODE_TTL_MS: i64 = 5 * 60_000;
@@ -138,19 +138,13 @@ pub(super) async fn send_code(
     if !matches!(page.sign_in, SignIn::Code) {
         return redirect_home();
     }
-    let (visit, set_visit) = pages::anonymous(&page, &headers);
+    let (visit, _) = pages::anonymous(&page, &headers);
     if !page.signer.csrf_ok(&visit, &form.csrf) {
-        return with_cookie(
-            render(SignInPage::new(t, &page, &visit, Some(t.form_expired))),
-            set_visit,
-        );
+        return pages::sign_in_page(&page, t, &headers, Some(t.form_expired));
     }
     let phone = normalise_phone(&form.phone);
     if crate::subscribers::phone_number("phone", &phone).is_err() {
-        return with_cookie(
-            render(SignInPage::new(t, &page, &visit, Some(t.phone_hint))),
-            set_visit,
-        );
+        return pages::sign_in_page(&page, t, &headers, Some(t.phone_hint));
     }
     let now = wall_ms();
     let code = six_digits();
@@ -213,11 +207,7 @@ pub(super) async fn check_code(
     let pending = chukei_proto::web::cookie(&headers, PENDING_COOKIE).unwrap_or("");
     let attempt = page.signer.open(pending, now);
     let (Some(attempt), true) = (attempt, page.signer.csrf_ok(pending, &form.csrf)) else {
-        let (visit, set_visit) = pages::anonymous(&page, &headers);
-        return with_cookie(
-            render(SignInPage::new(t, &page, &visit, Some(t.code_expired))),
-            set_visit,
-        );
+        return pages::sign_in_page(&page, t, &headers, Some(t.code_expired));
     };
     match page.codes.check(&attempt, &form.code, now) {
         Checked::SignedIn(user_id) => {
@@ -245,13 +235,7 @@ pub(super) async fn check_code(
             csrf: page.signer.csrf(pending),
             error: Some(t.code_wrong),
         }),
-        Checked::Expired => {
-            let (visit, set_visit) = pages::anonymous(&page, &headers);
-            with_cookie(
-                render(SignInPage::new(t, &page, &visit, Some(t.code_expired))),
-                set_visit,
-            )
-        }
+        Checked::Expired => pages::sign_in_page(&page, t, &headers, Some(t.code_expired)),
     }
 }
 
