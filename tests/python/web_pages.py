@@ -108,18 +108,19 @@ def subscriber(pages, browser):
     page.get_by_role("button", name="Sign in").click()
 
     expect(page.get_by_role("heading", level=1)).to_have_text("Enterprises you share with")
-    row = page.get_by_role("row").filter(has_text=args.enterprise)
+    row = page.get_by_role("row").filter(has_text=args.enterprise_name)
     expect(row).to_contain_text("Age: 36")
     pages.check(page, "consent-overview")
 
     # Narrow the age from the exact age to the decade, previewing first.
     row.get_by_role("link").click()
-    expect(page.get_by_role("heading", level=1)).to_have_text(args.enterprise)
+    expect(page.get_by_role("heading", level=1)).to_have_text(args.enterprise_name)
     page.get_by_role("group", name="Age").get_by_label("Only the decade").check()
     pages.check(page, "consent-enterprise")
     page.get_by_role("button", name="Preview").click()
     expect(page.get_by_role("heading", level=1)).to_have_text("Check before you confirm")
     expect(page.locator("dl.profile")).to_contain_text("30–39")
+    expect(page.locator(".card")).to_contain_text(args.enterprise_name + " will be able to choose you")
     expect(page.locator(".card")).to_contain_text("age: 30–39")
     pages.check(page, "consent-preview")
     page.get_by_role("button", name="Confirm").click()
@@ -151,7 +152,7 @@ def subscriber(pages, browser):
 
     # Leave the enterprise, then the whole hub.
     page.get_by_role("link", name="Enterprises you share with").click()
-    page.get_by_role("row").filter(has_text=args.enterprise).get_by_role("link").click()
+    page.get_by_role("row").filter(has_text=args.enterprise_name).get_by_role("link").click()
     page.get_by_role("button", name="Leave this enterprise").click()
     expect(page.get_by_role("status")).to_contain_text("You left the enterprise")
     expect(page.get_by_text("You are not registered with any enterprise through us.")).to_be_visible()
@@ -267,7 +268,7 @@ def operator(pages, browser):
 def main():
     parser = argparse.ArgumentParser()
     for name in ["chromium", "axe", "screenshots", "consent-url", "console-url", "phone-local",
-                 "enterprise", "api-key", "operator-token", "other-message-id", "user-ref"]:
+                 "enterprise", "enterprise-name", "api-key", "operator-token", "other-message-id", "user-ref"]:
         parser.add_argument("--" + name, required=True)
     args = parser.parse_args()
     with open(args.axe, encoding="utf-8") as f:

@@ -193,6 +193,7 @@ async fn wrong_roles_and_wrong_tenants_are_refused_alike(backend: Backend) {
                 register_users,
                 unregister_users,
                 put_profile,
+                describe_enterprises,
             ]
         );
     }

@@ -106,7 +106,7 @@ async fn subscriber_and_enterprise_pages_in_a_real_browser(backend: Backend) {
         .start_fleet(fleet.clone(), vec![], OpenMode::Always)
         .await
         .unwrap();
-    let (shop, key) = hub.create_enterprise("shop").await.unwrap();
+    let (shop, key) = hub.create_enterprise("Sakura Mart").await.unwrap();
     let (_, other_key) = hub.create_enterprise("other").await.unwrap();
     let mut api = SubscriberApiClient::connect(hub.carriers[0].url())
         .await
@@ -190,6 +190,8 @@ async fn subscriber_and_enterprise_pages_in_a_real_browser(backend: Backend) {
             &national(&subject.phone_number),
             "--enterprise",
             &shop,
+            "--enterprise-name",
+            "Sakura Mart",
             "--api-key",
             &key,
             "--operator-token",
@@ -448,7 +450,7 @@ async fn the_consent_page_trusts_the_operators_login_header(backend: Backend) {
     hub.start_fleet(fleet.clone(), vec![], OpenMode::Never)
         .await
         .unwrap();
-    let (shop, _) = hub.create_enterprise("shop").await.unwrap();
+    let (shop, _) = hub.create_enterprise("Sakura Mart").await.unwrap();
     let mut api = SubscriberApiClient::connect(hub.carriers[0].url())
         .await
         .unwrap();
@@ -470,6 +472,8 @@ async fn the_consent_page_trusts_the_operators_login_header(backend: Backend) {
     assert_eq!(call(&page, "GET", "/", &[], None).await.status, 401);
     let home = call(&page, "GET", "/", &me, None).await;
     assert_eq!(home.status, 200);
+    // The enterprise as people know it (its name, from the relay).
+    assert!(home.body.contains("Sakura Mart"), "{}", home.body);
     assert!(home.body.contains(&shop), "{}", home.body);
     assert!(
         home.header("set-cookie")

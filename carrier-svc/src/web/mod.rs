@@ -118,6 +118,8 @@ struct Page {
     sign_in: SignIn,
     codes: Arc<sign_in::Codes>,
     secure: bool,
+    /// Enterprises' display names from the relay, kept once asked for.
+    names: Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
 }
 
 /// Who is asking: the subscriber and the session their CSRF tokens are bound to.
@@ -151,6 +153,61 @@ impl Page {
     }
 }
 
+/// Names kept at most; past it the cache starts again.
+const NAMES_KEPT: usize = 10_000;
+
+impl Page {
+    /// The display names of `ids` (an id stands for itself when the relay
+    /// does not know it or cannot be asked now).
+    async fn names(&self, ids: &[&str]) -> std::collections::HashMap<String, String> {
+        let missing: Vec<String> = {
+            let names = self.names.lock().expect("names lock");
+            ids.iter()
+                .filter(|id| !names.contains_key(**id))
+                .map(|id| (*id).to_owned())
+                .collect()
+        };
+        if !missing.is_empty() {
+            let asked = self
+                .shared
+                .relay
+                .clone()
+                .describe_enterprises(chukei_proto::relay::v1::DescribeEnterprisesRequest {
+                    enterprise_ids: missing.into_iter().take(100).collect(),
+                })
+                .await;
+            match asked {
+                Ok(answer) => {
+                    let mut names = self.names.lock().expect("names lock");
+                    if names.len() > NAMES_KEPT {
+                        names.clear();
+                    }
+                    for e in answer.into_inner().enterprises {
+                        names.insert(e.enterprise_id, e.name);
+                    }
+                }
+                Err(status) => {
+                    tracing::warn!(code = ?status.code(), "consent page: enterprise names unavailable");
+                }
+            }
+        }
+        let names = self.names.lock().expect("names lock");
+        ids.iter()
+            .map(|id| {
+                let name = names.get(*id).cloned().unwrap_or_else(|| (*id).to_owned());
+                ((*id).to_owned(), name)
+            })
+            .collect()
+    }
+
+    async fn name(&self, id: &str) -> String {
+        self.names(&[id])
+            .await
+            .remove(id)
+            .unwrap_or_else(|| id.to_owned())
+    }
+}
+
 /// Real time: sessions and codes expire by the wall clock, whatever clock
 /// the carrier's deliveries run on.
 fn wall_ms() -> i64 {
@@ -174,6 +231,7 @@ pub async fn start(shared: &Shared, args: &ConsentPageArgs) -> anyhow::Result<()
         sign_in: args.sign_in()?,
         codes: Arc::default(),
         secure: args.consent_secure_cookies,
+        names: Arc::default(),
     };
     let router = router(page);
     let cancel = shared.cancel.clone();

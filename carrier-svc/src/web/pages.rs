@@ -285,6 +285,8 @@ pub(super) async fn home(
             return failure(t);
         }
     };
+    let ids: Vec<&str> = consents.iter().map(|c| c.enterprise_id.as_str()).collect();
+    let mut names = page.names(&ids).await;
     let mut rows = Vec::with_capacity(consents.len());
     for consent in consents {
         let shared = match page
@@ -295,6 +297,9 @@ pub(super) async fn home(
             Err(status) => return status_failure(t, &status),
         };
         rows.push(EnterpriseRow {
+            name: names
+                .remove(&consent.enterprise_id)
+                .unwrap_or_else(|| consent.enterprise_id.clone()),
             updated: chukei_proto::web::local_time(consent.updated_at, zone(t)),
             enterprise_id: consent.enterprise_id,
             shared,
@@ -355,6 +360,7 @@ pub(super) async fn enterprise(
         profile: profile_rows(t, &preview.profile.unwrap_or_default()),
         choices: ChoiceView::of(&choices),
         text_version: consent::TEXT_VERSION,
+        name: page.name(&enterprise_id).await,
         enterprise_id,
     })
 }
@@ -400,10 +406,13 @@ pub(super) async fn preview(
         Err(status) => return status_failure(t, &status),
     };
     let profile = preview.profile.unwrap_or_default();
+    // The text names the enterprise as people know it; its version is the
+    // one the API's preview gives.
+    let name = page.name(&enterprise_id).await;
     let consent_text = if t.lang == "ja" {
-        consent::consent_text_ja(&enterprise_id, &profile)
+        consent::consent_text_ja(&name, &profile)
     } else {
-        preview.text
+        consent::consent_text(&name, &profile)
     };
     render(PreviewPage {
         t,
@@ -414,6 +423,7 @@ pub(super) async fn preview(
         consent_text,
         text_version: preview.text_version,
         choices: ChoiceView::of(&choices),
+        name,
         enterprise_id,
     })
 }
@@ -517,8 +527,17 @@ pub(super) async fn history(State(page): State<Page>, lang: Lang, headers: Heade
             return failure(t);
         }
     };
+    let mut ids: Vec<&str> = rows.iter().map(|r| r.enterprise_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.retain(|id| !id.is_empty());
+    let names = page.names(&ids).await;
     let mut views = Vec::with_capacity(rows.len());
     for row in rows {
+        let name = names
+            .get(&row.enterprise_id)
+            .cloned()
+            .unwrap_or_else(|| row.enterprise_id.clone());
         let shared = if matches!(row.action.as_str(), "registered" | "changed" | "withdrew") {
             choices_in_words(t, &row.choices())
         } else {
@@ -529,9 +548,9 @@ pub(super) async fn history(State(page): State<Page>, lang: Lang, headers: Heade
             enterprise: if row.enterprise_id.is_empty() {
                 t.hub.to_owned()
             } else if row.service_id.is_empty() {
-                row.enterprise_id
+                name
             } else {
-                format!("{} / {}", row.enterprise_id, row.service_id)
+                format!("{name} / {}", row.service_id)
             },
             action: t.action(&row.action),
             shared,

@@ -59,6 +59,7 @@ pub(super) struct MessagePage {
 
 pub(super) struct EnterpriseRow {
     pub(super) enterprise_id: String,
+    pub(super) name: String,
     pub(super) shared: String,
     pub(super) updated: String,
 }
@@ -111,6 +112,7 @@ pub(super) struct EnterprisePage {
     pub(super) csrf: String,
     pub(super) notice: Option<&'static str>,
     pub(super) enterprise_id: String,
+    pub(super) name: String,
     pub(super) profile: Vec<(&'static str, String)>,
     pub(super) choices: ChoiceView,
     pub(super) text_version: &'static str,
@@ -124,6 +126,7 @@ pub(super) struct PreviewPage {
     pub(super) sign_out: bool,
     pub(super) csrf: String,
     pub(super) enterprise_id: String,
+    pub(super) name: String,
     pub(super) profile: Vec<(&'static str, String)>,
     pub(super) consent_text: String,
     pub(super) text_version: String,

@@ -186,4 +186,31 @@ impl pb::carrier_ingress_server::CarrierIngress for IngressService {
             .await?;
         Ok(Response::new(pb::PutProfileResponse {}))
     }
+
+    async fn describe_enterprises(
+        &self,
+        request: Request<pb::DescribeEnterprisesRequest>,
+    ) -> Result<Response<pb::DescribeEnterprisesResponse>, Status> {
+        let relay = &self.0;
+        relay.calling_carrier(&request).await?;
+        let request = request.into_inner();
+        chukei_proto::validate::bounded("enterprise_ids", &request.enterprise_ids, 100)
+            .map_err(crate::error::Error::from)?;
+        for (index, id) in request.enterprise_ids.iter().enumerate() {
+            required(&format!("enterprise_ids[{index}]"), id, 64)?;
+        }
+        let names = relay
+            .store
+            .enterprise_names(&request.enterprise_ids)
+            .await?;
+        Ok(Response::new(pb::DescribeEnterprisesResponse {
+            enterprises: names
+                .into_iter()
+                .map(|(enterprise_id, name)| pb::EnterpriseName {
+                    enterprise_id,
+                    name,
+                })
+                .collect(),
+        }))
+    }
 }

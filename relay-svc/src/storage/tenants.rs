@@ -247,6 +247,23 @@ impl Store {
 
     /// The enterprise whose live API key (neither revoked nor expired at
     /// `now`) hashes to `api_key_hash`.
+    /// The display names of those of `ids` that are enterprises.
+    pub async fn enterprise_names(&self, ids: &[String]) -> Result<Vec<(String, String)>> {
+        let mut names = Vec::with_capacity(ids.len());
+        for id in ids {
+            let name: Option<String> = on_pool!(self, pool => sqlx::query_scalar(
+                "SELECT name FROM enterprises WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(pool)
+            .await)?;
+            if let Some(name) = name {
+                names.push((id.clone(), name));
+            }
+        }
+        Ok(names)
+    }
+
     pub async fn enterprise_by_key(&self, api_key_hash: &str, now: i64) -> Result<Option<String>> {
         let id = on_pool!(self, pool => sqlx::query_scalar(
             "SELECT enterprise_id FROM api_keys

@@ -67,6 +67,23 @@ impl relay::carrier_ingress_server::CarrierIngress for Ingress {
     ) -> Result<Response<relay::PutProfileResponse>, Status> {
         Ok(Response::new(relay::PutProfileResponse {}))
     }
+
+    async fn describe_enterprises(
+        &self,
+        request: Request<relay::DescribeEnterprisesRequest>,
+    ) -> Result<Response<relay::DescribeEnterprisesResponse>, Status> {
+        // Every enterprise is named after its id here.
+        let enterprises = request
+            .into_inner()
+            .enterprise_ids
+            .into_iter()
+            .map(|id| relay::EnterpriseName {
+                name: id.clone(),
+                enterprise_id: id,
+            })
+            .collect();
+        Ok(Response::new(relay::DescribeEnterprisesResponse { enterprises }))
+    }
 }
 
 /// The kit's terminal: confirms every push at once, reads when told, and
