@@ -26,6 +26,9 @@ pub struct Latencies {
     pub errors: u64,
     /// First due instant → last arrival.
     pub elapsed: Duration,
+    /// Due → the relay's answer (the message accepted and committed),
+    /// microseconds; measured by the one-at-a-time runs.
+    pub accepted: Option<Histogram<u64>>,
 }
 
 impl Latencies {
@@ -37,6 +40,7 @@ impl Latencies {
             arrived: 0,
             errors: 0,
             elapsed: Duration::ZERO,
+            accepted: None,
         }
     }
 
@@ -153,10 +157,15 @@ pub async fn one_at_a_time(
     let start = Instant::now();
     let mut due = Vec::with_capacity(count);
     let mut errors = 0;
+    let mut accepted = Latencies::new();
     for index in 0..count {
         let at = Instant::now();
         let user_ref = &refs[index % refs.len()];
-        match send_one(&mut client, format!("{run}-{index}"), user_ref).await {
+        let answer = send_one(&mut client, format!("{run}-{index}"), user_ref).await;
+        let _ = accepted
+            .histogram
+            .record((at.elapsed().as_micros() as u64).max(1));
+        match answer {
             Some(message_id) => {
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while !seen.lock().contains_key(&message_id) && Instant::now() < deadline {
@@ -168,7 +177,30 @@ pub async fn one_at_a_time(
             None => errors += 1,
         }
     }
-    settle(due, &seen, errors, start, Duration::from_secs(10)).await
+    let mut run = settle(due, &seen, errors, start, Duration::from_secs(10)).await;
+    run.accepted = Some(accepted.histogram);
+    run
+}
+
+/// What writing 4 KiB and `fdatasync` cost in `dir`, `rounds` times: the
+/// floor under every durable wait on the path (SQLite's commit in WAL mode
+/// with `synchronous=FULL` is one such sync of the log).
+pub fn fsync_probe(dir: &std::path::Path, rounds: usize) -> std::io::Result<Histogram<u64>> {
+    use std::io::Write;
+    let path = dir.join("fsync-probe");
+    let mut file = std::fs::File::create(&path)?;
+    let mut histogram =
+        Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+    let block = [0x5a_u8; 4096];
+    for _ in 0..rounds {
+        let at = Instant::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        let _ = histogram.record((at.elapsed().as_micros() as u64).max(1));
+    }
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(histogram)
 }
 
 /// `count` messages as fast as `concurrency` senders can submit them; the

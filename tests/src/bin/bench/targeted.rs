@@ -102,6 +102,27 @@ pub(super) async fn latency(messages: usize, backend: Backend) -> anyhow::Result
         "single targeted messages, idle hub, {backend:?}: {}",
         run.summary()
     );
+    if let Some(accepted) = &run.accepted {
+        let ms = |h: &hdrhistogram::Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        println!(
+            "  of which SendMessage answered (accepted and committed at the relay): ms p50 {:.2} p99 {:.2}",
+            ms(accepted, 0.5),
+            ms(accepted, 0.99)
+        );
+    }
+    // The floor under each durable wait on the path (the relay's commit,
+    // then the carrier's), on the disk the hub's databases are on.
+    let dir = std::env::temp_dir();
+    let fsync =
+        tokio::task::spawn_blocking(move || integration_tests::latency::fsync_probe(&dir, 500))
+            .await??;
+    println!(
+        "  fsync on this disk (4 KiB write + fdatasync, 500 times, in {}): ms p50 {:.2} p99 {:.2} max {:.2}; the path waits for two (relay commit, carrier commit)",
+        std::env::temp_dir().display(),
+        fsync.value_at_quantile(0.5) as f64 / 1000.0,
+        fsync.value_at_quantile(0.99) as f64 / 1000.0,
+        fsync.max() as f64 / 1000.0,
+    );
     hub.shutdown().await
 }
 
