@@ -176,12 +176,16 @@ async fn session(
     let mut waiting: VecDeque<(tokio::time::Instant, pb::DeliveryBatch)> = VecDeque::new();
     // A new relay session gets every count again with the next report.
     shared.store.mark_counts_changed().await?;
+    // The outbox is read again only when receipts were queued since, or
+    // when a full window kept some back: not on every batch or ack.
+    let mut outbox_unread = true;
     loop {
-        while unacked.len() < RECEIPT_WINDOW {
-            let receipts = shared
+        while outbox_unread && unacked.len() < RECEIPT_WINDOW {
+            let (receipts, drained) = shared
                 .store
-                .outbox_after(sent_seq, RECEIPTS_PER_BATCH)
+                .outbox_read(sent_seq, RECEIPTS_PER_BATCH)
                 .await?;
+            outbox_unread = !drained;
             let Some(last) = receipts.last() else { break };
             sent_seq = last.seq;
             unacked.push_back(sent_seq);
@@ -221,7 +225,10 @@ async fn session(
                     None => {}
                 }
             }
-            changed = outbox_changed.changed() => changed?,
+            changed = outbox_changed.changed() => {
+                changed?;
+                outbox_unread = true;
+            }
             () = &mut next_report => {
                 next_report = Box::pin(shared.clock.sleep(interval));
                 let counts = shared.store.take_changed_counts().await?;

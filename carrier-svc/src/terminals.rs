@@ -204,8 +204,12 @@ async fn session(
     let mut new_work = shared.terminals.new_work.subscribe();
     let mut poll = tokio::time::interval(shared.poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Deliveries become due by new work (a batch accepted, a terminal
+    // attached) or by the clock (a window opening), never by the terminal's
+    // events: only those two read the held batches again.
+    let mut may_be_due = true;
     loop {
-        if push_due(shared, endpoint, &down).await? {
+        if std::mem::take(&mut may_be_due) && push_due(shared, endpoint, &down).await? {
             pushed_unanswered |= up.is_none();
         }
         let notices = shared.terminals.take_notices(endpoint);
@@ -240,8 +244,12 @@ async fn session(
                     shared.outbox_changed.send_modify(|g| *g += 1);
                 }
             }
-            changed = new_work.changed() => changed?,
+            changed = new_work.changed() => {
+                changed?;
+                may_be_due = true;
+            }
             _ = poll.tick() => {
+                may_be_due = true;
                 if pushed_unanswered && up.is_none() && !warned && opened.elapsed() >= SILENT_TERMINAL {
                     warned = true;
                     tracing::warn!(
@@ -271,6 +279,9 @@ async fn push_due(
         if due.is_empty() {
             break;
         }
+        // Fewer than asked for: nothing more was due when it was read (what
+        // becomes due later wakes the link again).
+        let drained = due.len() < PUSH_BATCH as usize;
         let (slots, messages, unsupported) = render(due);
         if !unsupported.is_empty()
             && shared
@@ -282,6 +293,9 @@ async fn push_due(
             shared.outbox_changed.send_modify(|g| *g += 1);
         }
         if messages.is_empty() {
+            if drained {
+                break;
+            }
             continue;
         }
         let request = pb::PushRequest {
@@ -301,6 +315,9 @@ async fn push_due(
         pushed = true;
         for (channel, count) in by_channel {
             shared.metrics.pushed.add(&[("channel", channel)], count);
+        }
+        if drained {
+            break;
         }
     }
     Ok(pushed)

@@ -122,6 +122,8 @@ impl Store {
                 .await?;
                 let Some(last) = rows.last() else { break };
                 after = last.seq;
+                // A short read is the lane's end: no read to find it empty.
+                let lane_read = rows.len() < ROWS_PER_READ as usize;
                 let attached = self.attached.read().expect("attachments lock");
                 for row in rows {
                     let recipients =
@@ -154,6 +156,9 @@ impl Store {
                             trace_parent: row.trace_parent.clone(),
                         });
                     }
+                }
+                if lane_read {
+                    break;
                 }
             }
         }

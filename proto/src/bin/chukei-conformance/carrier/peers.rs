@@ -82,7 +82,9 @@ impl relay::carrier_ingress_server::CarrierIngress for Ingress {
                 enterprise_id: id,
             })
             .collect();
-        Ok(Response::new(relay::DescribeEnterprisesResponse { enterprises }))
+        Ok(Response::new(relay::DescribeEnterprisesResponse {
+            enterprises,
+        }))
     }
 }
 
