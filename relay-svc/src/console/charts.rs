@@ -4,11 +4,13 @@
 
 use std::fmt::Write;
 
+use crate::stats::Estimate;
+
 /// One bar: a group's open rate and its interval, or no bar (nothing delivered).
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct Bar {
     pub(super) label: String,
-    pub(super) rate: Option<(f64, f64, f64)>,
+    pub(super) rate: Option<Estimate>,
 }
 
 const HEIGHT: f64 = 160.0;
@@ -48,7 +50,7 @@ pub(super) fn open_rates(title: &str, bars: &[Bar]) -> String {
     for (i, bar) in bars.iter().enumerate() {
         let x = LEFT + slot * i as f64;
         let label = escape(&bar.label);
-        if let Some((rate, low, high)) = bar.rate {
+        if let Some(Estimate { rate, low, high }) = bar.rate {
             let top = y(rate);
             let _ = write!(
                 svg,
@@ -86,7 +88,11 @@ mod tests {
             &[
                 Bar {
                     label: "sms".into(),
-                    rate: Some((0.5, 0.4, 0.6)),
+                    rate: Some(Estimate {
+                        rate: 0.5,
+                        low: 0.4,
+                        high: 0.6,
+                    }),
                 },
                 Bar {
                     label: "<rcs>".into(),

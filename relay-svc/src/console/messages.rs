@@ -14,7 +14,7 @@ use serde::Deserialize;
 use super::charts::{self, Bar};
 use super::enterprise::{channel_name, checked, enterprise, percent, time};
 use super::{Console, Nav, Who, refused, render};
-use crate::stats::wilson;
+use crate::stats::{Estimate, wilson};
 
 const PAGE_ROWS: i64 = 50;
 
@@ -188,7 +188,7 @@ async fn message_detail(
             let estimate = wilson(row.opened, row.delivered);
             bars.push(Bar {
                 label: name.to_owned(),
-                rate: estimate.map(|e| (e.rate, e.low, e.high)),
+                rate: estimate,
             });
             ChannelLine {
                 channel: name,
@@ -304,6 +304,8 @@ struct StatLine {
     sent: u64,
     delivered: u64,
     opened: u64,
+    /// The API's own open rate and interval (none: nothing delivered, or withheld).
+    estimate: Option<Estimate>,
     open_rate: String,
     note: &'static str,
 }
@@ -360,61 +362,56 @@ pub(super) async fn stats(
         };
         let lines: Vec<StatLine> = rows
             .into_iter()
-            .map(|row| StatLine {
-                key: row.key.join(" "),
-                sent: row.sent,
-                delivered: row.delivered,
-                opened: row.opened,
-                open_rate: row.open_rate.as_ref().map_or_else(String::new, |e| {
-                    format!(
-                        "{:.1}% ({:.1}–{:.1}%)",
-                        e.rate * 100.0,
-                        e.low * 100.0,
-                        e.high * 100.0
-                    )
-                }),
-                note: if row.suppressed {
-                    "withheld (below the minimum cohort)"
-                } else if row.low_sample {
-                    "few deliveries: read the interval"
-                } else {
-                    ""
-                },
+            .map(|row| {
+                let estimate = row.open_rate.map(|e| Estimate {
+                    rate: e.rate,
+                    low: e.low,
+                    high: e.high,
+                });
+                StatLine {
+                    key: row.key.join(" "),
+                    sent: row.sent,
+                    delivered: row.delivered,
+                    opened: row.opened,
+                    estimate,
+                    open_rate: percent(estimate),
+                    note: if row.suppressed {
+                        "withheld (below the minimum cohort)"
+                    } else if row.low_sample {
+                        "few deliveries: read the interval"
+                    } else {
+                        ""
+                    },
+                }
             })
             .collect();
         tables.push(lines);
     }
     let channels = tables.pop().unwrap_or_default();
     let hours = tables.pop().unwrap_or_default();
-    let bars = |lines: &[StatLine]| -> Vec<Bar> {
-        lines
-            .iter()
-            .map(|line| {
-                let estimate = wilson(line.opened, line.delivered);
-                Bar {
-                    label: line.key.clone(),
-                    rate: estimate.map(|e| (e.rate, e.low, e.high)),
-                }
-            })
-            .collect()
-    };
-    // Every hour of the day gets its place on the chart, sent to or not.
+    // The charts draw the rates GetStats gave, every hour of the day in
+    // its place, sent to or not.
+    let channel_bars: Vec<Bar> = channels
+        .iter()
+        .map(|line| Bar {
+            label: line.key.clone(),
+            rate: line.estimate,
+        })
+        .collect();
     let hour_bars: Vec<Bar> = (0..24)
-        .map(|hour| {
-            let label = hour.to_string();
-            let rate = hours
+        .map(|hour: u32| Bar {
+            label: hour.to_string(),
+            rate: hours
                 .iter()
                 .find(|line| line.key.parse::<u32>().ok() == Some(hour))
-                .and_then(|line| wilson(line.opened, line.delivered))
-                .map(|e| (e.rate, e.low, e.high));
-            Bar { label, rate }
+                .and_then(|line| line.estimate),
         })
         .collect();
     render(StatsPage {
         nav: Nav::of(Some(&who)),
         days,
         hour_chart: charts::open_rates("Open rate by hour of sending", &hour_bars),
-        channel_chart: charts::open_rates("Open rate by channel", &bars(&channels)),
+        channel_chart: charts::open_rates("Open rate by channel", &channel_bars),
         hours,
         channels,
         zone,
