@@ -36,7 +36,7 @@ use integration_tests::{
     Backend, Hub, Settings, backend_tests, eventually, send_request, sql_scalar,
 };
 use serde_json::{Value, json};
-use terminal_sim::fleet::Fleet;
+use terminal_sim::fleet::{Fleet, SimUser};
 use terminal_sim::terminal::OpenMode;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -67,6 +67,44 @@ fn share_all() -> cpb::ConsentChoices {
     }
 }
 
+/// `count` people on carrier alpha with every channel, each of the age
+/// (whatever today is) and in the region `place` gives for their index.
+fn people(seed: u64, count: usize, place: impl Fn(usize) -> (i32, &'static str)) -> Fleet {
+    let year: i32 = jiff::Zoned::now().year().into();
+    let mut fleet = Fleet::generate(seed, count, &["alpha".into()]).with_every_channel();
+    for (index, user) in fleet.users.iter_mut().enumerate() {
+        let (age, region) = place(index);
+        user.behaviour.away_share = 0.0;
+        user.birth_date = format!("{}-01-01", year - age);
+        user.home_region = region.into();
+    }
+    fleet
+}
+
+/// Registers `users` with `enterprise_id` through the carrier, sharing
+/// everything at the finest grain; their refs, in order.
+async fn register_sharing_all(hub: &Hub, users: &[SimUser], enterprise_id: &str) -> Vec<String> {
+    SubscriberApiClient::connect(hub.carriers[0].url())
+        .await
+        .unwrap()
+        .register(cpb::RegisterRequest {
+            registrations: users
+                .iter()
+                .map(|u| cpb::SubscriberRegistration {
+                    user_id: u.user_id.clone(),
+                    enterprise_id: enterprise_id.into(),
+                    service_id: String::new(),
+                    consent: Some(share_all()),
+                    text_version: carrier_svc::consent::TEXT_VERSION.into(),
+                })
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user_refs
+}
+
 /// `+8190…` as a person in Japan writes it: `090-xxxx-xxxx`.
 fn national(number: &str) -> String {
     let digits = number.strip_prefix("+81").expect("a Japanese number");
@@ -88,47 +126,22 @@ async fn subscriber_and_enterprise_pages_in_a_real_browser(backend: Backend) {
     else {
         return;
     };
-    // 20 people: 14 of 36 (whatever today is) in Shibuya, 6 of 56 in Osaka
-    // (a segment must leave the minimum cohort out).
-    let year: i32 = jiff::Zoned::now().year().into();
-    let mut fleet = Fleet::generate(11, 20, &["alpha".into()]).with_every_channel();
-    for (index, user) in fleet.users.iter_mut().enumerate() {
-        user.behaviour.away_share = 0.0;
-        let (age, region) = if index < 14 {
+    // 20 people: 14 of 36 in Shibuya, 6 of 56 in Osaka (a segment must
+    // leave the minimum cohort out).
+    let fleet = people(11, 20, |index| {
+        if index < 14 {
             (36, "tokyo/shibuya")
         } else {
             (56, "osaka/kita")
-        };
-        user.birth_date = format!("{}-01-01", year - age);
-        user.home_region = region.into();
-    }
+        }
+    });
     let terminals = hub
         .start_fleet(fleet.clone(), vec![], OpenMode::Always)
         .await
         .unwrap();
     let (shop, key) = hub.create_enterprise("Sakura Mart").await.unwrap();
     let (_, other_key) = hub.create_enterprise("other").await.unwrap();
-    let mut api = SubscriberApiClient::connect(hub.carriers[0].url())
-        .await
-        .unwrap();
-    let refs = api
-        .register(cpb::RegisterRequest {
-            registrations: fleet
-                .users
-                .iter()
-                .map(|u| cpb::SubscriberRegistration {
-                    user_id: u.user_id.clone(),
-                    enterprise_id: shop.clone(),
-                    service_id: String::new(),
-                    consent: Some(share_all()),
-                    text_version: carrier_svc::consent::TEXT_VERSION.into(),
-                })
-                .collect(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user_refs;
+    let refs = register_sharing_all(&hub, &fleet.users, &shop).await;
     let subject = &fleet.users[0];
     let mut client = hub.enterprise(&key).await.unwrap();
     let mut other = hub.enterprise(&other_key).await.unwrap();
@@ -441,30 +454,12 @@ async fn the_consent_page_trusts_the_operators_login_header(backend: Backend) {
     else {
         return;
     };
-    let year: i32 = jiff::Zoned::now().year().into();
-    let mut fleet = Fleet::generate(12, 2, &["alpha".into()]).with_every_channel();
-    for user in &mut fleet.users {
-        user.birth_date = format!("{}-01-01", year - 36);
-        user.home_region = "tokyo/shibuya".into();
-    }
+    let fleet = people(12, 2, |_| (36, "tokyo/shibuya"));
     hub.start_fleet(fleet.clone(), vec![], OpenMode::Never)
         .await
         .unwrap();
     let (shop, _) = hub.create_enterprise("Sakura Mart").await.unwrap();
-    let mut api = SubscriberApiClient::connect(hub.carriers[0].url())
-        .await
-        .unwrap();
-    api.register(cpb::RegisterRequest {
-        registrations: vec![cpb::SubscriberRegistration {
-            user_id: fleet.users[0].user_id.clone(),
-            enterprise_id: shop.clone(),
-            service_id: String::new(),
-            consent: Some(share_all()),
-            text_version: carrier_svc::consent::TEXT_VERSION.into(),
-        }],
-    })
-    .await
-    .unwrap();
+    register_sharing_all(&hub, &fleet.users[..1], &shop).await;
     let page = format!("http://{}", hub.carriers[0].consent.unwrap());
     let me = [("x-chukei-subscriber", fleet.users[0].user_id.as_str())];
     let someone_else = [("x-chukei-subscriber", fleet.users[1].user_id.as_str())];
