@@ -109,18 +109,6 @@ pub async fn run(
         std::fs::create_dir_all(&config.data_dir)?;
     }
     let store = Store::connect(&config.database_url()).await?;
-    let clock = config.clock.clock();
-    let relay_channel = config
-        .tls
-        .endpoint(&config.relay_url)?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .connect_lazy();
-    let relay = CarrierIngressClient::with_interceptor(
-        relay_channel,
-        BearerInterceptor::new(&config.token)?,
-    )
-    .max_encoding_message_size(64 * 1024 * 1024);
     let cancel = CancellationToken::new();
     let deadline = server::shutdown_deadline(&cancel, config.shutdown_grace());
     let registry = Registry::new();
@@ -128,8 +116,8 @@ pub async fn run(
     let shared = Shared {
         carrier_id: config.carrier_id.as_str().into(),
         store: store.clone(),
-        clock,
-        relay,
+        clock: config.clock.clock(),
+        relay: relay_client(&config)?,
         relay_token: config.relay_token.as_str().into(),
         admin_token: config.admin_token.as_str().into(),
         default_channel: config.default_channel()?,
@@ -184,6 +172,20 @@ pub async fn run(
     store.close().await;
     tracing::info!("carrier stopped");
     served
+}
+
+/// The relay's `CarrierIngress`, dialled when first called.
+fn relay_client(config: &Config) -> anyhow::Result<RelayClient> {
+    let channel = config
+        .tls
+        .endpoint(&config.relay_url)?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(
+        CarrierIngressClient::with_interceptor(channel, BearerInterceptor::new(&config.token)?)
+            .max_encoding_message_size(64 * 1024 * 1024),
+    )
 }
 
 /// The carrier's ports: the relay's `Deliver` stream, and the subscriber
@@ -257,24 +259,29 @@ async fn routes(
             .await?
             .add_service(api)
             .add_service(admin);
-        let cancel = shared.cancel.clone();
-        let grace = config.shutdown_grace();
-        shared.tasks.spawn(async move {
-            let stopped = cancel.clone();
-            let served = server::serve(
-                router,
-                listener,
-                async move { stopped.cancelled().await },
-                cancel,
-                grace,
-            )
-            .await;
-            if let Err(error) = served {
-                tracing::error!(%error, "subscriber services stopped");
-            }
-        });
+        serve_apart(shared, config.shutdown_grace(), router, listener);
     }
     Ok(router)
+}
+
+/// Serves the subscriber services' `router` on their own `listener`, on a
+/// task of `shared`'s, until the carrier stops.
+fn serve_apart(shared: &Shared, grace: Duration, router: server::Router, listener: TcpListener) {
+    let cancel = shared.cancel.clone();
+    shared.tasks.spawn(async move {
+        let stopped = cancel.clone();
+        let served = server::serve(
+            router,
+            listener,
+            async move { stopped.cancelled().await },
+            cancel,
+            grace,
+        )
+        .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "subscriber services stopped");
+        }
+    });
 }
 
 /// Holds windowed deliveries for their window's next opening when one closed

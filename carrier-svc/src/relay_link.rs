@@ -167,8 +167,7 @@ async fn session(
     let mut outbox_changed = shared.outbox_changed.subscribe();
     let interval = Duration::from_secs(shared.report_interval_secs);
     let mut next_report = Box::pin(shared.clock.sleep(interval));
-    let mut unacked: VecDeque<i64> = VecDeque::new();
-    let mut sent_seq = 0_i64;
+    let mut outbox = Outbox::default();
     // A paced carrier takes each batch when its capacity allows: the relay's
     // unacknowledged batches are the only buffer, so the backlog stays in the
     // relay's database.
@@ -176,22 +175,8 @@ async fn session(
     let mut waiting: VecDeque<(tokio::time::Instant, pb::DeliveryBatch)> = VecDeque::new();
     // A new relay session gets every count again with the next report.
     shared.store.mark_counts_changed().await?;
-    // The outbox is read again only when receipts were queued since, or
-    // when a full window kept some back: not on every batch or ack.
-    let mut outbox_unread = true;
     loop {
-        while outbox_unread && unacked.len() < RECEIPT_WINDOW {
-            let (receipts, drained) = shared
-                .store
-                .outbox_read(sent_seq, RECEIPTS_PER_BATCH)
-                .await?;
-            outbox_unread = !drained;
-            let Some(last) = receipts.last() else { break };
-            sent_seq = last.seq;
-            unacked.push_back(sent_seq);
-            let batch = receipts_to_wire(sent_seq, receipts);
-            send(up, pb::carrier_to_relay::Kind::Receipts(batch)).await?;
-        }
+        outbox.send(shared, up).await?;
         let next_slot = waiting.front().map(|(at, _)| *at);
         tokio::select! {
             () = shared.cancel.cancelled() => return Ok(()),
@@ -215,11 +200,7 @@ async fn session(
                         Some(at) => waiting.push_back((at, batch)),
                     },
                     Some(pb::relay_to_carrier::Kind::ReceiptAck(ack)) => {
-                        let up_to = ack.up_to_seq as i64;
-                        shared.store.ack_outbox(up_to).await?;
-                        while unacked.front().is_some_and(|seq| *seq <= up_to) {
-                            unacked.pop_front();
-                        }
+                        outbox.acked(shared, ack.up_to_seq as i64).await?;
                     }
                     Some(pb::relay_to_carrier::Kind::Erasures(batch)) => forget(shared, up, batch).await?,
                     None => {}
@@ -227,24 +208,75 @@ async fn session(
             }
             changed = outbox_changed.changed() => {
                 changed?;
-                outbox_unread = true;
+                outbox.unread = true;
             }
             () = &mut next_report => {
                 next_report = Box::pin(shared.clock.sleep(interval));
-                let counts = shared.store.take_changed_counts().await?;
-                if !counts.is_empty() {
-                    let report = pb::CountReport {
-                        at: Some(to_timestamp(shared.clock.now_ms())),
-                        counts: counts
-                            .into_iter()
-                            .map(count_to_wire)
-                            .collect(),
-                    };
-                    send(up, pb::carrier_to_relay::Kind::CountReport(report)).await?;
-                }
+                report_counts(shared, up).await?;
             }
         }
     }
+}
+
+/// The receipt outbox as this relay session has sent it.
+struct Outbox {
+    /// The last sequence sent of each batch not yet acknowledged.
+    unacked: VecDeque<i64>,
+    sent_seq: i64,
+    /// The outbox is read again only when receipts were queued since, or
+    /// when a full window kept some back: not on every batch or ack.
+    unread: bool,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Self {
+            unacked: VecDeque::new(),
+            sent_seq: 0,
+            unread: true,
+        }
+    }
+}
+
+impl Outbox {
+    /// Sends queued receipts up, a batch at a time, while the window allows.
+    async fn send(&mut self, shared: &Shared, up: &Up) -> anyhow::Result<()> {
+        while self.unread && self.unacked.len() < RECEIPT_WINDOW {
+            let (receipts, drained) = shared
+                .store
+                .outbox_read(self.sent_seq, RECEIPTS_PER_BATCH)
+                .await?;
+            self.unread = !drained;
+            let Some(last) = receipts.last() else { break };
+            self.sent_seq = last.seq;
+            self.unacked.push_back(self.sent_seq);
+            let batch = receipts_to_wire(self.sent_seq, receipts);
+            send(up, pb::carrier_to_relay::Kind::Receipts(batch)).await?;
+        }
+        Ok(())
+    }
+
+    /// The relay holds every receipt up to `up_to`: they leave the outbox.
+    async fn acked(&mut self, shared: &Shared, up_to: i64) -> anyhow::Result<()> {
+        shared.store.ack_outbox(up_to).await?;
+        while self.unacked.front().is_some_and(|seq| *seq <= up_to) {
+            self.unacked.pop_front();
+        }
+        Ok(())
+    }
+}
+
+/// Reports the counts that changed since the last report, if any.
+async fn report_counts(shared: &Shared, up: &Up) -> anyhow::Result<()> {
+    let counts = shared.store.take_changed_counts().await?;
+    if counts.is_empty() {
+        return Ok(());
+    }
+    let report = pb::CountReport {
+        at: Some(to_timestamp(shared.clock.now_ms())),
+        counts: counts.into_iter().map(count_to_wire).collect(),
+    };
+    send(up, pb::carrier_to_relay::Kind::CountReport(report)).await
 }
 
 async fn send(up: &Up, kind: pb::carrier_to_relay::Kind) -> anyhow::Result<()> {

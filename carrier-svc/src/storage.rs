@@ -144,38 +144,7 @@ impl Store {
         )
         .fetch_all(&mut *tx)
         .await?;
-        let mut records: Vec<MessageDeliveries> = Vec::new();
-        for row in rows {
-            let Ok(delivery_id) = row.delivery_id.parse::<u64>() else {
-                continue;
-            };
-            let recipient = Recipient {
-                delivery_id,
-                user_id: row.user_id,
-                channel: row.channel,
-                not_before: row.not_before,
-            };
-            match records.last_mut() {
-                Some(last)
-                    if last.message_id == row.message_id && last.priority == row.priority =>
-                {
-                    last.recipients.push(recipient)
-                }
-                _ => records.push(MessageDeliveries {
-                    message_id: row.message_id,
-                    text: row.content_text,
-                    media_url: row.media_url,
-                    subject: row.subject,
-                    suggested_replies: split_replies(&row.suggested_replies),
-                    expires_at: row.expires_at,
-                    window: row.delivery_window,
-                    single_attempt: row.single_attempt,
-                    trace_parent: row.trace_parent,
-                    priority: row.priority,
-                    recipients: vec![recipient],
-                }),
-            }
-        }
+        let records = records_from_v1(rows);
         let moved: usize = records.iter().map(|r| r.recipients.len()).sum();
         insert_rows(&mut tx, &records, 0).await?;
         sqlx::query("DELETE FROM deliveries_v1 WHERE state IN (0, 1)")
@@ -188,20 +157,7 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let queued = receipts.len();
-        let receipts: Vec<Receipt> = receipts
-            .into_iter()
-            .map(|row| Receipt {
-                seq: 0,
-                delivery_id: row.delivery_id.parse().unwrap_or(0),
-                message_id: row.message_id,
-                user_id: row.user_id,
-                kind: ReceiptKind::from_number(row.kind),
-                channel: row.channel,
-                at: row.at,
-                region: row.region,
-                trace_parent: row.trace_parent,
-            })
-            .collect();
+        let receipts: Vec<Receipt> = receipts.into_iter().map(V1Receipt::into_receipt).collect();
         queue_receipts(&mut tx, &receipts).await?;
         sqlx::query("DELETE FROM outbox_v1")
             .execute(&mut *tx)
@@ -434,6 +390,42 @@ impl MessageCount {
     }
 }
 
+/// Version 1's held deliveries (in their order) as packed records: one per
+/// run of the same message and priority.
+fn records_from_v1(rows: Vec<V1Delivery>) -> Vec<MessageDeliveries> {
+    let mut records: Vec<MessageDeliveries> = Vec::new();
+    for row in rows {
+        let Ok(delivery_id) = row.delivery_id.parse::<u64>() else {
+            continue;
+        };
+        let recipient = Recipient {
+            delivery_id,
+            user_id: row.user_id,
+            channel: row.channel,
+            not_before: row.not_before,
+        };
+        match records.last_mut() {
+            Some(last) if last.message_id == row.message_id && last.priority == row.priority => {
+                last.recipients.push(recipient)
+            }
+            _ => records.push(MessageDeliveries {
+                message_id: row.message_id,
+                text: row.content_text,
+                media_url: row.media_url,
+                subject: row.subject,
+                suggested_replies: split_replies(&row.suggested_replies),
+                expires_at: row.expires_at,
+                window: row.delivery_window,
+                single_attempt: row.single_attempt,
+                trace_parent: row.trace_parent,
+                priority: row.priority,
+                recipients: vec![recipient],
+            }),
+        }
+    }
+    records
+}
+
 /// A held or pushed delivery in version 1's per-delivery table.
 #[derive(sqlx::FromRow)]
 struct V1Delivery {
@@ -464,4 +456,21 @@ struct V1Receipt {
     at: i64,
     region: String,
     trace_parent: String,
+}
+
+impl V1Receipt {
+    /// The receipt as the outbox queues it now.
+    fn into_receipt(self) -> Receipt {
+        Receipt {
+            seq: 0,
+            delivery_id: self.delivery_id.parse().unwrap_or(0),
+            message_id: self.message_id,
+            user_id: self.user_id,
+            kind: ReceiptKind::from_number(self.kind),
+            channel: self.channel,
+            at: self.at,
+            region: self.region,
+            trace_parent: self.trace_parent,
+        }
+    }
 }

@@ -167,23 +167,7 @@ async fn session(
     cancel: &CancellationToken,
     backoff: &mut Duration,
 ) -> anyhow::Result<()> {
-    let channel = shared
-        .tls
-        .endpoint(endpoint)?
-        .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
-    let mut client = pb::terminal_client::TerminalClient::new(channel)
-        .max_decoding_message_size(64 * 1024 * 1024)
-        .max_encoding_message_size(64 * 1024 * 1024);
-    let (down, down_rx) = mpsc::channel::<pb::PushRequest>(8);
-    // The first request names the carrier, so the terminal can route its events back.
-    down.send(pb::PushRequest {
-        messages: Vec::new(),
-        carrier_id: shared.carrier_id.to_string(),
-    })
-    .await?;
+    let (mut client, down, down_rx) = open_push(shared, endpoint).await?;
     // gRPC does not oblige a server to send its response headers before it
     // has something to say, and some terminals (grpcio's servers) send them
     // only with their first events — which come only after a push. So the
@@ -212,14 +196,7 @@ async fn session(
         if std::mem::take(&mut may_be_due) && push_due(shared, endpoint, &down).await? {
             pushed_unanswered |= up.is_none();
         }
-        let notices = shared.terminals.take_notices(endpoint);
-        if !notices.is_empty() {
-            down.send(pb::PushRequest {
-                messages: notices,
-                carrier_id: String::new(),
-            })
-            .await?;
-        }
+        push_notices(shared, endpoint, &down).await?;
         tokio::select! {
             () = cancel.cancelled() => return Ok(()),
             answered = &mut response, if up.is_none() => {
@@ -231,18 +208,7 @@ async fn session(
             }
             events = next_events(&mut up) => {
                 let Some(events) = events? else { anyhow::bail!("terminal closed the stream") };
-                let traces = telemetry::step_per_message(
-                    "carrier.receipt",
-                    events.events.iter().map(|e| (e.message_id.as_str(), e.trace_parent.as_str())),
-                );
-                let events: Vec<TerminalEvent> = events
-                    .events
-                    .into_iter()
-                    .filter_map(|e| event_from_wire(e, &traces))
-                    .collect();
-                if shared.store.apply_terminal_events(&events).await? > 0 {
-                    shared.outbox_changed.send_modify(|g| *g += 1);
-                }
+                apply_events(shared, events).await?;
             }
             changed = new_work.changed() => {
                 changed?;
@@ -261,6 +227,73 @@ async fn session(
             }
         }
     }
+}
+
+/// Dials the terminal at `endpoint` and opens its push stream's request
+/// side with the first request, which names the carrier so the terminal can
+/// route its events back.
+async fn open_push(
+    shared: &Shared,
+    endpoint: &str,
+) -> anyhow::Result<(
+    pb::terminal_client::TerminalClient<tonic::transport::Channel>,
+    mpsc::Sender<pb::PushRequest>,
+    mpsc::Receiver<pb::PushRequest>,
+)> {
+    let channel = shared
+        .tls
+        .endpoint(endpoint)?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let client = pb::terminal_client::TerminalClient::new(channel)
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024);
+    let (down, down_rx) = mpsc::channel::<pb::PushRequest>(8);
+    down.send(pb::PushRequest {
+        messages: Vec::new(),
+        carrier_id: shared.carrier_id.to_string(),
+    })
+    .await?;
+    Ok((client, down, down_rx))
+}
+
+/// Pushes the carrier's notices (sign-in codes) waiting for `endpoint`.
+async fn push_notices(
+    shared: &Shared,
+    endpoint: &str,
+    down: &mpsc::Sender<pb::PushRequest>,
+) -> anyhow::Result<()> {
+    let notices = shared.terminals.take_notices(endpoint);
+    if !notices.is_empty() {
+        down.send(pb::PushRequest {
+            messages: notices,
+            carrier_id: String::new(),
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Applies a terminal's events; receipts they queued wake the relay link.
+async fn apply_events(shared: &Shared, events: pb::TerminalEvents) -> anyhow::Result<()> {
+    let traces = telemetry::step_per_message(
+        "carrier.receipt",
+        events
+            .events
+            .iter()
+            .map(|e| (e.message_id.as_str(), e.trace_parent.as_str())),
+    );
+    let events: Vec<TerminalEvent> = events
+        .events
+        .into_iter()
+        .filter_map(|e| event_from_wire(e, &traces))
+        .collect();
+    if shared.store.apply_terminal_events(&events).await? > 0 {
+        shared.outbox_changed.send_modify(|g| *g += 1);
+    }
+    Ok(())
 }
 
 /// Pushes every delivery due for `endpoint` down `down`, a batch at a time;

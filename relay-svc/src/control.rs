@@ -39,26 +39,36 @@ pub fn start(control: Control, cancel: CancellationToken) -> tokio::task::JoinHa
 }
 
 async fn run(control: Control, cancel: CancellationToken) {
-    let Control {
-        store,
-        clock,
-        dispatch,
-        metrics,
-        interval,
-        reprice_interval_ms,
-        reconciling,
-        lease,
-    } = control;
     loop {
         // One replica at a time runs the follow-through.
-        if !lease.hold(&store, "control").await {
+        if !control.lease.hold(&control.store, "control").await {
             tokio::select! {
                 () = cancel.cancelled() => return,
-                () = tokio::time::sleep(lease.renew_every()) => continue,
+                () = tokio::time::sleep(control.lease.renew_every()) => continue,
             }
         }
-        let now = clock.now_ms();
-        match store.close_due_slots(now).await {
+        let now = control.clock.now_ms();
+        control.close_auctions(now).await;
+        control.reprice(now).await;
+        control.reconcile(now).await;
+        if control.follow_through(now).await {
+            // More may be waiting beyond this pass's limits.
+            if cancel.is_cancelled() {
+                return;
+            }
+            continue;
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(control.interval) => {}
+        }
+    }
+}
+
+impl Control {
+    /// Closes the auction slots whose bidding ended by `now`.
+    async fn close_auctions(&self, now: i64) {
+        match self.store.close_due_slots(now).await {
             Ok(closed) => {
                 for slot in closed {
                     tracing::info!(
@@ -72,12 +82,24 @@ async fn run(control: Control, cancel: CancellationToken) {
             }
             Err(error) => tracing::warn!(%error, "closing auctions failed, will retry"),
         }
-        match store.reprice_if_due(now, reprice_interval_ms).await {
+    }
+
+    /// Publishes dynamic prices when a repricing interval has passed.
+    async fn reprice(&self, now: i64) {
+        match self
+            .store
+            .reprice_if_due(now, self.reprice_interval_ms)
+            .await
+        {
             Ok(Some(version)) => tracing::info!(version, "dynamic prices published"),
             Ok(None) => {}
             Err(error) => tracing::warn!(%error, "repricing failed, will retry"),
         }
-        match store.reconcile_deliveries(now, reconciling).await {
+    }
+
+    /// Offers again (or expires) deliveries no carrier confirmed.
+    async fn reconcile(&self, now: i64) {
+        match self.store.reconcile_deliveries(now, self.reconciling).await {
             Ok(done) => {
                 if done.reoffered > 0 || done.expired > 0 {
                     tracing::info!(
@@ -87,18 +109,23 @@ async fn run(control: Control, cancel: CancellationToken) {
                         settled = done.settled,
                         "reconciled deliveries no carrier confirmed"
                     );
-                    metrics
+                    self.metrics
                         .reconciled
                         .add(&[("action", "reoffered")], done.reoffered);
-                    metrics
+                    self.metrics
                         .reconciled
                         .add(&[("action", "expired")], done.expired);
-                    dispatch.new_work();
+                    self.dispatch.new_work();
                 }
             }
             Err(error) => tracing::warn!(%error, "reconciliation pass failed, will retry"),
         }
-        match store.follow_through(now).await {
+    }
+
+    /// Runs one delivery-control pass; true when it did something (and so
+    /// more may be due at once).
+    async fn follow_through(&self, now: i64) -> bool {
+        match self.store.follow_through(now).await {
             Ok(done) if done.did_anything() => {
                 tracing::info!(
                     timers = done.groups,
@@ -106,19 +133,14 @@ async fn run(control: Control, cancel: CancellationToken) {
                     messages_expired = done.expired,
                     "delivery control pass"
                 );
-                dispatch.new_work();
-                // More may be waiting beyond this pass's limits.
-                if cancel.is_cancelled() {
-                    return;
-                }
-                continue;
+                self.dispatch.new_work();
+                true
             }
-            Ok(_) => {}
-            Err(error) => tracing::warn!(%error, "delivery control pass failed, will retry"),
-        }
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
+            Ok(_) => false,
+            Err(error) => {
+                tracing::warn!(%error, "delivery control pass failed, will retry");
+                false
+            }
         }
     }
 }

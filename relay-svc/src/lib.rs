@@ -42,6 +42,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chukei_proto::clock::Clock;
 use chukei_proto::relay::v1::{admin_server, carrier_ingress_server, enterprise_api_server};
 use chukei_proto::server;
 use tokio::net::TcpListener;
@@ -49,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
-use crate::dispatch::DispatchConfig;
+use crate::dispatch::{DispatchConfig, DispatchHandle};
 use crate::grpc::{AdminService, EnterpriseService, IngressService, Market, Relay};
 use crate::lease::Lease;
 use crate::metrics::RelayMetrics;
@@ -134,15 +135,7 @@ async fn start_workers(
     let (dispatch, dispatch_task) = dispatch::start(
         store.clone(),
         clock.clone(),
-        DispatchConfig {
-            deliver_token: config.deliver_token.clone(),
-            batch_size: config.batch_size,
-            batches_in_flight: config.batches_in_flight,
-            poll_interval: Duration::from_millis(config.poll_interval_ms),
-            metrics: metrics.clone(),
-            lease: lease.clone(),
-            tls: config.tls.clone(),
-        },
+        dispatch_config(config, &metrics, lease),
         cancel.clone(),
     );
     workers.add("dispatch", dispatch_task);
@@ -165,19 +158,7 @@ async fn start_workers(
         cancel.clone(),
     );
     workers.add("expansion", expander);
-    let control = control::Control {
-        store: store.clone(),
-        clock: clock.clone(),
-        dispatch: dispatch.clone(),
-        metrics: metrics.clone(),
-        interval: Duration::from_millis(config.poll_interval_ms),
-        reprice_interval_ms: (config.reprice_interval_secs * 1000) as i64,
-        reconciling: Reconciling {
-            after_ms: (config.reoffer_after_secs * 1000) as i64,
-            max_reoffers: i64::from(config.max_reoffers),
-        },
-        lease: lease.clone(),
-    };
+    let control = control_loop(config, store, &clock, &dispatch, &metrics, lease);
     workers.add("control", control::start(control, cancel.clone()));
     let interval = Duration::from_millis(config.poll_interval_ms);
     let rollup = rollup::start(store.clone(), clock.clone(), interval, cancel.clone());
@@ -206,6 +187,43 @@ async fn start_workers(
         webhook_allow_private: config.webhook_allow_private,
     };
     Ok((relay, workers))
+}
+
+/// The dispatchers' settings, from the relay's.
+fn dispatch_config(config: &Config, metrics: &RelayMetrics, lease: &Lease) -> DispatchConfig {
+    DispatchConfig {
+        deliver_token: config.deliver_token.clone(),
+        batch_size: config.batch_size,
+        batches_in_flight: config.batches_in_flight,
+        poll_interval: Duration::from_millis(config.poll_interval_ms),
+        metrics: metrics.clone(),
+        lease: lease.clone(),
+        tls: config.tls.clone(),
+    }
+}
+
+/// The follow-through loop, as configured.
+fn control_loop(
+    config: &Config,
+    store: &Store,
+    clock: &Clock,
+    dispatch: &DispatchHandle,
+    metrics: &RelayMetrics,
+    lease: &Lease,
+) -> control::Control {
+    control::Control {
+        store: store.clone(),
+        clock: clock.clone(),
+        dispatch: dispatch.clone(),
+        metrics: metrics.clone(),
+        interval: Duration::from_millis(config.poll_interval_ms),
+        reprice_interval_ms: (config.reprice_interval_secs * 1000) as i64,
+        reconciling: Reconciling {
+            after_ms: (config.reoffer_after_secs * 1000) as i64,
+            max_reoffers: i64::from(config.max_reoffers),
+        },
+        lease: lease.clone(),
+    }
 }
 
 /// The billing zone and the auction's rule for unbid sends, as configured.

@@ -15,6 +15,7 @@ use super::charts::{self, Bar};
 use super::enterprise::{channel_name, checked, enterprise, percent, time};
 use super::{Console, Nav, Who, refused, render};
 use crate::stats::{Estimate, wilson};
+use crate::storage::ChannelFunnel;
 
 const PAGE_ROWS: i64 = 50;
 
@@ -151,7 +152,39 @@ async fn message_detail(
         Ok(rows) => rows,
         Err(error) => return refused(who, &tonic::Status::from(error)),
     };
-    let funnel = vec![
+    let (channels, bars) = channel_lines(by_channel);
+    render(MessageDetail {
+        nav: Nav::of(Some(who)),
+        state: state_name(status.state),
+        funnel: funnel(&status),
+        aside: aside(&status),
+        plan: status.plan,
+        accepted: time(status.accepted_at.as_ref()),
+        charged: status.charged,
+        backlog: status.backlog,
+        chart: charts::open_rates("Open rate by channel", &bars),
+        channels,
+        follow_up: status.follow_up_message_id,
+        id: message_id,
+        trace,
+        trace_error,
+    })
+}
+
+/// The message's state in words.
+fn state_name(state: i32) -> &'static str {
+    match pb::MessageState::try_from(state) {
+        Ok(pb::MessageState::Accepted) => "accepted",
+        Ok(pb::MessageState::Expanded) => "expanded",
+        Ok(pb::MessageState::HandedOver) => "handed over",
+        _ => "",
+    }
+}
+
+/// Matched → handed over → delivered → opened, each step's rate of the one
+/// before it.
+fn funnel(status: &pb::MessageStatus) -> Vec<Step> {
+    vec![
         Step {
             label: "Matched",
             count: status.matched,
@@ -172,25 +205,31 @@ async fn message_detail(
             count: status.opened,
             rate: percent(wilson(status.opened, status.delivered)),
         },
-    ];
-    let aside = vec![
+    ]
+}
+
+/// The counts beside the funnel.
+fn aside(status: &pb::MessageStatus) -> Vec<(&'static str, u64)> {
+    vec![
         ("Failed", status.failed),
         ("Expired", status.expired),
         ("Unsupported channel", status.unsupported),
         ("Deferred (quiet period)", status.deferred),
         ("Skipped (fatigue, budget)", status.skipped),
-    ];
-    let mut bars = Vec::new();
-    let channels = by_channel
-        .into_iter()
+    ]
+}
+
+/// The funnel by channel as table lines, and their open rates as bars.
+fn channel_lines(rows: Vec<ChannelFunnel>) -> (Vec<ChannelLine>, Vec<Bar>) {
+    rows.into_iter()
         .map(|row| {
             let name = crate::policy::channel_name(row.channel);
             let estimate = wilson(row.opened, row.delivered);
-            bars.push(Bar {
+            let bar = Bar {
                 label: name.to_owned(),
                 rate: estimate,
-            });
-            ChannelLine {
+            };
+            let line = ChannelLine {
                 channel: name,
                 handed_over: row.handed_over,
                 delivered: row.delivered,
@@ -199,30 +238,10 @@ async fn message_detail(
                 expired: row.expired,
                 unsupported: row.unsupported,
                 open_rate: percent(estimate),
-            }
+            };
+            (line, bar)
         })
-        .collect();
-    render(MessageDetail {
-        nav: Nav::of(Some(who)),
-        state: match pb::MessageState::try_from(status.state) {
-            Ok(pb::MessageState::Accepted) => "accepted",
-            Ok(pb::MessageState::Expanded) => "expanded",
-            Ok(pb::MessageState::HandedOver) => "handed over",
-            _ => "",
-        },
-        plan: status.plan,
-        accepted: time(status.accepted_at.as_ref()),
-        charged: status.charged,
-        backlog: status.backlog,
-        funnel,
-        aside,
-        chart: charts::open_rates("Open rate by channel", &bars),
-        channels,
-        follow_up: status.follow_up_message_id,
-        id: message_id,
-        trace,
-        trace_error,
-    })
+        .unzip()
 }
 
 pub(super) async fn message(
@@ -360,53 +379,12 @@ pub(super) async fn stats(
             Ok(response) => response.into_inner().rows,
             Err(status) => return refused(&who, &status),
         };
-        let lines: Vec<StatLine> = rows
-            .into_iter()
-            .map(|row| {
-                let estimate = row.open_rate.map(|e| Estimate {
-                    rate: e.rate,
-                    low: e.low,
-                    high: e.high,
-                });
-                StatLine {
-                    key: row.key.join(" "),
-                    sent: row.sent,
-                    delivered: row.delivered,
-                    opened: row.opened,
-                    estimate,
-                    open_rate: percent(estimate),
-                    note: if row.suppressed {
-                        "withheld (below the minimum cohort)"
-                    } else if row.low_sample {
-                        "few deliveries: read the interval"
-                    } else {
-                        ""
-                    },
-                }
-            })
-            .collect();
+        let lines: Vec<StatLine> = rows.into_iter().map(stat_line).collect();
         tables.push(lines);
     }
     let channels = tables.pop().unwrap_or_default();
     let hours = tables.pop().unwrap_or_default();
-    // The charts draw the rates GetStats gave, every hour of the day in
-    // its place, sent to or not.
-    let channel_bars: Vec<Bar> = channels
-        .iter()
-        .map(|line| Bar {
-            label: line.key.clone(),
-            rate: line.estimate,
-        })
-        .collect();
-    let hour_bars: Vec<Bar> = (0..24)
-        .map(|hour: u32| Bar {
-            label: hour.to_string(),
-            rate: hours
-                .iter()
-                .find(|line| line.key.parse::<u32>().ok() == Some(hour))
-                .and_then(|line| line.estimate),
-        })
-        .collect();
+    let (hour_bars, channel_bars) = stat_bars(&hours, &channels);
     render(StatsPage {
         nav: Nav::of(Some(&who)),
         days,
@@ -416,4 +394,50 @@ pub(super) async fn stats(
         channels,
         zone,
     })
+}
+
+/// One row of GetStats as a table line, with the API's marks in words.
+fn stat_line(row: pb::StatsRow) -> StatLine {
+    let estimate = row.open_rate.map(|e| Estimate {
+        rate: e.rate,
+        low: e.low,
+        high: e.high,
+    });
+    StatLine {
+        key: row.key.join(" "),
+        sent: row.sent,
+        delivered: row.delivered,
+        opened: row.opened,
+        estimate,
+        open_rate: percent(estimate),
+        note: if row.suppressed {
+            "withheld (below the minimum cohort)"
+        } else if row.low_sample {
+            "few deliveries: read the interval"
+        } else {
+            ""
+        },
+    }
+}
+
+/// The charts' bars: the rates GetStats gave, every hour of the day in its
+/// place (sent to or not), then each channel.
+fn stat_bars(hours: &[StatLine], channels: &[StatLine]) -> (Vec<Bar>, Vec<Bar>) {
+    let hour_bars = (0..24)
+        .map(|hour: u32| Bar {
+            label: hour.to_string(),
+            rate: hours
+                .iter()
+                .find(|line| line.key.parse::<u32>().ok() == Some(hour))
+                .and_then(|line| line.estimate),
+        })
+        .collect();
+    let channel_bars = channels
+        .iter()
+        .map(|line| Bar {
+            label: line.key.clone(),
+            rate: line.estimate,
+        })
+        .collect();
+    (hour_bars, channel_bars)
 }

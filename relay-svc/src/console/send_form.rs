@@ -80,7 +80,36 @@ fn minute_of_day(label: &str, value: &str) -> Result<u32, FormError> {
 impl SendForm {
     /// The request this form asks for, accepted at `now_ms`.
     pub(super) fn request(&self, now_ms: i64) -> Result<pb::SendMessageRequest, FormError> {
-        let kind = match self.target.as_str() {
+        let kind = self.recipients()?;
+        let channels = self.channel_list()?;
+        let policy = self.delivery_policy(&channels)?;
+        let window = self.delivery_window()?;
+        let expires_at = number::<i64>("Expires after (hours)", &self.expires_hours)?
+            .map(|hours| chukei_proto::clock::to_timestamp(now_ms + hours * 3_600_000));
+        Ok(pb::SendMessageRequest {
+            idempotency_key: self.idempotency_key.clone(),
+            target: Some(pb::Target { kind: Some(kind) }),
+            content: Some(common::Content {
+                text: self.text.clone(),
+                subject: self.subject.clone(),
+                ..Default::default()
+            }),
+            // Without a policy, the first channel named (if any) is the channel.
+            channel: if policy.is_none() {
+                channels.first().copied().unwrap_or(0)
+            } else {
+                0
+            },
+            policy,
+            window,
+            expires_at,
+            ..Default::default()
+        })
+    }
+
+    /// Who the message is for.
+    fn recipients(&self) -> Result<pb::target::Kind, FormError> {
+        Ok(match self.target.as_str() {
             "refs" => pb::target::Kind::Refs(pb::RefList {
                 refs: list(&self.refs),
             }),
@@ -104,25 +133,35 @@ impl SendForm {
                     "Recipients: choose who the message is for".into(),
                 ));
             }
-        };
-        let mut channels = Vec::new();
-        for name in list(&self.channels) {
-            let channel =
-                common::Channel::from_short_name(&name.to_lowercase()).ok_or_else(|| {
-                    FormError(format!(
-                        "Channels: {name:?} is not one of rcs, sms, sns, email"
-                    ))
-                })?;
-            channels.push(channel as i32);
-        }
-        let policy_kind = match self.policy.as_str() {
-            "" | "default" => None,
-            "fixed" => Some(pb::PolicyKind::Fixed),
-            "most_used" => Some(pb::PolicyKind::MostUsed),
-            "fallback" => Some(pb::PolicyKind::Fallback),
-            "multi" => Some(pb::PolicyKind::Multi),
-            "resend" => Some(pb::PolicyKind::Resend),
-            "best" => Some(pb::PolicyKind::Best),
+        })
+    }
+
+    /// The channels named, in order.
+    fn channel_list(&self) -> Result<Vec<i32>, FormError> {
+        list(&self.channels)
+            .into_iter()
+            .map(|name| {
+                common::Channel::from_short_name(&name.to_lowercase())
+                    .map(|channel| channel as i32)
+                    .ok_or_else(|| {
+                        FormError(format!(
+                            "Channels: {name:?} is not one of rcs, sms, sns, email"
+                        ))
+                    })
+            })
+            .collect()
+    }
+
+    /// The channel policy chosen over `channels`, if any.
+    fn delivery_policy(&self, channels: &[i32]) -> Result<Option<pb::DeliveryPolicy>, FormError> {
+        let kind = match self.policy.as_str() {
+            "" | "default" => return Ok(None),
+            "fixed" => pb::PolicyKind::Fixed,
+            "most_used" => pb::PolicyKind::MostUsed,
+            "fallback" => pb::PolicyKind::Fallback,
+            "multi" => pb::PolicyKind::Multi,
+            "resend" => pb::PolicyKind::Resend,
+            "best" => pb::PolicyKind::Best,
             other => {
                 return Err(FormError(format!(
                     "Channel policy: {other:?} is not a policy"
@@ -136,45 +175,28 @@ impl SendForm {
                     nanos: 0,
                 }
             });
-        let policy = policy_kind.map(|kind| pb::DeliveryPolicy {
+        Ok(Some(pb::DeliveryPolicy {
             kind: kind as i32,
-            channels: channels.clone(),
+            channels: channels.to_vec(),
             timeout,
             max_resends: if kind == pb::PolicyKind::Resend { 1 } else { 0 },
             resend_until: 0,
-        });
-        let window = match self.window.as_str() {
-            "" | "none" => None,
-            "daily" => Some(common::DeliveryWindow {
+        }))
+    }
+
+    /// The delivery window chosen, if any.
+    fn delivery_window(&self) -> Result<Option<common::DeliveryWindow>, FormError> {
+        match self.window.as_str() {
+            "" | "none" => Ok(None),
+            "daily" => Ok(Some(common::DeliveryWindow {
                 kind: Some(common::delivery_window::Kind::Daily(common::DailyWindow {
                     start_minute: minute_of_day("Window from", &self.window_start)?,
                     end_minute: minute_of_day("Window to", &self.window_end)?,
                     time_zone: self.window_zone.trim().to_owned(),
                 })),
-            }),
-            other => return Err(FormError(format!("Window: {other:?} is not a window"))),
-        };
-        let expires_at = number::<i64>("Expires after (hours)", &self.expires_hours)?
-            .map(|hours| chukei_proto::clock::to_timestamp(now_ms + hours * 3_600_000));
-        Ok(pb::SendMessageRequest {
-            idempotency_key: self.idempotency_key.clone(),
-            target: Some(pb::Target { kind: Some(kind) }),
-            content: Some(common::Content {
-                text: self.text.clone(),
-                subject: self.subject.clone(),
-                ..Default::default()
-            }),
-            // Without a policy, the first channel named (if any) is the channel.
-            channel: if policy.is_none() {
-                channels.first().copied().unwrap_or(0)
-            } else {
-                0
-            },
-            policy,
-            window,
-            expires_at,
-            ..Default::default()
-        })
+            })),
+            other => Err(FormError(format!("Window: {other:?} is not a window"))),
+        }
     }
 
     /// The inputs as hidden fields of the quote page's send form.

@@ -79,36 +79,9 @@ impl Dispatcher {
         let mut new_work = self.handle.new_work.subscribe();
         let mut poll = tokio::time::interval(self.config.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut in_flight: InFlight = HashMap::new();
-        let mut next_batch_id = 1_u64;
-        let mut windows = WindowCache::default();
-        let mut notices_in_flight = false;
-        // The outbox is looked at when woken for new work or by the poll,
-        // and after an acknowledgement, not on every message up the stream.
-        let mut look_at_outbox = true;
-        let [mut priority, mut bulk] = [LaneState::default(); 2];
+        let mut state = StreamState::default();
         loop {
-            // Erasure notices, one batch at a time: deleted when acknowledged.
-            if look_at_outbox && !notices_in_flight {
-                look_at_outbox = false;
-                notices_in_flight = self.send_notices(&down).await?;
-            }
-            // The priority lane first, beside the bulk window; then the bulk lane.
-            let mut batch = Batching {
-                in_flight: &mut in_flight,
-                next_batch_id: &mut next_batch_id,
-                windows: &mut windows,
-                down: &down,
-            };
-            self.fill(
-                Lane::Priority,
-                PRIORITY_IN_FLIGHT,
-                &mut priority,
-                &mut batch,
-            )
-            .await?;
-            let window = self.config.batches_in_flight;
-            self.fill(Lane::Bulk, window, &mut bulk, &mut batch).await?;
+            self.send_due(&mut state, &down).await?;
             tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
                 answered = &mut response, if up.is_none() => {
@@ -119,34 +92,76 @@ impl Dispatcher {
                     let Some(message) = message? else {
                         anyhow::bail!("carrier closed the stream");
                     };
-                    if let Some(pb::carrier_to_relay::Kind::ErasureAck(ack)) = &message.kind {
-                        let ids: Vec<i64> = ack.notice_ids.iter().map(|id| *id as i64).collect();
-                        self.store.outbox_done(&self.carrier_id, &ids).await?;
-                        notices_in_flight = false;
-                        look_at_outbox = true;
-                    }
-                    if matches!(message.kind, Some(pb::carrier_to_relay::Kind::Receipts(_))) {
-                        (priority.drained, bulk.drained) = (false, false);
-                    }
-                    self.handle_up(message, &mut in_flight, &down).await?;
+                    self.on_message(message, &mut state, &down).await?;
                 }
                 changed = new_work.changed() => {
                     changed?;
-                    look_at_outbox = true;
-                    (priority.drained, bulk.drained) = (false, false);
+                    state.look_at_outbox = true;
+                    (state.priority.drained, state.bulk.drained) = (false, false);
                 }
                 _ = poll.tick() => {
-                    if up.is_none() && !in_flight.is_empty() && !warned && opened.elapsed() >= SILENT_CARRIER {
+                    if up.is_none() && !state.in_flight.is_empty() && !warned && opened.elapsed() >= SILENT_CARRIER {
                         warned = true;
                         self.name_silent_carrier(opened.elapsed());
                     }
-                    look_at_outbox = true;
-                    for lane in [&mut priority, &mut bulk] {
+                    state.look_at_outbox = true;
+                    for lane in [&mut state.priority, &mut state.bulk] {
                         (lane.catch_up, lane.drained) = (true, false);
                     }
                 }
             }
         }
+    }
+
+    /// Sends what is due: erasure notices (one batch at a time, deleted when
+    /// acknowledged), then the priority lane beside the bulk window, then
+    /// the bulk lane.
+    async fn send_due(
+        &self,
+        state: &mut StreamState,
+        down: &mpsc::Sender<pb::RelayToCarrier>,
+    ) -> anyhow::Result<()> {
+        if state.look_at_outbox && !state.notices_in_flight {
+            state.look_at_outbox = false;
+            state.notices_in_flight = self.send_notices(down).await?;
+        }
+        let mut batch = Batching {
+            in_flight: &mut state.in_flight,
+            next_batch_id: &mut state.next_batch_id,
+            windows: &mut state.windows,
+            down,
+        };
+        self.fill(
+            Lane::Priority,
+            PRIORITY_IN_FLIGHT,
+            &mut state.priority,
+            &mut batch,
+        )
+        .await?;
+        let window = self.config.batches_in_flight;
+        self.fill(Lane::Bulk, window, &mut state.bulk, &mut batch)
+            .await
+    }
+
+    /// A message up the stream: an erasure ack frees the outbox, receipts
+    /// may have planned follow-ups (both lanes read again), the rest is
+    /// `handle_up`'s.
+    async fn on_message(
+        &self,
+        message: pb::CarrierToRelay,
+        state: &mut StreamState,
+        down: &mpsc::Sender<pb::RelayToCarrier>,
+    ) -> anyhow::Result<()> {
+        if let Some(pb::carrier_to_relay::Kind::ErasureAck(ack)) = &message.kind {
+            let ids: Vec<i64> = ack.notice_ids.iter().map(|id| *id as i64).collect();
+            self.store.outbox_done(&self.carrier_id, &ids).await?;
+            state.notices_in_flight = false;
+            state.look_at_outbox = true;
+        }
+        if matches!(message.kind, Some(pb::carrier_to_relay::Kind::Receipts(_))) {
+            (state.priority.drained, state.bulk.drained) = (false, false);
+        }
+        self.handle_up(message, &mut state.in_flight, down).await
     }
 
     /// The carrier answered the stream: its protocol version checked, its
@@ -417,6 +432,35 @@ impl Dispatcher {
 
 /// Batches of each carrier's priority lane in flight beside the bulk window.
 const PRIORITY_IN_FLIGHT: usize = 2;
+
+/// Where one carrier stream stands: its batches in flight, both lanes, the
+/// erasure notices.
+struct StreamState {
+    in_flight: InFlight,
+    next_batch_id: u64,
+    windows: WindowCache,
+    /// A batch of erasure notices awaits its acknowledgement.
+    notices_in_flight: bool,
+    /// The outbox is looked at when woken for new work or by the poll, and
+    /// after an acknowledgement, not on every message up the stream.
+    look_at_outbox: bool,
+    priority: LaneState,
+    bulk: LaneState,
+}
+
+impl Default for StreamState {
+    fn default() -> Self {
+        Self {
+            in_flight: HashMap::new(),
+            next_batch_id: 1,
+            windows: WindowCache::default(),
+            notices_in_flight: false,
+            look_at_outbox: true,
+            priority: LaneState::default(),
+            bulk: LaneState::default(),
+        }
+    }
+}
 
 /// Where one lane of a carrier stream stands.
 #[derive(Clone, Copy, Debug, Default)]

@@ -21,87 +21,113 @@ pub(super) fn insert_message(
     service_id: Option<&str>,
     segment: Option<StoredTarget>,
 ) -> Sql {
+    let mut columns = target_columns(message_id, fingerprint, message, plan, service_id, segment);
+    columns.extend(content_columns(message));
+    columns.extend(plan_columns(plan, description));
+    Sql::insert("messages", columns)
+}
+
+/// Whose message it is and whom it is for.
+fn target_columns(
+    message_id: &str,
+    fingerprint: &str,
+    message: &NewMessage,
+    plan: &MessagePlan,
+    service_id: Option<&str>,
+    segment: Option<StoredTarget>,
+) -> Vec<(&'static str, Param)> {
     let segment = segment.unwrap_or_default();
     let text = |value: &str| Param::Text(value.to_owned());
-    Sql::insert(
-        "messages",
-        vec![
-            ("id", text(message_id)),
-            ("enterprise_id", text(&plan.enterprise_id)),
-            ("idempotency_key", text(&message.idempotency_key)),
-            ("fingerprint", text(fingerprint)),
-            ("target_kind", text(&plan.target_kind)),
-            ("by_attributes", Param::Bool(plan.target_kind == "segment")),
-            (
-                "target_service_id",
-                Param::OptText(service_id.map(str::to_owned)),
-            ),
-            ("seg_gender", Param::OptText(segment.gender)),
-            (
-                "seg_age_min",
-                Param::OptInt(segment.age.map(|(min, _)| min)),
-            ),
-            (
-                "seg_age_max",
-                Param::OptInt(segment.age.map(|(_, max)| max)),
-            ),
-            ("seg_regions", Param::Text(segment.regions.join("\n"))),
-            (
-                "seg_occupations",
-                Param::Text(segment.occupations.join("\n")),
-            ),
-            ("trace_parent", text(&message.trace_parent)),
-            ("content_text", text(&message.content.text)),
-            ("media_url", text(&message.content.media_url)),
-            ("subject", text(&message.content.subject)),
-            (
-                "suggested_replies",
-                Param::Text(message.content.suggested_replies.join("\n")),
-            ),
-            (
-                "channel",
-                Param::Int(Channel::number(plan.policy.channels.first().copied())),
-            ),
-            ("all_carriers", Param::Bool(plan.all_carriers)),
-            ("state", Param::Int(MessageState::Accepted as i64)),
-            ("matched", Param::OptInt(None)),
-            ("accepted_at", Param::Int(plan.accepted_at)),
-            ("reconciled_at", Param::Int(plan.accepted_at)),
-            ("not_before", Param::Int(plan.accepted_at)),
-            ("expires_at", Param::Int(plan.expires_at)),
-            ("policy", text(plan.policy.kind.as_str())),
-            ("channels", Param::Text(channel_list(&plan.policy.channels))),
-            ("timeout_ms", Param::Int(plan.policy.timeout_ms)),
-            (
-                "max_resends",
-                Param::Int(i64::from(plan.policy.max_resends)),
-            ),
-            (
-                "resend_until_delivered",
-                Param::Bool(plan.policy.resend_until_delivered),
-            ),
-            (
-                "delivery_window",
-                Param::OptText(plan.window.as_ref().map(Window::encode)),
-            ),
-            (
-                "window_at_carrier",
-                Param::Bool(plan.window_mode == WindowMode::AtCarrier),
-            ),
-            ("priority", Param::Int(plan.priority.number())),
-            ("plan", text(description)),
-            ("follow_up_id", Param::OptText(plan.follow_up_id.clone())),
-            ("follow_up_delay_ms", Param::Int(plan.follow_up_delay_ms)),
-            (
-                "send_time",
-                Param::OptText(plan.send_time.map(SendTime::encode)),
-            ),
-            (
-                "single_attempt",
-                Param::Bool(plan.policy.at_most_one_attempt()),
-            ),
-        ],
-    )
+    vec![
+        ("id", text(message_id)),
+        ("enterprise_id", text(&plan.enterprise_id)),
+        ("idempotency_key", text(&message.idempotency_key)),
+        ("fingerprint", text(fingerprint)),
+        ("target_kind", text(&plan.target_kind)),
+        ("by_attributes", Param::Bool(plan.target_kind == "segment")),
+        (
+            "target_service_id",
+            Param::OptText(service_id.map(str::to_owned)),
+        ),
+        ("seg_gender", Param::OptText(segment.gender)),
+        (
+            "seg_age_min",
+            Param::OptInt(segment.age.map(|(min, _)| min)),
+        ),
+        (
+            "seg_age_max",
+            Param::OptInt(segment.age.map(|(_, max)| max)),
+        ),
+        ("seg_regions", Param::Text(segment.regions.join("\n"))),
+        (
+            "seg_occupations",
+            Param::Text(segment.occupations.join("\n")),
+        ),
+    ]
+}
+
+/// What the message says.
+fn content_columns(message: &NewMessage) -> Vec<(&'static str, Param)> {
+    let text = |value: &str| Param::Text(value.to_owned());
+    vec![
+        ("trace_parent", text(&message.trace_parent)),
+        ("content_text", text(&message.content.text)),
+        ("media_url", text(&message.content.media_url)),
+        ("subject", text(&message.content.subject)),
+        (
+            "suggested_replies",
+            Param::Text(message.content.suggested_replies.join("\n")),
+        ),
+    ]
+}
+
+/// How, when and at what priority it goes, and its state.
+fn plan_columns(plan: &MessagePlan, description: &str) -> Vec<(&'static str, Param)> {
+    let text = |value: &str| Param::Text(value.to_owned());
+    vec![
+        (
+            "channel",
+            Param::Int(Channel::number(plan.policy.channels.first().copied())),
+        ),
+        ("all_carriers", Param::Bool(plan.all_carriers)),
+        ("state", Param::Int(MessageState::Accepted as i64)),
+        ("matched", Param::OptInt(None)),
+        ("accepted_at", Param::Int(plan.accepted_at)),
+        ("reconciled_at", Param::Int(plan.accepted_at)),
+        ("not_before", Param::Int(plan.accepted_at)),
+        ("expires_at", Param::Int(plan.expires_at)),
+        ("policy", text(plan.policy.kind.as_str())),
+        ("channels", Param::Text(channel_list(&plan.policy.channels))),
+        ("timeout_ms", Param::Int(plan.policy.timeout_ms)),
+        (
+            "max_resends",
+            Param::Int(i64::from(plan.policy.max_resends)),
+        ),
+        (
+            "resend_until_delivered",
+            Param::Bool(plan.policy.resend_until_delivered),
+        ),
+        (
+            "delivery_window",
+            Param::OptText(plan.window.as_ref().map(Window::encode)),
+        ),
+        (
+            "window_at_carrier",
+            Param::Bool(plan.window_mode == WindowMode::AtCarrier),
+        ),
+        ("priority", Param::Int(plan.priority.number())),
+        ("plan", text(description)),
+        ("follow_up_id", Param::OptText(plan.follow_up_id.clone())),
+        ("follow_up_delay_ms", Param::Int(plan.follow_up_delay_ms)),
+        (
+            "send_time",
+            Param::OptText(plan.send_time.map(SendTime::encode)),
+        ),
+        (
+            "single_attempt",
+            Param::Bool(plan.policy.at_most_one_attempt()),
+        ),
+    ]
 }
 
 /// The `INSERT` of the message that carries a follow-up: same enterprise,

@@ -379,17 +379,7 @@ transaction_steps! {
         /// transaction, so neither can be missed or raced.
         async fn accept(&mut self, store: &Store, a: &Acceptance<'_>) -> Result<Accepted> {
             if let Some(segment) = a.segment() {
-                // Segment sends one at a time, hub-wide, until this one
-                // commits: the cohort check below then sees every segment
-                // message accepted before it, so two concurrent sends cannot
-                // each pass against the other and together single a person
-                // out. The lock is the audit chain's head, which this
-                // transaction extends anyway (the attribute use, below).
-                sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
-                    .execute(&mut *self)
-                    .await?;
-                self.check_cohort(a.enterprise_id, segment, a.min_cohort, a.now)
-                    .await?;
+                self.judge_segment(a, segment).await?;
             }
             if let Some(service_id) = a.service_id() {
                 self.check_service(a.enterprise_id, service_id, a.segment().is_some())
@@ -432,20 +422,7 @@ transaction_steps! {
                 let child = insert_follow_up(follow_up_id, a.message_id, follow_up, &a.plan, a.now);
                 self.execute_all(a.message_id, [child]).await?;
             }
-            let matched = if let Some(users) = recipients {
-                Some(self.plan_targeted(store, a, &users).await?)
-            } else if a.terms.bid_id.is_some() {
-                let target = StoredTarget {
-                    service_id: a.service_id().map(str::to_owned),
-                    ..segment.unwrap_or_default()
-                };
-                let statements = campaign_statements(a.message_id, &a.plan, &target, a.now, a.attention);
-                self.execute_all(a.message_id, statements).await?;
-                self.time_per_person(store, a.message_id, &a.plan, a.now).await?;
-                Some(self.finish_expansion(a.message_id, a.now, a.webhooks_listening).await?)
-            } else {
-                None
-            };
+            let matched = self.plan_now(store, a, recipients, segment).await?;
             if let (Some(bid_id), Some(recipients)) = (&a.terms.bid_id, matched) {
                 self.draw_on_bid(a.enterprise_id, bid_id, recipients as i64).await?;
             }
@@ -461,6 +438,47 @@ transaction_steps! {
                 self.append_audit(a.now, &[&entry]).await?;
             }
             Ok(Accepted::Stored { matched })
+        }
+
+        /// Holds segment sends one at a time, hub-wide, until this one
+        /// commits, and checks the minimum cohort: the check then sees every
+        /// segment message accepted before it, so two concurrent sends cannot
+        /// each pass against the other and together single a person out. The
+        /// lock is the audit chain's head, which this transaction extends
+        /// anyway (the attribute use, in `accept`).
+        async fn judge_segment(&mut self, a: &Acceptance<'_>, segment: &Segment) -> Result<()> {
+            sqlx::query("UPDATE audit_head SET seq = seq WHERE id = 1")
+                .execute(&mut *self)
+                .await?;
+            self.check_cohort(a.enterprise_id, segment, a.min_cohort, a.now)
+                .await
+        }
+
+        /// Plans the people a message reaches now, when it reaches them at
+        /// acceptance: its refs (`recipients`), or a campaign that draws on a
+        /// winning bid (expanded at once, to know what it draws). `None`
+        /// for a campaign the expander plans later.
+        async fn plan_now(
+            &mut self,
+            store: &Store,
+            a: &Acceptance<'_>,
+            recipients: Option<Vec<String>>,
+            segment: Option<StoredTarget>,
+        ) -> Result<Option<u64>> {
+            if let Some(users) = recipients {
+                return Ok(Some(self.plan_targeted(store, a, &users).await?));
+            }
+            if a.terms.bid_id.is_none() {
+                return Ok(None);
+            }
+            let target = StoredTarget {
+                service_id: a.service_id().map(str::to_owned),
+                ..segment.unwrap_or_default()
+            };
+            let statements = campaign_statements(a.message_id, &a.plan, &target, a.now, a.attention);
+            self.execute_all(a.message_id, statements).await?;
+            self.time_per_person(store, a.message_id, &a.plan, a.now).await?;
+            Ok(Some(self.finish_expansion(a.message_id, a.now, a.webhooks_listening).await?))
         }
 
         /// Refuses `service_id` unless it is one of `enterprise_id`'s services.

@@ -194,7 +194,6 @@ impl Sender {
             duration_ms: started.elapsed().as_millis() as i64,
             error: "",
         };
-        let error_text;
         match outcome {
             Ok(Answer { status, .. }) if (200..300).contains(&status) => {
                 attempt.status = i64::from(status);
@@ -221,42 +220,49 @@ impl Sender {
                 tracing::info!(endpoint = %endpoint.id, "webhook endpoint answered 410: disabled");
                 Ok(false)
             }
-            other => {
-                let retry_after = match &other {
-                    Ok(answer) => {
-                        attempt.status = i64::from(answer.status);
-                        error_text = format!("answered {}", answer.status);
-                        answer.retry_after
-                    }
-                    Err(error) => {
-                        error_text = error.clone();
-                        None
-                    }
-                };
-                attempt.error = &error_text;
-                let failures = endpoint.failures as u64 + 1;
-                let wait = self.config.schedule.after(failures, retry_after);
-                let failing_since = endpoint.failing_since.unwrap_or(now);
-                let give_up = now - failing_since >= self.config.disable_after.as_millis() as i64;
-                let reason = give_up.then(|| {
-                    format!(
-                        "failing since {} ms ago; last: {error_text}",
-                        now - failing_since
-                    )
-                });
-                self.store
-                    .webhook_failed(
-                        &endpoint.id,
-                        &attempt,
-                        now + wait.as_millis() as i64,
-                        reason.as_deref(),
-                    )
-                    .await?;
-                let outcome = if give_up { "disabled" } else { "failed" };
-                self.metrics.webhook_attempts.inc(&[("outcome", outcome)]);
-                Ok(false)
+            Ok(answer) => {
+                attempt.status = i64::from(answer.status);
+                let error_text = format!("answered {}", answer.status);
+                self.failed(endpoint, attempt, &error_text, answer.retry_after)
+                    .await
             }
+            Err(error) => self.failed(endpoint, attempt, &error, None).await,
         }
+    }
+
+    /// Records a failed attempt (`error_text`): retried on the schedule (or
+    /// when the endpoint's `retry_after` says), or the endpoint disabled once
+    /// it has failed for longer than allowed.
+    async fn failed<'a>(
+        &self,
+        endpoint: &EndpointRow,
+        mut attempt: Attempt<'a>,
+        error_text: &'a str,
+        retry_after: Option<Duration>,
+    ) -> crate::error::Result<bool> {
+        attempt.error = error_text;
+        let now = attempt.at;
+        let failures = endpoint.failures as u64 + 1;
+        let wait = self.config.schedule.after(failures, retry_after);
+        let failing_since = endpoint.failing_since.unwrap_or(now);
+        let give_up = now - failing_since >= self.config.disable_after.as_millis() as i64;
+        let reason = give_up.then(|| {
+            format!(
+                "failing since {} ms ago; last: {error_text}",
+                now - failing_since
+            )
+        });
+        self.store
+            .webhook_failed(
+                &endpoint.id,
+                &attempt,
+                now + wait.as_millis() as i64,
+                reason.as_deref(),
+            )
+            .await?;
+        let outcome = if give_up { "disabled" } else { "failed" };
+        self.metrics.webhook_attempts.inc(&[("outcome", outcome)]);
+        Ok(false)
     }
 
     /// One signed POST of `body` to the endpoint, within the timeout.
