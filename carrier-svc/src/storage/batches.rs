@@ -479,7 +479,7 @@ mod tests {
         // 1 delivered, 2 delivered + opened, 3 unsupported, 6 delivered.
         assert_eq!(store.apply_terminal_events(&events).await.unwrap(), 5);
         assert_eq!(store.apply_terminal_events(&events).await.unwrap(), 0);
-        let receipts = store.outbox_after(0, 100).await.unwrap();
+        let receipts = store.outbox_read(0, 100).await.unwrap().0;
         let kinds: Vec<(u64, ReceiptKind)> =
             receipts.iter().map(|r| (r.delivery_id, r.kind)).collect();
         assert_eq!(
@@ -500,7 +500,7 @@ mod tests {
         );
         assert_eq!(counts[0].sms_segments, 2);
         store.ack_outbox(receipts[0].seq).await.unwrap();
-        assert!(store.outbox_after(0, 100).await.unwrap().is_empty());
+        assert!(store.outbox_read(0, 100).await.unwrap().0.is_empty());
 
         // Unconfirmed pushes go out again after a reconnect; expiry closes the rest.
         store
@@ -568,7 +568,7 @@ mod tests {
         assert_eq!(due[0].text, "before the upgrade");
         assert_eq!(due[0].subject, "subject");
         assert_eq!(due[0].suggested_replies, ["yes", "no"]);
-        let receipts = store.outbox_after(0, 100).await.unwrap();
+        let receipts = store.outbox_read(0, 100).await.unwrap().0;
         assert_eq!(receipts.len(), 1);
         assert_eq!(
             (receipts[0].delivery_id, receipts[0].message_id.as_str()),

@@ -15,19 +15,16 @@ use crate::packed;
 
 impl Store {
     /// Queued receipts after `after_seq`: whole outbox rows, until at least
-    /// `limit` receipts (each carries its row's sequence).
-    pub async fn outbox_after(&self, after_seq: i64, limit: u32) -> Result<Vec<Receipt>> {
-        Ok(self.outbox_read(after_seq, limit).await?.0)
-    }
-
-    /// [`Store::outbox_after`], and whether that was all the outbox held
-    /// when it was read (so nobody need read it again to find it empty).
+    /// `limit` receipts (each carries its row's sequence); and whether that
+    /// was all the outbox held when it was read (so nobody need read it
+    /// again to find it empty).
     pub async fn outbox_read(&self, after_seq: i64, limit: u32) -> Result<(Vec<Receipt>, bool)> {
         const ROWS: usize = 16;
         let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
-            "SELECT seq, receipts FROM receipt_outbox WHERE seq > $1 ORDER BY seq LIMIT 16",
+            "SELECT seq, receipts FROM receipt_outbox WHERE seq > $1 ORDER BY seq LIMIT $2",
         )
         .bind(after_seq)
+        .bind(ROWS as i64)
         .fetch_all(&self.pool)
         .await?;
         let mut drained = rows.len() < ROWS;
