@@ -10,7 +10,7 @@ use const_format::formatcp;
 use super::audience::{StoredTarget, campaign_source};
 use super::planning::{self, MessagePlan, PlanSteps, Sql};
 use super::states::{ACCEPTED, EXPANDED, PENDING, SKIPPED, UNSENT, WAITING};
-use super::{CountSteps, IdList, Store, WritePool, on_pool, transaction_steps};
+use super::{CountSteps, IdList, Lane, Store, WritePool, on_pool, transaction_steps};
 use crate::error::{Error, Result};
 use crate::learning::{self, ChannelBandit, Choice, EXPLORE_SHARE, OpenCounts, Segment};
 use crate::policy::{AttentionConfig, PolicyKind, SendTime, channel_name};
@@ -141,9 +141,10 @@ pub(super) fn campaign_statements(
 ) -> Vec<Sql> {
     let timing = plan.timing(now).unwrap_or((now, now));
     let choices = planning::first_channels(&plan.policy, None);
-    let mut statements = planning::insert_attempts(message_id, &choices, timing, now, "", |sql| {
-        campaign_source(sql, &plan.enterprise_id, plan.all_carriers, target);
-    });
+    let mut statements =
+        planning::insert_attempts(message_id, &choices, timing, now, ("", Lane::Bulk), |sql| {
+            campaign_source(sql, &plan.enterprise_id, plan.all_carriers, target);
+        });
     if attention.quiet_period_ms > 0 {
         statements.push(planning::defer_for_quiet_periods(message_id, timing.0));
     }
@@ -384,17 +385,23 @@ transaction_steps! {
         /// Counts a message's matched users and marks it expanded (and its
         /// `message.expanded` event, when some webhook endpoint is enabled).
         async fn finish_expansion(&mut self, message_id: &str, now: i64, webhooks_listening: bool) -> Result<u64> {
-            let matched: i64 = sqlx::query_scalar(
-                "SELECT COUNT(DISTINCT user_id) FROM deliveries WHERE message_id = $1",
-            )
+            // One statement: the count is taken where it is stored.
+            let set: Option<i64> = sqlx::query_scalar(formatcp!(
+                "UPDATE messages SET state = {EXPANDED},
+                        matched = (SELECT COUNT(DISTINCT d.user_id) FROM deliveries d WHERE d.message_id = $1)
+                 WHERE id = $1 AND state = {ACCEPTED} RETURNING matched"
+            ))
             .bind(message_id)
-            .fetch_one(&mut *self)
+            .fetch_optional(&mut *self)
             .await?;
-            sqlx::query(formatcp!("UPDATE messages SET state = {EXPANDED}, matched = $2 WHERE id = $1 AND state = {ACCEPTED}"))
-                .bind(message_id)
-                .bind(matched)
-                .execute(&mut *self)
-                .await?;
+            let matched = match set {
+                Some(matched) => matched,
+                // Expanded before (a second expander): nothing to set.
+                None => sqlx::query_scalar("SELECT COUNT(DISTINCT user_id) FROM deliveries WHERE message_id = $1")
+                    .bind(message_id)
+                    .fetch_one(&mut *self)
+                    .await?,
+            };
             if webhooks_listening {
                 self.record_message_events(&[message_id], MessageEventKind::Expanded, "TRUE", now)
                     .await?;

@@ -11,20 +11,26 @@ use crate::policy::{Policy, PolicyKind, Priority, SendTime, WindowMode};
 use crate::targeting::{Channel, MessageState, NewMessage};
 
 /// The `INSERT` of a new message row with its plan: state 1 (accepted),
-/// recipients not yet matched.
+/// recipients not yet matched, the winning bid it goes on (if any) and the
+/// price table in force, which its charges use.
 pub(super) fn insert_message(
     message_id: &str,
     fingerprint: &str,
     message: &NewMessage,
     plan: &MessagePlan,
-    description: &str,
+    (description, bid_id): (&str, Option<&str>),
     service_id: Option<&str>,
     segment: Option<StoredTarget>,
 ) -> Sql {
     let mut columns = target_columns(message_id, fingerprint, message, plan, service_id, segment);
     columns.extend(content_columns(message));
     columns.extend(plan_columns(plan, description));
-    Sql::insert("messages", columns)
+    columns.push(("bid_id", Param::OptText(bid_id.map(str::to_owned))));
+    Sql::insert_computed(
+        "messages",
+        columns,
+        &[("price_table", "(SELECT MAX(id) FROM price_tables)")],
+    )
 }
 
 /// Whose message it is and whom it is for.

@@ -14,9 +14,9 @@ use super::audit::AuditSteps;
 use super::expanding::{ExpansionSteps, campaign_statements};
 use super::message_rows::{PlanRow, insert_follow_up, insert_message};
 use super::planning::{self, MessagePlan, PlanSteps};
-use super::states::{ACCEPTED, PRIORITY_LANE};
+use super::states::ACCEPTED;
 use super::{
-    AuditEntry, CountSteps, Param, ROWS_PER_STATEMENT, Store, is_unique_error, on_pool,
+    AuditEntry, CountSteps, Lane, Param, ROWS_PER_STATEMENT, Store, is_unique_error, on_pool,
     transaction_steps,
 };
 use crate::auction::Terms;
@@ -145,9 +145,6 @@ impl Store {
     ) -> Result<StoredMessage> {
         let fingerprint = message.fingerprint();
         let expires_at = terms.expires_by.map_or(expires_at, |by| by.min(expires_at));
-        if let Some(found) = self.replay(enterprise_id, message, &fingerprint).await? {
-            return Ok(found);
-        }
         let (plan, description, bandit) = self
             .plan_acceptance(enterprise_id, message_id, message, now, expires_at, terms)
             .await?;
@@ -178,8 +175,9 @@ impl Store {
         let matched = match accepted {
             Accepted::Stored { matched } => matched,
             Accepted::KeyTaken => {
-                // A concurrent call with the same key won; answer as it did
-                // once its commit (perhaps this very group's) is done.
+                // The key was used before, or by a concurrent call that won:
+                // answer as it was answered, once its commit (perhaps this
+                // very group's) is done.
                 return self
                     .replay(enterprise_id, message, &fingerprint)
                     .await?
@@ -378,6 +376,28 @@ transaction_steps! {
         /// cohort check and the audit entry of a segment in this same
         /// transaction, so neither can be missed or raced.
         async fn accept(&mut self, store: &Store, a: &Acceptance<'_>) -> Result<Accepted> {
+            // The row first: a key used before is found by its unique index
+            // (and answered as stored, whatever has changed since), with no
+            // lookup ahead of every new message. A refusal below rolls the
+            // row back with the rest of this member's work.
+            let segment = a.segment().map(|s| StoredTarget {
+                service_id: None,
+                ..StoredTarget::of_segment(s)
+            });
+            let row = insert_message(
+                a.message_id,
+                a.fingerprint,
+                a.message,
+                &a.plan,
+                (&a.description, a.terms.bid_id.as_deref()),
+                a.service_id(),
+                segment.clone(),
+            );
+            match self.execute_all(a.message_id, [row]).await {
+                Ok(_) => {}
+                Err(error) if is_unique_error(&error) => return Ok(Accepted::KeyTaken),
+                Err(error) => return Err(error),
+            }
             if let Some(segment) = a.segment() {
                 self.judge_segment(a, segment).await?;
             }
@@ -389,31 +409,6 @@ transaction_steps! {
                 Target::Refs(refs) => Some(self.resolve_refs(a.enterprise_id, refs).await?),
                 _ => None,
             };
-            let segment = a.segment().map(|s| StoredTarget {
-                service_id: None,
-                ..StoredTarget::of_segment(s)
-            });
-            let row = insert_message(
-                a.message_id,
-                a.fingerprint,
-                a.message,
-                &a.plan,
-                &a.description,
-                a.service_id(),
-                segment.clone(),
-            );
-            match self.execute_all(a.message_id, [row]).await {
-                Ok(_) => {}
-                Err(error) if is_unique_error(&error) => return Ok(Accepted::KeyTaken),
-                Err(error) => return Err(error),
-            }
-            sqlx::query(
-                "UPDATE messages SET price_table = (SELECT MAX(id) FROM price_tables), bid_id = $2 WHERE id = $1",
-            )
-            .bind(a.message_id)
-            .bind(a.terms.bid_id.as_deref())
-            .execute(&mut *self)
-            .await?;
             if a.webhooks_listening {
                 self.record_message_events(&[a.message_id], MessageEventKind::Accepted, "TRUE", a.now)
                     .await?;
@@ -536,7 +531,8 @@ transaction_steps! {
             let timing = plan.timing(now).unwrap_or((now, now));
             let choices = planning::first_channels(&plan.policy, None);
             for chunk in users.chunks(ROWS_PER_STATEMENT) {
-                let statements = planning::insert_attempts(message_id, &choices, timing, now, "", |sql| {
+                // A targeted message goes before campaigns' backlogs.
+                let statements = planning::insert_attempts(message_id, &choices, timing, now, ("", Lane::Priority), |sql| {
                     let all = sql.bind(Param::Bool(plan.all_carriers));
                     let mut list = Vec::with_capacity(chunk.len());
                     for user in chunk {
@@ -555,11 +551,6 @@ transaction_steps! {
             self.time_per_person(store, message_id, plan, now).await?;
             let quiet = planning::open_quiet_periods(message_id, timing.0, now, a.attention);
             self.execute_all(message_id, quiet).await?;
-            // A targeted message goes before campaigns' backlogs.
-            sqlx::query(formatcp!("UPDATE deliveries SET lane = {PRIORITY_LANE} WHERE message_id = $1"))
-                .bind(message_id)
-                .execute(&mut *self)
-                .await?;
             self.finish_expansion(message_id, now, a.webhooks_listening).await
         }
     }

@@ -9,7 +9,7 @@ use chukei_proto::window::Window;
 use const_format::formatcp;
 
 use super::states::{PENDING, SKIPPED, UNSENT, WAITING};
-use super::{CountSteps, Param, transaction_steps};
+use super::{CountSteps, Lane, Param, transaction_steps};
 use crate::error::Result;
 use crate::learning::OpenCounts;
 use crate::policy::{
@@ -61,11 +61,25 @@ impl Sql {
 
     /// `INSERT INTO table (columns…) VALUES (binds…)`, a column and its value per pair.
     pub(crate) fn insert(table: &str, row: Vec<(&str, Param)>) -> Self {
+        Self::insert_computed(table, row, &[])
+    }
+
+    /// [`Sql::insert`] with more columns whose values are SQL expressions
+    /// (e.g. a scalar subquery), a column and its expression per pair.
+    pub(crate) fn insert_computed(
+        table: &str,
+        row: Vec<(&str, Param)>,
+        computed: &[(&str, &str)],
+    ) -> Self {
         let mut sql = Self::default();
-        let (columns, values): (Vec<&str>, Vec<String>) = row
+        let (mut columns, mut values): (Vec<&str>, Vec<String>) = row
             .into_iter()
             .map(|(column, value)| (column, sql.bind(value)))
             .unzip();
+        for (column, expression) in computed {
+            columns.push(column);
+            values.push((*expression).to_owned());
+        }
         sql.push(&format!(
             "INSERT INTO {table} ({}) VALUES ({})",
             columns.join(", "),
@@ -219,13 +233,13 @@ pub(crate) fn first_channels(policy: &Policy, best: Option<Channel>) -> Vec<Chan
 
 /// `INSERT` the first attempt(s) of `message_id` for the recipients that
 /// `source` selects; `source` appends `FROM … WHERE …` with the contracts
-/// table aliased `c`.
+/// table aliased `c`. The attempts go in `lane`.
 pub(super) fn insert_attempts(
     message_id: &str,
     choices: &[ChannelChoice],
     (not_before, window_close): (i64, i64),
     now: i64,
-    reason: &str,
+    (reason, lane): (&str, Lane),
     source: impl Fn(&mut Sql),
 ) -> Vec<Sql> {
     let state = if not_before > now { WAITING } else { PENDING };
@@ -233,7 +247,7 @@ pub(super) fn insert_attempts(
         .iter()
         .map(|choice| {
             let mut sql = Sql::new(
-                "INSERT INTO deliveries (message_id, user_id, carrier_id, channel, attempt, state, not_before, window_close, reason) SELECT ",
+                "INSERT INTO deliveries (message_id, user_id, carrier_id, channel, attempt, state, not_before, window_close, reason, lane) SELECT ",
             );
             let m = sql.bind(Param::Text(message_id.to_owned()));
             let channel = match choice {
@@ -250,8 +264,9 @@ pub(super) fn insert_attempts(
             let nb = sql.bind(Param::Int(not_before));
             let wc = sql.bind(Param::window_close(window_close));
             let why = sql.bind(Param::Text(reason.to_owned()));
+            let lane = sql.bind(Param::Int(lane as i64));
             sql.push(&format!(
-                "{m}, c.user_id, c.carrier_id, {channel}, 0, {state}, {nb}, {wc}, {why}"
+                "{m}, c.user_id, c.carrier_id, {channel}, 0, {state}, {nb}, {wc}, {why}, {lane}"
             ));
             source(&mut sql);
             sql.push(" ON CONFLICT DO NOTHING");
@@ -523,7 +538,7 @@ mod tests {
             &[ChannelChoice::Fixed(Some(Channel::Sms))],
             (5, 9),
             1,
-            "first",
+            ("first", Lane::Bulk),
             |sql: &mut Sql| {
                 let user = sql.bind(Param::Text("u".into()));
                 sql.push(&format!(" FROM contracts c WHERE c.user_id = {user}"));
@@ -533,9 +548,10 @@ mod tests {
         assert!(
             statements[0]
                 .text
-                .contains("$1, c.user_id, c.carrier_id, $2, 0, $3, $4, $5, $6")
+                .contains("$1, c.user_id, c.carrier_id, $2, 0, $3, $4, $5, $6, $7")
         );
-        assert!(statements[0].text.contains("c.user_id = $7"));
+        assert!(statements[0].text.contains("c.user_id = $8"));
+        assert_eq!(statements[0].params[6], Param::Int(Lane::Bulk as i64));
         // Planned at 1 to go at 5: the rows wait.
         assert_eq!(statements[0].params[2], Param::Int(WAITING));
     }
