@@ -41,7 +41,7 @@ pub struct DispatchConfig {
 /// A cheap-to-clone handle to the dispatch supervisor.
 #[derive(Clone, Debug)]
 pub struct DispatchHandle {
-    new_work: Arc<watch::Sender<u64>>,
+    new_work: Arc<watch::Sender<Work>>,
     commands: mpsc::Sender<String>,
     connected: Arc<Mutex<HashSet<String>>>,
     /// Recent hand-overs per carrier, for the drain estimates.
@@ -81,10 +81,32 @@ impl Throughput {
     }
 }
 
+/// How many times each lane was signalled: a dispatcher reads a lane again
+/// when its count moved since it last looked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Work {
+    pub(crate) priority: u64,
+    /// Also the erasure notices' outbox.
+    pub(crate) bulk: u64,
+}
+
 impl DispatchHandle {
-    /// New deliveries may be due: wake every dispatcher.
+    /// New deliveries may be due in either lane, or erasure notices wait:
+    /// wake every dispatcher.
     pub fn new_work(&self) {
-        self.new_work.send_modify(|generation| *generation += 1);
+        self.new_work.send_modify(|work| {
+            work.priority += 1;
+            work.bulk += 1;
+        });
+    }
+
+    /// New deliveries may be due in `lane` only (a targeted message's):
+    /// the dispatchers read that lane, not the other.
+    pub fn new_work_in(&self, lane: crate::storage::Lane) {
+        self.new_work.send_modify(|work| match lane {
+            crate::storage::Lane::Priority => work.priority += 1,
+            crate::storage::Lane::Bulk => work.bulk += 1,
+        });
     }
 
     /// A carrier was registered or changed: (re)start its dispatcher.
@@ -143,7 +165,7 @@ pub fn start(
 ) -> (DispatchHandle, tokio::task::JoinHandle<()>) {
     let (commands_tx, commands_rx) = mpsc::channel(64);
     let handle = DispatchHandle {
-        new_work: Arc::new(watch::channel(0).0),
+        new_work: Arc::new(watch::channel(Work::default()).0),
         commands: commands_tx,
         connected: Arc::default(),
         throughput: Arc::default(),

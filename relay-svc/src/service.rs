@@ -16,7 +16,7 @@ use crate::policy::{AttentionConfig, PolicyKind};
 use crate::pricing::{self, Quote};
 use crate::stats::{self, Query, Thresholds, Viewer};
 use crate::storage::webhooks::EndpointRow;
-use crate::storage::{AuditEntry, Store, StoredMessage};
+use crate::storage::{AuditEntry, Lane, Store, StoredMessage};
 use crate::targeting::{Channel, MessageState, NewMessage, Target};
 use crate::webhooks::{self, EventType};
 
@@ -86,9 +86,12 @@ impl Relay {
                 .accepted
                 .inc(&[("target", message.target.kind())]);
             tracing::info!(target_kind = message.target.kind(), matched = ?stored.row.matched, "message accepted");
-            match stored.row.state {
-                MessageState::Accepted => self.expand.notify_one(),
-                _ => self.dispatch.new_work(),
+            match (stored.row.state, &message.target) {
+                (MessageState::Accepted, _) => self.expand.notify_one(),
+                // Its attempts are in the priority lane (`plan_targeted`).
+                (_, Target::Refs(_)) => self.dispatch.new_work_in(Lane::Priority),
+                // A campaign on a winning bid, expanded at once.
+                _ => self.dispatch.new_work_in(Lane::Bulk),
             }
         }
         Ok(stored)

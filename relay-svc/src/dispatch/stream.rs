@@ -77,6 +77,7 @@ impl Dispatcher {
         let mut warned = false;
 
         let mut new_work = self.handle.new_work.subscribe();
+        let mut seen = *new_work.borrow_and_update();
         let mut poll = tokio::time::interval(self.config.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut state = StreamState::default();
@@ -96,8 +97,15 @@ impl Dispatcher {
                 }
                 changed = new_work.changed() => {
                     changed?;
-                    state.look_at_outbox = true;
-                    (state.priority.drained, state.bulk.drained) = (false, false);
+                    let work = *new_work.borrow_and_update();
+                    if work.priority != seen.priority {
+                        state.priority.drained = false;
+                    }
+                    if work.bulk != seen.bulk {
+                        state.look_at_outbox = true;
+                        state.bulk.drained = false;
+                    }
+                    seen = work;
                 }
                 _ = poll.tick() => {
                     if up.is_none() && !state.in_flight.is_empty() && !warned && opened.elapsed() >= SILENT_CARRIER {
@@ -143,9 +151,8 @@ impl Dispatcher {
             .await
     }
 
-    /// A message up the stream: an erasure ack frees the outbox, receipts
-    /// may have planned follow-ups (both lanes read again), the rest is
-    /// `handle_up`'s.
+    /// A message up the stream: an erasure ack frees the outbox, the rest
+    /// is `handle_up`'s.
     async fn on_message(
         &self,
         message: pb::CarrierToRelay,
@@ -157,9 +164,6 @@ impl Dispatcher {
             self.store.outbox_done(&self.carrier_id, &ids).await?;
             state.notices_in_flight = false;
             state.look_at_outbox = true;
-        }
-        if matches!(message.kind, Some(pb::carrier_to_relay::Kind::Receipts(_))) {
-            (state.priority.drained, state.bulk.drained) = (false, false);
         }
         self.handle_up(message, &mut state.in_flight, down).await
     }
@@ -397,9 +401,14 @@ impl Dispatcher {
                         .map(|r| (r.message_id.as_str(), r.trace_parent.as_str())),
                 );
                 let receipts = receipts_from_wire(batch.messages);
-                self.store
+                let follow_ups = self
+                    .store
                     .record_receipts(&self.carrier_id, &receipts, self.clock.now_ms())
                     .await?;
+                if follow_ups > 0 {
+                    // Openers' follow-ups, on whichever carriers they are with.
+                    self.handle.new_work_in(Lane::Bulk);
+                }
                 let mut kinds: HashMap<&'static str, u64> = HashMap::new();
                 for receipt in &receipts {
                     *kinds.entry(receipt.kind.as_str()).or_default() += 1;

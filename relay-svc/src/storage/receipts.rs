@@ -71,13 +71,14 @@ impl Store {
     /// a first open cancels the person's pending attempts of that message,
     /// lifts their engagement score and schedules the message's follow-up for
     /// them; an unsupported channel wakes the policy at once; an expiry at the
-    /// carrier closes the attempt.
+    /// carrier closes the attempt. Returns how many follow-up attempts were
+    /// planned (in the bulk lane, on whichever carriers the openers are with).
     pub async fn record_receipts(
         &self,
         carrier_id: &str,
         receipts: &[Receipt],
         now: i64,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let rows = event_rows(receipts);
         let attempts_with = |kind: EventKind| -> Vec<i64> {
             receipts
@@ -116,9 +117,9 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
-            tx.act_on_opens(&opened, now).await?;
+            let planned = tx.act_on_opens(&opened, now).await?;
             tx.commit().await?;
-            Ok(())
+            Ok(planned)
         })
     }
 
@@ -321,8 +322,9 @@ transaction_steps! {
 
         /// A first open cancels the person's pending attempts of that
         /// message, lifts their engagement score and plans the message's
-        /// follow-up for them.
-        async fn act_on_opens(&mut self, opened: &[Opened], now: i64) -> Result<()> {
+        /// follow-up for them; how many follow-up attempts that planned.
+        async fn act_on_opens(&mut self, opened: &[Opened], now: i64) -> Result<u64> {
+            let mut attempts = 0;
             for chunk in opened.chunks(ROWS_PER_STATEMENT) {
                 let values = |query: &mut QueryBuilder<_>| {
                     query.push_values(chunk, |mut row, (message_id, user_id, channel, at)| {
@@ -363,6 +365,7 @@ transaction_steps! {
                      WHERE f.expires_at > v.column4 ON CONFLICT DO NOTHING RETURNING message_id, user_id",
                 );
                 let planned: Vec<(String, String)> = follow.build_query_as().fetch_all(&mut *self).await?;
+                attempts += planned.len() as u64;
                 let mut people: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
                 for (message_id, user_id) in planned {
                     people.entry(message_id).or_default().insert(user_id);
@@ -375,7 +378,7 @@ transaction_steps! {
                         .await?;
                 }
             }
-            Ok(())
+            Ok(attempts)
         }
     }
 }
