@@ -8,7 +8,10 @@
 //! the writers queued behind it run in the same transaction one after
 //! another, each in a savepoint (a refusal or an error rolls back only its
 //! own statements); then the group commits once and every member learns the
-//! outcome together. No member returns before the commit that holds its
+//! outcome together. The opener needs no savepoint — nothing is in the
+//! transaction before it, so undoing it is undoing everything (`ROLLBACK`,
+//! and a new transaction for whoever is queued) — which spares an idle hub,
+//! where every group has one member, two statements per write. No member returns before the commit that holds its
 //! work, so "accepted means durable" holds as before.
 //!
 //! Who is in a group follows the lock, which is first come, first served:
@@ -29,6 +32,7 @@ use crate::error::{Error, Result};
 const SAVEPOINT: &str = "SAVEPOINT chukei_member";
 const RELEASE: &str = "RELEASE SAVEPOINT chukei_member";
 const ROLLBACK: &str = "ROLLBACK TO SAVEPOINT chukei_member";
+const ROLLBACK_ALL: &str = "ROLLBACK";
 
 /// Which group each hot writer joins. On SQLite every writer shares one
 /// (there is one write lock to take anyway); on PostgreSQL accepting
@@ -42,6 +46,8 @@ pub struct Groups<DB: Database> {
     /// Whether some enterprise has an enabled webhook endpoint, as last
     /// looked up (`Store::refresh_webhooks_listening`).
     pub(crate) webhooks_listening: std::sync::atomic::AtomicBool,
+    /// API keys looked up lately (`key_cache.rs`).
+    pub(crate) keys: super::key_cache::KeyCache,
 }
 
 impl<DB: Database> Groups<DB> {
@@ -52,6 +58,7 @@ impl<DB: Database> Groups<DB> {
             accepts: group.clone(),
             deliveries: group,
             webhooks_listening: Default::default(),
+            keys: Default::default(),
         }
     }
 
@@ -61,6 +68,7 @@ impl<DB: Database> Groups<DB> {
             accepts: Arc::default(),
             deliveries: Arc::default(),
             webhooks_listening: Default::default(),
+            keys: Default::default(),
         }
     }
 }
@@ -91,19 +99,33 @@ impl<DB: Database> std::fmt::Debug for Group<DB> {
 /// The transaction a group shares.
 struct Open<DB: Database> {
     tx: Transaction<'static, DB>,
-    /// A member gave up inside its savepoint (an error, a cancelled call):
-    /// its statements are rolled back before anyone else's run.
-    abandoned: bool,
+    /// How a new transaction begins on this connection (`WritePool::BEGIN`).
+    begin: &'static str,
+    /// A member gave up (an error, a cancelled call): its statements are
+    /// rolled back before anyone else's run.
+    abandoned: Option<Undo>,
     /// A savepoint could not be released or rolled back: the transaction is
     /// no longer what its members wrote, so it rolls back entirely.
     broken: bool,
     outcome: watch::Sender<Outcome>,
 }
 
+/// How to undo an abandoned member's statements.
+#[derive(Clone, Copy, Debug)]
+enum Undo {
+    /// Back to its savepoint.
+    Savepoint,
+    /// The opener's: the whole transaction, then a new one.
+    Everything,
+}
+
 /// One writer's place in a group: derefs to the shared connection, inside
-/// the writer's own savepoint, until [`Member::commit`].
+/// the writer's own savepoint (the opener: the transaction), until
+/// [`Member::commit`].
 pub(crate) struct Member<DB: Database> {
     guard: Option<OwnedMutexGuard<Option<Open<DB>>>>,
+    /// How its statements are undone if it gives up.
+    undo: Undo,
     outcome: watch::Receiver<Outcome>,
     /// Held by the member that opened the group; its commit waits for it.
     opener: Option<oneshot::Sender<()>>,
@@ -147,7 +169,8 @@ where
             *self.latest.lock().expect("not poisoned") = latest;
             *guard = Some(Open {
                 tx,
-                abandoned: false,
+                begin: P::BEGIN,
+                abandoned: None,
                 broken: false,
                 outcome,
             });
@@ -158,19 +181,25 @@ where
         let open = guard.as_mut().expect("a group is open");
         let outcome = open.outcome.subscribe();
         settle(open).await?;
-        if let Err(error) = open.tx.execute(SAVEPOINT).await {
-            open.broken = true;
-            return Err(error.into());
-        }
+        let undo = if opener.is_some() {
+            Undo::Everything
+        } else {
+            if let Err(error) = open.tx.execute(SAVEPOINT).await {
+                open.broken = true;
+                return Err(error.into());
+            }
+            Undo::Savepoint
+        };
         Ok(Member {
             guard: Some(guard),
+            undo,
             outcome,
             opener,
         })
     }
 }
 
-/// Rolls back an abandoned member's savepoint; refuses a broken group.
+/// Rolls back an abandoned member's statements; refuses a broken group.
 async fn settle<DB: Database>(open: &mut Open<DB>) -> Result<()>
 where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
@@ -180,10 +209,13 @@ where
             "the shared write transaction failed and is being rolled back"
         )));
     }
-    if open.abandoned {
-        open.abandoned = false;
-        let undone = match open.tx.execute(ROLLBACK).await {
-            Ok(_) => open.tx.execute(RELEASE).await,
+    if let Some(undo) = open.abandoned.take() {
+        let (undo, again) = match undo {
+            Undo::Savepoint => (ROLLBACK, RELEASE),
+            Undo::Everything => (ROLLBACK_ALL, open.begin),
+        };
+        let undone = match open.tx.execute(undo).await {
+            Ok(_) => open.tx.execute(again).await,
             Err(error) => Err(error),
         };
         if let Err(error) = undone {
@@ -240,7 +272,9 @@ where
     pub(crate) async fn commit(mut self) -> Result<()> {
         let mut guard = self.guard.take().expect("a member holds its group");
         let open = guard.as_mut().expect("a member's group is open");
-        if let Err(error) = open.tx.execute(RELEASE).await {
+        if let Undo::Savepoint = self.undo
+            && let Err(error) = open.tx.execute(RELEASE).await
+        {
             open.broken = true;
             return Err(error.into());
         }
@@ -255,7 +289,7 @@ where
     pub(crate) async fn roll_back(mut self) -> Result<()> {
         let mut guard = self.guard.take().expect("a member holds its group");
         let open = guard.as_mut().expect("a member's group is open");
-        open.abandoned = true;
+        open.abandoned = Some(self.undo);
         settle(open).await?;
         drop(guard);
         self.opener.take();
@@ -288,7 +322,7 @@ impl<DB: Database> Drop for Member<DB> {
         // Dropped inside its savepoint (`?` on an error, a cancelled call):
         // whoever takes the lock next rolls the savepoint back first.
         if let Some(open) = self.guard.as_mut().and_then(|guard| guard.as_mut()) {
-            open.abandoned = true;
+            open.abandoned = Some(self.undo);
         }
     }
 }

@@ -14,6 +14,7 @@ pub(crate) mod audit;
 mod control;
 mod expanding;
 mod group;
+mod key_cache;
 mod message_rows;
 mod messages;
 mod overview;
@@ -54,6 +55,7 @@ pub use transfer::{DueDelivery, DueMessage, Lane};
 use crate::error::Result;
 use crate::receipts::MessageEventKind;
 pub use group::{Group, Groups};
+pub use key_cache::KEY_CACHE_TTL;
 
 /// Rows per multi-row statement: well under SQLite's 32,766 and PostgreSQL's
 /// 65,535 bind parameters for every statement that uses it.
@@ -189,6 +191,8 @@ pub(crate) trait WritePool {
     /// One writer at a time (SQLite's write lock): a write transaction cannot
     /// begin before the last one has ended.
     const SINGLE_WRITER: bool;
+    /// The statement that begins a write transaction.
+    const BEGIN: &'static str;
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error>;
 }
@@ -196,15 +200,17 @@ pub(crate) trait WritePool {
 impl WritePool for SqlitePool {
     type Db = sqlx::Sqlite;
     const SINGLE_WRITER: bool = true;
+    const BEGIN: &'static str = "BEGIN IMMEDIATE";
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error> {
-        self.begin_with("BEGIN IMMEDIATE").await
+        self.begin_with(Self::BEGIN).await
     }
 }
 
 impl WritePool for PgPool {
     type Db = sqlx::Postgres;
     const SINGLE_WRITER: bool = false;
+    const BEGIN: &'static str = "BEGIN";
 
     async fn begin_write(&self) -> Result<sqlx::Transaction<'static, Self::Db>, sqlx::Error> {
         self.begin().await

@@ -56,6 +56,7 @@ impl Store {
             .await?;
             tx.commit().await
         }.await);
+        self.keys_changed();
         match inserted {
             Ok(()) => Ok(()),
             Err(error) if is_unique_violation(&error) => Err(Error::already_exists(
@@ -106,6 +107,7 @@ impl Store {
                 .await?;
             }
             tx.commit().await?;
+            self.keys_changed();
             Ok(id)
         })
     }
@@ -128,6 +130,7 @@ impl Store {
         .execute(pool)
         .await
         .map(|done| done.rows_affected()))?;
+        self.keys_changed();
         Ok(revoked > 0)
     }
 
@@ -245,8 +248,6 @@ impl Store {
         Ok(endpoint)
     }
 
-    /// The enterprise whose live API key (neither revoked nor expired at
-    /// `now`) hashes to `api_key_hash`.
     /// The display names of those of `ids` that are enterprises.
     pub async fn enterprise_names(&self, ids: &[String]) -> Result<Vec<(String, String)>> {
         let mut names = Vec::with_capacity(ids.len());
@@ -264,16 +265,31 @@ impl Store {
         Ok(names)
     }
 
+    /// The enterprise whose live API key (neither revoked nor expired at
+    /// `now`) hashes to `api_key_hash`: from the keys read lately
+    /// (`key_cache.rs`), else read and kept.
     pub async fn enterprise_by_key(&self, api_key_hash: &str, now: i64) -> Result<Option<String>> {
-        let id = on_pool!(self, pool => sqlx::query_scalar(
-            "SELECT enterprise_id FROM api_keys
+        let cached = on_pool!(self, _pool, groups => groups.keys.get(api_key_hash, now));
+        if cached.is_some() {
+            return Ok(cached);
+        }
+        let found: Option<(String, Option<i64>)> = on_pool!(self, pool => sqlx::query_as(
+            "SELECT enterprise_id, expires_at FROM api_keys
              WHERE key_hash = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
         )
         .bind(api_key_hash)
         .bind(now)
         .fetch_optional(pool)
         .await)?;
-        Ok(id)
+        Ok(found.map(|(enterprise_id, expires_at)| {
+            on_pool!(self, _pool, groups => groups.keys.put(api_key_hash, &enterprise_id, expires_at));
+            enterprise_id
+        }))
+    }
+
+    /// This replica changed the keys: what it kept of them goes.
+    fn keys_changed(&self) {
+        on_pool!(self, _pool, groups => groups.keys.clear());
     }
 
     /// The carrier whose token hashes to `token_hash`.
