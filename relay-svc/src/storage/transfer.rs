@@ -50,7 +50,7 @@ struct DueRow {
 
 #[derive(sqlx::FromRow)]
 struct DueMessageRow {
-    id: String,
+    message_id: String,
     content_text: String,
     media_url: String,
     subject: String,
@@ -76,9 +76,24 @@ impl DueMessageRow {
             single_attempt: self.single_attempt,
             trace_parent: self.trace_parent,
         };
-        (self.id, Arc::new(message))
+        (self.message_id, Arc::new(message))
     }
 }
+
+/// A due delivery read with its message (the priority lane's, whose rows
+/// are mostly of distinct messages).
+#[derive(sqlx::FromRow)]
+struct DueJoinedRow {
+    #[sqlx(flatten)]
+    delivery: DueRow,
+    #[sqlx(flatten)]
+    message: DueMessageRow,
+}
+
+/// The message columns a due read returns, `messages` aliased `m`.
+const DUE_MESSAGE_COLUMNS: &str = "m.content_text, m.media_url, m.subject, m.suggested_replies, m.expires_at,
+    CASE WHEN m.window_at_carrier THEN m.delivery_window END AS carrier_window,
+    m.single_attempt, m.trace_parent";
 
 /// A carrier's two queues: targeted messages' first attempts go before
 /// campaigns', whatever their ids.
@@ -130,47 +145,62 @@ impl Store {
     ) -> Result<Vec<DueDelivery>> {
         // A constant in the text, so the lane is part of the index range
         // (carrier, state, lane, id).
-        let lane = lane as i64;
-        // The deliveries alone, then their messages once each: a campaign's
-        // batch is a thousand rows of one message, whose content is not
-        // read (nor allocated) a thousand times.
-        let sql = format!(
-            "SELECT d.id, d.message_id, d.user_id, d.channel, d.not_before
-             FROM deliveries d JOIN messages m ON m.id = d.message_id
-             WHERE d.carrier_id = $1 AND d.state = {PENDING} AND d.lane = {lane} AND d.id > $2 AND d.id < $5 AND d.not_before <= $3
-               AND (d.window_close IS NULL OR d.window_close > $3) AND m.expires_at > $3
-             ORDER BY d.id
-             LIMIT $4"
-        );
-        let (rows, messages): (Vec<DueRow>, Vec<DueMessageRow>) = on_pool!(self, pool => {
-            let rows: Vec<DueRow> = sqlx::query_as(AssertSqlSafe(sql))
-                .bind(carrier_id)
-                .bind(ids.start)
-                .bind(now)
-                .bind(i64::from(limit))
-                .bind(ids.end)
-                .fetch_all(pool)
-                .await?;
-            let mut wanted: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
-            wanted.sort_unstable();
-            wanted.dedup();
-            let mut messages = Vec::with_capacity(wanted.len());
-            for chunk in wanted.chunks(ROWS_PER_STATEMENT) {
-                let mut query = QueryBuilder::new(
-                    "SELECT id, content_text, media_url, subject, suggested_replies, expires_at,
-                            CASE WHEN window_at_carrier THEN delivery_window END AS carrier_window,
-                            single_attempt, trace_parent
-                     FROM messages WHERE id IN (",
-                );
-                let mut list = query.separated(", ");
-                for id in chunk {
-                    list.push_bind(*id);
-                }
-                query.push(")");
-                messages.extend(query.build_query_as::<DueMessageRow>().fetch_all(pool).await?);
+        let lane_number = lane as i64;
+        let due_rows = |columns: &str| {
+            format!(
+                "SELECT d.id, d.message_id, d.user_id, d.channel, d.not_before{columns}
+                 FROM deliveries d JOIN messages m ON m.id = d.message_id
+                 WHERE d.carrier_id = $1 AND d.state = {PENDING} AND d.lane = {lane_number} AND d.id > $2 AND d.id < $5 AND d.not_before <= $3
+                   AND (d.window_close IS NULL OR d.window_close > $3) AND m.expires_at > $3
+                 ORDER BY d.id
+                 LIMIT $4"
+            )
+        };
+        let (rows, messages): (Vec<DueRow>, Vec<DueMessageRow>) = match lane {
+            // Targeted messages: each row with its message, one statement
+            // (on the idle path of a single message).
+            Lane::Priority => {
+                let sql = due_rows(&format!(", {DUE_MESSAGE_COLUMNS}"));
+                let joined: Vec<DueJoinedRow> = on_pool!(self, pool => sqlx::query_as(AssertSqlSafe(sql))
+                    .bind(carrier_id)
+                    .bind(ids.start)
+                    .bind(now)
+                    .bind(i64::from(limit))
+                    .bind(ids.end)
+                    .fetch_all(pool)
+                    .await)?;
+                joined.into_iter().map(|j| (j.delivery, j.message)).unzip()
             }
-            (rows, messages)
-        });
+            // The deliveries alone, then their messages once each: a
+            // campaign's batch is a thousand rows of one message, whose
+            // content is not read (nor allocated) a thousand times.
+            Lane::Bulk => on_pool!(self, pool => {
+                let rows: Vec<DueRow> = sqlx::query_as(AssertSqlSafe(due_rows("")))
+                    .bind(carrier_id)
+                    .bind(ids.start)
+                    .bind(now)
+                    .bind(i64::from(limit))
+                    .bind(ids.end)
+                    .fetch_all(pool)
+                    .await?;
+                let mut wanted: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
+                wanted.sort_unstable();
+                wanted.dedup();
+                let mut messages = Vec::with_capacity(wanted.len());
+                for chunk in wanted.chunks(ROWS_PER_STATEMENT) {
+                    let mut query = QueryBuilder::new(format!(
+                        "SELECT m.id AS message_id, {DUE_MESSAGE_COLUMNS} FROM messages m WHERE m.id IN ("
+                    ));
+                    let mut list = query.separated(", ");
+                    for id in chunk {
+                        list.push_bind(*id);
+                    }
+                    query.push(")");
+                    messages.extend(query.build_query_as::<DueMessageRow>().fetch_all(pool).await?);
+                }
+                (rows, messages)
+            }),
+        };
         let messages: HashMap<String, Arc<DueMessage>> =
             messages.into_iter().map(DueMessageRow::shared).collect();
         Ok(rows
