@@ -99,6 +99,32 @@ impl ChannelSet {
     }
 }
 
+/// Which of the held batches' two lanes a read looks at: the targeted
+/// messages' (priority) and the campaigns'.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lanes {
+    pub priority: bool,
+    pub bulk: bool,
+}
+
+impl Lanes {
+    pub const BOTH: Self = Self {
+        priority: true,
+        bulk: true,
+    };
+
+    pub fn any(self) -> bool {
+        self.priority || self.bulk
+    }
+
+    pub fn or(self, other: Self) -> Self {
+        Self {
+            priority: self.priority || other.priority,
+            bulk: self.bulk || other.bulk,
+        }
+    }
+}
+
 /// A delivery on its way to a terminal, with what its channel adapter needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outgoing {

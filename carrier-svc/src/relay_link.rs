@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Shared;
-use crate::model::{MessageDeliveries, Recipient};
+use crate::model::{Lanes, MessageDeliveries, Recipient};
 use crate::storage::MessageCount;
 
 /// Receipt batches sent but not yet acked: bounds what is in flight so neither
@@ -87,6 +87,10 @@ async fn accept(shared: &Shared, up: &Up, batch: pb::DeliveryBatch) -> anyhow::R
         .filter_map(|m| deliveries_from_wire(m, shared.default_channel, &traces))
         .collect();
     let received: usize = records.iter().map(|r| r.recipients.len()).sum();
+    let lanes = Lanes {
+        priority: records.iter().any(|r| r.priority),
+        bulk: records.iter().any(|r| !r.priority),
+    };
     let fresh = shared
         .store
         .accept_batch(records, shared.clock.now_ms())
@@ -101,7 +105,7 @@ async fn accept(shared: &Shared, up: &Up, batch: pb::DeliveryBatch) -> anyhow::R
     tracing::debug!(batch_id = batch.batch_id, received, fresh, "batch accepted");
     if fresh > 0 {
         shared.metrics.accepted.add(&[], fresh as u64);
-        shared.terminals.new_work();
+        shared.terminals.new_work_in(lanes);
     }
     Ok(())
 }

@@ -22,14 +22,32 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 use crate::channels;
-use crate::model::{Outgoing, Slot, TerminalEvent, TerminalEventKind};
+use crate::model::{Lanes, Outgoing, Slot, TerminalEvent, TerminalEventKind};
 
 const PUSH_BATCH: u32 = 1_000;
+
+/// How many times each lane of the held batches was signalled: a link
+/// reads a lane again when its count moved since it last looked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Work {
+    priority: u64,
+    bulk: u64,
+}
+
+impl Work {
+    /// The lanes signalled since `seen`.
+    fn since(self, seen: Self) -> Lanes {
+        Lanes {
+            priority: self.priority != seen.priority,
+            bulk: self.bulk != seen.bulk,
+        }
+    }
+}
 
 /// A cheap-to-clone handle to the terminal links.
 #[derive(Clone, Debug)]
 pub struct TerminalsHandle {
-    new_work: Arc<watch::Sender<u64>>,
+    new_work: Arc<watch::Sender<Work>>,
     endpoints: mpsc::Sender<String>,
     /// The carrier's own notices (a sign-in code) waiting for their
     /// endpoint's link, by endpoint.
@@ -41,7 +59,7 @@ impl TerminalsHandle {
         let (endpoints, receiver) = mpsc::channel(256);
         (
             Self {
-                new_work: Arc::new(watch::channel(0).0),
+                new_work: Arc::new(watch::channel(Work::default()).0),
                 endpoints,
                 notices: Arc::default(),
             },
@@ -50,13 +68,22 @@ impl TerminalsHandle {
     }
 
     /// Woken whenever deliveries may be pushable (the gateways listen too).
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub fn subscribe(&self) -> watch::Receiver<Work> {
         self.new_work.subscribe()
     }
 
-    /// Deliveries may be pushable: wake every link.
+    /// Deliveries may be pushable in either lane: wake every link.
     pub fn new_work(&self) {
-        self.new_work.send_modify(|g| *g += 1);
+        self.new_work_in(Lanes::BOTH);
+    }
+
+    /// Deliveries may be pushable in `lanes` (a batch of the relay's
+    /// priority lane wakes the priority lane only).
+    pub fn new_work_in(&self, lanes: Lanes) {
+        self.new_work.send_modify(|work| {
+            work.priority += u64::from(lanes.priority);
+            work.bulk += u64::from(lanes.bulk);
+        });
     }
 
     /// Pushes the carrier's own `text` (no relay message: a sign-in code) to
@@ -186,14 +213,16 @@ async fn session(
     let mut warned = false;
 
     let mut new_work = shared.terminals.new_work.subscribe();
+    let mut seen = *new_work.borrow_and_update();
     let mut poll = tokio::time::interval(shared.poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Deliveries become due by new work (a batch accepted, a terminal
-    // attached) or by the clock (a window opening), never by the terminal's
-    // events: only those two read the held batches again.
-    let mut may_be_due = true;
+    // Deliveries become due by new work (a batch accepted — in its lane —,
+    // a terminal attached) or by the clock (a window opening), never by the
+    // terminal's events: only those two read the held batches again.
+    let mut may_be_due = Lanes::BOTH;
     loop {
-        if std::mem::take(&mut may_be_due) && push_due(shared, endpoint, &down).await? {
+        let lanes = std::mem::take(&mut may_be_due);
+        if lanes.any() && push_due(shared, endpoint, lanes, &down).await? {
             pushed_unanswered |= up.is_none();
         }
         push_notices(shared, endpoint, &down).await?;
@@ -212,10 +241,12 @@ async fn session(
             }
             changed = new_work.changed() => {
                 changed?;
-                may_be_due = true;
+                let work = *new_work.borrow_and_update();
+                may_be_due = may_be_due.or(work.since(seen));
+                seen = work;
             }
             _ = poll.tick() => {
-                may_be_due = true;
+                may_be_due = Lanes::BOTH;
                 if pushed_unanswered && up.is_none() && !warned && opened.elapsed() >= SILENT_TERMINAL {
                     warned = true;
                     tracing::warn!(
@@ -296,18 +327,24 @@ async fn apply_events(shared: &Shared, events: pb::TerminalEvents) -> anyhow::Re
     Ok(())
 }
 
-/// Pushes every delivery due for `endpoint` down `down`, a batch at a time;
-/// whether anything was pushed.
+/// Pushes every delivery due in `lanes` for `endpoint` down `down`, a batch
+/// at a time; whether anything was pushed.
 async fn push_due(
     shared: &Shared,
     endpoint: &str,
+    lanes: Lanes,
     down: &mpsc::Sender<pb::PushRequest>,
 ) -> anyhow::Result<bool> {
     let mut pushed = false;
     loop {
         let due = shared
             .store
-            .due_for_endpoint(endpoint, shared.gateways, shared.clock.now_ms(), PUSH_BATCH)
+            .due_for_endpoint(
+                endpoint,
+                shared.gateways,
+                (shared.clock.now_ms(), lanes),
+                PUSH_BATCH,
+            )
             .await?;
         if due.is_empty() {
             break;

@@ -11,7 +11,7 @@ use sqlx::{QueryBuilder, Sqlite};
 use super::{ROWS_PER_READ, ROWS_PER_STATEMENT, Result, Store, in_list, unreadable};
 use crate::channels::{self, Contact};
 use crate::model::{
-    CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_SNS, ChannelSet, MessageDeliveries, Outgoing, Slot,
+    CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_SNS, ChannelSet, Lanes, MessageDeliveries, Outgoing, Slot,
 };
 use crate::packed;
 
@@ -64,11 +64,11 @@ impl Store {
         &self,
         endpoint: &str,
         gateways: ChannelSet,
-        now: i64,
+        (now, lanes): (i64, Lanes),
         limit: u32,
     ) -> Result<Vec<Outgoing>> {
         let mut due = self
-            .due(now, limit, |recipient, attached| {
+            .due(now, lanes, limit, |recipient, attached| {
                 !gateways.contains(recipient.channel)
                     && attached.get(&recipient.user_id).map(|e| &**e) == Some(endpoint)
             })
@@ -86,24 +86,28 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<Outgoing>> {
         let mut due = self
-            .due(now, limit, |recipient, _| recipient.channel == channel)
+            .due(now, Lanes::BOTH, limit, |recipient, _| {
+                recipient.channel == channel
+            })
             .await?;
         self.fill_contacts(&mut due, true).await?;
         Ok(due)
     }
 
-    /// Up to `limit` held deliveries due now that `wanted` takes (given the
-    /// recipient and where each attached user's terminal is): targeted
-    /// messages' first, then in arrival order.
+    /// Up to `limit` held deliveries due now in `lanes` that `wanted` takes
+    /// (given the recipient and where each attached user's terminal is):
+    /// targeted messages' first, then in arrival order.
     async fn due(
         &self,
         now: i64,
+        lanes: Lanes,
         limit: u32,
         wanted: impl Fn(&crate::model::Recipient, &HashMap<String, Arc<str>>) -> bool,
     ) -> Result<Vec<Outgoing>> {
         let limit = limit as usize;
         let mut due: Vec<Outgoing> = Vec::new();
-        for priority in [true, false] {
+        let read = [lanes.priority.then_some(true), lanes.bulk.then_some(false)];
+        for priority in read.into_iter().flatten() {
             let mut after = 0_i64;
             while due.len() < limit {
                 let rows: Vec<HeldRow> = sqlx::query_as(
@@ -408,13 +412,13 @@ mod tests {
             .unwrap();
 
         let due = store
-            .due_for_endpoint("terminals", ChannelSet::EMPTY, 3, 10)
+            .due_for_endpoint("terminals", ChannelSet::EMPTY, (3, Lanes::BOTH), 10)
             .await
             .unwrap();
         let ids: Vec<u64> = due.iter().map(|d| d.delivery_id).collect();
         assert_eq!(ids, [51, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
         let all = store
-            .due_for_endpoint("terminals", ChannelSet::EMPTY, 3, 100)
+            .due_for_endpoint("terminals", ChannelSet::EMPTY, (3, Lanes::BOTH), 100)
             .await
             .unwrap();
         assert_eq!(all.len(), 51, "each once");
@@ -446,7 +450,7 @@ mod tests {
         );
 
         let due = store
-            .due_for_endpoint("terminals", ChannelSet::EMPTY, 4, 100)
+            .due_for_endpoint("terminals", ChannelSet::EMPTY, (4, Lanes::BOTH), 100)
             .await
             .unwrap();
         assert_eq!(due.len(), 8);
@@ -454,7 +458,7 @@ mod tests {
         store.mark_pushed(&slots).await.unwrap();
         assert!(
             store
-                .due_for_endpoint("terminals", ChannelSet::EMPTY, 4, 100)
+                .due_for_endpoint("terminals", ChannelSet::EMPTY, (4, Lanes::BOTH), 100)
                 .await
                 .unwrap()
                 .is_empty()
@@ -508,7 +512,7 @@ mod tests {
             .await
             .unwrap();
         let again = store
-            .due_for_endpoint("terminals", ChannelSet::EMPTY, 5, 100)
+            .due_for_endpoint("terminals", ChannelSet::EMPTY, (5, Lanes::BOTH), 100)
             .await
             .unwrap();
         let ids: Vec<u64> = again.iter().map(|d| d.delivery_id).collect();
@@ -556,7 +560,7 @@ mod tests {
             .await
             .unwrap();
         let due = store
-            .due_for_endpoint("terminals", ChannelSet::EMPTY, 1, 100)
+            .due_for_endpoint("terminals", ChannelSet::EMPTY, (1, Lanes::BOTH), 100)
             .await
             .unwrap();
         let mut moved: Vec<(u64, &str)> = due
