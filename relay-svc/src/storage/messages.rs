@@ -405,10 +405,6 @@ transaction_steps! {
                 self.check_service(a.enterprise_id, service_id, a.segment().is_some())
                     .await?;
             }
-            let recipients = match &a.message.target {
-                Target::Refs(refs) => Some(self.resolve_refs(a.enterprise_id, refs).await?),
-                _ => None,
-            };
             if a.webhooks_listening {
                 self.record_message_events(&[a.message_id], MessageEventKind::Accepted, "TRUE", a.now)
                     .await?;
@@ -417,7 +413,7 @@ transaction_steps! {
                 let child = insert_follow_up(follow_up_id, a.message_id, follow_up, &a.plan, a.now);
                 self.execute_all(a.message_id, [child]).await?;
             }
-            let matched = self.plan_now(store, a, recipients, segment).await?;
+            let matched = self.plan_now(store, a, segment).await?;
             if let (Some(bid_id), Some(recipients)) = (&a.terms.bid_id, matched) {
                 self.draw_on_bid(a.enterprise_id, bid_id, recipients as i64).await?;
             }
@@ -450,18 +446,17 @@ transaction_steps! {
         }
 
         /// Plans the people a message reaches now, when it reaches them at
-        /// acceptance: its refs (`recipients`), or a campaign that draws on a
-        /// winning bid (expanded at once, to know what it draws). `None`
-        /// for a campaign the expander plans later.
+        /// acceptance: its refs, or a campaign that draws on a winning bid
+        /// (expanded at once, to know what it draws). `None` for a campaign
+        /// the expander plans later.
         async fn plan_now(
             &mut self,
             store: &Store,
             a: &Acceptance<'_>,
-            recipients: Option<Vec<String>>,
             segment: Option<StoredTarget>,
         ) -> Result<Option<u64>> {
-            if let Some(users) = recipients {
-                return Ok(Some(self.plan_targeted(store, a, &users).await?));
+            if let Target::Refs(refs) = &a.message.target {
+                return Ok(Some(self.plan_targeted(store, a, refs).await?));
             }
             if a.terms.bid_id.is_none() {
                 return Ok(None);
@@ -497,9 +492,8 @@ transaction_steps! {
             Ok(())
         }
 
-        /// The users behind `refs`, or the first ref not registered with
-        /// `enterprise_id`, named.
-        async fn resolve_refs(&mut self, enterprise_id: &str, refs: &[String]) -> Result<Vec<String>> {
+        /// The first of `refs` not registered with `enterprise_id`, named.
+        async fn check_refs(&mut self, enterprise_id: &str, refs: &[String]) -> Result<()> {
             let mut users = HashMap::with_capacity(refs.len());
             for chunk in refs.chunks(ROWS_PER_STATEMENT) {
                 let mut query = QueryBuilder::new(
@@ -520,26 +514,30 @@ transaction_steps! {
                     "not registered with this enterprise",
                 ));
             }
-            Ok(users.into_values().collect())
+            Ok(())
         }
 
-        /// Plans a refs message's attempts at once: each user's contracts,
-        /// their channels and times, quiet periods around it, the priority
-        /// lane; the people matched.
-        async fn plan_targeted(&mut self, store: &Store, a: &Acceptance<'_>, users: &[String]) -> Result<u64> {
+        /// Plans a refs message's attempts at once: each ref's user and
+        /// their contracts (one statement), their channels and times, quiet
+        /// periods around it, the priority lane; the people matched. Fewer
+        /// people than refs: a ref is not registered (named, and everything
+        /// rolled back), or someone has no contract.
+        async fn plan_targeted(&mut self, store: &Store, a: &Acceptance<'_>, refs: &[String]) -> Result<u64> {
             let (message_id, plan, now) = (a.message_id, &a.plan, a.now);
             let timing = plan.timing(now).unwrap_or((now, now));
             let choices = planning::first_channels(&plan.policy, None);
-            for chunk in users.chunks(ROWS_PER_STATEMENT) {
+            for chunk in refs.chunks(ROWS_PER_STATEMENT) {
                 // A targeted message goes before campaigns' backlogs.
                 let statements = planning::insert_attempts(message_id, &choices, timing, now, ("", Lane::Priority), |sql| {
                     let all = sql.bind(Param::Bool(plan.all_carriers));
+                    let enterprise = sql.bind(Param::Text(a.enterprise_id.to_owned()));
                     let mut list = Vec::with_capacity(chunk.len());
-                    for user in chunk {
-                        list.push(sql.bind(Param::Text(user.clone())));
+                    for user_ref in chunk {
+                        list.push(sql.bind(Param::Text(user_ref.clone())));
                     }
                     sql.push(&format!(
-                        " FROM contracts c WHERE (c.is_primary OR {all}) AND c.user_id IN ({})",
+                        " FROM registrations r JOIN contracts c ON c.user_id = r.user_id
+                         WHERE r.enterprise_id = {enterprise} AND r.user_ref IN ({}) AND (c.is_primary OR {all})",
                         list.join(", ")
                     ));
                 });
@@ -551,7 +549,12 @@ transaction_steps! {
             self.time_per_person(store, message_id, plan, now).await?;
             let quiet = planning::open_quiet_periods(message_id, timing.0, now, a.attention);
             self.execute_all(message_id, quiet).await?;
-            self.finish_expansion(message_id, now, a.webhooks_listening).await
+            let matched = self.finish_expansion(message_id, now, a.webhooks_listening).await?;
+            let refs_given = refs.iter().collect::<std::collections::HashSet<_>>().len();
+            if (matched as usize) < refs_given {
+                self.check_refs(a.enterprise_id, refs).await?;
+            }
+            Ok(matched)
         }
     }
 }

@@ -91,7 +91,8 @@ struct DueJoinedRow {
 }
 
 /// The message columns a due read returns, `messages` aliased `m`.
-const DUE_MESSAGE_COLUMNS: &str = "m.content_text, m.media_url, m.subject, m.suggested_replies, m.expires_at,
+const DUE_MESSAGE_COLUMNS: &str =
+    "m.content_text, m.media_url, m.subject, m.suggested_replies, m.expires_at,
     CASE WHEN m.window_at_carrier THEN m.delivery_window END AS carrier_window,
     m.single_attempt, m.trace_parent";
 
