@@ -664,8 +664,67 @@ async fn concurrent_accepts_keep_their_own_outcomes(backend: Backend) {
     fixture.close().await;
 }
 
+/// A targeted message's refs are resolved inside its attempts' insert: a
+/// registered person without a contract is matched by nobody and the
+/// message accepted; an unregistered ref is named, and nothing is stored.
+async fn refs_without_contracts_are_accepted_and_unknown_refs_named(backend: Backend) {
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
+    let store = &fixture.store;
+    let refs = seed_registry(store).await;
+    let attention = AttentionConfig::default();
+    // u2 ends their only contract: still registered, no carrier to reach them by.
+    let ended = Contract {
+        user_id: "u2".into(),
+        primary: true,
+        active: false,
+    };
+    store.upsert_contracts("c1", &[ended], 0).await.unwrap();
+    let both = message("both", Target::Refs(refs.clone()), None);
+    let stored = store
+        .accept_message("ent_1", "msg_both", &both, 0, 10_000, &attention)
+        .await
+        .unwrap();
+    assert_eq!(stored.row.matched, Some(1));
+    let alone = message("alone", Target::Refs(vec![refs[1].clone()]), None);
+    let stored = store
+        .accept_message("ent_1", "msg_alone", &alone, 0, 10_000, &attention)
+        .await
+        .unwrap();
+    assert_eq!(stored.row.matched, Some(0));
+    let unknown = message(
+        "unknown",
+        Target::Refs(vec![refs[0].clone(), refs[1].clone(), "r_nobody".into()]),
+        None,
+    );
+    let refused = store
+        .accept_message("ent_1", "msg_unknown", &unknown, 0, 10_000, &attention)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        "target.refs[2]: not registered with this enterprise"
+    );
+    assert!(
+        store
+            .message("ent_1", "msg_unknown")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let attempts = integration_tests::sql_scalar(
+        store,
+        "SELECT COUNT(*) FROM deliveries WHERE message_id = $1",
+        "msg_unknown",
+    )
+    .await;
+    assert_eq!(attempts, 0);
+}
+
 backend_tests!(
     concurrent_accepts_keep_their_own_outcomes,
+    refs_without_contracts_are_accepted_and_unknown_refs_named,
     a_read_and_its_delivery_in_one_batch_keep_the_delivery_time,
     a_rising_open_rate_restores_the_cap,
     low_priority_is_skipped_first_and_high_priority_never,
