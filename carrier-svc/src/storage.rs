@@ -49,6 +49,11 @@ pub struct Store {
     /// Which endpoint each attached user's terminal is at, kept with the
     /// `attachments` table (its only writer is [`Store::attach`]).
     attached: Arc<RwLock<HashMap<String, Arc<str>>>>,
+    /// Whose turn it is to write. SQLite has one writer; a second one of
+    /// this process would wait for the lock in the busy handler's sleeps
+    /// (1, 2, 5 … ms), so the writers queue here instead, first come, first
+    /// served — a batch's commit does not sleep behind a terminal's receipts.
+    writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Per-message counts as this carrier sees them.
@@ -107,6 +112,7 @@ impl Store {
             pool,
             seen: Arc::default(),
             attached: Arc::default(),
+            writer: Arc::default(),
         };
         store.upgrade_v1_rows().await?;
         store.load_seen_and_attached().await?;
@@ -122,6 +128,25 @@ impl Store {
             .map(|endpoint| endpoint.to_string())
     }
 
+    /// A write transaction (`BEGIN IMMEDIATE`), begun in this store's turn
+    /// to write; the turn ends when the returned guard is dropped, after
+    /// the commit.
+    pub(crate) async fn begin_write(
+        &self,
+    ) -> Result<(
+        sqlx::Transaction<'static, Sqlite>,
+        tokio::sync::OwnedMutexGuard<()>,
+    )> {
+        let turn = self.writer.clone().lock_owned().await;
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        Ok((tx, turn))
+    }
+
+    /// This store's turn to write one statement outside a transaction.
+    pub(crate) async fn write_turn(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.writer.clone().lock_owned().await
+    }
+
     pub fn sqlite_url_in(data_dir: &Path) -> String {
         format!("sqlite://{}", data_dir.join("carrier.db").display())
     }
@@ -135,7 +160,7 @@ impl Store {
     /// terminal drops a delivery id it has seen), unsent receipts are queued.
     /// Nothing accepted before an upgrade is lost.
     async fn upgrade_v1_rows(&self) -> Result<()> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (mut tx, _turn) = self.begin_write().await?;
         let rows: Vec<V1Delivery> = sqlx::query_as(
             "SELECT delivery_id, message_id, user_id, channel, content_text, media_url, subject,
                     suggested_replies, not_before, expires_at, delivery_window, single_attempt,
@@ -204,7 +229,7 @@ impl Store {
     }
 
     pub async fn upsert_subscribers(&self, subscribers: &[Subscriber], now: i64) -> Result<()> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (mut tx, _turn) = self.begin_write().await?;
         for chunk in subscribers.chunks(ROWS_PER_STATEMENT) {
             let mut query = QueryBuilder::new(
                 "INSERT INTO subscribers (user_id, phone_number, name, gender, birth_date, region, occupation, is_primary, email, sns_handle, updated_at) ",
@@ -291,7 +316,7 @@ impl Store {
     /// pushable, and whatever was pushed to a previous endpoint and never
     /// confirmed goes out again.
     pub async fn attach(&self, endpoint: &str, user_ids: &[String], now: i64) -> Result<()> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (mut tx, _turn) = self.begin_write().await?;
         for chunk in user_ids.chunks(ROWS_PER_STATEMENT) {
             let mut query =
                 QueryBuilder::new("INSERT INTO attachments (user_id, endpoint, attached_at) ");
@@ -320,7 +345,6 @@ impl Store {
     }
 
     /// Every endpoint with attached users.
-    /// Every endpoint with attached users.
     pub async fn endpoints(&self) -> Result<Vec<String>> {
         sqlx::query_scalar("SELECT DISTINCT endpoint FROM attachments")
             .fetch_all(&self.pool)
@@ -340,6 +364,7 @@ impl Store {
 
     /// Counts changed since the last report (and marks them reported).
     pub async fn take_changed_counts(&self) -> Result<Vec<MessageCount>> {
+        let _turn = self.write_turn().await;
         let rows: Vec<CountRow> = sqlx::query_as(
             "UPDATE message_counts SET dirty = FALSE WHERE dirty
              RETURNING message_id, sent, opened, sms_segments, unsupported, expired",
@@ -351,6 +376,7 @@ impl Store {
 
     /// Marks every count as changed, so the next report repeats them all (after a reconnect).
     pub async fn mark_counts_changed(&self) -> Result<()> {
+        let _turn = self.write_turn().await;
         sqlx::query("UPDATE message_counts SET dirty = TRUE")
             .execute(&self.pool)
             .await?;

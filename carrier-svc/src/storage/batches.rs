@@ -49,7 +49,7 @@ impl Store {
         if records.is_empty() {
             return Ok(0);
         }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (mut tx, _turn) = self.begin_write().await?;
         insert_rows(&mut tx, &records, now).await?;
         tx.commit().await?;
         seen.extend(in_batch.iter().copied());

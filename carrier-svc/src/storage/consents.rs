@@ -122,7 +122,7 @@ impl Store {
         changes: &[ConsentChange<'_>],
         now: i64,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let (mut tx, _turn) = self.begin_write().await?;
         for chunk in changes.chunks(ROWS_PER_STATEMENT) {
             let kept: Vec<&ConsentChange> = chunk
                 .iter()

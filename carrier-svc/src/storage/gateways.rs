@@ -102,7 +102,7 @@ impl Store {
         if answers.pushed.is_empty() && answers.failed.is_empty() {
             return Ok(0);
         }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (mut tx, _turn) = self.begin_write().await?;
         keep_ids(&mut tx, gateway, &answers.parts, now).await?;
         let mut queued = move_handed(&mut tx, gateway, &answers, now).await?;
         let mut early = take_early_reports(&mut tx, gateway, &answers.parts).await?;
@@ -130,7 +130,7 @@ impl Store {
                 ..r.clone()
             })
             .collect();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (mut tx, _turn) = self.begin_write().await?;
         let queued = apply_reports(&mut tx, gateway, &reports).await?;
         tx.commit().await?;
         Ok(queued)

@@ -46,6 +46,7 @@ impl Store {
 
     /// The relay stored every receipt up to `seq`.
     pub async fn ack_outbox(&self, seq: i64) -> Result<()> {
+        let _turn = self.write_turn().await;
         sqlx::query("DELETE FROM receipt_outbox WHERE seq <= $1")
             .bind(seq)
             .execute(&self.pool)

@@ -82,7 +82,7 @@ impl Store {
     /// Deliveries the carrier itself cannot put on their channel (no e-mail
     /// address, no SNS handle): unsupported, reported to the relay.
     pub async fn mark_unsupported(&self, slots: &[Slot], now: i64) -> Result<usize> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (mut tx, _turn) = self.begin_write().await?;
         let wanted = by_row(slots);
         let rows = rows_by_seq(&mut tx, &wanted).await?;
         let moved = change_states(&mut tx, rows, |slot, _, state| {
@@ -101,7 +101,7 @@ impl Store {
             return Ok(0);
         }
         let leaving: HashSet<&str> = user_ids.iter().copied().collect();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (mut tx, _turn) = self.begin_write().await?;
         let rows = state_rows(&mut tx, "held > 0", &[]).await?;
         let moved = change_states(&mut tx, rows, |_, recipient, state| {
             (state == State::Held && leaving.contains(recipient.user_id.as_str()))
@@ -113,7 +113,7 @@ impl Store {
     }
 
     pub async fn mark_pushed(&self, slots: &[Slot]) -> Result<()> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (mut tx, _turn) = self.begin_write().await?;
         let wanted = by_row(slots);
         let rows = rows_by_seq(&mut tx, &wanted).await?;
         change_states(&mut tx, rows, |slot, _, state| {
@@ -128,7 +128,7 @@ impl Store {
     /// report instead.
     pub async fn requeue_unconfirmed(&self, endpoint: &str, gateways: ChannelSet) -> Result<()> {
         let attached = self.attached.read().expect("attachments lock").clone();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (mut tx, _turn) = self.begin_write().await?;
         let rows = state_rows(&mut tx, "pushed > 0", &[]).await?;
         change_states(&mut tx, rows, |_, recipient, state| {
             (state == State::Pushed
@@ -150,7 +150,7 @@ impl Store {
         if events.is_empty() {
             return Ok(0);
         }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (mut tx, _turn) = self.begin_write().await?;
         let queued = apply_events(&mut tx, events).await?;
         tx.commit().await?;
         Ok(queued)
@@ -159,7 +159,7 @@ impl Store {
     /// Expires deliveries whose expiry passed before the terminal confirmed
     /// them: they are never delivered later.
     pub async fn expire(&self, now: i64) -> Result<usize> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (mut tx, _turn) = self.begin_write().await?;
         let rows = state_rows(
             &mut tx,
             "(held > 0 OR pushed > 0) AND expires_at <= $1",
