@@ -11,8 +11,9 @@
 //! outcome together. The opener needs no savepoint — nothing is in the
 //! transaction before it, so undoing it is undoing everything (`ROLLBACK`,
 //! and a new transaction for whoever is queued) — which spares an idle hub,
-//! where every group has one member, two statements per write. No member returns before the commit that holds its
-//! work, so "accepted means durable" holds as before.
+//! where every group has one member, two statements per write. No member
+//! returns before the commit that holds its work, so "accepted means
+//! durable" holds as before.
 //!
 //! Who is in a group follows the lock, which is first come, first served:
 //! the commit queues for the lock when the opener is done, behind every
