@@ -3,7 +3,7 @@
 //! transaction — and reading stored messages back. Who a target matches is
 //! `audience.rs`; turning recipients into attempts is `expanding.rs`.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 
 use const_format::formatcp;
 use sqlx::QueryBuilder;
@@ -494,10 +494,10 @@ transaction_steps! {
 
         /// The first of `refs` not registered with `enterprise_id`, named.
         async fn check_refs(&mut self, enterprise_id: &str, refs: &[String]) -> Result<()> {
-            let mut users = HashMap::with_capacity(refs.len());
+            let mut registered = HashSet::with_capacity(refs.len());
             for chunk in refs.chunks(ROWS_PER_STATEMENT) {
                 let mut query = QueryBuilder::new(
-                    "SELECT user_ref, user_id FROM registrations WHERE enterprise_id = ",
+                    "SELECT user_ref FROM registrations WHERE enterprise_id = ",
                 );
                 query.push_bind(enterprise_id).push(" AND user_ref IN (");
                 let mut list = query.separated(", ");
@@ -505,10 +505,10 @@ transaction_steps! {
                     list.push_bind(user_ref);
                 }
                 query.push(")");
-                let rows: Vec<(String, String)> = query.build_query_as().fetch_all(&mut *self).await?;
-                users.extend(rows);
+                let rows: Vec<String> = query.build_query_scalar().fetch_all(&mut *self).await?;
+                registered.extend(rows);
             }
-            if let Some(index) = refs.iter().position(|r| !users.contains_key(r)) {
+            if let Some(index) = refs.iter().position(|r| !registered.contains(r)) {
                 return Err(Error::not_found(
                     format!("target.refs[{index}]"),
                     "not registered with this enterprise",
@@ -550,7 +550,7 @@ transaction_steps! {
             let quiet = planning::open_quiet_periods(message_id, timing.0, now, a.attention);
             self.execute_all(message_id, quiet).await?;
             let matched = self.finish_expansion(message_id, now, a.webhooks_listening).await?;
-            let refs_given = refs.iter().collect::<std::collections::HashSet<_>>().len();
+            let refs_given = refs.iter().collect::<HashSet<_>>().len();
             if (matched as usize) < refs_given {
                 self.check_refs(a.enterprise_id, refs).await?;
             }

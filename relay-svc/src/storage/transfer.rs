@@ -157,17 +157,23 @@ impl Store {
                  LIMIT $4"
             )
         };
-        let (rows, messages): (Vec<DueRow>, Vec<DueMessageRow>) = match lane {
-            // Targeted messages: each row with its message, one statement
-            // (on the idle path of a single message).
-            Lane::Priority => {
-                let sql = due_rows(&format!(", {DUE_MESSAGE_COLUMNS}"));
-                let joined: Vec<DueJoinedRow> = on_pool!(self, pool => sqlx::query_as(AssertSqlSafe(sql))
+        // Both lanes' reads take the same parameters, in this order.
+        macro_rules! due_binds {
+            ($query:expr) => {
+                $query
                     .bind(carrier_id)
                     .bind(ids.start)
                     .bind(now)
                     .bind(i64::from(limit))
                     .bind(ids.end)
+            };
+        }
+        let (rows, messages): (Vec<DueRow>, Vec<DueMessageRow>) = match lane {
+            // Targeted messages: each row with its message, one statement
+            // (on the idle path of a single message).
+            Lane::Priority => {
+                let sql = due_rows(&format!(", {DUE_MESSAGE_COLUMNS}"));
+                let joined: Vec<DueJoinedRow> = on_pool!(self, pool => due_binds!(sqlx::query_as(AssertSqlSafe(sql)))
                     .fetch_all(pool)
                     .await)?;
                 joined.into_iter().map(|j| (j.delivery, j.message)).unzip()
@@ -176,12 +182,7 @@ impl Store {
             // campaign's batch is a thousand rows of one message, whose
             // content is not read (nor allocated) a thousand times.
             Lane::Bulk => on_pool!(self, pool => {
-                let rows: Vec<DueRow> = sqlx::query_as(AssertSqlSafe(due_rows("")))
-                    .bind(carrier_id)
-                    .bind(ids.start)
-                    .bind(now)
-                    .bind(i64::from(limit))
-                    .bind(ids.end)
+                let rows: Vec<DueRow> = due_binds!(sqlx::query_as(AssertSqlSafe(due_rows(""))))
                     .fetch_all(pool)
                     .await?;
                 let mut wanted: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
