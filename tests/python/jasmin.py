@@ -80,6 +80,16 @@ dbid = {args.redis_db}
 [deliversm-thrower]
 max_retries = 100
 retry_delay = 2
+# Jasmin drops a receipt it cannot map to its submit after
+# dlr_lookup_max_retries lookups (default 2, 10 s apart); under load the
+# mapping lags a prompt receipt by more than that. Throwing a receipt to a
+# carrier that is rebinding gives up after 3 tries 30 s apart by default.
+[dlr]
+dlr_lookup_retry_delay = 2
+dlr_lookup_max_retries = 150
+[dlr-thrower]
+max_retries = 150
+retry_delay = 2
 """)
 
 
