@@ -65,6 +65,19 @@ impl Latencies {
     }
 }
 
+impl Latencies {
+    /// Due → answered, when measured: the relay's share of the latency.
+    pub fn answered(&self) -> Option<String> {
+        let accepted = self.accepted.as_ref()?;
+        let ms = |quantile| accepted.value_at_quantile(quantile) as f64 / 1000.0;
+        Some(format!(
+            "of which SendMessage answered (accepted and committed at the relay): ms p50 {:.2} p99 {:.2}",
+            ms(0.5),
+            ms(0.99)
+        ))
+    }
+}
+
 /// Arrivals at the terminals, collected as they come.
 #[derive(Clone, Debug, Default)]
 struct Seen(Arc<Mutex<HashMap<String, Instant>>>);
@@ -344,15 +357,25 @@ pub async fn open_loop(
             refs[index % refs.len()].clone(),
             format!("{run}-{index}"),
         );
-        sends.spawn(async move { (send_one(&mut client, key, &user_ref).await, at) });
+        sends.spawn(async move {
+            let sent = send_one(&mut client, key, &user_ref).await;
+            (sent, at, Instant::now())
+        });
     }
     let mut due = Vec::with_capacity(total);
+    let mut accepted = Latencies::new().histogram;
     let mut errors = 0;
     while let Some(joined) = sends.join_next().await {
         match joined.expect("a send panicked") {
-            (Some(message_id), at) => due.push((message_id, at)),
-            (None, _) => errors += 1,
+            (Some(message_id), at, answered) => {
+                let micros = answered.saturating_duration_since(at).as_micros() as u64;
+                accepted.saturating_record(micros.max(1));
+                due.push((message_id, at));
+            }
+            (None, ..) => errors += 1,
         }
     }
-    settle(due, &seen, errors, start, Duration::from_secs(30)).await
+    let mut run = settle(due, &seen, errors, start, Duration::from_secs(30)).await;
+    run.accepted = Some(accepted);
+    run
 }

@@ -102,13 +102,8 @@ pub(super) async fn latency(messages: usize, backend: Backend) -> anyhow::Result
         "single targeted messages, idle hub, {backend:?}: {}",
         run.summary()
     );
-    if let Some(accepted) = &run.accepted {
-        let ms = |h: &hdrhistogram::Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-        println!(
-            "  of which SendMessage answered (accepted and committed at the relay): ms p50 {:.2} p99 {:.2}",
-            ms(accepted, 0.5),
-            ms(accepted, 0.99)
-        );
+    if let Some(answered) = run.answered() {
+        println!("  {answered}");
     }
     // The floor under each durable wait on the path (the relay's commit,
     // then the carrier's), on the disk the hub's databases are on.
@@ -181,6 +176,9 @@ pub(super) async fn targeted(
             share * 100.0,
             run.summary()
         );
+        if let Some(answered) = run.answered() {
+            println!("  {answered}");
+        }
     }
     LeaseHolds::scrape(&hub)
         .await?
@@ -205,6 +203,9 @@ pub(super) async fn priority(users: usize, rate: f64, backend: Backend) -> anyho
         "targeted at {rate}/s, idle, {backend:?}: {}",
         idle.summary()
     );
+    if let Some(answered) = idle.answered() {
+        println!("  {answered}");
+    }
     let leases_before = LeaseHolds::scrape(&hub).await?;
     let started = Instant::now();
     let broadcast = client
@@ -234,6 +235,9 @@ pub(super) async fn priority(users: usize, rate: f64, backend: Backend) -> anyho
         status.handed_over,
         status.matched
     );
+    if let Some(answered) = during.answered() {
+        println!("  {answered}");
+    }
     LeaseHolds::scrape(&hub)
         .await?
         .since(&leases_before)
