@@ -5,7 +5,7 @@
 //! so concurrent sends never draw more than was awarded. How capacity is
 //! allocated is `crate::auction`'s business.
 
-use super::{Store, WritePool, is_unique_violation, on_pool, transaction_steps};
+use super::{Store, WritePool, is_unique_violation, on_pool, on_write, transaction_steps};
 use crate::auction::{self, BidRow, BidState, NewSlot, Rule, SealedBid, SlotRow};
 use crate::error::{Error, Result};
 use crate::pricing::Yen;
@@ -126,7 +126,7 @@ impl Store {
     /// Opens a slot; one that overlaps another slot of the same channel is refused.
     pub async fn open_slot(&self, slot_id: &str, slot: &NewSlot, now: i64) -> Result<SlotRow> {
         let channel = Channel::number(Some(slot.channel));
-        on_pool!(self, pool => {
+        on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let overlapping: Option<String> = sqlx::query_scalar(
                 "SELECT id FROM auction_slots WHERE channel = $1 AND starts_at < $3 AND ends_at > $2 LIMIT 1",
@@ -204,7 +204,7 @@ impl Store {
         price: Yen,
         now: i64,
     ) -> Result<BidRow> {
-        on_pool!(self, pool => {
+        on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
             // Takes the slot's row: a concurrent close waits for this bid, or
             // this bid waits for the close and then finds the slot closed.
@@ -308,7 +308,7 @@ impl Store {
     }
 
     async fn close_slot(&self, slot_id: &str, now: i64) -> Result<Option<Closed>> {
-        on_pool!(self, pool => {
+        on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let slot: Option<(i64, i64, i64, String)> = sqlx::query_as(
                 "UPDATE auction_slots SET state = 1 WHERE id = $1 AND state = 0
@@ -318,6 +318,7 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
             let Some((channel, capacity, reserve, rule)) = slot else {
+                tx.rollback().await?;
                 return Ok(None);
             };
             let bids: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(

@@ -6,7 +6,7 @@
 
 use sha2::{Digest, Sha256};
 
-use super::{Store, WritePool, on_pool, transaction_steps};
+use super::{Store, WritePool, on_pool, on_write, transaction_steps};
 use crate::error::Result;
 
 /// One thing to record: who did what to which subject, and why.
@@ -131,7 +131,7 @@ struct Row {
 impl Store {
     /// Appends one entry in its own transaction.
     pub async fn audit(&self, at: i64, entry: &AuditEntry) -> Result<()> {
-        on_pool!(self, pool => {
+        on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
             tx.append_audit(at, &[entry]).await?;
             tx.commit().await?;

@@ -10,7 +10,7 @@ use const_format::formatcp;
 
 use super::planning::{Effect, MessagePlan, PlanSteps, Sql, timestamp};
 use super::states::{ACCEPTED, DeliveryState, EXPIRED, HANDED_OVER, PENDING, UNSENT, WAITING};
-use super::{CountSteps, Param, Store, WritePool, on_pool};
+use super::{CountSteps, Param, Store, WritePool, on_pool, on_write};
 use crate::error::{Error, Result};
 use crate::policy::{PolicyKind, Trigger};
 use crate::receipts::{EventKind, MessageEventKind};
@@ -128,7 +128,7 @@ impl Store {
         let groups = self.run_timers(now, &mut plans).await?;
         // Waiting deliveries whose time has come become due, so dispatchers
         // never read past rows that may not go yet.
-        let released = on_pool!(self, pool => sqlx::query(
+        let released = on_write!(self, pool => sqlx::query(
             formatcp!("UPDATE deliveries SET state = {PENDING} WHERE state = {WAITING} AND not_before <= $1"),
         )
         .bind(now)
@@ -172,7 +172,7 @@ impl Store {
             closed.push(&m);
             statements.push(closed);
             // Closed, with its final counts in its `message.completed` event.
-            on_pool!(self, pool => {
+            on_write!(self, pool => {
                 let mut tx = pool.begin_write().await?;
                 tx.execute_all(&message_id, statements).await?;
                 if listening {
@@ -397,7 +397,7 @@ impl Store {
 
     /// Runs `statements` in one transaction; the rows each affected.
     async fn run_counting(&self, message_id: &str, statements: Vec<Sql>) -> Result<Vec<u64>> {
-        on_pool!(self, pool => {
+        on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let affected = tx.execute_all(message_id, statements).await?;
             tx.commit().await?;

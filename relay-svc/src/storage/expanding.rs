@@ -10,7 +10,7 @@ use const_format::formatcp;
 use super::audience::{StoredTarget, campaign_source};
 use super::planning::{self, MessagePlan, PlanSteps, Sql};
 use super::states::{ACCEPTED, EXPANDED, PENDING, SKIPPED, UNSENT, WAITING};
-use super::{CountSteps, IdList, Lane, Store, WritePool, on_pool, transaction_steps};
+use super::{CountSteps, IdList, Lane, Store, WritePool, on_pool, on_write, transaction_steps};
 use crate::error::{Error, Result};
 use crate::learning::{self, ChannelBandit, Choice, EXPLORE_SHARE, OpenCounts, Segment};
 use crate::policy::{AttentionConfig, PolicyKind, SendTime, channel_name};
@@ -56,13 +56,14 @@ impl Store {
         // skipped — it stays accepted if that relay dies — and one expanded
         // meanwhile is left alone.
         let claim = format!("SELECT state FROM messages WHERE id = $1{}", self.claim());
-        on_pool!(self, pool => {
+        on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let state: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(claim))
                 .bind(message_id)
                 .fetch_optional(&mut *tx)
                 .await?;
             if state != Some(ACCEPTED) {
+                tx.rollback().await?;
                 return Ok(0);
             }
             tx.execute_all(message_id, statements).await?;

@@ -19,13 +19,19 @@
 //! the commit queues for the lock when the opener is done, behind every
 //! writer already waiting, and writers arriving after it open the next
 //! group. On SQLite the next group begins when the last one has committed
-//! (it could not take the write lock sooner); on PostgreSQL at once.
+//! (it could not take the write lock sooner); on PostgreSQL at once. On
+//! SQLite a group also holds the store's write turn ([`Groups::turn`]) from
+//! its `BEGIN` to its commit, which every writer outside a group takes too.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Weak};
 
 use sqlx::{Database, Executor, Transaction};
 use tokio::sync::{Mutex, OwnedMutexGuard, oneshot, watch};
+
+/// One writer at a time, in the order they came (SQLite's write lock,
+/// taken in the process): see [`Groups::turn`].
+type Turn = Arc<Mutex<()>>;
 
 use super::WritePool;
 use crate::error::{Error, Result};
@@ -49,17 +55,26 @@ pub struct Groups<DB: Database> {
     pub(crate) webhooks_listening: std::sync::atomic::AtomicBool,
     /// API keys looked up lately (`key_cache.rs`).
     pub(crate) keys: super::key_cache::KeyCache,
+    /// On SQLite, the write turn every write transaction takes, the groups'
+    /// included; `None` on PostgreSQL, whose writers do not exclude each other.
+    turn: Option<Turn>,
 }
 
 impl<DB: Database> Groups<DB> {
-    /// One group for every writer.
+    /// One group for every writer, and writers outside it taking turns
+    /// with it (SQLite).
     pub(crate) fn shared() -> Self {
-        let group = Arc::new(Group::default());
+        let turn = Turn::default();
+        let group = Arc::new(Group {
+            turn: Some(turn.clone()),
+            ..Group::default()
+        });
         Self {
             accepts: group.clone(),
             deliveries: group,
             webhooks_listening: Default::default(),
             keys: Default::default(),
+            turn: Some(turn),
         }
     }
 
@@ -70,6 +85,19 @@ impl<DB: Database> Groups<DB> {
             deliveries: Arc::default(),
             webhooks_listening: Default::default(),
             keys: Default::default(),
+            turn: None,
+        }
+    }
+
+    /// Waits for this store's write turn (SQLite: one writer at a time,
+    /// first come first served, a group's commit among them); held until
+    /// the guard drops. Without it a writer waits for SQLite's lock in the
+    /// busy handler, sleeping 1, 2, 5 … 100 ms between tries while other
+    /// writers — a targeted message's group too — go first or wait behind it.
+    pub(crate) async fn turn(&self) -> Option<OwnedMutexGuard<()>> {
+        match &self.turn {
+            Some(turn) => Some(turn.clone().lock_owned().await),
+            None => None,
         }
     }
 }
@@ -86,6 +114,9 @@ pub struct Group<DB: Database> {
     slot: std::sync::Mutex<Weak<Slot<DB>>>,
     /// The latest group's outcome, which the next waits for on a single-writer engine.
     latest: std::sync::Mutex<watch::Receiver<Outcome>>,
+    /// The store's write turn, which a group holds from its `BEGIN` to its
+    /// commit ([`Groups::turn`]).
+    turn: Option<Turn>,
 }
 
 /// The open group, if any: taken out by its commit.
@@ -109,6 +140,8 @@ struct Open<DB: Database> {
     /// no longer what its members wrote, so it rolls back entirely.
     broken: bool,
     outcome: watch::Sender<Outcome>,
+    /// The store's write turn, released once the group has committed.
+    _turn: Option<OwnedMutexGuard<()>>,
 }
 
 /// How to undo an abandoned member's statements.
@@ -139,6 +172,7 @@ impl<DB: Database> Default for Group<DB> {
         Self {
             slot: std::sync::Mutex::new(Weak::new()),
             latest: std::sync::Mutex::new(latest),
+            turn: None,
         }
     }
 }
@@ -165,6 +199,10 @@ where
             if P::SINGLE_WRITER {
                 finished(&mut previous).await;
             }
+            let turn = match &self.turn {
+                Some(turn) => Some(turn.clone().lock_owned().await),
+                None => None,
+            };
             let tx = pool.begin_write().await?;
             let (outcome, latest) = watch::channel(None);
             *self.latest.lock().expect("not poisoned") = latest;
@@ -174,6 +212,7 @@ where
                 abandoned: None,
                 broken: false,
                 outcome,
+                _turn: turn,
             });
             let (done, wait) = oneshot::channel();
             opener = Some(done);
@@ -350,5 +389,67 @@ where
             .and_then(|guard| guard.as_mut())
             .expect("a member's group is open");
         &mut open.tx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sqlx::SqlitePool;
+    use sqlx::sqlite::SqlitePoolOptions;
+
+    use super::*;
+
+    async fn pool() -> SqlitePool {
+        SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect("sqlite::memory:")
+            .await
+            .expect("an in-memory database")
+    }
+
+    /// Whether `task` is still waiting after a moment (it cannot finish
+    /// while what it waits for is held, however long the moment).
+    async fn still_waiting<T>(task: &mut tokio::task::JoinHandle<T>) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), task)
+            .await
+            .is_err()
+    }
+
+    #[tokio::test]
+    async fn writers_outside_a_group_take_turns_with_it_in_order() {
+        let pool = pool().await;
+        let groups = Arc::new(Groups::<sqlx::Sqlite>::shared());
+
+        // A group is open: a writer outside it waits for its commit.
+        let member = groups.accepts.join(&pool).await.unwrap();
+        let (release, released) = oneshot::channel::<()>();
+        let mut outside = tokio::spawn({
+            let groups = groups.clone();
+            async move {
+                let turn = groups.turn().await;
+                assert!(turn.is_some(), "SQLite writers take turns");
+                let _ = released.await;
+            }
+        });
+        assert!(still_waiting(&mut outside).await);
+        member.commit().await.unwrap();
+
+        // The outside writer has the turn now: the next group waits for it.
+        let mut next = tokio::spawn({
+            let (groups, pool) = (groups.clone(), pool.clone());
+            async move { groups.deliveries.join(&pool).await.unwrap().commit().await }
+        });
+        assert!(still_waiting(&mut next).await);
+        release.send(()).unwrap();
+        outside.await.unwrap();
+        next.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn postgres_writers_take_no_turn() {
+        let groups = Groups::<sqlx::Postgres>::apart();
+        assert!(groups.turn().await.is_none());
     }
 }

@@ -88,6 +88,25 @@ macro_rules! on_pool {
 }
 pub(crate) use on_pool;
 
+/// [`on_pool!`] for a body that writes outside a group (its own write
+/// transaction, or a single statement): on SQLite it first takes the
+/// store's write turn ([`Groups::turn`]), held until the body is done, so
+/// writers queue in the process, first come first served, instead of in
+/// SQLite's busy handler, whose sleeps (1, 2, 5 … 100 ms) outlast the
+/// transaction they wait for. The body must not wait for another write.
+macro_rules! on_write {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match $store {
+            $crate::storage::Store::Sqlite($pool, groups) => {
+                let _turn = groups.turn().await;
+                $body
+            }
+            $crate::storage::Store::Postgres($pool, _) => $body,
+        }
+    };
+}
+pub(crate) use on_write;
+
 impl Store {
     /// Opens the database at `url` (`sqlite://…` or `postgres://…`) and applies
     /// the embedded migrations.

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use jiff::tz::TimeZone;
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
-use super::{Store, WritePool, on_pool, transaction_steps};
+use super::{Store, WritePool, on_pool, on_write, transaction_steps};
 use crate::error::{Error, Result};
 use crate::pricing::{
     self, Dynamic, Grid, PRICED_CHANNELS, Prices, RateCard, SLOTS, SlotCounts, Yen, channel_index,
@@ -288,7 +288,7 @@ impl Store {
         let counts = self.slot_counts(now, &tz).await?;
         let repriced = pricing::reprice(&table.card, &counts);
         if repriced.prices == table.prices {
-            on_pool!(self, pool => sqlx::query("UPDATE price_tables SET checked_at = $2 WHERE id = $1")
+            on_write!(self, pool => sqlx::query("UPDATE price_tables SET checked_at = $2 WHERE id = $1")
                 .bind(table.id)
                 .bind(now)
                 .execute(pool)
@@ -310,7 +310,7 @@ impl Store {
         now: i64,
     ) -> Result<PriceTable> {
         let dynamic = card.dynamic;
-        let id: i64 = on_pool!(self, pool => {
+        let id: i64 = on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let id: i64 = sqlx::query_scalar(
                 "INSERT INTO price_tables (zone, created_at, floor_percent, ceiling_percent, min_deliveries, checked_at)

@@ -8,7 +8,9 @@ use const_format::formatcp;
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
 use super::states::{CANCELLED, EXPIRED, HANDED_OVER, OPEN, UNSENT, UNSUPPORTED};
-use super::{CountSteps, IdList, ROWS_PER_STATEMENT, Store, WritePool, on_pool, transaction_steps};
+use super::{
+    CountSteps, IdList, ROWS_PER_STATEMENT, Store, WritePool, on_pool, on_write, transaction_steps,
+};
 use crate::error::Result;
 use crate::policy::SCORE_OPEN_SHIFT;
 use crate::receipts::{CountReport, DEFERRED_COUNT, EventKind, Receipt};
@@ -125,7 +127,7 @@ impl Store {
 
     /// Keeps the latest count report of the carrier for each message.
     pub async fn store_count_report(&self, carrier_id: &str, report: &CountReport) -> Result<()> {
-        on_pool!(self, pool => {
+        on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
             for chunk in report.counts.chunks(ROWS_PER_STATEMENT) {
                 let mut query = QueryBuilder::new(

@@ -8,7 +8,7 @@ use sqlx::QueryBuilder;
 
 use super::audit::{AuditEntry, AuditSteps};
 use super::registry_steps::{ConsentSteps, RegistrationSteps};
-use super::{ROWS_PER_STATEMENT, Store, WritePool, on_pool};
+use super::{ROWS_PER_STATEMENT, Store, WritePool, on_pool, on_write};
 use crate::error::{Error, Result};
 use crate::registry::{ConsentChange, Contract, NewRegistration, Unregistration};
 
@@ -30,7 +30,7 @@ impl Store {
         contracts: &[Contract],
         now: i64,
     ) -> Result<u64> {
-        on_pool!(self, pool => {
+        on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
             for chunk in contracts.chunks(ROWS_PER_STATEMENT) {
                 let ended: Vec<&Contract> = chunk.iter().filter(|c| !c.active).collect();
@@ -90,7 +90,7 @@ impl Store {
         registrations: &[NewRegistration],
         now: i64,
     ) -> Result<Vec<String>> {
-        on_pool!(self, pool => {
+        on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
             // Validate every reference before writing anything.
             tx.check_registrations(carrier_id, registrations).await?;
@@ -129,7 +129,7 @@ impl Store {
         now: i64,
     ) -> Result<()> {
         let (user_id, enterprise_id) = (change.user_id.as_str(), change.enterprise_id.as_str());
-        on_pool!(self, pool => {
+        on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let registered: Option<i64> = sqlx::query_scalar(
                 "SELECT CAST(1 AS BIGINT) FROM registrations r JOIN contracts c ON c.user_id = r.user_id
@@ -178,7 +178,7 @@ impl Store {
         now: i64,
     ) -> Result<u64> {
         let fence = self.rollup_fence(true);
-        on_pool!(self, pool => {
+        on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
             if let Some(fence) = fence {
                 sqlx::query(fence).execute(&mut *tx).await?;

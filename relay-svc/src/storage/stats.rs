@@ -8,7 +8,7 @@
 use sqlx::{AssertSqlSafe, Row};
 
 use super::pricing::ChargeSteps;
-use super::{Store, WritePool, on_pool};
+use super::{Store, WritePool, on_pool, on_write};
 use crate::error::Result;
 
 /// The decade a profile `p`'s consented age range lies in (its start), or -1
@@ -245,7 +245,7 @@ impl Store {
         let fill = fill_fold_rows(self.event_log());
         let fence = self.rollup_fence(false);
         let cursor = format!("SELECT tx, seq FROM rollup_cursor{}", self.lock_row());
-        on_pool!(self, pool => {
+        on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
             if let Some(fence) = fence {
                 sqlx::query(fence).execute(&mut *tx).await?;
@@ -261,6 +261,8 @@ impl Store {
                 .await?
                 .rows_affected();
             if read == 0 {
+                // Ended before the write turn passes on.
+                tx.rollback().await?;
                 return Ok(0);
             }
             tx.charge_events(now).await?;

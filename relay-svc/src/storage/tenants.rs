@@ -1,7 +1,7 @@
 //! Enterprises, their services, and carriers: who may call the relay and with
 //! which credential (stored as SHA-256 hashes only).
 
-use super::{Store, WritePool, is_unique_violation, on_pool};
+use super::{Store, WritePool, is_unique_violation, on_pool, on_write};
 use crate::error::{Error, Result};
 
 /// One of an enterprise's API keys, without the key.
@@ -34,7 +34,7 @@ impl Store {
         api_key_hash: &str,
         now: i64,
     ) -> Result<()> {
-        let inserted: std::result::Result<(), sqlx::Error> = on_pool!(self, pool => async {
+        let inserted: std::result::Result<(), sqlx::Error> = on_write!(self, pool => async {
             let mut tx = pool.begin_write().await?;
             sqlx::query(
                 "INSERT INTO enterprises (id, name, api_key_hash, created_at) VALUES ($1, $2, $3, $4)",
@@ -78,7 +78,7 @@ impl Store {
         now: i64,
     ) -> Result<String> {
         let id = key_id(api_key_hash);
-        on_pool!(self, pool => {
+        on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let inserted = sqlx::query(
                 "INSERT INTO api_keys (key_hash, key_id, enterprise_id, created_at)
@@ -120,7 +120,7 @@ impl Store {
         key_id: &str,
         now: i64,
     ) -> Result<bool> {
-        let revoked = on_pool!(self, pool => sqlx::query(
+        let revoked = on_write!(self, pool => sqlx::query(
             "UPDATE api_keys SET revoked_at = $1
              WHERE enterprise_id = $2 AND key_id = $3 AND revoked_at IS NULL",
         )
@@ -161,7 +161,7 @@ impl Store {
         name: &str,
         now: i64,
     ) -> Result<()> {
-        let inserted = on_pool!(self, pool => sqlx::query(
+        let inserted = on_write!(self, pool => sqlx::query(
             "INSERT INTO services (id, enterprise_id, name, created_at)
              SELECT $1, id, $3, $4 FROM enterprises WHERE id = $2",
         )
@@ -202,7 +202,7 @@ impl Store {
         token_hash: &str,
         now: i64,
     ) -> Result<()> {
-        let upserted = on_pool!(self, pool => sqlx::query(
+        let upserted = on_write!(self, pool => sqlx::query(
             "INSERT INTO carriers (id, endpoint, token_hash, created_at) VALUES ($1, $2, $3, $4)
              ON CONFLICT (id) DO UPDATE SET endpoint = excluded.endpoint, token_hash = excluded.token_hash",
         )
@@ -336,7 +336,7 @@ impl Store {
 
     /// Gives up every lease `owner` holds.
     pub async fn release_leases(&self, owner: &str) -> Result<()> {
-        on_pool!(self, pool => sqlx::query("DELETE FROM leases WHERE owner = $1")
+        on_write!(self, pool => sqlx::query("DELETE FROM leases WHERE owner = $1")
             .bind(owner)
             .execute(pool)
             .await

@@ -8,7 +8,7 @@ use const_format::formatcp;
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
 use super::states::{EXPANDED, HANDED_OVER, PENDING, UNSENT};
-use super::{CountSteps, IdList, ROWS_PER_STATEMENT, Store, on_pool, stored_list};
+use super::{CountSteps, IdList, ROWS_PER_STATEMENT, Store, on_pool, on_write, stored_list};
 use crate::error::Result;
 use crate::receipts::{EventKind, MessageEventKind};
 use crate::targeting::{Channel, Content};
@@ -345,7 +345,7 @@ impl Store {
             "DELETE FROM outbox WHERE carrier_id = $1 AND {}",
             self.in_id_list("id", 2)
         );
-        on_pool!(self, pool => sqlx::query(AssertSqlSafe(sql))
+        on_write!(self, pool => sqlx::query(AssertSqlSafe(sql))
             .bind(carrier_id)
             .bind(IdList(ids))
             .execute(pool)

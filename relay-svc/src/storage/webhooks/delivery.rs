@@ -9,7 +9,7 @@ use sqlx::{AssertSqlSafe, QueryBuilder};
 use super::EndpointRow;
 use crate::error::Result;
 use crate::storage::stats::EventLog;
-use crate::storage::{Store, WritePool, on_pool, transaction_steps};
+use crate::storage::{Store, WritePool, on_pool, on_write, transaction_steps};
 
 /// Events in one POST at most.
 pub const MAX_EVENTS: i64 = 1_000;
@@ -88,7 +88,7 @@ impl Store {
         now: i64,
         lease_ms: i64,
     ) -> Result<Option<EndpointRow>> {
-        let claimed = on_pool!(self, pool => sqlx::query(
+        let claimed = on_write!(self, pool => sqlx::query(
             "UPDATE webhook_endpoints SET next_attempt_at = $3 WHERE id = $1 AND state = 0 AND next_attempt_at <= $2",
         )
         .bind(id)
@@ -106,7 +106,7 @@ impl Store {
     /// Frees an endpoint taken with nothing to send: it is looked at again
     /// from `now` on.
     pub async fn release_webhook(&self, id: &str, now: i64) -> Result<()> {
-        on_pool!(self, pool => sqlx::query("UPDATE webhook_endpoints SET next_attempt_at = $2 WHERE id = $1 AND state = 0")
+        on_write!(self, pool => sqlx::query("UPDATE webhook_endpoints SET next_attempt_at = $2 WHERE id = $1 AND state = 0")
             .bind(id)
             .bind(now)
             .execute(pool)
@@ -153,7 +153,7 @@ impl Store {
         let events = self.endpoint_events(log, endpoint, cursor, end).await?;
         let Some(last) = events.last() else {
             // Nothing of this endpoint's in the window: the cursor moves past it.
-            on_pool!(self, pool => sqlx::query(
+            on_write!(self, pool => sqlx::query(
                 "UPDATE webhook_endpoints SET log_tx = $2, log_seq = $3 WHERE id = $1 AND batch_id IS NULL",
             )
             .bind(&endpoint.id)
@@ -170,7 +170,7 @@ impl Store {
         } else {
             end
         };
-        let fixed = on_pool!(self, pool => sqlx::query(
+        let fixed = on_write!(self, pool => sqlx::query(
             "UPDATE webhook_endpoints SET batch_tx = $2, batch_seq = $3, batch_id = $4, batch_events = $5, batch_since = $6
              WHERE id = $1 AND batch_id IS NULL",
         )
@@ -276,7 +276,7 @@ impl Store {
         for event in &batch.events {
             *counts.entry(event.message_id.as_str()).or_default() += 1;
         }
-        on_pool!(self, pool => {
+        on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let moved = sqlx::query(
                 "UPDATE webhook_endpoints SET log_tx = $2, log_seq = $3, batch_id = NULL, batch_tx = NULL, batch_seq = NULL,
@@ -316,7 +316,7 @@ impl Store {
         retry_at: i64,
         disable: Option<&str>,
     ) -> Result<()> {
-        on_pool!(self, pool => {
+        on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
             sqlx::query(
                 "UPDATE webhook_endpoints SET failures = failures + 1, failing_since = COALESCE(failing_since, $2),

@@ -9,7 +9,7 @@ use sqlx::AssertSqlSafe;
 
 pub use delivery::{Attempt, Batch, BatchEvent, MAX_EVENTS, Next};
 
-use super::{Store, WritePool, on_pool};
+use super::{Store, WritePool, on_pool, on_write};
 use crate::error::{Error, Result};
 
 /// An endpoint as stored (its secrets are the sender's, never shown again).
@@ -113,7 +113,7 @@ impl Store {
             "SELECT {} AS tx, e.seq FROM events e ORDER BY {} LIMIT 1",
             log.tx, log.newest_first
         );
-        on_pool!(self, pool => {
+        on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
             let (log_tx, log_seq): (i64, i64) = sqlx::query_as(AssertSqlSafe(head))
                 .fetch_optional(&mut *tx)
@@ -169,7 +169,7 @@ impl Store {
     /// Removes an endpoint, its sequence numbers and its attempts.
     pub async fn delete_webhook(&self, enterprise_id: &str, id: &str) -> Result<()> {
         self.webhook(Some(enterprise_id), id).await?;
-        on_pool!(self, pool => {
+        on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
             for table in ["webhook_sequences", "webhook_attempts"] {
                 sqlx::query(AssertSqlSafe(format!("DELETE FROM {table} WHERE endpoint_id = $1")))
@@ -196,7 +196,7 @@ impl Store {
         previous_until: i64,
     ) -> Result<EndpointRow> {
         self.webhook(Some(enterprise_id), id).await?;
-        on_pool!(self, pool => sqlx::query(
+        on_write!(self, pool => sqlx::query(
             "UPDATE webhook_endpoints SET previous_secret = secret, previous_until = $2, secret = $3 WHERE id = $1",
         )
         .bind(id)
@@ -217,7 +217,7 @@ impl Store {
         now: i64,
     ) -> Result<EndpointRow> {
         self.webhook(Some(enterprise_id), id).await?;
-        on_pool!(self, pool => sqlx::query(
+        on_write!(self, pool => sqlx::query(
             "UPDATE webhook_endpoints SET state = 0, disabled_reason = '', failures = 0, failing_since = NULL,
                     next_attempt_at = $2 WHERE id = $1",
         )
