@@ -60,8 +60,9 @@ pub struct Shared {
     terminals: TerminalsHandle,
     /// Bumped when receipts are queued: wakes the relay stream.
     outbox_changed: Arc<watch::Sender<u64>>,
-    /// Bumped when the relay opens a stream: older streams end.
-    relay_session: Arc<watch::Sender<u64>>,
+    /// Bumped when the relay opens a stream, by stream (main, priority):
+    /// older streams of that kind end.
+    relay_session: Arc<watch::Sender<[u64; 2]>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
     metrics: CarrierMetrics,
@@ -126,7 +127,7 @@ pub async fn run(
         poll_interval: Duration::from_millis(config.poll_interval_ms),
         terminals,
         outbox_changed: Arc::new(watch::channel(0).0),
-        relay_session: Arc::new(watch::channel(0).0),
+        relay_session: Arc::new(watch::channel([0; 2]).0),
         cancel: cancel.clone(),
         tasks: TaskTracker::new(),
         metrics: CarrierMetrics::new(&registry),

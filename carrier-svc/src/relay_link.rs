@@ -1,7 +1,11 @@
-//! `chukei.carrier.v1.Carrier.Deliver`: the relay's stream. Batches come down
-//! and are acked once durable (duplicates dropped by delivery id); receipts go
-//! up from the outbox until the relay acks them; count reports go up on an
-//! interval. A newer stream from the relay supersedes an older one.
+//! `chukei.carrier.v1.Carrier.Deliver`: the relay's streams. Batches come
+//! down and are acked once durable (duplicates dropped by delivery id). On
+//! the main stream receipts go up from the outbox until the relay acks
+//! them, and count reports on an interval; the priority stream (version 3,
+//! `chukei-deliver-lane: priority`) carries the priority lane's batches and
+//! their acks only, in a loop of its own, so they do not wait behind a
+//! campaign's batches. A newer stream of either kind supersedes the older
+//! one of that kind.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -45,19 +49,26 @@ impl pb::carrier_server::Carrier for DeliverService {
         // A relay on another protocol version is refused at once, naming both.
         deliver::check_version("relay", deliver::version_in(request.metadata()))
             .map_err(Status::failed_precondition)?;
+        let stream = deliver::stream_in(request.metadata()).map_err(Status::invalid_argument)?;
         let mut generation = 0;
         shared.relay_session.send_modify(|g| {
-            *g += 1;
-            generation = *g;
+            g[stream as usize] += 1;
+            generation = g[stream as usize];
         });
         let (up, up_rx) = mpsc::channel(64);
         let inbound = request.into_inner();
         shared.tasks.spawn({
             let shared = shared.clone();
             async move {
-                tracing::info!("relay stream open");
-                if let Err(error) = session(&shared, generation, inbound, &up).await {
-                    tracing::warn!(%error, "relay stream ended");
+                tracing::info!(stream = stream.name(), "relay stream open");
+                let ended = match stream {
+                    deliver::Stream::Main => session(&shared, generation, inbound, &up).await,
+                    deliver::Stream::Priority => {
+                        priority_session(&shared, generation, inbound, &up).await
+                    }
+                };
+                if let Err(error) = ended {
+                    tracing::warn!(stream = stream.name(), %error, "relay stream ended");
                     let _ = up
                         .send(Err(Status::unavailable("carrier stream ended")))
                         .await;
@@ -191,7 +202,7 @@ async fn session(
             }
             changed = sessions.changed() => {
                 changed?;
-                if *sessions.borrow() != generation {
+                if sessions.borrow()[deliver::Stream::Main as usize] != generation {
                     tracing::info!("relay stream superseded by a newer one");
                     return Ok(());
                 }
@@ -217,6 +228,37 @@ async fn session(
             () = &mut next_report => {
                 next_report = Box::pin(shared.clock.sleep(interval));
                 report_counts(shared, up).await?;
+            }
+        }
+    }
+}
+
+/// The priority stream: its batches accepted and acked as they come, not
+/// paced (a paced carrier's capacity is for campaigns), nothing else.
+async fn priority_session(
+    shared: &Shared,
+    generation: u64,
+    mut inbound: Streaming<pb::RelayToCarrier>,
+    up: &Up,
+) -> anyhow::Result<()> {
+    let mut sessions = shared.relay_session.subscribe();
+    loop {
+        tokio::select! {
+            () = shared.cancel.cancelled() => return Ok(()),
+            changed = sessions.changed() => {
+                changed?;
+                if sessions.borrow()[deliver::Stream::Priority as usize] != generation {
+                    tracing::info!("priority stream superseded by a newer one");
+                    return Ok(());
+                }
+            }
+            message = inbound.message() => {
+                let Some(message) = message? else { return Ok(()) };
+                match message.kind {
+                    Some(pb::relay_to_carrier::Kind::Batch(batch)) => accept(shared, up, batch).await?,
+                    Some(_) => anyhow::bail!("the priority stream carries delivery batches only"),
+                    None => {}
+                }
             }
         }
     }

@@ -8,14 +8,18 @@
 //! metadata, and each refuses a peer on another version with an error naming
 //! both: a mismatched pair fails at the first call, never halfway through a
 //! campaign. A peer that names no version speaks version 1 (which had no
-//! header). This module must never hold business logic.
+//! header). Version 3 gives the priority lane a stream of its own: the relay
+//! opens two per carrier, the second naming `priority` in
+//! `chukei-deliver-lane`, so a targeted message's batch never queues behind a
+//! campaign's batches on the wire or in the carrier's session loop. This
+//! module must never hold business logic.
 
 use tonic::metadata::MetadataMap;
 
 use crate::carrier::v1 as pb;
 
 /// The version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The metadata key that carries the version, on the request and the response.
 pub const VERSION_HEADER: &str = "chukei-deliver-version";
@@ -36,6 +40,50 @@ pub fn version_in(metadata: &MetadataMap) -> u32 {
 /// Puts this build's version into `metadata`.
 pub fn put_version(metadata: &mut MetadataMap) {
     metadata.insert(VERSION_HEADER, PROTOCOL_VERSION.into());
+}
+
+/// The request metadata key naming what a stream carries (version 3).
+pub const LANE_HEADER: &str = "chukei-deliver-lane";
+
+/// What one `Deliver` stream of a relay carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stream {
+    /// The bulk lane and everything else: erasure notices down; receipts,
+    /// count reports and erasure acks up. Named by no lane header.
+    Main,
+    /// The priority lane's batches down and their acks up, nothing else.
+    Priority,
+}
+
+impl Stream {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Main => "main",
+            Self::Priority => "priority",
+        }
+    }
+}
+
+/// Names `stream` in a request's `metadata` (the main stream names none).
+pub fn put_stream(metadata: &mut MetadataMap, stream: Stream) {
+    if stream == Stream::Priority {
+        metadata.insert(
+            LANE_HEADER,
+            tonic::metadata::MetadataValue::from_static("priority"),
+        );
+    }
+}
+
+/// The stream a relay's request names; an unknown lane is refused, named.
+pub fn stream_in(metadata: &MetadataMap) -> Result<Stream, String> {
+    match metadata.get(LANE_HEADER).map(|v| v.to_str()) {
+        None => Ok(Stream::Main),
+        Some(Ok("priority")) => Ok(Stream::Priority),
+        Some(Ok(other)) => Err(format!(
+            "{LANE_HEADER}: unknown lane {other:?}; expected \"priority\" or no header"
+        )),
+        Some(Err(_)) => Err(format!("{LANE_HEADER}: not ASCII")),
+    }
 }
 
 /// Refuses a peer (`peer`: "relay" or "carrier") that speaks another version,
@@ -168,13 +216,35 @@ mod tests {
         assert!(check_version("carrier", PROTOCOL_VERSION).is_ok());
         let error = check_version("relay", 1).unwrap_err();
         assert!(error.contains("relay speaks version 1"), "{error}");
-        assert!(error.contains("this side speaks version 2"), "{error}");
+        assert!(
+            error.contains(&format!("this side speaks version {PROTOCOL_VERSION}")),
+            "{error}"
+        );
         let mut metadata = MetadataMap::new();
         assert_eq!(version_in(&metadata), 1, "no header: version 1");
         put_version(&mut metadata);
         assert_eq!(version_in(&metadata), PROTOCOL_VERSION);
         metadata.insert(VERSION_HEADER, "two".parse().unwrap());
         assert_eq!(version_in(&metadata), 0);
+    }
+
+    #[test]
+    fn the_priority_stream_is_named_and_an_unknown_lane_refused() {
+        let mut metadata = MetadataMap::new();
+        put_stream(&mut metadata, Stream::Main);
+        assert_eq!(stream_in(&metadata), Ok(Stream::Main));
+        assert!(
+            metadata.get(LANE_HEADER).is_none(),
+            "the main stream names no lane"
+        );
+        put_stream(&mut metadata, Stream::Priority);
+        assert_eq!(stream_in(&metadata), Ok(Stream::Priority));
+        metadata.insert(LANE_HEADER, "express".parse().unwrap());
+        let error = stream_in(&metadata).unwrap_err();
+        assert!(
+            error.starts_with("chukei-deliver-lane: unknown lane \"express\""),
+            "{error}"
+        );
     }
 
     #[test]

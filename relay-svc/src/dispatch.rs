@@ -1,6 +1,8 @@
-//! Transfer: one dispatcher per registered carrier keeps a long-lived
-//! `Carrier.Deliver` stream open, streams due deliveries down in batches, and
-//! takes acks, receipts and count reports back up.
+//! Transfer: two dispatchers per registered carrier each keep a long-lived
+//! `Carrier.Deliver` stream open — the main one for the bulk lane (and
+//! erasure notices, receipts and count reports), the other for the
+//! priority lane alone — stream due deliveries down in batches, and take
+//! acks (and on the main stream receipts and count reports) back up.
 //!
 //! A batch counts as handed over only when the carrier acks it; un-acked
 //! batches are simply read again after a reconnect (carriers drop duplicate
@@ -17,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chukei_proto::clock::Clock;
+use chukei_proto::deliver;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -255,14 +258,17 @@ impl Supervisor {
         }
         let token = cancel.child_token();
         running.insert(carrier_id.clone(), token.clone());
-        tracing::info!(carrier_id = %carrier_id, replica = %self.config.lease.replica, "carrier lease held, opening its stream");
-        let dispatcher = Dispatcher {
-            carrier_id,
-            store: self.store.clone(),
-            clock: self.clock.clone(),
-            config: self.config.clone(),
-            handle: self.handle.clone(),
-        };
-        tasks.spawn(dispatcher.run(token));
+        tracing::info!(carrier_id = %carrier_id, replica = %self.config.lease.replica, "carrier lease held, opening its streams");
+        for stream in [deliver::Stream::Main, deliver::Stream::Priority] {
+            let dispatcher = Dispatcher {
+                carrier_id: carrier_id.clone(),
+                stream,
+                store: self.store.clone(),
+                clock: self.clock.clone(),
+                config: self.config.clone(),
+                handle: self.handle.clone(),
+            };
+            tasks.spawn(dispatcher.run(token.clone()));
+        }
     }
 }

@@ -5,10 +5,12 @@
 /// about the relay's side of the `Deliver` stream. With `headers_late` it is
 /// written like grpcio's servers: its response headers (with its protocol
 /// version) go only with its first acknowledgement, which it has only once
-/// something came down.
+/// something came down. With `stall_main` it never reads its main stream
+/// (a carrier stuck on a campaign), and serves only the priority stream.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AckingCarrier {
     pub headers_late: bool,
+    pub stall_main: bool,
 }
 
 /// What [`AckingCarrier`] answers to one message down the stream.
@@ -42,8 +44,21 @@ impl chukei_proto::carrier::v1::carrier_server::Carrier for AckingCarrier {
         &self,
         request: tonic::Request<tonic::Streaming<chukei_proto::carrier::v1::RelayToCarrier>>,
     ) -> Result<tonic::Response<Self::DeliverStream>, tonic::Status> {
+        let stream = chukei_proto::deliver::stream_in(request.metadata())
+            .map_err(tonic::Status::invalid_argument)?;
         let mut inbound = request.into_inner();
         let (acks, acks_rx) = tokio::sync::mpsc::channel(64);
+        if self.stall_main && stream == chukei_proto::deliver::Stream::Main {
+            // Open, answered, and never read: what comes down stays down.
+            tokio::spawn(async move {
+                let _held = (inbound, acks);
+                std::future::pending::<()>().await;
+            });
+            let mut response =
+                tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(acks_rx));
+            chukei_proto::deliver::put_version(response.metadata_mut());
+            return Ok(response);
+        }
         if self.headers_late {
             // No answer — so no headers — until there is something to acknowledge.
             let first = loop {

@@ -138,7 +138,7 @@ async fn carrier_cases(split_ports: bool) {
         ],
     )
     .await;
-    passed(&output, if split_ports { 14 } else { 12 });
+    passed(&output, if split_ports { 15 } else { 13 });
     carrier.process.terminate(Duration::from_secs(20)).unwrap();
 }
 

@@ -851,14 +851,15 @@ async fn a_relay_on_another_deliver_version_is_refused_naming_both() {
         .connect()
         .await
         .unwrap();
-    for (named, version) in [(None, 1), (Some("3"), 3)] {
+    let newer = chukei_proto::deliver::PROTOCOL_VERSION + 1;
+    for (named, version) in [(None, 1), (Some(newer.to_string()), newer)] {
         let mut carrier = cpb::carrier_client::CarrierClient::with_interceptor(
             channel.clone(),
             BearerInterceptor::new(integration_tests::DELIVER_TOKEN).unwrap(),
         );
         let (_tx, rx) = tokio::sync::mpsc::channel::<cpb::RelayToCarrier>(1);
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        if let Some(named) = named {
+        if let Some(named) = &named {
             request.metadata_mut().insert(
                 chukei_proto::deliver::VERSION_HEADER,
                 named.parse().unwrap(),
@@ -988,7 +989,10 @@ async fn a_carrier_that_answers_headers_late_still_gets_its_batches() {
         tonic::transport::Server::builder()
             .add_service(
                 chukei_proto::carrier::v1::carrier_server::CarrierServer::new(
-                    integration_tests::AckingCarrier { headers_late: true },
+                    integration_tests::AckingCarrier {
+                        headers_late: true,
+                        ..Default::default()
+                    },
                 ),
             )
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
@@ -1021,6 +1025,71 @@ async fn a_carrier_that_answers_headers_late_still_gets_its_batches() {
         .wait_for_message(&key, &sent.message_id, |s| s.handed_over == 1)
         .await;
     assert_eq!(status.matched, 1);
+    carrier.abort();
+    hub.shutdown().await.unwrap();
+}
+
+/// Targeted messages have a stream of their own to each carrier: a carrier
+/// whose main stream is stuck (it reads nothing more of a campaign) still
+/// takes them. On one shared stream the targeted batch would wait behind
+/// the campaign's unread batches for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_carrier_stuck_on_its_campaign_stream_still_takes_targeted_messages() {
+    let (hub, key, _, mine) = one_registered_user(32).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let carrier = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                chukei_proto::carrier::v1::carrier_server::CarrierServer::new(
+                    integration_tests::AckingCarrier {
+                        stall_main: true,
+                        ..Default::default()
+                    },
+                ),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    hub.admin()
+        .await
+        .unwrap()
+        .register_carrier(pb::RegisterCarrierRequest {
+            carrier_id: "alpha".into(),
+            endpoint,
+            token: "a-token-of-another-carrier".into(),
+        })
+        .await
+        .unwrap();
+
+    let mut client = hub.enterprise(&key).await.unwrap();
+    let campaign = client
+        .send_message(message(
+            "stuck-campaign",
+            pb::target::Kind::AllRegistered(true),
+            "a campaign",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let targeted = client
+        .send_message(message(
+            "through-the-priority-stream",
+            pb::target::Kind::Refs(pb::RefList {
+                refs: vec![mine.clone()],
+            }),
+            "just for you",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let status = hub
+        .wait_for_message(&key, &targeted.message_id, |s| s.handed_over == 1)
+        .await;
+    assert_eq!(status.matched, 1);
+    let stuck = hub
+        .wait_for_message(&key, &campaign.message_id, |s| s.matched == 1)
+        .await;
+    assert_eq!(stuck.handed_over, 0, "the campaign's stream is stuck");
     carrier.abort();
     hub.shutdown().await.unwrap();
 }

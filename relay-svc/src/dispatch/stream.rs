@@ -1,6 +1,9 @@
-//! One carrier's `Carrier.Deliver` stream: the dispatcher's session (dial,
-//! batches of both lanes down, erasure notices down, acks, receipts, count
-//! reports and erasure acks up) and its reconnects.
+//! One of a carrier's two `Carrier.Deliver` streams: the dispatcher's
+//! session and its reconnects. The main stream carries the bulk lane's
+//! batches and erasure notices down, and acks, receipts, count reports and
+//! erasure acks up; the priority stream the priority lane's batches and
+//! their acks only, so a targeted message never waits behind a campaign's
+//! batches, on the wire or in either end's loop over the stream.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,10 +22,12 @@ use super::wire::{WindowCache, count_report_from_wire, pack, receipts_from_wire}
 use super::{DispatchConfig, DispatchHandle};
 use crate::storage::{DueDelivery, Lane, Store};
 
-/// One carrier's dispatcher: holds its stream while this replica holds the
-/// carrier's lease.
+/// One of a carrier's dispatchers: holds its stream while this replica holds
+/// the carrier's lease.
 pub(super) struct Dispatcher {
     pub(super) carrier_id: String,
+    /// Which of the carrier's streams this is.
+    pub(super) stream: deliver::Stream,
     pub(super) store: Store,
     pub(super) clock: Clock,
     pub(super) config: Arc<DispatchConfig>,
@@ -34,7 +39,9 @@ impl Dispatcher {
         let mut backoff = Duration::from_millis(100);
         while !cancel.is_cancelled() {
             let result = self.session(&cancel, &mut backoff).await;
-            self.handle.set_connected(&self.carrier_id, false);
+            if self.stream == deliver::Stream::Main {
+                self.handle.set_connected(&self.carrier_id, false);
+            }
             match result {
                 Ok(()) => break,
                 Err(error) => {
@@ -42,7 +49,7 @@ impl Dispatcher {
                         .metrics
                         .reconnects
                         .inc(&[("carrier", self.carrier_id.as_str())]);
-                    tracing::warn!(carrier_id = %self.carrier_id, %error, retry_in_ms = backoff.as_millis() as u64, "carrier stream ended");
+                    tracing::warn!(carrier_id = %self.carrier_id, stream = self.stream.name(), %error, retry_in_ms = backoff.as_millis() as u64, "carrier stream ended");
                 }
             }
             tokio::select! {
@@ -64,6 +71,7 @@ impl Dispatcher {
             mpsc::channel::<pb::RelayToCarrier>(self.config.batches_in_flight + 4);
         let mut request = tonic::Request::new(ReceiverStream::new(down_rx));
         deliver::put_version(request.metadata_mut());
+        deliver::put_stream(request.metadata_mut(), self.stream);
         // gRPC does not oblige a server to send its response headers before
         // it has something to say, and a carrier may send them only with its
         // first acknowledgement — which comes only after a batch. So batches
@@ -80,7 +88,10 @@ impl Dispatcher {
         let mut seen = *new_work.borrow_and_update();
         let mut poll = tokio::time::interval(self.config.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut state = StreamState::default();
+        let mut state = StreamState {
+            look_at_outbox: self.stream == deliver::Stream::Main,
+            ..StreamState::default()
+        };
         loop {
             self.send_due(&mut state, &down).await?;
             tokio::select! {
@@ -98,10 +109,10 @@ impl Dispatcher {
                 changed = new_work.changed() => {
                     changed?;
                     let work = *new_work.borrow_and_update();
-                    if work.priority != seen.priority {
+                    if work.priority != seen.priority && self.stream == deliver::Stream::Priority {
                         state.priority.drained = false;
                     }
-                    if work.bulk != seen.bulk {
+                    if work.bulk != seen.bulk && self.stream == deliver::Stream::Main {
                         state.look_at_outbox = true;
                         state.bulk.drained = false;
                     }
@@ -112,18 +123,20 @@ impl Dispatcher {
                         warned = true;
                         self.name_silent_carrier(opened.elapsed());
                     }
-                    state.look_at_outbox = true;
-                    for lane in [&mut state.priority, &mut state.bulk] {
-                        (lane.catch_up, lane.drained) = (true, false);
-                    }
+                    state.look_at_outbox = self.stream == deliver::Stream::Main;
+                    let lane = match self.stream {
+                        deliver::Stream::Main => &mut state.bulk,
+                        deliver::Stream::Priority => &mut state.priority,
+                    };
+                    (lane.catch_up, lane.drained) = (true, false);
                 }
             }
         }
     }
 
-    /// Sends what is due: erasure notices (one batch at a time, deleted when
-    /// acknowledged), then the priority lane beside the bulk window, then
-    /// the bulk lane.
+    /// Sends what is due on this stream: on the main one erasure notices
+    /// (one batch at a time, deleted when acknowledged), then the bulk lane;
+    /// on the priority one its lane.
     async fn send_due(
         &self,
         state: &mut StreamState,
@@ -139,16 +152,22 @@ impl Dispatcher {
             windows: &mut state.windows,
             down,
         };
-        self.fill(
-            Lane::Priority,
-            PRIORITY_IN_FLIGHT,
-            &mut state.priority,
-            &mut batch,
-        )
-        .await?;
-        let window = self.config.batches_in_flight;
-        self.fill(Lane::Bulk, window, &mut state.bulk, &mut batch)
-            .await
+        match self.stream {
+            deliver::Stream::Priority => {
+                self.fill(
+                    Lane::Priority,
+                    PRIORITY_IN_FLIGHT,
+                    &mut state.priority,
+                    &mut batch,
+                )
+                .await
+            }
+            deliver::Stream::Main => {
+                let window = self.config.batches_in_flight;
+                self.fill(Lane::Bulk, window, &mut state.bulk, &mut batch)
+                    .await
+            }
+        }
     }
 
     /// A message up the stream: an erasure ack frees the outbox, the rest
@@ -176,8 +195,10 @@ impl Dispatcher {
     ) -> anyhow::Result<tonic::Streaming<pb::CarrierToRelay>> {
         deliver::check_version("carrier", deliver::version_in(answered.metadata()))
             .map_err(anyhow::Error::msg)?;
-        self.handle.set_connected(&self.carrier_id, true);
-        tracing::info!(carrier_id = %self.carrier_id, "carrier stream open");
+        if self.stream == deliver::Stream::Main {
+            self.handle.set_connected(&self.carrier_id, true);
+        }
+        tracing::info!(carrier_id = %self.carrier_id, stream = self.stream.name(), "carrier stream open");
         Ok(answered.into_inner())
     }
 
@@ -439,11 +460,11 @@ impl Dispatcher {
     }
 }
 
-/// Batches of each carrier's priority lane in flight beside the bulk window.
+/// Batches of each carrier's priority lane in flight on its stream.
 const PRIORITY_IN_FLIGHT: usize = 2;
 
-/// Where one carrier stream stands: its batches in flight, both lanes, the
-/// erasure notices.
+/// Where one carrier stream stands: its batches in flight, its lane, the
+/// erasure notices (the main stream's).
 struct StreamState {
     in_flight: InFlight,
     next_batch_id: u64,

@@ -6,7 +6,8 @@
 //! event; delivered and read events come up as receipts; a batch repeated
 //! after a lost ack is acked and not pushed again; receipts the relay did
 //! not ack come again on its next stream; a malformed record is dropped and
-//! the rest of its batch kept.
+//! the rest of its batch kept; a priority stream's batch is acked and
+//! pushed, the main stream still served beside it.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -463,5 +464,36 @@ pub(crate) async fn run(args: Args, timeout: Duration, report: &mut Report) -> a
     }
     .await;
     report.case("malformed-record-dropped-rest-kept", outcome);
+
+    // The priority stream (version 3) beside the main one: its batch is
+    // acked and pushed there, and the main stream is not superseded by it.
+    let outcome = async {
+        let priority = Deliver::open_stream(
+            &channel,
+            &args.relay_token,
+            &deliver::PROTOCOL_VERSION.to_string(),
+            deliver::Stream::Priority,
+        );
+        let mut priority = priority;
+        let mut urgent = record(&format!("{message_id}-urgent"), &[base + 20], &users[..1]);
+        urgent.priority = true;
+        priority.send(batch(1, vec![urgent])).await?;
+        acked(&mut priority, timeout, 1).await?;
+        let got = pushes(&mut arrivals, timeout, 1).await;
+        if got.first().map(|m| m.delivery_id.as_str()) != Some(&(base + 20).to_string()) {
+            return Err(format!(
+                "the priority batch's delivery {} was not pushed",
+                base + 20
+            ));
+        }
+        let later = record(&format!("{message_id}-later"), &[base + 21], &users[1..2]);
+        stream.send(batch(4, vec![later])).await?;
+        acked(&mut stream, timeout, 4)
+            .await
+            .map_err(|why| format!("the main stream, beside the priority one: {why}"))?;
+        Ok("acked and pushed on the priority stream; the main stream still served".to_owned())
+    }
+    .await;
+    report.case("priority-stream-beside-the-main-one", outcome);
     Ok(())
 }

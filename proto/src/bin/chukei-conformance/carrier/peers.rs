@@ -178,8 +178,18 @@ pub(super) struct Deliver {
 }
 
 impl Deliver {
-    /// Opens a stream presenting `token` and naming protocol `version`.
+    /// Opens a main stream presenting `token` and naming protocol `version`.
     pub(super) fn open(channel: &Channel, token: &str, version: &str) -> Deliver {
+        Self::open_stream(channel, token, version, deliver::Stream::Main)
+    }
+
+    /// Opens a stream of kind `stream` presenting `token` and naming protocol `version`.
+    pub(super) fn open_stream(
+        channel: &Channel,
+        token: &str,
+        version: &str,
+        stream: deliver::Stream,
+    ) -> Deliver {
         let (down, outgoing) = mpsc::channel(16);
         let mut request = Request::new(ReceiverStream::new(outgoing));
         if let Ok(value) = version.parse() {
@@ -187,6 +197,7 @@ impl Deliver {
                 .metadata_mut()
                 .insert(deliver::VERSION_HEADER, value);
         }
+        deliver::put_stream(request.metadata_mut(), stream);
         let channel = channel.clone();
         let token = token.to_owned();
         let up = crate::forward(async move {
