@@ -21,7 +21,8 @@
 //! group. On SQLite the next group begins when the last one has committed
 //! (it could not take the write lock sooner); on PostgreSQL at once. On
 //! SQLite a group also holds the store's write turn ([`Groups::turn`]) from
-//! its `BEGIN` to its commit, which every writer outside a group takes too.
+//! its `BEGIN` to its commit, which every writer outside a group takes too;
+//! the accepts' group takes it ahead of the writers still waiting.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Weak};
@@ -29,9 +30,27 @@ use std::sync::{Arc, Weak};
 use sqlx::{Database, Executor, Transaction};
 use tokio::sync::{Mutex, OwnedMutexGuard, oneshot, watch};
 
-/// One writer at a time, in the order they came (SQLite's write lock,
-/// taken in the process): see [`Groups::turn`].
-type Turn = Arc<Mutex<()>>;
+/// One writer at a time (SQLite's write lock, taken in the process; see
+/// [`Groups::turn`]), in the order they came — except that the accepts'
+/// group goes ahead of every other writer still waiting: those queue one
+/// at a time for the lock itself, so an accept waits for at most the
+/// transaction holding the turn and one other.
+#[derive(Debug, Default)]
+pub(crate) struct Turn {
+    lock: Arc<Mutex<()>>,
+    /// Where writers other than the accepts wait for their place at `lock`.
+    queue: Mutex<()>,
+}
+
+impl Turn {
+    async fn take(&self, ahead: bool) -> OwnedMutexGuard<()> {
+        if ahead {
+            return self.lock.clone().lock_owned().await;
+        }
+        let _next = self.queue.lock().await;
+        self.lock.clone().lock_owned().await
+    }
+}
 
 use super::WritePool;
 use crate::error::{Error, Result};
@@ -41,11 +60,10 @@ const RELEASE: &str = "RELEASE SAVEPOINT chukei_member";
 const ROLLBACK: &str = "ROLLBACK TO SAVEPOINT chukei_member";
 const ROLLBACK_ALL: &str = "ROLLBACK";
 
-/// Which group each hot writer joins. On SQLite every writer shares one
-/// (there is one write lock to take anyway); on PostgreSQL accepting
-/// messages and the delivery path (acked batches, receipts) commit apart,
-/// so a targeted message is not held behind a campaign's hand-over of a
-/// thousand rows.
+/// Which group each hot writer joins: accepting messages and the delivery
+/// path (acked batches, receipts) commit apart, so a targeted message is not
+/// held behind a campaign's hand-over of a thousand rows. On SQLite both
+/// take the store's write turn, the accepts ahead of other writers waiting.
 #[derive(Debug)]
 pub struct Groups<DB: Database> {
     pub(crate) accepts: Arc<Group<DB>>,
@@ -57,28 +75,29 @@ pub struct Groups<DB: Database> {
     pub(crate) keys: super::key_cache::KeyCache,
     /// On SQLite, the write turn every write transaction takes, the groups'
     /// included; `None` on PostgreSQL, whose writers do not exclude each other.
-    turn: Option<Turn>,
+    turn: Option<Arc<Turn>>,
 }
 
 impl<DB: Database> Groups<DB> {
-    /// One group for every writer, and writers outside it taking turns
-    /// with it (SQLite).
-    pub(crate) fn shared() -> Self {
-        let turn = Turn::default();
-        let group = Arc::new(Group {
-            turn: Some(turn.clone()),
-            ..Group::default()
-        });
+    /// The two groups, and every writer, taking turns (SQLite).
+    pub(crate) fn taking_turns() -> Self {
+        let turn = Arc::new(Turn::default());
+        let group = |ahead| {
+            Arc::new(Group {
+                turn: Some((turn.clone(), ahead)),
+                ..Group::default()
+            })
+        };
         Self {
-            accepts: group.clone(),
-            deliveries: group,
+            accepts: group(true),
+            deliveries: group(false),
             webhooks_listening: Default::default(),
             keys: Default::default(),
             turn: Some(turn),
         }
     }
 
-    /// Accepts and the delivery path apart.
+    /// Accepts and the delivery path apart, taking no turns (PostgreSQL).
     pub(crate) fn apart() -> Self {
         Self {
             accepts: Arc::default(),
@@ -90,13 +109,14 @@ impl<DB: Database> Groups<DB> {
     }
 
     /// Waits for this store's write turn (SQLite: one writer at a time,
-    /// first come first served, a group's commit among them); held until
-    /// the guard drops. Without it a writer waits for SQLite's lock in the
-    /// busy handler, sleeping 1, 2, 5 … 100 ms between tries while other
-    /// writers — a targeted message's group too — go first or wait behind it.
+    /// first come first served behind the accepts, a group's commit among
+    /// them); held until the guard drops. Without it a writer waits for
+    /// SQLite's lock in the busy handler, sleeping 1, 2, 5 … 100 ms between
+    /// tries while other writers — a targeted message's group too — go
+    /// first or wait behind it.
     pub(crate) async fn turn(&self) -> Option<OwnedMutexGuard<()>> {
         match &self.turn {
-            Some(turn) => Some(turn.clone().lock_owned().await),
+            Some(turn) => Some(turn.take(false).await),
             None => None,
         }
     }
@@ -115,8 +135,8 @@ pub struct Group<DB: Database> {
     /// The latest group's outcome, which the next waits for on a single-writer engine.
     latest: std::sync::Mutex<watch::Receiver<Outcome>>,
     /// The store's write turn, which a group holds from its `BEGIN` to its
-    /// commit ([`Groups::turn`]).
-    turn: Option<Turn>,
+    /// commit ([`Groups::turn`]), and whether it goes ahead of other writers.
+    turn: Option<(Arc<Turn>, bool)>,
 }
 
 /// The open group, if any: taken out by its commit.
@@ -200,7 +220,7 @@ where
                 finished(&mut previous).await;
             }
             let turn = match &self.turn {
-                Some(turn) => Some(turn.clone().lock_owned().await),
+                Some((turn, ahead)) => Some(turn.take(*ahead).await),
                 None => None,
             };
             let tx = pool.begin_write().await?;
@@ -420,7 +440,7 @@ mod tests {
     #[tokio::test]
     async fn writers_outside_a_group_take_turns_with_it_in_order() {
         let pool = pool().await;
-        let groups = Arc::new(Groups::<sqlx::Sqlite>::shared());
+        let groups = Arc::new(Groups::<sqlx::Sqlite>::taking_turns());
 
         // A group is open: a writer outside it waits for its commit.
         let member = groups.accepts.join(&pool).await.unwrap();
@@ -445,6 +465,51 @@ mod tests {
         release.send(()).unwrap();
         outside.await.unwrap();
         next.await.unwrap().unwrap();
+    }
+
+    /// A writer that takes the turn and holds it until told to let go.
+    fn holder(
+        groups: &Arc<Groups<sqlx::Sqlite>>,
+    ) -> (tokio::task::JoinHandle<()>, oneshot::Sender<()>) {
+        let (release, released) = oneshot::channel::<()>();
+        let groups = groups.clone();
+        let task = tokio::spawn(async move {
+            let _turn = groups.turn().await;
+            let _ = released.await;
+        });
+        (task, release)
+    }
+
+    #[tokio::test]
+    async fn accepts_go_ahead_of_writers_still_waiting() {
+        let pool = pool().await;
+        let groups = Arc::new(Groups::<sqlx::Sqlite>::taking_turns());
+        let (mut first, release_first) = holder(&groups);
+        assert!(still_waiting(&mut first).await, "the first holds the turn");
+        let (mut second, release_second) = holder(&groups);
+        let (third, release_third) = holder(&groups);
+        assert!(still_waiting(&mut second).await);
+        let mut accept = tokio::spawn({
+            let (groups, pool) = (groups.clone(), pool.clone());
+            async move { groups.accepts.join(&pool).await.unwrap().commit().await }
+        });
+        assert!(still_waiting(&mut accept).await, "the turn is held");
+
+        // The second was already at the lock when the accept came; the
+        // third was behind it, and the accept goes before the third.
+        release_first.send(()).unwrap();
+        first.await.unwrap();
+        assert!(still_waiting(&mut accept).await, "behind the second");
+        release_second.send(()).unwrap();
+        second.await.unwrap();
+        // Had the third gone first, it would hold the turn until released.
+        tokio::time::timeout(Duration::from_secs(10), accept)
+            .await
+            .expect("the accept went before the third")
+            .unwrap()
+            .unwrap();
+        release_third.send(()).unwrap();
+        third.await.unwrap();
     }
 
     #[tokio::test]

@@ -165,7 +165,7 @@ impl Store {
                 .connect_with(options)
                 .await?;
             sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-            Self::Sqlite(pool, Arc::new(Groups::shared()))
+            Self::Sqlite(pool, Arc::new(Groups::taking_turns()))
         } else {
             anyhow::bail!("database url: expected sqlite:… or postgres://…");
         };
