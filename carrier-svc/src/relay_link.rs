@@ -202,8 +202,7 @@ async fn session(
             }
             changed = sessions.changed() => {
                 changed?;
-                if sessions.borrow()[deliver::Stream::Main as usize] != generation {
-                    tracing::info!("relay stream superseded by a newer one");
+                if superseded(&sessions, deliver::Stream::Main, generation) {
                     return Ok(());
                 }
             }
@@ -233,6 +232,22 @@ async fn session(
     }
 }
 
+/// Whether the relay opened a newer stream of this kind (said at INFO).
+fn superseded(
+    sessions: &tokio::sync::watch::Receiver<[u64; 2]>,
+    stream: deliver::Stream,
+    generation: u64,
+) -> bool {
+    let newer = sessions.borrow()[stream as usize] != generation;
+    if newer {
+        tracing::info!(
+            stream = stream.name(),
+            "relay stream superseded by a newer one"
+        );
+    }
+    newer
+}
+
 /// The priority stream: its batches accepted and acked as they come, not
 /// paced (a paced carrier's capacity is for campaigns), nothing else.
 async fn priority_session(
@@ -247,8 +262,7 @@ async fn priority_session(
             () = shared.cancel.cancelled() => return Ok(()),
             changed = sessions.changed() => {
                 changed?;
-                if sessions.borrow()[deliver::Stream::Priority as usize] != generation {
-                    tracing::info!("priority stream superseded by a newer one");
+                if superseded(&sessions, deliver::Stream::Priority, generation) {
                     return Ok(());
                 }
             }

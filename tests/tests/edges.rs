@@ -983,31 +983,14 @@ async fn a_terminal_that_answers_headers_late_still_gets_its_messages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_carrier_that_answers_headers_late_still_gets_its_batches() {
     let (hub, key, _, mine) = one_registered_user(31).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let carrier = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(
-                chukei_proto::carrier::v1::carrier_server::CarrierServer::new(
-                    integration_tests::AckingCarrier {
-                        headers_late: true,
-                        ..Default::default()
-                    },
-                ),
-            )
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    // The relay dials this carrier for "alpha" from now on.
-    hub.admin()
-        .await
-        .unwrap()
-        .register_carrier(pb::RegisterCarrierRequest {
-            carrier_id: "alpha".into(),
-            endpoint,
-            token: "a-token-of-another-carrier".into(),
-        })
-        .await
-        .unwrap();
+    let carrier = acking_carrier_for_alpha(
+        &hub,
+        integration_tests::AckingCarrier {
+            headers_late: true,
+            ..Default::default()
+        },
+    )
+    .await;
 
     let mut client = hub.enterprise(&key).await.unwrap();
     let sent = client
@@ -1036,30 +1019,14 @@ async fn a_carrier_that_answers_headers_late_still_gets_its_batches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_carrier_stuck_on_its_campaign_stream_still_takes_targeted_messages() {
     let (hub, key, _, mine) = one_registered_user(32).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let carrier = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(
-                chukei_proto::carrier::v1::carrier_server::CarrierServer::new(
-                    integration_tests::AckingCarrier {
-                        stall_main: true,
-                        ..Default::default()
-                    },
-                ),
-            )
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    hub.admin()
-        .await
-        .unwrap()
-        .register_carrier(pb::RegisterCarrierRequest {
-            carrier_id: "alpha".into(),
-            endpoint,
-            token: "a-token-of-another-carrier".into(),
-        })
-        .await
-        .unwrap();
+    let carrier = acking_carrier_for_alpha(
+        &hub,
+        integration_tests::AckingCarrier {
+            stall_main: true,
+            ..Default::default()
+        },
+    )
+    .await;
 
     let mut client = hub.enterprise(&key).await.unwrap();
     let campaign = client
@@ -1092,4 +1059,30 @@ async fn a_carrier_stuck_on_its_campaign_stream_still_takes_targeted_messages() 
     assert_eq!(stuck.handed_over, 0, "the campaign's stream is stuck");
     carrier.abort();
     hub.shutdown().await.unwrap();
+}
+
+/// Serves `carrier` on a free port and registers it as "alpha": the relay
+/// dials it for alpha from now on.
+async fn acking_carrier_for_alpha(
+    hub: &Hub,
+    carrier: integration_tests::AckingCarrier,
+) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let serving = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(chukei_proto::carrier::v1::carrier_server::CarrierServer::new(carrier))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    hub.admin()
+        .await
+        .unwrap()
+        .register_carrier(pb::RegisterCarrierRequest {
+            carrier_id: "alpha".into(),
+            endpoint,
+            token: "a-token-of-another-carrier".into(),
+        })
+        .await
+        .unwrap();
+    serving
 }
