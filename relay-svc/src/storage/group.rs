@@ -30,13 +30,21 @@ use std::sync::{Arc, Weak};
 use sqlx::{Database, Executor, Transaction};
 use tokio::sync::{Mutex, OwnedMutexGuard, oneshot, watch};
 
+use super::WritePool;
+use crate::error::{Error, Result};
+
+const SAVEPOINT: &str = "SAVEPOINT chukei_member";
+const RELEASE: &str = "RELEASE SAVEPOINT chukei_member";
+const ROLLBACK: &str = "ROLLBACK TO SAVEPOINT chukei_member";
+const ROLLBACK_ALL: &str = "ROLLBACK";
+
 /// One writer at a time (SQLite's write lock, taken in the process; see
 /// [`Groups::turn`]), in the order they came — except that the accepts'
 /// group goes ahead of every other writer still waiting: those queue one
 /// at a time for the lock itself, so an accept waits for at most the
 /// transaction holding the turn and one other.
 #[derive(Debug, Default)]
-pub(crate) struct Turn {
+struct Turn {
     lock: Arc<Mutex<()>>,
     /// Where writers other than the accepts wait for their place at `lock`.
     queue: Mutex<()>,
@@ -51,14 +59,6 @@ impl Turn {
         self.lock.clone().lock_owned().await
     }
 }
-
-use super::WritePool;
-use crate::error::{Error, Result};
-
-const SAVEPOINT: &str = "SAVEPOINT chukei_member";
-const RELEASE: &str = "RELEASE SAVEPOINT chukei_member";
-const ROLLBACK: &str = "ROLLBACK TO SAVEPOINT chukei_member";
-const ROLLBACK_ALL: &str = "ROLLBACK";
 
 /// Which group each hot writer joins: accepting messages and the delivery
 /// path (acked batches, receipts) commit apart, so a targeted message is not
