@@ -93,6 +93,16 @@ pub(crate) struct Work {
     pub(crate) bulk: u64,
 }
 
+impl Work {
+    /// How many times `lane` was signalled.
+    pub(crate) fn of(self, lane: crate::storage::Lane) -> u64 {
+        match lane {
+            crate::storage::Lane::Priority => self.priority,
+            crate::storage::Lane::Bulk => self.bulk,
+        }
+    }
+}
+
 impl DispatchHandle {
     /// New deliveries may be due in either lane, or erasure notices wait:
     /// wake every dispatcher.

@@ -109,12 +109,9 @@ impl Dispatcher {
                 changed = new_work.changed() => {
                     changed?;
                     let work = *new_work.borrow_and_update();
-                    if work.priority != seen.priority && self.stream == deliver::Stream::Priority {
-                        state.priority.drained = false;
-                    }
-                    if work.bulk != seen.bulk && self.stream == deliver::Stream::Main {
-                        state.look_at_outbox = true;
-                        state.bulk.drained = false;
+                    if work.of(self.lane()) != seen.of(self.lane()) {
+                        state.look_at_outbox = self.stream == deliver::Stream::Main;
+                        state.lane.drained = false;
                     }
                     seen = work;
                 }
@@ -124,11 +121,7 @@ impl Dispatcher {
                         self.name_silent_carrier(opened.elapsed());
                     }
                     state.look_at_outbox = self.stream == deliver::Stream::Main;
-                    let lane = match self.stream {
-                        deliver::Stream::Main => &mut state.bulk,
-                        deliver::Stream::Priority => &mut state.priority,
-                    };
-                    (lane.catch_up, lane.drained) = (true, false);
+                    (state.lane.catch_up, state.lane.drained) = (true, false);
                 }
             }
         }
@@ -152,21 +145,22 @@ impl Dispatcher {
             windows: &mut state.windows,
             down,
         };
+        self.fill(&mut state.lane, &mut batch).await
+    }
+
+    /// The lane this stream carries.
+    fn lane(&self) -> Lane {
         match self.stream {
-            deliver::Stream::Priority => {
-                self.fill(
-                    Lane::Priority,
-                    PRIORITY_IN_FLIGHT,
-                    &mut state.priority,
-                    &mut batch,
-                )
-                .await
-            }
-            deliver::Stream::Main => {
-                let window = self.config.batches_in_flight;
-                self.fill(Lane::Bulk, window, &mut state.bulk, &mut batch)
-                    .await
-            }
+            deliver::Stream::Main => Lane::Bulk,
+            deliver::Stream::Priority => Lane::Priority,
+        }
+    }
+
+    /// How many of this stream's batches may be in flight at once.
+    fn window(&self) -> usize {
+        match self.stream {
+            deliver::Stream::Main => self.config.batches_in_flight,
+            deliver::Stream::Priority => PRIORITY_IN_FLIGHT,
         }
     }
 
@@ -270,26 +264,20 @@ impl Dispatcher {
         Ok(true)
     }
 
-    /// Sends due deliveries of `lane` in batches while fewer than `window`
-    /// of the lane's batches are in flight, from where `state` stands.
-    async fn fill(
-        &self,
-        lane: Lane,
-        window: usize,
-        state: &mut LaneState,
-        batch: &mut Batching<'_>,
-    ) -> anyhow::Result<()> {
+    /// Sends due deliveries of the stream's lane in batches while fewer than
+    /// its window are in flight, from where `state` stands.
+    async fn fill(&self, state: &mut LaneState, batch: &mut Batching<'_>) -> anyhow::Result<()> {
         let LaneState {
             cursor,
             catch_up,
             drained,
         } = state;
-        let in_lane = |in_flight: &InFlight| in_flight.values().filter(|(l, _)| *l == lane).count();
-        if *catch_up && in_lane(batch.in_flight) < window {
+        let (lane, window) = (self.lane(), self.window());
+        if *catch_up && batch.in_flight.len() < window {
             *catch_up = false;
-            self.catch_up(lane, *cursor, batch).await?;
+            self.catch_up(*cursor, batch).await?;
         }
-        while !*drained && in_lane(batch.in_flight) < window {
+        while !*drained && batch.in_flight.len() < window {
             let started = std::time::Instant::now();
             let due = self
                 .store
@@ -309,33 +297,28 @@ impl Dispatcher {
             );
             *drained = due.len() < self.config.batch_size as usize;
             let Some(last) = due.last() else {
-                if in_lane(batch.in_flight) == 0 {
+                if batch.in_flight.is_empty() {
                     *cursor = 0;
                 }
                 break;
             };
             *cursor = last.id;
-            self.send(lane, due, batch).await?;
+            self.send(due, batch).await?;
         }
         Ok(())
     }
 
-    /// Reads the rows of `lane` below its lowest batch in flight (below
-    /// `cursor` when none is) and sends them as one batch.
-    async fn catch_up(
-        &self,
-        lane: Lane,
-        cursor: i64,
-        batch: &mut Batching<'_>,
-    ) -> anyhow::Result<()> {
+    /// Reads the rows of the stream's lane below its lowest batch in flight
+    /// (below `cursor` when none is) and sends them as one batch.
+    async fn catch_up(&self, cursor: i64, batch: &mut Batching<'_>) -> anyhow::Result<()> {
         if cursor == 0 {
             return Ok(());
         }
+        let lane = self.lane();
         let lowest_in_flight = batch
             .in_flight
             .values()
-            .filter(|(l, _)| *l == lane)
-            .filter_map(|(_, ids)| ids.first().copied())
+            .filter_map(|ids| ids.first().copied())
             .min()
             .unwrap_or(cursor + 1);
         let due = self
@@ -350,18 +333,13 @@ impl Dispatcher {
             .await?;
         if !due.is_empty() {
             tracing::debug!(due = due.len(), ?lane, "rows found below the cursor");
-            self.send(lane, due, batch).await?;
+            self.send(due, batch).await?;
         }
         Ok(())
     }
 
-    /// Sends `due` as one batch of `lane` and keeps it in flight.
-    async fn send(
-        &self,
-        lane: Lane,
-        due: Vec<DueDelivery>,
-        batch: &mut Batching<'_>,
-    ) -> anyhow::Result<()> {
+    /// Sends `due` as one batch of the stream's lane and keeps it in flight.
+    async fn send(&self, due: Vec<DueDelivery>, batch: &mut Batching<'_>) -> anyhow::Result<()> {
         let ids: Vec<i64> = due.iter().map(|d| d.id).collect();
         let traces = telemetry::step_per_message(
             "relay.hand_over",
@@ -372,7 +350,7 @@ impl Dispatcher {
         let deliveries = pb::DeliveryBatch {
             batch_id,
             // The carrier keeps the lane too: its push queue is by arrival otherwise.
-            messages: pack(due, lane == Lane::Priority, batch.windows, &traces),
+            messages: pack(due, self.lane() == Lane::Priority, batch.windows, &traces),
         };
         batch
             .down
@@ -380,7 +358,7 @@ impl Dispatcher {
                 kind: Some(pb::relay_to_carrier::Kind::Batch(deliveries)),
             })
             .await?;
-        batch.in_flight.insert(batch_id, (lane, ids));
+        batch.in_flight.insert(batch_id, ids);
         *batch.next_batch_id += 1;
         Ok(())
     }
@@ -393,7 +371,7 @@ impl Dispatcher {
     ) -> anyhow::Result<()> {
         match message.kind {
             Some(pb::carrier_to_relay::Kind::BatchAck(ack)) => {
-                if let Some((_, ids)) = in_flight.remove(&ack.batch_id) {
+                if let Some(ids) = in_flight.remove(&ack.batch_id) {
                     let started = std::time::Instant::now();
                     self.store
                         .mark_handed_over(&ids, self.clock.now_ms())
@@ -474,8 +452,8 @@ struct StreamState {
     /// The outbox is looked at when woken for new work or by the poll, and
     /// after an acknowledgement, not on every message up the stream.
     look_at_outbox: bool,
-    priority: LaneState,
-    bulk: LaneState,
+    /// The lane the stream carries.
+    lane: LaneState,
 }
 
 impl Default for StreamState {
@@ -486,8 +464,7 @@ impl Default for StreamState {
             windows: WindowCache::default(),
             notices_in_flight: false,
             look_at_outbox: true,
-            priority: LaneState::default(),
-            bulk: LaneState::default(),
+            lane: LaneState::default(),
         }
     }
 }
@@ -510,8 +487,8 @@ struct LaneState {
     drained: bool,
 }
 
-/// Batches sent and not yet acknowledged: their lane and delivery ids by message.
-type InFlight = HashMap<u64, (Lane, Vec<i64>)>;
+/// Batches sent and not yet acknowledged: their delivery ids by batch id.
+type InFlight = HashMap<u64, Vec<i64>>;
 
 /// What sending a batch on one carrier stream updates.
 struct Batching<'a> {
