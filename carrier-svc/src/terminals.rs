@@ -342,7 +342,8 @@ async fn push_due(
             .due_for_endpoint(
                 endpoint,
                 shared.gateways,
-                (shared.clock.now_ms(), lanes),
+                shared.clock.now_ms(),
+                lanes,
                 PUSH_BATCH,
             )
             .await?;

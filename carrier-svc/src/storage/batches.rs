@@ -64,7 +64,8 @@ impl Store {
         &self,
         endpoint: &str,
         gateways: ChannelSet,
-        (now, lanes): (i64, Lanes),
+        now: i64,
+        lanes: Lanes,
         limit: u32,
     ) -> Result<Vec<Outgoing>> {
         let mut due = self
@@ -412,13 +413,13 @@ mod tests {
             .unwrap();
 
         let due = store
-            .due_for_endpoint("terminals", ChannelSet::EMPTY, (3, Lanes::BOTH), 10)
+            .due_for_endpoint("terminals", ChannelSet::EMPTY, 3, Lanes::BOTH, 10)
             .await
             .unwrap();
         let ids: Vec<u64> = due.iter().map(|d| d.delivery_id).collect();
         assert_eq!(ids, [51, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
         let all = store
-            .due_for_endpoint("terminals", ChannelSet::EMPTY, (3, Lanes::BOTH), 100)
+            .due_for_endpoint("terminals", ChannelSet::EMPTY, 3, Lanes::BOTH, 100)
             .await
             .unwrap();
         assert_eq!(all.len(), 51, "each once");
@@ -450,7 +451,7 @@ mod tests {
         );
 
         let due = store
-            .due_for_endpoint("terminals", ChannelSet::EMPTY, (4, Lanes::BOTH), 100)
+            .due_for_endpoint("terminals", ChannelSet::EMPTY, 4, Lanes::BOTH, 100)
             .await
             .unwrap();
         assert_eq!(due.len(), 8);
@@ -458,7 +459,7 @@ mod tests {
         store.mark_pushed(&slots).await.unwrap();
         assert!(
             store
-                .due_for_endpoint("terminals", ChannelSet::EMPTY, (4, Lanes::BOTH), 100)
+                .due_for_endpoint("terminals", ChannelSet::EMPTY, 4, Lanes::BOTH, 100)
                 .await
                 .unwrap()
                 .is_empty()
@@ -512,7 +513,7 @@ mod tests {
             .await
             .unwrap();
         let again = store
-            .due_for_endpoint("terminals", ChannelSet::EMPTY, (5, Lanes::BOTH), 100)
+            .due_for_endpoint("terminals", ChannelSet::EMPTY, 5, Lanes::BOTH, 100)
             .await
             .unwrap();
         let ids: Vec<u64> = again.iter().map(|d| d.delivery_id).collect();
@@ -560,7 +561,7 @@ mod tests {
             .await
             .unwrap();
         let due = store
-            .due_for_endpoint("terminals", ChannelSet::EMPTY, (1, Lanes::BOTH), 100)
+            .due_for_endpoint("terminals", ChannelSet::EMPTY, 1, Lanes::BOTH, 100)
             .await
             .unwrap();
         let mut moved: Vec<(u64, &str)> = due
