@@ -1,8 +1,11 @@
 //! The campaign expander: turns accepted messages with large targets (all
 //! registered, a service, a segment) into deliveries after `SendMessage` has
-//! answered. Each expansion is one transaction, so a crash mid-way leaves the
-//! message `Accepted` and it is expanded again on restart. It must never do
-//! per-recipient work outside SQL.
+//! answered. A campaign is expanded in steps of [`EXPANSION_CHUNK`]
+//! registrations, each one transaction that moves the message's cursor, so a
+//! crash mid-way leaves the message `Accepted` with its cursor and its
+//! expansion goes on from there on restart; the dispatchers are woken after
+//! every step, so the first people are handed over while the rest are
+//! planned. It must never do per-recipient work outside SQL.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +19,7 @@ use tracing::Instrument;
 use crate::dispatch::DispatchHandle;
 use crate::metrics::RelayMetrics;
 use crate::policy::AttentionConfig;
-use crate::storage::Store;
+use crate::storage::{EXPANSION_CHUNK, Expansion, Store};
 
 /// How many accepted messages one pass claims.
 const CLAIM: u32 = 16;
@@ -57,17 +60,18 @@ async fn run(
                     }
                     let span = tracing::info_span!("expand campaign", %message_id);
                     telemetry::continue_trace(&span, &trace_parent);
-                    match store
-                        .expand_message(&message_id, clock.now_ms(), &attention)
-                        .instrument(span)
-                        .await
-                    {
-                        Ok(matched) => {
+                    let expanded =
+                        expand(&store, &message_id, &clock, &attention, &dispatch, &cancel)
+                            .instrument(span)
+                            .await;
+                    match expanded {
+                        Ok(Some(matched)) => {
                             expanded_any = true;
                             metrics.expanded.add(&[], matched);
                             tracing::info!(%message_id, matched, "campaign expanded");
-                            dispatch.new_work();
                         }
+                        // Stopped between steps; the cursor keeps its place.
+                        Ok(None) => return,
                         Err(error) => {
                             tracing::warn!(%message_id, error = ?error, "campaign expansion failed, will retry");
                         }
@@ -83,6 +87,29 @@ async fn run(
             () = cancel.cancelled() => return,
             () = wake.notified() => {}
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Expands one campaign step by step, waking the dispatchers after each;
+/// the people matched, or `None` when `cancel` fired between steps.
+async fn expand(
+    store: &Store,
+    message_id: &str,
+    clock: &Clock,
+    attention: &AttentionConfig,
+    dispatch: &DispatchHandle,
+    cancel: &CancellationToken,
+) -> crate::error::Result<Option<u64>> {
+    loop {
+        let step = store
+            .expand_step(message_id, clock.now_ms(), attention, EXPANSION_CHUNK)
+            .await?;
+        dispatch.new_work();
+        match step {
+            Expansion::Done { matched } => return Ok(Some(matched)),
+            Expansion::Continues { .. } if cancel.is_cancelled() => return Ok(None),
+            Expansion::Continues { .. } => {}
         }
     }
 }

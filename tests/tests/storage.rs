@@ -8,8 +8,8 @@ use integration_tests::{Backend, backend_tests, store};
 use relay_svc::policy::{AttentionConfig, Policy, Priority, Timing};
 use relay_svc::receipts::{CountReport, EventKind, MessageCount, Receipt};
 use relay_svc::registry::{Contract, NewRegistration, Profile};
-use relay_svc::storage::{MessageCounts, Store};
-use relay_svc::targeting::{Content, NewMessage, Target};
+use relay_svc::storage::{Expansion, MessageCounts, Store};
+use relay_svc::targeting::{Content, MessageState, NewMessage, Target};
 
 fn receipt(message_id: &str, user_id: &str, kind: EventKind) -> Receipt {
     Receipt {
@@ -722,7 +722,143 @@ async fn refs_without_contracts_are_accepted_and_unknown_refs_named(backend: Bac
     assert_eq!(attempts, 0);
 }
 
+/// A campaign expanded in steps (here two registrations a step) plans
+/// everyone once: the message stays accepted with its matched count unknown
+/// until the last step; each step plans only its own people, so fatigue
+/// counts each person once (a step re-counting the people of the steps
+/// before would spend their budget twice), and the counts agree with the
+/// events.
+async fn a_campaign_expanded_in_steps_plans_everyone_once(backend: Backend) {
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
+    let store = &fixture.store;
+    seed_registry(store).await;
+    let people: Vec<String> = (3..=7).map(|n| format!("u{n}")).collect();
+    let contracts: Vec<Contract> = people
+        .iter()
+        .map(|user| Contract {
+            user_id: user.clone(),
+            primary: true,
+            active: true,
+        })
+        .collect();
+    store.upsert_contracts("c1", &contracts, 0).await.unwrap();
+    let registrations: Vec<NewRegistration> = people
+        .iter()
+        .map(|user| NewRegistration {
+            user_id: user.clone(),
+            enterprise_id: "ent_1".into(),
+            service_id: None,
+            profile: Profile::default(),
+            text_version: "v1".into(),
+        })
+        .collect();
+    store.register_users("c1", &registrations, 0).await.unwrap();
+    // Three campaign sends a day per person, hub-wide.
+    let attention = AttentionConfig {
+        daily_budget: 3,
+        ..AttentionConfig::default()
+    };
+    let accept = |id: &'static str, all_carriers: bool| {
+        let message = NewMessage {
+            all_carriers,
+            ..message(id, Target::AllRegistered, None)
+        };
+        async move {
+            store
+                .accept_message("ent_1", id, &message, DAY0, DAY0 + HOUR, &attention)
+                .await
+                .unwrap();
+        }
+    };
+    let skipped = |id: &'static str| async move {
+        let counts = store.message_counts(id).await.unwrap();
+        assert_eq!(counts, store.recount_message(id).await.unwrap(), "{id}");
+        counts.skipped
+    };
+
+    accept("msg_a", false).await;
+    assert_eq!(
+        store
+            .expand_message("msg_a", DAY0, &attention)
+            .await
+            .unwrap(),
+        7
+    );
+    // u1 is on c1 and c2: eight attempts for seven people.
+    accept("msg_b", true).await;
+    let mut steps = Vec::new();
+    loop {
+        let step = store
+            .expand_step("msg_b", DAY0, &attention, 2)
+            .await
+            .unwrap();
+        steps.push(step);
+        let row = store.message("ent_1", "msg_b").await.unwrap().unwrap();
+        match step {
+            Expansion::Continues { .. } => {
+                assert_eq!(row.state, MessageState::Accepted);
+                assert_eq!(row.matched, None, "matched is known at the last step");
+            }
+            Expansion::Done { .. } => {
+                assert_eq!(row.state, MessageState::Expanded);
+                assert_eq!(row.matched, Some(7));
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        steps,
+        [
+            Expansion::Continues { matched: 2 },
+            Expansion::Continues { matched: 4 },
+            Expansion::Continues { matched: 6 },
+            Expansion::Done { matched: 7 },
+        ]
+    );
+    // Another step finds it expanded and does nothing.
+    assert_eq!(
+        store
+            .expand_step("msg_b", DAY0, &attention, 2)
+            .await
+            .unwrap(),
+        Expansion::Done { matched: 0 }
+    );
+    let pending: Vec<(String, u64)> = store
+        .carrier_counts(Some("msg_b"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.carrier_id, c.pending))
+        .collect();
+    assert_eq!(
+        pending,
+        [("c1".into(), 7), ("c2".into(), 1), ("c3".into(), 0)]
+    );
+    assert_eq!(skipped("msg_b").await, 0);
+    // The third send reaches everyone; the fourth nobody.
+    accept("msg_c", false).await;
+    store
+        .expand_message("msg_c", DAY0, &attention)
+        .await
+        .unwrap();
+    assert_eq!(
+        skipped("msg_c").await,
+        0,
+        "a step spent someone's budget twice"
+    );
+    accept("msg_d", false).await;
+    store
+        .expand_message("msg_d", DAY0, &attention)
+        .await
+        .unwrap();
+    assert_eq!(skipped("msg_d").await, 7);
+    fixture.close().await;
+}
+
 backend_tests!(
+    a_campaign_expanded_in_steps_plans_everyone_once,
     concurrent_accepts_keep_their_own_outcomes,
     refs_without_contracts_are_accepted_and_unknown_refs_named,
     a_read_and_its_delivery_in_one_batch_keep_the_delivery_time,

@@ -82,10 +82,10 @@ fn differing(
 ) -> Sql {
     let mut sql =
         Sql::new("SELECT COUNT(*) FROM (SELECT user_id FROM (SELECT r.user_id AS user_id");
-    campaign_source(&mut sql, enterprise_id, false, target);
+    campaign_source(&mut sql, enterprise_id, false, target, &UserRange::EVERYONE);
     if let Some(except) = except {
         sql.push(" EXCEPT SELECT r.user_id");
-        campaign_source(&mut sql, enterprise_id, false, except);
+        campaign_source(&mut sql, enterprise_id, false, except, &UserRange::EVERYONE);
     }
     let cap = sql.bind(Param::Int(cap as i64));
     sql.push(&format!(") AS matched LIMIT {cap}) AS capped"));
@@ -207,7 +207,13 @@ impl Store {
             }
         }
         let mut sql = Sql::new("SELECT COUNT(DISTINCT c.user_id)");
-        campaign_source(&mut sql, enterprise_id, false, &stored);
+        campaign_source(
+            &mut sql,
+            enterprise_id,
+            false,
+            &stored,
+            &UserRange::EVERYONE,
+        );
         on_pool!(self, pool => pool.acquire().await?.count(sql).await)
     }
 
@@ -243,6 +249,7 @@ pub(super) fn campaign_source(
     enterprise_id: &str,
     all_carriers: bool,
     target: &StoredTarget,
+    users: &UserRange,
 ) {
     let all = sql.bind(Param::Bool(all_carriers));
     sql.push(&format!(
@@ -291,4 +298,57 @@ pub(super) fn campaign_source(
     }
     sql.push(" WHERE ");
     sql.push(&filters.join(" AND "));
+    let range = users.filter(sql, "r.user_id");
+    sql.push(&range);
+}
+
+/// The people one step of a campaign's expansion covers: the enterprise's
+/// registrations with user ids after `after` (exclusive) through `through`
+/// (inclusive), in user id order; a bound that is absent does not limit.
+/// A range is a key range of `registrations (enterprise_id, user_id)` and of
+/// `deliveries (message_id, user_id, …)`, so a step reads only its own rows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct UserRange {
+    pub(super) after: Option<String>,
+    pub(super) through: Option<String>,
+}
+
+impl UserRange {
+    /// Everyone: no bound.
+    pub(super) const EVERYONE: Self = Self {
+        after: None,
+        through: None,
+    };
+
+    /// ` AND {column} > $n AND {column} <= $m`, for the bounds there are,
+    /// bound into `sql`.
+    pub(super) fn filter(&self, sql: &mut Sql, column: &str) -> String {
+        let mut text = String::new();
+        if let Some(after) = &self.after {
+            let p = sql.bind(Param::Text(after.clone()));
+            text.push_str(&format!(" AND {column} > {p}"));
+        }
+        if let Some(through) = &self.through {
+            let p = sql.bind(Param::Text(through.clone()));
+            text.push_str(&format!(" AND {column} <= {p}"));
+        }
+        text
+    }
+
+    /// The same bounds, pushed onto a query being built.
+    pub(super) fn push<DB: sqlx::Database>(&self, query: &mut QueryBuilder<DB>, column: &str)
+    where
+        for<'t> String: sqlx::Encode<'t, DB> + sqlx::Type<DB>,
+    {
+        if let Some(after) = &self.after {
+            query
+                .push(format!(" AND {column} > "))
+                .push_bind(after.clone());
+        }
+        if let Some(through) = &self.through {
+            query
+                .push(format!(" AND {column} <= "))
+                .push_bind(through.clone());
+        }
+    }
 }

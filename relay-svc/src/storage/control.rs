@@ -144,10 +144,13 @@ impl Store {
     }
 
     /// Closes messages past their expiry: what was not handed over expires.
+    /// A campaign still being expanded is closed once its last step is
+    /// planned, so no step adds attempts to a closed message.
     async fn expire_messages(&self, now: i64) -> Result<u64> {
         let mut expired = 0;
         let expiring: Vec<String> = on_pool!(self, pool => sqlx::query_scalar(
-            "SELECT id FROM messages WHERE closed = FALSE AND expires_at <= $1 ORDER BY expires_at LIMIT $2",
+            formatcp!("SELECT id FROM messages WHERE closed = FALSE AND expires_at <= $1 AND state <> {ACCEPTED}
+             ORDER BY expires_at LIMIT $2"),
         )
         .bind(now)
         .bind(GROUPS_PER_PASS)

@@ -1,15 +1,20 @@
 //! Expansion: a message's recipients become delivery attempts — the
 //! campaign's set-based statements, then what differs per person (the
 //! channel `best` draws for each, the hour each is sent at), then the
-//! matched count.
+//! matched count. A campaign is expanded in steps over its enterprise's
+//! registrations in user id order ([`EXPANSION_CHUNK`] a step), each its own
+//! short transaction that moves the message's cursor, so the writer is never
+//! held for long and the first people are handed over while the rest are
+//! planned.
 
 use std::collections::HashMap;
 
 use const_format::formatcp;
 
-use super::audience::{StoredTarget, campaign_source};
+use super::audience::{StoredTarget, UserRange, campaign_source};
 use super::planning::{self, MessagePlan, PlanSteps, Sql};
 use super::states::{ACCEPTED, EXPANDED, PENDING, SKIPPED, UNSENT, WAITING};
+use super::transfer::EVERYONE_HANDED_OVER;
 use super::{CountSteps, IdList, Lane, Store, WritePool, on_pool, on_write, transaction_steps};
 use crate::error::{Error, Result};
 use crate::learning::{self, ChannelBandit, Choice, EXPLORE_SHARE, OpenCounts, Segment};
@@ -23,24 +28,61 @@ const LEARNING_WINDOW_MS: i64 = 30 * 24 * 3_600_000;
 /// What was decided for each person's send time: when and why, or why not at all.
 type SendTimes = HashMap<String, Result<(i64, String), String>>;
 
+/// How many of an enterprise's registrations one step of a campaign's
+/// expansion covers: a step of a broadcast holds the writer for a few
+/// milliseconds (`docs/benchmarks.md`), so accepts and lease renewals wait
+/// at most that long behind it.
+pub const EXPANSION_CHUNK: u32 = 2_000;
+
+/// Where a campaign's expansion stands after a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expansion {
+    /// More registrations to go; the people matched so far.
+    Continues { matched: u64 },
+    /// Expanded (or nothing to do here: not accepted, or expanded by another
+    /// relay meanwhile); the people matched (0 when there was nothing to do).
+    Done { matched: u64 },
+}
+
 impl Store {
-    /// Extracts the recipients of an accepted campaign and plans their
-    /// deliveries, in one transaction: one `INSERT … SELECT` per first-attempt
-    /// channel, the quiet-period deferrals, the fatigue skips, then the matched
-    /// count. Running it twice is harmless. Returns the number of users matched.
+    /// Expands an accepted campaign to its end, step after step
+    /// ([`Store::expand_step`]). Returns the number of users matched.
     pub async fn expand_message(
         &self,
         message_id: &str,
         now: i64,
         attention: &AttentionConfig,
     ) -> Result<u64> {
+        loop {
+            let step = self
+                .expand_step(message_id, now, attention, EXPANSION_CHUNK)
+                .await?;
+            if let Expansion::Done { matched } = step {
+                return Ok(matched);
+            }
+        }
+    }
+
+    /// Plans the next `chunk` of an accepted campaign's registrations after
+    /// its cursor, in one transaction: one `INSERT … SELECT` per
+    /// first-attempt channel, the quiet-period deferrals, the fatigue skips,
+    /// the people matched, and the cursor moved past them; the last step
+    /// marks the message expanded with its matched count. A crash between
+    /// steps leaves the message accepted with its cursor, and the expander
+    /// goes on from there; running a step twice is harmless.
+    pub async fn expand_step(
+        &self,
+        message_id: &str,
+        now: i64,
+        attention: &AttentionConfig,
+        chunk: u32,
+    ) -> Result<Expansion> {
         let Some((plan, target, state)) = self.load(message_id).await? else {
             return Err(Error::not_found("message_id", "no such message"));
         };
         if state != ACCEPTED {
-            return Ok(0);
+            return Ok(Expansion::Done { matched: 0 });
         }
-        let statements = campaign_statements(message_id, &plan, &target, now, attention);
         let bandit = match plan.policy.kind {
             PolicyKind::Best => {
                 let rates = self.channel_rates(now).await?;
@@ -54,26 +96,40 @@ impl Store {
         // The message's row is claimed first (`FOR UPDATE SKIP LOCKED` on
         // PostgreSQL): a message another relay is expanding right now is
         // skipped — it stays accepted if that relay dies — and one expanded
-        // meanwhile is left alone.
-        let claim = format!("SELECT state FROM messages WHERE id = $1{}", self.claim());
+        // meanwhile is left alone. Its cursor is read under the claim, so two
+        // relays taking turns at its steps never plan one range twice.
+        let claim = format!(
+            "SELECT state, expand_cursor, expand_matched FROM messages WHERE id = $1{}",
+            self.claim()
+        );
         on_write!(self, pool => {
             let mut tx = pool.begin_write().await?;
-            let state: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(claim))
+            let claimed: Option<(i64, Option<String>, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(claim))
                 .bind(message_id)
                 .fetch_optional(&mut *tx)
                 .await?;
-            if state != Some(ACCEPTED) {
+            let Some((ACCEPTED, cursor, matched_before)) = claimed else {
                 tx.rollback().await?;
-                return Ok(0);
-            }
+                return Ok(Expansion::Done { matched: 0 });
+            };
+            let (users, last) = tx.next_users(&plan.enterprise_id, cursor, chunk).await?;
+            let statements = campaign_statements(message_id, &plan, &target, now, attention, &users);
             tx.execute_all(message_id, statements).await?;
             if let Some(bandit) = &bandit {
-                tx.choose_channels_per_person(self, message_id, bandit).await?;
+                tx.choose_channels_per_person(self, message_id, bandit, &users).await?;
             }
-            tx.time_per_person(self, message_id, &plan, now).await?;
-            let matched = tx.finish_expansion(message_id, now, self.webhooks_listening()).await?;
+            tx.time_per_person(self, message_id, &plan, now, &users).await?;
+            let step = if last {
+                let matched = tx
+                    .finish_expansion(message_id, &users, matched_before, now, self.webhooks_listening())
+                    .await?;
+                Expansion::Done { matched }
+            } else {
+                let matched = tx.finish_step(message_id, &users, matched_before).await?;
+                Expansion::Continues { matched }
+            };
             tx.commit().await?;
-            Ok(matched)
+            Ok(step)
         })
     }
 
@@ -130,30 +186,34 @@ impl Store {
     }
 }
 
-/// The statements that plan a campaign's first attempts: one `INSERT …
-/// SELECT` per first-attempt channel, the quiet-period deferrals and the
-/// fatigue skips.
+/// The statements that plan a campaign's first attempts for `users`: one
+/// `INSERT … SELECT` per first-attempt channel, the quiet-period deferrals
+/// and the fatigue skips.
 pub(super) fn campaign_statements(
     message_id: &str,
     plan: &MessagePlan,
     target: &StoredTarget,
     now: i64,
     attention: &AttentionConfig,
+    users: &UserRange,
 ) -> Vec<Sql> {
     let timing = plan.timing(now).unwrap_or((now, now));
     let choices = planning::first_channels(&plan.policy, None);
     let mut statements =
         planning::insert_attempts(message_id, &choices, timing, now, ("", Lane::Bulk), |sql| {
-            campaign_source(sql, &plan.enterprise_id, plan.all_carriers, target);
+            campaign_source(sql, &plan.enterprise_id, plan.all_carriers, target, users);
         });
     if attention.quiet_period_ms > 0 {
-        statements.push(planning::defer_for_quiet_periods(message_id, timing.0));
+        statements.push(planning::defer_for_quiet_periods(
+            message_id, timing.0, users,
+        ));
     }
     statements.extend(planning::apply_fatigue(
         message_id,
         plan.priority,
         now,
         attention,
+        users,
     ));
     statements
 }
@@ -161,30 +221,61 @@ pub(super) fn campaign_statements(
 transaction_steps! {
     /// What expansion does per person, inside its transaction.
     pub(super) trait ExpansionSteps {
-        /// For `best`: draws each recipient's channel with `bandit` from their
-        /// own history, and rewrites the first attempts of `message_id` with
-        /// it and the reason.
+        /// The registrations of `enterprise_id`'s next step after `cursor`
+        /// (none yet: from the first), at most `chunk` of them, and whether
+        /// it is the last step.
+        async fn next_users(
+            &mut self,
+            enterprise_id: &str,
+            cursor: Option<String>,
+            chunk: u32,
+        ) -> Result<(UserRange, bool)> {
+            // The step's last user id; none: fewer than `chunk` remain.
+            let mut last_of_step = sqlx::QueryBuilder::new("SELECT user_id FROM registrations WHERE enterprise_id = ");
+            last_of_step.push_bind(enterprise_id);
+            let from = UserRange { after: cursor, through: None };
+            from.push(&mut last_of_step, "user_id");
+            last_of_step
+                .push(" ORDER BY user_id LIMIT 1 OFFSET ")
+                .push_bind(i64::from(chunk.max(1)) - 1);
+            let through: Option<String> = last_of_step.build_query_scalar().fetch_optional(&mut *self).await?;
+            let Some(through) = through else {
+                return Ok((from, true));
+            };
+            let more: Option<i64> = sqlx::query_scalar(
+                "SELECT CAST(1 AS BIGINT) FROM registrations WHERE enterprise_id = $1 AND user_id > $2 LIMIT 1",
+            )
+            .bind(enterprise_id)
+            .bind(&through)
+            .fetch_optional(&mut *self)
+            .await?;
+            Ok((UserRange { through: Some(through), ..from }, more.is_none()))
+        }
+
+        /// For `best`: draws each recipient among `users` a channel with
+        /// `bandit` from their own history, and rewrites their first attempts
+        /// of `message_id` with it and the reason.
         async fn choose_channels_per_person(
             &mut self,
             store: &Store,
             message_id: &str,
             bandit: &ChannelBandit,
+            users: &UserRange,
         ) -> Result<()> {
-            let people: Vec<(i64, String)> = sqlx::query_as(
-                formatcp!("SELECT id, user_id FROM deliveries WHERE message_id = $1 AND attempt = 0 AND state IN {UNSENT}"),
-            )
-            .bind(message_id)
-            .fetch_all(&mut *self)
-            .await?;
-            let history: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+            let mut people = sqlx::QueryBuilder::new("SELECT id, user_id FROM deliveries WHERE message_id = ");
+            people.push_bind(message_id);
+            users.push(&mut people, "user_id");
+            people.push(formatcp!(" AND attempt = 0 AND state IN {UNSENT}"));
+            let people: Vec<(i64, String)> = people.build_query_as().fetch_all(&mut *self).await?;
+            let mut history = sqlx::QueryBuilder::new(
                 "SELECT c.user_id, c.channel, CAST(SUM(c.delivered) AS BIGINT), CAST(SUM(c.opened) AS BIGINT)
                  FROM person_channels c
-                 WHERE c.channel > 0 AND c.user_id IN (SELECT user_id FROM deliveries WHERE message_id = $1)
-                 GROUP BY c.user_id, c.channel",
-            )
-            .bind(message_id)
-            .fetch_all(&mut *self)
-            .await?;
+                 WHERE c.channel > 0 AND c.user_id IN (SELECT user_id FROM deliveries WHERE message_id = ",
+            );
+            history.push_bind(message_id);
+            users.push(&mut history, "user_id");
+            history.push(") GROUP BY c.user_id, c.channel");
+            let history: Vec<(String, i64, i64, i64)> = history.build_query_as().fetch_all(&mut *self).await?;
             let history: Vec<(String, Channel, OpenCounts)> = history
                 .into_iter()
                 .filter_map(|(user_id, channel, delivered, opened)| {
@@ -193,13 +284,19 @@ transaction_steps! {
                     })
                 })
                 .collect();
-            let segments: HashMap<String, Segment> = sqlx::query_as::<_, (String, String, i64)>(sqlx::AssertSqlSafe(format!(
+            let mut segments = sqlx::QueryBuilder::new(format!(
                 "SELECT p.user_id, COALESCE(p.gender, ''), {} FROM profiles p
-                 WHERE p.enterprise_id = (SELECT enterprise_id FROM messages WHERE id = $1)
-                   AND p.user_id IN (SELECT user_id FROM deliveries WHERE message_id = $1)",
+                 WHERE p.enterprise_id = (SELECT enterprise_id FROM messages WHERE id = ",
                 super::stats::AGE_BAND
-            )))
-            .bind(message_id)
+            ));
+            segments
+                .push_bind(message_id)
+                .push(") AND p.user_id IN (SELECT user_id FROM deliveries WHERE message_id = ")
+                .push_bind(message_id);
+            users.push(&mut segments, "user_id");
+            segments.push(")");
+            let segments: HashMap<String, Segment> = segments
+            .build_query_as::<(String, String, i64)>()
             .fetch_all(&mut *self)
             .await?
             .into_iter()
@@ -229,53 +326,55 @@ transaction_steps! {
             Ok(())
         }
 
-        /// For a per-person send time: each recipient's first attempts of
-        /// `message_id` (planned by `plan` at `now`) wait for the hour chosen
-        /// for them, or are skipped with the reason. Attempts already held
-        /// (quiet period) or skipped (fatigue) keep that.
+        /// For a per-person send time: the first attempts of `message_id`
+        /// (planned by `plan` at `now`) of each recipient among `users` wait
+        /// for the hour chosen for them, or are skipped with the reason.
+        /// Attempts already held (quiet period) or skipped (fatigue) keep that.
         async fn time_per_person(
             &mut self,
             store: &Store,
             message_id: &str,
             plan: &MessagePlan,
             now: i64,
+            users: &UserRange,
         ) -> Result<()> {
             let Some(send_time) = plan.send_time else {
                 return Ok(());
             };
             let within = send_time.within_ms().min(plan.expires_at - now);
-            let people: Vec<(i64, String)> = sqlx::query_as(
-                formatcp!("SELECT id, user_id FROM deliveries WHERE message_id = $1 AND attempt = 0 AND state = {PENDING}"),
-            )
-            .bind(message_id)
-            .fetch_all(&mut *self)
-            .await?;
+            let mut people = sqlx::QueryBuilder::new("SELECT id, user_id FROM deliveries WHERE message_id = ");
+            people.push_bind(message_id);
+            users.push(&mut people, "user_id");
+            people.push(formatcp!(" AND attempt = 0 AND state = {PENDING}"));
+            let people: Vec<(i64, String)> = people.build_query_as().fetch_all(&mut *self).await?;
             let decided = match send_time {
-                SendTime::BestHour { .. } => self.best_hours(message_id, &people, now, within).await?,
+                SendTime::BestHour { .. } => self.best_hours(message_id, users, &people, now, within).await?,
                 SendTime::PlaceHour { min_rate_permille, .. } => {
-                    self.place_hours(message_id, plan, &people, min_rate_permille, now, within)
+                    self.place_hours(message_id, users, plan, &people, min_rate_permille, (now, within))
                         .await?
                 }
             };
-            self.schedule(store, message_id, &people, &decided, now).await
+            self.schedule(store, message_id, users, &people, &decided, now).await
         }
 
         /// Each of `people`'s best hour by their own opens.
         async fn best_hours(
             &mut self,
             message_id: &str,
+            users: &UserRange,
             people: &[(i64, String)],
             now: i64,
             within: i64,
         ) -> Result<SendTimes> {
             let mut decided = SendTimes::new();
-            let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            let mut rows = sqlx::QueryBuilder::new(
                 "SELECT h.user_id, h.hour, h.opened FROM person_hours h
-                 WHERE h.user_id IN (SELECT user_id FROM deliveries WHERE message_id = $1)",
-            )
-            .bind(message_id)
-            .fetch_all(&mut *self)
-            .await?;
+                 WHERE h.user_id IN (SELECT user_id FROM deliveries WHERE message_id = ",
+            );
+            rows.push_bind(message_id);
+            users.push(&mut rows, "user_id");
+            rows.push(")");
+            let rows: Vec<(String, i64, i64)> = rows.build_query_as().fetch_all(&mut *self).await?;
             let mut opens: HashMap<String, [u64; 24]> = HashMap::new();
             for (user_id, hour, opened) in rows {
                 opens.entry(user_id).or_insert([0; 24])[hour.rem_euclid(24) as usize] += opened.max(0) as u64;
@@ -292,22 +391,27 @@ transaction_steps! {
         async fn place_hours(
             &mut self,
             message_id: &str,
+            users: &UserRange,
             plan: &MessagePlan,
             people: &[(i64, String)],
             min_rate_permille: i64,
-            now: i64,
-            within: i64,
+            now_within: (i64, i64),
         ) -> Result<SendTimes> {
+            let (now, within) = now_within;
             let mut decided = SendTimes::new();
-            let places: HashMap<String, String> = sqlx::query_as(
+            let mut places = sqlx::QueryBuilder::new(
                 "SELECT p.user_id, p.place FROM person_places p
-                 WHERE p.user_id IN (SELECT user_id FROM deliveries WHERE message_id = $1)",
-            )
-            .bind(message_id)
-            .fetch_all(&mut *self)
-            .await?
-            .into_iter()
-            .collect();
+                 WHERE p.user_id IN (SELECT user_id FROM deliveries WHERE message_id = ",
+            );
+            places.push_bind(message_id);
+            users.push(&mut places, "user_id");
+            places.push(")");
+            let places: HashMap<String, String> = places
+                .build_query_as::<(String, String)>()
+                .fetch_all(&mut *self)
+                .await?
+                .into_iter()
+                .collect();
             let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
                 "SELECT place, send_hour % 24, CAST(SUM(delivered) AS BIGINT), CAST(SUM(opened) AS BIGINT)
                  FROM stats_cells WHERE enterprise_id = $1 AND place <> '' AND send_hour >= $2
@@ -338,6 +442,7 @@ transaction_steps! {
             &mut self,
             store: &Store,
             message_id: &str,
+            users: &UserRange,
             people: &[(i64, String)],
             decided: &SendTimes,
             now: i64,
@@ -377,34 +482,71 @@ transaction_steps! {
                 }
             }
             if skipped {
-                self.execute_all(message_id, [planning::record_skips(message_id, now)])
+                self.execute_all(message_id, [planning::record_skips(message_id, now, users)])
                     .await?;
             }
             Ok(())
         }
 
-        /// Counts a message's matched users and marks it expanded (and its
-        /// `message.expanded` event, when some webhook endpoint is enabled).
-        async fn finish_expansion(&mut self, message_id: &str, now: i64, webhooks_listening: bool) -> Result<u64> {
-            // One statement: the count is taken where it is stored.
+        /// The people among `users` that `message_id` reaches (each once,
+        /// however many carriers or channels).
+        async fn people_in(&mut self, message_id: &str, users: &UserRange) -> Result<i64> {
+            let mut count = sqlx::QueryBuilder::new(
+                "SELECT COUNT(DISTINCT user_id) FROM deliveries WHERE message_id = ",
+            );
+            count.push_bind(message_id);
+            users.push(&mut count, "user_id");
+            Ok(count.build_query_scalar().fetch_one(&mut *self).await?)
+        }
+
+        /// A step of a campaign that is not its last: the people among
+        /// `users` join the `matched_before` of the steps before, and the
+        /// cursor moves past them. The people matched so far.
+        async fn finish_step(&mut self, message_id: &str, users: &UserRange, matched_before: i64) -> Result<u64> {
+            let matched = matched_before + self.people_in(message_id, users).await?;
+            sqlx::query("UPDATE messages SET expand_cursor = $2, expand_matched = $3 WHERE id = $1")
+                .bind(message_id)
+                .bind(&users.through)
+                .bind(matched)
+                .execute(&mut *self)
+                .await?;
+            Ok(matched as u64)
+        }
+
+        /// The last planning of a message: counts its matched users (those
+        /// among `users` and `matched_before` from its earlier steps) and
+        /// marks it expanded — with its `message.expanded` event, and
+        /// `message.handed_over` when its earlier steps' people are all
+        /// handed over already, when some webhook endpoint is enabled.
+        async fn finish_expansion(
+            &mut self,
+            message_id: &str,
+            users: &UserRange,
+            matched_before: i64,
+            now: i64,
+            webhooks_listening: bool,
+        ) -> Result<u64> {
+            let matched = matched_before + self.people_in(message_id, users).await?;
             let set: Option<i64> = sqlx::query_scalar(formatcp!(
-                "UPDATE messages SET state = {EXPANDED},
-                        matched = (SELECT COUNT(DISTINCT d.user_id) FROM deliveries d WHERE d.message_id = $1)
+                "UPDATE messages SET state = {EXPANDED}, matched = $2, expand_matched = $2
                  WHERE id = $1 AND state = {ACCEPTED} RETURNING matched"
             ))
             .bind(message_id)
+            .bind(matched)
             .fetch_optional(&mut *self)
             .await?;
             let matched = match set {
                 Some(matched) => matched,
                 // Expanded before (a second expander): nothing to set.
-                None => sqlx::query_scalar("SELECT COUNT(DISTINCT user_id) FROM deliveries WHERE message_id = $1")
+                None => sqlx::query_scalar("SELECT COALESCE(matched, 0) FROM messages WHERE id = $1")
                     .bind(message_id)
                     .fetch_one(&mut *self)
                     .await?,
             };
             if webhooks_listening {
                 self.record_message_events(&[message_id], MessageEventKind::Expanded, "TRUE", now)
+                    .await?;
+                self.record_message_events(&[message_id], MessageEventKind::HandedOver, EVERYONE_HANDED_OVER, now)
                     .await?;
             }
             Ok(matched as u64)

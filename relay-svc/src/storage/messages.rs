@@ -9,7 +9,7 @@ use const_format::formatcp;
 use sqlx::QueryBuilder;
 
 use super::auction::BidSteps;
-use super::audience::{AudienceSteps, StoredTarget};
+use super::audience::{AudienceSteps, StoredTarget, UserRange};
 use super::audit::AuditSteps;
 use super::expanding::{ExpansionSteps, campaign_statements};
 use super::message_rows::{PlanRow, insert_follow_up, insert_message};
@@ -465,10 +465,11 @@ transaction_steps! {
                 service_id: a.service_id().map(str::to_owned),
                 ..segment.unwrap_or_default()
             };
-            let statements = campaign_statements(a.message_id, &a.plan, &target, a.now, a.attention);
+            let everyone = &UserRange::EVERYONE;
+            let statements = campaign_statements(a.message_id, &a.plan, &target, a.now, a.attention, everyone);
             self.execute_all(a.message_id, statements).await?;
-            self.time_per_person(store, a.message_id, &a.plan, a.now).await?;
-            Ok(Some(self.finish_expansion(a.message_id, a.now, a.webhooks_listening).await?))
+            self.time_per_person(store, a.message_id, &a.plan, a.now, everyone).await?;
+            Ok(Some(self.finish_expansion(a.message_id, everyone, 0, a.now, a.webhooks_listening).await?))
         }
 
         /// Refuses `service_id` unless it is one of `enterprise_id`'s services.
@@ -543,13 +544,14 @@ transaction_steps! {
                 });
                 self.execute_all(message_id, statements).await?;
             }
+            let everyone = &UserRange::EVERYONE;
             if let Some(bandit) = &a.bandit {
-                self.choose_channels_per_person(store, message_id, bandit).await?;
+                self.choose_channels_per_person(store, message_id, bandit, everyone).await?;
             }
-            self.time_per_person(store, message_id, plan, now).await?;
+            self.time_per_person(store, message_id, plan, now, everyone).await?;
             let quiet = planning::open_quiet_periods(message_id, timing.0, now, a.attention);
             self.execute_all(message_id, quiet).await?;
-            let matched = self.finish_expansion(message_id, now, a.webhooks_listening).await?;
+            let matched = self.finish_expansion(message_id, everyone, 0, now, a.webhooks_listening).await?;
             let refs_given = refs.iter().collect::<HashSet<_>>().len();
             if (matched as usize) < refs_given {
                 self.check_refs(a.enterprise_id, refs).await?;

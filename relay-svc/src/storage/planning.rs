@@ -2,12 +2,14 @@
 //! delivery attempts (channel by policy, timing by window), hold people's
 //! other messages off around a targeted one (quiet periods), and spare people
 //! who stopped opening (fatigue). Every statement is set-based over the whole
-//! message; this module builds them and [`PlanSteps::execute_all`] runs them
+//! message, or over one range of its people (a step of a campaign's
+//! expansion, [`UserRange`]); this module builds them and [`PlanSteps::execute_all`] runs them
 //! inside the caller's transaction on either backend.
 
 use chukei_proto::window::Window;
 use const_format::formatcp;
 
+use super::audience::UserRange;
 use super::states::{PENDING, SKIPPED, UNSENT, WAITING};
 use super::{CountSteps, Lane, Param, transaction_steps};
 use crate::error::Result;
@@ -325,9 +327,9 @@ pub(super) fn open_quiet_periods(
     ]
 }
 
-/// After a campaign's attempts are inserted: defer those whose recipient is
-/// inside someone's quiet period at send time `at`.
-pub(super) fn defer_for_quiet_periods(message_id: &str, at: i64) -> Sql {
+/// After a campaign's attempts are inserted: defer those of `users` whose
+/// recipient is inside someone's quiet period at send time `at`.
+pub(super) fn defer_for_quiet_periods(message_id: &str, at: i64, users: &UserRange) -> Sql {
     let mut sql = Sql::new(formatcp!(
         "UPDATE deliveries SET state = {WAITING}, not_before = "
     ));
@@ -344,20 +346,23 @@ pub(super) fn defer_for_quiet_periods(message_id: &str, at: i64) -> Sql {
     ));
     let m = sql.bind(Param::Text(message_id.to_owned()));
     let second = inside(&mut sql);
+    let range = users.filter(&mut sql, "user_id");
     sql.push(&format!(
-        "(SELECT MAX(q.ends_at) {first}), note = {note} WHERE message_id = {m} AND state IN {UNSENT} AND EXISTS (SELECT 1 {second})"
+        "(SELECT MAX(q.ends_at) {first}), note = {note} WHERE message_id = {m}{range} AND state IN {UNSENT} AND EXISTS (SELECT 1 {second})"
     ));
     sql.counting(Effect::Count(DEFERRED_COUNT))
 }
 
-/// After a campaign's attempts are inserted: skip the recipients who reached
-/// today's hub-wide budget or their own (trend-dependent) cap, record why,
-/// and count the rest against today's attention.
+/// After a campaign's attempts are inserted: skip the recipients among
+/// `users` who reached today's hub-wide budget or their own
+/// (trend-dependent) cap, record why, and count the rest against today's
+/// attention.
 pub(super) fn apply_fatigue(
     message_id: &str,
     priority: Priority,
     now: i64,
     attention: &AttentionConfig,
+    users: &UserRange,
 ) -> Vec<Sql> {
     let cap = attention.cap_expression(priority, "g.score");
     let budget = (attention.daily_budget > 0).then_some(attention.daily_budget);
@@ -372,8 +377,9 @@ pub(super) fn apply_fatigue(
     let start = roll.bind(Param::Int(SCORE_START));
     let day = roll.bind(Param::Int(today));
     let m = roll.bind(Param::Text(message_id.to_owned()));
+    let range = users.filter(&mut roll, "user_id");
     roll.push(&format!(
-        "{start}, {day}, 0 FROM deliveries WHERE message_id = {m} AND state IN {UNSENT} \
+        "{start}, {day}, 0 FROM deliveries WHERE message_id = {m}{range} AND state IN {UNSENT} \
          ON CONFLICT (user_id) DO UPDATE SET day = excluded.day, planned = 0 WHERE engagement.day <> excluded.day"
     ));
     statements.push(roll);
@@ -384,8 +390,9 @@ pub(super) fn apply_fatigue(
         ));
         let note = sql.bind(Param::Text(reason));
         let m = sql.bind(Param::Text(message_id.to_owned()));
+        let range = users.filter(&mut sql, "user_id");
         sql.push(&format!(
-            "{note} WHERE message_id = {m} AND state IN {UNSENT} AND user_id IN \
+            "{note} WHERE message_id = {m}{range} AND state IN {UNSENT} AND user_id IN \
              (SELECT g.user_id FROM engagement g WHERE g.planned >= {limit})"
         ));
         statements.push(sql);
@@ -406,30 +413,32 @@ pub(super) fn apply_fatigue(
         );
     }
 
-    statements.push(record_skips(message_id, now));
+    statements.push(record_skips(message_id, now, users));
 
     let mut spend =
         Sql::new("UPDATE engagement SET planned = planned + 1, score = score - score / ");
     let shift = spend.bind(Param::Int(SCORE_SEND_SHIFT));
     let m = spend.bind(Param::Text(message_id.to_owned()));
+    let range = users.filter(&mut spend, "user_id");
     spend.push(&format!(
-        "{shift} WHERE user_id IN (SELECT user_id FROM deliveries WHERE message_id = {m} AND state IN {UNSENT})"
+        "{shift} WHERE user_id IN (SELECT user_id FROM deliveries WHERE message_id = {m}{range} AND state IN {UNSENT})"
     ));
     statements.push(spend);
     statements
 }
 
-/// A `skipped` event (counted) for each person of `message_id` whose
-/// attempts were skipped (state 5), once.
-pub(super) fn record_skips(message_id: &str, now: i64) -> Sql {
+/// A `skipped` event (counted) for each person of `message_id` among
+/// `users` whose attempts were skipped (state 5), once.
+pub(super) fn record_skips(message_id: &str, now: i64, users: &UserRange) -> Sql {
     let mut record = Sql::new(
         "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region) SELECT message_id, user_id, ",
     );
     let kind = record.bind(Param::Int(EventKind::Skipped.number()));
     let at = record.bind(Param::Int(now));
     let m = record.bind(Param::Text(message_id.to_owned()));
+    let range = users.filter(&mut record, "user_id");
     record.push(&format!(
-        "{kind}, {at}, carrier_id, channel, '' FROM deliveries WHERE message_id = {m} AND state = {SKIPPED} ON CONFLICT DO NOTHING"
+        "{kind}, {at}, carrier_id, channel, '' FROM deliveries WHERE message_id = {m}{range} AND state = {SKIPPED} ON CONFLICT DO NOTHING"
     ));
     record.counting(Effect::Count(EventKind::Skipped.number()))
 }

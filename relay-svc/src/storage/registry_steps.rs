@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use const_format::formatcp;
 use sqlx::QueryBuilder;
 
+use super::audience::UserRange;
 use super::planning::{self, PlanSteps};
 use super::states::{HANDED_OVER, SKIPPED, UNSENT};
 use super::{ROWS_PER_STATEMENT, transaction_steps};
@@ -117,7 +118,7 @@ transaction_steps! {
                     .bind(user_id)
                     .execute(&mut *self)
                     .await?;
-                self.execute_all(message_id, [planning::record_skips(message_id, now)])
+                self.execute_all(message_id, [planning::record_skips(message_id, now, &UserRange::EVERYONE)])
                     .await?;
             }
             Ok(())

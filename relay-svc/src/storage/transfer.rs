@@ -105,7 +105,7 @@ pub enum Lane {
 }
 
 /// A message (`m`) every matched person of which has been handed over.
-const EVERYONE_HANDED_OVER: &str = formatcp!(
+pub(super) const EVERYONE_HANDED_OVER: &str = formatcp!(
     "m.state = {EXPANDED} AND m.matched > 0
      AND COALESCE((SELECT c.count FROM message_counts c WHERE c.message_id = m.id AND c.kind = 1), 0) >= m.matched"
 );

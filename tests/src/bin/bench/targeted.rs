@@ -228,12 +228,17 @@ pub(super) async fn priority(users: usize, rate: f64, backend: Backend) -> anyho
         })
         .await?
         .into_inner();
+    // The matched count is known once the campaign's last step is planned.
+    let of = if status.matched > 0 {
+        format!("of {}", status.matched)
+    } else {
+        "while still expanding".to_owned()
+    };
     println!(
-        "targeted at {rate}/s during a broadcast to {users}, {backend:?}: {} (broadcast after {:.1}s: {} of {} handed over)",
+        "targeted at {rate}/s during a broadcast to {users}, {backend:?}: {} (broadcast after {:.1}s: {} handed over {of})",
         during.summary(),
         started.elapsed().as_secs_f64(),
         status.handed_over,
-        status.matched
     );
     if let Some(answered) = during.answered() {
         println!("  {answered}");
