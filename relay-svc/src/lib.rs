@@ -91,6 +91,11 @@ pub async fn run(
             &chukei_proto::metrics::LATENCY_BUCKETS,
         )),
     };
+    store.time_write_turns(registry.histogram(
+        "chukei_relay_write_turn_seconds",
+        "Time each SQLite writer held the write turn, by writer (accepts, deliveries, or the storage module: expanding, stats, control, …) (seconds)",
+        &chukei_proto::metrics::LATENCY_BUCKETS,
+    ));
     tracing::info!(replica = %lease.replica, "relay replica");
     let (relay, workers) =
         start_workers(&config, &store, &lease, &registry, cancel.child_token()).await?;

@@ -25,7 +25,11 @@
 //! the accepts' group takes it ahead of the writers still waiting.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::{Arc, Weak};
+use std::panic::Location;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Instant;
+
+use chukei_proto::metrics::Histogram;
 
 use sqlx::{Database, Executor, Transaction};
 use tokio::sync::{Mutex, OwnedMutexGuard, oneshot, watch};
@@ -48,16 +52,57 @@ struct Turn {
     lock: Arc<Mutex<()>>,
     /// Where writers other than the accepts wait for their place at `lock`.
     queue: Mutex<()>,
+    /// How long each writer held the turn, once the relay reports it
+    /// (`chukei_relay_write_turn_seconds`).
+    held: OnceLock<Histogram>,
 }
 
 impl Turn {
-    async fn take(&self, ahead: bool) -> OwnedMutexGuard<()> {
-        if ahead {
-            return self.lock.clone().lock_owned().await;
+    /// Waits for the turn; `writer` names who holds it, for the metric.
+    async fn take(&self, ahead: bool, writer: &'static str) -> Held {
+        let guard = if ahead {
+            self.lock.clone().lock_owned().await
+        } else {
+            let _next = self.queue.lock().await;
+            self.lock.clone().lock_owned().await
+        };
+        Held {
+            _guard: guard,
+            writer,
+            since: Instant::now(),
+            held: self.held.get().cloned(),
         }
-        let _next = self.queue.lock().await;
-        self.lock.clone().lock_owned().await
     }
+}
+
+/// The write turn, held until dropped; how long it was held goes to the
+/// turn's histogram, labelled with the writer.
+#[derive(Debug)]
+pub(crate) struct Held {
+    _guard: OwnedMutexGuard<()>,
+    writer: &'static str,
+    since: Instant,
+    held: Option<Histogram>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(held) = &self.held {
+            held.observe(
+                &[("writer", self.writer)],
+                self.since.elapsed().as_secs_f64(),
+            );
+        }
+    }
+}
+
+/// The storage module a writer's code is in (`stats` for
+/// `relay-svc/src/storage/stats.rs`): a name for the write turn's metric
+/// that code, not data, decides.
+fn module_of(location: &'static Location<'static>) -> &'static str {
+    let file = location.file();
+    let name = file.rsplit(['/', '\\']).next().unwrap_or(file);
+    name.strip_suffix(".rs").unwrap_or(name)
 }
 
 /// Which group each hot writer joins: accepting messages and the delivery
@@ -82,15 +127,19 @@ impl<DB: Database> Groups<DB> {
     /// The two groups, and every writer, taking turns (SQLite).
     pub(crate) fn taking_turns() -> Self {
         let turn = Arc::new(Turn::default());
-        let group = |ahead| {
+        let group = |(ahead, writer)| {
             Arc::new(Group {
-                turn: Some((turn.clone(), ahead)),
+                turn: Some(GroupTurn {
+                    turn: turn.clone(),
+                    ahead,
+                    writer,
+                }),
                 ..Group::default()
             })
         };
         Self {
-            accepts: group(true),
-            deliveries: group(false),
+            accepts: group((true, "accepts")),
+            deliveries: group((false, "deliveries")),
             webhooks_listening: Default::default(),
             keys: Default::default(),
             turn: Some(turn),
@@ -113,13 +162,35 @@ impl<DB: Database> Groups<DB> {
     /// them); held until the guard drops. Without it a writer waits for
     /// SQLite's lock in the busy handler, sleeping 1, 2, 5 … 100 ms between
     /// tries while other writers — a targeted message's group too — go
-    /// first or wait behind it.
-    pub(crate) async fn turn(&self) -> Option<OwnedMutexGuard<()>> {
-        match &self.turn {
-            Some(turn) => Some(turn.take(false).await),
-            None => None,
+    /// first or wait behind it. The caller's module names the writer in
+    /// the hold-time metric.
+    #[track_caller]
+    pub(crate) fn turn(&self) -> impl Future<Output = Option<Held>> + use<'_, DB> {
+        let writer = module_of(Location::caller());
+        async move {
+            match &self.turn {
+                Some(turn) => Some(turn.take(false, writer).await),
+                None => None,
+            }
         }
     }
+
+    /// From now on, how long each writer holds the write turn goes to
+    /// `held` (SQLite; PostgreSQL's writers take no turn).
+    pub(crate) fn time_turns(&self, held: Histogram) {
+        if let Some(turn) = &self.turn {
+            let _ = turn.held.set(held);
+        }
+    }
+}
+
+/// A group's place in the write turn: whether it goes ahead of other
+/// writers waiting, and its name in the hold-time metric.
+#[derive(Debug)]
+struct GroupTurn {
+    turn: Arc<Turn>,
+    ahead: bool,
+    writer: &'static str,
 }
 
 /// A group's commit, once it has happened.
@@ -135,8 +206,8 @@ pub struct Group<DB: Database> {
     /// The latest group's outcome, which the next waits for on a single-writer engine.
     latest: std::sync::Mutex<watch::Receiver<Outcome>>,
     /// The store's write turn, which a group holds from its `BEGIN` to its
-    /// commit ([`Groups::turn`]), and whether it goes ahead of other writers.
-    turn: Option<(Arc<Turn>, bool)>,
+    /// commit ([`Groups::turn`]).
+    turn: Option<GroupTurn>,
 }
 
 /// The open group, if any: taken out by its commit.
@@ -161,7 +232,7 @@ struct Open<DB: Database> {
     broken: bool,
     outcome: watch::Sender<Outcome>,
     /// The store's write turn, released once the group has committed.
-    _turn: Option<OwnedMutexGuard<()>>,
+    _turn: Option<Held>,
 }
 
 /// How to undo an abandoned member's statements.
@@ -220,7 +291,7 @@ where
                 finished(&mut previous).await;
             }
             let turn = match &self.turn {
-                Some((turn, ahead)) => Some(turn.take(*ahead).await),
+                Some(group) => Some(group.turn.take(group.ahead, group.writer).await),
                 None => None,
             };
             let tx = pool.begin_write().await?;
@@ -512,6 +583,23 @@ mod tests {
         third.await.unwrap();
     }
 
+    /// How long a writer held the turn is reported under its module's name
+    /// (here `group`, this file) once the relay asks for it.
+    #[tokio::test]
+    async fn the_time_a_writer_holds_the_turn_is_reported_by_module() {
+        let groups = Groups::<sqlx::Sqlite>::taking_turns();
+        let registry = chukei_proto::metrics::Registry::new();
+        groups.time_turns(registry.histogram("turn_seconds", "held", &[0.001, 10.0]));
+        let turn = groups.turn().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        drop(turn);
+        let rendered = registry.render();
+        assert!(
+            rendered.contains("turn_seconds_bucket{writer=\"group\",le=\"0.001\"} 0")
+                && rendered.contains("turn_seconds_bucket{writer=\"group\",le=\"10\"} 1"),
+            "{rendered}"
+        );
+    }
     #[tokio::test]
     async fn postgres_writers_take_no_turn() {
         let groups = Groups::<sqlx::Postgres>::apart();

@@ -109,6 +109,16 @@ macro_rules! on_write {
 pub(crate) use on_write;
 
 impl Store {
+    /// From now on, how long each SQLite writer holds the write turn goes
+    /// to `held`, labelled `writer` (`accepts`, `deliveries`, or the storage
+    /// module the writer's code is in); nothing on PostgreSQL, whose
+    /// writers take no turn.
+    pub fn time_write_turns(&self, held: chukei_proto::metrics::Histogram) {
+        if let Self::Sqlite(_, groups) = self {
+            groups.time_turns(held);
+        }
+    }
+
     /// Opens the database at `url` (`sqlite://…` or `postgres://…`) and applies
     /// the embedded migrations.
     pub async fn connect(url: &str) -> anyhow::Result<Self> {

@@ -128,7 +128,7 @@ pub(super) async fn targeted(
     backend: Backend,
 ) -> anyhow::Result<()> {
     let (hub, client, refs, terminals) = hub_with_registered(backend, 10_000, &["alpha"]).await?;
-    let leases_before = LeaseHolds::scrape(&hub).await?;
+    let leases_before = Holds::scrape(&hub).await?;
     let ceiling = integration_tests::latency::flat_out(
         &client,
         &refs,
@@ -180,10 +180,7 @@ pub(super) async fn targeted(
             println!("  {answered}");
         }
     }
-    LeaseHolds::scrape(&hub)
-        .await?
-        .since(&leases_before)
-        .print();
+    Holds::scrape(&hub).await?.since(&leases_before).print();
     hub.shutdown().await
 }
 
@@ -206,7 +203,7 @@ pub(super) async fn priority(users: usize, rate: f64, backend: Backend) -> anyho
     if let Some(answered) = idle.answered() {
         println!("  {answered}");
     }
-    let leases_before = LeaseHolds::scrape(&hub).await?;
+    let leases_before = Holds::scrape(&hub).await?;
     let started = Instant::now();
     let broadcast = client
         .send_message(broadcast_request("broadcast"))
@@ -243,82 +240,140 @@ pub(super) async fn priority(users: usize, rate: f64, backend: Backend) -> anyho
     if let Some(answered) = during.answered() {
         println!("  {answered}");
     }
-    LeaseHolds::scrape(&hub)
-        .await?
-        .since(&leases_before)
-        .print();
+    Holds::scrape(&hub).await?.since(&leases_before).print();
     hub.shutdown().await
 }
 
 /// The relay's lease holds and renewals so far, from its metrics
 /// (`chukei_relay_lease_hold_seconds`): how many took at most each bound.
-struct LeaseHolds(Vec<(f64, u64)>);
+/// A histogram the relay reports, scraped from its metrics: the cumulative
+/// bucket counts per value of one label (all series together under "").
+struct Scraped(std::collections::BTreeMap<String, Vec<(f64, u64)>>);
 
-impl LeaseHolds {
-    async fn scrape(hub: &Hub) -> anyhow::Result<Self> {
+impl Scraped {
+    async fn scrape(hub: &Hub, metric: &str, by: Option<&str>) -> anyhow::Result<Self> {
         let addr = hub
             .relay_metrics
             .ok_or_else(|| anyhow::anyhow!("the bench hub serves no metrics"))?;
         let reply =
             integration_tests::http::call(&format!("http://{addr}"), "GET", "/metrics", &[], None)
                 .await;
-        let mut buckets: std::collections::BTreeMap<String, (f64, u64)> = Default::default();
+        let prefix = format!("{metric}_bucket{{");
+        let mut series: std::collections::BTreeMap<
+            String,
+            std::collections::BTreeMap<String, (f64, u64)>,
+        > = Default::default();
         for line in reply.body.lines() {
-            let Some(rest) = line.strip_prefix("chukei_relay_lease_hold_seconds_bucket{") else {
+            let Some(rest) = line.strip_prefix(prefix.as_str()) else {
                 continue;
             };
             let (labels, count) = rest.split_once("} ").unwrap_or_default();
-            let le = labels
-                .split(',')
-                .find_map(|l| l.strip_prefix("le=\""))
-                .map(|l| l.trim_end_matches('"'))
-                .unwrap_or("+Inf");
+            let label = |name: &str| {
+                labels
+                    .split(',')
+                    .find_map(|l| l.strip_prefix(name)?.strip_prefix("=\""))
+                    .map(|l| l.trim_end_matches('"'))
+            };
+            let le = label("le").unwrap_or("+Inf");
+            let key = by.and_then(label).unwrap_or_default().to_owned();
             let bound = le.parse().unwrap_or(f64::INFINITY);
-            let entry = buckets.entry(le.to_owned()).or_insert((bound, 0));
+            let entry = series
+                .entry(key)
+                .or_default()
+                .entry(le.to_owned())
+                .or_insert((bound, 0));
             entry.1 += count.trim().parse::<f64>().unwrap_or(0.0) as u64;
         }
-        let mut sorted: Vec<(f64, u64)> = buckets.into_values().collect();
-        sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
-        Ok(Self(sorted))
+        Ok(Self(
+            series
+                .into_iter()
+                .map(|(key, buckets)| {
+                    let mut sorted: Vec<(f64, u64)> = buckets.into_values().collect();
+                    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    (key, sorted)
+                })
+                .collect(),
+        ))
     }
 
+    /// What was added since `before`.
     fn since(&self, before: &Self) -> Self {
         Self(
             self.0
                 .iter()
-                .map(|(bound, count)| {
-                    let earlier = before
-                        .0
+                .map(|(key, buckets)| {
+                    let earlier = before.0.get(key);
+                    let buckets = buckets
                         .iter()
-                        .find(|(b, _)| b == bound)
-                        .map_or(0, |(_, c)| *c);
-                    (*bound, count - earlier)
+                        .map(|(bound, count)| {
+                            let was = earlier
+                                .and_then(|e| e.iter().find(|(b, _)| b == bound))
+                                .map_or(0, |(_, c)| *c);
+                            (*bound, count - was)
+                        })
+                        .collect();
+                    (key.clone(), buckets)
                 })
                 .collect(),
         )
     }
+}
 
-    /// Count, how many took at most 10 ms, 100 ms and 1 s, and the bound
-    /// under which all of them took.
-    fn print(&self) {
-        let total = self.0.last().map_or(0, |(_, c)| *c);
-        let at_most = |bound: f64| {
-            self.0
-                .iter()
-                .rev()
-                .find(|(b, _)| *b <= bound)
-                .map_or(0, |(_, c)| *c)
-        };
-        let all = self
-            .0
+/// Count, how many took at most 10 ms, 100 ms and 1 s, and the bound (ms)
+/// under which all of them took.
+fn summary(buckets: &[(f64, u64)]) -> String {
+    let total = buckets.last().map_or(0, |(_, c)| *c);
+    let at_most = |bound: f64| {
+        buckets
             .iter()
-            .find(|(_, c)| *c >= total)
-            .map_or(f64::NAN, |(b, _)| *b * 1000.0);
+            .rev()
+            .find(|(b, _)| *b <= bound)
+            .map_or(0, |(_, c)| *c)
+    };
+    let all = buckets
+        .iter()
+        .find(|(_, c)| *c >= total)
+        .map_or(f64::NAN, |(b, _)| *b * 1000.0);
+    format!(
+        "{total}; ≤ 10 ms {}, ≤ 100 ms {}, ≤ 1 s {}; all within {all} ms",
+        at_most(0.01),
+        at_most(0.1),
+        at_most(1.0),
+    )
+}
+
+/// The lease holds and the write turn (SQLite), as the relay reports them.
+struct Holds {
+    leases: Scraped,
+    turns: Scraped,
+}
+
+impl Holds {
+    async fn scrape(hub: &Hub) -> anyhow::Result<Self> {
+        Ok(Self {
+            leases: Scraped::scrape(hub, "chukei_relay_lease_hold_seconds", None).await?,
+            turns: Scraped::scrape(hub, "chukei_relay_write_turn_seconds", Some("writer")).await?,
+        })
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        Self {
+            leases: self.leases.since(&before.leases),
+            turns: self.turns.since(&before.turns),
+        }
+    }
+
+    fn print(&self) {
+        let leases = self.leases.0.get("").map_or(&[][..], Vec::as_slice);
         println!(
-            "lease holds and renewals meanwhile: {total}; ≤ 10 ms {}, ≤ 100 ms {}, ≤ 1 s {}; all within {all} ms (time to live 10 s; goal: every one under 1 s)",
-            at_most(0.01),
-            at_most(0.1),
-            at_most(1.0),
+            "lease holds and renewals meanwhile: {} (time to live 10 s; goal: every one under 1 s)",
+            summary(leases)
         );
+        if !self.turns.0.is_empty() {
+            println!("write turn held meanwhile, by writer:");
+            for (writer, buckets) in &self.turns.0 {
+                println!("  {writer:<12} {}", summary(buckets));
+            }
+        }
     }
 }
