@@ -43,7 +43,12 @@ pub(super) async fn seed_registered(
 }
 
 /// One fold of a delivered, 30%-opened campaign to `people`, priced or not.
-pub(super) async fn billing(people: usize, backend: Backend, priced: bool) -> anyhow::Result<()> {
+pub(super) async fn billing(
+    people: usize,
+    backend: Backend,
+    priced: bool,
+    fold_batch: u32,
+) -> anyhow::Result<()> {
     use relay_svc::policy::{AttentionConfig, Policy, Priority, Timing};
     use relay_svc::pricing::{PRICED_CHANNELS, Prices, RateCard, RateEntry};
     use relay_svc::receipts::{EventKind, Receipt};
@@ -153,7 +158,7 @@ pub(super) async fn billing(people: usize, backend: Backend, priced: bool) -> an
     );
     let queued = store.roll_up_backlog().await?;
     let started = Instant::now();
-    store.roll_up_all(10_000, now).await?;
+    store.roll_up_all(fold_batch, now).await?;
     let seconds = started.elapsed().as_secs_f64();
     let (start, end) = (now - 86_400_000, now + 86_400_000);
     let lines = store
@@ -169,7 +174,7 @@ pub(super) async fn billing(people: usize, backend: Backend, priced: bool) -> an
         .await?;
     let total = store.ledger_sums(Some("ent"), start, end, &[]).await?;
     println!(
-        "  {:<14} {queued} events folded in {seconds:.2} s ({:.0} events/s); charged {} yen in {} message×kind sums",
+        "  {:<14} {queued} events folded in {seconds:.2} s ({:.0} events/s, {fold_batch} a transaction); charged {} yen in {} message×kind sums",
         if priced {
             "rate card:"
         } else {

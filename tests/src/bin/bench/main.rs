@@ -104,6 +104,9 @@ enum Scenario {
         people: usize,
         #[arg(long, value_enum, default_value = "sqlite")]
         backend: BackendArg,
+        /// Events folded per transaction (the rollup worker's batch by default).
+        #[arg(long, default_value_t = relay_svc::rollup::BATCH)]
+        fold_batch: u32,
     },
     /// A campaign through a slow carrier: the relay's memory while the backlog drains.
     SlowCarrier {
@@ -229,10 +232,14 @@ async fn main() -> anyhow::Result<()> {
             window,
         } => transport(deliveries, batch_size, window).await.map(|_| ()),
         Scenario::Gateways { users, jasmin } => gateways::gateways(users, jasmin).await,
-        Scenario::Billing { people, backend } => {
+        Scenario::Billing {
+            people,
+            backend,
+            fold_batch,
+        } => {
             println!("rollup fold of a campaign to {people} people on {backend:?}:");
             for priced in [false, true] {
-                billing(people, backend.backend(), priced).await?;
+                billing(people, backend.backend(), priced, fold_batch).await?;
             }
             Ok(())
         }
