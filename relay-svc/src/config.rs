@@ -45,6 +45,12 @@ pub struct Config {
     #[arg(long, env = "CHUKEI_RELAY_BATCHES_IN_FLIGHT", default_value_t = 8)]
     pub batches_in_flight: usize,
 
+    /// Registrations a campaign's expansion plans per transaction (a step):
+    /// smaller steps hold SQLite's writer for less time, larger ones cost
+    /// fewer statements per person.
+    #[arg(long, env = "CHUKEI_RELAY_EXPANSION_STEP", default_value_t = crate::storage::EXPANSION_CHUNK)]
+    pub expansion_step: u32,
+
     /// How often dispatchers look for due deliveries when nothing woke them (ms).
     #[arg(long, env = "CHUKEI_RELAY_POLL_INTERVAL_MS", default_value_t = 500)]
     pub poll_interval_ms: u64,
@@ -188,6 +194,9 @@ impl Config {
         }
         if self.poll_interval_ms == 0 {
             anyhow::bail!("--poll-interval-ms: must be positive");
+        }
+        if !(1..=1_000_000).contains(&self.expansion_step) {
+            anyhow::bail!("--expansion-step: must be between 1 and 1000000");
         }
         if self.message_ttl_secs == 0 {
             anyhow::bail!("--message-ttl-secs: must be positive");

@@ -1,7 +1,7 @@
 //! The campaign expander: turns accepted messages with large targets (all
 //! registered, a service, a segment) into deliveries after `SendMessage` has
-//! answered. A campaign is expanded in steps of [`EXPANSION_CHUNK`]
-//! registrations, each one transaction that moves the message's cursor, so a
+//! answered. A campaign is expanded in steps of `--expansion-step`
+//! registrations ([`EXPANSION_CHUNK`] by default), each one transaction that moves the message's cursor, so a
 //! crash mid-way leaves the message `Accepted` with its cursor and its
 //! expansion goes on from there on restart; the dispatchers are woken after
 //! every step, so the first people are handed over while the rest are
@@ -19,10 +19,20 @@ use tracing::Instrument;
 use crate::dispatch::DispatchHandle;
 use crate::metrics::RelayMetrics;
 use crate::policy::AttentionConfig;
-use crate::storage::{EXPANSION_CHUNK, Expansion, Store};
+#[cfg(doc)]
+use crate::storage::EXPANSION_CHUNK;
+use crate::storage::{Expansion, Store};
 
 /// How many accepted messages one pass claims.
 const CLAIM: u32 = 16;
+
+/// How campaigns are planned: the attention rules (quiet periods, fatigue)
+/// and how many registrations a step covers (`--expansion-step`).
+#[derive(Clone, Debug)]
+pub struct Planning {
+    pub attention: AttentionConfig,
+    pub step: u32,
+}
 
 /// Runs until `cancel`: expands whatever is accepted, then waits for `wake`
 /// (or a periodic re-check).
@@ -31,21 +41,19 @@ pub fn start(
     store: Store,
     clock: Clock,
     metrics: RelayMetrics,
-    attention: AttentionConfig,
+    planning: Planning,
     wake: Arc<Notify>,
     dispatch: DispatchHandle,
     cancel: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(run(
-        store, clock, metrics, attention, wake, dispatch, cancel,
-    ))
+    tokio::spawn(run(store, clock, metrics, planning, wake, dispatch, cancel))
 }
 
 async fn run(
     store: Store,
     clock: Clock,
     metrics: RelayMetrics,
-    attention: AttentionConfig,
+    planning: Planning,
     wake: Arc<Notify>,
     dispatch: DispatchHandle,
     cancel: CancellationToken,
@@ -61,7 +69,7 @@ async fn run(
                     let span = tracing::info_span!("expand campaign", %message_id);
                     telemetry::continue_trace(&span, &trace_parent);
                     let expanded =
-                        expand(&store, &message_id, &clock, &attention, &dispatch, &cancel)
+                        expand(&store, &message_id, &clock, &planning, &dispatch, &cancel)
                             .instrument(span)
                             .await;
                     match expanded {
@@ -97,13 +105,18 @@ async fn expand(
     store: &Store,
     message_id: &str,
     clock: &Clock,
-    attention: &AttentionConfig,
+    planning: &Planning,
     dispatch: &DispatchHandle,
     cancel: &CancellationToken,
 ) -> crate::error::Result<Option<u64>> {
     loop {
         let step = store
-            .expand_step(message_id, clock.now_ms(), attention, EXPANSION_CHUNK)
+            .expand_step(
+                message_id,
+                clock.now_ms(),
+                &planning.attention,
+                planning.step,
+            )
             .await?;
         dispatch.new_work();
         match step {

@@ -157,7 +157,10 @@ async fn start_workers(
         store.clone(),
         clock.clone(),
         metrics.clone(),
-        attention,
+        expansion::Planning {
+            attention,
+            step: config.expansion_step,
+        },
         expand.clone(),
         dispatch.clone(),
         cancel.clone(),

@@ -274,6 +274,7 @@ impl Hub {
             batch_size: self.settings.tuning.batch_size,
             batches_in_flight: self.settings.tuning.batches_in_flight,
             poll_interval_ms: self.settings.tuning.poll_interval_ms,
+            expansion_step: relay_svc::storage::EXPANSION_CHUNK,
             message_ttl_secs: self.settings.message_ttl_secs,
             quiet_period_secs: self.settings.quiet_period_secs,
             daily_cap: self.settings.daily_cap,

@@ -272,6 +272,9 @@ impl Hub {
             .arg(&self.relay_data)
             .args(["--poll-interval-ms", "100", "--lease-ttl-secs", "2"])
             .args(["--reoffer-after-secs", "20"])
+            // Broadcasts to the few hundred registered span a dozen
+            // expansion steps, so kills land between steps too.
+            .args(["--expansion-step", "25"])
             // The webhook receiver is local and answers at once or never.
             .arg("--webhook-allow-private")
             .args(["--webhook-retry-schedule", "100ms,300ms,1s"])
