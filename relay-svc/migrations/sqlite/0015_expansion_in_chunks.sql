@@ -4,6 +4,7 @@
 -- ~2 s, and every accept and lease renewal waited). While a message is
 -- still `accepted`, `expand_cursor` is the last user id of the chunks
 -- already planned (NULL: none yet) and `expand_matched` the people they
--- matched; `matched` stays NULL until the last chunk, as before.
+-- matched (both unused once it is expanded); `matched` stays NULL until
+-- the last chunk, as before.
 ALTER TABLE messages ADD COLUMN expand_cursor TEXT;
 ALTER TABLE messages ADD COLUMN expand_matched BIGINT NOT NULL DEFAULT 0;

@@ -526,15 +526,17 @@ transaction_steps! {
             now: i64,
             webhooks_listening: bool,
         ) -> Result<u64> {
-            let matched = matched_before + self.people_in(message_id, users).await?;
-            let set: Option<i64> = sqlx::query_scalar(formatcp!(
-                "UPDATE messages SET state = {EXPANDED}, matched = $2, expand_matched = $2
-                 WHERE id = $1 AND state = {ACCEPTED} RETURNING matched"
-            ))
-            .bind(message_id)
-            .bind(matched)
-            .fetch_optional(&mut *self)
-            .await?;
+            // One statement (a targeted message's accept runs it too): the
+            // count is taken where it is stored.
+            let mut set = sqlx::QueryBuilder::new(formatcp!("UPDATE messages SET state = {EXPANDED}, matched = "));
+            set.push_bind(matched_before)
+                .push(" + (SELECT COUNT(DISTINCT d.user_id) FROM deliveries d WHERE d.message_id = ")
+                .push_bind(message_id);
+            users.push(&mut set, "d.user_id");
+            set.push(") WHERE id = ")
+                .push_bind(message_id)
+                .push(formatcp!(" AND state = {ACCEPTED} RETURNING matched"));
+            let set: Option<i64> = set.build_query_scalar().fetch_optional(&mut *self).await?;
             let matched = match set {
                 Some(matched) => matched,
                 // Expanded before (a second expander): nothing to set.
