@@ -84,6 +84,44 @@ pub fn send_request(
     }
 }
 
+/// `people`, each with a primary contract on `carrier_id` and registered
+/// with `enterprise_id` (no service, no consented attributes), straight
+/// through the store.
+pub async fn contract_and_register(
+    store: &relay_svc::storage::Store,
+    carrier_id: &str,
+    enterprise_id: &str,
+    people: &[String],
+) {
+    use relay_svc::registry::{Contract, NewRegistration, Profile};
+    let contracts: Vec<Contract> = people
+        .iter()
+        .map(|user| Contract {
+            user_id: user.clone(),
+            primary: true,
+            active: true,
+        })
+        .collect();
+    store
+        .upsert_contracts(carrier_id, &contracts, 0)
+        .await
+        .unwrap();
+    let registrations: Vec<NewRegistration> = people
+        .iter()
+        .map(|user| NewRegistration {
+            user_id: user.clone(),
+            enterprise_id: enterprise_id.into(),
+            service_id: None,
+            profile: Profile::default(),
+            text_version: "v1".into(),
+        })
+        .collect();
+    store
+        .register_users(carrier_id, &registrations, 0)
+        .await
+        .unwrap();
+}
+
 /// Collects registrations the fleet model makes, for computing expectations.
 pub fn registered_users(
     fleet: &Fleet,

@@ -1026,26 +1026,7 @@ async fn concurrent_bids_and_sends_never_oversell(backend: Backend) {
 async fn campaign_to_everyone(store: &Store, count: usize) {
     seed(store, &["ent_1"]).await;
     let people: Vec<String> = (0..count).map(|i| format!("p{i:03}")).collect();
-    let contracts: Vec<Contract> = people
-        .iter()
-        .map(|user| Contract {
-            user_id: user.clone(),
-            primary: true,
-            active: true,
-        })
-        .collect();
-    store.upsert_contracts("c1", &contracts, 0).await.unwrap();
-    let registrations: Vec<NewRegistration> = people
-        .iter()
-        .map(|user| NewRegistration {
-            user_id: user.clone(),
-            enterprise_id: "ent_1".into(),
-            service_id: None,
-            profile: Profile::default(),
-            text_version: "v1".into(),
-        })
-        .collect();
-    store.register_users("c1", &registrations, 0).await.unwrap();
+    integration_tests::contract_and_register(store, "c1", "ent_1", &people).await;
     store.set_rate_card(&card(), "Asia/Tokyo", 0).await.unwrap();
     let campaign = NewMessage {
         target: Target::AllRegistered,

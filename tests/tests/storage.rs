@@ -735,26 +735,7 @@ async fn a_campaign_expanded_in_steps_plans_everyone_once(backend: Backend) {
     let store = &fixture.store;
     seed_registry(store).await;
     let people: Vec<String> = (3..=7).map(|n| format!("u{n}")).collect();
-    let contracts: Vec<Contract> = people
-        .iter()
-        .map(|user| Contract {
-            user_id: user.clone(),
-            primary: true,
-            active: true,
-        })
-        .collect();
-    store.upsert_contracts("c1", &contracts, 0).await.unwrap();
-    let registrations: Vec<NewRegistration> = people
-        .iter()
-        .map(|user| NewRegistration {
-            user_id: user.clone(),
-            enterprise_id: "ent_1".into(),
-            service_id: None,
-            profile: Profile::default(),
-            text_version: "v1".into(),
-        })
-        .collect();
-    store.register_users("c1", &registrations, 0).await.unwrap();
+    integration_tests::contract_and_register(store, "c1", "ent_1", &people).await;
     // Three campaign sends a day per person, hub-wide.
     let attention = AttentionConfig {
         daily_budget: 3,
