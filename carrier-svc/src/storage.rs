@@ -45,15 +45,33 @@ pub struct Store {
     /// Every relay delivery id ever accepted: a batch the relay sends again
     /// (after a reconnect or a re-offer) is dropped by it. Rebuilt from the
     /// rows at start-up; a delivery id is added once its row has committed.
-    seen: Arc<tokio::sync::Mutex<RoaringTreemap>>,
+    seen: Arc<Seen>,
     /// Which endpoint each attached user's terminal is at, kept with the
     /// `attachments` table (its only writer is [`Store::attach`]).
     attached: Arc<RwLock<HashMap<String, Arc<str>>>>,
     /// Whose turn it is to write. SQLite has one writer; a second one of
     /// this process would wait for the lock in the busy handler's sleeps
     /// (1, 2, 5 … ms), so the writers queue here instead, first come, first
-    /// served — a batch's commit does not sleep behind a terminal's receipts.
-    writer: Arc<tokio::sync::Mutex<()>>,
+    /// served — a batch's commit does not sleep behind a terminal's
+    /// receipts — except that a priority batch goes ahead of the writers
+    /// still waiting.
+    writer: Arc<chukei_proto::turn::Turn>,
+}
+
+/// The delivery ids accepted, per lane: a delivery is in one lane for good
+/// (the relay decides it when it plans the attempt), so a batch of one
+/// lane checks and extends only its lane's set, and a priority batch never
+/// waits for a campaign's batch holding the other across its commit.
+#[derive(Debug, Default)]
+struct Seen {
+    priority: tokio::sync::Mutex<RoaringTreemap>,
+    bulk: tokio::sync::Mutex<RoaringTreemap>,
+}
+
+impl Seen {
+    fn of(&self, priority: bool) -> &tokio::sync::Mutex<RoaringTreemap> {
+        if priority { &self.priority } else { &self.bulk }
+    }
 }
 
 /// Per-message counts as this carrier sees them.
@@ -137,14 +155,26 @@ impl Store {
         sqlx::Transaction<'static, Sqlite>,
         tokio::sync::OwnedMutexGuard<()>,
     )> {
-        let turn = self.writer.clone().lock_owned().await;
+        self.begin_write_ahead(false).await
+    }
+
+    /// [`Store::begin_write`], ahead of the writers still waiting when
+    /// `ahead` (a priority batch).
+    pub(crate) async fn begin_write_ahead(
+        &self,
+        ahead: bool,
+    ) -> Result<(
+        sqlx::Transaction<'static, Sqlite>,
+        tokio::sync::OwnedMutexGuard<()>,
+    )> {
+        let turn = self.writer.take(ahead).await;
         let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         Ok((tx, turn))
     }
 
     /// This store's turn to write one statement outside a transaction.
     pub(crate) async fn write_turn(&self) -> tokio::sync::OwnedMutexGuard<()> {
-        self.writer.clone().lock_owned().await
+        self.writer.take(false).await
     }
 
     pub fn sqlite_url_in(data_dir: &Path) -> String {
@@ -199,18 +229,24 @@ impl Store {
     }
 
     async fn load_seen_and_attached(&self) -> Result<()> {
-        let mut seen = RoaringTreemap::new();
-        let blobs: Vec<Vec<u8>> = sqlx::query_scalar("SELECT recipients FROM batches")
-            .fetch_all(&self.pool)
-            .await?;
-        for blob in blobs {
-            seen.extend(packed::delivery_ids(&blob).map_err(unreadable)?);
+        let mut seen = [RoaringTreemap::new(), RoaringTreemap::new()];
+        let blobs: Vec<(bool, Vec<u8>)> =
+            sqlx::query_as("SELECT priority, recipients FROM batches")
+                .fetch_all(&self.pool)
+                .await?;
+        for (priority, blob) in blobs {
+            seen[usize::from(priority)].extend(packed::delivery_ids(&blob).map_err(unreadable)?);
         }
+        // Version 1's rows: in both sets, whichever lane they came in.
         let old: Vec<String> = sqlx::query_scalar("SELECT delivery_id FROM deliveries_v1")
             .fetch_all(&self.pool)
             .await?;
-        seen.extend(old.iter().filter_map(|id| id.parse::<u64>().ok()));
-        *self.seen.lock().await = seen;
+        for lane in &mut seen {
+            lane.extend(old.iter().filter_map(|id| id.parse::<u64>().ok()));
+        }
+        let [bulk, priority] = seen;
+        *self.seen.bulk.lock().await = bulk;
+        *self.seen.priority.lock().await = priority;
         let attached: Vec<(String, String)> =
             sqlx::query_as("SELECT user_id, endpoint FROM attachments")
                 .fetch_all(&self.pool)

@@ -20,6 +20,7 @@ pub mod server;
 pub mod stats;
 pub mod telemetry;
 pub mod tls;
+pub mod turn;
 pub mod validate;
 pub mod web;
 pub mod window;

@@ -35,10 +35,31 @@ struct HeldRow {
 impl Store {
     /// Stores a batch from the relay, one row per message record; delivery
     /// ids seen before are dropped. A record with a window is held for the
-    /// window's current or next opening. Returns how many deliveries were new.
-    pub async fn accept_batch(&self, mut records: Vec<MessageDeliveries>, now: i64) -> Result<u64> {
+    /// window's current or next opening. Returns how many deliveries were
+    /// new. A priority batch (the relay's priority stream) checks only the
+    /// priority lane's ids and goes ahead of other writers waiting for the
+    /// write turn; a batch of both lanes (none comes from a current relay)
+    /// is stored as two, one commit each.
+    pub async fn accept_batch(&self, records: Vec<MessageDeliveries>, now: i64) -> Result<u64> {
+        let (priority, bulk): (Vec<_>, Vec<_>) = records.into_iter().partition(|r| r.priority);
+        let mut fresh = 0;
+        for (lane, records) in [(true, priority), (false, bulk)] {
+            if !records.is_empty() {
+                fresh += self.accept_lane(lane, records, now).await?;
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// [`Store::accept_batch`] for records all of one lane.
+    async fn accept_lane(
+        &self,
+        priority: bool,
+        mut records: Vec<MessageDeliveries>,
+        now: i64,
+    ) -> Result<u64> {
         // Held across the commit: the check and the insert are one step.
-        let mut seen = self.seen.lock().await;
+        let mut seen = self.seen.of(priority).lock().await;
         let mut in_batch = HashSet::new();
         for record in &mut records {
             record
@@ -49,7 +70,7 @@ impl Store {
         if records.is_empty() {
             return Ok(0);
         }
-        let (mut tx, _turn) = self.begin_write().await?;
+        let (mut tx, _turn) = self.begin_write_ahead(priority).await?;
         insert_rows(&mut tx, &records, now).await?;
         tx.commit().await?;
         seen.extend(in_batch.iter().copied());
@@ -423,6 +444,60 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(all.len(), 51, "each once");
+        store.close().await;
+    }
+
+    /// A targeted message's batch goes ahead of a campaign's batch that
+    /// waits to write: it neither waits for the campaign's lane of accepted
+    /// ids (held across the campaign batch's commit) nor behind it for the
+    /// write turn — only for the writer holding the turn and the one at the
+    /// lock. The same delivery id sent again on its lane is still dropped.
+    #[tokio::test]
+    async fn a_priority_batch_goes_ahead_of_a_campaign_batch_waiting_to_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_terminals(&dir).await;
+        let settle = || tokio::time::sleep(std::time::Duration::from_millis(50));
+        let holding = store.write_turn().await;
+        // Another writer at the lock, holding the turn until told.
+        let (let_go, hold) = tokio::sync::oneshot::channel::<()>();
+        let next = tokio::spawn({
+            let store = store.clone();
+            async move {
+                let _turn = store.write_turn().await;
+                let _ = hold.await;
+            }
+        });
+        settle().await;
+        let (done, mut order) = tokio::sync::mpsc::unbounded_channel();
+        let accept = |name: &'static str, ids: std::ops::Range<u64>, priority: bool| {
+            let (store, done) = (store.clone(), done.clone());
+            tokio::spawn(async move {
+                let fresh = store
+                    .accept_batch(vec![record(name, ids, priority)], 1)
+                    .await
+                    .unwrap();
+                done.send(name).unwrap();
+                fresh
+            })
+        };
+        let campaign = accept("campaign", 1..51, false);
+        settle().await;
+        let urgent = accept("urgent", 51..52, true);
+        settle().await;
+        drop(holding);
+        settle().await;
+        let_go.send(()).unwrap();
+        next.await.unwrap();
+        assert_eq!((campaign.await.unwrap(), urgent.await.unwrap()), (50, 1));
+        let finished = [order.recv().await.unwrap(), order.recv().await.unwrap()];
+        assert_eq!(finished, ["urgent", "campaign"]);
+        assert_eq!(
+            store
+                .accept_batch(vec![record("urgent", 51..52, true)], 2)
+                .await
+                .unwrap(),
+            0
+        );
         store.close().await;
     }
 

@@ -43,15 +43,11 @@ const ROLLBACK: &str = "ROLLBACK TO SAVEPOINT chukei_member";
 const ROLLBACK_ALL: &str = "ROLLBACK";
 
 /// One writer at a time (SQLite's write lock, taken in the process; see
-/// [`Groups::turn`]), in the order they came — except that the accepts'
-/// group goes ahead of every other writer still waiting: those queue one
-/// at a time for the lock itself, so an accept waits for at most the
-/// transaction holding the turn and one other.
+/// [`Groups::turn`]), the accepts' group ahead of the others still waiting
+/// ([`chukei_proto::turn::Turn`]), with how long each writer held it.
 #[derive(Debug, Default)]
 struct Turn {
-    lock: Arc<Mutex<()>>,
-    /// Where writers other than the accepts wait for their place at `lock`.
-    queue: Mutex<()>,
+    turn: chukei_proto::turn::Turn,
     /// How long each writer held the turn, once the relay reports it
     /// (`chukei_relay_write_turn_seconds`).
     held: OnceLock<Histogram>,
@@ -60,14 +56,8 @@ struct Turn {
 impl Turn {
     /// Waits for the turn; `writer` names who holds it, for the metric.
     async fn take(&self, ahead: bool, writer: &'static str) -> Held {
-        let guard = if ahead {
-            self.lock.clone().lock_owned().await
-        } else {
-            let _next = self.queue.lock().await;
-            self.lock.clone().lock_owned().await
-        };
         Held {
-            _guard: guard,
+            _guard: self.turn.take(ahead).await,
             writer,
             since: Instant::now(),
             held: self.held.get().cloned(),
