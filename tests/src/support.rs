@@ -92,7 +92,8 @@ pub async fn contract_and_register(
     carrier_id: &str,
     enterprise_id: &str,
     people: &[String],
-) {
+    now: i64,
+) -> anyhow::Result<()> {
     use relay_svc::registry::{Contract, NewRegistration, Profile};
     let contracts: Vec<Contract> = people
         .iter()
@@ -102,10 +103,7 @@ pub async fn contract_and_register(
             active: true,
         })
         .collect();
-    store
-        .upsert_contracts(carrier_id, &contracts, 0)
-        .await
-        .unwrap();
+    store.upsert_contracts(carrier_id, &contracts, now).await?;
     let registrations: Vec<NewRegistration> = people
         .iter()
         .map(|user| NewRegistration {
@@ -117,9 +115,9 @@ pub async fn contract_and_register(
         })
         .collect();
     store
-        .register_users(carrier_id, &registrations, 0)
-        .await
-        .unwrap();
+        .register_users(carrier_id, &registrations, now)
+        .await?;
+    Ok(())
 }
 
 /// Collects registrations the fleet model makes, for computing expectations.

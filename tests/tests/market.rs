@@ -1026,7 +1026,9 @@ async fn concurrent_bids_and_sends_never_oversell(backend: Backend) {
 async fn campaign_to_everyone(store: &Store, count: usize) {
     seed(store, &["ent_1"]).await;
     let people: Vec<String> = (0..count).map(|i| format!("p{i:03}")).collect();
-    integration_tests::contract_and_register(store, "c1", "ent_1", &people).await;
+    integration_tests::contract_and_register(store, "c1", "ent_1", &people, 0)
+        .await
+        .unwrap();
     store.set_rate_card(&card(), "Asia/Tokyo", 0).await.unwrap();
     let campaign = NewMessage {
         target: Target::AllRegistered,

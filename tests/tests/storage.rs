@@ -735,7 +735,9 @@ async fn a_campaign_expanded_in_steps_plans_everyone_once(backend: Backend) {
     let store = &fixture.store;
     seed_registry(store).await;
     let people: Vec<String> = (3..=7).map(|n| format!("u{n}")).collect();
-    integration_tests::contract_and_register(store, "c1", "ent_1", &people).await;
+    integration_tests::contract_and_register(store, "c1", "ent_1", &people, 0)
+        .await
+        .unwrap();
     // Three campaign sends a day per person, hub-wide.
     let attention = AttentionConfig {
         daily_budget: 3,

@@ -13,30 +13,9 @@ pub(super) async fn seed_registered(
     people: usize,
     now: i64,
 ) -> anyhow::Result<Vec<String>> {
-    use relay_svc::registry::{Contract, NewRegistration, Profile};
     let users: Vec<String> = (0..people).map(|i| format!("user-{i:07}")).collect();
     for chunk in users.chunks(10_000) {
-        let contracts: Vec<Contract> = chunk
-            .iter()
-            .map(|u| Contract {
-                user_id: u.clone(),
-                primary: true,
-                active: true,
-            })
-            .collect();
-        store.upsert_contracts(carrier_id, &contracts, now).await?;
-        let registrations: Vec<NewRegistration> = chunk
-            .iter()
-            .map(|u| NewRegistration {
-                user_id: u.clone(),
-                enterprise_id: enterprise_id.into(),
-                service_id: None,
-                profile: Profile::default(),
-                text_version: "v1".into(),
-            })
-            .collect();
-        store
-            .register_users(carrier_id, &registrations, now)
+        integration_tests::contract_and_register(store, carrier_id, enterprise_id, chunk, now)
             .await?;
     }
     Ok(users)
