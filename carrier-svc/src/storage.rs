@@ -23,13 +23,15 @@ use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 use crate::model::{MessageDeliveries, Receipt, ReceiptKind, Recipient, Subscriber};
 use crate::packed;
 
+mod accepting;
 mod batches;
 pub mod consents;
 mod gateways;
 mod receipts;
 mod states;
 
-use batches::{insert_rows, split_replies};
+use accepting::{Seen, insert_rows};
+use batches::split_replies;
 use receipts::queue_receipts;
 use states::{State, change_states, state_rows};
 
@@ -56,22 +58,6 @@ pub struct Store {
     /// receipts — except that a priority batch goes ahead of the writers
     /// still waiting.
     writer: Arc<chukei_proto::turn::Turn>,
-}
-
-/// The delivery ids accepted, per lane: a delivery is in one lane for good
-/// (the relay decides it when it plans the attempt), so a batch of one
-/// lane checks and extends only its lane's set, and a priority batch never
-/// waits for a campaign's batch holding the other across its commit.
-#[derive(Debug, Default)]
-struct Seen {
-    priority: tokio::sync::Mutex<RoaringTreemap>,
-    bulk: tokio::sync::Mutex<RoaringTreemap>,
-}
-
-impl Seen {
-    fn of(&self, priority: bool) -> &tokio::sync::Mutex<RoaringTreemap> {
-        if priority { &self.priority } else { &self.bulk }
-    }
 }
 
 /// Per-message counts as this carrier sees them.

@@ -1,18 +1,16 @@
-//! The relay's batches at the carrier: accepting them (duplicates dropped,
-//! one row per message record), what the push reads, and held windows
-//! rolling. What happens to each recipient afterwards is `states.rs`.
+//! The relay's batches at the carrier once stored (`accepting.rs`): what
+//! the push reads, and held windows rolling. What happens to each
+//! recipient afterwards is `states.rs`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chukei_proto::window::Window;
-use sqlx::{QueryBuilder, Sqlite};
+use sqlx::QueryBuilder;
 
 use super::{ROWS_PER_READ, ROWS_PER_STATEMENT, Result, Store, in_list, unreadable};
-use crate::channels::{self, Contact};
-use crate::model::{
-    CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_SNS, ChannelSet, Lanes, MessageDeliveries, Outgoing, Slot,
-};
+use crate::channels::Contact;
+use crate::model::{CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_SNS, ChannelSet, Lanes, Outgoing, Slot};
 use crate::packed;
 
 use super::states::State;
@@ -33,50 +31,6 @@ struct HeldRow {
 }
 
 impl Store {
-    /// Stores a batch from the relay, one row per message record; delivery
-    /// ids seen before are dropped. A record with a window is held for the
-    /// window's current or next opening. Returns how many deliveries were
-    /// new. A priority batch (the relay's priority stream) checks only the
-    /// priority lane's ids and goes ahead of other writers waiting for the
-    /// write turn; a batch of both lanes (none comes from a current relay)
-    /// is stored as two, one commit each.
-    pub async fn accept_batch(&self, records: Vec<MessageDeliveries>, now: i64) -> Result<u64> {
-        let (priority, bulk): (Vec<_>, Vec<_>) = records.into_iter().partition(|r| r.priority);
-        let mut fresh = 0;
-        for (lane, records) in [(true, priority), (false, bulk)] {
-            if !records.is_empty() {
-                fresh += self.accept_lane(lane, records, now).await?;
-            }
-        }
-        Ok(fresh)
-    }
-
-    /// [`Store::accept_batch`] for records all of one lane.
-    async fn accept_lane(
-        &self,
-        priority: bool,
-        mut records: Vec<MessageDeliveries>,
-        now: i64,
-    ) -> Result<u64> {
-        // Held across the commit: the check and the insert are one step.
-        let mut seen = self.seen.of(priority).lock().await;
-        let mut in_batch = HashSet::new();
-        for record in &mut records {
-            record
-                .recipients
-                .retain(|r| !seen.contains(r.delivery_id) && in_batch.insert(r.delivery_id));
-        }
-        records.retain(|r| !r.recipients.is_empty());
-        if records.is_empty() {
-            return Ok(0);
-        }
-        let (mut tx, _turn) = self.begin_write_ahead(priority).await?;
-        insert_rows(&mut tx, &records, now).await?;
-        tx.commit().await?;
-        seen.extend(in_batch.iter().copied());
-        Ok(in_batch.len() as u64)
-    }
-
     /// Held deliveries due now for users attached at `endpoint`, on a
     /// channel no gateway serves (`gateways`), with the subscriber contact
     /// details their channel adapters need: targeted messages' first (the
@@ -279,10 +233,10 @@ impl Store {
 
 /// Windows decoded once per stored form (a zone lookup is not free).
 #[derive(Debug, Default)]
-struct WindowCache(HashMap<String, Option<Window>>);
+pub(super) struct WindowCache(HashMap<String, Option<Window>>);
 
 impl WindowCache {
-    fn opening(&mut self, stored: &str, at: i64) -> Option<(i64, i64)> {
+    pub(super) fn opening(&mut self, stored: &str, at: i64) -> Option<(i64, i64)> {
         self.0
             .entry(stored.to_owned())
             .or_insert_with(|| match Window::decode(stored) {
@@ -305,69 +259,12 @@ pub(super) fn split_replies(stored: &str) -> Vec<String> {
         .collect()
 }
 
-/// Inserts one batch row per record, every recipient held.
-pub(super) async fn insert_rows(
-    tx: &mut sqlx::Transaction<'_, Sqlite>,
-    records: &[MessageDeliveries],
-    now: i64,
-) -> Result<()> {
-    let mut windows = WindowCache::default();
-    // A statement binds 20 values a row.
-    for chunk in records.chunks(500) {
-        let mut query = QueryBuilder::new(
-            "INSERT INTO batches (message_id, priority, single_attempt, content_text, media_url, subject, \
-             suggested_replies, sms_segments, delivery_window, window_open, window_close, expires_at, \
-             trace_parent, min_id, max_id, recipients, states, held, pushed, received_at) ",
-        );
-        query.push_values(chunk, |mut row, record| {
-            let first_due = record
-                .recipients
-                .iter()
-                .map(|r| r.not_before)
-                .min()
-                .unwrap_or(0);
-            let (window_open, window_close, expires_at) = match &record.window {
-                None => (0, i64::MAX, record.expires_at),
-                Some(window) => match windows.opening(window, now.max(first_due)) {
-                    Some((open, close)) => (open, close, record.expires_at),
-                    // A window that never opens again: due to expire at once.
-                    None => (now, now, now),
-                },
-            };
-            let held = record.recipients.len() as i64;
-            let ids = record.recipients.iter().map(|r| r.delivery_id);
-            let (min_id, max_id) = (ids.clone().min().unwrap_or(0), ids.max().unwrap_or(0));
-            row.push_bind(&record.message_id)
-                .push_bind(record.priority)
-                .push_bind(record.single_attempt)
-                .push_bind(&record.text)
-                .push_bind(&record.media_url)
-                .push_bind(&record.subject)
-                .push_bind(record.suggested_replies.join("\n"))
-                .push_bind(channels::sms_segments(&record.text).len() as i64)
-                .push_bind(&record.window)
-                .push_bind(window_open)
-                .push_bind(window_close)
-                .push_bind(expires_at)
-                .push_bind(&record.trace_parent)
-                .push_bind(min_id as i64)
-                .push_bind(max_id as i64)
-                .push_bind(packed::encode_recipients(&record.recipients))
-                .push_bind(vec![State::Held as u8; record.recipients.len()])
-                .push_bind(held)
-                .push_bind(0_i64)
-                .push_bind(now);
-        });
-        query.build().execute(&mut **tx).await?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{
-        CHANNEL_SMS, ReceiptKind, Recipient, Subscriber, TerminalEvent, TerminalEventKind,
+        CHANNEL_SMS, MessageDeliveries, ReceiptKind, Recipient, Subscriber, TerminalEvent,
+        TerminalEventKind,
     };
 
     fn record(message_id: &str, ids: std::ops::Range<u64>, priority: bool) -> MessageDeliveries {
