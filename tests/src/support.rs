@@ -84,6 +84,26 @@ pub fn send_request(
     }
 }
 
+/// `people`, each with a primary contract on `carrier_id`, straight
+/// through the store.
+pub async fn contract_primary(
+    store: &relay_svc::storage::Store,
+    carrier_id: &str,
+    people: &[String],
+    now: i64,
+) -> anyhow::Result<()> {
+    let contracts: Vec<relay_svc::registry::Contract> = people
+        .iter()
+        .map(|user| relay_svc::registry::Contract {
+            user_id: user.clone(),
+            primary: true,
+            active: true,
+        })
+        .collect();
+    store.upsert_contracts(carrier_id, &contracts, now).await?;
+    Ok(())
+}
+
 /// `people`, each with a primary contract on `carrier_id` and registered
 /// with `enterprise_id` (no service, no consented attributes), straight
 /// through the store.
@@ -94,16 +114,8 @@ pub async fn contract_and_register(
     people: &[String],
     now: i64,
 ) -> anyhow::Result<()> {
-    use relay_svc::registry::{Contract, NewRegistration, Profile};
-    let contracts: Vec<Contract> = people
-        .iter()
-        .map(|user| Contract {
-            user_id: user.clone(),
-            primary: true,
-            active: true,
-        })
-        .collect();
-    store.upsert_contracts(carrier_id, &contracts, now).await?;
+    use relay_svc::registry::{NewRegistration, Profile};
+    contract_primary(store, carrier_id, people, now).await?;
     let registrations: Vec<NewRegistration> = people
         .iter()
         .map(|user| NewRegistration {

@@ -12,7 +12,7 @@ use integration_tests::scene::*;
 use integration_tests::{Backend, Settings, backend_tests, store};
 use relay_svc::policy::{AttentionConfig, Policy, Priority, SendTime, Timing};
 use relay_svc::receipts::{CountReport, EventKind, MessageCount, Receipt};
-use relay_svc::registry::{Contract, Gender, NewRegistration, Profile};
+use relay_svc::registry::{Gender, NewRegistration, Profile};
 use relay_svc::stats::{self, Dimension, Query, Thresholds, Viewer};
 use relay_svc::storage::Store;
 use relay_svc::targeting::{Channel, Content, NewMessage, Target};
@@ -36,15 +36,9 @@ async fn seed(store: &Store) -> HashMap<String, String> {
         .await
         .unwrap();
     let users: Vec<String> = (1..=12).map(|i| format!("u{i:02}")).collect();
-    let contracts: Vec<Contract> = users
-        .iter()
-        .map(|user| Contract {
-            user_id: user.clone(),
-            primary: true,
-            active: true,
-        })
-        .collect();
-    store.upsert_contracts("c1", &contracts, 0).await.unwrap();
+    integration_tests::contract_primary(store, "c1", &users, 0)
+        .await
+        .unwrap();
     let registrations: Vec<NewRegistration> = (1..=12)
         .map(|i| NewRegistration {
             user_id: format!("u{i:02}"),
