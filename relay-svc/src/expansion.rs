@@ -99,8 +99,9 @@ async fn run(
     }
 }
 
-/// Expands one campaign step by step, waking the dispatchers after each;
-/// the people matched, or `None` when `cancel` fired between steps.
+/// Expands one campaign step by step (its plan and `best`'s priors read
+/// once), waking the dispatchers after each; the people matched, or `None`
+/// when `cancel` fired between steps.
 async fn expand(
     store: &Store,
     message_id: &str,
@@ -109,10 +110,13 @@ async fn expand(
     dispatch: &DispatchHandle,
     cancel: &CancellationToken,
 ) -> crate::error::Result<Option<u64>> {
+    let Some(campaign) = store.campaign_to_expand(message_id, clock.now_ms()).await? else {
+        return Ok(Some(0));
+    };
     loop {
         let step = store
             .expand_step(
-                message_id,
+                &campaign,
                 clock.now_ms(),
                 &planning.attention,
                 planning.step,

@@ -771,10 +771,15 @@ async fn a_campaign_expanded_in_steps_plans_everyone_once(backend: Backend) {
     );
     // u1 is on c1 and c2: eight attempts for seven people.
     accept("msg_b", true).await;
+    let campaign = store
+        .campaign_to_expand("msg_b", DAY0)
+        .await
+        .unwrap()
+        .expect("accepted, to be expanded");
     let mut steps = Vec::new();
     loop {
         let step = store
-            .expand_step("msg_b", DAY0, &attention, 2)
+            .expand_step(&campaign, DAY0, &attention, 2)
             .await
             .unwrap();
         steps.push(step);
@@ -803,7 +808,7 @@ async fn a_campaign_expanded_in_steps_plans_everyone_once(backend: Backend) {
     // Another step finds it expanded and does nothing.
     assert_eq!(
         store
-            .expand_step("msg_b", DAY0, &attention, 2)
+            .expand_step(&campaign, DAY0, &attention, 2)
             .await
             .unwrap(),
         Expansion::Done { matched: 0 }

@@ -44,18 +44,32 @@ pub enum Expansion {
     Done { matched: u64 },
 }
 
+/// What every step of one campaign's expansion shares, read once: its
+/// plan, its target and, for `best`, the bandit with its priors.
+#[derive(Debug)]
+pub struct Campaign {
+    message_id: String,
+    plan: MessagePlan,
+    target: StoredTarget,
+    bandit: Option<ChannelBandit>,
+}
+
 impl Store {
     /// Expands an accepted campaign to its end, step after step
-    /// ([`Store::expand_step`]). Returns the number of users matched.
+    /// ([`Store::expand_step`]). Returns the number of users matched (0
+    /// when it was not accepted).
     pub async fn expand_message(
         &self,
         message_id: &str,
         now: i64,
         attention: &AttentionConfig,
     ) -> Result<u64> {
+        let Some(campaign) = self.campaign_to_expand(message_id, now).await? else {
+            return Ok(0);
+        };
         loop {
             let step = self
-                .expand_step(message_id, now, attention, EXPANSION_CHUNK)
+                .expand_step(&campaign, now, attention, EXPANSION_CHUNK)
                 .await?;
             if let Expansion::Done { matched } = step {
                 return Ok(matched);
@@ -63,25 +77,14 @@ impl Store {
         }
     }
 
-    /// Plans the next `chunk` of an accepted campaign's registrations after
-    /// its cursor, in one transaction: one `INSERT … SELECT` per
-    /// first-attempt channel, the quiet-period deferrals, the fatigue skips,
-    /// the people matched, and the cursor moved past them; the last step
-    /// marks the message expanded with its matched count. A crash between
-    /// steps leaves the message accepted with its cursor, and the expander
-    /// goes on from there; running a step twice is harmless.
-    pub async fn expand_step(
-        &self,
-        message_id: &str,
-        now: i64,
-        attention: &AttentionConfig,
-        chunk: u32,
-    ) -> Result<Expansion> {
+    /// The campaign `message_id` as its expansion steps need it, or `None`
+    /// when it is not waiting to be expanded.
+    pub async fn campaign_to_expand(&self, message_id: &str, now: i64) -> Result<Option<Campaign>> {
         let Some((plan, target, state)) = self.load(message_id).await? else {
             return Err(Error::not_found("message_id", "no such message"));
         };
         if state != ACCEPTED {
-            return Ok(Expansion::Done { matched: 0 });
+            return Ok(None);
         }
         let bandit = match plan.policy.kind {
             PolicyKind::Best => {
@@ -93,6 +96,35 @@ impl Store {
             }
             _ => None,
         };
+        Ok(Some(Campaign {
+            message_id: message_id.to_owned(),
+            plan,
+            target,
+            bandit,
+        }))
+    }
+
+    /// Plans the next `chunk` of an accepted campaign's registrations after
+    /// its cursor, in one transaction: one `INSERT … SELECT` per
+    /// first-attempt channel, the quiet-period deferrals, the fatigue skips,
+    /// the people matched, and the cursor moved past them; the last step
+    /// marks the message expanded with its matched count. A crash between
+    /// steps leaves the message accepted with its cursor, and the expander
+    /// goes on from there; running a step twice is harmless.
+    pub async fn expand_step(
+        &self,
+        campaign: &Campaign,
+        now: i64,
+        attention: &AttentionConfig,
+        chunk: u32,
+    ) -> Result<Expansion> {
+        let Campaign {
+            message_id,
+            plan,
+            target,
+            bandit,
+        } = campaign;
+        let message_id = message_id.as_str();
         // The message's row is claimed first (`FOR UPDATE SKIP LOCKED` on
         // PostgreSQL): a message another relay is expanding right now is
         // skipped — it stays accepted if that relay dies — and one expanded
@@ -113,12 +145,12 @@ impl Store {
                 return Ok(Expansion::Done { matched: 0 });
             };
             let (users, last) = tx.next_users(&plan.enterprise_id, cursor, chunk).await?;
-            let statements = campaign_statements(message_id, &plan, &target, now, attention, &users);
+            let statements = campaign_statements(message_id, plan, target, now, attention, &users);
             tx.execute_all(message_id, statements).await?;
-            if let Some(bandit) = &bandit {
+            if let Some(bandit) = bandit {
                 tx.choose_channels_per_person(self, message_id, bandit, &users).await?;
             }
-            tx.time_per_person(self, message_id, &plan, now, &users).await?;
+            tx.time_per_person(self, message_id, plan, now, &users).await?;
             let step = if last {
                 let matched = tx
                     .finish_expansion(message_id, &users, matched_before, now, self.webhooks_listening())
