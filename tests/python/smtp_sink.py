@@ -64,14 +64,32 @@ def bounce(relay, sender, recipient):
 
 
 class Recorder:
-    def __init__(self, record, refuse, bounce, bounce_relay):
+    def __init__(self, record, refuse, bounce, bounce_relay, rules=None):
         self.record = open(record, "a", encoding="utf-8")
         self.refuse = [prefix for prefix in refuse if prefix]
         self.bounce = [prefix for prefix in bounce if prefix]
         self.bounce_relay = bounce_relay
+        self.rules = rules
+
+    def prefixes(self):
+        """The refuse and bounce prefixes: the flags', plus those in the rules
+        file once it exists (a test that learns the addresses only after its
+        hub is up writes them there; the server is up and its port held
+        before the hub picks its own ports)."""
+        refuse, bounce = list(self.refuse), list(self.bounce)
+        if self.rules:
+            try:
+                with open(self.rules, encoding="utf-8") as f:
+                    rules = json.load(f)
+                refuse += [p for p in rules.get("refuse", []) if p]
+                bounce += [p for p in rules.get("bounce", []) if p]
+            except FileNotFoundError:
+                pass
+        return refuse, bounce
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if any(address.startswith(prefix) for prefix in self.refuse):
+        refuse, _ = self.prefixes()
+        if any(address.startswith(prefix) for prefix in refuse):
             return "550 5.1.1 mailbox unavailable"
         envelope.rcpt_tos.append(address)
         return "250 OK"
@@ -94,8 +112,9 @@ class Recorder:
         }
         self.record.write(json.dumps(line, ensure_ascii=False) + "\n")
         self.record.flush()
+        _, bouncing = self.prefixes()
         for recipient in envelope.rcpt_tos:
-            if any(recipient.startswith(prefix) for prefix in self.bounce):
+            if any(recipient.startswith(prefix) for prefix in bouncing):
                 # Later, as a real server finds out after accepting.
                 threading.Timer(0.2, bounce, (self.bounce_relay, envelope.mail_from, recipient)).start()
         return "250 Message accepted for delivery"
@@ -108,13 +127,14 @@ def main():
     parser.add_argument("--refuse", action="append", default=[])
     parser.add_argument("--bounce", action="append", default=[])
     parser.add_argument("--bounce-relay", default="")
+    parser.add_argument("--rules", default="", help="JSON {refuse: [...], bounce: [...]}, read when present")
     args = parser.parse_args()
     port = args.port
     if port == 0:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-    controller = Controller(Recorder(args.record, args.refuse, args.bounce, args.bounce_relay), hostname="127.0.0.1", port=port)
+    controller = Controller(Recorder(args.record, args.refuse, args.bounce, args.bounce_relay, args.rules or None), hostname="127.0.0.1", port=port)
     controller.start()
     print(f"listening {port}", flush=True)
     try:

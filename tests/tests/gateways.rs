@@ -202,6 +202,25 @@ async fn email_through_a_mail_server_with_signed_open_pixels(backend: Backend) {
     let smtp_port = free_port().unwrap();
     let tracking_port = free_port().unwrap();
     let bounce_port = free_port().unwrap();
+    // The mail server holds its port before the hub's processes pick
+    // theirs (one of them took it once, between `free_port` and the bind);
+    // whom it refuses or bounces is written once the fleet is known.
+    let record = dir.path().join("mail.jsonl");
+    let rules = dir.path().join("rules.json");
+    let _smtp = server(
+        &python,
+        "smtp_sink.py",
+        smtp_port,
+        &[
+            "--record".into(),
+            record.display().to_string(),
+            "--rules".into(),
+            rules.display().to_string(),
+            "--bounce-relay".into(),
+            format!("127.0.0.1:{bounce_port}"),
+        ],
+    );
+    listening(smtp_port, Duration::from_secs(30)).await;
     let settings = Settings {
         carrier_gateways: GatewayArgs {
             smtp_url: Some(format!("smtp://127.0.0.1:{smtp_port}")),
@@ -219,23 +238,11 @@ async fn email_through_a_mail_server_with_signed_open_pixels(backend: Backend) {
         return;
     };
     let (refused, bounced) = (&registered[0], &registered[1]);
-    let record = dir.path().join("mail.jsonl");
-    let _smtp = server(
-        &python,
-        "smtp_sink.py",
-        smtp_port,
-        &[
-            "--record".into(),
-            record.display().to_string(),
-            "--refuse".into(),
-            refused.email.clone(),
-            "--bounce".into(),
-            bounced.email.clone(),
-            "--bounce-relay".into(),
-            format!("127.0.0.1:{bounce_port}"),
-        ],
-    );
-    listening(smtp_port, Duration::from_secs(30)).await;
+    std::fs::write(
+        &rules,
+        serde_json::json!({"refuse": [refused.email], "bounce": [bounced.email]}).to_string(),
+    )
+    .unwrap();
 
     let mut request = send_request(
         "mail",
