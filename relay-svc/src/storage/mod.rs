@@ -396,6 +396,17 @@ impl sqlx::Encode<'_, sqlx::Postgres> for IdList<'_> {
 }
 
 impl Store {
+    /// An aggregate packing `expression` of a group's rows into one JSON
+    /// array (as text), in this backend's SQL: a row per group crosses from
+    /// the database instead of a row per element. Every such aggregate of a
+    /// group sees its rows in the same order, so arrays line up.
+    fn json_array_of(&self, expression: &str) -> String {
+        match self {
+            Self::Sqlite(..) => format!("json_group_array({expression})"),
+            Self::Postgres(..) => format!("CAST(json_agg({expression}) AS TEXT)"),
+        }
+    }
+
     /// `column IN <the IdList bound as parameter n>`, in this backend's SQL.
     fn in_id_list(&self, column: &str, param: usize) -> String {
         match self {

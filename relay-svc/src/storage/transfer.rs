@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use const_format::formatcp;
-use sqlx::{AssertSqlSafe, QueryBuilder};
+use sqlx::AssertSqlSafe;
 
 use super::states::{EXPANDED, HANDED_OVER, PENDING, UNSENT};
-use super::{CountSteps, IdList, ROWS_PER_STATEMENT, Store, on_pool, on_write, stored_list};
+use super::{CountSteps, IdList, Store, on_pool, on_write, stored_list};
 use crate::error::Result;
 use crate::receipts::{EventKind, MessageEventKind};
 use crate::targeting::{Channel, Content};
@@ -39,13 +39,18 @@ pub struct DueMessage {
     pub trace_parent: String,
 }
 
+/// One message's due deliveries in a lane's read: the message's columns
+/// once, its deliveries as packed columns (JSON arrays, element `i` of each
+/// the same delivery), so a batch crosses from the database as a row per
+/// message, not a row per person.
 #[derive(sqlx::FromRow)]
-struct DueRow {
-    id: i64,
-    message_id: String,
-    user_id: String,
-    channel: i64,
-    not_before: i64,
+struct DueGroupRow {
+    #[sqlx(flatten)]
+    message: DueMessageRow,
+    ids: String,
+    user_ids: String,
+    channels: String,
+    not_befores: String,
 }
 
 #[derive(sqlx::FromRow)]
@@ -80,21 +85,68 @@ impl DueMessageRow {
     }
 }
 
-/// A due delivery read with its message (the priority lane's, whose rows
-/// are mostly of distinct messages).
-#[derive(sqlx::FromRow)]
-struct DueJoinedRow {
-    #[sqlx(flatten)]
-    delivery: DueRow,
-    #[sqlx(flatten)]
-    message: DueMessageRow,
-}
-
 /// The message columns a due read returns, `messages` aliased `m`.
 const DUE_MESSAGE_COLUMNS: &str =
     "m.content_text, m.media_url, m.subject, m.suggested_replies, m.expires_at,
     CASE WHEN m.window_at_carrier THEN m.delivery_window END AS carrier_window,
     m.single_attempt, m.trace_parent";
+
+/// A message's due deliveries unpacked from their JSON columns.
+struct DueColumns {
+    ids: Vec<i64>,
+    user_ids: Vec<String>,
+    channels: Vec<i64>,
+    not_befores: Vec<i64>,
+}
+
+impl DueColumns {
+    fn unpack(group: &DueGroupRow) -> Result<Self> {
+        fn column<T: serde::de::DeserializeOwned>(name: &str, text: &str) -> Result<Vec<T>> {
+            serde_json::from_str(text).map_err(|error| {
+                crate::error::Error::Internal(anyhow::anyhow!(
+                    "due deliveries: packed column {name} unreadable: {error}"
+                ))
+            })
+        }
+        let columns = Self {
+            ids: column("ids", &group.ids)?,
+            user_ids: column("user_ids", &group.user_ids)?,
+            channels: column("channels", &group.channels)?,
+            not_befores: column("not_befores", &group.not_befores)?,
+        };
+        let len = columns.ids.len();
+        if [
+            columns.user_ids.len(),
+            columns.channels.len(),
+            columns.not_befores.len(),
+        ] != [len; 3]
+        {
+            return Err(crate::error::Error::Internal(anyhow::anyhow!(
+                "due deliveries: packed columns of different lengths"
+            )));
+        }
+        Ok(columns)
+    }
+
+    fn into_deliveries(
+        self,
+        message_id: &str,
+        message: &Arc<DueMessage>,
+    ) -> impl Iterator<Item = DueDelivery> {
+        self.ids
+            .into_iter()
+            .zip(self.user_ids)
+            .zip(self.channels.into_iter().zip(self.not_befores))
+            .map(move |((id, user_id), (channel, not_before))| DueDelivery {
+                id,
+                message_id: message_id.to_owned(),
+                user_id,
+                channel: Channel::from_number(channel),
+                not_before,
+                message: message.clone(),
+            })
+    }
+}
 
 /// A carrier's two queues: targeted messages' first attempts go before
 /// campaigns', whatever their ids.
@@ -145,82 +197,45 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<DueDelivery>> {
         // A constant in the text, so the lane is part of the index range
-        // (carrier, state, lane, id).
+        // (carrier, state, lane, id). The rows, in id order and limited,
+        // are grouped by message: one row per message comes back (one for a
+        // campaign's batch, whose content is then read once), its
+        // deliveries packed.
         let lane_number = lane as i64;
-        let due_rows = |columns: &str| {
-            format!(
-                "SELECT d.id, d.message_id, d.user_id, d.channel, d.not_before{columns}
-                 FROM deliveries d JOIN messages m ON m.id = d.message_id
-                 WHERE d.carrier_id = $1 AND d.state = {PENDING} AND d.lane = {lane_number} AND d.id > $2 AND d.id < $5 AND d.not_before <= $3
-                   AND (d.window_close IS NULL OR d.window_close > $3) AND m.expires_at > $3
-                 ORDER BY d.id
-                 LIMIT $4"
-            )
-        };
-        // Both lanes' reads take the same parameters, in this order.
-        macro_rules! due_binds {
-            ($query:expr) => {
-                $query
-                    .bind(carrier_id)
-                    .bind(ids.start)
-                    .bind(now)
-                    .bind(i64::from(limit))
-                    .bind(ids.end)
-            };
+        let packed = |column: &str| self.json_array_of(&format!("d.{column}"));
+        let sql = format!(
+            "SELECT m.id AS message_id, {DUE_MESSAGE_COLUMNS},
+                    {ids} AS ids, {users} AS user_ids, {channels} AS channels, {not_befores} AS not_befores
+             FROM (SELECT d.id, d.message_id, d.user_id, d.channel, d.not_before
+                   FROM deliveries d JOIN messages m ON m.id = d.message_id
+                   WHERE d.carrier_id = $1 AND d.state = {PENDING} AND d.lane = {lane_number}
+                     AND d.id > $2 AND d.id < $5 AND d.not_before <= $3
+                     AND (d.window_close IS NULL OR d.window_close > $3) AND m.expires_at > $3
+                   ORDER BY d.id
+                   LIMIT $4) AS d
+             JOIN messages m ON m.id = d.message_id
+             GROUP BY m.id",
+            ids = packed("id"),
+            users = packed("user_id"),
+            channels = packed("channel"),
+            not_befores = packed("not_before"),
+        );
+        let groups: Vec<DueGroupRow> = on_pool!(self, pool => sqlx::query_as(AssertSqlSafe(sql))
+            .bind(carrier_id)
+            .bind(ids.start)
+            .bind(now)
+            .bind(i64::from(limit))
+            .bind(ids.end)
+            .fetch_all(pool)
+            .await)?;
+        let mut due = Vec::new();
+        for group in groups {
+            let unpacked = DueColumns::unpack(&group)?;
+            let (message_id, message) = group.message.shared();
+            due.extend(unpacked.into_deliveries(&message_id, &message));
         }
-        let (rows, messages): (Vec<DueRow>, Vec<DueMessageRow>) = match lane {
-            // Targeted messages: each row with its message, one statement
-            // (on the idle path of a single message).
-            Lane::Priority => {
-                let sql = due_rows(&format!(", {DUE_MESSAGE_COLUMNS}"));
-                let joined: Vec<DueJoinedRow> = on_pool!(self, pool => due_binds!(sqlx::query_as(AssertSqlSafe(sql)))
-                    .fetch_all(pool)
-                    .await)?;
-                joined.into_iter().map(|j| (j.delivery, j.message)).unzip()
-            }
-            // The deliveries alone, then their messages once each: a
-            // campaign's batch is a thousand rows of one message, whose
-            // content is not read (nor allocated) a thousand times.
-            Lane::Bulk => on_pool!(self, pool => {
-                let rows: Vec<DueRow> = due_binds!(sqlx::query_as(AssertSqlSafe(due_rows(""))))
-                    .fetch_all(pool)
-                    .await?;
-                let mut wanted: Vec<&str> = rows.iter().map(|r| r.message_id.as_str()).collect();
-                wanted.sort_unstable();
-                wanted.dedup();
-                let mut messages = Vec::with_capacity(wanted.len());
-                for chunk in wanted.chunks(ROWS_PER_STATEMENT) {
-                    let mut query = QueryBuilder::new(format!(
-                        "SELECT m.id AS message_id, {DUE_MESSAGE_COLUMNS} FROM messages m WHERE m.id IN ("
-                    ));
-                    let mut list = query.separated(", ");
-                    for id in chunk {
-                        list.push_bind(*id);
-                    }
-                    query.push(")");
-                    messages.extend(query.build_query_as::<DueMessageRow>().fetch_all(pool).await?);
-                }
-                (rows, messages)
-            }),
-        };
-        let messages: HashMap<String, Arc<DueMessage>> =
-            messages.into_iter().map(DueMessageRow::shared).collect();
-        Ok(rows
-            .into_iter()
-            .filter_map(|row| {
-                // A message is never deleted while it has deliveries; were one
-                // gone, its deliveries could not be described, so not sent.
-                let message = messages.get(&row.message_id)?.clone();
-                Some(DueDelivery {
-                    id: row.id,
-                    message_id: row.message_id,
-                    user_id: row.user_id,
-                    channel: Channel::from_number(row.channel),
-                    not_before: row.not_before,
-                    message,
-                })
-            })
-            .collect())
+        due.sort_unstable_by_key(|d| d.id);
+        Ok(due)
     }
 
     /// The carrier acknowledged a batch: its deliveries are handed over (and

@@ -199,6 +199,9 @@ impl BackendArg {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let scenario = chukei_proto::server::parse_args::<Args>().scenario;
+    // `RUST_LOG` applies to every scenario, including those that run the
+    // storage seam without a hub (`billing`, `stats`).
+    integration_tests::init_logs();
     println!("machine: {}", machine());
     match scenario {
         Scenario::Broadcast {
