@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use const_format::formatcp;
 
-use super::planning::{Effect, MessagePlan, PlanSteps, Sql, timestamp};
+use super::planning::{MessagePlan, PlanSteps, Sql, timestamp};
 use super::states::{ACCEPTED, DeliveryState, EXPIRED, HANDED_OVER, PENDING, UNSENT, WAITING};
 use super::{CountSteps, Param, Store, WritePool, on_pool, on_write};
 use crate::error::{Error, Result};
@@ -521,10 +521,6 @@ fn expire_deliveries(message_id: &str, which: Closing, note: &str, now: i64) -> 
          AND NOT EXISTS (SELECT 1 FROM events e WHERE e.message_id = d.message_id AND e.user_id = d.user_id AND e.kind = {delivered}) \
          ON CONFLICT DO NOTHING"
     ));
-    let record = Sql {
-        effect: Effect::Count(EventKind::Expired.number()),
-        ..record
-    };
     let mut close = Sql::new(formatcp!(
         "UPDATE deliveries SET state = {EXPIRED}, check_at = NULL, note = "
     ));

@@ -280,8 +280,10 @@ pub(crate) use transaction_steps;
 transaction_steps! {
     /// What every transaction that records events does beside them.
     pub(crate) trait CountSteps {
-        /// Adds `((message_id, kind), added)` entries — how many events an
-        /// `INSERT … ON CONFLICT DO NOTHING` really added — to `message_counts`.
+        /// Adds `((message_id, kind), added)` entries to `message_counts`:
+        /// for what is counted but is not an event (deferrals, kind 8).
+        /// Events count themselves: a trigger adds each one the log really
+        /// adds, in the statement that adds it (migration 0016).
         async fn add_to_counts(
             &mut self,
             added: impl IntoIterator<Item = ((String, i64), i64)>,
@@ -329,9 +331,9 @@ transaction_steps! {
                 for id in chunk {
                     list.push_bind(*id);
                 }
-                query.push(") ON CONFLICT DO NOTHING RETURNING message_id");
-                let added: Vec<String> = query.build_query_scalar().fetch_all(&mut *self).await?;
-                self.add_to_counts(added.into_iter().map(|m| ((m, kind.number()), 1))).await?;
+                // Counted by the database (migration 0016).
+                query.push(") ON CONFLICT DO NOTHING");
+                query.build().execute(&mut *self).await?;
             }
             Ok(())
         }

@@ -30,7 +30,8 @@ pub(super) struct Sql {
     pub effect: Effect,
 }
 
-/// How a statement's result feeds the message counts.
+/// How a statement's result feeds the message counts, for what is counted
+/// but is not an event (deferrals): events count themselves (migration 0016).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) enum Effect {
     #[default]
@@ -427,7 +428,7 @@ pub(super) fn apply_fatigue(
     statements
 }
 
-/// A `skipped` event (counted) for each person of `message_id` among
+/// A `skipped` event for each person of `message_id` among
 /// `users` whose attempts were skipped (state 5), once.
 pub(super) fn record_skips(message_id: &str, now: i64, users: &UserRange) -> Sql {
     let mut record = Sql::new(
@@ -440,7 +441,8 @@ pub(super) fn record_skips(message_id: &str, now: i64, users: &UserRange) -> Sql
     record.push(&format!(
         "{kind}, {at}, carrier_id, channel, '' FROM deliveries WHERE message_id = {m}{range} AND state = {SKIPPED} ON CONFLICT DO NOTHING"
     ));
-    record.counting(Effect::Count(EventKind::Skipped.number()))
+    // The events count themselves (migration 0016).
+    record
 }
 
 /// The plan in words, as `GetMessage` and `explain` show it.

@@ -8,9 +8,7 @@ use const_format::formatcp;
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
 use super::states::{CANCELLED, EXPIRED, HANDED_OVER, OPEN, UNSENT, UNSUPPORTED};
-use super::{
-    CountSteps, IdList, ROWS_PER_STATEMENT, Store, WritePool, on_pool, on_write, transaction_steps,
-};
+use super::{IdList, ROWS_PER_STATEMENT, Store, WritePool, on_pool, on_write, transaction_steps};
 use crate::error::Result;
 use crate::policy::SCORE_OPEN_SHIFT;
 use crate::receipts::{CountReport, DEFERRED_COUNT, EventKind, Receipt};
@@ -276,49 +274,52 @@ transaction_steps! {
     /// What a batch of receipts does inside its transaction.
     trait ReceiptSteps {
         /// Inserts the events of `rows` from `carrier_id` that are new (and
-        /// for a delivery made to that carrier) and counts them; the first
-        /// opens among them.
+        /// for a delivery made to that carrier) — counted by the database as
+        /// they are added (migration 0016) —; the first opens among them.
         async fn record_events(
             &mut self,
             carrier_id: &str,
             rows: &[(&Receipt, EventKind)],
             now: i64,
         ) -> Result<Vec<Opened>> {
-            let mut added: HashMap<(String, i64), i64> = HashMap::new();
+            // Only the opens come back (to act on): the rest are counted
+            // where they are added, and none of them crosses back as a row.
+            let (opens, others): (Vec<_>, Vec<_>) =
+                rows.iter().partition(|(_, kind)| *kind == EventKind::Opened);
             let mut opened: Vec<Opened> = Vec::new();
-            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                // Driven by the VALUES rows (a unique-index lookup each); the rows the
-                // insert really added come back, to grow their messages' counts.
-                let mut query = QueryBuilder::new(
-                    "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region)
-                     SELECT v.column1, v.column2, v.column3, v.column4, ",
-                );
-                query.push_bind(carrier_id).push(", v.column5, v.column6 FROM (");
-                query.push_values(chunk, |mut row, (receipt, kind)| {
-                    row.push_bind(&receipt.message_id)
-                        .push_bind(&receipt.user_id)
-                        .push_bind(kind.number())
-                        .push_bind(receipt.at)
-                        .push_bind(Channel::number(receipt.channel))
-                        .push_bind(&receipt.region);
-                });
-                query
-                    .push(") AS v WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = v.column1 AND d.user_id = v.column2 AND d.carrier_id = ")
-                    .push_bind(carrier_id)
-                    // What was added comes back: to count and act on opens (the
-                // events are the rollup fold's log, so nothing else is queued).
-                    .push(") ON CONFLICT DO NOTHING RETURNING message_id, kind, user_id, channel, at");
-                let inserted: Vec<(String, i64, String, i64, i64)> =
+            for (rows, returning) in [(others, false), (opens, true)] {
+                for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                    // Driven by the VALUES rows (a unique-index lookup each).
+                    let mut query = QueryBuilder::new(
+                        "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region)
+                         SELECT v.column1, v.column2, v.column3, v.column4, ",
+                    );
+                    query.push_bind(carrier_id).push(", v.column5, v.column6 FROM (");
+                    query.push_values(chunk, |mut row, (receipt, kind)| {
+                        row.push_bind(&receipt.message_id)
+                            .push_bind(&receipt.user_id)
+                            .push_bind(kind.number())
+                            .push_bind(receipt.at)
+                            .push_bind(Channel::number(receipt.channel))
+                            .push_bind(&receipt.region);
+                    });
+                    query
+                        .push(") AS v WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = v.column1 AND d.user_id = v.column2 AND d.carrier_id = ")
+                        .push_bind(carrier_id)
+                        .push(") ON CONFLICT DO NOTHING");
                     // Planned on every run, like the hand-over's statements (`transfer.rs`).
-                    query.build_query_as().persistent(false).fetch_all(&mut *self).await?;
-                for (message_id, kind, user_id, channel, at) in inserted {
-                    if kind == EventKind::Opened.number() {
-                        opened.push((message_id.clone(), user_id, channel, if at > 0 { at } else { now }));
+                    if !returning {
+                        query.build().persistent(false).execute(&mut *self).await?;
+                        continue;
                     }
-                    *added.entry((message_id, kind)).or_default() += 1;
+                    query.push(" RETURNING message_id, user_id, channel, at");
+                    let inserted: Vec<(String, String, i64, i64)> =
+                        query.build_query_as().persistent(false).fetch_all(&mut *self).await?;
+                    for (message_id, user_id, channel, at) in inserted {
+                        opened.push((message_id, user_id, channel, if at > 0 { at } else { now }));
+                    }
                 }
             }
-            self.add_to_counts(added).await?;
             Ok(opened)
         }
 
