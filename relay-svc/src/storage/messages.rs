@@ -13,6 +13,7 @@ use super::audience::{AudienceSteps, StoredTarget, UserRange};
 use super::audit::AuditSteps;
 use super::expanding::{ExpansionSteps, campaign_statements};
 use super::message_rows::{PlanRow, insert_follow_up, insert_message};
+use super::per_person::PersonSteps;
 use super::planning::{self, MessagePlan, PlanSteps};
 use super::states::ACCEPTED;
 use super::{

@@ -18,6 +18,7 @@ mod key_cache;
 mod message_rows;
 mod messages;
 mod overview;
+mod per_person;
 pub(crate) mod planning;
 pub(crate) mod pricing;
 mod receipts;
