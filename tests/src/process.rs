@@ -6,8 +6,35 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now, for a server started on a
+/// port chosen beforehand (a child process, a peer, a relay restarted on
+/// the same address). It is taken below the kernel's ephemeral range, so no
+/// listener bound to port 0 (the in-process hub's) and no outgoing
+/// connection can be given it between this check and the server's own
+/// bind — which happened once to a port taken from `bind(0)`. Successive
+/// calls, and concurrent test processes (by their pid), start from
+/// different ports.
 pub fn free_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    // Half the ports below the ephemeral range, clear of the well-known ones.
+    let low = (ephemeral / 2).max(1_024);
+    let span = ephemeral.saturating_sub(low).max(1);
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let call = CALLS.fetch_add(1, Ordering::Relaxed);
+        let port = low + start.wrapping_add(call.wrapping_mul(13)) % span;
+        let Ok(port) = u16::try_from(port) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
