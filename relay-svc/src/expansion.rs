@@ -73,10 +73,16 @@ async fn run(
                             .instrument(span)
                             .await;
                     match expanded {
-                        Ok(Some(matched)) => {
+                        Ok(Some(Expansion::Done { matched })) => {
                             expanded_any = true;
                             metrics.expanded.add(&[], matched);
                             tracing::info!(%message_id, matched, "campaign expanded");
+                        }
+                        // Another relay is at it: it goes on, this one waits
+                        // for new work or the next look rather than asking
+                        // again at once.
+                        Ok(Some(_)) => {
+                            tracing::debug!(%message_id, "campaign being expanded by another relay");
                         }
                         // Stopped between steps; the cursor keeps its place.
                         Ok(None) => return,
@@ -100,8 +106,9 @@ async fn run(
 }
 
 /// Expands one campaign step by step (its plan and `best`'s priors read
-/// once), waking the dispatchers after each; the people matched, or `None`
-/// when `cancel` fired between steps.
+/// once), waking the dispatchers after each: `Done` with the people
+/// matched, `NotHere` when another relay holds it or it is no longer
+/// accepted, or `None` when `cancel` fired between steps.
 async fn expand(
     store: &Store,
     message_id: &str,
@@ -109,9 +116,9 @@ async fn expand(
     planning: &Planning,
     dispatch: &DispatchHandle,
     cancel: &CancellationToken,
-) -> crate::error::Result<Option<u64>> {
+) -> crate::error::Result<Option<Expansion>> {
     let Some(campaign) = store.campaign_to_expand(message_id, clock.now_ms()).await? else {
-        return Ok(Some(0));
+        return Ok(Some(Expansion::NotHere));
     };
     loop {
         let step = store
@@ -124,7 +131,7 @@ async fn expand(
             .await?;
         dispatch.new_work();
         match step {
-            Expansion::Done { matched } => return Ok(Some(matched)),
+            Expansion::Done { .. } | Expansion::NotHere => return Ok(Some(step)),
             Expansion::Continues { .. } if cancel.is_cancelled() => return Ok(None),
             Expansion::Continues { .. } => {}
         }

@@ -794,6 +794,7 @@ async fn a_campaign_expanded_in_steps_plans_everyone_once(backend: Backend) {
                 assert_eq!(row.matched, Some(7));
                 break;
             }
+            Expansion::NotHere => panic!("nobody else expands msg_b"),
         }
     }
     assert_eq!(
@@ -811,7 +812,7 @@ async fn a_campaign_expanded_in_steps_plans_everyone_once(backend: Backend) {
             .expand_step(&campaign, DAY0, &attention, 2)
             .await
             .unwrap(),
-        Expansion::Done { matched: 0 }
+        Expansion::NotHere
     );
     let pending: Vec<(String, u64)> = store
         .carrier_counts(Some("msg_b"))

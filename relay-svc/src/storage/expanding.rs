@@ -32,9 +32,11 @@ pub const EXPANSION_CHUNK: u32 = 2_000;
 pub enum Expansion {
     /// More registrations to go; the people matched so far.
     Continues { matched: u64 },
-    /// Expanded (or nothing to do here: not accepted, or expanded by another
-    /// relay meanwhile); the people matched (0 when there was nothing to do).
+    /// Expanded by this step; the people matched.
     Done { matched: u64 },
+    /// Nothing to do here: another relay holds the message for a step right
+    /// now, or it is no longer waiting to be expanded.
+    NotHere,
 }
 
 /// What every step of one campaign's expansion shares, read once: its
@@ -64,8 +66,10 @@ impl Store {
             let step = self
                 .expand_step(&campaign, now, attention, EXPANSION_CHUNK)
                 .await?;
-            if let Expansion::Done { matched } = step {
-                return Ok(matched);
+            match step {
+                Expansion::Done { matched } => return Ok(matched),
+                Expansion::NotHere => return Ok(0),
+                Expansion::Continues { .. } => {}
             }
         }
     }
@@ -135,7 +139,7 @@ impl Store {
                 .await?;
             let Some((ACCEPTED, cursor, matched_before)) = claimed else {
                 tx.rollback().await?;
-                return Ok(Expansion::Done { matched: 0 });
+                return Ok(Expansion::NotHere);
             };
             let (users, last) = tx.next_users(&plan.enterprise_id, cursor, chunk).await?;
             let statements = campaign_statements(message_id, plan, target, now, attention, &users);
