@@ -55,7 +55,7 @@ impl MessageEventKind {
 }
 
 impl EventKind {
-    pub fn number(self) -> i64 {
+    pub const fn number(self) -> i64 {
         match self {
             Self::HandedOver => 1,
             Self::Delivered => 2,

@@ -846,6 +846,74 @@ async fn a_campaign_expanded_in_steps_plans_everyone_once(backend: Backend) {
     fixture.close().await;
 }
 
+/// A receipt that arrives before its batch's acknowledgement was recorded
+/// (the carrier stored and pushed, the relay crashed before the ack) still
+/// adds the person's hand-over; the acknowledgement that follows adds no
+/// second one, nor does a later receipt.
+async fn a_receipt_before_its_acknowledgement_adds_the_hand_over_once(backend: Backend) {
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
+    let store = &fixture.store;
+    let refs = seed_registry(store).await;
+    let message = NewMessage {
+        idempotency_key: "k".into(),
+        target: Target::Refs(vec![refs[1].clone()]),
+        content: Content {
+            text: "hi".into(),
+            ..Content::default()
+        },
+        policy: Policy::fixed(None),
+        all_carriers: false,
+        timing: Timing::default(),
+        follow_up: None,
+        priority: Priority::Normal,
+        bid_id: None,
+        trace_parent: String::new(),
+    };
+    store
+        .accept_message(
+            "ent_1",
+            "msg_1",
+            &message,
+            0,
+            10_000,
+            &AttentionConfig::default(),
+        )
+        .await
+        .unwrap();
+    let due = store.due_deliveries("c1", 0, 0, 100).await.unwrap();
+    assert_eq!(due.len(), 1);
+    let counts = |handed_over, delivered, opened| MessageCounts {
+        handed_over,
+        delivered,
+        opened,
+        ..MessageCounts::default()
+    };
+    store
+        .record_receipts("c1", &[receipt("msg_1", "u2", EventKind::Delivered)], 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.message_counts("msg_1").await.unwrap(),
+        counts(1, 1, 0)
+    );
+    store.mark_handed_over(&[due[0].id], 5).await.unwrap();
+    store
+        .record_receipts("c1", &[receipt("msg_1", "u2", EventKind::Opened)], 6)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.message_counts("msg_1").await.unwrap(),
+        counts(1, 1, 1)
+    );
+    assert_eq!(
+        store.recount_message("msg_1").await.unwrap(),
+        store.message_counts("msg_1").await.unwrap()
+    );
+    fixture.close().await;
+}
+
 backend_tests!(
     a_campaign_expanded_in_steps_plans_everyone_once,
     concurrent_accepts_keep_their_own_outcomes,
@@ -854,6 +922,7 @@ backend_tests!(
     a_rising_open_rate_restores_the_cap,
     low_priority_is_skipped_first_and_high_priority_never,
     receipts_count_once_whatever_arrives,
+    a_receipt_before_its_acknowledgement_adds_the_hand_over_once,
     held_deliveries_roll_to_the_next_opening_or_expire,
     a_targeted_message_defers_pending_campaign_deliveries,
 );

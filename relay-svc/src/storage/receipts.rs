@@ -267,6 +267,9 @@ fn event_rows(receipts: &[Receipt]) -> Vec<(&Receipt, EventKind)> {
         .collect()
 }
 
+/// The handed-over event's number, spliced into the receipts' insert.
+const HANDED_OVER_EVENT: i64 = EventKind::HandedOver.number();
+
 /// A first open just recorded: message, user, channel and when.
 type Opened = (String, String, i64, i64);
 
@@ -303,10 +306,18 @@ transaction_steps! {
                             .push_bind(Channel::number(receipt.channel))
                             .push_bind(&receipt.region);
                     });
+                    // A handed-over event implied by a later receipt is
+                    // there already when the delivery was marked handed
+                    // over (the mark adds it in the same transaction, and
+                    // events are never removed): only a receipt that
+                    // overtook its acknowledgement adds it, and the others
+                    // cost no probe of the events' key.
                     query
                         .push(") AS v WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = v.column1 AND d.user_id = v.column2 AND d.carrier_id = ")
                         .push_bind(carrier_id)
-                        .push(") ON CONFLICT DO NOTHING");
+                        .push(formatcp!(
+                            " AND (v.column3 <> {HANDED_OVER_EVENT} OR d.handed_over_at IS NULL)) ON CONFLICT DO NOTHING"
+                        ));
                     // Planned on every run, like the hand-over's statements (`transfer.rs`).
                     if !returning {
                         query.build().persistent(false).execute(&mut *self).await?;
