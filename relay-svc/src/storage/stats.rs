@@ -23,7 +23,8 @@ const IN_THE_HUB: &str = "EXISTS (SELECT 1 FROM contracts c WHERE c.user_id = e.
 
 /// The fold's working set, one row per event read past the cursor: the
 /// event, its message's enterprise, the person's consented profile for it,
-/// when the person's first attempt was handed over (`sent_at`), and whether
+/// when the person's first attempt was handed over (`sent_at`: a hand-over
+/// event's own time; only later events look theirs up), and whether
 /// the person is still in the hub and registered with the enterprise. A
 /// temporary table of each connection (`Store::connect` creates it), filled
 /// by one joined `INSERT … SELECT` per fold, so each event is joined once
@@ -84,15 +85,17 @@ fn fill_fold_rows(log: &EventLog) -> String {
     format!(
         "INSERT INTO fold_rows
          SELECT e.tx, e.seq, e.kind, e.at, e.channel, e.carrier_id, e.region, e.user_id, e.message_id,
-                m.enterprise_id, m.by_attributes, COALESCE(h.at, e.at),
+                m.enterprise_id, m.by_attributes,
+                CASE WHEN e.kind = 1 THEN e.at
+                     ELSE COALESCE((SELECT h.at FROM events h
+                                    WHERE h.message_id = e.message_id AND h.user_id = e.user_id AND h.kind = 1), e.at) END,
                 COALESCE(p.gender, ''), {AGE_BAND}, COALESCE(p.region, ''), COALESCE(p.occupation, ''),
                 {IN_THE_HUB},
                 EXISTS (SELECT 1 FROM registrations r WHERE r.enterprise_id = m.enterprise_id AND r.user_id = e.user_id)
          FROM (SELECT {tx} AS tx, e.seq, e.kind, e.at, e.channel, e.carrier_id, e.region, e.user_id, e.message_id
                FROM events e WHERE {past} AND {ready} ORDER BY {order} LIMIT $1) AS e
          LEFT JOIN messages m ON m.id = e.message_id
-         LEFT JOIN profiles p ON p.enterprise_id = m.enterprise_id AND p.user_id = e.user_id
-         LEFT JOIN events h ON h.message_id = e.message_id AND h.user_id = e.user_id AND h.kind = 1",
+         LEFT JOIN profiles p ON p.enterprise_id = m.enterprise_id AND p.user_id = e.user_id",
         tx = log.tx,
         past = log.past,
         ready = log.ready,
