@@ -35,6 +35,14 @@ enum Command {
         /// Number of simulated users.
         #[arg(long, env = "CHUKEI_TERMINAL_USERS", default_value_t = 10_000)]
         users: usize,
+        /// Every user registers with every enterprise offered (their consent
+        /// choices still drawn by the model): for runs about volume, not consent.
+        #[arg(long)]
+        everyone_registers: bool,
+        /// Every terminal takes every channel and has an address for each:
+        /// for runs not about capabilities.
+        #[arg(long)]
+        every_channel: bool,
         #[command(flatten)]
         options: FleetOptions,
     },
@@ -68,6 +76,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Fleet {
             seed,
             users,
+            everyone_registers,
+            every_channel,
             options,
         } => {
             if users == 0 {
@@ -78,7 +88,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .iter()
                 .map(|c| c.carrier_id.clone())
                 .collect();
-            let fleet = Fleet::generate(seed, users, &carriers);
+            let mut fleet = Fleet::generate(seed, users, &carriers);
+            if everyone_registers {
+                fleet = fleet.everyone_registers();
+            }
+            if every_channel {
+                fleet = fleet.with_every_channel();
+            }
             terminal_sim::run_fleet(
                 fleet,
                 options,

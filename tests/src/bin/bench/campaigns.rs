@@ -339,7 +339,8 @@ pub(super) async fn broadcast(
 pub(super) struct CpuSample {
     threads: std::collections::BTreeMap<String, f64>,
     process: f64,
-    postgres: f64,
+    /// CPU-seconds of the PostgreSQL server's processes.
+    pub(super) postgres: f64,
 }
 
 impl CpuSample {

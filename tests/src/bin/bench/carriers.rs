@@ -13,6 +13,21 @@ pub(super) fn memory_mib(pid: u32) -> Option<(f64, f64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// A fresh PostgreSQL database for a relay process (its URL and name, to
+/// drop after), or `None` for SQLite in the relay's data directory.
+pub(super) async fn relay_database(backend: Backend) -> anyhow::Result<Option<(String, String)>> {
+    Ok(match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => Some(
+            integration_tests::postgres_database()
+                .await?
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--backend postgres needs CHUKEI_TEST_DATABASE_URL")
+                })?,
+        ),
+    })
+}
+
 pub(super) async fn slow_carrier(
     users: usize,
     pace: u32,
@@ -27,13 +42,7 @@ pub(super) async fn slow_carrier(
         .ok_or_else(|| anyhow::anyhow!("no directory beside this program"))?
         .to_path_buf();
     let dir = tempfile::tempdir()?;
-    let database =
-        match backend {
-            Backend::Sqlite => None,
-            Backend::Postgres => Some(integration_tests::postgres_database().await?.ok_or_else(
-                || anyhow::anyhow!("--backend postgres needs CHUKEI_TEST_DATABASE_URL"),
-            )?),
-        };
+    let database = relay_database(backend).await?;
     let relay_url_db = match &database {
         Some((url, _)) => url.clone(),
         None => {

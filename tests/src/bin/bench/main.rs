@@ -36,6 +36,11 @@
 //! batches over a bare tonic `Carrier.Deliver` stream to a server that only
 //! acks, no storage at either end.
 //!
+//! `bench broadcast --users N --processes` runs the same broadcast with the
+//! relay, each carrier and the fleet as processes of their own (the release
+//! binaries beside `bench`) and prints each one's CPU-seconds and peak
+//! resident memory: the relay's own, apart from the fleet's.
+//!
 //! `bench broadcast --users N --webhook` also delivers every event to a
 //! local webhook receiver (signed batches from the relay's events log)
 //! and reports events per second there.
@@ -62,6 +67,7 @@ use integration_tests::{Backend, Hub, Tuning, machine};
 mod campaigns;
 mod carriers;
 mod gateways;
+mod processes;
 mod targeted;
 mod transport;
 
@@ -96,6 +102,11 @@ enum Scenario {
         /// its rate (run once with and once without to compare).
         #[arg(long)]
         webhook: bool,
+        /// Run the relay, each carrier and the fleet as their own processes
+        /// (the release binaries beside this one: `cargo build --release
+        /// --bins` first) and print each one's CPU and peak memory.
+        #[arg(long, conflicts_with = "webhook")]
+        processes: bool,
     },
     /// The rollup fold's cost with and without charging to the ledger.
     Billing {
@@ -208,7 +219,15 @@ async fn main() -> anyhow::Result<()> {
             users,
             backend,
             batch_size,
+            webhook: _,
+            processes: true,
+        } => processes::broadcast_across_processes(users, backend.backend(), batch_size).await,
+        Scenario::Broadcast {
+            users,
+            backend,
+            batch_size,
             webhook,
+            processes: false,
         } => broadcast(users, backend.backend(), batch_size, webhook).await,
         Scenario::Stats { events, backend } => stats(events, backend.backend()).await,
         Scenario::SlowCarrier {
