@@ -61,6 +61,11 @@ pub use key_cache::KEY_CACHE_TTL;
 
 /// Rows per multi-row statement: well under SQLite's 32,766 and PostgreSQL's
 /// 65,535 bind parameters for every statement that uses it.
+///
+/// Such a statement is not kept prepared (`persistent(false)`): each row
+/// count is a text of its own and its program is large, so sqlx's per-
+/// connection cache filled with them after a burst (tens of MiB of the
+/// relay's memory), and preparing one per 1,000 rows costs little.
 const ROWS_PER_STATEMENT: usize = 1_000;
 
 /// The relay's database, SQLite or PostgreSQL, with the groups its hot

@@ -138,7 +138,7 @@ transaction_steps! {
                             .push_bind(line.at)
                             .push_bind(now);
                     });
-                    insert.build().execute(&mut *self).await?;
+                    insert.build().persistent(false).execute(&mut *self).await?;
                 }
             }
             Ok(())

@@ -144,7 +144,7 @@ impl Store {
                      opened = excluded.opened, sms_segments = excluded.sms_segments, reported_at = excluded.reported_at \
                      WHERE excluded.reported_at >= count_reports.reported_at",
                 );
-                query.build().execute(&mut *tx).await?;
+                query.build().persistent(false).execute(&mut *tx).await?;
             }
             tx.commit().await?;
             Ok(())
@@ -351,7 +351,7 @@ transaction_steps! {
                 );
                 values(&mut cancel);
                 cancel.push(formatcp!(") AS v WHERE deliveries.message_id = v.column1 AND deliveries.user_id = v.column2 AND deliveries.state IN {UNSENT}"));
-                cancel.build().execute(&mut *self).await?;
+                cancel.build().persistent(false).execute(&mut *self).await?;
 
                 let mut engage = QueryBuilder::new("UPDATE engagement SET score = score + (1000 - score) / ");
                 engage.push_bind(SCORE_OPEN_SHIFT).push(" WHERE user_id IN (");
@@ -360,7 +360,7 @@ transaction_steps! {
                     list.push_bind(user_id);
                 }
                 engage.push(")");
-                engage.build().execute(&mut *self).await?;
+                engage.build().persistent(false).execute(&mut *self).await?;
 
                 let mut follow = QueryBuilder::new(
                     "INSERT INTO deliveries (message_id, user_id, carrier_id, channel, attempt, state, not_before, reason)
@@ -378,7 +378,7 @@ transaction_steps! {
                      JOIN contracts c ON c.user_id = v.column2 AND (c.is_primary OR f.all_carriers)
                      WHERE f.expires_at > v.column4 ON CONFLICT DO NOTHING RETURNING message_id, user_id",
                 );
-                let planned: Vec<(String, String)> = follow.build_query_as().fetch_all(&mut *self).await?;
+                let planned: Vec<(String, String)> = follow.build_query_as().persistent(false).fetch_all(&mut *self).await?;
                 attempts += planned.len() as u64;
                 let mut people: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
                 for (message_id, user_id) in planned {

@@ -42,7 +42,7 @@ impl Store {
                         list.push_bind(&contract.user_id);
                     }
                     query.push(")");
-                    query.build().execute(&mut *tx).await?;
+                    query.build().persistent(false).execute(&mut *tx).await?;
                 }
                 let primaries: Vec<&Contract> =
                     chunk.iter().filter(|c| c.active && c.primary).collect();
@@ -56,7 +56,7 @@ impl Store {
                         list.push_bind(&contract.user_id);
                     }
                     query.push(")");
-                    query.build().execute(&mut *tx).await?;
+                    query.build().persistent(false).execute(&mut *tx).await?;
                 }
                 let active: Vec<&Contract> = chunk.iter().filter(|c| c.active).collect();
                 if !active.is_empty() {
@@ -73,7 +73,7 @@ impl Store {
                         " ON CONFLICT (user_id, carrier_id) DO UPDATE SET \
                          is_primary = excluded.is_primary, updated_at = excluded.updated_at",
                     );
-                    query.build().execute(&mut *tx).await?;
+                    query.build().persistent(false).execute(&mut *tx).await?;
                 }
             }
             tx.commit().await?;

@@ -49,7 +49,7 @@ transaction_steps! {
                      age_min = excluded.age_min, age_max = excluded.age_max, region = excluded.region, \
                      occupation = excluded.occupation, updated_at = excluded.updated_at",
                 );
-                query.build().execute(&mut *self).await?;
+                query.build().persistent(false).execute(&mut *self).await?;
             }
             let declined: Vec<&(&str, &str, &Profile, &str)> =
                 changes.iter().filter(|(_, _, profile, _)| profile.is_empty()).collect();
@@ -59,7 +59,7 @@ transaction_steps! {
                     row.push_bind(*enterprise_id).push_bind(*user_id);
                 });
                 query.push(")");
-                query.build().execute(&mut *self).await?;
+                query.build().persistent(false).execute(&mut *self).await?;
             }
             if !changes.is_empty() {
                 let mut query = QueryBuilder::new(
@@ -73,7 +73,7 @@ transaction_steps! {
                         .push_bind(*text_version)
                         .push_bind(now);
                 });
-                query.build().execute(&mut *self).await?;
+                query.build().persistent(false).execute(&mut *self).await?;
             }
             Ok(())
         }
@@ -150,7 +150,7 @@ transaction_steps! {
                     list.push_bind(**id);
                 }
                 query.push(")");
-                let ids: Vec<String> = query.build_query_scalar().fetch_all(&mut *self).await?;
+                let ids: Vec<String> = query.build_query_scalar().persistent(false).fetch_all(&mut *self).await?;
                 known_enterprises.extend(ids);
             }
             let service_ids: HashSet<&str> =
@@ -164,7 +164,7 @@ transaction_steps! {
                     list.push_bind(**id);
                 }
                 query.push(")");
-                let rows: Vec<(String, String)> = query.build_query_as().fetch_all(&mut *self).await?;
+                let rows: Vec<(String, String)> = query.build_query_as().persistent(false).fetch_all(&mut *self).await?;
                 service_owner.extend(rows);
             }
             let mut contracted = HashSet::new();
@@ -176,7 +176,7 @@ transaction_steps! {
                     list.push_bind(&registration.user_id);
                 }
                 query.push(")");
-                let users: Vec<String> = query.build_query_scalar().fetch_all(&mut *self).await?;
+                let users: Vec<String> = query.build_query_scalar().persistent(false).fetch_all(&mut *self).await?;
                 contracted.extend(users);
             }
             for (index, registration) in registrations.iter().enumerate() {
@@ -227,7 +227,7 @@ transaction_steps! {
                     .push_bind(now);
             });
             query.push(" ON CONFLICT (enterprise_id, user_id) DO NOTHING");
-            query.build().execute(&mut *self).await?;
+            query.build().persistent(false).execute(&mut *self).await?;
 
             // A join against VALUES, not a row-value IN list: PostgreSQL plans the
             // latter as a scan of the whole table.
@@ -240,7 +240,7 @@ transaction_steps! {
             });
             query.push(") AS v ON r.enterprise_id = v.column1 AND r.user_id = v.column2");
             let rows: Vec<(String, String, String)> =
-                query.build_query_as().fetch_all(&mut *self).await?;
+                query.build_query_as().persistent(false).fetch_all(&mut *self).await?;
             let refs = rows.into_iter().map(|(e, u, r)| ((e, u), r)).collect();
 
             let with_service: Vec<&NewRegistration> =
@@ -256,7 +256,7 @@ transaction_steps! {
                         .push_bind(now);
                 });
                 query.push(" ON CONFLICT (service_id, user_id) DO NOTHING");
-                query.build().execute(&mut *self).await?;
+                query.build().persistent(false).execute(&mut *self).await?;
             }
 
             let changes: Vec<_> = registrations
@@ -339,7 +339,7 @@ transaction_steps! {
             notice.push_values(carriers, |mut row, carrier| {
                 row.push_bind(carrier).push_bind(user).push_bind(enterprise).push_bind(now);
             });
-            notice.build().execute(&mut *self).await?;
+            notice.build().persistent(false).execute(&mut *self).await?;
             Ok(removed)
         }
     }
