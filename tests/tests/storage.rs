@@ -23,6 +23,26 @@ fn receipt(message_id: &str, user_id: &str, kind: EventKind) -> Receipt {
     }
 }
 
+/// A message "hi" to `refs` on a fixed channel, to every carrier of each
+/// person or only their primary.
+fn to_refs(refs: Vec<String>, all_carriers: bool) -> NewMessage {
+    NewMessage {
+        idempotency_key: "k".into(),
+        target: Target::Refs(refs),
+        content: Content {
+            text: "hi".into(),
+            ..Content::default()
+        },
+        policy: Policy::fixed(None),
+        all_carriers,
+        timing: Timing::default(),
+        follow_up: None,
+        priority: Priority::Normal,
+        bid_id: None,
+        trace_parent: String::new(),
+    }
+}
+
 /// One enterprise, carriers c1–c3; u1 on c1 (primary) and c2, u2 on c1;
 /// both registered. Returns their refs (u1, u2).
 async fn seed_registry(store: &Store) -> Vec<String> {
@@ -81,21 +101,7 @@ async fn receipts_count_once_whatever_arrives(backend: Backend) {
     let store = &fixture.store;
     let refs = seed_registry(store).await;
 
-    let message = NewMessage {
-        idempotency_key: "k".into(),
-        target: Target::Refs(refs.clone()),
-        content: Content {
-            text: "hi".into(),
-            ..Content::default()
-        },
-        policy: Policy::fixed(None),
-        all_carriers: true,
-        timing: Timing::default(),
-        follow_up: None,
-        priority: Priority::Normal,
-        bid_id: None,
-        trace_parent: String::new(),
-    };
+    let message = to_refs(refs.clone(), true);
     let stored = store
         .accept_message(
             "ent_1",
@@ -856,21 +862,7 @@ async fn a_receipt_before_its_acknowledgement_adds_the_hand_over_once(backend: B
     };
     let store = &fixture.store;
     let refs = seed_registry(store).await;
-    let message = NewMessage {
-        idempotency_key: "k".into(),
-        target: Target::Refs(vec![refs[1].clone()]),
-        content: Content {
-            text: "hi".into(),
-            ..Content::default()
-        },
-        policy: Policy::fixed(None),
-        all_carriers: false,
-        timing: Timing::default(),
-        follow_up: None,
-        priority: Priority::Normal,
-        bid_id: None,
-        trace_parent: String::new(),
-    };
+    let message = to_refs(vec![refs[1].clone()], false);
     store
         .accept_message(
             "ent_1",

@@ -167,6 +167,115 @@ pub(super) async fn billing(
     Ok(())
 }
 
+/// When a broadcast reached each milestone, from the moment it was sent.
+pub(super) struct Milestones {
+    accepted: Duration,
+    expanded: Option<Duration>,
+    handed_over: Option<Duration>,
+    /// Known when the fleet runs in this process.
+    at_terminals: Option<Duration>,
+    delivered: Option<Duration>,
+    /// The people it matched.
+    pub(super) matched: u64,
+    /// When to give up waiting.
+    pub(super) deadline: Instant,
+}
+
+impl Milestones {
+    /// Sends the broadcast at `started` and follows it until every delivery
+    /// is counted delivered; `received` says how many deliveries the fleet
+    /// has received, when it can be asked.
+    pub(super) async fn follow(
+        client: &mut integration_tests::Enterprise,
+        started: Instant,
+        received: Option<&dyn Fn() -> u64>,
+    ) -> anyhow::Result<Self> {
+        let sent = client
+            .send_message(broadcast_request("bench"))
+            .await?
+            .into_inner();
+        let mut milestones = Self {
+            accepted: started.elapsed(),
+            expanded: None,
+            handed_over: None,
+            at_terminals: None,
+            delivered: None,
+            matched: 0,
+            deadline: started + Duration::from_secs(3600),
+        };
+        while milestones.delivered.is_none() {
+            let status = client
+                .get_message(pb::GetMessageRequest {
+                    message_id: sent.message_id.clone(),
+                })
+                .await?
+                .into_inner();
+            let now = Some(started.elapsed());
+            let matched = status.matched;
+            milestones.matched = matched;
+            if matched > 0 {
+                milestones.expanded = milestones.expanded.or(now);
+                if status.handed_over == matched {
+                    milestones.handed_over = milestones.handed_over.or(now);
+                }
+                if received.is_some_and(|received| received() >= matched) {
+                    milestones.at_terminals = milestones.at_terminals.or(now);
+                }
+                if status.delivered == matched {
+                    milestones.delivered = now;
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < milestones.deadline,
+                "broadcast did not complete: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(milestones)
+    }
+
+    /// The milestones with their rates over `recipients`, and the hand-over
+    /// rate against the transport `ceiling` measured in the same run.
+    pub(super) fn print(&self, recipients: f64, ceiling: f64) {
+        let secs = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64());
+        let rate = |d: Option<Duration>| recipients / secs(d);
+        println!(
+            "  accepted (SendMessage answered)        {:>8.3} s",
+            self.accepted.as_secs_f64()
+        );
+        println!(
+            "  expanded (recipients extracted)        {:>8.3} s",
+            secs(self.expanded)
+        );
+        let rows = [
+            (
+                "handed over (all acked by carriers) ",
+                Some(self.handed_over),
+            ),
+            (
+                "at terminals (all received by fleet)",
+                self.at_terminals.map(Some),
+            ),
+            ("delivered receipts counted at relay ", Some(self.delivered)),
+        ];
+        for (label, at) in rows
+            .into_iter()
+            .filter_map(|(label, at)| Some((label, at?)))
+        {
+            println!(
+                "  {label}   {:>8.3} s   {:>9.0} recipients/s",
+                secs(at),
+                rate(at)
+            );
+        }
+        println!(
+            "  hand-over rate / transport ceiling in this run: {:.1} % ({:.0} of {ceiling:.0} deliveries/s)",
+            100.0 * rate(self.handed_over) / ceiling,
+            rate(self.handed_over),
+        );
+    }
+}
+
 pub(super) async fn broadcast(
     users: usize,
     backend: Backend,
@@ -212,82 +321,16 @@ pub(super) async fn broadcast(
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let cpu_before = CpuSample::now();
     let started = Instant::now();
-    let sent = client
-        .send_message(broadcast_request("bench"))
-        .await?
-        .into_inner();
-    let accepted = started.elapsed();
-    let mut expanded = None;
-    let mut handed_over = None;
-    let mut at_terminals = None;
-    let mut delivered = None;
-    let deadline = started + Duration::from_secs(1800);
-    while delivered.is_none() {
-        let status = client
-            .get_message(pb::GetMessageRequest {
-                message_id: sent.message_id.clone(),
-            })
-            .await?
-            .into_inner();
-        let now = started.elapsed();
-        if expanded.is_none() && status.matched > 0 {
-            expanded = Some(now);
-        }
-        if handed_over.is_none() && status.matched > 0 && status.handed_over == status.matched {
-            handed_over = Some(now);
-        }
-        if at_terminals.is_none()
-            && status.matched > 0
-            && terminals.snapshot().received >= status.matched
-        {
-            at_terminals = Some(now);
-        }
-        if status.matched > 0 && status.delivered == status.matched {
-            delivered = Some(now);
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "broadcast did not complete: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let secs = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64());
-    let rate = |d: Option<Duration>| registered as f64 / secs(d);
+    let received = || terminals.snapshot().received;
+    let milestones = Milestones::follow(&mut client, started, Some(&received)).await?;
     println!("broadcast to {registered} recipients on {backend:?} (batch {batch_size}):");
-    println!(
-        "  accepted (SendMessage answered)        {:>8.3} s",
-        accepted.as_secs_f64()
-    );
-    println!(
-        "  expanded (recipients extracted)        {:>8.3} s",
-        secs(expanded)
-    );
-    println!(
-        "  handed over (all acked by carriers)    {:>8.3} s   {:>9.0} recipients/s",
-        secs(handed_over),
-        rate(handed_over)
-    );
-    println!(
-        "  at terminals (all received by fleet)   {:>8.3} s   {:>9.0} recipients/s",
-        secs(at_terminals),
-        rate(at_terminals)
-    );
-    println!(
-        "  delivered receipts counted at relay    {:>8.3} s   {:>9.0} recipients/s",
-        secs(delivered),
-        rate(delivered)
-    );
-    println!(
-        "  hand-over rate / transport ceiling in this run: {:.1} % ({:.0} of {ceiling:.0} deliveries/s)",
-        100.0 * rate(handed_over) / ceiling,
-        rate(handed_over),
-    );
+    milestones.print(registered as f64, ceiling);
     if let Some(receiver) = &receiver {
         // Every person's handed-over and delivered events (nobody opens).
         let want = 2 * registered as u64;
         while receiver.events() < want {
             anyhow::ensure!(
-                Instant::now() < deadline,
+                Instant::now() < milestones.deadline,
                 "webhook events: {} of {want}",
                 receiver.events()
             );

@@ -161,38 +161,7 @@ pub(super) async fn broadcast_across_processes(
     }
     let postgres_before = CpuSample::now().postgres;
     let started = Instant::now();
-    let sent = client
-        .send_message(broadcast_request("bench"))
-        .await?
-        .into_inner();
-    let accepted = started.elapsed();
-    let (mut expanded, mut handed_over, mut delivered) = (None, None, None);
-    let mut matched = 0;
-    let deadline = started + Duration::from_secs(3600);
-    while delivered.is_none() {
-        let status = client
-            .get_message(pb::GetMessageRequest {
-                message_id: sent.message_id.clone(),
-            })
-            .await?
-            .into_inner();
-        let now = started.elapsed();
-        matched = status.matched;
-        if expanded.is_none() && status.matched > 0 {
-            expanded = Some(now);
-        }
-        if handed_over.is_none() && status.matched > 0 && status.handed_over == status.matched {
-            handed_over = Some(now);
-        }
-        if status.matched > 0 && status.delivered == status.matched {
-            delivered = Some(now);
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "broadcast did not complete: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let milestones = Milestones::follow(&mut client, started, None).await?;
     let postgres = CpuSample::now().postgres - postgres_before;
     let cpu: Vec<(String, f64, f64)> = services
         .iter()
@@ -202,34 +171,12 @@ pub(super) async fn broadcast_across_processes(
         })
         .collect();
 
+    let matched = milestones.matched;
     let recipients = matched as f64;
-    let secs = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64());
     println!(
         "broadcast to {matched} recipients on {backend:?} (batch {batch_size}), one process per service:"
     );
-    println!(
-        "  accepted (SendMessage answered)        {:>8.3} s",
-        accepted.as_secs_f64()
-    );
-    println!(
-        "  expanded (recipients extracted)        {:>8.3} s",
-        secs(expanded)
-    );
-    println!(
-        "  handed over (all acked by carriers)    {:>8.3} s   {:>9.0} recipients/s",
-        secs(handed_over),
-        recipients / secs(handed_over)
-    );
-    println!(
-        "  delivered receipts counted at relay    {:>8.3} s   {:>9.0} recipients/s",
-        secs(delivered),
-        recipients / secs(delivered)
-    );
-    println!(
-        "  hand-over rate / transport ceiling in this run: {:.1} % ({:.0} of {ceiling:.0} deliveries/s)",
-        100.0 * recipients / secs(handed_over) / ceiling,
-        recipients / secs(handed_over),
-    );
+    milestones.print(recipients, ceiling);
     println!("per service, accept → receipts counted: CPU-seconds (µs per recipient), peak RSS");
     for (name, secs, peak) in &cpu {
         println!(
