@@ -20,7 +20,7 @@ use terminal_sim::fleet::Fleet;
 use terminal_sim::setup::EnterpriseChoice;
 use terminal_sim::terminal::OpenMode;
 
-use super::campaigns::CpuSample;
+use super::measure::CpuSample;
 use super::targeted::broadcast_request;
 
 /// One way out of the carrier.

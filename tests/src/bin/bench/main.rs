@@ -67,12 +67,14 @@ use integration_tests::{Backend, Hub, Tuning, machine};
 mod campaigns;
 mod carriers;
 mod gateways;
+mod measure;
 mod processes;
 mod targeted;
 mod transport;
 
 use campaigns::*;
 use carriers::*;
+use measure::*;
 use targeted::*;
 use terminal_sim::fleet::Fleet;
 use terminal_sim::setup::EnterpriseChoice;
