@@ -44,12 +44,14 @@ fn receiver(python: &Path, port: u16, secret: &str, out: &Path, script: &str) ->
     .unwrap()
 }
 
-/// Every line the receiver wrote.
+/// Every line the receiver has finished writing (one it is still writing,
+/// without its newline yet, is read next time).
 fn received(out: &Path) -> Vec<Value> {
     std::fs::read_to_string(out)
         .unwrap_or_default()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
+        .split_inclusive('\n')
+        .filter(|line| line.ends_with('\n'))
+        .map(|line| serde_json::from_str(line.trim_end()).unwrap())
         .collect()
 }
 
