@@ -162,6 +162,9 @@ impl State {
     }
 }
 
+/// Pushes a stream takes in at a time (see `push`).
+const PUSH_SLICE: usize = 64;
+
 impl Terminals {
     /// Starts the open scheduler; it and every stream task stop on `cancel`.
     pub fn new(fleet: &Fleet, clock: Clock, mode: OpenMode, cancel: CancellationToken) -> Self {
@@ -578,7 +581,23 @@ impl pb::terminal_server::Terminal for Terminals {
                     carrier_id = request.carrier_id.clone();
                     terminals.attach_sink(&carrier_id, sink.clone());
                 }
-                let delivered = terminals.receive(&carrier_id, request.messages);
+                // A slice at a time, yielding between slices: a campaign's
+                // request of 1,000 pushes taken in one poll held its worker
+                // (and the state's lock) for tens of milliseconds, and the
+                // runtime looks at its sockets only every few dozen polls —
+                // a carrier's priority stream waited for hundreds of ms.
+                // The request's events still go back together (the carrier
+                // applies each message of events in one transaction).
+                let mut messages = request.messages;
+                let mut delivered = Vec::with_capacity(messages.len());
+                while !messages.is_empty() {
+                    let rest = messages.split_off(messages.len().min(PUSH_SLICE));
+                    delivered.extend(terminals.receive(&carrier_id, messages));
+                    messages = rest;
+                    if !messages.is_empty() {
+                        tokio::task::yield_now().await;
+                    }
+                }
                 if !delivered.is_empty() && !terminals.send_events(&sink, delivered) {
                     break;
                 }
