@@ -112,6 +112,14 @@ impl Lanes {
         priority: true,
         bulk: true,
     };
+    pub const PRIORITY: Self = Self {
+        priority: true,
+        bulk: false,
+    };
+    pub const BULK: Self = Self {
+        priority: false,
+        bulk: true,
+    };
 
     pub fn any(self) -> bool {
         self.priority || self.bulk
@@ -121,6 +129,13 @@ impl Lanes {
         Self {
             priority: self.priority || other.priority,
             bulk: self.bulk || other.bulk,
+        }
+    }
+
+    pub fn and(self, other: Self) -> Self {
+        Self {
+            priority: self.priority && other.priority,
+            bulk: self.bulk && other.bulk,
         }
     }
 }

@@ -161,13 +161,17 @@ def main():
         def Push(self, request_iterator, context):
             events = queue.Queue()
             state = {"carrier": ""}
+            # The carrier's priority stream (targeted messages only) answers
+            # its own pushes; later READs stay on the carrier's main stream.
+            priority = dict(context.invocation_metadata()).get("chukei-push-lane") == "priority"
 
             def consume():
                 try:
                     for request in request_iterator:
                         if not state["carrier"] and request.carrier_id:
                             state["carrier"] = request.carrier_id
-                            self.attach(request.carrier_id, events)
+                            if not priority:
+                                self.attach(request.carrier_id, events)
                         self.take(state["carrier"], request.messages, events)
                 except grpc.RpcError:
                     pass

@@ -15,6 +15,7 @@ pub mod codec;
 pub mod deliver;
 pub mod http;
 pub mod metrics;
+pub mod push;
 pub mod rng;
 pub mod server;
 pub mod stats;

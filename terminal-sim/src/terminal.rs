@@ -566,6 +566,10 @@ impl pb::terminal_server::Terminal for Terminals {
         &self,
         request: Request<Streaming<pb::PushRequest>>,
     ) -> Result<Response<EventStream>, Status> {
+        // A carrier's priority stream (targeted messages) answers its own
+        // pushes; later events (reads) and the replay of earlier ones go on
+        // the carrier's main stream.
+        let priority = chukei_proto::push::is_priority(request.metadata());
         let mut inbound = request.into_inner();
         let (sink, events) = mpsc::unbounded_channel();
         let terminals = self.clone();
@@ -579,7 +583,9 @@ impl pb::terminal_server::Terminal for Terminals {
                 let Ok(Some(request)) = request else { break };
                 if carrier_id.is_empty() && !request.carrier_id.is_empty() {
                     carrier_id = request.carrier_id.clone();
-                    terminals.attach_sink(&carrier_id, sink.clone());
+                    if !priority {
+                        terminals.attach_sink(&carrier_id, sink.clone());
+                    }
                 }
                 // A slice at a time, yielding between slices: a campaign's
                 // request of 1,000 pushes taken in one poll held its worker

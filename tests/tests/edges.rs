@@ -1061,6 +1061,100 @@ async fn a_carrier_stuck_on_its_campaign_stream_still_takes_targeted_messages() 
     hub.shutdown().await.unwrap();
 }
 
+/// A terminal that never reads its carrier's main push stream past the
+/// first request (it hangs on a campaign), and confirms everything pushed
+/// on the priority stream (`chukei-push-lane: priority`).
+struct StuckOnTheMainStream;
+
+#[tonic::async_trait]
+impl chukei_proto::terminal::v1::terminal_server::Terminal for StuckOnTheMainStream {
+    type PushStream = tokio_stream::wrappers::ReceiverStream<
+        Result<chukei_proto::terminal::v1::TerminalEvents, tonic::Status>,
+    >;
+
+    async fn push(
+        &self,
+        request: tonic::Request<tonic::Streaming<chukei_proto::terminal::v1::PushRequest>>,
+    ) -> Result<tonic::Response<Self::PushStream>, tonic::Status> {
+        let priority = chukei_proto::push::is_priority(request.metadata());
+        let mut inbound = request.into_inner();
+        let (events, events_rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            if !priority {
+                // Holds the stream open and reads nothing more.
+                let _first = inbound.message().await;
+                events.closed().await;
+                return;
+            }
+            while let Ok(Some(request)) = inbound.message().await {
+                if !request.messages.is_empty()
+                    && events.send(Ok(delivered(&request))).await.is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(tonic::Response::new(
+            tokio_stream::wrappers::ReceiverStream::new(events_rx),
+        ))
+    }
+}
+
+/// Targeted messages have a push stream of their own to each terminal
+/// endpoint, on a connection of its own: a terminal whose main stream is
+/// stuck behind a campaign still receives them. On one shared stream the
+/// targeted push would wait behind the campaign's for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_terminal_stuck_on_its_campaign_stream_still_gets_targeted_messages() {
+    let (hub, key, fleet, mine) = one_registered_user(33).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let terminal = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                chukei_proto::terminal::v1::terminal_server::TerminalServer::new(
+                    StuckOnTheMainStream,
+                ),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    chukei_proto::carrier::v1::subscriber_api_client::SubscriberApiClient::connect(
+        hub.carriers[0].url(),
+    )
+    .await
+    .unwrap()
+    .attach(chukei_proto::carrier::v1::AttachRequest {
+        endpoint,
+        user_ids: vec![fleet.users[0].user_id.clone()],
+    })
+    .await
+    .unwrap();
+
+    let mut client = hub.enterprise(&key).await.unwrap();
+    let campaign = client
+        .send_message(message(
+            "campaign-on-the-stuck-stream",
+            pb::target::Kind::AllRegistered(true),
+            "a campaign",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    hub.wait_for_message(&key, &campaign.message_id, |s| s.handed_over == 1)
+        .await;
+    one_message_is_delivered(&hub, &key, &mine, "through-the-priority-push").await;
+    let stuck = client
+        .get_message(pb::GetMessageRequest {
+            message_id: campaign.message_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stuck.delivered, 0, "the campaign's push stream is stuck");
+    terminal.abort();
+    hub.shutdown().await.unwrap();
+}
+
 /// Serves `carrier` on a free port and registers it as "alpha": the relay
 /// dials it for alpha from now on.
 async fn acking_carrier_for_alpha(
