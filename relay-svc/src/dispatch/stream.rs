@@ -374,7 +374,7 @@ impl Dispatcher {
                 if let Some(ids) = in_flight.remove(&ack.batch_id) {
                     let started = std::time::Instant::now();
                     self.store
-                        .mark_handed_over(&ids, self.clock.now_ms())
+                        .mark_handed_over_in(self.lane(), &ids, self.clock.now_ms())
                         .await?;
                     let attempts = ids.len();
                     self.handle.handed_over(&self.carrier_id, attempts as u64);

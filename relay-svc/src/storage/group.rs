@@ -95,10 +95,11 @@ fn module_of(location: &'static Location<'static>) -> &'static str {
     name.strip_suffix(".rs").unwrap_or(name)
 }
 
-/// Which group each hot writer joins: accepting messages and the delivery
-/// path (acked batches, receipts) commit apart, so a targeted message is not
-/// held behind a campaign's hand-over of a thousand rows. On SQLite both
-/// take the store's write turn, the accepts ahead of other writers waiting.
+/// Which group each hot writer joins: accepting messages (and the priority
+/// lane's acked batches) and the delivery path (the bulk lane's acked
+/// batches, receipts) commit apart, so a targeted message is not held
+/// behind a campaign's hand-over of a thousand rows. On SQLite both take
+/// the store's write turn, the accepts' group ahead of other writers waiting.
 #[derive(Debug)]
 pub struct Groups<DB: Database> {
     pub(crate) accepts: Arc<Group<DB>>,

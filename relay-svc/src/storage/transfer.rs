@@ -244,6 +244,17 @@ impl Store {
     /// the batch's ids (primary-key lookups), never by a scan of the
     /// carrier's deliveries.
     pub async fn mark_handed_over(&self, ids: &[i64], now: i64) -> Result<()> {
+        self.mark_handed_over_in(Lane::Bulk, ids, now).await
+    }
+
+    /// [`Store::mark_handed_over`] for a batch of `lane`: the priority
+    /// lane's marks commit with the accepts, ahead of the other writers
+    /// waiting for SQLite's write turn. The stream's dispatcher reads the
+    /// lane's next rows only once its acked batch is marked, and behind a
+    /// campaign's writers a targeted message waited 17 ms at the median
+    /// (90 ms at p99) between its accept and that read during a 1M
+    /// broadcast.
+    pub async fn mark_handed_over_in(&self, lane: Lane, ids: &[i64], now: i64) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -274,9 +285,14 @@ impl Store {
         );
         let kind = EventKind::HandedOver.number();
         let listening = self.webhooks_listening();
-        // Every carrier's acks share transactions with the other hot writers.
+        // Every carrier's acks share transactions with the other hot writers
+        // of their lane's group.
         on_pool!(self, pool, groups => {
-            let mut tx = groups.deliveries.join(pool).await?;
+            let group = match lane {
+                Lane::Priority => &groups.accepts,
+                Lane::Bulk => &groups.deliveries,
+            };
+            let mut tx = group.join(pool).await?;
             // Both statements are planned on every run, for the ids at hand. A
             // prepared statement keeps its plan per connection, and PostgreSQL
             // switches to a generic plan after five runs: one made while
