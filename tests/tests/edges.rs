@@ -940,37 +940,44 @@ impl chukei_proto::terminal::v1::terminal_server::Terminal for HeadersWithFirstE
     }
 }
 
+/// Serves `terminal` on a free port and attaches the fleet's first user
+/// there: the carrier pushes to it from now on.
+async fn attach_to<T>(
+    hub: &Hub,
+    fleet: &Fleet,
+    terminal: T,
+) -> tokio::task::JoinHandle<Result<(), tonic::transport::Error>>
+where
+    T: chukei_proto::terminal::v1::terminal_server::Terminal,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let serving = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(chukei_proto::terminal::v1::terminal_server::TerminalServer::new(terminal))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    chukei_proto::carrier::v1::subscriber_api_client::SubscriberApiClient::connect(
+        hub.carriers[0].url(),
+    )
+    .await
+    .unwrap()
+    .attach(chukei_proto::carrier::v1::AttachRequest {
+        endpoint,
+        user_ids: vec![fleet.users[0].user_id.clone()],
+    })
+    .await
+    .unwrap();
+    serving
+}
+
 /// The carrier does not wait for a terminal's response headers before it
 /// pushes: a terminal that sends them only with its first events receives
 /// its messages, and their delivery is counted at the relay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_terminal_that_answers_headers_late_still_gets_its_messages() {
     let (hub, key, fleet, mine) = one_registered_user(29).await;
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let terminal = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(
-                chukei_proto::terminal::v1::terminal_server::TerminalServer::new(
-                    HeadersWithFirstEvents,
-                ),
-            )
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let mut subscribers =
-        chukei_proto::carrier::v1::subscriber_api_client::SubscriberApiClient::connect(
-            hub.carriers[0].url(),
-        )
-        .await
-        .unwrap();
-    subscribers
-        .attach(chukei_proto::carrier::v1::AttachRequest {
-            endpoint,
-            user_ids: vec![fleet.users[0].user_id.clone()],
-        })
-        .await
-        .unwrap();
+    let terminal = attach_to(&hub, &fleet, HeadersWithFirstEvents).await;
 
     one_message_is_delivered(&hub, &key, &mine, "late-headers").await;
     terminal.abort();
@@ -1107,28 +1114,7 @@ impl chukei_proto::terminal::v1::terminal_server::Terminal for StuckOnTheMainStr
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_terminal_stuck_on_its_campaign_stream_still_gets_targeted_messages() {
     let (hub, key, fleet, mine) = one_registered_user(33).await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let terminal = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(
-                chukei_proto::terminal::v1::terminal_server::TerminalServer::new(
-                    StuckOnTheMainStream,
-                ),
-            )
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    chukei_proto::carrier::v1::subscriber_api_client::SubscriberApiClient::connect(
-        hub.carriers[0].url(),
-    )
-    .await
-    .unwrap()
-    .attach(chukei_proto::carrier::v1::AttachRequest {
-        endpoint,
-        user_ids: vec![fleet.users[0].user_id.clone()],
-    })
-    .await
-    .unwrap();
+    let terminal = attach_to(&hub, &fleet, StuckOnTheMainStream).await;
 
     let mut client = hub.enterprise(&key).await.unwrap();
     let campaign = client
