@@ -222,7 +222,7 @@ async fn session(
     // windows can hold the other: the bulk lane's (and the notices'), and
     // the priority lane's. On one stream a targeted push queued behind the
     // campaign's pushes already in the windows and in the terminal's hands
-    // (0.7 s at p99 during a 1M broadcast, `docs/benchmarks.md`).
+    // (that hop's p99 was 258 ms during a 1M broadcast, `docs/benchmarks.md`).
     let bulk = PushStream::open(shared, endpoint, Lanes::BULK).await?;
     let priority = PushStream::open(shared, endpoint, Lanes::PRIORITY).await?;
     shared
