@@ -319,8 +319,9 @@ impl Scraped {
     }
 }
 
-/// Count, how many took at most 10 ms, 100 ms and 1 s, and the bound (ms)
-/// under which all of them took.
+/// Count, how many took at most 10 ms, 100 ms and 1 s, the bucket bounds
+/// (ms) under which half, 90 % and 99 % of them took, and the bound under
+/// which all of them took.
 fn summary(buckets: &[(f64, u64)]) -> String {
     let total = buckets.last().map_or(0, |(_, c)| *c);
     let at_most = |bound: f64| {
@@ -330,15 +331,22 @@ fn summary(buckets: &[(f64, u64)]) -> String {
             .find(|(b, _)| *b <= bound)
             .map_or(0, |(_, c)| *c)
     };
-    let all = buckets
-        .iter()
-        .find(|(_, c)| *c >= total)
-        .map_or(f64::NAN, |(b, _)| *b * 1000.0);
+    // The smallest bucket bound holding at least `share` of them (cumulative counts).
+    let within = |share: f64| {
+        buckets
+            .iter()
+            .find(|(_, c)| *c as f64 >= share * total as f64)
+            .map_or(f64::NAN, |(b, _)| *b * 1000.0)
+    };
     format!(
-        "{total}; ≤ 10 ms {}, ≤ 100 ms {}, ≤ 1 s {}; all within {all} ms",
+        "{total}; ≤ 10 ms {}, ≤ 100 ms {}, ≤ 1 s {}; p50 ≤ {} ms, p90 ≤ {} ms, p99 ≤ {} ms; all within {} ms",
         at_most(0.01),
         at_most(0.1),
         at_most(1.0),
+        within(0.5),
+        within(0.9),
+        within(0.99),
+        within(1.0),
     )
 }
 
