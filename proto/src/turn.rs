@@ -4,19 +4,48 @@
 //! process would wait for the lock in the busy handler's sleeps (1, 2, 5 …
 //! ms), so each service's writers queue here instead. Writers that are not
 //! ahead queue one at a time for the lock itself, so a writer ahead waits
-//! for at most the one holding the turn and one other. Used by the relay
-//! (`relay-svc/src/storage/group.rs`) and the carrier.
+//! for at most the one holding the turn and one other.
+//!
+//! A writer ahead still waits for the whole transaction holding the turn,
+//! so bulk writers keep theirs short while writers ahead are about:
+//! [`Turn::ahead_waiting`] says one is waiting now (a group stops taking in
+//! members and commits), [`Turn::ahead_lately`] that one came within the
+//! last [`LATELY`] (bulk work is cut into slices of a few milliseconds).
+//! Used by the relay (`relay-svc/src/storage/group.rs`) and the carrier.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
+/// How long after a writer ahead the turn counts as wanted by writers ahead.
+pub const LATELY: Duration = Duration::from_secs(2);
+
 /// The write turn; clone the `Arc` to share it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Turn {
     lock: Arc<Mutex<()>>,
     /// Where writers not ahead wait for their place at `lock`.
     queue: Mutex<()>,
+    /// Writers ahead waiting for `lock` now.
+    waiting_ahead: AtomicUsize,
+    /// When a writer ahead last asked for the turn, in milliseconds after
+    /// `since`, plus one (0: never).
+    last_ahead: AtomicU64,
+    since: Instant,
+}
+
+impl Default for Turn {
+    fn default() -> Self {
+        Self {
+            lock: Arc::default(),
+            queue: Mutex::default(),
+            waiting_ahead: AtomicUsize::new(0),
+            last_ahead: AtomicU64::new(0),
+            since: Instant::now(),
+        }
+    }
 }
 
 impl Turn {
@@ -24,9 +53,89 @@ impl Turn {
     /// held until the guard drops.
     pub async fn take(&self, ahead: bool) -> OwnedMutexGuard<()> {
         if ahead {
+            let now = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+            self.last_ahead.store(now + 1, Ordering::Relaxed);
+            let _waiting = Waiting::new(&self.waiting_ahead);
             return self.lock.clone().lock_owned().await;
         }
         let _next = self.queue.lock().await;
         self.lock.clone().lock_owned().await
+    }
+
+    /// Whether a writer ahead is waiting for the turn right now.
+    pub fn ahead_waiting(&self) -> bool {
+        self.waiting_ahead.load(Ordering::Relaxed) > 0
+    }
+
+    /// Whether a writer ahead asked for the turn within the last [`LATELY`].
+    pub fn ahead_lately(&self) -> bool {
+        match self.last_ahead.load(Ordering::Relaxed) {
+            0 => false,
+            stamp => {
+                let asked = self.since + Duration::from_millis(stamp - 1);
+                asked.elapsed() < LATELY
+            }
+        }
+    }
+}
+
+/// Counts a writer ahead as waiting until it holds the turn or gives up.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_writer_ahead_is_seen_waiting_until_it_holds_the_turn() {
+        let turn = Arc::new(Turn::default());
+        assert!(!turn.ahead_lately());
+        let held = turn.take(false).await;
+        assert!(!turn.ahead_waiting());
+        let ahead = tokio::spawn({
+            let turn = turn.clone();
+            async move {
+                let _held = turn.take(true).await;
+            }
+        });
+        while !turn.ahead_waiting() {
+            tokio::task::yield_now().await;
+        }
+        assert!(turn.ahead_lately());
+        drop(held);
+        ahead.await.unwrap();
+        assert!(!turn.ahead_waiting());
+        assert!(turn.ahead_lately());
+    }
+
+    #[tokio::test]
+    async fn a_writer_ahead_that_gives_up_is_no_longer_waiting() {
+        let turn = Arc::new(Turn::default());
+        let _held = turn.take(false).await;
+        let ahead = tokio::spawn({
+            let turn = turn.clone();
+            async move {
+                let _held = turn.take(true).await;
+            }
+        });
+        while !turn.ahead_waiting() {
+            tokio::task::yield_now().await;
+        }
+        ahead.abort();
+        let _ = ahead.await;
+        assert!(!turn.ahead_waiting());
     }
 }
