@@ -1,7 +1,9 @@
 //! The campaign expander: turns accepted messages with large targets (all
 //! registered, a service, a segment) into deliveries after `SendMessage` has
 //! answered. A campaign is expanded in steps of `--expansion-step`
-//! registrations ([`EXPANSION_CHUNK`] by default), each one transaction that moves the message's cursor, so a
+//! registrations ([`EXPANSION_CHUNK`] by default; a quarter of that while
+//! targeted messages are being accepted, `Store::bulk_slice`), each one
+//! transaction that moves the message's cursor, so a
 //! crash mid-way leaves the message `Accepted` with its cursor and its
 //! expansion goes on from there on restart; the dispatchers are woken after
 //! every step, so the first people are handed over while the rest are
@@ -126,7 +128,7 @@ async fn expand(
                 &campaign,
                 clock.now_ms(),
                 &planning.attention,
-                planning.step,
+                store.bulk_slice(planning.step),
             )
             .await?;
         dispatch.new_work();

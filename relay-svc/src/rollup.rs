@@ -20,7 +20,8 @@ use crate::storage::Store;
 /// every other writer waits for the one holding the write turn, and a fold
 /// of 10,000 events held it 100–250 ms under a broadcast (the write turn's
 /// metric); 2,000 hold it a fifth of that for ~10 % of the fold's rate
-/// (`docs/benchmarks.md`).
+/// (`docs/benchmarks.md`). While targeted messages are being accepted a
+/// batch is a quarter of that (`Store::bulk_slice`).
 pub const BATCH: u32 = 2_000;
 
 /// The longest the worker yields to a busy delivery path.
@@ -63,8 +64,9 @@ async fn run(store: Store, clock: Clock, interval: Duration, cancel: Cancellatio
             continue;
         }
         loop {
-            match store.roll_up_queued(BATCH, clock.now_ms()).await {
-                Ok(folded) if folded == u64::from(BATCH) && !cancel.is_cancelled() => {
+            let batch = store.bulk_slice(BATCH);
+            match store.roll_up_queued(batch, clock.now_ms()).await {
+                Ok(folded) if folded == u64::from(batch) && !cancel.is_cancelled() => {
                     tokio::task::yield_now().await;
                 }
                 Ok(_) => break,

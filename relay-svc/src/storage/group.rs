@@ -26,8 +26,7 @@
 
 use std::ops::{Deref, DerefMut};
 use std::panic::Location;
-use std::sync::{Arc, OnceLock, Weak};
-use std::time::Instant;
+use std::sync::{Arc, Weak};
 
 use chukei_proto::metrics::Histogram;
 
@@ -35,65 +34,13 @@ use sqlx::{Database, Executor, Transaction};
 use tokio::sync::{Mutex, OwnedMutexGuard, oneshot, watch};
 
 use super::WritePool;
+use super::write_turn::{Held, Turn, module_of};
 use crate::error::{Error, Result};
 
 const SAVEPOINT: &str = "SAVEPOINT chukei_member";
 const RELEASE: &str = "RELEASE SAVEPOINT chukei_member";
 const ROLLBACK: &str = "ROLLBACK TO SAVEPOINT chukei_member";
 const ROLLBACK_ALL: &str = "ROLLBACK";
-
-/// One writer at a time (SQLite's write lock, taken in the process; see
-/// [`Groups::turn`]), the accepts' group ahead of the others still waiting
-/// ([`chukei_proto::turn::Turn`]), with how long each writer held it.
-#[derive(Debug, Default)]
-struct Turn {
-    turn: chukei_proto::turn::Turn,
-    /// How long each writer held the turn, once the relay reports it
-    /// (`chukei_relay_write_turn_seconds`).
-    held: OnceLock<Histogram>,
-}
-
-impl Turn {
-    /// Waits for the turn; `writer` names who holds it, for the metric.
-    async fn take(&self, ahead: bool, writer: &'static str) -> Held {
-        Held {
-            _guard: self.turn.take(ahead).await,
-            writer,
-            since: Instant::now(),
-            held: self.held.get().cloned(),
-        }
-    }
-}
-
-/// The write turn, held until dropped; how long it was held goes to the
-/// turn's histogram, labelled with the writer.
-#[derive(Debug)]
-pub(crate) struct Held {
-    _guard: OwnedMutexGuard<()>,
-    writer: &'static str,
-    since: Instant,
-    held: Option<Histogram>,
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        if let Some(held) = &self.held {
-            held.observe(
-                &[("writer", self.writer)],
-                self.since.elapsed().as_secs_f64(),
-            );
-        }
-    }
-}
-
-/// The storage module a writer's code is in (`stats` for
-/// `relay-svc/src/storage/stats.rs`): a name for the write turn's metric
-/// that code, not data, decides.
-fn module_of(location: &'static Location<'static>) -> &'static str {
-    let file = location.file();
-    let name = file.rsplit(['/', '\\']).next().unwrap_or(file);
-    name.strip_suffix(".rs").unwrap_or(name)
-}
 
 /// Which group each hot writer joins: accepting messages (and the priority
 /// lane's acked batches) and the delivery path (the bulk lane's acked
@@ -172,6 +119,13 @@ impl<DB: Database> Groups<DB> {
         if let Some(turn) = &self.turn {
             let _ = turn.held.set(held);
         }
+    }
+
+    /// How many rows a bulk writer's next transaction should take, of the
+    /// `full` it takes on an idle turn ([`Turn::slice`]); PostgreSQL's
+    /// writers take no turn: `full`.
+    pub(crate) fn slice(&self, full: u32) -> u32 {
+        self.turn.as_ref().map_or(full, |turn| turn.slice(full))
     }
 }
 
@@ -265,16 +219,35 @@ where
 {
     /// Joins the open group, or opens one on `pool`, and starts this
     /// writer's savepoint.
+    ///
+    /// A writer that finds a group open while a writer ahead waits for the
+    /// turn (the accepts' group, behind this one) does not join it: the
+    /// group commits with the members it has, and this writer joins or
+    /// opens the next. So a writer ahead waits for the members already in
+    /// the group, not for every one that queues meanwhile.
     pub(crate) async fn join<P: WritePool<Db = DB>>(&self, pool: &P) -> Result<Member<DB>> {
-        let slot = {
-            let mut current = self.slot.lock().expect("not poisoned");
-            current.upgrade().unwrap_or_else(|| {
-                let slot = Arc::new(Mutex::new(None));
-                *current = Arc::downgrade(&slot);
-                slot
-            })
+        let mut stood_aside = false;
+        let (slot, mut guard) = loop {
+            let slot = {
+                let mut current = self.slot.lock().expect("not poisoned");
+                current.upgrade().unwrap_or_else(|| {
+                    let slot = Arc::new(Mutex::new(None));
+                    *current = Arc::downgrade(&slot);
+                    slot
+                })
+            };
+            let guard = slot.clone().lock_owned().await;
+            match guard.as_ref() {
+                Some(open) if !stood_aside && self.gives_way() => {
+                    let mut outcome = open.outcome.subscribe();
+                    drop(guard);
+                    drop(slot);
+                    finished(&mut outcome).await;
+                    stood_aside = true;
+                }
+                _ => break (slot, guard),
+            }
         };
-        let mut guard = slot.clone().lock_owned().await;
         let mut opener = None;
         if guard.is_none() {
             let mut previous = self.latest.lock().expect("not poisoned").clone();
@@ -318,6 +291,16 @@ where
             outcome,
             opener,
         })
+    }
+}
+
+impl<DB: Database> Group<DB> {
+    /// Whether this group should commit now rather than take in another
+    /// member: it is not ahead itself, and a writer ahead waits for the turn.
+    fn gives_way(&self) -> bool {
+        self.turn
+            .as_ref()
+            .is_some_and(|group| !group.ahead && group.turn.turn.ahead_waiting())
     }
 }
 
@@ -574,23 +557,40 @@ mod tests {
         third.await.unwrap();
     }
 
-    /// How long a writer held the turn is reported under its module's name
-    /// (here `group`, this file) once the relay asks for it.
     #[tokio::test]
-    async fn the_time_a_writer_holds_the_turn_is_reported_by_module() {
-        let groups = Groups::<sqlx::Sqlite>::taking_turns();
-        let registry = chukei_proto::metrics::Registry::new();
-        groups.time_turns(registry.histogram("turn_seconds", "held", &[0.001, 10.0]));
-        let turn = groups.turn().await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        drop(turn);
-        let rendered = registry.render();
-        assert!(
-            rendered.contains("turn_seconds_bucket{writer=\"group\",le=\"0.001\"} 0")
-                && rendered.contains("turn_seconds_bucket{writer=\"group\",le=\"10\"} 1"),
-            "{rendered}"
-        );
+    async fn a_delivery_group_commits_without_newcomers_while_an_accept_waits() {
+        let pool = pool().await;
+        let groups = Arc::new(Groups::<sqlx::Sqlite>::taking_turns());
+        let done = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let commit =
+            |name: &'static str, group: fn(&Groups<sqlx::Sqlite>) -> &Group<sqlx::Sqlite>| {
+                let (groups, pool, done) = (groups.clone(), pool.clone(), done.clone());
+                tokio::spawn(async move {
+                    group(&groups)
+                        .join(&pool)
+                        .await
+                        .unwrap()
+                        .commit()
+                        .await
+                        .unwrap();
+                    done.lock().unwrap().push(name);
+                })
+            };
+        // A campaign's hand-over holds the group open; another queues to
+        // join it, then an accept comes.
+        let opener = groups.deliveries.join(&pool).await.unwrap();
+        let mut newcomer = commit("newcomer", |groups| &groups.deliveries);
+        assert!(still_waiting(&mut newcomer).await);
+        let mut accept = commit("accept", |groups| &groups.accepts);
+        assert!(still_waiting(&mut accept).await, "the turn is held");
+
+        // The group commits with its opener alone; the accept goes next.
+        opener.commit().await.unwrap();
+        accept.await.unwrap();
+        newcomer.await.unwrap();
+        assert_eq!(*done.lock().unwrap(), ["accept", "newcomer"]);
     }
+
     #[tokio::test]
     async fn postgres_writers_take_no_turn() {
         let groups = Groups::<sqlx::Postgres>::apart();

@@ -29,6 +29,7 @@ pub(crate) mod stats;
 mod tenants;
 mod transfer;
 pub mod webhooks;
+mod write_turn;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -122,6 +123,17 @@ impl Store {
     pub fn time_write_turns(&self, held: chukei_proto::metrics::Histogram) {
         if let Self::Sqlite(_, groups) = self {
             groups.time_turns(held);
+        }
+    }
+
+    /// The rows a bulk writer (an expansion step, a fold batch) should take
+    /// in its next transaction, of `full`: fewer while targeted messages
+    /// are being accepted, so none of them waits long for the write turn
+    /// ([`Groups::slice`]).
+    pub fn bulk_slice(&self, full: u32) -> u32 {
+        match self {
+            Self::Sqlite(_, groups) => groups.slice(full),
+            Self::Postgres(..) => full,
         }
     }
 
