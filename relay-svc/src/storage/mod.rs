@@ -115,6 +115,25 @@ macro_rules! on_write {
 }
 pub(crate) use on_write;
 
+/// Warns when the server does not gather statistics by itself. The
+/// relay's tables grow from empty to millions of rows in bursts (an import
+/// of registrations, a campaign), and without `ANALYZE` the planner keeps
+/// the plans it made while they were small: at 1M registrations with
+/// autovacuum off, a targeted message took 40 s to accept
+/// (`docs/benchmarks.md`).
+async fn warn_without_autovacuum(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    let autovacuum: String = sqlx::query_scalar("SELECT current_setting('autovacuum')")
+        .fetch_one(pool)
+        .await?;
+    if autovacuum != "on" {
+        tracing::warn!(
+            autovacuum = %autovacuum,
+            "PostgreSQL's autovacuum is off: run ANALYZE after bulk imports and regularly, or plans made on small tables stay in use (docs/operations.md)"
+        );
+    }
+    Ok(())
+}
+
 impl Store {
     /// From now on, how long each SQLite writer holds the write turn goes
     /// to `held`, labelled `writer` (`accepts`, `deliveries`, or the storage
@@ -154,6 +173,7 @@ impl Store {
                 .connect_with(options)
                 .await?;
             sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+            warn_without_autovacuum(&pool).await?;
             Self::Postgres(pool, Arc::new(Groups::apart()))
         } else if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
