@@ -259,6 +259,21 @@ impl Hub {
         &self.database_url
     }
 
+    /// On PostgreSQL, gathers the planner's statistics (`ANALYZE`) as the
+    /// server's autovacuum would within a minute of a bulk import — this
+    /// machine's server runs with autovacuum off. Returns how long it took;
+    /// `None` on SQLite, which needs none.
+    pub async fn analyze(&self) -> anyhow::Result<Option<std::time::Duration>> {
+        if self.backend != Backend::Postgres {
+            return Ok(None);
+        }
+        let started = std::time::Instant::now();
+        let pool = sqlx::PgPool::connect(&self.database_url).await?;
+        sqlx::query("ANALYZE").execute(&pool).await?;
+        pool.close().await;
+        Ok(Some(started.elapsed()))
+    }
+
     pub fn relay_url(&self) -> String {
         format!("http://{}", self.relay_addr)
     }

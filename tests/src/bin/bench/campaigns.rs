@@ -201,6 +201,12 @@ pub(super) async fn broadcast(
         "setup: {users} users provisioned, attached, {registered} registered in {:.1}s",
         setup.elapsed().as_secs_f64()
     );
+    if let Some(took) = hub.analyze().await? {
+        println!(
+            "statistics gathered (ANALYZE, as autovacuum would after an import) in {:.1}s",
+            took.as_secs_f64()
+        );
+    }
 
     let receiver = if webhook {
         Some(WebhookReceiver::start(&hub, &key).await?)

@@ -59,6 +59,12 @@ pub(super) async fn hub_with_registered(
         "setup: {users} users registered in {:.1}s",
         setup.elapsed().as_secs_f64()
     );
+    if let Some(took) = hub.analyze().await? {
+        println!(
+            "statistics gathered (ANALYZE, as autovacuum would after an import) in {:.1}s",
+            took.as_secs_f64()
+        );
+    }
     let mut client = hub.enterprise(&key).await?;
     let refs = client
         .list_registrations(pb::ListRegistrationsRequest {
