@@ -99,12 +99,8 @@ impl Drop for Waiting<'_> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_writer_ahead_is_seen_waiting_until_it_holds_the_turn() {
-        let turn = Arc::new(Turn::default());
-        assert!(!turn.ahead_lately());
-        let held = turn.take(false).await;
-        assert!(!turn.ahead_waiting());
+    /// A writer ahead, once it is waiting for the turn.
+    async fn ahead_waiting(turn: &Arc<Turn>) -> tokio::task::JoinHandle<()> {
         let ahead = tokio::spawn({
             let turn = turn.clone();
             async move {
@@ -114,6 +110,16 @@ mod tests {
         while !turn.ahead_waiting() {
             tokio::task::yield_now().await;
         }
+        ahead
+    }
+
+    #[tokio::test]
+    async fn a_writer_ahead_is_seen_waiting_until_it_holds_the_turn() {
+        let turn = Arc::new(Turn::default());
+        assert!(!turn.ahead_lately());
+        let held = turn.take(false).await;
+        assert!(!turn.ahead_waiting());
+        let ahead = ahead_waiting(&turn).await;
         assert!(turn.ahead_lately());
         drop(held);
         ahead.await.unwrap();
@@ -125,15 +131,7 @@ mod tests {
     async fn a_writer_ahead_that_gives_up_is_no_longer_waiting() {
         let turn = Arc::new(Turn::default());
         let _held = turn.take(false).await;
-        let ahead = tokio::spawn({
-            let turn = turn.clone();
-            async move {
-                let _held = turn.take(true).await;
-            }
-        });
-        while !turn.ahead_waiting() {
-            tokio::task::yield_now().await;
-        }
+        let ahead = ahead_waiting(&turn).await;
         ahead.abort();
         let _ = ahead.await;
         assert!(!turn.ahead_waiting());
