@@ -140,20 +140,15 @@ impl Store {
     /// module the writer's code is in); nothing on PostgreSQL, whose
     /// writers take no turn.
     pub fn time_write_turns(&self, held: chukei_proto::metrics::Histogram) {
-        if let Self::Sqlite(_, groups) = self {
-            groups.time_turns(held);
-        }
+        on_pool!(self, _pool, groups => groups.time_turns(held))
     }
 
     /// The rows a bulk writer (an expansion step, a fold batch) should take
     /// in its next transaction, of `full`: fewer while targeted messages
     /// are being accepted, so none of them waits long for the write turn
-    /// ([`Groups::slice`]).
+    /// ([`Groups::slice`]; `full` on PostgreSQL, whose writers take no turn).
     pub fn bulk_slice(&self, full: u32) -> u32 {
-        match self {
-            Self::Sqlite(_, groups) => groups.slice(full),
-            Self::Postgres(..) => full,
-        }
+        on_pool!(self, _pool, groups => groups.slice(full))
     }
 
     /// Opens the database at `url` (`sqlite://…` or `postgres://…`) and applies
