@@ -272,8 +272,12 @@ transaction_steps! {
             let Some(through) = through else {
                 return Ok((from, true));
             };
+            // In key order, so the plan is the key's range whatever the
+            // bounds: PostgreSQL's generic plan of it without the order was a
+            // scan from the table's start, which at 1M read ever more rows
+            // before the first one past the step (226 ms at the last step).
             let more: Option<i64> = sqlx::query_scalar(
-                "SELECT CAST(1 AS BIGINT) FROM registrations WHERE enterprise_id = $1 AND user_id > $2 LIMIT 1",
+                "SELECT CAST(1 AS BIGINT) FROM registrations WHERE enterprise_id = $1 AND user_id > $2 ORDER BY user_id LIMIT 1",
             )
             .bind(enterprise_id)
             .bind(&through)
