@@ -107,6 +107,10 @@ async fn run(
     }
 }
 
+/// How many people a campaign plans before the expander first looks at the
+/// database's statistics of the deliveries ([`Store::keep_statistics_of_deliveries`]).
+const STATISTICS_FROM: u64 = 10_000;
+
 /// Expands one campaign step by step (its plan and `best`'s priors read
 /// once), waking the dispatchers after each: `Done` with the people
 /// matched, `NotHere` when another relay holds it or it is no longer
@@ -122,6 +126,9 @@ async fn expand(
     let Some(campaign) = store.campaign_to_expand(message_id, clock.now_ms()).await? else {
         return Ok(Some(Expansion::NotHere));
     };
+    // The campaign's size at which the database's statistics are next
+    // looked at: they are kept within 2× of what it has planned.
+    let mut statistics_at = STATISTICS_FROM;
     loop {
         let step = store
             .expand_step(
@@ -132,6 +139,18 @@ async fn expand(
             )
             .await?;
         dispatch.new_work();
+        if let Expansion::Continues { matched } | Expansion::Done { matched } = step
+            && matched >= statistics_at
+        {
+            statistics_at = matched.saturating_mul(2);
+            match store.keep_statistics_of_deliveries(matched).await {
+                Ok(true) => tracing::debug!(matched, "gathered the statistics of deliveries"),
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "could not gather the statistics of deliveries")
+                }
+            }
+        }
         match step {
             Expansion::Done { .. } | Expansion::NotHere => return Ok(Some(step)),
             Expansion::Continues { .. } if cancel.is_cancelled() => return Ok(None),

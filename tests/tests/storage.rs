@@ -906,7 +906,46 @@ async fn a_receipt_before_its_acknowledgement_adds_the_hand_over_once(backend: B
     fixture.close().await;
 }
 
+/// On PostgreSQL the expander gathers the statistics of `deliveries` again
+/// once a campaign has planned more than twice the rows the planner believes
+/// the table holds, and not before; SQLite plans without them.
+async fn the_statistics_of_deliveries_follow_a_growing_campaign(backend: Backend) {
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
+    let store = &fixture.store;
+    seed_registry(store).await;
+    let attention = AttentionConfig::default();
+    store
+        .accept_message(
+            "ent_1",
+            "msg_a",
+            &message("msg_a", Target::AllRegistered, None),
+            DAY0,
+            DAY0 + HOUR,
+            &attention,
+        )
+        .await
+        .unwrap();
+    let planned = store
+        .expand_message("msg_a", DAY0, &attention)
+        .await
+        .unwrap();
+    assert!(planned > 0);
+    let postgres = backend == Backend::Postgres;
+    // Never gathered: the planner knows nothing of the rows.
+    let gather =
+        |planned| async move { store.keep_statistics_of_deliveries(planned).await.unwrap() };
+    assert_eq!(gather(planned).await, postgres);
+    // Now it knows them, and twice as many.
+    assert!(!gather(planned).await);
+    assert!(!gather(planned * 2).await);
+    assert_eq!(gather(planned * 2 + 1).await, postgres);
+    fixture.close().await;
+}
+
 backend_tests!(
+    the_statistics_of_deliveries_follow_a_growing_campaign,
     a_campaign_expanded_in_steps_plans_everyone_once,
     concurrent_accepts_keep_their_own_outcomes,
     refs_without_contracts_are_accepted_and_unknown_refs_named,

@@ -162,6 +162,34 @@ impl Store {
         })
     }
 
+    /// Keeps PostgreSQL's statistics of `deliveries` in step with a campaign
+    /// that fills it: when the attempts the campaign has `planned` so far are
+    /// more than twice the rows the planner believes the whole table holds,
+    /// they are gathered again (`ANALYZE deliveries`: a sample of ~30,000
+    /// rows, a fraction of a second whatever the size). Returns whether it
+    /// did; SQLite plans without them, so there it does nothing.
+    ///
+    /// Autovacuum would do the same, but a minute or more later, and a
+    /// campaign writes a million rows in less: planned for an empty table,
+    /// the hand-over's and the receipts' statements read every pending row
+    /// of a carrier per batch, and the follow-through's timer scan read the
+    /// whole table each poll (~1 s each at 1M; `docs/benchmarks.md`).
+    pub async fn keep_statistics_of_deliveries(&self, planned: u64) -> Result<bool> {
+        let Self::Postgres(pool, _) = self else {
+            return Ok(false);
+        };
+        // -1 for a table never analyzed.
+        let believed: f32 =
+            sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE oid = 'deliveries'::regclass")
+                .fetch_one(pool)
+                .await?;
+        if f64::from(believed) * 2.0 >= planned as f64 {
+            return Ok(false);
+        }
+        sqlx::query("ANALYZE deliveries").execute(pool).await?;
+        Ok(true)
+    }
+
     /// Delivered and opened counts per channel over the hub's last
     /// [`LEARNING_WINDOW_MS`] of sends (from the rollups): the open rates `best`
     /// starts from.
