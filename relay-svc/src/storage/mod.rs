@@ -178,12 +178,14 @@ impl Store {
                 .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true)
-                // Each connection keeps SQLite's default page cache (2 MB):
-                // in WAL mode a connection drops its cache whenever another
-                // one commits, so a larger one bought no CPU here (16 MiB
-                // each measured the same per recipient) and cost the relay
-                // up to 8 × 16 MiB of resident memory.
-                //
+                // Each connection keeps a page cache of 512 KiB: in WAL mode
+                // a connection drops its cache whenever another one commits,
+                // so a larger one bought no CPU here (16 MiB, SQLite's
+                // default 2 MB and 512 KiB measured the same per recipient)
+                // and cost the relay resident memory: at 1M registered,
+                // 71 MiB at its peak with 2 MB against 61 MiB with 512 KiB
+                // (`docs/benchmarks.md`). Negative: KiB.
+                .pragma("cache_size", "-512")
                 // Temporary tables (the fold's `fold_rows`) and the
                 // savepoint journals of group commit's members stay in
                 // memory instead of temporary files.
