@@ -23,7 +23,7 @@ use crate::metrics::RelayMetrics;
 use crate::policy::AttentionConfig;
 #[cfg(doc)]
 use crate::storage::EXPANSION_CHUNK;
-use crate::storage::{Expansion, Store};
+use crate::storage::{Expansion, StatisticsWatch, Store};
 
 /// How many accepted messages one pass claims.
 const CLAIM: u32 = 16;
@@ -107,10 +107,6 @@ async fn run(
     }
 }
 
-/// How many people a campaign plans before the expander first looks at the
-/// database's statistics of the deliveries ([`Store::keep_statistics_of_deliveries`]).
-const STATISTICS_FROM: u64 = 10_000;
-
 /// Expands one campaign step by step (its plan and `best`'s priors read
 /// once), waking the dispatchers after each: `Done` with the people
 /// matched, `NotHere` when another relay holds it or it is no longer
@@ -126,9 +122,7 @@ async fn expand(
     let Some(campaign) = store.campaign_to_expand(message_id, clock.now_ms()).await? else {
         return Ok(Some(Expansion::NotHere));
     };
-    // The campaign's size at which the database's statistics are next
-    // looked at: they are kept within 2× of what it has planned.
-    let mut statistics_at = STATISTICS_FROM;
+    let mut statistics = StatisticsWatch::default();
     loop {
         let step = store
             .expand_step(
@@ -139,18 +133,7 @@ async fn expand(
             )
             .await?;
         dispatch.new_work();
-        if let Expansion::Continues { matched } | Expansion::Done { matched } = step
-            && matched >= statistics_at
-        {
-            statistics_at = matched.saturating_mul(2);
-            match store.keep_statistics_of_deliveries(matched).await {
-                Ok(true) => tracing::debug!(matched, "gathered the statistics of deliveries"),
-                Ok(false) => {}
-                Err(error) => {
-                    tracing::warn!(%error, "could not gather the statistics of deliveries")
-                }
-            }
-        }
+        statistics.after(store, step).await;
         match step {
             Expansion::Done { .. } | Expansion::NotHere => return Ok(Some(step)),
             Expansion::Continues { .. } if cancel.is_cancelled() => return Ok(None),

@@ -298,14 +298,14 @@ pub(super) fn campaign_source(
     }
     sql.push(" WHERE ");
     sql.push(&filters.join(" AND "));
-    let range = users.filter(sql, "r.user_id");
-    sql.push(&range);
-    // The same bounds on the contracts, as a key range of their primary key
-    // (user, carrier): PostgreSQL does not carry a range from one side of a
-    // join to the other, and without it hashed all 1M contracts for each
-    // step of 2,000 people (~230 ms a step at 1M; `docs/benchmarks.md`).
-    let range = users.filter(sql, "c.user_id");
-    sql.push(&range);
+    // The step's bounds on the contracts too, a key range of their primary
+    // key (user, carrier): PostgreSQL does not carry a range from one side
+    // of a join to the other, and without it hashed all 1M contracts for
+    // each step of 2,000 people (~230 ms a step at 1M; `docs/benchmarks.md`).
+    for column in ["r.user_id", "c.user_id"] {
+        let range = users.filter(sql, column);
+        sql.push(&range);
+    }
 }
 
 /// The people one step of a campaign's expansion covers: the enterprise's

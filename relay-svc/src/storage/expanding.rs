@@ -39,6 +39,48 @@ pub enum Expansion {
     NotHere,
 }
 
+/// Watches one campaign's expansion for the moments to look at
+/// PostgreSQL's statistics of `deliveries`
+/// ([`Store::keep_statistics_of_deliveries`]): from
+/// [`StatisticsWatch::FROM`] people on, at each doubling, so they stay
+/// within 2× of what the campaign has planned and a step costs no query.
+#[derive(Debug)]
+pub struct StatisticsWatch {
+    next_at: u64,
+}
+
+impl Default for StatisticsWatch {
+    fn default() -> Self {
+        Self {
+            next_at: Self::FROM,
+        }
+    }
+}
+
+impl StatisticsWatch {
+    /// How many people a campaign plans before the statistics are first
+    /// looked at.
+    pub const FROM: u64 = 10_000;
+
+    /// After `step` of the campaign: gathers the statistics if it is time
+    /// and they lag. A failure is logged, not returned: the expansion goes
+    /// on with the plans it has.
+    pub async fn after(&mut self, store: &Store, step: Expansion) {
+        let (Expansion::Continues { matched } | Expansion::Done { matched }) = step else {
+            return;
+        };
+        if matched < self.next_at {
+            return;
+        }
+        self.next_at = matched.saturating_mul(2);
+        match store.keep_statistics_of_deliveries(matched).await {
+            Ok(true) => tracing::debug!(matched, "gathered the statistics of deliveries"),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "could not gather the statistics of deliveries"),
+        }
+    }
+}
+
 /// What every step of one campaign's expansion shares, read once: its
 /// plan, its target and, for `best`, the bandit with its priors.
 #[derive(Debug)]
@@ -62,10 +104,12 @@ impl Store {
         let Some(campaign) = self.campaign_to_expand(message_id, now).await? else {
             return Ok(0);
         };
+        let mut statistics = StatisticsWatch::default();
         loop {
             let step = self
                 .expand_step(&campaign, now, attention, EXPANSION_CHUNK)
                 .await?;
+            statistics.after(self, step).await;
             match step {
                 Expansion::Done { matched } => return Ok(matched),
                 Expansion::NotHere => return Ok(0),

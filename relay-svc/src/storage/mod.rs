@@ -43,7 +43,7 @@ use sqlx::{PgPool, SqlitePool};
 pub use auction::Closed;
 pub use audit::{AuditEntry, AuditVerification};
 pub use control::{Attempt, ExplainedEvent, Explanation, FollowThrough, Reconciled, Reconciling};
-pub use expanding::{Campaign, EXPANSION_CHUNK, Expansion};
+pub use expanding::{Campaign, EXPANSION_CHUNK, Expansion, StatisticsWatch};
 pub use messages::{MessageRow, StoredMessage};
 pub use overview::{ChannelFunnel, MessageSummary};
 pub use planning::MessagePlan;
