@@ -201,3 +201,28 @@ impl Milestones {
         );
     }
 }
+
+/// Waits until the relay's rollup worker has folded every event (its
+/// backlog read from the relay's database at `database_url`), which it
+/// does after a broadcast, not during it; returns when, from `started`.
+/// The statistics, the learning tables and the ledger are current then, so
+/// the CPU up to here is what the broadcast cost in all.
+pub(super) async fn wait_folded(
+    database_url: &str,
+    started: Instant,
+    deadline: Instant,
+) -> anyhow::Result<Duration> {
+    let store = relay_svc::storage::Store::connect(database_url).await?;
+    loop {
+        let backlog = store.roll_up_backlog().await?;
+        if backlog == 0 {
+            store.close().await;
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the fold did not catch up: {backlog} events left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
