@@ -59,11 +59,15 @@ pub struct Groups<DB: Database> {
     /// On SQLite, the write turn every write transaction takes, the groups'
     /// included; `None` on PostgreSQL, whose writers do not exclude each other.
     turn: Option<Arc<Turn>>,
+    /// On SQLite, the one connection every write transaction runs on
+    /// ([`Groups::writer_or`]); `None` on PostgreSQL.
+    writer: Option<sqlx::Pool<DB>>,
 }
 
 impl<DB: Database> Groups<DB> {
-    /// The two groups, and every writer, taking turns (SQLite).
-    pub(crate) fn taking_turns() -> Self {
+    /// The two groups, and every writer, taking turns (SQLite), on
+    /// `writer` when given.
+    pub(crate) fn taking_turns(writer: Option<sqlx::Pool<DB>>) -> Self {
         let turn = Arc::new(Turn::default());
         let group = |(ahead, writer)| {
             Arc::new(Group {
@@ -81,6 +85,7 @@ impl<DB: Database> Groups<DB> {
             webhooks_listening: Default::default(),
             keys: Default::default(),
             turn: Some(turn),
+            writer,
         }
     }
 
@@ -92,7 +97,19 @@ impl<DB: Database> Groups<DB> {
             webhooks_listening: Default::default(),
             keys: Default::default(),
             turn: None,
+            writer: None,
         }
+    }
+
+    /// Where a write transaction runs: the writer's connection when the
+    /// store has one (SQLite), else `pool`. SQLite takes one writer at a
+    /// time anyway (the turn), and a connection in WAL mode drops its whole
+    /// page cache when it finds that another connection committed since
+    /// its last transaction: writes spread over the pool's connections
+    /// began every transaction with a cold cache, and the fold read each
+    /// page of its indexes from the file again.
+    pub(crate) fn writer_or<'a>(&'a self, pool: &'a sqlx::Pool<DB>) -> &'a sqlx::Pool<DB> {
+        self.writer.as_ref().unwrap_or(pool)
     }
 
     /// Waits for this store's write turn (SQLite: one writer at a time,
@@ -483,9 +500,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_group_writes_on_the_stores_writer_not_on_the_pool_it_is_given() {
+        use sqlx::sqlite::SqliteConnectOptions;
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("db"))
+            .create_if_missing(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE t (x INTEGER)")
+            .execute(&writer)
+            .await
+            .unwrap();
+        // The pool the readers use cannot write at all.
+        let readers = SqlitePoolOptions::new()
+            .connect_with(options.read_only(true))
+            .await
+            .unwrap();
+        let groups = Groups::<sqlx::Sqlite>::taking_turns(Some(writer.clone()));
+        let mut member = groups
+            .deliveries
+            .join(groups.writer_or(&readers))
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut *member)
+            .await
+            .unwrap();
+        member.commit().await.unwrap();
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM t")
+            .fetch_one(&readers)
+            .await
+            .unwrap();
+        assert_eq!(count, 1);
+        // Without a writer the same group would have written on the readers.
+        let apart = Groups::<sqlx::Sqlite>::taking_turns(None);
+        let mut member = apart.deliveries.join(apart.writer_or(&readers)).await;
+        let refused = match &mut member {
+            Ok(member) => sqlx::query("INSERT INTO t VALUES (2)")
+                .execute(&mut **member)
+                .await
+                .is_err(),
+            Err(_) => true,
+        };
+        assert!(refused, "a read-only connection wrote");
+    }
+
+    #[tokio::test]
     async fn writers_outside_a_group_take_turns_with_it_in_order() {
         let pool = pool().await;
-        let groups = Arc::new(Groups::<sqlx::Sqlite>::taking_turns());
+        let groups = Arc::new(Groups::<sqlx::Sqlite>::taking_turns(None));
 
         // A group is open: a writer outside it waits for its commit.
         let member = groups.accepts.join(&pool).await.unwrap();
@@ -528,7 +595,7 @@ mod tests {
     #[tokio::test]
     async fn accepts_go_ahead_of_writers_still_waiting() {
         let pool = pool().await;
-        let groups = Arc::new(Groups::<sqlx::Sqlite>::taking_turns());
+        let groups = Arc::new(Groups::<sqlx::Sqlite>::taking_turns(None));
         let (mut first, release_first) = holder(&groups);
         assert!(still_waiting(&mut first).await, "the first holds the turn");
         let (mut second, release_second) = holder(&groups);
@@ -560,7 +627,7 @@ mod tests {
     #[tokio::test]
     async fn a_delivery_group_commits_without_newcomers_while_an_accept_waits() {
         let pool = pool().await;
-        let groups = Arc::new(Groups::<sqlx::Sqlite>::taking_turns());
+        let groups = Arc::new(Groups::<sqlx::Sqlite>::taking_turns(None));
         let done = Arc::new(std::sync::Mutex::new(Vec::new()));
         let commit =
             |name: &'static str, group: fn(&Groups<sqlx::Sqlite>) -> &Group<sqlx::Sqlite>| {

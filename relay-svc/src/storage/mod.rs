@@ -105,8 +105,9 @@ pub(crate) use on_pool;
 macro_rules! on_write {
     ($store:expr, $pool:ident => $body:expr) => {
         match $store {
-            $crate::storage::Store::Sqlite($pool, groups) => {
+            $crate::storage::Store::Sqlite(pool, groups) => {
                 let _turn = groups.turn().await;
+                let $pool = groups.writer_or(pool);
                 $body
             }
             $crate::storage::Store::Postgres($pool, _) => $body,
@@ -178,13 +179,14 @@ impl Store {
                 .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true)
-                // Each connection keeps a page cache of 512 KiB: in WAL mode
-                // a connection drops its cache whenever another one commits,
-                // so a larger one bought no CPU here (16 MiB, SQLite's
-                // default 2 MB and 512 KiB measured the same per recipient)
-                // and cost the relay resident memory: at 1M registered,
-                // 71 MiB at its peak with 2 MB against 61 MiB with 512 KiB
-                // (`docs/benchmarks.md`). Negative: KiB.
+                // Each reading connection keeps a page cache of 512 KiB: in
+                // WAL mode a connection drops its cache whenever another one
+                // committed since its last transaction, so a larger one
+                // bought no CPU here (16 MiB, SQLite's default 2 MB and 512
+                // KiB measured the same per recipient) and cost the relay
+                // resident memory: at 1M registered, 71 MiB at its peak with
+                // 2 MB against 61 MiB with 512 KiB (`docs/benchmarks.md`).
+                // The writer's is larger ([`WRITER_CACHE_KIB`]). Negative: KiB.
                 .pragma("cache_size", "-512")
                 // Temporary tables (the fold's `fold_rows`) and the
                 // savepoint journals of group commit's members stay in
@@ -195,30 +197,12 @@ impl Store {
                 // own: sqlx's default of 100 per connection kept ~40 MiB of
                 // them after a registration burst. The hot statements are few.
                 .statement_cache_capacity(16);
-            let pool = SqlitePoolOptions::new()
-                .max_connections(8)
-                .acquire_timeout(Duration::from_secs(10))
-                .after_connect(|connection, _| {
-                    let create = stats::create_fold_rows("");
-                    Box::pin(
-                        async move { sqlx::raw_sql(create).execute(connection).await.map(drop) },
-                    )
-                })
-                // A connection whose COMMIT failed (a full disk: SQLite rolls
-                // back itself) still counts itself in a transaction, and every
-                // later BEGIN on it would fail: close it rather than reuse it.
-                // The ping lets the dropped transaction's ROLLBACK run first.
-                .after_release(|connection, _| {
-                    Box::pin(async move {
-                        use sqlx::Connection;
-                        connection.ping().await?;
-                        Ok(!connection.is_in_transaction())
-                    })
-                })
-                .connect_with(options)
-                .await?;
+            let pool = sqlite_pool(8, options.clone()).await?;
             sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-            Self::Sqlite(pool, Arc::new(Groups::taking_turns()))
+            // One connection for every write transaction (`Groups::writer_or`),
+            // which keeps its page cache from one to the next.
+            let writer = sqlite_pool(1, options.pragma("cache_size", WRITER_CACHE_KIB)).await?;
+            Self::Sqlite(pool, Arc::new(Groups::taking_turns(Some(writer))))
         } else {
             anyhow::bail!("database url: expected sqlite:… or postgres://…");
         };
@@ -239,7 +223,10 @@ impl Store {
     }
 
     pub async fn close(&self) {
-        on_pool!(self, pool => pool.close().await);
+        on_pool!(self, pool, groups => {
+            groups.writer_or(pool).close().await;
+            pool.close().await;
+        });
     }
 
     /// The pool's open connections and how many of them are idle.
@@ -252,6 +239,41 @@ impl Store {
         on_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;
         Ok(())
     }
+}
+
+/// The page cache of the SQLite connection that writes (KiB, negative):
+/// the one cache that lasts from one transaction to the next, since no
+/// other connection commits in between. With it the fold of a 100k
+/// broadcast cost 29–32 µs of the relay's CPU per recipient instead of
+/// 46–51, and the relay's peak was 44–45 MiB instead of 52–56
+/// (`docs/benchmarks.md`).
+const WRITER_CACHE_KIB: &str = "-2048";
+
+/// A pool of up to `connections` SQLite connections opened with `options`.
+async fn sqlite_pool(
+    connections: u32,
+    options: SqliteConnectOptions,
+) -> Result<SqlitePool, sqlx::Error> {
+    SqlitePoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .after_connect(|connection, _| {
+            let create = stats::create_fold_rows("");
+            Box::pin(async move { sqlx::raw_sql(create).execute(connection).await.map(drop) })
+        })
+        // A connection whose COMMIT failed (a full disk: SQLite rolls
+        // back itself) still counts itself in a transaction, and every
+        // later BEGIN on it would fail: close it rather than reuse it.
+        // The ping lets the dropped transaction's ROLLBACK run first.
+        .after_release(|connection, _| {
+            Box::pin(async move {
+                use sqlx::Connection;
+                connection.ping().await?;
+                Ok(!connection.is_in_transaction())
+            })
+        })
+        .connect_with(options)
+        .await
 }
 
 /// Opening a write transaction the way each engine needs: SQLite must take

@@ -94,7 +94,7 @@ mod tests {
     /// (here `write_turn`, this file) once the relay asks for it.
     #[tokio::test]
     async fn the_time_a_writer_holds_the_turn_is_reported_by_module() {
-        let groups = Groups::<sqlx::Sqlite>::taking_turns();
+        let groups = Groups::<sqlx::Sqlite>::taking_turns(None);
         let registry = chukei_proto::metrics::Registry::new();
         groups.time_turns(registry.histogram("turn_seconds", "held", &[0.001, 10.0]));
         let turn = groups.turn().await;
@@ -114,7 +114,7 @@ mod tests {
             .connect("sqlite::memory:")
             .await
             .unwrap();
-        let groups = Groups::<sqlx::Sqlite>::taking_turns();
+        let groups = Groups::<sqlx::Sqlite>::taking_turns(None);
         assert_eq!(groups.slice(2_000), 2_000, "no accept yet");
         groups
             .accepts
