@@ -5,7 +5,10 @@
 //! handed to a carrier (acked on the carrier streams), and until every
 //! delivery is at a terminal (received by the fleet), with recipients per
 //! second. The relay, three carriers and the fleet run in this process, each
-//! on its own runtime, talking gRPC over loopback.
+//! on its own runtime, talking gRPC over loopback. The relay folds the
+//! events into its statistics after the hand-over (it stands aside while
+//! they arrive): the bench then waits for the fold to catch up and prints
+//! the CPU to receipts counted and with the fold.
 //!
 //! `bench stats --events 10000000 --backend sqlite|postgres` — the history a
 //! hub would have after that many events (sends, deliveries, opens of 10
@@ -39,7 +42,8 @@
 //! `bench broadcast --users N --processes` runs the same broadcast with the
 //! relay, each carrier and the fleet as processes of their own (the release
 //! binaries beside `bench`) and prints each one's CPU-seconds and peak
-//! resident memory: the relay's own, apart from the fleet's.
+//! resident memory: the relay's own, apart from the fleet's, and the
+//! relay's CPU for the fold after the broadcast.
 //!
 //! `bench broadcast --users N --webhook` also delivers every event to a
 //! local webhook receiver (signed batches from the relay's events log)
