@@ -30,6 +30,7 @@ mod tenants;
 mod transfer;
 pub mod webhooks;
 mod write_turn;
+mod writers;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -57,8 +58,9 @@ pub use transfer::{DueDelivery, DueMessage, Lane};
 
 use crate::error::Result;
 use crate::receipts::MessageEventKind;
-pub use group::{Group, Groups};
+pub use group::Group;
 pub use key_cache::KEY_CACHE_TTL;
+pub use writers::Groups;
 
 /// Rows per multi-row statement: well under SQLite's 32,766 and PostgreSQL's
 /// 65,535 bind parameters for every statement that uses it.

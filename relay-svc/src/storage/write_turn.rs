@@ -1,7 +1,7 @@
 //! The store's write turn on SQLite: one writer at a time, the accepts'
 //! group ahead of the other writers waiting
 //! ([`chukei_proto::turn::Turn`]), and how long each writer held it, by
-//! writer (`chukei_relay_write_turn_seconds`). [`super::group::Groups`]
+//! writer (`chukei_relay_write_turn_seconds`). [`super::writers::Groups`]
 //! holds the one turn every writer of a store takes.
 
 use std::panic::Location;
@@ -12,7 +12,7 @@ use chukei_proto::metrics::Histogram;
 use tokio::sync::OwnedMutexGuard;
 
 /// One writer at a time (SQLite's write lock, taken in the process; see
-/// [`Groups::turn`](super::group::Groups::turn)), the accepts' group ahead of the others still waiting
+/// [`Groups::turn`](super::Groups::turn)), the accepts' group ahead of the others still waiting
 /// ([`chukei_proto::turn::Turn`]), with how long each writer held it.
 #[derive(Debug, Default)]
 pub(crate) struct Turn {
@@ -88,7 +88,7 @@ mod tests {
 
     use sqlx::sqlite::SqlitePoolOptions;
 
-    use super::super::group::Groups;
+    use super::super::writers::Groups;
 
     /// How long a writer held the turn is reported under its module's name
     /// (here `write_turn`, this file) once the relay asks for it.
