@@ -64,6 +64,9 @@ pub struct Group<DB: Database> {
     /// The store's write turn, which a group holds from its `BEGIN` to its
     /// commit ([`Groups::turn`](super::Groups::turn)).
     turn: Option<GroupTurn>,
+    /// The store's writer connection, which the group's transactions run
+    /// on whatever pool a member offers ([`Groups::writer_or`](super::Groups::writer_or)).
+    writer: Option<sqlx::Pool<DB>>,
 }
 
 /// The open group, if any: taken out by its commit.
@@ -114,15 +117,22 @@ pub(crate) struct Member<DB: Database> {
 
 impl<DB: Database> Group<DB> {
     /// A group that holds `turn` from its `BEGIN` to its commit, ahead of
-    /// the writers still waiting when `ahead`; `writer` names it in the
-    /// turn's hold-time metric.
-    pub(super) fn taking_turn(turn: Arc<Turn>, ahead: bool, writer: &'static str) -> Self {
+    /// the writers still waiting when `ahead`, with its transactions on
+    /// `connection` when given; `writer` names it in the turn's hold-time
+    /// metric.
+    pub(super) fn taking_turn(
+        turn: Arc<Turn>,
+        ahead: bool,
+        writer: &'static str,
+        connection: Option<sqlx::Pool<DB>>,
+    ) -> Self {
         Self {
             turn: Some(GroupTurn {
                 turn,
                 ahead,
                 writer,
             }),
+            writer: connection,
             ..Self::default()
         }
     }
@@ -136,6 +146,7 @@ impl<DB: Database> Default for Group<DB> {
             slot: std::sync::Mutex::new(Weak::new()),
             latest: std::sync::Mutex::new(latest),
             turn: None,
+            writer: None,
         }
     }
 }
@@ -144,15 +155,18 @@ impl<DB: Database> Group<DB>
 where
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
 {
-    /// Joins the open group, or opens one on `pool`, and starts this
-    /// writer's savepoint.
+    /// Joins the open group, or opens one on the store's writer connection
+    /// (else on `pool`), and starts this writer's savepoint.
     ///
     /// A writer that finds a group open while a writer ahead waits for the
     /// turn (the accepts' group, behind this one) does not join it: the
     /// group commits with the members it has, and this writer joins or
     /// opens the next. So a writer ahead waits for the members already in
     /// the group, not for every one that queues meanwhile.
-    pub(crate) async fn join<P: WritePool<Db = DB>>(&self, pool: &P) -> Result<Member<DB>> {
+    pub(crate) async fn join<P: WritePool<Db = DB>>(&self, pool: &P) -> Result<Member<DB>>
+    where
+        sqlx::Pool<DB>: WritePool<Db = DB>,
+    {
         let mut stood_aside = false;
         let (slot, mut guard) = loop {
             let slot = {
@@ -185,7 +199,10 @@ where
                 Some(group) => Some(group.turn.take(group.ahead, group.writer).await),
                 None => None,
             };
-            let tx = pool.begin_write().await?;
+            let tx = match &self.writer {
+                Some(writer) => writer.begin_write().await?,
+                None => pool.begin_write().await?,
+            };
             let (outcome, latest) = watch::channel(None);
             *self.latest.lock().expect("not poisoned") = latest;
             *guard = Some(Open {

@@ -165,7 +165,7 @@ impl Store {
         };
         // Concurrent calls share one transaction and one commit (`group.rs`).
         let accepted = on_pool!(self, pool, groups => {
-            let mut tx = groups.accepts.join(groups.writer_or(pool)).await?;
+            let mut tx = groups.accepts.join(pool).await?;
             let accepted = tx.accept(self, &acceptance).await?;
             match accepted {
                 Accepted::Stored { .. } => tx.commit().await?,

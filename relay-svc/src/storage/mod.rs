@@ -226,7 +226,7 @@ impl Store {
 
     pub async fn close(&self) {
         on_pool!(self, pool, groups => {
-            groups.writer_or(pool).close().await;
+            groups.close_writer().await;
             pool.close().await;
         });
     }

@@ -100,7 +100,7 @@ impl Store {
             self.in_id_list("id", 1)
         );
         on_pool!(self, pool, groups => {
-            let mut tx = groups.deliveries.join(groups.writer_or(pool)).await?;
+            let mut tx = groups.deliveries.join(pool).await?;
             let opened = tx.record_events(carrier_id, &rows, now).await?;
             if !unsupported.is_empty() {
                 sqlx::query(AssertSqlSafe(close_unsupported))

@@ -316,7 +316,7 @@ impl Store {
     /// to the lease's whole time to live.
     pub async fn hold_lease(&self, name: &str, owner: &str, now: i64, ttl_ms: i64) -> Result<bool> {
         on_pool!(self, pool, groups => {
-            let mut tx = groups.accepts.join(groups.writer_or(pool)).await?;
+            let mut tx = groups.accepts.join(pool).await?;
             let held: Option<String> = sqlx::query_scalar(
                 "INSERT INTO leases (name, owner, expires_at) VALUES ($1, $2, $3)
                  ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at

@@ -310,7 +310,7 @@ impl Store {
                 Lane::Priority => &groups.accepts,
                 Lane::Bulk => &groups.deliveries,
             };
-            let mut tx = group.join(groups.writer_or(pool)).await?;
+            let mut tx = group.join(pool).await?;
             // Both statements are planned on every run, for the ids at hand. A
             // prepared statement keeps its plan per connection, and PostgreSQL
             // switches to a generic plan after five runs: one made while

@@ -41,8 +41,18 @@ impl<DB: Database> Groups<DB> {
     pub(crate) fn taking_turns(writer: Option<sqlx::Pool<DB>>) -> Self {
         let turn = Arc::new(Turn::default());
         Self {
-            accepts: Arc::new(Group::taking_turn(turn.clone(), true, "accepts")),
-            deliveries: Arc::new(Group::taking_turn(turn.clone(), false, "deliveries")),
+            accepts: Arc::new(Group::taking_turn(
+                turn.clone(),
+                true,
+                "accepts",
+                writer.clone(),
+            )),
+            deliveries: Arc::new(Group::taking_turn(
+                turn.clone(),
+                false,
+                "deliveries",
+                writer.clone(),
+            )),
             webhooks_listening: Default::default(),
             keys: Default::default(),
             turn: Some(turn),
@@ -71,6 +81,13 @@ impl<DB: Database> Groups<DB> {
     /// page of its indexes from the file again.
     pub(crate) fn writer_or<'a>(&'a self, pool: &'a sqlx::Pool<DB>) -> &'a sqlx::Pool<DB> {
         self.writer.as_ref().unwrap_or(pool)
+    }
+
+    /// Closes the writer's connection, when the store has one.
+    pub(crate) async fn close_writer(&self) {
+        if let Some(writer) = &self.writer {
+            writer.close().await;
+        }
     }
 
     /// Waits for this store's write turn (SQLite: one writer at a time,
@@ -135,11 +152,7 @@ mod tests {
             .await
             .unwrap();
         let groups = Groups::<sqlx::Sqlite>::taking_turns(Some(writer.clone()));
-        let mut member = groups
-            .deliveries
-            .join(groups.writer_or(&readers))
-            .await
-            .unwrap();
+        let mut member = groups.deliveries.join(&readers).await.unwrap();
         sqlx::query("INSERT INTO t VALUES (1)")
             .execute(&mut *member)
             .await
@@ -152,7 +165,7 @@ mod tests {
         assert_eq!(count, 1);
         // Without a writer the same group would have written on the readers.
         let apart = Groups::<sqlx::Sqlite>::taking_turns(None);
-        let mut member = apart.deliveries.join(apart.writer_or(&readers)).await;
+        let mut member = apart.deliveries.join(&readers).await;
         let refused = match &mut member {
             Ok(member) => sqlx::query("INSERT INTO t VALUES (2)")
                 .execute(&mut **member)
