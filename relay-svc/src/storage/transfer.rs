@@ -201,16 +201,37 @@ impl Store {
         // campaign's batch, whose content is then read once), its
         // deliveries packed.
         let lane_number = lane as i64;
+        let (lane_range, lane_order) = match self {
+            Store::Sqlite(..) => (
+                format!(
+                    "d.carrier_id = $1 AND d.state = {PENDING} AND d.lane = {lane_number} AND d.id > $2 AND d.id < $5"
+                ),
+                "d.id",
+            ),
+            // PostgreSQL read the id range through the primary key instead,
+            // filtering out every other carrier's and every handed-over row
+            // (~35–50 ms a read late in a 100k campaign, all its rows removed
+            // by the filter), whenever its statistics still described the
+            // campaign's rows as pending, which they did until the next
+            // `ANALYZE`. Bounds on the whole key of `deliveries_due` and its
+            // order are something only that index serves.
+            Store::Postgres(..) => (
+                format!(
+                    "(d.carrier_id, d.state, d.lane, d.id) > ($1, {PENDING}, {lane_number}, $2)
+                     AND (d.carrier_id, d.state, d.lane, d.id) < ($1, {PENDING}, {lane_number}, $5)"
+                ),
+                "d.carrier_id, d.state, d.lane, d.id",
+            ),
+        };
         let packed = |column: &str| self.json_array_of(&format!("d.{column}"));
         let sql = format!(
             "SELECT m.id AS message_id, {DUE_MESSAGE_COLUMNS},
                     {ids} AS ids, {users} AS user_ids, {channels} AS channels, {not_befores} AS not_befores
              FROM (SELECT d.id, d.message_id, d.user_id, d.channel, d.not_before
                    FROM deliveries d JOIN messages m ON m.id = d.message_id
-                   WHERE d.carrier_id = $1 AND d.state = {PENDING} AND d.lane = {lane_number}
-                     AND d.id > $2 AND d.id < $5 AND d.not_before <= $3
+                   WHERE {lane_range} AND d.not_before <= $3
                      AND (d.window_close IS NULL OR d.window_close > $3) AND m.expires_at > $3
-                   ORDER BY d.id
+                   ORDER BY {lane_order}
                    LIMIT $4) AS d
              JOIN messages m ON m.id = d.message_id
              GROUP BY m.id",
