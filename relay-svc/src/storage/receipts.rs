@@ -292,7 +292,12 @@ transaction_steps! {
             let mut opened: Vec<Opened> = Vec::new();
             for (rows, returning) in [(others, false), (opens, true)] {
                 for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                    // Driven by the VALUES rows (a unique-index lookup each).
+                    // Driven by the VALUES rows, a unique-index lookup each:
+                    // the delivery is probed by a scalar subquery, not by
+                    // `EXISTS`, which PostgreSQL turned into a hash join over a
+                    // scan of every delivery of the carrier, once per
+                    // statement (~17 ms per 1,000 receipts at 100k pending,
+                    // growing with the campaign).
                     let mut query = QueryBuilder::new(
                         "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region)
                          SELECT v.column1, v.column2, v.column3, v.column4, ",
@@ -313,10 +318,10 @@ transaction_steps! {
                     // overtook its acknowledgement adds it, and the others
                     // cost no probe of the events' key.
                     query
-                        .push(") AS v WHERE EXISTS (SELECT 1 FROM deliveries d WHERE d.message_id = v.column1 AND d.user_id = v.column2 AND d.carrier_id = ")
+                        .push(") AS v WHERE (SELECT 1 FROM deliveries d WHERE d.message_id = v.column1 AND d.user_id = v.column2 AND d.carrier_id = ")
                         .push_bind(carrier_id)
                         .push(formatcp!(
-                            " AND (v.column3 <> {HANDED_OVER_EVENT} OR d.handed_over_at IS NULL)) ON CONFLICT DO NOTHING"
+                            " AND (v.column3 <> {HANDED_OVER_EVENT} OR d.handed_over_at IS NULL) LIMIT 1) IS NOT NULL ON CONFLICT DO NOTHING"
                         ));
                     // Planned on every run, like the hand-over's statements (`transfer.rs`).
                     if !returning {
