@@ -211,16 +211,20 @@ impl Store {
             // PostgreSQL read the id range through the primary key instead,
             // filtering out every other carrier's and every handed-over row
             // (~35–50 ms a read late in a 100k campaign, all its rows removed
-            // by the filter), whenever its statistics still described the
+            // by the filter), whenever its statistics still counted the
             // campaign's rows as pending, which they did until the next
-            // `ANALYZE`. Bounds on the whole key of `deliveries_due` and its
-            // order are something only that index serves.
+            // `ANALYZE`. Here the lane and the id are one row value, ordered
+            // as `deliveries_due` is past its equal carrier and state: no other
+            // index serves that order, and its lower bound positions the
+            // scan. Its upper bound ends the scan at the lane's end only, so
+            // the catch-up read (`ids.end` below the cursor) walks the
+            // lane's pending rows above it.
             Store::Postgres(..) => (
                 format!(
-                    "(d.carrier_id, d.state, d.lane, d.id) > ($1, {PENDING}, {lane_number}, $2)
-                     AND (d.carrier_id, d.state, d.lane, d.id) < ($1, {PENDING}, {lane_number}, $5)"
+                    "d.carrier_id = $1 AND d.state = {PENDING}
+                     AND (d.lane, d.id) > ({lane_number}, $2) AND (d.lane, d.id) < ({lane_number}, $5)"
                 ),
-                "d.carrier_id, d.state, d.lane, d.id",
+                "d.lane, d.id",
             ),
         };
         let packed = |column: &str| self.json_array_of(&format!("d.{column}"));
