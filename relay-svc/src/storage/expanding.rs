@@ -8,7 +8,6 @@
 //! planned.
 
 use const_format::formatcp;
-use sqlx::AssertSqlSafe;
 
 use super::audience::{StoredTarget, UserRange, campaign_source};
 use super::per_person::{LEARNING_WINDOW_MS, PersonSteps};
@@ -39,10 +38,6 @@ pub enum Expansion {
     /// now, or it is no longer waiting to be expanded.
     NotHere,
 }
-
-/// Fewer changed rows than this never make a registry's statistics stale
-/// ([`Store::keep_statistics_of_registries`]).
-const REGISTRY_CHANGES: i64 = 1_000;
 
 /// Watches one campaign's expansion for the moments to look at
 /// PostgreSQL's statistics of `deliveries`
@@ -132,15 +127,7 @@ impl Store {
         if state != ACCEPTED {
             return Ok(None);
         }
-        match self.keep_statistics_of_registries().await {
-            Ok(gathered) if !gathered.is_empty() => {
-                tracing::debug!(tables = ?gathered, "gathered the statistics of the registries");
-            }
-            Ok(_) => {}
-            Err(error) => {
-                tracing::warn!(%error, "could not gather the statistics of the registries")
-            }
-        }
+        self.keep_statistics_of_registries().await;
         let bandit = match plan.policy.kind {
             PolicyKind::Best => {
                 let rates = self.channel_rates(now).await?;
@@ -246,42 +233,6 @@ impl Store {
         }
         sqlx::query("ANALYZE deliveries").execute(pool).await?;
         Ok(true)
-    }
-
-    /// Keeps PostgreSQL's statistics of the registries a campaign is
-    /// extracted from in step with bulk registrations, before its first
-    /// step: a table where more rows changed since they were last gathered
-    /// than half the rows they count (and at least [`REGISTRY_CHANGES`]) is
-    /// analyzed again. Returns the tables it analyzed; SQLite plans without
-    /// them, so there it does nothing.
-    ///
-    /// Autovacuum would do it a minute or more later. A campaign sent right
-    /// after a bulk registration was planned for the registrations as they
-    /// were before it: the step's boundary (the 2,000th registration after
-    /// the cursor) was read as a bitmap scan of every registration past the
-    /// cursor and a sort (98,000 rows, ~50 ms a step at 100k registered,
-    /// growing with the hub) instead of a walk of the key.
-    pub async fn keep_statistics_of_registries(&self) -> Result<Vec<String>> {
-        let Self::Postgres(pool, _) = self else {
-            return Ok(Vec::new());
-        };
-        let stale: Vec<String> = sqlx::query_scalar(
-            "SELECT s.relname::TEXT FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid
-             WHERE s.schemaname = current_schema()
-               AND s.relname IN ('registrations', 'service_registrations', 'contracts', 'profiles')
-               AND s.n_mod_since_analyze >= $1
-               AND s.n_mod_since_analyze * 2 > GREATEST(c.reltuples, 0)",
-        )
-        .bind(REGISTRY_CHANGES)
-        .fetch_all(pool)
-        .await?;
-        for table in &stale {
-            // The names come from the list above, never from a caller.
-            sqlx::query(AssertSqlSafe(format!("ANALYZE {table}")))
-                .execute(pool)
-                .await?;
-        }
-        Ok(stale)
     }
 
     /// Delivered and opened counts per channel over the hub's last
