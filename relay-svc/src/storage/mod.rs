@@ -13,6 +13,7 @@ mod audience;
 pub(crate) mod audit;
 mod control;
 mod expanding;
+pub(crate) mod fold_log;
 mod group;
 mod key_cache;
 mod message_rows;
@@ -163,7 +164,7 @@ impl Store {
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(10))
                 .after_connect(|connection, _| {
-                    let create = stats::create_fold_rows(" ON COMMIT DELETE ROWS");
+                    let create = fold_log::create_fold_rows(" ON COMMIT DELETE ROWS");
                     Box::pin(
                         async move { sqlx::raw_sql(create).execute(connection).await.map(drop) },
                     )
@@ -260,7 +261,7 @@ async fn sqlite_pool(
         .max_connections(connections)
         .acquire_timeout(Duration::from_secs(10))
         .after_connect(|connection, _| {
-            let create = stats::create_fold_rows("");
+            let create = fold_log::create_fold_rows("");
             Box::pin(async move { sqlx::raw_sql(create).execute(connection).await.map(drop) })
         })
         // A connection whose COMMIT failed (a full disk: SQLite rolls
@@ -507,10 +508,10 @@ impl Store {
     }
 
     /// How this backend reads the events log past the fold's cursor.
-    fn event_log(&self) -> &'static stats::EventLog {
+    fn event_log(&self) -> &'static fold_log::EventLog {
         match self {
-            Self::Sqlite(..) => &stats::SQLITE_LOG,
-            Self::Postgres(..) => &stats::POSTGRES_LOG,
+            Self::Sqlite(..) => &fold_log::SQLITE_LOG,
+            Self::Postgres(..) => &fold_log::POSTGRES_LOG,
         }
     }
 

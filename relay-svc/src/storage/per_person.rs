@@ -62,7 +62,7 @@ transaction_steps! {
             let mut segments = sqlx::QueryBuilder::new(format!(
                 "SELECT p.user_id, COALESCE(p.gender, ''), {} FROM profiles p
                  WHERE p.enterprise_id = (SELECT enterprise_id FROM messages WHERE id = ",
-                super::stats::AGE_BAND
+                super::fold_log::AGE_BAND
             ));
             segments
                 .push_bind(message_id)

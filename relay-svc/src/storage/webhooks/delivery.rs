@@ -8,7 +8,7 @@ use sqlx::{AssertSqlSafe, QueryBuilder};
 
 use super::EndpointRow;
 use crate::error::Result;
-use crate::storage::stats::EventLog;
+use crate::storage::fold_log::EventLog;
 use crate::storage::{Store, WritePool, on_pool, on_write, transaction_steps};
 
 /// Events in one POST at most.
