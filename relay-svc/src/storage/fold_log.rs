@@ -5,6 +5,8 @@
 
 use sqlx::AssertSqlSafe;
 
+use super::Store;
+
 /// The decade a profile `p`'s consented age range lies in (its start), or -1
 /// when it was not shared that precisely.
 pub(crate) const AGE_BAND: &str =
@@ -13,13 +15,7 @@ pub(crate) const AGE_BAND: &str =
 /// Per-person rows are kept only for people still in the hub (a contract)
 /// or, per ref, still registered with the enterprise: events of a person
 /// erased meanwhile still count in the cubes but rebuild no per-person row.
-///
-/// Both are scalar subqueries with `LIMIT 1`, not `EXISTS`: PostgreSQL
-/// plans an `EXISTS` in a select list as a hashed subplan whenever a batch
-/// is large against the table, and then read every contract and every
-/// registration of the hub (a sequential scan, hashed) for each batch of
-/// the fold — ~10 ms each at 100k registered, growing with the hub. A
-/// scalar subquery is one index probe per event on both backends.
+/// Probes, not `EXISTS` (see the `storage` module).
 const IN_THE_HUB: &str =
     "(SELECT 1 FROM contracts c WHERE c.user_id = e.user_id LIMIT 1) IS NOT NULL";
 const REGISTERED: &str = "(SELECT 1 FROM registrations r
@@ -60,14 +56,7 @@ pub(crate) struct EventLog {
     pub order: &'static str,
     /// The same order, newest first.
     pub newest_first: &'static str,
-    /// How the fold finds an event's consented profile (`p.`), one probe
-    /// of its key per event.
-    pub profile: &'static str,
 }
-
-/// A plain join: SQLite joins by nested loops, a probe per event.
-const PROFILE_JOIN: &str =
-    "LEFT JOIN profiles p ON p.enterprise_id = m.enterprise_id AND p.user_id = e.user_id";
 
 /// SQLite has one writer: sequence numbers are taken in commit order.
 pub(crate) const SQLITE_LOG: EventLog = EventLog {
@@ -77,7 +66,6 @@ pub(crate) const SQLITE_LOG: EventLog = EventLog {
     upto: "e.seq <= $5",
     order: "e.seq",
     newest_first: "e.seq DESC",
-    profile: PROFILE_JOIN,
 };
 
 /// PostgreSQL: only events of transactions older than every running one,
@@ -89,16 +77,17 @@ pub(crate) const POSTGRES_LOG: EventLog = EventLog {
     upto: "(e.tx, e.seq) <= (CAST(CAST($4 AS TEXT) AS xid8), $5)",
     order: "e.tx, e.seq",
     newest_first: "e.tx DESC, e.seq DESC",
-    // PostgreSQL hash-joined a batch of 2,000 events with every profile of
-    // the hub (a sequential scan per batch); a lateral lookup with a limit
-    // cannot be turned into that join.
-    profile: "LEFT JOIN LATERAL (SELECT * FROM profiles p
-                                 WHERE p.enterprise_id = m.enterprise_id AND p.user_id = e.user_id LIMIT 1) AS p ON TRUE",
 };
 
 /// Fills `fold_rows` from the oldest events past the cursor (`$1`: how
-/// many; `($2, $3)`: the cursor).
-pub(super) fn fill_fold_rows(log: &EventLog) -> String {
+/// many; `($2, $3)`: the cursor), in `store`'s SQL.
+pub(super) fn fill_fold_rows(store: &Store) -> String {
+    let log = store.event_log();
+    let profile = store.left_join_by_row(
+        "profiles",
+        "p",
+        "p.enterprise_id = m.enterprise_id AND p.user_id = e.user_id",
+    );
     format!(
         "INSERT INTO fold_rows
          SELECT e.tx, e.seq, e.kind, e.at, e.channel, e.carrier_id, e.region, e.user_id, e.message_id,
@@ -116,6 +105,5 @@ pub(super) fn fill_fold_rows(log: &EventLog) -> String {
         past = log.past,
         ready = log.ready,
         order = log.order,
-        profile = log.profile,
     )
 }

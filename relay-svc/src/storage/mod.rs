@@ -3,7 +3,17 @@
 //!
 //! Every query is written once in the SQL both engines accept (`$n`
 //! placeholders, `ON CONFLICT`, `RETURNING`, `CAST`) and runs on whichever pool
-//! the store holds; the few places where the engines differ say so. Migrations
+//! the store holds; the few places where the engines differ say so.
+//!
+//! A check that a batch's rows each have a match elsewhere is written as a
+//! probe, `(SELECT 1 FROM … WHERE … LIMIT 1) IS NOT NULL`, never `EXISTS`:
+//! PostgreSQL turns an `EXISTS` into a hash join (or a hashed subplan) over
+//! a scan of the whole other table whenever the batch is large against
+//! the table's statistics, once per statement — the fold's and the
+//! receipts' checks read every contract, registration or delivery of a
+//! carrier per batch that way, growing with the hub. A scalar subquery is
+//! one index lookup per row on both engines. A per-row lookup of several
+//! columns is [`Store::left_join_by_row`]. Migrations
 //! are embedded per backend and applied at start. This module owns durability
 //! settings (`synchronous=FULL` on SQLite, `synchronous_commit=on` on
 //! PostgreSQL) and must never call out to the network inside a transaction.
@@ -473,6 +483,20 @@ impl Store {
         match self {
             Self::Sqlite(..) => format!("json_group_array({expression})"),
             Self::Postgres(..) => format!("CAST(json_agg({expression}) AS TEXT)"),
+        }
+    }
+
+    /// `LEFT JOIN {table} {alias} ON {on}` in this backend's SQL, looked up
+    /// row by row through `on`'s index: on PostgreSQL a lateral subquery
+    /// with a limit, which it cannot turn into a hash join over the whole
+    /// table (it did for the fold's profiles, once per batch of events);
+    /// SQLite joins by nested loops anyway.
+    fn left_join_by_row(&self, table: &str, alias: &str, on: &str) -> String {
+        match self {
+            Self::Sqlite(..) => format!("LEFT JOIN {table} {alias} ON {on}"),
+            Self::Postgres(..) => format!(
+                "LEFT JOIN LATERAL (SELECT * FROM {table} {alias} WHERE {on} LIMIT 1) AS {alias} ON TRUE"
+            ),
         }
     }
 

@@ -293,11 +293,8 @@ transaction_steps! {
             for (rows, returning) in [(others, false), (opens, true)] {
                 for chunk in rows.chunks(ROWS_PER_STATEMENT) {
                     // Driven by the VALUES rows, a unique-index lookup each:
-                    // the delivery is probed by a scalar subquery, not by
-                    // `EXISTS`, which PostgreSQL turned into a hash join over a
-                    // scan of every delivery of the carrier, once per
-                    // statement (~17 ms per 1,000 receipts at 100k pending,
-                    // growing with the campaign).
+                    // the delivery is a probe, not `EXISTS` (see the
+                    // `storage` module).
                     let mut query = QueryBuilder::new(
                         "INSERT INTO events (message_id, user_id, kind, at, carrier_id, channel, region)
                          SELECT v.column1, v.column2, v.column3, v.column4, ",

@@ -154,7 +154,7 @@ impl Store {
     pub async fn roll_up_queued(&self, limit: u32, now: i64) -> Result<u64> {
         // Two folds at once (two relays on one PostgreSQL database) take
         // turns on the cursor's row, so nothing is folded or charged twice.
-        let fill = fill_fold_rows(self.event_log());
+        let fill = fill_fold_rows(self);
         let fence = self.rollup_fence(false);
         let cursor = format!("SELECT tx, seq FROM rollup_cursor{}", self.lock_row());
         on_write!(self, pool => {
