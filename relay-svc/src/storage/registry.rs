@@ -88,9 +88,7 @@ impl Store {
             tx.commit().await?;
             Ok::<_, Error>(())
         })?;
-        if contracts.len() >= BULK_WRITE {
-            self.keep_statistics_of_registries().await;
-        }
+        self.registry_written(contracts.len()).await;
         Ok(contracts.len() as u64)
     }
 
@@ -120,6 +118,14 @@ impl Store {
             Err(error) => {
                 tracing::warn!(%error, "could not gather the statistics of the registries")
             }
+        }
+    }
+
+    /// After a registry write of `rows`: a bulk one ([`BULK_WRITE`]) is
+    /// followed by [`Store::keep_statistics_of_registries`].
+    async fn registry_written(&self, rows: usize) {
+        if rows >= BULK_WRITE {
+            self.keep_statistics_of_registries().await;
         }
     }
 
@@ -174,9 +180,7 @@ impl Store {
             tx.commit().await?;
             Ok::<_, Error>(refs)
         })?;
-        if registrations.len() >= BULK_WRITE {
-            self.keep_statistics_of_registries().await;
-        }
+        self.registry_written(registrations.len()).await;
         registrations
             .iter()
             .map(|r| {
