@@ -4,7 +4,8 @@
 //! them, and count reports on an interval; the priority stream (version 3,
 //! `chukei-deliver-lane: priority`) carries the priority lane's batches and
 //! their acks only, in a loop of its own, so they do not wait behind a
-//! campaign's batches. A newer stream of either kind supersedes the older
+//! campaign's batches; what of them can go to a terminal at once is pushed
+//! while the batch commits, and acked after. A newer stream of either kind supersedes the older
 //! one of that kind.
 
 use std::collections::{HashMap, VecDeque};
@@ -23,6 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::Shared;
 use crate::model::{Lanes, MessageDeliveries, Recipient};
 use crate::storage::MessageCount;
+use crate::terminals;
 
 /// Receipt batches sent but not yet acked: bounds what is in flight so neither
 /// side ever blocks the other's reads.
@@ -102,9 +104,14 @@ async fn accept(shared: &Shared, up: &Up, batch: pb::DeliveryBatch) -> anyhow::R
         priority: records.iter().any(|r| r.priority),
         bulk: records.iter().any(|r| !r.priority),
     };
-    let fresh = shared
+    let accepted = shared
         .store
-        .accept_batch(records, shared.clock.now_ms())
+        .accept_batch_pushing(
+            records,
+            shared.clock.now_ms(),
+            shared.gateways,
+            |pushable| terminals::push_at_once(shared, pushable),
+        )
         .await?;
     send(
         up,
@@ -113,9 +120,16 @@ async fn accept(shared: &Shared, up: &Up, batch: pb::DeliveryBatch) -> anyhow::R
         }),
     )
     .await?;
-    tracing::debug!(batch_id = batch.batch_id, received, fresh, "batch accepted");
-    if fresh > 0 {
-        shared.metrics.accepted.add(&[], fresh as u64);
+    tracing::debug!(
+        batch_id = batch.batch_id,
+        received,
+        fresh = accepted.fresh,
+        pushed_at_once = accepted.pushed,
+        "batch accepted"
+    );
+    shared.metrics.accepted.add(&[], accepted.fresh);
+    // What was pushed at once needs no read; anything held does.
+    if accepted.fresh > accepted.pushed {
         shared.terminals.new_work_in(lanes);
     }
     Ok(())

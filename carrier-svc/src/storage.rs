@@ -30,7 +30,8 @@ mod gateways;
 mod receipts;
 mod states;
 
-use accepting::{Seen, insert_rows};
+pub use accepting::{Accepted, PushableNow};
+use accepting::{Opening, Seen, insert_rows};
 use batches::split_replies;
 use receipts::queue_receipts;
 use states::{State, change_states, state_rows};
@@ -187,7 +188,8 @@ impl Store {
         .await?;
         let records = records_from_v1(rows);
         let moved: usize = records.iter().map(|r| r.recipients.len()).sum();
-        insert_rows(&mut tx, &records, 0).await?;
+        let openings = Opening::of_each(&records, 0);
+        insert_rows(&mut tx, &records, &openings, &[], 0).await?;
         sqlx::query("DELETE FROM deliveries_v1 WHERE state IN (0, 1)")
             .execute(&mut *tx)
             .await?;

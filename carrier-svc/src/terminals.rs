@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Shared;
 use crate::channels;
 use crate::model::{Lanes, Outgoing, Slot, TerminalEvent, TerminalEventKind};
+use crate::storage::PushableNow;
 
 const PUSH_BATCH: u32 = 1_000;
 
@@ -76,6 +77,9 @@ pub struct TerminalsHandle {
     /// The carrier's own notices (a sign-in code) waiting for their
     /// endpoint's link, by endpoint.
     notices: Arc<std::sync::Mutex<HashMap<String, Vec<pb::PushedMessage>>>>,
+    /// The request side of each link's priority stream while it is up, by
+    /// endpoint: what a priority batch pushes at once ([`push_at_once`]).
+    priority_streams: Arc<std::sync::Mutex<HashMap<Arc<str>, mpsc::Sender<pb::PushRequest>>>>,
 }
 
 impl TerminalsHandle {
@@ -86,6 +90,7 @@ impl TerminalsHandle {
                 new_work: Arc::new(watch::channel(Work::default()).0),
                 endpoints,
                 notices: Arc::default(),
+                priority_streams: Arc::default(),
             },
             receiver,
         )
@@ -145,11 +150,86 @@ impl TerminalsHandle {
             .unwrap_or_default()
     }
 
+    /// The request side of `endpoint`'s priority stream, while its link is
+    /// up, until the returned guard is dropped.
+    fn priority_stream_up(
+        &self,
+        endpoint: &str,
+        down: &mpsc::Sender<pb::PushRequest>,
+    ) -> PriorityStreamUp {
+        let endpoint: Arc<str> = Arc::from(endpoint);
+        self.priority_streams
+            .lock()
+            .expect("priority streams lock")
+            .insert(endpoint.clone(), down.clone());
+        PriorityStreamUp {
+            streams: self.priority_streams.clone(),
+            endpoint,
+            down: down.clone(),
+        }
+    }
+
     /// Makes sure a link to `endpoint` runs (and wakes it).
     pub async fn ensure(&self, endpoint: &str) {
         let _ = self.endpoints.send(endpoint.to_owned()).await;
         self.new_work();
     }
+}
+
+/// A link's priority stream while it is up: dropped, it is no longer
+/// pushed to at once (unless a newer stream of the endpoint replaced it).
+struct PriorityStreamUp {
+    streams: Arc<std::sync::Mutex<HashMap<Arc<str>, mpsc::Sender<pb::PushRequest>>>>,
+    endpoint: Arc<str>,
+    down: mpsc::Sender<pb::PushRequest>,
+}
+
+impl Drop for PriorityStreamUp {
+    fn drop(&mut self) {
+        let mut streams = self.streams.lock().expect("priority streams lock");
+        if streams
+            .get(&self.endpoint)
+            .is_some_and(|down| down.same_channel(&self.down))
+        {
+            streams.remove(&self.endpoint);
+        }
+    }
+}
+
+/// Pushes what a priority batch can push at once, while the batch commits
+/// (`Store::accept_batch_pushing`): each endpoint's recipients down its
+/// link's priority stream, if that stream is up and has room now, never
+/// waiting. Returns the slots pushed; what could not go (no stream, no
+/// room, a channel the subscriber cannot take) stays held for the push's
+/// own read, which also reports the unsupported.
+pub(crate) fn push_at_once(shared: &Shared, pushable: PushableNow) -> Vec<Slot> {
+    let mut pushed = Vec::new();
+    for (endpoint, due) in pushable {
+        let Some(down) = shared
+            .terminals
+            .priority_streams
+            .lock()
+            .expect("priority streams lock")
+            .get(&endpoint)
+            .cloned()
+        else {
+            continue;
+        };
+        let (slots, messages, _unsupported) = render(due);
+        if messages.is_empty() {
+            continue;
+        }
+        let request = pb::PushRequest {
+            messages,
+            carrier_id: shared.carrier_id.to_string(),
+        };
+        let counted = pushed_by_channel(&request);
+        if down.try_send(request).is_ok() {
+            pushed.extend(slots);
+            count_pushed(shared, counted);
+        }
+    }
+    pushed
 }
 
 /// Owns the links until `cancel`: starts one per known endpoint, and one for
@@ -229,6 +309,11 @@ async fn session(
         .store
         .requeue_unconfirmed(endpoint, shared.gateways)
         .await?;
+    // After the requeue, which would put a delivery pushed at once back
+    // to held and push it again.
+    let _up = shared
+        .terminals
+        .priority_stream_up(endpoint, &priority.down);
     tracing::info!("terminal link open");
     tokio::try_join!(
         carry(shared, endpoint, bulk, cancel, Some(backoff)),
@@ -446,25 +531,35 @@ async fn push_due(
             messages,
             carrier_id: shared.carrier_id.to_string(),
         };
-        let mut by_channel: HashMap<&'static str, u64> = HashMap::new();
-        for message in &request.messages {
-            *by_channel
-                .entry(common::Channel::short_name_of(message.channel))
-                .or_default() += 1;
-        }
+        let counted = pushed_by_channel(&request);
         down.send(request)
             .await
             .map_err(|_| anyhow::anyhow!("terminal stream closed"))?;
         shared.store.mark_pushed(&slots).await?;
         pushed = true;
-        for (channel, count) in by_channel {
-            shared.metrics.pushed.add(&[("channel", channel)], count);
-        }
+        count_pushed(shared, counted);
         if drained {
             break;
         }
     }
     Ok(pushed)
+}
+
+/// How many messages of `request` go on each channel.
+fn pushed_by_channel(request: &pb::PushRequest) -> HashMap<&'static str, u64> {
+    let mut by_channel: HashMap<&'static str, u64> = HashMap::new();
+    for message in &request.messages {
+        *by_channel
+            .entry(common::Channel::short_name_of(message.channel))
+            .or_default() += 1;
+    }
+    by_channel
+}
+
+fn count_pushed(shared: &Shared, by_channel: HashMap<&'static str, u64>) {
+    for (channel, count) in by_channel {
+        shared.metrics.pushed.add(&[("channel", channel)], count);
+    }
 }
 
 /// Each delivery through its channel's adapter: the pushed messages and

@@ -260,14 +260,18 @@ pub(super) fn split_replies(stored: &str) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::model::{
         CHANNEL_SMS, MessageDeliveries, ReceiptKind, Recipient, Subscriber, TerminalEvent,
         TerminalEventKind,
     };
 
-    fn record(message_id: &str, ids: std::ops::Range<u64>, priority: bool) -> MessageDeliveries {
+    pub(in crate::storage) fn record(
+        message_id: &str,
+        ids: std::ops::Range<u64>,
+        priority: bool,
+    ) -> MessageDeliveries {
         MessageDeliveries {
             message_id: message_id.into(),
             text: "hi".into(),
@@ -290,7 +294,7 @@ mod tests {
         }
     }
 
-    async fn store_with_terminals(dir: &tempfile::TempDir) -> Store {
+    pub(in crate::storage) async fn store_with_terminals(dir: &tempfile::TempDir) -> Store {
         let store = Store::connect(&Store::sqlite_url_in(dir.path()))
             .await
             .unwrap();

@@ -118,7 +118,7 @@ pub(super) async fn latency(messages: usize, backend: Backend) -> anyhow::Result
         tokio::task::spawn_blocking(move || integration_tests::latency::fsync_probe(&dir, 500))
             .await??;
     println!(
-        "  fsync on this disk (4 KiB write + fdatasync, 500 times, in {}): ms p50 {:.2} p99 {:.2} max {:.2}; the path waits for two (relay commit, carrier commit)",
+        "  fsync on this disk (4 KiB write + fdatasync, 500 times, in {}): ms p50 {:.2} p99 {:.2} max {:.2}; the path waits for one (the relay's commit: the carrier pushes while it commits)",
         std::env::temp_dir().display(),
         fsync.value_at_quantile(0.5) as f64 / 1000.0,
         fsync.value_at_quantile(0.99) as f64 / 1000.0,
