@@ -393,4 +393,58 @@ mod tests {
         );
         store.close().await;
     }
+
+    /// A carrier that dies after pushing at once but before its commit
+    /// has stored and acked nothing: the relay's resend of the batch is
+    /// new to it, and its recipients are offered to push again (the
+    /// terminal drops the duplicate).
+    #[tokio::test]
+    async fn a_batch_pushed_but_never_committed_is_accepted_and_pushed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_terminals(&dir).await;
+        let offered = |pushable: PushableNow| -> Vec<Slot> {
+            pushable
+                .into_iter()
+                .flat_map(|(_, due)| due.into_iter().map(|outgoing| outgoing.slot))
+                .collect()
+        };
+
+        let (pushed, crash) = tokio::sync::oneshot::channel::<()>();
+        let mut pushed = Some(pushed);
+        let accepting = store.accept_batch_pushing(
+            vec![record("urgent", 1..3, true)],
+            10,
+            ChannelSet::EMPTY,
+            |pushable| {
+                let slots = offered(pushable);
+                assert_eq!(slots.len(), 2);
+                pushed.take().unwrap().send(()).unwrap();
+                slots
+            },
+        );
+        tokio::select! {
+            biased;
+            // The process dies right after the push, before the commit.
+            _ = crash => {}
+            accepted = accepting => panic!("committed before the crash: {accepted:?}"),
+        }
+
+        let again = store
+            .accept_batch_pushing(
+                vec![record("urgent", 1..3, true)],
+                20,
+                ChannelSet::EMPTY,
+                offered,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            again,
+            Accepted {
+                fresh: 2,
+                pushed: 2
+            }
+        );
+        store.close().await;
+    }
 }
