@@ -457,6 +457,60 @@ mod tests {
         next.await.unwrap().unwrap();
     }
 
+    /// Members of one group each undo only their own work: a member
+    /// refused between two that succeed takes neither's rows with it.
+    #[tokio::test]
+    async fn a_refused_member_undoes_only_its_own_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("group.db").display()
+        );
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect(&url)
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE t (name TEXT PRIMARY KEY)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let groups = Arc::new(Groups::<sqlx::Sqlite>::taking_turns(None));
+        let insert =
+            |name: &'static str| sqlx::query("INSERT INTO t (name) VALUES ($1)").bind(name);
+
+        let mut opener = groups.accepts.join(&pool).await.unwrap();
+        insert("first").execute(&mut *opener).await.unwrap();
+        let member = |name: &'static str, refused: bool| {
+            let (groups, pool) = (groups.clone(), pool.clone());
+            tokio::spawn(async move {
+                let mut member = groups.accepts.join(&pool).await.unwrap();
+                insert(name).execute(&mut *member).await.unwrap();
+                if refused {
+                    member.roll_back().await
+                } else {
+                    member.commit().await
+                }
+            })
+        };
+        let mut refused = member("refused", true);
+        assert!(
+            still_waiting(&mut refused).await,
+            "queued behind the opener"
+        );
+        let mut last = member("last", false);
+        assert!(still_waiting(&mut last).await, "queued behind the refused");
+        opener.commit().await.unwrap();
+        refused.await.unwrap().unwrap();
+        last.await.unwrap().unwrap();
+
+        let names: Vec<String> = sqlx::query_scalar("SELECT name FROM t ORDER BY name")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(names, ["first", "last"]);
+    }
+
     /// A writer that takes the turn and holds it until told to let go.
     fn holder(
         groups: &Arc<Groups<sqlx::Sqlite>>,
