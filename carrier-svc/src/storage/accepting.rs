@@ -141,23 +141,27 @@ impl Store {
         let (priority, bulk): (Vec<_>, Vec<_>) = records.into_iter().partition(|r| r.priority);
         let mut accepted = Accepted::default();
         if !priority.is_empty() {
-            let pushing = Pushing { gateways, push };
-            accepted = self.accept_lane(true, priority, now, Some(pushing)).await?;
+            let push_now = |records: &[MessageDeliveries], openings: &[Opening]| {
+                push(self.pushable_now(records, openings, gateways, now))
+            };
+            accepted = self.accept_lane(true, priority, now, push_now).await?;
         }
         if !bulk.is_empty() {
-            let none: Option<Pushing<NoPush>> = None;
-            accepted.fresh += self.accept_lane(false, bulk, now, none).await?.fresh;
+            let nothing = |_: &[MessageDeliveries], _: &[Opening]| Vec::new();
+            accepted.fresh += self.accept_lane(false, bulk, now, nothing).await?.fresh;
         }
         Ok(accepted)
     }
 
-    /// [`Store::accept_batch_pushing`] for records all of one lane.
-    async fn accept_lane<F: FnOnce(PushableNow) -> Vec<Slot>>(
+    /// [`Store::accept_batch_pushing`] for records all of one lane:
+    /// `push_now` is called with the new records and their openings once
+    /// the write turn is taken, and returns the slots it pushed.
+    async fn accept_lane(
         &self,
         priority: bool,
         mut records: Vec<MessageDeliveries>,
         now: i64,
-        pushing: Option<Pushing<F>>,
+        push_now: impl FnOnce(&[MessageDeliveries], &[Opening]) -> Vec<Slot>,
     ) -> Result<Accepted> {
         // Held across the commit: the check and the insert are one step.
         let mut seen = self.seen.of(priority).lock().await;
@@ -173,12 +177,7 @@ impl Store {
         }
         let openings = Opening::of_each(&records, now);
         let (mut tx, _turn) = self.begin_write_ahead(priority).await?;
-        let pushed = match pushing {
-            Some(Pushing { gateways, push }) => {
-                push(self.pushable_now(&records, &openings, gateways, now))
-            }
-            None => Vec::new(),
-        };
+        let pushed = push_now(&records, &openings);
         insert_rows(&mut tx, &records, &openings, &pushed, now).await?;
         tx.commit().await?;
         seen.extend(in_batch.iter().copied());
@@ -233,16 +232,6 @@ impl Store {
         }
         by_endpoint.into_iter().collect()
     }
-}
-
-/// A bulk batch pushes nothing at once.
-type NoPush = fn(PushableNow) -> Vec<Slot>;
-
-/// What pushes a priority batch's recipients at once, and the channels it
-/// must leave to the gateways.
-struct Pushing<F> {
-    gateways: ChannelSet,
-    push: F,
 }
 
 /// Inserts one batch row per record with its `openings`: every recipient
