@@ -244,17 +244,13 @@ pub(super) async fn insert_rows(
     pushed: &[Slot],
     now: i64,
 ) -> Result<()> {
-    let states: Vec<Vec<u8>> = records
+    let mut states: Vec<Vec<u8>> = records
         .iter()
-        .enumerate()
-        .map(|(row, record)| {
-            let mut states = vec![State::Held as u8; record.recipients.len()];
-            for slot in pushed.iter().filter(|s| s.row == row as i64) {
-                states[slot.index as usize] = State::Pushed as u8;
-            }
-            states
-        })
+        .map(|record| vec![State::Held as u8; record.recipients.len()])
         .collect();
+    for slot in pushed {
+        states[slot.row as usize][slot.index as usize] = State::Pushed as u8;
+    }
     let rows: Vec<(&MessageDeliveries, &Opening, &Vec<u8>)> = records
         .iter()
         .zip(openings)
