@@ -8,7 +8,7 @@ use integration_tests::{Backend, backend_tests, store};
 use relay_svc::policy::{AttentionConfig, Policy, Priority, Timing};
 use relay_svc::receipts::{CountReport, EventKind, MessageCount, Receipt};
 use relay_svc::registry::{Contract, NewRegistration, Profile};
-use relay_svc::storage::{Expansion, MessageCounts, Store};
+use relay_svc::storage::{Expansion, Lane, MessageCounts, Store};
 use relay_svc::targeting::{Content, MessageState, NewMessage, Target};
 
 fn receipt(message_id: &str, user_id: &str, kind: EventKind) -> Receipt {
@@ -673,6 +673,78 @@ async fn concurrent_accepts_keep_their_own_outcomes(backend: Backend) {
 /// A targeted message's refs are resolved inside its attempts' insert: a
 /// registered person without a contract is matched by nobody and the
 /// message accepted; an unregistered ref is named, and nothing is stored.
+/// A carrier's receipts that overtake its acknowledgement (it pushes while
+/// it commits) add the handed-over events the mark of that acknowledgement
+/// adds too, in another transaction at the same time: each person is
+/// counted once, and neither fails. (Both insert in key order; on
+/// PostgreSQL the bench's load made the two deadlock when one went in id
+/// order and the other in the receipts' order. This race alone did not.)
+async fn a_mark_and_receipts_racing_count_each_person_once(backend: Backend) {
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
+    let store = &fixture.store;
+    seed_registry(store).await;
+    let users: Vec<String> = (0..500).map(|i| format!("p{i:03}")).collect();
+    let contracts: Vec<Contract> = users
+        .iter()
+        .map(|user| Contract {
+            user_id: user.clone(),
+            primary: true,
+            active: true,
+        })
+        .collect();
+    store.upsert_contracts("c1", &contracts, 0).await.unwrap();
+    let registrations: Vec<NewRegistration> = users
+        .iter()
+        .map(|user| NewRegistration {
+            user_id: user.clone(),
+            enterprise_id: "ent_1".into(),
+            service_id: None,
+            profile: Profile::default(),
+            text_version: "v1".into(),
+        })
+        .collect();
+    let refs = store.register_users("c1", &registrations, 0).await.unwrap();
+    let attention = AttentionConfig::default();
+    for round in 0..8 {
+        let message_id = format!("msg_race_{round}");
+        let mut new = to_refs(refs.clone(), false);
+        new.idempotency_key = message_id.clone();
+        store
+            .accept_message("ent_1", &message_id, &new, 0, 10_000, &attention)
+            .await
+            .unwrap();
+        let ids: Vec<i64> = store
+            .due_deliveries("c1", 0, 0, 5_000)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|d| d.message_id == message_id)
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(ids.len(), users.len());
+        // The receipts in the opposite order to the deliveries' ids.
+        let receipts: Vec<Receipt> = users
+            .iter()
+            .rev()
+            .map(|user| receipt(&message_id, user, EventKind::Delivered))
+            .collect();
+        let (marked, recorded) = tokio::join!(
+            store.mark_handed_over_in(Lane::Priority, &ids, 5),
+            store.record_receipts("c1", &receipts, 6),
+        );
+        marked.unwrap();
+        recorded.unwrap();
+        let counts = store.message_counts(&message_id).await.unwrap();
+        assert_eq!(
+            (counts.handed_over, counts.delivered),
+            (500, 500),
+            "{message_id}"
+        );
+    }
+}
+
 async fn refs_without_contracts_are_accepted_and_unknown_refs_named(backend: Backend) {
     let Some(fixture) = store(backend).await else {
         return;
@@ -948,6 +1020,7 @@ backend_tests!(
     the_statistics_of_deliveries_follow_a_growing_campaign,
     a_campaign_expanded_in_steps_plans_everyone_once,
     concurrent_accepts_keep_their_own_outcomes,
+    a_mark_and_receipts_racing_count_each_person_once,
     refs_without_contracts_are_accepted_and_unknown_refs_named,
     a_read_and_its_delivery_in_one_batch_keep_the_delivery_time,
     a_rising_open_rate_restores_the_cap,

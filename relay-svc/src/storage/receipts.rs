@@ -243,28 +243,37 @@ fn event_rows(receipts: &[Receipt]) -> Vec<(&Receipt, EventKind)> {
     // delivery, but when the delivery's own receipt is in the same batch
     // its time is the delivery's, not the read's. (Left to the database,
     // which duplicate wins depends on the join order the planner picks.)
-    let mut earliest: HashMap<(&str, &str, EventKind), (usize, &Receipt)> = HashMap::new();
-    for (index, receipt) in receipts.iter().enumerate() {
+    let mut earliest: HashMap<(&str, &str, EventKind), &Receipt> = HashMap::new();
+    for receipt in receipts {
         for kind in receipt.kind.implied() {
             earliest
                 .entry((&receipt.message_id, &receipt.user_id, *kind))
                 .and_modify(|kept| {
-                    if receipt.at < kept.1.at {
-                        *kept = (index, receipt);
+                    if receipt.at < kept.at {
+                        *kept = receipt;
                     }
                 })
-                .or_insert((index, receipt));
+                .or_insert(receipt);
         }
     }
-    let mut rows: Vec<(usize, &Receipt, EventKind)> = earliest
+    let mut rows: Vec<(&Receipt, EventKind)> = earliest
         .into_iter()
-        .map(|((_, _, kind), (index, receipt))| (index, receipt, kind))
+        .map(|((_, _, kind), receipt)| (receipt, kind))
         .collect();
-    // In receipt order, as the carrier sent them.
-    rows.sort_by_key(|(index, _, kind)| (*index, kind.number()));
-    rows.into_iter()
-        .map(|(_, receipt, kind)| (receipt, kind))
-        .collect()
+    // In key order, as the hand-over's mark inserts its events
+    // (`transfer.rs`): on PostgreSQL two transactions inserting the same
+    // keys in different orders each wait for the other's, a deadlock found
+    // only after `deadlock_timeout` (1 s), and one of them is rolled back.
+    // A receipt that overtakes its acknowledgement (the carrier pushes
+    // while it commits) adds the handed-over event the mark adds too.
+    rows.sort_by(|(a, a_kind), (b, b_kind)| {
+        (&a.message_id, &a.user_id, a_kind.number()).cmp(&(
+            &b.message_id,
+            &b.user_id,
+            b_kind.number(),
+        ))
+    });
+    rows
 }
 
 /// The handed-over event's number, spliced into the receipts' insert.

@@ -307,6 +307,7 @@ impl Store {
              SELECT d.message_id, d.user_id, $1, $2, d.carrier_id, d.channel, ''
              FROM deliveries d
              WHERE {}
+             ORDER BY d.message_id, d.user_id
              ON CONFLICT DO NOTHING",
             self.in_id_list("d.id", 3)
         );
