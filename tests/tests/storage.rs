@@ -5,11 +5,11 @@
 
 use chukei_proto::window::Window;
 use integration_tests::{Backend, backend_tests, store};
-use relay_svc::policy::{AttentionConfig, Policy, Priority, Timing};
+use relay_svc::policy::{AttentionConfig, Policy, PolicyKind, Priority, Timing};
 use relay_svc::receipts::{CountReport, EventKind, MessageCount, Receipt};
 use relay_svc::registry::{Contract, NewRegistration, Profile};
 use relay_svc::storage::{Expansion, Lane, MessageCounts, Store};
-use relay_svc::targeting::{Content, MessageState, NewMessage, Target};
+use relay_svc::targeting::{Channel, Content, MessageState, NewMessage, Target};
 
 fn receipt(message_id: &str, user_id: &str, kind: EventKind) -> Receipt {
     Receipt {
@@ -673,6 +673,101 @@ async fn concurrent_accepts_keep_their_own_outcomes(backend: Backend) {
 /// A targeted message's refs are resolved inside its attempts' insert: a
 /// registered person without a contract is matched by nobody and the
 /// message accepted; an unregistered ref is named, and nothing is stored.
+/// Targeted messages accepted together (a batch, `accept_batch.rs`) are
+/// each planned as if accepted alone: every carrier or the primary, one row
+/// per channel, a ref named twice reached once, a window that opens later
+/// held, the message stored expanded with its own count.
+async fn concurrent_targeted_accepts_are_each_planned_as_alone(backend: Backend) {
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
+    let store = &fixture.store;
+    let refs = seed_registry(store).await;
+    let attention = AttentionConfig::default();
+    let now = DAY0;
+    let later = Window::absolute(now + HOUR, now + 2 * HOUR).unwrap();
+    // (message, matched, rows, rows on c2, rows held, channels)
+    let kind = |i: usize| -> (NewMessage, i64, i64, i64, i64, i64) {
+        let (u1, u2) = (refs[0].clone(), refs[1].clone());
+        match i % 4 {
+            0 => {
+                let mut new = to_refs(vec![u1.clone(), u2, u1], true);
+                new.idempotency_key = format!("k{i}");
+                (new, 2, 3, 1, 0, 1)
+            }
+            1 => {
+                let mut new = message(&format!("k{i}"), Target::Refs(vec![u1, u2]), None);
+                new.policy = Policy {
+                    kind: PolicyKind::Multi,
+                    channels: vec![Channel::Sms, Channel::Email],
+                    ..Policy::fixed(None)
+                };
+                (new, 2, 4, 0, 0, 2)
+            }
+            2 => (
+                message(
+                    &format!("k{i}"),
+                    Target::Refs(vec![u2]),
+                    Some(later.clone()),
+                ),
+                1,
+                1,
+                0,
+                1,
+                1,
+            ),
+            _ => (
+                message(&format!("k{i}"), Target::Refs(vec![u1]), None),
+                1,
+                1,
+                0,
+                0,
+                1,
+            ),
+        }
+    };
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..48 {
+        let (store, (new, ..)) = (store.clone(), kind(i));
+        calls.spawn(async move {
+            store
+                .accept_message(
+                    "ent_1",
+                    &format!("msg_{i}"),
+                    &new,
+                    now,
+                    now + 3 * HOUR,
+                    &attention,
+                )
+                .await
+        });
+    }
+    while let Some(joined) = calls.join_next().await {
+        joined.unwrap().unwrap();
+    }
+    let count = |sql: &'static str, id: String| async move {
+        integration_tests::sql_scalar(store, sql, &id).await
+    };
+    for i in 0..48 {
+        let (_, matched, rows, on_c2, held, channels) = kind(i);
+        let id = format!("msg_{i}");
+        let row = store.message("ent_1", &id).await.unwrap().unwrap();
+        assert_eq!(
+            (row.state, row.matched),
+            (MessageState::Expanded, Some(matched as u64)),
+            "{id}"
+        );
+        let found = (
+            count("SELECT COUNT(*) FROM deliveries WHERE message_id = $1", id.clone()).await,
+            count("SELECT COUNT(*) FROM deliveries WHERE message_id = $1 AND carrier_id = 'c2'", id.clone()).await,
+            count("SELECT COUNT(*) FROM deliveries WHERE message_id = $1 AND state = 6", id.clone()).await,
+            count("SELECT COUNT(DISTINCT channel) FROM deliveries WHERE message_id = $1", id.clone()).await,
+            count("SELECT COUNT(*) FROM deliveries WHERE message_id = $1 AND lane = 0 AND attempt = 0", id.clone()).await,
+        );
+        assert_eq!(found, (rows, on_c2, held, channels, rows), "{id}");
+    }
+}
+
 /// A carrier's receipts that overtake its acknowledgement (it pushes while
 /// it commits) add the handed-over events the mark of that acknowledgement
 /// adds too, in another transaction at the same time: each person is
@@ -1020,6 +1115,7 @@ backend_tests!(
     the_statistics_of_deliveries_follow_a_growing_campaign,
     a_campaign_expanded_in_steps_plans_everyone_once,
     concurrent_accepts_keep_their_own_outcomes,
+    concurrent_targeted_accepts_are_each_planned_as_alone,
     a_mark_and_receipts_racing_count_each_person_once,
     refs_without_contracts_are_accepted_and_unknown_refs_named,
     a_read_and_its_delivery_in_one_batch_keep_the_delivery_time,

@@ -2,6 +2,7 @@
 //! of the follow-up it carries.
 
 use chukei_proto::window::Window;
+use const_format::formatcp;
 
 use super::audience::StoredTarget;
 use super::planning::{MessagePlan, Sql};
@@ -29,8 +30,35 @@ pub(super) fn insert_message(
     Sql::insert_computed(
         "messages",
         columns,
-        &[("price_table", "(SELECT MAX(id) FROM price_tables)")],
+        &[("price_table", formatcp!("({PRICE_TABLE_IN_FORCE})"))],
     )
+}
+
+/// The price table in force, which a new message keeps.
+pub(super) const PRICE_TABLE_IN_FORCE: &str = "SELECT MAX(id) FROM price_tables";
+
+/// The columns of a targeted message accepted already expanded: `matched`
+/// people planned in the same transaction, no bid (`accept_batch.rs`).
+pub(super) fn expanded_message_columns(
+    message_id: &str,
+    fingerprint: &str,
+    message: &NewMessage,
+    plan: &MessagePlan,
+    description: &str,
+    matched: u64,
+) -> Vec<(&'static str, Param)> {
+    let mut columns = target_columns(message_id, fingerprint, message, plan, None, None);
+    columns.extend(content_columns(message));
+    columns.extend(plan_columns(plan, description));
+    columns.push(("bid_id", Param::OptText(None)));
+    for (column, value) in &mut columns {
+        match *column {
+            "state" => *value = Param::Int(MessageState::Expanded as i64),
+            "matched" => *value = Param::OptInt(Some(matched as i64)),
+            _ => {}
+        }
+    }
+    columns
 }
 
 /// Whose message it is and whom it is for.

@@ -55,21 +55,21 @@ const ALL_CHANNELS: [Channel; 4] = [Channel::Rcs, Channel::Sms, Channel::Email, 
 /// One message being accepted: the request and everything decided before
 /// its transaction opens.
 pub(super) struct Acceptance<'a> {
-    enterprise_id: &'a str,
-    message_id: &'a str,
-    message: &'a NewMessage,
-    fingerprint: &'a str,
-    terms: &'a Terms,
-    plan: MessagePlan,
+    pub(super) enterprise_id: &'a str,
+    pub(super) message_id: &'a str,
+    pub(super) message: &'a NewMessage,
+    pub(super) fingerprint: &'a str,
+    pub(super) terms: &'a Terms,
+    pub(super) plan: MessagePlan,
     /// The plan in words.
-    description: String,
+    pub(super) description: String,
     /// For `best`: what draws each person's channel.
-    bandit: Option<ChannelBandit>,
-    now: i64,
-    attention: &'a AttentionConfig,
-    min_cohort: u64,
+    pub(super) bandit: Option<ChannelBandit>,
+    pub(super) now: i64,
+    pub(super) attention: &'a AttentionConfig,
+    pub(super) min_cohort: u64,
     /// Some enterprise has a webhook endpoint: the message's own events are written.
-    webhooks_listening: bool,
+    pub(super) webhooks_listening: bool,
 }
 
 impl Acceptance<'_> {
@@ -163,16 +163,10 @@ impl Store {
             min_cohort,
             webhooks_listening: self.webhooks_listening(),
         };
-        // Concurrent calls share one transaction and one commit (`group.rs`).
-        let accepted = on_pool!(self, pool, groups => {
-            let mut tx = groups.accepts.join(pool).await?;
-            let accepted = tx.accept(self, &acceptance).await?;
-            match accepted {
-                Accepted::Stored { .. } => tx.commit().await?,
-                Accepted::KeyTaken => tx.roll_back().await?,
-            }
-            accepted
-        });
+        let accepted = match self.accept_in_batch(&acceptance).await {
+            Some(accepted) => accepted,
+            None => self.accept_on_its_own(&acceptance).await?,
+        };
         let matched = match accepted {
             Accepted::Stored { matched } => matched,
             Accepted::KeyTaken => {
@@ -204,6 +198,20 @@ impl Store {
             },
             created: true,
         })
+    }
+
+    /// Accepts `a` in a member of its own in the accepts' group: concurrent
+    /// calls share one transaction and one commit (`group.rs`).
+    async fn accept_on_its_own(&self, a: &Acceptance<'_>) -> Result<Accepted> {
+        Ok(on_pool!(self, pool, groups => {
+            let mut tx = groups.accepts.join(pool).await?;
+            let accepted = tx.accept(self, a).await?;
+            match accepted {
+                Accepted::Stored { .. } => tx.commit().await?,
+                Accepted::KeyTaken => tx.roll_back().await?,
+            }
+            accepted
+        }))
     }
 
     /// The plan of a message about to be accepted, in words too, and for

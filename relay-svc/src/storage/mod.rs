@@ -18,6 +18,7 @@
 //! settings (`synchronous=FULL` on SQLite, `synchronous_commit=on` on
 //! PostgreSQL) and must never call out to the network inside a transaction.
 
+mod accept_batch;
 mod auction;
 mod audience;
 pub(crate) mod audit;

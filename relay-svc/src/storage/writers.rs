@@ -22,6 +22,8 @@ use super::write_turn::{Held, Turn, module_of};
 pub struct Groups<DB: Database> {
     pub(crate) accepts: Arc<Group<DB>>,
     pub(crate) deliveries: Arc<Group<DB>>,
+    /// Targeted messages waiting to be accepted in a batch (`accept_batch.rs`).
+    pub(crate) batches: super::accept_batch::AcceptQueue,
     /// Whether some enterprise has an enabled webhook endpoint, as last
     /// looked up (`Store::refresh_webhooks_listening`).
     pub(crate) webhooks_listening: std::sync::atomic::AtomicBool,
@@ -53,6 +55,7 @@ impl<DB: Database> Groups<DB> {
                 "deliveries",
                 writer.clone(),
             )),
+            batches: Default::default(),
             webhooks_listening: Default::default(),
             keys: Default::default(),
             turn: Some(turn),
@@ -65,6 +68,7 @@ impl<DB: Database> Groups<DB> {
         Self {
             accepts: Arc::default(),
             deliveries: Arc::default(),
+            batches: Default::default(),
             webhooks_listening: Default::default(),
             keys: Default::default(),
             turn: None,
