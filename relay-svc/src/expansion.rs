@@ -1,7 +1,7 @@
 //! The campaign expander: turns accepted messages with large targets (all
 //! registered, a service, a segment) into deliveries after `SendMessage` has
 //! answered. A campaign is expanded in steps of `--expansion-step`
-//! registrations ([`EXPANSION_CHUNK`] by default; a quarter of that while
+//! registrations ([`EXPANSION_CHUNK`] by default; an eighth of that while
 //! targeted messages are being accepted, `Store::bulk_slice`), each one
 //! transaction that moves the message's cursor, so a
 //! crash mid-way leaves the message `Accepted` with its cursor and its

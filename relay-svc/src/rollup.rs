@@ -22,7 +22,7 @@ use crate::storage::Store;
 /// of 10,000 events held it 100–250 ms under a broadcast (the write turn's
 /// metric); 2,000 hold it a fifth of that for ~10 % of the fold's rate
 /// (`docs/benchmarks.md`). While targeted messages are being accepted a
-/// batch is a quarter of that (`Store::bulk_slice`).
+/// batch is an eighth of that (`Store::bulk_slice`).
 pub const BATCH: u32 = 2_000;
 
 /// The longest the worker yields to a busy delivery path.
