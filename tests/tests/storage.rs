@@ -670,9 +670,6 @@ async fn concurrent_accepts_keep_their_own_outcomes(backend: Backend) {
     fixture.close().await;
 }
 
-/// A targeted message's refs are resolved inside its attempts' insert: a
-/// registered person without a contract is matched by nobody and the
-/// message accepted; an unregistered ref is named, and nothing is stored.
 /// Targeted messages accepted together (a batch, `accept_batch.rs`) are
 /// each planned as if accepted alone: every carrier or the primary, one row
 /// per channel, a ref named twice reached once, a window that opens later
@@ -766,6 +763,7 @@ async fn concurrent_targeted_accepts_are_each_planned_as_alone(backend: Backend)
         );
         assert_eq!(found, (rows, on_c2, held, channels, rows), "{id}");
     }
+    fixture.close().await;
 }
 
 /// A carrier's receipts that overtake its acknowledgement (it pushes while
@@ -838,8 +836,12 @@ async fn a_mark_and_receipts_racing_count_each_person_once(backend: Backend) {
             "{message_id}"
         );
     }
+    fixture.close().await;
 }
 
+/// A targeted message's refs are resolved inside its attempts' insert: a
+/// registered person without a contract is matched by nobody and the
+/// message accepted; an unregistered ref is named, and nothing is stored.
 async fn refs_without_contracts_are_accepted_and_unknown_refs_named(backend: Backend) {
     let Some(fixture) = store(backend).await else {
         return;
