@@ -202,7 +202,7 @@ impl Relay {
         };
         let slots = self
             .store
-            .slots_overlapping(&channels, now, expires_at)
+            .slots_for_send(&channels, now, expires_at)
             .await?;
         if slots.is_empty() {
             return Ok(Terms::default());

@@ -160,6 +160,7 @@ impl Store {
             tx.commit().await?;
             Ok::<(), Error>(())
         })?;
+        on_pool!(self, _pool, groups => groups.slots.forget());
         Ok(SlotRow {
             slot_id: slot_id.to_owned(),
             slot: slot.clone(),
@@ -168,6 +169,32 @@ impl Store {
             awarded: 0,
             clearing_price: None,
         })
+    }
+
+    /// The slots of any of `channels` (none: every channel) that a message
+    /// going at `now` and expiring at `until` may meet — not ended at `now`,
+    /// starting before `until` — by start, from the slots read lately
+    /// (`slot_cache.rs`).
+    pub async fn slots_for_send(
+        &self,
+        channels: &[Channel],
+        now: i64,
+        until: i64,
+    ) -> Result<Vec<SlotRow>> {
+        let cached = on_pool!(self, _pool, groups => groups.slots.get(now));
+        let slots = match cached {
+            Ok(slots) => slots,
+            Err(generation) => {
+                let read = self.slots_overlapping(&[], now, i64::MAX).await?;
+                on_pool!(self, _pool, groups => groups.slots.keep(generation, now, read))
+            }
+        };
+        Ok(slots
+            .iter()
+            .filter(|s| s.slot.starts_at < until && s.slot.ends_at > now)
+            .filter(|s| channels.is_empty() || channels.contains(&s.slot.channel))
+            .cloned()
+            .collect())
     }
 
     /// Slots of any of `channels` (none: every channel) whose window

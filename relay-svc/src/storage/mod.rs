@@ -36,6 +36,7 @@ pub(crate) mod pricing;
 mod receipts;
 mod registry;
 mod registry_steps;
+mod slot_cache;
 pub(crate) mod states;
 pub(crate) mod stats;
 mod tenants;
@@ -72,6 +73,7 @@ use crate::error::Result;
 use crate::receipts::MessageEventKind;
 pub use group::Group;
 pub use key_cache::KEY_CACHE_TTL;
+pub use slot_cache::SLOT_CACHE_TTL;
 pub use writers::Groups;
 
 /// Rows per multi-row statement: well under SQLite's 32,766 and PostgreSQL's

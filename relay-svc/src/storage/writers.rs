@@ -29,6 +29,8 @@ pub struct Groups<DB: Database> {
     pub(crate) webhooks_listening: std::sync::atomic::AtomicBool,
     /// API keys looked up lately (`key_cache.rs`).
     pub(crate) keys: super::key_cache::KeyCache,
+    /// The auction slots not yet ended, read lately (`slot_cache.rs`).
+    pub(crate) slots: super::slot_cache::SlotCache,
     /// On SQLite, the write turn every write transaction takes, the groups'
     /// included; `None` on PostgreSQL, whose writers do not exclude each other.
     turn: Option<Arc<Turn>>,
@@ -58,6 +60,7 @@ impl<DB: Database> Groups<DB> {
             batches: Default::default(),
             webhooks_listening: Default::default(),
             keys: Default::default(),
+            slots: Default::default(),
             turn: Some(turn),
             writer,
         }
@@ -71,6 +74,7 @@ impl<DB: Database> Groups<DB> {
             batches: Default::default(),
             webhooks_listening: Default::default(),
             keys: Default::default(),
+            slots: Default::default(),
             turn: None,
             writer: None,
         }
