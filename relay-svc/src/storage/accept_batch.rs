@@ -27,7 +27,7 @@ use super::messages::{Acceptance, Accepted};
 use super::planning::{self, ChannelChoice, MessagePlan, PlanSteps};
 use super::states::{PENDING, WAITING};
 use super::transfer::EVERYONE_HANDED_OVER;
-use super::{CountSteps, Lane, Param, Store, on_pool, transaction_steps};
+use super::{CountSteps, Lane, Param, Store, on_pool, stored_window_close, transaction_steps};
 use crate::error::Result;
 use crate::policy::AttentionConfig;
 use crate::receipts::MessageEventKind;
@@ -66,9 +66,13 @@ pub(super) struct Job {
     pub plan: MessagePlan,
     pub description: String,
     pub now: i64,
+    /// The first attempts' channels (stored numbers), one row each per recipient.
+    channels: Vec<i64>,
+    /// When the first attempts may go, and when a held window closes on them.
+    timing: (i64, i64),
     pub attention: AttentionConfig,
     pub webhooks_listening: bool,
-    answer: Option<oneshot::Sender<Batched>>,
+    answer: oneshot::Sender<Batched>,
 }
 
 /// What a batch did with a message.
@@ -83,32 +87,41 @@ pub(super) enum Batched {
 }
 
 impl Job {
-    /// A job for a message [`batchable`] allows, and where its
-    /// outcome will arrive.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn new(
-        message_id: &str,
-        fingerprint: &str,
-        message: &NewMessage,
-        plan: &MessagePlan,
-        description: &str,
-        now: i64,
-        attention: &AttentionConfig,
-        webhooks_listening: bool,
-    ) -> (Self, oneshot::Receiver<Batched>) {
+    /// A job for `a`, and where its outcome will arrive, when `a` may be
+    /// accepted in a batch: named refs, no winning bid, no follow-up, and
+    /// every first attempt's channel and time fixed by the plan (not drawn
+    /// or chosen per person).
+    fn of(a: &Acceptance<'_>) -> Option<(Self, oneshot::Receiver<Batched>)> {
+        let plain = matches!(a.message.target, Target::Refs(_))
+            && a.terms.bid_id.is_none()
+            && a.message.follow_up.is_none()
+            && a.plan.send_time.is_none()
+            && a.bandit.is_none();
+        if !plain {
+            return None;
+        }
+        let channels = planning::first_channels(&a.plan.policy, None)
+            .into_iter()
+            .map(|choice| match choice {
+                ChannelChoice::Fixed(channel) => Some(Channel::number(channel)),
+                ChannelChoice::MostUsed(_) => None,
+            })
+            .collect::<Option<Vec<i64>>>()?;
         let (answer, outcome) = oneshot::channel();
         let job = Self {
-            message_id: message_id.to_owned(),
-            fingerprint: fingerprint.to_owned(),
-            message: message.clone(),
-            plan: plan.clone(),
-            description: description.to_owned(),
-            now,
-            attention: *attention,
-            webhooks_listening,
-            answer: Some(answer),
+            message_id: a.message_id.to_owned(),
+            fingerprint: a.fingerprint.to_owned(),
+            message: a.message.clone(),
+            plan: a.plan.clone(),
+            description: a.description.clone(),
+            now: a.now,
+            channels,
+            timing: a.plan.timing(a.now).unwrap_or((a.now, a.now)),
+            attention: *a.attention,
+            webhooks_listening: a.webhooks_listening,
+            answer,
         };
-        (job, outcome)
+        Some((job, outcome))
     }
 
     fn refs(&self) -> &[String] {
@@ -117,31 +130,6 @@ impl Job {
             _ => &[],
         }
     }
-
-    /// The first attempts' channels, when every one is fixed by the plan.
-    fn fixed_channels(&self) -> Option<Vec<i64>> {
-        planning::first_channels(&self.plan.policy, None)
-            .into_iter()
-            .map(|choice| match choice {
-                ChannelChoice::Fixed(channel) => Some(Channel::number(channel)),
-                ChannelChoice::MostUsed(_) => None,
-            })
-            .collect()
-    }
-}
-
-/// Whether a message may be accepted in a batch: named refs, no winning
-/// bid, no follow-up, and every first attempt's channel and time fixed by
-/// the plan (not drawn or chosen per person).
-pub(super) fn batchable(message: &NewMessage, plan: &MessagePlan, drawn: bool) -> bool {
-    matches!(message.target, Target::Refs(_))
-        && message.follow_up.is_none()
-        && plan.send_time.is_none()
-        && plan.follow_up_id.is_none()
-        && !drawn
-        && planning::first_channels(&plan.policy, None)
-            .iter()
-            .all(|choice| matches!(choice, ChannelChoice::Fixed(_)))
 }
 
 /// The messages waiting for a batch, and whether a batch writer is running.
@@ -193,13 +181,11 @@ impl AcceptQueue {
 
 /// Answers each of `jobs` with its outcome (`OnItsOwn` for those without).
 pub(super) fn answer(jobs: Vec<Job>, outcomes: &[Batched]) {
-    for (index, mut job) in jobs.into_iter().enumerate() {
+    for (index, job) in jobs.into_iter().enumerate() {
         let outcome = outcomes.get(index).copied().unwrap_or(Batched::OnItsOwn);
-        if let Some(answer) = job.answer.take() {
-            // A caller that has gone away (a cancelled call) needs no answer:
-            // its message, if stored, is found by its key.
-            let _ = answer.send(outcome);
-        }
+        // A caller that has gone away (a cancelled call) needs no answer:
+        // its message, if stored, is found by its key.
+        let _ = job.answer.send(outcome);
     }
 }
 
@@ -209,19 +195,7 @@ impl Store {
     /// is running; `None` when it is to be accepted on its own (not such a
     /// message, a ref not registered, a batch that failed).
     pub(super) async fn accept_in_batch(&self, a: &Acceptance<'_>) -> Option<Accepted> {
-        if a.terms.bid_id.is_some() || !batchable(a.message, &a.plan, a.bandit.is_some()) {
-            return None;
-        }
-        let (job, outcome) = Job::new(
-            a.message_id,
-            a.fingerprint,
-            a.message,
-            &a.plan,
-            &a.description,
-            a.now,
-            a.attention,
-            a.webhooks_listening,
-        );
+        let (job, outcome) = Job::of(a)?;
         on_pool!(self, pool, groups => {
             if groups.batches.push(job) {
                 let (pool, groups) = (pool.clone(), groups.clone());
@@ -305,9 +279,9 @@ where
     query
 }
 
-/// Each ref's user and contracts (user, carrier, primary), per enterprise;
-/// a registered ref with no contract has none.
-type Resolved = HashMap<(String, String), Vec<(String, String, bool)>>;
+/// Per enterprise, each registered ref's contracts (user, carrier,
+/// primary); a registered ref with no contract has none.
+type Resolved = HashMap<String, HashMap<String, Vec<(String, String, bool)>>>;
 
 transaction_steps! {
     /// What a batch of targeted accepts does inside its (group's) transaction.
@@ -388,8 +362,9 @@ transaction_steps! {
                     query.push(")");
                     type Row = (String, Option<String>, Option<String>, Option<bool>);
                     let rows: Vec<Row> = query.build_query_as().fetch_all(&mut *self).await?;
+                    let of_enterprise = resolved.entry(enterprise_id.to_owned()).or_default();
                     for (user_ref, user_id, carrier_id, primary) in rows {
-                        let contracts = resolved.entry((enterprise_id.to_owned(), user_ref)).or_default();
+                        let contracts = of_enterprise.entry(user_ref).or_default();
                         if let (Some(user_id), Some(carrier_id)) = (user_id, carrier_id) {
                             contracts.push((user_id, carrier_id, primary.unwrap_or(false)));
                         }
@@ -404,10 +379,9 @@ transaction_steps! {
         async fn insert_first_attempts(&mut self, jobs: &[Job], recipients: &[Vec<(&str, &str)>]) -> Result<()> {
             let mut rows = Vec::new();
             for (job, recipients) in jobs.iter().zip(recipients) {
-                let Some(channels) = job.fixed_channels() else { continue };
-                let (not_before, window_close) = job.plan.timing(job.now).unwrap_or((job.now, job.now));
+                let (not_before, window_close) = job.timing;
                 let state = if not_before > job.now { WAITING } else { PENDING };
-                for channel in channels {
+                for &channel in &job.channels {
                     for (user_id, carrier_id) in recipients {
                         rows.push((job.message_id.as_str(), *user_id, *carrier_id, channel, state, not_before, window_close));
                     }
@@ -425,7 +399,7 @@ transaction_steps! {
                         .push_bind(0_i64)
                         .push_bind(*state)
                         .push_bind(*not_before)
-                        .push_bind((*window_close != i64::MAX).then_some(*window_close))
+                        .push_bind(stored_window_close(*window_close))
                         .push_bind("")
                         .push_bind(Lane::Priority as i64);
                 });
@@ -454,8 +428,7 @@ transaction_steps! {
                 }
             }
             for job in stored {
-                let at = job.plan.timing(job.now).map_or(job.now, |(not_before, _)| not_before);
-                let quiet = planning::open_quiet_periods(&job.message_id, at, job.now, &job.attention);
+                let quiet = planning::open_quiet_periods(&job.message_id, job.timing.0, job.now, &job.attention);
                 self.execute_all(&job.message_id, quiet).await?;
             }
             Ok(())
@@ -467,10 +440,11 @@ transaction_steps! {
 /// (the primary, or every one for all carriers) — or `None` when one of
 /// its refs is not registered with its enterprise.
 fn recipients_of<'a>(job: &Job, resolved: &'a Resolved) -> Option<Vec<(&'a str, &'a str)>> {
+    let registered = resolved.get(&job.plan.enterprise_id)?;
     let mut recipients = Vec::new();
     let mut seen = HashSet::new();
     for user_ref in job.refs() {
-        let contracts = resolved.get(&(job.plan.enterprise_id.clone(), user_ref.clone()))?;
+        let contracts = registered.get(user_ref)?;
         for (user_id, carrier_id, primary) in contracts {
             if (*primary || job.plan.all_carriers) && seen.insert((user_id, carrier_id)) {
                 recipients.push((user_id.as_str(), carrier_id.as_str()));

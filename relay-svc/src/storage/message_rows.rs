@@ -25,7 +25,11 @@ pub(super) fn insert_message(
 ) -> Sql {
     let mut columns = target_columns(message_id, fingerprint, message, plan, service_id, segment);
     columns.extend(content_columns(message));
-    columns.extend(plan_columns(plan, description));
+    columns.extend(plan_columns(
+        plan,
+        description,
+        (MessageState::Accepted, None),
+    ));
     columns.push(("bid_id", Param::OptText(bid_id.map(str::to_owned))));
     Sql::insert_computed(
         "messages",
@@ -49,15 +53,12 @@ pub(super) fn expanded_message_columns(
 ) -> Vec<(&'static str, Param)> {
     let mut columns = target_columns(message_id, fingerprint, message, plan, None, None);
     columns.extend(content_columns(message));
-    columns.extend(plan_columns(plan, description));
+    columns.extend(plan_columns(
+        plan,
+        description,
+        (MessageState::Expanded, Some(matched)),
+    ));
     columns.push(("bid_id", Param::OptText(None)));
-    for (column, value) in &mut columns {
-        match *column {
-            "state" => *value = Param::Int(MessageState::Expanded as i64),
-            "matched" => *value = Param::OptInt(Some(matched as i64)),
-            _ => {}
-        }
-    }
     columns
 }
 
@@ -115,8 +116,13 @@ fn content_columns(message: &NewMessage) -> Vec<(&'static str, Param)> {
     ]
 }
 
-/// How, when and at what priority it goes, and its state.
-fn plan_columns(plan: &MessagePlan, description: &str) -> Vec<(&'static str, Param)> {
+/// How, when and at what priority it goes, its state and the people it
+/// matched (`None` until it is expanded).
+fn plan_columns(
+    plan: &MessagePlan,
+    description: &str,
+    (state, matched): (MessageState, Option<u64>),
+) -> Vec<(&'static str, Param)> {
     let text = |value: &str| Param::Text(value.to_owned());
     vec![
         (
@@ -124,8 +130,8 @@ fn plan_columns(plan: &MessagePlan, description: &str) -> Vec<(&'static str, Par
             Param::Int(Channel::number(plan.policy.channels.first().copied())),
         ),
         ("all_carriers", Param::Bool(plan.all_carriers)),
-        ("state", Param::Int(MessageState::Accepted as i64)),
-        ("matched", Param::OptInt(None)),
+        ("state", Param::Int(state as i64)),
+        ("matched", Param::OptInt(matched.map(|m| m as i64))),
         ("accepted_at", Param::Int(plan.accepted_at)),
         ("reconciled_at", Param::Int(plan.accepted_at)),
         ("not_before", Param::Int(plan.accepted_at)),

@@ -55,7 +55,7 @@ const ALL_CHANNELS: [Channel; 4] = [Channel::Rcs, Channel::Sms, Channel::Email, 
 /// One message being accepted: the request and everything decided before
 /// its transaction opens.
 pub(super) struct Acceptance<'a> {
-    pub(super) enterprise_id: &'a str,
+    enterprise_id: &'a str,
     pub(super) message_id: &'a str,
     pub(super) message: &'a NewMessage,
     pub(super) fingerprint: &'a str,
@@ -67,7 +67,7 @@ pub(super) struct Acceptance<'a> {
     pub(super) bandit: Option<ChannelBandit>,
     pub(super) now: i64,
     pub(super) attention: &'a AttentionConfig,
-    pub(super) min_cohort: u64,
+    min_cohort: u64,
     /// Some enterprise has a webhook endpoint: the message's own events are written.
     pub(super) webhooks_listening: bool,
 }

@@ -566,10 +566,15 @@ pub(crate) enum Param {
 }
 
 impl Param {
-    /// A held window's closing time: `i64::MAX` (no window) is stored as NULL.
+    /// A held window's closing time, as [`stored_window_close`].
     pub(crate) fn window_close(close: i64) -> Self {
-        Self::OptInt((close != i64::MAX).then_some(close))
+        Self::OptInt(stored_window_close(close))
     }
+}
+
+/// A held window's closing time as stored: `i64::MAX` (no window) is NULL.
+pub(crate) fn stored_window_close(close: i64) -> Option<i64> {
+    (close != i64::MAX).then_some(close)
 }
 
 /// A list stored as one text column, one item per line (regions,
