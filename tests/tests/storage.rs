@@ -43,6 +43,29 @@ fn to_refs(refs: Vec<String>, all_carriers: bool) -> NewMessage {
     }
 }
 
+/// An active contract of `user`'s.
+fn contract(user: &str, primary: bool) -> Contract {
+    Contract {
+        user_id: user.into(),
+        primary,
+        active: true,
+    }
+}
+
+/// `users` registering with ent_1, nothing shared.
+fn with_ent_1(users: &[&str]) -> Vec<NewRegistration> {
+    users
+        .iter()
+        .map(|user| NewRegistration {
+            user_id: (*user).into(),
+            enterprise_id: "ent_1".into(),
+            service_id: None,
+            profile: Profile::default(),
+            text_version: "v1".into(),
+        })
+        .collect()
+}
+
 /// One enterprise, carriers c1–c3; u1 on c1 (primary) and c2, u2 on c1;
 /// both registered. Returns their refs (u1, u2).
 async fn seed_registry(store: &Store) -> Vec<String> {
@@ -61,11 +84,6 @@ async fn seed_registry(store: &Store) -> Vec<String> {
             .await
             .unwrap();
     }
-    let contract = |user: &str, primary| Contract {
-        user_id: user.into(),
-        primary,
-        active: true,
-    };
     store
         .upsert_contracts("c1", &[contract("u1", true), contract("u2", true)], 0)
         .await
@@ -74,16 +92,7 @@ async fn seed_registry(store: &Store) -> Vec<String> {
         .upsert_contracts("c2", &[contract("u1", false)], 0)
         .await
         .unwrap();
-    let registrations: Vec<NewRegistration> = ["u1", "u2"]
-        .iter()
-        .map(|user| NewRegistration {
-            user_id: (*user).into(),
-            enterprise_id: "ent_1".into(),
-            service_id: None,
-            profile: Profile::default(),
-            text_version: "v1".into(),
-        })
-        .collect();
+    let registrations = with_ent_1(&["u1", "u2"]);
     let refs = store.register_users("c1", &registrations, 0).await.unwrap();
     // Registering again is idempotent: same refs.
     assert_eq!(
@@ -779,26 +788,13 @@ async fn a_mark_and_receipts_racing_count_each_person_once(backend: Backend) {
     let store = &fixture.store;
     seed_registry(store).await;
     let users: Vec<String> = (0..500).map(|i| format!("p{i:03}")).collect();
-    let contracts: Vec<Contract> = users
-        .iter()
-        .map(|user| Contract {
-            user_id: user.clone(),
-            primary: true,
-            active: true,
-        })
-        .collect();
+    let users: Vec<&str> = users.iter().map(String::as_str).collect();
+    let contracts: Vec<Contract> = users.iter().map(|user| contract(user, true)).collect();
     store.upsert_contracts("c1", &contracts, 0).await.unwrap();
-    let registrations: Vec<NewRegistration> = users
-        .iter()
-        .map(|user| NewRegistration {
-            user_id: user.clone(),
-            enterprise_id: "ent_1".into(),
-            service_id: None,
-            profile: Profile::default(),
-            text_version: "v1".into(),
-        })
-        .collect();
-    let refs = store.register_users("c1", &registrations, 0).await.unwrap();
+    let refs = store
+        .register_users("c1", &with_ent_1(&users), 0)
+        .await
+        .unwrap();
     let attention = AttentionConfig::default();
     for round in 0..8 {
         let message_id = format!("msg_race_{round}");
