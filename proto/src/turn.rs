@@ -11,6 +11,10 @@
 //! [`Turn::ahead_waiting`] says one is waiting now (a group stops taking in
 //! members and commits), [`Turn::ahead_lately`] that one came within the
 //! last [`LATELY`] (bulk work is cut into slices of a few milliseconds).
+//! A control write that comes every few seconds (a lease renewal) goes
+//! ahead without counting for [`Turn::ahead_lately`]
+//! ([`Turn::take_ahead_unnoted`]): it can wait for one bulk transaction,
+//! and counted, it kept every campaign's work in slices.
 //! Used by the relay (`relay-svc/src/storage/group.rs`) and the carrier.
 
 use std::sync::Arc;
@@ -55,10 +59,18 @@ impl Turn {
         if ahead {
             let now = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
             self.last_ahead.store(now + 1, Ordering::Relaxed);
-            let _waiting = Waiting::new(&self.waiting_ahead);
-            return self.lock.clone().lock_owned().await;
+            return self.take_ahead_unnoted().await;
         }
         let _next = self.queue.lock().await;
+        self.lock.clone().lock_owned().await
+    }
+
+    /// Waits for the turn ahead of the writers still queued, like a writer
+    /// ahead, without counting for [`Turn::ahead_lately`]: for a write that
+    /// comes every few seconds and may wait for one bulk transaction (a
+    /// lease renewal), so bulk work goes on in whole transactions.
+    pub async fn take_ahead_unnoted(&self) -> OwnedMutexGuard<()> {
+        let _waiting = Waiting::new(&self.waiting_ahead);
         self.lock.clone().lock_owned().await
     }
 
@@ -125,6 +137,37 @@ mod tests {
         ahead.await.unwrap();
         assert!(!turn.ahead_waiting());
         assert!(turn.ahead_lately());
+    }
+
+    #[tokio::test]
+    async fn an_unnoted_writer_goes_ahead_without_slicing_bulk_work() {
+        let turn = Arc::new(Turn::default());
+        let held = turn.take(false).await;
+        let queued = |turn: &Arc<Turn>| {
+            let turn = turn.clone();
+            tokio::spawn(async move { drop(turn.take(false).await) })
+        };
+        // The first writer queued waits for the lock itself, the second
+        // for its place in the queue.
+        let (first, second) = (queued(&turn), queued(&turn));
+        tokio::task::yield_now().await;
+        let control = tokio::spawn({
+            let turn = turn.clone();
+            async move { turn.take_ahead_unnoted().await }
+        });
+        while !turn.ahead_waiting() {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        let control_held = control.await.unwrap();
+        first.await.unwrap();
+        assert!(
+            !second.is_finished(),
+            "the control write went before the writers queued behind the lock"
+        );
+        assert!(!turn.ahead_lately(), "bulk work is not sliced for it");
+        drop(control_held);
+        second.await.unwrap();
     }
 
     #[tokio::test]

@@ -39,9 +39,21 @@ pub fn start(control: Control, cancel: CancellationToken) -> tokio::task::JoinHa
 }
 
 async fn run(control: Control, cancel: CancellationToken) {
+    // When the lease was last held: renewed every third of its time to
+    // live, not at every pass (each renewal is a write and a commit).
+    let mut held_at: Option<tokio::time::Instant> = None;
     loop {
         // One replica at a time runs the follow-through.
-        if !control.lease.hold(&control.store, "control").await {
+        let renew = held_at.is_none_or(|at| at.elapsed() >= control.lease.renew_every());
+        if renew {
+            let asked = tokio::time::Instant::now();
+            held_at = control
+                .lease
+                .hold(&control.store, "control")
+                .await
+                .then_some(asked);
+        }
+        if held_at.is_none() {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(control.lease.renew_every()) => continue,

@@ -167,6 +167,28 @@ where
     where
         sqlx::Pool<DB>: WritePool<Db = DB>,
     {
+        self.join_as(pool, false).await
+    }
+
+    /// [`Group::join`] for a control write (a lease renewal): a group it
+    /// opens takes the turn ahead without slicing bulk work
+    /// ([`Turn::take_for_control`]). Renewed every few seconds, each
+    /// counted as a targeted accept coming, they kept a campaign's every
+    /// step and hand-over in eighths.
+    pub(crate) async fn join_for_control<P: WritePool<Db = DB>>(
+        &self,
+        pool: &P,
+    ) -> Result<Member<DB>>
+    where
+        sqlx::Pool<DB>: WritePool<Db = DB>,
+    {
+        self.join_as(pool, true).await
+    }
+
+    async fn join_as<P: WritePool<Db = DB>>(&self, pool: &P, control: bool) -> Result<Member<DB>>
+    where
+        sqlx::Pool<DB>: WritePool<Db = DB>,
+    {
         let mut stood_aside = false;
         let (slot, mut guard) = loop {
             let slot = {
@@ -196,6 +218,9 @@ where
                 finished(&mut previous).await;
             }
             let turn = match &self.turn {
+                Some(group) if control && group.ahead => {
+                    Some(group.turn.take_for_control(group.writer).await)
+                }
                 Some(group) => Some(group.turn.take(group.ahead, group.writer).await),
                 None => None,
             };

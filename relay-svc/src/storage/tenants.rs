@@ -313,10 +313,11 @@ impl Store {
     /// come, first served: on SQLite a write of its own would wait for the
     /// write lock in the busy handler's sleeps while group after group takes
     /// it, and under a flat-out load of targeted messages renewals waited up
-    /// to the lease's whole time to live.
+    /// to the lease's whole time to live. It goes ahead without counting as
+    /// a targeted accept for bulk work's slices ([`Group::join_for_control`](super::group::Group::join_for_control)).
     pub async fn hold_lease(&self, name: &str, owner: &str, now: i64, ttl_ms: i64) -> Result<bool> {
         on_pool!(self, pool, groups => {
-            let mut tx = groups.accepts.join(pool).await?;
+            let mut tx = groups.accepts.join_for_control(pool).await?;
             let held: Option<String> = sqlx::query_scalar(
                 "INSERT INTO leases (name, owner, expires_at) VALUES ($1, $2, $3)
                  ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at

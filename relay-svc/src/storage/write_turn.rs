@@ -25,8 +25,19 @@ pub(crate) struct Turn {
 impl Turn {
     /// Waits for the turn; `writer` names who holds it, for the metric.
     pub(crate) async fn take(&self, ahead: bool, writer: &'static str) -> Held {
+        self.held(self.turn.take(ahead).await, writer)
+    }
+
+    /// Waits for the turn ahead of the writers queued without slicing bulk
+    /// work ([`chukei_proto::turn::Turn::take_ahead_unnoted`]): a lease
+    /// renewal's.
+    pub(crate) async fn take_for_control(&self, writer: &'static str) -> Held {
+        self.held(self.turn.take_ahead_unnoted().await, writer)
+    }
+
+    fn held(&self, guard: OwnedMutexGuard<()>, writer: &'static str) -> Held {
         Held {
-            _guard: self.turn.take(ahead).await,
+            _guard: guard,
             writer,
             since: Instant::now(),
             held: self.held.get().cloned(),
