@@ -1109,7 +1109,47 @@ async fn the_statistics_of_deliveries_follow_a_growing_campaign(backend: Backend
     fixture.close().await;
 }
 
+/// A lease renewal goes ahead of the writers waiting for SQLite's turn,
+/// but bulk work goes on in whole transactions after it; a targeted
+/// accept cuts it in slices for a while. Renewals counted as accepts kept
+/// every campaign in eighths. PostgreSQL's writers take no turn: bulk
+/// work is never sliced there.
+async fn a_lease_renewal_leaves_bulk_work_whole(backend: Backend) {
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
+    let store = &fixture.store;
+    let refs = seed_registry(store).await;
+    let full = 2_000;
+    assert_eq!(store.bulk_slice(full), full);
+    assert!(
+        store
+            .hold_lease("control", "replica-a", DAY0, 10_000)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.bulk_slice(full), full, "a renewal slices nothing");
+    store
+        .accept_message(
+            "ent_1",
+            "msg_targeted",
+            &message("targeted", Target::Refs(vec![refs[0].clone()]), None),
+            DAY0,
+            DAY0 + HOUR,
+            &AttentionConfig::default(),
+        )
+        .await
+        .unwrap();
+    let sliced = match backend {
+        Backend::Sqlite => full / 8,
+        Backend::Postgres => full,
+    };
+    assert_eq!(store.bulk_slice(full), sliced, "an accept slices bulk work");
+    fixture.close().await;
+}
+
 backend_tests!(
+    a_lease_renewal_leaves_bulk_work_whole,
     the_statistics_of_deliveries_follow_a_growing_campaign,
     a_campaign_expanded_in_steps_plans_everyone_once,
     concurrent_accepts_keep_their_own_outcomes,
