@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import random
 import struct
 import sys
 import time
@@ -208,7 +209,12 @@ async def main():
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ids", choices=["hex", "dec"], default="hex")
     parser.add_argument("--cross-base", action="store_true")
-    parser.add_argument("--first-id", type=int, default=0x10000)
+    # Each run's ids start somewhere new: Jasmin keeps its id -> submit
+    # mapping in Redis (`queue-msgid:<id>`, db 0, for a day), and a receipt
+    # that beat its submit_sm_resp was mapped to an earlier run's submit
+    # with the same id, thrown to that run's dead carrier and lost.
+    parser.add_argument("--first-id", type=int,
+                        default=random.randrange(0x10000, 0x7000_0000))
     parser.add_argument("--receipt-delay", type=float, default=0.2)
     parser.add_argument("--refuse", default="")
     parser.add_argument("--undeliverable", default="")
