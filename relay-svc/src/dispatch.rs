@@ -11,6 +11,7 @@
 //! it converts between prost types and the core's domain types, and it must
 //! never hold a database transaction across an RPC.
 
+mod handed;
 mod stream;
 mod wire;
 
@@ -24,7 +25,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::storage::Store;
+use crate::storage::{DueDelivery, DueNowSink, Store};
+use handed::HandedLanes;
 use stream::Dispatcher;
 
 /// How the dispatchers batch and pace.
@@ -49,6 +51,8 @@ pub struct DispatchHandle {
     connected: Arc<Mutex<HashSet<String>>>,
     /// Recent hand-overs per carrier, for the drain estimates.
     throughput: Arc<Mutex<HashMap<String, Throughput>>>,
+    /// Deliveries handed over by their accepts, per priority stream.
+    handed: Arc<HandedLanes>,
 }
 
 /// Hand-overs acknowledged by one carrier over the last [`THROUGHPUT_WINDOW`].
@@ -168,8 +172,19 @@ impl DispatchHandle {
     }
 }
 
+/// The accepts hand their due attempts to the carrier's priority stream
+/// when it runs here; otherwise its lane is signalled, as for any other
+/// writer (another replica's stream reads it at its poll).
+impl DueNowSink for DispatchHandle {
+    fn due_now(&self, carrier_id: &str, deliveries: Vec<DueDelivery>) {
+        if !self.handed.give(carrier_id, deliveries) {
+            self.new_work_in(crate::storage::Lane::Priority);
+        }
+    }
+}
+
 /// Starts the supervisor, which starts one dispatcher per known carrier and
-/// owns them until `cancel`. Await the returned task to know they all stopped.
+/// owns them until `cancel`; the store hands it deliveries due at once. Await the returned task to know they all stopped.
 pub fn start(
     store: Store,
     clock: Clock,
@@ -182,7 +197,9 @@ pub fn start(
         commands: commands_tx,
         connected: Arc::default(),
         throughput: Arc::default(),
+        handed: Arc::default(),
     };
+    store.hand_due_now_to(Arc::new(handle.clone()));
     let supervisor = Supervisor {
         store,
         clock,

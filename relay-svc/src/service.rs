@@ -88,6 +88,8 @@ impl Relay {
             tracing::info!(target_kind = message.target.kind(), matched = ?stored.row.matched, "message accepted");
             match (stored.row.state, &message.target) {
                 (MessageState::Accepted, _) => self.expand.notify_one(),
+                // Handed to its carriers' dispatchers with its commit.
+                _ if stored.dispatched => {}
                 // Its attempts are in the priority lane (`plan_targeted`).
                 (_, Target::Refs(_)) => self.dispatch.new_work_in(Lane::Priority),
                 // A campaign on a winning bid, expanded at once.

@@ -5,10 +5,10 @@
 
 use chukei_proto::window::Window;
 use integration_tests::{Backend, backend_tests, store};
-use relay_svc::policy::{AttentionConfig, Policy, PolicyKind, Priority, Timing};
+use relay_svc::policy::{AttentionConfig, Policy, PolicyKind, Priority, Timing, WindowMode};
 use relay_svc::receipts::{CountReport, EventKind, MessageCount, Receipt};
 use relay_svc::registry::{Contract, NewRegistration, Profile};
-use relay_svc::storage::{Expansion, Lane, MessageCounts, Store};
+use relay_svc::storage::{DueDelivery, DueNowSink, Expansion, Lane, MessageCounts, Store};
 use relay_svc::targeting::{Channel, Content, MessageState, NewMessage, Target};
 
 fn receipt(message_id: &str, user_id: &str, kind: EventKind) -> Receipt {
@@ -1148,7 +1148,99 @@ async fn a_lease_renewal_leaves_bulk_work_whole(backend: Backend) {
     fixture.close().await;
 }
 
+/// What the store hands to the dispatchers, kept.
+#[derive(Default)]
+struct Handed(std::sync::Mutex<Vec<(String, DueDelivery)>>);
+
+impl DueNowSink for Handed {
+    fn due_now(&self, carrier_id: &str, deliveries: Vec<DueDelivery>) {
+        let mut handed = self.0.lock().unwrap();
+        handed.extend(deliveries.into_iter().map(|d| (carrier_id.to_owned(), d)));
+    }
+}
+
+impl Handed {
+    fn take(&self, carrier_id: &str) -> Vec<DueDelivery> {
+        let mut handed = self.0.lock().unwrap();
+        let (of, rest) = std::mem::take(&mut *handed)
+            .into_iter()
+            .partition(|(carrier, _)| carrier == carrier_id);
+        *handed = rest;
+        of.into_iter().map(|(_, delivery)| delivery).collect()
+    }
+}
+
+async fn a_batched_accept_hands_over_what_a_due_read_returns(backend: Backend) {
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
+    let store = &fixture.store;
+    let refs = seed_registry(store).await;
+    let handed = std::sync::Arc::new(Handed::default());
+    store.hand_due_now_to(handed.clone());
+    // Every column a due read returns, a window held at the carrier included.
+    let mut everything = message("everything", Target::Refs(refs.clone()), None);
+    everything.content = Content {
+        text: "your parcel".into(),
+        media_url: "https://example.com/p.png".into(),
+        subject: "Parcel".into(),
+        suggested_replies: vec!["Track".into(), "Later".into()],
+    };
+    everything.timing.window = Some(Window::absolute(DAY0 + HOUR, DAY0 + 2 * HOUR).unwrap());
+    everything.timing.mode = WindowMode::AtCarrier;
+    everything.trace_parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into();
+    let stored = store
+        .accept_message(
+            "ent_1",
+            "msg_everything",
+            &everything,
+            DAY0,
+            DAY0 + 3 * HOUR,
+            &AttentionConfig::default(),
+        )
+        .await
+        .unwrap();
+    assert!(stored.dispatched, "nothing to wake for it");
+    for carrier in ["c1", "c2"] {
+        let read = store
+            .due_in_lane(carrier, Lane::Priority, 0..i64::MAX, DAY0, 100)
+            .await
+            .unwrap();
+        assert_eq!(handed.take(carrier), read, "{carrier}: handed over as read");
+    }
+    assert_eq!(
+        store
+            .due_in_lane("c1", Lane::Priority, 0..i64::MAX, DAY0, 100)
+            .await
+            .unwrap()
+            .len(),
+        2,
+        "u1 and u2 on their primary carrier"
+    );
+    // Held at the relay until its window opens: nothing due, nothing handed.
+    let later = message(
+        "later",
+        Target::Refs(refs),
+        Some(Window::absolute(DAY0 + HOUR, DAY0 + 2 * HOUR).unwrap()),
+    );
+    let stored = store
+        .accept_message(
+            "ent_1",
+            "msg_later",
+            &later,
+            DAY0,
+            DAY0 + 3 * HOUR,
+            &AttentionConfig::default(),
+        )
+        .await
+        .unwrap();
+    assert!(stored.dispatched);
+    assert!(handed.take("c1").is_empty(), "waiting for its window");
+    fixture.close().await;
+}
+
 backend_tests!(
+    a_batched_accept_hands_over_what_a_due_read_returns,
     a_lease_renewal_leaves_bulk_work_whole,
     the_statistics_of_deliveries_follow_a_growing_campaign,
     a_campaign_expanded_in_steps_plans_everyone_once,

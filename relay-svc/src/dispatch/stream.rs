@@ -5,7 +5,7 @@
 //! their acks only, so a targeted message never waits behind a campaign's
 //! batches, on the wire or in either end's loop over the stream.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use super::handed::OpenLane;
 use super::wire::{WindowCache, count_report_from_wire, pack, receipts_from_wire};
 use super::{DispatchConfig, DispatchHandle};
 use crate::storage::{DueDelivery, Lane, Store};
@@ -92,6 +93,10 @@ impl Dispatcher {
             look_at_outbox: self.stream == deliver::Stream::Main,
             ..StreamState::default()
         };
+        // The priority lane takes what the accepts hand over (`handed.rs`)
+        // from now on; what they handed before is read below.
+        let open_lane = (self.stream == deliver::Stream::Priority)
+            .then(|| self.handle.handed.open(&self.carrier_id));
         loop {
             self.send_due(&mut state, &down).await?;
             tokio::select! {
@@ -105,6 +110,16 @@ impl Dispatcher {
                         anyhow::bail!("carrier closed the stream");
                     };
                     self.on_message(message, &mut state, &down).await?;
+                }
+                () = handed_arrived(open_lane.as_ref()) => {
+                    if let Some(lane) = &open_lane {
+                        let (due, overflowed) = lane.handed.take();
+                        state.handed.extend(due);
+                        // Those left out are read with the lane's rows.
+                        if overflowed {
+                            state.lane.drained = false;
+                        }
+                    }
                 }
                 changed = new_work.changed() => {
                     changed?;
@@ -145,7 +160,36 @@ impl Dispatcher {
             windows: &mut state.windows,
             down,
         };
+        self.send_handed(&mut state.handed, state.lane.cursor, &mut batch)
+            .await?;
         self.fill(&mut state.lane, &mut batch).await
+    }
+
+    /// Sends deliveries the accepts handed over, in batches while the
+    /// window has room (the rest wait for an acknowledgement). A read of
+    /// the lane sent those at or below its cursor already: SQLite commits
+    /// in id order, so a read that returned a row saw every row below it
+    /// (on PostgreSQL a row committed out of order waits for the catch-up
+    /// read, as it would after a wake-up); those in flight went too.
+    async fn send_handed(
+        &self,
+        handed: &mut Vec<DueDelivery>,
+        cursor: i64,
+        batch: &mut Batching<'_>,
+    ) -> anyhow::Result<()> {
+        if handed.is_empty() {
+            return Ok(());
+        }
+        let in_flight = in_flight_ids(batch.in_flight);
+        handed.retain(|d| d.id > cursor && !in_flight.contains(&d.id));
+        handed.sort_unstable_by_key(|d| d.id);
+        let size = self.config.batch_size.max(1) as usize;
+        while !handed.is_empty() && batch.in_flight.len() < self.window() {
+            let rest = handed.split_off(handed.len().min(size));
+            let due = std::mem::replace(handed, rest);
+            self.send(due, batch).await?;
+        }
+        Ok(())
     }
 
     /// The lane this stream carries.
@@ -303,7 +347,16 @@ impl Dispatcher {
                 break;
             };
             *cursor = last.id;
-            self.send(due, batch).await?;
+            // Rows handed over by their accepts may be in flight above the
+            // cursor; still pending, the read finds them again.
+            let in_flight = in_flight_ids(batch.in_flight);
+            let due: Vec<DueDelivery> = due
+                .into_iter()
+                .filter(|d| !in_flight.contains(&d.id))
+                .collect();
+            if !due.is_empty() {
+                self.send(due, batch).await?;
+            }
         }
         Ok(())
     }
@@ -454,6 +507,8 @@ struct StreamState {
     look_at_outbox: bool,
     /// The lane the stream carries.
     lane: LaneState,
+    /// Deliveries the accepts handed over, not sent yet (the priority lane).
+    handed: Vec<DueDelivery>,
 }
 
 impl Default for StreamState {
@@ -465,6 +520,7 @@ impl Default for StreamState {
             notices_in_flight: false,
             look_at_outbox: true,
             lane: LaneState::default(),
+            handed: Vec::new(),
         }
     }
 }
@@ -503,6 +559,20 @@ const NOTICES_PER_BATCH: u32 = 1_000;
 
 /// How long a carrier may stay silent with batches in flight before it is named.
 const SILENT_CARRIER: Duration = Duration::from_secs(10);
+
+/// The ids of every batch in flight.
+fn in_flight_ids(in_flight: &InFlight) -> HashSet<i64> {
+    in_flight.values().flatten().copied().collect()
+}
+
+/// Deliveries were handed to the stream's lane; never, for a stream
+/// without one (the main stream).
+async fn handed_arrived(lane: Option<&OpenLane>) {
+    match lane {
+        Some(lane) => lane.handed.arrived.notified().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// The next message of an answered stream; never, while unanswered.
 async fn next_message(

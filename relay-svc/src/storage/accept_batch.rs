@@ -19,13 +19,16 @@
 //! in one place (`messages.rs`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
+use super::due_now::{DueNowSink, due_at, due_message};
 use super::message_rows::{PRICE_TABLE_IN_FORCE, expanded_message_columns};
 use super::messages::{Acceptance, Accepted};
 use super::planning::{self, ChannelChoice, MessagePlan, PlanSteps};
 use super::states::{PENDING, WAITING};
+use super::transfer::DueDelivery;
 use super::transfer::EVERYONE_HANDED_OVER;
 use super::{CountSteps, Lane, Param, Store, on_pool, stored_window_close, transaction_steps};
 use crate::error::Result;
@@ -189,6 +192,18 @@ pub(super) fn answer(jobs: Vec<Job>, outcomes: &[Batched]) {
     }
 }
 
+/// Gives `due` (carrier, delivery) to `sink`, each carrier's in id order.
+fn hand_over(sink: &dyn DueNowSink, due: Vec<(String, DueDelivery)>) {
+    let mut by_carrier: BTreeMap<String, Vec<DueDelivery>> = BTreeMap::new();
+    for (carrier_id, delivery) in due {
+        by_carrier.entry(carrier_id).or_default().push(delivery);
+    }
+    for (carrier_id, mut deliveries) in by_carrier {
+        deliveries.sort_unstable_by_key(|d| d.id);
+        sink.due_now(&carrier_id, deliveries);
+    }
+}
+
 impl Store {
     /// Accepts a plain targeted message `a` in a batch with the others
     /// waiting (`accept_batch.rs`), starting the batches' writer when none
@@ -196,6 +211,8 @@ impl Store {
     /// message, a ref not registered, a batch that failed).
     pub(super) async fn accept_in_batch(&self, a: &Acceptance<'_>) -> Option<Accepted> {
         let (job, outcome) = Job::of(a)?;
+        let sink = self.due_now_sink();
+        let dispatched = sink.is_some();
         on_pool!(self, pool, groups => {
             if groups.batches.push(job) {
                 let (pool, groups) = (pool.clone(), groups.clone());
@@ -204,13 +221,20 @@ impl Store {
                         let joined = groups.accepts.join(&pool).await;
                         let jobs = groups.batches.take();
                         let failed = match joined {
-                            Ok(mut batch) => match batch.accept_batch(&jobs).await {
-                                Ok(outcomes) => {
-                                    // Answered once the group's commit holds them;
-                                    // the next batch gathers meanwhile.
+                            Ok(mut batch) => match batch.accept_batch(&jobs, sink.is_some()).await {
+                                Ok((outcomes, due)) => {
+                                    // Answered once the group's commit holds them,
+                                    // their due attempts already with the
+                                    // dispatchers; the next batch gathers meanwhile.
+                                    let sink = sink.clone();
                                     tokio::spawn(async move {
                                         match batch.commit().await {
-                                            Ok(()) => answer(jobs, &outcomes),
+                                            Ok(()) => {
+                                                if let Some(sink) = sink {
+                                                    hand_over(sink.as_ref(), due);
+                                                }
+                                                answer(jobs, &outcomes);
+                                            }
                                             Err(error) => {
                                                 tracing::warn!(error = %error, messages = jobs.len(), "a batch of targeted accepts did not commit; each is accepted on its own");
                                                 answer(jobs, &[]);
@@ -232,6 +256,7 @@ impl Store {
         match outcome.await {
             Ok(Batched::Stored { matched }) => Some(Accepted::Stored {
                 matched: Some(matched),
+                dispatched,
             }),
             Ok(Batched::KeyTaken) => Some(Accepted::KeyTaken),
             Ok(Batched::OnItsOwn) | Err(_) => None,
@@ -286,10 +311,11 @@ type Resolved = HashMap<String, HashMap<String, Vec<(String, String, bool)>>>;
 transaction_steps! {
     /// What a batch of targeted accepts does inside its (group's) transaction.
     pub(super) trait BatchSteps {
-        /// Stores and plans `jobs` together; each one's outcome, in order.
-        /// The batch's statements are its member's in the group: an error
-        /// rolls back all of them and nothing else.
-        async fn accept_batch(&mut self, jobs: &[Job]) -> Result<Vec<Batched>> {
+        /// Stores and plans `jobs` together; each one's outcome, in order,
+        /// and (`want_due`) the first attempts due at once with their
+        /// carriers. The batch's statements are its member's in the group:
+        /// an error rolls back all of them and nothing else.
+        async fn accept_batch(&mut self, jobs: &[Job], want_due: bool) -> Result<(Vec<Batched>, Vec<(String, DueDelivery)>)> {
             let resolved = self.resolve_refs(jobs).await?;
             let mut outcomes = vec![Batched::OnItsOwn; jobs.len()];
             let mut rows = Vec::new();
@@ -332,10 +358,10 @@ transaction_steps! {
                     recipients[index].clear();
                 }
             }
-            self.insert_first_attempts(jobs, &recipients).await?;
+            let due = self.insert_first_attempts(jobs, &recipients, want_due).await?;
             let stored: Vec<&Job> = jobs.iter().filter(|job| stored.contains(&job.message_id)).collect();
             self.after_accepting(&stored).await?;
-            Ok(outcomes)
+            Ok((outcomes, due))
         }
 
         /// Every ref of `jobs` with its user and contracts: one statement
@@ -375,18 +401,32 @@ transaction_steps! {
         }
 
         /// The first attempts of every stored message, in the priority lane:
-        /// one row per recipient, carrier and channel, 1,000 rows a statement.
-        async fn insert_first_attempts(&mut self, jobs: &[Job], recipients: &[Vec<(&str, &str)>]) -> Result<()> {
+        /// one row per recipient, carrier and channel, 1,000 rows a statement;
+        /// with `want_due`, those a due read would return now, as it would
+        /// (their ids from the `INSERT`), with their carriers.
+        async fn insert_first_attempts(
+            &mut self,
+            jobs: &[Job],
+            recipients: &[Vec<(&str, &str)>],
+            want_due: bool,
+        ) -> Result<Vec<(String, DueDelivery)>> {
             let mut rows = Vec::new();
+            // Each message due at once, with what its deliveries share.
+            let mut due_messages: HashMap<&str, Arc<super::transfer::DueMessage>> = HashMap::new();
             for (job, recipients) in jobs.iter().zip(recipients) {
                 let (not_before, window_close) = job.timing;
                 let state = if not_before > job.now { WAITING } else { PENDING };
+                let due_now = due_at(state == PENDING, not_before, stored_window_close(window_close), job.plan.expires_at, job.now);
+                if want_due && due_now && !recipients.is_empty() {
+                    due_messages.insert(&job.message_id, Arc::new(due_message(&job.message, &job.plan)));
+                }
                 for &channel in &job.channels {
                     for (user_id, carrier_id) in recipients {
                         rows.push((job.message_id.as_str(), *user_id, *carrier_id, channel, state, not_before, window_close));
                     }
                 }
             }
+            let mut due = Vec::new();
             for chunk in in_sizes_seen_before(rows, ROWS_PER_BATCH_STATEMENT) {
                 let mut query = sqlx::QueryBuilder::new(
                     "INSERT INTO deliveries (message_id, user_id, carrier_id, channel, attempt, state, not_before, window_close, reason, lane) ",
@@ -404,9 +444,29 @@ transaction_steps! {
                         .push_bind(Lane::Priority as i64);
                 });
                 query.push(" ON CONFLICT DO NOTHING");
-                query.build().execute(&mut *self).await?;
+                if due_messages.is_empty() {
+                    query.build().execute(&mut *self).await?;
+                    continue;
+                }
+                query.push(" RETURNING id, message_id, user_id, carrier_id, channel, not_before");
+                type Inserted = (i64, String, String, String, i64, i64);
+                let inserted: Vec<Inserted> = query.build_query_as().fetch_all(&mut *self).await?;
+                for (id, message_id, user_id, carrier_id, channel, not_before) in inserted {
+                    let Some(message) = due_messages.get(message_id.as_str()) else {
+                        continue;
+                    };
+                    let delivery = DueDelivery {
+                        id,
+                        message_id,
+                        user_id,
+                        channel: Channel::from_number(channel),
+                        not_before,
+                        message: message.clone(),
+                    };
+                    due.push((carrier_id, delivery));
+                }
             }
-            Ok(())
+            Ok(due)
         }
 
         /// What follows a stored message in its transaction: its own events

@@ -47,6 +47,9 @@ pub struct StoredMessage {
     pub row: MessageRow,
     /// True when this call stored it; false when it replays an earlier call.
     pub created: bool,
+    /// Its first attempts went to the dispatchers with its commit
+    /// ([`Store::hand_due_now_to`]): nothing to wake for it.
+    pub dispatched: bool,
 }
 
 /// Every channel, in the order `best` considers them when none are named.
@@ -91,8 +94,13 @@ impl Acceptance<'_> {
 
 /// What the accepting transaction did.
 pub(super) enum Accepted {
-    /// Stored; the people matched when it was planned at once.
-    Stored { matched: Option<u64> },
+    /// Stored; the people matched when it was planned at once; whether
+    /// its first attempts went to the dispatchers with its commit
+    /// (`due_now.rs`), so none need waking for it.
+    Stored {
+        matched: Option<u64>,
+        dispatched: bool,
+    },
     /// Another call with the same idempotency key was stored first.
     KeyTaken,
 }
@@ -167,8 +175,11 @@ impl Store {
             Some(accepted) => accepted,
             None => self.accept_on_its_own(&acceptance).await?,
         };
-        let matched = match accepted {
-            Accepted::Stored { matched } => matched,
+        let (matched, dispatched) = match accepted {
+            Accepted::Stored {
+                matched,
+                dispatched,
+            } => (matched, dispatched),
             Accepted::KeyTaken => {
                 // The key was used before, or by a concurrent call that won:
                 // answer as it was answered, once its commit (perhaps this
@@ -197,6 +208,7 @@ impl Store {
                 by_attributes: plan.target_kind == "segment",
             },
             created: true,
+            dispatched,
         })
     }
 
@@ -310,6 +322,7 @@ impl Store {
                     .map(|row| StoredMessage {
                         row,
                         created: false,
+                        dispatched: false,
                     }))
             }
         }
@@ -437,7 +450,10 @@ transaction_steps! {
                 );
                 self.append_audit(a.now, &[&entry]).await?;
             }
-            Ok(Accepted::Stored { matched })
+            Ok(Accepted::Stored {
+                matched,
+                dispatched: false,
+            })
         }
 
         /// Holds segment sends one at a time, hub-wide, until this one

@@ -31,6 +31,8 @@ pub struct Groups<DB: Database> {
     pub(crate) keys: super::key_cache::KeyCache,
     /// The auction slots not yet ended, read lately (`slot_cache.rs`).
     pub(crate) slots: super::slot_cache::SlotCache,
+    /// Where deliveries due at once go as they commit (`due_now.rs`).
+    pub(crate) due_now: super::due_now::DueNowSlot,
     /// On SQLite, the write turn every write transaction takes, the groups'
     /// included; `None` on PostgreSQL, whose writers do not exclude each other.
     turn: Option<Arc<Turn>>,
@@ -61,6 +63,7 @@ impl<DB: Database> Groups<DB> {
             webhooks_listening: Default::default(),
             keys: Default::default(),
             slots: Default::default(),
+            due_now: Default::default(),
             turn: Some(turn),
             writer,
         }
@@ -75,6 +78,7 @@ impl<DB: Database> Groups<DB> {
             webhooks_listening: Default::default(),
             keys: Default::default(),
             slots: Default::default(),
+            due_now: Default::default(),
             turn: None,
             writer: None,
         }
