@@ -389,12 +389,9 @@ impl Store {
     /// Counts changed since the last report (and marks them reported).
     pub async fn take_changed_counts(&self) -> Result<Vec<MessageCount>> {
         let _turn = self.write_turn().await;
-        let rows: Vec<CountRow> = sqlx::query_as(
-            "UPDATE message_counts SET dirty = FALSE WHERE dirty
-             RETURNING message_id, sent, opened, sms_segments, unsupported, expired",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<CountRow> = sqlx::query_as(TAKE_CHANGED_COUNTS)
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.into_iter().map(MessageCount::from_row).collect())
     }
 
@@ -522,5 +519,35 @@ impl V1Receipt {
             region: self.region,
             trace_parent: self.trace_parent,
         }
+    }
+}
+
+/// The counts a report sends, through their partial index (migration 0008):
+/// never a scan of every message the carrier has counted.
+const TAKE_CHANGED_COUNTS: &str = "UPDATE message_counts SET dirty = FALSE WHERE dirty
+     RETURNING message_id, sent, opened, sms_segments, unsupported, expired";
+
+#[cfg(test)]
+mod tests {
+    use super::{Store, TAKE_CHANGED_COUNTS};
+
+    #[tokio::test]
+    async fn a_count_report_reads_only_the_counts_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::connect(&Store::sqlite_url_in(dir.path()))
+            .await
+            .unwrap();
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN QUERY PLAN {TAKE_CHANGED_COUNTS}"
+        )))
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+        let plan: Vec<&str> = plan.iter().map(|(.., detail)| detail.as_str()).collect();
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("USING INDEX message_counts_dirty")),
+            "{plan:?}"
+        );
     }
 }
