@@ -96,6 +96,7 @@ pub(super) async fn latency(messages: usize, backend: Backend) -> anyhow::Result
         "warm-up lost messages: {}",
         warm.summary()
     );
+    let before = Holds::scrape(&hub).await?;
     let run = integration_tests::latency::one_at_a_time(
         &client,
         &refs,
@@ -111,6 +112,8 @@ pub(super) async fn latency(messages: usize, backend: Backend) -> anyhow::Result
     if let Some(answered) = run.answered() {
         println!("  {answered}");
     }
+    // What else held the relay's write turn meanwhile: an accept waits for it.
+    Holds::scrape(&hub).await?.since(&before).print();
     // The floor under each durable wait on the path (the relay's commit,
     // then the carrier's), on the disk the hub's databases are on.
     let dir = std::env::temp_dir();
