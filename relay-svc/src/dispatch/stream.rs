@@ -347,13 +347,18 @@ impl Dispatcher {
                 break;
             };
             *cursor = last.id;
-            // Rows handed over by their accepts may be in flight above the
-            // cursor; still pending, the read finds them again.
-            let in_flight = in_flight_ids(batch.in_flight);
-            let due: Vec<DueDelivery> = due
-                .into_iter()
-                .filter(|d| !in_flight.contains(&d.id))
-                .collect();
+            // Rows handed over by their accepts (the priority lane only)
+            // may be in flight above the cursor; still pending, the read
+            // finds them again.
+            let due: Vec<DueDelivery> = match lane {
+                Lane::Priority => {
+                    let in_flight = in_flight_ids(batch.in_flight);
+                    due.into_iter()
+                        .filter(|d| !in_flight.contains(&d.id))
+                        .collect()
+                }
+                Lane::Bulk => due,
+            };
             if !due.is_empty() {
                 self.send(due, batch).await?;
             }
