@@ -160,34 +160,41 @@ impl Dispatcher {
             windows: &mut state.windows,
             down,
         };
-        self.send_handed(&mut state.handed, state.lane.cursor, &mut batch)
+        self.send_handed(&mut state.handed, &mut state.lane, &mut batch)
             .await?;
         self.fill(&mut state.lane, &mut batch).await
     }
 
     /// Sends deliveries the accepts handed over, in batches while the
-    /// window has room (the rest wait for an acknowledgement). A read of
-    /// the lane sent those at or below its cursor already: SQLite commits
-    /// in id order, so a read that returned a row saw every row below it
-    /// (on PostgreSQL a row committed out of order waits for the catch-up
+    /// window has room. Those that find it full are left to the lane's
+    /// read once it frees: a read sees what became of them meanwhile
+    /// (skipped for a person who unregistered, cancelled, expired), a
+    /// queue kept behind a slow carrier would not. A read of the lane
+    /// sent those at or below its cursor already: SQLite commits in id
+    /// order, so a read that returned a row saw every row below it (on
+    /// PostgreSQL a row committed out of order waits for the catch-up
     /// read, as it would after a wake-up); those in flight went too.
     async fn send_handed(
         &self,
         handed: &mut Vec<DueDelivery>,
-        cursor: i64,
+        lane: &mut LaneState,
         batch: &mut Batching<'_>,
     ) -> anyhow::Result<()> {
         if handed.is_empty() {
             return Ok(());
         }
         let in_flight = in_flight_ids(batch.in_flight);
-        handed.retain(|d| d.id > cursor && !in_flight.contains(&d.id));
+        handed.retain(|d| d.id > lane.cursor && !in_flight.contains(&d.id));
         handed.sort_unstable_by_key(|d| d.id);
         let size = self.config.batch_size.max(1) as usize;
         while !handed.is_empty() && batch.in_flight.len() < self.window() {
             let rest = handed.split_off(handed.len().min(size));
             let due = std::mem::replace(handed, rest);
             self.send(due, batch).await?;
+        }
+        if !handed.is_empty() {
+            handed.clear();
+            lane.drained = false;
         }
         Ok(())
     }
