@@ -30,6 +30,7 @@ mod group;
 mod key_cache;
 mod message_rows;
 mod messages;
+mod open;
 mod overview;
 mod per_person;
 pub(crate) mod planning;
@@ -46,13 +47,8 @@ pub mod webhooks;
 mod write_turn;
 mod writers;
 
-use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
 pub use auction::Closed;
@@ -134,25 +130,6 @@ macro_rules! on_write {
 }
 pub(crate) use on_write;
 
-/// Warns when the server does not gather statistics by itself. The
-/// relay's tables grow from empty to millions of rows in bursts (an import
-/// of registrations, a campaign), and without `ANALYZE` the planner keeps
-/// the plans it made while they were small: at 1M registrations with
-/// autovacuum off, a targeted message took 40 s to accept
-/// (`docs/benchmarks.md`).
-async fn warn_without_autovacuum(pool: &sqlx::PgPool) -> anyhow::Result<()> {
-    let autovacuum: String = sqlx::query_scalar("SELECT current_setting('autovacuum')")
-        .fetch_one(pool)
-        .await?;
-    if autovacuum != "on" {
-        tracing::warn!(
-            autovacuum = %autovacuum,
-            "PostgreSQL's autovacuum is off: run ANALYZE after bulk imports and regularly, or plans made on small tables stay in use (docs/operations.md)"
-        );
-    }
-    Ok(())
-}
-
 impl Store {
     /// From now on, how long each SQLite writer holds the write turn goes
     /// to `held`, labelled `writer` (`accepts`, `deliveries`, or the storage
@@ -168,75 +145,6 @@ impl Store {
     /// ([`Groups::slice`]; `full` on PostgreSQL, whose writers take no turn).
     pub fn bulk_slice(&self, full: u32) -> u32 {
         on_pool!(self, _pool, groups => groups.slice(full))
-    }
-
-    /// Opens the database at `url` (`sqlite://…` or `postgres://…`) and applies
-    /// the embedded migrations.
-    pub async fn connect(url: &str) -> anyhow::Result<Self> {
-        let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let options = PgConnectOptions::from_str(url)?.options([("synchronous_commit", "on")]);
-            let pool = PgPoolOptions::new()
-                .max_connections(16)
-                .acquire_timeout(Duration::from_secs(10))
-                .after_connect(|connection, _| {
-                    let create = fold_log::create_fold_rows(" ON COMMIT DELETE ROWS");
-                    Box::pin(
-                        async move { sqlx::raw_sql(create).execute(connection).await.map(drop) },
-                    )
-                })
-                .connect_with(options)
-                .await?;
-            sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-            warn_without_autovacuum(&pool).await?;
-            Self::Postgres(pool, Arc::new(Groups::apart()))
-        } else if url.starts_with("sqlite:") {
-            let options = SqliteConnectOptions::from_str(url)?
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                // Accepted means durable: every commit reaches the disk before we answer.
-                .synchronous(SqliteSynchronous::Full)
-                .busy_timeout(Duration::from_secs(10))
-                .foreign_keys(true)
-                // Each reading connection keeps a page cache of 512 KiB: in
-                // WAL mode a connection drops its cache whenever another one
-                // committed since its last transaction, so a larger one
-                // bought no CPU here (16 MiB, SQLite's default 2 MB and 512
-                // KiB measured the same per recipient) and cost the relay
-                // resident memory: at 1M registered, 71 MiB at its peak with
-                // 2 MB against 61 MiB with 512 KiB (`docs/benchmarks.md`).
-                // The writer's is larger ([`WRITER_CACHE_KIB`]). Negative: KiB.
-                .pragma("cache_size", "-512")
-                // Temporary tables (the fold's `fold_rows`) and the
-                // savepoint journals of group commit's members stay in
-                // memory instead of temporary files.
-                .pragma("temp_store", "memory")
-                // A prepared multi-row statement (1,000 rows of VALUES) holds
-                // a large program, and each row count is a statement of its
-                // own: sqlx's default of 100 per connection kept ~40 MiB of
-                // them after a registration burst. The hot statements are few.
-                .statement_cache_capacity(16);
-            let pool = sqlite_pool(8, options.clone()).await?;
-            sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-            // One connection for every write transaction (`Groups::writer_or`),
-            // which keeps its page cache from one to the next.
-            let writer = sqlite_pool(
-                1,
-                options
-                    .pragma("cache_size", WRITER_CACHE_KIB)
-                    .statement_cache_capacity(WRITER_STATEMENTS),
-            )
-            .await?;
-            Self::Sqlite(pool, Arc::new(Groups::taking_turns(Some(writer))))
-        } else {
-            anyhow::bail!("database url: expected sqlite:… or postgres://…");
-        };
-        store.refresh_webhooks_listening().await?;
-        Ok(store)
-    }
-
-    /// The default embedded database: a SQLite file in `data_dir`.
-    pub fn sqlite_url_in(data_dir: &Path) -> String {
-        format!("sqlite://{}", data_dir.join("relay.db").display())
     }
 
     pub fn backend(&self) -> &'static str {
@@ -263,51 +171,6 @@ impl Store {
         on_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;
         Ok(())
     }
-}
-
-/// The page cache of the SQLite connection that writes (KiB, negative):
-/// the one cache that lasts from one transaction to the next, since no
-/// other connection commits in between. With it the fold of a 100k
-/// broadcast cost 29–32 µs of the relay's CPU per recipient instead of
-/// 46–51, and the relay's peak was 44–45 MiB instead of 52–56
-/// (`docs/benchmarks.md`).
-const WRITER_CACHE_KIB: &str = "-2048";
-
-/// Statements the writer keeps prepared (the readers keep 16). Every write
-/// path runs on it: a batch of targeted accepts alone has ~25 statement
-/// texts (three statements in power-of-two chunk sizes), the fold a dozen,
-/// hand-over marks and receipts their own. With 16, the cache's LRU cycled
-/// through them and prepared most of them again each time: under `bench
-/// targeted`, `sqlite3Prepare` was 5.6 % of the hub's CPU, 4.1 % with 64
-/// (the rest is the readers' and statements planned on every run). The
-/// relay's resident memory did not move (`docs/benchmarks.md`).
-const WRITER_STATEMENTS: usize = 64;
-
-/// A pool of up to `connections` SQLite connections opened with `options`.
-async fn sqlite_pool(
-    connections: u32,
-    options: SqliteConnectOptions,
-) -> Result<SqlitePool, sqlx::Error> {
-    SqlitePoolOptions::new()
-        .max_connections(connections)
-        .acquire_timeout(Duration::from_secs(10))
-        .after_connect(|connection, _| {
-            let create = fold_log::create_fold_rows("");
-            Box::pin(async move { sqlx::raw_sql(create).execute(connection).await.map(drop) })
-        })
-        // A connection whose COMMIT failed (a full disk: SQLite rolls
-        // back itself) still counts itself in a transaction, and every
-        // later BEGIN on it would fail: close it rather than reuse it.
-        // The ping lets the dropped transaction's ROLLBACK run first.
-        .after_release(|connection, _| {
-            Box::pin(async move {
-                use sqlx::Connection;
-                connection.ping().await?;
-                Ok(!connection.is_in_transaction())
-            })
-        })
-        .connect_with(options)
-        .await
 }
 
 /// Opening a write transaction the way each engine needs: SQLite must take
