@@ -1166,7 +1166,10 @@ impl Handed {
             .into_iter()
             .partition(|(carrier, _)| carrier == carrier_id);
         *handed = rest;
-        of.into_iter().map(|(_, delivery)| delivery).collect()
+        // In id order, as the stream sends them.
+        let mut of: Vec<DueDelivery> = of.into_iter().map(|(_, delivery)| delivery).collect();
+        of.sort_unstable_by_key(|d| d.id);
+        of
     }
 }
 

@@ -192,14 +192,13 @@ pub(super) fn answer(jobs: Vec<Job>, outcomes: &[Batched]) {
     }
 }
 
-/// Gives `due` (carrier, delivery) to `sink`, each carrier's in id order.
+/// Gives `due` (carrier, delivery) to `sink`, carrier by carrier.
 fn hand_over(sink: &dyn DueNowSink, due: Vec<(String, DueDelivery)>) {
     let mut by_carrier: BTreeMap<String, Vec<DueDelivery>> = BTreeMap::new();
     for (carrier_id, delivery) in due {
         by_carrier.entry(carrier_id).or_default().push(delivery);
     }
-    for (carrier_id, mut deliveries) in by_carrier {
-        deliveries.sort_unstable_by_key(|d| d.id);
+    for (carrier_id, deliveries) in by_carrier {
         sink.due_now(&carrier_id, deliveries);
     }
 }
@@ -416,7 +415,7 @@ transaction_steps! {
             for (job, recipients) in jobs.iter().zip(recipients) {
                 let (not_before, window_close) = job.timing;
                 let state = if not_before > job.now { WAITING } else { PENDING };
-                let due_now = due_at(state == PENDING, not_before, stored_window_close(window_close), job.plan.expires_at, job.now);
+                let due_now = due_at(not_before, stored_window_close(window_close), job.plan.expires_at, job.now);
                 if want_due && due_now && !recipients.is_empty() {
                     due_messages.insert(&job.message_id, Arc::new(due_message(&job.message, &job.plan)));
                 }

@@ -30,7 +30,7 @@ use crate::targeting::NewMessage;
 /// priority dispatchers (`dispatch::DispatchHandle`).
 pub trait DueNowSink: Send + Sync {
     /// `deliveries` of `carrier_id`'s priority lane, committed, pending and
-    /// due now, in id order.
+    /// due now (in no promised order: the stream sorts what it takes).
     fn due_now(&self, carrier_id: &str, deliveries: Vec<DueDelivery>);
 }
 
@@ -85,14 +85,14 @@ pub(super) fn due_message(message: &NewMessage, plan: &MessagePlan) -> DueMessag
     }
 }
 
-/// Whether a delivery stored with `(state, not_before, window_close)` for a
-/// message expiring at `expires_at` is one a due read at `now` returns.
+/// Whether a first attempt stored with `(not_before, window_close)` for a
+/// message expiring at `expires_at` is one a due read at `now` returns (it
+/// is pending, not waiting, exactly when its time has come).
 pub(super) fn due_at(
-    pending: bool,
     not_before: i64,
     window_close: Option<i64>,
     expires_at: i64,
     now: i64,
 ) -> bool {
-    pending && not_before <= now && window_close.is_none_or(|close| close > now) && expires_at > now
+    not_before <= now && window_close.is_none_or(|close| close > now) && expires_at > now
 }
