@@ -225,8 +225,13 @@ pub(super) async fn broadcast_across_processes(
 
     for service in services.into_iter().rev() {
         let name = service.name;
-        if let Err(error) = service.process.terminate(Duration::from_secs(20)) {
-            println!("  {name} did not stop cleanly: {error}");
+        let asked = std::time::Instant::now();
+        match service.process.terminate(Duration::from_secs(20)) {
+            Ok(status) => println!(
+                "  {name} stopped {:.2} s after SIGTERM ({status})",
+                asked.elapsed().as_secs_f64()
+            ),
+            Err(error) => println!("  {name} did not stop cleanly: {error}"),
         }
     }
     if let Some((_, name)) = &database {
