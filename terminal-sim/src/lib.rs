@@ -155,7 +155,7 @@ pub async fn run_fleet(
         None => None,
     };
     let terminals = Terminals::with_faults(
-        &fleet,
+        std::sync::Arc::new(fleet),
         options.clock.clock(),
         options.open_mode,
         cancel.clone(),
@@ -208,15 +208,16 @@ pub async fn run_fleet(
         .iter()
         .map(|c| (c.carrier_id.clone(), c.url.clone()))
         .collect();
+    let fleet = terminals.fleet();
     let setup = async {
         let channels = setup::connect(&carriers, &options.tls).await?;
         if let Some(token) = &options.carrier_admin_token {
-            setup::provision(&fleet, &channels, token).await?;
+            setup::provision(fleet, &channels, token).await?;
         }
-        setup::attach(&fleet, &channels, &advertise).await?;
-        let registered = setup::register(&fleet, &channels, &options.enterprises).await?;
+        setup::attach(fleet, &channels, &advertise).await?;
+        let registered = setup::register(fleet, &channels, &options.enterprises).await?;
         let withdrawn = setup::withdraw(
-            &fleet,
+            fleet,
             &channels,
             &options.enterprises,
             options.withdraw_share,

@@ -92,7 +92,10 @@ struct Inner {
     seed: u64,
     clock: Clock,
     mode: OpenMode,
-    users: HashMap<String, SimUser>,
+    /// The fleet hosted, kept once (setup reads it too) and found by user id
+    /// through `index`: a second copy of every user was ~0.7 KB per terminal.
+    fleet: Arc<Fleet>,
+    index: HashMap<String, u32>,
     state: Mutex<State>,
     schedule: mpsc::UnboundedSender<(i64, String)>,
     tasks: TaskTracker,
@@ -162,13 +165,13 @@ impl State {
 
 impl Terminals {
     /// Starts the open scheduler; it and every stream task stop on `cancel`.
-    pub fn new(fleet: &Fleet, clock: Clock, mode: OpenMode, cancel: CancellationToken) -> Self {
+    pub fn new(fleet: Arc<Fleet>, clock: Clock, mode: OpenMode, cancel: CancellationToken) -> Self {
         Self::with_faults(fleet, clock, mode, cancel, TerminalFaults::default())
     }
 
     /// [`Terminals::new`] that misbehaves as `faults` say.
     pub fn with_faults(
-        fleet: &Fleet,
+        fleet: Arc<Fleet>,
         clock: Clock,
         mode: OpenMode,
         cancel: CancellationToken,
@@ -180,12 +183,14 @@ impl Terminals {
                 seed: fleet.seed,
                 clock,
                 mode,
-                users: fleet
+                index: fleet
                     .users
                     .iter()
-                    .map(|u| (u.user_id.clone(), u.clone()))
+                    .zip(0..)
+                    .map(|(u, i)| (u.user_id.clone(), i))
                     .collect(),
                 state: Mutex::new(State::for_users(fleet.users.len())),
+                fleet,
                 schedule,
                 tasks: TaskTracker::new(),
                 cancel,
@@ -203,6 +208,17 @@ impl Terminals {
     pub async fn stopped(&self) {
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
+    }
+
+    /// The user this fleet hosts as `user_id`.
+    fn user(&self, user_id: &str) -> Option<&SimUser> {
+        let at = *self.inner.index.get(user_id)?;
+        self.inner.fleet.users.get(usize::try_from(at).ok()?)
+    }
+
+    /// The fleet these terminals host.
+    pub fn fleet(&self) -> &Fleet {
+        &self.inner.fleet
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -276,7 +292,7 @@ impl Terminals {
         {
             let mut state = self.state();
             for message in messages {
-                let Some(user) = self.inner.users.get(&message.user_id) else {
+                let Some(user) = self.user(&message.user_id) else {
                     tracing::warn!("push for a user this fleet does not host dropped");
                     continue;
                 };
@@ -415,18 +431,14 @@ impl Terminals {
         let Some(user_id) = state.user_of.get(delivery_id).cloned() else {
             return false;
         };
-        let place = self
-            .inner
-            .users
-            .get(&user_id)
-            .map_or_else(String::new, |user| {
-                let mut rng = Rng::for_labels(self.inner.seed, &["place", &user_id, delivery_id]);
-                if rng.chance(user.behaviour.away_share) {
-                    rng.pick(REGIONS).to_string()
-                } else {
-                    user.home_region.clone()
-                }
-            });
+        let place = self.user(&user_id).map_or_else(String::new, |user| {
+            let mut rng = Rng::for_labels(self.inner.seed, &["place", &user_id, delivery_id]);
+            if rng.chance(user.behaviour.away_share) {
+                rng.pick(REGIONS).to_string()
+            } else {
+                user.home_region.clone()
+            }
+        });
         let Some(item) = state.items.get_mut(delivery_id) else {
             return false;
         };
