@@ -196,6 +196,127 @@ async fn a_relay_killed_with_pending_deliveries_loses_nothing(backend: Backend) 
     hub.shutdown().await.unwrap();
 }
 
+/// Accepted means committed, under load: targeted messages from many
+/// callers at once (accepted together, in groups and batches). Each answer
+/// comes after its commit — another connection to the database finds the
+/// message the moment its answer is in — and with the relay killed at the
+/// 150th answer, every message answered is there after the restart (the
+/// same message for the same key) and reaches its person once. The calls
+/// the kill cut off may or may not have been stored; a retry with their
+/// key settles which.
+async fn every_answered_message_survives_a_relay_killed_mid_stream(backend: Backend) {
+    const CALLERS: usize = 64;
+    const KILL_AFTER: usize = 150;
+    let Some((mut hub, key, terminals, _)) = campaign_hub(backend, &["alpha"], 24, 60).await else {
+        return;
+    };
+    let mut client = hub.enterprise(&key).await.unwrap();
+    let refs: Vec<String> = client
+        .list_registrations(pb::ListRegistrationsRequest {
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .registrations
+        .into_iter()
+        .map(|r| r.user_ref)
+        .collect();
+    assert!(!refs.is_empty());
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let enough = std::sync::Arc::new(tokio::sync::Notify::new());
+    let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Another connection to the relay's database: what it reads is committed.
+    let other = std::sync::Arc::new(
+        relay_svc::storage::Store::connect(hub.database_url())
+            .await
+            .unwrap(),
+    );
+    let mut callers = tokio::task::JoinSet::new();
+    for caller in 0..CALLERS {
+        let (mut client, refs, answered, enough, killed, other) = (
+            client.clone(),
+            refs.clone(),
+            answered.clone(),
+            enough.clone(),
+            killed.clone(),
+            other.clone(),
+        );
+        callers.spawn(async move {
+            let mut kept = Vec::new();
+            // Until the kill: the channel would reach the restarted relay.
+            for i in 0.. {
+                if killed.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let request = send_request(
+                    &format!("crash-{caller}-{i}"),
+                    pb::target::Kind::Refs(pb::RefList {
+                        refs: vec![refs[(caller * 7 + i) % refs.len()].clone()],
+                    }),
+                    "your code is 1234",
+                    common::Channel::Sms,
+                );
+                let Ok(response) = client.send_message(request.clone()).await else {
+                    break;
+                };
+                let message_id = response.into_inner().message_id;
+                // Answered, so committed: another connection sees it now.
+                let stored = integration_tests::sql_scalar(
+                    &other,
+                    "SELECT COUNT(*) FROM messages WHERE id = $1",
+                    &message_id,
+                )
+                .await;
+                assert_eq!(stored, 1, "{message_id} was answered before its commit");
+                kept.push((request, message_id));
+                if answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == KILL_AFTER {
+                    enough.notify_one();
+                }
+            }
+            kept
+        });
+    }
+    // A caller that failed an assertion ends before the count is reached.
+    let _ = tokio::time::timeout(Duration::from_secs(60), enough.notified()).await;
+    killed.store(true, std::sync::atomic::Ordering::SeqCst);
+    hub.kill_and_restart_relay().await.unwrap();
+    let mut kept = Vec::new();
+    while let Some(joined) = callers.join_next().await {
+        kept.extend(joined.unwrap());
+    }
+    assert!(kept.len() >= KILL_AFTER, "{} answered", kept.len());
+
+    let mut client = hub.enterprise(&key).await.unwrap();
+    for (request, message_id) in &kept {
+        let again = client
+            .send_message(request.clone())
+            .await
+            .unwrap_or_else(|status| panic!("{message_id} after the restart: {status}"))
+            .into_inner();
+        assert_eq!(
+            &again.message_id, message_id,
+            "an answered message was lost: its key made a new one"
+        );
+    }
+    eventually(
+        "every answered message to reach its person",
+        Duration::from_secs(60),
+        || async {
+            kept.iter()
+                .all(|(_, id)| !terminals.recipients(id).is_empty())
+                .then_some(())
+        },
+    )
+    .await;
+    for (_, message_id) in &kept {
+        let reached = terminals.recipients(message_id);
+        assert_eq!(reached.len(), 1, "{message_id} reached {reached:?}");
+    }
+    hub.shutdown().await.unwrap();
+}
+
 async fn deliveries_wait_for_terminals_to_attach(backend: Backend) {
     let Some(mut hub) = Hub::start(backend, &["alpha"]).await.unwrap() else {
         return;
@@ -652,5 +773,6 @@ backend_tests!(
     two_relays_share_the_work_and_one_takes_over,
     a_carrier_killed_mid_campaign_loses_nothing,
     a_relay_killed_with_pending_deliveries_loses_nothing,
+    every_answered_message_survives_a_relay_killed_mid_stream,
     deliveries_wait_for_terminals_to_attach,
 );
