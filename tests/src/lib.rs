@@ -26,8 +26,8 @@ pub use acking::AckingCarrier;
 pub use backend::{Backend, Fixture, drop_postgres_database, postgres_database, store};
 pub use hub::{CarrierNode, Hub, Settings, Tuning, wait_healthy, wait_healthy_for};
 pub use support::{
-    contract_and_register, contract_primary, eventually, init_logs, machine, refs_by_user,
-    registered_users, send_request, sql_execute, sql_scalar,
+    contract_and_register, contract_primary, eventually, init_logs, listed_refs, machine,
+    refs_by_user, registered_users, send_request, sql_execute, sql_scalar,
 };
 
 use chukei_proto::auth::BearerInterceptor;

@@ -145,6 +145,22 @@ pub fn registered_users(
         .collect()
 }
 
+/// The refs on the first page of the enterprise's registrations (up to
+/// `page_size`; 0: the relay's default), as the enterprise sees them.
+pub async fn listed_refs(client: &mut Enterprise, page_size: u32) -> anyhow::Result<Vec<String>> {
+    Ok(client
+        .list_registrations(pb::ListRegistrationsRequest {
+            page_size,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .registrations
+        .into_iter()
+        .map(|r| r.user_ref)
+        .collect())
+}
+
 /// The enterprise's refs for the users the fleet registered with it. An
 /// enterprise cannot map refs back to people; the test asks the carriers,
 /// where registering again is idempotent and answers with the same refs.

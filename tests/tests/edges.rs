@@ -491,15 +491,9 @@ async fn unregistering_and_profile_changes_change_who_is_reached(backend: Backen
         .unwrap()
         .into_inner();
     assert_eq!(removed.removed, 1);
-    let listed: Vec<String> = client
-        .list_registrations(pb::ListRegistrationsRequest::default())
+    let listed = integration_tests::listed_refs(&mut client, 0)
         .await
-        .unwrap()
-        .into_inner()
-        .registrations
-        .into_iter()
-        .map(|r| r.user_ref)
-        .collect();
+        .unwrap();
     assert!(!listed.contains(&refs[0]));
     assert_eq!(listed.len(), 2);
     assert_refused(

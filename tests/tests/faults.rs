@@ -211,18 +211,9 @@ async fn every_answered_message_survives_a_relay_killed_mid_stream(backend: Back
         return;
     };
     let mut client = hub.enterprise(&key).await.unwrap();
-    let refs: Vec<String> = client
-        .list_registrations(pb::ListRegistrationsRequest {
-            page_size: 1000,
-            ..Default::default()
-        })
+    let refs = integration_tests::listed_refs(&mut client, 1000)
         .await
-        .unwrap()
-        .into_inner()
-        .registrations
-        .into_iter()
-        .map(|r| r.user_ref)
-        .collect();
+        .unwrap();
     assert!(!refs.is_empty());
     let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let enough = std::sync::Arc::new(tokio::sync::Notify::new());

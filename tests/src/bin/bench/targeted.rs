@@ -66,17 +66,7 @@ pub(super) async fn hub_with_registered(
         );
     }
     let mut client = hub.enterprise(&key).await?;
-    let refs = client
-        .list_registrations(pb::ListRegistrationsRequest {
-            page_size: 1000,
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .registrations
-        .into_iter()
-        .map(|r| r.user_ref)
-        .collect();
+    let refs = integration_tests::listed_refs(&mut client, 1000).await?;
     Ok((hub, client, refs, terminals))
 }
 
