@@ -93,7 +93,7 @@ struct Inner {
     clock: Clock,
     mode: OpenMode,
     /// The fleet hosted, kept once (setup reads it too) and found by user id
-    /// through `index`: a second copy of every user was ~0.7 KB per terminal.
+    /// through `index`: a second copy of every user was ~0.9 KB per terminal.
     fleet: Arc<Fleet>,
     index: HashMap<String, u32>,
     state: Mutex<State>,
