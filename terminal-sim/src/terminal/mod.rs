@@ -95,7 +95,7 @@ struct Inner {
     /// The fleet hosted, kept once (setup reads it too) and found by user id
     /// through `index`: a second copy of every user was ~0.9 KB per terminal.
     fleet: Arc<Fleet>,
-    index: HashMap<String, u32>,
+    index: HashMap<String, usize>,
     state: Mutex<State>,
     schedule: mpsc::UnboundedSender<(i64, String)>,
     tasks: TaskTracker,
@@ -186,8 +186,8 @@ impl Terminals {
                 index: fleet
                     .users
                     .iter()
-                    .zip(0..)
-                    .map(|(u, i)| (u.user_id.clone(), i))
+                    .enumerate()
+                    .map(|(i, u)| (u.user_id.clone(), i))
                     .collect(),
                 state: Mutex::new(State::for_users(fleet.users.len())),
                 fleet,
@@ -212,8 +212,7 @@ impl Terminals {
 
     /// The user this fleet hosts as `user_id`.
     fn user(&self, user_id: &str) -> Option<&SimUser> {
-        let at = *self.inner.index.get(user_id)?;
-        self.inner.fleet.users.get(usize::try_from(at).ok()?)
+        self.inner.fleet.users.get(*self.inner.index.get(user_id)?)
     }
 
     /// The fleet these terminals host.
