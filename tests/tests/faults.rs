@@ -2,14 +2,16 @@
 //! terminals or the relay go away mid-campaign.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chukei_proto::clock::Clock;
 use chukei_proto::common::v1 as common;
 use chukei_proto::relay::v1 as pb;
 use integration_tests::{
-    Backend, Enterprise, Hub, Settings, Tuning, backend_tests, eventually, registered_users,
-    send_request,
+    Backend, Enterprise, Hub, Settings, Tuning, backend_tests, eventually, listed_refs,
+    registered_users, send_request, sql_scalar,
 };
 
 fn broadcast(key: &str, text: &str) -> pb::SendMessageRequest {
@@ -211,15 +213,13 @@ async fn every_answered_message_survives_a_relay_killed_mid_stream(backend: Back
         return;
     };
     let mut client = hub.enterprise(&key).await.unwrap();
-    let refs = integration_tests::listed_refs(&mut client, 1000)
-        .await
-        .unwrap();
+    let refs = listed_refs(&mut client, 1000).await.unwrap();
     assert!(!refs.is_empty());
-    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let enough = std::sync::Arc::new(tokio::sync::Notify::new());
-    let killed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let enough = Arc::new(tokio::sync::Notify::new());
+    let killed = Arc::new(AtomicBool::new(false));
     // Another connection to the relay's database: what it reads is committed.
-    let other = std::sync::Arc::new(
+    let other = Arc::new(
         relay_svc::storage::Store::connect(hub.database_url())
             .await
             .unwrap(),
@@ -238,7 +238,7 @@ async fn every_answered_message_survives_a_relay_killed_mid_stream(backend: Back
             let mut kept = Vec::new();
             // Until the kill: the channel would reach the restarted relay.
             for i in 0.. {
-                if killed.load(std::sync::atomic::Ordering::SeqCst) {
+                if killed.load(Ordering::SeqCst) {
                     break;
                 }
                 let request = send_request(
@@ -254,7 +254,7 @@ async fn every_answered_message_survives_a_relay_killed_mid_stream(backend: Back
                 };
                 let message_id = response.into_inner().message_id;
                 // Answered, so committed: another connection sees it now.
-                let stored = integration_tests::sql_scalar(
+                let stored = sql_scalar(
                     &other,
                     "SELECT COUNT(*) FROM messages WHERE id = $1",
                     &message_id,
@@ -262,7 +262,7 @@ async fn every_answered_message_survives_a_relay_killed_mid_stream(backend: Back
                 .await;
                 assert_eq!(stored, 1, "{message_id} was answered before its commit");
                 kept.push((request, message_id));
-                if answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == KILL_AFTER {
+                if answered.fetch_add(1, Ordering::SeqCst) + 1 == KILL_AFTER {
                     enough.notify_one();
                 }
             }
@@ -271,7 +271,7 @@ async fn every_answered_message_survives_a_relay_killed_mid_stream(backend: Back
     }
     // A caller that failed an assertion ends before the count is reached.
     let _ = tokio::time::timeout(Duration::from_secs(60), enough.notified()).await;
-    killed.store(true, std::sync::atomic::Ordering::SeqCst);
+    killed.store(true, Ordering::SeqCst);
     hub.kill_and_restart_relay().await.unwrap();
     let mut kept = Vec::new();
     while let Some(joined) = callers.join_next().await {
