@@ -83,6 +83,25 @@ pub use writers::Groups;
 /// relay's memory), and preparing one per 1,000 rows costs little.
 const ROWS_PER_STATEMENT: usize = 1_000;
 
+/// Whether a statement planned for the rows at hand may stay prepared on
+/// a connection of this backend. SQLite plans a statement once, whatever
+/// its bound values (and prepares it again itself when the schema or its
+/// statistics change), so a kept statement runs the plan a fresh one would
+/// get, without preparing it again on every run. PostgreSQL switches a
+/// prepared statement to a generic plan after five runs, and one made
+/// while a table was small was kept once it was large (`transfer.rs`).
+pub(crate) trait KeepsPlans {
+    const KEEPS_PLANS: bool;
+}
+
+impl KeepsPlans for sqlx::SqliteConnection {
+    const KEEPS_PLANS: bool = true;
+}
+
+impl KeepsPlans for sqlx::PgConnection {
+    const KEEPS_PLANS: bool = false;
+}
+
 /// The relay's database, SQLite or PostgreSQL, with the groups its hot
 /// write paths commit in (`group.rs`).
 #[derive(Clone, Debug)]
@@ -145,6 +164,14 @@ impl Store {
     /// ([`Groups::slice`]; `full` on PostgreSQL, whose writers take no turn).
     pub fn bulk_slice(&self, full: u32) -> u32 {
         on_pool!(self, _pool, groups => groups.slice(full))
+    }
+
+    /// [`KeepsPlans`] for this store's backend.
+    pub(crate) fn keeps_plans(&self) -> bool {
+        match self {
+            Self::Sqlite(..) => <sqlx::SqliteConnection as KeepsPlans>::KEEPS_PLANS,
+            Self::Postgres(..) => <sqlx::PgConnection as KeepsPlans>::KEEPS_PLANS,
+        }
     }
 
     pub fn backend(&self) -> &'static str {

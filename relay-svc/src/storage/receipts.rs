@@ -8,7 +8,9 @@ use const_format::formatcp;
 use sqlx::{AssertSqlSafe, QueryBuilder};
 
 use super::states::{CANCELLED, EXPIRED, HANDED_OVER, OPEN, UNSENT, UNSUPPORTED};
-use super::{IdList, ROWS_PER_STATEMENT, Store, WritePool, on_pool, on_write, transaction_steps};
+use super::{
+    IdList, KeepsPlans, ROWS_PER_STATEMENT, Store, WritePool, on_pool, on_write, transaction_steps,
+};
 use crate::error::Result;
 use crate::policy::SCORE_OPEN_SHIFT;
 use crate::receipts::{CountReport, DEFERRED_COUNT, EventKind, Receipt};
@@ -279,6 +281,11 @@ fn event_rows(receipts: &[Receipt]) -> Vec<(&Receipt, EventKind)> {
 /// The handed-over event's number, spliced into the receipts' insert.
 const HANDED_OVER_EVENT: i64 = EventKind::HandedOver.number();
 
+/// Receipt batches up to this many rows keep their statement prepared
+/// where the backend [`KeepsPlans`]: at most this many texts of each kind
+/// per connection.
+const KEPT_UP_TO_ROWS: usize = 8;
+
 /// A first open just recorded: message, user, channel and when.
 type Opened = (String, String, i64, i64);
 
@@ -329,14 +336,18 @@ transaction_steps! {
                         .push(formatcp!(
                             " AND (v.column3 <> {HANDED_OVER_EVENT} OR d.handed_over_at IS NULL) LIMIT 1) IS NOT NULL ON CONFLICT DO NOTHING"
                         ));
-                    // Planned on every run, like the hand-over's statements (`transfer.rs`).
+                    // Planned on every run on PostgreSQL, like the hand-over's
+                    // statements (`transfer.rs`); on SQLite a few rows' texts
+                    // (a targeted message's receipts) stay prepared, while a
+                    // text per larger row count would fill the cache.
+                    let keep = Self::KEEPS_PLANS && chunk.len() <= KEPT_UP_TO_ROWS;
                     if !returning {
-                        query.build().persistent(false).execute(&mut *self).await?;
+                        query.build().persistent(keep).execute(&mut *self).await?;
                         continue;
                     }
                     query.push(" RETURNING message_id, user_id, channel, at");
                     let inserted: Vec<(String, String, i64, i64)> =
-                        query.build_query_as().persistent(false).fetch_all(&mut *self).await?;
+                        query.build_query_as().persistent(keep).fetch_all(&mut *self).await?;
                     for (message_id, user_id, channel, at) in inserted {
                         opened.push((message_id, user_id, channel, if at > 0 { at } else { now }));
                     }

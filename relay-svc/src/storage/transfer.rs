@@ -329,6 +329,7 @@ impl Store {
         );
         let kind = EventKind::HandedOver.number();
         let listening = self.webhooks_listening();
+        let keep = self.keeps_plans();
         // Every carrier's acks share transactions with the other hot writers
         // of their lane's group.
         on_pool!(self, pool, groups => {
@@ -337,15 +338,17 @@ impl Store {
                 Lane::Bulk => &groups.deliveries,
             };
             let mut tx = group.join(pool).await?;
-            // Both statements are planned on every run, for the ids at hand. A
-            // prepared statement keeps its plan per connection, and PostgreSQL
-            // switches to a generic plan after five runs: one made while
-            // `deliveries` was small (a fresh hub's first targeted messages)
-            // was a scan, kept once the table held a campaign — each
-            // 1,000-row hand-over then took 0.5 s instead of 0.05 s. Per
-            // batch, the planning is noise.
+            // On PostgreSQL both statements are planned on every run, for the
+            // ids at hand. A prepared statement keeps its plan per
+            // connection, and PostgreSQL switches to a generic plan after
+            // five runs: one made while `deliveries` was small (a fresh hub's
+            // first targeted messages) was a scan, kept once the table held a
+            // campaign — each 1,000-row hand-over then took 0.5 s instead of
+            // 0.05 s. Per batch, the planning is noise. SQLite keeps them
+            // prepared ([`super::KeepsPlans`]): preparing them again took
+            // longer than running them for a targeted message's one row.
             sqlx::query(AssertSqlSafe(record))
-                .persistent(false)
+                .persistent(keep)
                 .bind(kind)
                 .bind(now)
                 .bind(IdList(ids))
@@ -353,7 +356,7 @@ impl Store {
                 .await?;
             if listening {
                 let messages: Vec<String> = sqlx::query_scalar(AssertSqlSafe(batch_messages))
-                    .persistent(false)
+                    .persistent(keep)
                     .bind(IdList(ids))
                     .fetch_all(&mut *tx)
                     .await?;
@@ -362,7 +365,7 @@ impl Store {
                     .await?;
             }
             sqlx::query(AssertSqlSafe(advance))
-                .persistent(false)
+                .persistent(keep)
                 .bind(IdList(ids))
                 .bind(now)
                 .execute(&mut *tx)
