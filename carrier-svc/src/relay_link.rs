@@ -14,9 +14,9 @@ use std::time::Duration;
 use chukei_proto::auth;
 use chukei_proto::carrier::v1 as pb;
 use chukei_proto::clock::{from_timestamp, to_timestamp};
-use chukei_proto::deliver;
 use chukei_proto::telemetry;
 use chukei_proto::window::Window;
+use chukei_proto::{crash, deliver};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -113,6 +113,7 @@ async fn accept(shared: &Shared, up: &Up, batch: pb::DeliveryBatch) -> anyhow::R
             |pushable| terminals::push_at_once(shared, pushable),
         )
         .await?;
+    crash::point(crash::CARRIER_BATCH_STORED);
     send(
         up,
         pb::carrier_to_relay::Kind::BatchAck(pb::BatchAck {

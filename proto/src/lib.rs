@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod clock;
 pub mod codec;
+pub mod crash;
 pub mod deliver;
 pub mod http;
 pub mod metrics;

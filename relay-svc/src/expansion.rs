@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chukei_proto::clock::Clock;
+use chukei_proto::crash;
 use chukei_proto::telemetry;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -132,6 +133,7 @@ async fn expand(
                 store.bulk_slice(planning.step),
             )
             .await?;
+        crash::point(crash::RELAY_EXPANSION_STEP);
         // A campaign's attempts are in the bulk lane: the priority streams
         // are not woken (each step woke them to an empty read, in a 100k
         // broadcast 1,335 reads of ~0.5 ms on SQLite's threads).

@@ -33,6 +33,9 @@ fn options(backend: Backend, database_url: Option<String>) -> Options {
         // leases and the other takes its carriers over.
         replicas: if backend == Backend::Postgres { 2 } else { 1 },
         partitions: 2,
+        // Each point once: the relay's receipts stored and a batch acked,
+        // an expansion step, a fold uncommitted, a carrier's batch stored.
+        crash_points: chukei_proto::crash::POINTS.len(),
         duplicate_events: 0.2,
         disk_full: backend == Backend::Sqlite && running_as_root(),
         concurrency: 16,
@@ -60,6 +63,7 @@ async fn chaotic_run(backend: Backend, tamper: bool) -> Option<Report> {
             carrier_kills: 0,
             relay_kills: 0,
             partitions: 0,
+            crash_points: 0,
             disk_full: false,
             rate: 0,
             ..full
@@ -83,6 +87,17 @@ async fn every_invariant_holds_under_faults(backend: Backend) {
     assert_eq!(report.violations.0, [0; 7], "{report}");
     assert_eq!(report.accepted, report.messages, "{report}");
     assert_eq!(report.relay_recovery.len(), 2, "{report}");
+    // Each process died at its point, so the invariants above held across
+    // those crashes too.
+    assert_eq!(
+        report.crash_points.len(),
+        chukei_proto::crash::POINTS.len(),
+        "{report}"
+    );
+    assert!(
+        report.crash_points.iter().all(|(_, died)| *died),
+        "{report}"
+    );
     assert!(
         report
             .relay_recovery

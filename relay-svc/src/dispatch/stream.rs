@@ -12,8 +12,8 @@ use std::time::Duration;
 use chukei_proto::auth::BearerInterceptor;
 use chukei_proto::carrier::v1 as pb;
 use chukei_proto::clock::Clock;
-use chukei_proto::deliver;
 use chukei_proto::telemetry;
+use chukei_proto::{crash, deliver};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -438,6 +438,7 @@ impl Dispatcher {
             Some(pb::carrier_to_relay::Kind::BatchAck(ack)) => {
                 if let Some(ids) = in_flight.remove(&ack.batch_id) {
                     let started = std::time::Instant::now();
+                    crash::point(crash::RELAY_BATCH_ACKED);
                     self.store
                         .mark_handed_over_in(self.lane(), &ids, self.clock.now_ms())
                         .await?;
@@ -469,6 +470,7 @@ impl Dispatcher {
                     .store
                     .record_receipts(&self.carrier_id, &receipts, self.clock.now_ms())
                     .await?;
+                crash::point(crash::RELAY_RECEIPTS_STORED);
                 if follow_ups > 0 {
                     // Openers' follow-ups, on whichever carriers they are with.
                     self.handle.new_work_in(Lane::Bulk);

@@ -188,6 +188,7 @@ impl Store {
             )
             .execute(&mut *tx)
             .await?;
+            chukei_proto::crash::point(chukei_proto::crash::RELAY_FOLD_UNCOMMITTED);
             tx.commit().await?;
             Ok(read)
         })

@@ -39,6 +39,10 @@ struct Args {
     /// Relay↔carrier partitions (2 s each, through a fault proxy).
     #[arg(long, default_value_t = 5)]
     partitions: usize,
+    /// Crash-point cycles: a relay or carrier restarted armed at a crash
+    /// point (`chukei_proto::crash`, each in turn) dies there on its own.
+    #[arg(long, default_value_t = 5)]
+    crash_points: usize,
     /// Share of terminal event batches sent twice (batches are also reordered).
     #[arg(long, default_value_t = 0.2)]
     duplicate_events: f64,
@@ -89,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
         relay_kills: args.relay_kills,
         replicas: args.replicas,
         partitions: args.partitions,
+        crash_points: args.crash_points,
         duplicate_events: args.duplicate_events,
         disk_full: args.disk_full,
         concurrency: args.concurrency,

@@ -70,6 +70,9 @@ pub struct Options {
     pub replicas: usize,
     /// Relay↔carrier partitions (2 s each).
     pub partitions: usize,
+    /// Crash-point cycles: a relay or carrier restarted armed at one of
+    /// `chukei_proto::crash::POINTS` (in turn) dies there on its own.
+    pub crash_points: usize,
     /// Share of terminal event batches sent twice.
     pub duplicate_events: f64,
     /// Fill the relay's disk mid-run (SQLite on a tmpfs the harness mounts; root only).
@@ -159,6 +162,8 @@ pub struct Report {
     pub duplicate_events: f64,
     /// Per relay kill: until it served health again, and until it accepted a message.
     pub relay_recovery: Vec<(Duration, Option<Duration>)>,
+    /// Per crash-point cycle: the point, and whether the process died there.
+    pub crash_points: Vec<(&'static str, bool)>,
     pub disk_full: Option<DiskFull>,
     pub violations: Violations,
     pub elapsed: Duration,
@@ -220,10 +225,16 @@ impl std::fmt::Display for Report {
                 )
             })
             .collect();
+        let crashes: Vec<String> = self
+            .crash_points
+            .iter()
+            .map(|(point, died)| format!("{point}:{}", if *died { "died" } else { "not-reached" }))
+            .collect();
         write!(
             f,
-            " | I1={i1} I2={i2} I3={i3} I4={i4} I5={i5} I6={i6} I7={i7} | relay_recovery_ms(health/accepting)=[{}] elapsed={:.1}s",
+            " | I1={i1} I2={i2} I3={i3} I4={i4} I5={i5} I6={i6} I7={i7} | relay_recovery_ms(health/accepting)=[{}] crash_points=[{}] elapsed={:.1}s",
             recovery.join(" "),
+            crashes.join(" "),
             self.elapsed.as_secs_f64()
         )
     }
@@ -265,7 +276,15 @@ impl Hub {
     }
 
     fn spawn_relay(&mut self, replica: usize) -> anyhow::Result<()> {
+        self.spawn_relay_armed(replica, None)
+    }
+
+    /// The relay, armed at a crash point (`point:n`) when `crash_at` says so.
+    fn spawn_relay_armed(&mut self, replica: usize, crash_at: Option<&str>) -> anyhow::Result<()> {
         let mut command = Command::new(self.bin("relay-svc")?);
+        if let Some(crash_at) = crash_at {
+            command.env(chukei_proto::crash::ENV, crash_at);
+        }
         command
             .args(["--listen", &format!("127.0.0.1:{}", self.relays[replica].0)])
             .arg("--data-dir")
@@ -291,8 +310,16 @@ impl Hub {
     }
 
     fn spawn_carrier(&mut self, index: usize) -> anyhow::Result<()> {
+        self.spawn_carrier_armed(index, None)
+    }
+
+    /// The carrier, armed at a crash point (`point:n`) when `crash_at` says so.
+    fn spawn_carrier_armed(&mut self, index: usize, crash_at: Option<&str>) -> anyhow::Result<()> {
         let carrier = &self.carriers[index];
         let mut command = Command::new(self.bin("carrier-svc")?);
+        if let Some(crash_at) = crash_at {
+            command.env(chukei_proto::crash::ENV, crash_at);
+        }
         command
             .args(["--listen", &format!("127.0.0.1:{}", carrier.port)])
             .args([
@@ -544,10 +571,12 @@ async fn drive(hub: &mut Hub, disk_full: bool) -> anyhow::Result<Report> {
         sampling.clone(),
     ));
 
-    let faults = options.carrier_kills + options.relay_kills + options.partitions;
+    let faults =
+        options.carrier_kills + options.relay_kills + options.partitions + options.crash_points;
     let mut plan: Vec<u8> = std::iter::repeat_n(0u8, options.carrier_kills)
         .chain(std::iter::repeat_n(1u8, options.relay_kills))
         .chain(std::iter::repeat_n(2u8, options.partitions))
+        .chain(std::iter::repeat_n(3u8, options.crash_points))
         .collect();
     let mut rng = Rng::for_labels(options.seed, &["chaos faults"]);
     for i in (1..plan.len()).rev() {
@@ -556,6 +585,7 @@ async fn drive(hub: &mut Hub, disk_full: bool) -> anyhow::Result<Report> {
     let mut relay_recovery = Vec::new();
     // Messages the harness itself sent (probes after a relay kill), accepted.
     let mut probes: Vec<String> = Vec::new();
+    let mut crash_points = Vec::new();
     for (n, fault) in plan.into_iter().enumerate() {
         // Faults spread over the load: the n-th once that share is submitted.
         let due = options.messages * (n + 1) / (faults + 1);
@@ -604,11 +634,17 @@ async fn drive(hub: &mut Hub, disk_full: bool) -> anyhow::Result<Report> {
                 };
                 relay_recovery.push((health, accepting));
             }
-            _ => {
+            2 => {
                 let index = rng.below(hub.carriers.len() as u64) as usize;
                 hub.carriers[index].proxy.cut();
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 hub.carriers[index].proxy.heal();
+            }
+            _ => {
+                let point = chukei_proto::crash::POINTS
+                    [crash_points.len() % chukei_proto::crash::POINTS.len()];
+                let died = crash_at_point(hub, point, n, &clients, &mut probes).await?;
+                crash_points.push((point, died));
             }
         }
     }
@@ -720,10 +756,91 @@ async fn drive(hub: &mut Hub, disk_full: bool) -> anyhow::Result<Report> {
         partitions: options.partitions,
         duplicate_events: options.duplicate_events,
         relay_recovery,
+        crash_points,
         disk_full: disk,
         violations,
         elapsed: Duration::ZERO,
     })
+}
+
+/// One crash-point cycle: the processes that can reach `point` (every
+/// relay replica — whichever holds the work dies there — or one carrier)
+/// are SIGKILLed and restarted armed at its first arrival, left up to 30 s
+/// to die there, then restarted as usual. A campaign to everyone is sent
+/// meanwhile, so every point has work that reaches it (an expansion, a
+/// batch for every carrier, receipts, a fold) even once the load is over.
+/// Whether one of them died there.
+async fn crash_at_point(
+    hub: &mut Hub,
+    point: &'static str,
+    n: usize,
+    clients: &[Enterprise],
+    probes: &mut Vec<String>,
+) -> anyhow::Result<bool> {
+    let crash_at = format!("{point}:1");
+    let relay = point.starts_with("relay.");
+    let carrier = n % hub.carriers.len();
+    if relay {
+        for replica in 0..hub.relays.len() {
+            drop(hub.relays[replica].1.take()); // SIGKILL
+            hub.spawn_relay_armed(replica, Some(&crash_at))?;
+        }
+        for replica in 0..hub.relays.len() {
+            wait_healthy(&hub.relay_url(replica)).await?;
+        }
+    } else {
+        drop(hub.carriers[carrier].process.take()); // SIGKILL
+        hub.spawn_carrier_armed(carrier, Some(&crash_at))?;
+        wait_healthy(&format!("http://127.0.0.1:{}", hub.carriers[carrier].port)).await?;
+    }
+    let campaign = crate::send_request(
+        &format!("chaos-{}-crash-{n}", hub.options.seed),
+        pb::target::Kind::AllRegistered(true),
+        "crash point campaign",
+        common::Channel::Sms,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    'sending: while Instant::now() < deadline {
+        for client in clients {
+            if let Outcome::Accepted(id) = send(&mut client.clone(), campaign.clone()).await {
+                probes.push(id);
+                break 'sending;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let died = loop {
+        let exited = if relay {
+            hub.relays
+                .iter_mut()
+                .any(|(_, process)| process.as_mut().is_none_or(Process::has_exited))
+        } else {
+            hub.carriers[carrier]
+                .process
+                .as_mut()
+                .is_none_or(Process::has_exited)
+        };
+        if exited || Instant::now() > deadline {
+            break exited;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Gone, or SIGKILLed while still armed; then up as usual.
+    if relay {
+        for replica in 0..hub.relays.len() {
+            drop(hub.relays[replica].1.take());
+            hub.spawn_relay(replica)?;
+        }
+        for replica in 0..hub.relays.len() {
+            wait_healthy(&hub.relay_url(replica)).await?;
+        }
+    } else {
+        drop(hub.carriers[carrier].process.take());
+        hub.spawn_carrier(carrier)?;
+        wait_healthy(&format!("http://127.0.0.1:{}", hub.carriers[carrier].port)).await?;
+    }
+    Ok(died)
 }
 
 async fn all_refs(client: &mut Enterprise) -> anyhow::Result<Vec<String>> {
