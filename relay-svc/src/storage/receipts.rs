@@ -281,9 +281,10 @@ fn event_rows(receipts: &[Receipt]) -> Vec<(&Receipt, EventKind)> {
 /// The handed-over event's number, spliced into the receipts' insert.
 const HANDED_OVER_EVENT: i64 = EventKind::HandedOver.number();
 
-/// Receipt batches up to this many rows keep their statement prepared
-/// where the backend [`KeepsPlans`]: at most this many texts of each kind
-/// per connection.
+/// Receipt batches up to this many rows (targeted messages') keep their
+/// statement prepared where the backend [`KeepsPlans`]: at most this many
+/// texts of each kind on the writer connection, whose cache holds 64
+/// statements in all (`open.rs`), so the other writers' stay in it.
 const KEPT_UP_TO_ROWS: usize = 8;
 
 /// A first open just recorded: message, user, channel and when.
