@@ -6,7 +6,7 @@
 //! the `n`-th time it reaches `<point>` (no destructor runs, nothing is
 //! flushed: SQLite and PostgreSQL keep only what was committed). Unset — in
 //! every deployment — a point costs one load of a value read at start-up.
-//! A service checks the variable when it starts ([`armed`]), so a misspelt
+//! A service checks the variable when it starts ([`check_armed`]), so a misspelt
 //! point is refused rather than never reached.
 
 use std::sync::OnceLock;
@@ -71,11 +71,19 @@ fn armed_point() -> &'static Result<Option<Armed>, String> {
     })
 }
 
-/// The point this process is armed at and the arrival it dies on, if any;
-/// an error naming the variable when it does not name a point and a count.
-pub fn armed() -> anyhow::Result<Option<(&'static str, u64)>> {
+/// Checks the variable at start-up: an error naming it when it does not
+/// name a point and a count; a warning in the log when a point is armed.
+pub fn check_armed() -> anyhow::Result<()> {
     match armed_point() {
-        Ok(armed) => Ok(armed.as_ref().map(|armed| (armed.point, armed.at))),
+        Ok(Some(armed)) => {
+            tracing::warn!(
+                point = armed.point,
+                at = armed.at,
+                "a crash point is armed: this process aborts there (a test hook)"
+            );
+            Ok(())
+        }
+        Ok(None) => Ok(()),
         Err(error) => Err(anyhow::anyhow!("{error}")),
     }
 }

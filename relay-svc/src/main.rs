@@ -9,13 +9,7 @@ async fn main() -> std::process::ExitCode {
     server::exit_code(
         async {
             let _telemetry = chukei_proto::telemetry::init("relay-svc")?;
-            if let Some((point, at)) = chukei_proto::crash::armed()? {
-                tracing::warn!(
-                    point,
-                    at,
-                    "a crash point is armed: this process aborts there (a test hook)"
-                );
-            }
+            chukei_proto::crash::check_armed()?;
             let listener = tokio::net::TcpListener::bind(config.listen).await?;
             relay_svc::run(config, listener, server::shutdown_signal()).await
         }
