@@ -64,6 +64,9 @@ pub struct CarrierCounts {
     pub reported_sms_segments: u64,
 }
 
+/// Receipts recorded in one transaction at most, on an idle write turn.
+const RECEIPTS_PER_TRANSACTION: u32 = 1_000;
+
 impl Store {
     /// Records receipts from `carrier_id`. A receipt counts only for a delivery
     /// the relay made to that carrier; a read implies delivered, and delivered
@@ -75,7 +78,30 @@ impl Store {
     /// them; an unsupported channel wakes the policy at once; an expiry at the
     /// carrier closes the attempt. Returns how many follow-up attempts were
     /// planned (in the bulk lane, on whichever carriers the openers are with).
+    ///
+    /// A carrier's batch may hold thousands of receipts. While targeted
+    /// messages are being accepted they are recorded in slices
+    /// ([`Store::bulk_slice`] of [`RECEIPTS_PER_TRANSACTION`]), each its own
+    /// transaction, so none holds the write turn for long. The caller acks
+    /// the batch once every slice has committed; after a crash between
+    /// slices the carrier sends the batch again, and the receipts already
+    /// recorded add nothing (each event is unique), so nothing counts twice.
     pub async fn record_receipts(
+        &self,
+        carrier_id: &str,
+        receipts: &[Receipt],
+        now: i64,
+    ) -> Result<u64> {
+        let slice = self.bulk_slice(RECEIPTS_PER_TRANSACTION) as usize;
+        let mut planned = 0;
+        for receipts in receipts.chunks(slice.max(1)) {
+            planned += self.record_receipt_slice(carrier_id, receipts, now).await?;
+        }
+        Ok(planned)
+    }
+
+    /// One transaction of [`Store::record_receipts`].
+    async fn record_receipt_slice(
         &self,
         carrier_id: &str,
         receipts: &[Receipt],
