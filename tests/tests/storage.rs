@@ -1226,84 +1226,6 @@ async fn receipts_among_targeted_accepts_are_recorded_in_slices(backend: Backend
     fixture.close().await;
 }
 
-/// How many transactions the write turn has seen from `writer`, from the
-/// turn's hold-time histogram rendered by `registry`.
-fn holds_by(registry: &chukei_proto::metrics::Registry, writer: &str) -> u64 {
-    let prefix = format!("turn_seconds_bucket{{writer=\"{writer}\",le=\"+Inf\"}} ");
-    registry
-        .render()
-        .lines()
-        .find_map(|line| line.strip_prefix(prefix.as_str())?.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// A carrier's batch of a campaign's receipts that arrives while targeted
-/// messages are being accepted is recorded a slice per transaction
-/// (SQLite: an eighth of 1,000 receipts), so a targeted accept waits for
-/// one slice, not for the whole batch; every receipt counts once all the
-/// same, and the batch sent again counts nothing.
-async fn receipts_among_targeted_accepts_are_recorded_in_slices(backend: Backend) {
-    let Some(fixture) = store(backend).await else {
-        return;
-    };
-    let store = &fixture.store;
-    let refs = seed_registry(store).await;
-    let people: Vec<String> = (0..300).map(|n| format!("p{n:03}")).collect();
-    integration_tests::contract_and_register(store, "c3", "ent_1", &people, 0)
-        .await
-        .unwrap();
-    let attention = AttentionConfig::default();
-    let campaign = message("campaign", Target::AllRegistered, None);
-    store
-        .accept_message("ent_1", "msg_all", &campaign, DAY0, DAY0 + HOUR, &attention)
-        .await
-        .unwrap();
-    store
-        .expand_message("msg_all", DAY0, &attention)
-        .await
-        .unwrap();
-    let due = store.due_deliveries("c3", 0, DAY0, 1_000).await.unwrap();
-    assert_eq!(due.len(), 300);
-    let ids: Vec<i64> = due.iter().map(|d| d.id).collect();
-    store.mark_handed_over(&ids, DAY0 + 1).await.unwrap();
-    // A targeted message: bulk work is sliced from now on (SQLite).
-    let targeted = message("targeted", Target::Refs(vec![refs[0].clone()]), None);
-    store
-        .accept_message("ent_1", "msg_t", &targeted, DAY0, DAY0 + HOUR, &attention)
-        .await
-        .unwrap();
-    let registry = chukei_proto::metrics::Registry::new();
-    store.time_write_turns(registry.histogram("turn_seconds", "held", &[10.0]));
-    let receipts: Vec<Receipt> = people
-        .iter()
-        .map(|person| Receipt {
-            at: DAY0 + 2,
-            ..receipt("msg_all", person, EventKind::Delivered)
-        })
-        .collect();
-    store
-        .record_receipts("c3", &receipts, DAY0 + 2)
-        .await
-        .unwrap();
-    let transactions = match backend {
-        // 300 receipts in slices of 125.
-        Backend::Sqlite => 3,
-        // PostgreSQL's writers take no turn, and slice nothing.
-        Backend::Postgres => 0,
-    };
-    assert_eq!(holds_by(&registry, "deliveries"), transactions);
-    let counts = store.message_counts("msg_all").await.unwrap();
-    assert_eq!(counts.delivered, 300);
-    store
-        .record_receipts("c3", &receipts, DAY0 + 3)
-        .await
-        .unwrap();
-    let again = store.message_counts("msg_all").await.unwrap();
-    assert_eq!(again, counts, "the batch sent again counts nothing");
-    assert_eq!(again, store.recount_message("msg_all").await.unwrap());
-    fixture.close().await;
-}
-
 /// The writer never checkpoints SQLite's WAL itself (a checkpoint in its
 /// `COMMIT` held the write turn for the I/O); the store's checkpoint,
 /// which a worker runs beside it, does. PostgreSQL checkpoints itself.
@@ -1431,6 +1353,7 @@ async fn a_batched_accept_hands_over_what_a_due_read_returns(backend: Backend) {
 }
 
 backend_tests!(
+    the_wal_is_checkpointed_beside_the_writer_not_by_it,
     receipts_among_targeted_accepts_are_recorded_in_slices,
     a_batched_accept_hands_over_what_a_due_read_returns,
     a_lease_renewal_leaves_bulk_work_whole,

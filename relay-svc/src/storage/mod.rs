@@ -22,6 +22,7 @@ mod accept_batch;
 mod auction;
 mod audience;
 pub(crate) mod audit;
+mod checkpoint;
 mod control;
 mod due_now;
 mod expanding;

@@ -72,6 +72,9 @@ impl Store {
                 // savepoint journals of group commit's members stay in
                 // memory instead of temporary files.
                 .pragma("temp_store", "memory")
+                // No connection checkpoints the WAL as it commits: a worker
+                // does, beside the writer (`checkpoint.rs`).
+                .pragma("wal_autocheckpoint", "0")
                 // A prepared multi-row statement (1,000 rows of VALUES) holds
                 // a large program, and each row count is a statement of its
                 // own: sqlx's default of 100 per connection kept ~40 MiB of
