@@ -149,6 +149,19 @@ pub async fn run(
         .tasks
         .spawn(terminals::run(shared.clone(), endpoints, cancel.clone()));
     shared.tasks.spawn(expiry(shared.clone()));
+    let checkpointed = store.clone();
+    shared.tasks.spawn(server::every(
+        storage::CHECKPOINT_EVERY,
+        cancel.clone(),
+        move || {
+            let store = checkpointed.clone();
+            async move {
+                if let Err(error) = store.checkpoint_wal().await {
+                    tracing::warn!(%error, "checkpointing the WAL failed, will retry");
+                }
+            }
+        },
+    ));
     gateways::start(&shared, &config.gateways).await?;
     web::start(&shared, &config.consent_page).await?;
 

@@ -42,6 +42,9 @@ const ROWS_PER_READ: i64 = 16;
 
 pub type Result<T> = std::result::Result<T, sqlx::Error>;
 
+/// How often the carrier checkpoints its WAL ([`Store::checkpoint_wal`]).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: SqlitePool,
@@ -97,7 +100,11 @@ impl Store {
             // A batch is acked to the relay only after it reached the disk.
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // No commit checkpoints the WAL, which held the write turn for
+            // the copy and a sync of the database file: a task does, beside
+            // the writer ([`Store::checkpoint_wal`]).
+            .pragma("wal_autocheckpoint", "0");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             // A connection whose COMMIT failed (a full disk) still counts
@@ -122,6 +129,18 @@ impl Store {
         store.upgrade_v1_rows().await?;
         store.load_seen_and_attached().await?;
         Ok(store)
+    }
+
+    /// Copies what the WAL holds into the database file as far as no
+    /// reader still needs it (a passive checkpoint: it takes no write lock,
+    /// so it runs beside whoever holds the write turn). Run every
+    /// [`CHECKPOINT_EVERY`] by a task of the carrier's, as on the relay
+    /// (`relay-svc/src/storage/checkpoint.rs` says why).
+    pub async fn checkpoint_wal(&self) -> Result<()> {
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// The endpoint `user_id`'s terminal is attached at, if any.

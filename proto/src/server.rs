@@ -252,3 +252,26 @@ impl Workers {
         }
     }
 }
+
+/// Runs `step` every `interval` until `cancel`, then once more (a
+/// background chore such as checkpointing a SQLite WAL, whose last run
+/// should see the last writes).
+pub async fn every<F, Fut>(
+    interval: std::time::Duration,
+    cancel: tokio_util::sync::CancellationToken,
+    mut step: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    loop {
+        let stop = tokio::select! {
+            () = cancel.cancelled() => true,
+            () = tokio::time::sleep(interval) => false,
+        };
+        step().await;
+        if stop {
+            return;
+        }
+    }
+}

@@ -52,18 +52,12 @@ impl Store {
             if matches!(store, Self::Postgres(..)) {
                 return;
             }
-            loop {
-                let stop = tokio::select! {
-                    () = cancel.cancelled() => true,
-                    () = tokio::time::sleep(CHECKPOINT_EVERY) => false,
-                };
+            chukei_proto::server::every(CHECKPOINT_EVERY, cancel, || async {
                 if let Err(error) = store.checkpoint_wal().await {
                     tracing::warn!(%error, "checkpointing the WAL failed, will retry");
                 }
-                if stop {
-                    return;
-                }
-            }
+            })
+            .await;
         })
     }
 }
