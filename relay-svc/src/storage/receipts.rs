@@ -79,13 +79,14 @@ impl Store {
     /// carrier closes the attempt. Returns how many follow-up attempts were
     /// planned (in the bulk lane, on whichever carriers the openers are with).
     ///
-    /// A carrier's batch may hold thousands of receipts. While targeted
-    /// messages are being accepted they are recorded in slices
-    /// ([`Store::bulk_slice`] of [`RECEIPTS_PER_TRANSACTION`]), each its own
-    /// transaction, so none holds the write turn for long. The caller acks
-    /// the batch once every slice has committed; after a crash between
-    /// slices the carrier sends the batch again, and the receipts already
-    /// recorded add nothing (each event is unique), so nothing counts twice.
+    /// A carrier's batch may hold thousands of receipts. They are recorded
+    /// in slices, each its own transaction: [`RECEIPTS_PER_TRANSACTION`],
+    /// and an eighth of that while targeted messages are being accepted
+    /// ([`Store::bulk_slice`]), so none holds the write turn for long. The
+    /// caller acks the batch once every slice has committed; after a crash
+    /// between slices the carrier sends the batch again, and the receipts
+    /// already recorded add nothing (each event is unique), so nothing
+    /// counts twice.
     pub async fn record_receipts(
         &self,
         carrier_id: &str,
