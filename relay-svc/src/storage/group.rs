@@ -334,6 +334,9 @@ async fn commit_when_done<DB: Database>(
             })))
         }
     };
+    // The write lock went with the commit: the turn goes before the
+    // members learn the outcome, so its hold ends when the commit did.
+    drop(group._turn);
     group.outcome.send_replace(Some(result));
 }
 
