@@ -3,8 +3,10 @@
 //! still waiting. SQLite has one writer; a second writer of the same
 //! process would wait for the lock in the busy handler's sleeps (1, 2, 5 …
 //! ms), so each service's writers queue here instead. Writers that are not
-//! ahead queue one at a time for the lock itself, so a writer ahead waits
-//! for at most the one holding the turn and one other.
+//! ahead queue one at a time for the lock itself; the one that gets it
+//! while a writer ahead waits lets that one go first, once, so a writer
+//! ahead waits for the one holding the turn and no other (and a writer not
+//! ahead is passed over at most once for each time it takes the turn).
 //!
 //! A writer ahead still waits for the whole transaction holding the turn,
 //! so bulk writers keep theirs short while writers ahead are about:
@@ -62,6 +64,13 @@ impl Turn {
             return self.take_ahead_unnoted().await;
         }
         let _next = self.queue.lock().await;
+        let held = self.lock.clone().lock_owned().await;
+        if !self.ahead_waiting() {
+            return held;
+        }
+        // The lock is fair: writers ahead that queued for it while this one
+        // waited get it now, and this one after them.
+        drop(held);
         self.lock.clone().lock_owned().await
     }
 
@@ -160,14 +169,94 @@ mod tests {
         }
         drop(held);
         let control_held = control.await.unwrap();
-        first.await.unwrap();
+        tokio::task::yield_now().await;
         assert!(
-            !second.is_finished(),
-            "the control write went before the writers queued behind the lock"
+            !first.is_finished() && !second.is_finished(),
+            "the control write went before every writer queued"
         );
         assert!(!turn.ahead_lately(), "bulk work is not sliced for it");
         drop(control_held);
+        first.await.unwrap();
         second.await.unwrap();
+    }
+
+    /// Who took the turn, in order, of writers spawned one after the other.
+    #[derive(Clone, Default)]
+    struct Order(Arc<std::sync::Mutex<Vec<&'static str>>>);
+
+    impl Order {
+        fn writer(
+            &self,
+            turn: &Arc<Turn>,
+            name: &'static str,
+            ahead: bool,
+            hold: Option<tokio::sync::oneshot::Receiver<()>>,
+        ) -> tokio::task::JoinHandle<()> {
+            let (turn, order) = (turn.clone(), self.clone());
+            tokio::spawn(async move {
+                let _held = turn.take(ahead).await;
+                order.0.lock().unwrap().push(name);
+                if let Some(hold) = hold {
+                    let _ = hold.await;
+                }
+            })
+        }
+
+        fn taken(&self) -> Vec<&'static str> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_writer_ahead_goes_before_the_writer_already_waiting_for_the_lock() {
+        let turn = Arc::new(Turn::default());
+        let order = Order::default();
+        let held = turn.take(false).await;
+        let bulk = order.writer(&turn, "bulk", false, None);
+        tokio::task::yield_now().await;
+        let ahead = ahead_waiting_named(&turn, &order, "ahead", None).await;
+        drop(held);
+        ahead.await.unwrap();
+        bulk.await.unwrap();
+        assert_eq!(order.taken(), ["ahead", "bulk"]);
+    }
+
+    #[tokio::test]
+    async fn a_writer_not_ahead_is_passed_over_once_per_take() {
+        let turn = Arc::new(Turn::default());
+        let order = Order::default();
+        let held = turn.take(false).await;
+        let bulk = order.writer(&turn, "bulk", false, None);
+        tokio::task::yield_now().await;
+        let (release, hold) = tokio::sync::oneshot::channel();
+        let first = ahead_waiting_named(&turn, &order, "first ahead", Some(hold)).await;
+        drop(held);
+        while order.taken().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // The bulk writer queued again behind the first writer ahead; a
+        // second one coming now waits behind it.
+        let second = ahead_waiting_named(&turn, &order, "second ahead", None).await;
+        release.send(()).unwrap();
+        first.await.unwrap();
+        bulk.await.unwrap();
+        second.await.unwrap();
+        assert_eq!(order.taken(), ["first ahead", "bulk", "second ahead"]);
+    }
+
+    /// A named writer ahead, once it is waiting for the turn.
+    async fn ahead_waiting_named(
+        turn: &Arc<Turn>,
+        order: &Order,
+        name: &'static str,
+        hold: Option<tokio::sync::oneshot::Receiver<()>>,
+    ) -> tokio::task::JoinHandle<()> {
+        let waiting = turn.waiting_ahead.load(Ordering::Relaxed);
+        let writer = order.writer(turn, name, true, hold);
+        while turn.waiting_ahead.load(Ordering::Relaxed) == waiting {
+            tokio::task::yield_now().await;
+        }
+        writer
     }
 
     #[tokio::test]
