@@ -42,8 +42,11 @@ const ROWS_PER_READ: i64 = 16;
 
 pub type Result<T> = std::result::Result<T, sqlx::Error>;
 
-/// How often the carrier checkpoints its WAL ([`Store::checkpoint_wal`]).
-pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// How often the carrier checkpoints its WAL ([`Store::checkpoint_wal`]):
+/// often, so that each checkpoint's sync of the database file is small and
+/// a priority batch's commit does not queue behind it on the disk (the
+/// relay's `CHECKPOINT_EVERY` says more).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 
 #[derive(Clone, Debug)]
 pub struct Store {

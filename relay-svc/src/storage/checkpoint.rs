@@ -21,10 +21,13 @@ use tokio_util::sync::CancellationToken;
 use super::Store;
 use crate::error::Result;
 
-/// How often the worker checkpoints the WAL. At a broadcast's rate the
-/// WAL grows by a few megabytes in that time, about what SQLite's own
-/// threshold (1,000 pages) let it grow.
-pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// How often the worker checkpoints the WAL. Each checkpoint ends by
+/// syncing the database file, which writes what the checkpoint copied;
+/// every 250 ms during a 1M broadcast that was enough that commits' WAL
+/// syncs queued behind it on the disk for 35–56 ms, the longest holds of
+/// the write turn left. Every 50 ms the syncs are a fifth of that, for
+/// ~10 % of the broadcast's rate (`docs/benchmarks.md`).
+pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 
 impl Store {
     /// Copies what the WAL holds into the database file as far as no
