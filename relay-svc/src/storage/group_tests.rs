@@ -133,19 +133,22 @@ async fn accepts_go_ahead_of_writers_still_waiting() {
     });
     assert!(still_waiting(&mut accept).await, "the turn is held");
 
-    // The second was already at the lock when the accept came; the
-    // third was behind it, and the accept goes before the third.
+    // The second was already at the lock when the accept came, the third
+    // behind it: the second lets the accept go first, and neither of
+    // them holds the turn until the accept has committed.
     release_first.send(()).unwrap();
     first.await.unwrap();
-    assert!(still_waiting(&mut accept).await, "behind the second");
-    release_second.send(()).unwrap();
-    second.await.unwrap();
-    // Had the third gone first, it would hold the turn until released.
     tokio::time::timeout(Duration::from_secs(10), accept)
         .await
-        .expect("the accept went before the third")
+        .expect("the accept went before the second and the third")
         .unwrap()
         .unwrap();
+    assert!(
+        still_waiting(&mut second).await,
+        "the second holds the turn"
+    );
+    release_second.send(()).unwrap();
+    second.await.unwrap();
     release_third.send(()).unwrap();
     third.await.unwrap();
 }
