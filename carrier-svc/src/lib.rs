@@ -151,7 +151,7 @@ pub async fn run(
     shared.tasks.spawn(expiry(shared.clone()));
     let checkpointed = store.clone();
     shared.tasks.spawn(server::every(
-        storage::CHECKPOINT_EVERY,
+        server::WAL_CHECKPOINT_EVERY,
         cancel.clone(),
         move || {
             let store = checkpointed.clone();

@@ -42,12 +42,6 @@ const ROWS_PER_READ: i64 = 16;
 
 pub type Result<T> = std::result::Result<T, sqlx::Error>;
 
-/// How often the carrier checkpoints its WAL ([`Store::checkpoint_wal`]):
-/// often, so that each checkpoint's sync of the database file is small and
-/// a priority batch's commit does not queue behind it on the disk (the
-/// relay's `CHECKPOINT_EVERY` says more).
-pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
-
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: SqlitePool,
@@ -137,7 +131,7 @@ impl Store {
     /// Copies what the WAL holds into the database file as far as no
     /// reader still needs it (a passive checkpoint: it takes no write lock,
     /// so it runs beside whoever holds the write turn). Run every
-    /// [`CHECKPOINT_EVERY`] by a task of the carrier's, as on the relay
+    /// [`chukei_proto::server::WAL_CHECKPOINT_EVERY`] by a task of the carrier's, as on the relay
     /// (`relay-svc/src/storage/checkpoint.rs` says why).
     pub async fn checkpoint_wal(&self) -> Result<()> {
         sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")

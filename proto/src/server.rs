@@ -253,6 +253,15 @@ impl Workers {
     }
 }
 
+/// How often the relay and the carriers checkpoint their SQLite WAL, from
+/// a task beside the writer rather than inside its commits. Each
+/// checkpoint ends by syncing the database file, which writes what the
+/// checkpoint copied; every 250 ms during a 1M broadcast that was enough
+/// that commits' WAL syncs queued behind it on the disk for 35–56 ms, the
+/// longest holds of the write turn left. Every 50 ms the syncs are a fifth
+/// of that, for ~10 % of the broadcast's rate (`docs/benchmarks.md`).
+pub const WAL_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Runs `step` every `interval` until `cancel`, then once more (a
 /// background chore such as checkpointing a SQLite WAL, whose last run
 /// should see the last writes).

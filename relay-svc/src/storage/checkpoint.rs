@@ -8,26 +8,17 @@
 //! as a campaign's step — held the turn for the checkpoint's I/O as well,
 //! with the CPU idle. Here the writer never checkpoints (`wal_autocheckpoint
 //! = 0`, set in `open.rs`) and a worker runs a passive checkpoint on a
-//! reading connection every [`CHECKPOINT_EVERY`]: in WAL mode a checkpoint
+//! reading connection every [`WAL_CHECKPOINT_EVERY`]: in WAL mode a checkpoint
 //! takes no write lock, so it runs beside the writer, which only waits for
 //! the disk when it syncs the WAL at its own commit. Durability is
 //! unchanged: a commit is durable once the WAL is synced, checkpointed or
 //! not.
 
-use std::time::Duration;
-
+use chukei_proto::server::WAL_CHECKPOINT_EVERY;
 use tokio_util::sync::CancellationToken;
 
 use super::Store;
 use crate::error::Result;
-
-/// How often the worker checkpoints the WAL. Each checkpoint ends by
-/// syncing the database file, which writes what the checkpoint copied;
-/// every 250 ms during a 1M broadcast that was enough that commits' WAL
-/// syncs queued behind it on the disk for 35–56 ms, the longest holds of
-/// the write turn left. Every 50 ms the syncs are a fifth of that, for
-/// ~10 % of the broadcast's rate (`docs/benchmarks.md`).
-pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 
 impl Store {
     /// Copies what the WAL holds into the database file as far as no
@@ -47,7 +38,7 @@ impl Store {
         }
     }
 
-    /// Runs [`Store::checkpoint_wal`] every [`CHECKPOINT_EVERY`] until
+    /// Runs [`Store::checkpoint_wal`] every [`WAL_CHECKPOINT_EVERY`] until
     /// `cancel`, then once more (SQLite; on PostgreSQL it ends at once).
     pub fn start_checkpoints(&self, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
         let store = self.clone();
@@ -55,7 +46,7 @@ impl Store {
             if matches!(store, Self::Postgres(..)) {
                 return;
             }
-            chukei_proto::server::every(CHECKPOINT_EVERY, cancel, || async {
+            chukei_proto::server::every(WAL_CHECKPOINT_EVERY, cancel, || async {
                 if let Err(error) = store.checkpoint_wal().await {
                     tracing::warn!(%error, "checkpointing the WAL failed, will retry");
                 }
