@@ -799,10 +799,11 @@ async fn crash_at_point(
         common::Channel::Sms,
     );
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut outcome = Outcome::Ambiguous("never sent".into());
     'sending: while Instant::now() < deadline {
         for client in clients {
-            if let Outcome::Accepted(id) = send(&mut client.clone(), campaign.clone()).await {
-                probes.push(id);
+            outcome = send(&mut client.clone(), campaign.clone()).await;
+            if matches!(outcome, Outcome::Accepted(_)) {
                 break 'sending;
             }
         }
@@ -838,6 +839,30 @@ async fn crash_at_point(
         drop(hub.carriers[carrier].process.take());
         hub.spawn_carrier(carrier)?;
         wait_healthy(&format!("http://127.0.0.1:{}", hub.carriers[carrier].port)).await?;
+    }
+    // A campaign may be stored with no answer given: every armed replica
+    // died at its point (an expansion step of that very campaign, say)
+    // before one went out. Like any ambiguous call, it is resolved with
+    // its key once the relays are back, or it would reach everyone as a
+    // message no client was told was accepted (I2).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while matches!(outcome, Outcome::Ambiguous(_)) && Instant::now() < deadline {
+        for client in clients {
+            outcome = send(&mut client.clone(), campaign.clone()).await;
+            if !matches!(outcome, Outcome::Ambiguous(_)) {
+                break;
+            }
+        }
+        if matches!(outcome, Outcome::Ambiguous(_)) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    match outcome {
+        Outcome::Accepted(id) => probes.push(id),
+        Outcome::Definite(code) => anyhow::bail!("the crash point campaign was refused: {code:?}"),
+        Outcome::Ambiguous(why) => {
+            anyhow::bail!("the crash point campaign was still ambiguous after 60 s: {why}")
+        }
     }
     Ok(died)
 }
