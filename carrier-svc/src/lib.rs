@@ -150,8 +150,9 @@ pub async fn run(
         .spawn(terminals::run(shared.clone(), endpoints, cancel.clone()));
     shared.tasks.spawn(expiry(shared.clone()));
     let checkpointed = store.clone();
-    shared.tasks.spawn(server::every(
-        server::WAL_CHECKPOINT_EVERY,
+    let turn = store.clone();
+    shared.tasks.spawn(server::checkpoints(
+        move || turn.writers_ahead_lately(),
         cancel.clone(),
         move || {
             let store = checkpointed.clone();

@@ -128,11 +128,18 @@ impl Store {
         Ok(store)
     }
 
+    /// Whether a priority batch asked for the write turn lately
+    /// ([`chukei_proto::turn::Turn::ahead_lately`]).
+    pub fn writers_ahead_lately(&self) -> bool {
+        self.writer.ahead_lately()
+    }
+
     /// Copies what the WAL holds into the database file as far as no
     /// reader still needs it (a passive checkpoint: it takes no write lock,
-    /// so it runs beside whoever holds the write turn). Run every
-    /// [`chukei_proto::server::WAL_CHECKPOINT_EVERY`] by a task of the carrier's, as on the relay
-    /// (`relay-svc/src/storage/checkpoint.rs` says why).
+    /// so it runs beside whoever holds the write turn). Run by a task of
+    /// the carrier's as on the relay, more often while priority batches are
+    /// about (`chukei_proto::server::checkpoints`;
+    /// `relay-svc/src/storage/checkpoint.rs` says why).
     pub async fn checkpoint_wal(&self) -> Result<()> {
         sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
             .execute(&self.pool)

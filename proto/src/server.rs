@@ -253,34 +253,92 @@ impl Workers {
     }
 }
 
-/// How often the relay and the carriers checkpoint their SQLite WAL, from
-/// a task beside the writer rather than inside its commits. Each
+/// How often the relay and the carriers checkpoint their SQLite WAL while
+/// writers ahead (targeted messages' accepts, priority batches) are about,
+/// from a task beside the writer rather than inside its commits. Each
 /// checkpoint ends by syncing the database file, which writes what the
 /// checkpoint copied; every 250 ms during a 1M broadcast that was enough
 /// that commits' WAL syncs queued behind it on the disk for 35–56 ms, the
 /// longest holds of the write turn left. Every 50 ms the syncs are a fifth
-/// of that, for ~10 % of the broadcast's rate (`docs/benchmarks.md`).
+/// of that (`docs/benchmarks.md`).
 pub const WAL_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// Runs `step` every `interval` until `cancel`, then once more (a
-/// background chore such as checkpointing a SQLite WAL, whose last run
-/// should see the last writes).
-pub async fn every<F, Fut>(
-    interval: std::time::Duration,
+/// How often they checkpoint with only bulk work about: nothing waits on
+/// a commit then but the bulk work itself, and a page a broadcast rewrites
+/// is copied once per checkpoint — every 50 ms cost ~10 % of its rate.
+pub const WAL_CHECKPOINT_BULK_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Runs `checkpoint` every [`WAL_CHECKPOINT_EVERY`] while `ahead_lately`
+/// (writers ahead came lately: [`crate::turn::Turn::ahead_lately`]), every
+/// [`WAL_CHECKPOINT_BULK_EVERY`] otherwise, until `cancel`, then once more
+/// (its last run should see the last writes).
+pub async fn checkpoints<L, F, Fut>(
+    ahead_lately: L,
     cancel: tokio_util::sync::CancellationToken,
-    mut step: F,
+    mut checkpoint: F,
 ) where
+    L: Fn() -> bool,
     F: FnMut() -> Fut,
     Fut: Future<Output = ()>,
 {
+    let mut last = std::time::Instant::now();
     loop {
         let stop = tokio::select! {
             () = cancel.cancelled() => true,
-            () = tokio::time::sleep(interval) => false,
+            () = tokio::time::sleep(WAL_CHECKPOINT_EVERY) => false,
         };
-        step().await;
+        if stop || ahead_lately() || last.elapsed() >= WAL_CHECKPOINT_BULK_EVERY {
+            checkpoint().await;
+            last = std::time::Instant::now();
+        }
         if stop {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    /// How many checkpoints [`checkpoints`] runs in `run`, with writers
+    /// ahead lately or not, counting the last one at the cancellation.
+    async fn checkpoints_in(run: Duration, ahead_lately: bool) -> usize {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let cancel = CancellationToken::new();
+        let counted = runs.clone();
+        let task = tokio::spawn(checkpoints(
+            move || ahead_lately,
+            cancel.clone(),
+            move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async {}
+            },
+        ));
+        tokio::time::sleep(run).await;
+        cancel.cancel();
+        task.await.unwrap();
+        runs.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn checkpoints_come_often_only_while_writers_ahead_are_about() {
+        let run = WAL_CHECKPOINT_BULK_EVERY * 2 + WAL_CHECKPOINT_EVERY / 2;
+        // Bulk work alone: at 250 and 500 ms, and once more at the end (a
+        // loaded machine only makes it fewer).
+        let bulk = checkpoints_in(run, false).await;
+        assert!(
+            (1..=3).contains(&bulk),
+            "{bulk} checkpoints with bulk work alone"
+        );
+        // Writers ahead about: every 50 ms, ~10 of them.
+        let ahead = checkpoints_in(run, true).await;
+        assert!(ahead >= 4, "{ahead} checkpoints with writers ahead about");
     }
 }

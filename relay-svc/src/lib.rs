@@ -171,7 +171,9 @@ async fn start_workers(
     let interval = Duration::from_millis(config.poll_interval_ms);
     let rollup = rollup::start(store.clone(), clock.clone(), interval, cancel.clone());
     workers.add("rollup", rollup);
-    workers.add("checkpoints", store.start_checkpoints(cancel.clone()));
+    if let Some(checkpoints) = store.start_checkpoints(cancel.clone()) {
+        workers.add("checkpoints", checkpoints);
+    }
     let webhooks = webhooks::sender::start(
         store.clone(),
         clock.clone(),

@@ -8,13 +8,14 @@
 //! as a campaign's step — held the turn for the checkpoint's I/O as well,
 //! with the CPU idle. Here the writer never checkpoints (`wal_autocheckpoint
 //! = 0`, set in `open.rs`) and a worker runs a passive checkpoint on a
-//! reading connection every [`WAL_CHECKPOINT_EVERY`]: in WAL mode a checkpoint
+//! reading connection, every 50 ms while targeted messages are about and
+//! every 250 ms otherwise ([`checkpoints`]): in WAL mode a checkpoint
 //! takes no write lock, so it runs beside the writer, which only waits for
 //! the disk when it syncs the WAL at its own commit. Durability is
 //! unchanged: a commit is durable once the WAL is synced, checkpointed or
 //! not.
 
-use chukei_proto::server::WAL_CHECKPOINT_EVERY;
+use chukei_proto::server::checkpoints;
 use tokio_util::sync::CancellationToken;
 
 use super::Store;
@@ -38,20 +39,29 @@ impl Store {
         }
     }
 
-    /// Runs [`Store::checkpoint_wal`] every [`WAL_CHECKPOINT_EVERY`] until
-    /// `cancel`, then once more (SQLite; on PostgreSQL it ends at once).
-    pub fn start_checkpoints(&self, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
-        let store = self.clone();
-        tokio::spawn(async move {
-            if matches!(store, Self::Postgres(..)) {
-                return;
-            }
-            chukei_proto::server::every(WAL_CHECKPOINT_EVERY, cancel, || async {
-                if let Err(error) = store.checkpoint_wal().await {
-                    tracing::warn!(%error, "checkpointing the WAL failed, will retry");
+    /// Runs [`Store::checkpoint_wal`] often while writers ahead of the bulk
+    /// work (targeted accepts) came lately, less often otherwise
+    /// ([`checkpoints`]), until `cancel`, then once more (SQLite;
+    /// PostgreSQL checkpoints itself, and no task is started).
+    pub fn start_checkpoints(
+        &self,
+        cancel: CancellationToken,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let Self::Sqlite(_, groups) = self else {
+            return None;
+        };
+        let (store, groups) = (self.clone(), groups.clone());
+        Some(tokio::spawn(checkpoints(
+            move || groups.ahead_lately(),
+            cancel,
+            move || {
+                let store = store.clone();
+                async move {
+                    if let Err(error) = store.checkpoint_wal().await {
+                        tracing::warn!(%error, "checkpointing the WAL failed, will retry");
+                    }
                 }
-            })
-            .await;
-        })
+            },
+        )))
     }
 }

@@ -134,6 +134,15 @@ impl<DB: Database> Groups<DB> {
     pub(crate) fn slice(&self, full: u32) -> u32 {
         self.turn.as_ref().map_or(full, |turn| turn.slice(full))
     }
+
+    /// Whether writers ahead of the bulk work (targeted accepts) came
+    /// lately ([`chukei_proto::turn::Turn::ahead_lately`]; never on
+    /// PostgreSQL, whose writers take no turn).
+    pub(crate) fn ahead_lately(&self) -> bool {
+        self.turn
+            .as_ref()
+            .is_some_and(|turn| turn.turn.ahead_lately())
+    }
 }
 
 #[cfg(test)]
