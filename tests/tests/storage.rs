@@ -893,6 +893,83 @@ async fn refs_without_contracts_are_accepted_and_unknown_refs_named(backend: Bac
     assert_eq!(attempts, 0);
 }
 
+/// Targeted accepts keep the refs they resolved in memory
+/// (`storage/ref_cache.rs`): each change to the registries reaches the next
+/// accept — a new primary carrier, contracts ended, the person gone —
+/// whichever write path made it.
+async fn every_registry_change_reaches_the_next_targeted_accept(backend: Backend) {
+    let Some(fixture) = store(backend).await else {
+        return;
+    };
+    let store = &fixture.store;
+    let refs = seed_registry(store).await;
+    let u2 = refs[1].clone();
+    let attention = AttentionConfig::default();
+    let mut sent = 0;
+    let mut send = |store: Store| {
+        sent += 1;
+        let (key, id) = (format!("k{sent}"), format!("msg_{sent}"));
+        let new = message(&key, Target::Refs(vec![u2.clone()]), None);
+        async move {
+            let accepted = store
+                .accept_message("ent_1", &id, &new, 0, 10_000, &attention)
+                .await;
+            let on_c1 = integration_tests::sql_scalar(
+                &store,
+                "SELECT COUNT(*) FROM deliveries WHERE message_id = $1 AND carrier_id = 'c1'",
+                &id,
+            )
+            .await;
+            let on_c3 = integration_tests::sql_scalar(
+                &store,
+                "SELECT COUNT(*) FROM deliveries WHERE message_id = $1 AND carrier_id = 'c3'",
+                &id,
+            )
+            .await;
+            accepted.map(|a| (a.row.matched, on_c1, on_c3))
+        }
+    };
+    // Twice, the second from memory.
+    assert_eq!(send(store.clone()).await.unwrap(), (Some(1), 1, 0));
+    assert_eq!(send(store.clone()).await.unwrap(), (Some(1), 1, 0));
+    // A carrier's upload makes c3 u2's primary.
+    store
+        .upsert_contracts("c3", &[contract("u2", true)], 0)
+        .await
+        .unwrap();
+    assert_eq!(send(store.clone()).await.unwrap(), (Some(1), 0, 1));
+    // Both contracts ended: registered, but no carrier reaches them.
+    for carrier in ["c1", "c3"] {
+        let ended = Contract {
+            user_id: "u2".into(),
+            primary: true,
+            active: false,
+        };
+        store.upsert_contracts(carrier, &[ended], 0).await.unwrap();
+    }
+    assert_eq!(send(store.clone()).await.unwrap(), (Some(0), 0, 0));
+    // Back with c1.
+    store
+        .upsert_contracts("c1", &[contract("u2", true)], 0)
+        .await
+        .unwrap();
+    assert_eq!(send(store.clone()).await.unwrap(), (Some(1), 1, 0));
+    // Gone from the enterprise (erased by their carrier): the ref is unknown.
+    let leave = relay_svc::registry::Unregistration {
+        user_id: "u2".into(),
+        enterprise_id: Some("ent_1".into()),
+        service_id: None,
+    };
+    let removed = store.unregister_users("c1", &[leave], 0).await.unwrap();
+    assert_eq!(removed, 1);
+    let refused = send(store.clone()).await.unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        "target.refs[0]: not registered with this enterprise"
+    );
+    fixture.close().await;
+}
+
 /// A campaign expanded in steps (here two registrations a step) plans
 /// everyone once: the message stays accepted with its matched count unknown
 /// until the last step; each step plans only its own people, so fatigue
@@ -1353,6 +1430,7 @@ async fn a_batched_accept_hands_over_what_a_due_read_returns(backend: Backend) {
 }
 
 backend_tests!(
+    every_registry_change_reaches_the_next_targeted_accept,
     the_wal_is_checkpointed_beside_the_writer_not_by_it,
     receipts_among_targeted_accepts_are_recorded_in_slices,
     a_batched_accept_hands_over_what_a_due_read_returns,

@@ -27,6 +27,7 @@ use super::due_now::{DueNowSink, due_at, due_message};
 use super::message_rows::{PRICE_TABLE_IN_FORCE, expanded_message_columns};
 use super::messages::{Acceptance, Accepted};
 use super::planning::{self, ChannelChoice, MessagePlan, PlanSteps};
+use super::ref_cache::RefCache;
 use super::states::{PENDING, WAITING};
 use super::transfer::DueDelivery;
 use super::transfer::EVERYONE_HANDED_OVER;
@@ -220,7 +221,7 @@ impl Store {
                         let joined = groups.accepts.join(&pool).await;
                         let jobs = groups.batches.take();
                         let failed = match joined {
-                            Ok(mut batch) => match batch.accept_batch(&jobs, sink.is_some()).await {
+                            Ok(mut batch) => match batch.accept_batch(&jobs, sink.is_some(), &groups.refs).await {
                                 Ok((outcomes, due)) => {
                                     // Answered once the group's commit holds them,
                                     // their due attempts already with the
@@ -314,8 +315,8 @@ transaction_steps! {
         /// and (`want_due`) the first attempts due at once with their
         /// carriers. The batch's statements are its member's in the group:
         /// an error rolls back all of them and nothing else.
-        async fn accept_batch(&mut self, jobs: &[Job], want_due: bool) -> Result<(Vec<Batched>, Vec<(String, DueDelivery)>)> {
-            let resolved = self.resolve_refs(jobs).await?;
+        async fn accept_batch(&mut self, jobs: &[Job], want_due: bool, cache: &RefCache) -> Result<(Vec<Batched>, Vec<(String, DueDelivery)>)> {
+            let resolved = self.resolve_refs(jobs, cache).await?;
             let mut outcomes = vec![Batched::OnItsOwn; jobs.len()];
             let mut rows = Vec::new();
             let mut recipients: Vec<Vec<(&str, &str)>> = vec![Vec::new(); jobs.len()];
@@ -363,17 +364,32 @@ transaction_steps! {
             Ok((outcomes, due))
         }
 
-        /// Every ref of `jobs` with its user and contracts: one statement
-        /// per enterprise (per 1,000 refs).
-        async fn resolve_refs(&mut self, jobs: &[Job]) -> Result<Resolved> {
+        /// Every ref of `jobs` with its user and contracts: from `cache`
+        /// while the registries are at the version it was read at, the
+        /// rest in one statement per enterprise (per 1,000 refs).
+        async fn resolve_refs(&mut self, jobs: &[Job], cache: &RefCache) -> Result<Resolved> {
             let mut refs: BTreeMap<&str, HashSet<&str>> = BTreeMap::new();
             for job in jobs {
                 let of = refs.entry(job.plan.enterprise_id.as_str()).or_default();
                 of.extend(job.refs().iter().map(String::as_str));
             }
+            // First, so what is read below is at least as new.
+            let version: i64 = sqlx::query_scalar("SELECT n FROM registry_version")
+                .fetch_one(&mut *self)
+                .await?;
             let mut resolved = Resolved::new();
             for (enterprise_id, refs) in refs {
-                for chunk in in_sizes_seen_before(refs.into_iter().collect(), ROWS_PER_BATCH_STATEMENT) {
+                let of_enterprise = resolved.entry(enterprise_id.to_owned()).or_default();
+                let mut unknown = Vec::new();
+                for user_ref in refs {
+                    match cache.get(version, enterprise_id, user_ref) {
+                        Some(contracts) => {
+                            of_enterprise.insert(user_ref.to_owned(), contracts);
+                        }
+                        None => unknown.push(user_ref),
+                    }
+                }
+                for chunk in in_sizes_seen_before(unknown, ROWS_PER_BATCH_STATEMENT) {
                     let mut query = sqlx::QueryBuilder::new(
                         "SELECT r.user_ref, c.user_id, c.carrier_id, c.is_primary
                          FROM registrations r LEFT JOIN contracts c ON c.user_id = r.user_id
@@ -381,17 +397,21 @@ transaction_steps! {
                     );
                     query.push_bind(enterprise_id).push(" AND r.user_ref IN (");
                     let mut list = query.separated(", ");
-                    for user_ref in chunk {
-                        list.push_bind(user_ref);
+                    for user_ref in &chunk {
+                        list.push_bind(*user_ref);
                     }
                     query.push(")");
                     type Row = (String, Option<String>, Option<String>, Option<bool>);
                     let rows: Vec<Row> = query.build_query_as().fetch_all(&mut *self).await?;
-                    let of_enterprise = resolved.entry(enterprise_id.to_owned()).or_default();
                     for (user_ref, user_id, carrier_id, primary) in rows {
                         let contracts = of_enterprise.entry(user_ref).or_default();
                         if let (Some(user_id), Some(carrier_id)) = (user_id, carrier_id) {
                             contracts.push((user_id, carrier_id, primary.unwrap_or(false)));
+                        }
+                    }
+                    for user_ref in chunk {
+                        if let Some(contracts) = of_enterprise.get(user_ref) {
+                            cache.put(version, enterprise_id, user_ref, contracts);
                         }
                     }
                 }

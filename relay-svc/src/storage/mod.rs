@@ -37,6 +37,7 @@ mod per_person;
 pub(crate) mod planning;
 pub(crate) mod pricing;
 mod receipts;
+mod ref_cache;
 mod registry;
 mod registry_steps;
 mod slot_cache;

@@ -29,6 +29,8 @@ pub struct Groups<DB: Database> {
     pub(crate) webhooks_listening: std::sync::atomic::AtomicBool,
     /// API keys looked up lately (`key_cache.rs`).
     pub(crate) keys: super::key_cache::KeyCache,
+    /// Refs resolved lately for targeted messages (`ref_cache.rs`).
+    pub(crate) refs: super::ref_cache::RefCache,
     /// The auction slots not yet ended, read lately (`slot_cache.rs`).
     pub(crate) slots: super::slot_cache::SlotCache,
     /// Where deliveries due at once go as they commit (`due_now.rs`).
@@ -62,6 +64,7 @@ impl<DB: Database> Groups<DB> {
             batches: Default::default(),
             webhooks_listening: Default::default(),
             keys: Default::default(),
+            refs: Default::default(),
             slots: Default::default(),
             due_now: Default::default(),
             turn: Some(turn),
@@ -77,6 +80,7 @@ impl<DB: Database> Groups<DB> {
             batches: Default::default(),
             webhooks_listening: Default::default(),
             keys: Default::default(),
+            refs: Default::default(),
             slots: Default::default(),
             due_now: Default::default(),
             turn: None,
