@@ -300,8 +300,8 @@ fn serve_apart(shared: &Shared, grace: Duration, router: server::Router, listene
 }
 
 /// Holds windowed deliveries for their window's next opening when one closed
-/// on them, and expires deliveries whose expiry passed before their terminal
-/// confirmed them.
+/// on them, expires deliveries whose expiry passed before their terminal
+/// confirmed them, and trims the receipt outbox of what the relay acked.
 async fn expiry(shared: Shared) {
     loop {
         tokio::select! {
@@ -323,6 +323,9 @@ async fn expiry(shared: Shared) {
                 shared.outbox_changed.send_modify(|g| *g += 1);
             }
             Err(error) => tracing::warn!(%error, "expiry sweep failed"),
+        }
+        if let Err(error) = shared.store.trim_outbox().await {
+            tracing::warn!(%error, "trimming the receipt outbox failed, will retry");
         }
     }
 }

@@ -333,7 +333,7 @@ impl Outbox {
 
     /// The relay holds every receipt up to `up_to`: they leave the outbox.
     async fn acked(&mut self, shared: &Shared, up_to: i64) -> anyhow::Result<()> {
-        shared.store.ack_outbox(up_to).await?;
+        shared.store.ack_outbox(up_to);
         while self.unacked.front().is_some_and(|seq| *seq <= up_to) {
             self.unacked.pop_front();
         }

@@ -59,6 +59,17 @@ pub struct Store {
     /// receipts — except that a priority batch goes ahead of the writers
     /// still waiting.
     writer: Arc<chukei_proto::turn::Turn>,
+    /// The outbox's receipts the relay holds: the sequence acked last
+    /// ([`Store::ack_outbox`]) and the one they were removed through
+    /// ([`Store::trim_outbox`]).
+    outbox: Arc<OutboxMarks>,
+}
+
+/// How far the relay acked the outbox, and how far it was trimmed.
+#[derive(Debug, Default)]
+struct OutboxMarks {
+    acked: std::sync::atomic::AtomicI64,
+    trimmed: std::sync::atomic::AtomicI64,
 }
 
 /// Per-message counts as this carrier sees them.
@@ -120,6 +131,7 @@ impl Store {
         let store = Self {
             pool,
             seen: Arc::default(),
+            outbox: Arc::default(),
             attached: Arc::default(),
             writer: Arc::default(),
         };

@@ -480,8 +480,10 @@ pub(super) mod tests {
             (2, 1, 1)
         );
         assert_eq!(counts[0].sms_segments, 2);
-        store.ack_outbox(receipts[0].seq).await.unwrap();
+        store.ack_outbox(receipts[0].seq);
         assert!(store.outbox_read(0, 100).await.unwrap().0.is_empty());
+        assert_eq!(store.trim_outbox().await.unwrap(), 1, "one row of receipts");
+        assert_eq!(store.trim_outbox().await.unwrap(), 0, "trimmed already");
 
         // Unconfirmed pushes go out again after a reconnect; expiry closes the rest.
         store
