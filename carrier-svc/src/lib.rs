@@ -156,11 +156,7 @@ pub async fn run(
         cancel.clone(),
         move || {
             let store = checkpointed.clone();
-            async move {
-                if let Err(error) = store.checkpoint_wal().await {
-                    tracing::warn!(%error, "checkpointing the WAL failed, will retry");
-                }
-            }
+            async move { store.checkpoint_wal().await }
         },
     ));
     gateways::start(&shared, &config.gateways).await?;

@@ -271,15 +271,17 @@ pub const WAL_CHECKPOINT_BULK_EVERY: std::time::Duration = std::time::Duration::
 /// Runs `checkpoint` every [`WAL_CHECKPOINT_EVERY`] while `ahead_lately`
 /// (writers ahead came lately: [`crate::turn::Turn::ahead_lately`]), every
 /// [`WAL_CHECKPOINT_BULK_EVERY`] otherwise, until `cancel`, then once more
-/// (its last run should see the last writes).
-pub async fn checkpoints<L, F, Fut>(
+/// (its last run should see the last writes). A checkpoint that fails is
+/// logged and tried again at the next turn.
+pub async fn checkpoints<L, F, Fut, E>(
     ahead_lately: L,
     cancel: tokio_util::sync::CancellationToken,
     mut checkpoint: F,
 ) where
     L: Fn() -> bool,
     F: FnMut() -> Fut,
-    Fut: Future<Output = ()>,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
 {
     let mut last = std::time::Instant::now();
     loop {
@@ -288,7 +290,9 @@ pub async fn checkpoints<L, F, Fut>(
             () = tokio::time::sleep(WAL_CHECKPOINT_EVERY) => false,
         };
         if stop || ahead_lately() || last.elapsed() >= WAL_CHECKPOINT_BULK_EVERY {
-            checkpoint().await;
+            if let Err(error) = checkpoint().await {
+                tracing::warn!(%error, "checkpointing the WAL failed, will retry");
+            }
             last = std::time::Instant::now();
         }
         if stop {
@@ -318,7 +322,7 @@ mod tests {
             cancel.clone(),
             move || {
                 counted.fetch_add(1, Ordering::SeqCst);
-                async {}
+                async { Ok::<(), String>(()) }
             },
         ));
         tokio::time::sleep(run).await;

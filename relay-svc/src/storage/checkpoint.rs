@@ -56,11 +56,7 @@ impl Store {
             cancel,
             move || {
                 let store = store.clone();
-                async move {
-                    if let Err(error) = store.checkpoint_wal().await {
-                        tracing::warn!(%error, "checkpointing the WAL failed, will retry");
-                    }
-                }
+                async move { store.checkpoint_wal().await.map(|_| ()) }
             },
         )))
     }
