@@ -209,11 +209,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_writer_ahead_goes_before_the_writer_already_waiting_for_the_lock() {
-        let turn = Arc::new(Turn::default());
-        let order = Order::default();
-        let held = turn.take(false).await;
-        let bulk = order.writer(&turn, "bulk", false, None);
-        tokio::task::yield_now().await;
+        let (turn, order, held, bulk) = bulk_waiting_for_the_lock().await;
         let ahead = ahead_waiting_named(&turn, &order, "ahead", None).await;
         drop(held);
         ahead.await.unwrap();
@@ -223,11 +219,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_writer_not_ahead_is_passed_over_once_per_take() {
-        let turn = Arc::new(Turn::default());
-        let order = Order::default();
-        let held = turn.take(false).await;
-        let bulk = order.writer(&turn, "bulk", false, None);
-        tokio::task::yield_now().await;
+        let (turn, order, held, bulk) = bulk_waiting_for_the_lock().await;
         let (release, hold) = tokio::sync::oneshot::channel();
         let first = ahead_waiting_named(&turn, &order, "first ahead", Some(hold)).await;
         drop(held);
@@ -242,6 +234,21 @@ mod tests {
         bulk.await.unwrap();
         second.await.unwrap();
         assert_eq!(order.taken(), ["first ahead", "bulk", "second ahead"]);
+    }
+
+    /// A turn held by a writer, and a bulk writer ("bulk") waiting for its lock.
+    async fn bulk_waiting_for_the_lock() -> (
+        Arc<Turn>,
+        Order,
+        OwnedMutexGuard<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let turn = Arc::new(Turn::default());
+        let order = Order::default();
+        let held = turn.take(false).await;
+        let bulk = order.writer(&turn, "bulk", false, None);
+        tokio::task::yield_now().await;
+        (turn, order, held, bulk)
     }
 
     /// A named writer ahead, once it is waiting for the turn.
