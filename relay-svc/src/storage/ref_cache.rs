@@ -32,7 +32,11 @@ pub(crate) struct RefCache {
 struct Kept {
     /// The registries' version everything below was read at.
     version: i64,
-    refs: HashMap<(String, String), Contracts>,
+    /// Per enterprise, per ref (looked up by borrowed keys, with no
+    /// allocation on the accept path).
+    refs: HashMap<String, HashMap<String, Contracts>>,
+    /// How many refs `refs` holds in all.
+    len: usize,
 }
 
 impl RefCache {
@@ -50,9 +54,7 @@ impl RefCache {
         if kept.version != version {
             return None; // a batch that read an older version
         }
-        kept.refs
-            .get(&(enterprise_id.to_owned(), user_ref.to_owned()))
-            .cloned()
+        kept.refs.get(enterprise_id)?.get(user_ref).cloned()
     }
 
     /// Keeps what a batch read of a registered ref after reading `version`.
@@ -70,13 +72,16 @@ impl RefCache {
         if kept.version != version {
             return;
         }
-        if kept.refs.len() >= REFS_KEPT {
-            kept.refs.clear();
+        if kept.len >= REFS_KEPT {
+            kept.forget();
         }
-        kept.refs.insert(
-            (enterprise_id.to_owned(), user_ref.to_owned()),
-            contracts.clone(),
-        );
+        let added = kept
+            .refs
+            .entry(enterprise_id.to_owned())
+            .or_default()
+            .insert(user_ref.to_owned(), contracts.clone())
+            .is_none();
+        kept.len += usize::from(added);
     }
 }
 
@@ -85,9 +90,14 @@ impl Kept {
     /// was read at (never back: versions only grow).
     fn move_to(&mut self, version: i64) {
         if version > self.version {
-            self.refs.clear();
+            self.forget();
             self.version = version;
         }
+    }
+
+    fn forget(&mut self) {
+        self.refs.clear();
+        self.len = 0;
     }
 }
 
