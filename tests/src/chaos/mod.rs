@@ -798,17 +798,14 @@ async fn crash_at_point(
         "crash point campaign",
         common::Channel::Sms,
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut outcome = Outcome::Ambiguous("never sent".into());
-    'sending: while Instant::now() < deadline {
-        for client in clients {
-            outcome = send(&mut client.clone(), campaign.clone()).await;
-            if matches!(outcome, Outcome::Accepted(_)) {
-                break 'sending;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let mut outcome = send_until(
+        clients,
+        &campaign,
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        |outcome| matches!(outcome, Outcome::Accepted(_)),
+    )
+    .await;
     let deadline = Instant::now() + Duration::from_secs(30);
     let died = loop {
         let exited = if relay {
@@ -845,17 +842,15 @@ async fn crash_at_point(
     // before one went out. Like any ambiguous call, it is resolved with
     // its key once the relays are back, or it would reach everyone as a
     // message no client was told was accepted (I2).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while matches!(outcome, Outcome::Ambiguous(_)) && Instant::now() < deadline {
-        for client in clients {
-            outcome = send(&mut client.clone(), campaign.clone()).await;
-            if !matches!(outcome, Outcome::Ambiguous(_)) {
-                break;
-            }
-        }
-        if matches!(outcome, Outcome::Ambiguous(_)) {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    if matches!(outcome, Outcome::Ambiguous(_)) {
+        outcome = send_until(
+            clients,
+            &campaign,
+            Duration::from_secs(60),
+            Duration::from_millis(200),
+            |outcome| !matches!(outcome, Outcome::Ambiguous(_)),
+        )
+        .await;
     }
     match outcome {
         Outcome::Accepted(id) => probes.push(id),
@@ -865,6 +860,30 @@ async fn crash_at_point(
         }
     }
     Ok(died)
+}
+
+/// Sends `request` to each of `clients` in turn, round after round
+/// (`pause` between rounds), until an answer is `done` or `within` has
+/// passed; the last answer.
+async fn send_until(
+    clients: &[Enterprise],
+    request: &pb::SendMessageRequest,
+    within: Duration,
+    pause: Duration,
+    done: impl Fn(&Outcome) -> bool,
+) -> Outcome {
+    let deadline = Instant::now() + within;
+    let mut outcome = Outcome::Ambiguous("never sent".into());
+    while Instant::now() < deadline {
+        for client in clients {
+            outcome = send(&mut client.clone(), request.clone()).await;
+            if done(&outcome) {
+                return outcome;
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+    outcome
 }
 
 async fn all_refs(client: &mut Enterprise) -> anyhow::Result<Vec<String>> {
