@@ -52,6 +52,15 @@ fn contract(user: &str, primary: bool) -> Contract {
     }
 }
 
+/// `user`'s contract ended (a carrier's upload saying so).
+fn ended(user: &str) -> Contract {
+    Contract {
+        user_id: user.into(),
+        primary: true,
+        active: false,
+    }
+}
+
 /// `users` registering with ent_1, nothing shared.
 fn with_ent_1(users: &[&str]) -> Vec<NewRegistration> {
     users
@@ -846,12 +855,10 @@ async fn refs_without_contracts_are_accepted_and_unknown_refs_named(backend: Bac
     let refs = seed_registry(store).await;
     let attention = AttentionConfig::default();
     // u2 ends their only contract: still registered, no carrier to reach them by.
-    let ended = Contract {
-        user_id: "u2".into(),
-        primary: true,
-        active: false,
-    };
-    store.upsert_contracts("c1", &[ended], 0).await.unwrap();
+    store
+        .upsert_contracts("c1", &[ended("u2")], 0)
+        .await
+        .unwrap();
     let both = message("both", Target::Refs(refs.clone()), None);
     let stored = store
         .accept_message("ent_1", "msg_both", &both, 0, 10_000, &attention)
@@ -940,12 +947,10 @@ async fn every_registry_change_reaches_the_next_targeted_accept(backend: Backend
     assert_eq!(send(store.clone()).await.unwrap(), (Some(1), 0, 1));
     // Both contracts ended: registered, but no carrier reaches them.
     for carrier in ["c1", "c3"] {
-        let ended = Contract {
-            user_id: "u2".into(),
-            primary: true,
-            active: false,
-        };
-        store.upsert_contracts(carrier, &[ended], 0).await.unwrap();
+        store
+            .upsert_contracts(carrier, &[ended("u2")], 0)
+            .await
+            .unwrap();
     }
     assert_eq!(send(store.clone()).await.unwrap(), (Some(0), 0, 0));
     // Back with c1.
