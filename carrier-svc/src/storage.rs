@@ -115,12 +115,21 @@ impl Store {
             .pragma("wal_autocheckpoint", "0");
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            // No ping on every acquire, nor on every release of a
+            // connection not in a transaction: each is a round trip to its
+            // worker thread (as the relay's pools, `relay_svc::storage::open`).
+            .test_before_acquire(false)
             // A connection whose COMMIT failed (a full disk) still counts
             // itself in a transaction, and every later BEGIN on it would
-            // fail: close it rather than reuse it (as the relay does).
+            // fail: close it rather than reuse it. One from a dropped
+            // transaction counts itself in it until its queued ROLLBACK has
+            // run, which the ping waits for.
             .after_release(|connection, _| {
                 Box::pin(async move {
                     use sqlx::Connection;
+                    if !connection.is_in_transaction() {
+                        return Ok(true);
+                    }
                     connection.ping().await?;
                     Ok(!connection.is_in_transaction())
                 })

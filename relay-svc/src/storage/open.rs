@@ -131,21 +131,87 @@ async fn sqlite_pool(
     SqlitePoolOptions::new()
         .max_connections(connections)
         .acquire_timeout(Duration::from_secs(10))
+        // An embedded connection cannot be lost the way a server's can: no
+        // ping on every acquire. Each ping is a round trip to the
+        // connection's worker thread, and on an idle hub every round trip
+        // wakes that thread and then the caller's (`docs/benchmarks.md`).
+        .test_before_acquire(false)
         .after_connect(|connection, _| {
             let create = fold_log::create_fold_rows("");
             Box::pin(async move { sqlx::raw_sql(create).execute(connection).await.map(drop) })
         })
-        // A connection whose COMMIT failed (a full disk: SQLite rolls
-        // back itself) still counts itself in a transaction, and every
-        // later BEGIN on it would fail: close it rather than reuse it.
-        // The ping lets the dropped transaction's ROLLBACK run first.
-        .after_release(|connection, _| {
-            Box::pin(async move {
-                use sqlx::Connection;
-                connection.ping().await?;
-                Ok(!connection.is_in_transaction())
-            })
-        })
+        .after_release(|connection, _| Box::pin(reusable(connection)))
         .connect_with(options)
         .await
+}
+
+/// Whether a connection given back to its pool may be handed out again. One
+/// whose COMMIT failed (a full disk: SQLite rolls back itself) still counts
+/// itself in a transaction, and every later BEGIN on it would fail: it is
+/// closed rather than reused. One given back from a dropped transaction
+/// counts itself in it until its queued ROLLBACK has run, which the ping
+/// waits for. Every other connection (nearly all: a read, a committed
+/// transaction) is reused without a round trip to its worker thread.
+async fn reusable(connection: &mut sqlx::SqliteConnection) -> Result<bool, sqlx::Error> {
+    use sqlx::Connection;
+    if !connection.is_in_transaction() {
+        return Ok(true);
+    }
+    connection.ping().await?;
+    Ok(!connection.is_in_transaction())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use sqlx::sqlite::SqliteConnectOptions;
+
+    use super::sqlite_pool;
+
+    /// The pool's one connection, given back in every state it can be in:
+    /// after a read, a commit, and a transaction dropped without either.
+    #[tokio::test]
+    async fn a_connection_given_back_is_reused_only_out_of_a_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("db").display());
+        let options = SqliteConnectOptions::from_str(&url)
+            .unwrap()
+            .create_if_missing(true);
+        let pool = sqlite_pool(1, options).await.unwrap();
+        sqlx::query("CREATE TABLE t (x INTEGER)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        // Dropped mid-transaction: its ROLLBACK runs before the connection
+        // is handed out again, and the next BEGIN on it succeeds.
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO t VALUES (2)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        drop(tx);
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO t VALUES (3)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let rows: Vec<i64> = sqlx::query_scalar("SELECT x FROM t ORDER BY x")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(
+            rows,
+            [1, 3],
+            "the dropped transaction's row was rolled back"
+        );
+        assert_eq!(pool.size(), 1, "the one connection was kept, not replaced");
+    }
 }
