@@ -169,6 +169,20 @@ mod tests {
 
     use super::sqlite_pool;
 
+    /// A transaction on `pool` that has inserted `x` into `t`.
+    async fn begun_with(
+        pool: &sqlx::SqlitePool,
+        x: i64,
+    ) -> sqlx::Transaction<'static, sqlx::Sqlite> {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO t VALUES ($1)")
+            .bind(x)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx
+    }
+
     /// The pool's one connection, given back in every state it can be in:
     /// after a read, a commit, and a transaction dropped without either.
     #[tokio::test]
@@ -183,26 +197,11 @@ mod tests {
             .execute(&pool)
             .await
             .unwrap();
-        let mut tx = pool.begin().await.unwrap();
-        sqlx::query("INSERT INTO t VALUES (1)")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        begun_with(&pool, 1).await.commit().await.unwrap();
         // Dropped mid-transaction: its ROLLBACK runs before the connection
         // is handed out again, and the next BEGIN on it succeeds.
-        let mut tx = pool.begin().await.unwrap();
-        sqlx::query("INSERT INTO t VALUES (2)")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        drop(tx);
-        let mut tx = pool.begin().await.unwrap();
-        sqlx::query("INSERT INTO t VALUES (3)")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        drop(begun_with(&pool, 2).await);
+        begun_with(&pool, 3).await.commit().await.unwrap();
         let rows: Vec<i64> = sqlx::query_scalar("SELECT x FROM t ORDER BY x")
             .fetch_all(&pool)
             .await
